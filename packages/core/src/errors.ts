@@ -1,0 +1,113 @@
+/**
+ * One small hierarchy that Express's finalhandler, Koa's ctx.onerror and Fastify's error handler
+ * already understand: they read `status`/`statusCode`, `headers` and (Koa) `expose`.
+ */
+
+export const PROBLEM_BASE = 'https://idemkit.dev/problems/';
+
+export type IdempotencyErrorCode =
+  | 'ERR_IDEMKIT_KEY_MISSING'
+  | 'ERR_IDEMKIT_KEY_INVALID'
+  | 'ERR_IDEMKIT_FINGERPRINT_MISMATCH'
+  | 'ERR_IDEMKIT_REQUEST_IN_PROGRESS'
+  | 'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE'
+  | 'ERR_IDEMKIT_STORE_UNAVAILABLE';
+
+/** RFC 9457 problem details, as every binding writes them (`application/problem+json`). */
+export interface ProblemDetails {
+  readonly type: string;
+  readonly title: string;
+  readonly status: number;
+  readonly detail: string;
+  readonly code: IdempotencyErrorCode;
+  readonly [extension: string]: unknown;
+}
+
+export const PROBLEM_CONTENT_TYPE = 'application/problem+json';
+
+const TITLES: Record<IdempotencyErrorCode, string> = {
+  ERR_IDEMKIT_KEY_MISSING: 'Idempotency key missing',
+  ERR_IDEMKIT_KEY_INVALID: 'Idempotency key invalid',
+  ERR_IDEMKIT_FINGERPRINT_MISMATCH: 'Idempotency key reused with a different request',
+  ERR_IDEMKIT_REQUEST_IN_PROGRESS: 'A request with this idempotency key is in progress',
+  ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE: 'The response for this idempotency key cannot be replayed',
+  ERR_IDEMKIT_STORE_UNAVAILABLE: 'Idempotency store unavailable',
+};
+
+/** `ERR_IDEMKIT_KEY_MISSING` → `https://idemkit.dev/problems/key-missing`. */
+export function problemType(code: IdempotencyErrorCode): string {
+  return PROBLEM_BASE + code.slice('ERR_IDEMKIT_'.length).toLowerCase().replaceAll('_', '-');
+}
+
+export class IdempotencyError extends Error {
+  override readonly name: string = new.target.name;
+  /** Koa renders `message` to the client only when `expose` is true. */
+  readonly expose = true;
+  readonly code: IdempotencyErrorCode;
+  readonly status: number;
+  readonly headers: Readonly<Record<string, string>>;
+  /** Extra RFC 9457 members (e.g. `retryAfter`). */
+  readonly extensions: Readonly<Record<string, unknown>>;
+
+  constructor(
+    code: IdempotencyErrorCode,
+    status: number,
+    message: string,
+    options: {
+      headers?: Record<string, string>;
+      extensions?: Record<string, unknown>;
+      cause?: unknown;
+    } = {},
+  ) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.code = code;
+    this.status = status;
+    this.headers = Object.freeze({ ...options.headers });
+    this.extensions = Object.freeze({ ...options.extensions });
+  }
+
+  /** Fastify reads `statusCode`. */
+  get statusCode(): number {
+    return this.status;
+  }
+
+  get type(): string {
+    return problemType(this.code);
+  }
+
+  get title(): string {
+    return TITLES[this.code];
+  }
+
+  toProblem(): ProblemDetails {
+    return {
+      ...this.extensions,
+      type: this.type,
+      title: this.title,
+      status: this.status,
+      detail: this.message,
+      code: this.code,
+    };
+  }
+}
+
+/** 400: the key is missing or malformed. */
+export class KeyError extends IdempotencyError {}
+/** 422: the key was used before with a different request. */
+export class FingerprintMismatchError extends IdempotencyError {}
+/** 409 + Retry-After: the first request with the key still runs. */
+export class RequestInProgressError extends IdempotencyError {}
+/** 410: the first response was a stream or too large to store; the handler is never re-run. */
+export class ResponseNotReplayableError extends IdempotencyError {}
+/** 503: the store failed; `cause` is the driver error. */
+export class StoreUnavailableError extends IdempotencyError {}
+
+/** Setup-time misconfiguration. Never an HTTP answer: it is thrown when options are resolved. */
+export class ConfigurationError extends Error {
+  override readonly name: string = new.target.name;
+  readonly code: string;
+  constructor(code: `ERR_IDEMKIT_${string}`, message: string) {
+    super(`[idemkit] ${message}`);
+    this.code = code;
+  }
+}

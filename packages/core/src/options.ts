@@ -1,0 +1,207 @@
+import { ConfigurationError } from './errors.js';
+import type { IdempotencyStore } from './store.js';
+import type { IdempotencyEvent, IdempotencyLogger, IncomingRequest } from './types.js';
+
+type MaybePromise<T> = T | Promise<T>;
+
+/**
+ * Engine options. `Req` is whatever the caller hands to `decide()` next to the
+ * `IncomingRequest`: the framework request in a binding, the arguments in `idempotent()`.
+ */
+export interface IdempotencyOptions<Req = IncomingRequest> {
+  /** Where records live. Required. */
+  store: IdempotencyStore;
+  /** Methods that get idempotency; others pass through untouched. @default ['POST', 'PATCH'] */
+  methods?: readonly string[];
+  /** Answer 400 when no key is sent. With false, keyless requests pass through. @default true */
+  required?: boolean;
+  /** Header carrying the key (case-insensitive). @default 'Idempotency-Key' */
+  header?: string;
+  /**
+   * Body field read when the header is absent (the original design's `{ idempotencyKey }`),
+   * or false to read the header only. @default 'idempotencyKey'
+   */
+  bodyField?: string | false;
+  /** Custom key getter; replaces header and body lookup. Return undefined for "no key". */
+  getKey?: (req: Req, input: IncomingRequest) => MaybePromise<string | undefined>;
+  /** Extra key validation after the built-in rules; return false or a reason to reject (400). */
+  validateKey?: (key: string) => boolean | string;
+  /**
+   * The tenant the key belongs to (user id, API key id). Part of the stored identity, so two
+   * tenants sending the same key never see each other's responses. Without it, keys are global.
+   */
+  scope?: (req: Req, input: IncomingRequest) => MaybePromise<string | undefined>;
+  /**
+   * Request fingerprint for the 422 mismatch check. Default: SHA-256 over method, path with
+   * query and canonical body. false disables the check. @default built-in
+   */
+  fingerprint?: false | ((req: Req, input: IncomingRequest) => MaybePromise<string>);
+  /** Which statuses are stored for replay. @default status < 500, except 408, 409, 425, 429 */
+  storable?: (status: number) => boolean;
+  /** How long a completed response is replayed, in ms. @default 86_400_000 (24 h) */
+  ttlMs?: number;
+  /** Lease of a running handler in ms; renewed every third of it while the handler runs. @default 60_000 */
+  leaseMs?: number;
+  /** Largest response body stored, in bytes; larger ones are never replayed nor re-run. @default 1_048_576 */
+  maxBodyBytes?: number;
+  /** A duplicate that arrives while the first still runs: 409 at once, or wait (bounded) and replay. @default 'conflict' */
+  concurrency?: 'conflict' | 'wait';
+  /** With `concurrency: 'wait'`, how long to wait before answering 409. @default 10_000 */
+  waitTimeoutMs?: number;
+  /** Store failure: 'fail' answers 503; 'pass' runs the handler without idempotency. @default 'fail' */
+  onStoreError?: 'fail' | 'pass';
+  /** A store call slower than this counts as a store failure, in ms. @default 5_000 */
+  storeTimeoutMs?: number;
+  /**
+   * Run the handler inside a store transaction whose commit also stores the response (stores
+   * that implement `TransactionalStore`, e.g. Postgres). @default false
+   */
+  transactional?: boolean;
+  /** Every engine event, for logs and metrics. Errors thrown here are ignored. */
+  onEvent?: (event: IdempotencyEvent) => void;
+  /** Where warnings go (lost leases, store errors). false silences them. @default console */
+  logger?: IdempotencyLogger | false;
+}
+
+export interface ResolvedOptions<Req = IncomingRequest> {
+  readonly store: IdempotencyStore;
+  readonly methods: ReadonlySet<string>;
+  readonly required: boolean;
+  readonly header: string;
+  readonly bodyField: string | false;
+  readonly getKey: IdempotencyOptions<Req>['getKey'];
+  readonly validateKey: IdempotencyOptions<Req>['validateKey'];
+  readonly scope: IdempotencyOptions<Req>['scope'];
+  readonly fingerprint: false | ((req: Req, input: IncomingRequest) => MaybePromise<string>) | 'default';
+  readonly storable: (status: number) => boolean;
+  readonly ttlMs: number;
+  readonly leaseMs: number;
+  readonly maxBodyBytes: number;
+  readonly concurrency: 'conflict' | 'wait';
+  readonly waitTimeoutMs: number;
+  readonly onStoreError: 'fail' | 'pass';
+  readonly storeTimeoutMs: number;
+  readonly transactional: boolean;
+  readonly onEvent: ((event: IdempotencyEvent) => void) | undefined;
+  readonly logger: IdempotencyLogger | undefined;
+}
+
+/** Statuses that are never stored: a retry must be able to run again (SPEC §2). */
+const UNSTORABLE = new Set([408, 409, 425, 429]);
+
+/** SPEC §2: every status below 500 except 408, 409, 425 and 429. */
+export function defaultStorable(status: number): boolean {
+  return status < 500 && !UNSTORABLE.has(status);
+}
+
+export const DEFAULTS = Object.freeze({
+  methods: Object.freeze(['POST', 'PATCH']) as readonly string[],
+  required: true,
+  header: 'Idempotency-Key',
+  bodyField: 'idempotencyKey' as string | false,
+  ttlMs: 86_400_000,
+  leaseMs: 60_000,
+  maxBodyBytes: 1_048_576,
+  concurrency: 'conflict' as 'conflict' | 'wait',
+  waitTimeoutMs: 10_000,
+  onStoreError: 'fail' as 'fail' | 'pass',
+  storeTimeoutMs: 5_000,
+  transactional: false,
+});
+
+const KNOWN = new Set([
+  'store', 'methods', 'required', 'header', 'bodyField', 'getKey', 'validateKey', 'scope',
+  'fingerprint', 'storable', 'ttlMs', 'leaseMs', 'maxBodyBytes', 'concurrency', 'waitTimeoutMs',
+  'onStoreError', 'storeTimeoutMs', 'transactional', 'onEvent', 'logger',
+]);
+
+function positiveInt(name: string, value: number | undefined, fallback: number): number {
+  if (value === undefined) return fallback;
+  if (!Number.isSafeInteger(value) || value <= 0) {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be a positive integer, got ${String(value)}.`);
+  }
+  return value;
+}
+
+function fn<T>(name: string, value: T | undefined): T | undefined {
+  if (value !== undefined && typeof value !== 'function') {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be a function.`);
+  }
+  return value;
+}
+
+function oneOf<T extends string>(name: string, value: T | undefined, allowed: readonly T[], fallback: T): T {
+  if (value === undefined) return fallback;
+  if (!allowed.includes(value)) {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be one of ${allowed.map((a) => `'${a}'`).join(', ')}, got ${JSON.stringify(value)}.`);
+  }
+  return value;
+}
+
+function isStore(value: unknown): value is IdempotencyStore {
+  if (typeof value !== 'object' || value === null) return false;
+  const s = value as Record<string, unknown>;
+  return ['begin', 'complete', 'release', 'renew', 'get', 'purgeExpired', 'close'].every((m) => typeof s[m] === 'function');
+}
+
+/** Drop undefined → apply defaults → validate → freeze. Throws `ConfigurationError` naming the option. */
+export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOptions<Req> {
+  if (typeof input !== 'object' || input === null) {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', 'Options must be an object with at least `store`.');
+  }
+  if (input.store === undefined) {
+    throw new ConfigurationError('ERR_IDEMKIT_STORE_MISSING', 'Missing required option `store` (e.g. `createMemoryStore()`).');
+  }
+  if (!isStore(input.store)) {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`store` must implement IdempotencyStore (begin, complete, release, renew, get, purgeExpired, close).');
+  }
+  const logger = input.logger === false ? undefined : (input.logger ?? console);
+  const unknown = Object.keys(input).filter((k) => !KNOWN.has(k));
+  if (unknown.length > 0) logger?.warn(`[idemkit] Unknown option(s) ignored: ${unknown.join(', ')}.`);
+
+  const methods = input.methods ?? DEFAULTS.methods;
+  if (!Array.isArray(methods) || methods.some((m) => typeof m !== 'string' || m === '')) {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`methods` must be an array of method names.');
+  }
+  const header = input.header ?? DEFAULTS.header;
+  if (typeof header !== 'string' || !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(header)) {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`header` must be a valid header name.');
+  }
+  const bodyField = input.bodyField ?? DEFAULTS.bodyField;
+  if (bodyField !== false && (typeof bodyField !== 'string' || bodyField === '')) {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`bodyField` must be a non-empty string or false.');
+  }
+  const fingerprint = input.fingerprint === undefined ? 'default' : input.fingerprint;
+  if (fingerprint !== false && fingerprint !== 'default' && typeof fingerprint !== 'function') {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`fingerprint` must be a function or false.');
+  }
+  const transactional = input.transactional ?? DEFAULTS.transactional;
+  if (transactional && typeof (input.store as Partial<{ beginTransaction: unknown }>).beginTransaction !== 'function') {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`transactional: true` needs a store with transactions (e.g. @idemkit/postgres).');
+  }
+  const leaseMs = positiveInt('leaseMs', input.leaseMs, DEFAULTS.leaseMs);
+
+  return Object.freeze({
+    store: input.store,
+    methods: new Set(methods.map((m) => m.toUpperCase())),
+    required: input.required ?? DEFAULTS.required,
+    header: header.toLowerCase(),
+    bodyField,
+    getKey: fn('getKey', input.getKey),
+    validateKey: fn('validateKey', input.validateKey),
+    scope: fn('scope', input.scope),
+    fingerprint,
+    storable: fn('storable', input.storable) ?? defaultStorable,
+    ttlMs: positiveInt('ttlMs', input.ttlMs, DEFAULTS.ttlMs),
+    leaseMs,
+    maxBodyBytes: positiveInt('maxBodyBytes', input.maxBodyBytes, DEFAULTS.maxBodyBytes),
+    concurrency: oneOf('concurrency', input.concurrency, ['conflict', 'wait'], DEFAULTS.concurrency),
+    waitTimeoutMs: positiveInt('waitTimeoutMs', input.waitTimeoutMs, DEFAULTS.waitTimeoutMs),
+    onStoreError: oneOf('onStoreError', input.onStoreError, ['fail', 'pass'], DEFAULTS.onStoreError),
+    storeTimeoutMs: positiveInt('storeTimeoutMs', input.storeTimeoutMs, DEFAULTS.storeTimeoutMs),
+    transactional,
+    onEvent: fn('onEvent', input.onEvent),
+    logger,
+  });
+}
+

@@ -1,0 +1,97 @@
+import type { IdempotencyError } from './errors.js';
+import type { StoredResponse } from './store.js';
+
+/** Header values as Node gives them (`req.headersDistinct` or `req.headers`), lower-case names. */
+export type IncomingHeaders = Readonly<Record<string, string | readonly string[] | undefined>>;
+
+/**
+ * What a binding tells the engine about one operation. Built by the binding from the framework
+ * request; the engine never sees the framework.
+ */
+export interface IncomingRequest {
+  /** Upper-case HTTP method (`'POST'`), or a job name for `idempotent()`. */
+  readonly method: string;
+  /** Request path with its query string, as received (`/orders?dry=1`). */
+  readonly path: string;
+  /**
+   * Request headers. Pass `req.headersDistinct` so several `Idempotency-Key` headers are seen as
+   * several (Node joins duplicates of unknown headers with `, `).
+   */
+  readonly headers: IncomingHeaders;
+  /**
+   * The body: a parsed JSON value (object, array, …), raw bytes (`Uint8Array`/`Buffer`), a string,
+   * or `undefined` when there is none.
+   */
+  readonly body: unknown;
+}
+
+export type AbandonReason =
+  | 'handler-threw'
+  | 'not-storable'
+  | 'client-gone'
+  | 'not-bufferable'
+  | 'too-large';
+
+/** The right to run the handler for one key, held until `commit` or `abandon` (exactly once). */
+export interface Lease {
+  /** The client's key (unscoped). */
+  readonly key: string;
+  /** True when a crashed holder's expired lease was taken over. */
+  readonly tookOver: boolean;
+  /**
+   * The handler answered. If `response.status` is storable (and the body fits `maxBodyBytes`)
+   * the response is stored for replay; otherwise the key is released so a retry may run again.
+   * Resolves to true when the response was stored. Never throws: a lost lease or a failing store
+   * is reported through `onEvent`/`logger` and the caller still delivers the response.
+   */
+  commit(response: StoredResponse): Promise<boolean>;
+  /**
+   * The handler answered with something that cannot be buffered (a stream, SSE, a body over
+   * `maxBodyBytes`). The handler is never re-run for this key: when `status` is storable a
+   * marker is stored and retries get a `response-not-replayable` problem; otherwise the key is released.
+   */
+  commitUnbuffered(status: number, reason: 'not-bufferable' | 'too-large'): Promise<void>;
+  /** Give the key up: the handler threw or the client went away before an answer existed. */
+  abandon(reason: AbandonReason): Promise<void>;
+  /** What handlers may see: key, takeover flag and the transaction client. */
+  readonly context: IdempotencyContext;
+  /** True once commit/commitUnbuffered/abandon has been called. */
+  readonly settled: boolean;
+}
+
+/** What the engine decided for one incoming operation. */
+export type Decision =
+  /** Not covered (method, no key with `required: false`, store down with `onStoreError: 'pass'`). */
+  | { readonly kind: 'pass' }
+  /** Replay this response; the binding adds `Idempotent-Replayed: true`. */
+  | { readonly kind: 'replay'; readonly key: string; readonly response: StoredResponse }
+  /** Answer this problem (`error.status`, `error.headers`, `error.toProblem()`). */
+  | { readonly kind: 'problem'; readonly error: IdempotencyError }
+  /** Run the handler, then settle the lease. */
+  | { readonly kind: 'run'; readonly lease: Lease };
+
+/** Everything the engine reports, for logs and metrics. */
+export type IdempotencyEvent =
+  | { readonly type: 'executed'; readonly key: string; readonly tookOver: boolean }
+  | { readonly type: 'completed'; readonly key: string; readonly status: number; readonly stored: boolean }
+  | { readonly type: 'replayed'; readonly key: string; readonly status: number }
+  | { readonly type: 'conflict'; readonly key: string; readonly retryAfterSeconds: number }
+  | { readonly type: 'mismatch'; readonly key: string }
+  | { readonly type: 'lease-taken-over'; readonly key: string }
+  | { readonly type: 'lease-lost'; readonly key: string; readonly operation: 'complete' | 'renew' | 'release' }
+  | { readonly type: 'released'; readonly key: string; readonly reason: AbandonReason | 'not-storable' }
+  | { readonly type: 'store-error'; readonly key: string | null; readonly operation: string; readonly error: unknown };
+
+/** Minimal logger (console, pino and winston fit). */
+export interface IdempotencyLogger {
+  warn(message: string, ...meta: unknown[]): void;
+  error(message: string, ...meta: unknown[]): void;
+}
+
+/** What a binding exposes to handlers about the running key (`req.idempotency`, `ctx.state.idempotency`). */
+export interface IdempotencyContext {
+  readonly key: string;
+  readonly tookOver: boolean;
+  /** With `transactional: true`: the driver client of the open transaction, else undefined. */
+  readonly transaction: unknown;
+}
