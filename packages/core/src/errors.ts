@@ -40,7 +40,7 @@ export function problemType(code: IdempotencyErrorCode): string {
 }
 
 export class IdempotencyError extends Error {
-  override readonly name: string = new.target.name;
+  override readonly name: string = this.constructor.name;
   /** Koa renders `message` to the client only when `expose` is true. */
   readonly expose = true;
   readonly code: IdempotencyErrorCode;
@@ -104,7 +104,7 @@ export class StoreUnavailableError extends IdempotencyError {}
 
 /** Setup-time misconfiguration. Never an HTTP answer: it is thrown when options are resolved. */
 export class ConfigurationError extends Error {
-  override readonly name: string = new.target.name;
+  override readonly name: string = this.constructor.name;
   readonly code: string;
   constructor(code: `ERR_IDEMKIT_${string}`, message: string) {
     super(`[idemkit] ${message}`);

@@ -185,7 +185,7 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
     store: input.store,
     methods: new Set(methods.map((m) => m.toUpperCase())),
     required: input.required ?? DEFAULTS.required,
-    header: header.toLowerCase(),
+    header,
     bodyField,
     getKey: fn('getKey', input.getKey),
     validateKey: fn('validateKey', input.validateKey),

@@ -1,0 +1,203 @@
+import {
+  FingerprintMismatchError,
+  KeyError,
+  RequestInProgressError,
+  StoreUnavailableError,
+  type IdempotencyError,
+} from './errors.js';
+import { defaultFingerprint } from './fingerprint.js';
+import { parseKeyHeader, scopedKey, validateKey, type KeyParseResult } from './key.js';
+import { RunningLease } from './lease.js';
+import { resolveOptions, type IdempotencyOptions, type ResolvedOptions } from './options.js';
+import type { BeginResult, LeaseToken, StoreTransaction, TransactionalStore } from './store.js';
+import type { Decision, IdempotencyEvent, IncomingRequest } from './types.js';
+import { sleep, withDeadline } from './deadline.js';
+
+export interface IdempotencyEngine<Req = IncomingRequest> {
+  readonly options: ResolvedOptions<Req>;
+  /**
+   * Decide what to do with one operation: pass, replay, answer a problem, or run under a lease.
+   * Rejects only when a user callback (getKey, scope, fingerprint) throws.
+   */
+  decide(input: IncomingRequest, req?: Req): Promise<Decision>;
+  /** Whether a response with this status would be stored. */
+  isStorable(status: number): boolean;
+}
+
+const PASS: Decision = Object.freeze({ kind: 'pass' });
+const WAIT_FIRST_MS = 25;
+const WAIT_MAX_MS = 500;
+
+type KeyLookup = KeyParseResult | { readonly ok: 'none' };
+
+/** Build the framework-free engine every binding (and `idempotent()`) runs on. */
+export function createIdempotencyEngine<Req = IncomingRequest>(options: IdempotencyOptions<Req>): IdempotencyEngine<Req> {
+  return new Engine(resolveOptions(options));
+}
+
+class Engine<Req> implements IdempotencyEngine<Req> {
+  readonly #headerLower: string;
+
+  constructor(readonly options: ResolvedOptions<Req>) {
+    this.#headerLower = options.header.toLowerCase();
+    if (!options.store.shared && process.env.NODE_ENV === 'production') {
+      options.logger?.warn(
+        '[idemkit] The in-memory store keeps records in this process only: with several processes or restarts, retries can run twice. Use a shared store (Postgres, Redis, MongoDB) in production.',
+      );
+    }
+  }
+
+  isStorable(status: number): boolean {
+    return this.options.storable(status);
+  }
+
+  emit(event: IdempotencyEvent): void {
+    try {
+      this.options.onEvent?.(event);
+    } catch {
+      // A metrics hook must never change what the client gets.
+    }
+  }
+
+  async decide(input: IncomingRequest, req: Req = input as unknown as Req): Promise<Decision> {
+    const o = this.options;
+    if (!o.methods.has(input.method.toUpperCase())) return PASS;
+
+    const found = await this.#readKey(input, req);
+    if (found.ok === 'none') {
+      return o.required ? problem(new KeyError('ERR_IDEMKIT_KEY_MISSING', 400, `This request needs an ${o.header} header.`)) : PASS;
+    }
+    if (!found.ok) return problem(new KeyError('ERR_IDEMKIT_KEY_INVALID', 400, found.reason));
+    const key = found.key;
+
+    const scope = o.scope ? await o.scope(req, input) : undefined;
+    if (scope !== undefined && typeof scope !== 'string') throw new TypeError('[idemkit] `scope` must return a string or undefined.');
+    const fingerprint =
+      o.fingerprint === false ? null : o.fingerprint === 'default' ? defaultFingerprint(input) : await o.fingerprint(req, input);
+
+    return this.#claim(key, scopedKey(scope, key), fingerprint);
+  }
+
+  async #readKey(input: IncomingRequest, req: Req): Promise<KeyLookup> {
+    const o = this.options;
+    let result: KeyParseResult;
+    if (o.getKey) {
+      const key = await o.getKey(req, input);
+      if (key === undefined || key === null) return { ok: 'none' };
+      if (typeof key !== 'string') return { ok: false, reason: 'The key must be a string.' };
+      result = validateKey(key);
+    } else {
+      const header = input.headers[this.#headerLower];
+      const values = typeof header === 'string' ? [header] : header;
+      if (values !== undefined && values.length > 1) {
+        return { ok: false, reason: `Send exactly one ${o.header} header; this request has ${values.length}.` };
+      }
+      const first = values?.[0];
+      if (first !== undefined) {
+        result = parseKeyHeader(first);
+      } else {
+        const fromBody = this.#bodyKey(input.body);
+        if (fromBody === undefined) return { ok: 'none' };
+        result = fromBody;
+      }
+    }
+    if (!result.ok || !o.validateKey) return result;
+    const verdict = o.validateKey(result.key);
+    if (verdict === true) return result;
+    return { ok: false, reason: typeof verdict === 'string' ? verdict : 'The key was rejected by the server’s key rules.' };
+  }
+
+  #bodyKey(body: unknown): KeyParseResult | undefined {
+    const field = this.options.bodyField;
+    if (field === false || typeof body !== 'object' || body === null || Array.isArray(body) || body instanceof Uint8Array) return undefined;
+    if (!Object.hasOwn(body, field)) return undefined;
+    const value = (body as Record<string, unknown>)[field];
+    if (typeof value !== 'string') return { ok: false, reason: `The body field \`${field}\` must be a string.` };
+    return validateKey(value);
+  }
+
+  async #claim(key: string, id: string, fingerprint: string | null): Promise<Decision> {
+    const o = this.options;
+    const deadline = Date.now() + o.waitTimeoutMs;
+    let delay = WAIT_FIRST_MS;
+    for (;;) {
+      let result: BeginResult;
+      try {
+        result = await withDeadline('begin', o.storeTimeoutMs, () => o.store.begin(id, fingerprint, o.leaseMs));
+      } catch (error) {
+        return this.#storeFailure(key, 'begin', error);
+      }
+      if (result.kind === 'acquired') return this.#run(key, id, result.token, result.tookOver);
+
+      const { record } = result;
+      if (fingerprint !== null && record.fingerprint !== null && record.fingerprint !== fingerprint) {
+        this.emit({ type: 'mismatch', key });
+        return problem(
+          new FingerprintMismatchError(
+            'ERR_IDEMKIT_FINGERPRINT_MISMATCH',
+            422,
+            'This key was already used with a different request (method, path or body). Use a new key for a new request.',
+          ),
+        );
+      }
+      if (record.state === 'completed' && record.response !== null) {
+        this.emit({ type: 'replayed', key, status: record.response.status });
+        return { kind: 'replay', key, response: record.response };
+      }
+      // Still running elsewhere: wait (bounded, with backoff) or answer 409 at once.
+      if (o.concurrency === 'wait' && Date.now() + delay < deadline) {
+        await sleep(Math.min(delay, Math.max(1, result.leaseRemainingMs)));
+        delay = Math.min(delay * 2, WAIT_MAX_MS);
+        continue;
+      }
+      const retryAfterSeconds = Math.max(1, Math.ceil(result.leaseRemainingMs / 1000));
+      this.emit({ type: 'conflict', key, retryAfterSeconds });
+      return problem(
+        new RequestInProgressError(
+          'ERR_IDEMKIT_REQUEST_IN_PROGRESS',
+          409,
+          'A request with this key is still being processed. Retry after the time in Retry-After to get its result.',
+          { headers: { 'retry-after': String(retryAfterSeconds) }, extensions: { retryAfter: retryAfterSeconds } },
+        ),
+      );
+    }
+  }
+
+  async #run(key: string, id: string, token: LeaseToken, tookOver: boolean): Promise<Decision> {
+    const o = this.options;
+    let tx: StoreTransaction | undefined;
+    if (o.transactional) {
+      try {
+        tx = await withDeadline('beginTransaction', o.storeTimeoutMs, () => (o.store as TransactionalStore).beginTransaction());
+      } catch (error) {
+        // Free the key we just took: nothing ran, so a retry must be able to run.
+        await o.store.release(id, token).catch(() => undefined);
+        return this.#storeFailure(key, 'beginTransaction', error);
+      }
+    }
+    if (tookOver) {
+      this.emit({ type: 'lease-taken-over', key });
+      o.logger?.warn(`[idemkit] Took over the expired lease of key "${key}": its previous holder stopped renewing (crashed or stalled).`);
+    }
+    this.emit({ type: 'executed', key, tookOver });
+    return { kind: 'run', lease: new RunningLease(this, key, id, token, tookOver, tx) };
+  }
+
+  #storeFailure(key: string, operation: string, error: unknown): Decision {
+    this.emit({ type: 'store-error', key, operation, error });
+    this.options.logger?.error(`[idemkit] Store ${operation} failed for key "${key}".`, error);
+    if (this.options.onStoreError === 'pass') return PASS;
+    return problem(
+      new StoreUnavailableError(
+        'ERR_IDEMKIT_STORE_UNAVAILABLE',
+        503,
+        'The idempotency store is unavailable, so the request was not run. Retry with the same key.',
+        { cause: error },
+      ),
+    );
+  }
+}
+
+function problem(error: IdempotencyError): Decision {
+  return { kind: 'problem', error };
+}

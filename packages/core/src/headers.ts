@@ -1,0 +1,47 @@
+import type { StoredResponse } from './store.js';
+
+/** Added to every replayed response (SPEC §2). */
+export const REPLAYED_HEADER = 'idempotent-replayed';
+
+/**
+ * Never stored nor replayed: hop-by-hop headers (RFC 9110 §7.6.1), `date` (the replay gets its
+ * own), and `content-length` (recomputed from the stored body).
+ */
+export const UNREPLAYED_HEADERS: ReadonlySet<string> = new Set([
+  'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization', 'proxy-connection',
+  'te', 'trailer', 'transfer-encoding', 'upgrade', 'date', 'content-length', REPLAYED_HEADER,
+]);
+
+export type OutgoingHeaderValue = number | string | readonly string[] | undefined;
+
+/**
+ * Turn a framework's outgoing headers (`res.getHeaders()`, `reply.getHeaders()`) into the stored
+ * form: lower-case names, one pair per value, unreplayed headers dropped.
+ */
+export function toStoredHeaders(headers: Readonly<Record<string, OutgoingHeaderValue>>): Array<[string, string]> {
+  const out: Array<[string, string]> = [];
+  for (const [rawName, value] of Object.entries(headers)) {
+    const name = rawName.toLowerCase();
+    if (value === undefined || UNREPLAYED_HEADERS.has(name)) continue;
+    if (Array.isArray(value)) for (const v of value) out.push([name, String(v)]);
+    else out.push([name, String(value)]);
+  }
+  return out;
+}
+
+/**
+ * Headers to send with a replay, grouped for `res.setHeader(name, value | values)`: the stored
+ * ones, `content-length` of the stored body and `Idempotent-Replayed: true`.
+ */
+export function replayHeaders(response: StoredResponse): Map<string, string | string[]> {
+  const grouped = new Map<string, string | string[]>();
+  for (const [name, value] of response.headers) {
+    const prev = grouped.get(name);
+    if (prev === undefined) grouped.set(name, value);
+    else if (Array.isArray(prev)) prev.push(value);
+    else grouped.set(name, [prev, value]);
+  }
+  grouped.set('content-length', String(response.body.byteLength));
+  grouped.set(REPLAYED_HEADER, 'true');
+  return grouped;
+}

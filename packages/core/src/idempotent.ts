@@ -1,0 +1,89 @@
+import { createIdempotencyEngine } from './engine.js';
+import type { IdempotencyOptions } from './options.js';
+import type { IncomingRequest } from './types.js';
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+export interface IdempotentOptions<Args extends unknown[], R>
+  extends Pick<
+    IdempotencyOptions<Args>,
+    'store' | 'ttlMs' | 'leaseMs' | 'concurrency' | 'waitTimeoutMs' | 'onStoreError' | 'storeTimeoutMs' | 'maxBodyBytes' | 'onEvent' | 'logger'
+  > {
+  /** The idempotency key of one call, from its arguments (e.g. the message id). Required. */
+  key: (...args: Args) => string;
+  /** Tenant of the call; part of the stored identity. */
+  scope?: (...args: Args) => string | undefined;
+  /** Job name, part of the fingerprint so two jobs sharing a key are told apart. @default fn.name */
+  name?: string;
+  /** Fingerprint of the arguments for the mismatch check, or false. @default SHA-256 of name + canonical JSON of the arguments */
+  fingerprint?: false | ((...args: Args) => string);
+  /** Result → stored bytes. @default JSON */
+  serialize?: (result: R) => Uint8Array | string;
+  /** Stored bytes → result. @default JSON */
+  deserialize?: (bytes: Uint8Array) => R;
+}
+
+function defaultSerialize(result: unknown): string {
+  return result === undefined ? '' : JSON.stringify(result);
+}
+
+function defaultDeserialize<R>(bytes: Uint8Array): R {
+  return (bytes.byteLength === 0 ? undefined : JSON.parse(decoder.decode(bytes))) as R;
+}
+
+/**
+ * Make a plain async function safe to retry (queue consumers, webhooks, cron jobs): for one key,
+ * `fn` runs once and every later or concurrent call gets its stored result.
+ *
+ * Concurrent calls wait for the first (`concurrency: 'wait'` is the default here) and then get
+ * its result; past `waitTimeoutMs` they reject with `RequestInProgressError`. A call whose
+ * arguments differ from the first call's rejects with `FingerprintMismatchError`. If `fn` throws,
+ * the key is released and the error is rethrown, so a retry runs again. Every caller, the first
+ * included, gets the result as `deserialize(serialize(result))`, so all of them see the same value.
+ */
+export function idempotent<Args extends unknown[], R>(
+  fn: (...args: Args) => R | Promise<R>,
+  options: IdempotentOptions<Args, R>,
+): (...args: Args) => Promise<Awaited<R>> {
+  if (typeof fn !== 'function') throw new TypeError('[idemkit] idempotent(fn, options): `fn` must be a function.');
+  if (typeof options?.key !== 'function') throw new TypeError('[idemkit] idempotent(fn, options): `key` must be a function of the arguments.');
+  const { key, scope, fingerprint, name = fn.name || 'job', serialize = defaultSerialize, deserialize = defaultDeserialize, ...rest } = options;
+  const engine = createIdempotencyEngine<Args>({
+    concurrency: 'wait',
+    ...rest,
+    methods: ['CALL'],
+    required: true,
+    getKey: (args) => key(...args),
+    ...(scope ? { scope: (args: Args) => scope(...args) } : {}),
+    ...(fingerprint === false ? { fingerprint: false } : fingerprint ? { fingerprint: (args: Args) => fingerprint(...args) } : {}),
+    // A job's result is always stored: there is no HTTP status to judge it by.
+    storable: () => true,
+  });
+
+  return async (...args: Args): Promise<Awaited<R>> => {
+    const input: IncomingRequest = { method: 'CALL', path: name, headers: {}, body: args };
+    const decision = await engine.decide(input, args);
+    switch (decision.kind) {
+      case 'pass':
+        return (await fn(...args)) as Awaited<R>;
+      case 'problem':
+        throw decision.error;
+      case 'replay':
+        return deserialize(decision.response.body) as Awaited<R>;
+      case 'run': {
+        let result: Awaited<R>;
+        try {
+          result = await fn(...args);
+        } catch (error) {
+          await decision.lease.abandon('handler-threw');
+          throw error;
+        }
+        const raw = serialize(result);
+        const body = typeof raw === 'string' ? encoder.encode(raw) : raw;
+        await decision.lease.commit({ status: 200, headers: [], body });
+        return deserialize(body) as Awaited<R>;
+      }
+    }
+  };
+}

@@ -1,0 +1,52 @@
+import { parseItem } from 'structured-headers';
+
+/** Longest key accepted (Stripe's limit; the IETF draft sets none). */
+export const MAX_KEY_LENGTH = 255;
+
+export type KeyParseResult =
+  | { readonly ok: true; readonly key: string }
+  | { readonly ok: false; readonly reason: string };
+
+/** Printable ASCII only: no control characters, no non-ASCII (SPEC §2). */
+const PRINTABLE_ASCII = /^[\x20-\x7e]+$/;
+
+/**
+ * Read one header value as a key. The draft's structured-field form (`"abc"`, an sf-string,
+ * parameters ignored) and the bare form (`abc`) are both accepted.
+ */
+export function parseKeyHeader(value: string): KeyParseResult {
+  const raw = value.trim();
+  if (raw.startsWith('"')) {
+    let item: ReturnType<typeof parseItem>;
+    try {
+      item = parseItem(raw);
+    } catch {
+      return { ok: false, reason: 'The key looks like a structured-field string but does not parse (RFC 9651).' };
+    }
+    if (typeof item[0] !== 'string') {
+      return { ok: false, reason: 'The structured-field key must be a string.' };
+    }
+    return validateKey(item[0]);
+  }
+  return validateKey(raw);
+}
+
+/** The built-in rules: 1–255 printable ASCII characters. */
+export function validateKey(key: string): KeyParseResult {
+  if (key.length === 0) return { ok: false, reason: 'The key is empty.' };
+  if (key.length > MAX_KEY_LENGTH) {
+    return { ok: false, reason: `The key is ${key.length} characters long; at most ${MAX_KEY_LENGTH} are allowed.` };
+  }
+  if (!PRINTABLE_ASCII.test(key)) {
+    return { ok: false, reason: 'The key may hold printable ASCII characters only (no control or non-ASCII characters).' };
+  }
+  return { ok: true, key };
+}
+
+/**
+ * The identity a store sees. Length-prefixing the scope makes the pair unambiguous: no
+ * (scope, key) pair can spell another pair's identity, whatever characters either holds.
+ */
+export function scopedKey(scope: string | undefined, key: string): string {
+  return scope === undefined || scope === '' ? `-:${key}` : `${scope.length}:${scope}:${key}`;
+}

@@ -1,0 +1,152 @@
+import { ResponseNotReplayableError } from './errors.js';
+import { problemResponse } from './problem.js';
+import type { ResolvedOptions } from './options.js';
+import type { LeaseToken, StoreTransaction, StoredResponse } from './store.js';
+import type { AbandonReason, IdempotencyContext, IdempotencyEvent, Lease } from './types.js';
+import { withDeadline } from './deadline.js';
+
+/** What a lease needs from its engine; kept narrow so the lease cannot make decisions. */
+export interface LeaseHost {
+  readonly options: ResolvedOptions<never>;
+  emit(event: IdempotencyEvent): void;
+}
+
+/**
+ * The right to run one handler for one key. Renews itself while the handler runs and settles
+ * exactly once: the first of commit / commitUnbuffered / abandon wins, later calls do nothing.
+ */
+export class RunningLease implements Lease {
+  readonly context: IdempotencyContext;
+  #settled = false;
+  #timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly host: LeaseHost,
+    readonly key: string,
+    private readonly id: string,
+    private readonly token: LeaseToken,
+    readonly tookOver: boolean,
+    private readonly tx: StoreTransaction | undefined,
+  ) {
+    this.context = Object.freeze({ key, tookOver, transaction: tx?.client });
+    const { leaseMs } = host.options;
+    // Renew at a third of the lease so two renewals can fail before another process takes over.
+    this.#timer = setInterval(() => void this.#renew(), Math.max(10, Math.floor(leaseMs / 3)));
+    this.#timer.unref();
+  }
+
+  get settled(): boolean {
+    return this.#settled;
+  }
+
+  async commit(response: StoredResponse): Promise<boolean> {
+    if (!this.#settle()) return false;
+    const { storable, maxBodyBytes } = this.host.options;
+    if (!storable(response.status)) {
+      await this.#release('not-storable');
+      return false;
+    }
+    if (response.body.byteLength > maxBodyBytes) {
+      await this.#storeMarker(response.status, 'too-large');
+      return false;
+    }
+    return this.#complete(response);
+  }
+
+  async commitUnbuffered(status: number, reason: 'not-bufferable' | 'too-large'): Promise<void> {
+    if (!this.#settle()) return;
+    if (!this.host.options.storable(status)) {
+      await this.#release('not-storable');
+      return;
+    }
+    await this.#storeMarker(status, reason);
+  }
+
+  async abandon(reason: AbandonReason): Promise<void> {
+    if (!this.#settle()) return;
+    await this.#release(reason);
+  }
+
+  #settle(): boolean {
+    if (this.#settled) return false;
+    this.#settled = true;
+    clearInterval(this.#timer);
+    return true;
+  }
+
+  async #renew(): Promise<void> {
+    const { store, leaseMs, storeTimeoutMs } = this.host.options;
+    try {
+      const ok = await withDeadline('renew', storeTimeoutMs, () => store.renew(this.id, this.token, leaseMs));
+      if (!ok && !this.#settled) {
+        clearInterval(this.#timer);
+        this.#lost('renew');
+      }
+    } catch (error) {
+      // Keep renewing: a brief store outage should not cost the lease if the store comes back.
+      this.#storeError('renew', error);
+    }
+  }
+
+  /**
+   * The response cannot be replayed (stream, too large). Store a marker so retries get a
+   * documented problem instead of running the handler again (SPEC §2).
+   */
+  async #storeMarker(status: number, reason: 'not-bufferable' | 'too-large'): Promise<void> {
+    const why = reason === 'too-large'
+      ? `its body was larger than maxBodyBytes (${this.host.options.maxBodyBytes} bytes)`
+      : 'it was streamed';
+    const error = new ResponseNotReplayableError(
+      'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE',
+      410,
+      `The request with this key already ran and answered ${status}, but ${why}, so it was not stored. The operation is not run again.`,
+      { extensions: { originalStatus: status, reason } },
+    );
+    await this.#complete(problemResponse(error));
+  }
+
+  async #complete(response: StoredResponse): Promise<boolean> {
+    const { store, ttlMs, storeTimeoutMs } = this.host.options;
+    try {
+      const ok = await withDeadline('complete', storeTimeoutMs, () =>
+        this.tx ? this.tx.complete(this.id, this.token, response, ttlMs) : store.complete(this.id, this.token, response, ttlMs),
+      );
+      if (!ok) this.#lost('complete');
+      this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: ok });
+      return ok;
+    } catch (error) {
+      this.#storeError('complete', error);
+      if (this.tx) await this.tx.rollback().catch((e: unknown) => this.#storeError('rollback', e));
+      return false;
+    }
+  }
+
+  async #release(reason: AbandonReason): Promise<void> {
+    const { store, storeTimeoutMs } = this.host.options;
+    if (this.tx) {
+      // Roll the handler's writes back before the key is free again, so a retry starts clean.
+      await this.tx.rollback().catch((e: unknown) => this.#storeError('rollback', e));
+    }
+    try {
+      const ok = await withDeadline('release', storeTimeoutMs, () => store.release(this.id, this.token));
+      if (ok) this.host.emit({ type: 'released', key: this.key, reason });
+      else this.#lost('release');
+    } catch (error) {
+      // The lease will simply expire; nothing else to do.
+      this.#storeError('release', error);
+    }
+  }
+
+  #lost(operation: 'complete' | 'renew' | 'release'): void {
+    this.host.emit({ type: 'lease-lost', key: this.key, operation });
+    this.host.options.logger?.warn(
+      `[idemkit] Lease for key "${this.key}" was lost before ${operation} (another process took it over after it expired); ` +
+        'the late result was refused and nothing was overwritten.',
+    );
+  }
+
+  #storeError(operation: string, error: unknown): void {
+    this.host.emit({ type: 'store-error', key: this.key, operation, error });
+    this.host.options.logger?.error(`[idemkit] Store ${operation} failed for key "${this.key}".`, error);
+  }
+}

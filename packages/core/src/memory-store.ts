@@ -1,0 +1,156 @@
+import { randomUUID } from 'node:crypto';
+import type { BeginResult, IdempotencyRecord, IdempotencyStore, LeaseToken, StoredResponse } from './store.js';
+
+export interface MemoryStoreOptions {
+  /** Most records kept; when full, expired records go first, then the oldest completed ones. @default 10_000 */
+  maxEntries?: number;
+  /** Clock in epoch ms (tests inject one). @default Date.now */
+  now?: () => number;
+}
+
+interface Entry {
+  fingerprint: string | null;
+  state: 'in_progress' | 'completed';
+  token: LeaseToken;
+  leaseExpiresAt: number;
+  response: StoredResponse | null;
+  createdAt: number;
+  expiresAt: number;
+}
+
+/** Thrown by `begin` when every slot holds a running lease: answering 503 beats forgetting a lease. */
+export class MemoryStoreFullError extends Error {
+  override readonly name = 'MemoryStoreFullError';
+}
+
+/**
+ * Records in this process's memory: for tests and single-process apps. Not shared between
+ * processes (`shared: false`), so the engine warns when it runs with NODE_ENV=production.
+ */
+export class MemoryStore implements IdempotencyStore {
+  readonly shared = false;
+  readonly #entries = new Map<string, Entry>();
+  readonly #max: number;
+  readonly #now: () => number;
+
+  constructor(options: MemoryStoreOptions = {}) {
+    const max = options.maxEntries ?? 10_000;
+    if (!Number.isSafeInteger(max) || max <= 0) throw new TypeError('[idemkit] [memory] `maxEntries` must be a positive integer.');
+    this.#max = max;
+    this.#now = options.now ?? Date.now;
+  }
+
+  /** Records held right now, expired ones included until they are evicted. */
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  async begin(key: string, fingerprint: string | null, leaseMs: number): Promise<BeginResult> {
+    const now = this.#now();
+    const existing = this.#entries.get(key);
+    if (existing && existing.expiresAt > now) {
+      return {
+        kind: 'existing',
+        record: toRecord(key, existing),
+        leaseRemainingMs: existing.state === 'in_progress' ? existing.leaseExpiresAt - now : 0,
+      };
+    }
+    const tookOver = existing?.state === 'in_progress';
+    if (existing) this.#entries.delete(key);
+    else this.#makeRoom(now);
+    const token = randomUUID() as LeaseToken;
+    const leaseExpiresAt = now + leaseMs;
+    this.#entries.set(key, { fingerprint, state: 'in_progress', token, leaseExpiresAt, response: null, createdAt: now, expiresAt: leaseExpiresAt });
+    return { kind: 'acquired', token, tookOver };
+  }
+
+  async complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
+    const now = this.#now();
+    const entry = this.#held(key, token, now);
+    if (!entry) return false;
+    entry.state = 'completed';
+    // Copy: the caller may reuse its buffers; replays must be byte-exact.
+    entry.response = { status: response.status, headers: response.headers.map(([n, v]) => [n, v] as const), body: Uint8Array.from(response.body) };
+    entry.expiresAt = now + ttlMs;
+    return true;
+  }
+
+  async release(key: string, token: LeaseToken): Promise<boolean> {
+    if (!this.#held(key, token, this.#now())) return false;
+    return this.#entries.delete(key);
+  }
+
+  async renew(key: string, token: LeaseToken, leaseMs: number): Promise<boolean> {
+    const now = this.#now();
+    const entry = this.#held(key, token, now);
+    if (!entry) return false;
+    entry.leaseExpiresAt = entry.expiresAt = now + leaseMs;
+    return true;
+  }
+
+  async get(key: string): Promise<IdempotencyRecord | undefined> {
+    const entry = this.#entries.get(key);
+    if (!entry) return undefined;
+    if (entry.expiresAt <= this.#now()) {
+      // An expired lease stays until taken over, so `begin` can report the takeover.
+      if (entry.state === 'completed') this.#entries.delete(key);
+      return undefined;
+    }
+    return toRecord(key, entry);
+  }
+
+  async purgeExpired(limit = 1000): Promise<number> {
+    const now = this.#now();
+    let removed = 0;
+    for (const [key, entry] of this.#entries) {
+      if (removed >= limit) break;
+      if (entry.expiresAt <= now) {
+        this.#entries.delete(key);
+        removed++;
+      }
+    }
+    return removed;
+  }
+
+  async close(): Promise<void> {
+    this.#entries.clear();
+  }
+
+  /** The entry if `token` holds a live lease on it. */
+  #held(key: string, token: LeaseToken, now: number): Entry | undefined {
+    const entry = this.#entries.get(key);
+    if (!entry || entry.token !== token || entry.state !== 'in_progress' || entry.leaseExpiresAt <= now) return undefined;
+    return entry;
+  }
+
+  #makeRoom(now: number): void {
+    if (this.#entries.size < this.#max) return;
+    for (const [key, entry] of this.#entries) if (entry.expiresAt <= now) this.#entries.delete(key);
+    if (this.#entries.size < this.#max) return;
+    // Map order is insertion order: the first completed entry is the oldest one.
+    for (const [key, entry] of this.#entries) {
+      if (entry.state === 'completed') {
+        this.#entries.delete(key);
+        return;
+      }
+    }
+    throw new MemoryStoreFullError(`[idemkit] [memory] All ${this.#max} entries hold running leases; raise \`maxEntries\`.`);
+  }
+}
+
+function toRecord(key: string, e: Entry): IdempotencyRecord {
+  return {
+    key,
+    fingerprint: e.fingerprint,
+    state: e.state,
+    leaseExpiresAt: e.state === 'in_progress' ? e.leaseExpiresAt : null,
+    response: e.response,
+    createdAt: e.createdAt,
+    expiresAt: e.expiresAt,
+  };
+}
+
+/** An in-memory store (single process). */
+export function createMemoryStore(options?: MemoryStoreOptions): MemoryStore {
+  return new MemoryStore(options);
+}

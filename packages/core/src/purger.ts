@@ -1,0 +1,61 @@
+import type { IdempotencyStore } from './store.js';
+
+export interface PurgerOptions {
+  /** Time between sweeps in ms. @default 60_000 */
+  intervalMs?: number;
+  /** Records deleted per store call; a sweep repeats calls until a batch comes back short. @default 1_000 */
+  batchSize?: number;
+  /** A failed sweep; the purger keeps going. @default logs with console.error */
+  onError?: (error: unknown) => void;
+}
+
+export interface Purger {
+  /** Sweep now (all batches); resolves to the number of records removed. */
+  runOnce(): Promise<number>;
+  /** Stop sweeping; waits for a sweep in progress. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Periodically remove expired records from stores without native expiry (Postgres, MongoDB
+ * without a TTL index, memory). The timer is `unref`'d so it never keeps a process alive.
+ */
+export function startPurger(store: IdempotencyStore, options: PurgerOptions = {}): Purger {
+  const intervalMs = options.intervalMs ?? 60_000;
+  const batchSize = options.batchSize ?? 1_000;
+  const onError = options.onError ?? ((error: unknown) => console.error('[idemkit] purgeExpired failed', error));
+  if (!Number.isSafeInteger(intervalMs) || intervalMs <= 0) throw new TypeError('[idemkit] startPurger: `intervalMs` must be a positive integer.');
+  if (!Number.isSafeInteger(batchSize) || batchSize <= 0) throw new TypeError('[idemkit] startPurger: `batchSize` must be a positive integer.');
+
+  let running: Promise<number> | undefined;
+  let stopped = false;
+
+  const sweep = async (): Promise<number> => {
+    let total = 0;
+    for (;;) {
+      const n = await store.purgeExpired(batchSize);
+      total += n;
+      if (n < batchSize || stopped) return total;
+    }
+  };
+  const runOnce = (): Promise<number> => {
+    // One sweep at a time: a slow sweep is joined, not doubled.
+    running ??= sweep().finally(() => {
+      running = undefined;
+    });
+    return running;
+  };
+  const timer = setInterval(() => {
+    runOnce().catch(onError);
+  }, intervalMs);
+  timer.unref();
+
+  return {
+    runOnce,
+    async stop() {
+      stopped = true;
+      clearInterval(timer);
+      await running?.catch(() => undefined);
+    },
+  };
+}
