@@ -1,0 +1,66 @@
+import type { Cluster, Redis } from 'ioredis';
+
+/** An ioredis single-node client or Cluster client. */
+export type RedisClient = Redis | Cluster;
+
+/** Options of {@link createRedisStore}: give exactly one of `client` or `url`. */
+export interface RedisStoreOptions {
+  /**
+   * An ioredis `Redis` or `Cluster` you own. idemkit defines its scripts on it
+   * (`defineCommand`, names prefixed `idemkit`) and never quits or disconnects it.
+   */
+  client?: RedisClient;
+  /**
+   * A `redis://` / `rediss://` URL. The store then creates its own single-node ioredis client
+   * and `close()` quits it. For Redis Cluster pass a `Cluster` as `client`.
+   */
+  url?: string;
+  /**
+   * Prepended to every key. Do not put a `{hash tag}` in it: that would pin all records to one
+   * Cluster slot (and one master). No tag is needed because every operation touches one key.
+   * @default "idemkit:"
+   */
+  prefix?: string;
+  /**
+   * How long an in-progress record stays in Redis after its lease ends, in ms. Within this window
+   * a new `begin` reports the takeover (`tookOver: true`); afterwards Redis has dropped the key
+   * natively and a new `begin` is a plain claim (`tookOver: false`). Either way the expired
+   * lease counts as absent for `get` and its holder can no longer complete, renew or release.
+   * @default 60000
+   */
+  leaseGraceMs?: number;
+}
+
+/** Options after validation, with defaults applied. */
+export interface ResolvedRedisStoreOptions {
+  readonly prefix: string;
+  readonly leaseGraceMs: number;
+}
+
+export const REDIS_STORE_DEFAULTS = Object.freeze({
+  prefix: 'idemkit:',
+  leaseGraceMs: 60_000,
+});
+
+export function optionError(message: string): TypeError {
+  return new TypeError(`[idemkit] [redis] ${message}`);
+}
+
+export function resolveRedisStoreOptions(options: RedisStoreOptions): ResolvedRedisStoreOptions {
+  if (options.client === undefined && options.url === undefined) {
+    throw optionError('Missing required option `client` (an ioredis Redis or Cluster) or `url`.');
+  }
+  if (options.client !== undefined && options.url !== undefined) {
+    throw optionError('Give either `client` or `url`, not both.');
+  }
+  if (options.url !== undefined && (typeof options.url !== 'string' || !/^rediss?:\/\//.test(options.url))) {
+    throw optionError('Option `url` must be a redis:// or rediss:// URL.');
+  }
+  const prefix = options.prefix ?? REDIS_STORE_DEFAULTS.prefix;
+  if (typeof prefix !== 'string') throw optionError('Option `prefix` must be a string.');
+  const leaseGraceMs = options.leaseGraceMs ?? REDIS_STORE_DEFAULTS.leaseGraceMs;
+  if (!Number.isInteger(leaseGraceMs) || leaseGraceMs < 0) {
+    throw optionError('Option `leaseGraceMs` must be a non-negative integer (milliseconds).');
+  }
+  return { prefix, leaseGraceMs };
+}
