@@ -1,0 +1,52 @@
+import type { IdempotencyOptions, IdempotencyStore } from '@idemkit/core';
+
+/**
+ * What every binding's test app must provide so one behaviour suite (SPEC §2) runs against
+ * Express, Koa and Fastify alike. Each binding's test starts its app through `StartApp`.
+ */
+export interface TestAppHandle {
+  /** Base URL, e.g. `http://127.0.0.1:41234` (always 127.0.0.1, port 0). */
+  readonly url: string;
+  close(): Promise<void>;
+}
+
+/** Handler executions per route name, counted by the app, read by the suite. */
+export type ExecutionCounter = Map<string, number>;
+
+/**
+ * Binding-independent idempotency options for the test app. The app passes these to its
+ * binding together with `store`, and adds a `scope` that reads the `x-user` request header
+ * (undefined when absent).
+ */
+export type TestIdempotencyOptions = Omit<IdempotencyOptions<unknown>, 'store' | 'scope' | 'getKey' | 'fingerprint'>;
+
+export interface StartAppInput {
+  readonly store: IdempotencyStore;
+  readonly options: TestIdempotencyOptions;
+  readonly counter: ExecutionCounter;
+}
+
+export type StartApp = (input: StartAppInput) => Promise<TestAppHandle>;
+
+/**
+ * Routes every test app implements (idempotency applied app-wide, JSON and raw body parsing on):
+ *
+ * - `POST /orders` (JSON body). Counts `orders`. If the query has `delay=<ms>`, waits that long
+ *   first (to hold the lease while duplicates arrive). Answers 201, JSON
+ *   `{ "id": "<uuid>", "n": <execution number>, "body": <request body> }`, headers
+ *   `Location: /orders/<id>`, `X-Custom: yes`, and two `Set-Cookie` headers `a=1` and `b=2`.
+ *   If the query has `status=<code>`, answers that status instead of 201 (same body).
+ * - `PATCH /orders/:id` (JSON body). Counts `patch`. Answers 200 JSON `{ "id": ":id", "n": n, "body": body }`.
+ * - `GET /orders`. Counts `list`. Answers 200 JSON `{ "n": n }` (not covered by idempotency).
+ * - `POST /binary`. Counts `binary`. Answers 200 `application/octet-stream`, the 256 bytes 0x00..0xFF.
+ * - `POST /text` (text/plain body). Counts `text`. Answers 200 `text/plain` echoing the body.
+ * - `POST /throw`. Counts `throw`. The handler throws `new Error('boom')` (the framework's own
+ *   error handling answers 500).
+ * - `POST /stream`. Counts `stream`. Answers 200 `text/plain` as a stream of 3 chunks
+ *   (`a`, `b`, `c`, through a Node Readable / res.write calls).
+ * - `POST /large`. Counts `large`. Answers 200 `application/octet-stream` with a Buffer of
+ *   `Number(query.size)` bytes (0x61 each).
+ * - `POST /create` (JSON `{ idempotencyKey, data }`, the original design's sample). Counts
+ *   `create`. Answers 201 JSON `{ "id": "<uuid>", "data": <data> }`.
+ */
+export const ROUTES_DOC = 'see contract.ts';
