@@ -24,6 +24,13 @@ export interface StartAppInput {
   readonly store: IdempotencyStore;
   readonly options: TestIdempotencyOptions;
   readonly counter: ExecutionCounter;
+  /**
+   * Work for `POST /tx` (transactional mode, Postgres only): the app calls it with the
+   * `transaction` of the binding's idempotency context (`req.idempotency.transaction`,
+   * `ctx.state.idempotency.transaction`, `request.idempotency.transaction`) and the parsed body,
+   * and answers 201 JSON with what it returns; if it throws, the error flows to the framework.
+   */
+  readonly txWork?: (transaction: unknown, body: unknown) => Promise<unknown>;
 }
 
 export type StartApp = (input: StartAppInput) => Promise<TestAppHandle>;
@@ -46,7 +53,7 @@ export type StartApp = (input: StartAppInput) => Promise<TestAppHandle>;
  *   (`a`, `b`, `c`, through a Node Readable / res.write calls).
  * - `POST /large`. Counts `large`. Answers 200 `application/octet-stream` with a Buffer of
  *   `Number(query.size)` bytes (0x61 each).
+ * - `POST /tx` (JSON body). Counts `tx`. Calls `txWork` (see StartAppInput) and answers 201 JSON.
  * - `POST /create` (JSON `{ idempotencyKey, data }`, the original design's sample). Counts
  *   `create`. Answers 201 JSON `{ "id": "<uuid>", "data": <data> }`.
  */
-export const ROUTES_DOC = 'see contract.ts';
