@@ -57,14 +57,17 @@ local key = KEYS[1]
 local now = now_ms()
 local lease = tonumber(ARGV[2])
 local grace = tonumber(ARGV[3])
-local r = redis.call('HMGET', key, ${RECORD_FIELDS})
+local r = redis.call('HMGET', key, ${RECORD_FIELDS}, 'token')
 if r[1] and live(r[1], r[3], r[5], now) then
+  -- Our own token: ioredis re-sent this begin after a reconnect and the first send had already
+  -- claimed the key. Same claim, so answer the same (else the key would look busy to its owner).
+  if r[1] == 'in_progress' and r[9] == ARGV[1] then return {'acquired', 0} end
   return {'existing', now, r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8]}
 end
 local took_over = 0
 if r[1] == 'in_progress' then took_over = 1 end
 -- Drop what is left of an expired record (an old body must not survive into the new one).
-redis.call('DEL', key)
+if r[1] then redis.call('DEL', key) end
 local lease_exp = int(now + lease)
 redis.call('HSET', key, 'state', 'in_progress', 'token', ARGV[1], 'lease_exp', lease_exp,
   'created', int(now), 'exp', lease_exp)

@@ -1,0 +1,375 @@
+import type { LeaseToken, StoredResponse } from '@idemkit/core';
+import type { ResolvedService } from '@idemkit/test-services';
+import { Redis } from 'ioredis';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
+import { createRedisStore, type RedisStore } from '../src/index.js';
+import { clientAddr, redisClient, redisNow, redisService, uniquePrefix } from './services.js';
+
+let service: ResolvedService<string>;
+let url: string;
+let redis: Redis;
+let redis2: Redis;
+const prefix = uniquePrefix('redis_store');
+
+beforeAll(async () => {
+  service = await redisService();
+  url = service.value;
+  redis = await redisClient(url);
+  redis2 = await redisClient(url);
+});
+
+afterAll(async () => {
+  // Leave nothing behind on the shared server.
+  for (const r of [redis]) {
+    let cursor = '0';
+    do {
+      const [next, keys] = await r.scan(cursor, 'MATCH', `${prefix}*`, 'COUNT', 1000);
+      if (keys.length > 0) await r.del(...keys);
+      cursor = next;
+    } while (cursor !== '0');
+  }
+  await redis?.quit();
+  await redis2?.quit();
+  await service?.stop();
+});
+
+afterEach(() => {
+  vi.useRealTimers();
+});
+
+let n = 0;
+const key = (label: string): string => `${label}:${++n}:${Date.now()}`;
+const store = (extra: Partial<Parameters<typeof createRedisStore>[0]> = {}): RedisStore =>
+  createRedisStore({ client: redis, prefix, ...extra });
+
+const response = (body: Uint8Array, status = 201): StoredResponse => ({
+  status,
+  headers: [
+    ['content-type', 'application/octet-stream'],
+    ['set-cookie', 'a=1'],
+    ['set-cookie', 'b=2'],
+    ['x-unicode', 'grüße ✓'],
+  ],
+  body,
+});
+
+async function acquire(s: RedisStore, k: string, leaseMs = 60_000): Promise<LeaseToken> {
+  const r = await s.begin(k, 'fp', leaseMs);
+  if (r.kind !== 'acquired') throw new Error(`expected acquired, got ${r.kind}`);
+  return r.token;
+}
+
+describe('races', () => {
+  it('200 concurrent begins from two separate ioredis clients: exactly one winner', async () => {
+    const a = createRedisStore({ client: redis, prefix });
+    const b = createRedisStore({ client: redis2, prefix });
+    const k = key('race');
+    const results = await Promise.all(
+      Array.from({ length: 200 }, (_, i) => (i % 2 === 0 ? a : b).begin(k, 'fp', 30_000)),
+    );
+    const winners = results.filter((r) => r.kind === 'acquired');
+    expect(winners).toHaveLength(1);
+    const losers = results.filter((r) => r.kind === 'existing');
+    expect(losers).toHaveLength(199);
+    for (const r of losers) {
+      if (r.kind !== 'existing') continue;
+      expect(r.record.state).toBe('in_progress');
+      expect(r.leaseRemainingMs).toBeGreaterThan(0);
+      expect(r.leaseRemainingMs).toBeLessThanOrEqual(30_000);
+    }
+  });
+});
+
+describe('one round trip per operation', () => {
+  it('each operation is exactly one EVAL/EVALSHA from the client, seen by MONITOR', async () => {
+    const client = await redisClient(url);
+    const addr = await clientAddr(client);
+    const monitor = await new Redis(url).monitor();
+    const seen: string[][] = [];
+    monitor.on('monitor', (_time: string, args: string[], source: string) => {
+      if (source === addr) seen.push(args);
+    });
+    try {
+      // MONITOR is live once it shows a marker sent after it started.
+      const marker = async (text: string): Promise<void> => {
+        await client.echo(text);
+        await vi.waitFor(() => expect(seen.some((a) => a[0] === 'echo' && a[1] === text)).toBe(true), {
+          timeout: 5_000,
+          interval: 10,
+        });
+      };
+      await marker('start');
+      const s = createRedisStore({ client, prefix });
+      const k = key('rt');
+      const k2 = key('rt2');
+      const ops: Array<[string, () => Promise<unknown>]> = [];
+      let token = '' as LeaseToken;
+      let token2 = '' as LeaseToken;
+      ops.push(['begin (new key)', async () => (token = await acquire(s, k))]);
+      ops.push(['complete', () => s.complete(k, token, response(new Uint8Array([1, 2, 3])), 60_000)]);
+      ops.push(['begin (replay)', () => s.begin(k, 'fp', 60_000)]);
+      ops.push(['get', () => s.get(k)]);
+      ops.push(['begin (second key)', async () => (token2 = await acquire(s, k2))]);
+      ops.push(['renew', () => s.renew(k2, token2, 60_000)]);
+      ops.push(['release', () => s.release(k2, token2)]);
+
+      const perOp: Record<string, string[]> = {};
+      for (const [name, op] of ops) {
+        await marker(`before ${name}`);
+        const from = seen.length;
+        await op();
+        await marker(`after ${name}`);
+        // Everything between the two markers, minus the closing marker itself.
+        perOp[name] = seen.slice(from, -1).map((a) => `${a[0]} ${a[a[0] === 'eval' || a[0] === 'evalsha' ? 3 : 1]}`);
+      }
+      const expected: Record<string, string[]> = {};
+      for (const [name] of ops) {
+        const k_ = name.includes('second') || name === 'renew' || name === 'release' ? k2 : k;
+        expected[name] = [expect.stringMatching(new RegExp(`^eval(sha)? ${escapeRe(prefix + k_)}$`)) as unknown as string];
+      }
+      expect(perOp).toEqual(expected);
+
+      // purgeExpired does not touch Redis at all.
+      await marker('before purge');
+      const from = seen.length;
+      expect(await s.purgeExpired()).toBe(0);
+      await marker('after purge');
+      expect(seen.slice(from, -1)).toEqual([]);
+    } finally {
+      monitor.disconnect();
+      await client.quit();
+    }
+  });
+
+  it('keeps working after SCRIPT FLUSH (ioredis falls back from EVALSHA to EVAL by itself)', async () => {
+    const s = store();
+    const k = key('flush');
+    const token = await acquire(s, k);
+    await redis.script('FLUSH');
+    expect(await s.complete(k, token, response(new Uint8Array([9])), 60_000)).toBe(true);
+    expect((await s.get(k))?.state).toBe('completed');
+  });
+});
+
+describe('bytes and keys', () => {
+  it('round-trips a 1 MiB body holding every byte 0x00–0xFF exactly', async () => {
+    const s = store();
+    const body = new Uint8Array(1024 * 1024);
+    for (let i = 0; i < body.length; i++) body[i] = (i * 7 + (i >> 8)) & 0xff;
+    // Every byte value appears.
+    expect(new Set(body).size).toBe(256);
+    const k = key('bin');
+    const token = await acquire(s, k);
+    expect(await s.complete(k, token, response(body), 60_000)).toBe(true);
+
+    const got = await s.get(k);
+    expect(got?.response?.body).toBeInstanceOf(Uint8Array);
+    expect(Buffer.from(got!.response!.body).equals(Buffer.from(body))).toBe(true);
+    expect(got?.response?.headers).toEqual(response(body).headers);
+
+    const replay = await s.begin(k, 'fp', 60_000);
+    expect(replay.kind).toBe('existing');
+    if (replay.kind === 'existing') {
+      expect(Buffer.from(replay.record.response!.body).equals(Buffer.from(body))).toBe(true);
+      expect(replay.leaseRemainingMs).toBe(0);
+    }
+  });
+
+  it('round-trips an empty body and a body of a subarray view', async () => {
+    const s = store();
+    const k = key('empty');
+    const t = await acquire(s, k);
+    expect(await s.complete(k, t, response(new Uint8Array(0), 204), 60_000)).toBe(true);
+    expect((await s.get(k))?.response?.body).toEqual(new Uint8Array(0));
+
+    const backing = new Uint8Array([0xde, 0xad, 0xbe, 0xef, 0x00, 0xff]);
+    const k2 = key('view');
+    const t2 = await acquire(s, k2);
+    expect(await s.complete(k2, t2, response(backing.subarray(2, 5)), 60_000)).toBe(true);
+    expect(Array.from((await s.get(k2))!.response!.body)).toEqual([0xbe, 0xef, 0x00]);
+  });
+
+  it.each([
+    ['Lua metacharacters', `a'b"c\\d]]--[[e%sf..g#h`],
+    ['pattern metacharacters', 'user:*?[a-z]^$.+(x)|{tag}'],
+    ['hash tags and braces', '{}{a}b}{'],
+    ['unicode', 'ключ-🔑-鍵'],
+    ['spaces and newlines', ' a b\r\n c '],
+  ])('keeps keys with %s as data', async (_label, raw) => {
+    const s = store();
+    const k = `${raw}:${++n}`;
+    const other = `${raw.slice(0, -1)}:${n}`;
+    const token = await acquire(s, k);
+    expect(await redis.exists(prefix + k)).toBe(1);
+    // A key that a glob would match must be untouched.
+    expect((await s.begin(other, 'fp', 60_000)).kind).toBe('acquired');
+    expect(await s.complete(k, token, response(Buffer.from(raw)), 60_000)).toBe(true);
+    const got = await s.get(k);
+    expect(got?.key).toBe(k);
+    expect(Buffer.from(got!.response!.body).toString()).toBe(raw);
+    expect((await s.get(other))?.state).toBe('in_progress');
+  });
+
+  it('keeps a null fingerprint null and a fingerprint with any characters exact', async () => {
+    const s = store();
+    const k = key('nofp');
+    await s.begin(k, null, 60_000);
+    expect((await s.get(k))?.fingerprint).toBeNull();
+    const k2 = key('fp');
+    const fp = "sha256:'\"]]\\%*";
+    await s.begin(k2, fp, 60_000);
+    expect((await s.get(k2))?.fingerprint).toBe(fp);
+  });
+});
+
+describe('time and expiry come from Redis', () => {
+  it('dates lease and TTL by Redis TIME even when this process clock is a year off', async () => {
+    const s = store();
+    const k = key('clock');
+    const before = await redisNow(redis);
+    vi.useFakeTimers({ toFake: ['Date'] });
+    vi.setSystemTime(before + 365 * 24 * 3600_000);
+    const token = await acquire(s, k, 60_000);
+    const rec = await s.get(k);
+    expect(rec?.createdAt).toBeGreaterThanOrEqual(before);
+    expect(rec?.createdAt).toBeLessThan(before + 5_000);
+    expect(rec?.leaseExpiresAt).toBe(rec!.createdAt + 60_000);
+    expect(await s.complete(k, token, response(new Uint8Array([1])), 10_000)).toBe(true);
+    const done = await s.get(k);
+    expect(done?.expiresAt).toBeGreaterThanOrEqual(before + 10_000);
+    expect(done?.expiresAt).toBeLessThan(before + 15_000);
+  });
+
+  it('sets PEXPIRE = lease + grace while in progress and = TTL once completed', async () => {
+    const s = store({ leaseGraceMs: 5_000 });
+    const k = key('pttl');
+    const token = await acquire(s, k, 20_000);
+    const inProgress = await redis.pttl(prefix + k);
+    expect(inProgress).toBeGreaterThan(24_000);
+    expect(inProgress).toBeLessThanOrEqual(25_000);
+    expect(await s.renew(k, token, 40_000)).toBe(true);
+    expect(await redis.pttl(prefix + k)).toBeGreaterThan(44_000);
+    expect(await s.complete(k, token, response(new Uint8Array([1])), 3_000)).toBe(true);
+    const ttl = await redis.pttl(prefix + k);
+    expect(ttl).toBeGreaterThan(2_000);
+    expect(ttl).toBeLessThanOrEqual(3_000);
+  });
+
+  it('within the grace an expired lease is taken over with tookOver: true', async () => {
+    const s = store({ leaseGraceMs: 60_000 });
+    const k = key('takeover');
+    const old = await acquire(s, k, 200);
+    await vi.waitFor(async () => expect(await s.get(k)).toBeUndefined(), { timeout: 5_000, interval: 20 });
+    // The expired holder is refused even before anyone took over.
+    expect(await s.renew(k, old, 60_000)).toBe(false);
+    const r = await s.begin(k, 'fp2', 60_000);
+    expect(r).toMatchObject({ kind: 'acquired', tookOver: true });
+    expect(await s.complete(k, old, response(new Uint8Array([1])), 60_000)).toBe(false);
+    expect(await s.release(k, old)).toBe(false);
+    expect((await s.get(k))?.fingerprint).toBe('fp2');
+  });
+
+  it('after the grace Redis has dropped the key natively, so the claim is new (tookOver: false)', async () => {
+    const s = store({ leaseGraceMs: 0 });
+    const k = key('gone');
+    await acquire(s, k, 200);
+    await vi.waitFor(async () => expect(await redis.exists(prefix + k)).toBe(0), { timeout: 5_000, interval: 20 });
+    expect(await s.begin(k, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
+  });
+
+  it('purgeExpired returns 0: Redis expires records itself', async () => {
+    expect(await store().purgeExpired(100)).toBe(0);
+  });
+});
+
+describe('client ownership and failures', () => {
+  it('close() on a store built from your client leaves the client connected', async () => {
+    const client = await redisClient(url);
+    const s = createRedisStore({ client, prefix });
+    await acquire(s, key('own'));
+    await s.close();
+    await s.close();
+    expect(client.status).toBe('ready');
+    expect(await client.ping()).toBe('PONG');
+    await expect(s.get(key('after-close'))).rejects.toThrow(/closed/);
+    await client.quit();
+  });
+
+  it('a store built from `url` owns its client and close() quits it', async () => {
+    const s = createRedisStore({ url, prefix });
+    const k = key('url');
+    const token = await acquire(s, k);
+    expect(await s.complete(k, token, response(new Uint8Array([7])), 60_000)).toBe(true);
+    await s.close();
+    await vi.waitFor(() => expect(s.client.status).toBe('end'), { timeout: 5_000, interval: 10 });
+    await s.close();
+  });
+
+  it('rejects with the driver error when the connection drops mid-operation', async () => {
+    // No reconnect: ioredis fails the in-flight command instead of re-sending it.
+    const client = new Redis(url, { retryStrategy: () => null });
+    await client.ping();
+    const s = createRedisStore({ client, prefix });
+    const k = key('drop');
+    await s.get(k); // scripts sent once, connection warm
+    const pending = s.begin(k, 'fp', 60_000);
+    // The command is on the wire; its reply will never be read.
+    client.stream.destroy();
+    await expect(pending).rejects.toThrow(/Connection is closed/);
+    // And every later operation too: nothing is swallowed into `false` or `undefined`.
+    await expect(s.complete(k, 'x' as LeaseToken, response(new Uint8Array()), 1_000)).rejects.toThrow(
+      /Connection is closed/,
+    );
+    await expect(s.get(k)).rejects.toThrow(/Connection is closed/);
+    await expect(s.release(k, 'x' as LeaseToken)).rejects.toThrow(/Connection is closed/);
+  });
+
+  it('rejects every operation on a client you disconnected', async () => {
+    const client = await redisClient(url);
+    const s = createRedisStore({ client, prefix });
+    client.disconnect();
+    await expect(s.begin(key('disc'), 'fp', 1_000)).rejects.toThrow(/Connection is closed/);
+    await expect(s.renew(key('disc'), 'x' as LeaseToken, 1_000)).rejects.toThrow(/Connection is closed/);
+  });
+
+  it('a begin that ioredis re-sends after a reconnect still owns its claim', async () => {
+    // Default ioredis: reconnect and re-send unanswered commands. Whether or not the first send
+    // reached Redis, the caller must end up holding the key, not locked out of its own claim.
+    const client = await redisClient(url);
+    const s = createRedisStore({ client, prefix });
+    const k = key('resend');
+    await s.get(k);
+    const pending = s.begin(k, 'fp', 60_000);
+    client.stream.destroy();
+    const r = await pending;
+    expect(r.kind).toBe('acquired');
+    if (r.kind === 'acquired') {
+      expect(await s.complete(k, r.token, response(new Uint8Array([1])), 60_000)).toBe(true);
+    }
+    await client.quit();
+  });
+
+  it('passes a server error through (WRONGTYPE on a key that is not a record)', async () => {
+    const s = store();
+    const k = key('wrongtype');
+    await redis.set(prefix + k, 'not a hash');
+    await expect(s.begin(k, 'fp', 1_000)).rejects.toThrow(/WRONGTYPE/);
+  });
+
+  it('validates options up front, naming the option', () => {
+    expect(() => createRedisStore({})).toThrow(/Missing required option `client`/);
+    expect(() => createRedisStore({ client: redis, url })).toThrow(/either `client` or `url`/);
+    expect(() => createRedisStore({ url: 'http://x' })).toThrow(/`url`/);
+    expect(() => createRedisStore({ client: redis, leaseGraceMs: -1 })).toThrow(/`leaseGraceMs`/);
+  });
+
+  it('rejects a non-positive lease or TTL before touching Redis', async () => {
+    const s = store();
+    await expect(s.begin(key('bad'), 'fp', 0)).rejects.toThrow(RangeError);
+    await expect(s.complete(key('bad'), 'x' as LeaseToken, response(new Uint8Array()), -5)).rejects.toThrow(RangeError);
+  });
+});
+
+function escapeRe(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}

@@ -1,0 +1,44 @@
+import { resolveRedis, resolveRedisCluster, type ResolvedService } from '@idemkit/test-services';
+import { Cluster, Redis } from 'ioredis';
+
+export { uniquePrefix } from '@idemkit/test-services';
+
+/** The single-node Redis for tests (TEST_REDIS_URL); throws with instructions when missing. */
+export function redisService(): Promise<ResolvedService<string>> {
+  return resolveRedis();
+}
+
+/** A connected single-node client (one TCP connection). */
+export async function redisClient(url: string): Promise<Redis> {
+  const redis = new Redis(url);
+  await redis.ping();
+  return redis;
+}
+
+/** The test cluster (TEST_REDIS_CLUSTER_NODES) and a connected Cluster client on it. */
+export async function clusterService(): Promise<{ service: ResolvedService<unknown>; connect: () => Promise<Cluster> }> {
+  const service = await resolveRedisCluster();
+  const nodes = service.value.map(({ host, port }) => ({ host, port }));
+  return {
+    service,
+    connect: async () => {
+      const cluster = new Cluster(nodes);
+      await cluster.ping();
+      return cluster;
+    },
+  };
+}
+
+/** `addr=` of this client's connection as the server sees it (MONITOR's `source`). */
+export async function clientAddr(redis: Redis): Promise<string> {
+  const info = String(await redis.client('INFO'));
+  const addr = /\baddr=(\S+)/.exec(info)?.[1];
+  if (addr === undefined) throw new Error(`no addr in CLIENT INFO: ${info}`);
+  return addr;
+}
+
+/** Redis's own clock in epoch ms. */
+export async function redisNow(redis: Redis | Cluster): Promise<number> {
+  const [s, us] = await redis.time();
+  return Number(s) * 1000 + Math.floor(Number(us) / 1000);
+}
