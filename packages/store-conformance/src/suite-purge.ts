@@ -1,0 +1,122 @@
+import type { IdempotencyStore } from '@idemkit/core';
+import { describe, expect } from 'vitest';
+import {
+  LONG_MS,
+  SHORT_MS,
+  acquire,
+  clause,
+  completed,
+  mustGet,
+  textResponse,
+  useStore,
+  waitUntilGone,
+  type SuiteContext,
+} from './context.js';
+
+/** Delete whatever expired before this test, so its counts are its own. */
+async function drain(store: IdempotencyStore): Promise<void> {
+  for (let i = 0; i < 10_000; i++) {
+    if ((await store.purgeExpired(1_000)) === 0) return;
+  }
+  throw new Error('purgeExpired(1000) never reached 0');
+}
+
+/**
+ * Wait until everything written so far has expired by the store's clock, without reading those
+ * records (a store may delete expired records when read, which would change purge counts): a
+ * canary lease begun now runs out last. The canary is then taken over and released, so it is
+ * not left behind as one more expired record.
+ */
+async function waitForExpiry(store: IdempotencyStore, ctx: SuiteContext): Promise<void> {
+  const canary = ctx.key('purge-canary');
+  await acquire(store, canary, SHORT_MS);
+  await waitUntilGone(store, canary);
+  const token = await acquire(store, canary, LONG_MS);
+  expect(await store.release(canary, token)).toBe(true);
+}
+
+/** `expiredCompleted` completed records with a short TTL plus `expiredLeases` abandoned short leases. */
+async function makeExpired(
+  store: IdempotencyStore,
+  ctx: SuiteContext,
+  expiredCompleted: number,
+  expiredLeases: number,
+): Promise<{ completedKeys: string[]; leaseKeys: string[] }> {
+  const completedKeys = Array.from({ length: expiredCompleted }, () => ctx.key('purge-done'));
+  const leaseKeys = Array.from({ length: expiredLeases }, () => ctx.key('purge-lease'));
+  await Promise.all([
+    ...completedKeys.map(async (key) => {
+      const token = await acquire(store, key, LONG_MS);
+      expect(await store.complete(key, token, textResponse('expiring'), SHORT_MS)).toBe(true);
+    }),
+    ...leaseKeys.map((key) => acquire(store, key, SHORT_MS)),
+  ]);
+  await waitForExpiry(store, ctx);
+  return { completedKeys, leaseKeys };
+}
+
+/** SPEC §3 purgeExpired: batched, counts what it deleted, never touches live records. */
+export function purgeSuite(ctx: SuiteContext): void {
+  describe('purgeExpired', () => {
+    const store = useStore(ctx);
+
+    if (ctx.options.nativeExpiry) {
+      clause('expired records vanish on their own (native expiry); purgeExpired returns a count >= 0', async () => {
+        const liveLease = ctx.key('purge-live-lease');
+        await acquire(store(), liveLease, LONG_MS);
+        const liveDone = ctx.key('purge-live-done');
+        await completed(store(), liveDone);
+        const { completedKeys, leaseKeys } = await makeExpired(store(), ctx, 15, 10);
+        await waitUntilGone(store(), ...completedKeys, ...leaseKeys);
+
+        const count = await store().purgeExpired(10);
+        expect(Number.isInteger(count)).toBe(true);
+        expect(count).toBeGreaterThanOrEqual(0);
+        expect(count).toBeLessThanOrEqual(10);
+        const all = await store().purgeExpired();
+        expect(Number.isInteger(all)).toBe(true);
+        expect(all).toBeGreaterThanOrEqual(0);
+        expect((await mustGet(store(), liveLease)).state).toBe('in_progress');
+        expect((await mustGet(store(), liveDone)).state).toBe('completed');
+      });
+      return;
+    }
+
+    clause('removes only expired records, in batches of `limit` (25 expired: 10, 10, 5, 0)', async () => {
+      await drain(store());
+      const liveLease = ctx.key('purge-live-lease');
+      await acquire(store(), liveLease, LONG_MS);
+      const liveDone = ctx.key('purge-live-done');
+      await completed(store(), liveDone);
+      const { completedKeys, leaseKeys } = await makeExpired(store(), ctx, 15, 10);
+
+      expect(await store().purgeExpired(10)).toBe(10);
+      expect(await store().purgeExpired(10)).toBe(10);
+      expect(await store().purgeExpired(10)).toBe(5);
+      expect(await store().purgeExpired(10)).toBe(0);
+
+      expect((await mustGet(store(), liveLease)).state).toBe('in_progress');
+      expect((await mustGet(store(), liveDone)).state).toBe('completed');
+      await waitUntilGone(store(), ...completedKeys, ...leaseKeys);
+      // The expired leases are really deleted, not just counted: begin finds nothing to take over.
+      for (const key of leaseKeys) {
+        const result = await store().begin(key, 'fp', LONG_MS);
+        expect(result.kind).toBe('acquired');
+        if (result.kind === 'acquired') expect(result.tookOver).toBe(false);
+      }
+    });
+
+    clause('purgeExpired() without a limit removes every expired record (in one or more calls)', async () => {
+      await drain(store());
+      await makeExpired(store(), ctx, 2, 1);
+      let total = 0;
+      for (let i = 0; i < 100; i++) {
+        const n = await store().purgeExpired();
+        expect(n).toBeGreaterThanOrEqual(0);
+        if (n === 0) break;
+        total += n;
+      }
+      expect(total).toBe(3);
+    });
+  });
+}
