@@ -1,0 +1,388 @@
+import { describe, expect, it, vi } from 'vitest';
+import {
+  createIdempotencyEngine,
+  createMemoryStore,
+  FingerprintMismatchError,
+  KeyError,
+  problemType,
+  RequestInProgressError,
+  StoreUnavailableError,
+  type Decision,
+  type IdempotencyStore,
+  type Lease,
+} from '../src/index.js';
+import { enc, request, response, setup } from './helpers.js';
+
+function expectRun(d: Decision): Lease {
+  expect(d.kind).toBe('run');
+  if (d.kind !== 'run') throw new Error('not run');
+  return d.lease;
+}
+
+function expectProblem(d: Decision, status: number, code: string) {
+  expect(d.kind).toBe('problem');
+  if (d.kind !== 'problem') throw new Error('not a problem');
+  expect(d.error.status).toBe(status);
+  expect(d.error.code).toBe(code);
+  return d.error;
+}
+
+describe('SPEC §2 through the engine', () => {
+  it('passes methods that are not covered (default POST, PATCH)', async () => {
+    const { engine } = setup();
+    expect(await engine.decide(request({ method: 'GET', key: 'k' }))).toEqual({ kind: 'pass' });
+    expect(await engine.decide(request({ method: 'DELETE' }))).toEqual({ kind: 'pass' });
+    expectRun(await engine.decide(request({ method: 'patch', key: 'k-patch' })));
+  });
+
+  it('answers 400 when the key is missing and required (default)', async () => {
+    const { engine } = setup();
+    const error = expectProblem(await engine.decide(request({ body: { item: 'x' } })), 400, 'ERR_IDEMKIT_KEY_MISSING');
+    expect(error).toBeInstanceOf(KeyError);
+    expect(error.toProblem()).toMatchObject({ type: problemType('ERR_IDEMKIT_KEY_MISSING'), status: 400, title: 'Idempotency key missing' });
+    expect(error.message).toContain('Idempotency-Key');
+  });
+
+  it('passes keyless requests with required: false', async () => {
+    const { engine } = setup({ required: false });
+    expect(await engine.decide(request())).toEqual({ kind: 'pass' });
+  });
+
+  it.each([
+    ['empty', ''],
+    ['256 chars', 'a'.repeat(256)],
+    ['control character', 'ab\u0001c'],
+    ['non-ASCII', 'clé'],
+    ['broken sf-string', '"unterminated'],
+  ])('answers 400 for an invalid key (%s)', async (_, key) => {
+    const { engine, store } = setup();
+    expectProblem(await engine.decide(request({ key })), 400, 'ERR_IDEMKIT_KEY_INVALID');
+    expect(store.size).toBe(0);
+  });
+
+  it('accepts 255 chars and answers 400 for several key headers', async () => {
+    const { engine } = setup();
+    expectRun(await engine.decide(request({ key: 'a'.repeat(255) })));
+    const error = expectProblem(await engine.decide(request({ key: ['a', 'b'] })), 400, 'ERR_IDEMKIT_KEY_INVALID');
+    expect(error.message).toContain('exactly one');
+  });
+
+  it('applies a custom validator (false or a reason)', async () => {
+    const { engine } = setup({ validateKey: (k) => (k.startsWith('ord_') ? true : k === 'x' ? false : 'must start with ord_') });
+    expectRun(await engine.decide(request({ key: 'ord_1' })));
+    expect(expectProblem(await engine.decide(request({ key: 'nope' })), 400, 'ERR_IDEMKIT_KEY_INVALID').message).toBe('must start with ord_');
+    expectProblem(await engine.decide(request({ key: 'x' })), 400, 'ERR_IDEMKIT_KEY_INVALID');
+  });
+
+  it('runs the first request, then replays the stored response byte for byte', async () => {
+    const { engine, events } = setup();
+    const lease = expectRun(await engine.decide(request({ key: 'k1' })));
+    expect(lease.context).toEqual({ key: 'k1', tookOver: false, transaction: undefined });
+    const original = response(201, '{"id":"o_1"}');
+    expect(await lease.commit(original)).toBe(true);
+    expect(lease.settled).toBe(true);
+
+    const again = await engine.decide(request({ key: 'k1' }));
+    expect(again.kind).toBe('replay');
+    if (again.kind !== 'replay') return;
+    expect(again.response.status).toBe(201);
+    expect(again.response.headers).toEqual(original.headers);
+    expect(Buffer.from(again.response.body).equals(Buffer.from(original.body))).toBe(true);
+    expect(events.map((e) => e.type)).toEqual(['executed', 'completed', 'replayed']);
+  });
+
+  it('settles a lease exactly once', async () => {
+    const { engine, store } = setup();
+    const lease = expectRun(await engine.decide(request({ key: 'once' })));
+    expect(await lease.commit(response())).toBe(true);
+    expect(await lease.commit(response(200, 'other'))).toBe(false);
+    await lease.abandon('handler-threw');
+    await lease.commitUnbuffered(200, 'not-bufferable');
+    expect((await store.get('-:once'))?.response?.status).toBe(201);
+  });
+
+  it('treats the sf-string form and the bare form as one key', async () => {
+    const { engine } = setup();
+    const lease = expectRun(await engine.decide(request({ key: '"abc"' })));
+    expect(lease.key).toBe('abc');
+    await lease.commit(response());
+    expect((await engine.decide(request({ key: 'abc' }))).kind).toBe('replay');
+    expect((await engine.decide(request({ key: '"abc";p=1' }))).kind).toBe('replay');
+  });
+
+  it('reads the key from the body field when no header is sent', async () => {
+    const { engine } = setup();
+    const body = { idempotencyKey: 'from-body', data: { a: 1 } };
+    const lease = expectRun(await engine.decide(request({ path: '/create', body })));
+    expect(lease.key).toBe('from-body');
+    await lease.commit(response());
+    expect((await engine.decide(request({ path: '/create', body }))).kind).toBe('replay');
+    expectProblem(await engine.decide(request({ body: { idempotencyKey: 42 } })), 400, 'ERR_IDEMKIT_KEY_INVALID');
+  });
+
+  it('uses a custom getKey and ignores the body field when bodyField is false', async () => {
+    const { engine } = setup({ getKey: (req) => (req.path === '/a' ? 'custom' : undefined) });
+    expect(expectRun(await engine.decide(request({ path: '/a' }))).key).toBe('custom');
+    expectProblem(await engine.decide(request({ path: '/b' })), 400, 'ERR_IDEMKIT_KEY_MISSING');
+    const noBody = setup({ bodyField: false });
+    expectProblem(await noBody.engine.decide(request({ body: { idempotencyKey: 'x' } })), 400, 'ERR_IDEMKIT_KEY_MISSING');
+  });
+
+  it('answers 422 for the same key with a different request and leaves the record untouched', async () => {
+    const { engine, events } = setup();
+    const lease = expectRun(await engine.decide(request({ key: 'k2' })));
+    await lease.commit(response(201, 'first'));
+    const other = await engine.decide(request({ key: 'k2', body: { item: 'car', amount: 1 } }));
+    expect(expectProblem(other, 422, 'ERR_IDEMKIT_FINGERPRINT_MISMATCH')).toBeInstanceOf(FingerprintMismatchError);
+    expectProblem(await engine.decide(request({ key: 'k2', path: '/refunds' })), 422, 'ERR_IDEMKIT_FINGERPRINT_MISMATCH');
+    const replay = await engine.decide(request({ key: 'k2' }));
+    expect(replay.kind === 'replay' && Buffer.from(replay.response.body).toString()).toBe('first');
+    expect(events.filter((e) => e.type === 'mismatch')).toHaveLength(2);
+  });
+
+  it('ignores body key order in the fingerprint, and skips the check with fingerprint: false', async () => {
+    const { engine } = setup();
+    await expectRun(await engine.decide(request({ key: 'k3', body: { a: 1, b: [1, { c: 2, d: 3 }] } }))).commit(response());
+    expect((await engine.decide(request({ key: 'k3', body: { b: [1, { d: 3, c: 2 }], a: 1 } }))).kind).toBe('replay');
+
+    const loose = setup({ fingerprint: false });
+    await expectRun(await loose.engine.decide(request({ key: 'k' }))).commit(response());
+    expect((await loose.engine.decide(request({ key: 'k', body: 'other' }))).kind).toBe('replay');
+
+    const custom = setup({ fingerprint: (req) => req.method });
+    await expectRun(await custom.engine.decide(request({ key: 'k' }))).commit(response());
+    expect((await custom.engine.decide(request({ key: 'k', path: '/elsewhere' }))).kind).toBe('replay');
+  });
+
+  it('answers 409 with Retry-After while the first request runs', async () => {
+    const { engine, events } = setup({ leaseMs: 30_000 });
+    const lease = expectRun(await engine.decide(request({ key: 'k4' })));
+    const error = expectProblem(await engine.decide(request({ key: 'k4' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    expect(error).toBeInstanceOf(RequestInProgressError);
+    expect(Number(error.headers['retry-after'])).toBeGreaterThanOrEqual(29);
+    expect(Number(error.headers['retry-after'])).toBeLessThanOrEqual(30);
+    expect(events.find((e) => e.type === 'conflict')).toMatchObject({ key: 'k4' });
+    await lease.abandon('client-gone');
+  });
+
+  it('Retry-After is at least 1 second', async () => {
+    const { engine } = setup({ leaseMs: 200 });
+    const lease = expectRun(await engine.decide(request({ key: 'short' })));
+    expect(expectProblem(await engine.decide(request({ key: 'short' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS').headers['retry-after']).toBe('1');
+    await lease.abandon('client-gone');
+  });
+
+  it("with concurrency: 'wait', waits for the first to finish and replays it", async () => {
+    const { engine } = setup({ concurrency: 'wait' });
+    const lease = expectRun(await engine.decide(request({ key: 'k5' })));
+    const waiting = Array.from({ length: 20 }, () => engine.decide(request({ key: 'k5' })));
+    await lease.commit(response(201, 'done'));
+    const results = await Promise.all(waiting);
+    for (const r of results) expect(r.kind === 'replay' && Buffer.from(r.response.body).toString()).toBe('done');
+  });
+
+  it("with concurrency: 'wait', answers 409 when the wait times out", async () => {
+    const { engine } = setup({ concurrency: 'wait', waitTimeoutMs: 150 });
+    const lease = expectRun(await engine.decide(request({ key: 'k6' })));
+    const started = Date.now();
+    expectProblem(await engine.decide(request({ key: 'k6' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    expect(Date.now() - started).toBeLessThan(2_000);
+    await lease.abandon('client-gone');
+  });
+
+  it.each([500, 502, 408, 409, 425, 429])('releases the key when the status %i is not storable', async (status) => {
+    const { engine, events } = setup();
+    const lease = expectRun(await engine.decide(request({ key: 'k7' })));
+    expect(await lease.commit(response(status))).toBe(false);
+    expect(events.at(-1)).toMatchObject({ type: 'released', reason: 'not-storable' });
+    expectRun(await engine.decide(request({ key: 'k7' })));
+  });
+
+  it.each([400, 404, 422, 201, 302])('stores the storable status %i', async (status) => {
+    const { engine } = setup();
+    expect(await expectRun(await engine.decide(request({ key: 'k8' }))).commit(response(status))).toBe(true);
+    expect((await engine.decide(request({ key: 'k8' }))).kind).toBe('replay');
+  });
+
+  it('honours a custom storable predicate', async () => {
+    const { engine } = setup({ storable: (s) => s === 201 });
+    expect(await expectRun(await engine.decide(request({ key: 'a' }))).commit(response(200))).toBe(false);
+    expect(await expectRun(await engine.decide(request({ key: 'a' }))).commit(response(201))).toBe(true);
+  });
+
+  it('releases the key when the handler throws, so a retry runs again', async () => {
+    const { engine, events } = setup();
+    const lease = expectRun(await engine.decide(request({ key: 'k9' })));
+    await lease.abandon('handler-threw');
+    expect(events.at(-1)).toMatchObject({ type: 'released', reason: 'handler-threw' });
+    expectRun(await engine.decide(request({ key: 'k9' })));
+  });
+
+  it('never re-runs a handler whose response could not be stored (stream / too large)', async () => {
+    const { engine } = setup({ maxBodyBytes: 10 });
+    const streamed = expectRun(await engine.decide(request({ key: 'stream' })));
+    await streamed.commitUnbuffered(200, 'not-bufferable');
+    const retry = await engine.decide(request({ key: 'stream' }));
+    expect(retry.kind).toBe('replay');
+    if (retry.kind !== 'replay') return;
+    expect(retry.response.status).toBe(410);
+    expect(JSON.parse(Buffer.from(retry.response.body).toString())).toMatchObject({
+      type: problemType('ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE'),
+      originalStatus: 200,
+      reason: 'not-bufferable',
+    });
+
+    const big = expectRun(await engine.decide(request({ key: 'big' })));
+    expect(await big.commit(response(201, 'x'.repeat(11)))).toBe(false);
+    const bigRetry = await engine.decide(request({ key: 'big' }));
+    expect(bigRetry.kind === 'replay' && JSON.parse(Buffer.from(bigRetry.response.body).toString()).reason).toBe('too-large');
+
+    // A stream that failed (5xx) is released instead: nothing was delivered that a retry would repeat.
+    const failed = expectRun(await engine.decide(request({ key: 'failed-stream' })));
+    await failed.commitUnbuffered(500, 'not-bufferable');
+    expectRun(await engine.decide(request({ key: 'failed-stream' })));
+  });
+
+  it('scopes keys: two tenants with the same key never see each other', async () => {
+    const { engine } = setup({ scope: (req) => String(req.headers['x-user'] ?? '') || undefined });
+    const a = { ...request({ key: 'same' }), headers: { 'idempotency-key': 'same', 'x-user': 'alice' } };
+    const b = { ...request({ key: 'same' }), headers: { 'idempotency-key': 'same', 'x-user': 'bob' } };
+    await expectRun(await engine.decide(a)).commit(response(201, 'alice'));
+    const bob = expectRun(await engine.decide(b));
+    await bob.commit(response(201, 'bob'));
+    const replayA = await engine.decide(a);
+    expect(replayA.kind === 'replay' && Buffer.from(replayA.response.body).toString()).toBe('alice');
+  });
+
+  it('rejects a scope that is not a string', async () => {
+    const { engine } = setup({ scope: () => 42 as unknown as string });
+    await expect(engine.decide(request({ key: 'k' }))).rejects.toThrow(/scope/);
+  });
+
+  it('treats an expired completed record as new', async () => {
+    let now = 1_000_000;
+    const store = createMemoryStore({ now: () => now });
+    const engine = createIdempotencyEngine({ store, ttlMs: 1_000, logger: false });
+    await expectRun(await engine.decide(request({ key: 'ttl' }))).commit(response());
+    now += 999;
+    expect((await engine.decide(request({ key: 'ttl' }))).kind).toBe('replay');
+    now += 1;
+    expectRun(await engine.decide(request({ key: 'ttl' })));
+  });
+
+  it("takes over a crashed holder's expired lease and refuses its late completion", async () => {
+    let now = 5_000_000;
+    const store = createMemoryStore({ now: () => now });
+    const events: string[] = [];
+    const warn = vi.fn();
+    const engine = createIdempotencyEngine({ store, leaseMs: 60_000, logger: { warn, error: vi.fn() }, onEvent: (e) => events.push(e.type) });
+    const crashed = expectRun(await engine.decide(request({ key: 'crash' })));
+    now += 60_000;
+    const next = expectRun(await engine.decide(request({ key: 'crash' })));
+    expect(next.tookOver).toBe(true);
+    expect(events).toContain('lease-taken-over');
+    expect(await next.commit(response(201, 'winner'))).toBe(true);
+    expect(await crashed.commit(response(201, 'late'))).toBe(false);
+    expect(events).toContain('lease-lost');
+    expect(warn).toHaveBeenCalledWith(expect.stringContaining('was lost before complete'));
+    const replay = await engine.decide(request({ key: 'crash' }));
+    expect(replay.kind === 'replay' && Buffer.from(replay.response.body).toString()).toBe('winner');
+  });
+
+  it('renews the lease while a long handler runs', async () => {
+    const { engine } = setup({ leaseMs: 90 });
+    const lease = expectRun(await engine.decide(request({ key: 'long' })));
+    // The handler runs for several lease lengths; without renewal the key would be taken over.
+    await new Promise((r) => setTimeout(r, 400));
+    expectProblem(await engine.decide(request({ key: 'long' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    expect(await lease.commit(response())).toBe(true);
+  });
+
+  it('reports a lost lease found by renewal', async () => {
+    let now = 0;
+    const store = createMemoryStore({ now: () => now });
+    const events: string[] = [];
+    const engine = createIdempotencyEngine({ store, leaseMs: 60, logger: false, onEvent: (e) => events.push(e.type) });
+    const lease = expectRun(await engine.decide(request({ key: 'lost' })));
+    now += 1_000; // the store's clock jumps past the lease, as a stalled process would see it
+    await vi.waitFor(() => expect(events).toContain('lease-lost'));
+    expect(await lease.commit(response())).toBe(false);
+  });
+});
+
+/** A store whose every call fails, as a broken connection would: the engine's policy is under test. */
+function failingStore(error: Error): IdempotencyStore {
+  const fail = () => Promise.reject(error);
+  return { shared: true, begin: fail, complete: fail, release: fail, renew: fail, get: fail, purgeExpired: fail, close: async () => {} };
+}
+
+describe('store failures', () => {
+  it('fail closed: 503 with the driver error as cause, handler not run', async () => {
+    const cause = new Error('ECONNREFUSED');
+    const events: string[] = [];
+    const engine = createIdempotencyEngine({ store: failingStore(cause), logger: false, onEvent: (e) => events.push(e.type) });
+    const error = expectProblem(await engine.decide(request({ key: 'k' })), 503, 'ERR_IDEMKIT_STORE_UNAVAILABLE');
+    expect(error).toBeInstanceOf(StoreUnavailableError);
+    expect(error.cause).toBe(cause);
+    expect(events).toEqual(['store-error']);
+  });
+
+  it("onStoreError: 'pass' runs without idempotency (never a replay)", async () => {
+    const engine = createIdempotencyEngine({ store: failingStore(new Error('down')), onStoreError: 'pass', logger: false });
+    expect(await engine.decide(request({ key: 'k' }))).toEqual({ kind: 'pass' });
+  });
+
+  it('a hung store answers 503 within storeTimeoutMs', async () => {
+    const hung: IdempotencyStore = { ...failingStore(new Error()), begin: () => new Promise(() => {}) };
+    const engine = createIdempotencyEngine({ store: hung, storeTimeoutMs: 100, logger: false });
+    const started = Date.now();
+    const error = expectProblem(await engine.decide(request({ key: 'k' })), 503, 'ERR_IDEMKIT_STORE_UNAVAILABLE');
+    expect((error.cause as Error).name).toBe('StoreTimeoutError');
+    expect(Date.now() - started).toBeLessThan(2_000);
+  });
+
+  it('a store that fails after the handler ran: the lease settles without throwing and reports it', async () => {
+    const store = createMemoryStore();
+    const events: string[] = [];
+    const logger = { warn: vi.fn(), error: vi.fn() };
+    const engine = createIdempotencyEngine({ store, logger, onEvent: (e) => events.push(e.type) });
+    const lease = expectRun(await engine.decide(request({ key: 'k' })));
+    store.complete = () => Promise.reject(new Error('gone'));
+    store.release = () => Promise.reject(new Error('gone'));
+    expect(await lease.commit(response())).toBe(false);
+    const other = expectRun(await engine.decide(request({ key: 'k2' })));
+    await other.abandon('handler-threw');
+    expect(events.filter((e) => e === 'store-error')).toHaveLength(2);
+    expect(logger.error).toHaveBeenCalled();
+  });
+
+  it('an onEvent hook that throws never changes the decision', async () => {
+    const engine = createIdempotencyEngine({ store: createMemoryStore(), logger: false, onEvent: () => { throw new Error('metrics down'); } });
+    expectRun(await engine.decide(request({ key: 'k' })));
+  });
+
+  it('warns once when the in-memory store runs in production', () => {
+    const warn = vi.fn();
+    const previous = process.env.NODE_ENV;
+    process.env.NODE_ENV = 'production';
+    try {
+      createIdempotencyEngine({ store: createMemoryStore(), logger: { warn, error: vi.fn() } });
+    } finally {
+      process.env.NODE_ENV = previous;
+    }
+    expect(warn).toHaveBeenCalledTimes(1);
+    expect(warn.mock.calls[0]?.[0]).toContain('in-memory store');
+  });
+});
+
+describe('problem bodies', () => {
+  it('are RFC 9457 with stable type URIs', async () => {
+    const { engine } = setup();
+    const error = expectProblem(await engine.decide(request({ key: '' })), 400, 'ERR_IDEMKIT_KEY_INVALID');
+    expect(error.statusCode).toBe(400);
+    expect(error.expose).toBe(true);
+    expect(error.name).toBe('KeyError');
+    expect(error.type).toBe('https://idemkit.dev/problems/key-invalid');
+    expect(enc.encode(JSON.stringify(error.toProblem())).length).toBeGreaterThan(0);
+  });
+});

@@ -1,0 +1,62 @@
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { canonicalBody, defaultFingerprint } from '../src/index.js';
+
+const fp = (body: unknown, method = 'POST', path = '/orders') => defaultFingerprint({ method, path, body });
+
+/** Shuffle an object's keys, recursively. */
+function reorder(value: unknown, seed: number): unknown {
+  if (Array.isArray(value)) return value.map((v) => reorder(v, seed));
+  if (value === null || typeof value !== 'object') return value;
+  const entries = Object.entries(value);
+  entries.sort(() => (seed % 2 === 0 ? 1 : -1));
+  return Object.fromEntries(entries.reverse().map(([k, v]) => [k, reorder(v, seed + 1)]));
+}
+
+describe('fingerprint', () => {
+  it('covers method, path with query, and body', () => {
+    const base = fp({ a: 1 });
+    expect(fp({ a: 1 }, 'PATCH')).not.toBe(base);
+    expect(fp({ a: 1 }, 'POST', '/orders?x=1')).not.toBe(base);
+    expect(fp({ a: 2 })).not.toBe(base);
+    expect(fp({ a: 1 })).toBe(base);
+    expect(base).toMatch(/^sha256:[\w-]{43}$/);
+  });
+
+  it('hashes raw bytes and strings as they are, and no body as empty', () => {
+    expect(fp(new Uint8Array([1, 2, 3]))).toBe(fp(Buffer.from([1, 2, 3])));
+    expect(canonicalBody(undefined)).toBe('');
+    expect(canonicalBody(null)).toBe('');
+    expect(canonicalBody('text')).toBe('text');
+    expect(canonicalBody({ b: 1, a: 2 })).toBe('{"a":2,"b":1}');
+    expect(canonicalBody({ n: 10n })).toBe('{"n":10}');
+  });
+
+  it('property: key order never changes the fingerprint', () => {
+    fc.assert(
+      fc.property(fc.jsonValue(), fc.nat(), (value, seed) => {
+        expect(fp(reorder(value, seed))).toBe(fp(value));
+      }),
+    );
+  });
+
+  it('property: any change of a value changes the fingerprint', () => {
+    fc.assert(
+      fc.property(fc.dictionary(fc.string(), fc.string()), fc.string(), fc.string(), fc.string(), (obj, key, v1, v2) => {
+        fc.pre(v1 !== v2);
+        expect(fp({ ...obj, [key]: v1 })).not.toBe(fp({ ...obj, [key]: v2 }));
+      }),
+    );
+  });
+
+  it('property: any byte change of a raw body changes the fingerprint', () => {
+    fc.assert(
+      fc.property(fc.uint8Array({ minLength: 1, maxLength: 256 }), fc.nat(), fc.integer({ min: 1, max: 255 }), (bytes, at, delta) => {
+        const changed = Uint8Array.from(bytes);
+        const i = at % bytes.length;
+        changed[i] = (changed[i]! + delta) % 256;
+        expect(fp(changed)).not.toBe(fp(bytes));
+      }),
+    );
+  });
+});

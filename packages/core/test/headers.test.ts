@@ -1,0 +1,46 @@
+import { describe, expect, it } from 'vitest';
+import { problemResponse, replayHeaders, RequestInProgressError, toStoredHeaders } from '../src/index.js';
+
+describe('replayed headers', () => {
+  it('keeps end-to-end headers (multi-valued in order) and drops hop-by-hop, date and content-length', () => {
+    const stored = toStoredHeaders({
+      'Content-Type': 'application/json',
+      'set-cookie': ['a=1', 'b=2'],
+      location: '/orders/1',
+      'x-count': 3,
+      connection: 'keep-alive',
+      'keep-alive': 'timeout=5',
+      'transfer-encoding': 'chunked',
+      date: 'Sat, 28 Nov 2026 10:00:00 GMT',
+      'content-length': '12',
+      'idempotent-replayed': 'true',
+      absent: undefined,
+    });
+    expect(stored).toEqual([
+      ['content-type', 'application/json'],
+      ['set-cookie', 'a=1'],
+      ['set-cookie', 'b=2'],
+      ['location', '/orders/1'],
+      ['x-count', '3'],
+    ]);
+    const replay = replayHeaders({ status: 201, headers: stored, body: new Uint8Array(7) });
+    expect(replay.get('set-cookie')).toEqual(['a=1', 'b=2']);
+    expect(replay.get('content-length')).toBe('7');
+    expect(replay.get('idempotent-replayed')).toBe('true');
+  });
+
+  it('problem responses carry the problem content type and the error headers', () => {
+    const err = new RequestInProgressError('ERR_IDEMKIT_REQUEST_IN_PROGRESS', 409, 'busy', { headers: { 'Retry-After': '3' }, extensions: { retryAfter: 3 } });
+    const res = problemResponse(err);
+    expect(res.status).toBe(409);
+    expect(res.headers).toEqual([['content-type', 'application/problem+json'], ['retry-after', '3']]);
+    expect(JSON.parse(Buffer.from(res.body).toString())).toEqual({
+      retryAfter: 3,
+      type: 'https://idemkit.dev/problems/request-in-progress',
+      title: 'A request with this idempotency key is in progress',
+      status: 409,
+      detail: 'busy',
+      code: 'ERR_IDEMKIT_REQUEST_IN_PROGRESS',
+    });
+  });
+});

@@ -1,0 +1,89 @@
+import { describe, expect, it, vi } from 'vitest';
+import { createMemoryStore, FingerprintMismatchError, idempotent, RequestInProgressError, type IdempotencyStore } from '../src/index.js';
+
+describe('idempotent(fn)', () => {
+  it('runs fn once for 100 concurrent calls with one key and gives all of them the same result', async () => {
+    const store = createMemoryStore();
+    let runs = 0;
+    const charge = idempotent(
+      async (event: { id: string; amount: number }) => {
+        runs++;
+        await new Promise((r) => setTimeout(r, 50));
+        return { chargeId: `ch_${runs}`, amount: event.amount };
+      },
+      { store, key: (event) => event.id },
+    );
+    const results = await Promise.all(Array.from({ length: 100 }, () => charge({ id: 'evt_1', amount: 42 })));
+    expect(runs).toBe(1);
+    for (const r of results) expect(r).toEqual({ chargeId: 'ch_1', amount: 42 });
+    expect(await charge({ id: 'evt_1', amount: 42 })).toEqual({ chargeId: 'ch_1', amount: 42 });
+    expect(runs).toBe(1);
+  });
+
+  it("with concurrency: 'conflict', concurrent duplicates get the documented RequestInProgressError", async () => {
+    const store = createMemoryStore();
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const job = idempotent(async (id: string) => { await gate; return id; }, { store, key: (id) => id, concurrency: 'conflict' });
+    const first = job('a');
+    await vi.waitFor(async () => expect((await store.get('-:a'))?.state).toBe('in_progress'));
+    await expect(job('a')).rejects.toBeInstanceOf(RequestInProgressError);
+    release();
+    expect(await first).toBe('a');
+  });
+
+  it('releases the key when fn throws, so a retry runs again', async () => {
+    const store = createMemoryStore();
+    let calls = 0;
+    const flaky = idempotent(async (id: string) => {
+      calls++;
+      if (calls === 1) throw new Error('payment gateway timeout');
+      return `ok:${id}`;
+    }, { store, key: (id) => id });
+    await expect(flaky('m1')).rejects.toThrow('payment gateway timeout');
+    expect(await flaky('m1')).toBe('ok:m1');
+    expect(await flaky('m1')).toBe('ok:m1');
+    expect(calls).toBe(2);
+  });
+
+  it('rejects a call whose arguments differ from the first with the same key', async () => {
+    const job = idempotent(async (id: string, amount: number) => amount, { store: createMemoryStore(), key: (id) => id });
+    await job('k', 1);
+    await expect(job('k', 2)).rejects.toBeInstanceOf(FingerprintMismatchError);
+  });
+
+  it('supports undefined results, custom serialisation, scope, custom and disabled fingerprints', async () => {
+    const store = createMemoryStore();
+    let n = 0;
+    const voidJob = idempotent(async (_id: string) => { n++; }, { store, key: (id) => id, name: 'void-job' });
+    expect(await voidJob('v')).toBeUndefined();
+    expect(await voidJob('v')).toBeUndefined();
+    expect(n).toBe(1);
+
+    const dates = idempotent(async (_id: string) => new Date(0), {
+      store,
+      key: (id) => id,
+      serialize: (d) => d.toISOString(),
+      deserialize: (b) => new Date(Buffer.from(b).toString()),
+      scope: () => 'tenant-1',
+      fingerprint: (id) => `custom:${id}`,
+    });
+    expect((await dates('d')).getTime()).toBe(0);
+    expect((await dates('d')).getTime()).toBe(0);
+
+    const loose = idempotent(async (_id: string, x: number) => x, { store, key: (id) => `loose-${id}`, fingerprint: false });
+    expect(await loose('l', 1)).toBe(1);
+    expect(await loose('l', 2)).toBe(1);
+  });
+
+  it("runs fn without idempotency when the store fails and onStoreError is 'pass'", async () => {
+    const broken: IdempotencyStore = Object.assign(createMemoryStore(), { begin: () => Promise.reject(new Error('down')) });
+    const job = idempotent(async () => 'ran', { store: broken, key: () => 'k', onStoreError: 'pass', logger: false });
+    expect(await job()).toBe('ran');
+  });
+
+  it('validates its arguments', () => {
+    expect(() => idempotent('nope' as unknown as () => void, { store: createMemoryStore(), key: () => 'k' })).toThrow(/fn/);
+    expect(() => idempotent(async () => 1, { store: createMemoryStore() } as never)).toThrow(/key/);
+  });
+});

@@ -1,0 +1,55 @@
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { MAX_KEY_LENGTH, parseKeyHeader, scopedKey, validateKey } from '../src/index.js';
+
+describe('key parsing', () => {
+  it('accepts the bare form and the structured-field string form', () => {
+    expect(parseKeyHeader('8e03978e-40d5-43e8-bc93-6894a57f9324')).toEqual({ ok: true, key: '8e03978e-40d5-43e8-bc93-6894a57f9324' });
+    expect(parseKeyHeader('"8e03978e-40d5"')).toEqual({ ok: true, key: '8e03978e-40d5' });
+    expect(parseKeyHeader('"a\\"b\\\\c"')).toEqual({ ok: true, key: 'a"b\\c' });
+    expect(parseKeyHeader('  padded  ')).toEqual({ ok: true, key: 'padded' });
+  });
+
+  it('rejects malformed structured-field strings', () => {
+    expect(parseKeyHeader('"open').ok).toBe(false);
+    expect(parseKeyHeader('"a" "b"').ok).toBe(false);
+    expect(parseKeyHeader('""').ok).toBe(false);
+  });
+
+  it('enforces 1..255 printable ASCII characters', () => {
+    expect(validateKey('a'.repeat(MAX_KEY_LENGTH)).ok).toBe(true);
+    expect(validateKey('a'.repeat(MAX_KEY_LENGTH + 1)).ok).toBe(false);
+    expect(validateKey('').ok).toBe(false);
+    expect(validateKey('tab\there').ok).toBe(false);
+    expect(validateKey('del\u007f').ok).toBe(false);
+    expect(validateKey('ключ').ok).toBe(false);
+  });
+
+  it('property: any printable-ASCII key of 1..255 chars is accepted and survives sf-string quoting', () => {
+    const printable = fc.string({ unit: fc.integer({ min: 0x21, max: 0x7e }).map((c) => String.fromCharCode(c)), minLength: 1, maxLength: 255 });
+    fc.assert(
+      fc.property(printable, (key) => {
+        expect(validateKey(key)).toEqual({ ok: true, key });
+        const quoted = `"${key.replaceAll('\\', '\\\\').replaceAll('"', '\\"')}"`;
+        if (key.startsWith('"')) return; // a bare key that starts with a quote is read as an sf-string
+        expect(parseKeyHeader(quoted)).toEqual({ ok: true, key });
+      }),
+    );
+  });
+
+  it('property: any key with a character outside printable ASCII is rejected', () => {
+    const bad = fc.tuple(fc.string({ maxLength: 20 }), fc.oneof(fc.integer({ min: 0, max: 0x1f }), fc.integer({ min: 0x7f, max: 0xffff })), fc.string({ maxLength: 20 }));
+    fc.assert(fc.property(bad, ([a, code, b]) => {
+      expect(validateKey(a + String.fromCharCode(code) + b).ok).toBe(false);
+    }));
+  });
+
+  it('property: scoped keys are unambiguous', () => {
+    fc.assert(
+      fc.property(fc.option(fc.string(), { nil: undefined }), fc.string(), fc.option(fc.string(), { nil: undefined }), fc.string(), (s1, k1, s2, k2) => {
+        const same = (s1 || undefined) === (s2 || undefined) && k1 === k2;
+        expect(scopedKey(s1, k1) === scopedKey(s2, k2)).toBe(same);
+      }),
+    );
+  });
+});

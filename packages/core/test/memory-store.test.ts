@@ -1,0 +1,90 @@
+import { describe, expect, it } from 'vitest';
+import { createMemoryStore, MemoryStoreFullError, startPurger, type LeaseToken } from '../src/index.js';
+
+const resp = { status: 200, headers: [] as Array<[string, string]>, body: new Uint8Array([1]) };
+
+describe('MemoryStore specifics', () => {
+  it('is bounded: expired entries go first, then the oldest completed ones', async () => {
+    let now = 0;
+    const store = createMemoryStore({ maxEntries: 3, now: () => now });
+    const a = await store.begin('a', null, 1_000);
+    const b = await store.begin('b', null, 1_000);
+    if (a.kind !== 'acquired' || b.kind !== 'acquired') throw new Error('expected acquired');
+    await store.complete('a', a.token, resp, 10);
+    await store.complete('b', b.token, resp, 100_000);
+    await store.begin('c', null, 1_000);
+    now = 50; // a expired
+    await store.begin('d', null, 1_000);
+    expect(store.size).toBe(3);
+    expect(await store.get('a')).toBeUndefined();
+    await store.begin('e', null, 1_000); // full of live entries: the oldest completed (b) goes
+    expect(await store.get('b')).toBeUndefined();
+    expect((await store.get('c'))?.state).toBe('in_progress');
+    await expect(store.begin('f', null, 1_000)).rejects.toBeInstanceOf(MemoryStoreFullError);
+  });
+
+  it('really evicts expired entries (purge, and on read)', async () => {
+    let now = 0;
+    const store = createMemoryStore({ now: () => now });
+    for (const k of ['x', 'y', 'z']) {
+      const r = await store.begin(k, null, 1_000);
+      if (r.kind === 'acquired') await store.complete(k, r.token, resp, 10);
+    }
+    now = 20;
+    expect(await store.get('x')).toBeUndefined();
+    expect(store.size).toBe(2);
+    expect(await store.purgeExpired(1)).toBe(1);
+    expect(await store.purgeExpired()).toBe(1);
+    expect(store.size).toBe(0);
+  });
+
+  it('copies response bytes so later mutation of the caller buffer changes nothing', async () => {
+    const store = createMemoryStore();
+    const r = await store.begin('k', null, 1_000);
+    const body = new Uint8Array([1, 2, 3]);
+    if (r.kind === 'acquired') await store.complete('k', r.token, { status: 200, headers: [], body }, 1_000);
+    body[0] = 9;
+    expect([...((await store.get('k'))?.response?.body ?? [])]).toEqual([1, 2, 3]);
+    expect(await store.release('k', 'bogus' as LeaseToken)).toBe(false);
+  });
+
+  it('rejects a bad maxEntries', () => {
+    expect(() => createMemoryStore({ maxEntries: 0 })).toThrow(/maxEntries/);
+  });
+});
+
+describe('startPurger', () => {
+  it('sweeps expired records in batches until a batch comes back short, and stops', async () => {
+    let now = 0;
+    const store = createMemoryStore({ now: () => now });
+    for (let i = 0; i < 25; i++) {
+      const r = await store.begin(`k${i}`, null, 1_000);
+      if (r.kind === 'acquired') await store.complete(`k${i}`, r.token, resp, 10);
+    }
+    await store.begin('live', null, 60_000);
+    now = 100;
+    const purger = startPurger(store, { intervalMs: 20, batchSize: 10 });
+    await expect.poll(() => store.size).toBe(1);
+    expect(await purger.runOnce()).toBe(0);
+    await purger.stop();
+  });
+
+  it('reports failed sweeps and keeps going', async () => {
+    const store = createMemoryStore();
+    let calls = 0;
+    store.purgeExpired = async () => {
+      calls++;
+      throw new Error('db down');
+    };
+    const errors: unknown[] = [];
+    const purger = startPurger(store, { intervalMs: 10, onError: (e) => errors.push(e) });
+    await expect.poll(() => errors.length).toBeGreaterThanOrEqual(2);
+    await purger.stop();
+    expect(calls).toBeGreaterThanOrEqual(2);
+  });
+
+  it('validates its options', () => {
+    expect(() => startPurger(createMemoryStore(), { intervalMs: 0 })).toThrow(/intervalMs/);
+    expect(() => startPurger(createMemoryStore(), { batchSize: -1 })).toThrow(/batchSize/);
+  });
+});

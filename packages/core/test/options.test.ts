@@ -1,0 +1,74 @@
+import { describe, expect, it, vi } from 'vitest';
+import { ConfigurationError, createMemoryStore, DEFAULTS, defaultStorable, resolveOptions, type IdempotencyOptions } from '../src/index.js';
+
+const store = createMemoryStore();
+
+describe('options', () => {
+  it('sets default property values', () => {
+    const o = resolveOptions({ store, logger: false });
+    expect([...o.methods]).toEqual(['POST', 'PATCH']);
+    expect(o).toMatchObject({
+      required: true,
+      header: 'Idempotency-Key',
+      bodyField: 'idempotencyKey',
+      ttlMs: 86_400_000,
+      leaseMs: 60_000,
+      maxBodyBytes: 1_048_576,
+      concurrency: 'conflict',
+      waitTimeoutMs: 10_000,
+      onStoreError: 'fail',
+      storeTimeoutMs: 5_000,
+      transactional: false,
+      fingerprint: 'default',
+    });
+    expect(o.storable).toBe(defaultStorable);
+    expect(Object.isFrozen(o)).toBe(true);
+    expect(DEFAULTS.ttlMs).toBe(24 * 60 * 60 * 1000);
+  });
+
+  it('treats undefined as not given and upper-cases methods', () => {
+    const o = resolveOptions({ store, ttlMs: undefined, methods: ['post', 'put'], logger: false });
+    expect(o.ttlMs).toBe(DEFAULTS.ttlMs);
+    expect([...o.methods]).toEqual(['POST', 'PUT']);
+  });
+
+  it.each<[string, Partial<IdempotencyOptions>, RegExp]>([
+    ['ttlMs', { ttlMs: 0 }, /ttlMs/],
+    ['leaseMs', { leaseMs: 1.5 }, /leaseMs/],
+    ['maxBodyBytes', { maxBodyBytes: -1 }, /maxBodyBytes/],
+    ['concurrency', { concurrency: 'queue' as 'wait' }, /concurrency/],
+    ['onStoreError', { onStoreError: 'ignore' as 'pass' }, /onStoreError/],
+    ['header', { header: 'bad header' }, /header/],
+    ['bodyField', { bodyField: '' }, /bodyField/],
+    ['methods', { methods: 'POST' as unknown as string[] }, /methods/],
+    ['scope', { scope: 'user' as unknown as () => string }, /scope/],
+    ['fingerprint', { fingerprint: 'sha1' as unknown as false }, /fingerprint/],
+    ['transactional', { transactional: true }, /transactional/],
+  ])('throws a ConfigurationError naming %s', (_, extra, pattern) => {
+    expect(() => resolveOptions({ store, logger: false, ...extra })).toThrow(ConfigurationError);
+    expect(() => resolveOptions({ store, logger: false, ...extra })).toThrow(pattern);
+  });
+
+  it('requires a store that implements the contract', () => {
+    expect(() => resolveOptions({} as IdempotencyOptions)).toThrow(/Missing required option `store`/);
+    expect(() => resolveOptions({ store: {} } as IdempotencyOptions)).toThrow(/IdempotencyStore/);
+    expect(() => resolveOptions(null as unknown as IdempotencyOptions)).toThrow(/object/);
+    try {
+      resolveOptions({} as IdempotencyOptions);
+    } catch (e) {
+      expect((e as ConfigurationError).code).toBe('ERR_IDEMKIT_STORE_MISSING');
+      expect((e as Error).name).toBe('ConfigurationError');
+    }
+  });
+
+  it('warns once about unknown options', () => {
+    const warn = vi.fn();
+    resolveOptions({ store, logger: { warn, error: vi.fn() }, tll: 5 } as IdempotencyOptions);
+    expect(warn).toHaveBeenCalledWith(expect.stringContaining('tll'));
+  });
+
+  it('default storable: below 500 except 408, 409, 425, 429', () => {
+    expect([200, 201, 204, 302, 400, 404, 422].every(defaultStorable)).toBe(true);
+    expect([408, 409, 425, 429, 500, 503].some(defaultStorable)).toBe(false);
+  });
+});
