@@ -1,0 +1,53 @@
+import type { Pool, PoolConfig } from 'pg';
+
+interface TableOptions {
+  /** Table holding the records. @default 'idempotency_keys' */
+  table?: string;
+  /** Schema of the table; migrate() creates it when missing. @default 'public' */
+  schema?: string;
+}
+
+/** Use a pool you own: idemkit never ends it (`close()` leaves it open). */
+export interface PostgresPoolOptions extends TableOptions {
+  /** Your `pg.Pool`. Transactional mode checks clients out of it with `pool.connect()`. */
+  pool: Pool;
+  connectionString?: never;
+  poolOptions?: never;
+}
+
+/** Let the store create (and, on `close()`, end) its own pool. */
+export interface PostgresConnectionOptions extends TableOptions {
+  /** `postgres://user:pass@host:5432/db`. */
+  connectionString: string;
+  /** Extra `pg.Pool` settings (`max`, `ssl`, `idleTimeoutMillis`, …). */
+  poolOptions?: Omit<PoolConfig, 'connectionString'>;
+  pool?: never;
+}
+
+/** `{ pool }` or `{ connectionString, poolOptions? }`, plus `table` and `schema`. */
+export type PostgresStoreOptions = PostgresPoolOptions | PostgresConnectionOptions;
+
+export const DEFAULT_TABLE = 'idempotency_keys';
+export const DEFAULT_SCHEMA = 'public';
+
+/** Validate up front and name the option in the error. */
+export function checkOptions(options: PostgresStoreOptions): void {
+  if (typeof options !== 'object' || options === null) {
+    throw new TypeError('[idemkit] [postgres] Options must be an object: `{ pool }` or `{ connectionString }`.');
+  }
+  const hasPool = options.pool !== undefined;
+  const hasUrl = options.connectionString !== undefined;
+  if (hasPool === hasUrl) {
+    throw new TypeError(
+      hasPool
+        ? '[idemkit] [postgres] Pass either `pool` or `connectionString`, not both.'
+        : '[idemkit] [postgres] Missing required option `pool` (a pg.Pool) or `connectionString`.',
+    );
+  }
+  if (hasPool && (typeof options.pool?.query !== 'function' || typeof options.pool.connect !== 'function')) {
+    throw new TypeError('[idemkit] [postgres] `pool` must be a pg.Pool (with query() and connect()).');
+  }
+  if (hasUrl && (typeof options.connectionString !== 'string' || options.connectionString === '')) {
+    throw new TypeError('[idemkit] [postgres] `connectionString` must be a non-empty string.');
+  }
+}

@@ -1,0 +1,194 @@
+import { randomUUID } from 'node:crypto';
+import type {
+  BeginResult,
+  IdempotencyRecord,
+  LeaseToken,
+  RecordState,
+  StoredResponse,
+  TransactionalStore,
+} from '@idemkit/core';
+import pg, { type Pool, type PoolClient } from 'pg';
+import { checkOptions, DEFAULT_SCHEMA, DEFAULT_TABLE, type PostgresStoreOptions } from './options.js';
+import { checkMs, completeParams } from './params.js';
+import { buildQueries, type Queries } from './queries.js';
+import { escapeIdentifier, expiresIndexName, MIGRATE_LOCK_ID, tableDdl } from './schema.js';
+import { PgTransaction } from './transaction.js';
+
+/** A record row as the queries in `queries.ts` return it. */
+interface RecordRow {
+  fingerprint: string | null;
+  state: RecordState;
+  response_status: number | null;
+  response_headers: Array<[string, string]> | null;
+  response_body: Buffer | null;
+  lease_expires_ms: number | null;
+  created_ms: number;
+  expires_ms: number;
+  lease_remaining_ms: number;
+}
+
+interface BeginRow extends RecordRow {
+  acquired: boolean;
+  took_over: boolean;
+}
+
+/**
+ * The Postgres store: one row per scoped key, one statement (one round trip) per operation,
+ * time from the database clock. Also a `TransactionalStore<PoolClient>` for transactional mode.
+ */
+export class PostgresStore implements TransactionalStore<PoolClient> {
+  readonly shared = true;
+  /** The escaped, schema-qualified table name (`"public"."idempotency_keys"`), for your own queries. */
+  readonly table: string;
+  /** The pool the store uses: yours, or the one it created from `connectionString`. */
+  readonly pool: Pool;
+  readonly #ownsPool: boolean;
+  readonly #schema: string;
+  readonly #indexName: string;
+  readonly #sql: Queries;
+  #closing: Promise<void> | undefined;
+
+  /** Runs no SQL: call `migrate()` (or apply `sql/schema.sql`) before the first request. */
+  constructor(options: PostgresStoreOptions) {
+    checkOptions(options);
+    const schema = options.schema ?? DEFAULT_SCHEMA;
+    const table = options.table ?? DEFAULT_TABLE;
+    this.#schema = schema;
+    this.table = `${escapeIdentifier(schema, 'schema')}.${escapeIdentifier(table, 'table')}`;
+    this.#indexName = expiresIndexName(table);
+    this.#sql = buildQueries(this.table);
+    if (options.pool !== undefined) {
+      this.pool = options.pool;
+      this.#ownsPool = false;
+    } else {
+      this.pool = new pg.Pool({ ...options.poolOptions, connectionString: options.connectionString });
+      this.#ownsPool = true;
+      // An idle connection dropped by the server (restart, failover) emits 'error' on the pool;
+      // without a listener that would crash the process. The pool discards that client itself,
+      // and queries in flight still reject with the driver error.
+      this.pool.on('error', () => undefined);
+    }
+  }
+
+  /**
+   * Create the schema (when missing), table and purge index. Idempotent and safe when several
+   * app servers call it at once (serialised by a transaction-scoped advisory lock).
+   */
+  async migrate(): Promise<void> {
+    const client = await this.pool.connect();
+    try {
+      await client.query('BEGIN');
+      await client.query(`SELECT pg_advisory_xact_lock(${MIGRATE_LOCK_ID})`);
+      if (this.#schema !== 'public') {
+        // Only when missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even when it exists.
+        const found = await client.query('SELECT 1 FROM pg_namespace WHERE nspname = $1', [this.#schema]);
+        if (found.rowCount === 0) await client.query(`CREATE SCHEMA ${escapeIdentifier(this.#schema, 'schema')}`);
+      }
+      await client.query(tableDdl(this.table, this.#indexName));
+      await client.query('COMMIT');
+    } catch (error) {
+      await client.query('ROLLBACK').catch(() => undefined);
+      client.release(true);
+      throw error;
+    }
+    client.release();
+  }
+
+  async begin(key: string, fingerprint: string | null, leaseMs: number): Promise<BeginResult> {
+    const token = randomUUID() as LeaseToken;
+    const { rows } = await this.pool.query<BeginRow>(this.#sql.begin, [key, fingerprint, token, checkMs('leaseMs', leaseMs)]);
+    const row = rows[0];
+    if (row === undefined) throw new Error('[idemkit] [postgres] begin returned no row (this is a bug; please report it).');
+    if (row.acquired) return { kind: 'acquired', token, tookOver: row.took_over };
+    return { kind: 'existing', record: toRecord(key, row), leaseRemainingMs: row.lease_remaining_ms };
+  }
+
+  async complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
+    const result = await this.pool.query(this.#sql.complete, completeParams(key, token, response, ttlMs));
+    return result.rowCount === 1;
+  }
+
+  async release(key: string, token: LeaseToken): Promise<boolean> {
+    const result = await this.pool.query(this.#sql.release, [key, token]);
+    return result.rowCount === 1;
+  }
+
+  async renew(key: string, token: LeaseToken, leaseMs: number): Promise<boolean> {
+    const result = await this.pool.query(this.#sql.renew, [key, token, checkMs('leaseMs', leaseMs)]);
+    return result.rowCount === 1;
+  }
+
+  async get(key: string): Promise<IdempotencyRecord | undefined> {
+    const { rows } = await this.pool.query<RecordRow>(this.#sql.get, [key]);
+    const row = rows[0];
+    return row === undefined ? undefined : toRecord(key, row);
+  }
+
+  /** Delete one batch of up to `limit` expired records; returns how many. Loop (or use core's `startPurger`) for more. */
+  async purgeExpired(limit = 1000): Promise<number> {
+    if (!Number.isSafeInteger(limit) || limit <= 0) {
+      throw new RangeError(`[idemkit] [postgres] \`limit\` must be a positive integer, got ${String(limit)}.`);
+    }
+    const result = await this.pool.query(this.#sql.purge, [limit]);
+    return result.rowCount ?? 0;
+  }
+
+  /**
+   * Check out a client and open a transaction for one handler (transactional mode). The engine
+   * calls this after `begin` acquired the key; see `PgTransaction`.
+   */
+  async beginTransaction(): Promise<PgTransaction> {
+    const client = await this.pool.connect();
+    try {
+      await client.query('BEGIN');
+    } catch (error) {
+      client.release(true);
+      throw error;
+    }
+    return new PgTransaction(client, this.#sql.complete);
+  }
+
+  /** Ends the pool only if the store created it (from `connectionString`). Safe to call twice. */
+  close(): Promise<void> {
+    if (!this.#ownsPool) return Promise.resolve();
+    this.#closing ??= this.pool.end();
+    return this.#closing;
+  }
+}
+
+function toRecord(key: string, row: RecordRow): IdempotencyRecord {
+  const response: StoredResponse | null =
+    row.state === 'completed' && row.response_status !== null
+      ? {
+          status: row.response_status,
+          headers: (row.response_headers ?? []).map(([name, value]) => [name, value] as const),
+          // A plain Uint8Array copy: callers compare and reuse it like the bytes they stored.
+          body: new Uint8Array(row.response_body ?? new Uint8Array(0)),
+        }
+      : null;
+  return {
+    key,
+    fingerprint: row.fingerprint,
+    state: row.state,
+    leaseExpiresAt: row.state === 'in_progress' ? row.lease_expires_ms : null,
+    response,
+    createdAt: row.created_ms,
+    expiresAt: row.expires_ms,
+  };
+}
+
+/**
+ * Create a Postgres store. Runs no SQL: call `await store.migrate()` once at startup, or apply
+ * `sql/schema.sql` with your migration tool.
+ *
+ * @example
+ * import pg from 'pg';
+ * import { createPostgresStore } from '@idemkit/postgres';
+ *
+ * const pool = new pg.Pool({ connectionString: process.env.DATABASE_URL });
+ * const store = createPostgresStore({ pool });
+ * await store.migrate();
+ */
+export function createPostgresStore(options: PostgresStoreOptions): PostgresStore {
+  return new PostgresStore(options);
+}

@@ -1,0 +1,69 @@
+/**
+ * Table layout and DDL. The same text ships as `sql/schema.sql` (for users with their own
+ * migration tool); a test keeps the two identical.
+ */
+
+/** Postgres truncates longer identifiers silently; we refuse them instead. */
+const MAX_IDENTIFIER_BYTES = 63;
+
+/** Quote an identifier once, at construction: `my"table` → `"my""table"`. */
+export function escapeIdentifier(name: string, option: string): string {
+  if (typeof name !== 'string' || name === '') {
+    throw new TypeError(`[idemkit] [postgres] \`${option}\` must be a non-empty string.`);
+  }
+  if (name.includes('\0')) throw new TypeError(`[idemkit] [postgres] \`${option}\` must not contain NUL.`);
+  if (Buffer.byteLength(name) > MAX_IDENTIFIER_BYTES) {
+    throw new TypeError(`[idemkit] [postgres] \`${option}\` must be at most ${MAX_IDENTIFIER_BYTES} bytes (Postgres would truncate it).`);
+  }
+  return `"${name.replaceAll('"', '""')}"`;
+}
+
+/** The name of the purge index for `table`, truncated the way Postgres would (bytes, not chars). */
+export function expiresIndexName(table: string): string {
+  const name = `${table}_expires_at_idx`;
+  let bytes = Buffer.from(name);
+  if (bytes.length <= MAX_IDENTIFIER_BYTES) return name;
+  // Cut on a character boundary so the name stays valid UTF-8.
+  let cut = MAX_IDENTIFIER_BYTES;
+  while (cut > 0 && ((bytes[cut] ?? 0) & 0xc0) === 0x80) cut--;
+  bytes = bytes.subarray(0, cut);
+  return bytes.toString();
+}
+
+/**
+ * CREATE TABLE + index, idempotent. `qualifiedTable` is already escaped (`"public"."t"` or `"t"`).
+ * - `key` uses the "C" collation: keys are compared byte-wise anyway, and the index is faster.
+ * - `expires_at` is the lease end while in progress and created + TTL once completed, so one
+ *   index serves both takeover checks and purging.
+ */
+export function tableDdl(qualifiedTable: string, indexName: string): string {
+  return `CREATE TABLE IF NOT EXISTS ${qualifiedTable} (
+  key              text COLLATE "C" PRIMARY KEY,
+  fingerprint      text,
+  state            text NOT NULL CHECK (state IN ('in_progress', 'completed')),
+  lease_token      text,
+  lease_expires_at timestamptz,
+  response_status  integer,
+  response_headers jsonb,
+  response_body    bytea,
+  created_at       timestamptz NOT NULL DEFAULT now(),
+  expires_at       timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ${escapeIdentifier(indexName, 'table')} ON ${qualifiedTable} (expires_at);
+`;
+}
+
+/** The header and body of `sql/schema.sql`: the default table, unqualified (lands in the search_path). */
+export function schemaFileText(): string {
+  return `-- @idemkit/postgres schema (the same DDL that store.migrate() runs).
+-- For migration tools: run this once. It creates the table in the first schema of your
+-- search_path; rename "idempotency_keys" (and the index) if you pass another \`table\`.
+${tableDdl('"idempotency_keys"', expiresIndexName('idempotency_keys'))}`;
+}
+
+/**
+ * A fixed advisory-lock id ("idemkit" in ASCII, as a bigint). It serialises concurrent migrate()
+ * calls from several app servers: CREATE TABLE IF NOT EXISTS run at the same moment by two
+ * sessions can still fail on the catalog's unique index.
+ */
+export const MIGRATE_LOCK_ID = '29665259344849268';

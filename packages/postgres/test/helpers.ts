@@ -1,0 +1,42 @@
+import { randomUUID } from 'node:crypto';
+import { resolvePostgres } from '@idemkit/test-services';
+import pg from 'pg';
+
+/** The real server for this run (TEST_POSTGRES_URL, else Testcontainers, else a loud failure). */
+export async function postgresUrl(): Promise<string> {
+  const service = await resolvePostgres();
+  return service.value;
+}
+
+export interface TestSchema {
+  readonly url: string;
+  /** A pool for the test's own assertions and as the store's injected pool. */
+  readonly pool: pg.Pool;
+  /** A fresh schema name, dropped by `drop()`. */
+  readonly schema: string;
+  /** `"schema"."table"` helper for assertions. */
+  table(name?: string): string;
+  drop(): Promise<void>;
+}
+
+/** One schema per test file, so files run in parallel against one database. */
+export async function openSchema(max = 20): Promise<TestSchema> {
+  const url = await postgresUrl();
+  const pool = new pg.Pool({ connectionString: url, max });
+  // Backends terminated by the failure tests surface here when idle; the tests assert on queries.
+  pool.on('error', () => undefined);
+  const schema = `idemkit_t_${randomUUID().replaceAll('-', '').slice(0, 16)}`;
+  await pool.query(`CREATE SCHEMA "${schema}"`);
+  return {
+    url,
+    pool,
+    schema,
+    table: (name = 'idempotency_keys') => `"${schema}"."${name}"`,
+    async drop() {
+      await pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+      await pool.end();
+    },
+  };
+}
+
+export const bytes = (text: string): Uint8Array => new TextEncoder().encode(text);

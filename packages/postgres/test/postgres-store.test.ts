@@ -1,0 +1,321 @@
+import { randomUUID } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
+import type { LeaseToken } from '@idemkit/core';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { createPostgresStore, type PostgresStore } from '../src/index.js';
+import { schemaFileText } from '../src/schema.js';
+import { bytes, openSchema, type TestSchema } from './helpers.js';
+
+let db: TestSchema;
+let store: PostgresStore;
+
+beforeAll(async () => {
+  db = await openSchema();
+  store = createPostgresStore({ pool: db.pool, schema: db.schema });
+  await store.migrate();
+});
+
+afterAll(async () => {
+  await store.close();
+  await db.drop();
+});
+
+const key = (): string => `k:${randomUUID()}`;
+const response = { status: 201, headers: [['content-type', 'application/json']] as const, body: bytes('{"ok":true}') };
+
+/** A pool whose clients count the statements they send (through the real driver, not a mock). */
+function countingPool(url: string, max = 10): { pool: pg.Pool; count: () => number; reset: () => void } {
+  let n = 0;
+  const pool = new pg.Pool({ connectionString: url, max });
+  pool.on('error', () => undefined);
+  pool.on('connect', (client) => {
+    const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+    (client as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+      n++;
+      return query(...args);
+    };
+  });
+  return { pool, count: () => n, reset: () => void (n = 0) };
+}
+
+describe('construction and options', () => {
+  it('runs no SQL in the constructor', async () => {
+    const counted = countingPool(db.url);
+    const s = createPostgresStore({ pool: counted.pool, schema: `${db.schema}_never_created` });
+    expect(counted.count()).toBe(0);
+    expect(counted.pool.totalCount).toBe(0);
+    await s.close();
+    await counted.pool.end();
+  });
+
+  it('names the missing or conflicting option', () => {
+    expect(() => createPostgresStore({} as never)).toThrow(/Missing required option `pool`/);
+    expect(() => createPostgresStore({ pool: db.pool, connectionString: db.url } as never)).toThrow(/either `pool` or `connectionString`/);
+    expect(() => createPostgresStore({ pool: db.pool, table: '' })).toThrow(/`table` must be a non-empty string/);
+    expect(() => createPostgresStore({ pool: db.pool, schema: 'x'.repeat(64) })).toThrow(/`schema` must be at most 63 bytes/);
+  });
+
+  it('escapes table and schema names (quotes, spaces, unicode)', async () => {
+    const s = createPostgresStore({ pool: db.pool, schema: `${db.schema} "ü"`, table: 'odd"; DROP TABLE x; --' });
+    await s.migrate();
+    const k = key();
+    const first = await s.begin(k, 'fp', 10_000);
+    expect(first.kind).toBe('acquired');
+    if (first.kind !== 'acquired') return;
+    expect(await s.complete(k, first.token, response, 60_000)).toBe(true);
+    expect((await s.get(k))?.response?.status).toBe(201);
+    await db.pool.query(`DROP SCHEMA ${s.table.split('.')[0]} CASCADE`);
+  });
+
+  it('never ends a pool it was given; ends the one it created, once', async () => {
+    const mine = new pg.Pool({ connectionString: db.url, max: 2 });
+    const given = createPostgresStore({ pool: mine, schema: db.schema });
+    await given.get(key());
+    await given.close();
+    await given.close();
+    expect((await mine.query<{ one: number }>('SELECT 1 AS one')).rows[0]?.one).toBe(1);
+    await mine.end();
+
+    const owned = createPostgresStore({ connectionString: db.url, poolOptions: { max: 2 }, schema: db.schema });
+    expect(await owned.get(key())).toBeUndefined();
+    await Promise.all([owned.close(), owned.close()]);
+    expect(owned.pool.ended).toBe(true);
+    await expect(owned.get(key())).rejects.toThrow(/after calling end/);
+  });
+});
+
+describe('migrate() and sql/schema.sql', () => {
+  it('is idempotent and safe when many app servers start at once', async () => {
+    const schema = `${db.schema}_boot`;
+    const pools = Array.from({ length: 8 }, () => new pg.Pool({ connectionString: db.url, max: 1 }));
+    try {
+      // Each "app server" has its own pool; all migrate at the same moment, twice.
+      await Promise.all(pools.map((pool) => createPostgresStore({ pool, schema }).migrate()));
+      await Promise.all(pools.map((pool) => createPostgresStore({ pool, schema }).migrate()));
+      const { rows } = await db.pool.query('SELECT count(*)::int AS n FROM pg_tables WHERE schemaname = $1', [schema]);
+      expect(rows[0]).toEqual({ n: 1 });
+    } finally {
+      await db.pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+      await Promise.all(pools.map((p) => p.end()));
+    }
+  });
+
+  it('ships sql/schema.sql with exactly the DDL migrate() runs', async () => {
+    const file = await readFile(new URL('../sql/schema.sql', import.meta.url), 'utf8');
+    expect(file).toBe(schemaFileText());
+  });
+
+  it('sql/schema.sql and migrate() produce the same table', async () => {
+    const fileSchema = `${db.schema}_file`;
+    const file = await readFile(new URL('../sql/schema.sql', import.meta.url), 'utf8');
+    const client = await db.pool.connect();
+    try {
+      await client.query(`CREATE SCHEMA "${fileSchema}"`);
+      await client.query(`SET search_path TO "${fileSchema}"`);
+      await client.query(file);
+      await client.query('RESET search_path');
+    } finally {
+      client.release();
+    }
+    try {
+      const describeTable = async (schema: string) => {
+        const columns = await db.pool.query(
+          `SELECT column_name, data_type, is_nullable, column_default, collation_name, ordinal_position
+           FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'idempotency_keys' ORDER BY ordinal_position`,
+          [schema],
+        );
+        const constraints = await db.pool.query(
+          `SELECT conname, pg_get_constraintdef(c.oid) AS def FROM pg_constraint c
+           JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+           WHERE n.nspname = $1 AND t.relname = 'idempotency_keys' ORDER BY conname`,
+          [schema],
+        );
+        // Index definitions name the schema; strip it so the two schemas compare equal.
+        const indexes = await db.pool.query(
+          `SELECT indexname, replace(indexdef, $1, '') AS def FROM pg_indexes WHERE schemaname = $2 ORDER BY indexname`,
+          [`${schema}.`, schema],
+        );
+        return { columns: columns.rows, constraints: constraints.rows, indexes: indexes.rows };
+      };
+      const fromFile = await describeTable(fileSchema);
+      const fromMigrate = await describeTable(db.schema);
+      expect(fromFile.columns).toHaveLength(10);
+      expect(fromFile.indexes).toHaveLength(2);
+      expect(fromFile).toEqual(fromMigrate);
+    } finally {
+      await db.pool.query(`DROP SCHEMA "${fileSchema}" CASCADE`);
+    }
+  });
+});
+
+describe('begin', () => {
+  it('two separate pools racing 200 begins on one key: exactly one winner', async () => {
+    const a = new pg.Pool({ connectionString: db.url, max: 20 });
+    const b = new pg.Pool({ connectionString: db.url, max: 20 });
+    const sa = createPostgresStore({ pool: a, schema: db.schema });
+    const sb = createPostgresStore({ pool: b, schema: db.schema });
+    try {
+      // Warm both pools so the race is between statements, not connection setup.
+      await Promise.all([...Array.from({ length: 20 }, () => a.query('SELECT 1')), ...Array.from({ length: 20 }, () => b.query('SELECT 1'))]);
+      for (let round = 0; round < 5; round++) {
+        const k = key();
+        const results = await Promise.all(
+          Array.from({ length: 200 }, (_, i) => (i % 2 === 0 ? sa : sb).begin(k, 'fp', 30_000)),
+        );
+        const winners = results.filter((r) => r.kind === 'acquired');
+        expect(winners).toHaveLength(1);
+        const losers = results.filter((r) => r.kind === 'existing');
+        expect(losers).toHaveLength(199);
+        for (const r of losers) {
+          expect(r.record.state).toBe('in_progress');
+          expect(r.record.fingerprint).toBe('fp');
+          expect(r.leaseRemainingMs).toBeGreaterThan(25_000);
+          expect(r.leaseRemainingMs).toBeLessThanOrEqual(30_000);
+        }
+      }
+    } finally {
+      await Promise.all([a.end(), b.end()]);
+    }
+  });
+
+  it('200 racing begins on an expired lease: exactly one takes it over', async () => {
+    const k = key();
+    const first = await store.begin(k, 'old', 150);
+    expect(first.kind).toBe('acquired');
+    await vi.waitFor(async () => expect(await store.get(k)).toBeUndefined(), { timeout: 5_000, interval: 20 });
+    const results = await Promise.all(Array.from({ length: 200 }, () => store.begin(k, 'new', 30_000)));
+    const winners = results.filter((r) => r.kind === 'acquired');
+    expect(winners).toEqual([expect.objectContaining({ kind: 'acquired', tookOver: true })]);
+    const record = await store.get(k);
+    expect(record?.fingerprint).toBe('new');
+    if (first.kind === 'acquired') expect(await store.complete(k, first.token, response, 60_000)).toBe(false);
+  });
+
+  it('returns the live completed record with its response, and leaseRemainingMs 0', async () => {
+    const k = key();
+    const first = await store.begin(k, 'fp', 10_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    expect(first.tookOver).toBe(false);
+    const body = Uint8Array.from([0, 255, 1, 128, 10, 13]);
+    expect(await store.complete(k, first.token, { status: 200, headers: [['set-cookie', 'a=1'], ['set-cookie', 'b=2']], body }, 60_000)).toBe(true);
+    const again = await store.begin(k, 'fp', 10_000);
+    expect(again).toMatchObject({ kind: 'existing', leaseRemainingMs: 0, record: { state: 'completed', leaseExpiresAt: null } });
+    if (again.kind !== 'existing') return;
+    expect(again.record.response?.headers).toEqual([['set-cookie', 'a=1'], ['set-cookie', 'b=2']]);
+    expect(again.record.response?.body).toEqual(body);
+    expect(again.record.expiresAt - again.record.createdAt).toBeGreaterThanOrEqual(59_000);
+  });
+});
+
+describe('one round trip per operation', () => {
+  it('begin + complete = 2 statements on a new key, 1 on a replay; each other operation 1', async () => {
+    const counted = countingPool(db.url, 2);
+    const s = createPostgresStore({ pool: counted.pool, schema: db.schema });
+    try {
+      await counted.pool.query('SELECT 1'); // connect before counting
+      counted.reset();
+      const k = key();
+      const first = await s.begin(k, 'fp', 10_000);
+      if (first.kind !== 'acquired') throw new Error('expected acquired');
+      expect(await s.renew(k, first.token, 10_000)).toBe(true);
+      expect(await s.complete(k, first.token, response, 60_000)).toBe(true);
+      expect(counted.count()).toBe(3);
+      counted.reset();
+      expect((await s.begin(k, 'fp', 10_000)).kind).toBe('existing');
+      expect(counted.count()).toBe(1);
+      counted.reset();
+      await s.get(k);
+      await s.release(k, first.token);
+      await s.purgeExpired(10);
+      expect(counted.count()).toBe(3);
+    } finally {
+      await counted.pool.end();
+    }
+  });
+});
+
+describe('purgeExpired', () => {
+  it('removes 100 000 expired rows in bounded batches and leaves live rows untouched', async () => {
+    const table = db.table();
+    await db.pool.query(
+      `INSERT INTO ${table} (key, fingerprint, state, response_status, response_headers, response_body, created_at, expires_at)
+       SELECT 'purge:' || g, 'fp', 'completed', 200, '[]'::jsonb, '\\x00'::bytea, now() - interval '2 days', now() - interval '1 day'
+       FROM generate_series(1, 100000) AS g`,
+    );
+    const live: string[] = [];
+    for (let i = 0; i < 20; i++) {
+      const k = key();
+      live.push(k);
+      const r = await store.begin(k, 'fp', 60_000);
+      if (r.kind === 'acquired' && i % 2 === 0) await store.complete(k, r.token, response, 3_600_000);
+    }
+    const batches: number[] = [];
+    for (;;) {
+      const n = await store.purgeExpired(5_000);
+      if (n === 0) break;
+      batches.push(n);
+    }
+    expect(batches.reduce((a, b) => a + b, 0)).toBe(100_000);
+    expect(batches).toHaveLength(20);
+    expect(Math.max(...batches)).toBe(5_000);
+    for (const k of live) expect(await store.get(k)).toBeDefined();
+    const { rows } = await db.pool.query(`SELECT count(*)::int AS n FROM ${table} WHERE key LIKE 'purge:%'`);
+    expect(rows[0]).toEqual({ n: 0 });
+  });
+
+  it('uses a TID scan on the batch (no full scan per batch)', async () => {
+    const { rows } = await db.pool.query<{ 'QUERY PLAN': string }>(
+      `EXPLAIN DELETE FROM ${db.table()} WHERE ctid = ANY(ARRAY(SELECT ctid FROM ${db.table()} WHERE expires_at <= statement_timestamp() LIMIT 1000 FOR UPDATE SKIP LOCKED)) AND expires_at <= statement_timestamp()`,
+    );
+    expect(rows.map((r) => r['QUERY PLAN']).join('\n')).toMatch(/Tid Scan/);
+  });
+});
+
+describe('store failures reject with the driver error', () => {
+  it('a backend terminated mid-operation rejects that operation', async () => {
+    const pool = new pg.Pool({ connectionString: db.url, max: 1, application_name: 'idemkit-victim' });
+    pool.on('error', () => undefined);
+    const victim = createPostgresStore({ pool, schema: db.schema });
+    const k = key();
+    const first = await store.begin(k, 'fp', 30_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    // Hold the row lock so the victim's complete blocks inside the server.
+    const holder = await db.pool.connect();
+    try {
+      await holder.query('BEGIN');
+      await holder.query(`SELECT 1 FROM ${db.table()} WHERE key = $1 FOR UPDATE`, [k]);
+      const pending = victim.complete(k, first.token, response, 60_000);
+      let pid = 0;
+      await vi.waitFor(async () => {
+        const { rows } = await db.pool.query<{ pid: number }>(
+          "SELECT pid FROM pg_stat_activity WHERE application_name = 'idemkit-victim' AND wait_event_type = 'Lock'",
+        );
+        expect(rows).toHaveLength(1);
+        pid = rows[0]?.pid ?? 0;
+      });
+      await db.pool.query('SELECT pg_terminate_backend($1)', [pid]);
+      await expect(pending).rejects.toMatchObject({ code: '57P01' });
+    } finally {
+      await holder.query('ROLLBACK');
+      holder.release();
+      await pool.end();
+    }
+    // Nothing was written by the failed call.
+    expect((await store.get(k))?.state).toBe('in_progress');
+  });
+
+  it('an ended pool rejects every operation', async () => {
+    const pool = new pg.Pool({ connectionString: db.url, max: 1 });
+    const s = createPostgresStore({ pool, schema: db.schema });
+    await pool.end();
+    await expect(s.begin(key(), 'fp', 1_000)).rejects.toThrow(/Cannot use a pool after calling end/);
+    await expect(s.complete(key(), 'x' as LeaseToken, response, 1_000)).rejects.toThrow(/after calling end/);
+    await expect(s.beginTransaction()).rejects.toThrow(/after calling end/);
+  });
+
+  it('a missing table rejects with the server error (undefined_table)', async () => {
+    const s = createPostgresStore({ pool: db.pool, schema: db.schema, table: 'not_migrated' });
+    await expect(s.begin(key(), 'fp', 1_000)).rejects.toMatchObject({ code: '42P01' });
+  });
+});
