@@ -3,7 +3,7 @@ import type { ResolvedService } from '@idemkit/test-services';
 import { Redis } from 'ioredis';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createRedisStore, type RedisStore } from '../src/index.js';
-import { clientAddr, redisClient, redisNow, redisService, uniquePrefix } from './services.js';
+import { clientAddr, deleteByPrefix, redisClient, redisNow, redisService, uniquePrefix } from './services.js';
 
 let service: ResolvedService<string>;
 let url: string;
@@ -20,14 +20,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   // Leave nothing behind on the shared server.
-  for (const r of [redis]) {
-    let cursor = '0';
-    do {
-      const [next, keys] = await r.scan(cursor, 'MATCH', `${prefix}*`, 'COUNT', 1000);
-      if (keys.length > 0) await r.del(...keys);
-      cursor = next;
-    } while (cursor !== '0');
-  }
+  await deleteByPrefix(redis, prefix);
   await redis?.quit();
   await redis2?.quit();
   await service?.stop();

@@ -42,3 +42,17 @@ export async function redisNow(redis: Redis | Cluster): Promise<number> {
   const [s, us] = await redis.time();
   return Number(s) * 1000 + Math.floor(Number(us) / 1000);
 }
+
+/** Delete every key under `prefix` (SCAN, never KEYS), on each master of a Cluster. */
+export async function deleteByPrefix(client: Redis | Cluster, prefix: string): Promise<void> {
+  const nodes = client instanceof Cluster ? client.nodes('master') : [client];
+  for (const node of nodes) {
+    let cursor = '0';
+    do {
+      const [next, keys] = await node.scan(cursor, 'MATCH', `${prefix}*`, 'COUNT', 1000);
+      // One key per DEL: keys of different slots may not share a command on a Cluster node.
+      if (keys.length > 0) await node.pipeline(keys.map((k) => ['del', k])).exec();
+      cursor = next;
+    } while (cursor !== '0');
+  }
+}

@@ -1,0 +1,105 @@
+import type { IdempotencyStore } from '@idemkit/core';
+import { runStoreConformance } from '@idemkit/store-conformance';
+import type { Cluster } from 'ioredis';
+import { afterAll, describe, expect, it } from 'vitest';
+import { createRedisStore } from '../src/index.js';
+import { clusterService, deleteByPrefix, uniquePrefix } from './services.js';
+
+const { service, connect } = await clusterService();
+const clients: Cluster[] = [];
+const open = async (): Promise<Cluster> => {
+  const client = await connect();
+  clients.push(client);
+  return client;
+};
+const first = await open();
+const prefix = uniquePrefix('redis_cluster');
+
+/** Every key the suite passed to `begin`, to check where Cluster put them. */
+const suiteKeys = new Set<string>();
+function recording(store: IdempotencyStore): IdempotencyStore {
+  return new Proxy(store, {
+    get(target, prop, receiver) {
+      if (prop === 'begin') {
+        return (key: string, fingerprint: string | null, leaseMs: number) => {
+          suiteKeys.add(key);
+          return target.begin(key, fingerprint, leaseMs);
+        };
+      }
+      return Reflect.get(target, prop, receiver) as unknown;
+    },
+  });
+}
+
+runStoreConformance({
+  name: 'redis cluster',
+  createStore: () => recording(createRedisStore({ client: first, prefix })),
+  createSecondStore: async () => recording(createRedisStore({ client: await open(), prefix })),
+  nativeExpiry: true,
+});
+
+describe('redis cluster: keys spread over the masters', () => {
+  afterAll(async () => {
+    await deleteByPrefix(first, prefix);
+    for (const client of clients) await client.quit();
+    await service.stop();
+  });
+
+  /** `host:port` of the master serving each key, by CLUSTER KEYSLOT and the client's slot map. */
+  async function mastersOf(client: Cluster, keys: string[]): Promise<string[]> {
+    const [node] = client.nodes('master');
+    if (!node) throw new Error('no master in the cluster');
+    const pipeline = node.pipeline();
+    for (const key of keys) pipeline.cluster('KEYSLOT', key);
+    const replies = (await pipeline.exec()) ?? [];
+    return replies.map(([err, slot]) => {
+      if (err) throw err;
+      const owner = client.slots[Number(slot)]?.[0];
+      if (owner === undefined) throw new Error(`slot ${String(slot)} has no master`);
+      return owner;
+    });
+  }
+
+  it('the conformance keys hash to every master (no hash tag pins them to one slot)', async () => {
+    const masters = first.nodes('master');
+    expect(masters.length).toBeGreaterThanOrEqual(3);
+    expect(suiteKeys.size).toBeGreaterThan(100);
+    const owners = await mastersOf(first, [...suiteKeys].map((k) => prefix + k));
+    const perMaster = new Map<string, number>();
+    for (const o of owners) perMaster.set(o, (perMaster.get(o) ?? 0) + 1);
+    expect(perMaster.size).toBe(masters.length);
+    // Roughly even: no master is starved of records.
+    for (const count of perMaster.values()) expect(count).toBeGreaterThan(suiteKeys.size / (masters.length * 4));
+  });
+
+  it('records really live on several masters (SCAN on each master finds its share)', async () => {
+    const store = createRedisStore({ client: first, prefix });
+    const keys = Array.from({ length: 60 }, (_, i) => `spread:${i}`);
+    await Promise.all(
+      keys.map(async (key) => {
+        const r = await store.begin(key, 'fp', 60_000);
+        if (r.kind !== 'acquired') throw new Error('expected acquired');
+        expect(await store.complete(key, r.token, { status: 200, headers: [], body: new Uint8Array([1]) }, 60_000)).toBe(true);
+      }),
+    );
+    const found: number[] = [];
+    for (const node of first.nodes('master')) {
+      let cursor = '0';
+      let count = 0;
+      do {
+        const [next, batch] = await node.scan(cursor, 'MATCH', `${prefix}spread:*`, 'COUNT', 1000);
+        count += batch.length;
+        cursor = next;
+      } while (cursor !== '0');
+      found.push(count);
+    }
+    expect(found.reduce((a, b) => a + b, 0)).toBe(keys.length);
+    expect(found.filter((c) => c > 0).length).toBeGreaterThanOrEqual(3);
+    // The same key is one record wherever the request lands: a second Cluster client replays it.
+    const other = createRedisStore({ client: await open(), prefix });
+    for (const key of keys.slice(0, 10)) {
+      const again = await other.begin(key, 'fp', 60_000);
+      expect(again.kind).toBe('existing');
+    }
+  });
+});
