@@ -1,0 +1,66 @@
+import type { Db } from 'mongodb';
+
+/** Current time in epoch ms by the store's clock. */
+export interface StoreClock {
+  now(): Promise<number>;
+}
+
+export const localClock: StoreClock = { now: async () => Date.now() };
+
+/**
+ * Estimates the MongoDB server's clock without a round trip per operation. FerretDB v1 has no
+ * `$$NOW` in updates and MongoDB's `$$NOW` cannot drive an upsert's filter, so the time has to
+ * be computed here: `hello.localTime` is read once (and re-read in the background every
+ * `refreshMs`), compensated by half the round trip, and kept as an offset to `Date.now()`.
+ * Precision: ± half the `hello` round trip (plus the server's 1 ms resolution).
+ */
+export class ServerClock implements StoreClock {
+  #offset = 0;
+  #syncedAt: number | undefined;
+  #first: Promise<void> | undefined;
+  #refreshing = false;
+
+  constructor(
+    private readonly db: Db,
+    private readonly refreshMs: number,
+  ) {}
+
+  async now(): Promise<number> {
+    if (this.#syncedAt === undefined) {
+      // The first operation waits for one `hello`; a failure rejects it and the next call retries.
+      this.#first ??= this.#sync().finally(() => {
+        this.#first = undefined;
+      });
+      await this.#first;
+    } else if (!this.#refreshing && Date.now() - this.#syncedAt >= this.refreshMs) {
+      this.#refreshing = true;
+      // Background refresh keeps operations at one round trip. If it fails the old offset stays
+      // (it was right a minute ago) and the next operation retries; the operation's own command
+      // surfaces a broken connection to the caller.
+      this.#sync()
+        .catch(() => undefined)
+        .finally(() => {
+          this.#refreshing = false;
+        });
+    }
+    return Date.now() + this.#offset;
+  }
+
+  /** Measured offset (server minus local), in ms. */
+  get offsetMs(): number {
+    return this.#offset;
+  }
+
+  async #sync(): Promise<void> {
+    const sent = Date.now();
+    const reply = await this.db.admin().command({ hello: 1 });
+    const received = Date.now();
+    const localTime: unknown = reply['localTime'];
+    if (!(localTime instanceof Date) || Number.isNaN(localTime.getTime())) {
+      throw new Error('[idemkit] [mongodb] The server answered `hello` without `localTime`; use clock: "local".');
+    }
+    // The server stamped localTime about halfway through the round trip.
+    this.#offset = Math.round(localTime.getTime() - (sent + (received - sent) / 2));
+    this.#syncedAt = received;
+  }
+}

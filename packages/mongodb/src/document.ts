@@ -1,0 +1,73 @@
+import { Binary } from 'mongodb';
+import type { IdempotencyRecord, LeaseToken, RecordState, StoredResponse } from '@idemkit/core';
+
+/** One record as it sits in MongoDB. Dates are BSON dates so the TTL index can read `expiresAt`. */
+export interface IdempotencyDocument {
+  /** The scoped key, always a plain string (never interpreted as an operator). */
+  _id: string;
+  fingerprint: string | null;
+  state: RecordState;
+  /** The lease holder's token; null once completed. */
+  token: LeaseToken | null;
+  leaseExpiresAt: Date | null;
+  response: StoredResponseDocument | null;
+  createdAt: Date;
+  /** For in-progress records the lease end; for completed ones the end of the replay window. */
+  expiresAt: Date;
+}
+
+export interface StoredResponseDocument {
+  status: number;
+  /** Objects, not [name, value] pairs: FerretDB v1 rejects nested arrays. Order is kept. */
+  headers: Array<{ name: string; value: string }>;
+  body: Binary;
+}
+
+export function toResponseDocument(response: StoredResponse): StoredResponseDocument {
+  return {
+    status: response.status,
+    headers: response.headers.map(([name, value]) => ({ name, value })),
+    // BSON Binary keeps the bytes exact; a copy so later mutation of the caller's buffer cannot leak in.
+    body: new Binary(Uint8Array.from(response.body)),
+  };
+}
+
+function bodyBytes(body: Binary): Uint8Array {
+  // A plain Uint8Array (not the driver's Buffer view), sized to the data actually written.
+  return Uint8Array.from(body.buffer.subarray(0, body.position));
+}
+
+/**
+ * Missing fields read as null: FerretDB v1 drops null-valued fields from an upsert's
+ * `$setOnInsert`, so a `null` fingerprint arrives as an absent one.
+ */
+export function toRecord(doc: IdempotencyDocument): IdempotencyRecord {
+  return {
+    key: doc._id,
+    fingerprint: doc.fingerprint ?? null,
+    state: doc.state,
+    leaseExpiresAt: doc.state === 'in_progress' && doc.leaseExpiresAt ? doc.leaseExpiresAt.getTime() : null,
+    response:
+      doc.state === 'completed' && doc.response
+        ? {
+            status: doc.response.status,
+            headers: doc.response.headers.map(({ name, value }) => [name, value] as const),
+            body: bodyBytes(doc.response.body),
+          }
+        : null,
+    createdAt: doc.createdAt.getTime(),
+    expiresAt: doc.expiresAt.getTime(),
+  };
+}
+
+/**
+ * A takeover claim: inserted (never updated) before an expired record is replaced, so that of
+ * several concurrent takers exactly one proceeds. The insert is the only compare-and-set that is
+ * atomic on every server that speaks the protocol: FerretDB v1 evaluates an update's filter and
+ * writes the document in two steps, so two conditional updates can both "match". Its object
+ * `_id` can never equal a record's string `_id`; `expiresAt` lets TTL/purgeExpired remove it.
+ */
+export interface TakeoverClaimDocument {
+  _id: { key: string; token: string | null; expiresAt: Date; window: number };
+  expiresAt: Date;
+}

@@ -1,0 +1,81 @@
+import { ConfigurationError } from '@idemkit/core';
+import type { IdempotencyLogger } from '@idemkit/core';
+import type { Collection, Db } from 'mongodb';
+import type { IdempotencyDocument } from './document.js';
+
+/** Where the records live: your own Collection, or a Db plus a collection name. */
+export type MongoStoreTarget =
+  | {
+      /** A collection you own. idemkit never closes its client. */
+      readonly collection: Collection<IdempotencyDocument>;
+    }
+  | {
+      /** A database you own. idemkit never closes its client. */
+      readonly db: Db;
+      /** @default 'idempotency_keys' */
+      readonly collectionName?: string;
+    };
+
+export type MongoStoreOptions = MongoStoreTarget & {
+  /**
+   * Which clock decides leases and expiry. 'server' estimates the MongoDB server's clock from
+   * `hello.localTime` (precision ± half a round trip), so app servers with skewed clocks agree;
+   * 'local' uses this process's `Date.now()`. @default 'server'
+   */
+  readonly clock?: 'server' | 'local';
+  /** How often the server-clock offset is re-measured, in ms (in the background). @default 60_000 */
+  readonly clockRefreshMs?: number;
+  /** Where the one-time "TTL indexes unsupported" warning goes. false silences it. @default console */
+  readonly logger?: Pick<IdempotencyLogger, 'warn'> | false;
+};
+
+export const DEFAULTS = Object.freeze({
+  collectionName: 'idempotency_keys',
+  clock: 'server',
+  clockRefreshMs: 60_000,
+} as const);
+
+export interface ResolvedMongoStoreOptions {
+  readonly collection: Collection<IdempotencyDocument>;
+  readonly clock: 'server' | 'local';
+  readonly clockRefreshMs: number;
+  readonly logger: Pick<IdempotencyLogger, 'warn'> | false;
+}
+
+function invalid(message: string): ConfigurationError {
+  return new ConfigurationError('ERR_IDEMKIT_STORE_OPTIONS', `[mongodb] ${message}`);
+}
+
+/** Validate up front and name the offending option (never at first use). */
+export function resolveOptions(options: MongoStoreOptions): ResolvedMongoStoreOptions {
+  if (options === null || typeof options !== 'object') {
+    throw invalid('Options are required: createMongoStore({ collection }) or createMongoStore({ db }).');
+  }
+  const hasCollection = 'collection' in options && options.collection !== undefined;
+  const hasDb = 'db' in options && options.db !== undefined;
+  if (hasCollection === hasDb) {
+    throw invalid('Pass exactly one of `collection` or `db`.');
+  }
+  let collection: Collection<IdempotencyDocument>;
+  if ('collection' in options && options.collection !== undefined) {
+    if (typeof options.collection.findOneAndUpdate !== 'function') {
+      throw invalid('`collection` must be a mongodb Collection.');
+    }
+    collection = options.collection;
+  } else {
+    const { db, collectionName = DEFAULTS.collectionName } = options as { db: Db; collectionName?: string };
+    if (typeof db.collection !== 'function') throw invalid('`db` must be a mongodb Db.');
+    if (typeof collectionName !== 'string' || collectionName === '') {
+      throw invalid('`collectionName` must be a non-empty string.');
+    }
+    collection = db.collection<IdempotencyDocument>(collectionName);
+  }
+  const clock = options.clock ?? DEFAULTS.clock;
+  if (clock !== 'server' && clock !== 'local') throw invalid("`clock` must be 'server' or 'local'.");
+  const clockRefreshMs = options.clockRefreshMs ?? DEFAULTS.clockRefreshMs;
+  if (!Number.isFinite(clockRefreshMs) || clockRefreshMs <= 0) {
+    throw invalid('`clockRefreshMs` must be a positive number of milliseconds.');
+  }
+  const logger = options.logger === undefined ? console : options.logger;
+  return Object.freeze({ collection, clock, clockRefreshMs, logger });
+}

@@ -1,0 +1,328 @@
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { MongoClient, MongoError } from 'mongodb';
+import type { CommandStartedEvent } from 'mongodb';
+import { ConfigurationError } from '@idemkit/core';
+import type { LeaseToken, StoredResponse } from '@idemkit/core';
+import { createMongoStore, DEFAULTS, PLAIN_INDEX_NAME, TTL_INDEX_NAME } from '../src/index.js';
+import type { IdempotencyDocument } from '../src/index.js';
+import { openTestDatabase } from './mongo.js';
+import type { TestDatabase } from './mongo.js';
+
+let t: TestDatabase;
+let n = 0;
+const key = (label: string) => `${label}-${++n}`;
+const response = (body: Uint8Array, status = 201): StoredResponse => ({
+  status,
+  headers: [
+    ['content-type', 'application/octet-stream'],
+    ['set-cookie', 'a=1'],
+    ['set-cookie', 'b=2'],
+  ],
+  body,
+});
+const silent = { warn: () => undefined };
+
+beforeAll(async () => {
+  t = await openTestDatabase('mongodb_store');
+});
+afterAll(async () => {
+  await t?.close();
+});
+
+describe('createMongoStore options', () => {
+  it('defaults to the idempotency_keys collection of the given Db', () => {
+    const store = createMongoStore({ db: t.db });
+    expect(store.collection.collectionName).toBe('idempotency_keys');
+    expect(DEFAULTS).toEqual({ collectionName: 'idempotency_keys', clock: 'server', clockRefreshMs: 60_000 });
+    expect(store.shared).toBe(true);
+  });
+
+  it('uses the given Collection as is', () => {
+    const collection = t.db.collection<IdempotencyDocument>('custom');
+    expect(createMongoStore({ collection }).collection).toBe(collection);
+    expect(createMongoStore({ db: t.db, collectionName: 'other' }).collection.collectionName).toBe('other');
+  });
+
+  it('rejects bad options at setup, naming the option', () => {
+    const bad = (o: unknown) => () => createMongoStore(o as Parameters<typeof createMongoStore>[0]);
+    expect(bad(undefined)).toThrow(ConfigurationError);
+    expect(bad({})).toThrow(/exactly one of `collection` or `db`/);
+    expect(bad({ db: t.db, collection: t.db.collection('x') })).toThrow(/exactly one/);
+    expect(bad({ db: t.db, collectionName: '' })).toThrow(/`collectionName`/);
+    expect(bad({ db: t.db, clock: 'wall' })).toThrow(/`clock`/);
+    expect(bad({ db: t.db, clockRefreshMs: 0 })).toThrow(/`clockRefreshMs`/);
+    expect(bad({ collection: {} })).toThrow(/`collection`/);
+  });
+});
+
+describe('atomic begin', () => {
+  it('200 concurrent begins from two separate MongoClients: exactly one winner', async () => {
+    const [a, b] = await Promise.all([t.client(), t.client()]);
+    const storeA = createMongoStore({ db: a.db(t.dbName) });
+    const storeB = createMongoStore({ db: b.db(t.dbName) });
+    for (let round = 0; round < 3; round++) {
+      const k = key('race');
+      const results = await Promise.all(
+        Array.from({ length: 200 }, (_, i) => (i % 2 === 0 ? storeA : storeB).begin(k, 'fp', 30_000)),
+      );
+      const winners = results.filter((r) => r.kind === 'acquired');
+      expect(winners).toHaveLength(1);
+      const token = winners[0]?.kind === 'acquired' ? winners[0].token : undefined;
+      for (const r of results) {
+        if (r.kind === 'existing') {
+          expect(r.record.state).toBe('in_progress');
+          expect(r.leaseRemainingMs).toBeGreaterThan(0);
+        }
+      }
+      expect(await storeA.complete(k, token as LeaseToken, response(new Uint8Array([round])), 60_000)).toBe(true);
+    }
+  });
+
+  it('concurrent takeovers of an expired lease: exactly one winner, the stale holder is refused', async () => {
+    const [a, b] = await Promise.all([t.client(), t.client()]);
+    const storeA = createMongoStore({ db: a.db(t.dbName) });
+    const storeB = createMongoStore({ db: b.db(t.dbName) });
+    for (let round = 0; round < 5; round++) {
+      const k = key('takeover');
+      const first = await storeA.begin(k, 'fp', 50);
+      expect(first.kind).toBe('acquired');
+      await vi.waitFor(async () => expect(await storeA.get(k)).toBeUndefined(), { timeout: 5_000, interval: 20 });
+      const results = await Promise.all(
+        Array.from({ length: 100 }, (_, i) => (i % 2 === 0 ? storeA : storeB).begin(k, 'fp', 30_000)),
+      );
+      const winners = results.filter((r) => r.kind === 'acquired');
+      expect(winners).toHaveLength(1);
+      expect(winners[0]).toMatchObject({ kind: 'acquired', tookOver: true });
+      const stale = first.kind === 'acquired' ? first.token : ('' as LeaseToken);
+      expect(await storeB.complete(k, stale, response(new Uint8Array([1])), 60_000)).toBe(false);
+      expect(await storeB.release(k, stale)).toBe(false);
+      expect(await storeB.renew(k, stale, 1_000)).toBe(false);
+      expect((await storeA.get(k))?.state).toBe('in_progress');
+    }
+  });
+
+  it('an expired completed record counts as absent and is replaced (tookOver: false)', async () => {
+    const store = createMongoStore({ db: t.db });
+    const k = key('expired-completed');
+    const first = await store.begin(k, 'fp', 30_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    expect(await store.complete(k, first.token, response(new Uint8Array([9])), 50)).toBe(true);
+    await vi.waitFor(async () => expect(await store.get(k)).toBeUndefined(), { timeout: 5_000, interval: 20 });
+    const second = await store.begin(k, 'other', 30_000);
+    expect(second).toMatchObject({ kind: 'acquired', tookOver: false });
+    expect((await store.get(k))?.fingerprint).toBe('other');
+  });
+});
+
+describe('keys are plain strings, never operators', () => {
+  const tricky = ['{"$gt":""}', '$where', 'a.b', '$', '$ne', '{"$ne":null}', 'this.a == 1', '.', '$$NOW', 'x\u00e9'];
+  it.each(tricky)('%s is stored and matched literally', async (raw) => {
+    const store = createMongoStore({ db: t.db, collectionName: 'tricky' });
+    await store.collection.insertOne({
+      _id: `${raw}-decoy`,
+      fingerprint: null,
+      state: 'in_progress',
+      token: 'decoy' as LeaseToken,
+      leaseExpiresAt: new Date(Date.now() + 3_600_000),
+      response: null,
+      createdAt: new Date(),
+      expiresAt: new Date(Date.now() + 3_600_000),
+    });
+    expect(await store.get(raw)).toBeUndefined();
+    const begun = await store.begin(raw, 'fp', 30_000);
+    expect(begun.kind).toBe('acquired');
+    const again = await store.begin(raw, 'fp', 30_000);
+    expect(again.kind).toBe('existing');
+    const doc = await store.collection.findOne({ _id: { $eq: raw } });
+    expect(doc?._id).toBe(raw);
+    expect(typeof doc?._id).toBe('string');
+    expect((await store.get(raw))?.key).toBe(raw);
+    if (begun.kind === 'acquired') expect(await store.release(raw, begun.token)).toBe(true);
+    expect((await store.get(`${raw}-decoy`))?.state).toBe('in_progress');
+  });
+
+  it('refuses a non-string key from an untyped caller instead of sending an operator object', async () => {
+    const store = createMongoStore({ db: t.db });
+    const operator = { $gt: '' } as unknown as string;
+    await expect(store.get(operator)).rejects.toThrow(TypeError);
+    await expect(store.begin(operator, null, 1_000)).rejects.toThrow(TypeError);
+  });
+});
+
+describe('bodies', () => {
+  it('round-trips binary bodies byte for byte', async () => {
+    const store = createMongoStore({ db: t.db });
+    const every = Uint8Array.from({ length: 256 }, (_, i) => i);
+    const big = new Uint8Array(1024 * 1024);
+    for (let i = 0; i < big.length; i += 65_536) crypto.getRandomValues(big.subarray(i, i + 65_536));
+    const invalidUtf8 = new Uint8Array([0xff, 0xfe, 0x00, 0xc3, 0x28, 0xed, 0xa0, 0x80]);
+    for (const body of [new Uint8Array(0), every, invalidUtf8, big]) {
+      const k = key('bytes');
+      const begun = await store.begin(k, null, 30_000);
+      if (begun.kind !== 'acquired') throw new Error('expected acquired');
+      const expected = Uint8Array.from(body);
+      const sent = response(body, 200);
+      expect(await store.complete(k, begun.token, sent, 60_000)).toBe(true);
+      body.fill(7); // the stored copy must not follow later changes of the caller's buffer
+      const replay = await store.begin(k, null, 30_000);
+      if (replay.kind !== 'existing' || replay.record.response === null) throw new Error('expected a stored response');
+      const got = replay.record.response;
+      expect(got.body).toBeInstanceOf(Uint8Array);
+      expect(got.body.length).toBe(expected.length);
+      expect(Buffer.compare(Buffer.from(got.body), Buffer.from(expected))).toBe(0);
+      expect((await store.get(k))?.response?.body).toEqual(expected);
+      expect(got.status).toBe(200);
+      expect(got.headers).toEqual(sent.headers);
+      expect(replay.record.fingerprint).toBeNull();
+    }
+  });
+});
+
+describe('one round trip per operation', () => {
+  it('counts driver commands with command monitoring', async () => {
+    const client = await t.client({ monitorCommands: true });
+    const commands: string[] = [];
+    client.on('commandStarted', (e: CommandStartedEvent) => commands.push(e.commandName));
+    const store = createMongoStore({ db: client.db(t.dbName), logger: silent });
+    const count = async <T>(run: () => Promise<T>): Promise<[T, string[]]> => {
+      commands.length = 0;
+      const value = await run();
+      return [value, [...commands]];
+    };
+    // The first operation also measures the server clock (one `hello`, then cached).
+    const [, warm] = await count(() => store.get(key('warm')));
+    expect(warm).toEqual(['hello', 'find']);
+
+    const k = key('rtt');
+    const [begun, c1] = await count(() => store.begin(k, 'fp', 30_000));
+    expect(c1).toEqual(['findAndModify']);
+    if (begun.kind !== 'acquired') throw new Error('expected acquired');
+    const [, c2] = await count(() => store.renew(k, begun.token, 30_000));
+    expect(c2).toEqual(['update']);
+    const [, c3] = await count(() => store.complete(k, begun.token, response(new Uint8Array([1])), 60_000));
+    expect(c3).toEqual(['update']);
+    const [replay, c4] = await count(() => store.begin(k, 'fp', 30_000));
+    expect(replay.kind).toBe('existing');
+    expect(c4).toEqual(['findAndModify']);
+    const [, c5] = await count(() => store.get(k));
+    expect(c5).toEqual(['find']);
+
+    const k2 = key('rtt-release');
+    const b2 = await store.begin(k2, null, 30_000);
+    if (b2.kind !== 'acquired') throw new Error('expected acquired');
+    const [released, c6] = await count(() => store.release(k2, b2.token));
+    expect(released).toBe(true);
+    expect(c6).toEqual(['delete']);
+
+    // Only an expired record costs more: the takeover claim and the conditional replace.
+    const k3 = key('rtt-expired');
+    await store.begin(k3, null, 1);
+    await vi.waitFor(async () => expect(await store.get(k3)).toBeUndefined(), { interval: 10 });
+    const [took, c7] = await count(() => store.begin(k3, null, 30_000));
+    expect(took).toMatchObject({ kind: 'acquired', tookOver: true });
+    expect(c7).toEqual(['findAndModify', 'insert', 'update']);
+  });
+
+  it("clock: 'local' never asks the server for its time", async () => {
+    const client = await t.client({ monitorCommands: true });
+    const commands: string[] = [];
+    client.on('commandStarted', (e: CommandStartedEvent) => commands.push(e.commandName));
+    const store = createMongoStore({ db: client.db(t.dbName), clock: 'local' });
+    await store.get(key('local'));
+    expect(commands).toEqual(['find']);
+  });
+});
+
+describe('server clock', () => {
+  it("stamps records with the server's time (hello.localTime), within the round trip", async () => {
+    const store = createMongoStore({ db: t.db });
+    const before = ((await t.db.admin().command({ hello: 1 })) as { localTime: Date }).localTime.getTime();
+    const k = key('clock');
+    await store.begin(k, null, 10_000);
+    const after = ((await t.db.admin().command({ hello: 1 })) as { localTime: Date }).localTime.getTime();
+    const record = await store.get(k);
+    // ± the measuring round trip on a local server: a few ms.
+    expect(record?.createdAt).toBeGreaterThanOrEqual(before - 50);
+    expect(record?.createdAt).toBeLessThanOrEqual(after + 50);
+    expect(record?.expiresAt).toBe((record?.createdAt ?? 0) + 10_000);
+    expect(record?.leaseExpiresAt).toBe(record?.expiresAt);
+  });
+});
+
+describe('indexes and expiry', () => {
+  it('ensureIndexes: a TTL index on MongoDB; on FerretDB one warning, a plain index, and the contract holds', async () => {
+    const warnings: string[] = [];
+    const store = createMongoStore({ db: t.db, collectionName: 'indexed', logger: { warn: (m: string) => warnings.push(m) } });
+    const ferret = await t.isFerretDB();
+    const first = await store.ensureIndexes();
+    const second = await store.ensureIndexes();
+    const indexes = await store.collection.indexes();
+    if (ferret) {
+      expect([first, second]).toEqual(['no-ttl', 'no-ttl']);
+      expect(warnings).toHaveLength(1);
+      expect(warnings[0]).toMatch(/refused a TTL index.*purgeExpired/s);
+      expect(indexes.map((i) => i.name)).toContain(PLAIN_INDEX_NAME);
+    } else {
+      expect([first, second]).toEqual(['ttl', 'ttl']);
+      expect(warnings).toHaveLength(0);
+      expect(indexes.find((i) => i.name === TTL_INDEX_NAME)?.expireAfterSeconds).toBe(0);
+    }
+    // Expired records count as absent on read, and purgeExpired removes them.
+    const k = key('indexed');
+    const begun = await store.begin(k, null, 30_000);
+    if (begun.kind !== 'acquired') throw new Error('expected acquired');
+    await store.complete(k, begun.token, response(new Uint8Array([1])), 30);
+    await vi.waitFor(async () => expect(await store.get(k)).toBeUndefined(), { interval: 10 });
+    if (ferret) expect(await store.collection.countDocuments({ _id: { $eq: k } })).toBe(1);
+    expect(await store.purgeExpired()).toBeLessThanOrEqual(1);
+    expect(await store.collection.countDocuments({ _id: { $eq: k } })).toBe(0);
+  });
+
+  it('purgeExpired deletes in batches of `limit` and spares live records', async () => {
+    const store = createMongoStore({ db: t.db, collectionName: 'purge' });
+    const past = new Date(Date.now() - 60_000);
+    const future = new Date(Date.now() + 3_600_000);
+    const doc = (id: string, expiresAt: Date): IdempotencyDocument => ({
+      _id: id,
+      fingerprint: null,
+      state: 'completed',
+      token: null,
+      leaseExpiresAt: null,
+      response: null,
+      createdAt: past,
+      expiresAt,
+    });
+    await store.collection.insertMany([
+      ...Array.from({ length: 25 }, (_, i) => doc(`old-${i}`, past)),
+      ...Array.from({ length: 5 }, (_, i) => doc(`live-${i}`, future)),
+    ]);
+    expect(await store.purgeExpired(10)).toBe(10);
+    expect(await store.purgeExpired(10)).toBe(10);
+    expect(await store.purgeExpired(10)).toBe(5);
+    expect(await store.purgeExpired(10)).toBe(0);
+    expect(await store.collection.countDocuments({})).toBe(5);
+    await expect(store.purgeExpired(0)).rejects.toThrow(RangeError);
+  });
+});
+
+describe('failures', () => {
+  it('a client closed mid-operation rejects with the driver error', async () => {
+    const client = new MongoClient(t.url, { serverSelectionTimeoutMS: 2_000 });
+    await client.connect();
+    const store = createMongoStore({ db: client.db(t.dbName), clock: 'local' });
+    await store.get(key('warm'));
+    const pending = store.begin(key('closed'), null, 30_000);
+    const closing = client.close();
+    await expect(pending).rejects.toBeInstanceOf(MongoError);
+    await closing;
+    await expect(store.get(key('after-close'))).rejects.toBeInstanceOf(MongoError);
+  });
+
+  it('close() never closes the caller-owned client and is safe twice', async () => {
+    const client = await t.client();
+    const store = createMongoStore({ db: client.db(t.dbName) });
+    await store.close();
+    await store.close();
+    expect(await client.db(t.dbName).command({ ping: 1 })).toMatchObject({ ok: 1 });
+  });
+});
