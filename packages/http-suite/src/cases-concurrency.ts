@@ -1,0 +1,52 @@
+import { expect } from 'vitest';
+import { expectProblem, newKey, type CaseContext } from './context.js';
+
+const PARALLEL = 100;
+/**
+ * How long the winner holds its lease. Not an ordering sleep: it only keeps the lease busy while
+ * the other 99 requests (sent at the same moment) arrive; the assertions hold for any interleaving
+ * in which they arrive within it.
+ */
+const HOLD_MS = 2_000;
+
+/** SPEC §2 row: same key while the first is still running. */
+export function concurrencyCases(t: CaseContext): void {
+  t.test(`${PARALLEL} parallel requests, one key → handler once, the others 409 + Retry-After`, async () => {
+    const app = await t.app();
+    const key = newKey();
+    const replies = await Promise.all(
+      Array.from({ length: PARALLEL }, () => app.post(`/orders?delay=${HOLD_MS}`, { key, json: { sku: 'A-1' } })),
+    );
+    expect(app.count('orders')).toBe(1);
+    const winners = replies.filter((r) => r.status === 201);
+    expect(winners).toHaveLength(1);
+    expect(winners[0]?.replayed).toBe(false);
+    const conflicts = replies.filter((r) => r.status !== 201);
+    expect(conflicts).toHaveLength(PARALLEL - 1);
+    for (const reply of conflicts) {
+      const problem = expectProblem(reply, 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+      const retryAfter = Number(reply.headers.get('retry-after'));
+      expect(Number.isInteger(retryAfter)).toBe(true);
+      expect(retryAfter).toBeGreaterThanOrEqual(1);
+      expect(problem['retryAfter']).toBe(retryAfter);
+    }
+    // Once the winner is done, the key replays.
+    const after = await app.post(`/orders?delay=${HOLD_MS}`, { key, json: { sku: 'A-1' } });
+    expect(after.replayed).toBe(true);
+    expect(after.body).toEqual(winners[0]?.body);
+  }, 30_000);
+
+  t.test(`${PARALLEL} parallel requests, one key, concurrency: 'wait' → handler once, all get the identical response`, async () => {
+    const app = await t.app({ concurrency: 'wait', waitTimeoutMs: 15_000 });
+    const key = newKey();
+    const replies = await Promise.all(
+      Array.from({ length: PARALLEL }, () => app.post(`/orders?delay=${HOLD_MS / 2}`, { key, json: { sku: 'A-1' } })),
+    );
+    expect(app.count('orders')).toBe(1);
+    for (const reply of replies) expect(reply.status).toBe(201);
+    const original = replies.filter((r) => !r.replayed);
+    expect(original).toHaveLength(1);
+    const bytes = original[0]?.body;
+    for (const reply of replies) expect(reply.body).toEqual(bytes);
+  }, 30_000);
+}

@@ -1,0 +1,89 @@
+import { expect } from 'vitest';
+import { expectProblem, newKey, type CaseContext } from './context.js';
+import { keyHeaderBytes, rawRequest } from './http.js';
+
+/** SPEC §2 rows: methods not covered, missing and invalid keys, key forms. */
+export function keyCases(t: CaseContext): void {
+  t.test('method not covered (GET) → passes through untouched', async () => {
+    const app = await t.app();
+    const key = newKey();
+    const first = await app.send('/orders', { method: 'GET', key });
+    const second = await app.send('/orders', { method: 'GET', key });
+    expect(first.status).toBe(200);
+    expect(first.json()).toEqual({ n: 1 });
+    expect(second.json()).toEqual({ n: 2 });
+    expect(second.replayed).toBe(false);
+    expect(app.count('list')).toBe(2);
+  });
+
+  t.test('no key → 400 problem+json, handler not run', async () => {
+    const app = await t.app();
+    const reply = await app.post('/orders', { json: { a: 1 } });
+    expectProblem(reply, 400, 'ERR_IDEMKIT_KEY_MISSING');
+    expect(app.count('orders')).toBe(0);
+  });
+
+  t.test('no key with required: false → passes through, runs every time', async () => {
+    const app = await t.app({ required: false });
+    const first = await app.post('/orders', { json: { a: 1 } });
+    const second = await app.post('/orders', { json: { a: 1 } });
+    expect(first.status).toBe(201);
+    expect(second.status).toBe(201);
+    expect(second.replayed).toBe(false);
+    expect(app.count('orders')).toBe(2);
+  });
+
+  t.test('invalid keys (empty, 256 chars, control char) → 400 problem+json', async () => {
+    const app = await t.app();
+    // A tab inside the value is the one control character HTTP/1.1 carries in a header value.
+    for (const key of ['', 'x'.repeat(256), 'ab\tcd']) {
+      const reply = await app.post('/orders', { key, json: { a: 1 } });
+      expectProblem(reply, 400, 'ERR_IDEMKIT_KEY_INVALID');
+    }
+    // 255 characters is still fine.
+    const ok = await app.post('/orders', { key: 'y'.repeat(255), json: { a: 1 } });
+    expect(ok.status).toBe(201);
+    expect(app.count('orders')).toBe(1);
+  });
+
+  t.test('non-ASCII key bytes and several Idempotency-Key headers → 400 problem+json', async () => {
+    const app = await t.app();
+    // Raw UTF-8 bytes on the wire (Node reads header bytes as latin1, so they arrive as non-ASCII characters).
+    const nonAscii = await rawRequest(app.url, '/orders', [keyHeaderBytes(Buffer.from(`café-${newKey()}`, 'utf8'))]);
+    expect(nonAscii.status).toBe(400);
+    expect(nonAscii.rest).toMatch(/content-type: application\/problem\+json/i);
+    expect(nonAscii.rest).toContain('"code":"ERR_IDEMKIT_KEY_INVALID"');
+
+    const several = await rawRequest(app.url, '/orders', [
+      keyHeaderBytes(Buffer.from(newKey())),
+      keyHeaderBytes(Buffer.from(newKey())),
+    ]);
+    expect(several.status).toBe(400);
+    expect(several.rest).toContain('"code":"ERR_IDEMKIT_KEY_INVALID"');
+    expect(app.count('orders')).toBe(0);
+  });
+
+  t.test('sf-string key ("abc") and bare key (abc) address the same record', async () => {
+    const app = await t.app();
+    const key = newKey();
+    const first = await app.post('/orders', { key: `"${key}"`, json: { a: 1 } });
+    const second = await app.post('/orders', { key, json: { a: 1 } });
+    expect(first.status).toBe(201);
+    expect(second.status).toBe(201);
+    expect(second.replayed).toBe(true);
+    expect(second.body).toEqual(first.body);
+    expect(app.count('orders')).toBe(1);
+  });
+
+  t.test('key in the body field (POST /create { idempotencyKey, data }) → replays', async () => {
+    const app = await t.app();
+    const body = { idempotencyKey: newKey(), data: { sku: 'A-1', qty: 2 } };
+    const first = await app.post('/create', { json: body });
+    const second = await app.post('/create', { json: body });
+    expect(first.status).toBe(201);
+    expect(first.json()).toMatchObject({ data: body.data });
+    expect(second.replayed).toBe(true);
+    expect(second.body).toEqual(first.body);
+    expect(app.count('create')).toBe(1);
+  });
+}

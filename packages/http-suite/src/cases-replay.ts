@@ -1,0 +1,106 @@
+import { UNREPLAYED_HEADERS } from '@idemkit/core';
+import { expect } from 'vitest';
+import { expectProblem, newKey, storeId, type CaseContext } from './context.js';
+
+/** SPEC §2 rows: first request, replay byte for byte, fingerprint mismatch, body kinds. */
+export function replayCases(t: CaseContext): void {
+  t.test('first request runs once, response unchanged; replay is byte-exact with Idempotent-Replayed', async () => {
+    const app = await t.app();
+    const key = newKey();
+    const first = await app.post('/orders', { key, json: { sku: 'A-1', qty: 2 } });
+    expect(first.status).toBe(201);
+    expect(first.replayed).toBe(false);
+    expect(first.headers.get('idempotent-replayed')).toBeNull();
+    const body = first.json() as { id: string; n: number; body: unknown };
+    expect(body).toMatchObject({ n: 1, body: { sku: 'A-1', qty: 2 } });
+    expect(first.headers.get('location')).toBe(`/orders/${body.id}`);
+    expect(first.headers.get('x-custom')).toBe('yes');
+    expect(first.headers.getSetCookie()).toEqual(['a=1', 'b=2']);
+
+    const replay = await app.post('/orders', { key, json: { sku: 'A-1', qty: 2 } });
+    expect(replay.status).toBe(201);
+    expect(replay.replayed).toBe(true);
+    expect(replay.body).toEqual(first.body);
+    expect(replay.headers.get('location')).toBe(first.headers.get('location'));
+    expect(replay.headers.get('x-custom')).toBe('yes');
+    expect(replay.headers.getSetCookie()).toEqual(['a=1', 'b=2']);
+    expect(replay.headers.get('content-type')).toBe(first.headers.get('content-type'));
+    expect(replay.headers.get('content-length')).toBe(String(first.body.byteLength));
+    expect(app.count('orders')).toBe(1);
+
+    // What was stored: end-to-end headers only, no Date (the replay gets its own), no hop-by-hop.
+    const record = await t.harness().store.get(storeId(key));
+    expect(record?.state).toBe('completed');
+    const storedNames = record?.response?.headers.map(([name]) => name) ?? [];
+    expect(storedNames).toEqual(expect.arrayContaining(['location', 'x-custom', 'set-cookie', 'content-type']));
+    for (const name of storedNames) expect(UNREPLAYED_HEADERS.has(name), name).toBe(false);
+    // The replay's Date is one fresh value, never a copy stacked on top of the server's own.
+    expect(replay.headers.get('date')).toMatch(/^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$/);
+  });
+
+  t.test('same key, different body or path → 422 problem, handler not run, original still replays', async () => {
+    const app = await t.app();
+    const key = newKey();
+    const first = await app.post('/orders', { key, json: { sku: 'A-1' } });
+    expect(first.status).toBe(201);
+
+    expectProblem(await app.post('/orders', { key, json: { sku: 'B-2' } }), 422, 'ERR_IDEMKIT_FINGERPRINT_MISMATCH');
+    expectProblem(await app.post('/orders?other=1', { key, json: { sku: 'A-1' } }), 422, 'ERR_IDEMKIT_FINGERPRINT_MISMATCH');
+    expect(app.count('orders')).toBe(1);
+
+    const replay = await app.post('/orders', { key, json: { sku: 'A-1' } });
+    expect(replay.replayed).toBe(true);
+    expect(replay.body).toEqual(first.body);
+  });
+
+  t.test('JSON key order does not change the fingerprint', async () => {
+    const app = await t.app();
+    const key = newKey();
+    await app.post('/orders', { key, json: { a: 1, b: 2 } });
+    const reordered = await app.post('/orders', { key, json: { b: 2, a: 1 } });
+    expect(reordered.replayed).toBe(true);
+    expect(app.count('orders')).toBe(1);
+  });
+
+  t.test('binary body replays byte-exact', async () => {
+    const app = await t.app();
+    const key = newKey();
+    const first = await app.post('/binary', { key });
+    const expected = Uint8Array.from({ length: 256 }, (_, i) => i);
+    expect(first.status).toBe(200);
+    expect(first.body).toEqual(expected);
+    expect(first.headers.get('content-type')).toMatch(/^application\/octet-stream/);
+    const replay = await app.post('/binary', { key });
+    expect(replay.replayed).toBe(true);
+    expect(replay.body).toEqual(expected);
+    expect(replay.headers.get('content-type')).toBe(first.headers.get('content-type'));
+    expect(app.count('binary')).toBe(1);
+  });
+
+  t.test('text body replays byte-exact', async () => {
+    const app = await t.app();
+    const key = newKey();
+    const text = 'plain text, ünïcödé ✓\nsecond line';
+    const first = await app.post('/text', { key, text });
+    expect(first.status).toBe(200);
+    expect(first.text()).toBe(text);
+    expect(first.headers.get('content-type')).toMatch(/^text\/plain/);
+    const replay = await app.post('/text', { key, text });
+    expect(replay.replayed).toBe(true);
+    expect(replay.body).toEqual(first.body);
+    expect(replay.headers.get('content-type')).toBe(first.headers.get('content-type'));
+    expect(app.count('text')).toBe(1);
+  });
+
+  t.test('PATCH is covered: runs once, then replays', async () => {
+    const app = await t.app();
+    const key = newKey();
+    const first = await app.send('/orders/o-1', { method: 'PATCH', key, json: { qty: 3 } });
+    expect(first.status).toBe(200);
+    expect(first.json()).toEqual({ id: 'o-1', n: 1, body: { qty: 3 } });
+    const replay = await app.send('/orders/o-1', { method: 'PATCH', key, json: { qty: 3 } });
+    expect(replay.replayed).toBe(true);
+    expect(replay.body).toEqual(first.body);
+    expect(app.count('patch')).toBe(1);
+  });
+}
