@@ -1,0 +1,43 @@
+import { replayHeaders, type StoredResponse } from '@idemkit/core';
+import type { FastifyReply } from 'fastify';
+
+/**
+ * The bytes of an `onSend` payload, or `undefined` when it cannot be buffered. By `onSend`
+ * Fastify has already serialised objects to a string, so string and Buffer cover every normal
+ * reply; streams (Node or web) and `Response` objects are left alone, as @fastify/etag does.
+ */
+export function payloadBytes(payload: unknown): Uint8Array | undefined {
+  if (payload === undefined || payload === null) return new Uint8Array(0);
+  if (typeof payload === 'string') return Buffer.from(payload, 'utf8');
+  if (payload instanceof Uint8Array) return payload;
+  return undefined;
+}
+
+/** A web `Response` carries its own status, which Fastify applies only after `onSend`. */
+export function payloadStatus(payload: unknown, fallback: number): number {
+  if (typeof payload === 'object' && payload !== null && Object.prototype.toString.call(payload) === '[object Response]') {
+    const status = (payload as { status?: unknown }).status;
+    if (typeof status === 'number') return status;
+  }
+  return fallback;
+}
+
+/** Replay a stored response: its status, its headers plus `Idempotent-Replayed: true`, its exact bytes. */
+export function sendReplay(reply: FastifyReply, response: StoredResponse): FastifyReply {
+  reply.code(response.status);
+  for (const [name, value] of replayHeaders(response)) reply.header(name, value);
+  return sendBody(reply, response.body);
+}
+
+/** Write core's problem response (status, headers, RFC 9457 bytes) unchanged. */
+export function sendStored(reply: FastifyReply, response: StoredResponse): FastifyReply {
+  reply.code(response.status);
+  for (const [name, value] of response.headers) reply.header(name, value);
+  return sendBody(reply, response.body);
+}
+
+function sendBody(reply: FastifyReply, body: Uint8Array): FastifyReply {
+  // An empty body goes out as "no payload", so Fastify does not invent a content-type for it.
+  if (body.byteLength === 0) return reply.send();
+  return reply.send(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
+}

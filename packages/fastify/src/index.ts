@@ -1,0 +1,15 @@
+// The plugin (also the default export, as the Fastify ecosystem expects).
+export { fastifyIdempotency, fastifyIdempotency as default } from './plugin.js';
+// Option types for the plugin and for per-route `config.idempotency`.
+export type { FastifyIdempotencyOptions, RouteIdempotencyConfig, RouteIdempotencyOptions } from './options.js';
+// What handlers read from `request.idempotency`, and the errors `onProblem` receives.
+export type { IdempotencyContext } from '@idemkit/core';
+export {
+  ConfigurationError,
+  FingerprintMismatchError,
+  IdempotencyError,
+  KeyError,
+  RequestInProgressError,
+  ResponseNotReplayableError,
+  StoreUnavailableError,
+} from '@idemkit/core';

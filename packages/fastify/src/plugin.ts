@@ -1,0 +1,213 @@
+import {
+  createIdempotencyEngine,
+  problemResponse,
+  toStoredHeaders,
+  type IdempotencyContext,
+  type IdempotencyEngine,
+  type IncomingRequest,
+  type Lease,
+} from '@idemkit/core';
+import type {
+  FastifyInstance,
+  FastifyPluginAsync,
+  FastifyReply,
+  FastifyRequest,
+  RouteOptions,
+} from 'fastify';
+import fp from 'fastify-plugin';
+import { payloadBytes, payloadStatus, sendReplay, sendStored } from './capture.js';
+import { routeOptions, type FastifyIdempotencyOptions, type RouteIdempotencyConfig } from './options.js';
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** Per-route overrides of the plugin options, or `false` to leave this route alone. */
+    idempotency?: RouteIdempotencyConfig;
+  }
+  interface FastifyRequest {
+    /** The running key (and transaction client) while this request holds a lease, else null. */
+    idempotency: IdempotencyContext | null;
+  }
+}
+
+/** Per-request lease state; lives under a symbol so nothing else can settle our lease. */
+interface LeaseState {
+  readonly lease: Lease;
+  /** Kept so the abort hook, which gets no reply, can tell a hijacked reply. */
+  readonly reply: FastifyReply;
+  /** The handler (or a hook after ours) failed: its error reply must never be stored. */
+  errored: boolean;
+}
+
+const kState = Symbol('idemkit.fastify.state');
+
+type StatefulRequest = FastifyRequest & { [kState]: LeaseState | null };
+
+function stateOf(request: FastifyRequest): LeaseState | null {
+  return (request as StatefulRequest)[kState];
+}
+
+function toIncoming(request: FastifyRequest): IncomingRequest {
+  return {
+    method: request.method.toUpperCase(),
+    path: request.url,
+    // headersDistinct keeps repeated Idempotency-Key headers apart (Node would join them).
+    headers: request.raw.headersDistinct,
+    // As Fastify parsed it: never parse a second time.
+    body: request.body,
+  };
+}
+
+/** The four hooks one route gets; built once per engine, shared by every route using it. */
+function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyIdempotencyOptions) {
+  const { onProblem } = options;
+
+  async function preHandler(request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply | undefined> {
+    // Guard against deciding twice (the plugin registered in two contexts covering one route).
+    if (stateOf(request) !== null) return undefined;
+    const decision = await engine.decide(toIncoming(request), request);
+    switch (decision.kind) {
+      case 'pass':
+        return undefined;
+      case 'replay':
+        return sendReplay(reply, decision.response);
+      case 'problem':
+        if (onProblem) {
+          await onProblem(request, reply, decision.error);
+          return reply;
+        }
+        return sendStored(reply, problemResponse(decision.error));
+      case 'run':
+        (request as StatefulRequest)[kState] = { lease: decision.lease, reply, errored: false };
+        request.idempotency = decision.lease.context;
+        return undefined;
+    }
+  }
+
+  // Runs after the payload is serialised and before a byte is written, so the record is stored
+  // before the client can see the answer (and retry): a retry always finds a replay, never a 409.
+  async function onSend(request: FastifyRequest, reply: FastifyReply, payload: unknown): Promise<unknown> {
+    const state = stateOf(request);
+    if (state === null || state.lease.settled) return payload;
+    if (state.errored) {
+      await state.lease.abandon('handler-threw');
+      return payload;
+    }
+    const status = payloadStatus(payload, reply.statusCode);
+    const body = payloadBytes(payload);
+    if (body === undefined) await state.lease.commitUnbuffered(status, 'not-bufferable');
+    else if (body.byteLength > engine.options.maxBodyBytes) await state.lease.commitUnbuffered(status, 'too-large');
+    else await state.lease.commit({ status, headers: toStoredHeaders(reply.getHeaders()), body });
+    return payload;
+  }
+
+  // The handler threw (or sent an Error): free the key so a retry may run. Fastify's error
+  // handler then renders the error as usual, and its reply passes onSend with nothing to store.
+  async function onError(request: FastifyRequest): Promise<void> {
+    const state = stateOf(request);
+    if (state === null) return;
+    state.errored = true;
+    await state.lease.abandon('handler-threw');
+  }
+
+  // Safety net: the response finished without onSend settling the lease (a hijacked reply that
+  // wrote to reply.raw itself, or an error path that skipped onSend).
+  async function onResponse(request: FastifyRequest, reply: FastifyReply): Promise<void> {
+    const state = stateOf(request);
+    if (state === null || state.lease.settled) return;
+    if (state.errored) await state.lease.abandon('handler-threw');
+    // The handler ran and answered past us: never run it again, as for a stream.
+    else if (reply.raw.writableFinished) await state.lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable');
+    else await state.lease.abandon('client-gone');
+  }
+
+  // The client went away (or its socket timed out). While the handler still runs inside Fastify
+  // we keep the lease: its answer is stored in onSend, so the client's retry replays it instead
+  // of running the operation a second time. Only a hijacked reply, whose onSend never comes,
+  // gives the key up here.
+  async function onClientGone(request: FastifyRequest): Promise<void> {
+    const state = stateOf(request);
+    if (state === null || state.lease.settled) return;
+    // `sent` with the lease still open means the reply was hijacked: onSend will never run.
+    if (state.reply.sent) await state.lease.abandon('client-gone');
+  }
+
+  return {
+    preHandler,
+    onSend,
+    onError,
+    onResponse,
+    onTimeout: (request: FastifyRequest, _reply: FastifyReply) => onClientGone(request),
+    onRequestAbort: (request: FastifyRequest) => onClientGone(request),
+  };
+}
+
+type RouteHooks = ReturnType<typeof routeHooks>;
+type HookName = keyof RouteHooks;
+
+/** Append our hook after whatever the route already has (a function, an array, or nothing). */
+function pushHook(route: RouteOptions, name: HookName, hook: RouteHooks[HookName]): void {
+  const slot = route as unknown as Record<HookName, unknown>;
+  const existing = slot[name];
+  if (Array.isArray(existing)) slot[name] = [...(existing as unknown[]), hook];
+  else if (typeof existing === 'function') slot[name] = [existing, hook];
+  else slot[name] = [hook];
+}
+
+function methodsOf(route: RouteOptions): string[] {
+  const m = route.method;
+  return (Array.isArray(m) ? m : [m]).map((x) => String(x).toUpperCase());
+}
+
+interface Attached {
+  readonly engine: IdempotencyEngine<FastifyRequest>;
+  readonly hooks: RouteHooks;
+}
+
+function withHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyIdempotencyOptions): Attached {
+  return { engine, hooks: routeHooks(engine, options) };
+}
+
+const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: FastifyInstance, options) => {
+  // Built (and validated) now, so a bad option fails `register`, not the first request.
+  const base = forEngine(options);
+  // One engine, and one set of hooks, per distinct option set: the plugin's own, plus one per
+  // `config.idempotency` object (routes sharing that object share the engine).
+  const shared = withHooks(base, options);
+  const perConfig = new WeakMap<object, Attached>();
+
+  fastify.decorateRequest('idempotency', null);
+  fastify.decorateRequest(kState, null);
+
+  fastify.addHook('onRoute', (route) => {
+    const config: unknown = route.config?.idempotency;
+    const merged = routeOptions(options, config, `${methodsOf(route).join(',')} ${route.url}`);
+    if (merged === null) return;
+
+    let attached = shared;
+    if (merged !== options) {
+      // Validated here, so a bad override fails at startup even on a route it would not cover.
+      const key = config as object;
+      attached = perConfig.get(key) ?? withHooks(forEngine(merged), merged);
+      perConfig.set(key, attached);
+    }
+    const covered = attached.engine.options.methods;
+    if (!methodsOf(route).some((m) => covered.has(m))) return;
+    for (const name of Object.keys(attached.hooks) as HookName[]) pushHook(route, name, attached.hooks[name]);
+  });
+};
+
+/** The core engine for one option set; binding-only extras are kept out of core's options. */
+function forEngine(options: FastifyIdempotencyOptions): IdempotencyEngine<FastifyRequest> {
+  const { onProblem: _onProblem, ...core } = options;
+  return createIdempotencyEngine<FastifyRequest>(core);
+}
+
+/**
+ * Idempotency-Key support for Fastify 5. Register it (with `await`) before the routes it should
+ * cover: it attaches per route through `onRoute`, so routes declared earlier are left alone.
+ *
+ * @example
+ * await app.register(fastifyIdempotency, { store: createMemoryStore() });
+ * app.post('/orders', async (request) => ({ id: randomUUID(), key: request.idempotency?.key }));
+ */
+export const fastifyIdempotency = fp(plugin, { name: '@idemkit/fastify', fastify: '5.x' });

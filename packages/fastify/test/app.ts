@@ -1,0 +1,88 @@
+import { randomUUID } from 'node:crypto';
+import { Readable } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { StartApp, StartAppInput } from '@idemkit/http-suite';
+import Fastify, { type FastifyInstance } from 'fastify';
+import { fastifyIdempotency } from '../src/index.js';
+
+type Query = Record<string, string | undefined>;
+
+/** The http-suite test app (packages/http-suite/src/contract.ts), on Fastify. */
+export async function buildApp({ store, options, counter, txWork }: StartAppInput): Promise<FastifyInstance> {
+  const app = Fastify();
+  const count = (name: string): number => {
+    const n = (counter.get(name) ?? 0) + 1;
+    counter.set(name, n);
+    return n;
+  };
+  // Raw bodies arrive as Buffers; JSON and text/plain parsers are Fastify's own.
+  app.addContentTypeParser('application/octet-stream', { parseAs: 'buffer' }, (_req, body, done) => done(null, body));
+
+  await app.register(fastifyIdempotency, {
+    ...options,
+    store,
+    scope: (request) => {
+      const user = request.headers['x-user'];
+      return typeof user === 'string' ? user : undefined;
+    },
+  });
+
+  app.post('/orders', async (request, reply) => {
+    const q = request.query as Query;
+    const n = count('orders');
+    if (q.delay !== undefined) await sleep(Number(q.delay));
+    const id = randomUUID();
+    reply
+      .code(q.status === undefined ? 201 : Number(q.status))
+      .header('location', `/orders/${id}`)
+      .header('x-custom', 'yes')
+      .header('set-cookie', ['a=1', 'b=2']);
+    return { id, n, body: request.body };
+  });
+  app.patch('/orders/:id', async (request) => {
+    const { id } = request.params as { id: string };
+    return { id, n: count('patch'), body: request.body };
+  });
+  app.get('/orders', async () => ({ n: count('list') }));
+  app.post('/binary', async (_request, reply) => {
+    count('binary');
+    return reply.type('application/octet-stream').send(Buffer.from(Array.from({ length: 256 }, (_, i) => i)));
+  });
+  app.post('/text', async (request, reply) => {
+    count('text');
+    return reply.type('text/plain').send(request.body as string);
+  });
+  app.post('/throw', async () => {
+    count('throw');
+    throw new Error('boom');
+  });
+  app.post('/stream', async (_request, reply) => {
+    count('stream');
+    return reply.type('text/plain').send(Readable.from(['a', 'b', 'c']));
+  });
+  app.post('/large', async (request, reply) => {
+    count('large');
+    const size = Number((request.query as Query).size);
+    return reply.type('application/octet-stream').send(Buffer.alloc(size, 0x61));
+  });
+  app.post('/tx', async (request, reply) => {
+    count('tx');
+    if (!txWork) throw new Error('POST /tx needs txWork');
+    const result = await txWork(request.idempotency?.transaction, request.body);
+    return reply.code(201).send(result);
+  });
+  app.post('/create', async (request, reply) => {
+    count('create');
+    const { data } = request.body as { data?: unknown };
+    return reply.code(201).send({ id: randomUUID(), data });
+  });
+  return app;
+}
+
+export const startApp: StartApp = async (input) => {
+  const app = await buildApp(input);
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const address = app.server.address();
+  if (address === null || typeof address === 'string') throw new Error('expected a TCP address');
+  return { url: `http://127.0.0.1:${address.port}`, close: () => app.close() };
+};
