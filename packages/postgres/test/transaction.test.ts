@@ -1,0 +1,228 @@
+import { randomUUID } from 'node:crypto';
+import { createIdempotencyEngine, type Decision, type IncomingRequest, type Lease } from '@idemkit/core';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { createPostgresStore, pgTransaction, type PostgresStore } from '../src/index.js';
+import { bytes, openSchema, type TestSchema } from './helpers.js';
+
+let db: TestSchema;
+let store: PostgresStore;
+let orders: string;
+
+beforeAll(async () => {
+  db = await openSchema();
+  store = createPostgresStore({ pool: db.pool, schema: db.schema });
+  await store.migrate();
+  orders = db.table('orders');
+  await db.pool.query(`CREATE TABLE ${orders} (id serial PRIMARY KEY, ref text NOT NULL)`);
+});
+
+afterAll(async () => {
+  await db.drop();
+});
+
+const key = (): string => `k:${randomUUID()}`;
+const ok = { status: 201, headers: [['content-type', 'text/plain']] as const, body: bytes('created') };
+
+async function rowsFor(ref: string): Promise<number> {
+  const { rows } = await db.pool.query<{ n: number }>(`SELECT count(*)::int AS n FROM ${orders} WHERE ref = $1`, [ref]);
+  return rows[0]?.n ?? -1;
+}
+
+/** Clients checked out of the pool right now (every path must give them back). */
+const checkedOut = (pool: pg.Pool): number => pool.totalCount - pool.idleCount;
+
+describe('store transactions (the flow the engine drives)', () => {
+  it('handler inserts then throws → rollback + release: no row, no record; the retry commits exactly one row', async () => {
+    const k = key();
+    const ref = randomUUID();
+    const first = await store.begin(k, 'fp', 30_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    const tx = await store.beginTransaction();
+    await tx.client.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+    // The handler throws: the engine rolls back, then releases the key.
+    await tx.rollback();
+    expect(await store.release(k, first.token)).toBe(true);
+    expect(await rowsFor(ref)).toBe(0);
+    expect(await store.get(k)).toBeUndefined();
+
+    const retry = await store.begin(k, 'fp', 30_000);
+    if (retry.kind !== 'acquired') throw new Error('expected acquired');
+    const tx2 = await store.beginTransaction();
+    await tx2.client.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+    // Uncommitted: nobody else sees the row yet.
+    expect(await rowsFor(ref)).toBe(0);
+    expect(await tx2.complete(k, retry.token, ok, 60_000)).toBe(true);
+    await tx2.rollback(); // safe after complete
+    expect(await rowsFor(ref)).toBe(1);
+    const replay = await store.begin(k, 'fp', 30_000);
+    expect(replay).toMatchObject({ kind: 'existing', record: { state: 'completed', response: { status: 201 } } });
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('complete with a stale token after a takeover rolls the stale writes back and returns false', async () => {
+    const k = key();
+    const ref = randomUUID();
+    const stale = await store.begin(k, 'fp', 150);
+    if (stale.kind !== 'acquired') throw new Error('expected acquired');
+    const tx = await store.beginTransaction();
+    await tx.client.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+    await vi.waitFor(async () => expect(await store.get(k)).toBeUndefined(), { timeout: 5_000, interval: 20 });
+    const next = await store.begin(k, 'fp', 30_000);
+    expect(next).toMatchObject({ kind: 'acquired', tookOver: true });
+    expect(await tx.complete(k, stale.token, ok, 60_000)).toBe(false);
+    expect(await rowsFor(ref)).toBe(0);
+    expect((await store.get(k))?.state).toBe('in_progress');
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('rollback() while complete() is still running wins: nothing commits', async () => {
+    const k = key();
+    const ref = randomUUID();
+    const first = await store.begin(k, 'fp', 30_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    const tx = await store.beginTransaction();
+    await tx.client.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+    // As when the engine's store deadline fires during complete and it rolls back.
+    const completing = tx.complete(k, first.token, ok, 60_000);
+    const rolling = tx.rollback();
+    expect(await completing).toBe(false);
+    await rolling;
+    expect(await rowsFor(ref)).toBe(0);
+    expect((await store.get(k))?.state).toBe('in_progress');
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('a failing COMMIT throws the driver error, commits nothing and still returns the client', async () => {
+    const deferred = db.table('deferred_refs');
+    await db.pool.query(`CREATE TABLE ${deferred} (ref text UNIQUE DEFERRABLE INITIALLY DEFERRED)`);
+    const k = key();
+    const first = await store.begin(k, 'fp', 30_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    const tx = await store.beginTransaction();
+    // The duplicate is only detected at COMMIT (deferred constraint).
+    await tx.client.query(`INSERT INTO ${deferred} (ref) VALUES ('dup'), ('dup')`);
+    await expect(tx.complete(k, first.token, ok, 60_000)).rejects.toMatchObject({ code: '23505' });
+    await tx.rollback(); // what the engine does after a failed complete: a no-op here
+    expect((await store.get(k))?.state).toBe('in_progress');
+    expect((await db.pool.query(`SELECT count(*)::int AS n FROM ${deferred}`)).rows[0]).toEqual({ n: 0 });
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('a handler that broke the transaction: complete rejects with the driver error, rolls back, returns the client', async () => {
+    const k = key();
+    const first = await store.begin(k, 'fp', 30_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    const tx = await store.beginTransaction();
+    await expect(tx.client.query('SELECT 1/0')).rejects.toMatchObject({ code: '22012' });
+    await expect(tx.complete(k, first.token, ok, 60_000)).rejects.toMatchObject({ code: '25P02' });
+    expect((await store.get(k))?.state).toBe('in_progress');
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('complete twice is refused; the transaction is single-use', async () => {
+    const k = key();
+    const first = await store.begin(k, 'fp', 30_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    const tx = await store.beginTransaction();
+    expect(await tx.complete(k, first.token, ok, 60_000)).toBe(true);
+    await expect(tx.complete(k, first.token, ok, 60_000)).rejects.toThrow(/already completed or rolled back/);
+  });
+});
+
+describe('pgTransaction()', () => {
+  it('returns the client of a transactional context', async () => {
+    const tx = await store.beginTransaction();
+    expect(pgTransaction({ transaction: tx.client })).toBe(tx.client);
+    await tx.rollback();
+  });
+
+  it('throws a clear error outside transactional mode', () => {
+    expect(() => pgTransaction({ transaction: undefined })).toThrow(/Enable `transactional: true`/);
+    expect(() => pgTransaction(undefined)).toThrow(/not running under an idempotency key/);
+    expect(() => pgTransaction(null)).toThrow(expect.objectContaining({ code: 'ERR_IDEMKIT_NOT_TRANSACTIONAL' }));
+  });
+});
+
+describe('through createIdempotencyEngine({ store, transactional: true })', () => {
+  const request = (k: string, ref: string): IncomingRequest => ({
+    method: 'POST',
+    path: '/orders',
+    headers: { 'idempotency-key': k },
+    body: { ref },
+  });
+
+  async function run(decision: Decision, handler: (lease: Lease) => Promise<{ status: number; text: string }>) {
+    if (decision.kind !== 'run') throw new Error(`expected run, got ${decision.kind}`);
+    try {
+      const out = await handler(decision.lease);
+      return decision.lease.commit({ status: out.status, headers: [['content-type', 'text/plain']], body: bytes(out.text) });
+    } catch (error) {
+      await decision.lease.abandon('handler-threw');
+      throw error;
+    }
+  }
+
+  it('throw → no row, no record; retry commits one row; the next retry replays without running', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const k = key();
+    const ref = randomUUID();
+    let runs = 0;
+    const handler = (fail: boolean) => async (lease: Lease) => {
+      runs++;
+      const tx = pgTransaction(lease.context);
+      await tx.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+      if (fail) throw new Error('boom');
+      return { status: 201, text: `order ${ref}` };
+    };
+
+    await expect(run(await engine.decide(request(k, ref)), handler(true))).rejects.toThrow('boom');
+    expect(await rowsFor(ref)).toBe(0);
+    expect(await store.get(`${k}`)).toBeUndefined();
+
+    expect(await run(await engine.decide(request(k, ref)), handler(false))).toBe(true);
+    expect(await rowsFor(ref)).toBe(1);
+
+    const replay = await engine.decide(request(k, ref));
+    expect(replay.kind).toBe('replay');
+    if (replay.kind === 'replay') expect(new TextDecoder().decode(replay.response.body)).toBe(`order ${ref}`);
+    expect(runs).toBe(2);
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('a non-storable status rolls the business writes back and frees the key', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const k = key();
+    const ref = randomUUID();
+    const stored = await run(await engine.decide(request(k, ref)), async (lease) => {
+      await pgTransaction(lease.context).query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+      return { status: 503, text: 'try later' };
+    });
+    expect(stored).toBe(false);
+    expect(await rowsFor(ref)).toBe(0);
+    const again = await engine.decide(request(k, ref));
+    expect(again.kind).toBe('run');
+    if (again.kind === 'run') await again.lease.abandon('client-gone');
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('20 concurrent requests with one key: the business row is written exactly once', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false, concurrency: 'wait', waitTimeoutMs: 10_000 });
+    const k = key();
+    const ref = randomUUID();
+    const outcomes = await Promise.all(
+      Array.from({ length: 20 }, async () => {
+        const decision = await engine.decide(request(k, ref));
+        if (decision.kind === 'replay') return 'replay';
+        await run(decision, async (lease) => {
+          await pgTransaction(lease.context).query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+          return { status: 201, text: 'once' };
+        });
+        return 'ran';
+      }),
+    );
+    expect(outcomes.filter((o) => o === 'ran')).toHaveLength(1);
+    expect(outcomes.filter((o) => o === 'replay')).toHaveLength(19);
+    expect(await rowsFor(ref)).toBe(1);
+  });
+});
