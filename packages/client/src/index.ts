@@ -1,0 +1,11 @@
+// The safe-retry fetch and its options.
+export {
+  createIdempotentFetch,
+  RetryDeadlineError,
+  type AttemptInfo,
+  type IdempotentFetch,
+  type IdempotentFetchOptions,
+  type IdempotentRequestInit,
+} from './idempotent-fetch.js';
+// The retry rules, for callers who build their own loop.
+export { backoffDelay, defaultRetryOn, parseRetryAfter } from './retry-policy.js';

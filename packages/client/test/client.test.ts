@@ -1,0 +1,169 @@
+import { afterEach, describe, expect, it } from 'vitest';
+import { backoffDelay, createIdempotentFetch, parseRetryAfter, RetryDeadlineError, type AttemptInfo } from '../src/index.js';
+import { startLossyProxy, startServer, type TestServer } from './server.js';
+
+const open: Array<{ close(): Promise<void> }> = [];
+afterEach(async () => {
+  await Promise.all(open.splice(0).map((s) => s.close()));
+});
+
+async function server(options?: Parameters<typeof startServer>[0]): Promise<TestServer> {
+  const s = await startServer(options);
+  open.push(s);
+  return s;
+}
+
+function recorder() {
+  const attempts: AttemptInfo[] = [];
+  return { attempts, onAttempt: (a: AttemptInfo) => attempts.push(a) };
+}
+
+const fast = { baseDelayMs: 5, maxDelayMs: 50 };
+const json = (body: unknown): RequestInit => ({ method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+
+describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
+  it('lost responses: retries with the same key, the handler runs once, the retry gets the replay', async () => {
+    const s = await server();
+    const proxy = await startLossyProxy(s.url, 2);
+    open.push(proxy);
+    const { attempts, onAttempt } = recorder();
+    const fetchSafe = createIdempotentFetch({ ...fast, onAttempt });
+    const res = await fetchSafe(`${proxy.url}/orders`, json({ item: 'book' }));
+    expect(res.status).toBe(201);
+    expect(res.headers.get('idempotent-replayed')).toBe('true');
+    expect(await res.json()).toEqual({ order: 1, body: { item: 'book' } });
+    expect(s.runs.get('orders')).toBe(1);
+    expect(attempts.map((a) => a.status ?? 'network-error')).toEqual(['network-error', 'network-error', 201]);
+    expect(new Set(attempts.map((a) => a.key)).size).toBe(1);
+  });
+
+  it('409 while the first still runs: retries until the replay arrives (a double click makes one order)', async () => {
+    const s = await server();
+    const fetchSafe = createIdempotentFetch({ ...fast, maxAttempts: 50 });
+    const key = 'double-click-1';
+    const [a, b] = await Promise.all([
+      fetchSafe(`${s.url}/orders?delay=150`, { ...json({ item: 'x' }), idempotencyKey: key }),
+      fetchSafe(`${s.url}/orders?delay=150`, { ...json({ item: 'x' }), idempotencyKey: key }),
+    ]);
+    expect([a.status, b.status]).toEqual([201, 201]);
+    expect(await a.json()).toEqual(await b.json());
+    expect(s.runs.get('orders')).toBe(1);
+  });
+
+  it.each([408, 425, 429, 500, 503])('retries %i and sends the same key every time', async (status) => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ ...fast, onAttempt })(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': `${status},${status}` } });
+    expect(res.status).toBe(201);
+    expect(attempts.map((a) => a.status)).toEqual([status, status, 201]);
+    expect(new Set(attempts.map((a) => a.key)).size).toBe(1);
+  });
+
+  it('honours Retry-After (up to maxDelayMs)', async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ baseDelayMs: 1, maxDelayMs: 5_000, onAttempt })(`${s.url}/statuses`, {
+      method: 'POST',
+      headers: { 'x-statuses': '503', 'x-retry-after': '1' },
+    });
+    expect(res.status).toBe(201);
+    expect(attempts[0]?.delayMs).toBeGreaterThanOrEqual(1_000);
+  });
+
+  it.each([
+    ['400 (invalid key)', { idempotencyKey: 'k'.repeat(300) }, 400],
+    ['422 (key reused with another body)', { idempotencyKey: 'reused' }, 422],
+  ])('never retries %s', async (_, init, status) => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const fetchSafe = createIdempotentFetch({ ...fast, onAttempt });
+    if (status === 422) await fetchSafe(`${s.url}/orders`, { ...json({ a: 1 }), ...init });
+    attempts.length = 0;
+    const res = await fetchSafe(`${s.url}/orders`, { ...json({ a: 2 }), ...init });
+    expect(res.status).toBe(status);
+    expect(res.headers.get('content-type')).toContain('application/problem+json');
+    expect(attempts).toHaveLength(1);
+  });
+
+  it('stops after maxAttempts and returns the last response', async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ ...fast, maxAttempts: 3, onAttempt })(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '503,503,503,503' } });
+    expect(res.status).toBe(503);
+    expect(attempts).toHaveLength(3);
+    expect(attempts.at(-1)?.willRetry).toBe(false);
+  });
+
+  it('an AbortSignal stops the retries', async () => {
+    const s = await server();
+    const controller = new AbortController();
+    const fetchSafe = createIdempotentFetch({
+      baseDelayMs: 10_000,
+      maxDelayMs: 10_000,
+      random: () => 1,
+      onAttempt: (a) => {
+        if (a.willRetry) controller.abort(new Error('user left the page'));
+      },
+    });
+    await expect(fetchSafe(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '503' }, signal: controller.signal })).rejects.toThrow('user left the page');
+    expect(s.runs.get('statuses')).toBe(1);
+  });
+
+  it('the total deadline bounds all attempts', async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const started = Date.now();
+    const res = await createIdempotentFetch({ baseDelayMs: 100, maxDelayMs: 100, random: () => 1, deadlineMs: 450, maxAttempts: 100, onAttempt })(`${s.url}/statuses`, {
+      method: 'POST',
+      headers: { 'x-statuses': Array(50).fill(503).join(',') },
+    });
+    expect(res.status).toBe(503);
+    expect(attempts.length).toBeLessThan(10);
+    expect(Date.now() - started).toBeLessThan(2_000);
+  });
+
+  it('a deadline that ends during a hung attempt rejects with RetryDeadlineError', async () => {
+    const s = await server();
+    await expect(createIdempotentFetch({ deadlineMs: 100 })(`${s.url}/orders?delay=1000`, json({}))).rejects.toBeInstanceOf(RetryDeadlineError);
+  });
+
+  it('leaves methods without idempotency alone: no key, one attempt', async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ onAttempt })(`${s.url}/orders`);
+    expect(res.status).toBe(200);
+    expect(attempts).toHaveLength(0);
+  });
+
+  it('keeps a key the caller already set in the headers, and makes a new key per operation', async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const fetchSafe = createIdempotentFetch({ onAttempt });
+    await fetchSafe(`${s.url}/orders`, { method: 'POST', headers: { 'Idempotency-Key': 'mine' }, body: '{}' });
+    await fetchSafe(`${s.url}/orders`, json({}));
+    await fetchSafe(`${s.url}/orders`, json({}));
+    expect(attempts[0]?.key).toBe('mine');
+    expect(new Set(attempts.map((a) => a.key)).size).toBe(3);
+    expect(s.runs.get('orders')).toBe(3);
+  });
+});
+
+describe('retry rules', () => {
+  it('backoff grows exponentially with full jitter and a cap', () => {
+    expect(backoffDelay(1, 100, 1_000, () => 1)).toBe(100);
+    expect(backoffDelay(3, 100, 1_000, () => 1)).toBe(400);
+    expect(backoffDelay(10, 100, 1_000, () => 1)).toBe(1_000);
+    expect(backoffDelay(3, 100, 1_000, () => 0)).toBe(0);
+  });
+
+  it('parses Retry-After as seconds or an HTTP date', () => {
+    expect(parseRetryAfter('3')).toBe(3_000);
+    expect(parseRetryAfter(new Date(Date.now() + 10_000).toUTCString())! / 1000).toBeGreaterThan(8);
+    expect(parseRetryAfter('soon')).toBeUndefined();
+    expect(parseRetryAfter(null)).toBeUndefined();
+  });
+
+  it('validates its options', () => {
+    expect(() => createIdempotentFetch({ maxAttempts: 0 })).toThrow(/maxAttempts/);
+  });
+});

@@ -1,0 +1,83 @@
+import net from 'node:net';
+import { createMemoryStore, type IdempotencyOptions } from '@idemkit/core';
+import fastifyIdempotency from '@idemkit/fastify';
+import Fastify, { type FastifyRequest } from 'fastify';
+
+export interface TestServer {
+  url: string;
+  /** Handler executions per route. */
+  runs: Map<string, number>;
+  close(): Promise<void>;
+}
+
+/**
+ * A real Fastify server with @idemkit/fastify. `POST /statuses` answers the statuses listed in
+ * `x-statuses` one per execution (then 201), with `x-retry-after` as Retry-After.
+ */
+export async function startServer(options: Partial<Omit<IdempotencyOptions<FastifyRequest>, 'store'>> = {}): Promise<TestServer> {
+  const app = Fastify();
+  const runs = new Map<string, number>();
+  const count = (route: string) => {
+    const n = (runs.get(route) ?? 0) + 1;
+    runs.set(route, n);
+    return n;
+  };
+  await app.register(fastifyIdempotency, { store: createMemoryStore(), logger: false, ...options });
+  app.post('/orders', async (req, reply) => {
+    const n = count('orders');
+    const delay = Number((req.query as { delay?: string }).delay ?? 0);
+    if (delay) await new Promise((r) => setTimeout(r, delay));
+    reply.code(201);
+    return { order: n, body: req.body };
+  });
+  app.post('/statuses', async (req, reply) => {
+    const n = count('statuses');
+    const statuses = String(req.headers['x-statuses'] ?? '').split(',').filter(Boolean).map(Number);
+    const status = statuses[n - 1];
+    if (status === undefined) return reply.code(201).send({ ok: true, run: n });
+    if (req.headers['x-retry-after']) reply.header('retry-after', String(req.headers['x-retry-after']));
+    return reply.code(status).send({ status });
+  });
+  app.get('/orders', async () => ({ runs: count('list') }));
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const address = app.server.address() as net.AddressInfo;
+  return { url: `http://127.0.0.1:${address.port}`, runs, close: () => app.close() };
+}
+
+/**
+ * A TCP proxy that loses the answer of the first `dropResponses` connections: the request reaches
+ * the server (which runs the handler and stores the response), the client's socket is cut.
+ */
+export async function startLossyProxy(target: string, dropResponses: number): Promise<{ url: string; connections: () => number; close(): Promise<void> }> {
+  const { port, hostname } = new URL(target);
+  let connections = 0;
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((client) => {
+    const n = ++connections;
+    const upstream = net.connect(Number(port), hostname);
+    sockets.add(client).add(upstream);
+    client.pipe(upstream);
+    upstream.on('data', (chunk) => {
+      if (n <= dropResponses) {
+        client.destroy();
+        upstream.destroy();
+      } else client.write(chunk);
+    });
+    upstream.on('end', () => client.end());
+    client.on('error', () => upstream.destroy());
+    upstream.on('error', () => client.destroy());
+    client.on('close', () => sockets.delete(client));
+    upstream.on('close', () => sockets.delete(upstream));
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const address = server.address() as net.AddressInfo;
+  return {
+    url: `http://127.0.0.1:${address.port}`,
+    connections: () => connections,
+    close: () =>
+      new Promise((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
