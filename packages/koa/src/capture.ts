@@ -1,0 +1,73 @@
+import { Stream } from 'node:stream';
+import type { Context } from 'koa';
+
+/** Statuses Koa's respond() sends without a body (`statuses.empty`). */
+const EMPTY_STATUSES: ReadonlySet<number> = new Set([204, 205, 304]);
+const EMPTY = Buffer.alloc(0);
+
+/** What the handler answered: the exact bytes Koa will send, or a body that cannot be buffered. */
+export type Captured = { readonly kind: 'bytes'; readonly body: Buffer } | { readonly kind: 'unbuffered' };
+
+const UNBUFFERED: Captured = Object.freeze({ kind: 'unbuffered' });
+
+/**
+ * Turn `ctx.body` into the bytes Koa's respond() would write (Koa 3 `lib/application.js`), and
+ * leave `ctx` so respond() writes exactly those bytes with the headers read right after: Buffer
+ * and string as they are, `null` on 204/205/304 and on an explicit `ctx.body = null`, Koa's status
+ * text for an unset body, `JSON.stringify` (no spacing) for anything else. Streams, Blob,
+ * ReadableStream, Response and `ctx.respond = false` are not bufferable.
+ */
+export function captureResponse(ctx: Context): Captured {
+  const res = ctx.res;
+  // The handler bypassed Koa or wrote to ctx.res itself: the bytes are already gone.
+  if (ctx.respond === false || res.headersSent || res.writableEnded) return UNBUFFERED;
+  const status = ctx.status;
+
+  if (EMPTY_STATUSES.has(status)) {
+    // respond() drops the body and strips content-type/length here; do it now so the stored
+    // headers are the sent ones.
+    ctx.body = null;
+    return { kind: 'bytes', body: EMPTY };
+  }
+
+  const body: unknown = ctx.body;
+  if (body === null || body === undefined) {
+    if ((ctx.response as { _explicitNullBody?: boolean })._explicitNullBody === true) {
+      // `ctx.body = null` with a status that allows a body: respond() sends an empty body.
+      ctx.remove('Content-Type');
+      ctx.remove('Transfer-Encoding');
+      ctx.length = 0;
+      return { kind: 'bytes', body: EMPTY };
+    }
+    // Nothing set the body: respond() sends the status message (just the code on HTTP/2) as text.
+    const text = ctx.req.httpVersionMajor >= 2 ? String(status) : ctx.message || String(status);
+    ctx.type = 'text';
+    return assign(ctx, status, Buffer.from(text));
+  }
+  if (Buffer.isBuffer(body)) return { kind: 'bytes', body };
+  if (typeof body === 'string') return assign(ctx, status, Buffer.from(body));
+  if (isUnbufferable(body)) return UNBUFFERED;
+
+  const json: string | undefined = JSON.stringify(body);
+  // JSON.stringify gives undefined for e.g. a function; leave such a body to Koa untouched.
+  if (json === undefined) return UNBUFFERED;
+  return assign(ctx, status, Buffer.from(json));
+}
+
+/** Replace the body by its bytes without letting Koa's setter change content-type or status. */
+function assign(ctx: Context, status: number, bytes: Buffer): Captured {
+  const hadType = ctx.res.hasHeader('content-type');
+  ctx.body = bytes;
+  // A Buffer body gets application/octet-stream when no type is set; keep "no type".
+  if (!hadType) ctx.remove('Content-Type');
+  // Assigning a body sets 200 unless the status was set explicitly (e.g. Koa's default 404).
+  if (ctx.status !== status) ctx.status = status;
+  return { kind: 'bytes', body: bytes };
+}
+
+/** Bodies respond() pipes instead of writing at once (same test as Koa's `is-stream`). */
+function isUnbufferable(body: unknown): boolean {
+  if (body instanceof Stream || body instanceof Blob || body instanceof ReadableStream || body instanceof Response) return true;
+  const b = body as Partial<Record<'pipe' | 'read' | 'destroy', unknown>> & { readable?: unknown };
+  return typeof body === 'object' && body !== null && Boolean(b.readable) && typeof b.pipe === 'function' && typeof b.read === 'function';
+}

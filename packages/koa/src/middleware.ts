@@ -1,0 +1,158 @@
+import type { IncomingMessage } from 'node:http';
+import {
+  ConfigurationError,
+  createIdempotencyEngine,
+  problemResponse,
+  replayHeaders,
+  toStoredHeaders,
+  type IdempotencyContext,
+  type IdempotencyError,
+  type IdempotencyOptions,
+  type Lease,
+  type ResolvedOptions,
+} from '@idemkit/core';
+import type { Context, Middleware, Next } from 'koa';
+import { captureResponse } from './capture.js';
+import type { KoaIdempotencyOptions } from './options.js';
+import { groupHeaders, sendStored } from './send.js';
+
+declare module 'koa' {
+  interface DefaultState {
+    /**
+     * Set by `@idemkit/koa`: the running key (`key`, `tookOver`, `transaction`) while the handler
+     * runs under an idempotency lease, `null` when the request is not covered.
+     */
+    idempotency?: IdempotencyContext | null;
+  }
+}
+
+/**
+ * Marks a context whose request already runs under a lease, so an app-wide and a per-route
+ * `idempotency()` never claim the same key twice (the second would answer 409 to itself).
+ * `Symbol.for` so the ESM and CJS builds agree.
+ */
+const RUNNING = Symbol.for('@idemkit/koa.running');
+
+/**
+ * Koa middleware that makes POST and PATCH safe to retry with an `Idempotency-Key` header.
+ * Mount a body parser (e.g. `@koa/bodyparser`) before it: the fingerprint covers the parsed body.
+ *
+ * @example
+ * ```ts
+ * const app = new Koa();
+ * app.use(bodyParser());
+ * app.use(idempotency({ store: createPostgresStore({ pool }) }));
+ * app.use(router.routes());
+ * ```
+ */
+export function idempotency(options: KoaIdempotencyOptions): Middleware {
+  const onProblem = (options as Partial<KoaIdempotencyOptions> | undefined)?.onProblem;
+  if (onProblem !== undefined && typeof onProblem !== 'function') {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`onProblem` must be a function.');
+  }
+  const engine = createIdempotencyEngine<Context>(engineOptions(options));
+  const resolved = engine.options;
+  const bodyMatters = needsBody(resolved);
+  let warnedUnparsed = false;
+
+  const answerProblem = async (ctx: Context, error: IdempotencyError): Promise<void> => {
+    if (onProblem) return onProblem(ctx, error);
+    const response = problemResponse(error);
+    sendStored(ctx, response, groupHeaders(response));
+  };
+
+  return async function idempotencyMiddleware(ctx: Context, next: Next): Promise<void> {
+    const running = (ctx as unknown as Record<symbol, unknown>)[RUNNING] === true;
+    if (running) return next();
+    ctx.state.idempotency = null;
+    const method = ctx.method.toUpperCase();
+    if (!resolved.methods.has(method)) return next();
+
+    const body = (ctx.request as { body?: unknown }).body;
+    if (bodyMatters && body === undefined && hasRequestBody(ctx.req)) {
+      throw new ConfigurationError(
+        'ERR_IDEMKIT_BODY_NOT_PARSED',
+        'ctx.request.body is undefined but the request has a body: mount a body parser (e.g. @koa/bodyparser) before idempotency(), or the fingerprint and the body key cannot see the body.',
+      );
+    }
+    if (!warnedUnparsed && resolved.fingerprint === 'default' && looksUnparsed(ctx, body)) {
+      warnedUnparsed = true;
+      resolved.logger?.warn(
+        `[idemkit] ctx.request.body is {} for a "${ctx.get('Content-Type')}" request body that the body parser did not parse, so the fingerprint cannot see it. Parse such bodies into a Buffer before idempotency() (see the @idemkit/koa README).`,
+      );
+    }
+
+    const decision = await engine.decide({ method, path: ctx.originalUrl, headers: ctx.req.headersDistinct, body }, ctx);
+    switch (decision.kind) {
+      case 'pass':
+        return next();
+      case 'replay':
+        return sendStored(ctx, decision.response, replayHeaders(decision.response));
+      case 'problem':
+        return answerProblem(ctx, decision.error);
+      case 'run':
+        return run(ctx, next, decision.lease, resolved.maxBodyBytes);
+    }
+  };
+}
+
+async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number): Promise<void> {
+  (ctx as unknown as Record<symbol, unknown>)[RUNNING] = true;
+  ctx.state.idempotency = lease.context;
+  // Only names the abandon reason: a handler that finishes after its client left still has its
+  // answer stored, so the client's retry gets a replay instead of running the side effect twice.
+  let clientGone = false;
+  const onClose = (): void => {
+    if (!ctx.res.writableFinished) clientGone = true;
+  };
+  ctx.res.once('close', onClose);
+  try {
+    await next();
+  } catch (error) {
+    await lease.abandon(clientGone ? 'client-gone' : 'handler-threw');
+    throw error; // Koa's ctx.onerror (or an outer error middleware) renders it unchanged.
+  } finally {
+    ctx.res.off('close', onClose);
+  }
+
+  try {
+    const captured = captureResponse(ctx);
+    if (captured.kind === 'unbuffered') {
+      await lease.commitUnbuffered(ctx.status, 'not-bufferable');
+    } else if (captured.body.byteLength > maxBodyBytes) {
+      await lease.commitUnbuffered(ctx.status, 'too-large');
+    } else {
+      // Stored before respond() writes a byte, so a client retrying at once gets the replay.
+      await lease.commit({ status: ctx.status, headers: toStoredHeaders(ctx.response.headers), body: captured.body });
+    }
+  } finally {
+    // E.g. JSON.stringify threw on a BigInt: Koa answers 500, and the key must be free again.
+    if (!lease.settled) await lease.abandon('handler-threw');
+  }
+}
+
+/** Core options without the binding's own `onProblem` (the engine warns on unknown options). */
+function engineOptions(options: KoaIdempotencyOptions): IdempotencyOptions<Context> {
+  if (typeof options !== 'object' || options === null) return options;
+  const { onProblem: _onProblem, ...rest } = options;
+  return rest;
+}
+
+/** The engine reads the body for the default fingerprint and for a key in the body. */
+function needsBody(o: ResolvedOptions<Context>): boolean {
+  return o.fingerprint === 'default' || (o.getKey === undefined && o.bodyField !== false);
+}
+
+/** Same test as `type-is`'s hasBody: a chunked body, or a non-zero Content-Length. */
+function hasRequestBody(req: IncomingMessage): boolean {
+  if (req.headers['transfer-encoding'] !== undefined) return true;
+  const length = Number(req.headers['content-length']);
+  return Number.isFinite(length) && length > 0;
+}
+
+/** @koa/bodyparser sets `{}` (and no rawBody) for content types it does not parse. */
+function looksUnparsed(ctx: Context, body: unknown): boolean {
+  if (typeof body !== 'object' || body === null || Object.getPrototypeOf(body) !== Object.prototype) return false;
+  if (Object.keys(body).length > 0) return false;
+  return (ctx.request as { rawBody?: unknown }).rawBody === undefined && hasRequestBody(ctx.req);
+}

@@ -1,0 +1,33 @@
+import type { StoredResponse } from '@idemkit/core';
+import type { Context } from 'koa';
+
+/** A view on the stored bytes without copying them. */
+export function toBuffer(bytes: Uint8Array): Buffer {
+  return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+/**
+ * Put a stored response (a replay or a problem) on `ctx` so Koa's respond() sends exactly these
+ * bytes with exactly these headers.
+ */
+export function sendStored(ctx: Context, response: StoredResponse, headers: ReadonlyMap<string, string | string[]>): void {
+  ctx.status = response.status;
+  // Assign the body first: Koa's body setter picks a content-type (octet-stream for a Buffer) when
+  // none is set, and the stored headers set afterwards must win.
+  ctx.body = toBuffer(response.body);
+  if (!headers.has('content-type')) ctx.remove('Content-Type');
+  for (const [name, value] of headers) ctx.set(name, value);
+}
+
+/** Group stored header pairs for `ctx.set` and add the length of the body. */
+export function groupHeaders(response: StoredResponse): Map<string, string | string[]> {
+  const grouped = new Map<string, string | string[]>();
+  for (const [name, value] of response.headers) {
+    const prev = grouped.get(name);
+    if (prev === undefined) grouped.set(name, value);
+    else if (Array.isArray(prev)) prev.push(value);
+    else grouped.set(name, [prev, value]);
+  }
+  grouped.set('content-length', String(response.body.byteLength));
+  return grouped;
+}

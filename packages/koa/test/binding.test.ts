@@ -1,0 +1,456 @@
+import { Readable } from 'node:stream';
+import Router from '@koa/router';
+import { createMemoryStore, problemResponse, KeyError, type IdempotencyEvent } from '@idemkit/core';
+import type Koa from 'koa';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { ConfigurationError, idempotency } from '../src/index.js';
+import { rawBody } from './app.js';
+import { post, snapshot, startKoa } from './helpers.js';
+
+const closers: Array<() => Promise<void>> = [];
+afterEach(async () => {
+  await Promise.all(closers.splice(0).map((close) => close()));
+});
+
+async function start(...args: Parameters<typeof startKoa>): ReturnType<typeof startKoa> {
+  const handle = await startKoa(...args);
+  closers.push(handle.close);
+  return handle;
+}
+
+/** Handlers whose bytes on the wire must be the same with and without the middleware. */
+const CASES: Record<string, Koa.Middleware> = {
+  'object → JSON': (ctx) => { ctx.body = { b: [1, 2], s: 'é', n: null }; },
+  'array → JSON': (ctx) => { ctx.body = [1, 'x', null]; },
+  'number → JSON': (ctx) => { ctx.body = 42; },
+  'false → JSON': (ctx) => { ctx.body = false; },
+  'Uint8Array (not a Buffer) → JSON like Koa': (ctx) => { ctx.body = new Uint8Array([1, 2]); },
+  'vendor JSON type kept': (ctx) => { ctx.type = 'application/vnd.api+json'; ctx.body = { a: 1 }; },
+  'JSON type with null body → "null"': (ctx) => { ctx.type = 'json'; ctx.body = null; },
+  'string → text/plain': (ctx) => { ctx.body = 'hello é'; },
+  'string starting with < → text/html': (ctx) => { ctx.body = '<p>hi</p>'; },
+  'string, type set afterwards': (ctx) => { ctx.body = '<a/>'; ctx.type = 'application/xml'; },
+  'Buffer → octet-stream': (ctx) => { ctx.body = Buffer.from([0, 1, 255]); },
+  'Buffer with content-type removed': (ctx) => { ctx.body = Buffer.from('raw'); ctx.remove('Content-Type'); },
+  'string with content-type removed': (ctx) => { ctx.body = 'raw'; ctx.remove('Content-Type'); },
+  'ctx.body = null → 204': (ctx) => { ctx.body = null; },
+  'ctx.body = null, then status 200 → empty 200': (ctx) => { ctx.body = null; ctx.status = 200; },
+  'status only → status text': (ctx) => { ctx.status = 201; },
+  'status with custom message → message as body': (ctx) => { ctx.status = 202; ctx.message = 'Queued'; },
+  'nothing set → Koa 404 "Not Found"': () => undefined,
+  'explicit 204 with a body → stripped': (ctx) => { ctx.body = { a: 1 }; ctx.status = 204; },
+  '304 with headers': (ctx) => { ctx.set('ETag', '"x"'); ctx.status = 304; },
+  'repeated and appended headers': (ctx) => {
+    ctx.set('Set-Cookie', ['a=1', 'b=2']);
+    ctx.append('Link', '</a>; rel="a"');
+    ctx.append('Link', '</b>; rel="b"');
+    ctx.set('X-Number', '7');
+    ctx.status = 201;
+    ctx.body = { ok: true };
+  },
+};
+
+describe('koa binding: replays are byte-for-byte what Koa sends', () => {
+  it.each(Object.keys(CASES))('%s', async (name) => {
+    const handler = CASES[name]!;
+    let runs = 0;
+    const counted: Koa.Middleware = async (ctx, next) => {
+      runs++;
+      await handler(ctx, next);
+    };
+    const plain = await start((app) => app.use(handler));
+    const guarded = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use(counted);
+    });
+
+    const expected = await snapshot(await post(plain.url, undefined));
+    const first = await snapshot(await post(guarded.url, 'k-1'));
+    const replay = await snapshot(await post(guarded.url, 'k-1'));
+
+    expect(first).toEqual({ ...expected, replayed: false });
+    expect(replay).toEqual({ ...expected, replayed: true });
+    expect(runs).toBe(1);
+  });
+});
+
+describe('koa binding: what is not replayed', () => {
+  it('a stream body goes out unchanged; retries get 410 and never re-run it', async () => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use((ctx) => {
+        runs++;
+        ctx.type = 'text/plain';
+        ctx.body = Readable.from(['a', 'b', 'c']);
+      });
+    });
+    const first = await post(url, 'stream');
+    expect(first.status).toBe(200);
+    expect(first.headers.get('content-type')).toBe('text/plain; charset=utf-8');
+    expect(await first.text()).toBe('abc');
+    const retry = await post(url, 'stream');
+    expect(retry.status).toBe(410);
+    expect(await retry.json()).toMatchObject({ code: 'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE', originalStatus: 200, reason: 'not-bufferable' });
+    expect(runs).toBe(1);
+  });
+
+  it.each([
+    ['Blob', (ctx: Koa.Context) => { ctx.body = new Blob(['blob']); }, 'blob'],
+    ['ReadableStream', (ctx: Koa.Context) => { ctx.body = new Blob(['web']).stream(); }, 'web'],
+    ['Response', (ctx: Koa.Context) => { ctx.body = new Response('resp'); }, 'resp'],
+  ] as const)('a %s body is passed through and marked not replayable', async (_name, handler, text) => {
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use(handler);
+    });
+    const first = await post(url, 'k');
+    expect(await first.text()).toBe(text);
+    expect((await post(url, 'k')).status).toBe(410);
+  });
+
+  it('ctx.respond = false: the handler writes itself; retries get 410', async () => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use((ctx) => {
+        runs++;
+        ctx.respond = false;
+        ctx.res.statusCode = 201;
+        ctx.res.end('raw');
+      });
+    });
+    const first = await post(url, 'raw');
+    expect(first.status).toBe(201);
+    expect(await first.text()).toBe('raw');
+    const retry = await post(url, 'raw');
+    expect(retry.status).toBe(410);
+    expect(runs).toBe(1);
+  });
+
+  it('a body over maxBodyBytes goes out whole; retries get 410 with reason too-large', async () => {
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), maxBodyBytes: 10 }));
+      app.use((ctx) => { ctx.body = { text: 'more than ten bytes' }; });
+    });
+    const first = await post(url, 'big');
+    expect(await first.json()).toEqual({ text: 'more than ten bytes' });
+    const retry = await post(url, 'big');
+    expect(retry.status).toBe(410);
+    expect(await retry.json()).toMatchObject({ reason: 'too-large' });
+  });
+});
+
+describe('koa binding: thrown errors release the key', () => {
+  it.each([
+    ['ctx.throw(404)', (ctx: Koa.Context) => ctx.throw(404, 'no such order'), 404, 'no such order'],
+    ['ctx.throw(400)', (ctx: Koa.Context) => ctx.throw(400), 400, 'Bad Request'],
+    ['new Error()', () => { throw new Error('boom'); }, 500, 'Internal Server Error'],
+  ] as const)('%s: Koa renders it unchanged and a retry runs again', async (_name, handler, status, text) => {
+    let runs = 0;
+    const events: IdempotencyEvent[] = [];
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), onEvent: (e) => events.push(e) }));
+      app.use((ctx) => {
+        runs++;
+        handler(ctx);
+      });
+    });
+    for (let i = 0; i < 2; i++) {
+      const res = await post(url, 'thrown');
+      expect(res.status).toBe(status);
+      expect(await res.text()).toBe(text);
+      expect(res.headers.get('idempotent-replayed')).toBeNull();
+    }
+    expect(runs).toBe(2);
+    expect(events.filter((e) => e.type === 'released')).toEqual([
+      { type: 'released', key: 'thrown', reason: 'handler-threw' },
+      { type: 'released', key: 'thrown', reason: 'handler-threw' },
+    ]);
+  });
+
+  it('an error middleware mounted inside turns the throw into a 500 response: not stored either', async () => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use(async (ctx, next) => {
+        try {
+          await next();
+        } catch {
+          ctx.status = 500;
+          ctx.body = { error: 'caught' };
+        }
+      });
+      app.use(() => {
+        runs++;
+        throw new Error('boom');
+      });
+    });
+    expect((await post(url, 'inner')).status).toBe(500);
+    expect((await post(url, 'inner')).status).toBe(500);
+    expect(runs).toBe(2);
+  });
+});
+
+describe('koa binding: problems', () => {
+  it('writes core problemResponse bytes exactly', async () => {
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use((ctx) => { ctx.body = 'never'; });
+    });
+    const res = await post(url, undefined);
+    const expected = problemResponse(new KeyError('ERR_IDEMKIT_KEY_MISSING', 400, 'This request needs an Idempotency-Key header.'));
+    expect(res.status).toBe(400);
+    expect(res.headers.get('content-type')).toBe('application/problem+json');
+    expect(res.headers.get('content-length')).toBe(String(expected.body.byteLength));
+    expect(Buffer.from(await res.arrayBuffer()).equals(Buffer.from(expected.body))).toBe(true);
+  });
+
+  it('onProblem overrides the answer', async () => {
+    const { url } = await start((app) => {
+      app.use(
+        idempotency({
+          store: createMemoryStore(),
+          onProblem: (ctx, error) => {
+            ctx.status = error.status;
+            ctx.body = { message: error.message, code: error.code };
+          },
+        }),
+      );
+      app.use((ctx) => { ctx.body = 'never'; });
+    });
+    const res = await post(url, undefined);
+    expect(res.status).toBe(400);
+    expect(res.headers.get('content-type')).toBe('application/json; charset=utf-8');
+    expect(await res.json()).toEqual({ message: 'This request needs an Idempotency-Key header.', code: 'ERR_IDEMKIT_KEY_MISSING' });
+  });
+
+  it('rejects a non-function onProblem at setup', () => {
+    expect(() => idempotency({ store: createMemoryStore(), onProblem: 'x' as never })).toThrow(ConfigurationError);
+  });
+
+  it('does not pass onProblem to the engine (no unknown-option warning)', () => {
+    const warn = vi.fn();
+    idempotency({ store: createMemoryStore(), onProblem: () => undefined, logger: { warn, error: vi.fn() } });
+    expect(warn).not.toHaveBeenCalled();
+  });
+});
+
+describe('koa binding: body parsing', () => {
+  it('throws ERR_IDEMKIT_BODY_NOT_PARSED when no body parser ran before it', async () => {
+    const errors: unknown[] = [];
+    let runs = 0;
+    const { url, app } = await start(
+      (a) => {
+        a.use(idempotency({ store: createMemoryStore() }));
+        a.use((ctx) => { runs++; ctx.body = 'ran'; });
+      },
+      { parser: false },
+    );
+    app.on('error', (err: unknown) => errors.push(err));
+    const res = await post(url, 'no-parser');
+    expect(res.status).toBe(500);
+    expect(runs).toBe(0);
+    expect(errors).toHaveLength(1);
+    expect(errors[0]).toBeInstanceOf(ConfigurationError);
+    expect(errors[0]).toMatchObject({ code: 'ERR_IDEMKIT_BODY_NOT_PARSED' });
+  });
+
+  it('needs no parser for a bodiless request', async () => {
+    const { url } = await start(
+      (a) => {
+        a.use(idempotency({ store: createMemoryStore() }));
+        a.use((ctx) => { ctx.body = 'ran'; });
+      },
+      { parser: false },
+    );
+    const res = await fetch(url, { method: 'POST', headers: { 'idempotency-key': 'empty' } });
+    expect(await res.text()).toBe('ran');
+  });
+
+  it('needs no parser when neither the fingerprint nor the key reads the body', async () => {
+    const { url } = await start(
+      (a) => {
+        a.use(idempotency({ store: createMemoryStore(), fingerprint: false, bodyField: false }));
+        a.use((ctx) => { ctx.body = 'ran'; });
+      },
+      { parser: false },
+    );
+    expect(await (await post(url, 'fp-off')).text()).toBe('ran');
+  });
+
+  it('warns once when @koa/bodyparser left an unknown content type as {}', async () => {
+    const warn = vi.fn();
+    const { url } = await start((a) => {
+      a.use(idempotency({ store: createMemoryStore(), logger: { warn, error: vi.fn() } }));
+      a.use((ctx) => { ctx.body = 'ran'; });
+    });
+    for (const key of ['u1', 'u2']) {
+      await fetch(url, { method: 'POST', headers: { 'idempotency-key': key, 'content-type': 'application/octet-stream' }, body: 'xyz' });
+    }
+    expect(warn).toHaveBeenCalledTimes(1);
+    expect(String(warn.mock.calls[0]![0])).toContain('application/octet-stream');
+  });
+
+  it('fingerprints raw Buffer bodies from a raw-body middleware: different bytes → 422', async () => {
+    const { url } = await start((a) => {
+      a.use(rawBody());
+      a.use(idempotency({ store: createMemoryStore() }));
+      a.use((ctx) => { ctx.body = Buffer.from(ctx.request.body as Buffer).reverse(); });
+    }, { parser: false });
+    const send = (bytes: number[]): Promise<Response> =>
+      fetch(url, { method: 'POST', headers: { 'idempotency-key': 'raw', 'content-type': 'application/octet-stream' }, body: new Uint8Array(bytes) });
+    expect([...new Uint8Array(await (await send([1, 2, 3])).arrayBuffer())]).toEqual([3, 2, 1]);
+    expect((await send([1, 2, 3])).headers.get('idempotent-replayed')).toBe('true');
+    expect((await send([1, 2, 4])).status).toBe(422);
+  });
+});
+
+describe('koa binding: @koa/router', () => {
+  it('works per route: only the guarded route needs a key', async () => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      const router = new Router();
+      router.post('/orders', idempotency({ store: createMemoryStore() }), (ctx) => {
+        runs++;
+        ctx.status = 201;
+        ctx.body = { n: runs, key: ctx.state.idempotency?.key };
+      });
+      router.post('/free', (ctx) => { ctx.body = { free: ctx.state.idempotency ?? 'unset' }; });
+      app.use(router.routes());
+    });
+    const first = await post(`${url}/orders`, 'r1');
+    expect(await first.json()).toEqual({ n: 1, key: 'r1' });
+    const replay = await post(`${url}/orders`, 'r1');
+    expect(await replay.json()).toEqual({ n: 1, key: 'r1' });
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    expect((await post(`${url}/orders`, undefined)).status).toBe(400);
+    expect(await (await post(`${url}/free`, undefined)).json()).toEqual({ free: 'unset' });
+  });
+
+  it('app-wide and per-route together: the outer one claims the key, the inner one steps aside', async () => {
+    let runs = 0;
+    const store = createMemoryStore();
+    const { url } = await start((app) => {
+      const router = new Router();
+      router.post('/orders', idempotency({ store }), (ctx) => {
+        runs++;
+        ctx.body = { n: runs };
+      });
+      app.use(idempotency({ store }));
+      app.use(router.routes());
+    });
+    const first = await post(`${url}/orders`, 'both');
+    expect(first.status).toBe(200);
+    expect((await post(`${url}/orders`, 'both')).headers.get('idempotent-replayed')).toBe('true');
+    expect(runs).toBe(1);
+  });
+
+  it('exposes ctx.state.idempotency while running, null when not covered', async () => {
+    const seen: unknown[] = [];
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use((ctx) => {
+        seen.push(ctx.state.idempotency);
+        ctx.body = 'ok';
+      });
+    });
+    await post(url, 'ctx-key');
+    await fetch(url);
+    expect(seen).toEqual([{ key: 'ctx-key', tookOver: false, transaction: undefined }, null]);
+  });
+});
+
+describe('koa binding: concurrency and disconnects', () => {
+  it('50 parallel requests with one key run the handler once', async () => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use(async (ctx) => {
+        runs++;
+        await new Promise((resolve) => setTimeout(resolve, 200));
+        ctx.status = 201;
+        ctx.body = { created: true };
+      });
+    });
+    const responses = await Promise.all(Array.from({ length: 50 }, () => post(url, 'same')));
+    const statuses = responses.map((r) => r.status);
+    expect(runs).toBe(1);
+    expect(statuses.filter((s) => s === 201)).toHaveLength(1);
+    expect(statuses.filter((s) => s === 409)).toHaveLength(49);
+    for (const r of responses.filter((x) => x.status === 409)) expect(Number(r.headers.get('retry-after'))).toBeGreaterThanOrEqual(1);
+    const after = await post(url, 'same');
+    expect(after.status).toBe(201);
+    expect(after.headers.get('idempotent-replayed')).toBe('true');
+  });
+
+  it('with concurrency: "wait", 50 parallel requests all get the one result', async () => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), concurrency: 'wait' }));
+      app.use(async (ctx) => {
+        runs++;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        ctx.status = 201;
+        ctx.body = { run: runs };
+      });
+    });
+    const responses = await Promise.all(Array.from({ length: 50 }, () => post(url, 'wait')));
+    const bodies = await Promise.all(responses.map((r) => r.json()));
+    expect(runs).toBe(1);
+    expect(responses.every((r) => r.status === 201)).toBe(true);
+    expect(bodies.every((b) => JSON.stringify(b) === '{"run":1}')).toBe(true);
+    expect(responses.filter((r) => r.headers.get('idempotent-replayed') === 'true')).toHaveLength(49);
+  });
+
+  it('a client that leaves mid-handler: the finished answer is stored, its retry gets the replay', async () => {
+    let runs = 0;
+    let finished = false;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use(async (ctx) => {
+        runs++;
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        ctx.status = 201;
+        ctx.body = { done: true };
+        finished = true;
+      });
+    });
+    const abort = new AbortController();
+    const aborted = fetch(url, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'idempotency-key': 'left' },
+      body: '{}',
+      signal: abort.signal,
+    }).catch(() => 'aborted');
+    await vi.waitFor(() => expect(runs).toBe(1));
+    abort.abort();
+    expect(await aborted).toBe('aborted');
+    await vi.waitFor(() => expect(finished).toBe(true));
+    await vi.waitFor(async () => {
+      const retry = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'left' }, body: '{}' });
+      expect(retry.status).toBe(201);
+      expect(retry.headers.get('idempotent-replayed')).toBe('true');
+    });
+    expect(runs).toBe(1);
+  });
+
+  it('a handler that throws after its client left releases the key as client-gone', async () => {
+    const events: IdempotencyEvent[] = [];
+    let entered = false;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), onEvent: (e) => events.push(e) }));
+      app.use(async (ctx) => {
+        entered = true;
+        await new Promise<void>((resolve) => ctx.res.once('close', () => resolve()));
+        throw new Error('aborted work');
+      });
+    });
+    const abort = new AbortController();
+    const aborted = fetch(url, { method: 'POST', headers: { 'idempotency-key': 'gone2' }, signal: abort.signal }).catch(() => 'aborted');
+    await vi.waitFor(() => expect(entered).toBe(true));
+    abort.abort();
+    await aborted;
+    await vi.waitFor(() => expect(events).toContainEqual({ type: 'released', key: 'gone2', reason: 'client-gone' }));
+  });
+});

@@ -1,0 +1,41 @@
+import { bodyParser } from '@koa/bodyparser';
+import Koa from 'koa';
+import { listen } from './app.js';
+import type { TestAppHandle } from '@idemkit/http-suite';
+
+/** What a response looked like on the wire, with the headers a replay may legitimately change removed. */
+export interface Snapshot {
+  readonly status: number;
+  readonly headers: ReadonlyArray<readonly [string, string]>;
+  readonly body: Buffer;
+  readonly replayed: boolean;
+}
+
+const VOLATILE = new Set(['date', 'connection', 'keep-alive', 'idempotent-replayed']);
+
+export async function snapshot(res: Response): Promise<Snapshot> {
+  const headers = [...res.headers].filter(([name]) => !VOLATILE.has(name)).sort(([a], [b]) => a.localeCompare(b));
+  return {
+    status: res.status,
+    headers,
+    body: Buffer.from(await res.arrayBuffer()),
+    replayed: res.headers.get('idempotent-replayed') === 'true',
+  };
+}
+
+/** A Koa app with the usual parsers, `setup` adding the rest, listening on 127.0.0.1:0. */
+export async function startKoa(setup: (app: Koa) => void, { parser = true }: { parser?: boolean } = {}): Promise<TestAppHandle & { app: Koa }> {
+  const app = new Koa();
+  app.silent = true;
+  if (parser) app.use(bodyParser({ enableTypes: ['json', 'form', 'text'] }));
+  setup(app);
+  return { ...(await listen(app)), app };
+}
+
+export function post(url: string, key: string | undefined, body: unknown = { a: 1 }, headers: Record<string, string> = {}): Promise<Response> {
+  return fetch(url, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', ...(key === undefined ? {} : { 'idempotency-key': key }), ...headers },
+    body: JSON.stringify(body),
+  });
+}
