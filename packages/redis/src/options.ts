@@ -37,15 +37,18 @@ export interface ResolvedRedisStoreOptions {
   readonly leaseGraceMs: number;
 }
 
+/** Defaults applied by {@link createRedisStore} for options left out. */
 export const REDIS_STORE_DEFAULTS = Object.freeze({
   prefix: 'idemkit:',
   leaseGraceMs: 60_000,
 });
 
+/** A `TypeError` with the package's message prefix. */
 export function optionError(message: string): TypeError {
   return new TypeError(`[idemkit] [redis] ${message}`);
 }
 
+/** Validate options (naming the offending one) and apply defaults. Throws `TypeError`. */
 export function resolveRedisStoreOptions(options: RedisStoreOptions): ResolvedRedisStoreOptions {
   if (options.client === undefined && options.url === undefined) {
     throw optionError('Missing required option `client` (an ioredis Redis or Cluster) or `url`.');

@@ -35,6 +35,17 @@ export interface RedisStore extends IdempotencyStore {
   readonly client: RedisClient;
   /** The key prefix in use. */
   readonly prefix: string;
+  /**
+   * Always resolves 0 without touching Redis: every record carries a PEXPIRE (lease + grace while
+   * in progress, the TTL once completed), so Redis deletes expired records by itself and there is
+   * nothing to sweep. Running a purger against this store is harmless and unnecessary.
+   */
+  purgeExpired(limit?: number): Promise<number>;
+  /**
+   * Mark the store closed (later calls reject). Quits the client only if the store created it
+   * from `url`; a client you passed stays connected. Safe to call twice.
+   */
+  close(): Promise<void>;
 }
 
 /**
@@ -115,7 +126,6 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
       return parseRecord(key, asArray(reply).slice(1));
     },
 
-    /** Always 0: records carry a PEXPIRE and Redis drops them itself, so there is nothing to sweep. */
     async purgeExpired(): Promise<number> {
       if (closed) throw new Error('[idemkit] [redis] The store is closed.');
       return 0;
