@@ -98,8 +98,13 @@ async function openRedis(): Promise<StoreHarness> {
     store,
     broken: async () => {
       // No offline queue and no reconnect: once quit, every command rejects at once.
-      const own = new Redis(service.value, { enableOfflineQueue: false, maxRetriesPerRequest: 0, retryStrategy: () => null });
-      await own.ping();
+      const own = new Redis(service.value, {
+        lazyConnect: true,
+        enableOfflineQueue: false,
+        maxRetriesPerRequest: 0,
+        retryStrategy: () => null,
+      });
+      await own.connect();
       const dead = createRedisStore({ client: own, prefix });
       await own.quit();
       return dead;
@@ -124,8 +129,8 @@ async function openRedisCluster(): Promise<StoreHarness> {
     name: 'redis-cluster',
     store,
     broken: async () => {
-      const own = new Cluster(nodes, { enableOfflineQueue: false, clusterRetryStrategy: () => null });
-      await own.ping();
+      const own = new Cluster(nodes, { lazyConnect: true, enableOfflineQueue: false, clusterRetryStrategy: () => null });
+      await own.connect();
       const dead = createRedisStore({ client: own, prefix });
       await own.quit();
       return dead;
@@ -160,13 +165,12 @@ async function openMongo(): Promise<StoreHarness> {
     name: 'mongodb',
     store,
     broken: async () => {
-      // A client pointed at a port nobody listens on, with short timeouts: every call fails.
-      // (A closed MongoClient reconnects on the next operation, so closing is no failure.)
-      const own = new MongoClient('mongodb://127.0.0.1:9/?directConnection=true', {
-        serverSelectionTimeoutMS: 300,
-        connectTimeoutMS: 300,
-      });
-      return createMongoStore({ db: own.db('unreachable'), clock: 'local', logger: false });
+      // Its own client, closed: the driver then rejects every operation (MongoNotConnectedError).
+      const own = new MongoClient(service.value, { serverSelectionTimeoutMS: 1_000 });
+      await own.connect();
+      const dead = createMongoStore({ db: own.db(db.databaseName), logger: false });
+      await own.close();
+      return dead;
     },
     close: async () => {
       await store.close();

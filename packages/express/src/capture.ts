@@ -1,0 +1,120 @@
+import { toStoredHeaders, type Lease } from '@idemkit/core';
+import type { OutgoingHttpHeader, OutgoingHttpHeaders, ServerResponse } from 'node:http';
+
+type Callback = (error?: Error | null) => void;
+
+interface EndArgs {
+  readonly chunk: unknown;
+  readonly encoding: BufferEncoding | undefined;
+  readonly callback: Callback | undefined;
+}
+
+/** `end()`, `end(cb)`, `end(chunk)`, `end(chunk, cb)`, `end(chunk, encoding)`, `end(chunk, encoding, cb)`. */
+function parseEndArgs(args: readonly unknown[]): EndArgs {
+  const [first, second, third] = args;
+  if (typeof first === 'function') return { chunk: undefined, encoding: undefined, callback: first as Callback };
+  if (typeof second === 'function') return { chunk: first, encoding: undefined, callback: second as Callback };
+  return {
+    chunk: first,
+    encoding: typeof second === 'string' ? (second as BufferEncoding) : undefined,
+    callback: typeof third === 'function' ? (third as Callback) : undefined,
+  };
+}
+
+function toBuffer(chunk: unknown, encoding: BufferEncoding | undefined): Buffer {
+  if (chunk === undefined || chunk === null) return Buffer.alloc(0);
+  if (typeof chunk === 'string') return Buffer.from(chunk, encoding ?? 'utf8');
+  if (chunk instanceof Uint8Array) return Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+  throw new TypeError('[idemkit] res.end() chunk must be a string, Buffer or Uint8Array.');
+}
+
+/**
+ * Headers passed to `writeHead()` bypass `setHeader()`, so `getHeaders()` would not show them.
+ * Apply them first (objects replace, raw arrays append), then let Node write what it holds.
+ */
+function applyHeaders(res: ServerResponse, headers: OutgoingHttpHeaders | readonly OutgoingHttpHeader[]): void {
+  if (!Array.isArray(headers)) {
+    for (const [name, value] of Object.entries(headers as OutgoingHttpHeaders)) {
+      if (value !== undefined) res.setHeader(name, value);
+    }
+    return;
+  }
+  // Node accepts a flat [name, value, name, value, …] list or [name, value] pairs.
+  const pairs: Array<[string, OutgoingHttpHeader]> = headers.every(Array.isArray)
+    ? (headers as unknown as Array<[string, OutgoingHttpHeader]>)
+    : Array.from({ length: Math.floor(headers.length / 2) }, (_, i) => [String(headers[2 * i]), headers[2 * i + 1] as OutgoingHttpHeader]);
+  for (const [name, value] of pairs) res.appendHeader(name, Array.isArray(value) ? value : String(value));
+}
+
+/**
+ * Capture one response for `lease`, patching `writeHead`, `write`, `flushHeaders` and `end` on
+ * this response object only (every Express path — `send`, `json`, `redirect`, `sendStatus`,
+ * `sendFile`, a raw `end` — goes through them).
+ *
+ * - `end(body)` with no `write()` before it: the response is buffered; `lease.commit` is awaited
+ *   and only then does the original `end` run, so a client that retries at once gets a replay.
+ * - `write()` or `flushHeaders()` first: the handler streams (pipes, SSE). Chunks pass through
+ *   as they come, the lease is settled with `commitUnbuffered(status, 'not-bufferable')`, and
+ *   the final `end` waits for that.
+ * - Bodies over `maxBodyBytes` are still delivered whole; `commit` stores the "too large" marker.
+ */
+export function captureResponse(res: ServerResponse, lease: Lease): void {
+  const originalWriteHead = res.writeHead;
+  const originalWrite = res.write;
+  const originalEnd = res.end;
+  const originalFlushHeaders = res.flushHeaders;
+  let mode: 'buffering' | 'streaming' | 'ending' = 'buffering';
+  let settling: Promise<unknown> = Promise.resolve();
+
+  const startStreaming = (): void => {
+    if (mode !== 'buffering') return;
+    mode = 'streaming';
+    settling = lease.commitUnbuffered(res.statusCode, 'not-bufferable');
+  };
+
+  res.writeHead = function writeHead(this: ServerResponse, statusCode: number, ...rest: unknown[]): ServerResponse {
+    const reason = typeof rest[0] === 'string' ? rest[0] : undefined;
+    const headers = (reason === undefined ? rest[0] : rest[1]) as OutgoingHttpHeaders | OutgoingHttpHeader[] | undefined;
+    if (headers !== undefined && headers !== null && !this.headersSent) applyHeaders(this, headers);
+    return (reason === undefined ? Reflect.apply(originalWriteHead, this, [statusCode]) : Reflect.apply(originalWriteHead, this, [statusCode, reason])) as ServerResponse;
+  } as ServerResponse['writeHead'];
+
+  res.flushHeaders = function flushHeaders(this: ServerResponse): void {
+    startStreaming();
+    originalFlushHeaders.call(this);
+  };
+
+  res.write = function write(this: ServerResponse, ...args: unknown[]): boolean {
+    startStreaming();
+    return Reflect.apply(originalWrite, this, args) as boolean;
+  } as ServerResponse['write'];
+
+  res.end = function end(this: ServerResponse, ...args: unknown[]): ServerResponse {
+    // A second end() while we persist would cut the response short: ignore it, as Node ignores an end after end.
+    if (mode === 'ending') return this;
+    const finish = (): void => void Reflect.apply(originalEnd, this, args);
+    if (mode === 'streaming') {
+      mode = 'ending';
+      void settling.then(finish, finish);
+      return this;
+    }
+    mode = 'ending';
+    const { chunk, encoding, callback } = parseEndArgs(args);
+    let body: Buffer;
+    try {
+      body = toBuffer(chunk, encoding);
+    } catch (error) {
+      mode = 'buffering';
+      throw error;
+    }
+    const response = { status: this.statusCode, headers: toStoredHeaders(this.getHeaders()), body };
+    const deliver = (): void => {
+      const endArgs: unknown[] = body.byteLength > 0 ? [body] : [];
+      if (callback) endArgs.push(callback);
+      Reflect.apply(originalEnd, this, endArgs);
+    };
+    // Persist first, then release the bytes: never fire and forget.
+    void lease.commit(response).then(deliver, deliver);
+    return this;
+  } as ServerResponse['end'];
+}

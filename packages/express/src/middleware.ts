@@ -1,0 +1,99 @@
+import { ConfigurationError, createIdempotencyEngine, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
+import type { NextFunction, Request, RequestHandler, Response } from 'express';
+import { captureResponse } from './capture.js';
+import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
+import { writeProblem, writeReplay } from './respond.js';
+
+declare global {
+  // Declaration merging with Express's own global namespace is how Express types request extras.
+  // eslint-disable-next-line @typescript-eslint/no-namespace
+  namespace Express {
+    interface Request {
+      /**
+       * Set by `idempotency()`: the running key (and, in transactional mode, the transaction
+       * client), or `null` when this request runs without idempotency (method not covered, no
+       * key with `required: false`, store down with `onStoreError: 'pass'`).
+       */
+      idempotency?: IdempotencyContext | null;
+    }
+  }
+}
+
+/** Per request, so a second `idempotency()` on the same request (app-wide and per route) passes through. */
+const seen = new WeakMap<Request, { readonly lease: Lease | null }>();
+
+function hasBody(req: Request): boolean {
+  const length = req.headers['content-length'];
+  return (length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined;
+}
+
+function bodyNotParsed(): ConfigurationError {
+  return new ConfigurationError(
+    'ERR_IDEMKIT_BODY_NOT_PARSED',
+    'The request has a body but req.body is undefined: mount a body parser (express.json(), express.text() or express.raw()) ' +
+      'before idempotency(), so the request body can be fingerprinted and read for the key.',
+  );
+}
+
+function toIncoming(req: Request): IncomingRequest {
+  return { method: req.method.toUpperCase(), path: req.originalUrl, headers: req.headersDistinct, body: req.body as unknown };
+}
+
+function expose(req: Request, res: Response, context: IdempotencyContext | null): void {
+  req.idempotency = context;
+  res.locals['idempotency'] = context;
+}
+
+/**
+ * Express middleware: the first request with an `Idempotency-Key` runs, its response is stored,
+ * and retries get the stored response instead of running the handler again (SPEC §2).
+ * Mount it after your body parser, app-wide or per route.
+ *
+ * @example
+ * app.use(express.json());
+ * app.use(idempotency({ store: createPostgresStore({ pool }) }));
+ */
+export function idempotency(options: ExpressIdempotencyOptions): RequestHandler {
+  const { engine: engineOptions, onProblem } = splitOptions(options);
+  const engine = createIdempotencyEngine<Request>(engineOptions);
+
+  async function handle(req: Request, res: Response, next: NextFunction): Promise<void> {
+    if (seen.has(req)) return next();
+    if (!engine.options.methods.has(req.method.toUpperCase())) {
+      seen.set(req, { lease: null });
+      expose(req, res, null);
+      return next();
+    }
+    if (req.body === undefined && hasBody(req)) return next(bodyNotParsed());
+
+    const decision = await engine.decide(toIncoming(req), req);
+    switch (decision.kind) {
+      case 'pass':
+        seen.set(req, { lease: null });
+        expose(req, res, null);
+        return next();
+      case 'replay':
+        seen.set(req, { lease: null });
+        return writeReplay(res, decision.response);
+      case 'problem':
+        seen.set(req, { lease: null });
+        if (onProblem) return onProblem(decision.error, req, res, next);
+        return writeProblem(res, decision.error);
+      case 'run': {
+        const { lease } = decision;
+        seen.set(req, { lease });
+        expose(req, res, lease.context);
+        captureResponse(res, lease);
+        // Closed before an answer existed: the client went away, free the key for its retry.
+        // (After a normal end the lease is already settled and this does nothing.)
+        res.once('close', () => void lease.abandon('client-gone'));
+        return next();
+      }
+    }
+  }
+
+  return function idempotencyMiddleware(req, res, next) {
+    // Express 4 ignores a returned promise: route every rejection to next(err) ourselves.
+    handle(req, res, next).catch(next);
+  };
+}

@@ -1,0 +1,25 @@
+import { problemResponse, replayHeaders, type IdempotencyError, type StoredResponse } from '@idemkit/core';
+import type { Response } from 'express';
+
+/** A stored response, exactly: status, its headers (plus content-length and Idempotent-Replayed), the bytes. */
+export function writeReplay(res: Response, response: StoredResponse): void {
+  writeRaw(res, response.status, replayHeaders(response), response.body);
+}
+
+/** The core's problem bytes, so every binding answers byte-identical problems. */
+export function writeProblem(res: Response, error: IdempotencyError): void {
+  const problem = problemResponse(error);
+  const headers = new Map<string, string | string[]>(problem.headers);
+  headers.set('content-length', String(problem.body.byteLength));
+  writeRaw(res, problem.status, headers, problem.body);
+}
+
+/**
+ * Through Node's own methods rather than `res.send`: no ETag, no charset rewrite, no 304
+ * freshness check, so the bytes and headers are exactly the stored ones.
+ */
+function writeRaw(res: Response, status: number, headers: Map<string, string | string[]>, body: Uint8Array): void {
+  res.statusCode = status;
+  for (const [name, value] of headers) res.setHeader(name, value);
+  res.end(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
+}
