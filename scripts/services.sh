@@ -23,7 +23,7 @@ CLUSTER_PORTS="${IDEMKIT_REDIS_CLUSTER_PORTS:-7101 7102 7103}"
 FERRETDB_PORT="${IDEMKIT_FERRETDB_PORT:-27117}"
 FERRETDB_VERSION="v1.24.2"
 OWNER="${IDEMKIT_SERVICES_OWNER:-$PPID}"
-PG_HOST=127.0.0.1 PG_PORT=5432 REDIS_PORT=6379
+PG_HOST=127.0.0.1 PG_PORT=5432 REDIS_PORT="${IDEMKIT_REDIS_PORT:-6379}"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -40,14 +40,22 @@ wait_for() {
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file counts only while its process still runs one of our servers: after a reboot or a
+# killed run the number may belong to an unrelated process, which must never be signalled.
+pid_alive() {
+  local pid
+  [[ -f "$1" ]] || return 1
+  pid="$(cat "$1")"
+  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null &&
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qE 'redis-server|idemkit-ferretdb'
+}
 
 # Stops the process in a pid file (ours by construction) and waits for it to go.
 stop_pidfile() {
   local f="$1" pid
   [[ -f "$f" ]] || return 0
   pid="$(cat "$f")"
-  if kill -0 "$pid" 2>/dev/null; then
+  if pid_alive "$f"; then
     kill "$pid" 2>/dev/null || true
     local end=$((SECONDS + 10))
     while kill -0 "$pid" 2>/dev/null && ((SECONDS < end)); do sleep 0.1; done
