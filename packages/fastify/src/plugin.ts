@@ -4,6 +4,7 @@ import {
   toStoredHeaders,
   type IdempotencyContext,
   type IdempotencyEngine,
+  type IncomingHeaders,
   type IncomingRequest,
   type Lease,
 } from '@idemkit/core';
@@ -51,7 +52,8 @@ function toIncoming(request: FastifyRequest): IncomingRequest {
     method: request.method.toUpperCase(),
     path: request.url,
     // headersDistinct keeps repeated Idempotency-Key headers apart (Node would join them).
-    headers: request.raw.headersDistinct,
+    // `app.inject` requests (light-my-request) have no headersDistinct: use the joined ones there.
+    headers: (request.raw.headersDistinct as IncomingHeaders | undefined) ?? request.headers,
     // As Fastify parsed it: never parse a second time.
     body: request.body,
   };
@@ -116,7 +118,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     if (state === null || state.lease.settled) return;
     if (state.errored) await state.lease.abandon('handler-threw');
     // The handler ran and answered past us: never run it again, as for a stream.
-    else if (reply.raw.writableFinished) await state.lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable');
+    else if (reply.raw.writableEnded) await state.lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable');
     else await state.lease.abandon('client-gone');
   }
 

@@ -1,0 +1,373 @@
+import { Readable } from 'node:stream';
+import { ConfigurationError, createMemoryStore, type IdempotencyStore, scopedKey } from '@idemkit/core';
+import Fastify, { type FastifyInstance, type LightMyRequestResponse } from 'fastify';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import fastifyIdempotencyDefault, { fastifyIdempotency, type FastifyIdempotencyOptions } from '../src/index.js';
+
+const apps: FastifyInstance[] = [];
+afterEach(async () => {
+  await Promise.all(apps.splice(0).map((app) => app.close()));
+});
+
+async function build(
+  routes: (app: FastifyInstance) => void,
+  options: Partial<FastifyIdempotencyOptions> = {},
+): Promise<{ app: FastifyInstance; store: IdempotencyStore }> {
+  const store = createMemoryStore();
+  const app = Fastify();
+  apps.push(app);
+  await app.register(fastifyIdempotency, { store, logger: false, ...options });
+  routes(app);
+  await app.ready();
+  return { app, store };
+}
+
+function post(app: FastifyInstance, url: string, key?: string, payload: unknown = { a: 1 }): Promise<LightMyRequestResponse> {
+  return app.inject({ method: 'POST', url, payload: payload as object, headers: key === undefined ? {} : { 'idempotency-key': key } });
+}
+
+const replayed = (res: LightMyRequestResponse): boolean => res.headers['idempotent-replayed'] === 'true';
+
+describe('registration', () => {
+  it('is a fastify-plugin with a name, also the default export', () => {
+    expect(fastifyIdempotencyDefault).toBe(fastifyIdempotency);
+    const meta = (fastifyIdempotency as unknown as Record<symbol, unknown>)[Symbol.for('plugin-meta')];
+    expect(meta).toMatchObject({ name: '@idemkit/fastify', fastify: '5.x' });
+  });
+
+  it('rejects bad plugin options at register time, naming the option', async () => {
+    const app = Fastify();
+    apps.push(app);
+    await expect(app.register(fastifyIdempotency, { store: createMemoryStore(), ttlMs: -1 })).rejects.toThrow(/ttlMs/);
+  });
+
+  it('covers only routes registered after it: declare routes after `await app.register(...)`', async () => {
+    const app = Fastify();
+    apps.push(app);
+    let runs = 0;
+    app.post('/before', async () => ({ n: ++runs }));
+    await app.register(fastifyIdempotency, { store: createMemoryStore(), logger: false });
+    app.post('/after', async () => ({ n: ++runs }));
+    await app.ready();
+    expect((await post(app, '/before')).statusCode).toBe(200); // no key needed: not covered
+    expect((await post(app, '/after')).statusCode).toBe(400); // key missing
+  });
+
+  it('without `await`, a root route declared right after register is not covered (its onRoute hook is not in place yet)', async () => {
+    const app = Fastify();
+    apps.push(app);
+    void app.register(fastifyIdempotency, { store: createMemoryStore(), logger: false });
+    app.post('/x', async () => ({ ok: true }));
+    app.register(async (child) => {
+      child.post('/later', async () => ({ ok: true }));
+    });
+    await app.ready();
+    expect((await post(app, '/x')).statusCode).toBe(200);
+    // Routes in plugins registered after it are covered either way (avvio loads in order).
+    expect((await post(app, '/later')).statusCode).toBe(400);
+  });
+
+  it('covers routes of encapsulated child plugins registered later', async () => {
+    const { app } = await build((a) => {
+      void a.register(async (child) => {
+        child.post('/child', async () => ({ ok: true }));
+      }, { prefix: '/v1' });
+    });
+    expect((await post(app, '/v1/child')).statusCode).toBe(400);
+    const first = await post(app, '/v1/child', 'k');
+    const again = await post(app, '/v1/child', 'k');
+    expect(first.statusCode).toBe(200);
+    expect(replayed(again)).toBe(true);
+  });
+});
+
+describe('route config', () => {
+  it('config.idempotency: false leaves the route alone', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/free', { config: { idempotency: false } }, async (request) => ({ n: ++runs, ctx: request.idempotency }));
+    });
+    const first = await post(app, '/free', 'same');
+    const second = await post(app, '/free', 'same');
+    expect(first.json()).toEqual({ n: 1, ctx: null });
+    expect(second.json()).toEqual({ n: 2, ctx: null });
+    expect(replayed(second)).toBe(false);
+  });
+
+  it('overrides merge into the plugin options per route', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/optional', { config: { idempotency: { required: false } } }, async () => ({ n: ++runs }));
+      a.post('/strict', async () => ({ n: ++runs }));
+      a.put('/put', { config: { idempotency: { methods: ['PUT'] } } }, async () => ({ n: ++runs }));
+      a.put('/put-default', async () => ({ n: ++runs }));
+    });
+    expect((await post(app, '/optional')).statusCode).toBe(200);
+    expect((await post(app, '/strict')).statusCode).toBe(400);
+    // PUT is covered on the route that asked for it, and only there.
+    expect((await app.inject({ method: 'PUT', url: '/put', payload: {} })).statusCode).toBe(400);
+    expect((await app.inject({ method: 'PUT', url: '/put-default', payload: {} })).statusCode).toBe(200);
+    const put = { method: 'PUT' as const, url: '/put', payload: {}, headers: { 'idempotency-key': 'p' } };
+    const a = await app.inject(put);
+    const b = await app.inject(put);
+    expect(replayed(b)).toBe(true);
+    expect(b.body).toBe(a.body);
+  });
+
+  it('a route override keeps plugin options it does not name (undefined means "not given")', async () => {
+    const { app } = await build(
+      (a) => {
+        a.post('/x', { config: { idempotency: { required: undefined } } }, async () => ({ ok: true }));
+      },
+      { required: false },
+    );
+    expect((await post(app, '/x')).statusCode).toBe(200);
+  });
+
+  it('a per-route onProblem override is used for that route', async () => {
+    const { app } = await build((a) => {
+      a.post(
+        '/custom',
+        {
+          config: {
+            idempotency: {
+              onProblem: (_request, reply, error) => {
+                void reply.code(error.status).send({ custom: error.code });
+              },
+            },
+          },
+        },
+        async () => ({ ok: true }),
+      );
+    });
+    const res = await post(app, '/custom');
+    expect(res.statusCode).toBe(400);
+    expect(res.json()).toEqual({ custom: 'ERR_IDEMKIT_KEY_MISSING' });
+  });
+
+  for (const [label, value] of [
+    ['a string', 'yes'],
+    ['null', null],
+    ['an array', []],
+    ['true', true],
+    ['a store override', { store: createMemoryStore() }],
+    ['an invalid option value', { ttlMs: 0 }],
+  ] as const) {
+    it(`throws at startup for ${label}`, async () => {
+      const { app } = await build(() => undefined);
+      expect(() => app.post('/bad', { config: { idempotency: value as never } }, async () => ({}))).toThrow(ConfigurationError);
+    });
+  }
+
+  it('a bad config in a plugin registered later rejects ready()', async () => {
+    const app = Fastify();
+    apps.push(app);
+    await app.register(fastifyIdempotency, { store: createMemoryStore(), logger: false });
+    void app.register(async (child) => {
+      child.post('/bad', { config: { idempotency: 5 as never } }, async () => ({}));
+    });
+    await expect(app.ready()).rejects.toThrow(/config\.idempotency/);
+  });
+});
+
+describe('request.idempotency', () => {
+  it('is the lease context while the handler runs, null otherwise (never a shared object)', async () => {
+    const { app } = await build(
+      (a) => {
+        a.post('/ctx', async (request) => ({ ctx: request.idempotency }));
+        a.get('/ctx', async (request) => ({ ctx: request.idempotency }));
+      },
+      { required: false },
+    );
+    expect((await post(app, '/ctx', 'k1')).json()).toEqual({ ctx: { key: 'k1', tookOver: false } });
+    expect((await post(app, '/ctx')).json()).toEqual({ ctx: null });
+    expect((await app.inject({ method: 'GET', url: '/ctx' })).json()).toEqual({ ctx: null });
+    // A replay does not run the handler, and the next request starts from null again.
+    expect(replayed(await post(app, '/ctx', 'k1'))).toBe(true);
+    expect((await post(app, '/ctx', 'k2')).json()).toEqual({ ctx: { key: 'k2', tookOver: false } });
+  });
+});
+
+describe('payloads', () => {
+  it('an object reply is stored as the string Fastify serialised, so the replay is byte-exact', async () => {
+    const { app } = await build((a) => {
+      a.post(
+        '/schema',
+        {
+          schema: {
+            response: { 201: { type: 'object', properties: { z: { type: 'number' }, a: { type: 'string' } } } },
+          },
+        },
+        async (_request, reply) => reply.code(201).send({ z: 1.5, a: 'é', dropped: 'by the response schema' }),
+      );
+    });
+    const first = await post(app, '/schema', 'k');
+    const again = await post(app, '/schema', 'k');
+    expect(first.body).toBe('{"z":1.5,"a":"é"}');
+    expect(again.rawPayload.equals(first.rawPayload)).toBe(true);
+    expect(again.statusCode).toBe(201);
+    expect(again.headers['content-type']).toBe(first.headers['content-type']);
+    expect(again.headers['content-length']).toBe(first.headers['content-length']);
+    expect(replayed(again)).toBe(true);
+  });
+
+  it('string and Buffer payloads replay byte-exact with their headers', async () => {
+    const bytes = Buffer.from([0, 255, 1, 254, 0x0a]);
+    const { app } = await build((a) => {
+      a.post('/string', async (_request, reply) => reply.type('text/csv; charset=utf-8').header('x-a', 'b').send('a,b\n1,€\n'));
+      a.post('/buffer', async (_request, reply) => reply.type('application/x-thing').send(bytes));
+    });
+    for (const url of ['/string', '/buffer']) {
+      const first = await post(app, url, `k${url}`);
+      const again = await post(app, url, `k${url}`);
+      expect(replayed(again)).toBe(true);
+      expect(again.rawPayload.equals(first.rawPayload)).toBe(true);
+      expect(again.headers['content-type']).toBe(first.headers['content-type']);
+    }
+    expect((await post(app, '/buffer', 'k/buffer')).rawPayload.equals(bytes)).toBe(true);
+    expect((await post(app, '/string', 'k/string')).headers['x-a']).toBe('b');
+  });
+
+  it('an empty reply (204, no payload) replays as an empty 204 without an invented content-type', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/empty', async (_request, reply) => {
+        runs++;
+        return reply.code(204).send();
+      });
+    });
+    const first = await post(app, '/empty', 'k');
+    const again = await post(app, '/empty', 'k');
+    expect(first.statusCode).toBe(204);
+    expect(again.statusCode).toBe(204);
+    expect(again.body).toBe('');
+    expect(replayed(again)).toBe(true);
+    expect(again.headers['content-type']).toBeUndefined();
+    expect(runs).toBe(1);
+  });
+
+  it('a stream is delivered unchanged; the retry gets 410 and the handler never runs again', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/stream', async (_request, reply) => {
+        runs++;
+        return reply.type('text/plain').send(Readable.from(['x', 'y']));
+      });
+    });
+    const first = await post(app, '/stream', 'k');
+    expect(first.body).toBe('xy');
+    const again = await post(app, '/stream', 'k');
+    expect(again.statusCode).toBe(410);
+    expect(again.json()).toMatchObject({ code: 'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE', reason: 'not-bufferable', originalStatus: 200 });
+    expect(runs).toBe(1);
+  });
+
+  it('a hijacked reply (written to reply.raw) is never re-run: the retry gets 410', async () => {
+    let runs = 0;
+    const { app, store } = await build((a) => {
+      a.post('/raw', async (_request, reply) => {
+        runs++;
+        reply.hijack();
+        reply.raw.writeHead(202, { 'content-type': 'text/plain' });
+        reply.raw.end('raw');
+      });
+    });
+    const first = await post(app, '/raw', 'k');
+    expect(first.statusCode).toBe(202);
+    expect(first.body).toBe('raw');
+    // onSend never runs for a hijacked reply: the marker is stored from onResponse, after the fact.
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, 'k')))?.state).toBe('completed'));
+    const again = await post(app, '/raw', 'k');
+    expect(again.statusCode).toBe(410);
+    expect(again.json()).toMatchObject({ originalStatus: 202, reason: 'not-bufferable' });
+    expect(runs).toBe(1);
+  });
+});
+
+describe('errors and validation', () => {
+  it("a body that fails Fastify's schema validation never takes a lease: the key stays free", async () => {
+    let runs = 0;
+    const { app, store } = await build((a) => {
+      a.post(
+        '/validated',
+        { schema: { body: { type: 'object', required: ['sku'], properties: { sku: { type: 'string' } } } } },
+        async (request) => ({ n: ++runs, body: request.body }),
+      );
+    });
+    const invalid = await post(app, '/validated', 'k', { nope: true });
+    expect(invalid.statusCode).toBe(400);
+    expect(invalid.json()).toMatchObject({ code: 'FST_ERR_VALIDATION' });
+    expect(await store.get(scopedKey(undefined, 'k'))).toBeUndefined();
+    // The corrected request with the same key runs (no 422: nothing was recorded for the bad one).
+    const valid = await post(app, '/validated', 'k', { sku: 'A-1' });
+    expect(valid.statusCode).toBe(200);
+    expect(valid.json()).toEqual({ n: 1, body: { sku: 'A-1' } });
+  });
+
+  it('a handler that throws a 4xx: Fastify renders it, nothing is stored, the retry runs again', async () => {
+    let runs = 0;
+    const { app, store } = await build((a) => {
+      a.post('/fail', async () => {
+        runs++;
+        throw Object.assign(new Error('out of stock'), { statusCode: 400 });
+      });
+    });
+    const first = await post(app, '/fail', 'k');
+    expect(first.statusCode).toBe(400);
+    expect(first.json()).toMatchObject({ message: 'out of stock' });
+    expect(await store.get(scopedKey(undefined, 'k'))).toBeUndefined();
+    const retry = await post(app, '/fail', 'k');
+    expect(retry.statusCode).toBe(400);
+    expect(replayed(retry)).toBe(false);
+    expect(runs).toBe(2);
+  });
+
+  it('a custom error handler that answers 200 still does not store the failed run', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.setErrorHandler(async (_error, _request, reply) => reply.code(200).send({ recovered: true }));
+      a.post('/recover', async () => {
+        runs++;
+        throw new Error('boom');
+      });
+    });
+    expect((await post(app, '/recover', 'k')).json()).toEqual({ recovered: true });
+    expect(replayed(await post(app, '/recover', 'k'))).toBe(false);
+    expect(runs).toBe(2);
+  });
+
+  it('a 500 from the handler is never stored', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/five', async (_request, reply) => reply.code(500).send({ n: ++runs }));
+    });
+    await post(app, '/five', 'k');
+    const again = await post(app, '/five', 'k');
+    expect(again.json()).toEqual({ n: 2 });
+  });
+
+  it('problems are core problem+json bytes; onProblem replaces them', async () => {
+    const plain = await build((a) => {
+      a.post('/p', async () => ({}));
+    });
+    const res = await post(plain.app, '/p');
+    expect(res.statusCode).toBe(400);
+    expect(res.headers['content-type']).toBe('application/problem+json');
+    expect(res.json()).toMatchObject({ type: 'https://idemkit.dev/problems/key-missing', code: 'ERR_IDEMKIT_KEY_MISSING' });
+
+    const custom = await build(
+      (a) => {
+        a.post('/p', async () => ({}));
+      },
+      {
+        onProblem: async (_request, reply, error) => {
+          await reply.code(error.status).header('x-problem', error.code).send({ oops: true });
+        },
+      },
+    );
+    const replaced = await post(custom.app, '/p');
+    expect(replaced.statusCode).toBe(400);
+    expect(replaced.headers['x-problem']).toBe('ERR_IDEMKIT_KEY_MISSING');
+    expect(replaced.json()).toEqual({ oops: true });
+  });
+});
