@@ -120,6 +120,18 @@ describe('store transactions (the flow the engine drives)', () => {
     expect(checkedOut(db.pool)).toBe(0);
   });
 
+  it('REPEATABLE READ handlers conflict with lease renewals (why the README asks for READ COMMITTED)', async () => {
+    const k = key();
+    const first = await store.begin(k, 'fp', 30_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    const tx = await store.beginTransaction();
+    await tx.client.query('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ');
+    await tx.client.query(`SELECT count(*) FROM ${orders}`); // takes the snapshot
+    expect(await store.renew(k, first.token, 30_000)).toBe(true); // the engine's renewal timer
+    await expect(tx.complete(k, first.token, ok, 60_000)).rejects.toMatchObject({ code: '40001' });
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
   it('complete twice is refused; the transaction is single-use', async () => {
     const k = key();
     const first = await store.begin(k, 'fp', 30_000);
