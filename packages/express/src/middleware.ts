@@ -1,5 +1,5 @@
 import { ConfigurationError, createIdempotencyEngine, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
-import type { NextFunction, Request, RequestHandler, Response } from 'express';
+import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import { captureResponse } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
 import { writeProblem, writeReplay } from './respond.js';
@@ -83,10 +83,11 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
         const { lease } = decision;
         seen.set(req, { lease });
         expose(req, res, lease.context);
+        // No abandon on an early 'close' (client gone): the handler still runs, and freeing the
+        // key would let the client's retry run the operation a second time. Its answer still goes
+        // through the patched end() and is stored, so the retry gets 409, then the replay — as
+        // in the Koa and Fastify bindings.
         captureResponse(res, lease);
-        // Closed before an answer existed: the client went away, free the key for its retry.
-        // (After a normal end the lease is already settled and this does nothing.)
-        res.once('close', () => void lease.abandon('client-gone'));
         return next();
       }
     }
@@ -95,5 +96,26 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
   return function idempotencyMiddleware(req, res, next) {
     // Express 4 ignores a returned promise: route every rejection to next(err) ourselves.
     handle(req, res, next).catch(next);
+  };
+}
+
+/**
+ * Optional error middleware: mount it after your routes and before your own error handlers to
+ * release the key whenever a handler throws or calls `next(err)`, whatever status your error
+ * handler then answers (as the Koa and Fastify bindings do). Without it, Express gives the
+ * middleware no signal for thrown errors: the key is released only when the error's answer is
+ * not storable (Express's default 500 is not), and a 4xx your error handler renders is stored.
+ *
+ * @example
+ * app.use(routes);
+ * app.use(idempotencyErrorHandler());
+ * app.use(myErrorHandler);
+ */
+export function idempotencyErrorHandler(): ErrorRequestHandler {
+  return function idempotencyErrors(err: unknown, req, _res, next) {
+    const lease = seen.get(req)?.lease;
+    if (!lease || lease.settled) return next(err);
+    // abandon() never rejects; the error goes on unchanged once the key is free.
+    void lease.abandon('handler-threw').then(() => next(err));
   };
 }

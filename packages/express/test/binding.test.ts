@@ -1,0 +1,283 @@
+import { randomUUID } from 'node:crypto';
+import { createMemoryStore, scopedKey, type IdempotencyContext } from '@idemkit/core';
+import express, { type ErrorRequestHandler, type Express, type Request, type Response } from 'express';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { idempotency, idempotencyErrorHandler, type ExpressIdempotencyOptions } from '../src/index.js';
+import { listen } from './app.js';
+
+const open: Array<() => Promise<void>> = [];
+afterEach(async () => {
+  await Promise.all(open.splice(0).map((close) => close()));
+});
+
+async function serve(app: Express): Promise<string> {
+  const handle = await listen(app);
+  open.push(handle.close);
+  return handle.url;
+}
+
+interface Fetched {
+  status: number;
+  headers: Headers;
+  body: Uint8Array;
+}
+
+async function post(url: string, key: string | undefined, init: RequestInit = {}): Promise<Fetched> {
+  const headers = new Headers(init.headers);
+  if (key !== undefined) headers.set('idempotency-key', key);
+  const res = await fetch(url, { method: 'POST', ...init, headers, redirect: 'manual' });
+  return { status: res.status, headers: res.headers, body: new Uint8Array(await res.arrayBuffer()) };
+}
+
+/** Every header the client saw, minus those that differ per response by design. */
+function comparable(headers: Headers): Array<[string, string]> {
+  // content-length: a replay always carries it (recomputed), even when the original was chunked.
+  const skip = new Set(['date', 'connection', 'keep-alive', 'idempotent-replayed', 'transfer-encoding', 'content-length']);
+  return [...headers].filter(([name]) => !skip.has(name));
+}
+
+function appWith(options: Partial<ExpressIdempotencyOptions> = {}): { app: Express; runs: () => number; store: ReturnType<typeof createMemoryStore> } {
+  const store = createMemoryStore();
+  const app = express();
+  app.use(express.json());
+  app.use(idempotency({ store, logger: false, ...options }));
+  let runs = 0;
+  app.use((_req, _res, next) => {
+    runs++;
+    next();
+  });
+  return { app, runs: () => runs, store };
+}
+
+type Responder = (req: Request, res: Response) => void;
+
+/** Each way an Express handler can answer, including Node's raw API with every argument shape. */
+const RESPONDERS: Record<string, Responder> = {
+  'res.json': (_req, res) => void res.status(201).json({ ok: true, list: [1, 2] }),
+  'res.send(string)': (_req, res) => void res.send('<p>hello ✓</p>'),
+  'res.send(Buffer)': (_req, res) => void res.send(Buffer.from([0, 1, 2, 254, 255])),
+  'res.end(string, encoding, callback)': (_req, res) => {
+    res.setHeader('content-type', 'text/plain; charset=latin1');
+    res.end('caf\u00e9', 'latin1', () => undefined);
+  },
+  'res.end(callback)': (_req, res) => {
+    res.statusCode = 204;
+    res.end(() => undefined);
+  },
+  'res.end(Uint8Array)': (_req, res) => void res.end(new Uint8Array([9, 8, 7])),
+  'res.writeHead(status, headers object) + end': (_req, res) => {
+    res.writeHead(202, { 'x-from-write-head': 'object', 'content-type': 'text/plain' });
+    res.end('accepted');
+  },
+  'res.writeHead(status, reason, flat header array) + end': (_req, res) => {
+    res.writeHead(201, 'Made', ['set-cookie', 'a=1', 'set-cookie', 'b=2', 'x-raw', 'yes']);
+    res.end();
+  },
+  'res.redirect': (_req, res) => res.redirect(303, '/elsewhere'),
+  'res.sendStatus': (_req, res) => void res.sendStatus(202),
+};
+
+describe('express binding: every response path is captured and replayed exactly', () => {
+  for (const [name, respond] of Object.entries(RESPONDERS)) {
+    it(name, async () => {
+      const { app, runs } = appWith();
+      app.post('/r', (req, res) => respond(req, res));
+      const url = await serve(app);
+      const key = randomUUID();
+      const first = await post(`${url}/r`, key);
+      const replay = await post(`${url}/r`, key);
+      expect(runs()).toBe(1);
+      expect(first.headers.get('idempotent-replayed')).toBeNull();
+      expect(replay.headers.get('idempotent-replayed')).toBe('true');
+      expect(replay.status).toBe(first.status);
+      expect(replay.body).toEqual(first.body);
+      expect(comparable(replay.headers)).toEqual(comparable(first.headers));
+      expect(replay.headers.get('content-length')).toBe(String(replay.body.byteLength));
+    });
+  }
+
+  it('res.write() streams: chunks pass through, the retry gets 410 and the handler is not re-run', async () => {
+    const { app, runs } = appWith();
+    app.post('/sse', (_req, res) => {
+      res.setHeader('content-type', 'text/event-stream');
+      res.flushHeaders();
+      res.write('data: 1\n\n');
+      res.write(Buffer.from('data: 2\n\n'), () => undefined);
+      res.end('data: end\n\n', 'utf8');
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    const first = await post(`${url}/sse`, key);
+    expect(new TextDecoder().decode(first.body)).toBe('data: 1\n\ndata: 2\n\ndata: end\n\n');
+    const retry = await post(`${url}/sse`, key);
+    expect(retry.status).toBe(410);
+    expect(JSON.parse(new TextDecoder().decode(retry.body))).toMatchObject({ code: 'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE', reason: 'not-bufferable' });
+    expect(runs()).toBe(1);
+  });
+});
+
+describe('express binding: errors', () => {
+  const toJson: ErrorRequestHandler = (err: { code?: string; status?: number }, _req, res, _next) => {
+    res.status(err.status ?? 500).json({ code: err.code ?? 'internal' });
+  };
+
+  it('a body without a body parser → next(ConfigurationError ERR_IDEMKIT_BODY_NOT_PARSED), handler not run', async () => {
+    const app = express();
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    const handler = vi.fn((_req: Request, res: Response) => void res.sendStatus(201));
+    app.post('/x', handler);
+    app.use(toJson);
+    const url = await serve(app);
+    const reply = await post(`${url}/x`, randomUUID(), { body: JSON.stringify({ a: 1 }), headers: { 'content-type': 'application/json' } });
+    expect(reply.status).toBe(500);
+    expect(JSON.parse(new TextDecoder().decode(reply.body))).toEqual({ code: 'ERR_IDEMKIT_BODY_NOT_PARSED' });
+    expect(handler).not.toHaveBeenCalled();
+    // No body at all needs no parser.
+    expect((await post(`${url}/x`, randomUUID())).status).toBe(201);
+  });
+
+  it('next(err) and a sync throw answered 500 by the error handler → key released, the retry runs again', async () => {
+    const { app, runs } = appWith();
+    app.post('/next-err', (_req, _res, next) => next(new Error('boom')));
+    app.post('/sync-throw', () => {
+      throw new Error('boom');
+    });
+    app.use(toJson);
+    const url = await serve(app);
+    for (const path of ['/next-err', '/sync-throw']) {
+      const key = randomUUID();
+      expect((await post(url + path, key)).status).toBe(500);
+      expect((await post(url + path, key)).status).toBe(500);
+    }
+    expect(runs()).toBe(4);
+  });
+
+  it('documented: an error handler that answers a storable status (400) for a thrown error gets that answer stored', async () => {
+    const { app, runs } = appWith();
+    app.post('/invalid', (_req, _res, next) => next(Object.assign(new Error('bad input'), { status: 400, code: 'bad' })));
+    app.use(toJson);
+    const url = await serve(app);
+    const key = randomUUID();
+    expect((await post(`${url}/invalid`, key)).status).toBe(400);
+    const retry = await post(`${url}/invalid`, key);
+    expect(retry.status).toBe(400);
+    expect(retry.headers.get('idempotent-replayed')).toBe('true');
+    expect(runs()).toBe(1);
+  });
+
+  it('with idempotencyErrorHandler() mounted, a thrown error rendered as 400 releases the key: the retry runs again', async () => {
+    const { app, runs } = appWith();
+    app.post('/invalid', (_req, _res, next) => next(Object.assign(new Error('bad input'), { status: 400, code: 'bad' })));
+    app.post('/throws', () => {
+      throw Object.assign(new Error('bad input'), { status: 400, code: 'bad' });
+    });
+    app.use(idempotencyErrorHandler());
+    app.use(toJson);
+    const url = await serve(app);
+    for (const path of ['/invalid', '/throws']) {
+      const key = randomUUID();
+      expect((await post(url + path, key)).status).toBe(400);
+      const retry = await post(url + path, key);
+      expect(retry.status).toBe(400);
+      expect(retry.headers.get('idempotent-replayed')).toBeNull();
+    }
+    expect(runs()).toBe(4);
+  });
+
+  it('a throwing scope() callback flows to the error handler, no lease taken', async () => {
+    const { app, runs } = appWith({
+      scope: () => {
+        throw Object.assign(new Error('no tenant'), { status: 401, code: 'unauthenticated' });
+      },
+    });
+    app.post('/x', (_req, res) => void res.sendStatus(201));
+    app.use(toJson);
+    const url = await serve(app);
+    const reply = await post(`${url}/x`, randomUUID());
+    expect(reply.status).toBe(401);
+    expect(runs()).toBe(0);
+  });
+
+  it('onProblem replaces the problem body', async () => {
+    const { app } = appWith({ onProblem: (error, _req, res) => void res.status(error.status).json({ mine: error.code }) });
+    app.post('/x', (_req, res) => void res.sendStatus(201));
+    const url = await serve(app);
+    const reply = await post(`${url}/x`, undefined);
+    expect(reply.status).toBe(400);
+    expect(JSON.parse(new TextDecoder().decode(reply.body))).toEqual({ mine: 'ERR_IDEMKIT_KEY_MISSING' });
+  });
+});
+
+describe('express binding: request context and mounting', () => {
+  it('req.idempotency and res.locals.idempotency hold the running key; null when not covered', async () => {
+    const { app } = appWith();
+    const seen: Array<IdempotencyContext | null | undefined> = [];
+    const echo = (req: Request, res: Response): void => {
+      seen.push(res.locals['idempotency'] as IdempotencyContext | null);
+      res.json({ ctx: req.idempotency ?? 'absent' });
+    };
+    app.post('/ctx', echo);
+    app.get('/ctx', echo);
+    const url = await serve(app);
+    const key = randomUUID();
+    const covered = await post(`${url}/ctx`, key);
+    expect(JSON.parse(new TextDecoder().decode(covered.body))).toEqual({ ctx: { key, tookOver: false } });
+    const get = await fetch(`${url}/ctx`);
+    expect(await get.json()).toEqual({ ctx: 'absent' });
+    expect(seen).toEqual([{ key, tookOver: false, transaction: undefined }, null]);
+  });
+
+  it('mounted app-wide and per route: one lease, the handler runs once, the replay comes from the first', async () => {
+    const store = createMemoryStore();
+    const app = express();
+    app.use(express.json());
+    app.use(idempotency({ store, logger: false }));
+    let runs = 0;
+    app.post('/x', idempotency({ store, logger: false }), (_req, res) => void res.status(201).json({ run: ++runs }));
+    const url = await serve(app);
+    const key = randomUUID();
+    const first = await post(`${url}/x`, key);
+    const replay = await post(`${url}/x`, key);
+    expect(first.status).toBe(201);
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    expect(replay.body).toEqual(first.body);
+    expect(runs).toBe(1);
+  });
+
+  it('per-route only: other routes are untouched', async () => {
+    const store = createMemoryStore();
+    const app = express();
+    app.use(express.json());
+    app.post('/guarded', idempotency({ store, logger: false }), (_req, res) => void res.sendStatus(201));
+    app.post('/open', (_req, res) => void res.sendStatus(201));
+    const url = await serve(app);
+    expect((await post(`${url}/guarded`, undefined)).status).toBe(400);
+    expect((await post(`${url}/open`, undefined)).status).toBe(201);
+  });
+
+  it('client gone while the handler runs → the key stays held; the answer is stored and the retry replays it', async () => {
+    const { app, runs, store } = appWith();
+    let answer: (() => void) | undefined;
+    app.post('/slow', (_req, res) => {
+      answer = () => void res.status(201).json({ done: true });
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    const abort = new AbortController();
+    const pending = post(`${url}/slow`, key, { signal: abort.signal }).catch((error: unknown) => error);
+    await vi.waitFor(() => expect(runs()).toBe(1));
+    abort.abort();
+    expect(await pending).toBeInstanceOf(Error);
+    // Still running: a retry must not run the operation a second time.
+    const during = await post(`${url}/slow`, key);
+    expect(during.status).toBe(409);
+    expect((await store.get(scopedKey(undefined, key)))?.state).toBe('in_progress');
+    answer?.();
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, key)))?.state).toBe('completed'));
+    const retry = await post(`${url}/slow`, key);
+    expect(retry.status).toBe(201);
+    expect(retry.headers.get('idempotent-replayed')).toBe('true');
+    expect(JSON.parse(new TextDecoder().decode(retry.body))).toEqual({ done: true });
+    expect(runs()).toBe(1);
+  });
+});
