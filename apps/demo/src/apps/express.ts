@@ -1,0 +1,42 @@
+import { idempotency } from '@idemkit/express';
+import express, { type ErrorRequestHandler, type Response } from 'express';
+import type { AddressInfo } from 'node:net';
+import type { Assets } from '../assets.js';
+import type { Backend } from '../backend.js';
+import { createThing, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
+import type { DemoConfig } from '../config.js';
+import type { RunningDemo } from '../server.js';
+
+function send(res: Response, r: DemoResponse): void {
+  res.status(r.status).set(r.headers);
+  if (r.headers['content-type']) res.send(Buffer.from(JSON.stringify(r.body)));
+  else res.json(r.body);
+}
+
+export async function startExpress(config: DemoConfig, backend: Backend, assets: Assets): Promise<RunningDemo> {
+  const app = express();
+  app.use(express.json({ limit: '100kb' }));
+  const guard = idempotency({ store: backend.store, transactional: backend.transactional });
+
+  app.get('/', (_req, res) => void res.type('html').send(assets.page));
+  app.get('/vendor/idemkit-client.js', (_req, res) => void res.type('text/javascript').send(assets.client));
+  app.get('/orders', async (_req, res) => send(res, await listOrders(backend)));
+  app.post('/orders', guard, async (req, res) => send(res, await placeOrder(backend, config.workMs, req.body, req.idempotency)));
+  app.post('/create', guard, async (req, res) => send(res, await createThing(backend, req.body, req.idempotency)));
+
+  const onError: ErrorRequestHandler = (err: { type?: string; message?: string }, _req, res, _next) => {
+    if (err.type === 'entity.parse.failed') return send(res, invalidJson(err.message ?? 'Malformed JSON.'));
+    if (err.type === 'entity.too.large') return send(res, tooLarge());
+    console.error(err);
+    send(res, problem(500, 'internal', 'Internal error', 'Something went wrong; retry with the same key.'));
+  };
+  app.use(onError);
+
+  const server = app.listen(config.port, config.host);
+  await new Promise<void>((resolve, reject) => server.once('listening', resolve).once('error', reject));
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `http://${config.host}:${port}`,
+    close: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
+  };
+}

@@ -1,0 +1,51 @@
+import { bodyParser } from '@koa/bodyparser';
+import Router from '@koa/router';
+import { idempotency } from '@idemkit/koa';
+import Koa from 'koa';
+import type { AddressInfo } from 'node:net';
+import type { Assets } from '../assets.js';
+import type { Backend } from '../backend.js';
+import { createThing, invalidJson, listOrders, placeOrder, tooLarge, type DemoResponse } from '../checkout.js';
+import type { DemoConfig } from '../config.js';
+import type { RunningDemo } from '../server.js';
+
+function send(ctx: Koa.Context, r: DemoResponse): void {
+  ctx.status = r.status;
+  ctx.set(r.headers);
+  ctx.body = r.headers['content-type'] ? Buffer.from(JSON.stringify(r.body)) : r.body;
+  if (r.headers['content-type']) ctx.type = r.headers['content-type'];
+}
+
+export async function startKoa(config: DemoConfig, backend: Backend, assets: Assets): Promise<RunningDemo> {
+  const app = new Koa();
+  const router = new Router();
+  // Body-parser errors (bad JSON, too large) become problem responses like the other frameworks'.
+  app.use(async (ctx, next) => {
+    try {
+      await next();
+    } catch (err) {
+      const e = err as { status?: number; type?: string; message?: string };
+      if (e.status === 413 || e.type === 'entity.too.large') return send(ctx, tooLarge());
+      if (err instanceof SyntaxError || e.type === 'entity.parse.failed') return send(ctx, invalidJson(e.message ?? 'Malformed JSON.'));
+      throw err;
+    }
+  });
+  app.use(bodyParser({ enableTypes: ['json'], jsonLimit: '100kb' }));
+  const guard = idempotency({ store: backend.store, transactional: backend.transactional });
+
+  router.get('/', (ctx) => { ctx.type = 'html'; ctx.body = assets.page; });
+  router.get('/vendor/idemkit-client.js', (ctx) => { ctx.type = 'text/javascript'; ctx.body = assets.client; });
+  router.get('/orders', async (ctx) => send(ctx, await listOrders(backend)));
+  router.post('/orders', guard, async (ctx) => send(ctx, await placeOrder(backend, config.workMs, ctx.request.body, ctx.state.idempotency)));
+  router.post('/create', guard, async (ctx) => send(ctx, await createThing(backend, ctx.request.body, ctx.state.idempotency)));
+  app.use(router.routes()).use(router.allowedMethods());
+  app.on('error', (err: { status?: number }) => { if ((err.status ?? 500) >= 500) console.error(err); });
+
+  const server = app.listen(config.port, config.host);
+  await new Promise<void>((resolve, reject) => server.once('listening', resolve).once('error', reject));
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `http://${config.host}:${port}`,
+    close: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
+  };
+}

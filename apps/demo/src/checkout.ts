@@ -1,0 +1,50 @@
+import type { IdempotencyContext } from '@idemkit/core';
+import type { Backend } from './backend.js';
+
+/** A framework-neutral answer each app writes as it is. */
+export interface DemoResponse {
+  readonly status: number;
+  readonly headers: Record<string, string>;
+  readonly body: unknown;
+}
+
+const PROBLEM = 'application/problem+json';
+
+export function problem(status: number, slug: string, title: string, detail: string): DemoResponse {
+  return {
+    status,
+    headers: { 'content-type': PROBLEM },
+    body: { type: `https://idemkit.dev/demo/problems/${slug}`, title, status, detail },
+  };
+}
+
+export const invalidJson = (detail: string) => problem(400, 'invalid-json', 'Request body is not valid JSON', detail);
+export const tooLarge = () => problem(413, 'body-too-large', 'Request body too large', 'The body is larger than 100 KB.');
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** POST /orders: validate, "charge" (DEMO_WORK_MS), then create the order. */
+export async function placeOrder(backend: Backend, workMs: number, body: unknown, ctx: IdempotencyContext | null | undefined): Promise<DemoResponse> {
+  const input = body as { item?: unknown; amount?: unknown } | undefined;
+  if (typeof input !== 'object' || input === null || typeof input.item !== 'string' || input.item.trim() === '') {
+    return problem(400, 'invalid-order', 'Invalid order', '`item` must be a non-empty string.');
+  }
+  if (typeof input.amount !== 'number' || !Number.isSafeInteger(input.amount) || input.amount <= 0) {
+    return problem(400, 'invalid-order', 'Invalid order', '`amount` must be a positive integer (cents).');
+  }
+  await sleep(workMs); // the payment provider call: the side effect that must not happen twice
+  const order = await backend.orders.insert({ item: input.item, amount: input.amount, key: ctx?.key ?? null }, ctx?.transaction);
+  return { status: 201, headers: { location: `/orders/${order.id}` }, body: order };
+}
+
+/** POST /create: the original design's sample, `{ idempotencyKey, data }` → 201 `{ id, data }`. */
+export async function createThing(backend: Backend, body: unknown, ctx: IdempotencyContext | null | undefined): Promise<DemoResponse> {
+  const data = (body as { data?: unknown } | undefined)?.data;
+  if (data === undefined) return problem(400, 'invalid-create', 'Invalid body', 'Send `{ "idempotencyKey": "...", "data": { ... } }`.');
+  const order = await backend.orders.insert({ item: 'create', amount: 1, key: ctx?.key ?? null }, ctx?.transaction);
+  return { status: 201, headers: {}, body: { id: order.id, data } };
+}
+
+export async function listOrders(backend: Backend): Promise<DemoResponse> {
+  return { status: 200, headers: {}, body: { orders: await backend.orders.list() } };
+}

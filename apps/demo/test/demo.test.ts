@@ -1,0 +1,100 @@
+import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FRAMEWORKS, readConfig } from '../src/config.js';
+import { startDemo, type RunningDemo } from '../src/server.js';
+
+const post = (url: string, body: string, key?: string) =>
+  fetch(url, { method: 'POST', headers: { 'content-type': 'application/json', ...(key ? { 'idempotency-key': key } : {}) }, body });
+
+describe.each(FRAMEWORKS)('demo on %s with the in-memory store', (framework) => {
+  let demo: RunningDemo;
+  beforeAll(async () => {
+    demo = await startDemo(readConfig({ FRAMEWORK: framework, PORT: '0', DEMO_WORK_MS: '20' }));
+  });
+  afterAll(() => demo.close());
+
+  it('POST /orders creates one order, a retry replays it with Location', async () => {
+    const key = crypto.randomUUID();
+    const first = await post(`${demo.url}/orders`, JSON.stringify({ item: 'book', amount: 1200 }), key);
+    expect(first.status).toBe(201);
+    const order = (await first.json()) as { id: string; item: string; amount: number; key: string };
+    expect(order).toMatchObject({ item: 'book', amount: 1200, key });
+    expect(first.headers.get('location')).toBe(`/orders/${order.id}`);
+
+    const retry = await post(`${demo.url}/orders`, JSON.stringify({ amount: 1200, item: 'book' }), key);
+    expect(retry.status).toBe(201);
+    expect(retry.headers.get('idempotent-replayed')).toBe('true');
+    expect(retry.headers.get('location')).toBe(`/orders/${order.id}`);
+    expect(await retry.json()).toEqual(order);
+
+    const { orders } = (await (await fetch(`${demo.url}/orders`)).json()) as { orders: Array<{ key: string }> };
+    expect(orders.filter((o) => o.key === key)).toHaveLength(1);
+  });
+
+  it('30 parallel requests with one key create exactly one order', async () => {
+    const key = crypto.randomUUID();
+    const responses = await Promise.all(Array.from({ length: 30 }, () => post(`${demo.url}/orders`, '{"item":"cup","amount":300}', key)));
+    const statuses = responses.map((r) => r.status);
+    expect(statuses.filter((s) => s === 201).length).toBeGreaterThanOrEqual(1);
+    expect(statuses.every((s) => s === 201 || s === 409)).toBe(true);
+    const { orders } = (await (await fetch(`${demo.url}/orders`)).json()) as { orders: Array<{ key: string }> };
+    expect(orders.filter((o) => o.key === key)).toHaveLength(1);
+  });
+
+  it('invalid JSON gets 400 problem+json and creates nothing', async () => {
+    const res = await post(`${demo.url}/orders`, '{"item": ', crypto.randomUUID());
+    expect(res.status).toBe(400);
+    expect(res.headers.get('content-type')).toContain('application/problem+json');
+    expect(await res.json()).toMatchObject({ type: 'https://idemkit.dev/demo/problems/invalid-json', status: 400 });
+  });
+
+  it('an invalid order gets 400 problem+json, a missing key gets the idemkit 400', async () => {
+    const bad = await post(`${demo.url}/orders`, '{"item":"x","amount":-1}', crypto.randomUUID());
+    expect(bad.status).toBe(400);
+    expect(await bad.json()).toMatchObject({ type: 'https://idemkit.dev/demo/problems/invalid-order' });
+    const keyless = await post(`${demo.url}/orders`, '{"item":"x","amount":1}');
+    expect(keyless.status).toBe(400);
+    expect(await keyless.json()).toMatchObject({ type: 'https://idemkit.dev/problems/key-missing' });
+  });
+
+  it('POST /create keeps the original sample working: body key, 201 { id, data }, replay', async () => {
+    const body = JSON.stringify({ idempotencyKey: crypto.randomUUID(), data: { name: 'sample' } });
+    const first = await post(`${demo.url}/create`, body);
+    expect(first.status).toBe(201);
+    const created = (await first.json()) as { id: string; data: unknown };
+    expect(created.data).toEqual({ name: 'sample' });
+    const again = await post(`${demo.url}/create`, body);
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(await again.json()).toEqual(created);
+  });
+
+  it('serves the page and the browser build of the client', async () => {
+    const page = await fetch(`${demo.url}/`);
+    expect(page.headers.get('content-type')).toContain('text/html');
+    expect(await page.text()).toContain('/vendor/idemkit-client.js');
+    const client = await fetch(`${demo.url}/vendor/idemkit-client.js`);
+    expect(client.headers.get('content-type')).toContain('javascript');
+    expect(await client.text()).toContain('createIdempotentFetch');
+  });
+});
+
+describe('configuration', () => {
+  it('refuses unknown values with a clear message', () => {
+    expect(() => readConfig({ STORE: 'sqlite' })).toThrow('STORE=sqlite is not supported. Use one of: memory, postgres, redis, mongodb.');
+    expect(() => readConfig({ FRAMEWORK: 'hapi' })).toThrow('FRAMEWORK=hapi is not supported. Use one of: fastify, express, koa.');
+    expect(() => readConfig({ STORE: 'redis' })).toThrow(/REDIS_URL/);
+    expect(() => readConfig({ PORT: 'eighty' })).toThrow(/PORT/);
+  });
+
+  it('defaults: port 3000, Fastify, memory store, 50 ms of work', () => {
+    expect(readConfig({})).toMatchObject({ port: 3000, host: '127.0.0.1', framework: 'fastify', store: 'memory', workMs: 50 });
+  });
+
+  it('the built app exits with the message when started with a bad value', () => {
+    const main = fileURLToPath(new URL('../dist/main.js', import.meta.url));
+    const run = spawnSync(process.execPath, [main], { env: { ...process.env, FRAMEWORK: 'rails' }, encoding: 'utf8', timeout: 20_000 });
+    expect(run.status).toBe(2);
+    expect(run.stderr).toContain('FRAMEWORK=rails is not supported');
+  });
+});
