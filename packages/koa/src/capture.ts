@@ -33,10 +33,10 @@ export function captureResponse(ctx: Context): Captured {
   const body: unknown = ctx.body;
   if (body === null || body === undefined) {
     if ((ctx.response as { _explicitNullBody?: boolean })._explicitNullBody === true) {
-      // `ctx.body = null` with a status that allows a body: respond() sends an empty body.
+      // `ctx.body = null` with a status that allows a body: respond() sends an empty body and
+      // strips these (Koa 3 also sets Content-Length: 0, which is never stored anyway).
       ctx.remove('Content-Type');
       ctx.remove('Transfer-Encoding');
-      ctx.length = 0;
       return { kind: 'bytes', body: EMPTY };
     }
     // Nothing set the body: respond() sends the status message (just the code on HTTP/2) as text.

@@ -37,82 +37,89 @@ export async function listen(app: Koa): Promise<TestAppHandle> {
   };
 }
 
-/** The http-suite contract (packages/http-suite/src/contract.ts) on Koa + @koa/router + @koa/bodyparser. */
-export const startApp: StartApp = async ({ store, options, counter, txWork }: StartAppInput) => {
-  const count = (name: string): number => {
-    const n = (counter.get(name) ?? 0) + 1;
-    counter.set(name, n);
-    return n;
-  };
-  const router = new Router();
+/**
+ * The http-suite contract (packages/http-suite/src/contract.ts) on Koa + @koa/router +
+ * @koa/bodyparser. `KoaClass` lets the same app run on the lowest Koa of the peer range.
+ */
+export function createStartApp(KoaClass: typeof Koa = Koa): StartApp {
+  return async ({ store, options, counter, txWork }: StartAppInput) => {
+    const count = (name: string): number => {
+      const n = (counter.get(name) ?? 0) + 1;
+      counter.set(name, n);
+      return n;
+    };
+    const router = new Router();
 
-  router.post('/orders', async (ctx) => {
-    const n = count('orders');
-    const delay = Number(ctx.query.delay ?? 0);
-    if (delay > 0) await new Promise((resolve) => setTimeout(resolve, delay));
-    const id = randomUUID();
-    ctx.status = ctx.query.status === undefined ? 201 : Number(ctx.query.status);
-    ctx.set('Location', `/orders/${id}`);
-    ctx.set('X-Custom', 'yes');
-    ctx.set('Set-Cookie', ['a=1', 'b=2']);
-    ctx.body = { id, n, body: ctx.request.body };
-  });
-  router.patch('/orders/:id', (ctx) => {
-    const n = count('patch');
-    ctx.body = { id: ctx.params.id, n, body: ctx.request.body };
-  });
-  router.get('/orders', (ctx) => {
-    ctx.body = { n: count('list') };
-  });
-  router.post('/binary', (ctx) => {
-    count('binary');
-    ctx.type = 'application/octet-stream';
-    ctx.body = Buffer.from(Array.from({ length: 256 }, (_, i) => i));
-  });
-  router.post('/text', (ctx) => {
-    count('text');
-    ctx.type = 'text/plain';
-    ctx.body = String(ctx.request.body ?? '');
-  });
-  router.post('/throw', () => {
-    count('throw');
-    throw new Error('boom');
-  });
-  router.post('/stream', (ctx) => {
-    count('stream');
-    ctx.type = 'text/plain';
-    ctx.body = Readable.from(['a', 'b', 'c']);
-  });
-  router.post('/large', (ctx) => {
-    count('large');
-    ctx.type = 'application/octet-stream';
-    ctx.body = Buffer.alloc(Number(ctx.query.size ?? 0), 0x61);
-  });
-  router.post('/tx', async (ctx) => {
-    count('tx');
-    if (!txWork) throw new Error('POST /tx needs txWork');
-    const result = await txWork(ctx.state.idempotency?.transaction, ctx.request.body);
-    ctx.status = 201;
-    ctx.body = result;
-  });
-  router.post('/create', (ctx) => {
-    count('create');
-    const { data } = (ctx.request.body ?? {}) as { data?: unknown };
-    ctx.status = 201;
-    ctx.body = { id: randomUUID(), data };
-  });
+    router.post('/orders', async (ctx) => {
+      const n = count('orders');
+      const delay = Number(ctx.query.delay ?? 0);
+      if (delay > 0) await new Promise((resolve) => setTimeout(resolve, delay));
+      const id = randomUUID();
+      ctx.status = ctx.query.status === undefined ? 201 : Number(ctx.query.status);
+      ctx.set('Location', `/orders/${id}`);
+      ctx.set('X-Custom', 'yes');
+      ctx.set('Set-Cookie', ['a=1', 'b=2']);
+      ctx.body = { id, n, body: ctx.request.body };
+    });
+    router.patch('/orders/:id', (ctx) => {
+      const n = count('patch');
+      ctx.body = { id: ctx.params.id, n, body: ctx.request.body };
+    });
+    router.get('/orders', (ctx) => {
+      ctx.body = { n: count('list') };
+    });
+    router.post('/binary', (ctx) => {
+      count('binary');
+      ctx.type = 'application/octet-stream';
+      ctx.body = Buffer.from(Array.from({ length: 256 }, (_, i) => i));
+    });
+    router.post('/text', (ctx) => {
+      count('text');
+      ctx.type = 'text/plain';
+      ctx.body = String(ctx.request.body ?? '');
+    });
+    router.post('/throw', () => {
+      count('throw');
+      throw new Error('boom');
+    });
+    router.post('/stream', (ctx) => {
+      count('stream');
+      ctx.type = 'text/plain';
+      ctx.body = Readable.from(['a', 'b', 'c']);
+    });
+    router.post('/large', (ctx) => {
+      count('large');
+      ctx.type = 'application/octet-stream';
+      ctx.body = Buffer.alloc(Number(ctx.query.size ?? 0), 0x61);
+    });
+    router.post('/tx', async (ctx) => {
+      count('tx');
+      if (!txWork) throw new Error('POST /tx needs txWork');
+      const result = await txWork(ctx.state.idempotency?.transaction, ctx.request.body);
+      ctx.status = 201;
+      ctx.body = result;
+    });
+    router.post('/create', (ctx) => {
+      count('create');
+      const { data } = (ctx.request.body ?? {}) as { data?: unknown };
+      ctx.status = 201;
+      ctx.body = { id: randomUUID(), data };
+    });
 
-  const idempotencyOptions: KoaIdempotencyOptions = {
-    ...options,
-    store,
-    scope: (ctx) => ctx.get('x-user') || undefined,
+    const idempotencyOptions: KoaIdempotencyOptions = {
+      ...options,
+      store,
+      scope: (ctx) => ctx.get('x-user') || undefined,
+    };
+    const app = new KoaClass();
+    app.silent = true; // the /throw route's error is expected; keep test output clean
+    app.use(rawBody());
+    app.use(bodyParser({ enableTypes: ['json', 'form', 'text'] }));
+    app.use(idempotency(idempotencyOptions));
+    app.use(router.routes());
+    app.use(router.allowedMethods());
+    return listen(app);
   };
-  const app = new Koa();
-  app.silent = true; // the /throw route's error is expected; keep test output clean
-  app.use(rawBody());
-  app.use(bodyParser({ enableTypes: ['json', 'form', 'text'] }));
-  app.use(idempotency(idempotencyOptions));
-  app.use(router.routes());
-  app.use(router.allowedMethods());
-  return listen(app);
-};
+}
+
+export const startApp: StartApp = createStartApp();

@@ -24,8 +24,11 @@ export async function snapshot(res: Response): Promise<Snapshot> {
 }
 
 /** A Koa app with the usual parsers, `setup` adding the rest, listening on 127.0.0.1:0. */
-export async function startKoa(setup: (app: Koa) => void, { parser = true }: { parser?: boolean } = {}): Promise<TestAppHandle & { app: Koa }> {
-  const app = new Koa();
+export async function startKoa(
+  setup: (app: Koa) => void,
+  { parser = true, KoaClass = Koa }: { parser?: boolean; KoaClass?: typeof Koa } = {},
+): Promise<TestAppHandle & { app: Koa }> {
+  const app = new KoaClass();
   app.silent = true;
   if (parser) app.use(bodyParser({ enableTypes: ['json', 'form', 'text'] }));
   setup(app);
