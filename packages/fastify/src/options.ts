@@ -16,10 +16,16 @@ export interface FastifyIdempotencyOptions extends IdempotencyOptions<FastifyReq
 }
 
 /** What a route may override through `config: { idempotency: { … } }`; the store is app-wide. */
-export type RouteIdempotencyOptions = Partial<Omit<FastifyIdempotencyOptions, 'store'>>;
+export type RouteIdempotencyOptions = Partial<Omit<FastifyIdempotencyOptions, 'store'>> & {
+  /** Not per route: register the plugin in a separate (sibling) encapsulated context for another store. */
+  store?: never;
+};
 
-/** The value of `config.idempotency` on one route: overrides, or `false` to leave the route alone. */
-export type RouteIdempotencyConfig = RouteIdempotencyOptions | false;
+/**
+ * The value of `config.idempotency` on one route: overrides, or `false` to leave the route alone.
+ * (`& object` keeps `true` out even when Fastify infers the route's config type from the literal.)
+ */
+export type RouteIdempotencyConfig = (RouteIdempotencyOptions & object) | false;
 
 /**
  * Merge one route's `config.idempotency` into the plugin options. Throws a `ConfigurationError`

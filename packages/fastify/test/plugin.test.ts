@@ -371,3 +371,36 @@ describe('errors and validation', () => {
     expect(replaced.json()).toEqual({ oops: true });
   });
 });
+
+describe('several stores', () => {
+  it('sibling encapsulated contexts can each register the plugin with their own store', async () => {
+    const storeA = createMemoryStore();
+    const storeB = createMemoryStore();
+    const app = Fastify();
+    apps.push(app);
+    void app.register(async (a) => {
+      await a.register(fastifyIdempotency, { store: storeA, logger: false });
+      a.post('/a', async () => ({ at: 'a' }));
+    });
+    void app.register(async (b) => {
+      await b.register(fastifyIdempotency, { store: storeB, logger: false });
+      b.post('/b', async () => ({ at: 'b' }));
+    });
+    await app.ready();
+    await post(app, '/a', 'same');
+    await post(app, '/b', 'same');
+    expect((await storeA.get(scopedKey(undefined, 'same')))?.response).toBeTruthy();
+    expect((await storeB.get(scopedKey(undefined, 'same')))?.response).toBeTruthy();
+    expect(replayed(await post(app, '/b', 'same'))).toBe(true);
+  });
+
+  it('registering it again inside a context that already has it fails loudly', async () => {
+    const app = Fastify();
+    apps.push(app);
+    await app.register(fastifyIdempotency, { store: createMemoryStore(), logger: false });
+    void app.register(async (child) => {
+      await child.register(fastifyIdempotency, { store: createMemoryStore(), logger: false });
+    });
+    await expect(app.ready()).rejects.toThrow(/idempotency/);
+  });
+});
