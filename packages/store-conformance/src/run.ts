@@ -11,28 +11,38 @@ import { leaseSuite } from './suite-lease.js';
 import { purgeSuite } from './suite-purge.js';
 import { ttlSuite } from './suite-ttl.js';
 
-/** The contract clauses, in the order they run. Names match the describe titles. */
-export const conformanceClauses = [
-  // Purge first: its exact counts must not include records other clauses let expire.
-  { name: 'purgeExpired', covers: 'deletes only expired records, in batches of `limit`, returns the count', run: purgeSuite },
-  { name: 'begin', covers: 'claims a new key with a fresh token, or returns the live record and lease time left', run: beginSuite },
-  { name: 'complete', covers: 'only the holder stores a response; replays see it exactly; the old token is dead afterwards', run: completeSuite },
-  { name: 'lease', covers: 'takeover after lease expiry, fencing of the stale holder, renew, release', run: leaseSuite },
-  { name: 'ttl', covers: 'completed records expire after their TTL, counted from completion', run: ttlSuite },
-  { name: 'concurrency', covers: 'exactly one of 200 concurrent callers wins, also across two clients', run: concurrencySuite },
-  { name: 'response bytes', covers: 'empty, all-byte-values and 1 MiB bodies, repeated headers and 8 KiB values round-trip exactly', run: bytesSuite },
-  { name: 'keys', covers: 'SQL/Lua/pattern/operator/unicode keys are data; distinct keys never collide', run: keysSuite },
-  { name: 'close', covers: 'close() twice is safe and leaves stores sharing the client working', run: closeSuite },
-] as const satisfies ReadonlyArray<{ name: string; covers: string; run: (ctx: SuiteContext) => void }>;
+/** One clause of the store contract: the describe title it runs under and what it proves. */
+export interface ConformanceClause {
+  readonly name: string;
+  readonly covers: string;
+}
+
+type Clause = ConformanceClause & { readonly register: (ctx: SuiteContext) => void };
+
+const clauses: readonly Clause[] = [
+  // Purge runs first: its exact counts must not include records that other clauses let expire.
+  { name: 'purgeExpired', covers: 'deletes only expired records (completed and abandoned leases), in batches of `limit`, and returns the count', register: purgeSuite },
+  { name: 'begin', covers: 'claims a new key with a fresh token, or returns the live record and the lease time left', register: beginSuite },
+  { name: 'complete', covers: 'only the holder stores a response; get and begin replay it exactly; afterwards the old token is dead', register: completeSuite },
+  { name: 'lease', covers: 'takeover after lease expiry, fencing of the stale holder, renew, release', register: leaseSuite },
+  { name: 'ttl', covers: 'completed records expire after their TTL, counted from completion', register: ttlSuite },
+  { name: 'concurrency', covers: 'exactly one of 200 concurrent callers wins (new key, expired lease, expired record, two clients)', register: concurrencySuite },
+  { name: 'response bytes', covers: 'empty, every-byte-value and 1 MiB bodies, repeated headers in order and 8 KiB values round-trip exactly', register: bytesSuite },
+  { name: 'keys', covers: 'SQL, Lua, pattern, operator, control and non-ASCII characters are data; distinct keys never collide', register: keysSuite },
+  { name: 'close', covers: 'close() twice is safe and leaves other stores on the same client working', register: closeSuite },
+];
+
+/** The contract clauses in the order they run; their names are the describe titles. */
+export const conformanceClauses: readonly ConformanceClause[] = clauses.map(({ name, covers }) => ({ name, covers }));
 
 /**
  * Registers the whole conformance suite (vitest `describe`/`it`) for one store. Call it at the top
- * level of a test file.
+ * level of a test file; every clause gets its own store from `createStore`.
  */
 export function runStoreConformance(options: StoreConformanceOptions): void {
   describe(`store conformance: ${options.name}`, () => {
     const ctx = createContext(options);
-    for (const clause of conformanceClauses) clause.run(ctx);
+    for (const clause of clauses) describe(clause.name, () => clause.register(ctx));
     // Nested afterAll hooks (closing each clause's store) run before this one.
     afterAll(async () => {
       await options.cleanup?.();

@@ -1,81 +1,79 @@
-import { describe, expect } from 'vitest';
+import { expect } from 'vitest';
 import { LONG_MS, clause, expectNear, mustGet, useStore, type SuiteContext } from './context.js';
 
 /** SPEC §3 begin: claim a new key, or report the live record. */
 export function beginSuite(ctx: SuiteContext): void {
-  describe('begin', () => {
-    const store = useStore(ctx);
+  const store = useStore(ctx);
 
-    clause('begin on a new key acquires a fresh lease token (tookOver false)', async () => {
-      const result = await store().begin(ctx.key('begin-new'), 'fp-1', LONG_MS);
-      expect(result.kind).toBe('acquired');
-      if (result.kind !== 'acquired') return;
-      expect(typeof result.token).toBe('string');
-      expect(result.token.length).toBeGreaterThan(0);
-      expect(result.tookOver).toBe(false);
-    });
+  clause('begin on a new key acquires a fresh lease token (tookOver false)', async () => {
+    const result = await store().begin(ctx.key('begin-new'), 'fp-1', LONG_MS);
+    expect(result.kind).toBe('acquired');
+    if (result.kind !== 'acquired') return;
+    expect(typeof result.token).toBe('string');
+    expect(result.token.length).toBeGreaterThan(0);
+    expect(result.tookOver).toBe(false);
+  });
 
-    clause('get() shows the new record in progress, with fingerprint, lease end and no response', async () => {
-      const key = ctx.key('begin-get');
-      const before = Date.now();
-      await store().begin(key, 'sha256:abc', LONG_MS);
-      const after = Date.now();
-      const record = await mustGet(store(), key);
-      expect(record.key).toBe(key);
-      expect(record.state).toBe('in_progress');
-      expect(record.fingerprint).toBe('sha256:abc');
-      expect(record.response).toBeNull();
-      expect(record.leaseExpiresAt).not.toBeNull();
-      // Lease end ≈ now + lease, by the store's clock (tolerates modest clock skew).
-      expectNear(record.leaseExpiresAt ?? 0, before + LONG_MS);
-      expectNear(record.leaseExpiresAt ?? 0, after + LONG_MS);
-      expect(record.leaseExpiresAt ?? 0).toBeGreaterThan(Date.now());
-      expectNear(record.createdAt, before);
-      // An in-progress record lives exactly as long as its lease.
-      expect(Math.abs(record.expiresAt - (record.leaseExpiresAt ?? 0))).toBeLessThanOrEqual(1);
-    });
+  clause('get() shows the new record in progress, with fingerprint, lease end and no response', async () => {
+    const key = ctx.key('begin-get');
+    const before = Date.now();
+    await store().begin(key, 'sha256:abc', LONG_MS);
+    const after = Date.now();
+    const record = await mustGet(store(), key);
+    expect(record.key).toBe(key);
+    expect(record.state).toBe('in_progress');
+    expect(record.fingerprint).toBe('sha256:abc');
+    expect(record.response).toBeNull();
+    expect(record.leaseExpiresAt).not.toBeNull();
+    // Lease end ≈ now + lease, by the store's clock (tolerates modest clock skew).
+    expectNear(record.leaseExpiresAt ?? 0, before + LONG_MS);
+    expectNear(record.leaseExpiresAt ?? 0, after + LONG_MS);
+    expect(record.leaseExpiresAt ?? 0).toBeGreaterThan(Date.now());
+    expectNear(record.createdAt, before);
+    // An in-progress record lives exactly as long as its lease.
+    expect(Math.abs(record.expiresAt - (record.leaseExpiresAt ?? 0))).toBeLessThanOrEqual(1);
+  });
 
-    clause('a null fingerprint is stored as null', async () => {
-      const key = ctx.key('begin-null-fp');
-      await store().begin(key, null, LONG_MS);
-      const record = await mustGet(store(), key);
-      expect(record.fingerprint).toBeNull();
-      const again = await store().begin(key, null, LONG_MS);
-      expect(again.kind).toBe('existing');
-      if (again.kind === 'existing') expect(again.record.fingerprint).toBeNull();
-    });
+  clause('a null fingerprint is stored as null', async () => {
+    const key = ctx.key('begin-null-fp');
+    await store().begin(key, null, LONG_MS);
+    const record = await mustGet(store(), key);
+    expect(record.fingerprint).toBeNull();
+    const again = await store().begin(key, null, LONG_MS);
+    expect(again.kind).toBe('existing');
+    if (again.kind === 'existing') expect(again.record.fingerprint).toBeNull();
+  });
 
-    clause('begin again returns the live record and the lease time left (0 < left <= lease)', async () => {
-      const key = ctx.key('begin-again');
-      await store().begin(key, 'fp-first', LONG_MS);
-      const stored = await mustGet(store(), key);
-      // A different fingerprint does not overwrite the record: the engine compares, the store keeps.
-      const again = await store().begin(key, 'fp-second', LONG_MS);
-      expect(again.kind).toBe('existing');
-      if (again.kind !== 'existing') return;
-      expect(again.record.key).toBe(key);
-      expect(again.record.state).toBe('in_progress');
-      expect(again.record.fingerprint).toBe('fp-first');
-      expect(again.record.response).toBeNull();
-      expect(again.record.leaseExpiresAt).toBe(stored.leaseExpiresAt);
-      expect(again.record.createdAt).toBe(stored.createdAt);
-      expect(again.leaseRemainingMs).toBeGreaterThan(0);
-      expect(again.leaseRemainingMs).toBeLessThanOrEqual(LONG_MS);
-      expect(again.leaseRemainingMs).toBeGreaterThan(LONG_MS - 60_000);
-      expect((await mustGet(store(), key)).fingerprint).toBe('fp-first');
-    });
+  clause('begin again returns the live record and the lease time left (0 < left <= lease)', async () => {
+    const key = ctx.key('begin-again');
+    await store().begin(key, 'fp-first', LONG_MS);
+    const stored = await mustGet(store(), key);
+    // A different fingerprint does not overwrite the record: the engine compares, the store keeps.
+    const again = await store().begin(key, 'fp-second', LONG_MS);
+    expect(again.kind).toBe('existing');
+    if (again.kind !== 'existing') return;
+    expect(again.record.key).toBe(key);
+    expect(again.record.state).toBe('in_progress');
+    expect(again.record.fingerprint).toBe('fp-first');
+    expect(again.record.response).toBeNull();
+    expect(again.record.leaseExpiresAt).toBe(stored.leaseExpiresAt);
+    expect(again.record.createdAt).toBe(stored.createdAt);
+    expect(again.leaseRemainingMs).toBeGreaterThan(0);
+    expect(again.leaseRemainingMs).toBeLessThanOrEqual(LONG_MS);
+    expect(again.leaseRemainingMs).toBeGreaterThan(LONG_MS - 60_000);
+    expect((await mustGet(store(), key)).fingerprint).toBe('fp-first');
+  });
 
-    clause('get() on an unknown key is undefined', async () => {
-      expect(await store().get(ctx.key('begin-unknown'))).toBeUndefined();
-    });
+  clause('get() on an unknown key is undefined', async () => {
+    expect(await store().get(ctx.key('begin-unknown'))).toBeUndefined();
+  });
 
-    clause('every acquisition mints a different token', async () => {
-      const results = await Promise.all(
-        Array.from({ length: 20 }, () => store().begin(ctx.key('begin-tokens'), 'fp', LONG_MS)),
-      );
-      const tokens = results.map((r) => (r.kind === 'acquired' ? r.token : 'not acquired'));
-      expect(tokens).not.toContain('not acquired');
-      expect(new Set(tokens).size).toBe(tokens.length);
-    });
+  clause('every acquisition mints a different token', async () => {
+    const results = await Promise.all(
+      Array.from({ length: 20 }, () => store().begin(ctx.key('begin-tokens'), 'fp', LONG_MS)),
+    );
+    const tokens = results.map((r) => (r.kind === 'acquired' ? r.token : 'not acquired'));
+    expect(tokens).not.toContain('not acquired');
+    expect(new Set(tokens).size).toBe(tokens.length);
   });
 }

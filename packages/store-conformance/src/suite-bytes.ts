@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import type { StoredResponse } from '@idemkit/core';
-import { describe, expect } from 'vitest';
+import { expect } from 'vitest';
 import {
   LONG_MS,
   acquire,
@@ -24,73 +24,71 @@ function allByteValues(): Uint8Array {
 
 /** SPEC §3 responses: status, ordered repeated headers and body bytes survive storage exactly. */
 export function bytesSuite(ctx: SuiteContext): void {
-  describe('response bytes', () => {
-    const store = useStore(ctx);
+  const store = useStore(ctx);
 
-    async function roundTrip(response: StoredResponse): Promise<void> {
-      const key = ctx.key('bytes');
-      await completed(store(), key, response);
-      expectSameResponse((await mustGet(store(), key)).response, response);
-      const replay = await store().begin(key, 'fp', LONG_MS);
-      expect(replay.kind).toBe('existing');
-      if (replay.kind === 'existing') expectSameResponse(replay.record.response, response);
-    }
+  async function roundTrip(response: StoredResponse): Promise<void> {
+    const key = ctx.key('bytes');
+    await completed(store(), key, response);
+    expectSameResponse((await mustGet(store(), key)).response, response);
+    const replay = await store().begin(key, 'fp', LONG_MS);
+    expect(replay.kind).toBe('existing');
+    if (replay.kind === 'existing') expectSameResponse(replay.record.response, response);
+  }
 
-    clause('an empty body (0 bytes) with no headers', async () => {
-      await roundTrip({ status: 204, headers: [], body: new Uint8Array(0) });
+  clause('an empty body (0 bytes) with no headers', async () => {
+    await roundTrip({ status: 204, headers: [], body: new Uint8Array(0) });
+  });
+
+  clause('all byte values 0x00–0xFF (not valid UTF-8)', async () => {
+    await roundTrip({ status: 200, headers: [['content-type', 'application/octet-stream']], body: allByteValues() });
+  });
+
+  clause('1 MiB of random bytes', async () => {
+    await roundTrip({
+      status: 200,
+      headers: [['content-type', 'application/octet-stream']],
+      body: new Uint8Array(randomBytes(1024 * 1024)),
     });
+  });
 
-    clause('all byte values 0x00–0xFF (not valid UTF-8)', async () => {
-      await roundTrip({ status: 200, headers: [['content-type', 'application/octet-stream']], body: allByteValues() });
-    });
+  clause('a body that is a view into a larger buffer stores only its own bytes', async () => {
+    const backing = new Uint8Array(randomBytes(4096));
+    await roundTrip({ status: 200, headers: [], body: backing.subarray(1000, 1100) });
+  });
 
-    clause('1 MiB of random bytes', async () => {
-      await roundTrip({
-        status: 200,
-        headers: [['content-type', 'application/octet-stream']],
-        body: new Uint8Array(randomBytes(1024 * 1024)),
-      });
+  clause('repeated headers keep their order; an 8 KiB header value and odd values survive', async () => {
+    const big = 'x'.repeat(8 * 1024);
+    await roundTrip({
+      status: 201,
+      headers: [
+        ['set-cookie', 'a=1; Path=/; HttpOnly'],
+        ['content-type', 'application/json; charset=utf-8'],
+        ['set-cookie', 'b=2; Path=/'],
+        ['x-big', big],
+        ['set-cookie', 'c=3'],
+        ['x-empty', ''],
+        ['x-quotes', `"double" 'single' \\back, comma; semi = eq`],
+        ['link', '</a>; rel="next", </b>; rel="prev"'],
+        ['set-cookie', 'a=overwritten-later-in-order'],
+      ],
+      body: new TextEncoder().encode('{"ok":true}'),
     });
+  });
 
-    clause('a body that is a view into a larger buffer stores only its own bytes', async () => {
-      const backing = new Uint8Array(randomBytes(4096));
-      await roundTrip({ status: 200, headers: [], body: backing.subarray(1000, 1100) });
-    });
+  clause('status codes round-trip', async () => {
+    await Promise.all(
+      [200, 201, 202, 204, 299, 301, 304, 400, 404, 410, 422, 499].map((status) =>
+        roundTrip({ status, headers: [['x-status', String(status)]], body: new TextEncoder().encode(`status ${status}`) }),
+      ),
+    );
+  });
 
-    clause('repeated headers keep their order; an 8 KiB header value and odd values survive', async () => {
-      const big = 'x'.repeat(8 * 1024);
-      await roundTrip({
-        status: 201,
-        headers: [
-          ['set-cookie', 'a=1; Path=/; HttpOnly'],
-          ['content-type', 'application/json; charset=utf-8'],
-          ['set-cookie', 'b=2; Path=/'],
-          ['x-big', big],
-          ['set-cookie', 'c=3'],
-          ['x-empty', ''],
-          ['x-quotes', `"double" 'single' \\back, comma; semi = eq`],
-          ['link', '</a>; rel="next", </b>; rel="prev"'],
-          ['set-cookie', 'a=overwritten-later-in-order'],
-        ],
-        body: new TextEncoder().encode('{"ok":true}'),
-      });
-    });
-
-    clause('status codes round-trip', async () => {
-      await Promise.all(
-        [200, 201, 202, 204, 299, 301, 304, 400, 404, 410, 422, 499].map((status) =>
-          roundTrip({ status, headers: [['x-status', String(status)]], body: new TextEncoder().encode(`status ${status}`) }),
-        ),
-      );
-    });
-
-    clause('the store keeps its own copy: changing the body passed to complete afterwards changes nothing', async () => {
-      const key = ctx.key('bytes-copy');
-      const body = new TextEncoder().encode('original');
-      const token = await acquire(store(), key);
-      expect(await store().complete(key, token, { status: 200, headers: [], body }, LONG_MS)).toBe(true);
-      body.fill(0x21);
-      expect(Buffer.from((await mustGet(store(), key)).response?.body ?? []).toString()).toBe('original');
-    });
+  clause('the store keeps its own copy: changing the body passed to complete afterwards changes nothing', async () => {
+    const key = ctx.key('bytes-copy');
+    const body = new TextEncoder().encode('original');
+    const token = await acquire(store(), key);
+    expect(await store().complete(key, token, { status: 200, headers: [], body }, LONG_MS)).toBe(true);
+    body.fill(0x21);
+    expect(Buffer.from((await mustGet(store(), key)).response?.body ?? []).toString()).toBe('original');
   });
 }

@@ -1,40 +1,38 @@
-import { describe, expect } from 'vitest';
+import { expect } from 'vitest';
 import { LONG_MS, clause, completed, mustGet, textResponse, useStore, type SuiteContext } from './context.js';
 
 /** SPEC §3 close(): idempotent, and never closes a client other stores share. */
 export function closeSuite(ctx: SuiteContext): void {
-  describe('close', () => {
-    const store = useStore(ctx);
+  const store = useStore(ctx);
 
-    clause('close() is safe twice and leaves other stores (sharing the client) working', async () => {
-      const own = await ctx.options.createStore();
-      const key = ctx.key('close-own');
-      await completed(own, key);
-      await own.close();
-      await expect(own.close()).resolves.toBeUndefined();
+  clause('close() is safe twice and leaves other stores (sharing the client) working', async () => {
+    const own = await ctx.options.createStore();
+    const key = ctx.key('close-own');
+    await completed(own, key);
+    await own.close();
+    await expect(own.close()).resolves.toBeUndefined();
 
-      // The suite's store, and a store created after the close, still reach the backend.
-      const other = ctx.key('close-other');
-      await completed(store(), other, textResponse('still here'));
-      expect((await mustGet(store(), other)).state).toBe('completed');
-      const later = await ctx.options.createStore();
-      try {
-        const result = await later.begin(ctx.key('close-later'), 'fp', LONG_MS);
-        expect(result.kind).toBe('acquired');
-      } finally {
-        await later.close();
-      }
-    });
-
-    if (ctx.options.createSecondStore) {
-      const createSecond = ctx.options.createSecondStore;
-      clause('closing a second-client store twice leaves the first working', async () => {
-        const own = await createSecond();
-        await own.get(ctx.key('close-second'));
-        await own.close();
-        await own.close();
-        await completed(store(), ctx.key('close-second-other'));
-      });
+    // The suite's store, and a store created after the close, still reach the backend.
+    const other = ctx.key('close-other');
+    await completed(store(), other, textResponse('still here'));
+    expect((await mustGet(store(), other)).state).toBe('completed');
+    const later = await ctx.options.createStore();
+    try {
+      const result = await later.begin(ctx.key('close-later'), 'fp', LONG_MS);
+      expect(result.kind).toBe('acquired');
+    } finally {
+      await later.close();
     }
   });
+
+  if (ctx.options.createSecondStore) {
+    const createSecond = ctx.options.createSecondStore;
+    clause('closing a second-client store twice leaves the first working', async () => {
+      const own = await createSecond();
+      await own.get(ctx.key('close-second'));
+      await own.close();
+      await own.close();
+      await completed(store(), ctx.key('close-second-other'));
+    });
+  }
 }

@@ -32,109 +32,107 @@ function expectOneWinner(results: readonly BeginResult[], fingerprints: readonly
 
 /** SPEC §3 "exactly one of N concurrent callers wins", through the store's real client(s). */
 export function concurrencySuite(ctx: SuiteContext): void {
-  describe('concurrency', () => {
-    const store = useStore(ctx);
+  const store = useStore(ctx);
 
-    clause(`${RACERS} concurrent begin on one key: exactly one acquired, ${RACERS - 1} existing`, async () => {
-      const key = ctx.key('race');
-      const fingerprints = Array.from({ length: RACERS }, (_, i) => `fp-${i}`);
-      const results = await Promise.all(fingerprints.map((fp) => store().begin(key, fp, LONG_MS)));
-      expectOneWinner(results, fingerprints);
-      expect(results.filter((r) => r.kind === 'existing')).toHaveLength(RACERS - 1);
-    });
+  clause(`${RACERS} concurrent begin on one key: exactly one acquired, ${RACERS - 1} existing`, async () => {
+    const key = ctx.key('race');
+    const fingerprints = Array.from({ length: RACERS }, (_, i) => `fp-${i}`);
+    const results = await Promise.all(fingerprints.map((fp) => store().begin(key, fp, LONG_MS)));
+    expectOneWinner(results, fingerprints);
+    expect(results.filter((r) => r.kind === 'existing')).toHaveLength(RACERS - 1);
+  });
 
-    clause('50 keys × 4 concurrent begins: exactly one winner per key', async () => {
-      const keys = Array.from({ length: 50 }, () => ctx.key('race-many'));
-      const calls = keys.flatMap((key) => [0, 1, 2, 3].map((i) => ({ key, fp: `${key}#${i}` })));
-      const results = await Promise.all(calls.map((c) => store().begin(c.key, c.fp, LONG_MS)));
-      for (const key of keys) {
-        const mine = results.filter((_, i) => calls[i]?.key === key);
-        expect(mine.filter((r) => r.kind === 'acquired')).toHaveLength(1);
-      }
-    });
-
-    clause(`${RACERS} concurrent begin on an expired lease: exactly one takes over (tookOver true)`, async () => {
-      const key = ctx.key('race-takeover');
-      const stale = await acquire(store(), key, SHORT_MS);
-      await waitUntilGone(store(), key);
-      const fingerprints = Array.from({ length: RACERS }, (_, i) => `fp-${i}`);
-      const results = await Promise.all(fingerprints.map((fp) => store().begin(key, fp, LONG_MS)));
-      const winner = results[expectOneWinner(results, fingerprints)];
-      expect(winner?.kind === 'acquired' && winner.tookOver).toBe(true);
-      expect(winner?.kind === 'acquired' && winner.token !== stale).toBe(true);
-    });
-
-    clause(`${RACERS} concurrent begin on an expired completed record: exactly one acquires (tookOver false)`, async () => {
-      const key = ctx.key('race-expired-done');
-      const token = await acquire(store(), key, LONG_MS);
-      expect(await store().complete(key, token, textResponse('old'), SHORT_MS)).toBe(true);
-      await waitUntilGone(store(), key);
-      const fingerprints = Array.from({ length: RACERS }, (_, i) => `fp-${i}`);
-      const results = await Promise.all(fingerprints.map((fp) => store().begin(key, fp, LONG_MS)));
-      const winner = results[expectOneWinner(results, fingerprints)];
-      expect(winner?.kind === 'acquired' && winner.tookOver).toBe(false);
-    });
-
-    clause('concurrent complete with the same token: exactly one true, and its response is stored', async () => {
-      const key = ctx.key('race-complete');
-      const token = await acquire(store(), key, LONG_MS);
-      const responses = Array.from({ length: 20 }, (_, i) => textResponse(`attempt ${i}`));
-      const oks = await Promise.all(responses.map((r) => store().complete(key, token, r, LONG_MS)));
-      expect(oks.filter(Boolean)).toHaveLength(1);
-      const stored = responses[oks.indexOf(true)];
-      if (stored) expectSameResponse((await mustGet(store(), key)).response, stored);
-    });
-
-    clause('late complete racing a takeover: exactly one of them succeeds, per key', async () => {
-      const keys = Array.from({ length: 20 }, () => ctx.key('race-late'));
-      const stale = await Promise.all(keys.map((key) => acquire(store(), key, SHORT_MS)));
-      await waitUntilGone(store(), ...keys);
-      const outcomes = await Promise.all(
-        keys.map((key, i) =>
-          Promise.all([store().complete(key, stale[i]!, textResponse('late'), LONG_MS), store().begin(key, 'fp', LONG_MS)]),
-        ),
-      );
-      for (const [completedOk, begun] of outcomes) {
-        // Whether a late completion before any takeover is accepted is the store's choice; that
-        // both the late holder and the newcomer believe they own the key is never allowed.
-        expect(completedOk !== (begun.kind === 'acquired')).toBe(true);
-      }
-    });
-
-    if (ctx.options.createSecondStore) {
-      describe('across two clients', () => {
-        const second = useStore(ctx, ctx.options.createSecondStore);
-
-        clause('a record written through one client is seen through the other', async () => {
-          const key = ctx.key('two-clients');
-          const token = await acquire(store(), key, LONG_MS, 'fp-one');
-          expect((await mustGet(second(), key)).fingerprint).toBe('fp-one');
-          const again = await second().begin(key, 'fp-two', LONG_MS);
-          expect(again.kind).toBe('existing');
-          const response = textResponse('via first');
-          expect(await store().complete(key, token, response, LONG_MS)).toBe(true);
-          expectSameResponse((await mustGet(second(), key)).response, response);
-        });
-
-        clause(`${RACERS} concurrent begin split across two clients: exactly one winner`, async () => {
-          const key = ctx.key('race-two-clients');
-          const fingerprints = Array.from({ length: RACERS }, (_, i) => `fp-${i}`);
-          const stores: IdempotencyStore[] = [store(), second()];
-          const results = await Promise.all(fingerprints.map((fp, i) => stores[i % 2]!.begin(key, fp, LONG_MS)));
-          expectOneWinner(results, fingerprints);
-        });
-
-        clause('an expired lease raced across two clients: exactly one takes over', async () => {
-          const key = ctx.key('race-two-clients-takeover');
-          await acquire(store(), key, SHORT_MS);
-          await waitUntilGone(store(), key);
-          const fingerprints = Array.from({ length: RACERS }, (_, i) => `fp-${i}`);
-          const stores: IdempotencyStore[] = [store(), second()];
-          const results = await Promise.all(fingerprints.map((fp, i) => stores[i % 2]!.begin(key, fp, LONG_MS)));
-          const winner = results[expectOneWinner(results, fingerprints)];
-          expect(winner?.kind === 'acquired' && winner.tookOver).toBe(true);
-        });
-      });
+  clause('50 keys × 4 concurrent begins: exactly one winner per key', async () => {
+    const keys = Array.from({ length: 50 }, () => ctx.key('race-many'));
+    const calls = keys.flatMap((key) => [0, 1, 2, 3].map((i) => ({ key, fp: `${key}#${i}` })));
+    const results = await Promise.all(calls.map((c) => store().begin(c.key, c.fp, LONG_MS)));
+    for (const key of keys) {
+      const mine = results.filter((_, i) => calls[i]?.key === key);
+      expect(mine.filter((r) => r.kind === 'acquired')).toHaveLength(1);
     }
   });
+
+  clause(`${RACERS} concurrent begin on an expired lease: exactly one takes over (tookOver true)`, async () => {
+    const key = ctx.key('race-takeover');
+    const stale = await acquire(store(), key, SHORT_MS);
+    await waitUntilGone(store(), key);
+    const fingerprints = Array.from({ length: RACERS }, (_, i) => `fp-${i}`);
+    const results = await Promise.all(fingerprints.map((fp) => store().begin(key, fp, LONG_MS)));
+    const winner = results[expectOneWinner(results, fingerprints)];
+    expect(winner?.kind === 'acquired' && winner.tookOver).toBe(true);
+    expect(winner?.kind === 'acquired' && winner.token !== stale).toBe(true);
+  });
+
+  clause(`${RACERS} concurrent begin on an expired completed record: exactly one acquires (tookOver false)`, async () => {
+    const key = ctx.key('race-expired-done');
+    const token = await acquire(store(), key, LONG_MS);
+    expect(await store().complete(key, token, textResponse('old'), SHORT_MS)).toBe(true);
+    await waitUntilGone(store(), key);
+    const fingerprints = Array.from({ length: RACERS }, (_, i) => `fp-${i}`);
+    const results = await Promise.all(fingerprints.map((fp) => store().begin(key, fp, LONG_MS)));
+    const winner = results[expectOneWinner(results, fingerprints)];
+    expect(winner?.kind === 'acquired' && winner.tookOver).toBe(false);
+  });
+
+  clause('concurrent complete with the same token: exactly one true, and its response is stored', async () => {
+    const key = ctx.key('race-complete');
+    const token = await acquire(store(), key, LONG_MS);
+    const responses = Array.from({ length: 20 }, (_, i) => textResponse(`attempt ${i}`));
+    const oks = await Promise.all(responses.map((r) => store().complete(key, token, r, LONG_MS)));
+    expect(oks.filter(Boolean)).toHaveLength(1);
+    const stored = responses[oks.indexOf(true)];
+    if (stored) expectSameResponse((await mustGet(store(), key)).response, stored);
+  });
+
+  clause('late complete racing a takeover: exactly one of them succeeds, per key', async () => {
+    const keys = Array.from({ length: 20 }, () => ctx.key('race-late'));
+    const stale = await Promise.all(keys.map((key) => acquire(store(), key, SHORT_MS)));
+    await waitUntilGone(store(), ...keys);
+    const outcomes = await Promise.all(
+      keys.map((key, i) =>
+        Promise.all([store().complete(key, stale[i]!, textResponse('late'), LONG_MS), store().begin(key, 'fp', LONG_MS)]),
+      ),
+    );
+    for (const [completedOk, begun] of outcomes) {
+      // Whether a late completion before any takeover is accepted is the store's choice; that
+      // both the late holder and the newcomer believe they own the key is never allowed.
+      expect(completedOk !== (begun.kind === 'acquired')).toBe(true);
+    }
+  });
+
+  if (ctx.options.createSecondStore) {
+    describe('across two clients', () => {
+      const second = useStore(ctx, ctx.options.createSecondStore);
+
+      clause('a record written through one client is seen through the other', async () => {
+        const key = ctx.key('two-clients');
+        const token = await acquire(store(), key, LONG_MS, 'fp-one');
+        expect((await mustGet(second(), key)).fingerprint).toBe('fp-one');
+        const again = await second().begin(key, 'fp-two', LONG_MS);
+        expect(again.kind).toBe('existing');
+        const response = textResponse('via first');
+        expect(await store().complete(key, token, response, LONG_MS)).toBe(true);
+        expectSameResponse((await mustGet(second(), key)).response, response);
+      });
+
+      clause(`${RACERS} concurrent begin split across two clients: exactly one winner`, async () => {
+        const key = ctx.key('race-two-clients');
+        const fingerprints = Array.from({ length: RACERS }, (_, i) => `fp-${i}`);
+        const stores: IdempotencyStore[] = [store(), second()];
+        const results = await Promise.all(fingerprints.map((fp, i) => stores[i % 2]!.begin(key, fp, LONG_MS)));
+        expectOneWinner(results, fingerprints);
+      });
+
+      clause('an expired lease raced across two clients: exactly one takes over', async () => {
+        const key = ctx.key('race-two-clients-takeover');
+        await acquire(store(), key, SHORT_MS);
+        await waitUntilGone(store(), key);
+        const fingerprints = Array.from({ length: RACERS }, (_, i) => `fp-${i}`);
+        const stores: IdempotencyStore[] = [store(), second()];
+        const results = await Promise.all(fingerprints.map((fp, i) => stores[i % 2]!.begin(key, fp, LONG_MS)));
+        const winner = results[expectOneWinner(results, fingerprints)];
+        expect(winner?.kind === 'acquired' && winner.tookOver).toBe(true);
+      });
+    });
+  }
 }

@@ -1,4 +1,4 @@
-import { describe, expect } from 'vitest';
+import { expect } from 'vitest';
 import {
   LONG_MS,
   SHORT_MS,
@@ -16,114 +16,112 @@ import {
 
 /** SPEC §3 leases: takeover after expiry, fencing of the stale holder, renew, release. */
 export function leaseSuite(ctx: SuiteContext): void {
-  describe('lease', () => {
-    const store = useStore(ctx);
+  const store = useStore(ctx);
 
-    clause('an in-progress record whose lease ran out is not live: get() → undefined', async () => {
-      const key = ctx.key('lease-expired-get');
-      await acquire(store(), key, SHORT_MS);
-      await waitUntilGone(store(), key);
-    });
+  clause('an in-progress record whose lease ran out is not live: get() → undefined', async () => {
+    const key = ctx.key('lease-expired-get');
+    await acquire(store(), key, SHORT_MS);
+    await waitUntilGone(store(), key);
+  });
 
-    clause('after the lease runs out, begin takes over with a new token (tookOver true) and the new fingerprint', async () => {
-      const key = ctx.key('lease-takeover');
-      const stale = await acquire(store(), key, SHORT_MS, 'fp-crashed');
-      await waitUntilGone(store(), key);
+  clause('after the lease runs out, begin takes over with a new token (tookOver true) and the new fingerprint', async () => {
+    const key = ctx.key('lease-takeover');
+    const stale = await acquire(store(), key, SHORT_MS, 'fp-crashed');
+    await waitUntilGone(store(), key);
 
-      const result = await store().begin(key, 'fp-next', LONG_MS);
-      expect(result.kind).toBe('acquired');
-      if (result.kind !== 'acquired') return;
-      expect(result.tookOver).toBe(true);
-      expect(result.token).not.toBe(stale);
+    const result = await store().begin(key, 'fp-next', LONG_MS);
+    expect(result.kind).toBe('acquired');
+    if (result.kind !== 'acquired') return;
+    expect(result.tookOver).toBe(true);
+    expect(result.token).not.toBe(stale);
 
-      const record = await mustGet(store(), key);
-      expect(record.state).toBe('in_progress');
-      // The new holder's request is the one whose response will be stored.
-      expect(record.fingerprint).toBe('fp-next');
-      expectNear(record.leaseExpiresAt ?? 0, Date.now() + LONG_MS);
-    });
+    const record = await mustGet(store(), key);
+    expect(record.state).toBe('in_progress');
+    // The new holder's request is the one whose response will be stored.
+    expect(record.fingerprint).toBe('fp-next');
+    expectNear(record.leaseExpiresAt ?? 0, Date.now() + LONG_MS);
+  });
 
-    clause('the stale holder can neither complete, release nor renew; the new holder still completes', async () => {
-      const key = ctx.key('lease-stale');
-      const stale = await acquire(store(), key, SHORT_MS);
-      await waitUntilGone(store(), key);
-      const fresh = await acquire(store(), key, LONG_MS);
-      const held = snapshot(await store().get(key));
+  clause('the stale holder can neither complete, release nor renew; the new holder still completes', async () => {
+    const key = ctx.key('lease-stale');
+    const stale = await acquire(store(), key, SHORT_MS);
+    await waitUntilGone(store(), key);
+    const fresh = await acquire(store(), key, LONG_MS);
+    const held = snapshot(await store().get(key));
 
-      expect(await store().complete(key, stale, textResponse('late'), LONG_MS)).toBe(false);
-      expect(await store().release(key, stale)).toBe(false);
-      expect(await store().renew(key, stale, LONG_MS)).toBe(false);
-      expect(snapshot(await store().get(key))).toEqual(held);
+    expect(await store().complete(key, stale, textResponse('late'), LONG_MS)).toBe(false);
+    expect(await store().release(key, stale)).toBe(false);
+    expect(await store().renew(key, stale, LONG_MS)).toBe(false);
+    expect(snapshot(await store().get(key))).toEqual(held);
 
-      const response = textResponse('from the new holder');
-      expect(await store().complete(key, fresh, response, LONG_MS)).toBe(true);
-      expectSameResponse((await mustGet(store(), key)).response, response);
-      // And the stale token cannot overwrite the completed record either.
-      expect(await store().complete(key, stale, textResponse('late'), LONG_MS)).toBe(false);
-      expectSameResponse((await mustGet(store(), key)).response, response);
-    });
+    const response = textResponse('from the new holder');
+    expect(await store().complete(key, fresh, response, LONG_MS)).toBe(true);
+    expectSameResponse((await mustGet(store(), key)).response, response);
+    // And the stale token cannot overwrite the completed record either.
+    expect(await store().complete(key, stale, textResponse('late'), LONG_MS)).toBe(false);
+    expectSameResponse((await mustGet(store(), key)).response, response);
+  });
 
-    clause('renew keeps the record in progress past the original lease end', async () => {
-      const key = ctx.key('lease-renew');
-      const token = await acquire(store(), key, SHORT_MS);
-      expect(await store().renew(key, token, LONG_MS)).toBe(true);
-      // A canary begun after the renew with the same short lease: once it has expired by the
-      // store's own clock, the original lease end has certainly passed too.
-      const canary = ctx.key('lease-renew-canary');
-      await acquire(store(), canary, SHORT_MS);
-      await waitUntilGone(store(), canary);
+  clause('renew keeps the record in progress past the original lease end', async () => {
+    const key = ctx.key('lease-renew');
+    const token = await acquire(store(), key, SHORT_MS);
+    expect(await store().renew(key, token, LONG_MS)).toBe(true);
+    // A canary begun after the renew with the same short lease: once it has expired by the
+    // store's own clock, the original lease end has certainly passed too.
+    const canary = ctx.key('lease-renew-canary');
+    await acquire(store(), canary, SHORT_MS);
+    await waitUntilGone(store(), canary);
 
-      const record = await mustGet(store(), key);
-      expect(record.state).toBe('in_progress');
-      const again = await store().begin(key, 'fp', LONG_MS);
-      expect(again.kind).toBe('existing');
-      if (again.kind === 'existing') expect(again.leaseRemainingMs).toBeGreaterThan(LONG_MS - 60_000);
-      expect(await store().complete(key, token, textResponse('done'), LONG_MS)).toBe(true);
-    });
+    const record = await mustGet(store(), key);
+    expect(record.state).toBe('in_progress');
+    const again = await store().begin(key, 'fp', LONG_MS);
+    expect(again.kind).toBe('existing');
+    if (again.kind === 'existing') expect(again.leaseRemainingMs).toBeGreaterThan(LONG_MS - 60_000);
+    expect(await store().complete(key, token, textResponse('done'), LONG_MS)).toBe(true);
+  });
 
-    clause('renew sets the lease end to now + lease (record expiresAt follows)', async () => {
-      const key = ctx.key('lease-renew-end');
-      const token = await acquire(store(), key, LONG_MS);
-      const renewedMs = 3 * LONG_MS;
-      const before = Date.now();
-      expect(await store().renew(key, token, renewedMs)).toBe(true);
-      const record = await mustGet(store(), key);
-      expectNear(record.leaseExpiresAt ?? 0, before + renewedMs);
-      expect(Math.abs(record.expiresAt - (record.leaseExpiresAt ?? 0))).toBeLessThanOrEqual(1);
-    });
+  clause('renew sets the lease end to now + lease (record expiresAt follows)', async () => {
+    const key = ctx.key('lease-renew-end');
+    const token = await acquire(store(), key, LONG_MS);
+    const renewedMs = 3 * LONG_MS;
+    const before = Date.now();
+    expect(await store().renew(key, token, renewedMs)).toBe(true);
+    const record = await mustGet(store(), key);
+    expectNear(record.leaseExpiresAt ?? 0, before + renewedMs);
+    expect(Math.abs(record.expiresAt - (record.leaseExpiresAt ?? 0))).toBeLessThanOrEqual(1);
+  });
 
-    clause('renew with a wrong token returns false and leaves the lease alone', async () => {
-      const key = ctx.key('lease-renew-wrong');
-      await acquire(store(), key, LONG_MS);
-      const other = await acquire(store(), ctx.key('lease-renew-wrong-other'), LONG_MS);
-      const held = snapshot(await store().get(key));
-      expect(await store().renew(key, other, 3 * LONG_MS)).toBe(false);
-      expect(snapshot(await store().get(key))).toEqual(held);
-    });
+  clause('renew with a wrong token returns false and leaves the lease alone', async () => {
+    const key = ctx.key('lease-renew-wrong');
+    await acquire(store(), key, LONG_MS);
+    const other = await acquire(store(), ctx.key('lease-renew-wrong-other'), LONG_MS);
+    const held = snapshot(await store().get(key));
+    expect(await store().renew(key, other, 3 * LONG_MS)).toBe(false);
+    expect(snapshot(await store().get(key))).toEqual(held);
+  });
 
-    clause('release with the token deletes the record; the next begin acquires fresh (tookOver false)', async () => {
-      const key = ctx.key('lease-release');
-      const token = await acquire(store(), key, LONG_MS);
-      expect(await store().release(key, token)).toBe(true);
-      expect(await store().get(key)).toBeUndefined();
-      expect(await store().release(key, token)).toBe(false);
+  clause('release with the token deletes the record; the next begin acquires fresh (tookOver false)', async () => {
+    const key = ctx.key('lease-release');
+    const token = await acquire(store(), key, LONG_MS);
+    expect(await store().release(key, token)).toBe(true);
+    expect(await store().get(key)).toBeUndefined();
+    expect(await store().release(key, token)).toBe(false);
 
-      const next = await store().begin(key, 'fp', LONG_MS);
-      expect(next.kind).toBe('acquired');
-      if (next.kind !== 'acquired') return;
-      expect(next.tookOver).toBe(false);
-      expect(next.token).not.toBe(token);
-      // The released token does not come back to life on the new record.
-      expect(await store().complete(key, token, textResponse('old'), LONG_MS)).toBe(false);
-    });
+    const next = await store().begin(key, 'fp', LONG_MS);
+    expect(next.kind).toBe('acquired');
+    if (next.kind !== 'acquired') return;
+    expect(next.tookOver).toBe(false);
+    expect(next.token).not.toBe(token);
+    // The released token does not come back to life on the new record.
+    expect(await store().complete(key, token, textResponse('old'), LONG_MS)).toBe(false);
+  });
 
-    clause('release with a wrong token returns false and keeps the record', async () => {
-      const key = ctx.key('lease-release-wrong');
-      await acquire(store(), key, LONG_MS);
-      const other = await acquire(store(), ctx.key('lease-release-wrong-other'), LONG_MS);
-      const held = snapshot(await store().get(key));
-      expect(await store().release(key, other)).toBe(false);
-      expect(snapshot(await store().get(key))).toEqual(held);
-    });
+  clause('release with a wrong token returns false and keeps the record', async () => {
+    const key = ctx.key('lease-release-wrong');
+    await acquire(store(), key, LONG_MS);
+    const other = await acquire(store(), ctx.key('lease-release-wrong-other'), LONG_MS);
+    const held = snapshot(await store().get(key));
+    expect(await store().release(key, other)).toBe(false);
+    expect(snapshot(await store().get(key))).toEqual(held);
   });
 }

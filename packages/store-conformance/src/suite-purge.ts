@@ -1,5 +1,5 @@
 import type { IdempotencyStore } from '@idemkit/core';
-import { describe, expect } from 'vitest';
+import { expect } from 'vitest';
 import {
   LONG_MS,
   SHORT_MS,
@@ -57,66 +57,64 @@ async function makeExpired(
 
 /** SPEC §3 purgeExpired: batched, counts what it deleted, never touches live records. */
 export function purgeSuite(ctx: SuiteContext): void {
-  describe('purgeExpired', () => {
-    const store = useStore(ctx);
+  const store = useStore(ctx);
 
-    if (ctx.options.nativeExpiry) {
-      clause('expired records vanish on their own (native expiry); purgeExpired returns a count >= 0', async () => {
-        const liveLease = ctx.key('purge-live-lease');
-        await acquire(store(), liveLease, LONG_MS);
-        const liveDone = ctx.key('purge-live-done');
-        await completed(store(), liveDone);
-        const { completedKeys, leaseKeys } = await makeExpired(store(), ctx, 15, 10);
-        await waitUntilGone(store(), ...completedKeys, ...leaseKeys);
-
-        const count = await store().purgeExpired(10);
-        expect(Number.isInteger(count)).toBe(true);
-        expect(count).toBeGreaterThanOrEqual(0);
-        expect(count).toBeLessThanOrEqual(10);
-        const all = await store().purgeExpired();
-        expect(Number.isInteger(all)).toBe(true);
-        expect(all).toBeGreaterThanOrEqual(0);
-        expect((await mustGet(store(), liveLease)).state).toBe('in_progress');
-        expect((await mustGet(store(), liveDone)).state).toBe('completed');
-      });
-      return;
-    }
-
-    clause('removes only expired records, in batches of `limit` (25 expired: 10, 10, 5, 0)', async () => {
-      await drain(store());
+  if (ctx.options.nativeExpiry) {
+    clause('expired records vanish on their own (native expiry); purgeExpired returns a count >= 0', async () => {
       const liveLease = ctx.key('purge-live-lease');
       await acquire(store(), liveLease, LONG_MS);
       const liveDone = ctx.key('purge-live-done');
       await completed(store(), liveDone);
       const { completedKeys, leaseKeys } = await makeExpired(store(), ctx, 15, 10);
+      await waitUntilGone(store(), ...completedKeys, ...leaseKeys);
 
-      expect(await store().purgeExpired(10)).toBe(10);
-      expect(await store().purgeExpired(10)).toBe(10);
-      expect(await store().purgeExpired(10)).toBe(5);
-      expect(await store().purgeExpired(10)).toBe(0);
-
+      const count = await store().purgeExpired(10);
+      expect(Number.isInteger(count)).toBe(true);
+      expect(count).toBeGreaterThanOrEqual(0);
+      expect(count).toBeLessThanOrEqual(10);
+      const all = await store().purgeExpired();
+      expect(Number.isInteger(all)).toBe(true);
+      expect(all).toBeGreaterThanOrEqual(0);
       expect((await mustGet(store(), liveLease)).state).toBe('in_progress');
       expect((await mustGet(store(), liveDone)).state).toBe('completed');
-      await waitUntilGone(store(), ...completedKeys, ...leaseKeys);
-      // The expired leases are really deleted, not just counted: begin finds nothing to take over.
-      for (const key of leaseKeys) {
-        const result = await store().begin(key, 'fp', LONG_MS);
-        expect(result.kind).toBe('acquired');
-        if (result.kind === 'acquired') expect(result.tookOver).toBe(false);
-      }
     });
+    return;
+  }
 
-    clause('purgeExpired() without a limit removes every expired record (in one or more calls)', async () => {
-      await drain(store());
-      await makeExpired(store(), ctx, 2, 1);
-      let total = 0;
-      for (let i = 0; i < 100; i++) {
-        const n = await store().purgeExpired();
-        expect(n).toBeGreaterThanOrEqual(0);
-        if (n === 0) break;
-        total += n;
-      }
-      expect(total).toBe(3);
-    });
+  clause('removes only expired records, in batches of `limit` (25 expired: 10, 10, 5, 0)', async () => {
+    await drain(store());
+    const liveLease = ctx.key('purge-live-lease');
+    await acquire(store(), liveLease, LONG_MS);
+    const liveDone = ctx.key('purge-live-done');
+    await completed(store(), liveDone);
+    const { completedKeys, leaseKeys } = await makeExpired(store(), ctx, 15, 10);
+
+    expect(await store().purgeExpired(10)).toBe(10);
+    expect(await store().purgeExpired(10)).toBe(10);
+    expect(await store().purgeExpired(10)).toBe(5);
+    expect(await store().purgeExpired(10)).toBe(0);
+
+    expect((await mustGet(store(), liveLease)).state).toBe('in_progress');
+    expect((await mustGet(store(), liveDone)).state).toBe('completed');
+    await waitUntilGone(store(), ...completedKeys, ...leaseKeys);
+    // The expired leases are really deleted, not just counted: begin finds nothing to take over.
+    for (const key of leaseKeys) {
+      const result = await store().begin(key, 'fp', LONG_MS);
+      expect(result.kind).toBe('acquired');
+      if (result.kind === 'acquired') expect(result.tookOver).toBe(false);
+    }
+  });
+
+  clause('purgeExpired() without a limit removes every expired record (in one or more calls)', async () => {
+    await drain(store());
+    await makeExpired(store(), ctx, 2, 1);
+    let total = 0;
+    for (let i = 0; i < 100; i++) {
+      const n = await store().purgeExpired();
+      expect(n).toBeGreaterThanOrEqual(0);
+      if (n === 0) break;
+      total += n;
+    }
+    expect(total).toBe(3);
   });
 }

@@ -1,4 +1,4 @@
-import { describe, expect } from 'vitest';
+import { expect } from 'vitest';
 import {
   LONG_MS,
   SHORT_MS,
@@ -14,38 +14,36 @@ import {
 
 /** SPEC §3 expiry of completed records. */
 export function ttlSuite(ctx: SuiteContext): void {
-  describe('ttl', () => {
-    const store = useStore(ctx);
+  const store = useStore(ctx);
 
-    clause('a completed record expires after its TTL; then get → undefined and begin acquires (tookOver false)', async () => {
-      const key = ctx.key('ttl-expire');
-      const token = await acquire(store(), key, LONG_MS);
-      expect(await store().complete(key, token, textResponse('short-lived'), SHORT_MS)).toBe(true);
-      await waitUntilGone(store(), key);
+  clause('a completed record expires after its TTL; then get → undefined and begin acquires (tookOver false)', async () => {
+    const key = ctx.key('ttl-expire');
+    const token = await acquire(store(), key, LONG_MS);
+    expect(await store().complete(key, token, textResponse('short-lived'), SHORT_MS)).toBe(true);
+    await waitUntilGone(store(), key);
 
-      const next = await store().begin(key, 'fp', LONG_MS);
-      expect(next.kind).toBe('acquired');
-      if (next.kind !== 'acquired') return;
-      expect(next.tookOver).toBe(false);
-      const record = await mustGet(store(), key);
-      expect(record.state).toBe('in_progress');
-      expect(record.response).toBeNull();
-    });
+    const next = await store().begin(key, 'fp', LONG_MS);
+    expect(next.kind).toBe('acquired');
+    if (next.kind !== 'acquired') return;
+    expect(next.tookOver).toBe(false);
+    const record = await mustGet(store(), key);
+    expect(record.state).toBe('in_progress');
+    expect(record.response).toBeNull();
+  });
 
-    clause('the TTL counts from completion and replaces the lease end', async () => {
-      const key = ctx.key('ttl-from-complete');
-      const token = await acquire(store(), key, SHORT_MS);
-      const response = textResponse('kept');
-      expect(await store().complete(key, token, response, LONG_MS)).toBe(true);
-      // Once a canary begun after the completion with the same short lease is gone, the original
-      // lease end has passed; the completed record must still be there.
-      const canary = ctx.key('ttl-canary');
-      await acquire(store(), canary, SHORT_MS);
-      await waitUntilGone(store(), canary);
+  clause('the TTL counts from completion and replaces the lease end', async () => {
+    const key = ctx.key('ttl-from-complete');
+    const token = await acquire(store(), key, SHORT_MS);
+    const response = textResponse('kept');
+    expect(await store().complete(key, token, response, LONG_MS)).toBe(true);
+    // Once a canary begun after the completion with the same short lease is gone, the original
+    // lease end has passed; the completed record must still be there.
+    const canary = ctx.key('ttl-canary');
+    await acquire(store(), canary, SHORT_MS);
+    await waitUntilGone(store(), canary);
 
-      const record = await mustGet(store(), key);
-      expect(record.state).toBe('completed');
-      expectSameResponse(record.response, response);
-    });
+    const record = await mustGet(store(), key);
+    expect(record.state).toBe('completed');
+    expectSameResponse(record.response, response);
   });
 }

@@ -1,8 +1,13 @@
-import { createMemoryStore } from '@idemkit/core';
-import { runStoreConformance } from '../src/index.js';
+// test/conformance.test.ts
+import { createMemoryStore } from '@idemkit/core'; // ← your store's factory instead
+import { runStoreConformance } from '@idemkit/store-conformance';
 
-// The in-memory store is the suite's own self-test: it must pass every clause.
 runStoreConformance({
   name: 'memory',
+  // Called once per clause; may share one client.
   createStore: () => createMemoryStore(),
+  // Only for stores whose backend deletes expired records itself (Redis key expiry).
+  nativeExpiry: false,
+  // End pools, quit clients, drop the test schema here.
+  cleanup: async () => {},
 });
