@@ -1,0 +1,64 @@
+import { existsSync, mkdirSync } from 'node:fs';
+import { chromium, type Browser } from 'playwright-core';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FRAMEWORKS, readConfig } from '../src/config.js';
+import { startDemo, type RunningDemo } from '../src/server.js';
+
+const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
+const ARTIFACTS = new URL('../../../test-artifacts/', import.meta.url);
+
+let browser: Browser;
+beforeAll(async () => {
+  if (!existsSync(CHROMIUM)) {
+    throw new Error(`Chromium not found at ${CHROMIUM}. Install Debian's chromium (apt-get install -y chromium) or set CHROMIUM_PATH.`);
+  }
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic', '--no-first-run'],
+  });
+  mkdirSync(ARTIFACTS, { recursive: true });
+});
+afterAll(() => browser?.close());
+
+async function serverOrders(url: string): Promise<Array<{ key: string }>> {
+  return ((await (await fetch(`${url}/orders`)).json()) as { orders: Array<{ key: string }> }).orders;
+}
+
+describe.each(FRAMEWORKS)('checkout page in Chromium (%s)', (framework) => {
+  let demo: RunningDemo;
+  beforeAll(async () => {
+    // The payment takes long enough that the second click of a double click overlaps the first.
+    demo = await startDemo(readConfig({ FRAMEWORK: framework, PORT: '0', DEMO_WORK_MS: '300' }));
+  });
+  afterAll(() => demo.close());
+
+  it('a double click and a flaky network each make exactly one order, and the page shows the replays', async () => {
+    const page = await browser.newPage();
+    try {
+      await page.goto(demo.url);
+      await page.waitForFunction(() => document.getElementById('count')?.textContent === '0 orders');
+
+      await page.dblclick('#pay');
+      await page.waitForFunction(() => document.getElementById('status')?.textContent?.startsWith('Paid'), undefined, { timeout: 20_000 });
+      await page.waitForFunction(() => document.getElementById('count')?.dataset.count === '1');
+      const firstRow = page.locator('#orders tr').first();
+      // Two clicks, one order: the duplicate attempts were absorbed (409 → replay).
+      expect(Number(await firstRow.locator('.replays').getAttribute('data-absorbed'))).toBeGreaterThanOrEqual(1);
+
+      await page.check('#flaky');
+      await page.click('#pay');
+      await page.waitForFunction(() => document.getElementById('count')?.dataset.count === '2', undefined, { timeout: 20_000 });
+      await page.waitForFunction(() => document.getElementById('status')?.textContent?.startsWith('Paid'), undefined, { timeout: 20_000 });
+      await page.waitForFunction(() => Number(document.querySelector('#orders tr .replays')?.getAttribute('data-absorbed')) >= 2);
+      const flakyBadge = await page.locator('#orders tr').first().locator('.replays').textContent();
+      expect(flakyBadge).toMatch(/^[2-9]\d* absorbed · [1-9]\d* replayed$/);
+
+      const orders = await serverOrders(demo.url);
+      expect(orders).toHaveLength(2);
+      expect(new Set(orders.map((o) => o.key)).size).toBe(2);
+      await page.screenshot({ path: new URL(`demo-${framework}.png`, ARTIFACTS).pathname, fullPage: true });
+    } finally {
+      await page.close();
+    }
+  });
+});
