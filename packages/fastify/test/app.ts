@@ -7,9 +7,15 @@ import { fastifyIdempotency } from '../src/index.js';
 
 type Query = Record<string, string | undefined>;
 
-/** The http-suite test app (packages/http-suite/src/contract.ts), on Fastify. */
-export async function buildApp({ store, options, counter, txWork }: StartAppInput): Promise<FastifyInstance> {
-  const app = Fastify();
+/**
+ * The http-suite test app (packages/http-suite/src/contract.ts), on Fastify. `create` lets the
+ * same app run on the lowest Fastify of the peer range (test/fastify-5.0.test.ts).
+ */
+export async function buildApp(
+  { store, options, counter, txWork }: StartAppInput,
+  create: typeof Fastify = Fastify,
+): Promise<FastifyInstance> {
+  const app = create();
   const count = (name: string): number => {
     const n = (counter.get(name) ?? 0) + 1;
     counter.set(name, n);
@@ -79,10 +85,15 @@ export async function buildApp({ store, options, counter, txWork }: StartAppInpu
   return app;
 }
 
-export const startApp: StartApp = async (input) => {
-  const app = await buildApp(input);
-  await app.listen({ host: '127.0.0.1', port: 0 });
-  const address = app.server.address();
-  if (address === null || typeof address === 'string') throw new Error('expected a TCP address');
-  return { url: `http://127.0.0.1:${address.port}`, close: () => app.close() };
-};
+/** `StartApp` for a given Fastify factory: listens on 127.0.0.1, port 0. */
+export function createStartApp(create: typeof Fastify = Fastify): StartApp {
+  return async (input) => {
+    const app = await buildApp(input, create);
+    await app.listen({ host: '127.0.0.1', port: 0 });
+    const address = app.server.address();
+    if (address === null || typeof address === 'string') throw new Error('expected a TCP address');
+    return { url: `http://127.0.0.1:${address.port}`, close: () => app.close() };
+  };
+}
+
+export const startApp: StartApp = createStartApp();

@@ -1,0 +1,4 @@
+import Fastify from 'fastify';
+import { twinSuite } from './twin.js';
+
+twinSuite('fastify 5 (current)', Fastify);
