@@ -209,6 +209,12 @@ describe('express binding: errors', () => {
 });
 
 describe('express binding: request context and mounting', () => {
+  it('the factory is synchronous and rejects bad options at once, naming them', () => {
+    expect(() => idempotency({} as ExpressIdempotencyOptions)).toThrow(expect.objectContaining({ code: 'ERR_IDEMKIT_STORE_MISSING' }));
+    expect(() => idempotency({ store: createMemoryStore(), ttlMs: -1 })).toThrow(/ttlMs/);
+    expect(typeof idempotency({ store: createMemoryStore(), onProblem: () => undefined })).toBe('function');
+  });
+
   it('req.idempotency and res.locals.idempotency hold the running key; null when not covered', async () => {
     const { app } = appWith();
     const seen: Array<IdempotencyContext | null | undefined> = [];
