@@ -1,11 +1,15 @@
-// The middleware and its options.
+// The middleware factory and its options: what users call.
 export { idempotency } from './middleware.js';
 export type { KoaIdempotencyOptions } from './options.js';
-// What handlers and error handlers meet: `ctx.state.idempotency`, thrown errors, events.
+// What handlers read from ctx.state.idempotency, what onProblem and error handlers receive,
+// and what onEvent reports (the same set as @idemkit/express and @idemkit/fastify export).
+export type { IdempotencyContext, IdempotencyErrorCode, IdempotencyEvent, IdempotencyStore, ProblemDetails } from '@idemkit/core';
 export {
   ConfigurationError,
+  FingerprintMismatchError,
   IdempotencyError,
-  type IdempotencyContext,
-  type IdempotencyEvent,
-  type IdempotencyStore,
+  KeyError,
+  RequestInProgressError,
+  ResponseNotReplayableError,
+  StoreUnavailableError,
 } from '@idemkit/core';

@@ -309,18 +309,29 @@ describe('koa binding: @koa/router', () => {
 });
 
 describe('koa binding: concurrency and disconnects', () => {
-  it('50 parallel requests with one key run the handler once', async () => {
+  it('50 parallel requests with one key run the handler once; the other 49 get 409 while it runs', async () => {
     let runs = 0;
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
     const { url } = await start((app) => {
       app.use(idempotency({ store: createMemoryStore() }));
       app.use(async (ctx) => {
         runs++;
-        await new Promise((resolve) => setTimeout(resolve, 200));
+        await gate; // held until the 49 duplicates have been answered: no timing assumptions
         ctx.status = 201;
         ctx.body = { created: true };
       });
     });
-    const responses = await Promise.all(Array.from({ length: 50 }, () => post(url, 'same')));
+    let answered = 0;
+    const pending = Array.from({ length: 50 }, () =>
+      post(url, 'same').then((r) => {
+        answered++;
+        return r;
+      }),
+    );
+    await vi.waitFor(() => expect(answered).toBe(49));
+    open();
+    const responses = await Promise.all(pending);
     const statuses = responses.map((r) => r.status);
     expect(runs).toBe(1);
     expect(statuses.filter((s) => s === 201)).toHaveLength(1);
@@ -352,15 +363,17 @@ describe('koa binding: concurrency and disconnects', () => {
 
   it('a client that leaves mid-handler: the finished answer is stored, its retry gets the replay', async () => {
     let runs = 0;
-    let finished = false;
+    let clientGone = false;
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
     const { url } = await start((app) => {
       app.use(idempotency({ store: createMemoryStore() }));
       app.use(async (ctx) => {
         runs++;
-        await new Promise((resolve) => setTimeout(resolve, 300));
+        ctx.res.once('close', () => (clientGone = true));
+        await gate; // opened only once the server has seen the client leave
         ctx.status = 201;
         ctx.body = { done: true };
-        finished = true;
       });
     });
     const abort = new AbortController();
@@ -373,7 +386,11 @@ describe('koa binding: concurrency and disconnects', () => {
     await vi.waitFor(() => expect(runs).toBe(1));
     abort.abort();
     expect(await aborted).toBe('aborted');
-    await vi.waitFor(() => expect(finished).toBe(true));
+    await vi.waitFor(() => expect(clientGone).toBe(true));
+    // While the handler still runs, the retry waits its turn (409), it does not run again.
+    const early = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'left' }, body: '{}' });
+    expect(early.status).toBe(409);
+    open();
     await vi.waitFor(async () => {
       const retry = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'left' }, body: '{}' });
       expect(retry.status).toBe(201);
