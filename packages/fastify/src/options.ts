@@ -32,7 +32,7 @@ export type RouteIdempotencyConfig = (RouteIdempotencyOptions & object) | false;
  * at startup (from `app.post(...)` or `ready()`) for anything but an object, `false` or undefined.
  * Returns null when the route opted out.
  */
-export function routeOptions(
+export function mergeRouteOptions(
   base: FastifyIdempotencyOptions,
   value: unknown,
   where: string,

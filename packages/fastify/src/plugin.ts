@@ -17,7 +17,7 @@ import type {
 } from 'fastify';
 import fp from 'fastify-plugin';
 import { payloadBytes, payloadStatus, sendReplay, sendStored } from './capture.js';
-import { routeOptions, type FastifyIdempotencyOptions, type RouteIdempotencyConfig } from './options.js';
+import { mergeRouteOptions, type FastifyIdempotencyOptions, type RouteIdempotencyConfig } from './options.js';
 
 declare module 'fastify' {
   interface FastifyContextConfig {
@@ -59,12 +59,12 @@ function toIncoming(request: FastifyRequest): IncomingRequest {
   };
 }
 
-/** The four hooks one route gets; built once per engine, shared by every route using it. */
+/** The hooks a covered route gets; built once per engine, shared by every route using it. */
 function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyIdempotencyOptions) {
   const { onProblem } = options;
 
   async function preHandler(request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply | undefined> {
-    // Guard against deciding twice (the plugin registered in two contexts covering one route).
+    // A request decides once, even if a route ended up carrying these hooks twice.
     if (stateOf(request) !== null) return undefined;
     const decision = await engine.decide(toIncoming(request), request);
     switch (decision.kind) {
@@ -182,7 +182,7 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
 
   fastify.addHook('onRoute', (route) => {
     const config: unknown = route.config?.idempotency;
-    const merged = routeOptions(options, config, `${methodsOf(route).join(',')} ${route.url}`);
+    const merged = mergeRouteOptions(options, config, `${methodsOf(route).join(',')} ${route.url}`);
     if (merged === null) return;
 
     let attached = shared;
