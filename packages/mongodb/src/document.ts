@@ -61,13 +61,24 @@ export function toRecord(doc: IdempotencyDocument): IdempotencyRecord {
 }
 
 /**
- * A takeover claim: inserted (never updated) before an expired record is replaced, so that of
- * several concurrent takers exactly one proceeds. The insert is the only compare-and-set that is
- * atomic on every server that speaks the protocol: FerretDB v1 evaluates an update's filter and
- * writes the document in two steps, so two conditional updates can both "match". Its object
- * `_id` can never equal a record's string `_id`; `expiresAt` lets TTL/purgeExpired remove it.
+ * A fencing claim (`fencing: 'claims'`, FerretDB v1): inserted, never updated, before a record's
+ * version is ended (complete, release, takeover) or renewed, so of several concurrent writers
+ * exactly one proceeds. An insert on the unique `_id` is the only compare-and-set that is atomic
+ * on FerretDB v1, whose updates evaluate the filter and write the document in two steps.
+ * Claims live in their own collection (`<records>_claims`) and expire by `expiresAt`.
  */
-export interface TakeoverClaimDocument {
-  _id: { key: string; token: string | null; expiresAt: Date; window: number };
+export interface ClaimDocument {
+  _id: ClaimId;
   expiresAt: Date;
+}
+
+/**
+ * Which version of a record a claim fences: the lease token for in-progress records; for
+ * completed records (no token) their `expiresAt`. `g` is the window after expiry (see fencing.ts).
+ */
+export interface ClaimId {
+  k: string;
+  t: string | null;
+  e: Date | null;
+  g: number;
 }

@@ -1,11 +1,12 @@
 import { randomUUID } from 'node:crypto';
-import { MongoServerError } from 'mongodb';
 import type { Collection, Filter } from 'mongodb';
-import type { BeginResult, IdempotencyStore, LeaseToken, StoredResponse, IdempotencyRecord } from '@idemkit/core';
+import type { BeginResult, IdempotencyRecord, IdempotencyStore, LeaseToken, StoredResponse } from '@idemkit/core';
 import { toRecord, toResponseDocument } from './document.js';
-import type { IdempotencyDocument, TakeoverClaimDocument } from './document.js';
+import type { ClaimDocument, IdempotencyDocument } from './document.js';
 import { ServerClock, localClock } from './clock.js';
 import type { StoreClock } from './clock.js';
+import { Claims, PerLeaseQueue, holderClaim, isDuplicateKey, takeoverClaim } from './fencing.js';
+import type { Fencing } from './fencing.js';
 import { createIndexes } from './indexes.js';
 import type { IndexOutcome } from './indexes.js';
 import { resolveOptions } from './options.js';
@@ -14,60 +15,89 @@ import type { MongoStoreOptions, ResolvedMongoStoreOptions } from './options.js'
 export interface MongoStore extends IdempotencyStore {
   /** The collection records live in. */
   readonly collection: Collection<IdempotencyDocument>;
+  /** Where fencing claims live (used only with `fencing: 'claims'`): `<collection>_claims`. */
+  readonly claimsCollection: Collection<ClaimDocument>;
   /**
-   * Create the TTL index on `expiresAt`. Idempotent; safe on every boot. Resolves 'no-ttl' (after
+   * Create the TTL indexes on `expiresAt`. Idempotent; safe on every boot. Resolves 'no-ttl' (after
    * one warning through `logger`) on servers without TTL indexes, e.g. FerretDB v1.
    */
   ensureIndexes(): Promise<IndexOutcome>;
+  /** The fencing in use ('auto' resolves on the first operation by asking `buildInfo`). */
+  fencing(): Promise<Fencing>;
 }
 
 /** begin gives up after this many lost races in a row (each loss means another caller made progress). */
-const MAX_BEGIN_ATTEMPTS = 16;
+const MAX_BEGIN_ATTEMPTS = 24;
 const DEFAULT_PURGE_LIMIT = 1000;
-const DUPLICATE_KEY = 11000;
-/** How long a takeover claim blocks other takers if its owner dies before replacing the record. */
-const CLAIM_WINDOW_MS = 10_000;
 
-/** A short, growing pause between lost races (the winner needs one round trip to finish). */
+/** A short, growing pause between lost races (the winner needs a round trip or two to finish). */
 function backoff(attempt: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, Math.min(50, 2 ** attempt)));
 }
 
 function assertKey(key: string): void {
-  // Keys go into queries as values; a non-string from untyped callers could be an operator object.
+  // Keys go into queries as values; a non-string from an untyped caller could be an operator object.
   if (typeof key !== 'string') throw new TypeError('[idemkit] [mongodb] key must be a string');
-}
-
-function isDuplicateKey(error: unknown): boolean {
-  return error instanceof MongoServerError && error.code === DUPLICATE_KEY;
 }
 
 function newToken(): LeaseToken {
   return randomUUID() as LeaseToken;
 }
 
+/** Only a holder whose lease is still running may act; a lapsed lease belongs to whoever takes over. */
+function held(key: string, token: LeaseToken, now: number): Filter<IdempotencyDocument> {
+  return { _id: { $eq: key }, token: { $eq: token }, state: 'in_progress', expiresAt: { $gt: new Date(now) } };
+}
+
+/** Exactly the version of the record a taker saw (FerretDB drops null fields on insert, hence `?? null`). */
+function sameVersion(doc: IdempotencyDocument): Filter<IdempotencyDocument> {
+  return { _id: { $eq: doc._id }, token: { $eq: doc.token ?? null }, expiresAt: { $eq: doc.expiresAt } };
+}
+
 class MongoIdempotencyStore implements MongoStore {
   readonly shared = true;
   readonly collection: Collection<IdempotencyDocument>;
+  readonly claimsCollection: Collection<ClaimDocument>;
   readonly #options: ResolvedMongoStoreOptions;
   readonly #clock: StoreClock;
+  readonly #claims: Claims;
+  readonly #queue = new PerLeaseQueue();
+  #fencing: Promise<Fencing> | undefined;
   #warned = false;
 
   constructor(options: ResolvedMongoStoreOptions) {
     this.#options = options;
     this.collection = options.collection;
-    this.#clock = options.clock === 'server' ? new ServerClock(options.collection.db, options.clockRefreshMs) : localClock;
+    const db = options.collection.db;
+    this.claimsCollection = db.collection<ClaimDocument>(`${options.collection.collectionName}_claims`);
+    this.#claims = new Claims(this.claimsCollection);
+    this.#clock = options.clock === 'server' ? new ServerClock(db, options.clockRefreshMs) : localClock;
   }
 
-  /** A filter on the key that can never be read as an operator. */
-  #byKey(key: string): Filter<IdempotencyDocument> {
-    return { _id: { $eq: key } };
+  fencing(): Promise<Fencing> {
+    if (this.#options.fencing !== 'auto') return Promise.resolve(this.#options.fencing);
+    // Asked once; a failure rejects this operation and the next one asks again.
+    this.#fencing ??= this.collection.db
+      .admin()
+      .command({ buildInfo: 1 })
+      .then((info): Fencing => ('ferretdbVersion' in info ? 'claims' : 'native'))
+      .catch((error: unknown) => {
+        this.#fencing = undefined;
+        throw error;
+      });
+    return this.#fencing;
+  }
+
+  /** Time and fencing, fetched together (in parallel) on the first operation and cached after. */
+  async #prepare(): Promise<[number, Fencing]> {
+    const [fencing, now] = await Promise.all([this.fencing(), this.#clock.now()]);
+    return [now, fencing];
   }
 
   async begin(key: string, fingerprint: string | null, leaseMs: number): Promise<BeginResult> {
     assertKey(key);
     for (let attempt = 0; attempt < MAX_BEGIN_ATTEMPTS; attempt++) {
-      const now = await this.#clock.now();
+      const [now, fencing] = await this.#prepare();
       const token = newToken();
       const fresh: Omit<IdempotencyDocument, '_id'> = {
         fingerprint,
@@ -81,9 +111,9 @@ class MongoIdempotencyStore implements MongoStore {
       let before: IdempotencyDocument | null;
       try {
         // One round trip for both common cases: a new key is inserted ($setOnInsert), an existing
-        // one is returned untouched ('before' document). The unique _id makes the insert atomic.
+        // one comes back untouched ('before' document). The unique _id makes the insert atomic.
         before = await this.collection.findOneAndUpdate(
-          this.#byKey(key),
+          { _id: { $eq: key } },
           { $setOnInsert: fresh },
           { upsert: true, returnDocument: 'before' },
         );
@@ -99,75 +129,91 @@ class MongoIdempotencyStore implements MongoStore {
           record.state === 'in_progress' && record.leaseExpiresAt !== null ? Math.max(0, record.leaseExpiresAt - now) : 0;
         return { kind: 'existing', record, leaseRemainingMs };
       }
-      // The record is expired (a completed one past its TTL, or a crashed holder's lease). Of
-      // several takers one wins the claim and replaces the record only if it is still exactly the
-      // one seen; the others back off and see the winner's record. Expired records only.
-      if (await this.#claim(key, before, now)) {
-        const replaced = await this.collection.updateOne(
-          { _id: { $eq: key }, token: { $eq: before.token ?? null }, expiresAt: { $eq: before.expiresAt } },
-          { $set: fresh },
-        );
-        if (replaced.matchedCount === 1) return { kind: 'acquired', token, tookOver: before.state === 'in_progress' };
+      // Expired (a completed record past its TTL, or a crashed holder's lease): replace it only if
+      // it is still the version seen. Of several takers one wins; the others see its record.
+      if (await this.#replace(before, fresh, now, fencing)) {
+        return { kind: 'acquired', token, tookOver: before.state === 'in_progress' };
       }
       await backoff(attempt);
     }
     throw new Error(`[idemkit] [mongodb] begin lost ${MAX_BEGIN_ATTEMPTS} races in a row for one key`);
   }
 
-  /**
-   * Insert the takeover claim for this version of the record. Claims are per time window after
-   * expiry so a taker that crashed between claim and replace blocks the key for one window at most.
-   */
-  async #claim(key: string, before: IdempotencyDocument, now: number): Promise<boolean> {
-    const window = Math.floor((now - before.expiresAt.getTime()) / CLAIM_WINDOW_MS);
-    const claims = this.collection as unknown as Collection<TakeoverClaimDocument>;
-    try {
-      await claims.insertOne({
-        _id: { key, token: before.token ?? null, expiresAt: before.expiresAt, window },
-        expiresAt: new Date(now + 2 * CLAIM_WINDOW_MS),
-      });
-      return true;
-    } catch (error) {
-      if (isDuplicateKey(error)) return false;
-      throw error;
+  async #replace(
+    before: IdempotencyDocument,
+    fresh: Omit<IdempotencyDocument, '_id'>,
+    now: number,
+    fencing: Fencing,
+  ): Promise<boolean> {
+    if (fencing === 'native') {
+      const result = await this.collection.updateOne(sameVersion(before), { $set: fresh });
+      return result.matchedCount === 1;
     }
+    const claim = takeoverClaim(before, now);
+    if (!(await this.#claims.take(claim, now))) return false;
+    const result = await this.collection.updateOne(sameVersion(before), { $set: fresh });
+    if (result.matchedCount === 1) return true;
+    await this.#claims.drop(claim);
+    return false;
   }
 
-  /** Only a holder whose lease is still running may act; a lapsed lease belongs to whoever takes over. */
-  #held(key: string, token: LeaseToken, now: number): Filter<IdempotencyDocument> {
-    return { _id: { $eq: key }, token: { $eq: token }, state: 'in_progress', expiresAt: { $gt: new Date(now) } };
-  }
-
-  async complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
+  /**
+   * Run a holder's conditional write. Native: the write alone. Claims: one write per lease in this
+   * process at a time, behind the holder's claim (which excludes takers of the same lease).
+   * `keepClaim`: the write ends the lease (complete, release), so its claim stays until it expires.
+   */
+  async #asHolder(
+    key: string,
+    token: LeaseToken,
+    keepClaim: boolean,
+    write: (now: number) => Promise<boolean>,
+  ): Promise<boolean> {
     assertKey(key);
-    const now = await this.#clock.now();
-    const result = await this.collection.updateOne(this.#held(key, token, now), {
-      $set: {
-        state: 'completed',
-        token: null,
-        leaseExpiresAt: null,
-        response: toResponseDocument(response),
-        expiresAt: new Date(now + ttlMs),
-      },
+    const [now, fencing] = await this.#prepare();
+    if (fencing === 'native') return write(now);
+    return this.#queue.run(key, token, async () => {
+      const now = await this.#clock.now();
+      const claim = holderClaim(key, token);
+      if (!(await this.#claims.take(claim, now))) return false;
+      const done = await write(now).catch(async (error: unknown) => {
+        await this.#claims.drop(claim).catch(() => undefined);
+        throw error;
+      });
+      if (!done || !keepClaim) await this.#claims.drop(claim);
+      return done;
     });
-    return result.matchedCount === 1;
   }
 
-  async release(key: string, token: LeaseToken): Promise<boolean> {
-    assertKey(key);
-    const now = await this.#clock.now();
-    const result = await this.collection.deleteOne(this.#held(key, token, now));
-    return result.deletedCount === 1;
-  }
-
-  async renew(key: string, token: LeaseToken, leaseMs: number): Promise<boolean> {
-    assertKey(key);
-    const now = await this.#clock.now();
-    const until = new Date(now + leaseMs);
-    const result = await this.collection.updateOne(this.#held(key, token, now), {
-      $set: { leaseExpiresAt: until, expiresAt: until },
+  complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
+    return this.#asHolder(key, token, true, async (now) => {
+      const result = await this.collection.updateOne(held(key, token, now), {
+        $set: {
+          state: 'completed',
+          token: null,
+          leaseExpiresAt: null,
+          response: toResponseDocument(response),
+          expiresAt: new Date(now + ttlMs),
+        },
+      });
+      return result.matchedCount === 1;
     });
-    return result.matchedCount === 1;
+  }
+
+  release(key: string, token: LeaseToken): Promise<boolean> {
+    return this.#asHolder(key, token, true, async (now) => {
+      const result = await this.collection.deleteOne(held(key, token, now));
+      return result.deletedCount === 1;
+    });
+  }
+
+  renew(key: string, token: LeaseToken, leaseMs: number): Promise<boolean> {
+    return this.#asHolder(key, token, false, async (now) => {
+      const until = new Date(now + leaseMs);
+      const result = await this.collection.updateOne(held(key, token, now), {
+        $set: { leaseExpiresAt: until, expiresAt: until },
+      });
+      return result.matchedCount === 1;
+    });
   }
 
   async get(key: string): Promise<IdempotencyRecord | undefined> {
@@ -180,14 +226,27 @@ class MongoIdempotencyStore implements MongoStore {
 
   async purgeExpired(limit: number = DEFAULT_PURGE_LIMIT): Promise<number> {
     if (!Number.isInteger(limit) || limit <= 0) throw new RangeError('[idemkit] [mongodb] limit must be a positive integer');
-    const now = new Date(await this.#clock.now());
-    const ids = await this.collection
-      .find({ expiresAt: { $lte: now } }, { projection: { _id: 1 }, limit })
-      .map((doc) => doc._id)
+    const [nowMs, fencing] = await this.#prepare();
+    const now = new Date(nowMs);
+    const expired = await this.collection
+      .find({ expiresAt: { $lte: now } }, { projection: { _id: 1, state: 1, token: 1, expiresAt: 1 }, limit })
       .toArray();
-    if (ids.length === 0) return 0;
-    // Re-check expiry: a record taken over or renewed since the find must survive.
-    const result = await this.collection.deleteMany({ _id: { $in: ids }, expiresAt: { $lte: now } });
+    if (expired.length === 0) {
+      if (fencing === 'claims') await this.#claims.purge(now);
+      return 0;
+    }
+    if (fencing === 'native') {
+      // Re-check expiry in the delete: a record taken over or renewed since the find survives.
+      const result = await this.collection.deleteMany({ _id: { $in: expired.map((d) => d._id) }, expiresAt: { $lte: now } });
+      return result.deletedCount;
+    }
+    // Claims: a purge is one more taker. Only records whose takeover claim this purge won are
+    // deleted, so a concurrent takeover is never deleted from under its new holder.
+    const claims = expired.map((doc) => takeoverClaim(doc, nowMs));
+    const won = new Set((await this.#claims.takeMany(claims, nowMs)).map((c) => c.k));
+    const ids = expired.filter((d) => won.has(d._id)).map((d) => d._id);
+    const result = ids.length === 0 ? { deletedCount: 0 } : await this.collection.deleteMany({ _id: { $in: ids }, expiresAt: { $lte: now } });
+    await this.#claims.purge(now);
     return result.deletedCount;
   }
 
@@ -196,6 +255,8 @@ class MongoIdempotencyStore implements MongoStore {
     const warn = logger === false || this.#warned ? undefined : logger;
     const outcome = await createIndexes(this.collection, warn);
     if (outcome === 'no-ttl') this.#warned = true;
+    // Claims need no warning of their own: purgeExpired removes expired ones too.
+    await createIndexes(this.claimsCollection as unknown as Collection<IdempotencyDocument>, undefined);
     return outcome;
   }
 

@@ -25,6 +25,13 @@ export type MongoStoreOptions = MongoStoreTarget & {
   readonly clock?: 'server' | 'local';
   /** How often the server-clock offset is re-measured, in ms (in the background). @default 60_000 */
   readonly clockRefreshMs?: number;
+  /**
+   * How conditional writes are made atomic. 'native': one atomic document update per operation
+   * (MongoDB). 'claims': each lease-ending write first inserts a unique claim, for servers whose
+   * updates are not atomic compare-and-set (FerretDB v1); costs an extra round trip or two.
+   * 'auto' asks `buildInfo` once and picks 'claims' on FerretDB. @default 'auto'
+   */
+  readonly fencing?: 'auto' | 'native' | 'claims';
   /** Where the one-time "TTL indexes unsupported" warning goes. false silences it. @default console */
   readonly logger?: Pick<IdempotencyLogger, 'warn'> | false;
 };
@@ -33,12 +40,14 @@ export const DEFAULTS = Object.freeze({
   collectionName: 'idempotency_keys',
   clock: 'server',
   clockRefreshMs: 60_000,
+  fencing: 'auto',
 } as const);
 
 export interface ResolvedMongoStoreOptions {
   readonly collection: Collection<IdempotencyDocument>;
   readonly clock: 'server' | 'local';
   readonly clockRefreshMs: number;
+  readonly fencing: 'auto' | 'native' | 'claims';
   readonly logger: Pick<IdempotencyLogger, 'warn'> | false;
 }
 
@@ -76,6 +85,10 @@ export function resolveOptions(options: MongoStoreOptions): ResolvedMongoStoreOp
   if (!Number.isFinite(clockRefreshMs) || clockRefreshMs <= 0) {
     throw invalid('`clockRefreshMs` must be a positive number of milliseconds.');
   }
+  const fencing = options.fencing ?? DEFAULTS.fencing;
+  if (fencing !== 'auto' && fencing !== 'native' && fencing !== 'claims') {
+    throw invalid("`fencing` must be 'auto', 'native' or 'claims'.");
+  }
   const logger = options.logger === undefined ? console : options.logger;
-  return Object.freeze({ collection, clock, clockRefreshMs, logger });
+  return Object.freeze({ collection, clock, clockRefreshMs, fencing, logger });
 }

@@ -1,14 +1,15 @@
 import { MongoClient } from 'mongodb';
 import type { MongoClientOptions } from 'mongodb';
-import { resolveMongo } from '@idemkit/test-services';
+import { resolveMongo, uniqueMongoDbName } from '@idemkit/test-services';
 
 /**
- * A real server for one test file: its own database (named after the file, plus the pid so
- * parallel runs never share one), dropped afterwards. Missing server → the resolver throws.
+ * A real server for one test file: its own database (named after the file plus a random suffix,
+ * so parallel files and reruns never share one), dropped afterwards. No server → the resolver
+ * throws and the file fails (never skips).
  */
 export async function openTestDatabase(file: string) {
   const service = await resolveMongo();
-  const dbName = `idemkit_${file}_${process.pid}`.replace(/[^A-Za-z0-9_]/g, '_');
+  const dbName = uniqueMongoDbName(file);
   const clients: MongoClient[] = [];
   async function client(options: MongoClientOptions = {}): Promise<MongoClient> {
     const c = new MongoClient(service.value, { serverSelectionTimeoutMS: 5_000, ...options });

@@ -33,7 +33,8 @@ describe('createMongoStore options', () => {
   it('defaults to the idempotency_keys collection of the given Db', () => {
     const store = createMongoStore({ db: t.db });
     expect(store.collection.collectionName).toBe('idempotency_keys');
-    expect(DEFAULTS).toEqual({ collectionName: 'idempotency_keys', clock: 'server', clockRefreshMs: 60_000 });
+    expect(DEFAULTS).toEqual({ collectionName: 'idempotency_keys', clock: 'server', clockRefreshMs: 60_000, fencing: 'auto' });
+    expect(store.claimsCollection.collectionName).toBe('idempotency_keys_claims');
     expect(store.shared).toBe(true);
   });
 
@@ -51,6 +52,7 @@ describe('createMongoStore options', () => {
     expect(bad({ db: t.db, collectionName: '' })).toThrow(/`collectionName`/);
     expect(bad({ db: t.db, clock: 'wall' })).toThrow(/`clock`/);
     expect(bad({ db: t.db, clockRefreshMs: 0 })).toThrow(/`clockRefreshMs`/);
+    expect(bad({ db: t.db, fencing: 'optimistic' })).toThrow(/`fencing`/);
     expect(bad({ collection: {} })).toThrow(/`collection`/);
   });
 });
@@ -178,17 +180,22 @@ describe('bodies', () => {
   });
 });
 
-describe('one round trip per operation', () => {
-  it('counts driver commands with command monitoring', async () => {
+describe('round trips per operation', () => {
+  async function counted(options: { fencing: 'native' | 'claims' | 'auto'; clock?: 'server' | 'local' }) {
     const client = await t.client({ monitorCommands: true });
     const commands: string[] = [];
     client.on('commandStarted', (e: CommandStartedEvent) => commands.push(e.commandName));
-    const store = createMongoStore({ db: client.db(t.dbName), logger: silent });
+    const store = createMongoStore({ db: client.db(t.dbName), logger: silent, ...options });
     const count = async <T>(run: () => Promise<T>): Promise<[T, string[]]> => {
       commands.length = 0;
       const value = await run();
       return [value, [...commands]];
     };
+    return { store, count };
+  }
+
+  it("native fencing (MongoDB): one command per operation; begin + complete = 2 on a new key, 1 on a replay", async () => {
+    const { store, count } = await counted({ fencing: 'native' });
     // The first operation also measures the server clock (one `hello`, then cached).
     const [, warm] = await count(() => store.get(key('warm')));
     expect(warm).toEqual(['hello', 'find']);
@@ -214,13 +221,34 @@ describe('one round trip per operation', () => {
     expect(released).toBe(true);
     expect(c6).toEqual(['delete']);
 
-    // Only an expired record costs more: the takeover claim and the conditional replace.
+    // Only an expired record costs a second command: the conditional replace.
     const k3 = key('rtt-expired');
     await store.begin(k3, null, 1);
     await vi.waitFor(async () => expect(await store.get(k3)).toBeUndefined(), { interval: 10 });
     const [took, c7] = await count(() => store.begin(k3, null, 30_000));
     expect(took).toMatchObject({ kind: 'acquired', tookOver: true });
-    expect(c7).toEqual(['findAndModify', 'insert', 'update']);
+    expect(c7).toEqual(['findAndModify', 'update']);
+  });
+
+  it('claims fencing (FerretDB): begin stays one command; lease-ending writes add a claim', async () => {
+    const { store, count } = await counted({ fencing: 'auto' });
+    // The first operation asks buildInfo (which fencing) and hello (server clock) in parallel.
+    const [, warm] = await count(() => store.begin(key('warm'), null, 1_000));
+    expect([...warm].sort()).toEqual(['buildInfo', 'findAndModify', 'hello']);
+    const fencing = await store.fencing();
+    expect(fencing).toBe((await t.isFerretDB()) ? 'claims' : 'native');
+    if (fencing !== 'claims') return;
+
+    const k = key('rtt-claims');
+    const [begun, c1] = await count(() => store.begin(k, 'fp', 30_000));
+    expect(c1).toEqual(['findAndModify']);
+    if (begun.kind !== 'acquired') throw new Error('expected acquired');
+    const [, c2] = await count(() => store.renew(k, begun.token, 30_000));
+    expect(c2).toEqual(['insert', 'update', 'delete']);
+    const [, c3] = await count(() => store.complete(k, begun.token, response(new Uint8Array([1])), 60_000));
+    expect(c3).toEqual(['insert', 'update']);
+    const [, c4] = await count(() => store.begin(k, 'fp', 30_000));
+    expect(c4).toEqual(['findAndModify']);
   });
 
   it("clock: 'local' never asks the server for its time", async () => {

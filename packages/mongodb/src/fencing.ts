@@ -1,0 +1,120 @@
+import type { Collection } from 'mongodb';
+import { MongoServerError } from 'mongodb';
+import type { ClaimDocument, ClaimId, IdempotencyDocument } from './document.js';
+
+/**
+ * How conditional writes are made atomic.
+ * - 'native': each operation is one document update; MongoDB applies filter and update atomically.
+ * - 'claims': FerretDB v1 checks the filter and writes the document in two steps, so two
+ *   conditional updates can both succeed. Each transition first inserts a unique claim.
+ */
+export type Fencing = 'native' | 'claims';
+
+/**
+ * A claim blocks other writers of that record version for at most this long if its writer dies
+ * between claim and write: takers then claim the next window. A writer stalled longer than this
+ * between two round trips could race a taker; leases far longer than one round trip make that moot.
+ */
+export const CLAIM_WINDOW_MS = 10_000;
+
+const DUPLICATE_KEY = 11000;
+
+export function isDuplicateKey(error: unknown): boolean {
+  return error instanceof MongoServerError && error.code === DUPLICATE_KEY;
+}
+
+/** The claim a lease holder takes (complete, release, renew): its token, window 0. */
+export function holderClaim(key: string, token: string): ClaimId {
+  return { k: key, t: token, e: null, g: 0 };
+}
+
+/**
+ * The claim a taker takes on an expired record. In-progress records are fenced by token, so a
+ * takeover in the first window excludes the holder's own complete/release/renew; completed
+ * records (no token) by their expiry instant.
+ */
+export function takeoverClaim(record: IdempotencyDocument, now: number): ClaimId {
+  const expiresAt = record.expiresAt;
+  const g = Math.max(0, Math.floor((now - expiresAt.getTime()) / CLAIM_WINDOW_MS));
+  const token = record.state === 'in_progress' ? (record.token ?? null) : null;
+  return { k: record._id, t: token, e: token === null ? expiresAt : null, g };
+}
+
+/** Claims in their own collection, so purge counts and user queries see records only. */
+export class Claims {
+  constructor(readonly collection: Collection<ClaimDocument>) {}
+
+  /** True if this caller now owns the claim; false if another writer already took it. */
+  async take(id: ClaimId, now: number): Promise<boolean> {
+    try {
+      await this.collection.insertOne({ _id: id, expiresAt: new Date(now + 2 * CLAIM_WINDOW_MS) });
+      return true;
+    } catch (error) {
+      if (isDuplicateKey(error)) return false;
+      throw error;
+    }
+  }
+
+  /** Give a claim back after a write that did not happen, so the next writer need not wait. */
+  async drop(id: ClaimId): Promise<void> {
+    await this.collection.deleteOne({ _id: { $eq: id } });
+  }
+
+  /** Take many claims in one round trip; returns the ids this caller now owns. */
+  async takeMany(ids: ClaimId[], now: number): Promise<ClaimId[]> {
+    if (ids.length === 0) return [];
+    const expiresAt = new Date(now + 2 * CLAIM_WINDOW_MS);
+    try {
+      await this.collection.insertMany(
+        ids.map((id) => ({ _id: id, expiresAt })),
+        { ordered: false },
+      );
+      return ids;
+    } catch (error) {
+      const failed = writeErrorIndexes(error);
+      if (failed === undefined) throw error;
+      return ids.filter((_, i) => !failed.has(i));
+    }
+  }
+
+  async purge(now: Date): Promise<void> {
+    await this.collection.deleteMany({ expiresAt: { $lte: now } });
+  }
+}
+
+/** Indexes of the duplicate-key failures of an unordered insertMany, or undefined for other errors. */
+function writeErrorIndexes(error: unknown): Set<number> | undefined {
+  if (typeof error !== 'object' || error === null || !('writeErrors' in error)) return undefined;
+  const raw = (error as { writeErrors: unknown }).writeErrors;
+  const list: unknown[] = Array.isArray(raw) ? raw : raw === undefined || raw === null ? [] : [raw];
+  const failed = new Set<number>();
+  for (const e of list as Array<{ code?: number; index?: number }>) {
+    if (e.code !== DUPLICATE_KEY || typeof e.index !== 'number') return undefined;
+    failed.add(e.index);
+  }
+  return failed;
+}
+
+/**
+ * Runs one lease's operations in this process one at a time. In claims mode a renew in flight
+ * holds the holder's claim for a moment; the same holder's complete must wait for it rather than
+ * fail on the claim. (The engine may fire a renew just before it commits.)
+ */
+export class PerLeaseQueue {
+  readonly #tails = new Map<string, Promise<unknown>>();
+
+  run<T>(key: string, token: string, op: () => Promise<T>): Promise<T> {
+    const id = `${key}\u0000${token}`;
+    const previous = this.#tails.get(id) ?? Promise.resolve();
+    const next = previous.then(op, op);
+    const tail = next.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.#tails.set(id, tail);
+    void tail.then(() => {
+      if (this.#tails.get(id) === tail) this.#tails.delete(id);
+    });
+    return next;
+  }
+}
