@@ -1,4 +1,4 @@
-import { expect } from 'vitest';
+import { expect, vi } from 'vitest';
 import { expectProblem, newKey, type CaseContext } from './context.js';
 
 const PARALLEL = 100;
@@ -49,4 +49,30 @@ export function concurrencyCases(t: CaseContext): void {
     const bytes = original[0]?.body;
     for (const reply of replies) expect(reply.body).toEqual(bytes);
   }, 30_000);
+
+  t.test('a client that hangs up mid-handler: the handler finishes once, the retry gets its stored answer', async () => {
+    const app = await t.app();
+    const key = newKey();
+    const controller = new AbortController();
+    const gone = fetch(`${app.url}/orders?delay=600`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'idempotency-key': key },
+      body: JSON.stringify({ sku: 'A-1' }),
+      signal: controller.signal,
+    }).catch((error: unknown) => error);
+    // Hang up once the handler is running (observable), not after a guessed delay.
+    await vi.waitFor(() => expect(app.count('orders')).toBe(1), { timeout: 10_000, interval: 10 });
+    controller.abort();
+    await gone;
+    // Retries see 409 while the handler still runs, then its stored answer; it never runs twice.
+    await vi.waitFor(
+      async () => {
+        const retry = await app.post('/orders?delay=600', { key, json: { sku: 'A-1' } });
+        expect(retry.status).toBe(201);
+        expect(retry.replayed).toBe(true);
+      },
+      { timeout: 10_000, interval: 100 },
+    );
+    expect(app.count('orders')).toBe(1);
+  });
 }
