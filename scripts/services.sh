@@ -216,15 +216,18 @@ stop_all_ours() {
 }
 
 write_env() {
-  local file="$1" v
-  mkdir -p "$(dirname "$file")"
-  {
-    echo "# written by scripts/services.sh up; source it"
-    for v in TEST_POSTGRES_URL TEST_REDIS_URL TEST_REDIS_CLUSTER_NODES TEST_MONGODB_URL; do
-      printf 'export %s=%q\n' "$v" "${!v}"
-    done
-  } >"$file.tmp"
-  mv "$file.tmp" "$file"
+  local file="$1" v text
+  text="# written by scripts/services.sh up; source it"$'\n'
+  for v in TEST_POSTGRES_URL TEST_REDIS_URL TEST_REDIS_CLUSTER_NODES TEST_MONGODB_URL; do
+    text+="$(printf 'export %s=%q' "$v" "${!v}")"$'\n'
+  done
+  if [[ -L "$file" || (-e "$file" && ! -f "$file") || "$file" == /dev/* || "$file" == /proc/* ]]; then
+    printf '%s' "$text" >"$file" # /dev/stdout, a pipe, a link: write through, never replace it
+  else
+    mkdir -p "$(dirname "$file")"
+    printf '%s' "$text" >"$file.tmp" # tmp + rename: a concurrent `source` never reads half a file
+    mv "$file.tmp" "$file"
+  fi
 }
 
 lock() {
