@@ -1,0 +1,221 @@
+/**
+ * The fixture server the reliability tests start as child processes (`node dist/app.js`). Unlike
+ * the demo it exposes the knobs faults need: a short lease, a short store timeout, a per-request
+ * handler duration, a scope from an auth header, and a line on stdout each time the handler starts
+ * (pipes are written synchronously on Linux, so the line survives a SIGKILL that follows it).
+ *
+ * Env: FRAMEWORK (fastify|express|koa), STORE (memory|postgres|redis|redis-cluster|mongodb),
+ * STORE_URL (URL, or host:port,… for the cluster), PREFIX (namespace of keys/tables/collections),
+ * LEASE_MS, STORE_TIMEOUT_MS, WORK_MS (default handler time; header x-work-ms overrides), PORT.
+ */
+import { randomUUID } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
+import type { Server } from 'node:http';
+import { createMemoryStore, type IdempotencyEvent, type IdempotencyOptions, type IdempotencyStore } from '@idemkit/core';
+import { idempotency as expressIdempotency } from '@idemkit/express';
+import fastifyIdempotency from '@idemkit/fastify';
+import { idempotency as koaIdempotency } from '@idemkit/koa';
+import { createMongoStore } from '@idemkit/mongodb';
+import { createPostgresStore } from '@idemkit/postgres';
+import { createRedisStore } from '@idemkit/redis';
+import { bodyParser } from '@koa/bodyparser';
+import Router from '@koa/router';
+import express, { type ErrorRequestHandler, type Request } from 'express';
+import Fastify, { type FastifyError, type FastifyRequest } from 'fastify';
+import { Cluster, Redis } from 'ioredis';
+import Koa from 'koa';
+import { MongoClient } from 'mongodb';
+import pg from 'pg';
+
+const env = process.env;
+const FRAMEWORK = env.FRAMEWORK ?? 'fastify';
+const STORE = env.STORE ?? 'memory';
+const PREFIX = env.PREFIX ?? 'rel';
+const LEASE_MS = Number(env.LEASE_MS ?? 60_000);
+const STORE_TIMEOUT_MS = Number(env.STORE_TIMEOUT_MS ?? 5_000);
+const WORK_MS = Number(env.WORK_MS ?? 0);
+const BODY_LIMIT = 100 * 1024;
+
+interface Opened {
+  readonly store: IdempotencyStore;
+  close(): Promise<void>;
+}
+
+async function openStore(): Promise<Opened> {
+  const url = env.STORE_URL ?? '';
+  switch (STORE) {
+    case 'memory': {
+      const store = createMemoryStore();
+      return { store, close: () => store.close() };
+    }
+    case 'postgres': {
+      // Short connect timeout: while the server refuses, a request must fail fast, not queue.
+      const pool = new pg.Pool({ connectionString: url, max: 10, connectionTimeoutMillis: 2_000 });
+      pool.on('error', (e) => line('POOL-ERROR', e.message)); // idle clients killed by pg_terminate_backend
+      const store = createPostgresStore({ pool, table: `${PREFIX}_keys` });
+      await store.migrate();
+      return { store, close: async () => { await store.close(); await pool.end(); } };
+    }
+    case 'redis': {
+      const client = new Redis(url, { maxRetriesPerRequest: 1 });
+      client.on('error', () => undefined); // reconnects on its own; the engine reports failures
+      const store = createRedisStore({ client, prefix: `${PREFIX}:` });
+      return { store, close: async () => { await store.close(); client.disconnect(); } };
+    }
+    case 'redis-cluster': {
+      const nodes = url.split(',').map((n) => ({ host: n.split(':')[0]!, port: Number(n.split(':')[1]) }));
+      const client = new Cluster(nodes);
+      client.on('error', () => undefined);
+      const store = createRedisStore({ client, prefix: `${PREFIX}:` });
+      return { store, close: async () => { await store.close(); client.disconnect(); } };
+    }
+    case 'mongodb': {
+      const client = new MongoClient(url, { serverSelectionTimeoutMS: 3_000 });
+      await client.connect();
+      const store = createMongoStore({ db: client.db(), collectionName: `${PREFIX}_keys` });
+      await store.ensureIndexes();
+      return { store, close: async () => { await store.close(); await client.close(); } };
+    }
+    default:
+      throw new Error(`STORE=${STORE} is not supported`);
+  }
+}
+
+/** One stdout line per fact the tests observe (handler start, lost lease, takeover). */
+function line(kind: string, data: unknown): void {
+  process.stdout.write(`${kind} ${JSON.stringify(data)}\n`);
+}
+
+const executions = new Map<string, number>();
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+interface Answer {
+  readonly status: number;
+  readonly body: unknown;
+}
+
+/** The side effect under test: counted, announced, slow on request, answered with a fresh id. */
+async function handle(key: string | undefined, scope: string | undefined, workHeader: unknown, body: unknown): Promise<Answer> {
+  const id = `ex_${randomUUID()}`;
+  const label = `${scope ?? ''}|${key ?? ''}`;
+  executions.set(label, (executions.get(label) ?? 0) + 1);
+  line('RUN', { key, scope, id, pid: process.pid });
+  const work = typeof workHeader === 'string' && /^\d+$/.test(workHeader) ? Number(workHeader) : WORK_MS;
+  if (work > 0) await sleep(work);
+  return { status: 201, body: { id, key, scope: scope ?? null, pid: process.pid, echo: body ?? null } };
+}
+
+function stats() {
+  return { pid: process.pid, rss: process.memoryUsage().rss, executions: Object.fromEntries(executions) };
+}
+
+const problemBody = (status: number, slug: string, title: string) =>
+  JSON.stringify({ type: `https://idemkit.dev/reliability/problems/${slug}`, title, status });
+
+function userOf(headers: Record<string, string | string[] | undefined>): string | undefined {
+  const value = headers['x-user'];
+  return typeof value === 'string' && value !== '' ? value : undefined;
+}
+
+function idempotencyOptions<Req>(store: IdempotencyStore): IdempotencyOptions<Req> {
+  return {
+    store,
+    leaseMs: LEASE_MS,
+    storeTimeoutMs: STORE_TIMEOUT_MS,
+    onEvent: (e: IdempotencyEvent) => {
+      if (e.type === 'lease-lost' || e.type === 'lease-taken-over') line(e.type.toUpperCase(), e);
+    },
+    logger: { warn: () => undefined, error: () => undefined },
+  };
+}
+
+interface Running {
+  readonly url: string;
+  close(): Promise<void>;
+}
+
+async function listen(server: Server): Promise<string> {
+  await new Promise<void>((resolve, reject) => server.once('listening', resolve).once('error', reject));
+  return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+}
+
+async function startFastify(store: IdempotencyStore): Promise<Running> {
+  const app = Fastify({ bodyLimit: BODY_LIMIT });
+  app.setErrorHandler((err: FastifyError, _req, reply) => {
+    const status = err.statusCode && err.statusCode < 500 ? err.statusCode : 500;
+    if (status === 500) line('ERROR', { message: err.message, name: err.name });
+    return reply.code(status).type('application/problem+json').send(problemBody(status, err.code ?? 'error', err.message));
+  });
+  await app.register(fastifyIdempotency, { ...idempotencyOptions<FastifyRequest>(store), scope: (req) => userOf(req.headers) });
+  app.get('/stats', async () => stats());
+  app.post('/orders', async (req, reply) => {
+    const a = await handle(req.idempotency?.key, userOf(req.headers), req.headers['x-work-ms'], req.body);
+    return reply.code(a.status).send(a.body);
+  });
+  await app.listen({ port: Number(env.PORT ?? 0), host: '127.0.0.1' });
+  return { url: `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`, close: () => app.close() };
+}
+
+async function startExpress(store: IdempotencyStore): Promise<Running> {
+  const app = express();
+  app.use(express.json({ limit: BODY_LIMIT }));
+  app.get('/stats', (_req, res) => void res.json(stats()));
+  app.post(
+    '/orders',
+    expressIdempotency({ ...idempotencyOptions<Request>(store), scope: (req) => userOf(req.headers) }),
+    async (req, res) => {
+      const a = await handle(req.idempotency?.key, userOf(req.headers), req.headers['x-work-ms'], req.body);
+      res.status(a.status).json(a.body);
+    },
+  );
+  const onError: ErrorRequestHandler = (err: { status?: number; type?: string; message?: string }, _req, res, _next) => {
+    const status = err.status && err.status < 500 ? err.status : 500;
+    if (status === 500) line('ERROR', { message: err.message });
+    res.status(status).type('application/problem+json').send(problemBody(status, err.type ?? 'error', err.message ?? 'error'));
+  };
+  app.use(onError);
+  const server = app.listen(Number(env.PORT ?? 0), '127.0.0.1');
+  const url = await listen(server);
+  return { url, close: () => new Promise((r) => { server.closeAllConnections(); server.close(() => r()); }) };
+}
+
+async function startKoa(store: IdempotencyStore): Promise<Running> {
+  const app = new Koa();
+  const router = new Router();
+  app.use(async (ctx, next) => {
+    try {
+      await next();
+    } catch (err) {
+      const e = err as { status?: number; type?: string; message?: string };
+      const status = e.status && e.status < 500 ? e.status : err instanceof SyntaxError ? 400 : 500;
+      if (status === 500) line('ERROR', { message: e.message });
+      ctx.status = status;
+      ctx.type = 'application/problem+json';
+      ctx.body = problemBody(status, e.type ?? 'error', e.message ?? 'error');
+    }
+  });
+  app.use(bodyParser({ enableTypes: ['json'], jsonLimit: `${BODY_LIMIT}b` }));
+  const guard = koaIdempotency({ ...idempotencyOptions<Koa.Context>(store), scope: (ctx) => userOf(ctx.headers) });
+  router.get('/stats', (ctx) => { ctx.body = stats(); });
+  router.post('/orders', guard, async (ctx) => {
+    const a = await handle(ctx.state.idempotency?.key, userOf(ctx.headers), ctx.headers['x-work-ms'], ctx.request.body);
+    ctx.status = a.status;
+    ctx.body = a.body;
+  });
+  app.use(router.routes()).use(router.allowedMethods());
+  app.on('error', () => undefined);
+  const server = app.listen(Number(env.PORT ?? 0), '127.0.0.1');
+  const url = await listen(server);
+  return { url, close: () => new Promise((r) => { server.closeAllConnections(); server.close(() => r()); }) };
+}
+
+const opened = await openStore();
+const start = { fastify: startFastify, express: startExpress, koa: startKoa }[FRAMEWORK];
+if (!start) throw new Error(`FRAMEWORK=${FRAMEWORK} is not supported`);
+const running = await start(opened.store);
+console.log(`reliability app (${FRAMEWORK}, ${STORE}) pid ${process.pid} on ${running.url}`);
+const stop = () => {
+  running.close().then(() => opened.close()).then(() => process.exit(0), () => process.exit(1));
+};
+process.once('SIGTERM', stop);
+process.once('SIGINT', stop);

@@ -1,0 +1,10 @@
+import { existsSync } from 'node:fs';
+import { APP, DEMO } from './spawn.js';
+
+/** The tests start built servers; say how to build them instead of failing on a spawn error. */
+export default function setup(): void {
+  const missing = [APP, DEMO].filter((f) => !existsSync(f));
+  if (missing.length > 0) {
+    throw new Error(`[reliability] missing ${missing.join(', ')}: run \`pnpm --filter @idemkit/reliability... build\` first.`);
+  }
+}
