@@ -1,0 +1,28 @@
+import fastifyIdempotency from '@idemkit/fastify';
+import Fastify, { type FastifyInstance } from 'fastify';
+import { nodeIdempotencyFastify } from '../peers/node-idempotency.js';
+import { createOrder, createOrderSlowly, type AppContext } from './context.js';
+
+/** Fastify 5 with the library registered before the routes, as its README says. */
+export async function fastifyApp({ library, counters, stats }: AppContext): Promise<FastifyInstance> {
+  const app = Fastify({ logger: false });
+  app.addHook('onRequest', async (request) => {
+    if (request.method === 'POST') counters.requests++;
+  });
+  app.get('/__stats', async () => stats());
+  switch (library.kind) {
+    case 'idemkit':
+      await app.register(fastifyIdempotency, { store: library.store, ttlMs: library.ttlMs });
+      break;
+    case 'node-idempotency':
+      nodeIdempotencyFastify(app, library.idempotency);
+      break;
+    case 'express-idempotency':
+      throw new Error('express-idempotency is Express-only');
+    case 'bare':
+      break;
+  }
+  app.post('/orders', async (request, reply) => reply.code(201).send(createOrder(counters, request.body)));
+  app.post('/slow', async (request, reply) => reply.code(201).send(await createOrderSlowly(counters, request.body)));
+  return app;
+}

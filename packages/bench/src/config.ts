@@ -1,0 +1,52 @@
+/** Names shared by the runner and the server processes. */
+export type Framework = 'express' | 'fastify' | 'koa';
+export type StoreName = 'memory' | 'postgres' | 'redis' | 'redis-cluster' | 'mongodb';
+/** What sits in front of the handler: nothing, idemkit, or a library users would pick instead. */
+export type Library = 'bare' | 'idemkit' | 'express-idempotency' | 'node-idempotency';
+export type LoadPath = 'new-key' | 'replay';
+
+/** Service locations, from TEST_* variables (or scripts/services.sh). */
+export interface ServiceEnv {
+  readonly postgres?: string | undefined;
+  readonly redis?: string | undefined;
+  readonly redisCluster?: string | undefined;
+  readonly mongodb?: string | undefined;
+}
+
+/** What one server process runs; passed to it as JSON in BENCH_SERVER. */
+export interface ServerSpec {
+  readonly framework: Framework;
+  readonly library: Library;
+  /** The store behind the library (`memory` for bare, where it is unused). */
+  readonly store: StoreName;
+  readonly runId: string;
+  readonly env: ServiceEnv;
+}
+
+/** What GET /__stats answers: counters of the server process. */
+export interface ServerStats {
+  /** POST requests that reached the app (covered or not). */
+  readonly requests: number;
+  /** Times the /orders handler ran. */
+  readonly runs: number;
+  /** Times the slow (50 ms) handler of the race check ran. */
+  readonly slowRuns: number;
+  /** Store round trips so far (0 for the memory store and for bare servers). */
+  readonly roundTrips: number;
+}
+
+export function envFromProcess(env: NodeJS.ProcessEnv = process.env): ServiceEnv {
+  return {
+    postgres: env['TEST_POSTGRES_URL'] || undefined,
+    redis: env['TEST_REDIS_URL'] || undefined,
+    redisCluster: env['TEST_REDIS_CLUSTER_NODES'] || undefined,
+    mongodb: env['TEST_MONGODB_URL'] || undefined,
+  };
+}
+
+/** The order body every benchmarked request sends, and the handler's answer. */
+export const ORDER_BODY = JSON.stringify({ sku: 'A1', qty: 2, note: 'benchmark order' });
+export const REPLAY_KEY = 'bench-replay-key-0001';
+export const SLOW_HANDLER_MS = 50;
+/** Stored responses need not outlive a run; the cleanup removes them anyway. */
+export const BENCH_TTL_MS = 600_000;

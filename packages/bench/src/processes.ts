@@ -1,0 +1,59 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import type { ServerSpec, ServerStats } from './config.js';
+
+const SERVER_JS = fileURLToPath(new URL('./server.js', import.meta.url));
+
+export interface RunningServer {
+  readonly spec: ServerSpec;
+  readonly url: string;
+  readonly pid: number;
+  stats(): Promise<ServerStats>;
+  /** SIGTERM, then waits for the exit (the server cleans its store up first). */
+  stop(): Promise<void>;
+}
+
+/** Starts dist/server.js in its own process and waits for its `READY <port>` line. */
+export async function startServer(spec: ServerSpec, nodeArgs: readonly string[] = []): Promise<RunningServer> {
+  const child: ChildProcess = spawn(process.execPath, [...nodeArgs, SERVER_JS], {
+    env: { ...process.env, BENCH_SERVER: JSON.stringify(spec), NODE_ENV: 'production' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
+    stderr = (stderr + chunk).slice(-4000);
+  });
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const port = await new Promise<number>((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`server ${label(spec)} not ready in 30 s\n${stderr}`)), 30_000);
+    child.stdout?.setEncoding('utf8').on('data', (chunk: string) => {
+      out += chunk;
+      const match = /READY (\d+)/.exec(out);
+      if (match) {
+        clearTimeout(timer);
+        resolve(Number(match[1]));
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`server ${label(spec)} exited (${code}) before it was ready\n${stderr}`));
+    });
+  });
+  const url = `http://127.0.0.1:${port}`;
+  return {
+    spec,
+    url,
+    pid: child.pid ?? -1,
+    stats: async () => (await (await fetch(`${url}/__stats`)).json()) as ServerStats,
+    stop: async () => {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      const code = await exited;
+      if (code !== 0 && code !== null) throw new Error(`server ${label(spec)} exited with ${code}\n${stderr}`);
+    },
+  };
+}
+
+export function label(spec: Pick<ServerSpec, 'framework' | 'library' | 'store'>): string {
+  return spec.library === 'bare' ? `${spec.framework}/bare` : `${spec.framework}/${spec.library}/${spec.store}`;
+}

@@ -1,0 +1,82 @@
+// One benchmarked server per process (the load generator runs in another one): framework +
+// library + store from the JSON in BENCH_SERVER. Prints `READY <port>` once it listens on
+// 127.0.0.1; on SIGTERM closes, removes what it stored and exits 0 (so --cpu-prof is written).
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { expressApp } from './apps/express-app.js';
+import { fastifyApp } from './apps/fastify-app.js';
+import { koaApp } from './apps/koa-app.js';
+import type { AppContext, Counters, LibrarySetup } from './apps/context.js';
+import { BENCH_TTL_MS, type ServerSpec } from './config.js';
+import { nodeIdempotency } from './peers/node-idempotency.js';
+import { openStore } from './stores.js';
+
+const spec = JSON.parse(process.env['BENCH_SERVER'] ?? 'null') as ServerSpec | null;
+if (!spec) throw new Error('BENCH_SERVER (JSON) is not set: start this through the bench runner');
+
+let library: LibrarySetup = { kind: 'bare' };
+let roundTrips = (): number => 0;
+let closeLibrary = async (): Promise<void> => undefined;
+switch (spec.library) {
+  case 'idemkit': {
+    const counted = await openStore(spec.store, spec.env, spec.runId);
+    library = { kind: 'idemkit', store: counted.store, ttlMs: BENCH_TTL_MS };
+    roundTrips = counted.roundTrips;
+    closeLibrary = counted.close;
+    break;
+  }
+  case 'node-idempotency': {
+    const setup = await nodeIdempotency(spec.store, spec.env, spec.runId);
+    library = { kind: 'node-idempotency', idempotency: setup.idempotency };
+    roundTrips = setup.roundTrips;
+    closeLibrary = setup.close;
+    break;
+  }
+  case 'express-idempotency':
+    library = { kind: 'express-idempotency' };
+    break;
+  case 'bare':
+    break;
+}
+
+const counters: Counters = { requests: 0, runs: 0, slowRuns: 0 };
+const context: AppContext = { library, counters, stats: () => ({ ...counters, roundTrips: roundTrips() }) };
+
+let server: Server;
+let closeApp = async (): Promise<void> => undefined;
+switch (spec.framework) {
+  case 'express':
+    server = createServer(expressApp(context));
+    break;
+  case 'koa':
+    server = createServer(koaApp(context).callback());
+    break;
+  case 'fastify': {
+    const app = await fastifyApp(context);
+    await app.ready();
+    server = app.server;
+    closeApp = () => app.close();
+    break;
+  }
+}
+server.keepAliveTimeout = 30_000;
+await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+process.stdout.write(`READY ${(server.address() as AddressInfo).port}\n`);
+
+let stopping = false;
+async function stop(): Promise<void> {
+  if (stopping) return;
+  stopping = true;
+  server.closeAllConnections();
+  await Promise.race([
+    (async () => {
+      if (spec?.framework === 'fastify') await closeApp();
+      else await new Promise((resolve) => server.close(resolve));
+      await closeLibrary();
+    })(),
+    new Promise((resolve) => setTimeout(resolve, 10_000).unref()),
+  ]);
+  process.exit(0);
+}
+process.on('SIGTERM', () => void stop());
+process.on('SIGINT', () => void stop());

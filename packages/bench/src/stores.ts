@@ -1,0 +1,140 @@
+import { createMemoryStore, type IdempotencyStore } from '@idemkit/core';
+import { createMongoStore } from '@idemkit/mongodb';
+import { createPostgresStore } from '@idemkit/postgres';
+import { createRedisStore } from '@idemkit/redis';
+import { Cluster, Redis } from 'ioredis';
+import { MongoClient } from 'mongodb';
+import pg from 'pg';
+import type { ServiceEnv, StoreName } from './config.js';
+
+/** A store plus a count of the round trips its driver made, as the driver saw them. */
+export interface CountedStore {
+  readonly store: IdempotencyStore;
+  /** Round trips (statements, commands) sent since the store was opened. */
+  roundTrips(): number;
+  /** Closes the store and the client it was given, and removes what the run wrote. */
+  close(): Promise<void>;
+}
+
+/** Every Redis command ioredis sends, EVALSHA retries as EVAL included, goes through sendCommand. */
+function countCommands(client: Redis | Cluster): () => number {
+  let count = 0;
+  const send = client.sendCommand.bind(client) as (...args: unknown[]) => unknown;
+  (client as unknown as { sendCommand: (...args: unknown[]) => unknown }).sendCommand = (...args: unknown[]) => {
+    count++;
+    return send(...args);
+  };
+  return () => count;
+}
+
+/** Deletes a run's keys (SCAN + UNLINK) so a bench leaves nothing in a shared Redis. */
+export async function deleteRedisPrefix(client: Redis, prefix: string): Promise<number> {
+  let cursor = '0';
+  let deleted = 0;
+  do {
+    const [next, keys] = await client.scan(cursor, 'MATCH', `${prefix}*`, 'COUNT', 1000);
+    cursor = next;
+    if (keys.length > 0) deleted += await client.unlink(...keys);
+  } while (cursor !== '0');
+  return deleted;
+}
+
+export function clusterNodes(list: string): Array<{ host: string; port: number }> {
+  return list.split(',').map((entry) => {
+    const [host = '127.0.0.1', port = '6379'] = entry.trim().split(':');
+    return { host, port: Number(port) };
+  });
+}
+
+/**
+ * Opens one of the benchmarked stores the way a user would, with its driver instrumented to
+ * count round trips. `runId` keeps this run's schema, key prefix or database apart from others.
+ */
+export async function openStore(name: StoreName, env: ServiceEnv, runId: string, poolSize = 32): Promise<CountedStore> {
+  switch (name) {
+    case 'memory':
+      return { store: createMemoryStore(), roundTrips: () => 0, close: async () => undefined };
+    case 'postgres': {
+      const url = required(env.postgres, 'TEST_POSTGRES_URL');
+      let statements = 0;
+      const pool = new pg.Pool({ connectionString: url, max: poolSize });
+      // Each statement a client sends is one round trip (the store never pipelines).
+      pool.on('connect', (client) => {
+        const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+        (client as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+          statements++;
+          return query(...args);
+        };
+      });
+      const schema = `idemkit_bench_${runId}`;
+      const store = createPostgresStore({ pool, schema });
+      await store.migrate();
+      return {
+        store,
+        roundTrips: () => statements,
+        close: async () => {
+          await store.close();
+          await pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+          await pool.end();
+        },
+      };
+    }
+    case 'redis': {
+      const client = new Redis(required(env.redis, 'TEST_REDIS_URL'));
+      const prefix = `idemkit-bench:${runId}:`;
+      const store = createRedisStore({ client, prefix });
+      const roundTrips = countCommands(client);
+      return {
+        store,
+        roundTrips,
+        close: async () => {
+          await store.close();
+          await deleteRedisPrefix(client, prefix);
+          await client.quit();
+        },
+      };
+    }
+    case 'redis-cluster': {
+      const cluster = new Cluster(clusterNodes(required(env.redisCluster, 'TEST_REDIS_CLUSTER_NODES')));
+      await cluster.ping(); // slot map loaded before counting starts
+      const prefix = `idemkit-bench:${runId}:`;
+      const store = createRedisStore({ client: cluster, prefix });
+      const roundTrips = countCommands(cluster);
+      return {
+        store,
+        roundTrips,
+        close: async () => {
+          await store.close();
+          await Promise.all(cluster.nodes('master').map((node) => deleteRedisPrefix(node, prefix)));
+          await cluster.quit();
+        },
+      };
+    }
+    case 'mongodb': {
+      // Command monitoring reports every command the driver sends, one round trip each.
+      const client = new MongoClient(required(env.mongodb, 'TEST_MONGODB_URL'), { monitorCommands: true, maxPoolSize: poolSize });
+      let commands = 0;
+      client.on('commandStarted', () => {
+        commands++;
+      });
+      await client.connect();
+      const db = client.db(`idemkit_bench_${runId}`);
+      const store = createMongoStore({ db, logger: false });
+      await store.ensureIndexes();
+      return {
+        store,
+        roundTrips: () => commands,
+        close: async () => {
+          await store.close();
+          await db.dropDatabase();
+          await client.close();
+        },
+      };
+    }
+  }
+}
+
+function required(value: string | undefined, name: string): string {
+  if (!value) throw new Error(`${name} is not set: the bench needs this service (see scripts/services.sh).`);
+  return value;
+}

@@ -1,0 +1,56 @@
+import type { HttpRow } from './results.js';
+import type { RaceResult } from './race.js';
+import type { StoreBenchResult } from './store-bench.js';
+
+const int = (n: number): string => Math.round(n).toLocaleString('en-US');
+const ms = (n: number): string => (n >= 10 ? n.toFixed(0) : n.toFixed(1));
+
+export function raceCell(race: RaceResult | null): string {
+  if (race === null) return '–';
+  const verdict = race.handlerRuns === 1 ? 'once' : `**${race.handlerRuns}×**`;
+  const statuses = Object.entries(race.statuses)
+    .sort(([a], [b]) => a.localeCompare(b))
+    .map(([status, count]) => `${count}×${status}`)
+    .join(' ');
+  return `${verdict} (${statuses})`;
+}
+
+/** Markdown table of the HTTP runs (it reads as plain text in a terminal too). */
+export function httpTable(rows: readonly HttpRow[]): string {
+  const head = ['framework', 'library', 'store', 'path', 'req/s', 'p50 ms', 'p99 ms', '× bare', 'RT/req', 'race: handler ran'];
+  const lines = rows.map((row) => [
+    row.framework,
+    row.library,
+    row.store ?? '–',
+    row.path,
+    int(row.rps),
+    ms(row.p50),
+    ms(row.p99),
+    row.ratio === null ? '1.00' : row.ratio.toFixed(2),
+    row.roundTripsPerRequest === null ? '–' : row.roundTripsPerRequest.toFixed(2),
+    raceCell(row.race),
+  ]);
+  return markdown(head, lines, [4, 5, 6, 7, 8]);
+}
+
+export function storeTable(results: readonly StoreBenchResult[]): string {
+  const head = ['store', 'begin+complete /s', 'pair p50 ms', 'pair p99 ms', 'RT per pair', 'replay begins /s', 'RT per replay'];
+  const lines = results.map((r) => [
+    r.store,
+    int(r.pairsPerSec),
+    ms(r.pairP50),
+    ms(r.pairP99),
+    r.roundTripsPerPair.toFixed(2),
+    int(r.replaysPerSec),
+    r.roundTripsPerReplay.toFixed(2),
+  ]);
+  return markdown(head, lines, [1, 2, 3, 4, 5, 6]);
+}
+
+export function markdown(head: readonly string[], rows: readonly (readonly string[])[], rightAligned: readonly number[] = []): string {
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((row) => (row[i] ?? '').length)));
+  const cell = (text: string, i: number): string => (rightAligned.includes(i) ? text.padStart(widths[i] ?? 0) : text.padEnd(widths[i] ?? 0));
+  const line = (cells: readonly string[]): string => `| ${cells.map(cell).join(' | ')} |`;
+  const rule = `|${widths.map((w, i) => (rightAligned.includes(i) ? `${'-'.repeat(w + 1)}:` : '-'.repeat(w + 2))).join('|')}|`;
+  return [line(head), rule, ...rows.map(line)].join('\n');
+}
