@@ -68,7 +68,8 @@ export function toRecord(doc: IdempotencyDocument): IdempotencyRecord {
  * Claims live in their own collection (`<records>_claims`) and expire by `expiresAt`.
  */
 export interface ClaimDocument {
-  _id: ClaimId;
+  /** `JSON.stringify([k, t, e, g])` of the ClaimId: a string, so FerretDB finds it by index. */
+  _id: string;
   expiresAt: Date;
 }
 

@@ -40,6 +40,10 @@ export function takeoverClaim(record: IdempotencyDocument, now: number): ClaimId
   return { k: record._id, t: token, e: token === null ? expiresAt : null, g };
 }
 
+function claimKey(id: ClaimId): string {
+  return JSON.stringify([id.k, id.t, id.e === null ? null : id.e.getTime(), id.g]);
+}
+
 /** Claims in their own collection, so purge counts and user queries see records only. */
 export class Claims {
   constructor(readonly collection: Collection<ClaimDocument>) {}
@@ -47,7 +51,7 @@ export class Claims {
   /** True if this caller now owns the claim; false if another writer already took it. */
   async take(id: ClaimId, now: number): Promise<boolean> {
     try {
-      await this.collection.insertOne({ _id: id, expiresAt: new Date(now + 2 * CLAIM_WINDOW_MS) });
+      await this.collection.insertOne({ _id: claimKey(id), expiresAt: new Date(now + 2 * CLAIM_WINDOW_MS) });
       return true;
     } catch (error) {
       if (isDuplicateKey(error)) return false;
@@ -57,7 +61,7 @@ export class Claims {
 
   /** Give a claim back after a write that did not happen, so the next writer need not wait. */
   async drop(id: ClaimId): Promise<void> {
-    await this.collection.deleteOne({ _id: { $eq: id } });
+    await this.collection.deleteOne({ _id: claimKey(id) });
   }
 
   /** Take many claims in one round trip; returns the ids this caller now owns. */
@@ -66,7 +70,7 @@ export class Claims {
     const expiresAt = new Date(now + 2 * CLAIM_WINDOW_MS);
     try {
       await this.collection.insertMany(
-        ids.map((id) => ({ _id: id, expiresAt })),
+        ids.map((id) => ({ _id: claimKey(id), expiresAt })),
         { ordered: false },
       );
       return ids;

@@ -35,9 +35,19 @@ function backoff(attempt: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, Math.min(50, 2 ** attempt)));
 }
 
+/**
+ * Keys and tokens go into filters as plain string values, which MongoDB only ever compares for
+ * equality (`{ _id: '{"$gt":""}' }` matches that literal string). Only a non-string from an
+ * untyped caller could be an operator object, so that is refused. (Plain values rather than
+ * `{ $eq: key }` on `_id`: FerretDB v1 pushes only plain `_id` equality down to its index, and
+ * scans the whole collection otherwise.)
+ */
 function assertKey(key: string): void {
-  // Keys go into queries as values; a non-string from an untyped caller could be an operator object.
   if (typeof key !== 'string') throw new TypeError('[idemkit] [mongodb] key must be a string');
+}
+
+function assertToken(token: LeaseToken): void {
+  if (typeof token !== 'string') throw new TypeError('[idemkit] [mongodb] token must be a string');
 }
 
 function newToken(): LeaseToken {
@@ -46,12 +56,12 @@ function newToken(): LeaseToken {
 
 /** Only a holder whose lease is still running may act; a lapsed lease belongs to whoever takes over. */
 function held(key: string, token: LeaseToken, now: number): Filter<IdempotencyDocument> {
-  return { _id: { $eq: key }, token: { $eq: token }, state: 'in_progress', expiresAt: { $gt: new Date(now) } };
+  return { _id: key, token: { $eq: token }, state: 'in_progress', expiresAt: { $gt: new Date(now) } };
 }
 
 /** Exactly the version of the record a taker saw (FerretDB drops null fields on insert, hence `?? null`). */
 function sameVersion(doc: IdempotencyDocument): Filter<IdempotencyDocument> {
-  return { _id: { $eq: doc._id }, token: { $eq: doc.token ?? null }, expiresAt: { $eq: doc.expiresAt } };
+  return { _id: doc._id, token: { $eq: doc.token ?? null }, expiresAt: { $eq: doc.expiresAt } };
 }
 
 class MongoIdempotencyStore implements MongoStore {
@@ -113,7 +123,7 @@ class MongoIdempotencyStore implements MongoStore {
         // One round trip for both common cases: a new key is inserted ($setOnInsert), an existing
         // one comes back untouched ('before' document). The unique _id makes the insert atomic.
         before = await this.collection.findOneAndUpdate(
-          { _id: { $eq: key } },
+          { _id: key },
           { $setOnInsert: fresh },
           { upsert: true, returnDocument: 'before' },
         );
@@ -149,44 +159,57 @@ class MongoIdempotencyStore implements MongoStore {
       const result = await this.collection.updateOne(sameVersion(before), { $set: fresh });
       return result.matchedCount === 1;
     }
+    // The claim excludes every other writer of this version (holders, takers, purges), so the
+    // check and the write below need not be one atomic step; both go by `_id` alone, which
+    // FerretDB looks up by index (any other filter makes it scan the collection).
     const claim = takeoverClaim(before, now);
     if (!(await this.#claims.take(claim, now))) return false;
-    const result = await this.collection.updateOne(sameVersion(before), { $set: fresh });
-    if (result.matchedCount === 1) return true;
+    const current = await this.collection.findOne({ _id: before._id });
+    const unchanged =
+      current !== null &&
+      (current.token ?? null) === (before.token ?? null) &&
+      current.expiresAt.getTime() === before.expiresAt.getTime();
+    if (unchanged && (await this.collection.updateOne({ _id: before._id }, { $set: fresh })).matchedCount === 1) return true;
     await this.#claims.drop(claim);
     return false;
   }
 
   /**
-   * Run a holder's conditional write. Native: the write alone. Claims: one write per lease in this
-   * process at a time, behind the holder's claim (which excludes takers of the same lease).
+   * Run a holder's conditional write. Native: one atomic update whose filter is the condition.
+   * Claims: behind the holder's claim (which excludes takers and purges of this lease) and one
+   * write per lease in this process at a time: read by `_id`, check the lease here, write by `_id`.
    * `keepClaim`: the write ends the lease (complete, release), so its claim stays until it expires.
    */
   async #asHolder(
     key: string,
     token: LeaseToken,
     keepClaim: boolean,
-    write: (now: number) => Promise<boolean>,
+    write: (filter: Filter<IdempotencyDocument>, now: number) => Promise<boolean>,
   ): Promise<boolean> {
     assertKey(key);
+    assertToken(token);
     const [now, fencing] = await this.#prepare();
-    if (fencing === 'native') return write(now);
+    if (fencing === 'native') return write(held(key, token, now), now);
     return this.#queue.run(key, token, async () => {
       const now = await this.#clock.now();
       const claim = holderClaim(key, token);
       if (!(await this.#claims.take(claim, now))) return false;
-      const done = await write(now).catch(async (error: unknown) => {
-        await this.#claims.drop(claim).catch(() => undefined);
-        throw error;
-      });
-      if (!done || !keepClaim) await this.#claims.drop(claim);
+      let done = false;
+      try {
+        const doc = await this.collection.findOne({ _id: key });
+        const holds =
+          doc !== null && doc.token === token && doc.state === 'in_progress' && doc.expiresAt.getTime() > now;
+        done = holds && (await write({ _id: key }, now));
+      } finally {
+        if (!done || !keepClaim) await this.#claims.drop(claim);
+      }
       return done;
     });
   }
 
   complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
-    return this.#asHolder(key, token, true, async (now) => {
-      const result = await this.collection.updateOne(held(key, token, now), {
+    return this.#asHolder(key, token, true, async (filter, now) => {
+      const result = await this.collection.updateOne(filter, {
         $set: {
           state: 'completed',
           token: null,
@@ -200,18 +223,16 @@ class MongoIdempotencyStore implements MongoStore {
   }
 
   release(key: string, token: LeaseToken): Promise<boolean> {
-    return this.#asHolder(key, token, true, async (now) => {
-      const result = await this.collection.deleteOne(held(key, token, now));
+    return this.#asHolder(key, token, true, async (filter) => {
+      const result = await this.collection.deleteOne(filter);
       return result.deletedCount === 1;
     });
   }
 
   renew(key: string, token: LeaseToken, leaseMs: number): Promise<boolean> {
-    return this.#asHolder(key, token, false, async (now) => {
+    return this.#asHolder(key, token, false, async (filter, now) => {
       const until = new Date(now + leaseMs);
-      const result = await this.collection.updateOne(held(key, token, now), {
-        $set: { leaseExpiresAt: until, expiresAt: until },
-      });
+      const result = await this.collection.updateOne(filter, { $set: { leaseExpiresAt: until, expiresAt: until } });
       return result.matchedCount === 1;
     });
   }
@@ -220,7 +241,7 @@ class MongoIdempotencyStore implements MongoStore {
     assertKey(key);
     const now = await this.#clock.now();
     // Filter on expiry in the query: the TTL monitor runs only every 60 s (and not at all on FerretDB).
-    const doc = await this.collection.findOne({ _id: { $eq: key }, expiresAt: { $gt: new Date(now) } });
+    const doc = await this.collection.findOne({ _id: key, expiresAt: { $gt: new Date(now) } });
     return doc === null ? undefined : toRecord(doc);
   }
 

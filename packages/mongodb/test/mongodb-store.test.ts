@@ -148,6 +148,8 @@ describe('keys are plain strings, never operators', () => {
     const operator = { $gt: '' } as unknown as string;
     await expect(store.get(operator)).rejects.toThrow(TypeError);
     await expect(store.begin(operator, null, 1_000)).rejects.toThrow(TypeError);
+    await expect(store.complete('k', operator as LeaseToken, response(new Uint8Array()), 1_000)).rejects.toThrow(TypeError);
+    await expect(store.release('k', { $ne: null } as unknown as LeaseToken)).rejects.toThrow(TypeError);
   });
 });
 
@@ -244,9 +246,9 @@ describe('round trips per operation', () => {
     expect(c1).toEqual(['findAndModify']);
     if (begun.kind !== 'acquired') throw new Error('expected acquired');
     const [, c2] = await count(() => store.renew(k, begun.token, 30_000));
-    expect(c2).toEqual(['insert', 'update', 'delete']);
+    expect(c2).toEqual(['insert', 'find', 'update', 'delete']);
     const [, c3] = await count(() => store.complete(k, begun.token, response(new Uint8Array([1])), 60_000));
-    expect(c3).toEqual(['insert', 'update']);
+    expect(c3).toEqual(['insert', 'find', 'update']);
     const [, c4] = await count(() => store.begin(k, 'fp', 30_000));
     expect(c4).toEqual(['findAndModify']);
   });
