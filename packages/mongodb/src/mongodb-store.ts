@@ -276,8 +276,11 @@ class MongoIdempotencyStore implements MongoStore {
     const warn = logger === false || this.#warned ? undefined : logger;
     const outcome = await createIndexes(this.collection, warn);
     if (outcome === 'no-ttl') this.#warned = true;
-    // Claims need no warning of their own: purgeExpired removes expired ones too.
-    await createIndexes(this.claimsCollection as unknown as Collection<IdempotencyDocument>, undefined);
+    // Claims exist only with claims fencing; they need no warning of their own (purgeExpired
+    // removes expired ones too).
+    if ((await this.fencing()) === 'claims') {
+      await createIndexes(this.claimsCollection as unknown as Collection<IdempotencyDocument>, undefined);
+    }
     return outcome;
   }
 
