@@ -116,6 +116,40 @@ describe('atomic begin', () => {
   });
 });
 
+describe("native fencing's conditional writes (run one at a time, so any server can check them)", () => {
+  it('complete, renew, release and takeover obey token, state and lease end', async () => {
+    const store = createMongoStore({ db: t.db, collectionName: 'native', fencing: 'native' });
+    expect(await store.fencing()).toBe('native');
+    const k = key('native');
+    const first = await store.begin(k, 'fp', 30_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    const wrong = 'not-the-token' as LeaseToken;
+    expect(await store.renew(k, wrong, 60_000)).toBe(false);
+    expect(await store.complete(k, wrong, response(new Uint8Array([1])), 60_000)).toBe(false);
+    expect(await store.release(k, wrong)).toBe(false);
+    expect(await store.renew(k, first.token, 60_000)).toBe(true);
+    expect(await store.release(k, first.token)).toBe(true);
+    expect(await store.get(k)).toBeUndefined();
+
+    const second = await store.begin(k, 'fp', 50);
+    if (second.kind !== 'acquired') throw new Error('expected acquired');
+    expect(second.tookOver).toBe(false);
+    await vi.waitFor(async () => expect(await store.get(k)).toBeUndefined(), { interval: 10 });
+    expect(await store.renew(k, second.token, 60_000)).toBe(false);
+    const third = await store.begin(k, 'fp', 30_000);
+    expect(third).toMatchObject({ kind: 'acquired', tookOver: true });
+    if (third.kind !== 'acquired') throw new Error('expected acquired');
+    expect(await store.complete(k, second.token, response(new Uint8Array([2])), 60_000)).toBe(false);
+    expect(await store.complete(k, third.token, response(new Uint8Array([3])), 60_000)).toBe(true);
+    expect(await store.complete(k, third.token, response(new Uint8Array([4])), 60_000)).toBe(false);
+    expect(await store.release(k, third.token)).toBe(false);
+    const replay = await store.begin(k, 'fp', 30_000);
+    expect(replay.kind === 'existing' && replay.record.response?.body).toEqual(new Uint8Array([3]));
+    expect(replay).toMatchObject({ kind: 'existing', leaseRemainingMs: 0 });
+    expect(await store.claimsCollection.countDocuments({})).toBe(0);
+  });
+});
+
 describe('keys are plain strings, never operators', () => {
   const tricky = ['{"$gt":""}', '$where', 'a.b', '$', '$ne', '{"$ne":null}', 'this.a == 1', '.', '$$NOW', 'x\u00e9'];
   it.each(tricky)('%s is stored and matched literally', async (raw) => {
