@@ -30,10 +30,10 @@ export function toStoredHeaders(headers: Readonly<Record<string, OutgoingHeaderV
 }
 
 /**
- * Headers to send with a replay, grouped for `res.setHeader(name, value | values)`: the stored
- * ones, `content-length` of the stored body and `Idempotent-Replayed: true`.
+ * A stored response's headers grouped for `res.setHeader(name, value | values)`, with the
+ * `content-length` of the stored body. Bindings use it to write problems and replays alike.
  */
-export function replayHeaders(response: StoredResponse): Map<string, string | string[]> {
+export function responseHeaders(response: StoredResponse): Map<string, string | string[]> {
   const grouped = new Map<string, string | string[]>();
   for (const [name, value] of response.headers) {
     const prev = grouped.get(name);
@@ -42,6 +42,10 @@ export function replayHeaders(response: StoredResponse): Map<string, string | st
     else grouped.set(name, [prev, value]);
   }
   grouped.set('content-length', String(response.body.byteLength));
-  grouped.set(REPLAYED_HEADER, 'true');
   return grouped;
+}
+
+/** Headers to send with a replay: `responseHeaders` plus `Idempotent-Replayed: true`. */
+export function replayHeaders(response: StoredResponse): Map<string, string | string[]> {
+  return responseHeaders(response).set(REPLAYED_HEADER, 'true');
 }

@@ -1,4 +1,4 @@
-import { problemResponse, replayHeaders, type IdempotencyError, type StoredResponse } from '@idemkit/core';
+import { problemResponse, replayHeaders, responseHeaders, type IdempotencyError, type StoredResponse } from '@idemkit/core';
 import type { Response } from 'express';
 
 /** A stored response, exactly: status, its headers (plus content-length and Idempotent-Replayed), the bytes. */
@@ -9,9 +9,7 @@ export function writeReplay(res: Response, response: StoredResponse): void {
 /** The core's problem bytes, so every binding answers byte-identical problems. */
 export function writeProblem(res: Response, error: IdempotencyError): void {
   const problem = problemResponse(error);
-  const headers = new Map<string, string | string[]>(problem.headers);
-  headers.set('content-length', String(problem.body.byteLength));
-  writeRaw(res, problem.status, headers, problem.body);
+  writeRaw(res, problem.status, responseHeaders(problem), problem.body);
 }
 
 /**

@@ -4,6 +4,7 @@ import {
   createIdempotencyEngine,
   problemResponse,
   replayHeaders,
+  responseHeaders,
   toStoredHeaders,
   type IdempotencyContext,
   type IdempotencyError,
@@ -14,7 +15,7 @@ import {
 import type { Context, Middleware, Next } from 'koa';
 import { captureResponse } from './capture.js';
 import type { KoaIdempotencyOptions } from './options.js';
-import { groupHeaders, sendStored } from './send.js';
+import { sendStored } from './send.js';
 
 declare module 'koa' {
   interface DefaultState {
@@ -58,7 +59,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
   const answerProblem = async (ctx: Context, error: IdempotencyError): Promise<void> => {
     if (onProblem) return onProblem(ctx, error);
     const response = problemResponse(error);
-    sendStored(ctx, response, groupHeaders(response));
+    sendStored(ctx, response, responseHeaders(response));
   };
 
   return async function idempotencyMiddleware(ctx: Context, next: Next): Promise<void> {

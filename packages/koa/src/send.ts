@@ -18,16 +18,3 @@ export function sendStored(ctx: Context, response: StoredResponse, headers: Read
   if (!headers.has('content-type')) ctx.remove('Content-Type');
   for (const [name, value] of headers) ctx.set(name, value);
 }
-
-/** Group stored header pairs for `ctx.set` and add the length of the body. */
-export function groupHeaders(response: StoredResponse): Map<string, string | string[]> {
-  const grouped = new Map<string, string | string[]>();
-  for (const [name, value] of response.headers) {
-    const prev = grouped.get(name);
-    if (prev === undefined) grouped.set(name, value);
-    else if (Array.isArray(prev)) prev.push(value);
-    else grouped.set(name, [prev, value]);
-  }
-  grouped.set('content-length', String(response.body.byteLength));
-  return grouped;
-}
