@@ -23,6 +23,17 @@ bash scripts/services.sh up "$RESULTS/services.env"
 # shellcheck source=/dev/null
 source "$RESULTS/services.env"
 
+# The demo's browser test drives Debian's Chromium (no browser download is possible here). Install
+# it when missing and we can (root with apt-get, as on this project's machines); otherwise the
+# browser test fails and says how to provide it.
+if [[ -z "${CHROMIUM_PATH:-}" ]] && ! command -v chromium >/dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian chromium for the browser test"
+    apt-get update -qq </dev/null >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium </dev/null >/dev/null
+  fi
+fi
+
 if [[ "${IDEMKIT_TEST_SKIP_BUILD:-}" != 1 ]]; then
   pnpm turbo run build --output-logs=errors-only
 fi
