@@ -1,0 +1,11 @@
+import Fastify from 'fastify';
+import fastifyIdempotency from '@idemkit/fastify';
+import { createMemoryStore } from '@idemkit/core';
+const app = Fastify({ bodyLimit: 100 * 1024 });
+app.setErrorHandler((err, _req, reply) => { console.log('errorHandler', err.name, err.message); reply.code(500).send({ x: 1 }); });
+if (process.argv[2] !== 'noplugin') await app.register(fastifyIdempotency, { store: createMemoryStore() });
+app.post('/orders', async () => ({ ok: 1 }));
+const body = '['.repeat(50000) + ']'.repeat(50000);
+const r = await app.inject({ method: 'POST', url: '/orders', headers: { 'content-type': 'application/json', 'idempotency-key': 'k' }, payload: body });
+console.log(r.statusCode, r.body.slice(0, 200));
+await app.close();
