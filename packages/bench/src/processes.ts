@@ -2,7 +2,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import type { ServerSpec, ServerStats } from './config.js';
 
-const SERVER_JS = fileURLToPath(new URL('./server.js', import.meta.url));
+// Built next to this file; under vitest (src/*.ts) the built copy in dist/ is the one to run.
+const SERVER_JS = fileURLToPath(new URL(import.meta.url.endsWith('.ts') ? '../dist/server.js' : './server.js', import.meta.url));
 
 export interface RunningServer {
   readonly spec: ServerSpec;

@@ -3,13 +3,10 @@
 // 127.0.0.1; on SIGTERM closes, removes what it stored and exits 0 (so --cpu-prof is written).
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { expressApp } from './apps/express-app.js';
-import { fastifyApp } from './apps/fastify-app.js';
-import { koaApp } from './apps/koa-app.js';
 import type { AppContext, Counters, LibrarySetup } from './apps/context.js';
 import { BENCH_TTL_MS, type ServerSpec } from './config.js';
-import { nodeIdempotency } from './peers/node-idempotency.js';
 import { openStore } from './stores.js';
+// Frameworks and peers load on demand: a server holds only its own code (cleaner profiles).
 
 const spec = JSON.parse(process.env['BENCH_SERVER'] ?? 'null') as ServerSpec | null;
 if (!spec) throw new Error('BENCH_SERVER (JSON) is not set: start this through the bench runner');
@@ -26,6 +23,7 @@ switch (spec.library) {
     break;
   }
   case 'node-idempotency': {
+    const { nodeIdempotency } = await import('./peers/node-idempotency.js');
     const setup = await nodeIdempotency(spec.store, spec.env, spec.runId);
     library = { kind: 'node-idempotency', idempotency: setup.idempotency };
     roundTrips = setup.roundTrips;
@@ -45,13 +43,18 @@ const context: AppContext = { library, counters, stats: () => ({ ...counters, ro
 let server: Server;
 let closeApp = async (): Promise<void> => undefined;
 switch (spec.framework) {
-  case 'express':
+  case 'express': {
+    const { expressApp } = await import('./apps/express-app.js');
     server = createServer(expressApp(context));
     break;
-  case 'koa':
+  }
+  case 'koa': {
+    const { koaApp } = await import('./apps/koa-app.js');
     server = createServer(koaApp(context).callback());
     break;
+  }
   case 'fastify': {
+    const { fastifyApp } = await import('./apps/fastify-app.js');
     const app = await fastifyApp(context);
     await app.ready();
     server = app.server;

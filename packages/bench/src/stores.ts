@@ -1,10 +1,7 @@
-import { createMemoryStore, type IdempotencyStore } from '@idemkit/core';
-import { createMongoStore } from '@idemkit/mongodb';
-import { createPostgresStore } from '@idemkit/postgres';
-import { createRedisStore } from '@idemkit/redis';
-import { Cluster, Redis } from 'ioredis';
-import { MongoClient } from 'mongodb';
-import pg from 'pg';
+// Drivers are imported where they are used, so a server loads only its own store's code (and a
+// CPU profile of the memory store shows no module loading of pg, ioredis or mongodb).
+import type { IdempotencyStore } from '@idemkit/core';
+import type { Cluster, Redis } from 'ioredis';
 import type { ServiceEnv, StoreName } from './config.js';
 
 /** A store plus a count of the round trips its driver made, as the driver saw them. */
@@ -52,9 +49,14 @@ export function clusterNodes(list: string): Array<{ host: string; port: number }
  */
 export async function openStore(name: StoreName, env: ServiceEnv, runId: string, poolSize = 32): Promise<CountedStore> {
   switch (name) {
-    case 'memory':
-      return { store: createMemoryStore(), roundTrips: () => 0, close: async () => undefined };
+    case 'memory': {
+      const { createMemoryStore } = await import('@idemkit/core');
+      // Experiments only (see README): the default bound is what users get.
+      const maxEntries = Number(process.env['IDEMKIT_BENCH_MEMORY_MAX_ENTRIES']) || undefined;
+      return { store: createMemoryStore(maxEntries ? { maxEntries } : undefined), roundTrips: () => 0, close: async () => undefined };
+    }
     case 'postgres': {
+      const [{ default: pg }, { createPostgresStore }] = await Promise.all([import('pg'), import('@idemkit/postgres')]);
       const url = required(env.postgres, 'TEST_POSTGRES_URL');
       let statements = 0;
       const pool = new pg.Pool({ connectionString: url, max: poolSize });
@@ -80,6 +82,7 @@ export async function openStore(name: StoreName, env: ServiceEnv, runId: string,
       };
     }
     case 'redis': {
+      const [{ Redis }, { createRedisStore }] = await Promise.all([import('ioredis'), import('@idemkit/redis')]);
       const client = new Redis(required(env.redis, 'TEST_REDIS_URL'));
       const prefix = `idemkit-bench:${runId}:`;
       const store = createRedisStore({ client, prefix });
@@ -95,6 +98,7 @@ export async function openStore(name: StoreName, env: ServiceEnv, runId: string,
       };
     }
     case 'redis-cluster': {
+      const [{ Cluster }, { createRedisStore }] = await Promise.all([import('ioredis'), import('@idemkit/redis')]);
       const cluster = new Cluster(clusterNodes(required(env.redisCluster, 'TEST_REDIS_CLUSTER_NODES')));
       await cluster.ping(); // slot map loaded before counting starts
       const prefix = `idemkit-bench:${runId}:`;
@@ -111,6 +115,7 @@ export async function openStore(name: StoreName, env: ServiceEnv, runId: string,
       };
     }
     case 'mongodb': {
+      const [{ MongoClient }, { createMongoStore }] = await Promise.all([import('mongodb'), import('@idemkit/mongodb')]);
       // Command monitoring reports every command the driver sends, one round trip each.
       const client = new MongoClient(required(env.mongodb, 'TEST_MONGODB_URL'), { monitorCommands: true, maxPoolSize: poolSize });
       let commands = 0;

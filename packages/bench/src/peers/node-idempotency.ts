@@ -5,7 +5,6 @@
 import { Idempotency, IdempotencyError, IdempotencyErrorCodes, type IdempotencyParams, type IdempotencyResponse } from '@node-idempotency/core';
 import type { StorageAdapter } from '@node-idempotency/storage';
 import { MemoryStorageAdapter } from '@node-idempotency/storage-adapter-memory';
-import { RedisStorageAdapter } from '@node-idempotency/storage-adapter-redis';
 import type { NextFunction, Request, RequestHandler, Response } from 'express';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { BENCH_TTL_MS, type ServiceEnv, type StoreName } from '../config.js';
@@ -24,6 +23,7 @@ export async function nodeIdempotency(store: StoreName, env: ServiceEnv, runId: 
     adapter = new MemoryStorageAdapter();
   } else if (store === 'redis') {
     if (!env.redis) throw new Error('TEST_REDIS_URL is not set');
+    const { RedisStorageAdapter } = await import('@node-idempotency/storage-adapter-redis');
     const redis = new RedisStorageAdapter({ url: env.redis });
     await redis.connect();
     adapter = redis;
