@@ -2,7 +2,7 @@ import { defineConfig } from 'tsup';
 
 // The fixture server the tests start as child processes: ESM only, dependencies stay external.
 export default defineConfig({
-  entry: ['src/app.ts'],
+  entry: ['src/app.ts', 'src/soak.ts'],
   format: ['esm'],
   dts: false,
   clean: true,

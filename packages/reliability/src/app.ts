@@ -86,6 +86,8 @@ function line(kind: string, data: unknown): void {
   process.stdout.write(`${kind} ${JSON.stringify(data)}\n`);
 }
 
+// The soak turns this off (TRACK=0): a map growing with every key would be a leak of the fixture.
+const TRACK = env.TRACK !== '0';
 const executions = new Map<string, number>();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -98,16 +100,21 @@ interface Answer {
 async function handle(key: string | undefined, scope: string | undefined, workHeader: unknown, body: unknown): Promise<Answer> {
   const id = `ex_${randomUUID()}`;
   const label = `${scope ?? ''}|${key ?? ''}`;
-  executions.set(label, (executions.get(label) ?? 0) + 1);
+  if (TRACK) executions.set(label, (executions.get(label) ?? 0) + 1);
   line('RUN', { key, scope, id, pid: process.pid });
   const work = typeof workHeader === 'string' && /^\d+$/.test(workHeader) ? Number(workHeader) : WORK_MS;
   if (work > 0) await sleep(work);
   return { status: 201, body: { id, key, scope: scope ?? null, pid: process.pid, echo: body ?? null } };
 }
 
-function stats() {
-  return { pid: process.pid, rss: process.memoryUsage().rss, executions: Object.fromEntries(executions) };
+/** Memory after a full GC when the process runs with --expose-gc (the soak does), so growth means a leak. */
+function stats(gc: boolean) {
+  const collect = (globalThis as { gc?: () => void }).gc;
+  if (gc && collect) collect();
+  const { rss, heapUsed } = process.memoryUsage();
+  return { pid: process.pid, rss, heapUsed, executions: Object.fromEntries(executions) };
 }
+const wantsGc = (url: string | undefined) => url?.includes('gc=1') ?? false;
 
 const problemBody = (status: number, slug: string, title: string) =>
   JSON.stringify({ type: `https://idemkit.dev/reliability/problems/${slug}`, title, status });
@@ -147,7 +154,7 @@ async function startFastify(store: IdempotencyStore): Promise<Running> {
     return reply.code(status).type('application/problem+json').send(problemBody(status, err.code ?? 'error', err.message));
   });
   await app.register(fastifyIdempotency, { ...idempotencyOptions<FastifyRequest>(store), scope: (req) => userOf(req.headers) });
-  app.get('/stats', async () => stats());
+  app.get('/stats', async (req) => stats(wantsGc(req.url)));
   app.post('/orders', async (req, reply) => {
     const a = await handle(req.idempotency?.key, userOf(req.headers), req.headers['x-work-ms'], req.body);
     return reply.code(a.status).send(a.body);
@@ -159,7 +166,7 @@ async function startFastify(store: IdempotencyStore): Promise<Running> {
 async function startExpress(store: IdempotencyStore): Promise<Running> {
   const app = express();
   app.use(express.json({ limit: BODY_LIMIT }));
-  app.get('/stats', (_req, res) => void res.json(stats()));
+  app.get('/stats', (req, res) => void res.json(stats(wantsGc(req.url))));
   app.post(
     '/orders',
     expressIdempotency({ ...idempotencyOptions<Request>(store), scope: (req) => userOf(req.headers) }),
@@ -196,7 +203,7 @@ async function startKoa(store: IdempotencyStore): Promise<Running> {
   });
   app.use(bodyParser({ enableTypes: ['json'], jsonLimit: `${BODY_LIMIT}b` }));
   const guard = koaIdempotency({ ...idempotencyOptions<Koa.Context>(store), scope: (ctx) => userOf(ctx.headers) });
-  router.get('/stats', (ctx) => { ctx.body = stats(); });
+  router.get('/stats', (ctx) => { ctx.body = stats(wantsGc(ctx.url)); });
   router.post('/orders', guard, async (ctx) => {
     const a = await handle(ctx.state.idempotency?.key, userOf(ctx.headers), ctx.headers['x-work-ms'], ctx.request.body);
     ctx.status = a.status;

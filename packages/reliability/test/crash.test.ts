@@ -6,9 +6,9 @@
  */
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { post } from './support/http.js';
-import { countRecords, dropNamespace, location, type StoreKind } from './support/records.js';
-import { namespace, serviceUrl } from './support/services.js';
-import { APP, ProcessPool, type ServerProcess } from './support/spawn.js';
+import { countRecords, dropNamespace, location, type StoreKind } from '../src/records.js';
+import { namespace, serviceUrl } from '../src/services.js';
+import { APP, ProcessPool, type ServerProcess } from '../src/spawn.js';
 
 const LEASE_MS = 2_000;
 const pool = new ProcessPool();

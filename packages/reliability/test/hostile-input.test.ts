@@ -8,9 +8,9 @@ import { Redis } from 'ioredis';
 import { MongoClient } from 'mongodb';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { post, postHead, rawRequest, type RawAnswer } from './support/http.js';
-import { countRecords, dropNamespace, location, type StoreKind } from './support/records.js';
-import { namespace, serviceUrl } from './support/services.js';
-import { DEMO, ProcessPool, type ServerProcess } from './support/spawn.js';
+import { countRecords, dropNamespace, location, type StoreKind } from '../src/records.js';
+import { namespace, serviceUrl } from '../src/services.js';
+import { DEMO, ProcessPool, type ServerProcess } from '../src/spawn.js';
 
 const FRAMEWORKS = ['fastify', 'express', 'koa'] as const;
 const REAL: Array<[StoreKind, string]> = [['postgres', 'DATABASE_URL'], ['redis', 'REDIS_URL'], ['mongodb', 'MONGODB_URL']];

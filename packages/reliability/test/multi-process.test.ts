@@ -5,9 +5,9 @@
  */
 import { createIdempotentFetch } from '@idemkit/client';
 import { afterAll, describe, expect, it } from 'vitest';
-import { countRecords, dropNamespace, location, type StoreKind } from './support/records.js';
-import { namespace, serviceUrl } from './support/services.js';
-import { DEMO, ProcessPool } from './support/spawn.js';
+import { countRecords, dropNamespace, location, type StoreKind } from '../src/records.js';
+import { namespace, serviceUrl } from '../src/services.js';
+import { DEMO, ProcessPool } from '../src/spawn.js';
 
 const KEYS = 60;
 const PER_KEY = 10; // 600 requests

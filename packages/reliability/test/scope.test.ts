@@ -4,9 +4,9 @@
  */
 import { afterAll, describe, expect, it } from 'vitest';
 import { post } from './support/http.js';
-import { countRecords, dropNamespace, location, type StoreKind } from './support/records.js';
-import { namespace, serviceUrl } from './support/services.js';
-import { APP, ProcessPool } from './support/spawn.js';
+import { countRecords, dropNamespace, location, type StoreKind } from '../src/records.js';
+import { namespace, serviceUrl } from '../src/services.js';
+import { APP, ProcessPool } from '../src/spawn.js';
 
 const pool = new ProcessPool();
 afterAll(() => pool.stopAll());

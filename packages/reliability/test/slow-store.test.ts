@@ -5,9 +5,9 @@
  */
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { post } from './support/http.js';
-import { countRecords, dropNamespace, location, type StoreKind } from './support/records.js';
-import { namespace, serviceUrl } from './support/services.js';
-import { APP, ProcessPool } from './support/spawn.js';
+import { countRecords, dropNamespace, location, type StoreKind } from '../src/records.js';
+import { namespace, serviceUrl } from '../src/services.js';
+import { APP, ProcessPool } from '../src/spawn.js';
 import { startLatencyProxy } from './support/tcp-proxy.js';
 
 const LATENCY_MS = 60; // each way, per chunk: ~120 ms per store round trip

@@ -8,10 +8,10 @@ import { createIdempotentFetch } from '@idemkit/client';
 import pg from 'pg';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { post, type Answer } from './support/http.js';
-import { countRecords, dropNamespace, location } from './support/records.js';
+import { countRecords, dropNamespace, location } from '../src/records.js';
 import { ThrowawayRedis } from './support/redis-server.js';
-import { namespace, serviceUrl } from './support/services.js';
-import { APP, ProcessPool, type ServerProcess } from './support/spawn.js';
+import { namespace, serviceUrl } from '../src/services.js';
+import { APP, ProcessPool, type ServerProcess } from '../src/spawn.js';
 
 const STORE_TIMEOUT_MS = 1_000;
 const WORK_MS = 150;

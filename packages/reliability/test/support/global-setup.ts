@@ -1,5 +1,5 @@
 import { existsSync } from 'node:fs';
-import { APP, DEMO } from './spawn.js';
+import { APP, DEMO } from '../../src/spawn.js';
 
 /** The tests start built servers; say how to build them instead of failing on a spawn error. */
 export default function setup(): void {

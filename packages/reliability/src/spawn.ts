@@ -2,9 +2,9 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
 /** The fixture server of this package (built by `pnpm build`). */
-export const APP = fileURLToPath(new URL('../../dist/app.js', import.meta.url));
+export const APP = fileURLToPath(new URL('../dist/app.js', import.meta.url));
 /** The built demo app (`apps/demo`), started as `pnpm demo` does. */
-export const DEMO = fileURLToPath(new URL('../../../../apps/demo/dist/main.js', import.meta.url));
+export const DEMO = fileURLToPath(new URL('../../../apps/demo/dist/main.js', import.meta.url));
 
 export interface ServerProcess {
   readonly url: string;
@@ -23,8 +23,8 @@ export interface ServerProcess {
  * Generalises `spawnDemo` of apps/demo/test/processes.ts (same contract) so one helper serves both
  * the demo and this package's fixture app; the demo's copy stays the demo's.
  */
-export function spawnServer(script: string, env: Record<string, string>, startMs = 30_000): Promise<ServerProcess> {
-  const child = spawn(process.execPath, [script], {
+export function spawnServer(script: string, env: Record<string, string>, nodeArgs: string[] = [], startMs = 30_000): Promise<ServerProcess> {
+  const child = spawn(process.execPath, [...nodeArgs, script], {
     env: { ...process.env, PORT: '0', NODE_ENV: 'test', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -75,8 +75,8 @@ export function spawnServer(script: string, env: Record<string, string>, startMs
 export class ProcessPool {
   readonly #all: ServerProcess[] = [];
 
-  async spawn(script: string, env: Record<string, string>): Promise<ServerProcess> {
-    const p = await spawnServer(script, env);
+  async spawn(script: string, env: Record<string, string>, nodeArgs: string[] = []): Promise<ServerProcess> {
+    const p = await spawnServer(script, env, nodeArgs);
     this.#all.push(p);
     return p;
   }
