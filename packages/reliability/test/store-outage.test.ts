@@ -11,7 +11,7 @@ import { post, type Answer } from './support/http.js';
 import { countRecords, dropNamespace, location } from '../src/records.js';
 import { ThrowawayRedis } from './support/redis-server.js';
 import { namespace, serviceUrl } from '../src/services.js';
-import { APP, ProcessPool, type ServerProcess } from '../src/spawn.js';
+import { APP, DEMO, ProcessPool, type ServerProcess } from '../src/spawn.js';
 
 const STORE_TIMEOUT_MS = 1_000;
 const WORK_MS = 150;
@@ -158,6 +158,45 @@ describe('Postgres connections terminated mid-run', () => {
     } finally {
       await admin.end();
       await dropNamespace('postgres', base, [`${ns}_keys`]);
+    }
+  });
+});
+
+describe('the demo on Postgres when the server drops its idle connections', () => {
+  // DEFECT (apps/demo/src/backend.ts, `case 'postgres'`): the demo creates its own pg.Pool and hands
+  // it to createPostgresStore({ pool }) without `pool.on('error', …)`; the store only listens on pools
+  // it creates. An idle connection terminated by the server (restart, failover, pg_terminate_backend)
+  // emits 'error' on the pool → "Unhandled 'error' event" → the demo process exits.
+  // Fix: `pool.on('error', (e) => console.error('[idemkit demo] Postgres dropped an idle connection:', e.message));`
+  it.fails('keeps serving after pg_terminate_backend of its idle connections', async () => {
+    const base = await serviceUrl('postgres');
+    const ns = namespace('demo_pgterm');
+    const appUrl = new URL(base);
+    appUrl.searchParams.set('application_name', ns);
+    const admin = new pg.Client({ connectionString: base });
+    await admin.connect();
+    try {
+      const demo = await pool.spawn(DEMO, { FRAMEWORK: 'fastify', STORE: 'postgres', DATABASE_URL: appUrl.toString(), DEMO_NAMESPACE: ns, DEMO_WORK_MS: '0' });
+      const order = (key: string) => post(`${demo.url}/orders`, { item: 'a', amount: 1 }, { 'idempotency-key': key });
+      expect((await order(`${ns}-before`)).status).toBe(201); // leaves idle connections in the pool
+      await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1', [ns]);
+      await vi.waitFor(
+        async () => expect((await admin.query('SELECT 1 FROM pg_stat_activity WHERE application_name = $1', [ns])).rowCount).toBe(0),
+        { timeout: 5_000, interval: 20 },
+      );
+      const fetchSafe = createIdempotentFetch({ baseDelayMs: 50, maxDelayMs: 200, maxAttempts: 10 });
+      const after = await fetchSafe(`${demo.url}/orders`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ item: 'a', amount: 1 }),
+        idempotencyKey: `${ns}-after`,
+      });
+      expect(after.status).toBe(201);
+      expect(demo.child.exitCode).toBeNull();
+      await demo.stop();
+    } finally {
+      await admin.end();
+      await dropNamespace('postgres', base, [`${ns}_orders`, `${ns}_idempotency_keys`]);
     }
   });
 });
