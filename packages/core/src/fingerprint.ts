@@ -1,16 +1,14 @@
 import { createHash } from 'node:crypto';
-import { configure } from 'safe-stable-stringify';
+import { canonicalJson } from './canonical-json.js';
 import type { IncomingRequest } from './types.js';
-
-// Sorted keys so `{a,b}` and `{b,a}` hash alike; bigint as text instead of throwing.
-const canonicalJson = configure({ deterministic: true, bigint: true, circularValue: Error });
 
 /** Canonical bytes of a body: raw bytes as they are, strings as UTF-8, anything else as sorted-key JSON. */
 export function canonicalBody(body: unknown): Uint8Array | string {
   if (body === undefined || body === null) return '';
   if (body instanceof Uint8Array) return body;
   if (typeof body === 'string') return body;
-  return canonicalJson(body) ?? '';
+  // Sorted keys so `{a,b}` and `{b,a}` hash alike; bigint as text instead of throwing.
+  return canonicalJson(body);
 }
 
 /** SHA-256 over method, path with query, and the canonical body (SPEC §2). */

@@ -28,6 +28,11 @@ export function parseKeyHeader(value: string): KeyParseResult {
     }
     return validateKey(item[0]);
   }
+  // Proxies may join repeated header lines into one with ", " (RFC 9110 §5.3), so a bare comma
+  // could be two keys in disguise; a key that really holds one can be sent as an sf-string.
+  if (raw.includes(',')) {
+    return { ok: false, reason: 'A bare key may not contain a comma (several keys joined into one header?). Send one key, or quote it as a structured-field string.' };
+  }
   return validateKey(raw);
 }
 

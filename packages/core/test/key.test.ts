@@ -10,6 +10,12 @@ describe('key parsing', () => {
     expect(parseKeyHeader('  padded  ')).toEqual({ ok: true, key: 'padded' });
   });
 
+  it('rejects a bare key with a comma (two header lines a proxy joined), but not a quoted one', () => {
+    expect(parseKeyHeader('a1, a2').ok).toBe(false);
+    expect(parseKeyHeader('a1,a2').ok).toBe(false);
+    expect(parseKeyHeader('"a1, a2"')).toEqual({ ok: true, key: 'a1, a2' });
+  });
+
   it('rejects malformed structured-field strings', () => {
     expect(parseKeyHeader('"open').ok).toBe(false);
     expect(parseKeyHeader('"a" "b"').ok).toBe(false);
@@ -31,8 +37,9 @@ describe('key parsing', () => {
       fc.property(printable, (key) => {
         expect(validateKey(key)).toEqual({ ok: true, key });
         const quoted = `"${key.replaceAll('\\', '\\\\').replaceAll('"', '\\"')}"`;
-        if (key.startsWith('"')) return; // a bare key that starts with a quote is read as an sf-string
         expect(parseKeyHeader(quoted)).toEqual({ ok: true, key });
+        // The bare form too, unless it starts with a quote (then it is read as an sf-string) or has a comma.
+        if (!key.startsWith('"') && !key.includes(',')) expect(parseKeyHeader(key)).toEqual({ ok: true, key: key.trim() });
       }),
     );
   });

@@ -1,0 +1,95 @@
+/**
+ * Canonical JSON (sorted object keys, JSON.stringify's value rules) written without recursion.
+ * Bodies come from JSON parsers that accept any depth, so a 100 KB body can nest 50 000 levels;
+ * a recursive serialiser would overflow the stack on it (found by the reliability suite).
+ */
+
+type Frame =
+  | { readonly kind: 'array'; readonly items: readonly unknown[]; index: number }
+  | { readonly kind: 'object'; readonly source: Record<string, unknown>; readonly keys: string[]; index: number; wrote: boolean };
+
+/** A value JSON.stringify leaves out of objects (and writes as null in arrays). */
+function isSkipped(value: unknown): boolean {
+  return value === undefined || typeof value === 'function' || typeof value === 'symbol';
+}
+
+/** Apply `toJSON` (Dates) and unwrap what JSON.stringify unwraps; returns the value to write. */
+function prepare(value: unknown): unknown {
+  if (value !== null && typeof value === 'object' && typeof (value as { toJSON?: unknown }).toJSON === 'function') {
+    return (value as { toJSON(): unknown }).toJSON();
+  }
+  return value;
+}
+
+/** Write a scalar, or open a container frame; returns the frame to push (if any). */
+function open(value: unknown, out: string[], ancestors: Set<object>): Frame | undefined {
+  const v = prepare(value);
+  if (v === null || isSkipped(v)) {
+    out.push('null');
+    return undefined;
+  }
+  switch (typeof v) {
+    case 'string':
+      out.push(JSON.stringify(v));
+      return undefined;
+    case 'number':
+      out.push(Number.isFinite(v) ? String(v) : 'null');
+      return undefined;
+    case 'boolean':
+      out.push(v ? 'true' : 'false');
+      return undefined;
+    case 'bigint':
+      out.push(String(v));
+      return undefined;
+  }
+  const obj = v as object;
+  if (ancestors.has(obj)) throw new TypeError('[idemkit] Cannot fingerprint a body that contains itself.');
+  ancestors.add(obj);
+  if (Array.isArray(obj)) {
+    out.push('[');
+    return { kind: 'array', items: obj, index: 0 };
+  }
+  out.push('{');
+  const source = obj as Record<string, unknown>;
+  return { kind: 'object', source, keys: Object.keys(source).sort(), index: 0, wrote: false };
+}
+
+/** Canonical JSON text of `value`, at any nesting depth. */
+export function canonicalJson(value: unknown): string {
+  const out: string[] = [];
+  const ancestors = new Set<object>();
+  const stack: Array<{ frame: Frame; container: object }> = [];
+  const push = (v: unknown) => {
+    const frame = open(v, out, ancestors);
+    if (frame) stack.push({ frame, container: frame.kind === 'array' ? frame.items : frame.source });
+  };
+  push(value);
+  while (stack.length > 0) {
+    const top = stack[stack.length - 1]!;
+    const { frame } = top;
+    if (frame.kind === 'array') {
+      if (frame.index === frame.items.length) {
+        out.push(']');
+        ancestors.delete(top.container);
+        stack.pop();
+        continue;
+      }
+      if (frame.index > 0) out.push(',');
+      push(frame.items[frame.index++]);
+      continue;
+    }
+    // Objects: skip members JSON.stringify would leave out.
+    while (frame.index < frame.keys.length && isSkipped(prepare(frame.source[frame.keys[frame.index]!]))) frame.index++;
+    if (frame.index === frame.keys.length) {
+      out.push('}');
+      ancestors.delete(top.container);
+      stack.pop();
+      continue;
+    }
+    const key = frame.keys[frame.index++]!;
+    out.push(`${frame.wrote ? ',' : ''}${JSON.stringify(key)}:`);
+    frame.wrote = true;
+    push(frame.source[key]);
+  }
+  return out.join('');
+}

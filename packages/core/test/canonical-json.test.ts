@@ -1,0 +1,44 @@
+import fc from 'fast-check';
+import { configure } from 'safe-stable-stringify';
+import { describe, expect, it } from 'vitest';
+import { canonicalJson } from '../src/canonical-json.js';
+import { defaultFingerprint } from '../src/index.js';
+
+/** The reference: safe-stable-stringify (recursive, fine for small values), which core used before. */
+const sortedStringify = configure({ deterministic: true, bigint: true });
+
+describe('canonical JSON', () => {
+  it('property: equals sorted-key JSON (the previous implementation) for any JSON value, so fingerprints are unchanged', () => {
+    fc.assert(
+      fc.property(fc.jsonValue(), (value) => {
+        expect(canonicalJson(value)).toBe(sortedStringify(value));
+      }),
+    );
+  });
+
+  it('follows JSON.stringify for the values it treats specially', () => {
+    expect(canonicalJson({ b: undefined, a: () => 1, c: Symbol('x'), d: [undefined, NaN, Infinity] })).toBe('{"d":[null,null,null]}');
+    expect(canonicalJson({ when: new Date(0), n: 10n })).toBe('{"n":10,"when":"1970-01-01T00:00:00.000Z"}');
+    expect(canonicalJson([])).toBe('[]');
+    expect(canonicalJson({})).toBe('{}');
+    expect(canonicalJson('x')).toBe('"x"');
+  });
+
+  it('handles a body nested 200 000 levels deep without recursion', () => {
+    const depth = 200_000;
+    const text = '['.repeat(depth) + ']'.repeat(depth);
+    const deepArray: unknown = JSON.parse(text);
+    expect(canonicalJson(deepArray)).toBe(text);
+    let deepObject: unknown = 1;
+    for (let i = 0; i < depth; i++) deepObject = { k: deepObject };
+    expect(defaultFingerprint({ method: 'POST', path: '/', body: deepObject })).toMatch(/^sha256:/);
+  });
+
+  it('refuses a value that contains itself, but allows shared siblings', () => {
+    const shared = { x: 1 };
+    expect(canonicalJson([shared, shared])).toBe('[{"x":1},{"x":1}]');
+    const loop: Record<string, unknown> = {};
+    loop.self = loop;
+    expect(() => canonicalJson(loop)).toThrow(/contains itself/);
+  });
+});
