@@ -26,6 +26,9 @@ export async function openBackend(config: DemoConfig): Promise<Backend> {
     }
     case 'postgres': {
       const pool = new pg.Pool({ connectionString: config.url, max: 20 });
+      // An idle connection the server drops (restart, failover) emits 'error' on the pool; without a
+      // listener Node ends the process. The pool replaces the connection on the next query.
+      pool.on('error', (error) => console.error('[idemkit demo] Postgres dropped an idle connection:', error.message));
       const store = createPostgresStore({ pool, table: `${ns}_idempotency_keys` });
       await store.migrate();
       const orders = await postgresOrders(pool, ns);

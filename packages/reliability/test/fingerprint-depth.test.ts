@@ -30,10 +30,9 @@ describe('engine.decide on deeply nested bodies', () => {
     );
   });
 
-  // DEFECT (core): packages/core/src/fingerprint.ts canonicalBody → safe-stable-stringify recurses
-  // per level and throws RangeError (Maximum call stack size exceeded) from decide() somewhere
-  // below 50 000 levels — a 100 KB body. Flip to `it` once decide() answers such bodies.
-  it.fails('bodies of 10 000 to 60 000 levels (≤ 120 KB) get a decision, not an exception', async () => {
+  // Was a defect (core's canonical JSON recursed per level and threw RangeError below 50 000
+  // levels); fixed with an iterative canonicaliser in packages/core/src/canonical-json.ts.
+  it('bodies of 10 000 to 60 000 levels (≤ 120 KB) get a decision, not an exception', async () => {
     await fc.assert(
       fc.asyncProperty(fc.integer({ min: 10_000, max: 60_000 }), fc.array(fc.boolean(), { minLength: 1, maxLength: 4 }), async (depth, shape) => {
         const d = await decide(deep(depth, shape), `deep-${depth}-${Math.random()}`);

@@ -163,12 +163,9 @@ describe('Postgres connections terminated mid-run', () => {
 });
 
 describe('the demo on Postgres when the server drops its idle connections', () => {
-  // DEFECT (apps/demo/src/backend.ts, `case 'postgres'`): the demo creates its own pg.Pool and hands
-  // it to createPostgresStore({ pool }) without `pool.on('error', …)`; the store only listens on pools
-  // it creates. An idle connection terminated by the server (restart, failover, pg_terminate_backend)
-  // emits 'error' on the pool → "Unhandled 'error' event" → the demo process exits.
-  // Fix: `pool.on('error', (e) => console.error('[idemkit demo] Postgres dropped an idle connection:', e.message));`
-  it.fails('keeps serving after pg_terminate_backend of its idle connections', async () => {
+  // Was a defect (apps/demo/src/backend.ts): the demo's own pg.Pool had no 'error' listener, so an
+  // idle connection terminated by the server ended the process. The demo now listens.
+  it('keeps serving after pg_terminate_backend of its idle connections', async () => {
     const base = await serviceUrl('postgres');
     const ns = namespace('demo_pgterm');
     const appUrl = new URL(base);
