@@ -6,7 +6,8 @@
  *
  * Env: FRAMEWORK (fastify|express|koa), STORE (memory|postgres|redis|redis-cluster|mongodb),
  * STORE_URL (URL, or host:port,… for the cluster), PREFIX (namespace of keys/tables/collections),
- * LEASE_MS, STORE_TIMEOUT_MS, WORK_MS (default handler time; header x-work-ms overrides), PORT.
+ * LEASE_MS, STORE_TIMEOUT_MS, WORK_MS (default handler time; header x-work-ms overrides), PORT,
+ * TRANSACTIONAL=1 (Postgres: the handler inserts an order row in the record's transaction first).
  */
 import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
@@ -35,6 +36,8 @@ const LEASE_MS = Number(env.LEASE_MS ?? 60_000);
 const STORE_TIMEOUT_MS = Number(env.STORE_TIMEOUT_MS ?? 5_000);
 const WORK_MS = Number(env.WORK_MS ?? 0);
 const BODY_LIMIT = 100 * 1024;
+const TRANSACTIONAL = env.TRANSACTIONAL === '1' && STORE === 'postgres';
+const ORDERS = `"${PREFIX}_orders"`;
 
 interface Opened {
   readonly store: IdempotencyStore;
@@ -54,6 +57,7 @@ async function openStore(): Promise<Opened> {
       pool.on('error', (e) => line('POOL-ERROR', e.message)); // idle clients killed by pg_terminate_backend
       const store = createPostgresStore({ pool, table: `${PREFIX}_keys` });
       await store.migrate();
+      if (TRANSACTIONAL) await pool.query(`CREATE TABLE IF NOT EXISTS ${ORDERS} (id text PRIMARY KEY, label text NOT NULL)`);
       return { store, close: async () => { await store.close(); await pool.end(); } };
     }
     case 'redis': {
@@ -96,12 +100,22 @@ interface Answer {
   readonly body: unknown;
 }
 
+interface Ctx {
+  readonly key: string;
+  readonly transaction: unknown;
+}
+
 /** The side effect under test: counted, announced, slow on request, answered with a fresh id. */
-async function handle(key: string | undefined, scope: string | undefined, workHeader: unknown, body: unknown): Promise<Answer> {
+async function handle(ctx: Ctx | null | undefined, scope: string | undefined, workHeader: unknown, body: unknown): Promise<Answer> {
+  const key = ctx?.key;
   const id = `ex_${randomUUID()}`;
   const label = `${scope ?? ''}|${key ?? ''}`;
   if (TRACK) executions.set(label, (executions.get(label) ?? 0) + 1);
   line('RUN', { key, scope, id, pid: process.pid });
+  // Transactional mode: the business write happens first, so a holder that stalls or dies after it
+  // shows whether the write commits only with the stored response.
+  const tx = ctx?.transaction as pg.PoolClient | undefined;
+  if (tx) await tx.query(`INSERT INTO ${ORDERS} (id, label) VALUES ($1, $2)`, [id, label]);
   const work = typeof workHeader === 'string' && /^\d+$/.test(workHeader) ? Number(workHeader) : WORK_MS;
   if (work > 0) await sleep(work);
   return { status: 201, body: { id, key, scope: scope ?? null, pid: process.pid, echo: body ?? null } };
@@ -129,6 +143,7 @@ function idempotencyOptions<Req>(store: IdempotencyStore): IdempotencyOptions<Re
     store,
     leaseMs: LEASE_MS,
     storeTimeoutMs: STORE_TIMEOUT_MS,
+    transactional: TRANSACTIONAL,
     onEvent: (e: IdempotencyEvent) => {
       if (e.type === 'lease-lost' || e.type === 'lease-taken-over') line(e.type.toUpperCase(), e);
     },
@@ -156,7 +171,7 @@ async function startFastify(store: IdempotencyStore): Promise<Running> {
   await app.register(fastifyIdempotency, { ...idempotencyOptions<FastifyRequest>(store), scope: (req) => userOf(req.headers) });
   app.get('/stats', async (req) => stats(wantsGc(req.url)));
   app.post('/orders', async (req, reply) => {
-    const a = await handle(req.idempotency?.key, userOf(req.headers), req.headers['x-work-ms'], req.body);
+    const a = await handle(req.idempotency, userOf(req.headers), req.headers['x-work-ms'], req.body);
     return reply.code(a.status).send(a.body);
   });
   await app.listen({ port: Number(env.PORT ?? 0), host: '127.0.0.1' });
@@ -171,7 +186,7 @@ async function startExpress(store: IdempotencyStore): Promise<Running> {
     '/orders',
     expressIdempotency({ ...idempotencyOptions<Request>(store), scope: (req) => userOf(req.headers) }),
     async (req, res) => {
-      const a = await handle(req.idempotency?.key, userOf(req.headers), req.headers['x-work-ms'], req.body);
+      const a = await handle(req.idempotency, userOf(req.headers), req.headers['x-work-ms'], req.body);
       res.status(a.status).json(a.body);
     },
   );
@@ -205,7 +220,7 @@ async function startKoa(store: IdempotencyStore): Promise<Running> {
   const guard = koaIdempotency({ ...idempotencyOptions<Koa.Context>(store), scope: (ctx) => userOf(ctx.headers) });
   router.get('/stats', (ctx) => { ctx.body = stats(wantsGc(ctx.url)); });
   router.post('/orders', guard, async (ctx) => {
-    const a = await handle(ctx.state.idempotency?.key, userOf(ctx.headers), ctx.headers['x-work-ms'], ctx.request.body);
+    const a = await handle(ctx.state.idempotency as Ctx | undefined, userOf(ctx.headers), ctx.headers['x-work-ms'], ctx.request.body);
     ctx.status = a.status;
     ctx.body = a.body;
   });
