@@ -39,6 +39,22 @@ function burst(apps: ServerProcess[], keys: string[]): Promise<Sent[]> {
   );
 }
 
+/** Retry keys the way a client would (@idemkit/client: 409 + Retry-After and 503 are retried). */
+async function retryAll(apps: ServerProcess[], keys: string[]): Promise<number[]> {
+  const fetchSafe = createIdempotentFetch({ baseDelayMs: 50, maxDelayMs: 500, maxAttempts: 30, deadlineMs: 20_000 });
+  return Promise.all(
+    keys.map(async (key, i) => {
+      const res = await fetchSafe(`${apps[i % apps.length]!.url}/orders`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ key }),
+        idempotencyKey: key,
+      });
+      return res.status;
+    }),
+  );
+}
+
 /** The fail-closed contract for every answer given while the store was failing. */
 function expectFailClosed(apps: ServerProcess[], sent: Sent[]): void {
   for (const { key, answer } of sent) {
@@ -84,12 +100,12 @@ describe('Redis killed mid-run and brought back', () => {
         async () => expect((await post(`${apps[0]!.url}/orders`, {}, { 'idempotency-key': `${ns}-probe-${Date.now()}` })).status).toBe(201),
         { timeout: 20_000, interval: 200 },
       );
+      // A begin that timed out at the engine may still reach Redis later (ioredis replays its
+      // offline queue on reconnect): its key is then held by a lease nobody runs under, and the
+      // retry waits it out through 409 + Retry-After.
       const refused = [...mid, ...down].filter((s) => s.answer.status === 503).map((s) => s.key);
-      const again = await burst(apps, refused);
-      for (const { key, answer } of again) {
-        expect(answer.status, key).toBe(201);
-        expect(runs(apps, key), key).toBe(1);
-      }
+      expect(await retryAll(apps, refused)).toEqual(Array(refused.length).fill(201));
+      for (const key of refused) expect(runs(apps, key), key).toBe(1);
       expect(apps.map((a) => a.pid)).toEqual(pids);
       expect(apps.every((a) => a.child.exitCode === null)).toBe(true);
       await Promise.all(apps.map((a) => a.stop()));
@@ -132,20 +148,8 @@ describe('Postgres connections terminated mid-run', () => {
 
       // Recovery: the refused keys go through (a begin that committed before its connection died
       // leaves a lease nobody holds: the client waits it out via 409 + Retry-After).
-      const fetchSafe = createIdempotentFetch({ baseDelayMs: 50, maxDelayMs: 500, maxAttempts: 30, deadlineMs: 20_000 });
       const refused = waves.filter((s) => s.answer.status === 503).map((s) => s.key);
-      const statuses = await Promise.all(
-        refused.map(async (key, i) => {
-          const res = await fetchSafe(`${apps[i % 3]!.url}/orders`, {
-            method: 'POST',
-            headers: { 'content-type': 'application/json' },
-            body: JSON.stringify({ key }),
-            idempotencyKey: key,
-          });
-          return res.status;
-        }),
-      );
-      expect(statuses).toEqual(Array(refused.length).fill(201));
+      expect(await retryAll(apps, refused)).toEqual(Array(refused.length).fill(201));
       for (const key of refused) expect(runs(apps, key), key).toBe(1);
       expect(apps.map((a) => a.pid)).toEqual(pids);
 
