@@ -47,7 +47,7 @@ export interface Args {
 }
 
 /**
- * --quick: Express and Fastify over memory and Redis, peers on memory, 2 s runs, one round
+ * --quick: Express and Fastify over memory and Redis, peers on memory, 1.5 s runs, one round
  * (under 2 minutes on 2 cores). Full: three frameworks over four stores, peers on memory and
  * Redis, two rounds (the second in reverse order) of 3 s runs.
  */
@@ -61,14 +61,14 @@ export function makePlan(args: Args): Plan {
   );
   return {
     mode: quick ? 'quick' : 'full',
-    duration: args.duration ?? (quick ? 2 : 3),
+    duration: args.duration ?? (quick ? 1.5 : 3),
     rounds: args.rounds ?? (quick ? 1 : 2),
-    warmup: quick ? 1 : 2,
+    warmup: quick ? 0.5 : 2,
     connections: args.connections ?? 10,
     frameworks: args.skip.has('http') ? [] : (args.frameworks ?? (quick ? ['express', 'fastify'] : ['express', 'fastify', 'koa'])),
     targets: args.skip.has('peers') ? (f) => targets(f).filter((t) => t.library === 'idemkit') : targets,
     stores: args.skip.has('stores') ? [] : ['memory', 'postgres', 'redis', 'redis-cluster', 'mongodb'],
-    storeSeconds: quick ? 1 : 4,
+    storeSeconds: quick ? 0.5 : 4,
   };
 }
 

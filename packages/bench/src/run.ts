@@ -71,10 +71,17 @@ async function benchFramework(framework: Framework, plan: Plan, env: ServiceEnv,
   log(`${framework}: starting ${targets.length + 1} servers`);
   const servers: RunningServer[] = [];
   try {
-    // One at a time: a store's startup (migrations, index builds) must not distort the others.
-    for (const spec of [{ library: 'bare' as const, store: 'memory' as const }, ...targets]) {
-      servers.push(await startServer({ framework, ...spec, runId: `${runId}_${framework}_${spec.library.replaceAll('-', '_')}`, env }));
-    }
+    // Started together (nothing is measured yet); pushed as they come so a failure still stops them.
+    await Promise.all(
+      [{ library: 'bare' as const, store: 'memory' as const }, ...targets].map(async (spec, i) => {
+        const server = await startServer({ framework, ...spec, runId: `${runId}_${framework}_${spec.library.replaceAll('-', '_')}`, env });
+        servers[i] = server;
+      }),
+    ).catch(async (error: unknown) => {
+      await Promise.all(servers.filter(Boolean).map((s) => s.stop().catch(() => undefined)));
+      servers.length = 0;
+      throw error;
+    });
     const [bare, ...measured] = servers as [RunningServer, ...RunningServer[]];
     const races = new Map<RunningServer, RaceResult>();
     for (const server of measured) {
@@ -184,5 +191,6 @@ async function main(): Promise<void> {
 
 main().catch((error: unknown) => {
   process.stderr.write(`[bench] failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`);
-  process.exitCode = 1;
+  // A client left open by the failure must not keep the run alive.
+  process.exit(1);
 });

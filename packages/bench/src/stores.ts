@@ -31,7 +31,12 @@ export async function deleteRedisPrefix(client: Redis, prefix: string): Promise<
   do {
     const [next, keys] = await client.scan(cursor, 'MATCH', `${prefix}*`, 'COUNT', 1000);
     cursor = next;
-    if (keys.length > 0) deleted += await client.unlink(...keys);
+    // One UNLINK per key (pipelined): a Cluster node refuses multi-key commands across slots.
+    if (keys.length > 0) {
+      const pipeline = client.pipeline();
+      for (const key of keys) pipeline.unlink(key);
+      for (const [error, count] of (await pipeline.exec()) ?? []) if (!error) deleted += Number(count);
+    }
   } while (cursor !== '0');
   return deleted;
 }
@@ -75,9 +80,12 @@ export async function openStore(name: StoreName, env: ServiceEnv, runId: string,
         store,
         roundTrips: () => statements,
         close: async () => {
-          await store.close();
-          await pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
-          await pool.end();
+          try {
+            await store.close();
+            await pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+          } finally {
+            await pool.end();
+          }
         },
       };
     }
@@ -91,9 +99,12 @@ export async function openStore(name: StoreName, env: ServiceEnv, runId: string,
         store,
         roundTrips,
         close: async () => {
-          await store.close();
-          await deleteRedisPrefix(client, prefix);
-          await client.quit();
+          try {
+            await store.close();
+            await deleteRedisPrefix(client, prefix);
+          } finally {
+            await client.quit();
+          }
         },
       };
     }
@@ -108,9 +119,12 @@ export async function openStore(name: StoreName, env: ServiceEnv, runId: string,
         store,
         roundTrips,
         close: async () => {
-          await store.close();
-          await Promise.all(cluster.nodes('master').map((node) => deleteRedisPrefix(node, prefix)));
-          await cluster.quit();
+          try {
+            await store.close();
+            await Promise.all(cluster.nodes('master').map((node) => deleteRedisPrefix(node, prefix)));
+          } finally {
+            await cluster.quit();
+          }
         },
       };
     }
@@ -130,9 +144,12 @@ export async function openStore(name: StoreName, env: ServiceEnv, runId: string,
         store,
         roundTrips: () => commands,
         close: async () => {
-          await store.close();
-          await db.dropDatabase();
-          await client.close();
+          try {
+            await store.close();
+            await db.dropDatabase();
+          } finally {
+            await client.close();
+          }
         },
       };
     }

@@ -1,0 +1,49 @@
+import { describe, expect, it } from 'vitest';
+import { makePlan, parseArgs } from '../src/plan.js';
+import { httpTable, markdown } from '../src/table.js';
+
+describe('plan', () => {
+  it('--quick: Express and Fastify over memory and Redis, peers on memory only', () => {
+    const plan = makePlan(parseArgs(['--quick']));
+    expect(plan.frameworks).toEqual(['express', 'fastify']);
+    expect(plan.targets('express')).toEqual([
+      { library: 'idemkit', store: 'memory' },
+      { library: 'idemkit', store: 'redis' },
+      { library: 'express-idempotency', store: 'memory' },
+      { library: 'node-idempotency', store: 'memory' },
+    ]);
+    expect(plan.targets('fastify').map((t) => t.library)).toEqual(['idemkit', 'idemkit', 'node-idempotency']);
+  });
+
+  it('full: three frameworks, four stores, peers on memory and Redis; Koa has no peer', () => {
+    const plan = makePlan(parseArgs([]));
+    expect(plan.frameworks).toEqual(['express', 'fastify', 'koa']);
+    expect(plan.targets('koa').map((t) => t.store)).toEqual(['memory', 'redis', 'postgres', 'mongodb']);
+    expect(plan.targets('fastify').filter((t) => t.library === 'node-idempotency').map((t) => t.store)).toEqual(['memory', 'redis']);
+    expect(plan.stores).toEqual(['memory', 'postgres', 'redis', 'redis-cluster', 'mongodb']);
+  });
+
+  it('passes the flags pnpm forwards, and rejects unknown ones', () => {
+    const plan = makePlan(parseArgs(['--', '--quick', '--duration=4', '--frameworks=koa', '--stores=memory', '--skip=stores,peers']));
+    expect(plan).toMatchObject({ duration: 4, frameworks: ['koa'], stores: [] });
+    expect(plan.targets('koa')).toEqual([{ library: 'idemkit', store: 'memory' }]);
+    expect(() => parseArgs(['--fast'])).toThrow(/unknown argument --fast/);
+    expect(() => parseArgs(['--frameworks=hapi'])).toThrow(/unknown "hapi"/);
+  });
+});
+
+describe('tables', () => {
+  it('pads columns and right-aligns numbers', () => {
+    expect(markdown(['a', 'n'], [['xx', '1'], ['y', '100']], [1])).toBe(['| a  |   n |', '|----|----:|', '| xx |   1 |', '| y  | 100 |'].join('\n'));
+  });
+
+  it('flags a library that ran the handler more than once in the race check', () => {
+    const base = { framework: 'express', store: 'memory', path: 'new-key', rps: 1000, p50: 1, p99: 5, ratio: 0.5, roundTripsPerRequest: null, handlerRunsPerRequest: 1, non2xx: 0, errors: 0, runs: 1 } as const;
+    const table = httpTable([
+      { ...base, library: 'idemkit', race: { requests: 50, handlerRuns: 1, statuses: { '201': 3, '409': 47 } } },
+      { ...base, library: 'express-idempotency', race: { requests: 50, handlerRuns: 7, statuses: { '201': 50 } } },
+    ]);
+    expect(table).toContain('once (3×201 47×409)');
+    expect(table).toContain('**7×** (50×201)');
+  });
+});
