@@ -11,7 +11,7 @@ import { RunningLease } from './lease.js';
 import { resolveOptions, type IdempotencyOptions, type ResolvedOptions } from './options.js';
 import type { BeginResult, LeaseToken, StoreTransaction, TransactionalStore } from './store.js';
 import type { Decision, IdempotencyEvent, IncomingRequest } from './types.js';
-import { sleep, withDeadline } from './deadline.js';
+import { sleep, StoreTimeoutError, withDeadline } from './deadline.js';
 
 export interface IdempotencyEngine<Req = IncomingRequest> {
   readonly options: ResolvedOptions<Req>;
@@ -122,9 +122,13 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     let delay = WAIT_FIRST_MS;
     for (;;) {
       let result: BeginResult;
+      const pending = Promise.resolve().then(() => o.store.begin(id, fingerprint, o.leaseMs));
       try {
-        result = await withDeadline('begin', o.storeTimeoutMs, () => o.store.begin(id, fingerprint, o.leaseMs));
+        result = await withDeadline('begin', o.storeTimeoutMs, () => pending);
       } catch (error) {
+        // A begin that timed out may still land (a client replays queued commands on reconnect):
+        // give such a late claim back, or the key would answer 409 for a whole lease.
+        if (error instanceof StoreTimeoutError) void pending.then((late) => (late.kind === 'acquired' ? o.store.release(id, late.token) : false)).catch(() => false);
         return this.#storeFailure(key, 'begin', error);
       }
       if (result.kind === 'acquired') return this.#run(key, id, result.token, result.tookOver);

@@ -1,4 +1,5 @@
-import { ResponseNotReplayableError } from './errors.js';
+import { RequestInProgressError, ResponseNotReplayableError, StoreUnavailableError } from './errors.js';
+import { REPLAYED_HEADER } from './headers.js';
 import { problemResponse } from './problem.js';
 import type { ResolvedOptions } from './options.js';
 import type { LeaseToken, StoreTransaction, StoredResponse } from './store.js';
@@ -19,6 +20,7 @@ export class RunningLease implements Lease {
   readonly context: IdempotencyContext;
   #settled = false;
   #timer: NodeJS.Timeout | undefined;
+  #replacement: StoredResponse | null = null;
 
   constructor(
     private readonly host: LeaseHost,
@@ -39,6 +41,10 @@ export class RunningLease implements Lease {
     return this.#settled;
   }
 
+  get replacement(): StoredResponse | null {
+    return this.#replacement;
+  }
+
   async commit(response: StoredResponse): Promise<boolean> {
     if (!this.#settle()) return false;
     const { storable, maxBodyBytes } = this.host.options;
@@ -50,7 +56,10 @@ export class RunningLease implements Lease {
       await this.#storeMarker(response.status, 'too-large');
       return false;
     }
-    return this.#complete(response);
+    const stored = await this.#complete(response);
+    // Transactional mode: not stored means rolled back, so the handler's answer must not go out.
+    if (!stored && this.tx) this.#replacement = await this.#answerAfterRollback();
+    return stored;
   }
 
   async commitUnbuffered(status: number, reason: 'not-bufferable' | 'too-large'): Promise<void> {
@@ -119,6 +128,42 @@ export class RunningLease implements Lease {
       if (this.tx) await this.tx.rollback().catch((e: unknown) => this.#storeError('rollback', e));
       return false;
     }
+  }
+
+  /**
+   * What the client gets instead of a rolled-back answer: the winner's stored response if it has
+   * finished, 409 while it runs, else 503. All say "retry with the same key" and a retry replays.
+   */
+  async #answerAfterRollback(): Promise<StoredResponse> {
+    const { store, storeTimeoutMs } = this.host.options;
+    try {
+      const record = await withDeadline('get', storeTimeoutMs, () => store.get(this.id));
+      if (record?.state === 'completed' && record.response) {
+        this.host.emit({ type: 'replayed', key: this.key, status: record.response.status });
+        return { ...record.response, headers: [...record.response.headers, [REPLAYED_HEADER, 'true']] };
+      }
+      if (record?.state === 'in_progress' && record.leaseExpiresAt !== null) {
+        // The store's clock against ours: rough, and only on this rare path; at least 1 s.
+        const retryAfterSeconds = Math.max(1, Math.ceil((record.leaseExpiresAt - Date.now()) / 1000));
+        return problemResponse(
+          new RequestInProgressError(
+            'ERR_IDEMKIT_REQUEST_IN_PROGRESS',
+            409,
+            'This request took too long and another request with the same key took over; its work was rolled back. Retry after the time in Retry-After to get the result.',
+            { headers: { 'retry-after': String(retryAfterSeconds) }, extensions: { retryAfter: retryAfterSeconds } },
+          ),
+        );
+      }
+    } catch (error) {
+      this.#storeError('get', error);
+    }
+    return problemResponse(
+      new StoreUnavailableError(
+        'ERR_IDEMKIT_STORE_UNAVAILABLE',
+        503,
+        'The operation was rolled back and not committed. Retry with the same key.',
+      ),
+    );
   }
 
   async #release(reason: AbandonReason): Promise<void> {

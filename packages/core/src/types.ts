@@ -53,6 +53,15 @@ export interface Lease {
   commitUnbuffered(status: number, reason: 'not-bufferable' | 'too-large'): Promise<void>;
   /** Give the key up: the handler threw or the client went away before an answer existed. */
   abandon(reason: AbandonReason): Promise<void>;
+  /**
+   * Set after `commit` when the handler's answer must NOT reach the client: in transactional mode
+   * its writes were rolled back (its lease was taken over, or COMMIT failed), so its response
+   * describes something that never happened. The binding sends this instead, replacing status,
+   * headers and body: the winner's stored response (with `idempotent-replayed: true`), a 409 while
+   * the winner still runs, or a 503. Always null outside transactional mode, where the handler's
+   * side effects did happen and its answer is the truth.
+   */
+  readonly replacement: StoredResponse | null;
   /** What handlers may see: key, takeover flag and the transaction client. */
   readonly context: IdempotencyContext;
   /** True once commit/commitUnbuffered/abandon has been called. */

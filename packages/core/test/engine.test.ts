@@ -341,6 +341,22 @@ describe('store failures', () => {
     expect(Date.now() - started).toBeLessThan(2_000);
   });
 
+  it('a begin that lands after its timeout gives the key back', async () => {
+    const store = createMemoryStore();
+    const begin = store.begin.bind(store);
+    let landed = false;
+    store.begin = async (...args) => {
+      await new Promise((r) => setTimeout(r, 150));
+      const result = await begin(...args);
+      landed = true;
+      return result;
+    };
+    const engine = createIdempotencyEngine({ store, storeTimeoutMs: 50, logger: false });
+    expectProblem(await engine.decide(request({ key: 'late' })), 503, 'ERR_IDEMKIT_STORE_UNAVAILABLE');
+    await vi.waitFor(() => expect(landed).toBe(true));
+    await vi.waitFor(async () => expect(await store.get('-:late')).toBeUndefined());
+  });
+
   it('a store that fails after the handler ran: the lease settles without throwing and reports it', async () => {
     const store = createMemoryStore();
     const events: string[] = [];

@@ -1,4 +1,4 @@
-import { toStoredHeaders, type Lease } from '@idemkit/core';
+import { responseHeaders, toStoredHeaders, type Lease } from '@idemkit/core';
 import type { OutgoingHttpHeader, OutgoingHttpHeaders, ServerResponse } from 'node:http';
 
 type Callback = (error?: Error | null) => void;
@@ -109,6 +109,16 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
     }
     const response = { status: this.statusCode, headers: toStoredHeaders(this.getHeaders()), body };
     const deliver = (): void => {
+      const replacement = lease.replacement;
+      // Transactional mode, rolled back: the handler's answer describes writes that never happened.
+      if (replacement && !this.headersSent) {
+        for (const name of this.getHeaderNames()) this.removeHeader(name);
+        this.statusCode = replacement.status;
+        for (const [name, value] of responseHeaders(replacement)) this.setHeader(name, value);
+        const bytes = Buffer.from(replacement.body.buffer, replacement.body.byteOffset, replacement.body.byteLength);
+        Reflect.apply(originalEnd, this, callback ? [bytes, callback] : [bytes]);
+        return;
+      }
       const endArgs: unknown[] = body.byteLength > 0 ? [body] : [];
       if (callback) endArgs.push(callback);
       Reflect.apply(originalEnd, this, endArgs);

@@ -1,6 +1,7 @@
 import {
   createIdempotencyEngine,
   problemResponse,
+  responseHeaders,
   toStoredHeaders,
   type IdempotencyContext,
   type IdempotencyEngine,
@@ -99,6 +100,14 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     if (body === undefined) await state.lease.commitUnbuffered(status, 'not-bufferable');
     else if (body.byteLength > engine.options.maxBodyBytes) await state.lease.commitUnbuffered(status, 'too-large');
     else await state.lease.commit({ status, headers: toStoredHeaders(reply.getHeaders()), body });
+    // Transactional mode, rolled back: the handler's answer describes writes that never happened.
+    const replacement = state.lease.replacement;
+    if (replacement) {
+      for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name);
+      reply.code(replacement.status);
+      for (const [name, value] of responseHeaders(replacement)) reply.header(name, value);
+      return Buffer.from(replacement.body.buffer, replacement.body.byteOffset, replacement.body.byteLength);
+    }
     return payload;
   }
 

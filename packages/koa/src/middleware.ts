@@ -125,6 +125,12 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
     } else {
       // Stored before respond() writes a byte, so a client retrying at once gets the replay.
       await lease.commit({ status: ctx.status, headers: toStoredHeaders(ctx.response.headers), body: captured.body });
+      // Transactional mode, rolled back: the handler's answer describes writes that never happened.
+      const replacement = lease.replacement;
+      if (replacement) {
+        for (const name of Object.keys(ctx.response.headers)) ctx.remove(name);
+        sendStored(ctx, replacement, responseHeaders(replacement));
+      }
     }
   } finally {
     // E.g. JSON.stringify threw on a BigInt: Koa answers 500, and the key must be free again.

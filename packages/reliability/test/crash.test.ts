@@ -202,14 +202,9 @@ describe('transactional mode on Postgres: a stalled or killed holder’s busines
     expect(replay.text).toBe(winner.text);
   });
 
-  // DEFECT (bindings + core lease, transactional mode): when the late holder's complete is refused,
-  // PgTransaction rolls its writes back and lease.commit() returns false, but every binding still
-  // delivers the handler's own 201 (express src/capture.ts `lease.commit(response).then(deliver, deliver)`,
-  // koa src/middleware.ts and fastify src/plugin.ts likewise). The client is told about an order
-  // id that was rolled back and never exists. Same when COMMIT itself fails. Expected: in
-  // transactional mode a refused/failed commit answers a problem (e.g. 503 "not committed, retry
-  // with the same key", whose retry replays the winner) instead of the handler's response.
-  it.fails('the paused holder’s client is never told about its rolled-back order', async () => {
+  // Was a defect: the late holder's rolled-back 201 reached its client. Now the lease carries a
+  // replacement (the winner's stored response, 409 or 503) and every binding sends that instead.
+  it('the paused holder’s client is never told about its rolled-back order', async () => {
     const { late, orders } = await pausedTakeover();
     if (late.status < 300) expect(orders).toContain(idOf(late.text));
   });
