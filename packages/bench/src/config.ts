@@ -33,6 +33,8 @@ export interface ServerStats {
   readonly slowRuns: number;
   /** Store round trips so far (0 for the memory store and for bare servers). */
   readonly roundTrips: number;
+  /** POST requests whose response has not finished or closed yet. */
+  readonly inFlight: number;
 }
 
 export function envFromProcess(env: NodeJS.ProcessEnv = process.env): ServiceEnv {

@@ -10,6 +10,8 @@ export interface RunningServer {
   readonly url: string;
   readonly pid: number;
   stats(): Promise<ServerStats>;
+  /** Stats once no request is in flight (requests cut off by the end of a run have settled); 5 s at most. */
+  settledStats(): Promise<ServerStats>;
   /** SIGTERM, then waits for the exit (the server cleans its store up first). */
   stop(): Promise<void>;
 }
@@ -42,11 +44,21 @@ export async function startServer(spec: ServerSpec, nodeArgs: readonly string[] 
     });
   });
   const url = `http://127.0.0.1:${port}`;
+  const stats = async (): Promise<ServerStats> => (await (await fetch(`${url}/__stats`)).json()) as ServerStats;
   return {
     spec,
     url,
     pid: child.pid ?? -1,
-    stats: async () => (await (await fetch(`${url}/__stats`)).json()) as ServerStats,
+    stats,
+    settledStats: async () => {
+      const deadline = Date.now() + 5_000;
+      let current = await stats();
+      while (current.inFlight > 0 && Date.now() < deadline) {
+        await new Promise((resolve) => setTimeout(resolve, 20)); // polling a counter, not ordering events
+        current = await stats();
+      }
+      return current;
+    },
     stop: async () => {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
       const code = await exited;

@@ -18,6 +18,9 @@ export interface HttpRow {
   readonly roundTripsPerRequest: number | null;
   /** Handler runs per request: 1 for a new key, 0 for replays (bare: always 1). */
   readonly handlerRunsPerRequest: number;
+  /** Totals over the runs behind the row (requests the server received, handler runs). */
+  readonly requests: number;
+  readonly handlerRuns: number;
   readonly non2xx: number;
   readonly errors: number;
   readonly runs: number;

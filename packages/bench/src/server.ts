@@ -1,7 +1,7 @@
 // One benchmarked server per process (the load generator runs in another one): framework +
 // library + store from the JSON in BENCH_SERVER. Prints `READY <port>` once it listens on
 // 127.0.0.1; on SIGTERM closes, removes what it stored and exits 0 (so --cpu-prof is written).
-import { createServer, type Server } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { AppContext, Counters, LibrarySetup } from './apps/context.js';
 import { BENCH_TTL_MS, type ServerSpec } from './config.js';
@@ -38,7 +38,8 @@ switch (spec.library) {
 }
 
 const counters: Counters = { requests: 0, runs: 0, slowRuns: 0 };
-const context: AppContext = { library, counters, stats: () => ({ ...counters, roundTrips: roundTrips() }) };
+let inFlight = 0;
+const context: AppContext = { library, counters, stats: () => ({ ...counters, roundTrips: roundTrips(), inFlight }) };
 
 let server: Server;
 let closeApp = async (): Promise<void> => undefined;
@@ -63,6 +64,12 @@ switch (spec.framework) {
   }
 }
 server.keepAliveTimeout = 30_000;
+// Lets the runner wait for requests cut off at the end of a run to settle before it reads counters.
+server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+  if (req.method !== 'POST') return;
+  inFlight++;
+  res.once('close', () => inFlight--);
+});
 await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
 process.stdout.write(`READY ${(server.address() as AddressInfo).port}\n`);
 

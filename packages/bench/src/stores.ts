@@ -91,7 +91,9 @@ export async function openStore(name: StoreName, env: ServiceEnv, runId: string,
     }
     case 'redis': {
       const [{ Redis }, { createRedisStore }] = await Promise.all([import('ioredis'), import('@idemkit/redis')]);
-      const client = new Redis(required(env.redis, 'TEST_REDIS_URL'));
+      // Experiments only (see README): batch the commands of one tick into one socket write.
+      const enableAutoPipelining = process.env['IDEMKIT_BENCH_REDIS_AUTOPIPELINING'] === '1';
+      const client = new Redis(required(env.redis, 'TEST_REDIS_URL'), { enableAutoPipelining });
       const prefix = `idemkit-bench:${runId}:`;
       const store = createRedisStore({ client, prefix });
       const roundTrips = countCommands(client);

@@ -38,7 +38,7 @@ describe('tables', () => {
   });
 
   it('flags a library that ran the handler more than once in the race check', () => {
-    const base = { framework: 'express', store: 'memory', path: 'new-key', rps: 1000, p50: 1, p99: 5, ratio: 0.5, roundTripsPerRequest: null, handlerRunsPerRequest: 1, non2xx: 0, errors: 0, runs: 1 } as const;
+    const base = { framework: 'express', store: 'memory', path: 'new-key', rps: 1000, p50: 1, p99: 5, ratio: 0.5, roundTripsPerRequest: null, handlerRunsPerRequest: 1, requests: 100, handlerRuns: 100, non2xx: 0, errors: 0, runs: 1 } as const;
     const table = httpTable([
       { ...base, library: 'idemkit', race: { requests: 50, handlerRuns: 1, statuses: { '201': 3, '409': 47 } } },
       { ...base, library: 'express-idempotency', race: { requests: 50, handlerRuns: 7, statuses: { '201': 50 } } },
