@@ -27,7 +27,18 @@ export async function nodeIdempotency(store: StoreName, env: ServiceEnv, runId: 
     const redis = new RedisStorageAdapter({ url: env.redis });
     await redis.connect();
     adapter = redis;
-    close = () => redis.disconnect();
+    const url = env.redis;
+    close = async () => {
+      await redis.disconnect();
+      // Its records carry a TTL, but a shared Redis should not keep a run's keys for 10 minutes.
+      const [{ Redis }, { deleteRedisPrefix }] = await Promise.all([import('ioredis'), import('../stores.js')]);
+      const client = new Redis(url);
+      try {
+        await deleteRedisPrefix(client, `node-idem-bench:${runId}:`);
+      } finally {
+        await client.quit();
+      }
+    };
   } else {
     throw new Error(`@node-idempotency has no ${store} adapter in this bench`);
   }
