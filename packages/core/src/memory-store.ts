@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { BeginResult, IdempotencyRecord, IdempotencyStore, LeaseToken, StoredResponse } from './store.js';
 
 export interface MemoryStoreOptions {
-  /** Most records kept; when full, expired records go first, then the oldest completed ones. @default 10_000 */
+  /** Most records kept; when full, the oldest expired or completed records go (1% at a time), never running leases. @default 10_000 */
   maxEntries?: number;
   /** Clock in epoch ms (tests inject one). @default Date.now */
   now?: () => number;
@@ -57,7 +57,10 @@ export class MemoryStore implements IdempotencyStore {
     }
     const tookOver = existing?.state === 'in_progress';
     if (existing) this.#entries.delete(key);
-    else this.#makeRoom(now);
+    else {
+      this.#sweepHead(now);
+      this.#makeRoom(now);
+    }
     const token = randomUUID() as LeaseToken;
     const leaseExpiresAt = now + leaseMs;
     this.#entries.set(key, { fingerprint, state: 'in_progress', token, leaseExpiresAt, response: null, createdAt: now, expiresAt: leaseExpiresAt });
@@ -123,18 +126,31 @@ export class MemoryStore implements IdempotencyStore {
     return entry;
   }
 
+  /**
+   * Evict from the head of the Map: insertion order is (nearly) expiry order for one TTL, so the
+   * oldest records come first. Expired and completed records go, running leases never; a batch
+   * of 1% is freed so the next inserts do not search at all (a full scan per insert made a full
+   * store 3x slower, found by `pnpm bench`).
+   */
   #makeRoom(now: number): void {
     if (this.#entries.size < this.#max) return;
-    for (const [key, entry] of this.#entries) if (entry.expiresAt <= now) this.#entries.delete(key);
-    if (this.#entries.size < this.#max) return;
-    // Map order is insertion order: the first completed entry is the oldest one.
+    const target = this.#max - Math.max(1, Math.floor(this.#max / 100));
     for (const [key, entry] of this.#entries) {
-      if (entry.state === 'completed') {
-        this.#entries.delete(key);
-        return;
-      }
+      if (this.#entries.size <= target) break;
+      if (entry.expiresAt <= now || entry.state === 'completed') this.#entries.delete(key);
     }
-    throw new MemoryStoreFullError(`[idemkit] [memory] All ${this.#max} entries hold running leases; raise \`maxEntries\`.`);
+    if (this.#entries.size >= this.#max) {
+      throw new MemoryStoreFullError(`[idemkit] [memory] All ${this.#max} entries hold running leases; raise \`maxEntries\`.`);
+    }
+  }
+
+  /** Drop a few expired records from the head on every write, so they do not linger until full. */
+  #sweepHead(now: number): void {
+    let budget = 4;
+    for (const [key, entry] of this.#entries) {
+      if (budget-- === 0 || entry.expiresAt > now) return;
+      this.#entries.delete(key);
+    }
   }
 }
 

@@ -23,6 +23,20 @@ describe('MemoryStore specifics', () => {
     await expect(store.begin('f', null, 1_000)).rejects.toBeInstanceOf(MemoryStoreFullError);
   });
 
+  it('when full, frees 1% of the oldest completed records at once, so the next inserts need no search', async () => {
+    const store = createMemoryStore({ maxEntries: 1_000 });
+    for (let i = 0; i < 1_000; i++) {
+      const r = await store.begin(`k${i}`, null, 60_000);
+      if (r.kind === 'acquired') await store.complete(`k${i}`, r.token, resp, 60_000);
+    }
+    expect(store.size).toBe(1_000);
+    await store.begin('one-more', null, 60_000);
+    expect(store.size).toBe(991);
+    expect(await store.get('k0')).toBeUndefined();
+    expect(await store.get('k9')).toBeUndefined();
+    expect((await store.get('k10'))?.state).toBe('completed');
+  });
+
   it('really evicts expired entries (purge, and on read)', async () => {
     let now = 0;
     const store = createMemoryStore({ now: () => now });
