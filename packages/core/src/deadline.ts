@@ -6,16 +6,28 @@ export class StoreTimeoutError extends Error {
   }
 }
 
-/** Race a store call against a deadline, so a hung store never hangs a request (SPEC §2: 503). */
+/**
+ * Race a store call against a deadline, so a hung store never hangs a request (SPEC §2: 503).
+ * Hand-rolled instead of Promise.race: every request pays this twice, and it allocates less.
+ */
 export function withDeadline<T>(operation: string, ms: number, call: () => Promise<T>): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const deadline = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new StoreTimeoutError(operation, ms)), ms);
+  return new Promise<T>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new StoreTimeoutError(operation, ms)), ms);
     timer.unref();
+    const settle = (fn: () => void) => {
+      clearTimeout(timer);
+      fn();
+    };
+    try {
+      call().then(
+        (value) => settle(() => resolve(value)),
+        (error: unknown) => settle(() => reject(error)),
+      );
+    } catch (error) {
+      // A store method that throws synchronously fails like one that rejects.
+      settle(() => reject(error));
+    }
   });
-  // `call` may throw synchronously; Promise.resolve().then turns that into a rejection too.
-  const work = Promise.resolve().then(call);
-  return Promise.race([work, deadline]).finally(() => clearTimeout(timer));
 }
 
 export function sleep(ms: number): Promise<void> {

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { createHash, hash } from 'node:crypto';
 import { canonicalJson } from './canonical-json.js';
 import type { IncomingRequest } from './types.js';
 
@@ -13,9 +13,10 @@ export function canonicalBody(body: unknown): Uint8Array | string {
 
 /** SHA-256 over method, path with query, and the canonical body (SPEC §2). */
 export function defaultFingerprint(input: Pick<IncomingRequest, 'method' | 'path' | 'body'>): string {
-  const hash = createHash('sha256');
   // NUL separators: neither a method nor a path can contain one, so the fields cannot run together.
-  hash.update(input.method.toUpperCase()).update('\0').update(input.path).update('\0');
-  hash.update(canonicalBody(input.body));
-  return `sha256:${hash.digest('base64url')}`;
+  const head = `${input.method.toUpperCase()}\0${input.path}\0`;
+  const body = canonicalBody(input.body);
+  // One-shot hash for the common text case (no Hash object per request); bytes need the stream form.
+  if (typeof body === 'string') return `sha256:${hash('sha256', head + body, 'base64url')}`;
+  return `sha256:${createHash('sha256').update(head).update(body).digest('base64url')}`;
 }

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { canonicalBody, defaultFingerprint } from '../src/index.js';
@@ -21,6 +22,13 @@ describe('fingerprint', () => {
     expect(fp({ a: 2 })).not.toBe(base);
     expect(fp({ a: 1 })).toBe(base);
     expect(base).toMatch(/^sha256:[\w-]{43}$/);
+  });
+
+  it('is the SHA-256 of method, NUL, path, NUL, canonical body (stable across versions)', () => {
+    const expected = createHash('sha256').update('POST\0/orders?x=1\0{"a":1,"b":[2]}').digest('base64url');
+    expect(fp({ b: [2], a: 1 }, 'post', '/orders?x=1')).toBe(`sha256:${expected}`);
+    expect(fp('{"a":1,"b":[2]}', 'POST', '/orders?x=1')).toBe(`sha256:${expected}`);
+    expect(fp(Buffer.from('{"a":1,"b":[2]}'), 'POST', '/orders?x=1')).toBe(`sha256:${expected}`);
   });
 
   it('hashes raw bytes and strings as they are, and no body as empty', () => {
