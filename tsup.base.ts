@@ -9,7 +9,8 @@ export const base: Options = {
   sourcemap: true,
   target: 'node20',
   splitting: false,
-  // Error class names are part of the API (`err.name`), so keep them unminified.
+  // Error class names are part of the API (`err.name`), so nothing is minified or renamed.
+  // (No `keepNames`: unminified output keeps names anyway, and its __name() wrapper ran on every
+  // closure created per request - visible in pnpm bench's profile.)
   minify: false,
-  keepNames: true,
 };

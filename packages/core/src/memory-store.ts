@@ -32,6 +32,7 @@ export class MemoryStore implements IdempotencyStore {
   readonly #entries = new Map<string, Entry>();
   readonly #max: number;
   readonly #now: () => number;
+  #nextSweepAt = 0;
 
   constructor(options: MemoryStoreOptions = {}) {
     const max = options.maxEntries ?? 10_000;
@@ -58,7 +59,11 @@ export class MemoryStore implements IdempotencyStore {
     const tookOver = existing?.state === 'in_progress';
     if (existing) this.#entries.delete(key);
     else {
-      this.#sweepHead(now);
+      // At most once a second: iterating a Map from its head walks the holes its deletions left.
+      if (now >= this.#nextSweepAt) {
+        this.#nextSweepAt = now + 1_000;
+        this.#sweepHead(now);
+      }
       this.#makeRoom(now);
     }
     const token = randomUUID() as LeaseToken;
@@ -144,9 +149,9 @@ export class MemoryStore implements IdempotencyStore {
     }
   }
 
-  /** Drop a few expired records from the head on every write, so they do not linger until full. */
+  /** Drop expired records from the head (a bounded batch), so they do not linger until full. */
   #sweepHead(now: number): void {
-    let budget = 4;
+    let budget = 256;
     for (const [key, entry] of this.#entries) {
       if (budget-- === 0 || entry.expiresAt > now) return;
       this.#entries.delete(key);
