@@ -5,3 +5,5 @@ export type * from './contract.js';
 // Store names, for narrowing a run while debugging.
 export { STORE_NAMES, type StoreName } from './stores.js';
 export type { Framework } from './context.js';
+// The README quick start of a binding, loaded and checked the same way for Express and Koa.
+export { expectReadmePayments, importReadmeQuickStart } from './readme.js';
