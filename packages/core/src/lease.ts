@@ -21,6 +21,7 @@ export class RunningLease implements Lease {
   #settled = false;
   #timer: NodeJS.Timeout | undefined;
   #replacement: StoredResponse | null = null;
+  #renewing = false;
 
   constructor(
     private readonly host: LeaseHost,
@@ -47,53 +48,77 @@ export class RunningLease implements Lease {
 
   async commit(response: StoredResponse): Promise<boolean> {
     if (!this.#settle()) return false;
-    const { storable, maxBodyBytes } = this.host.options;
-    if (!storable(response.status)) {
-      await this.#release('not-storable');
-      return false;
+    try {
+      const { storable, maxBodyBytes } = this.host.options;
+      if (!storable(response.status)) {
+        await this.#release('not-storable');
+        return false;
+      }
+      if (response.body.byteLength > maxBodyBytes) {
+        await this.#storeMarker(response.status, 'too-large');
+        return false;
+      }
+      const stored = await this.#complete(response);
+      // Transactional mode: not stored means rolled back, so the handler's answer must not go out.
+      if (!stored && this.tx) this.#replacement = await this.#answerAfterRollback();
+      return stored;
+    } finally {
+      this.#stopRenewing();
     }
-    if (response.body.byteLength > maxBodyBytes) {
-      await this.#storeMarker(response.status, 'too-large');
-      return false;
-    }
-    const stored = await this.#complete(response);
-    // Transactional mode: not stored means rolled back, so the handler's answer must not go out.
-    if (!stored && this.tx) this.#replacement = await this.#answerAfterRollback();
-    return stored;
   }
 
   async commitUnbuffered(status: number, reason: 'not-bufferable' | 'too-large'): Promise<void> {
     if (!this.#settle()) return;
-    if (!this.host.options.storable(status)) {
-      await this.#release('not-storable');
-      return;
+    try {
+      if (!this.host.options.storable(status)) await this.#release('not-storable');
+      else await this.#storeMarker(status, reason);
+    } finally {
+      this.#stopRenewing();
     }
-    await this.#storeMarker(status, reason);
   }
 
   async abandon(reason: AbandonReason): Promise<void> {
     if (!this.#settle()) return;
-    await this.#release(reason);
+    try {
+      await this.#release(reason);
+    } finally {
+      this.#stopRenewing();
+    }
   }
 
   #settle(): boolean {
     if (this.#settled) return false;
     this.#settled = true;
-    clearInterval(this.#timer);
     return true;
   }
 
+  /**
+   * Renewal goes on until the final write has landed, not just until it starts: on a slow store
+   * the completion itself can outlast what is left of the lease, and a takeover then would run
+   * the handler a second time while its answer is being stored (seen in the MongoDB soak).
+   */
+  #stopRenewing(): void {
+    clearInterval(this.#timer);
+  }
+
   async #renew(): Promise<void> {
+    // One renewal in flight at a time: on a slow store, ticks must not queue up renewals that
+    // would then delay the completion behind them.
+    if (this.#renewing) return;
+    this.#renewing = true;
     const { store, leaseMs, storeTimeoutMs } = this.host.options;
     try {
       const ok = await withDeadline('renew', storeTimeoutMs, () => store.renew(this.id, this.token, leaseMs));
+      // Once settled, a refused renewal only means the completion (or release) got there first.
       if (!ok && !this.#settled) {
-        clearInterval(this.#timer);
+        this.#stopRenewing();
         this.#lost('renew');
       }
     } catch (error) {
       // Keep renewing: a brief store outage should not cost the lease if the store comes back.
       this.#storeError('renew', error);
+    } finally {
+      this.#renewing = false;
     }
   }
 

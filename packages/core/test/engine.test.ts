@@ -298,6 +298,44 @@ describe('SPEC §2 through the engine', () => {
     expect(await lease.commit(response())).toBe(true);
   });
 
+  it('keeps renewing while a slow completion lands, so no duplicate takes over meanwhile', async () => {
+    const { engine, store } = setup({ leaseMs: 90 });
+    const complete = store.complete.bind(store);
+    let release!: () => void;
+    const slow = new Promise<void>((r) => (release = r));
+    store.complete = async (...args) => {
+      await slow; // the store takes longer than the whole lease to store the answer
+      return complete(...args);
+    };
+    const lease = expectRun(await engine.decide(request({ key: 'slow-complete' })));
+    const committing = lease.commit(response());
+    await new Promise((r) => setTimeout(r, 400)); // several lease lengths pass during the completion
+    expectProblem(await engine.decide(request({ key: 'slow-complete' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    release();
+    expect(await committing).toBe(true);
+    expect((await engine.decide(request({ key: 'slow-complete' }))).kind).toBe('replay');
+  });
+
+  it('never has two renewals of one lease in flight', async () => {
+    const { engine, store } = setup({ leaseMs: 300 });
+    const renew = store.renew.bind(store);
+    let inFlight = 0;
+    let most = 0;
+    let calls = 0;
+    store.renew = async (...args) => {
+      inFlight++;
+      calls++;
+      most = Math.max(most, inFlight);
+      await new Promise((r) => setTimeout(r, 150)); // slower than the 100 ms renewal tick
+      inFlight--;
+      return renew(...args);
+    };
+    const lease = expectRun(await engine.decide(request({ key: 'renew-once' })));
+    await vi.waitFor(() => expect(calls).toBeGreaterThanOrEqual(3));
+    await lease.abandon('handler-threw');
+    expect(most).toBe(1);
+  });
+
   it('reports a lost lease found by renewal', async () => {
     let now = 0;
     const store = createMemoryStore({ now: () => now });
