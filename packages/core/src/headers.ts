@@ -49,3 +49,13 @@ export function responseHeaders(response: StoredResponse): Map<string, string | 
 export function replayHeaders(response: StoredResponse): Map<string, string | string[]> {
   return responseHeaders(response).set(REPLAYED_HEADER, 'true');
 }
+
+/**
+ * Whether a request carries a body (the test of `type-is`'s hasBody): chunked, or a non-zero
+ * Content-Length. Bindings use it to tell "no body" from "a body no parser read".
+ */
+export function hasRequestBody(headers: Readonly<Record<string, string | readonly string[] | undefined>>): boolean {
+  if (headers['transfer-encoding'] !== undefined) return true;
+  const length = Number(headers['content-length']);
+  return Number.isFinite(length) && length > 0;
+}

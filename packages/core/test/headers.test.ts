@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { problemResponse, replayHeaders, RequestInProgressError, toStoredHeaders } from '../src/index.js';
+import { hasRequestBody, problemResponse, replayHeaders, RequestInProgressError, toStoredHeaders } from '../src/index.js';
 
 describe('replayed headers', () => {
   it('keeps end-to-end headers (multi-valued in order) and drops hop-by-hop, date and content-length', () => {
@@ -42,5 +42,13 @@ describe('replayed headers', () => {
       detail: 'busy',
       code: 'ERR_IDEMKIT_REQUEST_IN_PROGRESS',
     });
+  });
+
+  it('tells a request with a body (chunked or non-zero length) from one without', () => {
+    expect(hasRequestBody({ 'content-length': '12' })).toBe(true);
+    expect(hasRequestBody({ 'transfer-encoding': 'chunked' })).toBe(true);
+    expect(hasRequestBody({ 'content-length': '0' })).toBe(false);
+    expect(hasRequestBody({ 'content-length': 'abc' })).toBe(false);
+    expect(hasRequestBody({})).toBe(false);
   });
 });

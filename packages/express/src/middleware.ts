@@ -1,4 +1,4 @@
-import { ConfigurationError, createIdempotencyEngine, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
+import { ConfigurationError, createIdempotencyEngine, hasRequestBody, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import { captureResponse } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
@@ -21,11 +21,6 @@ declare global {
 
 /** Per request, so a second `idempotency()` on the same request (app-wide and per route) passes through. */
 const seen = new WeakMap<Request, { readonly lease: Lease | null }>();
-
-function hasBody(req: Request): boolean {
-  const length = req.headers['content-length'];
-  return (length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined;
-}
 
 function bodyNotParsed(): ConfigurationError {
   return new ConfigurationError(
@@ -64,7 +59,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       expose(req, res, null);
       return next();
     }
-    if (req.body === undefined && hasBody(req)) return next(bodyNotParsed());
+    if (req.body === undefined && hasRequestBody(req.headers)) return next(bodyNotParsed());
 
     const decision = await engine.decide(toIncoming(req), req);
     switch (decision.kind) {

@@ -1,7 +1,7 @@
-import type { IncomingMessage } from 'node:http';
 import {
   ConfigurationError,
   createIdempotencyEngine,
+  hasRequestBody,
   problemResponse,
   replayHeaders,
   responseHeaders,
@@ -70,7 +70,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     if (!resolved.methods.has(method)) return next();
 
     const body = (ctx.request as { body?: unknown }).body;
-    if (bodyMatters && body === undefined && hasRequestBody(ctx.req)) {
+    if (bodyMatters && body === undefined && hasRequestBody(ctx.req.headers)) {
       throw new ConfigurationError(
         'ERR_IDEMKIT_BODY_NOT_PARSED',
         'ctx.request.body is undefined but the request has a body: mount a body parser (e.g. @koa/bodyparser) before idempotency(), or the fingerprint and the body key cannot see the body.',
@@ -150,16 +150,9 @@ function needsBody(o: ResolvedOptions<Context>): boolean {
   return o.fingerprint === 'default' || (o.getKey === undefined && o.bodyField !== false);
 }
 
-/** Same test as `type-is`'s hasBody: a chunked body, or a non-zero Content-Length. */
-function hasRequestBody(req: IncomingMessage): boolean {
-  if (req.headers['transfer-encoding'] !== undefined) return true;
-  const length = Number(req.headers['content-length']);
-  return Number.isFinite(length) && length > 0;
-}
-
 /** @koa/bodyparser sets `{}` (and no rawBody) for content types it does not parse. */
 function looksUnparsed(ctx: Context, body: unknown): boolean {
   if (typeof body !== 'object' || body === null || Object.getPrototypeOf(body) !== Object.prototype) return false;
   if (Object.keys(body).length > 0) return false;
-  return (ctx.request as { rawBody?: unknown }).rawBody === undefined && hasRequestBody(ctx.req);
+  return (ctx.request as { rawBody?: unknown }).rawBody === undefined && hasRequestBody(ctx.req.headers);
 }
