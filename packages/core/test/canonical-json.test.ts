@@ -16,6 +16,16 @@ describe('canonical JSON', () => {
     );
   });
 
+  it('property: the same text on either side of the depth where the fast path hands over to the iterative writer', () => {
+    fc.assert(
+      fc.property(fc.jsonValue({ maxDepth: 3 }), fc.integer({ min: 55, max: 75 }), fc.boolean(), (inner, levels, useArrays) => {
+        let value: unknown = inner;
+        for (let i = 0; i < levels; i++) value = useArrays ? [value, i] : { z: i, a: value, u: undefined };
+        expect(canonicalJson(value)).toBe(sortedStringify(value));
+      }),
+    );
+  });
+
   it('follows JSON.stringify for the values it treats specially', () => {
     expect(canonicalJson({ b: undefined, a: () => 1, c: Symbol('x'), d: [undefined, NaN, Infinity] })).toBe('{"d":[null,null,null]}');
     expect(canonicalJson({ when: new Date(0), n: 10n })).toBe('{"n":10,"when":"1970-01-01T00:00:00.000Z"}');
