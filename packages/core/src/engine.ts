@@ -7,11 +7,11 @@ import {
 } from './errors.js';
 import { defaultFingerprint } from './fingerprint.js';
 import { parseKeyHeader, scopedKey, validateKey, type KeyParseResult } from './key.js';
-import { RunningLease } from './lease.js';
+import { RenewalClock, RunningLease } from './lease.js';
 import { resolveOptions, type IdempotencyOptions, type ResolvedOptions } from './options.js';
 import type { BeginResult, LeaseToken, StoreTransaction, TransactionalStore } from './store.js';
 import type { Decision, IdempotencyEvent, IncomingRequest } from './types.js';
-import { sleep, StoreTimeoutError, withDeadline } from './deadline.js';
+import { sleep, storeCaller, StoreTimeoutError, type StoreCall } from './deadline.js';
 
 export interface IdempotencyEngine<Req = IncomingRequest> {
   readonly options: ResolvedOptions<Req>;
@@ -37,9 +37,13 @@ export function createIdempotencyEngine<Req = IncomingRequest>(options: Idempote
 
 class Engine<Req> implements IdempotencyEngine<Req> {
   readonly #headerLower: string;
+  readonly renewals: RenewalClock;
+  readonly call: StoreCall;
 
   constructor(readonly options: ResolvedOptions<Req>) {
     this.#headerLower = options.header.toLowerCase();
+    this.renewals = new RenewalClock(options.leaseMs);
+    this.call = storeCaller(options.store, options.storeTimeoutMs);
     if (!options.store.shared && process.env.NODE_ENV === 'production') {
       options.logger?.warn(
         '[idemkit] The in-memory store keeps records in this process only: with several processes or restarts, retries can run twice. Use a shared store (Postgres, Redis, MongoDB) in production.',
@@ -63,7 +67,8 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     const o = this.options;
     if (!o.methods.has(input.method.toUpperCase())) return PASS;
 
-    const found = await this.#readKey(input, req);
+    // Only a custom getKey can be async; the header path stays synchronous (one promise less per request).
+    const found = o.getKey ? await this.#customKey(input, req) : this.#headerKey(input);
     if (found.ok === 'none') {
       return o.required ? problem(new KeyError('ERR_IDEMKIT_KEY_MISSING', 400, `This request needs an ${o.header} header.`)) : PASS;
     }
@@ -78,31 +83,30 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     return this.#claim(key, scopedKey(scope, key), fingerprint);
   }
 
-  async #readKey(input: IncomingRequest, req: Req): Promise<KeyLookup> {
-    const o = this.options;
-    let result: KeyParseResult;
-    if (o.getKey) {
-      const key = await o.getKey(req, input);
-      if (key === undefined || key === null) return { ok: 'none' };
-      if (typeof key !== 'string') return { ok: false, reason: 'The key must be a string.' };
-      result = validateKey(key);
-    } else {
-      const header = input.headers[this.#headerLower];
-      const values = typeof header === 'string' ? [header] : header;
-      if (values !== undefined && values.length > 1) {
-        return { ok: false, reason: `Send exactly one ${o.header} header; this request has ${values.length}.` };
-      }
-      const first = values?.[0];
-      if (first !== undefined) {
-        result = parseKeyHeader(first);
-      } else {
-        const fromBody = this.#bodyKey(input.body);
-        if (fromBody === undefined) return { ok: 'none' };
-        result = fromBody;
-      }
+  async #customKey(input: IncomingRequest, req: Req): Promise<KeyLookup> {
+    const key = await this.options.getKey!(req, input);
+    if (key === undefined || key === null) return { ok: 'none' };
+    if (typeof key !== 'string') return { ok: false, reason: 'The key must be a string.' };
+    return this.#checked(validateKey(key));
+  }
+
+  #headerKey(input: IncomingRequest): KeyLookup {
+    const header = input.headers[this.#headerLower];
+    if (typeof header === 'string') return this.#checked(parseKeyHeader(header));
+    if (header !== undefined && header.length > 1) {
+      return { ok: false, reason: `Send exactly one ${this.options.header} header; this request has ${header.length}.` };
     }
-    if (!result.ok || !o.validateKey) return result;
-    const verdict = o.validateKey(result.key);
+    const first = header?.[0];
+    if (first !== undefined) return this.#checked(parseKeyHeader(first));
+    const fromBody = this.#bodyKey(input.body);
+    return fromBody === undefined ? { ok: 'none' } : this.#checked(fromBody);
+  }
+
+  /** Apply the user's `validateKey` to a key the built-in rules accepted. */
+  #checked(result: KeyParseResult): KeyParseResult {
+    const { validateKey: custom } = this.options;
+    if (!result.ok || !custom) return result;
+    const verdict = custom(result.key);
     if (verdict === true) return result;
     return { ok: false, reason: typeof verdict === 'string' ? verdict : 'The key was rejected by the server’s key rules.' };
   }
@@ -122,16 +126,18 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     let delay = WAIT_FIRST_MS;
     for (;;) {
       let result: BeginResult;
-      const pending = Promise.resolve().then(() => o.store.begin(id, fingerprint, o.leaseMs));
+      let pending: Promise<BeginResult> | undefined;
       try {
-        result = await withDeadline('begin', o.storeTimeoutMs, () => pending);
+        result = await this.call('begin', () => (pending = o.store.begin(id, fingerprint, o.leaseMs)));
       } catch (error) {
         // A begin that timed out may still land (a client replays queued commands on reconnect):
         // give such a late claim back, or the key would answer 409 for a whole lease.
-        if (error instanceof StoreTimeoutError) void pending.then((late) => (late.kind === 'acquired' ? o.store.release(id, late.token) : false)).catch(() => false);
+        if (error instanceof StoreTimeoutError && pending) void pending.then((late) => (late.kind === 'acquired' ? o.store.release(id, late.token) : false)).catch(() => false);
         return this.#storeFailure(key, 'begin', error);
       }
-      if (result.kind === 'acquired') return this.#run(key, id, result.token, result.tookOver);
+      if (result.kind === 'acquired') {
+        return o.transactional ? this.#runInTransaction(key, id, result.token, result.tookOver) : this.#run(key, id, result.token, result.tookOver);
+      }
 
       const { record } = result;
       if (fingerprint !== null && record.fingerprint !== null && record.fingerprint !== fingerprint) {
@@ -145,7 +151,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         );
       }
       if (record.state === 'completed' && record.response !== null) {
-        this.emit({ type: 'replayed', key, status: record.response.status });
+        if (o.onEvent) this.emit({ type: 'replayed', key, status: record.response.status });
         return { kind: 'replay', key, response: record.response };
       }
       // Still running elsewhere: wait (bounded, with backoff) or answer 409 at once.
@@ -167,23 +173,26 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     }
   }
 
-  async #run(key: string, id: string, token: LeaseToken, tookOver: boolean): Promise<Decision> {
+  async #runInTransaction(key: string, id: string, token: LeaseToken, tookOver: boolean): Promise<Decision> {
     const o = this.options;
-    let tx: StoreTransaction | undefined;
-    if (o.transactional) {
-      try {
-        tx = await withDeadline('beginTransaction', o.storeTimeoutMs, () => (o.store as TransactionalStore).beginTransaction());
-      } catch (error) {
-        // Free the key we just took: nothing ran, so a retry must be able to run.
-        await o.store.release(id, token).catch(() => undefined);
-        return this.#storeFailure(key, 'beginTransaction', error);
-      }
+    let tx: StoreTransaction;
+    try {
+      tx = await this.call('beginTransaction', () => (o.store as TransactionalStore).beginTransaction());
+    } catch (error) {
+      // Free the key we just took: nothing ran, so a retry must be able to run.
+      await o.store.release(id, token).catch(() => undefined);
+      return this.#storeFailure(key, 'beginTransaction', error);
     }
+    return this.#run(key, id, token, tookOver, tx);
+  }
+
+  #run(key: string, id: string, token: LeaseToken, tookOver: boolean, tx?: StoreTransaction): Decision {
+    const o = this.options;
     if (tookOver) {
       this.emit({ type: 'lease-taken-over', key });
       o.logger?.warn(`[idemkit] Took over the expired lease of key "${key}": its previous holder stopped renewing (crashed or stalled).`);
     }
-    this.emit({ type: 'executed', key, tookOver });
+    if (o.onEvent) this.emit({ type: 'executed', key, tookOver });
     return { kind: 'run', lease: new RunningLease(this, key, id, token, tookOver, tx) };
   }
 

@@ -33,6 +33,10 @@ export class MemoryStore implements IdempotencyStore {
   readonly #max: number;
   readonly #now: () => number;
   #nextSweepAt = 0;
+  // A token fences one lease, so it must never repeat within this store; it is no secret (code in
+  // this process can read the store anyway). A counter is cheaper than a random UUID per begin.
+  readonly #tokenPrefix = `${randomUUID()}:`;
+  #tokenSeq = 0;
 
   constructor(options: MemoryStoreOptions = {}) {
     const max = options.maxEntries ?? 10_000;
@@ -66,7 +70,7 @@ export class MemoryStore implements IdempotencyStore {
       }
       this.#makeRoom(now);
     }
-    const token = randomUUID() as LeaseToken;
+    const token = `${this.#tokenPrefix}${++this.#tokenSeq}` as LeaseToken;
     const leaseExpiresAt = now + leaseMs;
     this.#entries.set(key, { fingerprint, state: 'in_progress', token, leaseExpiresAt, response: null, createdAt: now, expiresAt: leaseExpiresAt });
     return { kind: 'acquired', token, tookOver };
@@ -78,7 +82,7 @@ export class MemoryStore implements IdempotencyStore {
     if (!entry) return false;
     entry.state = 'completed';
     // Copy: the caller may reuse its buffers; replays must be byte-exact.
-    entry.response = { status: response.status, headers: response.headers.map(([n, v]) => [n, v] as const), body: Uint8Array.from(response.body) };
+    entry.response = { status: response.status, headers: response.headers.map(([n, v]) => [n, v] as const), body: new Uint8Array(response.body) };
     entry.expiresAt = now + ttlMs;
     return true;
   }

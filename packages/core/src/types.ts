@@ -1,7 +1,7 @@
 import type { IdempotencyError } from './errors.js';
 import type { StoredResponse } from './store.js';
 
-/** Header values as Node gives them (`req.headersDistinct` or `req.headers`), lower-case names. */
+/** Header values as Node gives them (`req.headers` or `req.headersDistinct`), lower-case names. */
 export type IncomingHeaders = Readonly<Record<string, string | readonly string[] | undefined>>;
 
 /**
@@ -14,8 +14,8 @@ export interface IncomingRequest {
   /** Request path with its query string, as received (`/orders?dry=1`). */
   readonly path: string;
   /**
-   * Request headers. Pass `req.headersDistinct` so several `Idempotency-Key` headers are seen as
-   * several (Node joins duplicates of unknown headers with `, `).
+   * Request headers. `req.headers` will do: Node joins repeated lines of unknown headers with
+   * `, `, and a bare key with a comma is refused. An array with several values is refused too.
    */
   readonly headers: IncomingHeaders;
   /**

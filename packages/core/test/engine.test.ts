@@ -4,9 +4,11 @@ import {
   createMemoryStore,
   FingerprintMismatchError,
   KeyError,
+  MemoryStore,
   problemType,
   RequestInProgressError,
   StoreUnavailableError,
+  type BeginResult,
   type Decision,
   type IdempotencyStore,
   type Lease,
@@ -377,6 +379,17 @@ describe('store failures', () => {
     const error = expectProblem(await engine.decide(request({ key: 'k' })), 503, 'ERR_IDEMKIT_STORE_UNAVAILABLE');
     expect((error.cause as Error).name).toBe('StoreTimeoutError');
     expect(Date.now() - started).toBeLessThan(2_000);
+  });
+
+  it('a memory store subclass that hangs still answers 503 (only core’s own memory store skips the deadline)', async () => {
+    class HungStore extends MemoryStore {
+      override begin(): Promise<BeginResult> {
+        return new Promise(() => {});
+      }
+    }
+    const engine = createIdempotencyEngine({ store: new HungStore(), storeTimeoutMs: 50, logger: false });
+    const error = expectProblem(await engine.decide(request({ key: 'k' })), 503, 'ERR_IDEMKIT_STORE_UNAVAILABLE');
+    expect((error.cause as Error).name).toBe('StoreTimeoutError');
   });
 
   it('a begin that lands after its timeout gives the key back', async () => {
