@@ -30,8 +30,11 @@ function bodyNotParsed(): ConfigurationError {
   );
 }
 
-function toIncoming(req: Request): IncomingRequest {
-  return { method: req.method.toUpperCase(), path: req.originalUrl, headers: req.headersDistinct, body: req.body as unknown };
+// Node joins repeated header lines with ", ", and core refuses a bare key with a comma, so two
+// Idempotency-Key lines still get a 400. Not `headersDistinct`: building it copies every header
+// of every request, and on Express's req every property access is slow (see the bench README).
+function toIncoming(req: Request, method: string, body: unknown): IncomingRequest {
+  return { method, path: req.originalUrl, headers: req.headers, body };
 }
 
 function expose(req: Request, res: Response, context: IdempotencyContext | null): void {
@@ -54,14 +57,16 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
 
   async function handle(req: Request, res: Response, next: NextFunction): Promise<void> {
     if (seen.has(req)) return next();
-    if (!engine.options.methods.has(req.method.toUpperCase())) {
+    const method = req.method.toUpperCase();
+    if (!engine.options.methods.has(method)) {
       seen.set(req, { lease: null });
       expose(req, res, null);
       return next();
     }
-    if (req.body === undefined && hasRequestBody(req.headers)) return next(bodyNotParsed());
+    const body: unknown = req.body;
+    if (body === undefined && hasRequestBody(req.headers)) return next(bodyNotParsed());
 
-    const decision = await engine.decide(toIncoming(req), req);
+    const decision = await engine.decide(toIncoming(req, method, body), req);
     switch (decision.kind) {
       case 'pass':
         seen.set(req, { lease: null });

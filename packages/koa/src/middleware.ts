@@ -83,7 +83,9 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
       );
     }
 
-    const decision = await engine.decide({ method, path: ctx.originalUrl, headers: ctx.req.headersDistinct, body }, ctx);
+    // Joined repeated headers, not `headersDistinct` (a copy of every header per request): core
+    // refuses a bare key with a comma, so two Idempotency-Key lines still get a 400.
+    const decision = await engine.decide({ method, path: ctx.originalUrl, headers: ctx.req.headers, body }, ctx);
     switch (decision.kind) {
       case 'pass':
         return next();
