@@ -18,10 +18,12 @@ export interface LeaseHost {
 /**
  * One timer per engine drives the renewals of all its running leases. A timer per lease cost a
  * timer insert and removal on every request (seen in `pnpm bench`'s profile), for renewals that
- * almost never happen: most handlers finish long before a third of the lease has passed.
+ * almost never happen: most handlers finish long before a third of the lease has passed. The
+ * leases form an intrusive linked list, so joining and leaving cost a few pointer writes and no
+ * allocation or hashing (a Set cost about a microsecond per request in the same profile).
  */
 export class RenewalClock {
-  readonly #leases = new Set<RunningLease>();
+  #head: RunningLease | null = null;
   #timer: NodeJS.Timeout | undefined;
   /** A lease renews once this long has passed since it was taken or last renewed. */
   readonly everyMs: number;
@@ -36,26 +38,34 @@ export class RenewalClock {
   }
 
   add(lease: RunningLease): void {
-    this.#leases.add(lease);
+    lease.clockNext = this.#head;
+    if (this.#head !== null) this.#head.clockPrev = lease;
+    this.#head = lease;
     if (this.#timer === undefined) {
       this.#timer = setInterval(() => this.#tick(), this.#tickMs);
       this.#timer.unref();
     }
   }
 
+  /** Idempotent: a lease that already left is left alone. */
   delete(lease: RunningLease): void {
+    const { clockPrev: prev, clockNext: next } = lease;
+    if (prev === null && this.#head !== lease) return;
+    if (prev === null) this.#head = next;
+    else prev.clockNext = next;
+    if (next !== null) next.clockPrev = prev;
+    lease.clockPrev = lease.clockNext = null;
     // The timer stops at its next idle tick, not here: under load leases come and go constantly.
-    this.#leases.delete(lease);
   }
 
   #tick(): void {
-    if (this.#leases.size === 0) {
+    if (this.#head === null) {
       clearInterval(this.#timer);
       this.#timer = undefined;
       return;
     }
     const now = Date.now();
-    for (const lease of this.#leases) lease.renewIfDue(now);
+    for (let lease: RunningLease | null = this.#head; lease !== null; lease = lease.clockNext) lease.renewIfDue(now);
   }
 }
 
@@ -67,6 +77,9 @@ export class RunningLease implements Lease {
   readonly context: IdempotencyContext;
   #settled = false;
   #renewDueAt: number;
+  /** Links of the engine's renewal clock (owned by RenewalClock). */
+  clockPrev: RunningLease | null = null;
+  clockNext: RunningLease | null = null;
   #replacement: StoredResponse | null = null;
   #renewing = false;
 

@@ -300,6 +300,19 @@ describe('SPEC §2 through the engine', () => {
     expect(await lease.commit(response())).toBe(true);
   });
 
+  it('renews every lease still running while others of the same engine settle in any order', async () => {
+    const { engine } = setup({ leaseMs: 90 });
+    const keys = ['a', 'b', 'c', 'd', 'e', 'f'];
+    const leases = new Map<string, Lease>();
+    for (const key of keys) leases.set(key, expectRun(await engine.decide(request({ key }))));
+    // Settle the newest, a middle one and the oldest; twice for one of them (a no-op the second time).
+    for (const key of ['f', 'c', 'a', 'c']) await leases.get(key)!.abandon('handler-threw');
+    await new Promise((r) => setTimeout(r, 400)); // several lease lengths
+    for (const key of ['b', 'd', 'e']) expectProblem(await engine.decide(request({ key })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    for (const key of ['a', 'c', 'f']) expect((await engine.decide(request({ key }))).kind).toBe('run');
+    for (const key of ['b', 'd', 'e']) expect(await leases.get(key)!.commit(response())).toBe(true);
+  });
+
   it('keeps renewing while a slow completion lands, so no duplicate takes over meanwhile', async () => {
     const { engine, store } = setup({ leaseMs: 90 });
     const complete = store.complete.bind(store);
