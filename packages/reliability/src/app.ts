@@ -44,6 +44,26 @@ interface Opened {
   close(): Promise<void>;
 }
 
+/**
+ * The tests start two app processes at once, and CREATE TABLE IF NOT EXISTS is not safe under
+ * concurrency in Postgres (the loser can fail on pg_type's unique index; seen in CI), so the
+ * creation is serialised on a transaction-scoped advisory lock, as the store's migrate() does.
+ */
+async function createOrders(pool: pg.Pool): Promise<void> {
+  const client = await pool.connect();
+  try {
+    await client.query('BEGIN');
+    await client.query('SELECT pg_advisory_xact_lock(hashtext($1))', [ORDERS]);
+    await client.query(`CREATE TABLE IF NOT EXISTS ${ORDERS} (id text PRIMARY KEY, label text NOT NULL)`);
+    await client.query('COMMIT');
+  } catch (error) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    throw error;
+  } finally {
+    client.release();
+  }
+}
+
 async function openStore(): Promise<Opened> {
   const url = env.STORE_URL ?? '';
   switch (STORE) {
@@ -57,7 +77,7 @@ async function openStore(): Promise<Opened> {
       pool.on('error', (e) => line('POOL-ERROR', e.message)); // idle clients killed by pg_terminate_backend
       const store = createPostgresStore({ pool, table: `${PREFIX}_keys` });
       await store.migrate();
-      if (TRANSACTIONAL) await pool.query(`CREATE TABLE IF NOT EXISTS ${ORDERS} (id text PRIMARY KEY, label text NOT NULL)`);
+      if (TRANSACTIONAL) await createOrders(pool);
       return { store, close: async () => { await store.close(); await pool.end(); } };
     }
     case 'redis': {
