@@ -1,7 +1,8 @@
 import {
   FingerprintMismatchError,
   KeyError,
-  RequestInProgressError,
+  requestInProgress,
+  retryAfterSeconds,
   StoreUnavailableError,
   type IdempotencyError,
 } from './errors.js';
@@ -160,15 +161,10 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         delay = Math.min(delay * 2, WAIT_MAX_MS);
         continue;
       }
-      const retryAfterSeconds = Math.max(1, Math.ceil(result.leaseRemainingMs / 1000));
-      this.emit({ type: 'conflict', key, retryAfterSeconds });
+      const seconds = retryAfterSeconds(result.leaseRemainingMs);
+      this.emit({ type: 'conflict', key, retryAfterSeconds: seconds });
       return problem(
-        new RequestInProgressError(
-          'ERR_IDEMKIT_REQUEST_IN_PROGRESS',
-          409,
-          'A request with this key is still being processed. Retry after the time in Retry-After to get its result.',
-          { headers: { 'retry-after': String(retryAfterSeconds) }, extensions: { retryAfter: retryAfterSeconds } },
-        ),
+        requestInProgress(seconds, 'A request with this key is still being processed. Retry after the time in Retry-After to get its result.'),
       );
     }
   }

@@ -97,6 +97,20 @@ export class KeyError extends IdempotencyError {}
 export class FingerprintMismatchError extends IdempotencyError {}
 /** 409 + Retry-After: the first request with the key still runs. */
 export class RequestInProgressError extends IdempotencyError {}
+
+/** Whole seconds left on a lease, for Retry-After: rounded up, at least 1. */
+export function retryAfterSeconds(leaseRemainingMs: number): number {
+  return Math.max(1, Math.ceil(leaseRemainingMs / 1000));
+}
+
+/** The 409 for a key whose lease still runs, with Retry-After (and `retryAfter`) in seconds. */
+export function requestInProgress(retryAfter: number, detail: string): RequestInProgressError {
+  return new RequestInProgressError('ERR_IDEMKIT_REQUEST_IN_PROGRESS', 409, detail, {
+    headers: { 'retry-after': String(retryAfter) },
+    extensions: { retryAfter },
+  });
+}
+
 /** 410: the first response was a stream or too large to store; the handler is never re-run. */
 export class ResponseNotReplayableError extends IdempotencyError {}
 /** 503: the store failed; `cause` is the driver error. */

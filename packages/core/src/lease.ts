@@ -1,4 +1,4 @@
-import { RequestInProgressError, ResponseNotReplayableError, StoreUnavailableError } from './errors.js';
+import { requestInProgress, ResponseNotReplayableError, retryAfterSeconds, StoreUnavailableError } from './errors.js';
 import { REPLAYED_HEADER } from './headers.js';
 import { problemResponse } from './problem.js';
 import type { ResolvedOptions } from './options.js';
@@ -233,14 +233,11 @@ export class RunningLease implements Lease {
         return { ...record.response, headers: [...record.response.headers, [REPLAYED_HEADER, 'true']] };
       }
       if (record?.state === 'in_progress' && record.leaseExpiresAt !== null) {
-        // The store's clock against ours: rough, and only on this rare path; at least 1 s.
-        const retryAfterSeconds = Math.max(1, Math.ceil((record.leaseExpiresAt - Date.now()) / 1000));
+        // The store's clock against ours: rough, and only on this rare path.
         return problemResponse(
-          new RequestInProgressError(
-            'ERR_IDEMKIT_REQUEST_IN_PROGRESS',
-            409,
+          requestInProgress(
+            retryAfterSeconds(record.leaseExpiresAt - Date.now()),
             'This request took too long and another request with the same key took over; its work was rolled back. Retry after the time in Retry-After to get the result.',
-            { headers: { 'retry-after': String(retryAfterSeconds) }, extensions: { retryAfter: retryAfterSeconds } },
           ),
         );
       }
