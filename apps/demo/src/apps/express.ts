@@ -1,11 +1,11 @@
 import { idempotency } from '@idemkit/express';
 import express, { type ErrorRequestHandler, type Response } from 'express';
-import type { AddressInfo } from 'node:net';
 import type { Assets } from '../assets.js';
 import type { Backend } from '../backend.js';
 import { createThing, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
 import type { DemoConfig } from '../config.js';
 import type { RunningDemo } from '../server.js';
+import { listen } from './listen.js';
 
 function send(res: Response, r: DemoResponse): void {
   res.status(r.status).set(r.headers);
@@ -32,11 +32,5 @@ export async function startExpress(config: DemoConfig, backend: Backend, assets:
   };
   app.use(onError);
 
-  const server = app.listen(config.port, config.host);
-  await new Promise<void>((resolve, reject) => server.once('listening', resolve).once('error', reject));
-  const { port } = server.address() as AddressInfo;
-  return {
-    url: `http://${config.host}:${port}`,
-    close: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
-  };
+  return listen(app, config);
 }

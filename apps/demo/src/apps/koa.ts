@@ -2,12 +2,12 @@ import { bodyParser } from '@koa/bodyparser';
 import Router from '@koa/router';
 import { idempotency } from '@idemkit/koa';
 import Koa from 'koa';
-import type { AddressInfo } from 'node:net';
 import type { Assets } from '../assets.js';
 import type { Backend } from '../backend.js';
 import { createThing, invalidJson, listOrders, placeOrder, tooLarge, type DemoResponse } from '../checkout.js';
 import type { DemoConfig } from '../config.js';
 import type { RunningDemo } from '../server.js';
+import { listen } from './listen.js';
 
 function send(ctx: Koa.Context, r: DemoResponse): void {
   ctx.status = r.status;
@@ -41,11 +41,5 @@ export async function startKoa(config: DemoConfig, backend: Backend, assets: Ass
   app.use(router.routes()).use(router.allowedMethods());
   app.on('error', (err: { status?: number }) => { if ((err.status ?? 500) >= 500) console.error(err); });
 
-  const server = app.listen(config.port, config.host);
-  await new Promise<void>((resolve, reject) => server.once('listening', resolve).once('error', reject));
-  const { port } = server.address() as AddressInfo;
-  return {
-    url: `http://${config.host}:${port}`,
-    close: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
-  };
+  return listen(app.callback(), config);
 }
