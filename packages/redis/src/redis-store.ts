@@ -10,6 +10,7 @@ import type {
 } from '@idemkit/core';
 import { resolveRedisStoreOptions, type RedisClient, type RedisStoreOptions } from './options.js';
 import { BEGIN, COMPLETE, GET, RELEASE, RENEW } from './scripts.js';
+import { writeBatcher } from './write-batch.js';
 
 /** What a `...Buffer` script call resolves to: bulk strings as Buffers, integers as numbers. */
 type Reply = Buffer | number | null | Reply[];
@@ -50,7 +51,8 @@ export interface RedisStore extends IdempotencyStore {
 
 /**
  * Create a store on ioredis (single node or Cluster). Each operation is one Lua script on one
- * key: one round trip, atomic, timed by Redis `TIME`.
+ * key: one round trip, atomic, timed by Redis `TIME`. Commands sent in one event-loop turn share
+ * one socket write (see `write-batch.ts`).
  *
  * @example
  * ```ts
@@ -66,10 +68,12 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
   const owned = options.client === undefined;
   const client: RedisClient = options.client ?? new Redis(options.url as string);
   const calls = defineCommands(client);
+  const batch = writeBatcher(client);
   let closed = false;
 
   function run(op: Op, key: string, ...args: Array<string | number | Buffer>): Promise<Reply> {
     if (closed) return Promise.reject(new Error('[idemkit] [redis] The store is closed.'));
+    batch();
     return calls[op](prefix + key, ...args);
   }
 

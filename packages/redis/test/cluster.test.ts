@@ -3,7 +3,7 @@ import { runStoreConformance } from '@idemkit/store-conformance';
 import type { Cluster } from 'ioredis';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createRedisStore } from '../src/index.js';
-import { clusterService, deleteByPrefix, uniquePrefix } from './services.js';
+import { clusterService, countSocketWrites, deleteByPrefix, uniquePrefix } from './services.js';
 
 const { service, connect } = await clusterService();
 const clients: Cluster[] = [];
@@ -70,6 +70,25 @@ describe('redis cluster: keys spread over the masters', () => {
     expect(perMaster.size).toBe(masters.length);
     // Roughly even: no master is starved of records.
     for (const count of perMaster.values()) expect(count).toBeGreaterThan(suiteKeys.size / (masters.length * 4));
+  });
+
+  it('begins sent in one turn leave in one write per master, and no master stays corked', async () => {
+    const store = createRedisStore({ client: first, prefix });
+    // Scripts loaded on every master first, so no EVALSHA → EVAL retry adds writes.
+    await Promise.all(Array.from({ length: 30 }, (_, i) => store.get(`batch-warm:${i}`)));
+    await Promise.all(Array.from({ length: 30 }, (_, i) => store.begin(`batch-warm:${i}`, 'fp', 60_000)));
+    const masters = first.nodes('master');
+    const counters = masters.map((node) => countSocketWrites(node.stream));
+    try {
+      const results = await Promise.all(Array.from({ length: 60 }, (_, i) => store.begin(`batch:${i}`, 'fp', 60_000)));
+      expect(results.every((r) => r.kind === 'acquired')).toBe(true);
+      const writes = counters.map((c) => c.writes());
+      // 60 keys over 3+ masters: each master got its share in a single write.
+      expect(writes.every((w) => w === 1)).toBe(true);
+      expect(masters.map((node) => node.stream.writableCorked)).toEqual(masters.map(() => 0));
+    } finally {
+      for (const c of counters) c.restore();
+    }
   });
 
   it('records really live on several masters (SCAN on each master finds its share)', async () => {

@@ -3,7 +3,7 @@ import type { ResolvedService } from '@idemkit/test-services';
 import { Redis } from 'ioredis';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createRedisStore, type RedisStore } from '../src/index.js';
-import { clientAddr, deleteByPrefix, redisClient, redisNow, redisService, uniquePrefix } from './services.js';
+import { clientAddr, countSocketWrites, deleteByPrefix, redisClient, redisNow, redisService, uniquePrefix } from './services.js';
 
 let service: ResolvedService<string>;
 let url: string;
@@ -141,6 +141,43 @@ describe('one round trip per operation', () => {
     await redis.script('FLUSH');
     expect(await s.complete(k, token, response(new Uint8Array([9])), 60_000)).toBe(true);
     expect((await s.get(k))?.state).toBe('completed');
+  });
+});
+
+describe('one socket write per event-loop turn', () => {
+  it('50 begins sent in one turn leave in one write; the client is uncorked after the turn', async () => {
+    const client = await redisClient(url);
+    const s = createRedisStore({ client, prefix });
+    // Scripts known to Redis, so no EVALSHA → EVAL retry adds writes of its own.
+    await acquire(s, key('warm'));
+    const socket = client.stream;
+    const counter = countSocketWrites(socket);
+    try {
+      const results = await Promise.all(Array.from({ length: 50 }, () => s.begin(key('batch'), 'fp', 60_000)));
+      expect(results.map((r) => r.kind)).toEqual(Array.from({ length: 50 }, () => 'acquired'));
+      expect(counter.writes()).toBe(1);
+      // Nothing of yours stays held back: the socket is uncorked, and your commands go out alone.
+      expect(socket.writableCorked).toBe(0);
+      const before = counter.writes();
+      expect(await client.ping()).toBe('PONG');
+      expect(counter.writes()).toBe(before + 1);
+    } finally {
+      counter.restore();
+      await client.quit();
+    }
+  });
+
+  it('batches only while the client is ready: commands queued before connect still run', async () => {
+    const client = new Redis(url, { lazyConnect: true });
+    const s = createRedisStore({ client, prefix });
+    const k = key('lazy');
+    // Sent while ioredis is still connecting: held in its offline queue, nothing to cork.
+    const pending = s.begin(k, 'fp', 60_000);
+    expect(client.status).not.toBe('ready');
+    const r = await pending;
+    expect(r.kind).toBe('acquired');
+    expect(client.stream.writableCorked).toBe(0);
+    await client.quit();
   });
 });
 

@@ -1,4 +1,5 @@
 import { resolveRedis, resolveRedisCluster, type ResolvedService } from '@idemkit/test-services';
+import type { Writable } from 'node:stream';
 import { Cluster, Redis } from 'ioredis';
 
 export { uniquePrefix } from '@idemkit/test-services';
@@ -56,4 +57,31 @@ export async function deleteByPrefix(client: Redis | Cluster, prefix: string): P
       cursor = next;
     } while (cursor !== '0');
   }
+}
+
+/**
+ * Count the writes a socket hands to the OS (`_write` for one chunk, `_writev` for several
+ * buffered ones): what one `write` syscall per call costs. Returns the count and an undo.
+ */
+export function countSocketWrites(stream: Writable): { writes: () => number; restore: () => void } {
+  const target = stream as Writable & Pick<Writable, '_write' | '_writev'>;
+  const { _write: write, _writev: writev } = target;
+  let writes = 0;
+  target._write = function (...args) {
+    writes++;
+    return write.apply(this, args);
+  };
+  if (writev) {
+    target._writev = function (...args) {
+      writes++;
+      return writev.apply(this, args);
+    };
+  }
+  return {
+    writes: () => writes,
+    restore: () => {
+      target._write = write;
+      target._writev = writev;
+    },
+  };
 }
