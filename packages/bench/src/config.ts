@@ -35,6 +35,8 @@ export interface ServerStats {
   readonly roundTrips: number;
   /** POST requests whose response has not finished or closed yet. */
   readonly inFlight: number;
+  /** CPU time this server process has used so far (user + system, µs; `process.cpuUsage()`). */
+  readonly cpuMicros: number;
 }
 
 export function envFromProcess(env: NodeJS.ProcessEnv = process.env): ServiceEnv {

@@ -16,6 +16,13 @@ export interface HttpRow {
   readonly ratio: number | null;
   /** Store round trips per request (driver-counted); null where there is no network store. */
   readonly roundTripsPerRequest: number | null;
+  /**
+   * CPU time of the server process per request, µs: what the library adds to each request on the
+   * app server, whatever the load generator and the store take of the shared cores.
+   */
+  readonly serverCpuPerRequest: number;
+  /** CPU time of the Redis server per request, µs (`INFO cpu`); null for rows not on Redis. */
+  readonly redisCpuPerRequest: number | null;
   /** Handler runs per request: 1 for a new key, 0 for replays (bare: always 1). */
   readonly handlerRunsPerRequest: number;
   /** Totals over the runs behind the row (requests the server received, handler runs). */

@@ -10,6 +10,7 @@ import { load, primeReplay, type LoadResult } from './load.js';
 import { makePlan, parseArgs, type Plan, type Target } from './plan.js';
 import { label, startServer, type RunningServer } from './processes.js';
 import { raceCheck, type RaceResult } from './race.js';
+import { redisCpu, type RedisCpu } from './redis-cpu.js';
 import type { BenchReport, HttpRow } from './results.js';
 import { acquireServices } from './services.js';
 import { benchStore, type StoreBenchResult } from './store-bench.js';
@@ -24,18 +25,24 @@ interface Measured {
   readonly requests: number;
   readonly handlerRuns: number;
   readonly roundTrips: number;
+  readonly cpuMicros: number;
+  /** null when the server's store is not Redis. */
+  readonly redisCpuMicros: number | null;
 }
 
 /** One autocannon run, with the server's own counters read before and after. */
-async function measure(server: RunningServer, path: LoadPath, plan: Plan): Promise<Measured> {
+async function measure(server: RunningServer, path: LoadPath, plan: Plan, redis: RedisCpu | null): Promise<Measured> {
+  const onRedis = redis !== null && server.spec.library !== 'bare' && server.spec.store === 'redis' ? redis : null;
+  const redisBefore = onRedis ? await onRedis.micros() : 0;
   const before = await server.stats();
   const result = await load(server.url, path, { duration: plan.duration, connections: plan.connections });
   const after = await server.settledStats();
+  const redisCpuMicros = onRedis ? (await onRedis.micros()) - redisBefore : null;
   const requests = after.requests - before.requests;
   const handlerRuns = after.runs - before.runs;
   log(`  ${label(server.spec).padEnd(34)} ${path.padEnd(7)} ${Math.round(result.rps).toString().padStart(6)} req/s  p99 ${result.p99} ms`);
   if (result.non2xx > 0 || result.errors > 0) log(`  !! ${result.non2xx} non-2xx, ${result.errors} errors`);
-  return { result, requests, handlerRuns, roundTrips: after.roundTrips - before.roundTrips };
+  return { result, requests, handlerRuns, roundTrips: after.roundTrips - before.roundTrips, cpuMicros: after.cpuMicros - before.cpuMicros, redisCpuMicros };
 }
 
 const mean = (values: readonly number[]): number => values.reduce((a, b) => a + b, 0) / Math.max(1, values.length);
@@ -53,6 +60,8 @@ function row(framework: Framework, target: Target | null, path: LoadPath, runs: 
     p99: mean(runs.map((r) => r.result.p99)),
     ratio: target === null ? null : mean(ratios),
     roundTripsPerRequest: networked ? runs.reduce((a, r) => a + r.roundTrips, 0) / Math.max(1, requests) : null,
+    serverCpuPerRequest: runs.reduce((a, r) => a + r.cpuMicros, 0) / Math.max(1, requests),
+    redisCpuPerRequest: runs.some((r) => r.redisCpuMicros === null) ? null : runs.reduce((a, r) => a + (r.redisCpuMicros ?? 0), 0) / Math.max(1, requests),
     handlerRunsPerRequest: runs.reduce((a, r) => a + r.handlerRuns, 0) / Math.max(1, requests),
     requests,
     handlerRuns: runs.reduce((a, r) => a + r.handlerRuns, 0),
@@ -72,6 +81,7 @@ async function benchFramework(framework: Framework, plan: Plan, env: ServiceEnv,
   const targets = plan.targets(framework);
   log(`${framework}: starting ${targets.length + 1} servers`);
   const servers: RunningServer[] = [];
+  const redis = env.redis && targets.some((t) => t.store === 'redis') ? await redisCpu(env.redis) : null;
   try {
     // Started together (nothing is measured yet); pushed as they come so a failure still stops them.
     await Promise.all(
@@ -103,11 +113,11 @@ async function benchFramework(framework: Framework, plan: Plan, env: ServiceEnv,
       const ratios = new Map<RunningServer, number[]>(measured.map((s) => [s, []]));
       for (let round = 0; round < plan.rounds; round++) {
         const order = round % 2 === 0 ? measured : [...measured].reverse();
-        let previous = await measure(bare, path, plan);
+        let previous = await measure(bare, path, plan, redis);
         bareRuns.push(previous);
         for (const server of order) {
-          const run = await measure(server, path, plan);
-          const next = await measure(bare, path, plan);
+          const run = await measure(server, path, plan, redis);
+          const next = await measure(bare, path, plan, redis);
           bareRuns.push(next);
           runs.get(server)?.push(run);
           ratios.get(server)?.push(run.result.rps / mean([previous.result.rps, next.result.rps]));
@@ -123,6 +133,7 @@ async function benchFramework(framework: Framework, plan: Plan, env: ServiceEnv,
     return rows;
   } finally {
     await Promise.all(servers.map((s) => s.stop().catch((error: unknown) => log(`stopping ${label(s.spec)}: ${String(error)}`))));
+    await redis?.close();
   }
 }
 

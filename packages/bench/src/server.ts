@@ -38,8 +38,12 @@ switch (spec.library) {
 }
 
 const counters: Counters = { requests: 0, runs: 0, slowRuns: 0 };
+const cpuMicros = (): number => {
+  const { user, system } = process.cpuUsage();
+  return user + system;
+};
 let inFlight = 0;
-const context: AppContext = { library, counters, stats: () => ({ ...counters, roundTrips: roundTrips(), inFlight }) };
+const context: AppContext = { library, counters, stats: () => ({ ...counters, roundTrips: roundTrips(), inFlight, cpuMicros: cpuMicros() }) };
 
 let server: Server;
 let closeApp = async (): Promise<void> => undefined;

@@ -17,7 +17,7 @@ export function raceCell(race: RaceResult | null): string {
 
 /** Markdown table of the HTTP runs (it reads as plain text in a terminal too). */
 export function httpTable(rows: readonly HttpRow[]): string {
-  const head = ['framework', 'library', 'store', 'path', 'req/s', 'p50 ms', 'p99 ms', '× bare', 'RT/req', 'race: handler ran'];
+  const head = ['framework', 'library', 'store', 'path', 'req/s', 'p50 ms', 'p99 ms', '× bare', 'CPU µs/req', 'Redis µs/req', 'RT/req', 'race: handler ran'];
   const lines = rows.map((row) => [
     row.framework,
     row.library,
@@ -27,10 +27,12 @@ export function httpTable(rows: readonly HttpRow[]): string {
     ms(row.p50),
     ms(row.p99),
     row.ratio === null ? '1.00' : row.ratio.toFixed(2),
+    row.serverCpuPerRequest.toFixed(0),
+    row.redisCpuPerRequest === null ? '–' : row.redisCpuPerRequest.toFixed(0),
     row.roundTripsPerRequest === null ? '–' : row.roundTripsPerRequest.toFixed(2),
     raceCell(row.race),
   ]);
-  return markdown(head, lines, [4, 5, 6, 7, 8]);
+  return markdown(head, lines, [4, 5, 6, 7, 8, 9, 10]);
 }
 
 export function storeTable(results: readonly StoreBenchResult[]): string {

@@ -38,12 +38,25 @@ describe('tables', () => {
   });
 
   it('flags a library that ran the handler more than once in the race check', () => {
-    const base = { framework: 'express', store: 'memory', path: 'new-key', rps: 1000, p50: 1, p99: 5, ratio: 0.5, roundTripsPerRequest: null, handlerRunsPerRequest: 1, requests: 100, handlerRuns: 100, non2xx: 0, errors: 0, runs: 1 } as const;
+    const base = { framework: 'express', store: 'memory', path: 'new-key', rps: 1000, p50: 1, p99: 5, ratio: 0.5, serverCpuPerRequest: 42.4, redisCpuPerRequest: null, roundTripsPerRequest: null, handlerRunsPerRequest: 1, requests: 100, handlerRuns: 100, non2xx: 0, errors: 0, runs: 1 } as const;
     const table = httpTable([
       { ...base, library: 'idemkit', race: { requests: 50, handlerRuns: 1, statuses: { '201': 3, '409': 47 } } },
       { ...base, library: 'express-idempotency', race: { requests: 50, handlerRuns: 7, statuses: { '201': 50 } } },
     ]);
     expect(table).toContain('once (3×201 47×409)');
     expect(table).toContain('**7×** (50×201)');
+  });
+
+  it('shows the server CPU per request, and the Redis CPU only for rows on Redis', () => {
+    const base = { framework: 'fastify', library: 'idemkit', path: 'new-key', rps: 1000, p50: 1, p99: 5, ratio: 0.5, roundTripsPerRequest: 2, handlerRunsPerRequest: 1, requests: 100, handlerRuns: 100, non2xx: 0, errors: 0, runs: 1, race: null } as const;
+    const [head, , memory, redis] = httpTable([
+      { ...base, store: 'memory', serverCpuPerRequest: 24.6, redisCpuPerRequest: null },
+      { ...base, store: 'redis', serverCpuPerRequest: 50.2, redisCpuPerRequest: 31.4 },
+    ]).split('\n');
+    const cells = (line = ''): string[] => line.split('|').map((c) => c.trim());
+    const cpu = cells(head).indexOf('CPU µs/req');
+    const store = cells(head).indexOf('Redis µs/req');
+    expect([cells(memory)[cpu], cells(memory)[store]]).toEqual(['25', '–']);
+    expect([cells(redis)[cpu], cells(redis)[store]]).toEqual(['50', '31']);
   });
 });
