@@ -167,6 +167,25 @@ describe('one socket write per event-loop turn', () => {
     }
   });
 
+  it('works on a client with enableAutoPipelining (its own batching runs after the uncork)', async () => {
+    const client = new Redis(url, { enableAutoPipelining: true });
+    await client.ping();
+    const s = createRedisStore({ client, prefix });
+    try {
+      const keys = Array.from({ length: 20 }, () => key('autopipe'));
+      const begun = await Promise.all(keys.map((k) => s.begin(k, 'fp', 60_000)));
+      const tokens = begun.map((r) => (r.kind === 'acquired' ? r.token : null));
+      expect(tokens.every((t) => t !== null)).toBe(true);
+      const done = await Promise.all(keys.map((k, i) => s.complete(k, tokens[i] as LeaseToken, response(new Uint8Array([i])), 60_000)));
+      expect(done.every(Boolean)).toBe(true);
+      const replays = await Promise.all(keys.map((k) => s.get(k)));
+      expect(replays.map((r) => r?.response?.body[0])).toEqual(keys.map((_, i) => i));
+      expect(client.stream.writableCorked).toBe(0);
+    } finally {
+      await client.quit();
+    }
+  });
+
   it('batches only while the client is ready: commands queued before connect still run', async () => {
     const client = new Redis(url, { lazyConnect: true });
     const s = createRedisStore({ client, prefix });
