@@ -4,6 +4,11 @@ export type StoreName = 'memory' | 'postgres' | 'redis' | 'redis-cluster' | 'mon
 /** What sits in front of the handler: nothing, idemkit, or a library users would pick instead. */
 export type Library = 'bare' | 'idemkit' | 'express-idempotency' | 'node-idempotency';
 export type LoadPath = 'new-key' | 'replay';
+/**
+ * What POST /orders does: `hello` answers from memory (the cost of idempotency laid bare);
+ * `postgres` inserts one row and answers with its id (an endpoint's usual work).
+ */
+export type HandlerKind = 'hello' | 'postgres';
 
 /** Service locations, from TEST_* variables (or scripts/services.sh). */
 export interface ServiceEnv {
@@ -21,6 +26,9 @@ export interface ServerSpec {
   readonly store: StoreName;
   readonly runId: string;
   readonly env: ServiceEnv;
+  readonly handler: HandlerKind;
+  /** The table the `postgres` handler inserts into (created by the runner). */
+  readonly ordersTable: string;
 }
 
 /** What GET /__stats answers: counters of the server process. */
@@ -54,3 +62,8 @@ export const REPLAY_KEY = 'bench-replay-key-0001';
 export const SLOW_HANDLER_MS = 50;
 /** Stored responses need not outlive a run; the cleanup removes them anyway. */
 export const BENCH_TTL_MS = 600_000;
+
+/** The table the `postgres` handler writes to: one per run, created and dropped by the runner. */
+export function ordersTable(runId: string): string {
+  return `idemkit_bench_orders_${runId}`;
+}

@@ -1,4 +1,4 @@
-import type { Framework, Library, StoreName } from './config.js';
+import type { Framework, HandlerKind, Library, StoreName } from './config.js';
 
 /** A server measured against its framework's bare server. */
 export interface Target {
@@ -13,6 +13,7 @@ export interface Plan {
   readonly rounds: number;
   readonly warmup: number;
   readonly connections: number;
+  readonly handler: HandlerKind;
   readonly frameworks: readonly Framework[];
   readonly targets: (framework: Framework) => Target[];
   /** Store micro-benchmarks, seconds per phase. */
@@ -41,6 +42,7 @@ export interface Args {
   readonly duration?: number;
   readonly rounds?: number;
   readonly connections?: number;
+  readonly handler?: HandlerKind;
   readonly frameworks?: Framework[];
   readonly stores?: StoreName[];
   readonly skip: ReadonlySet<'http' | 'stores' | 'peers'>;
@@ -65,6 +67,7 @@ export function makePlan(args: Args): Plan {
     rounds: args.rounds ?? (quick ? 1 : 2),
     warmup: quick ? 0.5 : 2,
     connections: args.connections ?? 10,
+    handler: args.handler ?? 'hello',
     frameworks: args.skip.has('http') ? [] : (args.frameworks ?? (quick ? ['express', 'fastify'] : ['express', 'fastify', 'koa'])),
     targets: args.skip.has('peers') ? (f) => targets(f).filter((t) => t.library === 'idemkit') : targets,
     stores: args.skip.has('stores') ? [] : ['memory', 'postgres', 'redis', 'redis-cluster', 'mongodb'],
@@ -83,7 +86,7 @@ function list<T extends string>(value: string, allowed: readonly T[], flag: stri
 
 export const USAGE = `pnpm bench [--quick] [--duration=S] [--rounds=N] [--connections=N]
            [--frameworks=express,fastify,koa] [--stores=memory,redis,postgres,mongodb]
-           [--skip=http,stores,peers]`;
+           [--skip=http,stores,peers] [--handler=hello|postgres]`;
 
 export function parseArgs(argv: readonly string[]): Args {
   let quick = false;
@@ -116,6 +119,12 @@ export function parseArgs(argv: readonly string[]): Args {
       case '--stores':
         out.stores = list(value, STORES, flag);
         break;
+      case '--handler': {
+        const [handler] = list(value, ['hello', 'postgres'] as const, flag);
+        if (handler === undefined) throw new Error(`${flag} needs hello or postgres`);
+        out.handler = handler;
+        break;
+      }
       case '--skip':
         for (const s of list(value, ['http', 'stores', 'peers'] as const, flag)) skip.add(s);
         break;

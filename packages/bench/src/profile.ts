@@ -98,7 +98,7 @@ async function main(): Promise<void> {
   const env: ServiceEnv = services?.env ?? {};
   try {
     const runId = randomBytes(4).toString('hex');
-    const server = await startServer({ framework: args.framework, library: args.library, store: args.store, runId: `prof_${runId}`, env }, [
+    const server = await startServer({ framework: args.framework, library: args.library, store: args.store, runId: `prof_${runId}`, env, handler: 'hello', ordersTable: '' }, [
       '--cpu-prof',
       `--cpu-prof-dir=${dir}`,
     ]);

@@ -1,4 +1,4 @@
-import type { Framework, Library, LoadPath, StoreName } from './config.js';
+import type { Framework, HandlerKind, Library, LoadPath, StoreName } from './config.js';
 import type { RaceResult } from './race.js';
 import type { StoreBenchResult } from './store-bench.js';
 
@@ -38,7 +38,7 @@ export interface BenchReport {
   readonly startedAt: string;
   readonly mode: 'quick' | 'full';
   readonly machine: { readonly cpus: number; readonly cpuModel: string; readonly node: string; readonly loadavg: readonly number[] };
-  readonly settings: { readonly duration: number; readonly rounds: number; readonly connections: number; readonly warmup: number };
+  readonly settings: { readonly duration: number; readonly rounds: number; readonly connections: number; readonly warmup: number; readonly handler: HandlerKind };
   readonly services: string;
   readonly http: HttpRow[];
   readonly stores: StoreBenchResult[];

@@ -3,7 +3,7 @@
 // 127.0.0.1; on SIGTERM closes, removes what it stored and exits 0 (so --cpu-prof is written).
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import type { AppContext, Counters, LibrarySetup } from './apps/context.js';
+import { createOrder, createOrderInPostgres, type AppContext, type Counters, type LibrarySetup, type Order } from './apps/context.js';
 import { BENCH_TTL_MS, type ServerSpec } from './config.js';
 import { openStore } from './stores.js';
 // Frameworks and peers load on demand: a server holds only its own code (cleaner profiles).
@@ -42,8 +42,19 @@ const cpuMicros = (): number => {
   const { user, system } = process.cpuUsage();
   return user + system;
 };
+let order = (body: unknown): Order | Promise<Order> => createOrder(counters, body);
+let closeHandler = async (): Promise<void> => undefined;
+if (spec.handler === 'postgres') {
+  if (!spec.env.postgres) throw new Error('the postgres handler needs TEST_POSTGRES_URL');
+  const { default: pg } = await import('pg');
+  // As many connections as load connections, so the handler never queues for one.
+  const pool = new pg.Pool({ connectionString: spec.env.postgres, max: 10 });
+  const table = spec.ordersTable;
+  order = (body) => createOrderInPostgres((text, values) => pool.query<{ id: string }>(text, values), table, counters, body);
+  closeHandler = () => pool.end();
+}
 let inFlight = 0;
-const context: AppContext = { library, counters, stats: () => ({ ...counters, roundTrips: roundTrips(), inFlight, cpuMicros: cpuMicros() }) };
+const context: AppContext = { library, counters, order, stats: () => ({ ...counters, roundTrips: roundTrips(), inFlight, cpuMicros: cpuMicros() }) };
 
 let server: Server;
 let closeApp = async (): Promise<void> => undefined;
@@ -87,6 +98,7 @@ async function stop(): Promise<void> {
       if (spec?.framework === 'fastify') await closeApp();
       else await new Promise((resolve) => server.close(resolve));
       await closeLibrary();
+      await closeHandler();
     })(),
     new Promise((resolve) => setTimeout(resolve, 10_000).unref()),
   ]);

@@ -30,6 +30,12 @@ describe('plan', () => {
     expect(() => parseArgs(['--fast'])).toThrow(/unknown argument --fast/);
     expect(() => parseArgs(['--frameworks=hapi'])).toThrow(/unknown "hapi"/);
   });
+
+  it('runs the hello handler unless --handler=postgres asks for the database one', () => {
+    expect(makePlan(parseArgs(['--quick'])).handler).toBe('hello');
+    expect(makePlan(parseArgs(['--handler=postgres'])).handler).toBe('postgres');
+    expect(() => parseArgs(['--handler=mysql'])).toThrow(/unknown "mysql"/);
+  });
 });
 
 describe('tables', () => {

@@ -7,7 +7,7 @@ import { raceCheck } from '../src/race.js';
 describe('race check (50 parallel requests, one key, 50 ms handler)', () => {
   const servers: RunningServer[] = [];
   const start = async (library: 'bare' | 'idemkit', framework: 'express' | 'fastify' | 'koa') => {
-    const server = await startServer({ framework, library, store: 'memory', runId: 'test', env: {} });
+    const server = await startServer({ framework, library, store: 'memory', runId: 'test', env: {}, handler: 'hello', ordersTable: '' });
     servers.push(server);
     return server;
   };

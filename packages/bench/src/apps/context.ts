@@ -18,7 +18,15 @@ export interface Counters {
 export interface AppContext {
   readonly library: LibrarySetup;
   readonly counters: Counters;
+  /** The /orders handler's work (see `HandlerKind`). */
+  readonly order: (body: unknown) => Order | Promise<Order>;
   stats(): ServerStats;
+}
+
+export interface Order {
+  readonly id: string;
+  readonly sku: unknown;
+  readonly qty: unknown;
 }
 
 interface OrderInput {
@@ -26,15 +34,26 @@ interface OrderInput {
   readonly qty?: unknown;
 }
 
-/** The one handler every server runs: a small JSON answer, 201 Created. */
-export function createOrder(counters: Counters, body: unknown): { id: string; sku: unknown; qty: unknown } {
+/** The `hello` handler: a small JSON answer, 201 Created. */
+export function createOrder(counters: Counters, body: unknown): Order {
   counters.runs++;
   const input = (body ?? {}) as OrderInput;
   return { id: `ord_${counters.runs}`, sku: input.sku, qty: input.qty };
 }
 
+/** Runs one statement; the `pg` Pool's `query`, narrowed to what the handler needs. */
+export type Query = (text: string, values: unknown[]) => Promise<{ rows: Array<{ id: string }> }>;
+
+/** The `postgres` handler: one INSERT … RETURNING id, then the same answer as `hello`. */
+export async function createOrderInPostgres(query: Query, table: string, counters: Counters, body: unknown): Promise<Order> {
+  counters.runs++;
+  const input = (body ?? {}) as OrderInput;
+  const { rows } = await query(`INSERT INTO ${table} (sku, qty) VALUES ($1, $2) RETURNING id`, [String(input.sku), Number(input.qty)]);
+  return { id: `ord_${rows[0]?.id ?? '?'}`, sku: input.sku, qty: input.qty };
+}
+
 /** The race check's handler: long enough (50 ms) for 50 parallel duplicates to overlap it. */
-export async function createOrderSlowly(counters: Counters, body: unknown): Promise<{ id: string; sku: unknown; qty: unknown }> {
+export async function createOrderSlowly(counters: Counters, body: unknown): Promise<Order> {
   counters.slowRuns++;
   await new Promise((resolve) => setTimeout(resolve, SLOW_HANDLER_MS));
   const input = (body ?? {}) as OrderInput;

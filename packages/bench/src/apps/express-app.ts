@@ -3,10 +3,10 @@ import type { RequestListener } from 'node:http';
 import express, { type ErrorRequestHandler, type Request } from 'express';
 import { getSharedIdempotencyService, idempotency as expressIdempotency } from 'express-idempotency';
 import { nodeIdempotencyExpress } from '../peers/node-idempotency.js';
-import { createOrder, createOrderSlowly, type AppContext } from './context.js';
+import { createOrderSlowly, type AppContext } from './context.js';
 
 /** Express 5: body parser, then the library under test (as its README mounts it), then the routes. */
-export function expressApp({ library, counters, stats }: AppContext): RequestListener {
+export function expressApp({ library, counters, order, stats }: AppContext): RequestListener {
   const app = express();
   app.disable('x-powered-by');
   app.use((req, _res, next) => {
@@ -35,9 +35,9 @@ export function expressApp({ library, counters, stats }: AppContext): RequestLis
     case 'bare':
       break;
   }
-  app.post('/orders', (req, res) => {
+  app.post('/orders', async (req, res) => {
     if (isHit(req)) return;
-    res.status(201).json(createOrder(counters, req.body));
+    res.status(201).json(await order(req.body));
   });
   app.post('/slow', async (req, res) => {
     if (isHit(req)) return;

@@ -1,10 +1,10 @@
 import fastifyIdempotency from '@idemkit/fastify';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { nodeIdempotencyFastify } from '../peers/node-idempotency.js';
-import { createOrder, createOrderSlowly, type AppContext } from './context.js';
+import { createOrderSlowly, type AppContext } from './context.js';
 
 /** Fastify 5 with the library registered before the routes, as its README says. */
-export async function fastifyApp({ library, counters, stats }: AppContext): Promise<FastifyInstance> {
+export async function fastifyApp({ library, counters, order, stats }: AppContext): Promise<FastifyInstance> {
   const app = Fastify({ logger: false });
   app.addHook('onRequest', async (request) => {
     if (request.method === 'POST') counters.requests++;
@@ -22,7 +22,7 @@ export async function fastifyApp({ library, counters, stats }: AppContext): Prom
     case 'bare':
       break;
   }
-  app.post('/orders', async (request, reply) => reply.code(201).send(createOrder(counters, request.body)));
+  app.post('/orders', async (request, reply) => reply.code(201).send(await order(request.body)));
   app.post('/slow', async (request, reply) => reply.code(201).send(await createOrderSlowly(counters, request.body)));
   return app;
 }

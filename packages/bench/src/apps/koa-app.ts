@@ -2,10 +2,10 @@ import { bodyParser } from '@koa/bodyparser';
 import Router from '@koa/router';
 import { idempotency } from '@idemkit/koa';
 import Koa from 'koa';
-import { createOrder, createOrderSlowly, type AppContext } from './context.js';
+import { createOrderSlowly, type AppContext } from './context.js';
 
 /** Koa 3: body parser, idempotency, router, as @idemkit/koa's README orders them. */
-export function koaApp({ library, counters, stats }: AppContext): Koa {
+export function koaApp({ library, counters, order, stats }: AppContext): Koa {
   const app = new Koa();
   const router = new Router();
   app.use(async (ctx, next) => {
@@ -19,9 +19,9 @@ export function koaApp({ library, counters, stats }: AppContext): Koa {
   app.use(bodyParser());
   if (library.kind === 'idemkit') app.use(idempotency({ store: library.store, ttlMs: library.ttlMs }));
   else if (library.kind !== 'bare') throw new Error(`${library.kind} has no Koa binding in this bench`);
-  router.post('/orders', (ctx) => {
+  router.post('/orders', async (ctx) => {
     ctx.status = 201;
-    ctx.body = createOrder(counters, ctx.request.body);
+    ctx.body = await order(ctx.request.body);
   });
   router.post('/slow', async (ctx) => {
     ctx.status = 201;
