@@ -5,9 +5,10 @@ import { randomBytes } from 'node:crypto';
 import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { Framework, Library, LoadPath, ServiceEnv, StoreName } from './config.js';
+import { ordersTable, type Framework, type HandlerKind, type Library, type LoadPath, type ServiceEnv, type StoreName } from './config.js';
 import { summarize, type CpuProfile, type ProfileSummary } from './cpuprofile.js';
 import { load, primeReplay } from './load.js';
+import { ordersTableFor } from './orders-table.js';
 import { label, startServer } from './processes.js';
 import { acquireServices } from './services.js';
 import { markdown } from './table.js';
@@ -17,6 +18,7 @@ interface ProfileArgs {
   library: Library;
   store: StoreName;
   path: LoadPath;
+  handler: HandlerKind;
   duration: number;
   connections: number;
   top: number;
@@ -26,7 +28,7 @@ interface ProfileArgs {
 }
 
 function parse(argv: readonly string[]): ProfileArgs {
-  const args: ProfileArgs = { framework: 'fastify', library: 'idemkit', store: 'memory', path: 'new-key', duration: 10, connections: 10, top: 30, file: null, requests: 0 };
+  const args: ProfileArgs = { framework: 'fastify', library: 'idemkit', store: 'memory', path: 'new-key', handler: 'hello', duration: 10, connections: 10, top: 30, file: null, requests: 0 };
   for (const arg of argv) {
     if (arg === '--') continue;
     const [flag = '', value = ''] = arg.replace(/^--/, '').split('=', 2);
@@ -36,7 +38,8 @@ function parse(argv: readonly string[]): ProfileArgs {
     else if (flag === 'library') args.library = value as Library;
     else if (flag === 'store') args.store = value as StoreName;
     else if (flag === 'path') args.path = value as LoadPath;
-    else throw new Error(`unknown argument ${arg}: --framework= --library= --store= --path=new-key|replay --duration= --connections= --top=, or --file=X.cpuprofile [--requests=N]`);
+    else if (flag === 'handler') args.handler = value as HandlerKind;
+    else throw new Error(`unknown argument ${arg}: --framework= --library= --store= --path=new-key|replay --handler=hello|postgres --duration= --connections= --top=, or --file=X.cpuprofile [--requests=N]`);
   }
   return args;
 }
@@ -94,11 +97,14 @@ async function main(): Promise<void> {
   const stamp = new Date().toISOString().replaceAll(':', '-').replace(/\..*$/, '');
   const dir = fileURLToPath(new URL(`../bench-results/profile-${stamp}/`, import.meta.url));
   mkdirSync(dir, { recursive: true });
-  const services = args.store === 'memory' || args.library === 'bare' ? null : await acquireServices((l) => process.stderr.write(`[profile] ${l}\n`));
+  const needsServices = args.handler === 'postgres' || (args.store !== 'memory' && args.library !== 'bare');
+  const services = needsServices ? await acquireServices((l) => process.stderr.write(`[profile] ${l}\n`)) : null;
   const env: ServiceEnv = services?.env ?? {};
+  const runId = randomBytes(4).toString('hex');
+  const table = ordersTable(`prof_${runId}`);
+  const orders = args.handler === 'postgres' ? await ordersTableFor(env, table) : null;
   try {
-    const runId = randomBytes(4).toString('hex');
-    const server = await startServer({ framework: args.framework, library: args.library, store: args.store, runId: `prof_${runId}`, env, handler: 'hello', ordersTable: '' }, [
+    const server = await startServer({ framework: args.framework, library: args.library, store: args.store, runId: `prof_${runId}`, env, handler: args.handler, ordersTable: table }, [
       '--cpu-prof',
       `--cpu-prof-dir=${dir}`,
     ]);
@@ -120,6 +126,7 @@ async function main(): Promise<void> {
     writeFileSync(join(dir, 'summary.md'), text);
     process.stdout.write(`${text}\nprofile: ${join(dir, file)}\nsummary: ${join(dir, 'summary.md')}\n`);
   } finally {
+    await orders?.drop();
     await services?.release();
   }
 }
