@@ -49,10 +49,10 @@ function applyHeaders(res: ServerResponse, headers: OutgoingHttpHeaders | readon
 const kDictionary = Symbol('idemkit.dictionary');
 
 /**
- * Express gives every `res` a prototype of its own (`Object.setPrototypeOf` per request), so V8
- * cannot share its hidden class, and each property added to it copies the object's property
- * descriptors: about 2.7 KB of garbage per add (`--trace-gc-nvp`), and the four patches below
- * are four adds. Adding and deleting a private symbol first switches the object to dictionary
+ * Express sets the prototype of every `res` per request (`Object.setPrototypeOf`), after which V8
+ * gives each one a hidden class of its own, so each property added to it copies the object's
+ * property descriptors: about 2.7 KB of garbage per add (`--trace-gc-nvp`), and the four
+ * patches below are four adds. Adding and deleting a private symbol first switches the object to dictionary
  * properties, where an add is a hash insert. Nothing observable changes: the symbol never stays.
  */
 function toDictionaryProperties(res: ServerResponse): void {
