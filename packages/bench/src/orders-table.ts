@@ -7,24 +7,19 @@ export interface OrdersTable {
 
 /** Created here, once, because servers creating it concurrently race in Postgres's catalog. */
 export async function ordersTableFor(env: ServiceEnv, table: string): Promise<OrdersTable> {
-  if (!env.postgres) throw new Error('--handler=postgres needs TEST_POSTGRES_URL');
+  const url = env.postgres;
+  if (!url) throw new Error('--handler=postgres needs TEST_POSTGRES_URL');
   const { default: pg } = await import('pg');
-  const client = new pg.Client({ connectionString: env.postgres });
-  await client.connect();
-  try {
-    await client.query(`CREATE TABLE ${table} (id bigserial PRIMARY KEY, sku text NOT NULL, qty integer NOT NULL, created_at timestamptz NOT NULL DEFAULT now())`);
-  } finally {
-    await client.end();
-  }
-  return {
-    drop: async () => {
-      const dropper = new pg.Client({ connectionString: env.postgres });
-      await dropper.connect();
-      try {
-        await dropper.query(`DROP TABLE IF EXISTS ${table}`);
-      } finally {
-        await dropper.end();
-      }
-    },
+  // One statement on a connection of its own: the runner holds none between the two.
+  const run = async (sql: string): Promise<void> => {
+    const client = new pg.Client({ connectionString: url });
+    await client.connect();
+    try {
+      await client.query(sql);
+    } finally {
+      await client.end();
+    }
   };
+  await run(`CREATE TABLE ${table} (id bigserial PRIMARY KEY, sku text NOT NULL, qty integer NOT NULL, created_at timestamptz NOT NULL DEFAULT now())`);
+  return { drop: () => run(`DROP TABLE IF EXISTS ${table}`) };
 }
