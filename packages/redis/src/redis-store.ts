@@ -5,10 +5,10 @@ import type {
   IdempotencyRecord,
   IdempotencyStore,
   LeaseToken,
-  RecordState,
   StoredResponse,
 } from '@idemkit/core';
 import { resolveRedisStoreOptions, type RedisClient, type RedisStoreOptions } from './options.js';
+import { claimValue, decodeRecord, isCompleted, tokenOf, unexpected } from './record.js';
 import { BEGIN, COMPLETE, GET, RELEASE, RENEW } from './scripts.js';
 import { writeBatcher } from './write-batch.js';
 
@@ -21,11 +21,11 @@ type ScriptCall = (key: string, ...args: Array<string | number | Buffer>) => Pro
  * colliding with an older idemkit defining the same name on a shared client.
  */
 const COMMANDS = {
-  begin: { name: 'idemkitBeginV1', lua: BEGIN },
-  complete: { name: 'idemkitCompleteV1', lua: COMPLETE },
-  release: { name: 'idemkitReleaseV1', lua: RELEASE },
-  renew: { name: 'idemkitRenewV1', lua: RENEW },
-  get: { name: 'idemkitGetV1', lua: GET },
+  begin: { name: 'idemkitBeginV2', lua: BEGIN },
+  complete: { name: 'idemkitCompleteV2', lua: COMPLETE },
+  release: { name: 'idemkitReleaseV2', lua: RELEASE },
+  renew: { name: 'idemkitRenewV2', lua: RENEW },
+  get: { name: 'idemkitGetV2', lua: GET },
 } as const;
 
 type Op = keyof typeof COMMANDS;
@@ -37,7 +37,7 @@ export interface RedisStore extends IdempotencyStore {
   /** The key prefix in use. */
   readonly prefix: string;
   /**
-   * Always resolves 0 without touching Redis: every record carries a PEXPIRE (lease + grace while
+   * Always resolves 0 without touching Redis: every record carries an expiry (lease + grace while
    * in progress, the TTL once completed), so Redis deletes expired records by itself and there is
    * nothing to sweep. Running a purger against this store is harmless and unnecessary.
    */
@@ -50,9 +50,10 @@ export interface RedisStore extends IdempotencyStore {
 }
 
 /**
- * Create a store on ioredis (single node or Cluster). Each operation is one Lua script on one
- * key: one round trip, atomic, timed by Redis `TIME`. Commands sent in one event-loop turn share
- * one socket write (see `write-batch.ts`).
+ * Create a store on ioredis (single node or Cluster). Each operation is one command on one key:
+ * atomic, one round trip, timed by the Redis clock. `begin` is a plain `SET … NX GET` (a script
+ * follows only when it meets a request still in flight); the fenced writes are Lua scripts.
+ * Commands sent in one event-loop turn share one socket write (see `write-batch.ts`).
  *
  * @example
  * ```ts
@@ -64,7 +65,7 @@ export interface RedisStore extends IdempotencyStore {
  * ```
  */
 export function createRedisStore(options: RedisStoreOptions): RedisStore {
-  const { prefix, leaseGraceMs } = resolveRedisStoreOptions(options);
+  const { prefix, leaseGraceMs, claim } = resolveRedisStoreOptions(options);
   const owned = options.client === undefined;
   const client: RedisClient = options.client ?? new Redis(options.url as string);
   const calls = defineCommands(client);
@@ -72,7 +73,7 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
   let closed = false;
 
   function run(op: Op, key: string, ...args: Array<string | number | Buffer>): Promise<Reply> {
-    if (closed) return Promise.reject(new Error('[idemkit] [redis] The store is closed.'));
+    if (closed) return Promise.reject(closedError());
     batch();
     return calls[op](prefix + key, ...args);
   }
@@ -84,19 +85,36 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
 
     async begin(key, fingerprint, leaseMs): Promise<BeginResult> {
       const token = randomUUID() as LeaseToken;
-      const reply = await run(
-        'begin',
-        key,
-        token,
-        positiveMs(leaseMs, 'leaseMs'),
-        leaseGraceMs,
-        fingerprint === null ? '0' : '1',
-        fingerprint ?? '',
+      const lease = positiveMs(leaseMs, 'leaseMs');
+      if (claim === 'set') {
+        if (closed) throw closedError();
+        batch();
+        // The hot path is one plain command, no script: it claims a free key, or hands back the
+        // record already there (a replay needs nothing more).
+        const found = (await client.setBuffer(
+          prefix + key,
+          claimValue(leaseGraceMs, lease, token, fingerprint),
+          'PX',
+          lease + leaseGraceMs,
+          'NX',
+          'GET',
+        )) as Buffer | null;
+        if (found === null) return { kind: 'acquired', token, tookOver: false };
+        if (isCompleted(found)) return { kind: 'existing', record: decodeRecord(key, found, 0), leaseRemainingMs: 0 };
+        // Our own token: ioredis re-sent this SET after a reconnect and the first send had
+        // already claimed the key. Same claim, so answer the same (else the key would look busy
+        // to its owner).
+        if (tokenOf(found) === token) return { kind: 'acquired', token, tookOver: false };
+      }
+      // The begin script does it all atomically by the Redis clock. After a SET it runs only on a
+      // record in progress, whose lease only a script can read and take over if it has run out:
+      // a second round trip, on this contended path only.
+      const reply = asArray(
+        await run('begin', key, token, lease, leaseGraceMs, fingerprint === null ? '0' : '1', fingerprint ?? ''),
       );
-      const parts = asArray(reply);
-      if (text(parts[0]) === 'acquired') return { kind: 'acquired', token, tookOver: parts[1] === 1 };
-      const now = num(parts[1]);
-      const record = parseRecord(key, parts.slice(2));
+      if (text(reply[0]) === 'acquired') return { kind: 'acquired', token, tookOver: reply[1] === 1 };
+      const now = num(reply[1]);
+      const record = decodeRecord(key, bytes(reply[3]), num(reply[2]));
       const leaseRemainingMs =
         record.leaseExpiresAt === null ? 0 : Math.max(0, record.leaseExpiresAt - now);
       return { kind: 'existing', record, leaseRemainingMs };
@@ -127,11 +145,12 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
     async get(key): Promise<IdempotencyRecord | undefined> {
       const reply = await run('get', key);
       if (reply === null) return undefined;
-      return parseRecord(key, asArray(reply).slice(1));
+      const [, leaseEnd, value] = asArray(reply);
+      return decodeRecord(key, bytes(value), num(leaseEnd));
     },
 
     async purgeExpired(): Promise<number> {
-      if (closed) throw new Error('[idemkit] [redis] The store is closed.');
+      if (closed) throw closedError();
       return 0;
     },
 
@@ -166,49 +185,28 @@ function positiveMs(ms: number, name: string): number {
   return Math.ceil(ms);
 }
 
-/** Fields in the order of `RECORD_FIELDS` in scripts.ts. */
-function parseRecord(key: string, f: Reply[]): IdempotencyRecord {
-  const [state, fp, leaseExp, created, exp, status, headers, body] = f;
-  const s = text(state) as RecordState;
-  const response: StoredResponse | null =
-    s === 'completed'
-      ? {
-          status: num(status),
-          headers: JSON.parse(text(headers)) as Array<[string, string]>,
-          body: toBytes(body),
-        }
-      : null;
-  return {
-    key,
-    fingerprint: fp === null || fp === undefined ? null : text(fp),
-    state: s,
-    leaseExpiresAt: s === 'in_progress' ? num(leaseExp) : null,
-    response,
-    createdAt: num(created),
-    expiresAt: num(exp),
-  };
-}
-
 function asArray(reply: Reply): Reply[] {
-  if (!Array.isArray(reply)) throw new Error('[idemkit] [redis] Unexpected script reply.');
+  if (!Array.isArray(reply)) throw unexpected();
   return reply;
 }
 
 function text(v: Reply | undefined): string {
   if (Buffer.isBuffer(v)) return v.toString('utf8');
   if (typeof v === 'number') return String(v);
-  throw new Error('[idemkit] [redis] Unexpected script reply.');
+  throw unexpected();
 }
 
 function num(v: Reply | undefined): number {
   const n = typeof v === 'number' ? v : Number(text(v));
-  if (!Number.isFinite(n)) throw new Error('[idemkit] [redis] Unexpected script reply.');
+  if (!Number.isFinite(n)) throw unexpected();
   return n;
 }
 
-/** A plain Uint8Array copy, so callers never hold a slice of ioredis's pooled reply buffer. */
-function toBytes(v: Reply | undefined): Uint8Array {
-  if (v === null || v === undefined) return new Uint8Array(0);
-  if (!Buffer.isBuffer(v)) throw new Error('[idemkit] [redis] Unexpected script reply.');
-  return new Uint8Array(v);
+function bytes(v: Reply | undefined): Buffer {
+  if (!Buffer.isBuffer(v)) throw unexpected();
+  return v;
+}
+
+function closedError(): Error {
+  return new Error('[idemkit] [redis] The store is closed.');
 }

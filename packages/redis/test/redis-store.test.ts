@@ -74,7 +74,7 @@ describe('races', () => {
 });
 
 describe('one round trip per operation', () => {
-  it('each operation is exactly one EVAL/EVALSHA from the client, seen by MONITOR', async () => {
+  it.each(['set', 'script'] as const)("each operation is one command, seen by MONITOR (claim: '%s')", async (claim) => {
     const client = await redisClient(url);
     const addr = await clientAddr(client);
     const monitor = await new Redis(url).monitor();
@@ -92,7 +92,7 @@ describe('one round trip per operation', () => {
         });
       };
       await marker('start');
-      const s = createRedisStore({ client, prefix });
+      const s = createRedisStore({ client, prefix, claim });
       const k = key('rt');
       const k2 = key('rt2');
       const ops: Array<[string, () => Promise<unknown>]> = [];
@@ -103,6 +103,7 @@ describe('one round trip per operation', () => {
       ops.push(['begin (replay)', () => s.begin(k, 'fp', 60_000)]);
       ops.push(['get', () => s.get(k)]);
       ops.push(['begin (second key)', async () => (token2 = await acquire(s, k2))]);
+      ops.push(['begin (in flight)', () => s.begin(k2, 'fp', 60_000)]);
       ops.push(['renew', () => s.renew(k2, token2, 60_000)]);
       ops.push(['release', () => s.release(k2, token2)]);
 
@@ -113,14 +114,24 @@ describe('one round trip per operation', () => {
         await op();
         await marker(`after ${name}`);
         // Everything between the two markers, minus the closing marker itself.
-        perOp[name] = seen.slice(from, -1).map((a) => `${a[0]} ${a[a[0] === 'eval' || a[0] === 'evalsha' ? 3 : 1]}`);
+        perOp[name] = seen
+          .slice(from, -1)
+          .map((a) => `${a[0] === 'eval' ? 'evalsha' : a[0]} ${a[a[0] === 'eval' || a[0] === 'evalsha' ? 3 : 1]}`);
       }
-      const expected: Record<string, string[]> = {};
-      for (const [name] of ops) {
-        const k_ = name.includes('second') || name === 'renew' || name === 'release' ? k2 : k;
-        expected[name] = [expect.stringMatching(new RegExp(`^eval(sha)? ${escapeRe(prefix + k_)}$`)) as unknown as string];
-      }
-      expect(perOp).toEqual(expected);
+      const script = (k_: string): string => `evalsha ${prefix}${k_}`;
+      const begin = claim === 'set' ? (k_: string): string => `set ${prefix}${k_}` : script;
+      // With claim 'set', begin is a plain SET … NX GET, and on a key whose request is still in
+      // flight a script follows to read the lease by the Redis clock (the contended path only).
+      expect(perOp).toEqual({
+        'begin (new key)': [begin(k)],
+        complete: [script(k)],
+        'begin (replay)': [begin(k)],
+        get: [script(k)],
+        'begin (second key)': [begin(k2)],
+        'begin (in flight)': claim === 'set' ? [begin(k2), script(k2)] : [script(k2)],
+        renew: [script(k2)],
+        release: [script(k2)],
+      });
 
       // purgeExpired does not touch Redis at all.
       await marker('before purge');
@@ -259,16 +270,29 @@ describe('bytes and keys', () => {
     expect((await s.get(other))?.state).toBe('in_progress');
   });
 
-  it('keeps a null fingerprint null and a fingerprint with any characters exact', async () => {
-    const s = store();
-    const k = key('nofp');
-    await s.begin(k, null, 60_000);
-    expect((await s.get(k))?.fingerprint).toBeNull();
-    const k2 = key('fp');
-    const fp = "sha256:'\"]]\\%*";
-    await s.begin(k2, fp, 60_000);
-    expect((await s.get(k2))?.fingerprint).toBe(fp);
-  });
+  it.each([null, '', "sha256:'\"]]\\%*", 'a:b::c:', 'ключ-🔑-鍵'])(
+    'keeps fingerprint %j and createdAt exact as the record is claimed, renewed, met in flight, completed and replayed',
+    async (fp) => {
+      // Each step stores the record in another form (see scripts.ts); all must read the same.
+      const s = store();
+      const k = key('fp');
+      const claim = await s.begin(k, fp, 60_000);
+      if (claim.kind !== 'acquired') throw new Error('expected acquired');
+      const claimed = await s.get(k);
+      expect(claimed?.fingerprint).toBe(fp);
+      expect(await s.renew(k, claim.token, 90_000)).toBe(true);
+      const renewed = await s.get(k);
+      expect(renewed).toMatchObject({ fingerprint: fp, createdAt: claimed!.createdAt, state: 'in_progress' });
+      expect(renewed!.leaseExpiresAt).toBeGreaterThanOrEqual(claimed!.leaseExpiresAt! + 30_000);
+      const busy = await s.begin(k, 'other', 60_000);
+      expect(busy.kind === 'existing' && busy.record).toEqual(renewed);
+      expect(await s.complete(k, claim.token, response(new Uint8Array([9])), 60_000)).toBe(true);
+      const done = await s.get(k);
+      expect(done).toMatchObject({ fingerprint: fp, createdAt: claimed!.createdAt, state: 'completed' });
+      const replay = await s.begin(k, 'other', 60_000);
+      expect(replay.kind === 'existing' && replay.record).toEqual(done);
+    },
+  );
 });
 
 describe('time and expiry come from Redis', () => {
@@ -381,28 +405,48 @@ describe('client ownership and failures', () => {
     await expect(s.renew(key('disc'), 'x' as LeaseToken, 1_000)).rejects.toThrow(/Connection is closed/);
   });
 
-  it('a begin that ioredis re-sends after a reconnect still owns its claim', async () => {
-    // Default ioredis: reconnect and re-send unanswered commands. Whether or not the first send
-    // reached Redis, the caller must end up holding the key, not locked out of its own claim.
-    const client = await redisClient(url);
-    const s = createRedisStore({ client, prefix });
-    const k = key('resend');
-    await s.get(k);
-    const pending = s.begin(k, 'fp', 60_000);
-    client.stream.destroy();
-    const r = await pending;
-    expect(r.kind).toBe('acquired');
-    if (r.kind === 'acquired') {
+  it.each(['set', 'script'] as const)(
+    "a begin that ioredis re-sends after its first send claimed the key still owns the claim (claim: '%s')",
+    async (claim) => {
+      // Default ioredis re-sends unanswered commands after a reconnect. Make the first send land
+      // but its reply get lost: stop reading the socket, wait until Redis holds the claim, drop
+      // the connection. The re-sent begin meets its own claim and must not be locked out of it.
+      const client = await redisClient(url);
+      const s = createRedisStore({ client, prefix, claim });
+      const k = key('resend');
+      await s.get(k); // scripts loaded, connection warm
+      client.stream.pause();
+      const pending = s.begin(k, 'fp', 60_000);
+      await vi.waitFor(async () => expect(await redis.exists(prefix + k)).toBe(1), { timeout: 5_000, interval: 5 });
+      const firstClaim = await redis.get(prefix + k);
+      client.stream.destroy();
+      const r = await pending;
+      expect(r.kind).toBe('acquired');
+      if (r.kind !== 'acquired') return;
+      expect(firstClaim).toContain(r.token);
       expect(await s.complete(k, r.token, response(new Uint8Array([1])), 60_000)).toBe(true);
-    }
-    await client.quit();
-  });
+      await client.quit();
+    },
+  );
 
-  it('passes a server error through (WRONGTYPE on a key that is not a record)', async () => {
+  it('passes a server error through (WRONGTYPE on a key that is not a string)', async () => {
     const s = store();
     const k = key('wrongtype');
-    await redis.set(prefix + k, 'not a hash');
+    await redis.hset(prefix + k, 'state', 'completed');
     await expect(s.begin(k, 'fp', 1_000)).rejects.toThrow(/WRONGTYPE/);
+    expect(await redis.hget(prefix + k, 'state')).toBe('completed');
+  });
+
+  it('refuses a foreign string under its prefix with a clear error, and leaves it as it was', async () => {
+    const s = store();
+    for (const foreign of ['not a record', 'c:garbage', 'i:1:2', 'p:x:y:token']) {
+      const k = key('foreign');
+      await redis.set(prefix + k, foreign);
+      await expect(s.begin(k, 'fp', 1_000)).rejects.toThrow(/not an idemkit record/);
+      await expect(s.get(k)).rejects.toThrow(/not an idemkit record/);
+      expect(await s.complete(k, 'token' as LeaseToken, response(new Uint8Array([1])), 1_000)).toBe(false);
+      expect(await redis.get(prefix + k)).toBe(foreign);
+    }
   });
 
   it('validates options up front, naming the option', () => {
@@ -410,6 +454,7 @@ describe('client ownership and failures', () => {
     expect(() => createRedisStore({ client: redis, url })).toThrow(/either `client` or `url`/);
     expect(() => createRedisStore({ url: 'http://x' })).toThrow(/`url`/);
     expect(() => createRedisStore({ client: redis, leaseGraceMs: -1 })).toThrow(/`leaseGraceMs`/);
+    expect(() => createRedisStore({ client: redis, claim: 'lua' as 'set' })).toThrow(/`claim` must be 'set' or 'script'/);
   });
 
   it('rejects a non-positive lease or TTL before touching Redis', async () => {
@@ -418,7 +463,3 @@ describe('client ownership and failures', () => {
     await expect(s.complete(key('bad'), 'x' as LeaseToken, response(new Uint8Array()), -5)).rejects.toThrow(RangeError);
   });
 });
-
-function escapeRe(s: string): string {
-  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-}
