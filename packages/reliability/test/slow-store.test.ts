@@ -55,7 +55,9 @@ describe.each(stores)(`%s behind a proxy adding ${LATENCY_MS} ms each way`, (kin
       const first = await long;
       expect(first.status).toBe(201);
       const during = duplicates.filter((d) => d.headers.get('idempotent-replayed') !== 'true');
-      expect(during.length).toBeGreaterThanOrEqual(10);
+      // A duplicate is one store round trip (~120 ms) plus the pause: ~11 fit in the run. On
+      // Redis a busy key's begin is a SET and then a script, two round trips: ~8 fit.
+      expect(during.length).toBeGreaterThanOrEqual(kind === 'redis' ? 6 : 10);
       for (const d of during) {
         expect(d.status).toBe(409);
         expect(Number(d.headers.get('retry-after'))).toBeLessThanOrEqual(Math.ceil(LEASE_MS / 1000));
