@@ -39,14 +39,14 @@ export function decodeRecord(key: string, value: Buffer, leaseEnd: number): Idem
     const createdAt = f.int();
     const expiresAt = f.int();
     const status = f.int();
-    const fpField = f.next();
+    // Empty when the record has no fingerprint, else the fingerprint's length in bytes.
+    const fpBytes = f.intOrNull();
     const headersBytes = f.int();
     let at = f.at;
     let fingerprint: string | null = null;
-    if (fpField !== '') {
-      const end = at + Number(fpField);
-      fingerprint = value.toString('utf8', at, end);
-      at = end;
+    if (fpBytes !== null) {
+      fingerprint = value.toString('utf8', at, at + fpBytes);
+      at += fpBytes;
     }
     const headers = JSON.parse(value.toString('utf8', at, at + headersBytes)) as Array<[string, string]>;
     // A plain copy, so callers never hold a slice of ioredis's pooled reply buffer.
@@ -90,9 +90,17 @@ class Fields {
   }
 
   int(): number {
+    const n = this.intOrNull();
+    if (n === null) throw unexpected();
+    return n;
+  }
+
+  /** A non-negative integer, or null for an empty field. */
+  intOrNull(): number | null {
     const text = this.next();
+    if (text === '') return null;
     const n = Number(text);
-    if (text === '' || !Number.isInteger(n)) throw unexpected();
+    if (!Number.isInteger(n) || n < 0) throw unexpected();
     return n;
   }
 }

@@ -439,7 +439,7 @@ describe('client ownership and failures', () => {
 
   it('refuses a foreign string under its prefix with a clear error, and leaves it as it was', async () => {
     const s = store();
-    for (const foreign of ['not a record', 'c:garbage', 'i:1:2', 'p:x:y:token']) {
+    for (const foreign of ['not a record', 'c:garbage', 'c:1:2:201:x:2:[]', 'i:1:2', 'p:x:y:token']) {
       const k = key('foreign');
       await redis.set(prefix + k, foreign);
       await expect(s.begin(k, 'fp', 1_000)).rejects.toThrow(/not an idemkit record/);
