@@ -20,11 +20,13 @@ export function isCompleted(value: Buffer): boolean {
   return value[0] === TAG_COMPLETED;
 }
 
-/** The lease token of an in-progress record (its fourth field). */
+/** The lease token of an in-progress record (its fourth field; '' if it has none). */
 export function tokenOf(value: Buffer): string {
-  const start = fieldEnd(value, fieldEnd(value, fieldEnd(value, 0) + 1) + 1) + 1;
-  const end = value.indexOf(COLON, start);
-  return value.toString('latin1', start, end === -1 ? value.length : end);
+  const f = new Fields(value);
+  f.next();
+  f.next();
+  f.next();
+  return f.next();
 }
 
 /**
@@ -67,12 +69,6 @@ export function decodeRecord(key: string, value: Buffer, leaseEnd: number): Idem
 /** Something other than an idemkit record (or reply) where one was expected. */
 export function unexpected(): Error {
   return new Error('[idemkit] [redis] Found a value that is not an idemkit record: does something else write under this prefix?');
-}
-
-function fieldEnd(value: Buffer, start: number): number {
-  const end = value.indexOf(COLON, start);
-  if (end === -1) throw unexpected();
-  return end;
 }
 
 /** Reads ':'-separated header fields from the front of a record. */
