@@ -26,6 +26,10 @@ function count(input: StartAppInput, name: string): number {
 /** The routes of `@idemkit/http-suite`'s contract, idempotency applied app-wide. */
 export function buildApp(input: StartAppInput, expressModule: ExpressModule = express, extra: Partial<ExpressIdempotencyOptions> = {}): Express {
   const app = expressModule();
+  app.use((req, _res, next) => {
+    if (req.method === 'POST' && req.path === '/orders') count(input, 'orders:arrived');
+    next();
+  });
   app.use(expressModule.json());
   app.use(expressModule.text());
   app.use(expressModule.raw());
@@ -44,6 +48,7 @@ export function buildApp(input: StartAppInput, expressModule: ExpressModule = ex
       const n = count(input, 'orders');
       const delay = Number(req.query['delay'] ?? 0);
       if (delay > 0) await new Promise((resolve) => setTimeout(resolve, delay));
+      if (typeof req.query['hold'] === 'string') await input.hold(req.query['hold']);
       const id = randomUUID();
       res.location(`/orders/${id}`);
       res.set('X-Custom', 'yes');

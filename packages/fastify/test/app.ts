@@ -12,7 +12,7 @@ type Query = Record<string, string | undefined>;
  * same app run on the lowest Fastify of the peer range (test/fastify-5.0.test.ts).
  */
 export async function buildApp(
-  { store, options, counter, txWork }: StartAppInput,
+  { store, options, counter, txWork, hold }: StartAppInput,
   create: typeof Fastify = Fastify,
 ): Promise<FastifyInstance> {
   const app = create();
@@ -22,6 +22,11 @@ export async function buildApp(
     return n;
   };
   // Raw bodies arrive as Buffers; JSON and text/plain parsers are Fastify's own.
+  // Before parsing and idempotency (a preHandler): the suite knows when every duplicate is in.
+  app.addHook('onRequest', (request, _reply, done) => {
+    if (request.method === 'POST' && request.url.split('?')[0] === '/orders') count('orders:arrived');
+    done();
+  });
   app.addContentTypeParser('application/octet-stream', { parseAs: 'buffer' }, (_req, body, done) => done(null, body));
 
   await app.register(fastifyIdempotency, {
@@ -37,6 +42,7 @@ export async function buildApp(
     const q = request.query as Query;
     const n = count('orders');
     if (q.delay !== undefined) await sleep(Number(q.delay));
+    if (q.hold !== undefined) await hold(q.hold);
     const id = randomUUID();
     reply
       .code(q.status === undefined ? 201 : Number(q.status))

@@ -2,21 +2,23 @@ import { expect, vi } from 'vitest';
 import { expectProblem, newKey, type CaseContext } from './context.js';
 
 const PARALLEL = 100;
-/**
- * How long the winner holds its lease. Not an ordering sleep: it only keeps the lease busy while
- * the other 99 requests (sent at the same moment) arrive; the assertions hold for any interleaving
- * in which they arrive within it.
- */
-const HOLD_MS = 2_000;
+/** Long enough for 100 requests to reach a loaded CI machine; a pass never waits for it. */
+const ARRIVAL_TIMEOUT_MS = 15_000;
 
 /** SPEC §2 row: same key while the first is still running. */
 export function concurrencyCases(t: CaseContext): void {
   t.test(`${PARALLEL} parallel requests, one key → handler once, the others 409 + Retry-After`, async () => {
     const app = await t.app();
     const key = newKey();
-    const replies = await Promise.all(
-      Array.from({ length: PARALLEL }, () => app.post(`/orders?delay=${HOLD_MS}`, { key, json: { sku: 'A-1' } })),
+    let answered = 0;
+    const sent = Array.from({ length: PARALLEL }, () =>
+      app.post('/orders?hold=first', { key, json: { sku: 'A-1' } }).finally(() => answered++),
     );
+    // The handler holds its lease until every request is answered or in a handler itself: a
+    // second handler run would hold too, so it cannot slip past the count below.
+    await vi.waitFor(() => expect(answered + app.count('orders')).toBe(PARALLEL), { timeout: ARRIVAL_TIMEOUT_MS, interval: 5 });
+    app.open('first');
+    const replies = await Promise.all(sent);
     expect(app.count('orders')).toBe(1);
     const winners = replies.filter((r) => r.status === 201);
     expect(winners).toHaveLength(1);
@@ -31,7 +33,7 @@ export function concurrencyCases(t: CaseContext): void {
       expect(problem['retryAfter']).toBe(retryAfter);
     }
     // Once the winner is done, the key replays.
-    const after = await app.post(`/orders?delay=${HOLD_MS}`, { key, json: { sku: 'A-1' } });
+    const after = await app.post('/orders?hold=first', { key, json: { sku: 'A-1' } });
     expect(after.replayed).toBe(true);
     expect(after.body).toEqual(winners[0]?.body);
   }, 30_000);
@@ -39,9 +41,22 @@ export function concurrencyCases(t: CaseContext): void {
   t.test(`${PARALLEL} parallel requests, one key, concurrency: 'wait' → handler once, all get the identical response`, async () => {
     const app = await t.app({ concurrency: 'wait', waitTimeoutMs: 15_000 });
     const key = newKey();
-    const replies = await Promise.all(
-      Array.from({ length: PARALLEL }, () => app.post(`/orders?delay=${HOLD_MS / 2}`, { key, json: { sku: 'A-1' } })),
+    let answered = 0;
+    const sent = Array.from({ length: PARALLEL }, () =>
+      app.post('/orders?hold=first', { key, json: { sku: 'A-1' } }).finally(() => answered++),
     );
+    // Every duplicate reaches the server while the handler holds the lease; none is answered
+    // before it lets go (they wait instead of getting a 409).
+    await vi.waitFor(
+      () => {
+        expect(app.count('orders:arrived')).toBe(PARALLEL);
+        expect(app.count('orders')).toBeGreaterThanOrEqual(1);
+      },
+      { timeout: ARRIVAL_TIMEOUT_MS, interval: 5 },
+    );
+    expect(answered).toBe(0);
+    app.open('first');
+    const replies = await Promise.all(sent);
     expect(app.count('orders')).toBe(1);
     for (const reply of replies) expect(reply.status).toBe(201);
     const original = replies.filter((r) => !r.replayed);

@@ -16,6 +16,30 @@ export interface RunningApp {
   send(path: string, options?: SendOptions): Promise<Reply>;
   /** POST with a JSON body. */
   post(path: string, options?: SendOptions): Promise<Reply>;
+  /** Let every handler held at `POST /orders?hold=<name>` go on (and any that arrive later). */
+  open(name: string): void;
+}
+
+/** The app's `hold` gates; all of them open before the app closes, so no handler is left hanging. */
+class Gates {
+  readonly #gates = new Map<string, { readonly opened: Promise<void>; readonly open: () => void }>();
+
+  #gate(name: string) {
+    let gate = this.#gates.get(name);
+    if (gate === undefined) {
+      let open!: () => void;
+      const opened = new Promise<void>((resolve) => (open = resolve));
+      gate = { opened, open };
+      this.#gates.set(name, gate);
+    }
+    return gate;
+  }
+
+  hold = (name: string): Promise<void> => this.#gate(name).opened;
+  open = (name: string): void => this.#gate(name).open();
+  openAll(): void {
+    for (const gate of this.#gates.values()) gate.open();
+  }
 }
 
 export interface AppSetup {
@@ -77,13 +101,18 @@ export function createCaseContext(
     },
     async app(options = {}, setup = {}) {
       const counter: ExecutionCounter = new Map();
+      const gates = new Gates();
       const handle = await startApp({
         store: setup.store ?? getHarness().store,
         options: { ...BASE_OPTIONS, ...options },
         counter,
+        hold: gates.hold,
         ...(setup.txWork ? { txWork: setup.txWork } : {}),
       });
-      track(() => handle.close());
+      track(() => {
+        gates.openAll();
+        return handle.close();
+      });
       return {
         url: handle.url,
         counter,
@@ -91,6 +120,7 @@ export function createCaseContext(
         send: (path, o) => send(handle.url, path, o),
         post: (path, o = {}) =>
           send(handle.url, path, { ...(o.json === undefined && o.text === undefined ? { json: {} } : {}), ...o, method: 'POST' }),
+        open: gates.open,
       };
     },
   };

@@ -31,6 +31,12 @@ export interface StartAppInput {
    * and answers 201 JSON with what it returns; if it throws, the error flows to the framework.
    */
   readonly txWork?: (transaction: unknown, body: unknown) => Promise<unknown>;
+  /**
+   * The gate `POST /orders?hold=<name>` waits at: the handler (after counting) awaits
+   * `hold(name)`, which settles when the case opens that gate. It keeps a lease busy for exactly
+   * as long as a case needs (every duplicate has arrived), where a fixed delay would only guess.
+   */
+  readonly hold: (name: string) => Promise<void>;
 }
 
 export type StartApp = (input: StartAppInput) => Promise<TestAppHandle>;
@@ -38,8 +44,10 @@ export type StartApp = (input: StartAppInput) => Promise<TestAppHandle>;
 /**
  * Routes every test app implements (idempotency applied app-wide, JSON and raw body parsing on):
  *
+ * - Every request to `POST /orders` counts `orders:arrived` as it arrives, before idempotency
+ *   (and body parsing) see it: the suite knows when every duplicate has reached the server.
  * - `POST /orders` (JSON body). Counts `orders`. If the query has `delay=<ms>`, waits that long
- *   first (to hold the lease while duplicates arrive). Answers 201, JSON
+ *   first; if it has `hold=<name>`, waits for `hold(name)` (see StartAppInput). Answers 201, JSON
  *   `{ "id": "<uuid>", "n": <execution number>, "body": <request body> }`, headers
  *   `Location: /orders/<id>`, `X-Custom: yes`, and two `Set-Cookie` headers `a=1` and `b=2`.
  *   If the query has `status=<code>`, answers that status instead of 201 (same body).

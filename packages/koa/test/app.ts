@@ -42,7 +42,7 @@ export async function listen(app: Koa): Promise<TestAppHandle> {
  * @koa/bodyparser. `KoaClass` lets the same app run on the lowest Koa of the peer range.
  */
 export function createStartApp(KoaClass: typeof Koa = Koa): StartApp {
-  return async ({ store, options, counter, txWork }: StartAppInput) => {
+  return async ({ store, options, counter, txWork, hold }: StartAppInput) => {
     const count = (name: string): number => {
       const n = (counter.get(name) ?? 0) + 1;
       counter.set(name, n);
@@ -54,6 +54,7 @@ export function createStartApp(KoaClass: typeof Koa = Koa): StartApp {
       const n = count('orders');
       const delay = Number(ctx.query.delay ?? 0);
       if (delay > 0) await new Promise((resolve) => setTimeout(resolve, delay));
+      if (typeof ctx.query.hold === 'string') await hold(ctx.query.hold);
       const id = randomUUID();
       ctx.status = ctx.query.status === undefined ? 201 : Number(ctx.query.status);
       ctx.set('Location', `/orders/${id}`);
@@ -112,6 +113,10 @@ export function createStartApp(KoaClass: typeof Koa = Koa): StartApp {
       scope: (ctx) => ctx.get('x-user') || undefined,
     };
     const app = new KoaClass();
+    app.use(async (ctx, next) => {
+      if (ctx.method === 'POST' && ctx.path === '/orders') count('orders:arrived');
+      await next();
+    });
     app.silent = true; // the /throw route's error is expected; keep test output clean
     app.use(rawBody());
     app.use(bodyParser({ enableTypes: ['json', 'form', 'text'] }));
