@@ -3,6 +3,7 @@
 # and Redis, a three-master Redis Cluster and FerretDB (MongoDB wire protocol), all on 127.0.0.1.
 #
 #   scripts/services.sh up [ENV_FILE]   start what is missing, write TEST_* exports to ENV_FILE
+#   scripts/services.sh prepare         only build what `up` needs (FerretDB), start nothing
 #   scripts/services.sh down            leave; stop what this script started once nobody uses it
 #   scripts/services.sh status          show users and services
 #
@@ -157,14 +158,21 @@ ferretdb_bin() {
 
 # `go install .../cmd/ferretdb@v1.24.2` yields a binary that panics at start (missing version.txt),
 # so scripts/ferretdb wraps FerretDB's embeddable package; it builds once per machine (minutes cold).
+# Its own lock (fd 8), not the state lock: `prepare` builds without registering an owner, and a
+# concurrent `up` then waits for that build instead of starting a second one into the same file.
 build_ferretdb() {
   local bin="$1"
   [[ -x "$bin" ]] && return 0
   command -v go >/dev/null || die "Go is missing: it builds FerretDB for the MongoDB tests; install Go or set TEST_MONGODB_URL"
-  log "building FerretDB $FERRETDB_VERSION into $bin (first time on this machine)"
   mkdir -p "$(dirname "$bin")"
-  (cd "$ROOT/scripts/ferretdb" && go build -trimpath -o "$bin.tmp" .) 9>&- || die "building FerretDB failed"
-  mv "$bin.tmp" "$bin"
+  exec 8>"$bin.lock"
+  flock -w 900 8 || die "another build of $bin held $bin.lock for 15 minutes"
+  if [[ ! -x "$bin" ]]; then
+    log "building FerretDB $FERRETDB_VERSION into $bin (first time on this machine)"
+    (cd "$ROOT/scripts/ferretdb" && go build -trimpath -o "$bin.tmp" .) 8>&- 9>&- || die "building FerretDB failed"
+    mv "$bin.tmp" "$bin"
+  fi
+  exec 8>&-
 }
 
 mongo_url() { echo "mongodb://127.0.0.1:$FERRETDB_PORT/"; }
@@ -263,6 +271,12 @@ cmd_down() {
   fi
 }
 
+# Build what `up` would otherwise build first (FerretDB), starting nothing: CI runs this in the
+# background while it installs and builds, since a cold FerretDB build takes minutes.
+cmd_prepare() {
+  [[ -n "${TEST_MONGODB_URL:-}" ]] || build_ferretdb "$(ferretdb_bin)"
+}
+
 cmd_status() {
   echo "state: $STATE"
   echo "owners: $( [[ -d "$STATE" ]] && live_owners | tr '\n' ' ')"
@@ -274,7 +288,8 @@ cmd_status() {
 
 case "${1:-}" in
   up) shift; cmd_up "$@" ;;
+  prepare) cmd_prepare ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  *) echo "usage: $0 up [ENV_FILE] | down | status" >&2; exit 2 ;;
+  *) echo "usage: $0 up [ENV_FILE] | prepare | down | status" >&2; exit 2 ;;
 esac
