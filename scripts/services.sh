@@ -43,12 +43,14 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # A pid file counts only while its process still runs one of our servers: after a reboot or a
 # killed run the number may belong to an unrelated process, which must never be signalled.
+# FerretDB is known by the data dir we give it, not by its file name (IDEMKIT_FERRETDB_BIN can
+# name any file: such a FerretDB used to outlive `down`).
 pid_alive() {
   local pid
   [[ -f "$1" ]] || return 1
   pid="$(cat "$1")"
   [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null &&
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qE 'redis-server|idemkit-ferretdb'
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -e 'redis-server' -e "--sqlite-url=file:$STATE/ferretdb/data/"
 }
 
 # Stops the process in a pid file (ours by construction) and waits for it to go.
