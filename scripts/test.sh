@@ -13,6 +13,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export TURBO_TELEMETRY_DISABLED=1 DO_NOT_TRACK=1
 RESULTS="${IDEMKIT_TEST_RESULTS_DIR:-$ROOT/.tmp/test-results}"
+[[ "${IDEMKIT_TEST_JOBS:-2}" =~ ^[1-9][0-9]*$ ]] ||
+  { echo "IDEMKIT_TEST_JOBS must be a whole number >= 1, not '${IDEMKIT_TEST_JOBS}'" >&2; exit 2; }
 rm -rf "$RESULTS"
 mkdir -p "$RESULTS"
 
@@ -53,7 +55,7 @@ has_tests() {
 # computes (about a third of two cores when run one by one), and every test file already has its
 # own schema / key prefix / database. Packages that start several servers of their own and hold
 # them to timing bounds run alone, after the rest. IDEMKIT_TEST_JOBS=1 runs everything in turn.
-JOBS="${IDEMKIT_TEST_JOBS:-2}"
+JOBS="${IDEMKIT_TEST_JOBS:-2}" # checked at the top
 ALONE=" packages/reliability apps/demo "
 # Longest first, so the last one to start is short (the order only moves the finishing time).
 ORDER="packages/mongodb packages/fastify packages/koa packages/express packages/redis packages/postgres"
@@ -71,9 +73,10 @@ run_package() {
 echo "node $(node --version); services: postgres=$TEST_POSTGRES_URL redis=$TEST_REDIS_URL cluster=$TEST_REDIS_CLUSTER_NODES mongodb=$TEST_MONGODB_URL"
 pooled=()
 alone=()
+seen=" "
 for dir in $ORDER packages/* apps/*; do
-  [[ -f "$dir/package.json" ]] || continue
-  [[ " ${pooled[*]} ${alone[*]} " == *" $dir "* ]] && continue
+  [[ -f "$dir/package.json" && "$seen" != *" $dir "* ]] || continue
+  seen+="$dir "
   if ! has_tests "$dir"; then
     echo "-- $dir: no test files, skipped"
     continue
