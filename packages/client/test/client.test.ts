@@ -1,4 +1,4 @@
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { backoffDelay, createIdempotentFetch, parseRetryAfter, RetryDeadlineError, type AttemptInfo } from '../src/index.js';
 import { startLossyProxy, startServer, type TestServer } from './server.js';
 
@@ -39,15 +39,24 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
 
   it('409 while the first still runs: retries until the replay arrives (a double click makes one order)', async () => {
     const s = await server();
-    const fetchSafe = createIdempotentFetch({ ...fast, maxAttempts: 50 });
     const key = 'double-click-1';
-    const [a, b] = await Promise.all([
-      fetchSafe(`${s.url}/orders?delay=150`, { ...json({ item: 'x' }), idempotencyKey: key }),
-      fetchSafe(`${s.url}/orders?delay=150`, { ...json({ item: 'x' }), idempotencyKey: key }),
-    ]);
+    const first = createIdempotentFetch(fast)(`${s.url}/orders?hold=1`, { ...json({ item: 'x' }), idempotencyKey: key });
+    await vi.waitFor(() => expect(s.runs.get('orders')).toBe(1), { interval: 5 });
+    // The second click meets the first while its handler still runs (held until we open it).
+    const { attempts, onAttempt } = recorder();
+    const second = createIdempotentFetch({ ...fast, maxAttempts: 50, onAttempt })(`${s.url}/orders?hold=1`, {
+      ...json({ item: 'x' }),
+      idempotencyKey: key,
+    });
+    await vi.waitFor(() => expect(attempts.some((a) => a.status === 409 && a.willRetry)).toBe(true), { interval: 5 });
+    s.open();
+    const [a, b] = await Promise.all([first, second]);
     expect([a.status, b.status]).toEqual([201, 201]);
+    expect(b.headers.get('idempotent-replayed')).toBe('true');
     expect(await a.json()).toEqual(await b.json());
     expect(s.runs.get('orders')).toBe(1);
+    expect(attempts.at(-1)?.status).toBe(201);
+    expect(new Set(attempts.map((x) => x.key))).toEqual(new Set([key]));
   });
 
   it.each([408, 425, 429, 500, 503])('retries %i and sends the same key every time', async (status) => {

@@ -7,6 +7,8 @@ export interface TestServer {
   url: string;
   /** Handler executions per route. */
   runs: Map<string, number>;
+  /** Lets every `POST /orders?hold=1` handler go on (they wait until then). */
+  open(): void;
   close(): Promise<void>;
 }
 
@@ -17,6 +19,8 @@ export interface TestServer {
 export async function startServer(options: Partial<Omit<IdempotencyOptions<FastifyRequest>, 'store'>> = {}): Promise<TestServer> {
   const app = Fastify();
   const runs = new Map<string, number>();
+  let open!: () => void;
+  const opened = new Promise<void>((resolve) => (open = resolve));
   const count = (route: string) => {
     const n = (runs.get(route) ?? 0) + 1;
     runs.set(route, n);
@@ -27,6 +31,7 @@ export async function startServer(options: Partial<Omit<IdempotencyOptions<Fasti
     const n = count('orders');
     const delay = Number((req.query as { delay?: string }).delay ?? 0);
     if (delay) await new Promise((r) => setTimeout(r, delay));
+    if ((req.query as { hold?: string }).hold) await opened;
     reply.code(201);
     return { order: n, body: req.body };
   });
@@ -41,7 +46,11 @@ export async function startServer(options: Partial<Omit<IdempotencyOptions<Fasti
   app.get('/orders', async () => ({ runs: count('list') }));
   await app.listen({ port: 0, host: '127.0.0.1' });
   const address = app.server.address() as net.AddressInfo;
-  return { url: `http://127.0.0.1:${address.port}`, runs, close: () => app.close() };
+  const close = () => {
+    open();
+    return app.close();
+  };
+  return { url: `http://127.0.0.1:${address.port}`, runs, open, close };
 }
 
 /**
