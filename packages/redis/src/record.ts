@@ -20,15 +20,6 @@ export function isCompleted(value: Buffer): boolean {
   return value[0] === TAG_COMPLETED;
 }
 
-/** The lease token of an in-progress record (its fourth field; '' if it has none). */
-export function tokenOf(value: Buffer): string {
-  const f = new Fields(value);
-  f.next();
-  f.next();
-  f.next();
-  return f.next();
-}
-
 /**
  * Decode a record. `leaseEnd` is the lease end by the Redis clock for an in-progress record (the
  * scripts compute it; a fresh claim only carries its durations) and is ignored once completed.

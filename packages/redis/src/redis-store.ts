@@ -8,7 +8,7 @@ import type {
   StoredResponse,
 } from '@idemkit/core';
 import { resolveRedisStoreOptions, type RedisClient, type RedisStoreOptions } from './options.js';
-import { claimValue, decodeRecord, isCompleted, tokenOf, unexpected } from './record.js';
+import { claimValue, decodeRecord, isCompleted, unexpected } from './record.js';
 import { BEGIN, COMPLETE, GET, RELEASE, RENEW } from './scripts.js';
 import { writeBatcher } from './write-batch.js';
 
@@ -101,14 +101,13 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
         )) as Buffer | null;
         if (found === null) return { kind: 'acquired', token, tookOver: false };
         if (isCompleted(found)) return { kind: 'existing', record: decodeRecord(key, found, 0), leaseRemainingMs: 0 };
-        // Our own token: ioredis re-sent this SET after a reconnect and the first send had
-        // already claimed the key. Same claim, so answer the same (else the key would look busy
-        // to its owner).
-        if (tokenOf(found) === token) return { kind: 'acquired', token, tookOver: false };
       }
       // The begin script does it all atomically by the Redis clock. After a SET it runs only on a
       // record in progress, whose lease only a script can read and take over if it has run out:
-      // a second round trip, on this contended path only.
+      // a second round trip, on this contended path only. That includes our own token (ioredis
+      // re-sent this SET after a reconnect and the first send had claimed the key): the script
+      // answers 'acquired' only while that claim's lease is still running, and claims the key
+      // afresh if it ran out meanwhile, so a re-send never hands back a lease that is over.
       const reply = asArray(
         await run('begin', key, token, lease, leaseGraceMs, fingerprint === null ? '0' : '1', fingerprint ?? ''),
       );

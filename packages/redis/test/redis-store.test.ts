@@ -429,6 +429,35 @@ describe('client ownership and failures', () => {
     },
   );
 
+  it.each(['set', 'script'] as const)(
+    "a begin re-sent after its first claim's lease ran out gets a live lease, not the dead one (claim: '%s')",
+    async (claim) => {
+      // As above, but the reply stays lost until the first claim's lease is over (the grace keeps
+      // the key in Redis). Handing the caller that claim back would let it run the handler while
+      // the next request takes the key over: two runs at once.
+      const client = await redisClient(url);
+      const s = createRedisStore({ client, prefix, claim, leaseGraceMs: 60_000 });
+      const other = store({ leaseGraceMs: 60_000 });
+      const k = key('resend-late');
+      await s.get(k);
+      client.stream.pause();
+      const pending = s.begin(k, 'fp', 300);
+      await vi.waitFor(async () => expect(await redis.exists(prefix + k)).toBe(1), { timeout: 5_000, interval: 5 });
+      // By the Redis clock: `get` reports a claim whose lease has run out as absent.
+      await vi.waitFor(async () => expect(await other.get(k)).toBeUndefined(), { timeout: 5_000, interval: 20 });
+      client.stream.destroy();
+      const r = await pending;
+      expect(r.kind).toBe('acquired');
+      if (r.kind !== 'acquired') return;
+      const held = await other.get(k);
+      expect(held?.state).toBe('in_progress');
+      expect(held?.leaseExpiresAt).toBeGreaterThan(Date.now() - 5_000);
+      expect((await other.begin(k, 'fp', 300)).kind).toBe('existing');
+      expect(await s.complete(k, r.token, response(new Uint8Array([1])), 60_000)).toBe(true);
+      await client.quit();
+    },
+  );
+
   it('passes a server error through (WRONGTYPE on a key that is not a string)', async () => {
     const s = store();
     const k = key('wrongtype');
