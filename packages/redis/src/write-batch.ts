@@ -3,6 +3,14 @@ import type { Cluster } from 'ioredis';
 import type { RedisClient } from './options.js';
 
 /**
+ * Taken when this module loads: test runners' fake timers (vitest's and Jest's defaults) replace
+ * the global `setImmediate`, and a faked flush would leave the socket corked for good, holding
+ * this store's commands and the app's own on the same client. The uncork must run whatever the
+ * test does with time.
+ */
+const uncorkSoon: (flush: () => void) => void = setImmediate;
+
+/**
  * Returns `batch()`: call it before sending a command. The first call of an event-loop turn
  * corks the client's sockets and schedules their uncork with `setImmediate`, so every command
  * sent until then (this store's, and your own on the same client) leaves in one socket write.
@@ -29,7 +37,7 @@ export function writeBatcher(client: RedisClient): () => void {
     if (streams.length === 0) return;
     for (const stream of streams) stream.cork();
     corked = streams;
-    setImmediate(flush);
+    uncorkSoon(flush);
   };
 }
 

@@ -178,6 +178,26 @@ describe('one socket write per event-loop turn', () => {
     }
   });
 
+  it("fake timers (vitest's defaults fake setImmediate) never leave the socket corked", async () => {
+    // An app's tests often fake time around real Redis calls. The uncork is scheduled with the
+    // real setImmediate, so commands still leave, and the client stays usable afterwards.
+    const client = await redisClient(url);
+    const s = createRedisStore({ client, prefix });
+    vi.useFakeTimers();
+    try {
+      const k = key('fake-timers');
+      const r = await s.begin(k, 'fp', 60_000);
+      expect(r.kind).toBe('acquired');
+      if (r.kind === 'acquired') expect(await s.complete(k, r.token, response(new Uint8Array([3])), 60_000)).toBe(true);
+      expect(client.stream.writableCorked).toBe(0);
+      expect(await client.ping()).toBe('PONG');
+    } finally {
+      vi.useRealTimers();
+    }
+    expect((await s.get(key('fake-timers-after')))).toBeUndefined();
+    await client.quit();
+  });
+
   it('works on a client with enableAutoPipelining (its own batching runs after the uncork)', async () => {
     const client = new Redis(url, { enableAutoPipelining: true });
     await client.ping();
