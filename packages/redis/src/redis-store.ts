@@ -12,8 +12,11 @@ import { claimValue, decodeRecord, isCompleted, unexpected } from './record.js';
 import { BEGIN, COMPLETE, GET, RELEASE, RENEW } from './scripts.js';
 import { writeBatcher } from './write-batch.js';
 
-/** What a `...Buffer` script call resolves to: bulk strings as Buffers, integers as numbers. */
-type Reply = Buffer | number | null | Reply[];
+/**
+ * What a `...Buffer` script call resolves to: bulk strings as Buffers, integers as numbers, or
+ * as strings on a client created with ioredis's `stringNumbers: true`.
+ */
+type Reply = Buffer | number | string | null | Reply[];
 type ScriptCall = (key: string, ...args: Array<string | number | Buffer>) => Promise<Reply>;
 
 /**
@@ -111,7 +114,7 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
       const reply = asArray(
         await run('begin', key, token, lease, leaseGraceMs, fingerprint === null ? '0' : '1', fingerprint ?? ''),
       );
-      if (text(reply[0]) === 'acquired') return { kind: 'acquired', token, tookOver: reply[1] === 1 };
+      if (text(reply[0]) === 'acquired') return { kind: 'acquired', token, tookOver: isOne(reply[1]) };
       const now = num(reply[1]);
       const record = decodeRecord(key, bytes(reply[3]), num(reply[2]));
       const leaseRemainingMs =
@@ -130,15 +133,15 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
         // A view, not a copy: ioredis writes Buffers to the socket as raw bytes.
         Buffer.from(response.body.buffer, response.body.byteOffset, response.body.byteLength),
       );
-      return reply === 1;
+      return isOne(reply);
     },
 
     async release(key, token): Promise<boolean> {
-      return (await run('release', key, token)) === 1;
+      return isOne(await run('release', key, token));
     },
 
     async renew(key, token, leaseMs): Promise<boolean> {
-      return (await run('renew', key, token, positiveMs(leaseMs, 'leaseMs'), leaseGraceMs)) === 1;
+      return isOne(await run('renew', key, token, positiveMs(leaseMs, 'leaseMs'), leaseGraceMs));
     },
 
     async get(key): Promise<IdempotencyRecord | undefined> {
@@ -189,9 +192,14 @@ function asArray(reply: Reply): Reply[] {
   return reply;
 }
 
+/** A script's integer 1 (the `stringNumbers` client answers '1'). */
+function isOne(v: Reply | undefined): boolean {
+  return v === 1 || v === '1';
+}
+
 function text(v: Reply | undefined): string {
   if (Buffer.isBuffer(v)) return v.toString('utf8');
-  if (typeof v === 'number') return String(v);
+  if (typeof v === 'number' || typeof v === 'string') return String(v);
   throw unexpected();
 }
 

@@ -478,6 +478,43 @@ describe('client ownership and failures', () => {
     },
   );
 
+  it.each(['set', 'script'] as const)(
+    "works on a client created with ioredis's stringNumbers: true (claim: '%s')",
+    async (claim) => {
+      // That option turns every integer reply into a string, the scripts' 1 into '1'. Read as
+      // "not renewed", it would make the engine stop renewing a lease that is fine.
+      const client = new Redis(url, { stringNumbers: true });
+      const s = createRedisStore({ client, prefix, claim, leaseGraceMs: 60_000 });
+      try {
+        const k = key('string-numbers');
+        const first = await s.begin(k, 'fp', 60_000);
+        expect(first.kind).toBe('acquired');
+        if (first.kind !== 'acquired') return;
+        const busy = await s.begin(k, 'fp', 60_000);
+        expect(busy.kind === 'existing' && busy.record.state).toBe('in_progress');
+        expect(busy.kind === 'existing' && busy.leaseRemainingMs).toBeGreaterThan(50_000);
+        expect(await s.renew(k, first.token, 60_000)).toBe(true);
+        expect((await s.get(k))?.state).toBe('in_progress');
+        expect(await s.complete(k, first.token, response(new Uint8Array([4])), 60_000)).toBe(true);
+        const replay = await s.begin(k, 'fp', 60_000);
+        expect(replay.kind === 'existing' && replay.record.response?.body).toEqual(new Uint8Array([4]));
+
+        const released = key('string-numbers-release');
+        expect(await s.release(released, await acquire(s, released))).toBe(true);
+        expect(await s.get(released)).toBeUndefined();
+
+        const lapsed = key('string-numbers-takeover');
+        const old = await acquire(s, lapsed, 100);
+        await vi.waitFor(async () => expect(await s.get(lapsed)).toBeUndefined(), { timeout: 5_000, interval: 20 });
+        const taken = await s.begin(lapsed, 'fp', 60_000);
+        expect(taken.kind === 'acquired' && taken.tookOver).toBe(true);
+        expect(await s.complete(lapsed, old, response(new Uint8Array([5])), 60_000)).toBe(false);
+      } finally {
+        await client.quit();
+      }
+    },
+  );
+
   it('passes a server error through (WRONGTYPE on a key that is not a string)', async () => {
     const s = store();
     const k = key('wrongtype');
