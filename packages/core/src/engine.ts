@@ -172,11 +172,16 @@ class Engine<Req> implements IdempotencyEngine<Req> {
   async #runInTransaction(key: string, id: string, token: LeaseToken, tookOver: boolean): Promise<Decision> {
     const o = this.options;
     let tx: StoreTransaction;
+    let pending: Promise<StoreTransaction> | undefined;
     try {
-      tx = await this.call('beginTransaction', () => (o.store as TransactionalStore).beginTransaction());
+      tx = await this.call('beginTransaction', () => (pending = (o.store as TransactionalStore).beginTransaction()));
     } catch (error) {
-      // Free the key we just took: nothing ran, so a retry must be able to run.
-      await o.store.release(id, token).catch(() => undefined);
+      // A transaction that opens after its deadline holds a pooled connection nobody will use:
+      // roll it back when it lands, or a burst on a full pool leaks the pool away for good.
+      if (error instanceof StoreTimeoutError && pending) void pending.then((late) => late.rollback()).catch(() => undefined);
+      // Free the key we just took: nothing ran, so a retry must be able to run. Under the
+      // deadline too: on a pool that is out of connections this would otherwise wait forever.
+      await this.call('release', () => o.store.release(id, token)).catch(() => undefined);
       return this.#storeFailure(key, 'beginTransaction', error);
     }
     return this.#run(key, id, token, tookOver, tx);

@@ -215,7 +215,7 @@ export class RunningLease implements Lease {
       return ok;
     } catch (error) {
       this.#storeError('complete', error);
-      if (this.tx) await this.tx.rollback().catch((e: unknown) => this.#storeError('rollback', e));
+      if (this.tx) await this.#rollback();
       return false;
     }
   }
@@ -255,10 +255,8 @@ export class RunningLease implements Lease {
 
   async #release(reason: AbandonReason): Promise<void> {
     const { store } = this.host.options;
-    if (this.tx) {
-      // Roll the handler's writes back before the key is free again, so a retry starts clean.
-      await this.tx.rollback().catch((e: unknown) => this.#storeError('rollback', e));
-    }
+    // Roll the handler's writes back before the key is free again, so a retry starts clean.
+    if (this.tx) await this.#rollback();
     try {
       const ok = await this.host.call('release', () => store.release(this.id, this.token));
       if (ok) this.host.emit({ type: 'released', key: this.key, reason });
@@ -267,6 +265,12 @@ export class RunningLease implements Lease {
       // The lease will simply expire; nothing else to do.
       this.#storeError('release', error);
     }
+  }
+
+  /** Under the store deadline like every store call: a rollback stuck behind a hung COMMIT must not hang the request. */
+  async #rollback(): Promise<void> {
+    const tx = this.tx as StoreTransaction;
+    await this.host.call('rollback', () => tx.rollback()).catch((e: unknown) => this.#storeError('rollback', e));
   }
 
   #lost(operation: 'complete' | 'renew' | 'release'): void {

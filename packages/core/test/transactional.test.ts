@@ -1,4 +1,4 @@
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { createIdempotencyEngine, createMemoryStore, type LeaseToken, type StoredResponse, type StoreTransaction, type TransactionalStore } from '../src/index.js';
 import { request, response } from './helpers.js';
 
@@ -106,5 +106,78 @@ describe('transactional mode (engine side)', () => {
     await winner.lease.commit(response(201, 'winner'));
     expect(await stalled.lease.commit(response(201, 'mine'))).toBe(false);
     expect(stalled.lease.replacement).toBeNull();
+  });
+
+  describe('under the store deadline (storeTimeoutMs)', () => {
+    /** A transactional store over the memory store, as a plain object so every call gets the deadline. */
+    function slowTransactions(opts: { openTx: Promise<void>; rollback?: () => Promise<void>; release?: 'hang'; failComplete?: boolean }) {
+      const inner = createMemoryStore();
+      const log: string[] = [];
+      const store: TransactionalStore<null> = {
+        shared: false,
+        begin: (key, fp, leaseMs) => inner.begin(key, fp, leaseMs),
+        complete: (key, token, res, ttlMs) => inner.complete(key, token, res, ttlMs),
+        release: (key, token) => (opts.release === 'hang' ? new Promise<boolean>(() => undefined) : inner.release(key, token)),
+        renew: (key, token, leaseMs) => inner.renew(key, token, leaseMs),
+        get: (key) => inner.get(key),
+        purgeExpired: (limit) => inner.purgeExpired(limit),
+        close: () => inner.close(),
+        async beginTransaction() {
+          await opts.openTx;
+          log.push('opened');
+          return {
+            client: null,
+            complete: async (key, token, res, ttlMs) => {
+              if (opts.failComplete) throw new Error('connection lost during COMMIT');
+              return inner.complete(key, token, res, ttlMs);
+            },
+            rollback: async () => {
+              log.push('rollback');
+              await opts.rollback?.();
+            },
+          };
+        },
+      };
+      return { store, log, inner };
+    }
+
+    it('a transaction that opens after its deadline is rolled back, and the key is free again', async () => {
+      let open!: () => void;
+      const { store, log } = slowTransactions({ openTx: new Promise<void>((resolve) => (open = resolve)) });
+      const engine = createIdempotencyEngine({ store, transactional: true, logger: false, storeTimeoutMs: 50 });
+      const d = await engine.decide(request({ key: 'late-tx' }));
+      expect(d.kind === 'problem' && d.error.status).toBe(503);
+      expect(await store.get('-:late-tx')).toBeUndefined();
+      // The pool hands the connection out after all: it must go back, not stay open in a transaction.
+      open();
+      await vi.waitFor(() => expect(log).toEqual(['opened', 'rollback']), { timeout: 2_000, interval: 5 });
+    });
+
+    it('the key release after a failed beginTransaction cannot hang the request', async () => {
+      // Pool exhausted: no transaction opens and the release waits for a connection too.
+      const { store } = slowTransactions({ openTx: new Promise<void>(() => undefined), release: 'hang' });
+      const engine = createIdempotencyEngine({ store, transactional: true, logger: false, storeTimeoutMs: 50 });
+      const d = await engine.decide(request({ key: 'no-pool' }));
+      expect(d.kind === 'problem' && d.error.status).toBe(503);
+    });
+
+    it.each(['abandon', 'commit that fails'] as const)('a rollback that never answers cannot hang %s', async (how) => {
+      const { store, log } = slowTransactions({
+        openTx: Promise.resolve(),
+        rollback: () => new Promise<void>(() => undefined),
+        failComplete: how !== 'abandon',
+      });
+      const events: string[] = [];
+      const engine = createIdempotencyEngine({
+        store, transactional: true, logger: false, storeTimeoutMs: 50,
+        onEvent: (e) => { if (e.type === 'store-error') events.push(e.operation); },
+      });
+      const d = await engine.decide(request({ key: `stuck-rollback-${how}` }));
+      if (d.kind !== 'run') throw new Error('expected run');
+      if (how === 'abandon') await d.lease.abandon('handler-threw');
+      else expect(await d.lease.commit(response())).toBe(false);
+      expect(log).toContain('rollback');
+      expect(events).toContain('rollback');
+    });
   });
 });
