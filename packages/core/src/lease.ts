@@ -215,7 +215,14 @@ export class RunningLease implements Lease {
       return ok;
     } catch (error) {
       this.#storeError('complete', error);
-      if (this.tx) await this.#rollback();
+      if (this.tx) {
+        await this.#rollback();
+        // Nothing of the handler's committed (a transaction the handler left aborted, a lost
+        // connection): free the key, or every retry meets 409 until the lease runs out. Safe even
+        // if a COMMIT did land unseen: release only deletes a record still in progress under
+        // this token.
+        await this.#freeKey('rolled-back');
+      }
       return false;
     }
   }
@@ -254,9 +261,13 @@ export class RunningLease implements Lease {
   }
 
   async #release(reason: AbandonReason): Promise<void> {
-    const { store } = this.host.options;
     // Roll the handler's writes back before the key is free again, so a retry starts clean.
     if (this.tx) await this.#rollback();
+    await this.#freeKey(reason);
+  }
+
+  async #freeKey(reason: AbandonReason | 'rolled-back'): Promise<void> {
+    const { store } = this.host.options;
     try {
       const ok = await this.host.call('release', () => store.release(this.id, this.token));
       if (ok) this.host.emit({ type: 'released', key: this.key, reason });

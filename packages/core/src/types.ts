@@ -88,7 +88,8 @@ export type IdempotencyEvent =
   | { readonly type: 'mismatch'; readonly key: string }
   | { readonly type: 'lease-taken-over'; readonly key: string }
   | { readonly type: 'lease-lost'; readonly key: string; readonly operation: 'complete' | 'renew' | 'release' }
-  | { readonly type: 'released'; readonly key: string; readonly reason: AbandonReason | 'not-storable' }
+  /** `rolled-back`: transactional mode, the completion failed and nothing of the handler's committed. */
+  | { readonly type: 'released'; readonly key: string; readonly reason: AbandonReason | 'rolled-back' }
   | { readonly type: 'store-error'; readonly key: string | null; readonly operation: string; readonly error: unknown };
 
 /** Minimal logger (console, pino and winston fit). */

@@ -16,7 +16,18 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   constructor(
     readonly client: PoolClient,
     private readonly completeSql: string,
-  ) {}
+  ) {
+    client.on('error', this.#onConnectionError);
+  }
+
+  /**
+   * pg-pool takes its own 'error' listener off a client while it is checked out. A connection
+   * that dies while the handler works (pg_terminate_backend, `idle_in_transaction_session_timeout`,
+   * a network cut) would then be an unhandled 'error' event, which ends the process. Nothing is
+   * lost by listening: the next query on the client rejects with the driver's error, and `#end`
+   * destroys the client.
+   */
+  readonly #onConnectionError = (): void => undefined;
 
   complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
     if (this.#state !== 'open') {
@@ -64,11 +75,13 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     try {
       await this.client.query(command);
     } catch (error) {
+      this.client.removeListener('error', this.#onConnectionError);
       // The connection's state is unknown: destroy it rather than hand it to the next user.
       this.client.release(error instanceof Error ? error : true);
       if (rethrow) throw error;
       return;
     }
+    this.client.removeListener('error', this.#onConnectionError);
     this.client.release();
   }
 }

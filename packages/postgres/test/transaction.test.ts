@@ -237,4 +237,54 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(outcomes.filter((o) => o === 'replay')).toHaveLength(19);
     expect(await rowsFor(ref)).toBe(1);
   });
+
+  it('a handler that swallowed a failed statement: nothing commits, the key is free, the answer says retry', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const k = key();
+    const ref = randomUUID();
+    const decision = await engine.decide(request(k, ref));
+    if (decision.kind !== 'run') throw new Error('expected run');
+    const tx = pgTransaction(decision.lease.context);
+    await tx.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+    await expect(tx.query('SELECT 1/0')).rejects.toMatchObject({ code: '22012' });
+    // The handler answers 201 anyway; its transaction is aborted, so nothing can commit.
+    expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+    // Not "another request took over" (a 409 for the rest of the lease): a 503 to retry now.
+    expect(decision.lease.replacement?.status).toBe(503);
+    expect(await rowsFor(ref)).toBe(0);
+    expect(await store.get(k)).toBeUndefined();
+    const retry = await engine.decide(request(k, ref));
+    expect(retry.kind).toBe('run');
+    if (retry.kind === 'run') await retry.lease.abandon('client-gone');
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('the connection dies while the handler works: the process survives, nothing commits, the key is free', async () => {
+    // pg-pool listens for a checked-out client's errors no more: an unhandled 'error' event
+    // would end the process (and this test run with it).
+    const pool = new pg.Pool({ connectionString: db.url, max: 2 });
+    pool.on('error', () => undefined);
+    const own = createPostgresStore({ pool, schema: db.schema });
+    const engine = createIdempotencyEngine({ store: own, transactional: true, logger: false });
+    try {
+      const k = key();
+      const ref = randomUUID();
+      const decision = await engine.decide(request(k, ref));
+      if (decision.kind !== 'run') throw new Error('expected run');
+      const tx = pgTransaction(decision.lease.context);
+      await tx.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+      const { rows } = await tx.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+      const ended = new Promise((resolve) => tx.once('end', resolve));
+      // As idle_in_transaction_session_timeout or a DBA would, while the handler awaits a payment.
+      await db.pool.query('SELECT pg_terminate_backend($1)', [rows[0]!.pid]);
+      await ended;
+      expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+      expect(decision.lease.replacement?.status).toBe(503);
+      expect(await rowsFor(ref)).toBe(0);
+      expect(await own.get(k)).toBeUndefined();
+      expect(checkedOut(pool)).toBe(0);
+    } finally {
+      await pool.end();
+    }
+  });
 });
