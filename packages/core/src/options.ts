@@ -115,10 +115,16 @@ const KNOWN = new Set([
   'onStoreError', 'storeTimeoutMs', 'transactional', 'onEvent', 'logger',
 ]);
 
-function positiveInt(name: string, value: number | undefined, fallback: number): number {
+/** Node's timers hold at most this (about 24.8 days); a longer delay fires after 1 ms instead. */
+const MAX_TIMER_MS = 2_147_483_647;
+
+function positiveInt(name: string, value: number | undefined, fallback: number, max = Number.MAX_SAFE_INTEGER): number {
   if (value === undefined) return fallback;
   if (!Number.isSafeInteger(value) || value <= 0) {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be a positive integer, got ${String(value)}.`);
+  }
+  if (value > max) {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be at most ${max} ms (a Node timer's limit), got ${value}.`);
   }
   return value;
 }
@@ -179,7 +185,7 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
   if (transactional && typeof (input.store as Partial<{ beginTransaction: unknown }>).beginTransaction !== 'function') {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`transactional: true` needs a store with transactions (e.g. @idemkit/postgres).');
   }
-  const leaseMs = positiveInt('leaseMs', input.leaseMs, DEFAULTS.leaseMs);
+  const leaseMs = positiveInt('leaseMs', input.leaseMs, DEFAULTS.leaseMs, MAX_TIMER_MS);
 
   return Object.freeze({
     store: input.store,
@@ -196,9 +202,9 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
     leaseMs,
     maxBodyBytes: positiveInt('maxBodyBytes', input.maxBodyBytes, DEFAULTS.maxBodyBytes),
     concurrency: oneOf('concurrency', input.concurrency, ['conflict', 'wait'], DEFAULTS.concurrency),
-    waitTimeoutMs: positiveInt('waitTimeoutMs', input.waitTimeoutMs, DEFAULTS.waitTimeoutMs),
+    waitTimeoutMs: positiveInt('waitTimeoutMs', input.waitTimeoutMs, DEFAULTS.waitTimeoutMs, MAX_TIMER_MS),
     onStoreError: oneOf('onStoreError', input.onStoreError, ['fail', 'pass'], DEFAULTS.onStoreError),
-    storeTimeoutMs: positiveInt('storeTimeoutMs', input.storeTimeoutMs, DEFAULTS.storeTimeoutMs),
+    storeTimeoutMs: positiveInt('storeTimeoutMs', input.storeTimeoutMs, DEFAULTS.storeTimeoutMs, MAX_TIMER_MS),
     transactional,
     onEvent: fn('onEvent', input.onEvent),
     logger,

@@ -44,9 +44,19 @@ describe('options', () => {
     ['scope', { scope: 'user' as unknown as () => string }, /scope/],
     ['fingerprint', { fingerprint: 'sha1' as unknown as false }, /fingerprint/],
     ['transactional', { transactional: true }, /transactional/],
+    // Past a Node timer's limit the deadline would fire after 1 ms: every store call a 503.
+    ['storeTimeoutMs', { storeTimeoutMs: 2 ** 31 }, /storeTimeoutMs` must be at most 2147483647/],
+    ['leaseMs', { leaseMs: 2 ** 31 }, /leaseMs` must be at most/],
+    ['waitTimeoutMs', { waitTimeoutMs: 2 ** 31 }, /waitTimeoutMs` must be at most/],
   ])('throws a ConfigurationError naming %s', (_, extra, pattern) => {
     expect(() => resolveOptions({ store, logger: false, ...extra })).toThrow(ConfigurationError);
     expect(() => resolveOptions({ store, logger: false, ...extra })).toThrow(pattern);
+  });
+
+  it("accepts a timer's longest delay, and a TTL far beyond it (stores expire records themselves)", () => {
+    const o = resolveOptions({ store, logger: false, storeTimeoutMs: 2 ** 31 - 1, leaseMs: 2 ** 31 - 1, ttlMs: 365 * 86_400_000 });
+    expect(o.storeTimeoutMs).toBe(2_147_483_647);
+    expect(o.ttlMs).toBe(31_536_000_000);
   });
 
   it('requires a store that implements the contract', () => {
