@@ -56,6 +56,7 @@ export class RetryDeadlineError extends Error {
 }
 
 const DEFAULT_METHODS = ['POST', 'PATCH'];
+const MAX_TIMER_MS = 2_147_483_647;
 
 /**
  * A `fetch` that makes one logical operation out of many attempts: it sends one idempotency key
@@ -76,6 +77,8 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
   const random = options.random ?? Math.random;
   for (const [name, value] of Object.entries({ maxAttempts, baseDelayMs, maxDelayMs, deadlineMs })) {
     if (!Number.isFinite(value) || value < (name === 'maxAttempts' ? 1 : 0)) throw new TypeError(`[idemkit] [client] \`${name}\` must be a non-negative number.`);
+    // Timers hold at most 2^31 - 1 ms; a longer deadline would fire at once.
+    if (name !== 'maxAttempts' && value > MAX_TIMER_MS) throw new TypeError(`[idemkit] [client] \`${name}\` must be at most ${MAX_TIMER_MS} ms.`);
   }
 
   return async function idempotentFetch(input, init = {}) {
@@ -88,54 +91,66 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     headers.set(header, key);
     // Buffer the body once so every attempt sends the same bytes (a stream can be read only once).
     const body = template.body === null ? undefined : await template.arrayBuffer();
-    const userSignal = requestInit.signal ?? undefined;
+    // The caller's signal, whether it came in `init` or on a `Request` (the template has either).
+    const userSignal = template.signal;
     const deadlineAt = Date.now() + deadlineMs;
-    const deadline = AbortSignal.timeout(deadlineMs);
-    const signal = userSignal ? AbortSignal.any([userSignal, deadline]) : deadline;
+    // The deadline bounds the attempts only: once a response is returned, the caller reads its
+    // body for as long as it needs (as with plain fetch), so the timer stops there.
+    const deadline = new AbortController();
+    const timer = setTimeout(() => deadline.abort(new DOMException(`No response within ${deadlineMs} ms.`, 'TimeoutError')), deadlineMs);
+    const signal = AbortSignal.any([userSignal, deadline.signal]);
+    try {
+      return await attempts();
+    } finally {
+      clearTimeout(timer);
+    }
 
-    let lastError: unknown;
-    for (let attempt = 1; ; attempt++) {
-      const report = (info: Omit<AttemptInfo, 'attempt' | 'key' | 'method' | 'url'>) =>
-        options.onAttempt?.({ attempt, key, method: template.method, url: template.url, ...info });
-      let response: Response | undefined;
-      try {
-        response = await baseFetch(template.url, { ...requestInit, method: template.method, headers, body, signal });
-      } catch (error) {
-        if (userSignal?.aborted) throw userSignal.reason;
-        if (deadline.aborted) throw new RetryDeadlineError(`[idemkit] [client] No response within ${deadlineMs} ms (${attempt} attempts).`, { cause: error });
-        lastError = error;
+    async function attempts(): Promise<Response> {
+      let lastError: unknown;
+      for (let attempt = 1; ; attempt++) {
+        const report = (info: Omit<AttemptInfo, 'attempt' | 'key' | 'method' | 'url'>) =>
+          options.onAttempt?.({ attempt, key, method: template.method, url: template.url, ...info });
+        let response: Response | undefined;
+        try {
+          // From the template, so a Request's own options (credentials, redirect, keepalive, …) hold on every attempt.
+          response = await baseFetch(new Request(template, { headers, body, signal }));
+        } catch (error) {
+          if (userSignal.aborted) throw userSignal.reason;
+          if (deadline.signal.aborted) throw new RetryDeadlineError(`[idemkit] [client] No response within ${deadlineMs} ms (${attempt} attempts).`, { cause: error });
+          lastError = error;
+        }
+
+        const retryable = response === undefined || retryOn(response.status);
+        const retryAfter = response ? parseRetryAfter(response.headers.get('retry-after')) : undefined;
+        // Retry-After is honoured up to maxDelayMs: idemkit's 409 carries the lease's worst case
+        // (up to a minute) while the first request usually ends far sooner, and a replay is cheap.
+        const delayMs = Math.max(backoffDelay(attempt, baseDelayMs, maxDelayMs, random), Math.min(retryAfter ?? 0, maxDelayMs));
+        const willRetry = retryable && attempt < maxAttempts && Date.now() + delayMs < deadlineAt;
+        report(response ? { status: response.status, willRetry, ...(willRetry ? { delayMs } : {}) } : { error: lastError, willRetry, ...(willRetry ? { delayMs } : {}) });
+
+        if (!willRetry) {
+          if (response) return response;
+          throw lastError;
+        }
+        // Free the connection of the answer we are discarding.
+        await response?.body?.cancel().catch(() => undefined);
+        await wait(delayMs, userSignal);
       }
-
-      const retryable = response === undefined || retryOn(response.status);
-      const retryAfter = response ? parseRetryAfter(response.headers.get('retry-after')) : undefined;
-      // Retry-After is honoured up to maxDelayMs: idemkit's 409 carries the lease's worst case
-      // (up to a minute) while the first request usually ends far sooner, and a replay is cheap.
-      const delayMs = Math.max(backoffDelay(attempt, baseDelayMs, maxDelayMs, random), Math.min(retryAfter ?? 0, maxDelayMs));
-      const willRetry = retryable && attempt < maxAttempts && Date.now() + delayMs < deadlineAt;
-      report(response ? { status: response.status, willRetry, ...(willRetry ? { delayMs } : {}) } : { error: lastError, willRetry, ...(willRetry ? { delayMs } : {}) });
-
-      if (!willRetry) {
-        if (response) return response;
-        throw lastError;
-      }
-      // Free the connection of the answer we are discarding.
-      await response?.body?.cancel().catch(() => undefined);
-      await wait(delayMs, userSignal);
     }
   };
 }
 
-function wait(ms: number, signal: AbortSignal | undefined): Promise<void> {
+function wait(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(signal.reason);
+    if (signal.aborted) return reject(signal.reason);
     const timer = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
+      signal.removeEventListener('abort', onAbort);
       resolve();
     }, ms);
     const onAbort = () => {
       clearTimeout(timer);
-      reject(signal?.reason);
+      reject(signal.reason);
     };
-    signal?.addEventListener('abort', onAbort, { once: true });
+    signal.addEventListener('abort', onAbort, { once: true });
   });
 }

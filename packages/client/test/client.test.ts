@@ -118,6 +118,34 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     expect(s.runs.get('statuses')).toBe(1);
   });
 
+  it('a Request keeps its own signal and options on every attempt', async () => {
+    const s = await server();
+    const controller = new AbortController();
+    const fetchSafe = createIdempotentFetch({
+      baseDelayMs: 10_000,
+      maxDelayMs: 10_000,
+      random: () => 1,
+      onAttempt: (a) => {
+        if (a.willRetry) controller.abort(new Error('user left the page'));
+      },
+    });
+    const aborted = new Request(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '503' }, signal: controller.signal });
+    await expect(fetchSafe(aborted)).rejects.toThrow('user left the page');
+    expect(s.runs.get('statuses')).toBe(1);
+    // redirect: 'manual' on the Request: the 303 comes back instead of being followed.
+    const res = await fetchSafe(new Request(`${s.url}/moved`, { method: 'POST', body: '{}', redirect: 'manual' }));
+    expect(res.status).toBe(303);
+    expect(s.runs.get('list')).toBeUndefined();
+  });
+
+  it('the deadline bounds the attempts, not the reading of the body it returned', async () => {
+    const s = await server();
+    const res = await createIdempotentFetch({ deadlineMs: 150 })(`${s.url}/slow-body?ms=400`, json({}));
+    expect(res.status).toBe(201);
+    // The order exists: the caller must get its answer, not a TimeoutError half-way through it.
+    expect(await res.text()).toBe('first part, last part');
+  });
+
   it('the total deadline bounds all attempts', async () => {
     const s = await server();
     const { attempts, onAttempt } = recorder();
@@ -174,5 +202,7 @@ describe('retry rules', () => {
 
   it('validates its options', () => {
     expect(() => createIdempotentFetch({ maxAttempts: 0 })).toThrow(/maxAttempts/);
+    // A timer fires at once past 2^31 - 1 ms: such a deadline would fail every call.
+    expect(() => createIdempotentFetch({ deadlineMs: 2 ** 31 })).toThrow(/`deadlineMs` must be at most 2147483647/);
   });
 });

@@ -1,4 +1,5 @@
 import net from 'node:net';
+import { PassThrough } from 'node:stream';
 import { createMemoryStore, type IdempotencyOptions } from '@idemkit/core';
 import fastifyIdempotency from '@idemkit/fastify';
 import Fastify, { type FastifyRequest } from 'fastify';
@@ -14,7 +15,8 @@ export interface TestServer {
 
 /**
  * A real Fastify server with @idemkit/fastify. `POST /statuses` answers the statuses listed in
- * `x-statuses` one per execution (then 201), with `x-retry-after` as Retry-After.
+ * `x-statuses` one per execution (then 201), with `x-retry-after` as Retry-After;
+ * `POST /slow-body?ms=` streams its body over `ms`; `POST /moved` redirects (303).
  */
 export async function startServer(options: Partial<Omit<IdempotencyOptions<FastifyRequest>, 'store'>> = {}): Promise<TestServer> {
   const app = Fastify();
@@ -44,6 +46,18 @@ export async function startServer(options: Partial<Omit<IdempotencyOptions<Fasti
     return reply.code(status).send({ status });
   });
   app.get('/orders', async () => ({ runs: count('list') }));
+  // Headers at once, the rest of the body `ms` later (a large or slow answer).
+  app.post('/slow-body', async (req, reply) => {
+    count('slow-body');
+    const body = new PassThrough();
+    body.write('first part, ');
+    setTimeout(() => body.end('last part'), Number((req.query as { ms?: string }).ms ?? 0));
+    return reply.code(201).type('text/plain').send(body);
+  });
+  app.post('/moved', async (_req, reply) => {
+    count('moved');
+    return reply.redirect('/orders', 303);
+  });
   await app.listen({ port: 0, host: '127.0.0.1' });
   const address = app.server.address() as net.AddressInfo;
   const close = () => {
