@@ -1,4 +1,5 @@
 import { createIdempotencyEngine } from './engine.js';
+import { ResponseNotReplayableError } from './errors.js';
 import type { IdempotencyOptions } from './options.js';
 import type { IncomingRequest } from './types.js';
 
@@ -26,6 +27,29 @@ export interface IdempotentOptions<Args extends unknown[], R>
 
 function defaultSerialize(result: unknown): string {
   return result === undefined ? '' : JSON.stringify(result);
+}
+
+/** serialize's output as bytes; anything else (JSON.stringify of a function gives undefined) is refused. */
+function toBytes(raw: unknown): Uint8Array {
+  if (typeof raw === 'string') return encoder.encode(raw);
+  if (raw instanceof Uint8Array) return raw;
+  throw new TypeError(`serialize returned ${raw === null ? 'null' : typeof raw}, not a string or Uint8Array`);
+}
+
+/** The stored marker (an RFC 9457 problem) as the error it stands for. */
+function notReplayable(body: Uint8Array): ResponseNotReplayableError {
+  let problem: { detail?: unknown; originalStatus?: unknown; reason?: unknown } = {};
+  try {
+    problem = JSON.parse(decoder.decode(body)) as typeof problem;
+  } catch {
+    // A marker is always JSON; if not, the generic message below still says what happened.
+  }
+  return new ResponseNotReplayableError(
+    'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE',
+    410,
+    typeof problem.detail === 'string' ? problem.detail : 'The call with this key already ran, but its result was not stored. It is not run again.',
+    { extensions: { reason: problem.reason } },
+  );
 }
 
 function defaultDeserialize<R>(bytes: Uint8Array): R {
@@ -70,6 +94,9 @@ export function idempotent<Args extends unknown[], R>(
       case 'problem':
         throw decision.error;
       case 'replay':
+        // Results are stored with 200; anything else is the marker of a result that could not be
+        // stored (too large, not serialisable). fn ran once: never hand the marker out as a result.
+        if (decision.response.status !== 200) throw notReplayable(decision.response.body);
         return deserialize(decision.response.body) as Awaited<R>;
       case 'run': {
         let result: Awaited<R>;
@@ -79,8 +106,20 @@ export function idempotent<Args extends unknown[], R>(
           await decision.lease.abandon('handler-threw');
           throw error;
         }
-        const raw = serialize(result);
-        const body = typeof raw === 'string' ? encoder.encode(raw) : raw;
+        let body: Uint8Array;
+        try {
+          body = toBytes(serialize(result));
+        } catch (error) {
+          // fn ran and must not run again for this key: settle the lease with a marker, so later
+          // calls reject with ResponseNotReplayableError instead of waiting or running fn twice.
+          await decision.lease.commitUnbuffered(200, 'not-serializable');
+          throw new TypeError(
+            `[idemkit] idempotent(): fn ran, but its result could not be serialised (${error instanceof Error ? error.message : String(error)}). ` +
+              'It was not stored; later calls with this key reject with ResponseNotReplayableError instead of running fn again. ' +
+              'Return JSON-safe values, or pass `serialize` and `deserialize`.',
+            { cause: error },
+          );
+        }
         await decision.lease.commit({ status: 200, headers: [], body });
         return deserialize(body) as Awaited<R>;
       }

@@ -23,6 +23,7 @@ export type {
   IncomingHeaders,
   IncomingRequest,
   Lease,
+  UnbufferedReason,
 } from './types.js';
 // Errors carry status/headers that Express, Koa and Fastify already understand.
 export {

@@ -3,7 +3,7 @@ import { REPLAYED_HEADER } from './headers.js';
 import { problemResponse } from './problem.js';
 import type { ResolvedOptions } from './options.js';
 import type { LeaseToken, StoreTransaction, StoredResponse } from './store.js';
-import type { AbandonReason, IdempotencyContext, IdempotencyEvent, Lease } from './types.js';
+import type { AbandonReason, IdempotencyContext, IdempotencyEvent, Lease, UnbufferedReason } from './types.js';
 import type { StoreCall } from './deadline.js';
 
 /** What a lease needs from its engine; kept narrow so the lease cannot make decisions. */
@@ -125,7 +125,7 @@ export class RunningLease implements Lease {
     }
   }
 
-  async commitUnbuffered(status: number, reason: 'not-bufferable' | 'too-large'): Promise<void> {
+  async commitUnbuffered(status: number, reason: UnbufferedReason): Promise<void> {
     if (!this.#settle()) return;
     try {
       if (!this.host.options.storable(status)) await this.#release('not-storable');
@@ -191,10 +191,13 @@ export class RunningLease implements Lease {
    * The response cannot be replayed (stream, too large). Store a marker so retries get a
    * documented problem instead of running the handler again (SPEC §2).
    */
-  async #storeMarker(status: number, reason: 'not-bufferable' | 'too-large'): Promise<void> {
-    const why = reason === 'too-large'
-      ? `its body was larger than maxBodyBytes (${this.host.options.maxBodyBytes} bytes)`
-      : 'it was streamed';
+  async #storeMarker(status: number, reason: UnbufferedReason): Promise<void> {
+    const why =
+      reason === 'too-large'
+        ? `its body was larger than maxBodyBytes (${this.host.options.maxBodyBytes} bytes)`
+        : reason === 'not-serializable'
+          ? 'its result could not be serialised'
+          : 'it was streamed';
     const error = new ResponseNotReplayableError(
       'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE',
       410,

@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { createMemoryStore, FingerprintMismatchError, idempotent, RequestInProgressError, type IdempotencyStore } from '../src/index.js';
+import { createMemoryStore, FingerprintMismatchError, idempotent, RequestInProgressError, ResponseNotReplayableError, type IdempotencyStore } from '../src/index.js';
 
 describe('idempotent(fn)', () => {
   it('runs fn once for 100 concurrent calls with one key and gives all of them the same result', async () => {
@@ -85,5 +85,51 @@ describe('idempotent(fn)', () => {
   it('validates its arguments', () => {
     expect(() => idempotent('nope' as unknown as () => void, { store: createMemoryStore(), key: () => 'k' })).toThrow(/fn/);
     expect(() => idempotent(async () => 1, { store: createMemoryStore() } as never)).toThrow(/key/);
+  });
+
+  describe('a result that cannot be stored', () => {
+    it('not serialisable (a BigInt): fn runs once, the key is settled, later calls get ResponseNotReplayableError', async () => {
+      const store = createMemoryStore();
+      let runs = 0;
+      const charge = idempotent(async (id: string) => ({ id, amount: BigInt(4200 + runs++) }), { store, key: (id) => id, leaseMs: 300 });
+      await expect(charge('evt_big')).rejects.toThrow(/fn ran, but its result could not be serialised \(Do not know how to serialize a BigInt\)/);
+      // Settled, not left in progress (renewing forever, every retry a 409 until the process exits).
+      expect((await store.get('-:evt_big'))?.state).toBe('completed');
+      const retry = charge('evt_big');
+      await expect(retry).rejects.toBeInstanceOf(ResponseNotReplayableError);
+      await expect(retry).rejects.toMatchObject({ status: 410, extensions: { reason: 'not-serializable' } });
+      expect(runs).toBe(1);
+    });
+
+    it('serialised to nothing (toJSON gives undefined): 3 concurrent calls run fn once', async () => {
+      const store = createMemoryStore();
+      let runs = 0;
+      let release!: () => void;
+      const gate = new Promise<void>((r) => (release = r));
+      const job = idempotent(
+        async () => {
+          runs++;
+          await gate;
+          return { toJSON: () => undefined };
+        },
+        { store, key: () => 'evt_void' },
+      );
+      const calls = Array.from({ length: 3 }, () => job());
+      await vi.waitFor(() => expect(runs).toBe(1));
+      release();
+      const settled = await Promise.allSettled(calls);
+      expect(runs).toBe(1);
+      const reasons = settled.map((r) => (r.status === 'rejected' ? (r.reason as Error).constructor.name : 'fulfilled'));
+      expect(reasons.sort()).toEqual(['ResponseNotReplayableError', 'ResponseNotReplayableError', 'TypeError']);
+    });
+
+    it('larger than maxBodyBytes: the first call gets its result, the others an error, never the marker as a value', async () => {
+      const store = createMemoryStore();
+      let runs = 0;
+      const job = idempotent(async () => ({ run: ++runs, blob: 'x'.repeat(2_000) }), { store, key: () => 'evt_big_result', maxBodyBytes: 1_000 });
+      expect((await job()).run).toBe(1);
+      await expect(job()).rejects.toMatchObject({ status: 410, extensions: { reason: 'too-large' } });
+      expect(runs).toBe(1);
+    });
   });
 });
