@@ -17,6 +17,12 @@ export type Fencing = 'native' | 'claims';
  */
 export const CLAIM_WINDOW_MS = 10_000;
 
+/** A claim document expires this long after it was taken (so its age is known from `expiresAt`). */
+const CLAIM_TTL_MS = 2 * CLAIM_WINDOW_MS;
+
+/** Dead writers in a row a taker walks past before giving up for now (each cost it a window). */
+const MAX_WINDOWS = 8;
+
 const DUPLICATE_KEY = 11000;
 
 export function isDuplicateKey(error: unknown): boolean {
@@ -29,15 +35,15 @@ export function holderClaim(key: string, token: string): ClaimId {
 }
 
 /**
- * The claim a taker takes on an expired record. In-progress records are fenced by token, so a
- * takeover in the first window excludes the holder's own complete/release/renew; completed
- * records (no token) by their expiry instant.
+ * The first claim a taker tries on an expired record (window 0; see `Claims.takeInTurn` for the
+ * next ones). In-progress records are fenced by token, so it is the holder's own claim and a
+ * takeover excludes the holder's complete/release/renew; completed records (no token) are fenced
+ * by their expiry instant.
  */
-export function takeoverClaim(record: IdempotencyDocument, now: number): ClaimId {
+export function takeoverClaim(record: IdempotencyDocument): ClaimId {
   const expiresAt = record.expiresAt;
-  const g = Math.max(0, Math.floor((now - expiresAt.getTime()) / CLAIM_WINDOW_MS));
   const token = record.state === 'in_progress' ? (record.token ?? null) : null;
-  return { k: record._id, t: token, e: token === null ? expiresAt : null, g };
+  return { k: record._id, t: token, e: token === null ? expiresAt : null, g: 0 };
 }
 
 function claimKey(id: ClaimId): string {
@@ -51,12 +57,33 @@ export class Claims {
   /** True if this caller now owns the claim; false if another writer already took it. */
   async take(id: ClaimId, now: number): Promise<boolean> {
     try {
-      await this.collection.insertOne({ _id: claimKey(id), expiresAt: new Date(now + 2 * CLAIM_WINDOW_MS) });
+      await this.collection.insertOne({ _id: claimKey(id), expiresAt: new Date(now + CLAIM_TTL_MS) });
       return true;
     } catch (error) {
       if (isDuplicateKey(error)) return false;
       throw error;
     }
+  }
+
+  /**
+   * Take the claim of window 0, or of the first window after it whose claim is free, moving on
+   * only past a claim older than `CLAIM_WINDOW_MS` (its writer died between claim and write).
+   * Every taker walks the same windows from 0, so two takers never hold claims of one version
+   * at once. (Picking the window from each caller's clock did that: two takers either side of a
+   * window boundary took different claims, and both replaced the record.) Null when a writer
+   * that is alive holds the claim.
+   */
+  async takeInTurn(first: ClaimId, now: number): Promise<ClaimId | null> {
+    for (let g = 0; g < MAX_WINDOWS; g++) {
+      const claim: ClaimId = { ...first, g };
+      if (await this.take(claim, now)) return claim;
+      const held = await this.collection.findOne({ _id: claimKey(claim) });
+      // Gone already (dropped or purged): it was just released, so let the caller look again.
+      if (held === null) return null;
+      const takenAt = held.expiresAt.getTime() - CLAIM_TTL_MS;
+      if (now - takenAt < CLAIM_WINDOW_MS) return null;
+    }
+    return null;
   }
 
   /** Give a claim back after a write that did not happen, so the next writer need not wait. */
@@ -67,7 +94,7 @@ export class Claims {
   /** Take many claims in one round trip; returns the ids this caller now owns. */
   async takeMany(ids: ClaimId[], now: number): Promise<ClaimId[]> {
     if (ids.length === 0) return [];
-    const expiresAt = new Date(now + 2 * CLAIM_WINDOW_MS);
+    const expiresAt = new Date(now + CLAIM_TTL_MS);
     try {
       await this.collection.insertMany(
         ids.map((id) => ({ _id: claimKey(id), expiresAt })),

@@ -162,8 +162,8 @@ class MongoIdempotencyStore implements MongoStore {
     // The claim excludes every other writer of this version (holders, takers, purges), so the
     // check and the write below need not be one atomic step; both go by `_id` alone, which
     // FerretDB looks up by index (any other filter makes it scan the collection).
-    const claim = takeoverClaim(before, now);
-    if (!(await this.#claims.take(claim, now))) return false;
+    const claim = await this.#claims.takeInTurn(takeoverClaim(before), now);
+    if (claim === null) return false;
     const current = await this.collection.findOne({ _id: before._id });
     const unchanged =
       current !== null &&
@@ -263,7 +263,9 @@ class MongoIdempotencyStore implements MongoStore {
     }
     // Claims: a purge is one more taker. Only records whose takeover claim this purge won are
     // deleted, so a concurrent takeover is never deleted from under its new holder.
-    const claims = expired.map((doc) => takeoverClaim(doc, nowMs));
+    // Window 0 only: a record whose claim another writer holds (or a dead one left) waits for a
+    // later purge instead of racing its taker.
+    const claims = expired.map((doc) => takeoverClaim(doc));
     const won = new Set((await this.#claims.takeMany(claims, nowMs)).map((c) => c.k));
     const ids = expired.filter((d) => won.has(d._id)).map((d) => d._id);
     const result = ids.length === 0 ? { deletedCount: 0 } : await this.collection.deleteMany({ _id: { $in: ids }, expiresAt: { $lte: now } });

@@ -3,7 +3,7 @@ import { MongoClient, MongoError } from 'mongodb';
 import type { CommandStartedEvent } from 'mongodb';
 import { ConfigurationError } from '@idemkit/core';
 import type { LeaseToken, StoredResponse } from '@idemkit/core';
-import { createMongoStore, DEFAULTS, PLAIN_INDEX_NAME, TTL_INDEX_NAME } from '../src/index.js';
+import { CLAIM_WINDOW_MS, createMongoStore, DEFAULTS, PLAIN_INDEX_NAME, TTL_INDEX_NAME } from '../src/index.js';
 import type { IdempotencyDocument } from '../src/index.js';
 import { openTestDatabase } from './mongo.js';
 import type { TestDatabase } from './mongo.js';
@@ -100,6 +100,88 @@ describe('atomic begin', () => {
       expect(await storeB.release(k, stale)).toBe(false);
       expect(await storeB.renew(k, stale, 1_000)).toBe(false);
       expect((await storeA.get(k))?.state).toBe('in_progress');
+    }
+  });
+
+  it('claims fencing: two takers either side of a claim window boundary, one stalled between claim and write: one takeover', async () => {
+    // Each store's clock is Date here, so the test can put the two takers 20 ms apart across
+    // the 10 s boundary. Taker A claims and checks the record, then stalls before it writes (a GC
+    // pause, a slow network); taker B comes in just past the boundary.
+    const [a, b] = await Promise.all([t.client(), t.client()]);
+    const storeA = createMongoStore({ db: a.db(t.dbName), collectionName: 'boundary', fencing: 'claims', clock: 'local' });
+    const storeB = createMongoStore({ db: b.db(t.dbName), collectionName: 'boundary', fencing: 'claims', clock: 'local' });
+    const k = key('window-boundary');
+    vi.useFakeTimers({ toFake: ['Date'] });
+    try {
+      const t0 = Date.now();
+      const first = await storeA.begin(k, 'fp', 100);
+      expect(first.kind).toBe('acquired');
+
+      let stalled!: () => void;
+      const stall = new Promise<void>((resolve) => (stalled = resolve));
+      let resume!: () => void;
+      const resumed = new Promise<void>((resolve) => (resume = resolve));
+      const updateOne = storeA.collection.updateOne.bind(storeA.collection);
+      let armed = true;
+      storeA.collection.updateOne = (async (...args: Parameters<typeof updateOne>) => {
+        if (armed) {
+          armed = false;
+          stalled();
+          await resumed;
+        }
+        return updateOne(...args);
+      }) as typeof updateOne;
+      let bLookedAtClaim = false;
+      const claimFindOne = storeB.claimsCollection.findOne.bind(storeB.claimsCollection);
+      storeB.claimsCollection.findOne = ((...args: Parameters<typeof claimFindOne>) => {
+        bLookedAtClaim = true;
+        return claimFindOne(...args);
+      }) as typeof claimFindOne;
+
+      vi.setSystemTime(t0 + 100 + CLAIM_WINDOW_MS - 10);
+      const takerA = storeA.begin(k, 'a', 30_000);
+      await stall; // A holds its claim, saw the record unchanged, and waits before writing
+      vi.setSystemTime(t0 + 100 + CLAIM_WINDOW_MS + 10);
+      let bSettled = false;
+      const takerB = storeB.begin(k, 'b', 30_000).finally(() => (bSettled = true));
+      await vi.waitFor(() => expect(bSettled || bLookedAtClaim).toBe(true), { timeout: 5_000, interval: 5 });
+      resume();
+      const results = await Promise.all([takerA, takerB]);
+      expect(results.filter((r) => r.kind === 'acquired')).toHaveLength(1);
+      const winner = results.find((r) => r.kind === 'acquired');
+      const record = await storeB.get(k);
+      expect(record?.fingerprint).toBe(results[0].kind === 'acquired' ? 'a' : 'b');
+      expect(winner).toMatchObject({ tookOver: true });
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it('claims fencing: a taker that died holding its claim blocks takeovers for one claim window, then the next one wins', async () => {
+    const [a, b] = await Promise.all([t.client(), t.client()]);
+    const storeA = createMongoStore({ db: a.db(t.dbName), collectionName: 'dead-taker', fencing: 'claims', clock: 'local' });
+    const storeB = createMongoStore({ db: b.db(t.dbName), collectionName: 'dead-taker', fencing: 'claims', clock: 'local' });
+    const k = key('dead-taker');
+    vi.useFakeTimers({ toFake: ['Date'] });
+    try {
+      const t0 = Date.now();
+      expect((await storeA.begin(k, 'fp', 100)).kind).toBe('acquired');
+      // Taker A claims the expired lease and never writes (its process died).
+      let stalled!: () => void;
+      const stall = new Promise<void>((resolve) => (stalled = resolve));
+      storeA.collection.updateOne = (async () => {
+        stalled();
+        return new Promise<never>(() => undefined);
+      }) as unknown as typeof storeA.collection.updateOne;
+      vi.setSystemTime(t0 + 200);
+      void storeA.begin(k, 'a', 30_000);
+      await stall;
+      // One claim window later, B walks past the dead claim to the next window's.
+      vi.setSystemTime(t0 + 200 + CLAIM_WINDOW_MS + 1);
+      expect(await storeB.begin(k, 'b', 30_000)).toMatchObject({ kind: 'acquired', tookOver: true });
+      expect((await storeB.get(k))?.fingerprint).toBe('b');
+    } finally {
+      vi.useRealTimers();
     }
   });
 
