@@ -18,16 +18,25 @@ export function escapeIdentifier(name: string, option: string): string {
   return `"${name.replaceAll('"', '""')}"`;
 }
 
+const INDEX_SUFFIX = '_expires_at_idx';
+
 /** The name of the purge index for `table`, truncated the way Postgres would (bytes, not chars). */
 export function expiresIndexName(table: string): string {
-  const name = `${table}_expires_at_idx`;
-  let bytes = Buffer.from(name);
-  if (bytes.length <= MAX_IDENTIFIER_BYTES) return name;
-  // Cut on a character boundary so the name stays valid UTF-8.
-  let cut = MAX_IDENTIFIER_BYTES;
+  const name = truncate(`${table}${INDEX_SUFFIX}`, MAX_IDENTIFIER_BYTES);
+  // A 63-byte table name truncates back to itself: CREATE INDEX IF NOT EXISTS would then find
+  // the table under that name and create no index at all. Such a table keeps the suffix instead.
+  // (Other names stay as they were, so existing indexes keep being found.)
+  if (name !== table) return name;
+  return `${truncate(table, MAX_IDENTIFIER_BYTES - INDEX_SUFFIX.length)}${INDEX_SUFFIX}`;
+}
+
+/** The first `max` bytes of `text`, cut on a character boundary so it stays valid UTF-8. */
+function truncate(text: string, max: number): string {
+  const bytes = Buffer.from(text);
+  if (bytes.length <= max) return text;
+  let cut = max;
   while (cut > 0 && ((bytes[cut] ?? 0) & 0xc0) === 0x80) cut--;
-  bytes = bytes.subarray(0, cut);
-  return bytes.toString();
+  return bytes.subarray(0, cut).toString();
 }
 
 /**

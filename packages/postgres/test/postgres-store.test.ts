@@ -101,6 +101,23 @@ describe('migrate() and sql/schema.sql', () => {
     }
   });
 
+  it.each([62, 63])('a %i-byte table name still gets its expires_at index', async (length) => {
+    const schema = `${db.schema}_long`;
+    const table = `t${'x'.repeat(length - 1)}`;
+    try {
+      await createPostgresStore({ pool: db.pool, schema, table }).migrate();
+      await createPostgresStore({ pool: db.pool, schema, table }).migrate(); // and again, idempotently
+      const { rows } = await db.pool.query<{ indexdef: string }>(
+        'SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = $2 ORDER BY indexname',
+        [schema, table],
+      );
+      // Purges and takeovers find records by expiry: without it they scan the whole table.
+      expect(rows.filter((r) => r.indexdef.includes('(expires_at)'))).toHaveLength(1);
+    } finally {
+      await db.pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+    }
+  });
+
   it('ships sql/schema.sql with exactly the DDL migrate() runs', async () => {
     const file = await readFile(new URL('../sql/schema.sql', import.meta.url), 'utf8');
     expect(file).toBe(schemaFileText());
