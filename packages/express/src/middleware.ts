@@ -19,8 +19,13 @@ declare global {
   }
 }
 
-/** Per request, so a second `idempotency()` on the same request (app-wide and per route) passes through. */
-const seen = new WeakMap<Request, { readonly lease: Lease | null }>();
+/**
+ * The lease of the `idempotency()` that claimed this request's key, so an inner one on the same
+ * request (app-wide and per route) steps aside instead of answering 409 to itself. Only a claim
+ * counts: an outer instance that let the request through (method not covered, no key with
+ * `required: false`) leaves the inner one to decide, as in the Koa binding.
+ */
+const claimed = new WeakMap<Request, Lease>();
 
 function bodyNotParsed(): ConfigurationError {
   return new ConfigurationError(
@@ -55,33 +60,34 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
   const { engine: engineOptions, onProblem } = splitOptions(options);
   const engine = createIdempotencyEngine<Request>(engineOptions);
 
+  // Only the default fingerprint and the body key field read the body; without them an unparsed
+  // body is no reason to refuse the request (as in the Koa binding).
+  const o = engine.options;
+  const bodyMatters = o.fingerprint === 'default' || (o.getKey === undefined && o.bodyField !== false);
+
   async function handle(req: Request, res: Response, next: NextFunction): Promise<void> {
-    if (seen.has(req)) return next();
+    if (claimed.has(req)) return next();
     const method = req.method.toUpperCase();
     if (!engine.options.methods.has(method)) {
-      seen.set(req, { lease: null });
       expose(req, res, null);
       return next();
     }
     const body: unknown = req.body;
-    if (body === undefined && hasRequestBody(req.headers)) return next(bodyNotParsed());
+    if (body === undefined && bodyMatters && hasRequestBody(req.headers)) return next(bodyNotParsed());
 
     const decision = await engine.decide(toIncoming(req, method, body), req);
     switch (decision.kind) {
       case 'pass':
-        seen.set(req, { lease: null });
         expose(req, res, null);
         return next();
       case 'replay':
-        seen.set(req, { lease: null });
         return writeReplay(res, decision.response);
       case 'problem':
-        seen.set(req, { lease: null });
         if (onProblem) return onProblem(decision.error, req, res, next);
         return writeProblem(res, decision.error);
       case 'run': {
         const { lease } = decision;
-        seen.set(req, { lease });
+        claimed.set(req, lease);
         expose(req, res, lease.context);
         // No abandon on an early 'close' (client gone): the handler still runs, and freeing the
         // key would let the client's retry run the operation a second time. Its answer still goes
@@ -113,7 +119,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
  */
 export function idempotencyErrorHandler(): ErrorRequestHandler {
   return function idempotencyErrors(err: unknown, req, _res, next) {
-    const lease = seen.get(req)?.lease;
+    const lease = claimed.get(req);
     if (!lease || lease.settled) return next(err);
     // abandon() never rejects; the error goes on unchanged once the key is free.
     void lease.abandon('handler-threw').then(() => next(err));

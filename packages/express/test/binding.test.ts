@@ -250,6 +250,40 @@ describe('express binding: request context and mounting', () => {
     expect(runs).toBe(1);
   });
 
+  it('an app-wide instance that let the request through leaves a per-route one to decide', async () => {
+    // App-wide: keys optional. Per route: PUT covered, and a payment route that needs a key.
+    const store = createMemoryStore();
+    const app = express();
+    app.use(express.json());
+    app.use(idempotency({ store, logger: false, required: false }));
+    let puts = 0;
+    app.put('/profile', idempotency({ store, logger: false, methods: ['PUT'] }), (_req, res) => void res.json({ put: ++puts }));
+    app.post('/payments', idempotency({ store, logger: false, required: true }), (_req, res) => void res.sendStatus(201));
+    const url = await serve(app);
+    const key = randomUUID();
+    const put = (k: string) => fetch(`${url}/profile`, { method: 'PUT', headers: { 'idempotency-key': k } });
+    expect(await (await put(key)).json()).toEqual({ put: 1 });
+    const replay = await put(key);
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    expect(await replay.json()).toEqual({ put: 1 });
+    expect(puts).toBe(1);
+    expect((await post(`${url}/payments`, undefined)).status).toBe(400);
+  });
+
+  it('no body parser is needed when nothing reads the body (fingerprint: false, bodyField: false)', async () => {
+    const app = express();
+    app.use(idempotency({ store: createMemoryStore(), logger: false, fingerprint: false, bodyField: false }));
+    let runs = 0;
+    app.post('/x', (_req, res) => void res.status(201).json({ run: ++runs }));
+    const url = await serve(app);
+    const key = randomUUID();
+    const init = { body: 'raw bytes', headers: { 'content-type': 'application/x-custom' } };
+    expect((await post(`${url}/x`, key, init)).status).toBe(201);
+    const replay = await post(`${url}/x`, key, init);
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    expect(runs).toBe(1);
+  });
+
   it('per-route only: other routes are untouched', async () => {
     const store = createMemoryStore();
     const app = express();
