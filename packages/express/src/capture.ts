@@ -46,6 +46,22 @@ function applyHeaders(res: ServerResponse, headers: OutgoingHttpHeaders | readon
   for (const [name, value] of pairs) res.appendHeader(name, Array.isArray(value) ? value : String(value));
 }
 
+/** Whether status or headers moved after end() (checked per request, so it only compares). */
+function changedSince(res: ServerResponse, status: number, message: string, headers: OutgoingHttpHeaders): boolean {
+  if (res.statusCode !== status || res.statusMessage !== message) return true;
+  const names = Object.keys(headers);
+  if (res.getHeaderNames().length !== names.length) return true;
+  for (const name of names) if (res.getHeader(name) !== headers[name]) return true;
+  return false;
+}
+
+function restore(res: ServerResponse, status: number, message: string, headers: OutgoingHttpHeaders): void {
+  res.statusCode = status;
+  res.statusMessage = message;
+  for (const name of res.getHeaderNames()) res.removeHeader(name);
+  for (const [name, value] of Object.entries(headers)) if (value !== undefined) res.setHeader(name, value);
+}
+
 const kDictionary = Symbol('idemkit.dictionary');
 
 /**
@@ -123,8 +139,16 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
       mode = 'buffering';
       throw error;
     }
-    const response = { status: this.statusCode, headers: toStoredHeaders(this.getHeaders()), body };
+    const sentHeaders = this.getHeaders();
+    const sentMessage = this.statusMessage;
+    const response = { status: this.statusCode, headers: toStoredHeaders(sentHeaders), body };
     const deliver = (): void => {
+      // While the record is stored, `headersSent` is still false, so an error handler running
+      // meanwhile (the handler threw after res.json()) may set a 500 and its own headers, and its
+      // own end() is ignored. The client must get the answer that was stored: put it back.
+      if (!this.headersSent && changedSince(this, response.status, sentMessage, sentHeaders)) {
+        restore(this, response.status, sentMessage, sentHeaders);
+      }
       const replacement = lease.replacement;
       // Transactional mode, rolled back: the handler's answer describes writes that never happened.
       if (replacement && !this.headersSent) {

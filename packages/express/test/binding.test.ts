@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { createMemoryStore, scopedKey, type IdempotencyContext } from '@idemkit/core';
+import { createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore } from '@idemkit/core';
 import express, { type ErrorRequestHandler, type Express, type Request, type Response } from 'express';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { idempotency, idempotencyErrorHandler, type ExpressIdempotencyOptions } from '../src/index.js';
@@ -282,6 +282,47 @@ describe('express binding: request context and mounting', () => {
     const replay = await post(`${url}/x`, key, init);
     expect(replay.headers.get('idempotent-replayed')).toBe('true');
     expect(runs).toBe(1);
+  });
+
+  it('a handler that throws after res.json(): the client gets that answer intact, not the error handler\'s', async () => {
+    // The answer waits for the store; an error handler running meanwhile sees headersSent false
+    // and answers 500 over it. The store's complete waits until it has, to make that certain.
+    let errorHandled!: () => void;
+    const handled = new Promise<void>((resolve) => (errorHandled = resolve));
+    const inner = createMemoryStore();
+    const store: IdempotencyStore = {
+      shared: false,
+      begin: (k, fp, ms) => inner.begin(k, fp, ms),
+      complete: async (k, token, response, ttl) => {
+        await handled;
+        return inner.complete(k, token, response, ttl);
+      },
+      release: (k, token) => inner.release(k, token),
+      renew: (k, token, ms) => inner.renew(k, token, ms),
+      get: (k) => inner.get(k),
+      purgeExpired: (limit) => inner.purgeExpired(limit),
+      close: () => inner.close(),
+    };
+    const app = express();
+    app.use(express.json());
+    app.use(idempotency({ store, logger: false }));
+    app.post('/x', async (_req, res) => {
+      res.status(202).json({ accepted: true });
+      throw new Error('after the answer');
+    });
+    app.use(((_err, _req, res, _next) => {
+      if (!res.headersSent) res.status(500).type('html').send('<p>Internal Server Error</p>');
+      errorHandled();
+    }) as ErrorRequestHandler);
+    const url = await serve(app);
+    const key = randomUUID();
+    const first = await post(`${url}/x`, key);
+    expect(first.status).toBe(202);
+    expect(first.headers.get('content-type')).toBe('application/json; charset=utf-8');
+    expect(new TextDecoder().decode(first.body)).toBe('{"accepted":true}');
+    const replay = await post(`${url}/x`, key);
+    expect(replay.status).toBe(202);
+    expect(replay.body).toEqual(first.body);
   });
 
   it('per-route only: other routes are untouched', async () => {
