@@ -34,7 +34,7 @@ declare module 'fastify' {
 /** Per-request lease state; lives under a symbol so nothing else can settle our lease. */
 interface LeaseState {
   readonly lease: Lease;
-  /** Kept so the abort hook, which gets no reply, can tell a hijacked reply. */
+  /** Kept so the raw response's 'close' can tell a hijacked reply (sent, yet never through onSend). */
   readonly reply: FastifyReply;
   /** The handler (or a hook after ours) failed: its error reply must never be stored. */
   errored: boolean;
@@ -100,10 +100,16 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         }
         sendStored(reply, problemResponse(decision.error));
         return;
-      case 'run':
-        (request as StatefulRequest)[kState] = { lease: decision.lease, reply, errored: false };
+      case 'run': {
+        const state: LeaseState = { lease: decision.lease, reply, errored: false };
+        (request as StatefulRequest)[kState] = state;
         request.idempotency = decision.lease.context;
+        // The last word on this lease, whatever happened: Fastify's hooks do not cover every
+        // path (a hijacked reply gets no onSend, no onError when its handler throws, and no
+        // onResponse if it never ends). Only requests that took a lease pay for the listener.
+        reply.raw.once('close', () => onRawClose(state));
         return done();
+      }
     }
   }
 
@@ -164,40 +170,22 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     after(state.lease.abandon('handler-threw'), done);
   }
 
-  // Safety net: the response finished without onSend settling the lease (a hijacked reply that
-  // wrote to reply.raw itself, or an error path that skipped onSend).
-  function onResponse(request: FastifyRequest, reply: FastifyReply, done: Done): void {
-    const state = stateOf(request);
-    if (state === null || state.lease.settled) return done();
-    const { lease } = state;
-    const settling = state.errored
-      ? lease.abandon('handler-threw')
-      : // The handler ran and answered past us: never run it again, as for a stream.
-        reply.raw.writableEnded
-        ? lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable')
-        : lease.abandon('client-gone');
-    after(settling, done);
+  // The raw response closed (finished, or its connection went away) with the lease still open.
+  // A reply still inside Fastify (not `sent`) keeps its lease even if the client left: the
+  // handler's answer is stored in onSend, so the client's retry replays it instead of running
+  // the operation a second time. A hijacked reply (`sent` from the start) never reaches onSend:
+  // if it ended, the handler ran and answered past us, so it is never run again (as for a
+  // stream); if it did not (the client left, or the handler threw and left it open until then),
+  // the key is free again.
+  function onRawClose(state: LeaseState): void {
+    const { lease, reply } = state;
+    if (lease.settled) return;
+    if (state.errored) return void lease.abandon('handler-threw');
+    if (!reply.sent) return;
+    void (reply.raw.writableEnded ? lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable') : lease.abandon('client-gone'));
   }
 
-  // The client went away (or its socket timed out). While the handler still runs inside Fastify
-  // we keep the lease: its answer is stored in onSend, so the client's retry replays it instead
-  // of running the operation a second time. Only a hijacked reply, whose onSend never comes,
-  // gives the key up here.
-  function onClientGone(request: FastifyRequest, done: Done): void {
-    const state = stateOf(request);
-    // `sent` with the lease still open means the reply was hijacked: onSend will never run.
-    if (state === null || state.lease.settled || !state.reply.sent) return done();
-    after(state.lease.abandon('client-gone'), done);
-  }
-
-  return {
-    preHandler,
-    onSend,
-    onError,
-    onResponse,
-    onTimeout: (request: FastifyRequest, _reply: FastifyReply, done: Done) => onClientGone(request, done),
-    onRequestAbort: (request: FastifyRequest, done: Done) => onClientGone(request, done),
-  };
+  return { preHandler, onSend, onError };
 }
 
 type RouteHooks = ReturnType<typeof routeHooks>;

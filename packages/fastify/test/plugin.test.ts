@@ -1,3 +1,5 @@
+import { request as httpRequest } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
 import { ConfigurationError, createMemoryStore, type IdempotencyStore, scopedKey } from '@idemkit/core';
 import Fastify, { type FastifyInstance, type LightMyRequestResponse } from 'fastify';
@@ -282,6 +284,45 @@ describe('payloads', () => {
     expect(again.json()).toMatchObject({ originalStatus: 202, reason: 'not-bufferable' });
     expect(runs).toBe(1);
   });
+});
+
+describe('a hijacked reply that never ends', () => {
+  it.each(['throws', 'waits'] as const)(
+    'the handler writes part of it and %s, the client gives up: the key is free again',
+    async (how) => {
+      // Fastify only logs the error of a hijacked reply (no onError) and, the body being read,
+      // reports no request abort; onResponse needs a finished response. Before the raw
+      // response's 'close' was watched, the lease was renewed for as long as the process lived.
+      let runs = 0;
+      const { app, store } = await build(
+        (a) => {
+          a.post('/partial', async (_request, reply) => {
+            runs++;
+            reply.hijack();
+            reply.raw.writeHead(200, { 'content-type': 'text/plain' });
+            reply.raw.write('part');
+            if (how === 'throws') throw new Error('after a partial write');
+            await new Promise(() => undefined);
+          });
+        },
+        { leaseMs: 600 },
+      );
+      await app.listen({ port: 0, host: '127.0.0.1' });
+      const { port } = app.server.address() as AddressInfo;
+      const k = `hijack-${how}`;
+      const req = httpRequest({ host: '127.0.0.1', port, method: 'POST', path: '/partial', headers: { 'idempotency-key': k, 'content-type': 'application/json' } });
+      const firstChunk = new Promise<string>((resolve, reject) => {
+        req.on('response', (res) => res.once('data', (chunk: Buffer) => resolve(chunk.toString())));
+        req.on('error', reject);
+      });
+      req.end('{"a":1}');
+      expect(await firstChunk).toBe('part');
+      expect((await store.get(scopedKey(undefined, k)))?.state).toBe('in_progress');
+      req.destroy(); // the client gives up
+      await vi.waitFor(async () => expect(await store.get(scopedKey(undefined, k))).toBeUndefined(), { timeout: 5_000, interval: 20 });
+      expect(runs).toBe(1);
+    },
+  );
 });
 
 describe('errors and validation', () => {
