@@ -36,7 +36,8 @@ export function toStoredHeaders(headers: Readonly<Record<string, OutgoingHeaderV
 
 /**
  * A stored response's headers grouped for `res.setHeader(name, value | values)`, with the
- * `content-length` of the stored body. Bindings use it to write problems and replays alike.
+ * `content-length` of the stored body (none for 1xx, 204 and 304). Bindings use it to write
+ * problems and replays alike.
  */
 export function responseHeaders(response: StoredResponse): Map<string, string | string[]> {
   const grouped = new Map<string, string | string[]>();
@@ -46,7 +47,10 @@ export function responseHeaders(response: StoredResponse): Map<string, string | 
     else if (Array.isArray(prev)) prev.push(value);
     else grouped.set(name, [prev, value]);
   }
-  grouped.set('content-length', String(response.body.byteLength));
+  // RFC 9110 §8.6: no Content-Length on a 1xx or 204, and on a 304 it would have to be the
+  // length of a 200 that is not stored. Node, Express and Fastify would send the '0' as given.
+  const { status } = response;
+  if (status >= 200 && status !== 204 && status !== 304) grouped.set('content-length', String(response.body.byteLength));
   return grouped;
 }
 

@@ -2,6 +2,16 @@ import { describe, expect, it } from 'vitest';
 import { hasRequestBody, problemResponse, replayHeaders, RequestInProgressError, toStoredHeaders } from '../src/index.js';
 
 describe('replayed headers', () => {
+  it('recomputes content-length, except where a body is not allowed (1xx, 204, 304)', () => {
+    const body = new Uint8Array([1, 2, 3]);
+    expect(replayHeaders({ status: 200, headers: [], body }).get('content-length')).toBe('3');
+    expect(replayHeaders({ status: 404, headers: [], body: new Uint8Array() }).get('content-length')).toBe('0');
+    for (const status of [103, 204, 304]) {
+      expect(replayHeaders({ status, headers: [], body: new Uint8Array() }).has('content-length'), String(status)).toBe(false);
+    }
+  });
+
+
   it('keeps end-to-end headers (multi-valued in order) and drops hop-by-hop, date and content-length', () => {
     const stored = toStoredHeaders({
       'Content-Type': 'application/json',

@@ -38,6 +38,21 @@ export function replayCases(t: CaseContext): void {
     expect(replay.headers.get('date')).toMatch(/^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$/);
   });
 
+  t.test('a 204 replays as a 204: no body and, as on the original, no Content-Length', async () => {
+    const app = await t.app();
+    const key = newKey();
+    const first = await app.post('/orders?status=204', { key, json: { sku: 'A-1' } });
+    expect(first.status).toBe(204);
+    expect(first.headers.get('content-length')).toBeNull();
+    const replay = await app.post('/orders?status=204', { key, json: { sku: 'A-1' } });
+    expect(replay.status).toBe(204);
+    expect(replay.replayed).toBe(true);
+    expect(replay.body.byteLength).toBe(0);
+    // RFC 9110 §8.6: a 204 carries no Content-Length.
+    expect(replay.headers.get('content-length')).toBeNull();
+    expect(app.count('orders')).toBe(1);
+  });
+
   t.test('same key, different body or path → 422 problem, handler not run, original still replays', async () => {
     const app = await t.app();
     const key = newKey();
