@@ -191,13 +191,17 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
 type RouteHooks = ReturnType<typeof routeHooks>;
 type HookName = keyof RouteHooks;
 
-/** Append our hook after whatever the route already has (a function, an array, or nothing). */
-function pushHook(route: RouteOptions, name: HookName, hook: RouteHooks[HookName]): void {
+/**
+ * Add our hook to the route's own (a function, an array, or nothing). After the others, except
+ * `onSend`, which goes first: route-level `onSend` hooks rewrite the payload for one request
+ * (`@fastify/compress` turns it into a gzip stream for a client that accepts gzip), so the answer
+ * is stored before them and a replay goes through them again, for the retry's own request.
+ */
+function addHook(route: RouteOptions, name: HookName, hook: RouteHooks[HookName]): void {
   const slot = route as unknown as Record<HookName, unknown>;
   const existing = slot[name];
-  if (Array.isArray(existing)) slot[name] = [...(existing as unknown[]), hook];
-  else if (typeof existing === 'function') slot[name] = [existing, hook];
-  else slot[name] = [hook];
+  const others: unknown[] = Array.isArray(existing) ? existing : typeof existing === 'function' ? [existing] : [];
+  slot[name] = name === 'onSend' ? [hook, ...others] : [...others, hook];
 }
 
 function methodsOf(route: RouteOptions): string[] {
@@ -239,7 +243,7 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
     }
     const covered = attached.engine.options.methods;
     if (!methodsOf(route).some((m) => covered.has(m))) return;
-    for (const name of Object.keys(attached.hooks) as HookName[]) pushHook(route, name, attached.hooks[name]);
+    for (const name of Object.keys(attached.hooks) as HookName[]) addHook(route, name, attached.hooks[name]);
   });
 };
 

@@ -1,6 +1,8 @@
 import { request as httpRequest } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
+import { gunzipSync } from 'node:zlib';
+import fastifyCompress from '@fastify/compress';
 import { ConfigurationError, createMemoryStore, type IdempotencyStore, scopedKey } from '@idemkit/core';
 import Fastify, { type FastifyInstance, type LightMyRequestResponse } from 'fastify';
 import { afterEach, describe, expect, it, vi } from 'vitest';
@@ -284,6 +286,46 @@ describe('payloads', () => {
     expect(again.json()).toMatchObject({ originalStatus: 202, reason: 'not-bufferable' });
     expect(runs).toBe(1);
   });
+});
+
+describe('with @fastify/compress', () => {
+  it.each(['before', 'after'] as const)(
+    'registered %s the plugin: the uncompressed answer is stored, and every replay is compressed as its request asks',
+    async (order) => {
+      // compress turns a payload over its threshold into a gzip stream in a route-level onSend
+      // hook. Stored after it, every such answer would be unbufferable: retries would get 410.
+      let runs = 0;
+      const store = createMemoryStore();
+      const app = Fastify();
+      apps.push(app);
+      if (order === 'before') await app.register(fastifyCompress, { threshold: 1024 });
+      await app.register(fastifyIdempotency, { store, logger: false });
+      if (order === 'after') await app.register(fastifyCompress, { threshold: 1024 });
+      const items = Array.from({ length: 200 }, (_, i) => ({ sku: `SKU-${i}`, qty: i }));
+      app.post('/big', async (_request, reply) => reply.code(201).send({ run: ++runs, items }));
+      await app.ready();
+      const send = (encoding?: string) =>
+        app.inject({ method: 'POST', url: '/big', payload: { a: 1 }, headers: { 'idempotency-key': `compress-${order}`, ...(encoding ? { 'accept-encoding': encoding } : {}) } });
+      const expected = JSON.stringify({ run: 1, items });
+
+      const first = await send('gzip');
+      expect(first.statusCode).toBe(201);
+      expect(first.headers['content-encoding']).toBe('gzip');
+      expect(gunzipSync(first.rawPayload).toString()).toBe(expected);
+
+      const replay = await send('gzip');
+      expect(replay.statusCode).toBe(201);
+      expect(replayed(replay)).toBe(true);
+      expect(replay.headers['content-encoding']).toBe('gzip');
+      expect(gunzipSync(replay.rawPayload).toString()).toBe(expected);
+
+      const plain = await send();
+      expect(replayed(plain)).toBe(true);
+      expect(plain.headers['content-encoding']).toBeUndefined();
+      expect(plain.body).toBe(expected);
+      expect(runs).toBe(1);
+    },
+  );
 });
 
 describe('a hijacked reply that never ends', () => {
