@@ -23,6 +23,24 @@ describe('MemoryStore specifics', () => {
     await expect(store.begin('f', null, 1_000)).rejects.toBeInstanceOf(MemoryStoreFullError);
   });
 
+  it('when full, expired records go before live ones even when they are not the oldest (several TTLs)', async () => {
+    let now = 0;
+    const store = createMemoryStore({ maxEntries: 200, now: () => now });
+    const fill = async (prefix: string, ttlMs: number) => {
+      for (let i = 0; i < 100; i++) {
+        const r = await store.begin(`${prefix}${i}`, null, 60_000);
+        if (r.kind === 'acquired') await store.complete(`${prefix}${i}`, r.token, resp, ttlMs);
+      }
+    };
+    await fill('day-', 86_400_000);
+    await fill('minute-', 60_000);
+    now = 120_000; // the one-minute records have expired, the one-day ones have not
+    await store.begin('new', null, 60_000);
+    // A retry of a live record must still replay, not run a second time.
+    for (const i of [0, 1, 50, 99]) expect((await store.get(`day-${i}`))?.state).toBe('completed');
+    expect(store.size).toBe(101);
+  });
+
   it('when full, frees 1% of the oldest completed records at once, so the next inserts need no search', async () => {
     const store = createMemoryStore({ maxEntries: 1_000 });
     for (let i = 0; i < 1_000; i++) {
