@@ -112,10 +112,22 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
   try {
     await next();
   } catch (error) {
-    await lease.abandon(clientGone ? 'client-gone' : 'handler-threw');
+    // A whole answer already went out through ctx.res before the throw: the operation answered,
+    // so it is never run again (as for any answer the binding cannot store). Anything less frees
+    // the key.
+    if (ctx.res.writableEnded) await lease.commitUnbuffered(ctx.res.statusCode, 'not-bufferable');
+    else await lease.abandon(clientGone ? 'client-gone' : 'handler-threw');
     throw error; // Koa's ctx.onerror (or an outer error middleware) renders it unchanged.
   } finally {
     ctx.res.off('close', onClose);
+  }
+
+  // The handler answers through ctx.res itself (`ctx.respond = false`, a proxy), possibly after
+  // it returned: judge that answer by what went out, once it has. Before that, `ctx.status`
+  // is Koa's default 404, not the answer.
+  if (ctx.respond === false && !ctx.res.writableFinished) {
+    settleWhenClosed(ctx, lease);
+    return;
   }
 
   try {
@@ -138,6 +150,22 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
     // E.g. JSON.stringify threw on a BigInt: Koa answers 500, and the key must be free again.
     if (!lease.settled) await lease.abandon('handler-threw');
   }
+}
+
+/**
+ * Settle the lease of a raw answer when its response closes: finished, it is never run again
+ * (stored as not replayable, or released if its status is not storable); cut short (the client
+ * left, the handler gave up), the key is free again. Not awaited, so the middleware chain does
+ * not wait for a long answer (a proxied download, say).
+ */
+function settleWhenClosed(ctx: Context, lease: Lease): void {
+  const { res } = ctx;
+  const settle = (): void => {
+    void (res.writableFinished ? lease.commitUnbuffered(res.statusCode, 'not-bufferable') : lease.abandon('client-gone'));
+  };
+  // Closed already (the client left while the handler ran): 'close' will not come again.
+  if (res.closed) settle();
+  else res.once('close', settle);
 }
 
 /** Core options without the binding's own `onProblem` (the engine warns on unknown options). */

@@ -1,6 +1,6 @@
 import { Readable } from 'node:stream';
 import Router from '@koa/router';
-import { createMemoryStore, problemResponse, KeyError, type IdempotencyEvent } from '@idemkit/core';
+import { createMemoryStore, problemResponse, KeyError, scopedKey, type IdempotencyEvent } from '@idemkit/core';
 import Koa from 'koa';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ConfigurationError, idempotency } from '../src/index.js';
@@ -72,6 +72,55 @@ describe('koa binding: what is not replayed', () => {
     expect(await first.text()).toBe('raw');
     const retry = await post(url, 'raw');
     expect(retry.status).toBe(410);
+    expect(runs).toBe(1);
+  });
+
+  it.each([
+    [201, 410, 1],
+    [500, 500, 2], // not storable: the key is released and the retry runs again
+  ] as const)('ctx.respond = false, answered %i after the handler returned (a proxy): the retry gets %i', async (status, retryStatus, runsAfter) => {
+    let runs = 0;
+    const store = createMemoryStore();
+    const { url } = await start((app) => {
+      app.use(idempotency({ store }));
+      app.use((ctx) => {
+        runs++;
+        ctx.respond = false;
+        // Written later, as a proxy does: when the middleware chain resolves, nothing went out yet.
+        setImmediate(() => {
+          ctx.res.statusCode = status;
+          ctx.res.end('later');
+        });
+      });
+    });
+    const first = await post(url, `late-${status}`);
+    expect(first.status).toBe(status);
+    expect(await first.text()).toBe('later');
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, `late-${status}`)))?.state).not.toBe('in_progress'));
+    const retry = await post(url, `late-${status}`);
+    expect(retry.status).toBe(retryStatus);
+    if (retryStatus === 410) expect(await retry.json()).toMatchObject({ originalStatus: 201, reason: 'not-bufferable' });
+    expect(runs).toBe(runsAfter);
+  });
+
+  it('ctx.respond = false, a whole answer sent, then a throw: the operation answered, so it is never run again', async () => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use(async (ctx) => {
+        runs++;
+        ctx.respond = false;
+        ctx.res.writeHead(202, { 'content-type': 'application/json' });
+        ctx.res.end('{"ok":true}');
+        throw new Error('after the answer');
+      });
+    });
+    const first = await post(url, 'sent-then-threw');
+    expect(first.status).toBe(202);
+    expect(await first.json()).toEqual({ ok: true });
+    const retry = await post(url, 'sent-then-threw');
+    expect(retry.status).toBe(410);
+    expect(await retry.json()).toMatchObject({ originalStatus: 202 });
     expect(runs).toBe(1);
   });
 
