@@ -93,6 +93,9 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     const body = template.body === null ? undefined : await template.arrayBuffer();
     // The caller's signal, whether it came in `init` or on a `Request` (the template has either).
     const userSignal = template.signal;
+    // A Request's own options hold on every attempt, sent as (url, init) as to any fetch: a
+    // custom one (node-fetch, a polyfill, a wrapper) may know only its own Request class.
+    const requestOptions = input instanceof Request ? optionsOf(template) : {};
     const deadlineAt = Date.now() + deadlineMs;
     // The deadline bounds the attempts only: once a response is returned, the caller reads its
     // body for as long as it needs (as with plain fetch), so the timer stops there.
@@ -112,8 +115,7 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
           options.onAttempt?.({ attempt, key, method: template.method, url: template.url, ...info });
         let response: Response | undefined;
         try {
-          // From the template, so a Request's own options (credentials, redirect, keepalive, …) hold on every attempt.
-          response = await baseFetch(new Request(template, { headers, body, signal }));
+          response = await baseFetch(template.url, { ...requestOptions, ...requestInit, method: template.method, headers, body, signal });
         } catch (error) {
           if (userSignal.aborted) throw userSignal.reason;
           if (deadline.signal.aborted) throw new RetryDeadlineError(`[idemkit] [client] No response within ${deadlineMs} ms (${attempt} attempts).`, { cause: error });
@@ -137,6 +139,21 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
         await wait(delayMs, userSignal);
       }
     }
+  };
+}
+
+/** The options of a Request that `init` can carry (method, headers, body and signal are set per attempt). */
+function optionsOf(request: Request): RequestInit {
+  return {
+    cache: request.cache,
+    credentials: request.credentials,
+    integrity: request.integrity,
+    keepalive: request.keepalive,
+    // 'navigate' (a service worker's event.request) cannot be given in init.
+    ...(request.mode === 'navigate' ? {} : { mode: request.mode }),
+    redirect: request.redirect,
+    referrer: request.referrer,
+    referrerPolicy: request.referrerPolicy,
   };
 }
 

@@ -138,6 +138,23 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     expect(s.runs.get('list')).toBeUndefined();
   });
 
+  it('a custom fetch still gets (url, init), with a Request\'s options in init', async () => {
+    // node-fetch and polyfills know only their own Request class: they must get a URL string.
+    const s = await server();
+    const seen: Array<{ input: unknown; init: RequestInit | undefined }> = [];
+    const fetchSafe = createIdempotentFetch({
+      fetch: (input, init) => {
+        seen.push({ input, init });
+        return fetch(input, init);
+      },
+    });
+    const res = await fetchSafe(new Request(`${s.url}/moved`, { method: 'POST', body: '{}', redirect: 'manual' }));
+    expect(res.status).toBe(303);
+    expect(typeof seen[0]?.input).toBe('string');
+    expect(seen[0]?.init).toMatchObject({ method: 'POST', redirect: 'manual' });
+    expect(new Headers(seen[0]?.init?.headers).get('idempotency-key')).toBeTruthy();
+  });
+
   it('the deadline bounds the attempts, not the reading of the body it returned', async () => {
     const s = await server();
     const res = await createIdempotentFetch({ deadlineMs: 150 })(`${s.url}/slow-body?ms=400`, json({}));
