@@ -96,6 +96,8 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
   const originalEnd = res.end;
   const originalFlushHeaders = res.flushHeaders;
   let mode: 'buffering' | 'streaming' | 'ending' = 'buffering';
+  /** Set once the stored answer is being written (Node's end() calls writeHead itself). */
+  let delivering = false;
   let settling: Promise<unknown> = Promise.resolve();
 
   const startStreaming = (): void => {
@@ -105,6 +107,9 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
   };
 
   res.writeHead = function writeHead(this: ServerResponse, statusCode: number, ...rest: unknown[]): ServerResponse {
+    // end() is storing the answer: a writeHead now (an error handler's) would send its status
+    // and headers ahead of the stored answer's bytes. Ignored, as the end() after it is.
+    if (mode === 'ending' && !delivering && !this.headersSent) return this;
     const reason = typeof rest[0] === 'string' ? rest[0] : undefined;
     const headers = (reason === undefined ? rest[0] : rest[1]) as OutgoingHttpHeaders | OutgoingHttpHeader[] | undefined;
     if (headers !== undefined && headers !== null && !this.headersSent) applyHeaders(this, headers);
@@ -112,6 +117,7 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
   } as ServerResponse['writeHead'];
 
   res.flushHeaders = function flushHeaders(this: ServerResponse): void {
+    if (mode === 'ending' && !delivering) return;
     startStreaming();
     originalFlushHeaders.call(this);
   };
@@ -143,6 +149,7 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
     const sentMessage = this.statusMessage;
     const response = { status: this.statusCode, headers: toStoredHeaders(sentHeaders), body };
     const deliver = (): void => {
+      delivering = true;
       // While the record is stored, `headersSent` is still false, so an error handler running
       // meanwhile (the handler threw after res.json()) may set a 500 and its own headers, and its
       // own end() is ignored. The client must get the answer that was stored: put it back.
