@@ -1,14 +1,15 @@
 import type { Writable } from 'node:stream';
+import timers from 'node:timers';
 import type { Cluster } from 'ioredis';
 import type { RedisClient } from './options.js';
 
 /**
- * Taken when this module loads: test runners' fake timers (vitest's and Jest's defaults) replace
- * the global `setImmediate`, and a faked flush would leave the socket corked for good, holding
- * this store's commands and the app's own on the same client. The uncork must run whatever the
- * test does with time.
+ * From `node:timers`, not the global: test runners' fake timers (vitest's and Jest's defaults)
+ * replace the global `setImmediate`, even before this module loads (a setup file), and a faked
+ * flush would leave the socket corked for good, holding this store's commands and the app's own
+ * on the same client. The uncork must run whatever the test does with time.
  */
-const uncorkSoon: (flush: () => void) => void = setImmediate;
+const uncorkSoon: (flush: () => void) => void = timers.setImmediate;
 
 /**
  * Returns `batch()`: call it before sending a command. The first call of an event-loop turn
