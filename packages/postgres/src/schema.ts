@@ -2,6 +2,7 @@
  * Table layout and DDL. The same text ships as `sql/schema.sql` (for users with their own
  * migration tool); a test keeps the two identical.
  */
+import { createHash } from 'node:crypto';
 
 /** Postgres truncates longer identifiers silently; we refuse them instead. */
 const MAX_IDENTIFIER_BYTES = 63;
@@ -24,10 +25,12 @@ const INDEX_SUFFIX = '_expires_at_idx';
 export function expiresIndexName(table: string): string {
   const name = truncate(`${table}${INDEX_SUFFIX}`, MAX_IDENTIFIER_BYTES);
   // A 63-byte table name truncates back to itself: CREATE INDEX IF NOT EXISTS would then find
-  // the table under that name and create no index at all. Such a table keeps the suffix instead.
-  // (Other names stay as they were, so existing indexes keep being found.)
+  // the table under that name and create no index at all. Such a table gets a cut name plus a
+  // hash of the whole name, so it also meets no index of a shorter table or of another long
+  // table with the same start. (Other names stay as they were: existing indexes are found.)
   if (name !== table) return name;
-  return `${truncate(table, MAX_IDENTIFIER_BYTES - INDEX_SUFFIX.length)}${INDEX_SUFFIX}`;
+  const hash = createHash('sha256').update(table).digest('hex').slice(0, 8);
+  return `${truncate(table, MAX_IDENTIFIER_BYTES - INDEX_SUFFIX.length - hash.length - 1)}_${hash}${INDEX_SUFFIX}`;
 }
 
 /** The first `max` bytes of `text`, cut on a character boundary so it stays valid UTF-8. */
