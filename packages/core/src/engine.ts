@@ -38,11 +38,18 @@ export function createIdempotencyEngine<Req = IncomingRequest>(options: Idempote
 
 class Engine<Req> implements IdempotencyEngine<Req> {
   readonly #headerLower: string;
+  /** Says every place a key may come from, so a client sending it in the body is not misled. */
+  readonly #missingKey: string;
   readonly renewals: RenewalClock;
   readonly call: StoreCall;
 
   constructor(readonly options: ResolvedOptions<Req>) {
     this.#headerLower = options.header.toLowerCase();
+    this.#missingKey = options.getKey
+      ? 'This request needs an idempotency key.'
+      : options.bodyField === false
+        ? `This request needs an ${options.header} header.`
+        : `This request needs an ${options.header} header (or an \`${options.bodyField}\` field in its JSON body).`;
     this.renewals = new RenewalClock(options.leaseMs);
     this.call = storeCaller(options.store, options.storeTimeoutMs);
     if (!options.store.shared && process.env.NODE_ENV === 'production') {
@@ -71,7 +78,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     // Only a custom getKey can be async; the header path stays synchronous (one promise less per request).
     const found = o.getKey ? await this.#customKey(input, req) : this.#headerKey(input);
     if (found.ok === 'none') {
-      return o.required ? problem(new KeyError('ERR_IDEMKIT_KEY_MISSING', 400, `This request needs an ${o.header} header.`)) : PASS;
+      return o.required ? problem(new KeyError('ERR_IDEMKIT_KEY_MISSING', 400, this.#missingKey)) : PASS;
     }
     if (!found.ok) return problem(new KeyError('ERR_IDEMKIT_KEY_INVALID', 400, found.reason));
     const key = found.key;

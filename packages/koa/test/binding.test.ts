@@ -195,7 +195,7 @@ describe('koa binding: problems', () => {
       app.use((ctx) => { ctx.body = 'never'; });
     });
     const res = await post(url, undefined);
-    const expected = problemResponse(new KeyError('ERR_IDEMKIT_KEY_MISSING', 400, 'This request needs an Idempotency-Key header.'));
+    const expected = problemResponse(new KeyError('ERR_IDEMKIT_KEY_MISSING', 400, 'This request needs an Idempotency-Key header (or an `idempotencyKey` field in its JSON body).'));
     expect(res.status).toBe(400);
     expect(res.headers.get('content-type')).toBe('application/problem+json');
     expect(res.headers.get('content-length')).toBe(String(expected.body.byteLength));
@@ -218,7 +218,7 @@ describe('koa binding: problems', () => {
     const res = await post(url, undefined);
     expect(res.status).toBe(400);
     expect(res.headers.get('content-type')).toBe('application/json; charset=utf-8');
-    expect(await res.json()).toEqual({ message: 'This request needs an Idempotency-Key header.', code: 'ERR_IDEMKIT_KEY_MISSING' });
+    expect(await res.json()).toEqual({ message: 'This request needs an Idempotency-Key header (or an `idempotencyKey` field in its JSON body).', code: 'ERR_IDEMKIT_KEY_MISSING' });
   });
 
   it('rejects a non-function onProblem at setup', () => {
