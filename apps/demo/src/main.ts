@@ -15,5 +15,11 @@ try {
     console.error(`[idemkit demo] ${error.message}`);
     process.exit(2);
   }
+  // Another process (an earlier demo, say) holds the port: say so, and how to pick another.
+  if ((error as NodeJS.ErrnoException).code === 'EADDRINUSE') {
+    const { port } = error as { port?: number };
+    console.error(`[idemkit demo] Port ${port ?? ''} is in use. Stop what runs there, or pick another port: PORT=3001 pnpm demo (PORT=0 picks a free one).`);
+    process.exit(2);
+  }
   throw error;
 }

@@ -1,4 +1,6 @@
 import { spawnSync } from 'node:child_process';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FRAMEWORKS, readConfig } from '../src/config.js';
@@ -96,5 +98,20 @@ describe('configuration', () => {
     const run = spawnSync(process.execPath, [main], { env: { ...process.env, FRAMEWORK: 'rails' }, encoding: 'utf8', timeout: 20_000 });
     expect(run.status).toBe(2);
     expect(run.stderr).toContain('FRAMEWORK=rails is not supported');
+  });
+
+  it.each(['fastify', 'express'])('the built app (%s) says so when its port is taken, and how to pick another', async (framework) => {
+    const busy = createServer();
+    await new Promise<void>((resolve) => busy.listen(0, '127.0.0.1', resolve));
+    const { port } = busy.address() as AddressInfo;
+    try {
+      const main = fileURLToPath(new URL('../dist/main.js', import.meta.url));
+      const run = spawnSync(process.execPath, [main], { env: { ...process.env, PORT: String(port), FRAMEWORK: framework }, encoding: 'utf8', timeout: 20_000 });
+      expect(run.status).toBe(2);
+      expect(run.stderr).toContain(`Port ${port} is in use`);
+      expect(run.stderr).toContain('PORT=0');
+    } finally {
+      busy.close();
+    }
   });
 });
