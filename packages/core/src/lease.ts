@@ -6,6 +6,10 @@ import type { LeaseToken, StoreTransaction, StoredResponse } from './store.js';
 import type { AbandonReason, IdempotencyContext, IdempotencyEvent, Lease, UnbufferedReason } from './types.js';
 import type { StoreCall } from './deadline.js';
 
+/** Backoff of a completion retried after a store failure: the first wait, and the longest. */
+const COMPLETE_RETRY_FIRST_MS = 100;
+const COMPLETE_RETRY_MAX_MS = 5_000;
+
 /** What a lease needs from its engine; kept narrow so the lease cannot make decisions. */
 export interface LeaseHost {
   readonly options: ResolvedOptions<never>;
@@ -82,6 +86,8 @@ export class RunningLease implements Lease {
   clockNext: RunningLease | null = null;
   #replacement: StoredResponse | null = null;
   #renewing = false;
+  /** The completion failed and is retried in the background: the lease keeps renewing until it lands. */
+  #completingLater = false;
 
   constructor(
     private readonly host: LeaseHost,
@@ -155,7 +161,8 @@ export class RunningLease implements Lease {
    * the completion itself can outlast what is left of the lease, and a takeover then would run
    * the handler a second time while its answer is being stored (seen in the MongoDB soak).
    */
-  #stopRenewing(): void {
+  #stopRenewing(force = false): void {
+    if (this.#completingLater && !force) return;
     this.host.renewals.delete(this);
   }
 
@@ -225,9 +232,52 @@ export class RunningLease implements Lease {
         // if a COMMIT did land unseen: release only deletes a record still in progress under
         // this token.
         await this.#freeKey('rolled-back');
+      } else {
+        this.#completeLater(response);
       }
       return false;
     }
+  }
+
+  /**
+   * The handler ran and its answer goes out, but the store failed to record it (a blip, a
+   * failover). Giving up would leave the key in progress until the lease ran out, and the next
+   * retry would then run the handler a second time. So the lease keeps renewing and the
+   * completion is retried with backoff, for up to three leases: once the store is back, retries
+   * get the replay. Only if it stays away that long (or this process dies) does the lease end.
+   */
+  #completeLater(response: StoredResponse): void {
+    this.#completingLater = true;
+    const { store, ttlMs, leaseMs } = this.host.options;
+    const giveUpAt = Date.now() + 3 * leaseMs;
+    let delay = COMPLETE_RETRY_FIRST_MS;
+    const attempt = (): void => {
+      this.host.call('complete', () => store.complete(this.id, this.token, response, ttlMs)).then(
+        (ok) => {
+          this.#stopRenewing(true);
+          if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: ok });
+          if (!ok) {
+            this.host.options.logger?.warn(
+              `[idemkit] The retried completion of key "${this.key}" was refused: an earlier attempt had stored it, or the lease ran out while the store was away.`,
+            );
+          }
+        },
+        (error: unknown) => {
+          const left = giveUpAt - Date.now();
+          if (left <= 0) {
+            this.#stopRenewing(true);
+            this.#storeError('complete', error);
+            return;
+          }
+          schedule(Math.min(delay, left)); // the last try at the deadline itself
+        },
+      );
+    };
+    const schedule = (ms: number): void => {
+      setTimeout(attempt, ms).unref();
+      delay = Math.min(delay * 2, COMPLETE_RETRY_MAX_MS);
+    };
+    schedule(delay);
   }
 
   /**

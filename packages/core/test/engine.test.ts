@@ -438,6 +438,39 @@ describe('store failures', () => {
     expect(logger.error).toHaveBeenCalled();
   });
 
+  it('a completion the store failed is retried in the background: retries replay, the handler never runs twice', async () => {
+    // The store is away for the first completion only (a blip, a failover).
+    const store = createMemoryStore();
+    const events: Array<{ type: string; stored?: boolean }> = [];
+    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 300, onEvent: (e) => events.push(e) });
+    const lease = expectRun(await engine.decide(request({ key: 'blip' })));
+    const complete = store.complete.bind(store);
+    let failures = 0;
+    store.complete = (...args) => (failures++ === 0 ? Promise.reject(new Error('connection reset')) : complete(...args));
+    expect(await lease.commit(response(201, 'the answer'))).toBe(false);
+    // Not stored yet: the key stays held (409), it does not fall free for a second run.
+    expectProblem(await engine.decide(request({ key: 'blip' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    await vi.waitFor(async () => expect((await engine.decide(request({ key: 'blip' }))).kind).toBe('replay'), { timeout: 3_000, interval: 20 });
+    const replay = await engine.decide(request({ key: 'blip' }));
+    expect(replay.kind === 'replay' && new TextDecoder().decode(replay.response.body)).toBe('the answer');
+    expect(events).toContainEqual({ type: 'completed', key: 'blip', status: 201, stored: true });
+  });
+
+  it('while a completion is retried the lease keeps renewing, so it outlasts its lease', async () => {
+    const store = createMemoryStore();
+    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 150 });
+    const lease = expectRun(await engine.decide(request({ key: 'long-blip' })));
+    const complete = store.complete.bind(store);
+    let away = true;
+    store.complete = (...args) => (away ? Promise.reject(new Error('failover')) : complete(...args));
+    expect(await lease.commit(response(201, 'kept'))).toBe(false);
+    // Two leases later the key is still held by this lease: nobody could take it over and run again.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expectProblem(await engine.decide(request({ key: 'long-blip' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    away = false;
+    await vi.waitFor(async () => expect((await engine.decide(request({ key: 'long-blip' }))).kind).toBe('replay'), { timeout: 3_000, interval: 20 });
+  });
+
   it('an onEvent hook that throws never changes the decision', async () => {
     const engine = createIdempotencyEngine({ store: createMemoryStore(), logger: false, onEvent: () => { throw new Error('metrics down'); } });
     expectRun(await engine.decide(request({ key: 'k' })));
