@@ -85,7 +85,11 @@ export class MemoryStore implements IdempotencyStore {
     if (!entry) return false;
     entry.state = 'completed';
     // Copy: the caller may reuse its buffers; replays must be byte-exact.
-    entry.response = { status: response.status, headers: response.headers.map(([n, v]) => [n, v] as const), body: new Uint8Array(response.body) };
+    entry.response = {
+      status: response.status,
+      headers: Object.freeze(response.headers.map(([n, v]) => Object.freeze([n, v] as const))),
+      body: new Uint8Array(response.body),
+    };
     entry.expiresAt = now + ttlMs;
     if (entry.expiresAt < this.#earliestExpiry) this.#earliestExpiry = entry.expiresAt;
     return true;
@@ -184,7 +188,9 @@ function toRecord(key: string, e: Entry): IdempotencyRecord {
     fingerprint: e.fingerprint,
     state: e.state,
     leaseExpiresAt: e.state === 'in_progress' ? e.leaseExpiresAt : null,
-    response: e.response,
+    // The body is copied out: a caller that changes the bytes it got (in place, as a Buffer view
+    // allows) must not change the next replay. The headers are frozen at completion instead.
+    response: e.response && { status: e.response.status, headers: e.response.headers, body: new Uint8Array(e.response.body) },
     createdAt: e.createdAt,
     expiresAt: e.expiresAt,
   };

@@ -62,6 +62,11 @@ export function beginSuite(ctx: SuiteContext): void {
     expect(again.leaseRemainingMs).toBeLessThanOrEqual(LONG_MS);
     expect(again.leaseRemainingMs).toBeGreaterThan(LONG_MS - 60_000);
     expect((await mustGet(store(), key)).fingerprint).toBe('fp-first');
+    // The time left on the lease that is there, not the lease this caller asked for (it feeds
+    // Retry-After): a longer request changes nothing.
+    const longer = await store().begin(key, 'fp-third', 3 * LONG_MS);
+    expect(longer.kind === 'existing' && longer.leaseRemainingMs).toBeLessThanOrEqual(LONG_MS);
+    expect((await mustGet(store(), key)).leaseExpiresAt).toBe(stored.leaseExpiresAt);
   });
 
   clause('get() on an unknown key is undefined', async () => {

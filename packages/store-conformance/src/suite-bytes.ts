@@ -4,6 +4,7 @@ import { expect } from 'vitest';
 import {
   LONG_MS,
   acquire,
+  bytes,
   clause,
   completed,
   expectSameResponse,
@@ -90,5 +91,22 @@ export function bytesSuite(ctx: SuiteContext): void {
     expect(await store().complete(key, token, { status: 200, headers: [], body }, LONG_MS)).toBe(true);
     body.fill(0x21);
     expect(Buffer.from((await mustGet(store(), key)).response?.body ?? []).toString()).toBe('original');
+  });
+
+  clause('the store keeps its own copy of the headers too, and what it hands out cannot change a later replay', async () => {
+    const key = ctx.key('bytes-copy-headers');
+    const headers: Array<[string, string]> = [['content-type', 'text/plain'], ['x-id', '1']];
+    const token = await acquire(store(), key);
+    expect(await store().complete(key, token, { status: 200, headers, body: bytes('kept') }, LONG_MS)).toBe(true);
+    headers.push(['x-added', 'later']);
+    headers[1]![1] = 'changed';
+    // A caller that changes a record it got (a binding, middleware) must not change the next replay.
+    const first = await mustGet(store(), key);
+    first.response?.body.fill(0x21);
+    const replay = await store().begin(key, 'fp', LONG_MS);
+    for (const record of [await mustGet(store(), key), replay.kind === 'existing' ? replay.record : undefined]) {
+      expect(record?.response?.headers).toEqual([['content-type', 'text/plain'], ['x-id', '1']]);
+      expect(Buffer.from(record?.response?.body ?? []).toString()).toBe('kept');
+    }
   });
 }

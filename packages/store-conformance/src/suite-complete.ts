@@ -54,6 +54,8 @@ export function completeSuite(ctx: SuiteContext): void {
     expect(replay.record.leaseExpiresAt).toBeNull();
     expect(replay.record.expiresAt).toBe(record.expiresAt);
     expectSameResponse(replay.record.response, response);
+    // A replay reads; it does not push the TTL further (it counts from the completion).
+    expect((await mustGet(store(), key)).expiresAt).toBe(record.expiresAt);
   });
 
   clause('once completed, the old token can no longer complete, renew or release (false, nothing changes)', async () => {

@@ -24,11 +24,26 @@ export function leaseSuite(ctx: SuiteContext): void {
     await waitUntilGone(store(), key);
   });
 
+  clause('a lease that ran out is over even before anyone takes over: its holder can neither renew nor complete it', async () => {
+    const key = ctx.key('lease-lapsed');
+    const lapsed = await acquire(store(), key, SHORT_MS);
+    await waitUntilGone(store(), key);
+    // Renewing it back to life would let a stalled holder finish as if nothing happened, while a
+    // request arriving in between already took (or could have taken) the key over.
+    expect(await store().renew(key, lapsed, LONG_MS)).toBe(false);
+    expect(await store().complete(key, lapsed, textResponse('late'), LONG_MS)).toBe(false);
+    expect(await store().get(key)).toBeUndefined();
+    const next = await store().begin(key, 'fp', LONG_MS);
+    expect(next.kind === 'acquired' && next.tookOver).toBe(true);
+  });
+
   clause('after the lease runs out, begin takes over with a new token (tookOver true) and the new fingerprint', async () => {
     const key = ctx.key('lease-takeover');
     const stale = await acquire(store(), key, SHORT_MS, 'fp-crashed');
+    const crashedAt = (await mustGet(store(), key)).createdAt;
     await waitUntilGone(store(), key);
 
+    const beforeTakeover = Date.now();
     const result = await store().begin(key, 'fp-next', LONG_MS);
     expect(result.kind).toBe('acquired');
     if (result.kind !== 'acquired') return;
@@ -40,6 +55,9 @@ export function leaseSuite(ctx: SuiteContext): void {
     // The new holder's request is the one whose response will be stored.
     expect(record.fingerprint).toBe('fp-next');
     expectNear(record.leaseExpiresAt ?? 0, Date.now() + LONG_MS);
+    // A new record, begun by the takeover (not the crashed holder's).
+    expect(record.createdAt).toBeGreaterThan(crashedAt);
+    expectNear(record.createdAt, beforeTakeover);
   });
 
   clause('the stale holder can neither complete, release nor renew; the new holder still completes', async () => {
@@ -80,15 +98,17 @@ export function leaseSuite(ctx: SuiteContext): void {
     expect(await store().complete(key, token, textResponse('done'), LONG_MS)).toBe(true);
   });
 
-  clause('renew sets the lease end to now + lease (record expiresAt follows)', async () => {
+  clause('renew sets the lease end to now + lease (record expiresAt follows); the record keeps its createdAt', async () => {
     const key = ctx.key('lease-renew-end');
     const token = await acquire(store(), key, LONG_MS);
+    const { createdAt } = await mustGet(store(), key);
     const renewedMs = 3 * LONG_MS;
     const before = Date.now();
     expect(await store().renew(key, token, renewedMs)).toBe(true);
     const record = await mustGet(store(), key);
     expectNear(record.leaseExpiresAt ?? 0, before + renewedMs);
     expect(Math.abs(record.expiresAt - (record.leaseExpiresAt ?? 0))).toBeLessThanOrEqual(1);
+    expect(record.createdAt).toBe(createdAt);
   });
 
   clause('renew with a wrong token returns false and leaves the lease alone', async () => {

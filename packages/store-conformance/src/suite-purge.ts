@@ -65,6 +65,10 @@ export function purgeSuite(ctx: SuiteContext): void {
       await acquire(store(), liveLease, LONG_MS);
       const liveDone = ctx.key('purge-live-done');
       await completed(store(), liveDone);
+      // Completed within a short lease, kept for a long TTL: only the TTL counts once completed.
+      const shortLeaseDone = ctx.key('purge-live-short-lease');
+      const shortToken = await acquire(store(), shortLeaseDone, SHORT_MS);
+      expect(await store().complete(shortLeaseDone, shortToken, textResponse('kept'), LONG_MS)).toBe(true);
       const { completedKeys, leaseKeys } = await makeExpired(store(), ctx, 15, 10);
       await waitUntilGone(store(), ...completedKeys, ...leaseKeys);
 
@@ -77,6 +81,7 @@ export function purgeSuite(ctx: SuiteContext): void {
       expect(all).toBeGreaterThanOrEqual(0);
       expect((await mustGet(store(), liveLease)).state).toBe('in_progress');
       expect((await mustGet(store(), liveDone)).state).toBe('completed');
+      expect((await mustGet(store(), shortLeaseDone)).state).toBe('completed');
     });
     return;
   }
@@ -87,6 +92,11 @@ export function purgeSuite(ctx: SuiteContext): void {
     await acquire(store(), liveLease, LONG_MS);
     const liveDone = ctx.key('purge-live-done');
     await completed(store(), liveDone);
+    // Completed within a short lease, kept for a long TTL: once completed, only the TTL counts,
+    // however long ago its lease would have ended (makeExpired waits well past that).
+    const shortLeaseDone = ctx.key('purge-live-short-lease');
+    const shortToken = await acquire(store(), shortLeaseDone, SHORT_MS);
+    expect(await store().complete(shortLeaseDone, shortToken, textResponse('kept'), LONG_MS)).toBe(true);
     const { completedKeys, leaseKeys } = await makeExpired(store(), ctx, 15, 10);
 
     expect(await store().purgeExpired(10)).toBe(10);
@@ -96,6 +106,7 @@ export function purgeSuite(ctx: SuiteContext): void {
 
     expect((await mustGet(store(), liveLease)).state).toBe('in_progress');
     expect((await mustGet(store(), liveDone)).state).toBe('completed');
+    expect((await mustGet(store(), shortLeaseDone)).state).toBe('completed');
     await waitUntilGone(store(), ...completedKeys, ...leaseKeys);
     // The expired leases are really deleted, not just counted: begin finds nothing to take over.
     for (const key of leaseKeys) {
