@@ -88,6 +88,8 @@ export class RunningLease implements Lease {
   #renewing = false;
   /** The completion failed and is retried in the background: the lease keeps renewing until it lands. */
   #completingLater = false;
+  /** When the lease runs out unless renewed, by this process's clock (a store refuses a holder after it). */
+  #leaseEndsAt: number;
 
   constructor(
     private readonly host: LeaseHost,
@@ -99,6 +101,7 @@ export class RunningLease implements Lease {
   ) {
     this.context = Object.freeze({ key, tookOver, transaction: tx?.client });
     this.#renewDueAt = Date.now() + host.renewals.everyMs;
+    this.#leaseEndsAt = Date.now() + host.options.leaseMs;
     host.renewals.add(this);
   }
 
@@ -179,11 +182,15 @@ export class RunningLease implements Lease {
     if (this.#renewing) return;
     this.#renewing = true;
     const { store, leaseMs } = this.host.options;
+    const sent = Date.now();
     try {
       const ok = await this.host.call('renew', () => store.renew(this.id, this.token, leaseMs));
-      // Once settled, a refused renewal only means the completion (or release) got there first.
-      if (!ok && !this.#settled) {
-        this.#stopRenewing();
+      if (ok) this.#leaseEndsAt = sent + leaseMs;
+      // Once settled, a refused renewal only means the completion (or release) got there first,
+      // unless the completion is still being retried: then the lease is gone and so is the point.
+      else if (!this.#settled || this.#completingLater) {
+        this.#completingLater = false;
+        this.#stopRenewing(true);
         this.#lost('renew');
       }
     } catch (error) {
@@ -243,33 +250,44 @@ export class RunningLease implements Lease {
    * The handler ran and its answer goes out, but the store failed to record it (a blip, a
    * failover). Giving up would leave the key in progress until the lease ran out, and the next
    * retry would then run the handler a second time. So the lease keeps renewing and the
-   * completion is retried with backoff, for up to three leases: once the store is back, retries
-   * get the replay. Only if it stays away that long (or this process dies) does the lease end.
+   * completion is retried with backoff until it lands or the lease runs out (stores refuse a
+   * holder after that; every renewal that gets through pushes the end further): once the store
+   * is back, retries get the replay. Only a store away for the rest of the lease (or this
+   * process dying) ends it.
    */
   #completeLater(response: StoredResponse): void {
     this.#completingLater = true;
-    const { store, ttlMs, leaseMs } = this.host.options;
-    const giveUpAt = Date.now() + 3 * leaseMs;
+    const { store, ttlMs } = this.host.options;
     let delay = COMPLETE_RETRY_FIRST_MS;
+    const done = (): void => {
+      this.#completingLater = false;
+      this.#stopRenewing(true);
+    };
     const attempt = (): void => {
+      // A refused renewal ended it meanwhile (the lease is gone).
+      if (!this.#completingLater) return;
       this.host.call('complete', () => store.complete(this.id, this.token, response, ttlMs)).then(
-        (ok) => {
-          this.#stopRenewing(true);
-          if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: ok });
-          if (!ok) {
-            this.host.options.logger?.warn(
-              `[idemkit] The retried completion of key "${this.key}" was refused: an earlier attempt had stored it, or the lease ran out while the store was away.`,
-            );
-          }
+        async (ok) => {
+          done();
+          // Refused: either an earlier attempt did land (it timed out here, not there), or the
+          // lease is gone. The record tells which.
+          const stored = ok || (await this.#completedAlready());
+          if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored });
+          if (!stored) this.#lost('complete');
         },
-        (error: unknown) => {
-          const left = giveUpAt - Date.now();
+        () => {
+          // Stores refuse a holder whose lease has run out, so retrying past it is pointless;
+          // renewals (while the store answers them) push that end further.
+          const left = this.#leaseEndsAt - Date.now();
           if (left <= 0) {
-            this.#stopRenewing(true);
-            this.#storeError('complete', error);
+            done();
+            this.host.emit({ type: 'lease-lost', key: this.key, operation: 'complete' });
+            this.host.options.logger?.error(
+              `[idemkit] Gave up storing the answer for key "${this.key}": the store was away until its lease ran out. A retry with this key may run the handler again.`,
+            );
             return;
           }
-          schedule(Math.min(delay, left)); // the last try at the deadline itself
+          schedule(Math.min(delay, left)); // the last try just before the end
         },
       );
     };
@@ -278,6 +296,16 @@ export class RunningLease implements Lease {
       delay = Math.min(delay * 2, COMPLETE_RETRY_MAX_MS);
     };
     schedule(delay);
+  }
+
+  /** Whether the record is completed (an earlier completion landed although it timed out here). */
+  async #completedAlready(): Promise<boolean> {
+    try {
+      const record = await this.host.call('get', () => this.host.options.store.get(this.id));
+      return record?.state === 'completed';
+    } catch {
+      return false;
+    }
   }
 
   /**

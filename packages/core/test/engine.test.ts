@@ -471,6 +471,29 @@ describe('store failures', () => {
     await vi.waitFor(async () => expect((await engine.decide(request({ key: 'long-blip' }))).kind).toBe('replay'), { timeout: 3_000, interval: 20 });
   });
 
+  it('a store away for longer than the lease: the retried completion gives up, reports the lease lost, and says so', async () => {
+    // Stores refuse a holder whose lease ran out, and renewals fail during the same outage.
+    const store = createMemoryStore();
+    const events: Array<{ type: string; operation?: string }> = [];
+    const logger = { warn: vi.fn(), error: vi.fn() };
+    const engine = createIdempotencyEngine({ store, logger, leaseMs: 200, onEvent: (e) => events.push(e) });
+    const lease = expectRun(await engine.decide(request({ key: 'long-outage' })));
+    const complete = store.complete.bind(store);
+    const renew = store.renew.bind(store);
+    let away = true;
+    store.complete = (...args) => (away ? Promise.reject(new Error('down')) : complete(...args));
+    store.renew = (...args) => (away ? Promise.reject(new Error('down')) : renew(...args));
+    expect(await lease.commit(response(201, 'lost'))).toBe(false);
+    await vi.waitFor(() => expect(events.some((e) => e.type === 'lease-lost')).toBe(true), { timeout: 3_000, interval: 20 });
+    away = false;
+    // Never a false 'stored' report; the next request takes the expired lease over.
+    expect(events).not.toContainEqual(expect.objectContaining({ type: 'completed', stored: true }));
+    expect(events.filter((e) => e.type === 'store-error' && e.operation === 'complete')).toHaveLength(1);
+    expect(logger.error).toHaveBeenCalledWith(expect.stringContaining('Gave up storing the answer for key "long-outage"'));
+    const next = expectRun(await engine.decide(request({ key: 'long-outage' })));
+    expect(next.tookOver).toBe(true);
+  });
+
   it('an onEvent hook that throws never changes the decision', async () => {
     const engine = createIdempotencyEngine({ store: createMemoryStore(), logger: false, onEvent: () => { throw new Error('metrics down'); } });
     expectRun(await engine.decide(request({ key: 'k' })));
