@@ -174,15 +174,15 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   // A reply still inside Fastify (not `sent`) keeps its lease even if the client left: the
   // handler's answer is stored in onSend, so the client's retry replays it instead of running
   // the operation a second time. A hijacked reply (`sent` from the start) never reaches onSend:
-  // if it ended, the handler ran and answered past us, so it is never run again (as for a
-  // stream); if it did not (the client left, or the handler threw and left it open until then),
-  // the key is free again.
+  // the handler answered past us, or is still at it (the client left while it waits on
+  // something), or threw (Fastify only logs that). Which one cannot be told, so it is never run
+  // again, as for a stream; a status that is not storable releases the key.
   function onRawClose(state: LeaseState): void {
     const { lease, reply } = state;
     if (lease.settled) return;
     if (state.errored) return void lease.abandon('handler-threw');
     if (!reply.sent) return;
-    void (reply.raw.writableEnded ? lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable') : lease.abandon('client-gone'));
+    void lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable');
   }
 
   return { preHandler, onSend, onError };

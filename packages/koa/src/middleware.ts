@@ -153,16 +153,15 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
 }
 
 /**
- * Settle the lease of a raw answer when its response closes: finished, it is never run again
- * (stored as not replayable, or released if its status is not storable); cut short (the client
- * left, the handler gave up), the key is free again. Not awaited, so the middleware chain does
- * not wait for a long answer (a proxied download, say).
+ * Settle the lease of a raw answer when its response closes, by the status it sent: never run
+ * again (stored as not replayable), or released if that status is not storable. Also when the
+ * response was cut short (the client left): the handler may still be working (a proxy waiting
+ * on its upstream), and freeing the key would let the client's retry run it a second time. Not
+ * awaited, so the middleware chain does not wait for a long answer (a proxied download, say).
  */
 function settleWhenClosed(ctx: Context, lease: Lease): void {
   const { res } = ctx;
-  const settle = (): void => {
-    void (res.writableFinished ? lease.commitUnbuffered(res.statusCode, 'not-bufferable') : lease.abandon('client-gone'));
-  };
+  const settle = (): void => void lease.commitUnbuffered(res.statusCode, 'not-bufferable');
   // Closed already (the client left while the handler ran): 'close' will not come again.
   if (res.closed) settle();
   else res.once('close', settle);

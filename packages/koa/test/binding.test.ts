@@ -103,6 +103,39 @@ describe('koa binding: what is not replayed', () => {
     expect(runs).toBe(runsAfter);
   });
 
+  it('ctx.respond = false, the client leaves before the late answer: the key is not freed for a second run', async () => {
+    let runs = 0;
+    let answer!: () => void;
+    const store = createMemoryStore();
+    const { url } = await start((app) => {
+      app.use(idempotency({ store }));
+      app.use((ctx) => {
+        runs++;
+        ctx.respond = false;
+        // A proxy still waiting on its upstream when the client gives up.
+        answer = () => {
+          ctx.res.statusCode = 201;
+          ctx.res.end('late');
+        };
+      });
+    });
+    const controller = new AbortController();
+    const first = fetch(url, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'idempotency-key': 'gone-early' },
+      body: '{"a":1}',
+      signal: controller.signal,
+    }).catch((error: unknown) => error);
+    await vi.waitFor(() => expect(runs).toBe(1));
+    controller.abort();
+    await first;
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, 'gone-early')))?.state).toBe('completed'));
+    const retry = await post(url, 'gone-early');
+    expect(retry.status).toBe(410);
+    answer(); // the upstream answers after all, into a closed response
+    expect(runs).toBe(1);
+  });
+
   it('ctx.respond = false, a whole answer sent, then a throw: the operation answered, so it is never run again', async () => {
     let runs = 0;
     const { url } = await start((app) => {
