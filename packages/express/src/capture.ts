@@ -123,6 +123,8 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
   };
 
   res.write = function write(this: ServerResponse, ...args: unknown[]): boolean {
+    // While end() stores the answer, a write (an error handler's) would go out ahead of it.
+    if (mode === 'ending' && !delivering) return true;
     startStreaming();
     return Reflect.apply(originalWrite, this, args) as boolean;
   } as ServerResponse['write'];

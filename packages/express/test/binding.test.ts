@@ -312,9 +312,13 @@ describe('express binding: request context and mounting', () => {
       throw new Error('after the answer');
     });
     app.use(((_err, _req, res, _next) => {
-      // Both ways an error handler answers: Express's send, and Node's writeHead + end.
+      // Every way an error handler answers: Express's send, and Node's writeHead, write and end.
       if (!res.headersSent) res.status(500).type('html').send('<p>Internal Server Error</p>');
-      if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/html', 'content-length': 28 }).end('<p>Internal Server Error</p>');
+      if (!res.headersSent) {
+        res.writeHead(500, { 'content-type': 'text/html', 'content-length': 28 });
+        res.write('<p>Internal ');
+        res.end('Server Error</p>');
+      }
       errorHandled();
     }) as ErrorRequestHandler);
     const url = await serve(app);
