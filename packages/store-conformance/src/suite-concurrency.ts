@@ -94,10 +94,41 @@ export function concurrencySuite(ctx: SuiteContext): void {
       ),
     );
     for (const [completedOk, begun] of outcomes) {
-      // Whether a late completion before any takeover is accepted is the store's choice; that
-      // both the late holder and the newcomer believe they own the key is never allowed.
+      // A lease that ran out is over (suite-lease pins it), so the newcomer is the one; that both
+      // the late holder and the newcomer believe they own the key is never allowed in any case.
       expect(completedOk !== (begun.kind === 'acquired')).toBe(true);
     }
+  });
+
+  clause('late release racing a takeover: the newcomer keeps its record and completes, per key', async () => {
+    const keys = Array.from({ length: 20 }, () => ctx.key('race-late-release'));
+    const stale = await Promise.all(keys.map((key) => acquire(store(), key, SHORT_MS)));
+    await waitUntilGone(store(), ...keys);
+    const outcomes = await Promise.all(keys.map((key, i) => Promise.all([store().release(key, stale[i]!), store().begin(key, 'fp', LONG_MS)])));
+    await Promise.all(
+      outcomes.map(async ([, begun], i) => {
+        // A release that checked the token, then deleted whatever was there, would delete the
+        // newcomer's record: its completion would then fail, and a third caller could run.
+        expect(begun.kind).toBe('acquired');
+        if (begun.kind !== 'acquired') return;
+        expect(await store().complete(keys[i]!, begun.token, textResponse('newcomer'), LONG_MS)).toBe(true);
+      }),
+    );
+  });
+
+  clause('purgeExpired racing takeovers of expired leases: every record taken over survives', async () => {
+    const keys = Array.from({ length: 20 }, () => ctx.key('race-purge'));
+    await Promise.all(keys.map((key) => acquire(store(), key, SHORT_MS)));
+    await waitUntilGone(store(), ...keys);
+    const [, ...begun] = await Promise.all([store().purgeExpired(), ...keys.map((key) => store().begin(key, 'fp', LONG_MS))]);
+    await Promise.all(
+      begun.map(async (result, i) => {
+        // A purge that listed expired keys and then deleted by key without checking expiry again
+        // would delete records just taken over.
+        expect(result.kind).toBe('acquired');
+        expect((await mustGet(store(), keys[i]!)).state).toBe('in_progress');
+      }),
+    );
   });
 
   if (ctx.options.createSecondStore) {
@@ -121,6 +152,17 @@ export function concurrencySuite(ctx: SuiteContext): void {
         const stores: IdempotencyStore[] = [store(), second()];
         const results = await Promise.all(fingerprints.map((fp, i) => stores[i % 2]!.begin(key, fp, LONG_MS)));
         expectOneWinner(results, fingerprints);
+      });
+
+      clause('a takeover through one client fences the stale holder on the other (tokens unique across clients)', async () => {
+        const key = ctx.key('two-clients-fence');
+        const stale = await acquire(store(), key, SHORT_MS);
+        await waitUntilGone(store(), key);
+        const fresh = await acquire(second(), key, LONG_MS);
+        expect(fresh).not.toBe(stale);
+        expect(await store().complete(key, stale, textResponse('late'), LONG_MS)).toBe(false);
+        expect(await second().complete(key, fresh, textResponse('newcomer'), LONG_MS)).toBe(true);
+        expectSameResponse((await mustGet(store(), key)).response, textResponse('newcomer'));
       });
 
       clause('an expired lease raced across two clients: exactly one takes over', async () => {
