@@ -19,6 +19,18 @@ function recorder() {
 }
 
 const fast = { baseDelayMs: 5, maxDelayMs: 50 };
+
+/** A client whose user leaves the page (aborts) as soon as it decides to retry; its waits are long. */
+function abortedOnFirstRetry(controller: AbortController) {
+  return createIdempotentFetch({
+    baseDelayMs: 10_000,
+    maxDelayMs: 10_000,
+    random: () => 1,
+    onAttempt: (a) => {
+      if (a.willRetry) controller.abort(new Error('user left the page'));
+    },
+  });
+}
 const json = (body: unknown): RequestInit => ({ method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
 
 describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
@@ -106,14 +118,7 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
   it('an AbortSignal stops the retries', async () => {
     const s = await server();
     const controller = new AbortController();
-    const fetchSafe = createIdempotentFetch({
-      baseDelayMs: 10_000,
-      maxDelayMs: 10_000,
-      random: () => 1,
-      onAttempt: (a) => {
-        if (a.willRetry) controller.abort(new Error('user left the page'));
-      },
-    });
+    const fetchSafe = abortedOnFirstRetry(controller);
     await expect(fetchSafe(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '503' }, signal: controller.signal })).rejects.toThrow('user left the page');
     expect(s.runs.get('statuses')).toBe(1);
   });
@@ -121,14 +126,7 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
   it('a Request keeps its own signal and options on every attempt', async () => {
     const s = await server();
     const controller = new AbortController();
-    const fetchSafe = createIdempotentFetch({
-      baseDelayMs: 10_000,
-      maxDelayMs: 10_000,
-      random: () => 1,
-      onAttempt: (a) => {
-        if (a.willRetry) controller.abort(new Error('user left the page'));
-      },
-    });
+    const fetchSafe = abortedOnFirstRetry(controller);
     const aborted = new Request(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '503' }, signal: controller.signal });
     await expect(fetchSafe(aborted)).rejects.toThrow('user left the page');
     expect(s.runs.get('statuses')).toBe(1);

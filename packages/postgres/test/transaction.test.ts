@@ -238,14 +238,20 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(await rowsFor(ref)).toBe(1);
   });
 
-  it('a handler that swallowed a failed statement: nothing commits, the key is free, the answer says retry', async () => {
-    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+  /** A new key whose handler has inserted its row in the transaction and not answered yet. */
+  async function inserted(engine: ReturnType<typeof createIdempotencyEngine>) {
     const k = key();
     const ref = randomUUID();
     const decision = await engine.decide(request(k, ref));
     if (decision.kind !== 'run') throw new Error('expected run');
     const tx = pgTransaction(decision.lease.context);
     await tx.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+    return { k, ref, decision, tx };
+  }
+
+  it('a handler that swallowed a failed statement: nothing commits, the key is free, the answer says retry', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const { k, ref, decision, tx } = await inserted(engine);
     await expect(tx.query('SELECT 1/0')).rejects.toMatchObject({ code: '22012' });
     // The handler answers 201 anyway; its transaction is aborted, so nothing can commit.
     expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
@@ -267,12 +273,7 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     const own = createPostgresStore({ pool, schema: db.schema });
     const engine = createIdempotencyEngine({ store: own, transactional: true, logger: false });
     try {
-      const k = key();
-      const ref = randomUUID();
-      const decision = await engine.decide(request(k, ref));
-      if (decision.kind !== 'run') throw new Error('expected run');
-      const tx = pgTransaction(decision.lease.context);
-      await tx.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+      const { k, ref, decision, tx } = await inserted(engine);
       const { rows } = await tx.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
       const ended = new Promise((resolve) => tx.once('end', resolve));
       // As idle_in_transaction_session_timeout or a DBA would, while the handler awaits a payment.
