@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { createIdempotencyEngine, type Decision, type IncomingRequest, type Lease } from '@idemkit/core';
+import { createIdempotencyEngine, type Decision, type IdempotencyEngine, type IncomingRequest, type Lease } from '@idemkit/core';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createPostgresStore, pgTransaction, type PostgresStore } from '../src/index.js';
@@ -239,7 +239,7 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
   });
 
   /** A new key whose handler has inserted its row in the transaction and not answered yet. */
-  async function inserted(engine: ReturnType<typeof createIdempotencyEngine>) {
+  async function inserted(engine: IdempotencyEngine) {
     const k = key();
     const ref = randomUUID();
     const decision = await engine.decide(request(k, ref));
