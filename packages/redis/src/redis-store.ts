@@ -24,7 +24,7 @@ type ScriptCall = (key: string, ...args: Array<string | number | Buffer>) => Pro
  * colliding with an older idemkit defining the same name on a shared client.
  */
 const COMMANDS = {
-  begin: { name: 'idemkitBeginV2', lua: BEGIN },
+  begin: { name: 'idemkitBeginV3', lua: BEGIN },
   complete: { name: 'idemkitCompleteV2', lua: COMPLETE },
   release: { name: 'idemkitReleaseV2', lua: RELEASE },
   renew: { name: 'idemkitRenewV2', lua: RENEW },

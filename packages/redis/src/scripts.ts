@@ -75,6 +75,7 @@ if lease_end <= now then return 0 end
 export const BEGIN = `
 local v = redis.call('GET', KEYS[1])
 ${NOW}
+local took_over = 0
 if v then
   ${LEASE}
   if not tag then return {'existing', now, -1, v} end
@@ -84,13 +85,15 @@ if v then
     if tok == ARGV[1] then return {'acquired', 0} end
     return {'existing', now, lease_end, v}
   end
+  -- Our own lapsed claim (a re-sent begin whose reply was lost) is claimed afresh: no other
+  -- holder is displaced, so it is no takeover.
+  if tok ~= ARGV[1] then took_over = 1 end
 end
 local lease = tonumber(ARGV[2])
 local claim = 'p:' .. ${INT('now')} .. ':' .. ${INT('now + lease')} .. ':' .. ARGV[1]
 if ARGV[4] == '1' then claim = claim .. ':' .. ARGV[5] end
 redis.call('SET', KEYS[1], claim, 'PX', lease + tonumber(ARGV[3]))
-if v then return {'acquired', 1} end
-return {'acquired', 0}
+return {'acquired', took_over}
 `;
 
 /** complete: KEYS[1] record; ARGV token, ttlMs, status, headersJson, body. Returns 1 or 0. */

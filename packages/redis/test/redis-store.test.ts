@@ -469,6 +469,8 @@ describe('client ownership and failures', () => {
       const r = await pending;
       expect(r.kind).toBe('acquired');
       if (r.kind !== 'acquired') return;
+      // Its own claim, claimed afresh: nobody else's lease was taken over (no takeover warning).
+      expect(r.tookOver).toBe(false);
       const held = await other.get(k);
       expect(held?.state).toBe('in_progress');
       expect(held?.leaseExpiresAt).toBeGreaterThan(Date.now() - 5_000);
