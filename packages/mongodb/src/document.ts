@@ -71,6 +71,11 @@ export interface ClaimDocument {
   /** `JSON.stringify([k, t, e, g])` of the ClaimId: a string, so FerretDB finds it by index. */
   _id: string;
   expiresAt: Date;
+  /**
+   * 'holder' when the lease holder took it (its own claim id is also window 0 of its takers):
+   * a holder that finds its own claim left over (a drop that failed) may go on.
+   */
+  by?: 'holder';
 }
 
 /**

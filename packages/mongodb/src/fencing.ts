@@ -66,6 +66,29 @@ export class Claims {
   }
 
   /**
+   * The lease holder's claim (its id is also window 0 of the lease's takers, which is what
+   * excludes them). Also true when the claim there is the holder's own, left by an earlier
+   * operation of this lease whose drop failed: one lease's operations run one at a time, so
+   * that claim guards nothing else, and refusing would lock the holder out of its own lease.
+   */
+  async takeAsHolder(id: ClaimId, now: number): Promise<boolean> {
+    const _id = claimKey(id);
+    try {
+      await this.collection.insertOne({ _id, expiresAt: new Date(now + CLAIM_TTL_MS), by: 'holder' });
+      return true;
+    } catch (error) {
+      if (!isDuplicateKey(error)) throw error;
+    }
+    const there = await this.collection.findOne({ _id });
+    return there?.by === 'holder';
+  }
+
+  /** Drop a claim; a failure is left to the claim's expiry (the holder can still use its own). */
+  async dropQuietly(id: ClaimId): Promise<void> {
+    await this.drop(id).catch(() => undefined);
+  }
+
+  /**
    * Take the claim of window 0, or of the first window after it whose claim is free, moving on
    * only past a claim older than `CLAIM_WINDOW_MS` (its writer died between claim and write).
    * Every taker walks the same windows from 0, so two takers never hold claims of one version

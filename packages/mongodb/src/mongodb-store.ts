@@ -193,7 +193,7 @@ class MongoIdempotencyStore implements MongoStore {
     return this.#queue.run(key, token, async () => {
       const now = await this.#clock.now();
       const claim = holderClaim(key, token);
-      if (!(await this.#claims.take(claim, now))) return false;
+      if (!(await this.#claims.takeAsHolder(claim, now))) return false;
       let done = false;
       try {
         const doc = await this.collection.findOne({ _id: key });
@@ -201,7 +201,9 @@ class MongoIdempotencyStore implements MongoStore {
           doc !== null && doc.token === token && doc.state === 'in_progress' && doc.expiresAt.getTime() > now;
         done = holds && (await write({ _id: key }, now));
       } finally {
-        if (!done || !keepClaim) await this.#claims.drop(claim);
+        // A drop that fails must not turn a write that happened into a rejection: the claim
+        // expires by itself, and this holder can still use it (takeAsHolder).
+        if (!done || !keepClaim) await this.#claims.dropQuietly(claim);
       }
       return done;
     });

@@ -185,6 +185,24 @@ describe('atomic begin', () => {
     }
   });
 
+  it('claims fencing: a claim drop that fails once neither fails the holder\'s renew nor locks it out of its lease', async () => {
+    const store = createMongoStore({ db: t.db, collectionName: 'drop-fails', fencing: 'claims' });
+    const k = key('drop-fails');
+    const first = await store.begin(k, 'fp', 30_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    const deleteOne = store.claimsCollection.deleteOne.bind(store.claimsCollection);
+    let failures = 0;
+    store.claimsCollection.deleteOne = ((...args: Parameters<typeof deleteOne>) =>
+      failures++ === 0 ? Promise.reject(new Error('connection reset')) : deleteOne(...args)) as typeof deleteOne;
+    // The renew's write landed; only dropping its claim failed (a transient error).
+    expect(await store.renew(k, first.token, 30_000)).toBe(true);
+    expect(failures).toBe(1);
+    // Its claim is still there, and it is the holder's own: the next operations go on.
+    expect(await store.renew(k, first.token, 30_000)).toBe(true);
+    expect(await store.complete(k, first.token, response(new Uint8Array([7])), 60_000)).toBe(true);
+    expect((await store.get(k))?.state).toBe('completed');
+  });
+
   it('an expired completed record counts as absent and is replaced (tookOver: false)', async () => {
     const store = createMongoStore({ db: t.db });
     const k = key('expired-completed');
