@@ -135,6 +135,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     for (;;) {
       let result: BeginResult;
       let pending: Promise<BeginResult> | undefined;
+      const beganAt = Date.now();
       try {
         result = await this.call('begin', () => (pending = o.store.begin(id, fingerprint, o.leaseMs)));
       } catch (error) {
@@ -144,7 +145,9 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         return this.#storeFailure(key, 'begin', error);
       }
       if (result.kind === 'acquired') {
-        return o.transactional ? this.#runInTransaction(key, id, result.token, result.tookOver) : this.#run(key, id, result.token, result.tookOver);
+        return o.transactional
+          ? this.#runInTransaction(key, id, result.token, result.tookOver, beganAt)
+          : this.#run(key, id, result.token, result.tookOver, beganAt);
       }
 
       const { record } = result;
@@ -176,7 +179,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     }
   }
 
-  async #runInTransaction(key: string, id: string, token: LeaseToken, tookOver: boolean): Promise<Decision> {
+  async #runInTransaction(key: string, id: string, token: LeaseToken, tookOver: boolean, beganAt: number): Promise<Decision> {
     const o = this.options;
     let tx: StoreTransaction;
     let pending: Promise<StoreTransaction> | undefined;
@@ -191,17 +194,17 @@ class Engine<Req> implements IdempotencyEngine<Req> {
       await this.call('release', () => o.store.release(id, token)).catch(() => undefined);
       return this.#storeFailure(key, 'beginTransaction', error);
     }
-    return this.#run(key, id, token, tookOver, tx);
+    return this.#run(key, id, token, tookOver, beganAt, tx);
   }
 
-  #run(key: string, id: string, token: LeaseToken, tookOver: boolean, tx?: StoreTransaction): Decision {
+  #run(key: string, id: string, token: LeaseToken, tookOver: boolean, beganAt: number, tx?: StoreTransaction): Decision {
     const o = this.options;
     if (tookOver) {
       this.emit({ type: 'lease-taken-over', key });
       o.logger?.warn(`[idemkit] Took over the expired lease of key "${key}": its previous holder stopped renewing (crashed or stalled).`);
     }
     if (o.onEvent) this.emit({ type: 'executed', key, tookOver });
-    return { kind: 'run', lease: new RunningLease(this, key, id, token, tookOver, tx) };
+    return { kind: 'run', lease: new RunningLease(this, key, id, token, tookOver, tx, beganAt) };
   }
 
   #storeFailure(key: string, operation: string, error: unknown): Decision {

@@ -86,8 +86,8 @@ export class RunningLease implements Lease {
   clockNext: RunningLease | null = null;
   #replacement: StoredResponse | null = null;
   #renewing = false;
-  /** The completion failed and is retried in the background: the lease keeps renewing until it lands. */
-  #completingLater = false;
+  /** The answer whose completion failed and is retried in the background (the lease keeps renewing meanwhile). */
+  #retrying: StoredResponse | null = null;
   /** When the lease runs out unless renewed, by this process's clock (a store refuses a holder after it). */
   #leaseEndsAt: number;
 
@@ -98,10 +98,12 @@ export class RunningLease implements Lease {
     private readonly token: LeaseToken,
     readonly tookOver: boolean,
     private readonly tx: StoreTransaction | undefined,
+    /** When `begin` was sent: the store's lease started no earlier. */
+    beganAt: number,
   ) {
     this.context = Object.freeze({ key, tookOver, transaction: tx?.client });
     this.#renewDueAt = Date.now() + host.renewals.everyMs;
-    this.#leaseEndsAt = Date.now() + host.options.leaseMs;
+    this.#leaseEndsAt = beganAt + host.options.leaseMs;
     host.renewals.add(this);
   }
 
@@ -165,7 +167,7 @@ export class RunningLease implements Lease {
    * the handler a second time while its answer is being stored (seen in the MongoDB soak).
    */
   #stopRenewing(force = false): void {
-    if (this.#completingLater && !force) return;
+    if (this.#retrying !== null && !force) return;
     this.host.renewals.delete(this);
   }
 
@@ -186,11 +188,13 @@ export class RunningLease implements Lease {
     try {
       const ok = await this.host.call('renew', () => store.renew(this.id, this.token, leaseMs));
       if (ok) this.#leaseEndsAt = sent + leaseMs;
-      // Once settled, a refused renewal only means the completion (or release) got there first,
-      // unless the completion is still being retried: then the lease is gone and so is the point.
-      else if (!this.#settled || this.#completingLater) {
-        this.#completingLater = false;
-        this.#stopRenewing(true);
+      // While a completion is retried, a refused renewal ends the retries: the lease is over
+      // (or an attempt that timed out here did land; #endRetry tells which).
+      else if (this.#retrying !== null) void this.#endRetry('refused');
+      // Otherwise, once settled, a refused renewal only means the completion (or release) got
+      // there first.
+      else if (!this.#settled) {
+        this.#stopRenewing();
         this.#lost('renew');
       }
     } catch (error) {
@@ -256,38 +260,21 @@ export class RunningLease implements Lease {
    * process dying) ends it.
    */
   #completeLater(response: StoredResponse): void {
-    this.#completingLater = true;
+    this.#retrying = response;
     const { store, ttlMs } = this.host.options;
     let delay = COMPLETE_RETRY_FIRST_MS;
-    const done = (): void => {
-      this.#completingLater = false;
-      this.#stopRenewing(true);
-    };
     const attempt = (): void => {
-      // A refused renewal ended it meanwhile (the lease is gone).
-      if (!this.#completingLater) return;
+      if (this.#retrying === null) return; // ended meanwhile (a refused renewal)
       this.host.call('complete', () => store.complete(this.id, this.token, response, ttlMs)).then(
-        async (ok) => {
-          done();
-          // Refused: either an earlier attempt did land (it timed out here, not there), or the
-          // lease is gone. The record tells which.
-          const stored = ok || (await this.#completedAlready());
-          if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored });
-          if (!stored) this.#lost('complete');
-        },
+        (ok) => void this.#endRetry(ok ? 'stored' : 'refused'),
         () => {
+          if (this.#retrying === null) return;
           // Stores refuse a holder whose lease has run out, so retrying past it is pointless;
-          // renewals (while the store answers them) push that end further.
+          // renewals (while the store answers them) push that end further. A renewal still in
+          // flight may yet push it: wait for it before giving up.
           const left = this.#leaseEndsAt - Date.now();
-          if (left <= 0) {
-            done();
-            this.host.emit({ type: 'lease-lost', key: this.key, operation: 'complete' });
-            this.host.options.logger?.error(
-              `[idemkit] Gave up storing the answer for key "${this.key}": the store was away until its lease ran out. A retry with this key may run the handler again.`,
-            );
-            return;
-          }
-          schedule(Math.min(delay, left)); // the last try just before the end
+          if (left <= 0 && !this.#renewing) return void this.#endRetry('gave-up');
+          schedule(left > 0 ? Math.min(delay, left) : COMPLETE_RETRY_FIRST_MS);
         },
       );
     };
@@ -298,11 +285,32 @@ export class RunningLease implements Lease {
     schedule(delay);
   }
 
-  /** Whether the record is completed (an earlier completion landed although it timed out here). */
-  async #completedAlready(): Promise<boolean> {
+  /**
+   * End the background completion, once: it landed; or it (or a renewal) was refused, which
+   * means the lease is over unless an attempt that timed out here did land (the record holds
+   * this lease's own answer); or the store stayed away until the lease ran out.
+   */
+  async #endRetry(outcome: 'stored' | 'refused' | 'gave-up'): Promise<void> {
+    const response = this.#retrying;
+    if (response === null) return;
+    this.#retrying = null;
+    this.#stopRenewing(true);
+    const stored = outcome === 'stored' || (await this.#holdsOwnAnswer(response));
+    if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored });
+    if (stored) return;
+    if (outcome === 'refused') return this.#lost('complete');
+    this.host.emit({ type: 'lease-lost', key: this.key, operation: 'complete' });
+    this.host.options.logger?.error(
+      `[idemkit] Gave up storing the answer for key "${this.key}": the store was away until its lease ran out. A retry with this key may run the handler again.`,
+    );
+  }
+
+  /** Whether the record holds this lease's own answer (an attempt that timed out here did land). */
+  async #holdsOwnAnswer(response: StoredResponse): Promise<boolean> {
     try {
       const record = await this.host.call('get', () => this.host.options.store.get(this.id));
-      return record?.state === 'completed';
+      const stored = record?.state === 'completed' ? record.response : null;
+      return stored !== null && stored.status === response.status && Buffer.compare(stored.body, response.body) === 0;
     } catch {
       return false;
     }

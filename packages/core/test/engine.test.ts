@@ -494,6 +494,45 @@ describe('store failures', () => {
     expect(next.tookOver).toBe(true);
   });
 
+  it('a completion that landed although it failed here is reported stored, never lost', async () => {
+    const store = createMemoryStore();
+    const events: Array<{ type: string; stored?: boolean }> = [];
+    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 150, onEvent: (e) => events.push(e) });
+    const lease = expectRun(await engine.decide(request({ key: 'landed' })));
+    const complete = store.complete.bind(store);
+    let calls = 0;
+    // The first completion lands, but its answer is lost on the way back (a timeout here).
+    store.complete = async (...args) => {
+      const ok = await complete(...args);
+      if (calls++ === 0) throw new Error('reply lost');
+      return ok;
+    };
+    expect(await lease.commit(response(201, 'mine'))).toBe(false);
+    await vi.waitFor(() => expect(events).toContainEqual({ type: 'completed', key: 'landed', status: 201, stored: true }), { timeout: 3_000, interval: 10 });
+    expect(events.some((e) => e.type === 'lease-lost')).toBe(false);
+    expect((await engine.decide(request({ key: 'landed' }))).kind).toBe('replay');
+  });
+
+  it("someone else's answer in the record is not counted as this lease's: lease-lost, not stored", async () => {
+    let now = Date.now();
+    const store = createMemoryStore({ now: () => now });
+    const events: Array<{ type: string; key?: string; stored?: boolean }> = [];
+    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 1_000, onEvent: (e) => events.push(e) });
+    const stalled = expectRun(await engine.decide(request({ key: 'taken' })));
+    const complete = store.complete.bind(store);
+    let away = true;
+    store.complete = (...args) => (away ? Promise.reject(new Error('down')) : complete(...args));
+    expect(await stalled.commit(response(201, 'mine'))).toBe(false);
+    now += 5_000; // the stalled holder's lease ran out by the store's clock; another takes over
+    away = false;
+    const winner = expectRun(await engine.decide(request({ key: 'taken' })));
+    expect(await winner.commit(response(202, 'theirs'))).toBe(true);
+    await vi.waitFor(() => expect(events.filter((e) => e.type === 'lease-lost')).toHaveLength(1), { timeout: 3_000, interval: 10 });
+    expect(events).not.toContainEqual({ type: 'completed', key: 'taken', status: 201, stored: true });
+    const replay = await engine.decide(request({ key: 'taken' }));
+    expect(replay.kind === 'replay' && replay.response.status).toBe(202);
+  });
+
   it('an onEvent hook that throws never changes the decision', async () => {
     const engine = createIdempotencyEngine({ store: createMemoryStore(), logger: false, onEvent: () => { throw new Error('metrics down'); } });
     expectRun(await engine.decide(request({ key: 'k' })));
