@@ -136,10 +136,12 @@ export class RunningLease implements Lease {
     }
   }
 
-  async commitUnbuffered(status: number, reason: UnbufferedReason): Promise<void> {
+  async commitUnbuffered(status: number | null, reason: UnbufferedReason): Promise<void> {
     if (!this.#settle()) return;
     try {
-      if (!this.host.options.storable(status)) await this.#release('not-storable');
+      // No status went out (cut short): whether it would have been storable is unknown, and the
+      // handler may still be working, so it is never run again.
+      if (status !== null && !this.host.options.storable(status)) await this.#release('not-storable');
       else await this.#storeMarker(status, reason);
     } finally {
       this.#stopRenewing();
@@ -209,19 +211,20 @@ export class RunningLease implements Lease {
    * The response cannot be replayed (stream, too large). Store a marker so retries get a
    * documented problem instead of running the handler again (SPEC §2).
    */
-  async #storeMarker(status: number, reason: UnbufferedReason): Promise<void> {
+  async #storeMarker(status: number | null, reason: UnbufferedReason): Promise<void> {
     const why =
       reason === 'too-large'
         ? `its body was larger than maxBodyBytes (${this.host.options.maxBodyBytes} bytes)`
         : reason === 'not-serializable'
           ? 'its result could not be serialised'
           : 'it was streamed';
-    const error = new ResponseNotReplayableError(
-      'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE',
-      410,
-      `The request with this key already ran and answered ${status}, but ${why}, so it was not stored. The operation is not run again.`,
-      { extensions: { originalStatus: status, reason } },
-    );
+    const detail =
+      status === null
+        ? 'The request with this key already ran, but its answer was cut short before it went out, so it was not stored. The operation is not run again.'
+        : `The request with this key already ran and answered ${status}, but ${why}, so it was not stored. The operation is not run again.`;
+    const error = new ResponseNotReplayableError('ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE', 410, detail, {
+      extensions: { originalStatus: status, reason },
+    });
     await this.#complete(problemResponse(error));
   }
 

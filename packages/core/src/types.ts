@@ -25,8 +25,11 @@ export interface IncomingRequest {
   readonly body: unknown;
 }
 
-/** Why a response was not stored: a stream, over `maxBodyBytes`, or (jobs) a result `serialize` refused. */
-export type UnbufferedReason = 'not-bufferable' | 'too-large' | 'not-serializable';
+/**
+ * Why a response was not stored: a stream, over `maxBodyBytes`, (jobs) a result `serialize`
+ * refused, or a raw answer cut short before its status went out (then the status is `null`).
+ */
+export type UnbufferedReason = 'not-bufferable' | 'too-large' | 'not-serializable' | 'cut-short';
 
 export type AbandonReason =
   | 'handler-threw'
@@ -53,7 +56,7 @@ export interface Lease {
    * `maxBodyBytes`). The handler is never re-run for this key: when `status` is storable a
    * marker is stored and retries get a `response-not-replayable` problem; otherwise the key is released.
    */
-  commitUnbuffered(status: number, reason: UnbufferedReason): Promise<void>;
+  commitUnbuffered(status: number | null, reason: UnbufferedReason): Promise<void>;
   /** Give the key up: the handler threw or the client went away before an answer existed. */
   abandon(reason: AbandonReason): Promise<void>;
   /**

@@ -10,6 +10,7 @@ import {
   StoreUnavailableError,
   type BeginResult,
   type Decision,
+  type IdempotencyEvent,
   type IdempotencyStore,
   type Lease,
 } from '../src/index.js';
@@ -516,7 +517,7 @@ describe('store failures', () => {
   it("someone else's answer in the record is not counted as this lease's: lease-lost, not stored", async () => {
     let now = Date.now();
     const store = createMemoryStore({ now: () => now });
-    const events: Array<{ type: string; key?: string; stored?: boolean }> = [];
+    const events: IdempotencyEvent[] = [];
     const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 1_000, onEvent: (e) => events.push(e) });
     const stalled = expectRun(await engine.decide(request({ key: 'taken' })));
     const complete = store.complete.bind(store);

@@ -182,7 +182,8 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     if (lease.settled) return;
     if (state.errored) return void lease.abandon('handler-threw');
     if (!reply.sent) return;
-    void lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable');
+    // Nothing went out: the raw status is only Node's default 200, so no status is recorded.
+    void (reply.raw.headersSent ? lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
   }
 
   return { preHandler, onSend, onError };

@@ -161,7 +161,8 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
  */
 function settleWhenClosed(ctx: Context, lease: Lease): void {
   const { res } = ctx;
-  const settle = (): void => void lease.commitUnbuffered(res.statusCode, 'not-bufferable');
+  // Nothing went out: res.statusCode is only Koa's placeholder 404, so no status is recorded.
+  const settle = (): void => void (res.headersSent ? lease.commitUnbuffered(res.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
   // Closed already (the client left while the handler ran): 'close' will not come again.
   if (res.closed) settle();
   else res.once('close', settle);
