@@ -62,6 +62,10 @@ function restore(res: ServerResponse, status: number, message: string, headers: 
   for (const [name, value] of Object.entries(headers)) if (value !== undefined) res.setHeader(name, value);
 }
 
+function writeAfterEnd(): Error {
+  return Object.assign(new Error('write after end'), { code: 'ERR_STREAM_WRITE_AFTER_END' });
+}
+
 const kDictionary = Symbol('idemkit.dictionary');
 
 /**
@@ -123,8 +127,13 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
   };
 
   res.write = function write(this: ServerResponse, ...args: unknown[]): boolean {
-    // While end() stores the answer, a write (an error handler's) would go out ahead of it.
-    if (mode === 'ending' && !delivering) return true;
+    // While end() stores the answer, a write (an error handler's) would go out ahead of it. It is
+    // a write after end(), so it fails as Node fails one: false, and the callback gets the error.
+    if (mode === 'ending' && !delivering) {
+      const callback = args.findLast((a) => typeof a === 'function') as Callback | undefined;
+      if (callback) process.nextTick(callback, writeAfterEnd());
+      return false;
+    }
     startStreaming();
     return Reflect.apply(originalWrite, this, args) as boolean;
   } as ServerResponse['write'];

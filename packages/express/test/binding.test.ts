@@ -332,6 +332,22 @@ describe('express binding: request context and mounting', () => {
     expect(replay.body).toEqual(first.body);
   });
 
+  it('a write after res.json() fails as Node fails one (false, the callback gets the error) and changes nothing', async () => {
+    const { app } = appWith();
+    let returned: boolean | undefined;
+    let callbackError: (Error & { code?: string }) | null | undefined;
+    app.post('/x', (_req, res) => {
+      res.status(201).json({ ok: true });
+      returned = res.write('more', (error) => (callbackError = error));
+    });
+    const url = await serve(app);
+    const reply = await post(`${url}/x`, randomUUID());
+    expect(reply.status).toBe(201);
+    expect(new TextDecoder().decode(reply.body)).toBe('{"ok":true}');
+    expect(returned).toBe(false);
+    await vi.waitFor(() => expect(callbackError?.code).toBe('ERR_STREAM_WRITE_AFTER_END'));
+  });
+
   it('per-route only: other routes are untouched', async () => {
     const store = createMemoryStore();
     const app = express();
