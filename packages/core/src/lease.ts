@@ -86,6 +86,8 @@ export class RunningLease implements Lease {
   clockNext: RunningLease | null = null;
   #replacement: StoredResponse | null = null;
   #renewing = false;
+  /** When the renewal in flight (if any) was sent: one sent after the lease ended cannot extend it. */
+  #renewSentAt = 0;
   /** The answer whose completion failed and is retried in the background (the lease keeps renewing meanwhile). */
   #retrying: StoredResponse | null = null;
   /** When the lease runs out unless renewed, by this process's clock (a store refuses a holder after it). */
@@ -176,6 +178,9 @@ export class RunningLease implements Lease {
   /** Called by the engine's renewal clock on every tick. */
   renewIfDue(now: number): void {
     if (now < this.#renewDueAt) return;
+    // Past its end the lease cannot be renewed (stores refuse a lapsed holder): the retried
+    // completion is about to give up, and a renewal would only hold that off.
+    if (this.#retrying !== null && now >= this.#leaseEndsAt) return;
     this.#renewDueAt = now + this.host.renewals.everyMs;
     void this.#renew();
   }
@@ -187,6 +192,7 @@ export class RunningLease implements Lease {
     this.#renewing = true;
     const { store, leaseMs } = this.host.options;
     const sent = Date.now();
+    this.#renewSentAt = sent;
     try {
       const ok = await this.host.call('renew', () => store.renew(this.id, this.token, leaseMs));
       if (ok) this.#leaseEndsAt = sent + leaseMs;
@@ -276,7 +282,8 @@ export class RunningLease implements Lease {
           // renewals (while the store answers them) push that end further. A renewal still in
           // flight may yet push it: wait for it before giving up.
           const left = this.#leaseEndsAt - Date.now();
-          if (left <= 0 && !this.#renewing) return void this.#endRetry('gave-up');
+          const renewalMayExtend = this.#renewing && this.#renewSentAt < this.#leaseEndsAt;
+          if (left <= 0 && !renewalMayExtend) return void this.#endRetry('gave-up');
           schedule(left > 0 ? Math.min(delay, left) : COMPLETE_RETRY_FIRST_MS);
         },
       );

@@ -55,6 +55,8 @@ export interface Lease {
    * The handler answered with something that cannot be buffered (a stream, SSE, a body over
    * `maxBodyBytes`). The handler is never re-run for this key: when `status` is storable a
    * marker is stored and retries get a `response-not-replayable` problem; otherwise the key is released.
+   * A `null` status (with reason `cut-short`: a raw answer cut short before its status went
+   * out) always stores the marker: what the status would have been is unknown.
    */
   commitUnbuffered(status: number | null, reason: UnbufferedReason): Promise<void>;
   /** Give the key up: the handler threw or the client went away before an answer existed. */

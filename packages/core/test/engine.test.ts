@@ -495,6 +495,20 @@ describe('store failures', () => {
     expect(next.tookOver).toBe(true);
   });
 
+  it('a store that hangs (not refuses) past the lease: the retried completion still gives up at the lease end', async () => {
+    // With storeTimeoutMs above a third of the lease a renewal is nearly always in flight; only
+    // one sent before the lease end may hold the give-up off.
+    const store = createMemoryStore();
+    const events: IdempotencyEvent[] = [];
+    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 300, storeTimeoutMs: 400, onEvent: (e) => events.push(e) });
+    const lease = expectRun(await engine.decide(request({ key: 'hangs' })));
+    const hang = () => new Promise<never>(() => undefined);
+    store.complete = hang;
+    store.renew = hang;
+    expect(await lease.commit(response(201, 'lost'))).toBe(false);
+    await vi.waitFor(() => expect(events).toContainEqual({ type: 'lease-lost', key: 'hangs', operation: 'complete' }), { timeout: 5_000, interval: 20 });
+  });
+
   it('a completion that landed although it failed here is reported stored, never lost', async () => {
     const store = createMemoryStore();
     const events: Array<{ type: string; stored?: boolean }> = [];
