@@ -372,6 +372,35 @@ describe('a hijacked reply that never ends', () => {
   );
 });
 
+describe('a hijacked reply that sends nothing', () => {
+  it('the client gives up before any status went out: 410 cut-short with no status, never run again', async () => {
+    let runs = 0;
+    // A storable() that refuses Node's default 200: the placeholder status must not decide.
+    const { app, store } = await build(
+      (a) => {
+        a.post('/silent', async (_request, reply) => {
+          runs++;
+          reply.hijack();
+          await new Promise(() => undefined); // waits on an upstream that never answers
+        });
+      },
+      { storable: (status) => status === 201 },
+    );
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = app.server.address() as AddressInfo;
+    const req = httpRequest({ host: '127.0.0.1', port, method: 'POST', path: '/silent', headers: { 'idempotency-key': 'silent', 'content-type': 'application/json' } });
+    req.on('error', () => undefined);
+    req.end('{"a":1}');
+    await vi.waitFor(() => expect(runs).toBe(1));
+    req.destroy();
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, 'silent')))?.state).toBe('completed'), { timeout: 5_000, interval: 20 });
+    const retry = await post(app, '/silent', 'silent');
+    expect(retry.statusCode).toBe(410);
+    expect(retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
+    expect(runs).toBe(1);
+  });
+});
+
 describe('errors and validation', () => {
   it("a body that fails Fastify's schema validation never takes a lease: the key stays free", async () => {
     let runs = 0;
