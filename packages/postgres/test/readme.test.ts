@@ -26,6 +26,16 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
+  // pool.end() resolves once its clients are told to end, before their backends are gone. FORCE
+  // would then kill a backend still closing, and its pool re-emits that as an 'error' after the
+  // test is over (an uncaught exception in vitest). So wait for the backends to leave first; FORCE
+  // only for what is still there after that.
+  const deadline = Date.now() + 5000;
+  while (Date.now() < deadline) {
+    const { rows } = await admin.query<{ n: number }>('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = $1', [database]);
+    if (rows[0]?.n === 0) break;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
   await admin.query(`DROP DATABASE IF EXISTS "${database}" WITH (FORCE)`);
   await admin.end();
 });
