@@ -125,3 +125,18 @@ export class ConfigurationError extends Error {
     this.code = code;
   }
 }
+
+/**
+ * Thrown by a store transaction (`StoreTransaction.complete` or `rollback`) when the handler
+ * ended the transaction it was given itself: a `COMMIT` or `ROLLBACK` on the transaction client,
+ * often a helper that wraps its queries in its own BEGIN/COMMIT. Its writes then committed (or
+ * vanished) on their own, apart from the record. Never an HTTP answer: the engine logs it and
+ * stores a "not replayable" marker, so the operation is not run a second time.
+ */
+export class TransactionEndedError extends Error {
+  override readonly name: string = this.constructor.name;
+  readonly code = 'ERR_IDEMKIT_TRANSACTION_ENDED';
+  constructor(message = 'The handler ended the transaction idemkit opened for it (COMMIT or ROLLBACK on the transaction client).') {
+    super(`[idemkit] ${message}`);
+  }
+}

@@ -37,6 +37,7 @@ export {
   RequestInProgressError,
   ResponseNotReplayableError,
   StoreUnavailableError,
+  TransactionEndedError,
   type IdempotencyErrorCode,
   type ProblemDetails,
 } from './errors.js';

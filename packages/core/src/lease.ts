@@ -1,4 +1,4 @@
-import { requestInProgress, ResponseNotReplayableError, retryAfterSeconds, StoreUnavailableError } from './errors.js';
+import { requestInProgress, ResponseNotReplayableError, retryAfterSeconds, StoreUnavailableError, TransactionEndedError } from './errors.js';
 import { REPLAYED_HEADER } from './headers.js';
 import { problemResponse } from './problem.js';
 import type { ResolvedOptions } from './options.js';
@@ -90,6 +90,8 @@ export class RunningLease implements Lease {
   #renewSentAt = 0;
   /** The answer whose completion failed and is retried in the background (the lease keeps renewing meanwhile). */
   #retrying: StoredResponse | null = null;
+  /** The handler ended its own transaction (see #afterTransactionEnded). */
+  #transactionEnded = false;
   /** When the lease runs out unless renewed, by this process's clock (a store refuses a holder after it). */
   #leaseEndsAt: number;
 
@@ -122,7 +124,7 @@ export class RunningLease implements Lease {
     try {
       const { storable, maxBodyBytes } = this.host.options;
       if (!storable(response.status)) {
-        await this.#release('not-storable');
+        await this.#release('not-storable', response.status);
         return false;
       }
       if (response.body.byteLength > maxBodyBytes) {
@@ -131,7 +133,8 @@ export class RunningLease implements Lease {
       }
       const stored = await this.#complete(response);
       // Transactional mode: not stored means rolled back, so the handler's answer must not go out.
-      if (!stored && this.tx) this.#replacement = await this.#answerAfterRollback();
+      // Not when the handler ended the transaction itself: its writes may have committed.
+      if (!stored && this.tx && !this.#transactionEnded) this.#replacement = await this.#answerAfterRollback();
       return stored;
     } finally {
       this.#stopRenewing();
@@ -143,7 +146,7 @@ export class RunningLease implements Lease {
     try {
       // No status went out (cut short): whether it would have been storable is unknown, and the
       // handler may still be working, so it is never run again.
-      if (status !== null && !this.host.options.storable(status)) await this.#release('not-storable');
+      if (status !== null && !this.host.options.storable(status)) await this.#release('not-storable', status);
       else await this.#storeMarker(status, reason);
     } finally {
       this.#stopRenewing();
@@ -217,35 +220,46 @@ export class RunningLease implements Lease {
    * The response cannot be replayed (stream, too large). Store a marker so retries get a
    * documented problem instead of running the handler again (SPEC §2).
    */
-  async #storeMarker(status: number | null, reason: UnbufferedReason): Promise<void> {
+  async #storeMarker(status: number | null, reason: UnbufferedReason, viaTx = this.tx !== undefined): Promise<void> {
+    const ran = status === null ? 'The request with this key already ran' : `The request with this key already ran and answered ${status}`;
     const why =
-      reason === 'too-large'
-        ? `its body was larger than maxBodyBytes (${this.host.options.maxBodyBytes} bytes)`
-        : reason === 'not-serializable'
-          ? 'its result could not be serialised'
-          : 'it was streamed';
-    const detail =
-      status === null
-        ? 'The request with this key already ran, but its answer was cut short before it went out, so it was not stored. The operation is not run again.'
-        : `The request with this key already ran and answered ${status}, but ${why}, so it was not stored. The operation is not run again.`;
+      reason === 'transaction-ended'
+        ? 'its handler ended the database transaction it was given (COMMIT or ROLLBACK)'
+        : status === null
+          ? 'its answer was cut short before it went out'
+          : reason === 'too-large'
+            ? `its body was larger than maxBodyBytes (${this.host.options.maxBodyBytes} bytes)`
+            : reason === 'not-serializable'
+              ? 'its result could not be serialised'
+              : 'it was streamed';
+    const detail = `${ran}, but ${why}, so it was not stored. The operation is not run again.`;
     const error = new ResponseNotReplayableError('ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE', 410, detail, {
       extensions: { originalStatus: status, reason },
     });
-    await this.#complete(problemResponse(error));
+    await this.#complete(problemResponse(error), status, viaTx);
   }
 
-  async #complete(response: StoredResponse): Promise<boolean> {
+  /**
+   * `originalStatus`: what the handler answered, for the marker stored if the handler turns out
+   * to have ended its transaction. `viaTx`: false to write outside the transaction (that marker).
+   */
+  async #complete(response: StoredResponse, originalStatus: number | null = response.status, viaTx = this.tx !== undefined): Promise<boolean> {
     const { store, ttlMs } = this.host.options;
+    const tx = viaTx ? this.tx : undefined;
     try {
       const ok = await this.host.call('complete', () =>
-        this.tx ? this.tx.complete(this.id, this.token, response, ttlMs) : store.complete(this.id, this.token, response, ttlMs),
+        tx ? tx.complete(this.id, this.token, response, ttlMs) : store.complete(this.id, this.token, response, ttlMs),
       );
       if (!ok) this.#lost('complete');
       if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: ok });
       return ok;
     } catch (error) {
+      if (tx && error instanceof TransactionEndedError) {
+        await this.#afterTransactionEnded(originalStatus);
+        return false;
+      }
       this.#storeError('complete', error);
-      if (this.tx) {
+      if (tx) {
         await this.#rollback();
         // Nothing of the handler's committed (a transaction the handler left aborted, a lost
         // connection): free the key, or every retry meets 409 until the lease runs out. Safe even
@@ -359,10 +373,28 @@ export class RunningLease implements Lease {
     );
   }
 
-  async #release(reason: AbandonReason): Promise<void> {
+  /** `status`: the handler's answer, if there was one (for the marker if its transaction ended). */
+  async #release(reason: AbandonReason, status: number | null = null): Promise<void> {
     // Roll the handler's writes back before the key is free again, so a retry starts clean.
-    if (this.tx) await this.#rollback();
+    if (this.tx && (await this.#rollback()) === 'transaction-ended') return this.#afterTransactionEnded(status);
     await this.#freeKey(reason);
+  }
+
+  /**
+   * The handler ended its transaction itself (a helper's own BEGIN/COMMIT on the client, say):
+   * its writes committed or vanished apart from the record, and which one cannot be told. Running
+   * it again could write twice and replaying its answer could claim writes that never happened,
+   * so retries get the "not replayable" answer, stored outside the transaction, and the
+   * developer gets an error that names the cause.
+   */
+  async #afterTransactionEnded(status: number | null): Promise<void> {
+    this.#transactionEnded = true;
+    this.host.options.logger?.error(
+      `[idemkit] The handler for key "${this.key}" ended the transaction it was given (COMMIT or ROLLBACK on the transaction client). ` +
+        'Its writes are no longer tied to the stored response and may or may not have committed, so its answer was not stored: ' +
+        'retries get 410 and the operation is not run again. Let idemkit commit; do not COMMIT, ROLLBACK or BEGIN on that client.',
+    );
+    await this.#storeMarker(status, 'transaction-ended', false);
   }
 
   async #freeKey(reason: AbandonReason | 'rolled-back'): Promise<void> {
@@ -378,9 +410,15 @@ export class RunningLease implements Lease {
   }
 
   /** Under the store deadline like every store call: a rollback stuck behind a hung COMMIT must not hang the request. */
-  async #rollback(): Promise<void> {
+  async #rollback(): Promise<'transaction-ended' | undefined> {
     const tx = this.tx as StoreTransaction;
-    await this.host.call('rollback', () => tx.rollback()).catch((e: unknown) => this.#storeError('rollback', e));
+    try {
+      await this.host.call('rollback', () => tx.rollback());
+    } catch (error) {
+      if (error instanceof TransactionEndedError) return 'transaction-ended';
+      this.#storeError('rollback', error);
+    }
+    return undefined;
   }
 
   #lost(operation: 'complete' | 'renew' | 'release'): void {

@@ -90,10 +90,14 @@ export interface StoreTransaction<Client = unknown> {
   /**
    * Mark the record completed inside the transaction and commit, if `token` still holds the
    * lease. When it does not, the transaction is rolled back (the stale holder's writes vanish)
-   * and false is returned.
+   * and false is returned. Rejects with `TransactionEndedError` (after giving the connection
+   * back, having stored nothing) when the handler ended the transaction itself.
    */
   complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean>;
-  /** Roll back and give the connection back. Safe after `complete`. */
+  /**
+   * Roll back and give the connection back. Safe after `complete`. Rejects with
+   * `TransactionEndedError`, once it has cleaned up, when the handler ended the transaction itself.
+   */
   rollback(): Promise<void>;
 }
 

@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { createIdempotencyEngine, createMemoryStore, type LeaseToken, type StoredResponse, type StoreTransaction, type TransactionalStore } from '../src/index.js';
+import { createIdempotencyEngine, createMemoryStore, TransactionEndedError, type IdempotencyEngine, type LeaseToken, type StoredResponse, type StoreTransaction, type TransactionalStore } from '../src/index.js';
 import { request, response } from './helpers.js';
 
 /**
@@ -179,5 +179,82 @@ describe('transactional mode (engine side)', () => {
       expect(log).toContain('rollback');
       expect(events).toContain('rollback');
     });
+  });
+});
+
+/** A transaction the handler can end itself (`client.commitItself()`), as a pg client's COMMIT would. */
+function endableTransactionStore() {
+  const inner = createMemoryStore();
+  const committed: string[] = [];
+  let released = 0;
+  const store: TransactionalStore<{ insert(row: string): void; commitItself(): void }> = Object.assign(inner, {
+    async beginTransaction() {
+      const pending: string[] = [];
+      let ended = false;
+      const done = (): void => void released++;
+      return {
+        client: {
+          insert: (row: string) => pending.push(row),
+          commitItself: () => {
+            ended = true;
+            committed.push(...pending.splice(0));
+          },
+        },
+        async complete(key: string, token: LeaseToken, res: StoredResponse, ttlMs: number) {
+          done();
+          if (ended) throw new TransactionEndedError();
+          const ok = await inner.complete(key, token, res, ttlMs);
+          if (ok) committed.push(...pending);
+          return ok;
+        },
+        async rollback() {
+          done();
+          if (ended) throw new TransactionEndedError();
+        },
+      };
+    },
+  });
+  return { store, committed, released: () => released };
+}
+
+describe('a handler that ends its transaction itself (TransactionEndedError from the store)', () => {
+  async function started(key: string) {
+    const { store, committed, released } = endableTransactionStore();
+    const error = vi.fn();
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: { warn: () => undefined, error } });
+    const d = await engine.decide(request({ key }));
+    if (d.kind !== 'run') throw new Error('expected run');
+    const client = d.lease.context.transaction as { insert(row: string): void; commitItself(): void };
+    client.insert('order');
+    client.commitItself();
+    return { engine, d, committed, released, error };
+  }
+
+  async function replayedProblem(engine: IdempotencyEngine, key: string) {
+    const retry = await engine.decide(request({ key }));
+    if (retry.kind !== 'replay') throw new Error(`expected replay, got ${retry.kind}`);
+    return { status: retry.response.status, ...(JSON.parse(new TextDecoder().decode(retry.response.body)) as object) };
+  }
+
+  it('on commit: the answer goes out unreplaced, an error is logged, retries replay 410 transaction-ended', async () => {
+    const { engine, d, committed, error } = await started('ended-commit');
+    expect(await d.lease.commit(response(201))).toBe(false);
+    expect(d.lease.replacement).toBeNull();
+    expect(committed).toEqual(['order']);
+    expect(error).toHaveBeenCalledWith(expect.stringContaining('ended the transaction it was given'));
+    expect(await replayedProblem(engine, 'ended-commit')).toMatchObject({ status: 410, reason: 'transaction-ended', originalStatus: 201 });
+  });
+
+  it('on a throw: the key is not freed (no second run), retries replay 410 with originalStatus null', async () => {
+    const { engine, d, released } = await started('ended-throw');
+    await d.lease.abandon('handler-threw');
+    expect(released()).toBe(1);
+    expect(await replayedProblem(engine, 'ended-throw')).toMatchObject({ status: 410, reason: 'transaction-ended', originalStatus: null });
+  });
+
+  it('on a status that is not stored: the marker keeps the handler from running again', async () => {
+    const { engine, d } = await started('ended-500');
+    expect(await d.lease.commit(response(500))).toBe(false);
+    expect(await replayedProblem(engine, 'ended-500')).toMatchObject({ status: 410, reason: 'transaction-ended', originalStatus: 500 });
   });
 });

@@ -71,4 +71,36 @@ export function transactionalCases(t: CaseContext): void {
     expect(await rows(key)).toBe(1);
     expect(app.count('tx')).toBe(2);
   });
+
+  t.test('transactional: a handler whose helper COMMITs on the client answers once; retries get 410 and never run it again', async () => {
+    const { pg } = t.harness();
+    if (!pg) throw new Error('transactional cases need the postgres harness');
+    const table = `${pg.schema}.tx_rows_${uniqueSuffix()}`;
+    await pg.pool.query(`CREATE TABLE ${table} (ref text NOT NULL)`);
+    const app = await t.app(
+      { transactional: true, logger: false },
+      {
+        txWork: async (transaction, body) => {
+          const ref = (body as { ref: string }).ref;
+          const client = transaction as PoolClient;
+          // A data-access helper with its own transaction: its COMMIT commits idemkit's too.
+          await client.query('BEGIN');
+          await client.query(`INSERT INTO ${table} (ref) VALUES ($1)`, [ref]);
+          await client.query('COMMIT');
+          return { inserted: ref };
+        },
+      },
+    );
+    const key = newKey();
+    const first = await app.post('/tx', { key, json: { ref: key } });
+    expect(first.status).toBe(201);
+    expect(first.json()).toEqual({ inserted: key });
+    for (let i = 0; i < 2; i++) {
+      const retry = await app.post('/tx', { key, json: { ref: key } });
+      expectProblem(retry, 410, 'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE');
+      expect(retry.json()).toMatchObject({ reason: 'transaction-ended', originalStatus: 201 });
+    }
+    expect(Number((await pg.pool.query<{ n: string }>(`SELECT count(*) AS n FROM ${table} WHERE ref = $1`, [key])).rows[0]?.n)).toBe(1);
+    expect(app.count('tx')).toBe(1);
+  });
 }

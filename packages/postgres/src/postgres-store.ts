@@ -10,7 +10,7 @@ import type {
 import pg, { type Pool, type PoolClient } from 'pg';
 import { checkOptions, DEFAULT_SCHEMA, DEFAULT_TABLE, type PostgresStoreOptions } from './options.js';
 import { checkMs, completeParams } from './params.js';
-import { buildQueries, type Queries } from './queries.js';
+import { BEGIN_TRANSACTION, buildQueries, type Queries } from './queries.js';
 import { escapeIdentifier, expiresIndexName, MIGRATE_LOCK_ID, tableDdl } from './schema.js';
 import { PgTransaction } from './transaction.js';
 
@@ -140,12 +140,12 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
   async beginTransaction(): Promise<PgTransaction> {
     const client = await this.pool.connect();
     try {
-      await client.query('BEGIN');
+      await client.query(BEGIN_TRANSACTION);
     } catch (error) {
       client.release(true);
       throw error;
     }
-    return new PgTransaction(client, this.#sql.complete);
+    return new PgTransaction(client, this.#sql.completeInTransaction);
   }
 
   /** Ends the pool only if the store created it (from `connectionString`). Safe to call twice. */

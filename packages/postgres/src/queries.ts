@@ -25,9 +25,22 @@ const RECORD_COLUMNS = `fingerprint, state, response_status, response_headers, r
 /** The holder's condition shared by complete, release and renew: right token, live lease. */
 const HELD = `key = $1 AND lease_token = $2 AND state = 'in_progress' AND lease_expires_at > ${NOW}`;
 
+/**
+ * Transactional mode marks its transaction with `SET LOCAL`, which lasts exactly as long as that
+ * transaction: if the handler ends it (COMMIT or ROLLBACK on the client, perhaps a helper's own
+ * BEGIN/COMMIT), the mark is gone, even if a new transaction was begun after it.
+ */
+const MARK = 'idemkit.transaction';
+export const BEGIN_TRANSACTION = `BEGIN; SET LOCAL ${MARK} = 'open'`;
+const MARKED = `coalesce(current_setting('${MARK}', true), '') = 'open'`;
+/** Whether the client is still in the transaction the store began (before a rollback). */
+export const STILL_OURS = `SELECT ${MARKED} AS ours`;
+
 export interface Queries {
   readonly begin: string;
   readonly complete: string;
+  /** complete inside the store's transaction: updates only while the mark is there, says which. */
+  readonly completeInTransaction: string;
   readonly release: string;
   readonly renew: string;
   readonly get: string;
@@ -82,6 +95,12 @@ SELECT ${RECORD_COLUMNS}, false AS acquired, false AS took_over FROM live`;
   expires_at = ${NOW} + ${ms('$6')}
 WHERE ${HELD}`;
 
+  const completeInTransaction = `WITH mark AS (SELECT ${MARKED} AS ours), done AS (
+  ${complete.replace(`WHERE ${HELD}`, `WHERE ${HELD} AND (SELECT ours FROM mark)`)}
+  RETURNING 1
+)
+SELECT (SELECT ours FROM mark) AS ours, (SELECT count(*) FROM done)::int AS updated`;
+
   const release = `DELETE FROM ${table} WHERE ${HELD}`;
 
   const renew = `UPDATE ${table} SET lease_expires_at = ${NOW} + ${ms('$3')}, expires_at = ${NOW} + ${ms('$3')}
@@ -98,5 +117,5 @@ WHERE ${HELD}`;
   SELECT ctid FROM ${table} WHERE expires_at <= ${NOW} LIMIT $1 FOR UPDATE SKIP LOCKED
 )) AND expires_at <= ${NOW}`;
 
-  return { begin, complete, release, renew, get, purge };
+  return { begin, complete, completeInTransaction, release, renew, get, purge };
 }

@@ -1,11 +1,14 @@
-import { ConfigurationError, type LeaseToken, type StoreTransaction, type StoredResponse } from '@idemkit/core';
+import { ConfigurationError, TransactionEndedError, type LeaseToken, type StoreTransaction, type StoredResponse } from '@idemkit/core';
 import type { PoolClient } from 'pg';
 import { completeParams } from './params.js';
+import { STILL_OURS } from './queries.js';
 
 /**
  * One open transaction of transactional mode. The handler writes through `client`; `complete`
  * marks the record completed in the same transaction and commits, so business rows and the
  * stored response commit (or vanish) together. The client goes back to the pool on every path.
+ * A handler that ends the transaction itself (COMMIT or ROLLBACK on `client`) breaks that: then
+ * `complete` and `rollback` reject with `TransactionEndedError` once the client is back.
  */
 export class PgTransaction implements StoreTransaction<PoolClient> {
   #state: 'open' | 'completing' | 'done' = 'open';
@@ -39,15 +42,20 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   }
 
   async #complete(params: unknown[]): Promise<boolean> {
-    let updated: boolean;
+    let row: { ours: boolean; updated: number } | undefined;
     try {
-      const result = await this.client.query(this.completeSql, params);
-      updated = result.rowCount === 1;
+      ({ rows: [row] } = await this.client.query<{ ours: boolean; updated: number }>(this.completeSql, params));
     } catch (error) {
       // E.g. the handler left the transaction aborted: undo it and report the driver error.
       await this.#end('ROLLBACK');
       throw error;
     }
+    if (row?.ours !== true) {
+      // Nothing was written; the ROLLBACK ends whatever the handler began after its COMMIT.
+      await this.#end('ROLLBACK');
+      throw new TransactionEndedError();
+    }
+    const updated = row.updated === 1;
     if (updated && !this.#abort) {
       // A failed COMMIT throws (after the client is released): the caller must not claim success.
       await this.#end('COMMIT', true);
@@ -66,7 +74,23 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
       await this.#completing?.catch(() => undefined);
       return;
     }
+    const ours = await this.#stillOurs();
     await this.#end('ROLLBACK', true);
+    if (!ours) throw new TransactionEndedError();
+  }
+
+  /**
+   * Asked before a rollback (a thrown handler, a status that is not stored), where the engine
+   * would free the key: a handler that committed its writes itself must not be run again.
+   * A transaction the handler left aborted refuses the question, and is still ours.
+   */
+  async #stillOurs(): Promise<boolean> {
+    try {
+      const { rows } = await this.client.query<{ ours: boolean }>(STILL_OURS);
+      return rows[0]?.ours === true;
+    } catch {
+      return true;
+    }
   }
 
   /** Send COMMIT/ROLLBACK and give the client back; a client whose last command failed is destroyed. */

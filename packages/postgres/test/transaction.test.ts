@@ -265,6 +265,90 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(checkedOut(db.pool)).toBe(0);
   });
 
+  /** A retry of `k` after its first run: whether the handler would run again, and what the client gets. */
+  async function retryOf(engine: IdempotencyEngine, k: string, ref: string) {
+    const retry = await engine.decide(request(k, ref));
+    if (retry.kind === 'run') await retry.lease.abandon('client-gone');
+    if (retry.kind !== 'replay') return { kind: retry.kind };
+    const { status, body } = retry.response;
+    if (status !== 410) return { kind: retry.kind, status };
+    const problem = JSON.parse(new TextDecoder().decode(body)) as { reason: unknown; originalStatus: unknown };
+    return { kind: retry.kind, status, reason: problem.reason, originalStatus: problem.originalStatus };
+  }
+
+  // A helper with its own BEGIN/COMMIT, called on the transaction client: its COMMIT commits
+  // idemkit's transaction too (Postgres only warns about the nested BEGIN).
+  async function withOwnTransaction(client: pg.PoolClient, work: () => Promise<unknown>): Promise<void> {
+    await client.query('BEGIN');
+    await work();
+    await client.query('COMMIT');
+  }
+
+  it('a handler that commits the transaction itself: its row stays, its answer goes out, retries get 410 and never run it again', async () => {
+    const error = vi.fn();
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: { warn: () => undefined, error } });
+    const { k, ref, decision, tx } = await inserted(engine);
+    await withOwnTransaction(tx, () => tx.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [`${ref}-helper`]));
+
+    expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+    // Its writes did commit: the handler's own answer goes out, not "rolled back, retry".
+    expect(decision.lease.replacement).toBeNull();
+    expect(error).toHaveBeenCalledWith(expect.stringContaining('ended the transaction it was given (COMMIT or ROLLBACK'));
+    expect(await rowsFor(ref)).toBe(1);
+    expect(await rowsFor(`${ref}-helper`)).toBe(1);
+    for (let i = 0; i < 2; i++) {
+      expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 410, reason: 'transaction-ended', originalStatus: 201 });
+    }
+    expect(await rowsFor(ref)).toBe(1);
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('a handler that rolls the transaction back itself: nothing committed, and its 201 is not replayed as if it had', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const { k, ref, decision, tx } = await inserted(engine);
+    await tx.query('ROLLBACK');
+    expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+    expect(await rowsFor(ref)).toBe(0);
+    expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 410, reason: 'transaction-ended', originalStatus: 201 });
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('COMMIT then a new BEGIN is still caught: the new transaction is rolled back, retries get 410', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const { k, ref, decision, tx } = await inserted(engine);
+    await tx.query('COMMIT');
+    await tx.query('BEGIN');
+    await tx.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [`${ref}-after`]);
+    expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+    expect(await rowsFor(ref)).toBe(1);
+    expect(await rowsFor(`${ref}-after`)).toBe(0);
+    expect(await retryOf(engine, k, ref)).toMatchObject({ kind: 'replay', status: 410, reason: 'transaction-ended' });
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('a handler that commits itself and then throws: the key is not freed, so its row is not written twice', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const { k, ref, decision, tx } = await inserted(engine);
+    await tx.query('COMMIT');
+    await decision.lease.abandon('handler-threw');
+    expect(await rowsFor(ref)).toBe(1);
+    expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 410, reason: 'transaction-ended', originalStatus: null });
+    expect(await rowsFor(ref)).toBe(1);
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('savepoints inside the transaction are fine: ROLLBACK TO SAVEPOINT keeps it, the answer is stored and replayed', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const { k, ref, decision, tx } = await inserted(engine);
+    await tx.query('SAVEPOINT attempt');
+    await tx.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [`${ref}-undone`]);
+    await tx.query('ROLLBACK TO SAVEPOINT attempt');
+    expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(true);
+    expect(await rowsFor(ref)).toBe(1);
+    expect(await rowsFor(`${ref}-undone`)).toBe(0);
+    expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
+  });
+
   it('the connection dies while the handler works: the process survives, nothing commits, the key is free', async () => {
     // pg-pool listens for a checked-out client's errors no more: an unhandled 'error' event
     // would end the process (and this test run with it).
