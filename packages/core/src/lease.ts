@@ -4,7 +4,10 @@ import { problemResponse } from './problem.js';
 import type { ResolvedOptions } from './options.js';
 import type { LeaseToken, StoreTransaction, StoredResponse } from './store.js';
 import type { AbandonReason, IdempotencyContext, IdempotencyEvent, Lease, UnbufferedReason } from './types.js';
-import type { StoreCall } from './deadline.js';
+import { StoreTimeoutError, type StoreCall } from './deadline.js';
+
+/** The marker's `reason`: the binding's, or the engine's own for a handler that ended its transaction. */
+type MarkerReason = UnbufferedReason | 'transaction-ended';
 
 /** Backoff of a completion retried after a store failure: the first wait, and the longest. */
 const COMPLETE_RETRY_FIRST_MS = 100;
@@ -220,7 +223,7 @@ export class RunningLease implements Lease {
    * The response cannot be replayed (stream, too large). Store a marker so retries get a
    * documented problem instead of running the handler again (SPEC §2).
    */
-  async #storeMarker(status: number | null, reason: UnbufferedReason, viaTx = this.tx !== undefined): Promise<void> {
+  async #storeMarker(status: number | null, reason: MarkerReason, viaTx = this.tx !== undefined): Promise<void> {
     const ran = status === null ? 'The request with this key already ran' : `The request with this key already ran and answered ${status}`;
     const why =
       reason === 'transaction-ended'
@@ -260,12 +263,11 @@ export class RunningLease implements Lease {
       }
       this.#storeError('complete', error);
       if (tx) {
-        await this.#rollback();
         // Nothing of the handler's committed (a transaction the handler left aborted, a lost
         // connection): free the key, or every retry meets 409 until the lease runs out. Safe even
         // if a COMMIT did land unseen: release only deletes a record still in progress under
         // this token.
-        await this.#freeKey('rolled-back');
+        await this.#rollbackThenFree('rolled-back', originalStatus);
       } else {
         this.#completeLater(response);
       }
@@ -376,7 +378,7 @@ export class RunningLease implements Lease {
   /** `status`: the handler's answer, if there was one (for the marker if its transaction ended). */
   async #release(reason: AbandonReason, status: number | null = null): Promise<void> {
     // Roll the handler's writes back before the key is free again, so a retry starts clean.
-    if (this.tx && (await this.#rollback()) === 'transaction-ended') return this.#afterTransactionEnded(status);
+    if (this.tx) return this.#rollbackThenFree(reason, status);
     await this.#freeKey(reason);
   }
 
@@ -409,16 +411,30 @@ export class RunningLease implements Lease {
     }
   }
 
-  /** Under the store deadline like every store call: a rollback stuck behind a hung COMMIT must not hang the request. */
-  async #rollback(): Promise<'transaction-ended' | undefined> {
+  /**
+   * Roll back, then free the key; or, when the handler committed the transaction itself, store
+   * the marker instead. Under the store deadline like every store call, so a rollback stuck behind
+   * a hung query does not hang the request; but its outcome is then followed in the background,
+   * and the key freed only once it is known: until then the handler's own COMMIT may still land.
+   */
+  async #rollbackThenFree(reason: AbandonReason | 'rolled-back', status: number | null): Promise<void> {
     const tx = this.tx as StoreTransaction;
+    const after = (ended: boolean): Promise<void> => (ended ? this.#afterTransactionEnded(status) : this.#freeKey(reason));
+    let pending: Promise<void> | undefined;
     try {
-      await this.host.call('rollback', () => tx.rollback());
+      await this.host.call('rollback', () => (pending = tx.rollback()));
     } catch (error) {
-      if (error instanceof TransactionEndedError) return 'transaction-ended';
+      if (error instanceof TransactionEndedError) return after(true);
       this.#storeError('rollback', error);
+      if (error instanceof StoreTimeoutError && pending) {
+        void pending.then(
+          () => after(false),
+          (late: unknown) => after(late instanceof TransactionEndedError),
+        );
+        return;
+      }
     }
-    return undefined;
+    return after(false);
   }
 
   #lost(operation: 'complete' | 'renew' | 'release'): void {

@@ -27,10 +27,9 @@ export interface IncomingRequest {
 
 /**
  * Why a response was not stored: a stream, over `maxBodyBytes`, (jobs) a result `serialize`
- * refused, a raw answer cut short before its status went out (then the status is `null`), or
- * (transactional mode, set by the engine) a handler that ended its transaction itself.
+ * refused, or a raw answer cut short before its status went out (then the status is `null`).
  */
-export type UnbufferedReason = 'not-bufferable' | 'too-large' | 'not-serializable' | 'cut-short' | 'transaction-ended';
+export type UnbufferedReason = 'not-bufferable' | 'too-large' | 'not-serializable' | 'cut-short';
 
 export type AbandonReason =
   | 'handler-threw'

@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { createIdempotencyEngine, createMemoryStore, TransactionEndedError, type IdempotencyEngine, type LeaseToken, type StoredResponse, type StoreTransaction, type TransactionalStore } from '../src/index.js';
+import { createIdempotencyEngine, createMemoryStore, MemoryStore, TransactionEndedError, type IdempotencyEngine, type LeaseToken, type StoredResponse, type StoreTransaction, type TransactionalStore } from '../src/index.js';
 import { request, response } from './helpers.js';
 
 /**
@@ -256,5 +256,54 @@ describe('a handler that ends its transaction itself (TransactionEndedError from
     const { engine, d } = await started('ended-500');
     expect(await d.lease.commit(response(500))).toBe(false);
     expect(await replayedProblem(engine, 'ended-500')).toMatchObject({ status: 410, reason: 'transaction-ended', originalStatus: 500 });
+  });
+});
+
+describe('a rollback that outlasts storeTimeoutMs: the key is settled once its outcome is known', () => {
+  /** A store (a subclass, so calls run under the deadline) whose rollback the test settles. */
+  class SlowRollbackStore extends MemoryStore {
+    settle: { resolve(): void; reject(error: unknown): void } | undefined;
+    async beginTransaction(): Promise<StoreTransaction<null>> {
+      return {
+        client: null,
+        complete: () => Promise.reject(new Error('not used')),
+        rollback: () =>
+          new Promise<void>((resolve, reject) => {
+            this.settle = { resolve, reject };
+          }),
+      };
+    }
+  }
+
+  async function thrownAndStuck(key: string) {
+    const store = new SlowRollbackStore();
+    const engine = createIdempotencyEngine({ store: store as TransactionalStore, transactional: true, logger: false, storeTimeoutMs: 50 });
+    const d = await engine.decide(request({ key }));
+    if (d.kind !== 'run') throw new Error('expected run');
+    // Returns once the deadline fired; the rollback is still running.
+    await d.lease.abandon('handler-threw');
+    expect(store.settle).toBeDefined();
+    // Meanwhile the key is held: a retry must not run while the handler's COMMIT may yet land.
+    expect((await engine.decide(request({ key }))).kind).toBe('problem');
+    return { engine, store };
+  }
+
+  it('the rollback then finds the handler committed: retries get the 410 marker, never a second run', async () => {
+    const { engine, store } = await thrownAndStuck('slow-ended');
+    store.settle?.reject(new TransactionEndedError());
+    await vi.waitFor(async () => {
+      const retry = await engine.decide(request({ key: 'slow-ended' }));
+      expect(retry.kind === 'replay' && retry.response.status).toBe(410);
+    });
+  });
+
+  it('the rollback then succeeds: the key is freed and the retry runs', async () => {
+    const { engine, store } = await thrownAndStuck('slow-ok');
+    store.settle?.resolve();
+    await vi.waitFor(async () => {
+      const retry = await engine.decide(request({ key: 'slow-ok' }));
+      if (retry.kind === 'run') await retry.lease.abandon('client-gone');
+      expect(retry.kind).toBe('run');
+    });
   });
 });

@@ -7,7 +7,7 @@ import type {
   StoredResponse,
   TransactionalStore,
 } from '@idemkit/core';
-import pg, { type Pool, type PoolClient } from 'pg';
+import pg, { type Pool, type PoolClient, type QueryResult } from 'pg';
 import { checkOptions, DEFAULT_SCHEMA, DEFAULT_TABLE, type PostgresStoreOptions } from './options.js';
 import { checkMs, completeParams } from './params.js';
 import { BEGIN_TRANSACTION, buildQueries, type Queries } from './queries.js';
@@ -139,13 +139,19 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
    */
   async beginTransaction(): Promise<PgTransaction> {
     const client = await this.pool.connect();
+    let xid: unknown;
     try {
-      await client.query(BEGIN_TRANSACTION);
+      const results = (await client.query(BEGIN_TRANSACTION)) as unknown as Array<QueryResult<{ xid: string }>>;
+      xid = results[1]?.rows[0]?.xid;
     } catch (error) {
       client.release(true);
       throw error;
     }
-    return new PgTransaction(client, this.#sql.completeInTransaction);
+    if (typeof xid !== 'string' || !/^[0-9]+$/.test(xid)) {
+      client.release(true);
+      throw new Error(`[idemkit] [postgres] BEGIN did not report a transaction id (got ${String(xid)}).`);
+    }
+    return new PgTransaction(client, this.pool, this.#sql.completeInTransaction, xid);
   }
 
   /** Ends the pool only if the store created it (from `connectionString`). Safe to call twice. */

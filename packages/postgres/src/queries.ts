@@ -26,20 +26,24 @@ const RECORD_COLUMNS = `fingerprint, state, response_status, response_headers, r
 const HELD = `key = $1 AND lease_token = $2 AND state = 'in_progress' AND lease_expires_at > ${NOW}`;
 
 /**
- * Transactional mode marks its transaction with `SET LOCAL`, which lasts exactly as long as that
- * transaction: if the handler ends it (COMMIT or ROLLBACK on the client, perhaps a helper's own
- * BEGIN/COMMIT), the mark is gone, even if a new transaction was begun after it.
+ * Transactional mode remembers its transaction's id (`txid_current()`, sent with BEGIN). If the
+ * handler ends that transaction itself (COMMIT or ROLLBACK on the client, perhaps a helper's own
+ * BEGIN/COMMIT, or `AND CHAIN`), the session runs under another id or none, and
+ * `txid_status(id)` tells whether it committed or rolled back. No setting is involved, so
+ * `RESET ALL` or a `SET` in the handler cannot fool it.
  */
-const MARK = 'idemkit.transaction';
-export const BEGIN_TRANSACTION = `BEGIN; SET LOCAL ${MARK} = 'open'`;
-const MARKED = `coalesce(current_setting('${MARK}', true), '') = 'open'`;
-/** Whether the client is still in the transaction the store began (before a rollback). */
-export const STILL_OURS = `SELECT ${MARKED} AS ours`;
+export const BEGIN_TRANSACTION = 'BEGIN; SELECT txid_current()::text AS xid';
+
+/** End the transaction and ask what became of ours, in one round trip (`xid` is digits only). */
+export const rollbackAndAsk = (xid: string): string => `ROLLBACK; SELECT txid_status(${xid}) AS fate`;
+
+/** What became of transaction `$1`, asked on another connection when ours is gone. */
+export const FATE = 'SELECT txid_status($1::bigint) AS fate';
 
 export interface Queries {
   readonly begin: string;
   readonly complete: string;
-  /** complete inside the store's transaction: updates only while the mark is there, says which. */
+  /** complete inside the store's transaction ($7 its id): updates only in it, and says so. */
   readonly completeInTransaction: string;
   readonly release: string;
   readonly renew: string;
@@ -95,11 +99,13 @@ SELECT ${RECORD_COLUMNS}, false AS acquired, false AS took_over FROM live`;
   expires_at = ${NOW} + ${ms('$6')}
 WHERE ${HELD}`;
 
-  const completeInTransaction = `WITH mark AS (SELECT ${MARKED} AS ours), done AS (
+  const completeInTransaction = `WITH mark AS (
+  SELECT coalesce(txid_current_if_assigned() = $7::bigint, false) AS ours
+), done AS (
   ${complete.replace(`WHERE ${HELD}`, `WHERE ${HELD} AND (SELECT ours FROM mark)`)}
   RETURNING 1
 )
-SELECT (SELECT ours FROM mark) AS ours, (SELECT count(*) FROM done)::int AS updated`;
+SELECT (SELECT ours FROM mark) AS ours, (SELECT count(*) FROM done)::int AS updated, txid_status($7::bigint) AS fate`;
 
   const release = `DELETE FROM ${table} WHERE ${HELD}`;
 

@@ -1,14 +1,18 @@
 import { ConfigurationError, TransactionEndedError, type LeaseToken, type StoreTransaction, type StoredResponse } from '@idemkit/core';
-import type { PoolClient } from 'pg';
+import type { Pool, PoolClient, QueryResult } from 'pg';
 import { completeParams } from './params.js';
-import { STILL_OURS } from './queries.js';
+import { FATE, rollbackAndAsk } from './queries.js';
+
+/** `txid_status()`: what became of a transaction (PostgreSQL 10+). */
+type Fate = 'in progress' | 'committed' | 'aborted';
 
 /**
  * One open transaction of transactional mode. The handler writes through `client`; `complete`
  * marks the record completed in the same transaction and commits, so business rows and the
  * stored response commit (or vanish) together. The client goes back to the pool on every path.
- * A handler that ends the transaction itself (COMMIT or ROLLBACK on `client`) breaks that: then
- * `complete` and `rollback` reject with `TransactionEndedError` once the client is back.
+ * A handler that commits the transaction itself (COMMIT on `client`) breaks that: `complete` and
+ * `rollback` then reject with `TransactionEndedError`, once the client is back. One that rolled
+ * it back committed nothing, which is reported like any completion that failed.
  */
 export class PgTransaction implements StoreTransaction<PoolClient> {
   #state: 'open' | 'completing' | 'done' = 'open';
@@ -18,7 +22,10 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
 
   constructor(
     readonly client: PoolClient,
+    private readonly pool: Pool,
     private readonly completeSql: string,
+    /** Our transaction's id, digits only (from `txid_current()::text`). */
+    private readonly xid: string,
   ) {
     client.on('error', this.#onConnectionError);
   }
@@ -37,26 +44,30 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
       return Promise.reject(new Error('[idemkit] [postgres] This transaction was already completed or rolled back.'));
     }
     this.#state = 'completing';
-    this.#completing = this.#complete(completeParams(key, token, response, ttlMs));
+    this.#completing = this.#complete([...completeParams(key, token, response, ttlMs), this.xid]);
     return this.#completing;
   }
 
   async #complete(params: unknown[]): Promise<boolean> {
-    let row: { ours: boolean; updated: number } | undefined;
+    let row: { ours: boolean; updated: number; fate: Fate } | undefined;
     try {
-      ({ rows: [row] } = await this.client.query<{ ours: boolean; updated: number }>(this.completeSql, params));
+      ({ rows: [row] } = await this.client.query<{ ours: boolean; updated: number; fate: Fate }>(this.completeSql, params));
     } catch (error) {
-      // E.g. the handler left the transaction aborted: undo it and report the driver error.
-      await this.#end('ROLLBACK');
+      // E.g. the handler left the transaction aborted: undo it and report the driver error,
+      // unless the handler had committed before that (then nothing may free the key).
+      if ((await this.#rollbackAndAsk()) === 'committed') throw new TransactionEndedError();
       throw error;
     }
     if (row?.ours !== true) {
-      // Nothing was written; the ROLLBACK ends whatever the handler began after its COMMIT.
+      // Not our transaction any more: nothing was written. The ROLLBACK ends whatever the
+      // handler began after its own COMMIT or ROLLBACK.
       await this.#end('ROLLBACK');
-      throw new TransactionEndedError();
+      if (row?.fate === 'committed') throw new TransactionEndedError();
+      throw new Error(
+        '[idemkit] [postgres] The handler rolled back the transaction it was given (ROLLBACK on the transaction client), so nothing of it committed. Do not end that transaction yourself.',
+      );
     }
-    const updated = row.updated === 1;
-    if (updated && !this.#abort) {
+    if (row.updated === 1 && !this.#abort) {
       // A failed COMMIT throws (after the client is released): the caller must not claim success.
       await this.#end('COMMIT', true);
       return true;
@@ -71,26 +82,41 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     if (this.#state === 'completing') {
       // Never send ROLLBACK between complete's UPDATE and its COMMIT; ask complete to roll back.
       this.#abort = true;
-      await this.#completing?.catch(() => undefined);
+      try {
+        await this.#completing;
+      } catch (error) {
+        if (error instanceof TransactionEndedError) throw error;
+      }
       return;
     }
-    const ours = await this.#stillOurs();
-    await this.#end('ROLLBACK', true);
-    if (!ours) throw new TransactionEndedError();
+    // The engine frees the key after this (a thrown handler, a status that is not stored): a
+    // handler that committed its writes itself must not be run again.
+    if ((await this.#rollbackAndAsk(true)) === 'committed') throw new TransactionEndedError();
   }
 
   /**
-   * Asked before a rollback (a thrown handler, a status that is not stored), where the engine
-   * would free the key: a handler that committed its writes itself must not be run again.
-   * A transaction the handler left aborted refuses the question, and is still ours.
+   * ROLLBACK, give the client back, and say what became of our transaction: `aborted` (by this
+   * ROLLBACK, or already), or `committed` by the handler. Asked on the same connection, after the
+   * ROLLBACK, so an aborted session cannot refuse the question; on another connection only when
+   * ours died (the server then aborts what it held, unless the handler's COMMIT got there first).
    */
-  async #stillOurs(): Promise<boolean> {
+  async #rollbackAndAsk(rethrow = false): Promise<Fate | undefined> {
+    this.#state = 'done';
+    let fate: Fate | undefined;
     try {
-      const { rows } = await this.client.query<{ ours: boolean }>(STILL_OURS);
-      return rows[0]?.ours === true;
-    } catch {
-      return true;
+      const results = (await this.client.query(rollbackAndAsk(this.xid))) as unknown as Array<QueryResult<{ fate: Fate }>>;
+      fate = results[1]?.rows[0]?.fate;
+    } catch (error) {
+      this.#release(error);
+      fate = await this.pool.query<{ fate: Fate }>(FATE, [this.xid]).then(
+        ({ rows }) => rows[0]?.fate,
+        () => undefined,
+      );
+      if (rethrow && fate !== 'committed') throw error;
+      return fate;
     }
+    this.#release();
+    return fate;
   }
 
   /** Send COMMIT/ROLLBACK and give the client back; a client whose last command failed is destroyed. */
@@ -99,14 +125,18 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     try {
       await this.client.query(command);
     } catch (error) {
-      this.client.removeListener('error', this.#onConnectionError);
-      // The connection's state is unknown: destroy it rather than hand it to the next user.
-      this.client.release(error instanceof Error ? error : true);
+      this.#release(error);
       if (rethrow) throw error;
       return;
     }
+    this.#release();
+  }
+
+  /** Back to the pool; after a failed command the connection's state is unknown, so it is destroyed. */
+  #release(failure?: unknown): void {
     this.client.removeListener('error', this.#onConnectionError);
-    this.client.release();
+    if (failure === undefined) this.client.release();
+    else this.client.release(failure instanceof Error ? failure : true);
   }
 }
 

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { createIdempotencyEngine, type Decision, type IdempotencyEngine, type IncomingRequest, type Lease } from '@idemkit/core';
+import { createIdempotencyEngine, scopedKey, type Decision, type IdempotencyEngine, type IncomingRequest, type Lease } from '@idemkit/core';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createPostgresStore, pgTransaction, type PostgresStore } from '../src/index.js';
@@ -22,6 +22,8 @@ afterAll(async () => {
 });
 
 const key = (): string => `k:${randomUUID()}`;
+/** The store's key for an engine request with key `k` (no scope). */
+const recordOf = (k: string): string => scopedKey(undefined, k);
 const ok = { status: 201, headers: [['content-type', 'text/plain']] as const, body: bytes('created') };
 
 async function rowsFor(ref: string): Promise<number> {
@@ -121,15 +123,21 @@ describe('store transactions (the flow the engine drives)', () => {
   });
 
   it('REPEATABLE READ handlers conflict with lease renewals (why the README asks for READ COMMITTED)', async () => {
-    const k = key();
-    const first = await store.begin(k, 'fp', 30_000);
-    if (first.kind !== 'acquired') throw new Error('expected acquired');
-    const tx = await store.beginTransaction();
-    await tx.client.query('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ');
-    await tx.client.query(`SELECT count(*) FROM ${orders}`); // takes the snapshot
-    expect(await store.renew(k, first.token, 30_000)).toBe(true); // the engine's renewal timer
-    await expect(tx.complete(k, first.token, ok, 60_000)).rejects.toMatchObject({ code: '40001' });
-    expect(checkedOut(db.pool)).toBe(0);
+    // A server or connection default is how a handler gets REPEATABLE READ: the store's BEGIN
+    // asks for the transaction id, so SET TRANSACTION in the handler comes too late.
+    const pool = new pg.Pool({ connectionString: db.url, max: 2, options: '-c default_transaction_isolation=repeatable\\ read' });
+    const rr = createPostgresStore({ pool, schema: db.schema });
+    try {
+      const k = key();
+      const first = await rr.begin(k, 'fp', 30_000);
+      if (first.kind !== 'acquired') throw new Error('expected acquired');
+      const tx = await rr.beginTransaction();
+      expect(await rr.renew(k, first.token, 30_000)).toBe(true); // the engine's renewal timer
+      await expect(tx.complete(k, first.token, ok, 60_000)).rejects.toMatchObject({ code: '40001' });
+      expect(checkedOut(pool)).toBe(0);
+    } finally {
+      await pool.end();
+    }
   });
 
   it('complete twice is refused; the transaction is single-use', async () => {
@@ -190,7 +198,7 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
 
     await expect(run(await engine.decide(request(k, ref)), handler(true))).rejects.toThrow('boom');
     expect(await rowsFor(ref)).toBe(0);
-    expect(await store.get(`${k}`)).toBeUndefined();
+    expect(await store.get(recordOf(k))).toBeUndefined();
 
     expect(await run(await engine.decide(request(k, ref)), handler(false))).toBe(true);
     expect(await rowsFor(ref)).toBe(1);
@@ -258,7 +266,7 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     // Not "another request took over" (a 409 for the rest of the lease): a 503 to retry now.
     expect(decision.lease.replacement?.status).toBe(503);
     expect(await rowsFor(ref)).toBe(0);
-    expect(await store.get(k)).toBeUndefined();
+    expect(await store.get(recordOf(k))).toBeUndefined();
     const retry = await engine.decide(request(k, ref));
     expect(retry.kind).toBe('run');
     if (retry.kind === 'run') await retry.lease.abandon('client-gone');
@@ -303,14 +311,94 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(checkedOut(db.pool)).toBe(0);
   });
 
-  it('a handler that rolls the transaction back itself: nothing committed, and its 201 is not replayed as if it had', async () => {
-    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+  it('a handler that rolls the transaction back itself: nothing committed, its 201 is replaced by a 503, the retry runs', async () => {
+    const error = vi.fn();
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: { warn: () => undefined, error } });
     const { k, ref, decision, tx } = await inserted(engine);
     await tx.query('ROLLBACK');
     expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+    expect(decision.lease.replacement?.status).toBe(503);
+    expect(error).toHaveBeenCalledWith(expect.any(String), expect.objectContaining({ message: expect.stringContaining('rolled back the transaction it was given') }));
     expect(await rowsFor(ref)).toBe(0);
-    expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 410, reason: 'transaction-ended', originalStatus: 201 });
+    expect(await retryOf(engine, k, ref)).toEqual({ kind: 'run' });
     expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('RESET ALL inside the transaction does not make it look ended: the answer is stored and replayed', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const { k, ref, decision, tx } = await inserted(engine);
+    await tx.query('RESET ALL');
+    expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(true);
+    expect(await rowsFor(ref)).toBe(1);
+    expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
+  });
+
+  it('COMMIT, a new BEGIN and a failed statement: the aborted session cannot hide the COMMIT, retries get 410', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    for (const ending of ['answer', 'throw'] as const) {
+      const { k, ref, decision, tx } = await inserted(engine);
+      await tx.query('COMMIT');
+      await tx.query('BEGIN');
+      await expect(tx.query('SELECT 1/0')).rejects.toMatchObject({ code: '22012' });
+      if (ending === 'answer') expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+      else await decision.lease.abandon('handler-threw');
+      expect(await retryOf(engine, k, ref)).toMatchObject({ kind: 'replay', status: 410, reason: 'transaction-ended' });
+      expect(await rowsFor(ref)).toBe(1);
+    }
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  /** Polls (bounded) until the record of `k` is completed, for outcomes settled after the answer went out. */
+  async function completedLater(k: string) {
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      const record = await store.get(recordOf(k));
+      if (record?.state === 'completed' || Date.now() > deadline) return record;
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  }
+
+  it('the handler COMMITs and the completion outlasts storeTimeoutMs (a lock elsewhere): the key is never freed for a second run', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false, storeTimeoutMs: 150 });
+    const { k, ref, decision, tx } = await inserted(engine);
+    await tx.query('COMMIT');
+    // A migration, say, holds the record table while the completion runs.
+    const locker = await db.pool.connect();
+    try {
+      await locker.query('BEGIN');
+      await locker.query(`LOCK TABLE ${db.table('idempotency_keys')} IN ACCESS EXCLUSIVE MODE`);
+      expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+      // Timed out: nothing is known yet, so the key must still be held (no run on a retry).
+      expect((await engine.decide(request(k, ref))).kind).not.toBe('run');
+    } finally {
+      await locker.query('COMMIT');
+      locker.release();
+    }
+    expect(await completedLater(k)).toMatchObject({ state: 'completed', response: { status: 410 } });
+    expect(await retryOf(engine, k, ref)).toMatchObject({ kind: 'replay', status: 410, reason: 'transaction-ended' });
+    expect(await rowsFor(ref)).toBe(1);
+  });
+
+  it('the handler COMMITs, leaves a query of its own blocked and throws: the rollback waits for it, then marks the key', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false, storeTimeoutMs: 150 });
+    const { k, ref, decision, tx } = await inserted(engine);
+    await tx.query('COMMIT');
+    const blocker = await db.pool.connect();
+    let stuck: Promise<unknown> | undefined;
+    try {
+      await blocker.query('BEGIN');
+      await blocker.query(`LOCK TABLE ${orders} IN ACCESS EXCLUSIVE MODE`);
+      // The handler gives up waiting on its own query and throws; the query stays queued on the client.
+      stuck = tx.query(`SELECT count(*) FROM ${orders}`);
+      await decision.lease.abandon('handler-threw');
+      expect((await engine.decide(request(k, ref))).kind).not.toBe('run');
+    } finally {
+      await blocker.query('COMMIT');
+      blocker.release();
+    }
+    await stuck;
+    expect(await completedLater(k)).toMatchObject({ state: 'completed', response: { status: 410 } });
+    expect(await rowsFor(ref)).toBe(1);
   });
 
   it('COMMIT then a new BEGIN is still caught: the new transaction is rolled back, retries get 410', async () => {
@@ -349,6 +437,27 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
   });
 
+  it('the connection dies after the handler COMMITted: asked on another connection, the key is marked, not freed', async () => {
+    const pool = new pg.Pool({ connectionString: db.url, max: 2 });
+    pool.on('error', () => undefined);
+    const own = createPostgresStore({ pool, schema: db.schema });
+    const engine = createIdempotencyEngine({ store: own, transactional: true, logger: false });
+    try {
+      const { k, ref, decision, tx } = await inserted(engine);
+      await tx.query('COMMIT');
+      const { rows } = await tx.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+      const ended = new Promise((resolve) => tx.once('end', resolve));
+      await db.pool.query('SELECT pg_terminate_backend($1)', [rows[0]!.pid]);
+      await ended;
+      expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+      expect(await retryOf(engine, k, ref)).toMatchObject({ kind: 'replay', status: 410, reason: 'transaction-ended', originalStatus: 201 });
+      expect(await rowsFor(ref)).toBe(1);
+      expect(checkedOut(pool)).toBe(0);
+    } finally {
+      await pool.end();
+    }
+  });
+
   it('the connection dies while the handler works: the process survives, nothing commits, the key is free', async () => {
     // pg-pool listens for a checked-out client's errors no more: an unhandled 'error' event
     // would end the process (and this test run with it).
@@ -366,7 +475,7 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
       expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
       expect(decision.lease.replacement?.status).toBe(503);
       expect(await rowsFor(ref)).toBe(0);
-      expect(await own.get(k)).toBeUndefined();
+      expect(await own.get(recordOf(k))).toBeUndefined();
       expect(checkedOut(pool)).toBe(0);
     } finally {
       await pool.end();
