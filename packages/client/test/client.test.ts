@@ -180,11 +180,16 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
   });
 
   it('leaves methods without idempotency alone: no key, one attempt', async () => {
-    const s = await server();
-    const { attempts, onAttempt } = recorder();
-    const res = await createIdempotentFetch({ onAttempt })(`${s.url}/orders`);
-    expect(res.status).toBe(200);
-    expect(attempts).toHaveLength(0);
+    // A 503 would be retried on a covered method; a GET must go out once, as it is, and come back.
+    const calls: Array<string | null> = [];
+    const res = await createIdempotentFetch({
+      fetch: async (_input, init) => {
+        calls.push(new Headers(init?.headers).get('idempotency-key'));
+        return new Response('busy', { status: 503 });
+      },
+    })('http://127.0.0.1:1/orders');
+    expect(res.status).toBe(503);
+    expect(calls).toEqual([null]);
   });
 
   it('keeps a key the caller already set in the headers, and makes a new key per operation', async () => {

@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { createMemoryStore, FingerprintMismatchError, idempotent, RequestInProgressError, ResponseNotReplayableError, type IdempotencyStore } from '../src/index.js';
+import { createMemoryStore, FingerprintMismatchError, idempotent, RequestInProgressError, ResponseNotReplayableError, scopedKey, type IdempotencyStore } from '../src/index.js';
 
 describe('idempotent(fn)', () => {
   it('runs fn once for 100 concurrent calls with one key and gives all of them the same result', async () => {
@@ -60,16 +60,30 @@ describe('idempotent(fn)', () => {
     expect(await voidJob('v')).toBeUndefined();
     expect(n).toBe(1);
 
-    const dates = idempotent(async (_id: string) => new Date(0), {
-      store,
-      key: (id) => id,
-      serialize: (d) => d.toISOString(),
-      deserialize: (b) => new Date(Buffer.from(b).toString()),
-      scope: () => 'tenant-1',
-      fingerprint: (id) => `custom:${id}`,
-    });
+    let dateRuns = 0;
+    const dates = idempotent(
+      async (_id: string) => {
+        dateRuns++;
+        return new Date(0);
+      },
+      {
+        store,
+        key: (id) => id,
+        serialize: (d) => d.toISOString(),
+        deserialize: (b) => new Date(Buffer.from(b).toString()),
+        scope: () => 'tenant-1',
+        fingerprint: (id) => `custom:${id}`,
+      },
+    );
     expect((await dates('d')).getTime()).toBe(0);
-    expect((await dates('d')).getTime()).toBe(0);
+    const replayed = await dates('d');
+    expect(replayed).toBeInstanceOf(Date);
+    expect(replayed.getTime()).toBe(0);
+    expect(dateRuns).toBe(1);
+    // Stored under the scope, with the custom fingerprint and the serialised form.
+    const record = await store.get(scopedKey('tenant-1', 'd'));
+    expect(record).toMatchObject({ state: 'completed', fingerprint: 'custom:d' });
+    expect(Buffer.from(record?.response?.body ?? []).toString()).toBe('1970-01-01T00:00:00.000Z');
 
     const loose = idempotent(async (_id: string, x: number) => x, { store, key: (id) => `loose-${id}`, fingerprint: false });
     expect(await loose('l', 1)).toBe(1);

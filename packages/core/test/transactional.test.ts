@@ -9,7 +9,12 @@ import { request, response } from './helpers.js';
 function transactionalMemoryStore(log: string[], failBegin = false, now?: () => number) {
   const rows: string[] = [];
   const inner = createMemoryStore(now ? { now } : {});
+  const release = inner.release.bind(inner);
   const store: TransactionalStore<{ insert(row: string): void }> = Object.assign(inner, {
+    async release(key: string, token: LeaseToken) {
+      log.push('release');
+      return release(key, token);
+    },
     async beginTransaction(): Promise<StoreTransaction<{ insert(row: string): void }>> {
       if (failBegin) throw new Error('no connection');
       const pending: string[] = [];
@@ -52,7 +57,7 @@ describe('transactional mode (engine side)', () => {
     if (d.kind !== 'run') throw new Error('expected run');
     (d.lease.context.transaction as { insert(row: string): void }).insert('half-done');
     await d.lease.abandon('handler-threw');
-    expect(log).toEqual(['begin-tx', 'rollback']);
+    expect(log).toEqual(['begin-tx', 'rollback', 'release']);
     expect(rows).toEqual([]);
     expect((await engine.decide(request({ key: 'tx2' }))).kind).toBe('run');
   });
