@@ -45,10 +45,13 @@ describe.each(FRAMEWORKS)('demo on %s with the in-memory store', (framework) => 
   });
 
   it('invalid JSON gets 400 problem+json and creates nothing', async () => {
+    const count = async (): Promise<number> => ((await (await fetch(`${demo.url}/orders`)).json()) as { orders: unknown[] }).orders.length;
+    const before = await count();
     const res = await post(`${demo.url}/orders`, '{"item": ', crypto.randomUUID());
     expect(res.status).toBe(400);
     expect(res.headers.get('content-type')).toContain('application/problem+json');
     expect(await res.json()).toMatchObject({ type: 'https://idemkit.dev/demo/problems/invalid-json', status: 400 });
+    expect(await count()).toBe(before);
   });
 
   it('an invalid order gets 400 problem+json, a missing key gets the idemkit 400', async () => {

@@ -186,7 +186,7 @@ describe('express binding: errors', () => {
   });
 
   it('a throwing scope() callback flows to the error handler, no lease taken', async () => {
-    const { app, runs } = appWith({
+    const { app, runs, store } = appWith({
       scope: () => {
         throw Object.assign(new Error('no tenant'), { status: 401, code: 'unauthenticated' });
       },
@@ -197,6 +197,7 @@ describe('express binding: errors', () => {
     const reply = await post(`${url}/x`, randomUUID());
     expect(reply.status).toBe(401);
     expect(runs()).toBe(0);
+    expect(store.size).toBe(0);
   });
 
   it('onProblem replaces the problem body', async () => {

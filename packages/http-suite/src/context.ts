@@ -78,8 +78,10 @@ export function expectProblem(reply: Reply, status: number, code: IdempotencyErr
   expect(problem).toMatchObject({ type: problemType(code), status, code });
   expect(typeof problem.title).toBe('string');
   expect(typeof problem.detail).toBe('string');
-  // Written by core's problemResponse() (compact JSON, its member order), so every binding's bytes match.
-  expect(reply.text()).toBe(JSON.stringify(problem));
+  // Written by core's problemResponse() (compact JSON, its member order: extensions first), so
+  // every binding's bytes match. Rebuilt in that order: parsing alone would keep any order.
+  const { type, title, status: problemStatus, detail, code: problemCode, ...extensions } = problem;
+  expect(reply.text()).toBe(JSON.stringify({ ...extensions, type, title, status: problemStatus, detail, code: problemCode }));
   // A 410 is the stored marker of an unreplayable response, so it may carry Idempotent-Replayed.
   if (status !== 410) expect(reply.replayed).toBe(false);
   return problem;

@@ -374,17 +374,19 @@ describe('round trips per operation', () => {
     expect([...warm].sort()).toEqual(['buildInfo', 'findAndModify', 'hello', 'hello']);
     const fencing = await store.fencing();
     expect(fencing).toBe((await t.isFerretDB()) ? 'claims' : 'native');
-    if (fencing !== 'claims') return;
+    // On a real MongoDB 'auto' picks native fencing: claims are then asked for, never skipped.
+    const claims = fencing === 'claims' ? { store, count } : await counted({ fencing: 'claims' });
+    if (claims.store !== store) await claims.store.begin(key('warm-claims'), null, 1_000);
 
     const k = key('rtt-claims');
-    const [begun, c1] = await count(() => store.begin(k, 'fp', 30_000));
+    const [begun, c1] = await claims.count(() => claims.store.begin(k, 'fp', 30_000));
     expect(c1).toEqual(['findAndModify']);
     if (begun.kind !== 'acquired') throw new Error('expected acquired');
-    const [, c2] = await count(() => store.renew(k, begun.token, 30_000));
+    const [, c2] = await claims.count(() => claims.store.renew(k, begun.token, 30_000));
     expect(c2).toEqual(['insert', 'find', 'update', 'delete']);
-    const [, c3] = await count(() => store.complete(k, begun.token, response(new Uint8Array([1])), 60_000));
+    const [, c3] = await claims.count(() => claims.store.complete(k, begun.token, response(new Uint8Array([1])), 60_000));
     expect(c3).toEqual(['insert', 'find', 'update']);
-    const [, c4] = await count(() => store.begin(k, 'fp', 30_000));
+    const [, c4] = await claims.count(() => claims.store.begin(k, 'fp', 30_000));
     expect(c4).toEqual(['findAndModify']);
   });
 

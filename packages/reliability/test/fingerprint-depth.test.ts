@@ -37,7 +37,8 @@ describe('engine.decide on deeply nested bodies', () => {
       fc.asyncProperty(fc.integer({ min: 10_000, max: 60_000 }), fc.array(fc.boolean(), { minLength: 1, maxLength: 4 }), async (depth, shape) => {
         const d = await decide(deep(depth, shape), `deep-${depth}-${Math.random()}`);
         if (d.kind === 'run') await d.lease.abandon('handler-threw');
-        expect(d.kind).not.toBe('pass');
+        // A fresh key: the body is fingerprinted and the handler may run.
+        expect(d.kind).toBe('run');
       }),
       { numRuns: 10 },
     );
