@@ -140,3 +140,12 @@ export class TransactionEndedError extends Error {
     super(`[idemkit] ${message}`);
   }
 }
+
+/**
+ * By code, not `instanceof`: a store built against another copy of `@idemkit/core` (an ESM and a
+ * CJS copy in one app) throws that copy's class, and mistaking it for a plain store failure
+ * would free the key for a second run.
+ */
+export function isTransactionEnded(error: unknown): boolean {
+  return error instanceof TransactionEndedError || (error instanceof Error && (error as { code?: unknown }).code === 'ERR_IDEMKIT_TRANSACTION_ENDED');
+}

@@ -1,4 +1,4 @@
-import { requestInProgress, ResponseNotReplayableError, retryAfterSeconds, StoreUnavailableError, TransactionEndedError } from './errors.js';
+import { isTransactionEnded, requestInProgress, ResponseNotReplayableError, retryAfterSeconds, StoreUnavailableError } from './errors.js';
 import { REPLAYED_HEADER } from './headers.js';
 import { problemResponse } from './problem.js';
 import type { ResolvedOptions } from './options.js';
@@ -95,6 +95,8 @@ export class RunningLease implements Lease {
   #retrying: StoredResponse | null = null;
   /** The handler ended its own transaction (see #afterTransactionEnded). */
   #transactionEnded = false;
+  /** A rollback outlasted the store deadline: the key is held (and renewed) until it settles. */
+  #outcomePending = false;
   /** When the lease runs out unless renewed, by this process's clock (a store refuses a holder after it). */
   #leaseEndsAt: number;
 
@@ -137,7 +139,9 @@ export class RunningLease implements Lease {
       const stored = await this.#complete(response);
       // Transactional mode: not stored means rolled back, so the handler's answer must not go out.
       // Not when the handler ended the transaction itself: its writes may have committed.
-      if (!stored && this.tx && !this.#transactionEnded) this.#replacement = await this.#answerAfterRollback();
+      if (!stored && this.tx && !this.#transactionEnded) {
+        this.#replacement = this.#outcomePending ? outcomeUnknown() : await this.#answerAfterRollback();
+      }
       return stored;
     } finally {
       this.#stopRenewing();
@@ -177,7 +181,7 @@ export class RunningLease implements Lease {
    * the handler a second time while its answer is being stored (seen in the MongoDB soak).
    */
   #stopRenewing(force = false): void {
-    if (this.#retrying !== null && !force) return;
+    if ((this.#retrying !== null || this.#outcomePending) && !force) return;
     this.host.renewals.delete(this);
   }
 
@@ -257,7 +261,7 @@ export class RunningLease implements Lease {
       if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: ok });
       return ok;
     } catch (error) {
-      if (tx && error instanceof TransactionEndedError) {
+      if (tx && isTransactionEnded(error)) {
         await this.#afterTransactionEnded(originalStatus);
         return false;
       }
@@ -393,8 +397,8 @@ export class RunningLease implements Lease {
     this.#transactionEnded = true;
     this.host.options.logger?.error(
       `[idemkit] The handler for key "${this.key}" ended the transaction it was given (COMMIT or ROLLBACK on the transaction client). ` +
-        'Its writes are no longer tied to the stored response and may or may not have committed, so its answer was not stored: ' +
-        'retries get 410 and the operation is not run again. Let idemkit commit; do not COMMIT, ROLLBACK or BEGIN on that client.',
+        'Its writes are no longer tied to the stored response and may or may not have committed, so its answer is not stored ' +
+        'and the operation is not run again: retries get 410. Let idemkit commit; do not COMMIT, ROLLBACK or BEGIN on that client.',
     );
     await this.#storeMarker(status, 'transaction-ended', false);
   }
@@ -424,12 +428,19 @@ export class RunningLease implements Lease {
     try {
       await this.host.call('rollback', () => (pending = tx.rollback()));
     } catch (error) {
-      if (error instanceof TransactionEndedError) return after(true);
+      if (isTransactionEnded(error)) return after(true);
       this.#storeError('rollback', error);
       if (error instanceof StoreTimeoutError && pending) {
-        void pending.then(
-          () => after(false),
-          (late: unknown) => after(late instanceof TransactionEndedError),
+        // Keep the lease (renewals go on) until the outcome is known: a retry meanwhile gets 409.
+        this.#outcomePending = true;
+        const settled = (ended: boolean): void =>
+          void after(ended).finally(() => {
+            this.#outcomePending = false;
+            this.#stopRenewing();
+          });
+        pending.then(
+          () => settled(false),
+          (late: unknown) => settled(isTransactionEnded(late)),
         );
         return;
       }
@@ -449,4 +460,15 @@ export class RunningLease implements Lease {
     this.host.emit({ type: 'store-error', key: this.key, operation, error });
     this.host.options.logger?.error(`[idemkit] Store ${operation} failed for key "${this.key}".`, error);
   }
+}
+
+/** The answer while a rolled-back-or-not outcome is still being settled (see #rollbackThenFree). */
+function outcomeUnknown(): StoredResponse {
+  return problemResponse(
+    new StoreUnavailableError(
+      'ERR_IDEMKIT_STORE_UNAVAILABLE',
+      503,
+      'The outcome of the operation could not be confirmed in time. Retry with the same key: the retry gets its result once it is known.',
+    ),
+  );
 }

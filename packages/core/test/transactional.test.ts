@@ -312,3 +312,46 @@ describe('a rollback that outlasts storeTimeoutMs: the key is settled once its o
     });
   });
 });
+
+describe('store errors are told apart by code, and an unknown outcome is said to be unknown', () => {
+  it('a TransactionEndedError from another copy of core (same code, another class) still marks the key', async () => {
+    const inner = createMemoryStore();
+    const store: TransactionalStore<null> = Object.assign(inner, {
+      async beginTransaction(): Promise<StoreTransaction<null>> {
+        const foreign = Object.assign(new Error('[idemkit] ended elsewhere'), { code: 'ERR_IDEMKIT_TRANSACTION_ENDED' });
+        return { client: null, complete: () => Promise.reject(foreign), rollback: () => Promise.reject(foreign) };
+      },
+    });
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const d = await engine.decide(request({ key: 'foreign' }));
+    if (d.kind !== 'run') throw new Error('expected run');
+    expect(await d.lease.commit(response(201))).toBe(false);
+    const retry = await engine.decide(request({ key: 'foreign' }));
+    expect(retry.kind === 'replay' && retry.response.status).toBe(410);
+  });
+
+  it('a completion and its rollback that outlast storeTimeoutMs: the client is told the outcome is not known yet, not "rolled back"', async () => {
+    let settle: ((ok: boolean) => void) | undefined;
+    class SlowCompleteStore extends MemoryStore {
+      async beginTransaction(): Promise<StoreTransaction<null>> {
+        const completing = new Promise<boolean>((resolve) => (settle = resolve));
+        return { client: null, complete: () => completing, rollback: async () => void (await completing) };
+      }
+    }
+    const store = new SlowCompleteStore();
+    const engine = createIdempotencyEngine({ store: store as TransactionalStore, transactional: true, logger: false, storeTimeoutMs: 50 });
+    const d = await engine.decide(request({ key: 'slow-complete' }));
+    if (d.kind !== 'run') throw new Error('expected run');
+    expect(await d.lease.commit(response(201))).toBe(false);
+    const told = JSON.parse(new TextDecoder().decode(d.lease.replacement?.body)) as { status: number; detail: string };
+    expect(told.status).toBe(503);
+    expect(told.detail).toContain('could not be confirmed in time');
+    // Rolled back after all: the key is freed and the retry runs.
+    settle?.(false);
+    await vi.waitFor(async () => {
+      const retry = await engine.decide(request({ key: 'slow-complete' }));
+      if (retry.kind === 'run') await retry.lease.abandon('client-gone');
+      expect(retry.kind).toBe('run');
+    });
+  });
+});

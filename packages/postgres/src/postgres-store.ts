@@ -100,7 +100,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     const row = rows[0];
     if (row === undefined) throw new Error('[idemkit] [postgres] begin returned no row (this is a bug; please report it).');
     if (row.acquired) return { kind: 'acquired', token, tookOver: row.took_over };
-    return { kind: 'existing', record: toRecord(key, row), leaseRemainingMs: row.lease_remaining_ms };
+    return { kind: 'existing', record: toRecord(key, row), leaseRemainingMs: Number(row.lease_remaining_ms) };
   }
 
   async complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
@@ -166,7 +166,8 @@ function toRecord(key: string, row: RecordRow): IdempotencyRecord {
   const response: StoredResponse | null =
     row.state === 'completed' && row.response_status !== null
       ? {
-          status: row.response_status,
+          // Number(): a pool may parse int4/float8 as text (its own `types`); the record must not care.
+          status: Number(row.response_status),
           headers: (row.response_headers ?? []).map(([name, value]) => [name, value] as const),
           // A plain Uint8Array copy: callers compare and reuse it like the bytes they stored.
           body: new Uint8Array(row.response_body ?? new Uint8Array(0)),
@@ -176,10 +177,10 @@ function toRecord(key: string, row: RecordRow): IdempotencyRecord {
     key,
     fingerprint: row.fingerprint,
     state: row.state,
-    leaseExpiresAt: row.state === 'in_progress' ? row.lease_expires_ms : null,
+    leaseExpiresAt: row.state === 'in_progress' && row.lease_expires_ms !== null ? Number(row.lease_expires_ms) : null,
     response,
-    createdAt: row.created_ms,
-    expiresAt: row.expires_ms,
+    createdAt: Number(row.created_ms),
+    expiresAt: Number(row.expires_ms),
   };
 }
 

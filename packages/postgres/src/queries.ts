@@ -28,16 +28,20 @@ const HELD = `key = $1 AND lease_token = $2 AND state = 'in_progress' AND lease_
 /**
  * Transactional mode remembers its transaction's id (`txid_current()`, sent with BEGIN). If the
  * handler ends that transaction itself (COMMIT or ROLLBACK on the client, perhaps a helper's own
- * BEGIN/COMMIT, or `AND CHAIN`), the session runs under another id or none, and
- * `txid_status(id)` tells whether it committed or rolled back. No setting is involved, so
- * `RESET ALL` or a `SET` in the handler cannot fool it.
+ * BEGIN/COMMIT, or `AND CHAIN`), the session runs under another id or none. No setting is
+ * involved, so `RESET ALL` or a `SET` in the handler cannot fool it. `xid` is digits only.
  */
 export const BEGIN_TRANSACTION = 'BEGIN; SELECT txid_current()::text AS xid';
 
-/** End the transaction and ask what became of ours, in one round trip (`xid` is digits only). */
-export const rollbackAndAsk = (xid: string): string => `ROLLBACK; SELECT txid_status(${xid}) AS fate`;
+const OURS = (xid: string): string => `coalesce(txid_current_if_assigned() = ${xid}, false)`;
 
-/** What became of transaction `$1`, asked on another connection when ours is gone. */
+/** Whether the session is still in our transaction, then ROLLBACK, in one round trip. */
+export const askThenRollback = (xid: string): string => `SELECT ${OURS(xid)} AS ours; ROLLBACK`;
+
+/** ROLLBACK (of whatever the session is in, even an aborted transaction), then what became of ours. */
+export const rollbackThenFate = (xid: string): string => `ROLLBACK; SELECT txid_status(${xid}) AS fate`;
+
+/** What became of transaction `$1`, asked on another connection when ours died. */
 export const FATE = 'SELECT txid_status($1::bigint) AS fate';
 
 export interface Queries {
@@ -105,7 +109,7 @@ WHERE ${HELD}`;
   ${complete.replace(`WHERE ${HELD}`, `WHERE ${HELD} AND (SELECT ours FROM mark)`)}
   RETURNING 1
 )
-SELECT (SELECT ours FROM mark) AS ours, (SELECT count(*) FROM done)::int AS updated, txid_status($7::bigint) AS fate`;
+SELECT (SELECT ours FROM mark) AS ours, EXISTS (SELECT 1 FROM done) AS updated`;
 
   const release = `DELETE FROM ${table} WHERE ${HELD}`;
 

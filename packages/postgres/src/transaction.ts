@@ -1,24 +1,32 @@
 import { ConfigurationError, TransactionEndedError, type LeaseToken, type StoreTransaction, type StoredResponse } from '@idemkit/core';
 import type { Pool, PoolClient, QueryResult } from 'pg';
 import { completeParams } from './params.js';
-import { FATE, rollbackAndAsk } from './queries.js';
+import { askThenRollback, FATE, rollbackThenFate } from './queries.js';
 
 /** `txid_status()`: what became of a transaction (PostgreSQL 10+). */
 type Fate = 'in progress' | 'committed' | 'aborted';
+
+/** Asking another connection what became of a transaction whose own connection died. */
+const FATE_ATTEMPTS = 4;
+const FATE_FIRST_WAIT_MS = 100;
 
 /**
  * One open transaction of transactional mode. The handler writes through `client`; `complete`
  * marks the record completed in the same transaction and commits, so business rows and the
  * stored response commit (or vanish) together. The client goes back to the pool on every path.
- * A handler that commits the transaction itself (COMMIT on `client`) breaks that: `complete` and
- * `rollback` then reject with `TransactionEndedError`, once the client is back. One that rolled
- * it back committed nothing, which is reported like any completion that failed.
+ *
+ * A handler that ends the transaction itself (COMMIT or ROLLBACK on `client`) breaks that:
+ * `complete` and `rollback` then reject with `TransactionEndedError` once the client is back.
+ * After a ROLLBACK the handler may have written on in autocommit, so a rolled-back transaction
+ * counts as ended too, except where the session is provably still in ours.
  */
 export class PgTransaction implements StoreTransaction<PoolClient> {
   #state: 'open' | 'completing' | 'done' = 'open';
   /** Set when rollback() arrives while complete() runs (e.g. the engine's deadline fired). */
   #abort = false;
   #completing: Promise<boolean> | undefined;
+  /** pg-pool's release of this checkout; the client the handler sees gets one that refuses. */
+  readonly #poolRelease: PoolClient['release'];
 
   constructor(
     readonly client: PoolClient,
@@ -28,6 +36,12 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     private readonly xid: string,
   ) {
     client.on('error', this.#onConnectionError);
+    this.#poolRelease = client.release;
+    // A handler that gave the client back would let the next pool user write inside our
+    // transaction, and our ROLLBACK would then erase that user's writes.
+    client.release = () => {
+      throw new Error('[idemkit] [postgres] Do not release() the transaction client; the engine commits or rolls back and releases it.');
+    };
   }
 
   /**
@@ -49,25 +63,21 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   }
 
   async #complete(params: unknown[]): Promise<boolean> {
-    let row: { ours: boolean; updated: number; fate: Fate } | undefined;
+    let row: { ours: boolean; updated: boolean } | undefined;
     try {
-      ({ rows: [row] } = await this.client.query<{ ours: boolean; updated: number; fate: Fate }>(this.completeSql, params));
+      ({ rows: [row] } = await this.client.query<{ ours: boolean; updated: boolean }>(this.completeSql, params));
     } catch (error) {
-      // E.g. the handler left the transaction aborted: undo it and report the driver error,
-      // unless the handler had committed before that (then nothing may free the key).
-      if ((await this.#rollbackAndAsk()) === 'committed') throw new TransactionEndedError();
+      // The session refuses statements: our transaction, aborted by a failed statement (nothing
+      // committed: report the driver error), or one the handler began after committing ours.
+      if ((await this.#rollbackThenFate()) === 'committed') throw new TransactionEndedError();
       throw error;
     }
     if (row?.ours !== true) {
-      // Not our transaction any more: nothing was written. The ROLLBACK ends whatever the
-      // handler began after its own COMMIT or ROLLBACK.
+      // Nothing was written. The ROLLBACK ends whatever the handler began after ending ours.
       await this.#end('ROLLBACK');
-      if (row?.fate === 'committed') throw new TransactionEndedError();
-      throw new Error(
-        '[idemkit] [postgres] The handler rolled back the transaction it was given (ROLLBACK on the transaction client), so nothing of it committed. Do not end that transaction yourself.',
-      );
+      throw new TransactionEndedError();
     }
-    if (row.updated === 1 && !this.#abort) {
+    if (row.updated && !this.#abort) {
       // A failed COMMIT throws (after the client is released): the caller must not claim success.
       await this.#end('COMMIT', true);
       return true;
@@ -89,33 +99,57 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
       }
       return;
     }
-    // The engine frees the key after this (a thrown handler, a status that is not stored): a
-    // handler that committed its writes itself must not be run again.
-    if ((await this.#rollbackAndAsk(true)) === 'committed') throw new TransactionEndedError();
+    // The engine frees the key after this (a thrown handler, a status that is not stored):
+    // only right if the session was still in our transaction, whose writes this ROLLBACK undoes.
+    this.#state = 'done';
+    let ours: boolean | undefined;
+    try {
+      const results = (await this.client.query(askThenRollback(this.xid))) as unknown as Array<QueryResult<{ ours: boolean }>>;
+      ours = results[0]?.rows[0]?.ours;
+    } catch {
+      // An aborted session refuses the question (and skips that ROLLBACK): ours, after a failed
+      // statement, or the handler's own after it committed ours; the fate tells which.
+      if ((await this.#rollbackThenFate(true)) === 'committed') throw new TransactionEndedError();
+      return;
+    }
+    this.#release();
+    if (ours !== true) throw new TransactionEndedError();
   }
 
   /**
-   * ROLLBACK, give the client back, and say what became of our transaction: `aborted` (by this
-   * ROLLBACK, or already), or `committed` by the handler. Asked on the same connection, after the
-   * ROLLBACK, so an aborted session cannot refuse the question; on another connection only when
-   * ours died (the server then aborts what it held, unless the handler's COMMIT got there first).
+   * ROLLBACK, give the client back, and say what became of our transaction. Asked on the same
+   * connection, after the ROLLBACK, so an aborted session cannot refuse the question; on another
+   * connection only when ours died (a few tries: the pool may be busy for a moment).
    */
-  async #rollbackAndAsk(rethrow = false): Promise<Fate | undefined> {
+  async #rollbackThenFate(rethrow = false): Promise<Fate | undefined> {
     this.#state = 'done';
     let fate: Fate | undefined;
     try {
-      const results = (await this.client.query(rollbackAndAsk(this.xid))) as unknown as Array<QueryResult<{ fate: Fate }>>;
+      const results = (await this.client.query(rollbackThenFate(this.xid))) as unknown as Array<QueryResult<{ fate: Fate }>>;
       fate = results[1]?.rows[0]?.fate;
     } catch (error) {
       this.#release(error);
-      fate = await this.pool.query<{ fate: Fate }>(FATE, [this.xid]).then(
-        ({ rows }) => rows[0]?.fate,
-        () => undefined,
-      );
+      fate = await this.#fateElsewhere();
       if (rethrow && fate !== 'committed') throw error;
       return fate;
     }
     this.#release();
+    return fate;
+  }
+
+  /** `in progress` only while the server has not yet aborted what the dead connection held. */
+  async #fateElsewhere(): Promise<Fate | undefined> {
+    let fate: Fate | undefined;
+    for (let attempt = 0, wait = FATE_FIRST_WAIT_MS; attempt < FATE_ATTEMPTS; attempt++, wait *= 2) {
+      try {
+        const { rows } = await this.pool.query<{ fate: Fate }>(FATE, [this.xid]);
+        fate = rows[0]?.fate;
+        if (fate !== 'in progress') return fate;
+      } catch {
+        // The pool is busy or the server away for a moment: ask again.
+      }
+      if (attempt < FATE_ATTEMPTS - 1) await new Promise((resolve) => setTimeout(resolve, wait));
+    }
     return fate;
   }
 
@@ -135,6 +169,7 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   /** Back to the pool; after a failed command the connection's state is unknown, so it is destroyed. */
   #release(failure?: unknown): void {
     this.client.removeListener('error', this.#onConnectionError);
+    this.client.release = this.#poolRelease;
     if (failure === undefined) this.client.release();
     else this.client.release(failure instanceof Error ? failure : true);
   }

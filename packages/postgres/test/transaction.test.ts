@@ -311,16 +311,34 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(checkedOut(db.pool)).toBe(0);
   });
 
-  it('a handler that rolls the transaction back itself: nothing committed, its 201 is replaced by a 503, the retry runs', async () => {
+  it('a handler that rolls the transaction back itself, then writes on in autocommit: caught, never run twice', async () => {
     const error = vi.fn();
     const engine = createIdempotencyEngine({ store, transactional: true, logger: { warn: () => undefined, error } });
+    for (const ending of ['answer', 'throw'] as const) {
+      const { k, ref, decision, tx } = await inserted(engine);
+      await tx.query('ROLLBACK');
+      // After the ROLLBACK the client is in autocommit: this row commits at once.
+      await tx.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+      if (ending === 'answer') {
+        expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+        expect(decision.lease.replacement).toBeNull();
+      } else {
+        await decision.lease.abandon('handler-threw');
+      }
+      expect(await retryOf(engine, k, ref)).toMatchObject({ kind: 'replay', status: 410, reason: 'transaction-ended' });
+      expect(await rowsFor(ref)).toBe(1);
+    }
+    expect(error).toHaveBeenCalledTimes(2);
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('release() on the transaction client is refused with a clear error, and the client still goes back once', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
     const { k, ref, decision, tx } = await inserted(engine);
-    await tx.query('ROLLBACK');
-    expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
-    expect(decision.lease.replacement?.status).toBe(503);
-    expect(error).toHaveBeenCalledWith(expect.any(String), expect.objectContaining({ message: expect.stringContaining('rolled back the transaction it was given') }));
-    expect(await rowsFor(ref)).toBe(0);
-    expect(await retryOf(engine, k, ref)).toEqual({ kind: 'run' });
+    expect(() => tx.release()).toThrow(/Do not release\(\) the transaction client/);
+    expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(true);
+    expect(await rowsFor(ref)).toBe(1);
+    expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
     expect(checkedOut(db.pool)).toBe(0);
   });
 
@@ -368,6 +386,11 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
       await locker.query('BEGIN');
       await locker.query(`LOCK TABLE ${db.table('idempotency_keys')} IN ACCESS EXCLUSIVE MODE`);
       expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+      // Not "rolled back": at this point nobody knows, and the retry gets the answer once it is known.
+      expect(JSON.parse(new TextDecoder().decode(decision.lease.replacement?.body))).toMatchObject({
+        status: 503,
+        detail: expect.stringContaining('could not be confirmed in time'),
+      });
     } finally {
       await locker.query('COMMIT');
       locker.release();
@@ -377,8 +400,9 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(await rowsFor(ref)).toBe(1);
   });
 
-  it('the handler COMMITs, leaves a query of its own blocked and throws: the rollback waits for it, then marks the key', async () => {
-    const engine = createIdempotencyEngine({ store, transactional: true, logger: false, storeTimeoutMs: 150 });
+  it('the handler COMMITs, leaves a query of its own blocked and throws: the key stays held past its lease until the rollback settles', async () => {
+    const leaseMs = 900;
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false, storeTimeoutMs: 150, leaseMs });
     const { k, ref, decision, tx } = await inserted(engine);
     await tx.query('COMMIT');
     const blocker = await db.pool.connect();
@@ -388,8 +412,10 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
       await blocker.query(`LOCK TABLE ${orders} IN ACCESS EXCLUSIVE MODE`);
       // The handler gives up waiting on its own query and throws; the query stays queued on the client.
       stuck = tx.query(`SELECT count(*) FROM ${orders}`);
+      const thrownAt = Date.now();
       await decision.lease.abandon('handler-threw');
-      // Its outcome unknown, the key stays held: the retry meets the running lease (409).
+      // Its outcome unknown, the key stays held, renewed: twice the lease later a retry still meets it.
+      await new Promise((resolve) => setTimeout(resolve, thrownAt + 2 * leaseMs - Date.now()));
       expect(await engine.decide(request(k, ref))).toMatchObject({ kind: 'problem', error: { status: 409 } });
     } finally {
       await blocker.query('COMMIT');
@@ -434,6 +460,25 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(await rowsFor(ref)).toBe(1);
     expect(await rowsFor(`${ref}-undone`)).toBe(0);
     expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
+  });
+
+  it('works with a pool whose int4 and float8 values come back as text (a custom types parser)', async () => {
+    const types = { getTypeParser: (oid: number, format?: 'text' | 'binary') => (oid === 23 || oid === 701 ? (v: string) => v : pg.types.getTypeParser(oid, format)) };
+    const pool = new pg.Pool({ connectionString: db.url, max: 2, types });
+    const own = createPostgresStore({ pool, schema: db.schema });
+    const engine = createIdempotencyEngine({ store: own, transactional: true, logger: false });
+    try {
+      const { k, ref, decision } = await inserted(engine);
+      expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(true);
+      expect(await rowsFor(ref)).toBe(1);
+      expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
+      // A key still running: its Retry-After comes from the lease left, a number.
+      const running = await inserted(engine);
+      expect(await engine.decide(request(running.k, running.ref))).toMatchObject({ kind: 'problem', error: { status: 409, headers: { 'retry-after': '60' } } });
+      await running.decision.lease.abandon('client-gone');
+    } finally {
+      await pool.end();
+    }
   });
 
   it('the connection dies after the handler COMMITted: asked on another connection, the key is marked, not freed', async () => {
