@@ -462,12 +462,31 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
   });
 
+  /** An engine on a pool of its own (a test that kills or reconfigures connections), ended after. */
+  async function withOwnPool(config: pg.PoolConfig, run: (engine: IdempotencyEngine, own: PostgresStore, pool: pg.Pool) => Promise<void>) {
+    const pool = new pg.Pool({ connectionString: db.url, max: 2, ...config });
+    // Backends terminated here surface as idle-client errors; the test asserts on queries.
+    pool.on('error', () => undefined);
+    const own = createPostgresStore({ pool, schema: db.schema });
+    try {
+      await run(createIdempotencyEngine({ store: own, transactional: true, logger: false }), own, pool);
+      expect(checkedOut(pool)).toBe(0);
+    } finally {
+      await pool.end();
+    }
+  }
+
+  /** As idle_in_transaction_session_timeout or a DBA would: the client's backend is gone once this returns. */
+  async function killBackend(tx: pg.PoolClient): Promise<void> {
+    const { rows } = await tx.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+    const ended = new Promise((resolve) => tx.once('end', resolve));
+    await db.pool.query('SELECT pg_terminate_backend($1)', [rows[0]!.pid]);
+    await ended;
+  }
+
   it('works with a pool whose int4 and float8 values come back as text (a custom types parser)', async () => {
     const types = { getTypeParser: (oid: number, format?: 'text' | 'binary') => (oid === 23 || oid === 701 ? (v: string) => v : pg.types.getTypeParser(oid, format)) };
-    const pool = new pg.Pool({ connectionString: db.url, max: 2, types });
-    const own = createPostgresStore({ pool, schema: db.schema });
-    const engine = createIdempotencyEngine({ store: own, transactional: true, logger: false });
-    try {
+    await withOwnPool({ types }, async (engine) => {
       const { k, ref, decision } = await inserted(engine);
       expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(true);
       expect(await rowsFor(ref)).toBe(1);
@@ -476,53 +495,30 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
       const running = await inserted(engine);
       expect(await engine.decide(request(running.k, running.ref))).toMatchObject({ kind: 'problem', error: { status: 409, headers: { 'retry-after': '60' } } });
       await running.decision.lease.abandon('client-gone');
-    } finally {
-      await pool.end();
-    }
+    });
   });
 
   it('the connection dies after the handler COMMITted: asked on another connection, the key is marked, not freed', async () => {
-    const pool = new pg.Pool({ connectionString: db.url, max: 2 });
-    pool.on('error', () => undefined);
-    const own = createPostgresStore({ pool, schema: db.schema });
-    const engine = createIdempotencyEngine({ store: own, transactional: true, logger: false });
-    try {
+    await withOwnPool({}, async (engine) => {
       const { k, ref, decision, tx } = await inserted(engine);
       await tx.query('COMMIT');
-      const { rows } = await tx.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
-      const ended = new Promise((resolve) => tx.once('end', resolve));
-      await db.pool.query('SELECT pg_terminate_backend($1)', [rows[0]!.pid]);
-      await ended;
+      await killBackend(tx);
       expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
       expect(await retryOf(engine, k, ref)).toMatchObject({ kind: 'replay', status: 410, reason: 'transaction-ended', originalStatus: 201 });
       expect(await rowsFor(ref)).toBe(1);
-      expect(checkedOut(pool)).toBe(0);
-    } finally {
-      await pool.end();
-    }
+    });
   });
 
   it('the connection dies while the handler works: the process survives, nothing commits, the key is free', async () => {
     // pg-pool listens for a checked-out client's errors no more: an unhandled 'error' event
     // would end the process (and this test run with it).
-    const pool = new pg.Pool({ connectionString: db.url, max: 2 });
-    pool.on('error', () => undefined);
-    const own = createPostgresStore({ pool, schema: db.schema });
-    const engine = createIdempotencyEngine({ store: own, transactional: true, logger: false });
-    try {
+    await withOwnPool({}, async (engine, own) => {
       const { k, ref, decision, tx } = await inserted(engine);
-      const { rows } = await tx.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
-      const ended = new Promise((resolve) => tx.once('end', resolve));
-      // As idle_in_transaction_session_timeout or a DBA would, while the handler awaits a payment.
-      await db.pool.query('SELECT pg_terminate_backend($1)', [rows[0]!.pid]);
-      await ended;
+      await killBackend(tx);
       expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
       expect(decision.lease.replacement?.status).toBe(503);
       expect(await rowsFor(ref)).toBe(0);
       expect(await own.get(recordOf(k))).toBeUndefined();
-      expect(checkedOut(pool)).toBe(0);
-    } finally {
-      await pool.end();
-    }
+    });
   });
 });
