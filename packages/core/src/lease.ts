@@ -97,6 +97,8 @@ export class RunningLease implements Lease {
   #transactionEnded = false;
   /** A rollback outlasted the store deadline: the key is held (and renewed) until it settles. */
   #outcomePending = false;
+  /** A renewal outlasted the store deadline and has not settled yet. */
+  #renewStuck = false;
   /** When the lease runs out unless renewed, by this process's clock (a store refuses a holder after it). */
   #leaseEndsAt: number;
 
@@ -133,15 +135,11 @@ export class RunningLease implements Lease {
         return false;
       }
       if (response.body.byteLength > maxBodyBytes) {
-        await this.#storeMarker(response.status, 'too-large');
+        await this.#replaceIfRolledBack(await this.#storeMarker(response.status, 'too-large'));
         return false;
       }
       const stored = await this.#complete(response);
-      // Transactional mode: not stored means rolled back, so the handler's answer must not go out.
-      // Not when the handler ended the transaction itself: its writes may have committed.
-      if (!stored && this.tx && !this.#transactionEnded) {
-        this.#replacement = this.#outcomePending ? outcomeUnknown() : await this.#answerAfterRollback();
-      }
+      await this.#replaceIfRolledBack(stored);
       return stored;
     } finally {
       this.#stopRenewing();
@@ -154,7 +152,8 @@ export class RunningLease implements Lease {
       // No status went out (cut short): whether it would have been storable is unknown, and the
       // handler may still be working, so it is never run again.
       if (status !== null && !this.host.options.storable(status)) await this.#release('not-storable', status);
-      else await this.#storeMarker(status, reason);
+      // A binding that still holds the answer (a body over maxBodyBytes) sends the replacement.
+      else await this.#replaceIfRolledBack(await this.#storeMarker(status, reason));
     } finally {
       this.#stopRenewing();
     }
@@ -167,6 +166,16 @@ export class RunningLease implements Lease {
     } finally {
       this.#stopRenewing();
     }
+  }
+
+  /**
+   * Transactional mode: not stored means rolled back (or not known yet), so the handler's answer
+   * must not go out. Not when the handler ended the transaction itself: its writes may have
+   * committed, and its own answer is the truest there is.
+   */
+  async #replaceIfRolledBack(stored: boolean): Promise<void> {
+    if (stored || !this.tx || this.#transactionEnded) return;
+    this.#replacement = this.#outcomePending ? outcomeUnknown() : await this.#answerAfterRollback();
   }
 
   #settle(): boolean {
@@ -198,13 +207,14 @@ export class RunningLease implements Lease {
   async #renew(): Promise<void> {
     // One renewal in flight at a time: on a slow store, ticks must not queue up renewals that
     // would then delay the completion behind them.
-    if (this.#renewing) return;
+    if (this.#renewing || this.#renewStuck) return;
     this.#renewing = true;
     const { store, leaseMs } = this.host.options;
     const sent = Date.now();
     this.#renewSentAt = sent;
+    let pending: Promise<boolean> | undefined;
     try {
-      const ok = await this.host.call('renew', () => store.renew(this.id, this.token, leaseMs));
+      const ok = await this.host.call('renew', () => (pending = store.renew(this.id, this.token, leaseMs)));
       if (ok) this.#leaseEndsAt = sent + leaseMs;
       // While a completion is retried, a refused renewal ends the retries: the lease is over
       // (or an attempt that timed out here did land; #endRetry tells which).
@@ -214,10 +224,16 @@ export class RunningLease implements Lease {
       else if (!this.#settled) {
         this.#stopRenewing();
         this.#lost('renew');
-      }
+      } else if (this.#outcomePending) this.#lost('renew');
     } catch (error) {
       // Keep renewing: a brief store outage should not cost the lease if the store comes back.
       this.#storeError('renew', error);
+      // A renewal that timed out still holds its connection: send no other until it settles.
+      if (error instanceof StoreTimeoutError && pending) {
+        this.#renewStuck = true;
+        const unstuck = (): void => void (this.#renewStuck = false);
+        pending.then(unstuck, unstuck);
+      }
     } finally {
       this.#renewing = false;
     }
@@ -227,7 +243,7 @@ export class RunningLease implements Lease {
    * The response cannot be replayed (stream, too large). Store a marker so retries get a
    * documented problem instead of running the handler again (SPEC §2).
    */
-  async #storeMarker(status: number | null, reason: MarkerReason, viaTx = this.tx !== undefined): Promise<void> {
+  async #storeMarker(status: number | null, reason: MarkerReason, viaTx = this.tx !== undefined): Promise<boolean> {
     const ran = status === null ? 'The request with this key already ran' : `The request with this key already ran and answered ${status}`;
     const why =
       reason === 'transaction-ended'
@@ -243,7 +259,7 @@ export class RunningLease implements Lease {
     const error = new ResponseNotReplayableError('ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE', 410, detail, {
       extensions: { originalStatus: status, reason },
     });
-    await this.#complete(problemResponse(error), status, viaTx);
+    return this.#complete(problemResponse(error), status, viaTx);
   }
 
   /**
@@ -253,9 +269,10 @@ export class RunningLease implements Lease {
   async #complete(response: StoredResponse, originalStatus: number | null = response.status, viaTx = this.tx !== undefined): Promise<boolean> {
     const { store, ttlMs } = this.host.options;
     const tx = viaTx ? this.tx : undefined;
+    let late: Promise<boolean> | undefined;
     try {
       const ok = await this.host.call('complete', () =>
-        tx ? tx.complete(this.id, this.token, response, ttlMs) : store.complete(this.id, this.token, response, ttlMs),
+        tx ? (late = tx.complete(this.id, this.token, response, ttlMs)) : store.complete(this.id, this.token, response, ttlMs),
       );
       if (!ok) this.#lost('complete');
       if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: ok });
@@ -266,6 +283,18 @@ export class RunningLease implements Lease {
         return false;
       }
       this.#storeError('complete', error);
+      if (tx && error instanceof StoreTimeoutError && late) {
+        // Its COMMIT may still land: the key is settled by what the completion really did.
+        this.#followLate(
+          late,
+          (ok) => {
+            if (!ok) this.#lost('complete');
+            else if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: true });
+          },
+          (failure) => (isTransactionEnded(failure) ? this.#afterTransactionEnded(originalStatus) : this.#freeKey('rolled-back')),
+        );
+        return false;
+      }
       if (tx) {
         // Nothing of the handler's committed (a transaction the handler left aborted, a lost
         // connection): free the key, or every retry meets 409 until the lease runs out. Safe even
@@ -382,7 +411,10 @@ export class RunningLease implements Lease {
   /** `status`: the handler's answer, if there was one (for the marker if its transaction ended). */
   async #release(reason: AbandonReason, status: number | null = null): Promise<void> {
     // Roll the handler's writes back before the key is free again, so a retry starts clean.
-    if (this.tx) return this.#rollbackThenFree(reason, status);
+    if (this.tx) {
+      await this.#rollbackThenFree(reason, status);
+      return;
+    }
     await this.#freeKey(reason);
   }
 
@@ -393,14 +425,14 @@ export class RunningLease implements Lease {
    * so retries get the "not replayable" answer, stored outside the transaction, and the
    * developer gets an error that names the cause.
    */
-  async #afterTransactionEnded(status: number | null): Promise<void> {
+  async #afterTransactionEnded(status: number | null): Promise<boolean> {
     this.#transactionEnded = true;
     this.host.options.logger?.error(
       `[idemkit] The handler for key "${this.key}" ended the transaction it was given (COMMIT or ROLLBACK on the transaction client). ` +
         'Its writes are no longer tied to the stored response and may or may not have committed, so its answer is not stored ' +
         'and the operation is not run again: retries get 410. Let idemkit commit; do not COMMIT, ROLLBACK or BEGIN on that client.',
     );
-    await this.#storeMarker(status, 'transaction-ended', false);
+    return this.#storeMarker(status, 'transaction-ended', false);
   }
 
   async #freeKey(reason: AbandonReason | 'rolled-back'): Promise<void> {
@@ -423,7 +455,7 @@ export class RunningLease implements Lease {
    */
   async #rollbackThenFree(reason: AbandonReason | 'rolled-back', status: number | null): Promise<void> {
     const tx = this.tx as StoreTransaction;
-    const after = (ended: boolean): Promise<void> => (ended ? this.#afterTransactionEnded(status) : this.#freeKey(reason));
+    const after = async (ended: boolean): Promise<void> => void (ended ? await this.#afterTransactionEnded(status) : await this.#freeKey(reason));
     let pending: Promise<void> | undefined;
     try {
       await this.host.call('rollback', () => (pending = tx.rollback()));
@@ -431,21 +463,25 @@ export class RunningLease implements Lease {
       if (isTransactionEnded(error)) return after(true);
       this.#storeError('rollback', error);
       if (error instanceof StoreTimeoutError && pending) {
-        // Keep the lease (renewals go on) until the outcome is known: a retry meanwhile gets 409.
-        this.#outcomePending = true;
-        const settled = (ended: boolean): void =>
-          void after(ended).finally(() => {
-            this.#outcomePending = false;
-            this.#stopRenewing();
-          });
-        pending.then(
-          () => settled(false),
-          (late: unknown) => settled(isTransactionEnded(late)),
-        );
+        this.#followLate(pending, () => after(false), (late) => after(isTransactionEnded(late)));
         return;
       }
     }
     return after(false);
+  }
+
+  /**
+   * A transactional completion or rollback outlasted the store deadline. Until it settles the
+   * outcome is unknown, so the key stays held and the lease renewed (a retry meanwhile gets 409),
+   * and the client was told so; then `settled` or `failed` settle the key by what really happened.
+   */
+  #followLate<T>(late: Promise<T>, settled: (value: T) => unknown, failed: (error: unknown) => unknown): void {
+    this.#outcomePending = true;
+    const done = (): void => {
+      this.#outcomePending = false;
+      this.#stopRenewing();
+    };
+    late.then(settled, failed).then(done, done);
   }
 
   #lost(operation: 'complete' | 'renew' | 'release'): void {
@@ -468,7 +504,7 @@ function outcomeUnknown(): StoredResponse {
     new StoreUnavailableError(
       'ERR_IDEMKIT_STORE_UNAVAILABLE',
       503,
-      'The outcome of the operation could not be confirmed in time. Retry with the same key: the retry gets its result once it is known.',
+      'The outcome of the operation could not be confirmed in time. Retry with the same key: once it is known, a retry gets the stored answer, or runs the operation again if nothing of it was committed.',
     ),
   );
 }

@@ -330,28 +330,38 @@ describe('store errors are told apart by code, and an unknown outcome is said to
     expect(retry.kind === 'replay' && retry.response.status).toBe(410);
   });
 
-  it('a completion and its rollback that outlast storeTimeoutMs: the client is told the outcome is not known yet, not "rolled back"', async () => {
-    let settle: ((ok: boolean) => void) | undefined;
-    class SlowCompleteStore extends MemoryStore {
-      async beginTransaction(): Promise<StoreTransaction<null>> {
-        const completing = new Promise<boolean>((resolve) => (settle = resolve));
-        return { client: null, complete: () => completing, rollback: async () => void (await completing) };
+  it('a completion that outlasts storeTimeoutMs: the client is told the outcome is not known yet, and the key is settled by what it did', async () => {
+    for (const outcome of ['committed', 'rolled back'] as const) {
+      const key = `slow-complete-${outcome}`;
+      let settle: (() => void) | undefined;
+      class SlowCompleteStore extends MemoryStore {
+        async beginTransaction(): Promise<StoreTransaction<null>> {
+          return {
+            client: null,
+            complete: (k, token, res, ttlMs) =>
+              new Promise<boolean>((resolve, reject) => {
+                settle = () => (outcome === 'committed' ? resolve(super.complete(k, token, res, ttlMs)) : reject(new Error('COMMIT failed')));
+              }),
+            rollback: async () => undefined,
+          };
+        }
       }
+      const store = new SlowCompleteStore();
+      const engine = createIdempotencyEngine({ store: store as TransactionalStore, transactional: true, logger: false, storeTimeoutMs: 50 });
+      const d = await engine.decide(request({ key }));
+      if (d.kind !== 'run') throw new Error('expected run');
+      expect(await d.lease.commit(response(201))).toBe(false);
+      const told = JSON.parse(new TextDecoder().decode(d.lease.replacement?.body)) as { status: number; detail: string };
+      expect(told.status).toBe(503);
+      expect(told.detail).toContain('could not be confirmed in time');
+      // Until it settles the key is held.
+      expect((await engine.decide(request({ key }))).kind).toBe('problem');
+      settle?.();
+      await vi.waitFor(async () => {
+        const retry = await engine.decide(request({ key }));
+        if (retry.kind === 'run') await retry.lease.abandon('client-gone');
+        expect(retry.kind).toBe(outcome === 'committed' ? 'replay' : 'run');
+      });
     }
-    const store = new SlowCompleteStore();
-    const engine = createIdempotencyEngine({ store: store as TransactionalStore, transactional: true, logger: false, storeTimeoutMs: 50 });
-    const d = await engine.decide(request({ key: 'slow-complete' }));
-    if (d.kind !== 'run') throw new Error('expected run');
-    expect(await d.lease.commit(response(201))).toBe(false);
-    const told = JSON.parse(new TextDecoder().decode(d.lease.replacement?.body)) as { status: number; detail: string };
-    expect(told.status).toBe(503);
-    expect(told.detail).toContain('could not be confirmed in time');
-    // Rolled back after all: the key is freed and the retry runs.
-    settle?.(false);
-    await vi.waitFor(async () => {
-      const retry = await engine.decide(request({ key: 'slow-complete' }));
-      if (retry.kind === 'run') await retry.lease.abandon('client-gone');
-      expect(retry.kind).toBe('run');
-    });
   });
 });

@@ -134,11 +134,10 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
     const captured = captureResponse(ctx);
     if (captured.kind === 'unbuffered') {
       await lease.commitUnbuffered(ctx.status, 'not-bufferable');
-    } else if (captured.body.byteLength > maxBodyBytes) {
-      await lease.commitUnbuffered(ctx.status, 'too-large');
     } else {
       // Stored before respond() writes a byte, so a client retrying at once gets the replay.
-      await lease.commit({ status: ctx.status, headers: toStoredHeaders(ctx.response.headers), body: captured.body });
+      if (captured.body.byteLength > maxBodyBytes) await lease.commitUnbuffered(ctx.status, 'too-large');
+      else await lease.commit({ status: ctx.status, headers: toStoredHeaders(ctx.response.headers), body: captured.body });
       // Transactional mode, rolled back: the handler's answer describes writes that never happened.
       const replacement = lease.replacement;
       if (replacement) {

@@ -6,9 +6,14 @@ import { askThenRollback, FATE, rollbackThenFate } from './queries.js';
 /** `txid_status()`: what became of a transaction (PostgreSQL 10+). */
 type Fate = 'in progress' | 'committed' | 'aborted';
 
-/** Asking another connection what became of a transaction whose own connection died. */
-const FATE_ATTEMPTS = 4;
+/**
+ * Asking another connection what became of a transaction whose own connection died: until it is
+ * no longer `in progress` (a COMMIT the server is still running, a backend not yet gone) and the
+ * pool answers, with backoff, for up to about half a minute.
+ */
+const FATE_ATTEMPTS = 12;
 const FATE_FIRST_WAIT_MS = 100;
+const FATE_MAX_WAIT_MS = 4_000;
 
 /**
  * One open transaction of transactional mode. The handler writes through `client`; `complete`
@@ -21,10 +26,10 @@ const FATE_FIRST_WAIT_MS = 100;
  * counts as ended too, except where the session is provably still in ours.
  */
 export class PgTransaction implements StoreTransaction<PoolClient> {
-  #state: 'open' | 'completing' | 'done' = 'open';
   /** Set when rollback() arrives while complete() runs (e.g. the engine's deadline fired). */
   #abort = false;
-  #completing: Promise<boolean> | undefined;
+  /** The complete() or rollback() that ends this transaction, once one has begun. */
+  #ending: Promise<unknown> | undefined;
   /** pg-pool's release of this checkout; the client the handler sees gets one that refuses. */
   readonly #poolRelease: PoolClient['release'];
 
@@ -54,12 +59,12 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   readonly #onConnectionError = (): void => undefined;
 
   complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
-    if (this.#state !== 'open') {
+    if (this.#ending) {
       return Promise.reject(new Error('[idemkit] [postgres] This transaction was already completed or rolled back.'));
     }
-    this.#state = 'completing';
-    this.#completing = this.#complete([...completeParams(key, token, response, ttlMs), this.xid]);
-    return this.#completing;
+    const completing = this.#complete([...completeParams(key, token, response, ttlMs), this.xid]);
+    this.#ending = completing;
+    return completing;
   }
 
   async #complete(params: unknown[]): Promise<boolean> {
@@ -88,20 +93,26 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   }
 
   async rollback(): Promise<void> {
-    if (this.#state === 'done') return;
-    if (this.#state === 'completing') {
-      // Never send ROLLBACK between complete's UPDATE and its COMMIT; ask complete to roll back.
+    if (this.#ending) {
+      // Already ending (complete's COMMIT, a rollback): never send ROLLBACK in between, and do
+      // not return before it has: the caller frees the key after this. An unfinished complete
+      // rolls back instead of committing.
       this.#abort = true;
       try {
-        await this.#completing;
+        await this.#ending;
       } catch (error) {
         if (error instanceof TransactionEndedError) throw error;
       }
       return;
     }
+    const rolling = this.#rollback();
+    this.#ending = rolling;
+    return rolling;
+  }
+
+  async #rollback(): Promise<void> {
     // The engine frees the key after this (a thrown handler, a status that is not stored):
     // only right if the session was still in our transaction, whose writes this ROLLBACK undoes.
-    this.#state = 'done';
     let ours: boolean | undefined;
     try {
       const results = (await this.client.query(askThenRollback(this.xid))) as unknown as Array<QueryResult<{ ours: boolean }>>;
@@ -122,7 +133,6 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
    * connection only when ours died (a few tries: the pool may be busy for a moment).
    */
   async #rollbackThenFate(rethrow = false): Promise<Fate | undefined> {
-    this.#state = 'done';
     let fate: Fate | undefined;
     try {
       const results = (await this.client.query(rollbackThenFate(this.xid))) as unknown as Array<QueryResult<{ fate: Fate }>>;
@@ -140,7 +150,7 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   /** `in progress` only while the server has not yet aborted what the dead connection held. */
   async #fateElsewhere(): Promise<Fate | undefined> {
     let fate: Fate | undefined;
-    for (let attempt = 0, wait = FATE_FIRST_WAIT_MS; attempt < FATE_ATTEMPTS; attempt++, wait *= 2) {
+    for (let attempt = 0, wait = FATE_FIRST_WAIT_MS; attempt < FATE_ATTEMPTS; attempt++, wait = Math.min(wait * 2, FATE_MAX_WAIT_MS)) {
       try {
         const { rows } = await this.pool.query<{ fate: Fate }>(FATE, [this.xid]);
         fate = rows[0]?.fate;
@@ -155,7 +165,6 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
 
   /** Send COMMIT/ROLLBACK and give the client back; a client whose last command failed is destroyed. */
   async #end(command: 'COMMIT' | 'ROLLBACK', rethrow = false): Promise<void> {
-    this.#state = 'done';
     try {
       await this.client.query(command);
     } catch (error) {

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { createIdempotencyEngine, scopedKey, type Decision, type IdempotencyEngine, type IncomingRequest, type Lease } from '@idemkit/core';
+import { createIdempotencyEngine, scopedKey, type Decision, type IdempotencyEngine, type IdempotencyEvent, type IncomingRequest, type Lease } from '@idemkit/core';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createPostgresStore, pgTransaction, type PostgresStore } from '../src/index.js';
@@ -463,13 +463,17 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
   });
 
   /** An engine on a pool of its own (a test that kills or reconfigures connections), ended after. */
-  async function withOwnPool(config: pg.PoolConfig, run: (engine: IdempotencyEngine, own: PostgresStore, pool: pg.Pool) => Promise<void>) {
+  async function withOwnPool(
+    config: pg.PoolConfig,
+    run: (engine: IdempotencyEngine, own: PostgresStore, pool: pg.Pool) => Promise<void>,
+    engineOptions: { storeTimeoutMs?: number; onEvent?: (event: IdempotencyEvent) => void } = {},
+  ) {
     const pool = new pg.Pool({ connectionString: db.url, max: 2, ...config });
     // Backends terminated here surface as idle-client errors; the test asserts on queries.
     pool.on('error', () => undefined);
     const own = createPostgresStore({ pool, schema: db.schema });
     try {
-      await run(createIdempotencyEngine({ store: own, transactional: true, logger: false }), own, pool);
+      await run(createIdempotencyEngine({ store: own, transactional: true, logger: false, ...engineOptions }), own, pool);
       expect(checkedOut(pool)).toBe(0);
     } finally {
       await pool.end();
@@ -507,6 +511,50 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
       expect(await retryOf(engine, k, ref)).toMatchObject({ kind: 'replay', status: 410, reason: 'transaction-ended', originalStatus: 201 });
       expect(await rowsFor(ref)).toBe(1);
     });
+  });
+
+  it('the connection dies after the handler COMMITted and the pool is busy: the answer says "not confirmed", the key is marked once it is', async () => {
+    await withOwnPool(
+      { max: 3 },
+      async (engine, _own, pool) => {
+        const { k, ref, decision, tx } = await inserted(engine);
+        await tx.query('COMMIT');
+        // The pool is full, and the slot the dead client frees goes to a caller already waiting.
+        const busy = [await pool.connect(), await pool.connect()];
+        const waiting = pool.connect();
+        await killBackend(tx);
+        expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+        expect(JSON.parse(new TextDecoder().decode(decision.lease.replacement?.body))).toMatchObject({ detail: expect.stringContaining('could not be confirmed') });
+        for (const client of [...busy, await waiting]) client.release();
+        expect(await completedLater(k)).toMatchObject({ state: 'completed', response: { status: 410 } });
+        expect(await retryOf(engine, k, ref)).toMatchObject({ kind: 'replay', status: 410, reason: 'transaction-ended', originalStatus: 201 });
+        expect(await rowsFor(ref)).toBe(1);
+      },
+      { storeTimeoutMs: 150 },
+    );
+  });
+
+  it('a COMMIT slower than storeTimeoutMs (a deferred trigger): "not confirmed" at once, then stored, replayed, never run again', async () => {
+    const slow = db.table(`slow_${randomUUID().slice(0, 8)}`);
+    await db.pool.query(`CREATE TABLE ${slow} (id int)`);
+    await db.pool.query(`CREATE OR REPLACE FUNCTION ${db.schema}.linger() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.4); RETURN NULL; END $$`);
+    await db.pool.query(`CREATE CONSTRAINT TRIGGER linger AFTER INSERT ON ${slow} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ${db.schema}.linger()`);
+    const events: IdempotencyEvent[] = [];
+    await withOwnPool(
+      {},
+      async (engine) => {
+        const { k, ref, decision, tx } = await inserted(engine);
+        await tx.query(`INSERT INTO ${slow} (id) VALUES (1)`);
+        expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+        expect(decision.lease.replacement?.status).toBe(503);
+        expect(await completedLater(k)).toMatchObject({ state: 'completed', response: { status: 201 } });
+        expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
+        expect(await rowsFor(ref)).toBe(1);
+        await vi.waitFor(() => expect(events).toContainEqual(expect.objectContaining({ type: 'completed', stored: true })));
+        expect(events.some((e) => e.type === 'lease-lost' || e.type === 'released')).toBe(false);
+      },
+      { storeTimeoutMs: 150, onEvent: (e) => events.push(e) },
+    );
   });
 
   it('the connection dies while the handler works: the process survives, nothing commits, the key is free', async () => {
