@@ -116,6 +116,18 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
     if (mode === 'ending' && !delivering && !this.headersSent) return this;
     const reason = typeof rest[0] === 'string' ? rest[0] : undefined;
     const headers = (reason === undefined ? rest[0] : rest[1]) as OutgoingHttpHeaders | OutgoingHttpHeader[] | undefined;
+    if (mode === 'buffering' && !this.headersSent) {
+      // Not written yet: Node would mark the headers sent here, and then a rolled-back
+      // transaction's replacement could not go out. Kept on the response instead; the write or
+      // end() after it sends them (Node's own writeHead runs then).
+      if (!Number.isInteger(statusCode) || statusCode < 100 || statusCode > 999) {
+        throw Object.assign(new RangeError(`Invalid status code: ${String(statusCode)}`), { code: 'ERR_HTTP_INVALID_STATUS_CODE' });
+      }
+      if (headers !== undefined && headers !== null) applyHeaders(this, headers);
+      this.statusCode = statusCode;
+      if (reason !== undefined) this.statusMessage = reason;
+      return this;
+    }
     if (headers !== undefined && headers !== null && !this.headersSent) applyHeaders(this, headers);
     return (reason === undefined ? Reflect.apply(originalWriteHead, this, [statusCode]) : Reflect.apply(originalWriteHead, this, [statusCode, reason])) as ServerResponse;
   } as ServerResponse['writeHead'];

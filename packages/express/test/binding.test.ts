@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore } from '@idemkit/core';
+import { createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import express, { type ErrorRequestHandler, type Express, type Request, type Response } from 'express';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { idempotency, idempotencyErrorHandler, type ExpressIdempotencyOptions } from '../src/index.js';
@@ -207,6 +207,29 @@ describe('express binding: errors', () => {
     const reply = await post(`${url}/x`, undefined);
     expect(reply.status).toBe(400);
     expect(JSON.parse(new TextDecoder().decode(reply.body))).toEqual({ mine: 'ERR_IDEMKIT_KEY_MISSING' });
+  });
+});
+
+describe('express binding: transactional mode', () => {
+  it('an answer written with res.writeHead whose transaction rolled back is replaced, not sent', async () => {
+    // A transaction whose completion fails (as a COMMIT can): nothing committed, the key is freed.
+    const store: TransactionalStore<null> = Object.assign(createMemoryStore(), {
+      async beginTransaction(): Promise<StoreTransaction<null>> {
+        return { client: null, complete: () => Promise.reject(new Error('COMMIT failed')), rollback: async () => undefined };
+      },
+    });
+    const app = express();
+    app.use(express.json());
+    app.use(idempotency({ store, transactional: true, logger: false }));
+    app.post('/tx', (_req, res) => {
+      res.writeHead(201, { 'content-type': 'text/plain' });
+      res.end('created');
+    });
+    const url = await serve(app);
+    const reply = await post(`${url}/tx`, randomUUID());
+    expect(reply.status).toBe(503);
+    expect(reply.headers.get('content-type')).toBe('application/problem+json');
+    expect(new TextDecoder().decode(reply.body)).toContain('rolled back');
   });
 });
 
