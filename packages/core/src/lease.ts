@@ -139,7 +139,8 @@ export class RunningLease implements Lease {
         return false;
       }
       const stored = await this.#complete(response);
-      await this.#replaceIfRolledBack(stored);
+      // Checked here first: the common case (stored) costs no extra promise per request.
+      if (!stored) await this.#replaceIfRolledBack(stored);
       return stored;
     } finally {
       this.#stopRenewing();
