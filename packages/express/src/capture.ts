@@ -1,5 +1,5 @@
 import { responseHeaders, toStoredHeaders, type Lease } from '@idemkit/core';
-import type { OutgoingHttpHeader, OutgoingHttpHeaders, ServerResponse } from 'node:http';
+import { OutgoingMessage, STATUS_CODES, type OutgoingHttpHeader, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
 
 type Callback = (error?: Error | null) => void;
 
@@ -39,10 +39,16 @@ function applyHeaders(res: ServerResponse, headers: OutgoingHttpHeaders | readon
     }
     return;
   }
-  // Node accepts a flat [name, value, name, value, …] list or [name, value] pairs.
-  const pairs: Array<[string, OutgoingHttpHeader]> = headers.every(Array.isArray)
+  // Node accepts a flat [name, value, name, value, …] list or [name, value] pairs; the names in
+  // it replace any set before, and repeated names in it are all kept (as Node's writeHead does).
+  const nested = headers.every(Array.isArray);
+  if (!nested && headers.length % 2 !== 0) {
+    throw Object.assign(new TypeError("The argument 'headers' must be an array of name/value pairs."), { code: 'ERR_INVALID_ARG_VALUE' });
+  }
+  const pairs: Array<[string, OutgoingHttpHeader]> = nested
     ? (headers as unknown as Array<[string, OutgoingHttpHeader]>)
-    : Array.from({ length: Math.floor(headers.length / 2) }, (_, i) => [String(headers[2 * i]), headers[2 * i + 1] as OutgoingHttpHeader]);
+    : Array.from({ length: headers.length / 2 }, (_, i) => [String(headers[2 * i]), headers[2 * i + 1] as OutgoingHttpHeader]);
+  for (const name of new Set(pairs.map(([n]) => n.toLowerCase()))) res.removeHeader(name);
   for (const [name, value] of pairs) res.appendHeader(name, Array.isArray(value) ? value : String(value));
 }
 
@@ -60,6 +66,12 @@ function restore(res: ServerResponse, status: number, message: string, headers: 
   res.statusMessage = message;
   for (const name of res.getHeaderNames()) res.removeHeader(name);
   for (const [name, value] of Object.entries(headers)) if (value !== undefined) res.setHeader(name, value);
+}
+
+/** Whether Node really wrote the head: the instance may claim so for a head held back (see writeHead). */
+const protoHeadersSent = Object.getOwnPropertyDescriptor(OutgoingMessage.prototype, 'headersSent')?.get;
+function sent(res: ServerResponse): boolean {
+  return protoHeadersSent ? Boolean(protoHeadersSent.call(res)) : res.headersSent;
 }
 
 function writeAfterEnd(): Error {
@@ -102,6 +114,12 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
   let mode: 'buffering' | 'streaming' | 'ending' = 'buffering';
   /** Set once the stored answer is being written (Node's end() calls writeHead itself). */
   let delivering = false;
+  /** A writeHead made while buffering, not written yet (see writeHead below). */
+  let headHeld = false;
+  const holdHead = (target: ServerResponse): void => {
+    headHeld = true;
+    Object.defineProperty(target, 'headersSent', { configurable: true, get: () => true });
+  };
   let settling: Promise<unknown> = Promise.resolve();
 
   const startStreaming = (): void => {
@@ -113,22 +131,25 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
   res.writeHead = function writeHead(this: ServerResponse, statusCode: number, ...rest: unknown[]): ServerResponse {
     // end() is storing the answer: a writeHead now (an error handler's) would send its status
     // and headers ahead of the stored answer's bytes. Ignored, as the end() after it is.
-    if (mode === 'ending' && !delivering && !this.headersSent) return this;
+    if (mode === 'ending' && !delivering && !sent(this)) return this;
     const reason = typeof rest[0] === 'string' ? rest[0] : undefined;
-    const headers = (reason === undefined ? rest[0] : rest[1]) as OutgoingHttpHeaders | OutgoingHttpHeader[] | undefined;
-    if (mode === 'buffering' && !this.headersSent) {
+    // writeHead(status, reason, headers) with an undefined reason still has its headers second.
+    const headers = (reason === undefined && rest[0] !== undefined ? rest[0] : rest[1]) as OutgoingHttpHeaders | OutgoingHttpHeader[] | undefined;
+    if (mode === 'buffering' && !sent(this)) {
       // Not written yet: Node would mark the headers sent here, and then a rolled-back
-      // transaction's replacement could not go out. Kept on the response instead; the write or
-      // end() after it sends them (Node's own writeHead runs then).
-      if (!Number.isInteger(statusCode) || statusCode < 100 || statusCode > 999) {
-        throw Object.assign(new RangeError(`Invalid status code: ${String(statusCode)}`), { code: 'ERR_HTTP_INVALID_STATUS_CODE' });
-      }
+      // transaction's replacement could not go out. Held on the response instead; the write or
+      // end() after it sends them (Node's own writeHead runs then). To everyone else the head
+      // counts as sent, as it would without us: a second writeHead fails, error handlers see it.
+      if (headHeld) throw Object.assign(new Error('Cannot write headers after they are sent to the client'), { code: 'ERR_HTTP_HEADERS_SENT' });
+      const code = statusCode | 0;
+      if (code < 100 || code > 999) throw Object.assign(new RangeError(`Invalid status code: ${String(statusCode)}`), { code: 'ERR_HTTP_INVALID_STATUS_CODE' });
       if (headers !== undefined && headers !== null) applyHeaders(this, headers);
-      this.statusCode = statusCode;
+      this.statusCode = code;
       if (reason !== undefined) this.statusMessage = reason;
+      holdHead(this);
       return this;
     }
-    if (headers !== undefined && headers !== null && !this.headersSent) applyHeaders(this, headers);
+    if (headers !== undefined && headers !== null && !sent(this)) applyHeaders(this, headers);
     return (reason === undefined ? Reflect.apply(originalWriteHead, this, [statusCode]) : Reflect.apply(originalWriteHead, this, [statusCode, reason])) as ServerResponse;
   } as ServerResponse['writeHead'];
 
@@ -173,17 +194,21 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
     const response = { status: this.statusCode, headers: toStoredHeaders(sentHeaders), body };
     const deliver = (): void => {
       delivering = true;
+      // From here on Node's own view holds again: the held head (if any) is written now.
+      if (headHeld) delete (this as { headersSent?: boolean }).headersSent;
       // While the record is stored, `headersSent` is still false, so an error handler running
       // meanwhile (the handler threw after res.json()) may set a 500 and its own headers, and its
       // own end() is ignored. The client must get the answer that was stored: put it back.
-      if (!this.headersSent && changedSince(this, response.status, sentMessage, sentHeaders)) {
+      if (!sent(this) && changedSince(this, response.status, sentMessage, sentHeaders)) {
         restore(this, response.status, sentMessage, sentHeaders);
       }
       const replacement = lease.replacement;
       // Transactional mode, rolled back: the handler's answer describes writes that never happened.
-      if (replacement && !this.headersSent) {
+      if (replacement && !sent(this)) {
         for (const name of this.getHeaderNames()) this.removeHeader(name);
         this.statusCode = replacement.status;
+        // Not the handler's reason phrase (e.g. "Created") on the replacement's status.
+        this.statusMessage = STATUS_CODES[replacement.status] ?? 'unknown';
         for (const [name, value] of responseHeaders(replacement)) this.setHeader(name, value);
         const bytes = Buffer.from(replacement.body.buffer, replacement.body.byteOffset, replacement.body.byteLength);
         Reflect.apply(originalEnd, this, callback ? [bytes, callback] : [bytes]);

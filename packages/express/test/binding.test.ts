@@ -210,6 +210,19 @@ describe('express binding: errors', () => {
   });
 });
 
+async function raw(url: string, key: string): Promise<string> {
+  // The status line with its reason phrase, which fetch does not show.
+  const { request } = await import('node:http');
+  return new Promise((resolve, reject) => {
+    const req = request(url, { method: 'POST', headers: { 'idempotency-key': key, 'content-type': 'application/json' } }, (res) => {
+      res.resume();
+      res.on('end', () => resolve(`${res.statusCode} ${res.statusMessage} ${res.headers['cache-control'] ?? ''}`.trim()));
+    });
+    req.on('error', reject);
+    req.end('{}');
+  });
+}
+
 describe('express binding: transactional mode', () => {
   it('an answer written with res.writeHead whose transaction rolled back is replaced, not sent', async () => {
     // A transaction whose completion fails (as a COMMIT can): nothing committed, the key is freed.
@@ -222,14 +235,45 @@ describe('express binding: transactional mode', () => {
     app.use(express.json());
     app.use(idempotency({ store, transactional: true, logger: false }));
     app.post('/tx', (_req, res) => {
-      res.writeHead(201, { 'content-type': 'text/plain' });
+      res.writeHead(201, 'Order Created', { 'content-type': 'text/plain' });
       res.end('created');
     });
     const url = await serve(app);
+    // Not the handler's reason phrase on the replacement's status.
+    expect(await raw(`${url}/tx`, randomUUID())).toBe('503 Service Unavailable');
     const reply = await post(`${url}/tx`, randomUUID());
     expect(reply.status).toBe(503);
     expect(reply.headers.get('content-type')).toBe('application/problem+json');
     expect(new TextDecoder().decode(reply.body)).toContain('rolled back');
+  });
+});
+
+describe('express binding: res.writeHead while the answer is buffered behaves as in Node', () => {
+  it('a string status works, a second writeHead throws, array headers replace earlier ones, the reason phrase is kept', async () => {
+    const { app } = appWith();
+    const errors: string[] = [];
+    app.post('/string', (_req, res) => void (res.writeHead('201' as unknown as number, 'Order Created', { 'content-type': 'text/plain' }) as typeof res).end('ok'));
+    app.post('/twice', (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/plain' });
+      try {
+        res.writeHead(500);
+      } catch (error) {
+        errors.push((error as { code?: string }).code ?? '');
+      }
+      res.end('ok');
+    });
+    app.post('/array', (_req, res) => {
+      res.setHeader('cache-control', 'public, max-age=60');
+      res.writeHead(200, ['cache-control', 'no-store']);
+      res.end('ok');
+    });
+    const url = await serve(app);
+    expect(await raw(`${url}/string`, randomUUID())).toBe('201 Order Created');
+    expect(await raw(`${url}/twice`, randomUUID())).toBe('200 OK');
+    expect(errors).toEqual(['ERR_HTTP_HEADERS_SENT']);
+    const key = randomUUID();
+    expect(await raw(`${url}/array`, key)).toBe('200 OK no-store');
+    expect(await raw(`${url}/array`, key)).toBe('200 OK no-store');
   });
 });
 
