@@ -225,7 +225,9 @@ export class RunningLease implements Lease {
       else if (!this.#settled) {
         this.#stopRenewing();
         this.#lost('renew');
-      } else if (this.#outcomePending) this.#lost('renew');
+        // Refused while a late outcome is pending: the store has moved on (that outcome landed, or
+        // the key was taken over, which the outcome will report). Nothing more to renew.
+      } else if (this.#outcomePending) this.#stopRenewing(true);
     } catch (error) {
       // Keep renewing: a brief store outage should not cost the lease if the store comes back.
       this.#storeError('renew', error);
@@ -290,7 +292,7 @@ export class RunningLease implements Lease {
           late,
           (ok) => {
             if (!ok) this.#lost('complete');
-            else if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: true });
+            if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: ok });
           },
           (failure) => (isTransactionEnded(failure) ? this.#afterTransactionEnded(originalStatus) : this.#freeKey('rolled-back')),
         );

@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { createIdempotencyEngine, createMemoryStore, MemoryStore, TransactionEndedError, type IdempotencyEngine, type LeaseToken, type StoredResponse, type StoreTransaction, type TransactionalStore } from '../src/index.js';
+import { createIdempotencyEngine, createMemoryStore, MemoryStore, TransactionEndedError, type IdempotencyEngine, type IdempotencyEvent, type LeaseToken, type StoredResponse, type StoreTransaction, type TransactionalStore } from '../src/index.js';
 import { request, response } from './helpers.js';
 
 /**
@@ -363,5 +363,39 @@ describe('store errors are told apart by code, and an unknown outcome is said to
         expect(retry.kind).toBe(outcome === 'committed' ? 'replay' : 'run');
       });
     }
+  });
+});
+
+describe('a late transactional completion is reported once, by what it did', () => {
+  it('refused when it lands (the lease was lost): completed stored:false and lease-lost, and refused renewals meanwhile report nothing', async () => {
+    let settle: ((ok: boolean) => void) | undefined;
+    let renewals = 0;
+    class RefusingStore extends MemoryStore {
+      override async renew(): Promise<boolean> {
+        renewals++;
+        return false;
+      }
+      async beginTransaction(): Promise<StoreTransaction<null>> {
+        return { client: null, complete: () => new Promise<boolean>((resolve) => (settle = resolve)), rollback: async () => undefined };
+      }
+    }
+    const events: IdempotencyEvent[] = [];
+    const engine = createIdempotencyEngine({
+      store: new RefusingStore() as TransactionalStore,
+      transactional: true,
+      logger: false,
+      storeTimeoutMs: 30,
+      leaseMs: 90,
+      onEvent: (e) => events.push(e),
+    });
+    const d = await engine.decide(request({ key: 'late-refused' }));
+    if (d.kind !== 'run') throw new Error('expected run');
+    expect(await d.lease.commit(response(201))).toBe(false);
+    // Renewals go on while the outcome is pending, until the store refuses one.
+    await vi.waitFor(() => expect(renewals).toBeGreaterThan(0));
+    settle?.(false);
+    await vi.waitFor(() => expect(events).toContainEqual(expect.objectContaining({ type: 'completed', stored: false })));
+    expect(events.filter((e) => e.type === 'lease-lost')).toEqual([{ type: 'lease-lost', key: 'late-refused', operation: 'complete' }]);
+    expect(renewals).toBe(1);
   });
 });

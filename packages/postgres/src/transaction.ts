@@ -158,7 +158,9 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
       } catch {
         // The pool is busy or the server away for a moment: ask again.
       }
-      if (attempt < FATE_ATTEMPTS - 1) await new Promise((resolve) => setTimeout(resolve, wait));
+      // An ended pool will not answer again; and the waits must not hold the process open.
+      if (this.pool.ending || attempt === FATE_ATTEMPTS - 1) break;
+      await new Promise((resolve) => setTimeout(resolve, wait).unref());
     }
     return fate;
   }

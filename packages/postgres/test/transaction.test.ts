@@ -534,6 +534,26 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     );
   });
 
+  it('a pool ended while the store asks about a dead connection: the question stops, it does not hold shutdown up', async () => {
+    const pool = new pg.Pool({ connectionString: db.url, max: 1 });
+    pool.on('error', () => undefined);
+    const own = createPostgresStore({ pool, schema: db.schema });
+    const k = key();
+    const begun = await own.begin(recordOf(k), 'fp', 30_000);
+    if (begun.kind !== 'acquired') throw new Error('expected acquired');
+    const tx = await own.beginTransaction();
+    await killBackend(tx.client);
+    // The app shuts down: no connection will answer the question again.
+    const ended = pool.end();
+    const settled = tx.complete(recordOf(k), begun.token, { status: 201, headers: [], body: bytes('created') }, 60_000).then(
+      () => 'resolved',
+      (error: unknown) => (error instanceof Error ? error.message : String(error)),
+    );
+    // Within the test's timeout, not after a dozen backoff waits (~26 s).
+    expect(await settled).toMatch(/not queryable|terminat|Connection/i);
+    await ended;
+  }, 8_000);
+
   it('a COMMIT slower than storeTimeoutMs (a deferred trigger): "not confirmed" at once, then stored, replayed, never run again', async () => {
     const slow = db.table(`slow_${randomUUID().slice(0, 8)}`);
     await db.pool.query(`CREATE TABLE ${slow} (id int)`);
