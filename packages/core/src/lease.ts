@@ -95,7 +95,7 @@ export class RunningLease implements Lease {
   #retrying: StoredResponse | null = null;
   /** The handler ended its own transaction (see #afterTransactionEnded). */
   #transactionEnded = false;
-  /** A rollback outlasted the store deadline: the key is held (and renewed) until it settles. */
+  /** A transactional completion or rollback outlasted the store deadline: the key is held (and renewed) until it settles. */
   #outcomePending = false;
   /** A renewal outlasted the store deadline and has not settled yet. */
   #renewStuck = false;

@@ -130,7 +130,8 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   /**
    * ROLLBACK, give the client back, and say what became of our transaction. Asked on the same
    * connection, after the ROLLBACK, so an aborted session cannot refuse the question; on another
-   * connection only when ours died (a few tries: the pool may be busy for a moment).
+   * connection only when ours died (asked again while the pool is busy or the answer is still
+   * `in progress`; see #fateElsewhere).
    */
   async #rollbackThenFate(rethrow = false): Promise<Fate | undefined> {
     let fate: Fate | undefined;
