@@ -251,7 +251,7 @@ export class RunningLease implements Lease {
     const why =
       reason === 'transaction-ended'
         ? 'its handler ended the database transaction it was given (COMMIT or ROLLBACK)'
-        : status === null
+        : status === null || reason === 'cut-short'
           ? 'its answer was cut short before it went out'
           : reason === 'too-large'
             ? `its body was larger than maxBodyBytes (${this.host.options.maxBodyBytes} bytes)`

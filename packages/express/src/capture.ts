@@ -1,5 +1,5 @@
 import { responseHeaders, toStoredHeaders, type Lease } from '@idemkit/core';
-import { OutgoingMessage, STATUS_CODES, type OutgoingHttpHeader, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
+import { STATUS_CODES, type OutgoingHttpHeader, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
 
 type Callback = (error?: Error | null) => void;
 
@@ -68,12 +68,6 @@ function restore(res: ServerResponse, status: number, message: string, headers: 
   for (const [name, value] of Object.entries(headers)) if (value !== undefined) res.setHeader(name, value);
 }
 
-/** Whether Node really wrote the head: the instance may claim so for a head held back (see writeHead). */
-const protoHeadersSent = Object.getOwnPropertyDescriptor(OutgoingMessage.prototype, 'headersSent')?.get;
-function sent(res: ServerResponse): boolean {
-  return protoHeadersSent ? Boolean(protoHeadersSent.call(res)) : res.headersSent;
-}
-
 function writeAfterEnd(): Error {
   return Object.assign(new Error('write after end'), { code: 'ERR_STREAM_WRITE_AFTER_END' });
 }
@@ -114,12 +108,7 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
   let mode: 'buffering' | 'streaming' | 'ending' = 'buffering';
   /** Set once the stored answer is being written (Node's end() calls writeHead itself). */
   let delivering = false;
-  /** A writeHead made while buffering, not written yet (see writeHead below). */
-  let headHeld = false;
-  const holdHead = (target: ServerResponse): void => {
-    headHeld = true;
-    Object.defineProperty(target, 'headersSent', { configurable: true, get: () => true });
-  };
+  let watchingClose = false;
   let settling: Promise<unknown> = Promise.resolve();
 
   const startStreaming = (): void => {
@@ -131,25 +120,20 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
   res.writeHead = function writeHead(this: ServerResponse, statusCode: number, ...rest: unknown[]): ServerResponse {
     // end() is storing the answer: a writeHead now (an error handler's) would send its status
     // and headers ahead of the stored answer's bytes. Ignored, as the end() after it is.
-    if (mode === 'ending' && !delivering && !sent(this)) return this;
-    const reason = typeof rest[0] === 'string' ? rest[0] : undefined;
-    // writeHead(status, reason, headers) with an undefined reason still has its headers second.
-    const headers = (reason === undefined && rest[0] !== undefined ? rest[0] : rest[1]) as OutgoingHttpHeaders | OutgoingHttpHeader[] | undefined;
-    if (mode === 'buffering' && !sent(this)) {
-      // Not written yet: Node would mark the headers sent here, and then a rolled-back
-      // transaction's replacement could not go out. Held on the response instead; the write or
-      // end() after it sends them (Node's own writeHead runs then). To everyone else the head
-      // counts as sent, as it would without us: a second writeHead fails, error handlers see it.
-      if (headHeld) throw Object.assign(new Error('Cannot write headers after they are sent to the client'), { code: 'ERR_HTTP_HEADERS_SENT' });
-      const code = statusCode | 0;
-      if (code < 100 || code > 999) throw Object.assign(new RangeError(`Invalid status code: ${String(statusCode)}`), { code: 'ERR_HTTP_INVALID_STATUS_CODE' });
-      if (headers !== undefined && headers !== null) applyHeaders(this, headers);
-      this.statusCode = code;
-      if (reason !== undefined) this.statusMessage = reason;
-      holdHead(this);
-      return this;
+    if (mode === 'ending' && !delivering && !this.headersSent) return this;
+    if (mode === 'buffering' && !watchingClose) {
+      // A head written before the body: if the response closes without an end() (the handler
+      // threw and Express's final handler cut the connection, as it does once headers are
+      // sent), the lease must not stay held: the answer, cut short, is never run again.
+      watchingClose = true;
+      this.once('close', () => {
+        if (mode === 'buffering' && this.headersSent) void lease.commitUnbuffered(this.statusCode, 'cut-short');
+      });
     }
-    if (headers !== undefined && headers !== null && !sent(this)) applyHeaders(this, headers);
+    const reason = typeof rest[0] === 'string' ? rest[0] : undefined;
+    // As Node reads them: a reason that is not a string (undefined, null) leaves the headers second.
+    const headers = (reason === undefined ? (rest[1] ?? rest[0]) : rest[1]) as OutgoingHttpHeaders | OutgoingHttpHeader[] | undefined;
+    if (headers !== undefined && headers !== null && !this.headersSent) applyHeaders(this, headers);
     return (reason === undefined ? Reflect.apply(originalWriteHead, this, [statusCode]) : Reflect.apply(originalWriteHead, this, [statusCode, reason])) as ServerResponse;
   } as ServerResponse['writeHead'];
 
@@ -194,17 +178,22 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
     const response = { status: this.statusCode, headers: toStoredHeaders(sentHeaders), body };
     const deliver = (): void => {
       delivering = true;
-      // From here on Node's own view holds again: the held head (if any) is written now.
-      if (headHeld) delete (this as { headersSent?: boolean }).headersSent;
       // While the record is stored, `headersSent` is still false, so an error handler running
       // meanwhile (the handler threw after res.json()) may set a 500 and its own headers, and its
       // own end() is ignored. The client must get the answer that was stored: put it back.
-      if (!sent(this) && changedSince(this, response.status, sentMessage, sentHeaders)) {
+      if (!this.headersSent && changedSince(this, response.status, sentMessage, sentHeaders)) {
         restore(this, response.status, sentMessage, sentHeaders);
       }
       const replacement = lease.replacement;
       // Transactional mode, rolled back: the handler's answer describes writes that never happened.
-      if (replacement && !sent(this)) {
+      if (replacement && this.headersSent) {
+        // Its head was written with res.writeHead() before end(): no other status can follow it.
+        // Nothing of it is on the wire yet (Node sends the head with the body), so cut the
+        // connection rather than answer 2xx for writes that were rolled back; the client retries.
+        this.destroy();
+        return;
+      }
+      if (replacement) {
         for (const name of this.getHeaderNames()) this.removeHeader(name);
         this.statusCode = replacement.status;
         // Not the handler's reason phrase (e.g. "Created") on the replacement's status.

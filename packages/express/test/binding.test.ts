@@ -224,8 +224,8 @@ async function raw(url: string, key: string): Promise<string> {
 }
 
 describe('express binding: transactional mode', () => {
-  it('an answer written with res.writeHead whose transaction rolled back is replaced, not sent', async () => {
-    // A transaction whose completion fails (as a COMMIT can): nothing committed, the key is freed.
+  /** A transaction whose completion fails (as a COMMIT can): nothing committed, the key is freed. */
+  function failingCommitApp(): Express {
     const store: TransactionalStore<null> = Object.assign(createMemoryStore(), {
       async beginTransaction(): Promise<StoreTransaction<null>> {
         return { client: null, complete: () => Promise.reject(new Error('COMMIT failed')), rollback: async () => undefined };
@@ -234,17 +234,54 @@ describe('express binding: transactional mode', () => {
     const app = express();
     app.use(express.json());
     app.use(idempotency({ store, transactional: true, logger: false }));
+    return app;
+  }
+
+  it('a rolled-back answer is replaced by the 503, without the handler reason phrase', async () => {
+    const app = failingCommitApp();
     app.post('/tx', (_req, res) => {
-      res.writeHead(201, 'Order Created', { 'content-type': 'text/plain' });
-      res.end('created');
+      res.statusMessage = 'Order Created';
+      res.status(201).type('text/plain').send('created');
     });
     const url = await serve(app);
-    // Not the handler's reason phrase on the replacement's status.
     expect(await raw(`${url}/tx`, randomUUID())).toBe('503 Service Unavailable');
     const reply = await post(`${url}/tx`, randomUUID());
     expect(reply.status).toBe(503);
     expect(reply.headers.get('content-type')).toBe('application/problem+json');
     expect(new TextDecoder().decode(reply.body)).toContain('rolled back');
+  });
+
+  it('a rolled-back answer whose head was written with res.writeHead cuts the connection instead of answering 201', async () => {
+    const app = failingCommitApp();
+    app.post('/tx', (_req, res) => {
+      res.writeHead(201, { 'content-type': 'text/plain' });
+      res.end('created');
+    });
+    const url = await serve(app);
+    // No other status can follow a written head; a 201 would claim writes that were rolled back.
+    await expect(post(`${url}/tx`, randomUUID())).rejects.toThrow();
+  });
+});
+
+describe('express binding: a handler that throws after res.writeHead', () => {
+  it('without idempotencyErrorHandler the key is not held forever: the retry gets the cut-short 410', async () => {
+    const { app, runs } = appWith({ leaseMs: 600 });
+    app.post('/x', (_req, res) => {
+      res.writeHead(201, { 'content-type': 'text/plain' });
+      throw new Error('boom after writeHead');
+    });
+    // Express's final handler cuts the connection: headers count as sent, nothing more can go out.
+    app.use(((_err, _req, res, next) => (res.headersSent ? next(_err) : res.status(500).end())) as ErrorRequestHandler);
+    const url = await serve(app);
+    const key = randomUUID();
+    await expect(post(`${url}/x`, key)).rejects.toThrow();
+    const retry = await vi.waitFor(async () => {
+      const reply = await post(`${url}/x`, key);
+      expect(reply.status).toBe(410);
+      return reply;
+    });
+    expect(JSON.parse(new TextDecoder().decode(retry.body))).toMatchObject({ reason: 'cut-short', originalStatus: 201 });
+    expect(runs()).toBe(1);
   });
 });
 
