@@ -160,6 +160,10 @@ export class RunningLease implements Lease {
     }
   }
 
+  letLapse(): void {
+    if (!this.#settled) this.host.renewals.delete(this);
+  }
+
   async abandon(reason: AbandonReason): Promise<void> {
     if (!this.#settle()) return;
     try {

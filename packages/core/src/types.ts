@@ -62,6 +62,13 @@ export interface Lease {
   /** Give the key up: the handler threw or the client went away before an answer existed. */
   abandon(reason: AbandonReason): Promise<void>;
   /**
+   * Stop renewing without settling: the lease then runs out `leaseMs` after its last renewal, as
+   * a crashed holder's would, and the next request with the key takes over. For a binding that
+   * can no longer tell whether the handler will still answer (its response closed after the head
+   * went out, with no end). A `commit` or `abandon` before then still works.
+   */
+  letLapse(): void;
+  /**
    * Set after `commit` when the handler's answer must NOT reach the client: in transactional mode
    * its writes were rolled back (its lease was taken over, or COMMIT failed), so its response
    * describes something that never happened. The binding sends this instead, replacing status,

@@ -121,14 +121,21 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
     // end() is storing the answer: a writeHead now (an error handler's) would send its status
     // and headers ahead of the stored answer's bytes. Ignored, as the end() after it is.
     if (mode === 'ending' && !delivering && !this.headersSent) return this;
+    // Node refuses a bad status before it touches a header: so do we (below we set headers first).
+    const code = statusCode | 0;
+    if (code < 100 || code > 999) return Reflect.apply(originalWriteHead, this, [statusCode, ...rest]) as ServerResponse;
     if (mode === 'buffering' && !watchingClose) {
-      // A head written before the body: if the response closes without an end() (the handler
-      // threw and Express's final handler cut the connection, as it does once headers are
-      // sent), the lease must not stay held: the answer, cut short, is never run again.
+      // A head written before the body. If the response closes with no end() after it, either
+      // the handler threw (Express's final handler cuts the connection once headers are sent) or
+      // the client left while the handler still works: which, nothing tells. So the lease is left
+      // to run out, as a crashed holder's: an end() before then is still stored, and after it
+      // the next request takes the key over. Never held for good, never run twice at once.
       watchingClose = true;
-      this.once('close', () => {
-        if (mode === 'buffering' && this.headersSent) void lease.commitUnbuffered(this.statusCode, 'cut-short');
-      });
+      const onClose = (): void => {
+        if (mode === 'buffering') lease.letLapse();
+      };
+      if (this.closed) onClose();
+      else this.once('close', onClose);
     }
     const reason = typeof rest[0] === 'string' ? rest[0] : undefined;
     // As Node reads them: a reason that is not a string (undefined, null) leaves the headers second.
@@ -191,6 +198,7 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
         // Nothing of it is on the wire yet (Node sends the head with the body), so cut the
         // connection rather than answer 2xx for writes that were rolled back; the client retries.
         this.destroy();
+        if (callback) process.nextTick(callback, Object.assign(new Error('The response was destroyed: its transaction rolled back.'), { code: 'ERR_STREAM_DESTROYED' }));
         return;
       }
       if (replacement) {

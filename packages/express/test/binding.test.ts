@@ -264,24 +264,60 @@ describe('express binding: transactional mode', () => {
 });
 
 describe('express binding: a handler that throws after res.writeHead', () => {
-  it('without idempotencyErrorHandler the key is not held forever: the retry gets the cut-short 410', async () => {
+  it('without idempotencyErrorHandler the key is not held for good: its lease runs out and a retry runs', async () => {
     const { app, runs } = appWith({ leaseMs: 600 });
+    let calls = 0;
     app.post('/x', (_req, res) => {
       res.writeHead(201, { 'content-type': 'text/plain' });
-      throw new Error('boom after writeHead');
+      if (++calls === 1) throw new Error('boom after writeHead');
+      res.end('created');
     });
     // Express's final handler cuts the connection: headers count as sent, nothing more can go out.
     app.use(((_err, _req, res, next) => (res.headersSent ? next(_err) : res.status(500).end())) as ErrorRequestHandler);
     const url = await serve(app);
     const key = randomUUID();
     await expect(post(`${url}/x`, key)).rejects.toThrow();
-    const retry = await vi.waitFor(async () => {
-      const reply = await post(`${url}/x`, key);
-      expect(reply.status).toBe(410);
-      return reply;
+    // First 409 (the lease still runs out), then a takeover that runs the handler again.
+    const retry = await vi.waitFor(
+      async () => {
+        const reply = await post(`${url}/x`, key);
+        expect(reply.status).toBe(201);
+        return reply;
+      },
+      { timeout: 5_000, interval: 100 },
+    );
+    expect(new TextDecoder().decode(retry.body)).toBe('created');
+    expect(calls).toBe(2);
+    expect(runs()).toBeGreaterThanOrEqual(2);
+  });
+
+  it('a client that leaves after the head went out still gets the answer stored when the handler ends', async () => {
+    const { app, store } = appWith({ leaseMs: 5_000 });
+    let release: (() => void) | undefined;
+    const handlerDone = new Promise<void>((resolve) => (release = resolve));
+    let ended: Promise<void> | undefined;
+    let closed = false;
+    app.post('/slow', (_req, res) => {
+      res.once('close', () => (closed = true));
+      res.writeHead(201, { 'content-type': 'text/plain' });
+      ended = handlerDone.then(() => void res.end('late answer'));
     });
-    expect(JSON.parse(new TextDecoder().decode(retry.body))).toMatchObject({ reason: 'cut-short', originalStatus: 201 });
-    expect(runs()).toBe(1);
+    const url = await serve(app);
+    const key = randomUUID();
+    const controller = new AbortController();
+    const first = post(`${url}/slow`, key, { signal: controller.signal });
+    await vi.waitFor(() => expect(ended).toBeDefined());
+    controller.abort();
+    await expect(first).rejects.toThrow();
+    // The server has seen the client go before the handler answers.
+    await vi.waitFor(() => expect(closed).toBe(true));
+    release?.();
+    await ended;
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, key)))?.state).toBe('completed'));
+    const retry = await post(`${url}/slow`, key);
+    expect(retry.status).toBe(201);
+    expect(retry.headers.get('idempotent-replayed')).toBe('true');
+    expect(new TextDecoder().decode(retry.body)).toBe('late answer');
   });
 });
 
