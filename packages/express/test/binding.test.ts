@@ -261,6 +261,24 @@ describe('express binding: transactional mode', () => {
     // No other status can follow a written head; a 201 would claim writes that were rolled back.
     await expect(post(`${url}/tx`, randomUUID())).rejects.toThrow();
   });
+
+  it('the end() callback of such a cut answer gets the error, so a handler awaiting it is not left hanging', async () => {
+    const app = failingCommitApp();
+    let told: unknown;
+    const settled = new Promise<void>((resolve) => {
+      app.post('/tx', (_req, res) => {
+        res.writeHead(201, { 'content-type': 'text/plain' });
+        res.end('created', (error?: Error | null) => {
+          told = error;
+          resolve();
+        });
+      });
+    });
+    const url = await serve(app);
+    await expect(post(`${url}/tx`, randomUUID())).rejects.toThrow();
+    await settled;
+    expect(told).toMatchObject({ code: 'ERR_STREAM_DESTROYED' });
+  });
 });
 
 describe('express binding: a handler that throws after res.writeHead', () => {
@@ -335,6 +353,16 @@ describe('express binding: res.writeHead while the answer is buffered behaves as
       }
       res.end('ok');
     });
+    const leaked: boolean[] = [];
+    app.post('/invalid', (_req, res) => {
+      try {
+        res.writeHead(1000, { 'x-leak': '1' });
+      } catch {
+        // Node refuses the status before it sets any header.
+        leaked.push(res.hasHeader('x-leak'));
+        res.status(500).end();
+      }
+    });
     app.post('/array', (_req, res) => {
       res.setHeader('cache-control', 'public, max-age=60');
       res.writeHead(200, ['cache-control', 'no-store']);
@@ -346,6 +374,8 @@ describe('express binding: res.writeHead while the answer is buffered behaves as
     expect(errors).toEqual(['ERR_HTTP_HEADERS_SENT']);
     const key = randomUUID();
     expect(await raw(`${url}/array`, key)).toBe('200 OK no-store');
+    expect(await raw(`${url}/invalid`, randomUUID())).toBe('500 Internal Server Error');
+    expect(leaked).toEqual([false]);
     expect(await raw(`${url}/array`, key)).toBe('200 OK no-store');
   });
 });
