@@ -366,15 +366,16 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(checkedOut(db.pool)).toBe(0);
   });
 
-  /** Polls (bounded) until the record of `k` is completed, for outcomes settled after the answer went out. */
-  async function completedLater(k: string) {
-    const deadline = Date.now() + 10_000;
-    for (;;) {
-      const record = await store.get(recordOf(k));
-      if (record?.state === 'completed' || Date.now() > deadline) return record;
-      await new Promise((resolve) => setTimeout(resolve, 20));
-    }
-  }
+  /** The record of `k` once completed, for outcomes settled after the answer went out (fails after 10 s). */
+  const completedLater = (k: string) =>
+    vi.waitFor(
+      async () => {
+        const record = await store.get(recordOf(k));
+        expect(record?.state).toBe('completed');
+        return record;
+      },
+      { timeout: 10_000, interval: 20 },
+    );
 
   it('the handler COMMITs and the completion outlasts storeTimeoutMs (a lock elsewhere): the key is never freed for a second run', async () => {
     const engine = createIdempotencyEngine({ store, transactional: true, logger: false, storeTimeoutMs: 150 });
