@@ -1,7 +1,7 @@
 import { Readable } from 'node:stream';
 import Router from '@koa/router';
 import { createMemoryStore, problemResponse, KeyError, scopedKey, type IdempotencyEvent } from '@idemkit/core';
-import Koa from 'koa';
+import Koa, { type Context } from 'koa';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ConfigurationError, idempotency } from '../src/index.js';
 import { rawBody } from './app.js';
@@ -75,10 +75,8 @@ describe('koa binding: what is not replayed', () => {
     expect(runs).toBe(1);
   });
 
-  it.each([
-    [201, 410, 1],
-    [500, 500, 2], // not storable: the key is released and the retry runs again
-  ] as const)('ctx.respond = false, answered %i after the handler returned (a proxy): the retry gets %i', async (status, retryStatus, runsAfter) => {
+  /** An app whose handler answers through ctx.res itself (`ctx.respond = false`), via `answer`. */
+  async function rawAnswerApp(answer: (ctx: Context) => void) {
     let runs = 0;
     const store = createMemoryStore();
     const { url } = await start((app) => {
@@ -86,13 +84,23 @@ describe('koa binding: what is not replayed', () => {
       app.use((ctx) => {
         runs++;
         ctx.respond = false;
-        // Written later, as a proxy does: when the middleware chain resolves, nothing went out yet.
-        setImmediate(() => {
-          ctx.res.statusCode = status;
-          ctx.res.end('later');
-        });
+        answer(ctx);
       });
     });
+    return { url, store, runs: () => runs };
+  }
+
+  it.each([
+    [201, 410, 1],
+    [500, 500, 2], // not storable: the key is released and the retry runs again
+  ] as const)('ctx.respond = false, answered %i after the handler returned (a proxy): the retry gets %i', async (status, retryStatus, runsAfter) => {
+    // Written later, as a proxy does: when the middleware chain resolves, nothing went out yet.
+    const { url, store, runs } = await rawAnswerApp((ctx) =>
+      setImmediate(() => {
+        ctx.res.statusCode = status;
+        ctx.res.end('later');
+      }),
+    );
     const first = await post(url, `late-${status}`);
     expect(first.status).toBe(status);
     expect(await first.text()).toBe('later');
@@ -100,24 +108,17 @@ describe('koa binding: what is not replayed', () => {
     const retry = await post(url, `late-${status}`);
     expect(retry.status).toBe(retryStatus);
     if (retryStatus === 410) expect(await retry.json()).toMatchObject({ originalStatus: 201, reason: 'not-bufferable' });
-    expect(runs).toBe(runsAfter);
+    expect(runs()).toBe(runsAfter);
   });
 
   it('ctx.respond = false, the client leaves before the late answer: the key is not freed for a second run', async () => {
-    let runs = 0;
     let answer!: () => void;
-    const store = createMemoryStore();
-    const { url } = await start((app) => {
-      app.use(idempotency({ store }));
-      app.use((ctx) => {
-        runs++;
-        ctx.respond = false;
-        // A proxy still waiting on its upstream when the client gives up.
-        answer = () => {
-          ctx.res.statusCode = 201;
-          ctx.res.end('late');
-        };
-      });
+    // A proxy still waiting on its upstream when the client gives up.
+    const { url, store, runs } = await rawAnswerApp((ctx) => {
+      answer = () => {
+        ctx.res.statusCode = 201;
+        ctx.res.end('late');
+      };
     });
     const controller = new AbortController();
     const first = fetch(url, {
@@ -126,7 +127,7 @@ describe('koa binding: what is not replayed', () => {
       body: '{"a":1}',
       signal: controller.signal,
     }).catch((error: unknown) => error);
-    await vi.waitFor(() => expect(runs).toBe(1));
+    await vi.waitFor(() => expect(runs()).toBe(1));
     controller.abort();
     await first;
     await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, 'gone-early')))?.state).toBe('completed'));
@@ -135,7 +136,7 @@ describe('koa binding: what is not replayed', () => {
     // No status went out, so none is recorded (not Koa's placeholder 404), whatever storable says.
     expect(await retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
     answer(); // the upstream answers after all, into a closed response
-    expect(runs).toBe(1);
+    expect(runs()).toBe(1);
   });
 
   it('ctx.respond = false, a whole answer sent, then a throw: the operation answered, so it is never run again', async () => {
