@@ -121,12 +121,7 @@ describe('koa binding: what is not replayed', () => {
       };
     });
     const controller = new AbortController();
-    const first = fetch(url, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json', 'idempotency-key': 'gone-early' },
-      body: '{"a":1}',
-      signal: controller.signal,
-    }).catch((error: unknown) => error);
+    const first = post(url, 'gone-early', { a: 1 }, {}, controller.signal).catch((error: unknown) => error);
     await vi.waitFor(() => expect(runs()).toBe(1));
     controller.abort();
     await first;
@@ -462,12 +457,7 @@ describe('koa binding: concurrency and disconnects', () => {
       });
     });
     const abort = new AbortController();
-    const aborted = fetch(url, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json', 'idempotency-key': 'left' },
-      body: '{}',
-      signal: abort.signal,
-    }).catch(() => 'aborted');
+    const aborted = post(url, 'left', {}, {}, abort.signal).catch(() => 'aborted');
     await vi.waitFor(() => expect(runs).toBe(1));
     abort.abort();
     expect(await aborted).toBe('aborted');

@@ -35,10 +35,11 @@ export async function startKoa(
   return { ...(await listen(app)), app };
 }
 
-export function post(url: string, key: string | undefined, body: unknown = { a: 1 }, headers: Record<string, string> = {}): Promise<Response> {
+export function post(url: string, key: string | undefined, body: unknown = { a: 1 }, headers: Record<string, string> = {}, signal?: AbortSignal): Promise<Response> {
   return fetch(url, {
     method: 'POST',
     headers: { 'content-type': 'application/json', ...(key === undefined ? {} : { 'idempotency-key': key }), ...headers },
     body: JSON.stringify(body),
+    signal,
   });
 }
