@@ -30,24 +30,47 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   #abort = false;
   /** The complete() or rollback() that ends this transaction, once one has begun. */
   #ending: Promise<unknown> | undefined;
-  /** pg-pool's release of this checkout; the client the handler sees gets one that refuses. */
-  readonly #poolRelease: PoolClient['release'];
+  /**
+   * What the handler gets: the pool client, except that `release()` throws, and `query()` refuses
+   * once the engine has begun to end the transaction. A handler's query after its answer (an
+   * audit row, say) would otherwise run between the completion and the COMMIT (and, failing,
+   * turn the COMMIT into a rollback), or after the client went back to the pool, inside the next
+   * user's transaction.
+   */
+  readonly client: PoolClient;
 
   constructor(
-    readonly client: PoolClient,
+    /** The pool client itself: the store's own statements, never refused. */
+    private readonly raw: PoolClient,
     private readonly pool: Pool,
     private readonly completeSql: string,
     /** Our transaction's id, digits only (from `txid_current()::text`). */
     private readonly xid: string,
   ) {
-    client.on('error', this.#onConnectionError);
-    this.#poolRelease = client.release;
-    // A handler that gave the client back would let the next pool user write inside our
-    // transaction, and our ROLLBACK would then erase that user's writes.
-    client.release = () => {
-      throw new Error('[idemkit] [postgres] Do not release() the transaction client; the engine commits or rolls back and releases it.');
-    };
+    raw.on('error', this.#onConnectionError);
+    this.client = new Proxy(raw, {
+      get: (target, property) => {
+        if (property === 'query') return this.#query;
+        // A handler that gave the client back would let the next pool user write inside our
+        // transaction, and our ROLLBACK would then erase that user's writes.
+        if (property === 'release') return refuseRelease;
+        return Reflect.get(target, property, target) as unknown;
+      },
+    });
   }
+
+  readonly #query = (...args: unknown[]): unknown => {
+    if (this.#ending === undefined) return Reflect.apply(this.raw.query, this.raw, args);
+    const error = new Error(
+      '[idemkit] [postgres] This query came after the handler answered (or failed): idemkit has committed or rolled back the transaction, so it would run outside it. Finish every write before answering.',
+    );
+    const config = args[0] as { submit?: unknown; callback?: unknown } | null | undefined;
+    // pg's three call styles: a Submittable (Cursor, QueryStream), a callback, a promise.
+    if (typeof config?.submit === 'function') throw error;
+    const callback = args.findLast((arg) => typeof arg === 'function') ?? config?.callback;
+    if (typeof callback === 'function') return void process.nextTick(callback as (error: Error) => void, error);
+    return Promise.reject(error);
+  };
 
   /**
    * pg-pool takes its own 'error' listener off a client while it is checked out. A connection
@@ -70,7 +93,7 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   async #complete(params: unknown[]): Promise<boolean> {
     let row: { ours: boolean; updated: boolean } | undefined;
     try {
-      ({ rows: [row] } = await this.client.query<{ ours: boolean; updated: boolean }>(this.completeSql, params));
+      ({ rows: [row] } = await this.raw.query<{ ours: boolean; updated: boolean }>(this.completeSql, params));
     } catch (error) {
       // The session refuses statements: our transaction, aborted by a failed statement (nothing
       // committed: report the driver error), or one the handler began after committing ours.
@@ -84,7 +107,10 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     }
     if (row.updated && !this.#abort) {
       // A failed COMMIT throws (after the client is released): the caller must not claim success.
-      await this.#end('COMMIT', true);
+      // So does one Postgres answered with ROLLBACK: a statement failed after the completion.
+      if ((await this.#end('COMMIT', true)) !== 'COMMIT') {
+        throw new Error('[idemkit] [postgres] COMMIT was answered with ROLLBACK: a statement failed in the transaction after the completion, so nothing was committed.');
+      }
       return true;
     }
     // The lease was lost (taken over, expired): the stale holder's writes must vanish.
@@ -115,7 +141,7 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     // only right if the session was still in our transaction, whose writes this ROLLBACK undoes.
     let ours: boolean | undefined;
     try {
-      const results = (await this.client.query(askThenRollback(this.xid))) as unknown as Array<QueryResult<{ ours: boolean }>>;
+      const results = (await this.raw.query(askThenRollback(this.xid))) as unknown as Array<QueryResult<{ ours: boolean }>>;
       ours = results[0]?.rows[0]?.ours;
     } catch {
       // An aborted session refuses the question (and skips that ROLLBACK): ours, after a failed
@@ -136,7 +162,7 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   async #rollbackThenFate(rethrow = false): Promise<Fate | undefined> {
     let fate: Fate | undefined;
     try {
-      const results = (await this.client.query(rollbackThenFate(this.xid))) as unknown as Array<QueryResult<{ fate: Fate }>>;
+      const results = (await this.raw.query(rollbackThenFate(this.xid))) as unknown as Array<QueryResult<{ fate: Fate }>>;
       fate = results[1]?.rows[0]?.fate;
     } catch (error) {
       this.#release(error);
@@ -166,25 +192,33 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     return fate;
   }
 
-  /** Send COMMIT/ROLLBACK and give the client back; a client whose last command failed is destroyed. */
-  async #end(command: 'COMMIT' | 'ROLLBACK', rethrow = false): Promise<void> {
+  /**
+   * Send COMMIT/ROLLBACK and give the client back; a client whose last command failed is
+   * destroyed. Resolves to the command tag: `ROLLBACK` for a COMMIT of an aborted transaction.
+   */
+  async #end(command: 'COMMIT' | 'ROLLBACK', rethrow = false): Promise<string | undefined> {
+    let tag: string | undefined;
     try {
-      await this.client.query(command);
+      ({ command: tag } = await this.raw.query(command));
     } catch (error) {
       this.#release(error);
       if (rethrow) throw error;
-      return;
+      return undefined;
     }
     this.#release();
+    return tag;
   }
 
   /** Back to the pool; after a failed command the connection's state is unknown, so it is destroyed. */
   #release(failure?: unknown): void {
-    this.client.removeListener('error', this.#onConnectionError);
-    this.client.release = this.#poolRelease;
-    if (failure === undefined) this.client.release();
-    else this.client.release(failure instanceof Error ? failure : true);
+    this.raw.removeListener('error', this.#onConnectionError);
+    if (failure === undefined) this.raw.release();
+    else this.raw.release(failure instanceof Error ? failure : true);
   }
+}
+
+function refuseRelease(): never {
+  throw new Error('[idemkit] [postgres] Do not release() the transaction client; the engine commits or rolls back and releases it.');
 }
 
 function isPoolClient(value: unknown): value is PoolClient {

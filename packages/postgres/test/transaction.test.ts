@@ -122,6 +122,44 @@ describe('store transactions (the flow the engine drives)', () => {
     expect(checkedOut(db.pool)).toBe(0);
   });
 
+  it('a statement slipped in between the completion and COMMIT aborts it: COMMIT answers ROLLBACK, complete rejects', async () => {
+    const k = key();
+    const ref = randomUUID();
+    const first = await store.begin(k, 'fp', 30_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    const tx = await store.beginTransaction();
+    await tx.client.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+    // The client the handler gets refuses this (see below); the pool client itself does not, and
+    // a failed statement there turns COMMIT into a rollback without an error from Postgres.
+    const raw = Reflect.get(tx, 'raw') as pg.PoolClient;
+    const completing = tx.complete(k, first.token, ok, 60_000);
+    const failing = raw.query('SELECT 1/0').catch((error: unknown) => error);
+    await expect(completing).rejects.toThrow(/COMMIT was answered with ROLLBACK/);
+    expect(await failing).toMatchObject({ code: '22012' });
+    expect(await rowsFor(ref)).toBe(0);
+    expect((await store.get(k))?.state).toBe('in_progress');
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('the client refuses queries once the transaction is ending, in every call style, and still works before', async () => {
+    const k = key();
+    const first = await store.begin(k, 'fp', 30_000);
+    if (first.kind !== 'acquired') throw new Error('expected acquired');
+    const tx = await store.beginTransaction();
+    expect((await tx.client.query<{ n: number }>('SELECT 1 AS n')).rows).toEqual([{ n: 1 }]);
+    expect(tx.client).toBeInstanceOf(pg.Client);
+    expect(await tx.complete(k, first.token, ok, 60_000)).toBe(true);
+    const refused = /came after the handler answered/;
+    await expect(tx.client.query('SELECT 1')).rejects.toThrow(refused);
+    const viaCallback = await new Promise<unknown>((resolve) => {
+      tx.client.query('SELECT 1', (error) => resolve(error));
+    });
+    expect(viaCallback).toBeInstanceOf(Error);
+    expect(String(viaCallback)).toMatch(refused);
+    expect(() => tx.client.query(new pg.Query('SELECT 1'))).toThrow(refused);
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
   it('REPEATABLE READ handlers conflict with lease renewals (why the README asks for READ COMMITTED)', async () => {
     // A server or connection default is how a handler gets REPEATABLE READ: the store's BEGIN
     // asks for the transaction id, so SET TRANSACTION in the handler comes too late.
@@ -339,6 +377,23 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(true);
     expect(await rowsFor(ref)).toBe(1);
     expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('a query after the answer (an audit row, say) is refused: it cannot slip into the COMMIT or outlive the transaction', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const { k, ref, decision, tx } = await inserted(engine);
+    // The handler answers, then writes once more without waiting: the answer starts the commit.
+    const committing = decision.lease.commit({ status: 201, headers: [], body: bytes('created') });
+    const audit = tx.query('INSERT INTO no_such_audit_table (ref) VALUES ($1)', [ref]);
+    await expect(audit).rejects.toThrow(/came after the handler answered/);
+    expect(await committing).toBe(true);
+    expect(await rowsFor(ref)).toBe(1);
+    expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
+
+    // And once the client is back in the pool, a late write cannot land in whoever has it now.
+    await expect(tx.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref])).rejects.toThrow(/came after the handler answered/);
+    expect(await rowsFor(ref)).toBe(1);
     expect(checkedOut(db.pool)).toBe(0);
   });
 
