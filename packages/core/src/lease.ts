@@ -161,7 +161,25 @@ export class RunningLease implements Lease {
   }
 
   letLapse(): void {
-    if (!this.#settled) this.host.renewals.delete(this);
+    if (this.#settled) return;
+    this.host.renewals.delete(this);
+    // A crashed holder's transaction dies with its connection; this one would stay open (its row
+    // locks in the way of the request that takes over, its connection out of the pool) with
+    // nobody left to end it. So it is rolled back when the lease runs out, unless settled first;
+    // the key is then taken over as a crashed holder's.
+    if (this.tx) setTimeout(() => void this.#lapse(), Math.max(0, this.#leaseEndsAt - Date.now())).unref();
+  }
+
+  /** The lapsed lease has run out: roll back only, the key is the next request's to take over. */
+  async #lapse(): Promise<void> {
+    if (!this.#settle()) return;
+    const tx = this.tx as StoreTransaction;
+    try {
+      await this.host.call('rollback', () => tx.rollback());
+    } catch (error) {
+      if (isTransactionEnded(error)) await this.#afterTransactionEnded(null);
+      else this.#storeError('rollback', error);
+    }
   }
 
   async abandon(reason: AbandonReason): Promise<void> {

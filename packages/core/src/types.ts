@@ -65,7 +65,8 @@ export interface Lease {
    * Stop renewing without settling: the lease then runs out `leaseMs` after its last renewal, as
    * a crashed holder's would, and the next request with the key takes over. For a binding that
    * can no longer tell whether the handler will still answer (its response closed after the head
-   * went out, with no end). A `commit` or `abandon` before then still works.
+   * went out, with no end). A `commit` or `abandon` before then still works. In transactional
+   * mode the transaction is rolled back when the lease runs out.
    */
   letLapse(): void;
   /**

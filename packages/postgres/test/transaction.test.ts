@@ -397,6 +397,33 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(checkedOut(db.pool)).toBe(0);
   });
 
+  it('a lease left to lapse (a binding that lost its response) rolls back and returns its client when it runs out', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false, leaseMs: 400 });
+    const { k, ref, decision, tx } = await inserted(engine);
+    // A lock the handler holds in its transaction (a row it updated, say) until that ends.
+    const lock = `SELECT pg_try_advisory_xact_lock(hashtext($1)) AS got`;
+    expect((await tx.query<{ got: boolean }>(lock, [ref])).rows[0]?.got).toBe(true);
+    // Express, after a handler threw once its head was out: nobody will end this transaction.
+    decision.lease.letLapse();
+    expect(checkedOut(db.pool)).toBe(1);
+    await vi.waitFor(() => expect(checkedOut(db.pool)).toBe(0), { timeout: 5_000, interval: 20 });
+    expect(await rowsFor(ref)).toBe(0);
+    // The key is taken over, as a crashed holder's: the retry runs, the lapsed one's lock gone, and commits.
+    const retry = await engine.decide(request(k, ref));
+    expect(retry.kind).toBe('run');
+    if (retry.kind !== 'run') return;
+    expect(retry.lease.tookOver).toBe(true);
+    const next = pgTransaction(retry.lease.context);
+    expect((await next.query<{ got: boolean }>(lock, [ref])).rows[0]?.got).toBe(true);
+    await next.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+    expect(await retry.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(true);
+    expect(await rowsFor(ref)).toBe(1);
+    // A late answer of the lapsed handler changes nothing.
+    expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('late') })).toBe(false);
+    expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
   it('RESET ALL inside the transaction does not make it look ended: the answer is stored and replayed', async () => {
     const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
     const { k, ref, decision, tx } = await inserted(engine);
