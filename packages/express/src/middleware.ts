@@ -27,6 +27,14 @@ declare global {
  */
 const claimed = new WeakMap<Request, Lease>();
 
+/**
+ * Whether `idempotencyErrorHandler()` was ever created in this process (shared through the
+ * global symbol registry, so an ESM and a CJS copy of this package agree). Transactional mode
+ * warns without it: see `warnNoErrorHandler`.
+ */
+const ERROR_HANDLER_CREATED = Symbol.for('idemkit.express.errorHandlerCreated');
+const errorHandlerCreated = (): boolean => (globalThis as Record<symbol, unknown>)[ERROR_HANDLER_CREATED] === true;
+
 function bodyNotParsed(): ConfigurationError {
   return new ConfigurationError(
     'ERR_IDEMKIT_BODY_NOT_PARSED',
@@ -65,6 +73,18 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
   const o = engine.options;
   const bodyMatters = o.fingerprint === 'default' || (o.getKey === undefined && o.bodyField !== false);
 
+  // Checked at the first transactional run, not here: the error handler is created after the routes.
+  let errorHandlerChecked = !o.transactional;
+  function warnNoErrorHandler(): void {
+    errorHandlerChecked = true;
+    if (errorHandlerCreated()) return;
+    o.logger?.warn(
+      '[idemkit] [express] transactional: true without idempotencyErrorHandler(): Express tells this middleware nothing about a ' +
+        'thrown error, so one your error handling answers with a stored status (a 400 from createError(400), say) commits the ' +
+        "handler's writes with that answer. Mount idempotencyErrorHandler() after your routes to roll them back.",
+    );
+  }
+
   async function handle(req: Request, res: Response, next: NextFunction): Promise<void> {
     if (claimed.has(req)) return next();
     const method = req.method.toUpperCase();
@@ -87,6 +107,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
         return writeProblem(res, decision.error);
       case 'run': {
         const { lease } = decision;
+        if (!errorHandlerChecked) warnNoErrorHandler();
         claimed.set(req, lease);
         expose(req, res, lease.context);
         // No abandon on an early 'close' (client gone): the handler still runs, and freeing the
@@ -110,7 +131,8 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
  * release the key whenever a handler throws or calls `next(err)`, whatever status your error
  * handler then answers (as the Koa and Fastify bindings do). Without it, Express gives the
  * middleware no signal for thrown errors: the key is released only when the error's answer is
- * not storable (Express's default 500 is not), and a 4xx your error handler renders is stored.
+ * not storable (Express's default 500 is not), and a 4xx your error handler renders is stored
+ * (in transactional mode, with the handler's writes committed: it warns once without this).
  *
  * @example
  * app.use(routes);
@@ -118,6 +140,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
  * app.use(myErrorHandler);
  */
 export function idempotencyErrorHandler(): ErrorRequestHandler {
+  (globalThis as Record<symbol, unknown>)[ERROR_HANDLER_CREATED] = true;
   return function idempotencyErrors(err: unknown, req, _res, next) {
     const lease = claimed.get(req);
     if (!lease || lease.settled) return next(err);

@@ -281,6 +281,47 @@ describe('express binding: transactional mode', () => {
   });
 });
 
+describe('express binding: transactional mode without idempotencyErrorHandler()', () => {
+  const created = Symbol.for('idemkit.express.errorHandlerCreated');
+  const global = globalThis as Record<symbol, unknown>;
+
+  function transactionalApp(logger: { warn: (message: string) => void; error: () => void }): Express {
+    const store: TransactionalStore<null> = Object.assign(createMemoryStore(), {
+      async beginTransaction(): Promise<StoreTransaction<null>> {
+        return { client: null, complete: async () => true, rollback: async () => undefined };
+      },
+    });
+    const app = express();
+    app.use(express.json());
+    app.use(idempotency({ store, transactional: true, logger }));
+    app.post('/tx', (_req, res) => void res.status(201).send('created'));
+    return app;
+  }
+
+  it('warns once, at the first transactional run, when the error handler was never created; not once it was', async () => {
+    const before = global[created];
+    delete global[created];
+    try {
+      const warnings: string[] = [];
+      const logger = { warn: (message: string) => void warnings.push(message), error: () => undefined };
+      const url = await serve(transactionalApp(logger));
+      expect(warnings).toEqual([]);
+      expect((await post(`${url}/tx`, randomUUID())).status).toBe(201);
+      expect((await post(`${url}/tx`, randomUUID())).status).toBe(201);
+      expect(warnings).toHaveLength(1);
+      expect(warnings[0]).toMatch(/without idempotencyErrorHandler\(\).*commits the handler's writes/);
+
+      idempotencyErrorHandler();
+      const quiet: string[] = [];
+      const url2 = await serve(transactionalApp({ warn: (message) => void quiet.push(message), error: () => undefined }));
+      expect((await post(`${url2}/tx`, randomUUID())).status).toBe(201);
+      expect(quiet).toEqual([]);
+    } finally {
+      global[created] = before;
+    }
+  });
+});
+
 describe('express binding: a handler that throws after res.writeHead', () => {
   it('without idempotencyErrorHandler the key is not held for good: its lease runs out and a retry runs', async () => {
     const { app, runs } = appWith({ leaseMs: 600 });
