@@ -1,4 +1,4 @@
-import { idempotency } from '@idemkit/express';
+import { idempotency, idempotencyErrorHandler } from '@idemkit/express';
 import express, { type ErrorRequestHandler, type Response } from 'express';
 import type { Assets } from '../assets.js';
 import type { Backend } from '../backend.js';
@@ -24,6 +24,8 @@ export async function startExpress(config: DemoConfig, backend: Backend, assets:
   app.post('/orders', guard, async (req, res) => send(res, await placeOrder(backend, config.workMs, req.body, req.idempotency)));
   app.post('/create', guard, async (req, res) => send(res, await createThing(backend, req.body, req.idempotency)));
 
+  // Frees the key of a handler that threw (and, in transactional mode, rolls its writes back).
+  app.use(idempotencyErrorHandler());
   const onError: ErrorRequestHandler = (err: { type?: string; message?: string }, _req, res, _next) => {
     if (err.type === 'entity.parse.failed') return send(res, invalidJson(err.message ?? 'Malformed JSON.'));
     if (err.type === 'entity.too.large') return send(res, tooLarge());
