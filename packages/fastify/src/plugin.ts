@@ -38,6 +38,10 @@ interface LeaseState {
   readonly reply: FastifyReply;
   /** The handler (or a hook after ours) failed: its error reply must never be stored. */
   errored: boolean;
+  /** The first answer through onSend, being stored; a later send waits for it (see onSend). */
+  settling: Promise<unknown> | undefined;
+  /** A second answer came through onSend while the first was stored (see onSend). */
+  resent: boolean;
 }
 
 const kState = Symbol('idemkit.fastify.state');
@@ -67,6 +71,21 @@ type SendDone = (error: Error | null, payload?: unknown) => void;
 /** A rejection as Fastify's `done` wants it (an Error). */
 function asError(error: unknown): Error {
   return error instanceof Error ? error : new Error(String(error));
+}
+
+/**
+ * Hand onSend's result on. A throw from `done` before anything went out (a Response body already
+ * read, say) becomes that pass's error, as in Fastify's runner for a promise hook; never an
+ * unhandled rejection.
+ */
+function deliver(reply: FastifyReply, done: SendDone, payload: unknown, error?: unknown): void {
+  try {
+    if (error === undefined) done(null, payload);
+    else done(asError(error));
+  } catch (thrown) {
+    if (!reply.raw.headersSent) return done(asError(thrown));
+    reply.log.warn({ err: thrown }, '[idemkit] An answer could not be written: the response had already gone out.');
+  }
 }
 
 /** Call `done` once `work` settles, with its error if it fails (a throwing `storable`, say). */
@@ -101,7 +120,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         sendStored(reply, problemResponse(decision.error));
         return;
       case 'run': {
-        const state: LeaseState = { lease: decision.lease, reply, errored: false };
+        const state: LeaseState = { lease: decision.lease, reply, errored: false, settling: undefined, resent: false };
         (request as StatefulRequest)[kState] = state;
         request.idempotency = decision.lease.context;
         // The last word on this lease, whatever happened: Fastify's hooks do not cover every
@@ -132,10 +151,26 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   // before the client can see the answer (and retry): a retry always finds a replay, never a 409.
   function onSend(request: FastifyRequest, reply: FastifyReply, payload: unknown, done: SendDone): void {
     const state = stateOf(request);
-    if (state === null || state.lease.settled) return done(null, payload);
-    settle(state, reply, payload).then(
-      (replaced) => done(null, replaced),
-      (error: unknown) => done(asError(error)),
+    if (state === null) return done(null, payload);
+    if (state.settling !== undefined) {
+      // Sent again while the first answer is stored: an async handler that called reply.send()
+      // without `return reply` (Fastify then sends its undefined result as well), sent twice, or
+      // threw after sending (the error handler's answer). The first answer, the one stored,
+      // goes out; this one is dropped, as Fastify drops a second answer once one went out.
+      state.resent = true;
+      const later = (): void => {
+        if (!reply.raw.headersSent) return deliver(reply, done, payload);
+        reply.log.warn(`[idemkit] A second answer was dropped: the first one went out. Did you forget to "return reply" in the "${request.url}" (${request.method}) route?`);
+      };
+      state.settling.then(later, later);
+      return;
+    }
+    if (state.lease.settled) return done(null, payload);
+    const settling = settle(state, reply, payload);
+    state.settling = settling;
+    settling.then(
+      (replaced) => deliver(reply, done, replaced),
+      (error: unknown) => deliver(reply, done, undefined, error),
     );
   }
 
@@ -146,10 +181,11 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       return payload;
     }
     const status = payloadStatus(payload, reply.statusCode);
+    const headers = reply.getHeaders();
     const body = payloadBytes(payload);
     if (body === undefined) await lease.commitUnbuffered(status, 'not-bufferable');
     else if (body.byteLength > engine.options.maxBodyBytes) await lease.commitUnbuffered(status, 'too-large');
-    else await lease.commit({ status, headers: toStoredHeaders(reply.getHeaders()), body });
+    else await lease.commit({ status, headers: toStoredHeaders(headers), body });
     // Transactional mode, rolled back: the handler's answer describes writes that never happened.
     const replacement = lease.replacement;
     if (replacement) {
@@ -157,6 +193,13 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       reply.code(replacement.status);
       for (const [name, value] of responseHeaders(replacement)) reply.header(name, value);
       return Buffer.from(replacement.body.buffer, replacement.body.byteOffset, replacement.body.byteLength);
+    }
+    // A second answer (or the error handler's, after a throw) set its status and headers
+    // meanwhile: this answer goes out as it was stored.
+    if (state.resent || state.errored) {
+      for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name);
+      reply.code(status);
+      reply.headers(headers);
     }
     return payload;
   }
@@ -186,11 +229,57 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     void (reply.raw.headersSent ? lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
   }
 
-  return { preHandler, onSend, onError };
+  /**
+   * An async handler's promise settled. Two ends reach none of the hooks above: a handler that
+   * resolves with nothing after its client left (Fastify then sends nothing, so onSend never
+   * runs and the lease would be renewed for good), and one that rejects after `reply.hijack()`
+   * (Fastify only logs it).
+   */
+  function handlerEnded(request: FastifyRequest, state: LeaseState, payload: unknown, failed: boolean): void {
+    const { lease, reply } = state;
+    if (failed) {
+      // Hijacked and nothing written yet: a throw, as for any handler. Once bytes went out, the
+      // raw close settles it (as a stream).
+      if (reply.sent && !reply.raw.headersSent && !lease.settled) {
+        state.errored = true;
+        void lease.abandon('handler-threw');
+      }
+      return;
+    }
+    if (payload !== undefined) return;
+    // After Fastify's own reaction to the promise (queued behind this one), which sends the
+    // empty answer unless the client is gone.
+    queueMicrotask(() => {
+      if (lease.settled || state.settling !== undefined || reply.sent) return;
+      if (request.raw.aborted || reply.raw.destroyed) void lease.commitUnbuffered(null, 'cut-short');
+    });
+  }
+
+  return { preHandler, onSend, onError, handlerEnded };
 }
 
 type RouteHooks = ReturnType<typeof routeHooks>;
-type HookName = keyof RouteHooks;
+type HookName = Exclude<keyof RouteHooks, 'handlerEnded'>;
+
+/** Watch the route handler's promise (see handlerEnded); only requests that took a lease pay for it. */
+function watchHandler(route: RouteOptions, hooks: RouteHooks): void {
+  const handler = route.handler;
+  route.handler = function idempotentHandler(this: FastifyInstance, request, reply) {
+    const result: unknown = handler.call(this, request, reply);
+    const state = stateOf(request);
+    if (state !== null && isThenable(result)) {
+      result.then(
+        (payload) => hooks.handlerEnded(request, state, payload, false),
+        () => hooks.handlerEnded(request, state, undefined, true),
+      );
+    }
+    return result;
+  };
+}
+
+function isThenable(value: unknown): value is PromiseLike<unknown> {
+  return typeof value === 'object' && value !== null && typeof (value as { then?: unknown }).then === 'function';
+}
 
 /**
  * Add our hook to the route's own (a function, an array, or nothing). After the others, except
@@ -244,7 +333,9 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
     }
     const covered = attached.engine.options.methods;
     if (!methodsOf(route).some((m) => covered.has(m))) return;
-    for (const name of Object.keys(attached.hooks) as HookName[]) addHook(route, name, attached.hooks[name]);
+    const { handlerEnded: _handlerEnded, ...hooks } = attached.hooks;
+    for (const name of Object.keys(hooks) as HookName[]) addHook(route, name, hooks[name]);
+    watchHandler(route, attached.hooks);
   });
 };
 

@@ -401,6 +401,104 @@ describe('a hijacked reply that sends nothing', () => {
   });
 });
 
+describe('an async handler that calls reply.send() without returning reply', () => {
+  // Fastify sends the handler's undefined result too, while the first answer is still being
+  // stored. Before, that empty second answer went out first, and the first one's write then
+  // threw ERR_HTTP_HEADERS_SENT as an unhandled rejection (a crash under Node's defaults).
+  it.each([
+    ['sends once', 'once'],
+    ['sends twice', 'twice'],
+    ['sends, then throws', 'throws'],
+  ] as const)('%s: the client gets the first answer, the one stored and replayed', async (_title, how) => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/orders', async (_request, reply) => {
+        runs++;
+        await new Promise((resolve) => setImmediate(resolve));
+        reply.code(201).send({ id: runs, first: true });
+        if (how === 'twice') reply.code(202).send({ id: runs, first: false });
+        if (how === 'throws') throw new Error('after the answer');
+      });
+    });
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}/orders`;
+    const send = () => fetch(url, { method: 'POST', headers: { 'idempotency-key': `no-return-${how}`, 'content-type': 'application/json' }, body: '{"a":1}' });
+    const first = await send();
+    expect(first.status).toBe(201);
+    expect(await first.text()).toBe('{"id":1,"first":true}');
+    const retry = await send();
+    expect(retry.status).toBe(201);
+    expect(retry.headers.get('idempotent-replayed')).toBe('true');
+    expect(await retry.text()).toBe('{"id":1,"first":true}');
+    expect(runs).toBe(1);
+  });
+});
+
+describe('an async handler whose client left', () => {
+  it('resolving with nothing (no send) settles the key instead of renewing it for good: retries get 410', async () => {
+    let runs = 0;
+    let ended = false;
+    const { app } = await build(
+      (a) => {
+        a.post('/later', async (_request, reply) => {
+          runs++;
+          await new Promise((resolve) => setTimeout(resolve, 200));
+          reply.code(202); // no send: Fastify would send the empty answer, but the client is gone
+          ended = true;
+        });
+      },
+      { leaseMs: 400 },
+    );
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}/later`;
+    const controller = new AbortController();
+    const first = fetch(url, { method: 'POST', headers: { 'idempotency-key': 'left', 'content-type': 'application/json' }, body: '{"a":1}', signal: controller.signal });
+    await vi.waitFor(() => expect(runs).toBe(1));
+    controller.abort();
+    await expect(first).rejects.toThrow();
+    await vi.waitFor(() => expect(ended).toBe(true));
+    // Before, the lease was renewed for as long as the process ran: a 409 forever.
+    const retry = await vi.waitFor(
+      async () => {
+        const res = await post(app, '/later', 'left');
+        expect(res.statusCode).toBe(410);
+        return res;
+      },
+      { timeout: 3_000, interval: 50 },
+    );
+    expect(retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
+    expect(runs).toBe(1);
+  });
+});
+
+describe('a hijacked reply whose handler throws before writing', () => {
+  it('frees the key, as any throwing handler does: the retry runs again', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/hijack-throw', async (_request, reply) => {
+        runs++;
+        reply.hijack();
+        if (runs === 1) throw new Error('before any byte');
+        reply.raw.writeHead(201, { 'content-type': 'text/plain' });
+        reply.raw.end('made');
+      });
+    });
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}/hijack-throw`;
+    const send = (signal?: AbortSignal) =>
+      fetch(url, { method: 'POST', headers: { 'idempotency-key': 'hijack-throw', 'content-type': 'application/json' }, body: '{"a":1}', signal });
+    // Fastify only logs the error of a hijacked reply; the client waits until it gives up.
+    const controller = new AbortController();
+    const first = send(controller.signal);
+    await vi.waitFor(() => expect(runs).toBe(1));
+    // Before, the client's leaving stored 410 cut-short (the throw went unseen).
+    await vi.waitFor(async () => expect((await post(app, '/hijack-throw', 'hijack-throw')).statusCode).toBe(201));
+    controller.abort();
+    await expect(first).rejects.toThrow();
+    expect(runs).toBe(2);
+  });
+});
+
 describe('errors and validation', () => {
   it("a body that fails Fastify's schema validation never takes a lease: the key stays free", async () => {
     let runs = 0;
