@@ -132,15 +132,17 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
 
   try {
     const captured = captureResponse(ctx);
-    if (captured.kind === 'unbuffered') {
-      await lease.commitUnbuffered(ctx.status, 'not-bufferable');
-    } else {
-      // Stored before respond() writes a byte, so a client retrying at once gets the replay.
-      if (captured.body.byteLength > maxBodyBytes) await lease.commitUnbuffered(ctx.status, 'too-large');
-      else await lease.commit({ status: ctx.status, headers: toStoredHeaders(ctx.response.headers), body: captured.body });
-      // Transactional mode, rolled back: the handler's answer describes writes that never happened.
-      const replacement = lease.replacement;
-      if (replacement) {
+    if (captured.kind === 'unbuffered') await lease.commitUnbuffered(ctx.status, 'not-bufferable');
+    // Stored before respond() writes a byte, so a client retrying at once gets the replay.
+    else if (captured.body.byteLength > maxBodyBytes) await lease.commitUnbuffered(ctx.status, 'too-large');
+    else await lease.commit({ status: ctx.status, headers: toStoredHeaders(ctx.response.headers), body: captured.body });
+    // Transactional mode, rolled back: the handler's answer (a stream's too) describes writes that
+    // never happened. A replaced stream is destroyed by Koa once the response finishes.
+    const replacement = lease.replacement;
+    if (replacement) {
+      // A head the handler already wrote cannot take another status: cut the answer instead.
+      if (ctx.res.headersSent) ctx.res.destroy();
+      else {
         for (const name of Object.keys(ctx.response.headers)) ctx.remove(name);
         sendStored(ctx, replacement, responseHeaders(replacement));
       }

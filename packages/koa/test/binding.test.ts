@@ -1,6 +1,6 @@
 import { Readable } from 'node:stream';
 import Router from '@koa/router';
-import { createMemoryStore, problemResponse, KeyError, scopedKey, type IdempotencyEvent } from '@idemkit/core';
+import { createMemoryStore, problemResponse, KeyError, scopedKey, type IdempotencyEvent, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import Koa, { type Context } from 'koa';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ConfigurationError, idempotency } from '../src/index.js';
@@ -165,6 +165,47 @@ describe('koa binding: what is not replayed', () => {
     const retry = await post(url, 'big');
     expect(retry.status).toBe(410);
     expect(await retry.json()).toMatchObject({ reason: 'too-large' });
+  });
+});
+
+describe('koa binding: transactional mode, rolled back', () => {
+  /** A transaction whose completion fails (as a COMMIT can): nothing committed, the key is freed. */
+  function failingCommitStore(): TransactionalStore<null> {
+    return Object.assign(createMemoryStore(), {
+      async beginTransaction(): Promise<StoreTransaction<null>> {
+        return { client: null, complete: () => Promise.reject(new Error('COMMIT failed')), rollback: async () => undefined };
+      },
+    });
+  }
+
+  it('a stream answer is replaced by the 503 too, not sent as if its writes had committed; the retry runs again', async () => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: failingCommitStore(), transactional: true, logger: false }));
+      app.use((ctx) => {
+        runs++;
+        ctx.status = 201;
+        ctx.type = 'text/csv';
+        ctx.body = Readable.from(['order,status\n', '1,placed\n']);
+      });
+    });
+    const first = await post(url, 'csv');
+    expect(first.status).toBe(503);
+    expect(first.headers.get('content-type')).toBe('application/problem+json');
+    expect(await first.text()).toContain('rolled back');
+    expect((await post(url, 'csv')).status).toBe(503);
+    expect(runs).toBe(2);
+  });
+
+  it('an answer whose head the handler already wrote is cut instead of completed as a 201', async () => {
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: failingCommitStore(), transactional: true, logger: false }));
+      app.use((ctx) => {
+        ctx.res.writeHead(201, { 'content-type': 'text/plain' });
+        ctx.body = 'created';
+      });
+    });
+    await expect(post(url, 'head-out').then((res) => res.text())).rejects.toThrow();
   });
 });
 
