@@ -161,7 +161,7 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
   if (!isStore(input.store)) {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`store` must implement IdempotencyStore (begin, complete, release, renew, get, purgeExpired, close).');
   }
-  const logger = input.logger === false ? undefined : (input.logger ?? console);
+  const logger = input.logger === false ? undefined : guarded(input.logger ?? console);
   const unknown = Object.keys(input).filter((k) => !KNOWN.has(k));
   if (unknown.length > 0) logger?.warn(`[idemkit] Unknown option(s) ignored: ${unknown.join(', ')}.`);
 
@@ -211,3 +211,26 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
   });
 }
 
+/**
+ * A logger that cannot throw: it is called from timers (renewals, background completions), where
+ * a throwing log sink (a transport that is down) would be an unhandled rejection that ends the
+ * process. Like a throwing `onEvent`, it must never change what the client gets.
+ */
+function guarded(logger: IdempotencyLogger): IdempotencyLogger {
+  return {
+    warn(message, ...meta) {
+      try {
+        logger.warn(message, ...meta);
+      } catch {
+        // Nothing to tell it with.
+      }
+    },
+    error(message, ...meta) {
+      try {
+        logger.error(message, ...meta);
+      } catch {
+        // Nothing to tell it with.
+      }
+    },
+  };
+}

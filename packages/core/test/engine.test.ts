@@ -553,6 +553,40 @@ describe('store failures', () => {
     expectRun(await engine.decide(request({ key: 'k' })));
   });
 
+  it('a logger that throws (a log transport that is down) never ends the process from a renewal', async () => {
+    const inner = createMemoryStore();
+    let renewals = 0;
+    const store: IdempotencyStore = {
+      begin: (key, fingerprint, leaseMs) => inner.begin(key, fingerprint, leaseMs),
+      complete: (key, token, response, ttlMs) => inner.complete(key, token, response, ttlMs),
+      release: (key, token) => inner.release(key, token),
+      renew: async () => {
+        renewals++;
+        throw new Error('store blip');
+      },
+      get: (key) => inner.get(key),
+      purgeExpired: (limit) => inner.purgeExpired(limit),
+      close: () => inner.close(),
+    };
+    const escaped: unknown[] = [];
+    const onRejection = (reason: unknown): void => void escaped.push(reason);
+    process.on('unhandledRejection', onRejection);
+    try {
+      const sinkDown = (): never => {
+        throw new Error('log sink down');
+      };
+      const engine = createIdempotencyEngine({ store, leaseMs: 90, logger: { warn: sinkDown, error: sinkDown } });
+      const lease = expectRun(await engine.decide(request({ key: 'k' })));
+      // Each failed renewal is logged (from a timer) with the throwing logger.
+      await vi.waitFor(() => expect(renewals).toBeGreaterThanOrEqual(2), { timeout: 3_000, interval: 10 });
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(await lease.commit(response(201, 'ok'))).toBe(true);
+      expect(escaped).toEqual([]);
+    } finally {
+      process.off('unhandledRejection', onRejection);
+    }
+  });
+
   it('warns once when the in-memory store runs in production', () => {
     const warn = vi.fn();
     const previous = process.env.NODE_ENV;
