@@ -89,37 +89,45 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
     async begin(key, fingerprint, leaseMs): Promise<BeginResult> {
       const token = randomUUID() as LeaseToken;
       const lease = positiveMs(leaseMs, 'leaseMs');
-      if (claim === 'set') {
-        if (closed) throw closedError();
-        batch();
-        // The hot path is one plain command, no script: it claims a free key, or hands back the
-        // record already there (a replay needs nothing more).
-        const found = (await client.setBuffer(
-          prefix + key,
-          claimValue(leaseGraceMs, lease, token, fingerprint),
-          'PX',
-          lease + leaseGraceMs,
-          'NX',
-          'GET',
-        )) as Buffer | null;
-        if (found === null) return { kind: 'acquired', token, tookOver: false };
-        if (isCompleted(found)) return { kind: 'existing', record: decodeRecord(key, found, 0), leaseRemainingMs: 0 };
+      try {
+        if (claim === 'set') {
+          if (closed) throw closedError();
+          batch();
+          // The hot path is one plain command, no script: it claims a free key, or hands back the
+          // record already there (a replay needs nothing more).
+          const found = (await client.setBuffer(
+            prefix + key,
+            claimValue(leaseGraceMs, lease, token, fingerprint),
+            'PX',
+            lease + leaseGraceMs,
+            'NX',
+            'GET',
+          )) as Buffer | null;
+          if (found === null) return { kind: 'acquired', token, tookOver: false };
+          if (isCompleted(found)) return { kind: 'existing', record: decodeRecord(key, found, 0), leaseRemainingMs: 0 };
+        }
+        // The begin script does it all atomically by the Redis clock. After a SET it runs only on a
+        // record in progress, whose lease only a script can read and take over if it has run out:
+        // a second round trip, on this contended path only. That includes our own token (ioredis
+        // re-sent this SET after a reconnect and the first send had claimed the key): the script
+        // answers 'acquired' only while that claim's lease is still running, and claims the key
+        // afresh if it ran out meanwhile, so a re-send never hands back a lease that is over.
+        const reply = asArray(
+          await run('begin', key, token, lease, leaseGraceMs, fingerprint === null ? '0' : '1', fingerprint ?? ''),
+        );
+        if (text(reply[0]) === 'acquired') return { kind: 'acquired', token, tookOver: isOne(reply[1]) };
+        const now = num(reply[1]);
+        const record = decodeRecord(key, bytes(reply[3]), num(reply[2]));
+        const leaseRemainingMs = record.leaseExpiresAt === null ? 0 : Math.max(0, record.leaseExpiresAt - now);
+        return { kind: 'existing', record, leaseRemainingMs };
+      } catch (error) {
+        // The claim may have landed though the answer was lost (ioredis's `commandTimeout`, or
+        // `maxRetriesPerRequest` used up by a reconnect): the caller was told the store failed,
+        // so the key must not stay claimed, answering 409 to its retries, for a whole lease.
+        // Fenced by the token: harmless if nothing landed.
+        if (!closed) run('release', key, token).catch(() => undefined);
+        throw error;
       }
-      // The begin script does it all atomically by the Redis clock. After a SET it runs only on a
-      // record in progress, whose lease only a script can read and take over if it has run out:
-      // a second round trip, on this contended path only. That includes our own token (ioredis
-      // re-sent this SET after a reconnect and the first send had claimed the key): the script
-      // answers 'acquired' only while that claim's lease is still running, and claims the key
-      // afresh if it ran out meanwhile, so a re-send never hands back a lease that is over.
-      const reply = asArray(
-        await run('begin', key, token, lease, leaseGraceMs, fingerprint === null ? '0' : '1', fingerprint ?? ''),
-      );
-      if (text(reply[0]) === 'acquired') return { kind: 'acquired', token, tookOver: isOne(reply[1]) };
-      const now = num(reply[1]);
-      const record = decodeRecord(key, bytes(reply[3]), num(reply[2]));
-      const leaseRemainingMs =
-        record.leaseExpiresAt === null ? 0 : Math.max(0, record.leaseExpiresAt - now);
-      return { kind: 'existing', record, leaseRemainingMs };
     },
 
     async complete(key, token, response: StoredResponse, ttlMs): Promise<boolean> {

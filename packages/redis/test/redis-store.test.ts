@@ -1,3 +1,4 @@
+import { createServer, connect, type Socket } from 'node:net';
 import type { LeaseToken, StoredResponse } from '@idemkit/core';
 import type { ResolvedService } from '@idemkit/test-services';
 import { Redis } from 'ioredis';
@@ -415,6 +416,41 @@ describe('client ownership and failures', () => {
     );
     await expect(s.get(k)).rejects.toThrow(/Connection is closed/);
     await expect(s.release(k, 'x' as LeaseToken)).rejects.toThrow(/Connection is closed/);
+  });
+
+  it('a claim whose answer was lost (commandTimeout) is given back: the caller saw a failure, so the key is free', async () => {
+    // A TCP hop that can hold Redis's answers back: commands land, their replies never arrive.
+    const target = new URL(url);
+    let holding = false;
+    const sockets = new Set<Socket>();
+    const proxy = createServer((downstream) => {
+      const upstream = connect(Number(target.port || 6379), target.hostname);
+      for (const socket of [downstream, upstream]) {
+        sockets.add(socket);
+        socket.on('error', () => undefined);
+        socket.on('close', () => [downstream, upstream].forEach((other) => other.destroy()));
+      }
+      downstream.pipe(upstream);
+      upstream.on('data', (chunk: Buffer) => void (holding || downstream.write(chunk)));
+    });
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+    const { port } = proxy.address() as { port: number };
+    const client = new Redis({ host: '127.0.0.1', port, commandTimeout: 100, maxRetriesPerRequest: 0 });
+    try {
+      const s = createRedisStore({ client, prefix });
+      const k = key('lost-answer');
+      await s.get(k); // scripts loaded, connection warm
+      holding = true;
+      await expect(s.begin(k, 'fp', 60_000)).rejects.toThrow(/timed out/);
+      // The SET reached Redis; the release sent after it (same connection, same order) too.
+      // Before, the claim stayed for the whole lease and every retry got 409.
+      await vi.waitFor(async () => expect(await redis.exists(prefix + k)).toBe(0), { timeout: 3_000, interval: 20 });
+      expect(await store().begin(k, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
+    } finally {
+      client.disconnect();
+      sockets.forEach((socket) => socket.destroy());
+      await new Promise((resolve) => proxy.close(resolve));
+    }
   });
 
   it('rejects every operation on a client you disconnected', async () => {
