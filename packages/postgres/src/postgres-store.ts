@@ -96,7 +96,18 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
 
   async begin(key: string, fingerprint: string | null, leaseMs: number): Promise<BeginResult> {
     const token = randomUUID() as LeaseToken;
-    const { rows } = await this.pool.query<BeginRow>(this.#sql.begin, [key, fingerprint, token, checkMs('leaseMs', leaseMs)]);
+    const lease = checkMs('leaseMs', leaseMs);
+    let rows: BeginRow[];
+    try {
+      ({ rows } = await this.pool.query<BeginRow>(this.#sql.begin, [key, fingerprint, token, lease]));
+    } catch (error) {
+      // The claim may have committed though its answer was lost (a `query_timeout`, a connection
+      // cut after the commit): the caller was told the store failed, so the key must not stay
+      // claimed, answering 409 to its retries, for a whole lease. Fenced by the token. (On another
+      // connection: a claim still blocked behind a lock when this runs would stay; rare.)
+      this.pool.query(this.#sql.release, [key, token]).catch(() => undefined);
+      throw error;
+    }
     const row = rows[0];
     if (row === undefined) throw new Error('[idemkit] [postgres] begin returned no row (this is a bug; please report it).');
     if (row.acquired) return { kind: 'acquired', token, tookOver: row.took_over };

@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import type { LeaseToken } from '@idemkit/core';
+import { answerHoldingProxy } from '@idemkit/test-services';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createPostgresStore, type PostgresStore } from '../src/index.js';
@@ -327,6 +328,30 @@ describe('store failures reject with the driver error', () => {
     }
     // Nothing was written by the failed call.
     expect((await store.get(k))?.state).toBe('in_progress');
+  });
+
+  it('a claim whose answer was lost (query_timeout) is given back: the caller saw a failure, so the key is free', async () => {
+    const target = new URL(db.url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 5432));
+    const through = new URL(db.url);
+    through.hostname = '127.0.0.1';
+    through.port = String(proxy.port);
+    const pool = new pg.Pool({ connectionString: through.href, max: 2, query_timeout: 300 });
+    pool.on('error', () => undefined);
+    try {
+      const s = createPostgresStore({ pool, schema: db.schema });
+      await pool.query('SELECT 1'); // one connection open, idle in the pool
+      const k = key();
+      proxy.holdAnswers(); // its statements land, their answers never come back
+      await expect(s.begin(k, 'fp', 60_000)).rejects.toThrow(/timeout/i);
+      // The INSERT committed; the release went out on a new connection after it. Before, the
+      // claim stayed for the whole lease and every retry got 409.
+      await vi.waitFor(async () => expect(await store.get(k)).toBeUndefined(), { timeout: 3_000, interval: 20 });
+      expect(await store.begin(k, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
+    } finally {
+      await proxy.close();
+      await pool.end();
+    }
   });
 
   it('an ended pool rejects every operation', async () => {

@@ -1,6 +1,5 @@
-import { createServer, connect, type Socket } from 'node:net';
 import type { LeaseToken, StoredResponse } from '@idemkit/core';
-import type { ResolvedService } from '@idemkit/test-services';
+import { answerHoldingProxy, type ResolvedService } from '@idemkit/test-services';
 import { Redis } from 'ioredis';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createRedisStore, type RedisStore } from '../src/index.js';
@@ -419,28 +418,14 @@ describe('client ownership and failures', () => {
   });
 
   it('a claim whose answer was lost (commandTimeout) is given back: the caller saw a failure, so the key is free', async () => {
-    // A TCP hop that can hold Redis's answers back: commands land, their replies never arrive.
     const target = new URL(url);
-    let holding = false;
-    const sockets = new Set<Socket>();
-    const proxy = createServer((downstream) => {
-      const upstream = connect(Number(target.port || 6379), target.hostname);
-      for (const socket of [downstream, upstream]) {
-        sockets.add(socket);
-        socket.on('error', () => undefined);
-        socket.on('close', () => [downstream, upstream].forEach((other) => other.destroy()));
-      }
-      downstream.pipe(upstream);
-      upstream.on('data', (chunk: Buffer) => void (holding || downstream.write(chunk)));
-    });
-    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
-    const { port } = proxy.address() as { port: number };
-    const client = new Redis({ host: '127.0.0.1', port, commandTimeout: 100, maxRetriesPerRequest: 0 });
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 6379));
+    const client = new Redis({ host: '127.0.0.1', port: proxy.port, commandTimeout: 100, maxRetriesPerRequest: 0 });
     try {
       const s = createRedisStore({ client, prefix });
       const k = key('lost-answer');
       await s.get(k); // scripts loaded, connection warm
-      holding = true;
+      proxy.holdAnswers(); // commands land, their answers never come back
       await expect(s.begin(k, 'fp', 60_000)).rejects.toThrow(/timed out/);
       // The SET reached Redis; the release sent after it (same connection, same order) too.
       // Before, the claim stayed for the whole lease and every retry got 409.
@@ -448,8 +433,7 @@ describe('client ownership and failures', () => {
       expect(await store().begin(k, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
     } finally {
       client.disconnect();
-      sockets.forEach((socket) => socket.destroy());
-      await new Promise((resolve) => proxy.close(resolve));
+      await proxy.close();
     }
   });
 

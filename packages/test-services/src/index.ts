@@ -15,3 +15,4 @@ export {
   withSearchPath,
   type IsolatedSchema,
 } from './isolation.js';
+export { answerHoldingProxy, type AnswerHoldingProxy } from './proxy.js';

@@ -1,0 +1,53 @@
+import { connect, createServer, type Socket } from 'node:net';
+
+export interface AnswerHoldingProxy {
+  /** The proxy's port on 127.0.0.1: point the client here instead of at the server. */
+  readonly port: number;
+  /**
+   * From now on, connections already open send their commands on but never see the server's
+   * answers: a reply lost on the way (a client-side timeout then fires while the command ran).
+   * Connections opened later pass through, so a client can still reach the server.
+   */
+  holdAnswers(): void;
+  close(): Promise<void>;
+}
+
+/**
+ * A TCP hop between a client and a real server that can make answers go missing, for tests of
+ * "the command landed but its caller saw a failure". Bytes pass unchanged; nothing is parsed.
+ */
+export async function answerHoldingProxy(host: string, port: number): Promise<AnswerHoldingProxy> {
+  const sockets = new Set<Socket>();
+  const held = new WeakSet<Socket>();
+  const open: Socket[] = [];
+  const server = createServer((downstream) => {
+    const upstream = connect(port, host);
+    for (const socket of [downstream, upstream]) {
+      sockets.add(socket);
+      socket.on('error', () => undefined);
+      socket.on('close', () => {
+        sockets.delete(socket);
+        downstream.destroy();
+        upstream.destroy();
+      });
+    }
+    open.push(downstream);
+    downstream.pipe(upstream);
+    upstream.on('data', (chunk: Buffer) => {
+      if (!held.has(downstream)) downstream.write(chunk);
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const address = server.address();
+  if (address === null || typeof address === 'string') throw new Error('proxy: no TCP address');
+  return {
+    port: address.port,
+    holdAnswers() {
+      for (const socket of open.splice(0)) held.add(socket);
+    },
+    async close() {
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
