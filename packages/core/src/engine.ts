@@ -84,9 +84,9 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     const key = found.key;
 
     const scope = o.scope ? await o.scope(req, input) : undefined;
-    if (scope !== undefined && typeof scope !== 'string') throw new TypeError('[idemkit] `scope` must return a string or undefined.');
+    if (scope !== undefined) checkedText(scope, 'scope', 'a string or undefined');
     const fingerprint =
-      o.fingerprint === false ? null : o.fingerprint === 'default' ? defaultFingerprint(input) : await o.fingerprint(req, input);
+      o.fingerprint === false ? null : o.fingerprint === 'default' ? defaultFingerprint(input) : checkedText(await o.fingerprint(req, input), 'fingerprint', 'a string');
 
     return this.#claim(key, scopedKey(scope, key), fingerprint);
   }
@@ -225,3 +225,16 @@ class Engine<Req> implements IdempotencyEngine<Req> {
 function problem(error: IdempotencyError): Decision {
   return { kind: 'problem', error };
 }
+
+/**
+ * A callback's string, refused when it is not one or holds a lone surrogate: stores encode text as
+ * UTF-8, where every lone surrogate becomes U+FFFD, so two tenants' scopes could meet in one key
+ * (and a fingerprint would never match itself again).
+ */
+function checkedText(value: unknown, option: 'scope' | 'fingerprint', expected: string): string {
+  if (typeof value !== 'string') throw new TypeError(`[idemkit] \`${option}\` must return ${expected}.`);
+  if (LONE_SURROGATE.test(value)) throw new TypeError(`[idemkit] \`${option}\` returned a string with a lone surrogate (not valid Unicode); return well-formed text.`);
+  return value;
+}
+
+const LONE_SURROGATE = /\p{Surrogate}/u;

@@ -548,6 +548,18 @@ describe('store failures', () => {
     expect(replay.kind === 'replay' && replay.response.status).toBe(202);
   });
 
+  it('a scope or custom fingerprint that is not well-formed text is refused before the store sees it', async () => {
+    // Stores write UTF-8, where each lone surrogate becomes U+FFFD: 'u\ud800' and 'u\udc00' would
+    // be one scope (two tenants, one key), and such a fingerprint would never match itself.
+    const tenant = (value: unknown) => createIdempotencyEngine({ store: createMemoryStore(), logger: false, scope: () => value as string });
+    await expect(tenant('u\ud800').decide(request({ key: 'k' }))).rejects.toThrow(/`scope` returned a string with a lone surrogate/);
+    await expect(tenant(42).decide(request({ key: 'k' }))).rejects.toThrow('`scope` must return a string or undefined.');
+    expectRun(await tenant('tenant-\u{1F600}').decide(request({ key: 'k' })));
+    const printed = (value: unknown) => createIdempotencyEngine({ store: createMemoryStore(), logger: false, fingerprint: () => value as string });
+    await expect(printed('lone\udc00').decide(request({ key: 'k' }))).rejects.toThrow(/`fingerprint` returned a string with a lone surrogate/);
+    await expect(printed(undefined).decide(request({ key: 'k' }))).rejects.toThrow('`fingerprint` must return a string.');
+  });
+
   it('an onEvent hook that throws never changes the decision', async () => {
     const engine = createIdempotencyEngine({ store: createMemoryStore(), logger: false, onEvent: () => { throw new Error('metrics down'); } });
     expectRun(await engine.decide(request({ key: 'k' })));
@@ -557,6 +569,7 @@ describe('store failures', () => {
     const inner = createMemoryStore();
     let renewals = 0;
     const store: IdempotencyStore = {
+      shared: inner.shared,
       begin: (key, fingerprint, leaseMs) => inner.begin(key, fingerprint, leaseMs),
       complete: (key, token, response, ttlMs) => inner.complete(key, token, response, ttlMs),
       release: (key, token) => inner.release(key, token),
