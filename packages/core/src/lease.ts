@@ -97,6 +97,8 @@ export class RunningLease implements Lease {
   #transactionEnded = false;
   /** A transactional completion or rollback outlasted the store deadline: the key is held (and renewed) until it settles. */
   #outcomePending = false;
+  /** Transactional: the completion failed inside the transaction (aborted, COMMIT failed), and it was rolled back. */
+  #failedToCommit = false;
   /** A renewal outlasted the store deadline and has not settled yet. */
   #renewStuck = false;
   /** When the lease runs out unless renewed, by this process's clock (a store refuses a holder after it). */
@@ -140,7 +142,7 @@ export class RunningLease implements Lease {
       }
       const stored = await this.#complete(response);
       // Checked here first: the common case (stored) costs no extra promise per request.
-      if (!stored) await this.#replaceIfRolledBack(stored);
+      if (!stored) await this.#replaceIfRolledBack(stored, response.status);
       return stored;
     } finally {
       this.#stopRenewing();
@@ -196,8 +198,12 @@ export class RunningLease implements Lease {
    * must not go out. Not when the handler ended the transaction itself: its writes may have
    * committed, and its own answer is the truest there is.
    */
-  async #replaceIfRolledBack(stored: boolean): Promise<void> {
+  async #replaceIfRolledBack(stored: boolean, status?: number): Promise<void> {
     if (stored || !this.tx || this.#transactionEnded) return;
+    // A client error whose transaction could not commit (a handler that caught the unique
+    // violation it expected, and answered 422): it claims no writes, and none were made, so it
+    // goes out as it is, not stored. A 503 instead would be retried, and fail the same, forever.
+    if (this.#failedToCommit && status !== undefined && status >= 400 && status < 500) return;
     this.#replacement = this.#outcomePending ? outcomeUnknown() : await this.#answerAfterRollback();
   }
 
@@ -325,6 +331,7 @@ export class RunningLease implements Lease {
         // connection): free the key, or every retry meets 409 until the lease runs out. Safe even
         // if a COMMIT did land unseen: release only deletes a record still in progress under
         // this token.
+        this.#failedToCommit = true;
         await this.#rollbackThenFree('rolled-back', originalStatus);
       } else {
         this.#completeLater(response);

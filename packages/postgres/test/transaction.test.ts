@@ -295,6 +295,26 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     return { k, ref, decision, tx };
   }
 
+  it('a handler that caught the failure it expected (a unique violation) and answered 422: that answer goes out, unstored', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const unique = db.table('emails');
+    await db.pool.query(`CREATE TABLE IF NOT EXISTS ${unique} (email text PRIMARY KEY)`);
+    const email = `${randomUUID()}@example.com`;
+    await db.pool.query(`INSERT INTO ${unique} (email) VALUES ($1)`, [email]);
+    const { k, ref, decision, tx } = await inserted(engine);
+    // "Email taken": the handler expected this and answers 422; the transaction is aborted.
+    await expect(tx.query(`INSERT INTO ${unique} (email) VALUES ($1)`, [email])).rejects.toMatchObject({ code: '23505' });
+    const { lease } = decision;
+    expect(await lease.commit({ status: 422, headers: [], body: bytes('email taken') })).toBe(false);
+    // Not a 503: the client would retry it and fail the same way forever. The 422 claims no
+    // writes, and none were made.
+    expect(lease.replacement).toBeNull();
+    expect(await rowsFor(ref)).toBe(0);
+    expect(await store.get(recordOf(k))).toBeUndefined();
+    // (A 2xx from an aborted transaction is still replaced by the 503: the test below.)
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
   it('a handler that swallowed a failed statement: nothing commits, the key is free, the answer says retry', async () => {
     const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
     const { k, ref, decision, tx } = await inserted(engine);
