@@ -130,12 +130,12 @@ class Engine<Req> implements IdempotencyEngine<Req> {
 
   async #claim(key: string, id: string, fingerprint: string | null): Promise<Decision> {
     const o = this.options;
-    const deadline = Date.now() + o.waitTimeoutMs;
+    const deadline = performance.now() + o.waitTimeoutMs;
     let delay = WAIT_FIRST_MS;
     for (;;) {
       let result: BeginResult;
       let pending: Promise<BeginResult> | undefined;
-      const beganAt = Date.now();
+      const beganAt = performance.now();
       try {
         result = await this.call('begin', () => (pending = o.store.begin(id, fingerprint, o.leaseMs)));
       } catch (error) {
@@ -166,7 +166,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         return { kind: 'replay', key, response: record.response };
       }
       // Still running elsewhere: wait (bounded, with backoff) or answer 409 at once.
-      if (o.concurrency === 'wait' && Date.now() + delay < deadline) {
+      if (o.concurrency === 'wait' && performance.now() + delay < deadline) {
         await sleep(Math.min(delay, Math.max(1, result.leaseRemainingMs)));
         delay = Math.min(delay * 2, WAIT_MAX_MS);
         continue;

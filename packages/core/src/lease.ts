@@ -71,7 +71,7 @@ export class RenewalClock {
       this.#timer = undefined;
       return;
     }
-    const now = Date.now();
+    const now = performance.now();
     for (let lease: RunningLease | null = this.#head; lease !== null; lease = lease.clockNext) lease.renewIfDue(now);
   }
 }
@@ -115,7 +115,7 @@ export class RunningLease implements Lease {
     beganAt: number,
   ) {
     this.context = Object.freeze({ key, tookOver, transaction: tx?.client });
-    this.#renewDueAt = Date.now() + host.renewals.everyMs;
+    this.#renewDueAt = performance.now() + host.renewals.everyMs;
     this.#leaseEndsAt = beganAt + host.options.leaseMs;
     host.renewals.add(this);
   }
@@ -169,7 +169,7 @@ export class RunningLease implements Lease {
     // locks in the way of the request that takes over, its connection out of the pool) with
     // nobody left to end it. So it is rolled back when the lease runs out, unless settled first;
     // the key is then taken over as a crashed holder's.
-    if (this.tx) setTimeout(() => void this.#lapse(), Math.max(0, this.#leaseEndsAt - Date.now())).unref();
+    if (this.tx) setTimeout(() => void this.#lapse(), Math.max(0, this.#leaseEndsAt - performance.now())).unref();
   }
 
   /** The lapsed lease has run out: roll back only, the key is the next request's to take over. */
@@ -239,7 +239,7 @@ export class RunningLease implements Lease {
     if (this.#renewing || this.#renewStuck) return;
     this.#renewing = true;
     const { store, leaseMs } = this.host.options;
-    const sent = Date.now();
+    const sent = performance.now();
     this.#renewSentAt = sent;
     let pending: Promise<boolean> | undefined;
     try {
@@ -362,7 +362,7 @@ export class RunningLease implements Lease {
           // Stores refuse a holder whose lease has run out, so retrying past it is pointless;
           // renewals (while the store answers them) push that end further. A renewal still in
           // flight may yet push it: wait for it before giving up.
-          const left = this.#leaseEndsAt - Date.now();
+          const left = this.#leaseEndsAt - performance.now();
           const renewalMayExtend = this.#renewing && this.#renewSentAt < this.#leaseEndsAt;
           if (left <= 0 && !renewalMayExtend) return void this.#endRetry('gave-up');
           schedule(left > 0 ? Math.min(delay, left) : COMPLETE_RETRY_FIRST_MS);

@@ -528,6 +528,25 @@ describe('store failures', () => {
     expect((await engine.decide(request({ key: 'landed' }))).kind).toBe('replay');
   });
 
+  it('renewals go on when the wall clock steps back (NTP, a resumed VM): the running key is never taken over', async () => {
+    const wall = Date.now.bind(Date);
+    // The store keeps real time, as Redis or Postgres would: only this process's clock steps.
+    const store = createMemoryStore({ now: () => wall() });
+    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 300 });
+    const running = expectRun(await engine.decide(request({ key: 'stepped' })));
+    const stepped = vi.spyOn(Date, 'now').mockImplementation(() => wall() - 600_000);
+    try {
+      // Three leases long: without renewals the store lets the key go after the first.
+      await new Promise((resolve) => setTimeout(resolve, 900));
+      const second = await engine.decide(request({ key: 'stepped' }));
+      expect(second.kind).toBe('problem');
+      if (second.kind === 'problem') expect(second.error.statusCode).toBe(409);
+      expect(await running.commit(response(201, 'once'))).toBe(true);
+    } finally {
+      stepped.mockRestore();
+    }
+  });
+
   it("someone else's answer in the record is not counted as this lease's: lease-lost, not stored", async () => {
     let now = Date.now();
     const store = createMemoryStore({ now: () => now });
