@@ -9,7 +9,7 @@ import {
 import { defaultFingerprint } from './fingerprint.js';
 import { parseKeyHeader, scopedKey, validateKey, type KeyParseResult } from './key.js';
 import { RenewalClock, RunningLease } from './lease.js';
-import { resolveOptions, type IdempotencyOptions, type ResolvedOptions } from './options.js';
+import { resolveOptions, swallow, type IdempotencyOptions, type ResolvedOptions } from './options.js';
 import type { BeginResult, LeaseToken, StoreTransaction, TransactionalStore } from './store.js';
 import type { Decision, IdempotencyEvent, IncomingRequest } from './types.js';
 import { sleep, storeCaller, StoreTimeoutError, type StoreCall } from './deadline.js';
@@ -65,7 +65,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
 
   emit(event: IdempotencyEvent): void {
     try {
-      this.options.onEvent?.(event);
+      swallow(this.options.onEvent?.(event));
     } catch {
       // A metrics hook must never change what the client gets.
     }
@@ -233,8 +233,13 @@ function problem(error: IdempotencyError): Decision {
  */
 function checkedText(value: unknown, option: 'scope' | 'fingerprint', expected: string): string {
   if (typeof value !== 'string') throw new TypeError(`[idemkit] \`${option}\` must return ${expected}.`);
-  if (LONE_SURROGATE.test(value)) throw new TypeError(`[idemkit] \`${option}\` returned a string with a lone surrogate (not valid Unicode); return well-formed text.`);
+  if (NOT_STORABLE_TEXT.test(value)) {
+    throw new TypeError(
+      `[idemkit] \`${option}\` returned a string with a lone surrogate or a NUL character, which stores cannot keep as they are; return well-formed text (hex or base64 for a binary digest).`,
+    );
+  }
   return value;
 }
 
-const LONE_SURROGATE = /\p{Surrogate}/u;
+/** A lone surrogate (UTF-8 turns it into U+FFFD) or U+0000 (Postgres text refuses it). */
+const NOT_STORABLE_TEXT = /\p{Surrogate}|\u0000/u;

@@ -142,6 +142,25 @@ export class TransactionEndedError extends Error {
 }
 
 /**
+ * Thrown by `StoreTransaction.complete` when a failed statement of the handler's had already
+ * aborted the transaction (the handler caught it and answered anyway): nothing committed. `cause`
+ * is the driver's error. The engine then lets a 4xx answer out as it is (it claims no writes,
+ * and none were made) instead of the "rolled back, retry" 503 every other failed completion gets.
+ */
+export class TransactionAbortedError extends Error {
+  override readonly name: string = this.constructor.name;
+  readonly code = 'ERR_IDEMKIT_TRANSACTION_ABORTED';
+  constructor(message = 'A failed statement had aborted the transaction before its completion; nothing was committed.', options?: ErrorOptions) {
+    super(`[idemkit] ${message}`, options);
+  }
+}
+
+/** By code, not `instanceof`, as `isTransactionEnded`. */
+export function isTransactionAborted(error: unknown): boolean {
+  return error instanceof TransactionAbortedError || (error instanceof Error && (error as { code?: unknown }).code === 'ERR_IDEMKIT_TRANSACTION_ABORTED');
+}
+
+/**
  * By code, not `instanceof`: a store built against another copy of `@idemkit/core` (an ESM and a
  * CJS copy in one app) throws that copy's class, and mistaking it for a plain store failure
  * would free the key for a second run.

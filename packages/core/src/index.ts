@@ -37,6 +37,7 @@ export {
   RequestInProgressError,
   ResponseNotReplayableError,
   StoreUnavailableError,
+  TransactionAbortedError,
   TransactionEndedError,
   type IdempotencyErrorCode,
   type ProblemDetails,

@@ -1,4 +1,4 @@
-import { isTransactionEnded, requestInProgress, ResponseNotReplayableError, retryAfterSeconds, StoreUnavailableError } from './errors.js';
+import { isTransactionAborted, isTransactionEnded, requestInProgress, ResponseNotReplayableError, retryAfterSeconds, StoreUnavailableError } from './errors.js';
 import { REPLAYED_HEADER } from './headers.js';
 import { problemResponse } from './problem.js';
 import type { ResolvedOptions } from './options.js';
@@ -97,8 +97,10 @@ export class RunningLease implements Lease {
   #transactionEnded = false;
   /** A transactional completion or rollback outlasted the store deadline: the key is held (and renewed) until it settles. */
   #outcomePending = false;
-  /** Transactional: the completion failed inside the transaction (aborted, COMMIT failed), and it was rolled back. */
-  #failedToCommit = false;
+  /** Transactional: the handler's own failed statement had aborted the transaction (see #replaceIfRolledBack). */
+  #abortedByHandler = false;
+  /** The key was given up (deleted under this lease's token): nobody else holds it. */
+  #keyFreed = false;
   /** A renewal outlasted the store deadline and has not settled yet. */
   #renewStuck = false;
   /** When the lease runs out unless renewed, by this process's clock (a store refuses a holder after it). */
@@ -164,23 +166,24 @@ export class RunningLease implements Lease {
 
   letLapse(): void {
     if (this.#settled) return;
-    this.host.renewals.delete(this);
+    if (!this.tx) {
+      this.host.renewals.delete(this);
+      return;
+    }
     // A crashed holder's transaction dies with its connection; this one would stay open (its row
     // locks in the way of the request that takes over, its connection out of the pool) with
-    // nobody left to end it. So it is rolled back when the lease runs out, unless settled first;
-    // the key is then taken over as a crashed holder's.
-    if (this.tx) setTimeout(() => void this.#lapse(), Math.max(0, this.#leaseEndsAt - performance.now())).unref();
+    // nobody left to end it. So when the lease would have run out it is rolled back and the key
+    // freed, unless settled first. Renewals go on until then, so that rollback (or, for a handler
+    // that committed by itself, its 410 marker) still lands while the key is this lease's.
+    setTimeout(() => void this.#lapse(), Math.max(0, this.#leaseEndsAt - performance.now())).unref();
   }
 
-  /** The lapsed lease has run out: roll back only, the key is the next request's to take over. */
   async #lapse(): Promise<void> {
     if (!this.#settle()) return;
-    const tx = this.tx as StoreTransaction;
     try {
-      await this.host.call('rollback', () => tx.rollback());
-    } catch (error) {
-      if (isTransactionEnded(error)) await this.#afterTransactionEnded(null);
-      else this.#storeError('rollback', error);
+      await this.#rollbackThenFree('rolled-back', null);
+    } finally {
+      this.#stopRenewing();
     }
   }
 
@@ -200,10 +203,12 @@ export class RunningLease implements Lease {
    */
   async #replaceIfRolledBack(stored: boolean, status?: number): Promise<void> {
     if (stored || !this.tx || this.#transactionEnded) return;
-    // A client error whose transaction could not commit (a handler that caught the unique
-    // violation it expected, and answered 422): it claims no writes, and none were made, so it
-    // goes out as it is, not stored. A 503 instead would be retried, and fail the same, forever.
-    if (this.#failedToCommit && status !== undefined && status >= 400 && status < 500) return;
+    // A client error from a handler whose own failed statement aborted its transaction (it
+    // caught the unique violation it expected and answered 422): it claims no writes, and none
+    // were made, so it goes out as it is, not stored; a 503 would be retried and fail the same
+    // way forever. Only then: not after a lost connection or a failed COMMIT (the answer may rest
+    // on writes that vanished; retry), nor once another request holds the key (its answer rules).
+    if (this.#abortedByHandler && this.#keyFreed && status !== undefined && status >= 400 && status < 500) return;
     this.#replacement = this.#outcomePending ? outcomeUnknown() : await this.#answerAfterRollback();
   }
 
@@ -331,7 +336,7 @@ export class RunningLease implements Lease {
         // connection): free the key, or every retry meets 409 until the lease runs out. Safe even
         // if a COMMIT did land unseen: release only deletes a record still in progress under
         // this token.
-        this.#failedToCommit = true;
+        this.#abortedByHandler = isTransactionAborted(error);
         await this.#rollbackThenFree('rolled-back', originalStatus);
       } else {
         this.#completeLater(response);
@@ -471,6 +476,7 @@ export class RunningLease implements Lease {
     const { store } = this.host.options;
     try {
       const ok = await this.host.call('release', () => store.release(this.id, this.token));
+      this.#keyFreed = ok;
       if (ok) this.host.emit({ type: 'released', key: this.key, reason });
       else this.#lost('release');
     } catch (error) {

@@ -220,17 +220,24 @@ function guarded(logger: IdempotencyLogger): IdempotencyLogger {
   return {
     warn(message, ...meta) {
       try {
-        logger.warn(message, ...meta);
+        swallow(logger.warn(message, ...meta));
       } catch {
         // Nothing to tell it with.
       }
     },
     error(message, ...meta) {
       try {
-        logger.error(message, ...meta);
+        swallow(logger.error(message, ...meta));
       } catch {
         // Nothing to tell it with.
       }
     },
   };
+}
+
+/** An async logger or `onEvent` (typed as returning nothing) may still reject: never unhandled. */
+export function swallow(result: unknown): void {
+  if (typeof result === 'object' && result !== null && typeof (result as { then?: unknown }).then === 'function') {
+    (result as PromiseLike<unknown>).then(undefined, () => undefined);
+  }
 }

@@ -66,7 +66,8 @@ export interface Lease {
    * a crashed holder's would, and the next request with the key takes over. For a binding that
    * can no longer tell whether the handler will still answer (its response closed after the head
    * went out, with no end). A `commit` or `abandon` before then still works. In transactional
-   * mode the transaction is rolled back when the lease runs out.
+   * mode the lease is renewed until it would have run out, then the transaction is rolled back
+   * and the key freed.
    */
   letLapse(): void;
   /**

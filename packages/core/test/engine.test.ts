@@ -567,7 +567,7 @@ describe('store failures', () => {
     expect(replay.kind === 'replay' && replay.response.status).toBe(202);
   });
 
-  it('a scope or custom fingerprint that is not well-formed text is refused before the store sees it', async () => {
+  it('a scope or custom fingerprint that stores cannot keep (a lone surrogate, NUL) is refused before the store sees it', async () => {
     // Stores write UTF-8, where each lone surrogate becomes U+FFFD: 'u\ud800' and 'u\udc00' would
     // be one scope (two tenants, one key), and such a fingerprint would never match itself.
     const tenant = (value: unknown) => createIdempotencyEngine({ store: createMemoryStore(), logger: false, scope: () => value as string });
@@ -577,6 +577,9 @@ describe('store failures', () => {
     const printed = (value: unknown) => createIdempotencyEngine({ store: createMemoryStore(), logger: false, fingerprint: () => value as string });
     await expect(printed('lone\udc00').decide(request({ key: 'k' }))).rejects.toThrow(/`fingerprint` returned a string with a lone surrogate/);
     await expect(printed(undefined).decide(request({ key: 'k' }))).rejects.toThrow('`fingerprint` must return a string.');
+    // NUL: Postgres text refuses it (a binary digest has one in about 1 of 8 cases): 503 forever.
+    await expect(printed('digest\u0000bytes').decide(request({ key: 'k' }))).rejects.toThrow(/lone surrogate or a NUL character/);
+    await expect(tenant('tenant\u0000').decide(request({ key: 'k' }))).rejects.toThrow(/`scope` returned a string with a lone surrogate or a NUL/);
   });
 
   it('an onEvent hook that throws never changes the decision', async () => {
@@ -584,7 +587,7 @@ describe('store failures', () => {
     expectRun(await engine.decide(request({ key: 'k' })));
   });
 
-  it('a logger that throws (a log transport that is down) never ends the process from a renewal', async () => {
+  it('a logger that throws or rejects (a log transport that is down), or an onEvent that rejects, never ends the process', async () => {
     const inner = createMemoryStore();
     let renewals = 0;
     const store: IdempotencyStore = {
@@ -607,12 +610,20 @@ describe('store failures', () => {
       const sinkDown = (): never => {
         throw new Error('log sink down');
       };
+      // And an async logger, and an async onEvent, whose promises reject.
+      const sinkAway = async (): Promise<void> => {
+        throw new Error('async log sink down');
+      };
       const engine = createIdempotencyEngine({ store, leaseMs: 90, logger: { warn: sinkDown, error: sinkDown } });
+      const asyncEngine = createIdempotencyEngine({ store, leaseMs: 90, logger: { warn: sinkAway, error: sinkAway }, onEvent: sinkAway });
       const lease = expectRun(await engine.decide(request({ key: 'k' })));
+      const asyncLease = expectRun(await asyncEngine.decide(request({ key: 'k2' })));
       // Each failed renewal is logged (from a timer) with the throwing logger.
       await vi.waitFor(() => expect(renewals).toBeGreaterThanOrEqual(2), { timeout: 3_000, interval: 10 });
       await new Promise((resolve) => setImmediate(resolve));
       expect(await lease.commit(response(201, 'ok'))).toBe(true);
+      expect(await asyncLease.commit(response(201, 'ok'))).toBe(true);
+      await new Promise((resolve) => setImmediate(resolve));
       expect(escaped).toEqual([]);
     } finally {
       process.off('unhandledRejection', onRejection);

@@ -1,4 +1,4 @@
-import { ConfigurationError, TransactionEndedError, type LeaseToken, type StoreTransaction, type StoredResponse } from '@idemkit/core';
+import { ConfigurationError, TransactionAbortedError, TransactionEndedError, type LeaseToken, type StoreTransaction, type StoredResponse } from '@idemkit/core';
 import type { Pool, PoolClient, QueryResult } from 'pg';
 import { completeParams } from './params.js';
 import { askThenRollback, FATE, rollbackThenFate } from './queries.js';
@@ -96,8 +96,10 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
       ({ rows: [row] } = await this.raw.query<{ ours: boolean; updated: boolean }>(this.completeSql, params));
     } catch (error) {
       // The session refuses statements: our transaction, aborted by a failed statement (nothing
-      // committed: report the driver error), or one the handler began after committing ours.
+      // committed), or one the handler began after committing ours.
       if ((await this.#rollbackThenFate()) === 'committed') throw new TransactionEndedError();
+      // in_failed_sql_transaction: a statement of the handler's failed before this one.
+      if ((error as { code?: unknown }).code === '25P02') throw new TransactionAbortedError(undefined, { cause: error });
       throw error;
     }
     if (row?.ours !== true) {

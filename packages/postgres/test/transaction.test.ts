@@ -111,13 +111,13 @@ describe('store transactions (the flow the engine drives)', () => {
     expect(checkedOut(db.pool)).toBe(0);
   });
 
-  it('a handler that broke the transaction: complete rejects with the driver error, rolls back, returns the client', async () => {
+  it('a handler that broke the transaction: complete rejects with TransactionAbortedError (the driver error as cause), rolls back, returns the client', async () => {
     const k = key();
     const first = await store.begin(k, 'fp', 30_000);
     if (first.kind !== 'acquired') throw new Error('expected acquired');
     const tx = await store.beginTransaction();
     await expect(tx.client.query('SELECT 1/0')).rejects.toMatchObject({ code: '22012' });
-    await expect(tx.complete(k, first.token, ok, 60_000)).rejects.toMatchObject({ code: '25P02' });
+    await expect(tx.complete(k, first.token, ok, 60_000)).rejects.toMatchObject({ code: 'ERR_IDEMKIT_TRANSACTION_ABORTED', cause: { code: '25P02' } });
     expect((await store.get(k))?.state).toBe('in_progress');
     expect(checkedOut(db.pool)).toBe(0);
   });
@@ -315,6 +315,23 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(checkedOut(db.pool)).toBe(0);
   });
 
+  it('a 4xx of a stalled holder whose key was taken over meanwhile: the winner’s stored answer goes out instead', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const { k, ref, decision, tx } = await inserted(engine);
+    await expect(tx.query('SELECT 1/0')).rejects.toMatchObject({ code: '22012' });
+    // The holder stalled past its lease (simulated): another request takes the key and answers.
+    await db.pool.query(`UPDATE ${db.table()} SET lease_expires_at = now() - interval '1 second', expires_at = now() - interval '1 second' WHERE key = $1`, [recordOf(k)]);
+    const winner = await engine.decide(request(k, ref));
+    if (winner.kind !== 'run') throw new Error(`expected run, got ${winner.kind}`);
+    expect(winner.lease.tookOver).toBe(true);
+    expect(await winner.lease.commit({ status: 201, headers: [], body: bytes('the winner') })).toBe(true);
+    // The stale holder's 422 would contradict the 201 every retry gets.
+    expect(await decision.lease.commit({ status: 422, headers: [], body: bytes('stale') })).toBe(false);
+    expect(decision.lease.replacement?.status).toBe(201);
+    expect(new TextDecoder().decode(decision.lease.replacement?.body)).toBe('the winner');
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
   it('a handler that swallowed a failed statement: nothing commits, the key is free, the answer says retry', async () => {
     const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
     const { k, ref, decision, tx } = await inserted(engine);
@@ -428,11 +445,17 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(checkedOut(db.pool)).toBe(1);
     await vi.waitFor(() => expect(checkedOut(db.pool)).toBe(0), { timeout: 5_000, interval: 20 });
     expect(await rowsFor(ref)).toBe(0);
-    // The key is taken over, as a crashed holder's: the retry runs, the lapsed one's lock gone, and commits.
-    const retry = await engine.decide(request(k, ref));
-    expect(retry.kind).toBe('run');
+    // The key is freed as the lease would have run out: the retry runs, the lapsed one's lock gone, and commits.
+    const retry = await vi.waitFor(
+      async () => {
+        const decision = await engine.decide(request(k, ref));
+        expect(decision.kind).toBe('run');
+        return decision;
+      },
+      { timeout: 5_000, interval: 20 },
+    );
     if (retry.kind !== 'run') return;
-    expect(retry.lease.tookOver).toBe(true);
+    expect(retry.lease.tookOver).toBe(false);
     const next = pgTransaction(retry.lease.context);
     expect((await next.query<{ got: boolean }>(lock, [ref])).rows[0]?.got).toBe(true);
     await next.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
@@ -441,6 +464,24 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     // A late answer of the lapsed handler changes nothing.
     expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('late') })).toBe(false);
     expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
+    expect(checkedOut(db.pool)).toBe(0);
+  });
+
+  it('a lapsing lease whose handler committed by itself gets its 410 marker (renewed until then, so the store takes it)', async () => {
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: false, leaseMs: 400 });
+    const { k, ref, decision, tx } = await inserted(engine);
+    await tx.query('COMMIT'); // the handler's helper ended the transaction: its row is in
+    decision.lease.letLapse();
+    const retry = await vi.waitFor(
+      async () => {
+        const answer = await retryOf(engine, k, ref);
+        expect(answer.kind).toBe('replay');
+        return answer;
+      },
+      { timeout: 5_000, interval: 20 },
+    );
+    expect(retry).toEqual({ kind: 'replay', status: 410, reason: 'transaction-ended', originalStatus: null });
+    expect(await rowsFor(ref)).toBe(1);
     expect(checkedOut(db.pool)).toBe(0);
   });
 
@@ -678,6 +719,16 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
       },
       { storeTimeoutMs: 150, onEvent: (e) => events.push(e) },
     );
+  });
+
+  it('a 4xx whose connection died is not let out as final: its write vanished, so the answer says retry', async () => {
+    await withOwnPool({}, async (engine) => {
+      const { ref, decision, tx } = await inserted(engine); // the declined attempt, recorded
+      await killBackend(tx);
+      expect(await decision.lease.commit({ status: 402, headers: [], body: bytes(`declined, attempt ${ref}`) })).toBe(false);
+      expect(decision.lease.replacement?.status).toBe(503);
+      expect(await rowsFor(ref)).toBe(0);
+    });
   });
 
   it('the connection dies while the handler works: the process survives, nothing commits, the key is free', async () => {
