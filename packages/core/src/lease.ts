@@ -139,7 +139,7 @@ export class RunningLease implements Lease {
         return false;
       }
       if (response.body.byteLength > maxBodyBytes) {
-        await this.#replaceIfRolledBack(await this.#storeMarker(response.status, 'too-large'));
+        await this.#replaceIfRolledBack(await this.#storeMarker(response.status, 'too-large'), response.status);
         return false;
       }
       const stored = await this.#complete(response);
@@ -158,7 +158,7 @@ export class RunningLease implements Lease {
       // handler may still be working, so it is never run again.
       if (status !== null && !this.host.options.storable(status)) await this.#release('not-storable', status);
       // A binding that still holds the answer (a body over maxBodyBytes) sends the replacement.
-      else await this.#replaceIfRolledBack(await this.#storeMarker(status, reason));
+      else await this.#replaceIfRolledBack(await this.#storeMarker(status, reason), status ?? undefined);
     } finally {
       this.#stopRenewing();
     }

@@ -42,6 +42,10 @@ interface LeaseState {
   settling: Promise<unknown> | undefined;
   /** A second answer came through onSend while the first was stored (see onSend). */
   resent: boolean;
+  /** The first answer was handed to Fastify and written: later ones are dropped (see onSend). */
+  delivered: boolean;
+  /** The handler returned or awaited `reply`: it said it answers later (see handlerEnded). */
+  viaReply: boolean;
 }
 
 const kState = Symbol('idemkit.fastify.state');
@@ -78,22 +82,16 @@ function asError(error: unknown): Error {
  * read, say) becomes that pass's error, as in Fastify's runner for a promise hook; never an
  * unhandled rejection.
  */
-function deliver(reply: FastifyReply, done: SendDone, payload: unknown, error?: unknown): void {
+function deliver(reply: FastifyReply, done: SendDone, payload: unknown, error?: unknown): boolean {
   try {
     if (error === undefined) done(null, payload);
     else done(asError(error));
+    return error === undefined;
   } catch (thrown) {
-    if (!reply.raw.headersSent) return done(asError(thrown));
-    reply.log.warn({ err: thrown }, '[idemkit] An answer could not be written: the response had already gone out.');
+    if (!reply.raw.headersSent) done(asError(thrown));
+    else reply.log.warn({ err: thrown }, '[idemkit] An answer could not be written: the response had already gone out.');
+    return false;
   }
-}
-
-/** Call `done` once `work` settles, with its error if it fails (a throwing `storable`, say). */
-function after(work: Promise<unknown>, done: Done): void {
-  work.then(
-    () => done(),
-    (error: unknown) => done(asError(error)),
-  );
 }
 
 /**
@@ -120,13 +118,20 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         sendStored(reply, problemResponse(decision.error));
         return;
       case 'run': {
-        const state: LeaseState = { lease: decision.lease, reply, errored: false, settling: undefined, resent: false };
+        const state: LeaseState = { lease: decision.lease, reply, errored: false, settling: undefined, resent: false, delivered: false, viaReply: false };
         (request as StatefulRequest)[kState] = state;
         request.idempotency = decision.lease.context;
         // The last word on this lease, whatever happened: Fastify's hooks do not cover every
         // path (a hijacked reply gets no onSend, no onError when its handler throws, and no
         // onResponse if it never ends). Only requests that took a lease pay for the listener.
         reply.raw.once('close', () => onRawClose(state));
+        // An async handler that returns (or awaits) `reply` resolves through reply.then, only
+        // once the response ends or its client leaves: noted, so handlerEnded waits for its answer.
+        const then = reply.then;
+        reply.then = function awaited(this: FastifyReply, ...args: Parameters<FastifyReply['then']>) {
+          state.viaReply = true;
+          return then.apply(this, args);
+        };
         return done();
       }
     }
@@ -159,7 +164,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       // goes out; this one is dropped, as Fastify drops a second answer once one went out.
       state.resent = true;
       const later = (): void => {
-        if (!reply.raw.headersSent) return deliver(reply, done, payload);
+        if (!state.delivered) return void deliver(reply, done, payload);
         reply.log.warn(`[idemkit] A second answer was dropped: the first one went out. Did you forget to "return reply" in the "${request.url}" (${request.method}) route?`);
       };
       state.settling.then(later, later);
@@ -169,8 +174,8 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const settling = settle(state, reply, payload);
     state.settling = settling;
     settling.then(
-      (replaced) => deliver(reply, done, replaced),
-      (error: unknown) => deliver(reply, done, undefined, error),
+      (replaced) => void (state.delivered = deliver(reply, done, replaced)),
+      (error: unknown) => void deliver(reply, done, undefined, error),
     );
   }
 
@@ -183,7 +188,10 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const status = payloadStatus(payload, reply.statusCode);
     const headers = reply.getHeaders();
     const body = payloadBytes(payload);
-    if (body === undefined) await lease.commitUnbuffered(status, 'not-bufferable');
+    // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
+    // a Response whose body was read): Fastify fails it with a 500, so the key is given back.
+    if (body === undefined && !isSendable(payload)) await lease.abandon('handler-threw');
+    else if (body === undefined) await lease.commitUnbuffered(status, 'not-bufferable');
     else if (body.byteLength > engine.options.maxBodyBytes) await lease.commitUnbuffered(status, 'too-large');
     else await lease.commit({ status, headers: toStoredHeaders(headers), body });
     // Transactional mode, rolled back: the handler's answer describes writes that never happened.
@@ -206,11 +214,13 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
 
   // The handler threw (or sent an Error): free the key so a retry may run. Fastify's error
   // handler then renders the error as usual, and its reply passes onSend with nothing to store.
+  // Synchronous: Fastify counts an async onError as still running while it sends an async
+  // handler's undefined result, and that send then throws (a crash). The key is given back
+  // before the error's answer goes out: in onSend (settle), or when the response closes.
   function onError(request: FastifyRequest, _reply: FastifyReply, _error: Error, done: Done): void {
     const state = stateOf(request);
-    if (state === null) return done();
-    state.errored = true;
-    after(state.lease.abandon('handler-threw'), done);
+    if (state !== null) state.errored = true;
+    done();
   }
 
   // The raw response closed (finished, or its connection went away) with the lease still open.
@@ -251,7 +261,12 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // empty answer unless the client is gone.
     queueMicrotask(() => {
       if (lease.settled || state.settling !== undefined || reply.sent) return;
-      if (request.raw.aborted || reply.raw.destroyed) void lease.commitUnbuffered(null, 'cut-short');
+      if (!request.raw.aborted && !reply.raw.destroyed) return;
+      // Resolved through `reply`: it may still answer (a timer, a callback), and that answer is
+      // stored; should none come, the lease runs out as a crashed holder's.
+      if (state.viaReply) return lease.letLapse();
+      // Done, and nothing sent: the empty answer Fastify would have sent, had the client stayed.
+      void lease.commit({ status: reply.statusCode, headers: toStoredHeaders(reply.getHeaders()), body: EMPTY });
     });
   }
 
@@ -275,6 +290,16 @@ function watchHandler(route: RouteOptions, hooks: RouteHooks): void {
     }
     return result;
   };
+}
+
+const EMPTY = new Uint8Array(0);
+
+/** What Fastify sends as a stream: a Node or web stream, or a Response whose body is unread. */
+function isSendable(payload: unknown): boolean {
+  if (typeof payload !== 'object' || payload === null) return false;
+  const p = payload as { pipe?: unknown; getReader?: unknown; bodyUsed?: unknown };
+  if (typeof p.pipe === 'function' || typeof p.getReader === 'function') return true;
+  return Object.prototype.toString.call(payload) === '[object Response]' && p.bodyUsed !== true;
 }
 
 function isThenable(value: unknown): value is PromiseLike<unknown> {

@@ -434,8 +434,51 @@ describe('an async handler that calls reply.send() without returning reply', () 
   });
 });
 
+describe('answers Fastify itself refuses', () => {
+  it('reply.send(new Error()) without returning reply answers as plain Fastify does (no crash); the retry runs again', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/bad', async (_request, reply) => {
+        runs++;
+        await new Promise((resolve) => setImmediate(resolve));
+        reply.code(400).send(new Error('bad input'));
+      });
+    });
+    // Before, Fastify's "send inside onError" error escaped as an unhandled rejection (a crash).
+    const escaped: unknown[] = [];
+    const onRejection = (reason: unknown): void => void escaped.push(reason);
+    process.on('unhandledRejection', onRejection);
+    try {
+      const first = await post(app, '/bad', 'send-error');
+      expect(first.statusCode).toBe(400);
+      expect(first.json()).toMatchObject({ message: 'bad input' });
+      const retry = await post(app, '/bad', 'send-error');
+      expect(retry.statusCode).toBe(400);
+      expect(replayed(retry)).toBe(false);
+      expect(runs).toBe(2);
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(escaped).toEqual([]);
+    } finally {
+      process.off('unhandledRejection', onRejection);
+    }
+  });
+
+  it('an object sent with a content-type Fastify does not serialise: its 500 frees the key, not a 410 forever', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/mistyped', async (_request, reply) => {
+        runs++;
+        return reply.type('text/plain').send({ a: 1 });
+      });
+    });
+    expect((await post(app, '/mistyped', 'mistyped')).statusCode).toBe(500);
+    expect((await post(app, '/mistyped', 'mistyped')).statusCode).toBe(500);
+    expect(runs).toBe(2);
+  });
+});
+
 describe('an async handler whose client left', () => {
-  it('resolving with nothing (no send) settles the key instead of renewing it for good: retries get 410', async () => {
+  it('resolving with nothing (no send) settles the key instead of renewing it for good: retries get the empty answer', async () => {
     let runs = 0;
     let ended = false;
     const { app } = await build(
@@ -457,16 +500,48 @@ describe('an async handler whose client left', () => {
     controller.abort();
     await expect(first).rejects.toThrow();
     await vi.waitFor(() => expect(ended).toBe(true));
-    // Before, the lease was renewed for as long as the process ran: a 409 forever.
+    // Before, the lease was renewed for as long as the process ran: a 409 forever. Now the
+    // answer Fastify would have sent (the status, an empty body) is stored and replayed.
     const retry = await vi.waitFor(
       async () => {
         const res = await post(app, '/later', 'left');
-        expect(res.statusCode).toBe(410);
+        expect(res.statusCode).toBe(202);
         return res;
       },
       { timeout: 3_000, interval: 50 },
     );
-    expect(retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
+    expect(replayed(retry)).toBe(true);
+    expect(retry.body).toBe('');
+    expect(runs).toBe(1);
+  });
+
+  it('returning reply and answering later (a timer) after the client left: that answer is stored and replayed', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/callback', async (_request, reply) => {
+        runs++;
+        setTimeout(() => void reply.code(201).send({ done: runs }), 150);
+        return reply;
+      });
+    });
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}/callback`;
+    const controller = new AbortController();
+    const first = fetch(url, { method: 'POST', headers: { 'idempotency-key': 'callback', 'content-type': 'application/json' }, body: '{"a":1}', signal: controller.signal });
+    await vi.waitFor(() => expect(runs).toBe(1));
+    controller.abort();
+    await expect(first).rejects.toThrow();
+    // The handler's promise resolves (through reply) when the client leaves; its answer comes later.
+    const retry = await vi.waitFor(
+      async () => {
+        const res = await post(app, '/callback', 'callback');
+        expect(res.statusCode).toBe(201);
+        return res;
+      },
+      { timeout: 3_000, interval: 50 },
+    );
+    expect(replayed(retry)).toBe(true);
+    expect(retry.json()).toEqual({ done: 1 });
     expect(runs).toBe(1);
   });
 });

@@ -1,6 +1,6 @@
 import { Readable } from 'node:stream';
 import Router from '@koa/router';
-import { createMemoryStore, problemResponse, KeyError, scopedKey, type IdempotencyEvent, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
+import { createMemoryStore, problemResponse, KeyError, scopedKey, TransactionAbortedError, type IdempotencyEvent, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import Koa, { type Context } from 'koa';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ConfigurationError, idempotency } from '../src/index.js';
@@ -170,10 +170,10 @@ describe('koa binding: what is not replayed', () => {
 
 describe('koa binding: transactional mode, rolled back', () => {
   /** A transaction whose completion fails (as a COMMIT can): nothing committed, the key is freed. */
-  function failingCommitStore(): TransactionalStore<null> {
+  function failingCommitStore(failure: () => Error = () => new Error('COMMIT failed')): TransactionalStore<null> {
     return Object.assign(createMemoryStore(), {
       async beginTransaction(): Promise<StoreTransaction<null>> {
-        return { client: null, complete: () => Promise.reject(new Error('COMMIT failed')), rollback: async () => undefined };
+        return { client: null, complete: () => Promise.reject(failure()), rollback: async () => undefined };
       },
     });
   }
@@ -195,6 +195,20 @@ describe('koa binding: transactional mode, rolled back', () => {
     expect(await first.text()).toContain('rolled back');
     expect((await post(url, 'csv')).status).toBe(503);
     expect(runs).toBe(2);
+  });
+
+  it('a 4xx stream from a handler whose own failed statement aborted the transaction goes out as it is', async () => {
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: failingCommitStore(() => new TransactionAbortedError()), transactional: true, logger: false }));
+      app.use((ctx) => {
+        ctx.status = 422;
+        ctx.type = 'text/plain';
+        ctx.body = Readable.from(['email ', 'taken']);
+      });
+    });
+    const first = await post(url, 'taken');
+    expect(first.status).toBe(422);
+    expect(await first.text()).toBe('email taken');
   });
 
   it('an answer whose head the handler already wrote is cut instead of completed as a 201', async () => {
