@@ -44,8 +44,8 @@ interface LeaseState {
   resent: boolean;
   /** The first answer was handed to Fastify and written: later ones are dropped (see onSend). */
   delivered: boolean;
-  /** The handler returned or awaited `reply`: it said it answers later (see handlerEnded). */
-  viaReply: boolean;
+  /** What the route handler returned (its promise, if async): looked at only once the response closed early. */
+  handler: unknown;
 }
 
 const kState = Symbol('idemkit.fastify.state');
@@ -118,20 +118,13 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         sendStored(reply, problemResponse(decision.error));
         return;
       case 'run': {
-        const state: LeaseState = { lease: decision.lease, reply, errored: false, settling: undefined, resent: false, delivered: false, viaReply: false };
+        const state: LeaseState = { lease: decision.lease, reply, errored: false, settling: undefined, resent: false, delivered: false, handler: undefined };
         (request as StatefulRequest)[kState] = state;
         request.idempotency = decision.lease.context;
         // The last word on this lease, whatever happened: Fastify's hooks do not cover every
         // path (a hijacked reply gets no onSend, no onError when its handler throws, and no
         // onResponse if it never ends). Only requests that took a lease pay for the listener.
         reply.raw.once('close', () => onRawClose(state));
-        // An async handler that returns (or awaits) `reply` resolves through reply.then, only
-        // once the response ends or its client leaves: noted, so handlerEnded waits for its answer.
-        const then = reply.then;
-        reply.then = function awaited(this: FastifyReply, ...args: Parameters<FastifyReply['then']>) {
-          state.viaReply = true;
-          return then.apply(this, args);
-        };
         return done();
       }
     }
@@ -234,65 +227,66 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const { lease, reply } = state;
     if (lease.settled) return;
     if (state.errored) return void lease.abandon('handler-threw');
-    if (!reply.sent) return;
-    // Nothing went out: the raw status is only Node's default 200, so no status is recorded.
-    void (reply.raw.headersSent ? lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
+    if (!reply.sent) return afterClientLeft(state);
+    if (reply.raw.headersSent) return void lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable');
+    hijackedUnanswered(state);
   }
 
   /**
-   * An async handler's promise settled. Two ends reach none of the hooks above: a handler that
-   * resolves with nothing after its client left (Fastify then sends nothing, so onSend never
-   * runs and the lease would be renewed for good), and one that rejects after `reply.hijack()`
-   * (Fastify only logs it).
+   * The client left before the answer. The handler's answer is still stored when it comes
+   * (onSend), so the retry replays it. But Fastify sends nothing for an async handler that
+   * resolves with nothing once its client is gone, so onSend may never come: once the handler has
+   * settled, its answer gets a lease's time to arrive (one that returned `reply` may answer from a
+   * timer), and then the key is marked `cut-short` rather than held (and renewed) for good.
+   * Looked at only here, so requests whose client stays pay nothing for it.
    */
-  function handlerEnded(request: FastifyRequest, state: LeaseState, payload: unknown, failed: boolean): void {
-    const { lease, reply } = state;
-    if (failed) {
-      // Hijacked and nothing written yet: a throw, as for any handler. Once bytes went out, the
-      // raw close settles it (as a stream).
-      if (reply.sent && !reply.raw.headersSent && !lease.settled) {
+  function afterClientLeft(state: LeaseState): void {
+    const { lease, handler } = state;
+    if (!isThenable(handler)) return;
+    const markLater = (): void => {
+      setTimeout(() => {
+        if (!lease.settled && state.settling === undefined) void lease.commitUnbuffered(null, 'cut-short');
+      }, engine.options.leaseMs).unref();
+    };
+    handler.then(markLater, markLater);
+  }
+
+  /**
+   * A hijacked reply closed before its status went out: the handler threw before writing
+   * (Fastify only logs that), which frees the key as any throw does; or it is still at it, or
+   * answered nothing, which is never run again (`cut-short`). A rejection already there is seen
+   * before the check after the close's turn; a handler still pending is not waited for.
+   */
+  function hijackedUnanswered(state: LeaseState): void {
+    const { lease, handler } = state;
+    if (isThenable(handler)) {
+      handler.then(undefined, () => {
         state.errored = true;
         void lease.abandon('handler-threw');
-      }
-      return;
+      });
     }
-    if (payload !== undefined) return;
-    // After Fastify's own reaction to the promise (queued behind this one), which sends the
-    // empty answer unless the client is gone.
-    queueMicrotask(() => {
-      if (lease.settled || state.settling !== undefined || reply.sent) return;
-      if (!request.raw.aborted && !reply.raw.destroyed) return;
-      // Resolved through `reply`: it may still answer (a timer, a callback), and that answer is
-      // stored; should none come, the lease runs out as a crashed holder's.
-      if (state.viaReply) return lease.letLapse();
-      // Done, and nothing sent: the empty answer Fastify would have sent, had the client stayed.
-      void lease.commit({ status: reply.statusCode, headers: toStoredHeaders(reply.getHeaders()), body: EMPTY });
+    setImmediate(() => {
+      // Nothing went out: the raw status is only Node's default 200, so no status is recorded.
+      if (!lease.settled) void lease.commitUnbuffered(null, 'cut-short');
     });
   }
 
-  return { preHandler, onSend, onError, handlerEnded };
+  return { preHandler, onSend, onError };
 }
 
 type RouteHooks = ReturnType<typeof routeHooks>;
-type HookName = Exclude<keyof RouteHooks, 'handlerEnded'>;
+type HookName = keyof RouteHooks;
 
-/** Watch the route handler's promise (see handlerEnded); only requests that took a lease pay for it. */
-function watchHandler(route: RouteOptions, hooks: RouteHooks): void {
+/** Keep what the route handler returned on the lease's state (see afterClientLeft); nothing more per request. */
+function keepHandlerResult(route: RouteOptions): void {
   const handler = route.handler;
   route.handler = function idempotentHandler(this: FastifyInstance, request, reply) {
     const result: unknown = handler.call(this, request, reply);
     const state = stateOf(request);
-    if (state !== null && isThenable(result)) {
-      result.then(
-        (payload) => hooks.handlerEnded(request, state, payload, false),
-        () => hooks.handlerEnded(request, state, undefined, true),
-      );
-    }
+    if (state !== null) state.handler = result;
     return result;
   };
 }
-
-const EMPTY = new Uint8Array(0);
 
 /** What Fastify sends as a stream: a Node or web stream, or a Response whose body is unread. */
 function isSendable(payload: unknown): boolean {
@@ -358,9 +352,8 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
     }
     const covered = attached.engine.options.methods;
     if (!methodsOf(route).some((m) => covered.has(m))) return;
-    const { handlerEnded: _handlerEnded, ...hooks } = attached.hooks;
-    for (const name of Object.keys(hooks) as HookName[]) addHook(route, name, hooks[name]);
-    watchHandler(route, attached.hooks);
+    for (const name of Object.keys(attached.hooks) as HookName[]) addHook(route, name, attached.hooks[name]);
+    keepHandlerResult(route);
   });
 };
 
