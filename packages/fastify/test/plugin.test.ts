@@ -32,6 +32,14 @@ function post(app: FastifyInstance, url: string, key?: string, payload: unknown 
 
 const replayed = (res: LightMyRequestResponse): boolean => res.headers['idempotent-replayed'] === 'true';
 
+/** The app on a real socket (client aborts, Fastify's async paths): a POST with a key and a JSON body. */
+async function overSocket(app: FastifyInstance): Promise<(path: string, key: string, signal?: AbortSignal) => Promise<Response>> {
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const base = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`;
+  return (path, key, signal) =>
+    fetch(`${base}${path}`, { method: 'POST', headers: { 'idempotency-key': key, 'content-type': 'application/json' }, body: '{"a":1}', signal });
+}
+
 describe('registration', () => {
   it('is a fastify-plugin with a name, also the default export', () => {
     expect(fastifyIdempotencyDefault).toBe(fastifyIdempotency);
@@ -420,9 +428,8 @@ describe('an async handler that calls reply.send() without returning reply', () 
         if (how === 'throws') throw new Error('after the answer');
       });
     });
-    await app.listen({ port: 0, host: '127.0.0.1' });
-    const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}/orders`;
-    const send = () => fetch(url, { method: 'POST', headers: { 'idempotency-key': `no-return-${how}`, 'content-type': 'application/json' }, body: '{"a":1}' });
+    const overTcp = await overSocket(app);
+    const send = () => overTcp('/orders', `no-return-${how}`);
     const first = await send();
     expect(first.status).toBe(201);
     expect(await first.text()).toBe('{"id":1,"first":true}');
@@ -492,10 +499,9 @@ describe('an async handler whose client left', () => {
       },
       { leaseMs: 400 },
     );
-    await app.listen({ port: 0, host: '127.0.0.1' });
-    const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}/later`;
+    const send = await overSocket(app);
     const controller = new AbortController();
-    const first = fetch(url, { method: 'POST', headers: { 'idempotency-key': 'left', 'content-type': 'application/json' }, body: '{"a":1}', signal: controller.signal });
+    const first = send('/later', 'left', controller.signal);
     await vi.waitFor(() => expect(runs).toBe(1));
     controller.abort();
     await expect(first).rejects.toThrow();
@@ -523,10 +529,9 @@ describe('an async handler whose client left', () => {
         return reply;
       });
     });
-    await app.listen({ port: 0, host: '127.0.0.1' });
-    const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}/callback`;
+    const send = await overSocket(app);
     const controller = new AbortController();
-    const first = fetch(url, { method: 'POST', headers: { 'idempotency-key': 'callback', 'content-type': 'application/json' }, body: '{"a":1}', signal: controller.signal });
+    const first = send('/callback', 'callback', controller.signal);
     await vi.waitFor(() => expect(runs).toBe(1));
     controller.abort();
     await expect(first).rejects.toThrow();
@@ -557,10 +562,8 @@ describe('a hijacked reply whose handler throws before writing', () => {
         reply.raw.end('made');
       });
     });
-    await app.listen({ port: 0, host: '127.0.0.1' });
-    const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}/hijack-throw`;
-    const send = (signal?: AbortSignal) =>
-      fetch(url, { method: 'POST', headers: { 'idempotency-key': 'hijack-throw', 'content-type': 'application/json' }, body: '{"a":1}', signal });
+    const overTcp = await overSocket(app);
+    const send = (signal?: AbortSignal) => overTcp('/hijack-throw', 'hijack-throw', signal);
     // Fastify only logs the error of a hijacked reply; the client waits until it gives up.
     const controller = new AbortController();
     const first = send(controller.signal);

@@ -34,17 +34,22 @@ async function rowsFor(ref: string): Promise<number> {
 /** Clients checked out of the pool right now (every path must give them back). */
 const checkedOut = (pool: pg.Pool): number => pool.totalCount - pool.idleCount;
 
+/** A claimed key's lease token and the transaction its handler would get (the flow the engine drives). */
+async function claimedTransaction(k: string) {
+  const first = await store.begin(k, 'fp', 30_000);
+  if (first.kind !== 'acquired') throw new Error('expected acquired');
+  return { token: first.token, tx: await store.beginTransaction() };
+}
+
 describe('store transactions (the flow the engine drives)', () => {
   it('handler inserts then throws → rollback + release: no row, no record; the retry commits exactly one row', async () => {
     const k = key();
     const ref = randomUUID();
-    const first = await store.begin(k, 'fp', 30_000);
-    if (first.kind !== 'acquired') throw new Error('expected acquired');
-    const tx = await store.beginTransaction();
+    const { token, tx } = await claimedTransaction(k);
     await tx.client.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
     // The handler throws: the engine rolls back, then releases the key.
     await tx.rollback();
-    expect(await store.release(k, first.token)).toBe(true);
+    expect(await store.release(k, token)).toBe(true);
     expect(await rowsFor(ref)).toBe(0);
     expect(await store.get(k)).toBeUndefined();
 
@@ -81,12 +86,10 @@ describe('store transactions (the flow the engine drives)', () => {
   it('rollback() while complete() is still running wins: nothing commits', async () => {
     const k = key();
     const ref = randomUUID();
-    const first = await store.begin(k, 'fp', 30_000);
-    if (first.kind !== 'acquired') throw new Error('expected acquired');
-    const tx = await store.beginTransaction();
+    const { token, tx } = await claimedTransaction(k);
     await tx.client.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
     // As when the engine's store deadline fires during complete and it rolls back.
-    const completing = tx.complete(k, first.token, ok, 60_000);
+    const completing = tx.complete(k, token, ok, 60_000);
     const rolling = tx.rollback();
     expect(await completing).toBe(false);
     await rolling;
@@ -99,12 +102,10 @@ describe('store transactions (the flow the engine drives)', () => {
     const deferred = db.table('deferred_refs');
     await db.pool.query(`CREATE TABLE ${deferred} (ref text UNIQUE DEFERRABLE INITIALLY DEFERRED)`);
     const k = key();
-    const first = await store.begin(k, 'fp', 30_000);
-    if (first.kind !== 'acquired') throw new Error('expected acquired');
-    const tx = await store.beginTransaction();
+    const { token, tx } = await claimedTransaction(k);
     // The duplicate is only detected at COMMIT (deferred constraint).
     await tx.client.query(`INSERT INTO ${deferred} (ref) VALUES ('dup'), ('dup')`);
-    await expect(tx.complete(k, first.token, ok, 60_000)).rejects.toMatchObject({ code: '23505' });
+    await expect(tx.complete(k, token, ok, 60_000)).rejects.toMatchObject({ code: '23505' });
     await tx.rollback(); // what the engine does after a failed complete: a no-op here
     expect((await store.get(k))?.state).toBe('in_progress');
     expect((await db.pool.query(`SELECT count(*)::int AS n FROM ${deferred}`)).rows[0]).toEqual({ n: 0 });
@@ -113,11 +114,9 @@ describe('store transactions (the flow the engine drives)', () => {
 
   it('a handler that broke the transaction: complete rejects with TransactionAbortedError (the driver error as cause), rolls back, returns the client', async () => {
     const k = key();
-    const first = await store.begin(k, 'fp', 30_000);
-    if (first.kind !== 'acquired') throw new Error('expected acquired');
-    const tx = await store.beginTransaction();
+    const { token, tx } = await claimedTransaction(k);
     await expect(tx.client.query('SELECT 1/0')).rejects.toMatchObject({ code: '22012' });
-    await expect(tx.complete(k, first.token, ok, 60_000)).rejects.toMatchObject({ code: 'ERR_IDEMKIT_TRANSACTION_ABORTED', cause: { code: '25P02' } });
+    await expect(tx.complete(k, token, ok, 60_000)).rejects.toMatchObject({ code: 'ERR_IDEMKIT_TRANSACTION_ABORTED', cause: { code: '25P02' } });
     expect((await store.get(k))?.state).toBe('in_progress');
     expect(checkedOut(db.pool)).toBe(0);
   });
@@ -125,14 +124,12 @@ describe('store transactions (the flow the engine drives)', () => {
   it('a statement slipped in between the completion and COMMIT aborts it: COMMIT answers ROLLBACK, complete rejects', async () => {
     const k = key();
     const ref = randomUUID();
-    const first = await store.begin(k, 'fp', 30_000);
-    if (first.kind !== 'acquired') throw new Error('expected acquired');
-    const tx = await store.beginTransaction();
+    const { token, tx } = await claimedTransaction(k);
     await tx.client.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
     // The client the handler gets refuses this (see below); the pool client itself does not, and
     // a failed statement there turns COMMIT into a rollback without an error from Postgres.
     const raw = Reflect.get(tx, 'raw') as pg.PoolClient;
-    const completing = tx.complete(k, first.token, ok, 60_000);
+    const completing = tx.complete(k, token, ok, 60_000);
     const failing = raw.query('SELECT 1/0').catch((error: unknown) => error);
     await expect(completing).rejects.toThrow(/COMMIT was answered with ROLLBACK/);
     expect(await failing).toMatchObject({ code: '22012' });
@@ -143,12 +140,10 @@ describe('store transactions (the flow the engine drives)', () => {
 
   it('the client refuses queries once the transaction is ending, in every call style, and still works before', async () => {
     const k = key();
-    const first = await store.begin(k, 'fp', 30_000);
-    if (first.kind !== 'acquired') throw new Error('expected acquired');
-    const tx = await store.beginTransaction();
+    const { token, tx } = await claimedTransaction(k);
     expect((await tx.client.query<{ n: number }>('SELECT 1 AS n')).rows).toEqual([{ n: 1 }]);
     expect(tx.client).toBeInstanceOf(pg.Client);
-    expect(await tx.complete(k, first.token, ok, 60_000)).toBe(true);
+    expect(await tx.complete(k, token, ok, 60_000)).toBe(true);
     const refused = /came after the handler answered/;
     await expect(tx.client.query('SELECT 1')).rejects.toThrow(refused);
     const viaCallback = await new Promise<unknown>((resolve) => {
@@ -180,11 +175,9 @@ describe('store transactions (the flow the engine drives)', () => {
 
   it('complete twice is refused; the transaction is single-use', async () => {
     const k = key();
-    const first = await store.begin(k, 'fp', 30_000);
-    if (first.kind !== 'acquired') throw new Error('expected acquired');
-    const tx = await store.beginTransaction();
-    expect(await tx.complete(k, first.token, ok, 60_000)).toBe(true);
-    await expect(tx.complete(k, first.token, ok, 60_000)).rejects.toThrow(/already completed or rolled back/);
+    const { token, tx } = await claimedTransaction(k);
+    expect(await tx.complete(k, token, ok, 60_000)).toBe(true);
+    await expect(tx.complete(k, token, ok, 60_000)).rejects.toThrow(/already completed or rolled back/);
   });
 });
 
