@@ -46,6 +46,8 @@ interface LeaseState {
   delivered: boolean;
   /** What the route handler returned (its promise, if async): looked at only once the response closed early. */
   handler: unknown;
+  /** The response had closed before the handler ran (the client left during earlier hooks). */
+  closedEarly: boolean;
 }
 
 const kState = Symbol('idemkit.fastify.state');
@@ -118,13 +120,16 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         sendStored(reply, problemResponse(decision.error));
         return;
       case 'run': {
-        const state: LeaseState = { lease: decision.lease, reply, errored: false, settling: undefined, resent: false, delivered: false, handler: undefined };
+        const state: LeaseState = { lease: decision.lease, reply, errored: false, settling: undefined, resent: false, delivered: false, handler: undefined, closedEarly: false };
         (request as StatefulRequest)[kState] = state;
         request.idempotency = decision.lease.context;
         // The last word on this lease, whatever happened: Fastify's hooks do not cover every
         // path (a hijacked reply gets no onSend, no onError when its handler throws, and no
         // onResponse if it never ends). Only requests that took a lease pay for the listener.
-        reply.raw.once('close', () => onRawClose(state));
+        // Closed already (the client left during slower hooks before ours): 'close' will not come
+        // again, so the lease is looked at once the handler has run (see keepHandlerResult).
+        if (reply.raw.closed) state.closedEarly = true;
+        else reply.raw.once('close', () => onRawClose(state));
         return done();
       }
     }
@@ -157,7 +162,9 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       // goes out; this one is dropped, as Fastify drops a second answer once one went out.
       state.resent = true;
       const later = (): void => {
-        if (!state.delivered) return void deliver(reply, done, payload);
+        // Delivered, yet nothing went out, after an error: a hook after ours failed on the first
+        // answer, and this is Fastify's error reply for it; dropping it would hang the client.
+        if (!state.delivered || (state.errored && !reply.raw.headersSent)) return void deliver(reply, done, payload);
         reply.log.warn(`[idemkit] A second answer was dropped: the first one went out. Did you forget to "return reply" in the "${request.url}" (${request.method}) route?`);
       };
       state.settling.then(later, later);
@@ -245,10 +252,18 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     if (!isThenable(handler)) return;
     const markLater = (): void => {
       setTimeout(() => {
-        if (!lease.settled && state.settling === undefined) void lease.commitUnbuffered(null, 'cut-short');
+        if (lease.settled || state.settling !== undefined) return;
+        if (state.errored) void lease.abandon('handler-threw');
+        else void lease.commitUnbuffered(null, 'cut-short');
       }, engine.options.leaseMs).unref();
     };
-    handler.then(markLater, markLater);
+    // Only a promise that fulfils with nothing: Fastify sends a value or an error itself (through
+    // onSend, however slow its hooks). Promise.resolve: never a thenable's own `then` (a
+    // returned `reply` calls back at once once sent, whatever it is given).
+    Promise.resolve(handler).then(
+      (value) => void (value === undefined && markLater()),
+      () => undefined,
+    );
   }
 
   /**
@@ -260,7 +275,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   function hijackedUnanswered(state: LeaseState): void {
     const { lease, handler } = state;
     if (isThenable(handler)) {
-      handler.then(undefined, () => {
+      Promise.resolve(handler).then(undefined, () => {
         state.errored = true;
         void lease.abandon('handler-threw');
       });
@@ -271,19 +286,22 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     });
   }
 
-  return { preHandler, onSend, onError };
+  return { preHandler, onSend, onError, onRawClose };
 }
 
 type RouteHooks = ReturnType<typeof routeHooks>;
-type HookName = keyof RouteHooks;
+type HookName = Exclude<keyof RouteHooks, 'onRawClose'>;
 
 /** Keep what the route handler returned on the lease's state (see afterClientLeft); nothing more per request. */
-function keepHandlerResult(route: RouteOptions): void {
+function keepHandlerResult(route: RouteOptions, onRawClose: RouteHooks['onRawClose']): void {
   const handler = route.handler;
   route.handler = function idempotentHandler(this: FastifyInstance, request, reply) {
     const result: unknown = handler.call(this, request, reply);
     const state = stateOf(request);
-    if (state !== null) state.handler = result;
+    if (state !== null) {
+      state.handler = result;
+      if (state.closedEarly) onRawClose(state);
+    }
     return result;
   };
 }
@@ -352,8 +370,9 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
     }
     const covered = attached.engine.options.methods;
     if (!methodsOf(route).some((m) => covered.has(m))) return;
-    for (const name of Object.keys(attached.hooks) as HookName[]) addHook(route, name, attached.hooks[name]);
-    keepHandlerResult(route);
+    const { onRawClose, ...hooks } = attached.hooks;
+    for (const name of Object.keys(hooks) as HookName[]) addHook(route, name, hooks[name]);
+    keepHandlerResult(route, onRawClose);
   });
 };
 

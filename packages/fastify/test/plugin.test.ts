@@ -550,6 +550,92 @@ describe('an async handler whose client left', () => {
   });
 });
 
+describe('a client that leaves early, at other moments', () => {
+  async function leaveEarly(send: (signal: AbortSignal) => Promise<Response>, started: () => boolean): Promise<void> {
+    const controller = new AbortController();
+    const first = send(controller.signal);
+    await vi.waitFor(() => expect(started()).toBe(true));
+    controller.abort();
+    await expect(first).rejects.toThrow();
+  }
+
+  it('during a slow hook before ours: the lease is still settled once the handler has run', async () => {
+    let entered = false;
+    let runs = 0;
+    const { app } = await build(
+      (a) => {
+        a.post('/slow-hooks', { preHandler: async () => void (entered = true, await new Promise((resolve) => setTimeout(resolve, 200))) }, async (_request, reply) => {
+          runs++;
+          reply.code(202); // answers nothing, so nothing reaches onSend
+        });
+      },
+      { leaseMs: 300 },
+    );
+    const overTcp = await overSocket(app);
+    await leaveEarly((signal) => overTcp('/slow-hooks', 'slow-hooks', signal), () => entered);
+    // 'close' came before our preHandler listened for it. Before, a 409 for good.
+    await vi.waitFor(async () => expect((await post(app, '/slow-hooks', 'slow-hooks')).statusCode).toBe(410), { timeout: 5_000, interval: 50 });
+    expect(runs).toBe(1);
+  });
+
+  it('while a slow preSerialization hook works on a returned value: that value is stored, not a 410', async () => {
+    let runs = 0;
+    const { app } = await build(
+      (a) => {
+        a.post('/slow-serialize', { preSerialization: async (_request, _reply, payload: unknown) => (await new Promise((resolve) => setTimeout(resolve, 600)), payload) }, async () => ({ v: ++runs }));
+      },
+      { leaseMs: 300 },
+    );
+    const overTcp = await overSocket(app);
+    await leaveEarly((signal) => overTcp('/slow-serialize', 'slow-serialize', signal), () => runs === 1);
+    const retry = await vi.waitFor(
+      async () => {
+        const res = await post(app, '/slow-serialize', 'slow-serialize');
+        expect(res.statusCode).toBe(200);
+        return res;
+      },
+      { timeout: 5_000, interval: 50 },
+    );
+    expect(replayed(retry)).toBe(true);
+    expect(retry.json()).toEqual({ v: 1 });
+    expect(runs).toBe(1);
+  });
+
+  it('from a non-async handler that hijacks and returns reply: no crash, never run again', async () => {
+    let runs = 0;
+    const crashed: unknown[] = [];
+    const onCrash = (error: unknown): void => void crashed.push(error);
+    process.on('uncaughtException', onCrash);
+    try {
+      const { app } = await build((a) => {
+        a.post('/hijack-sync', (_request, reply) => {
+          runs++;
+          reply.hijack();
+          setTimeout(() => reply.raw.end(), 300); // too late: the client is gone
+          return reply;
+        });
+      });
+      const overTcp = await overSocket(app);
+      await leaveEarly((signal) => overTcp('/hijack-sync', 'hijack-sync', signal), () => runs === 1);
+      await vi.waitFor(async () => expect((await post(app, '/hijack-sync', 'hijack-sync')).statusCode).toBe(410), { timeout: 3_000, interval: 50 });
+      expect(crashed).toEqual([]);
+      expect(runs).toBe(1);
+    } finally {
+      process.off('uncaughtException', onCrash);
+    }
+  });
+});
+
+describe('a route onSend hook after ours that fails', () => {
+  it('its 500 still reaches the client (before, the error reply was dropped and the request hung)', async () => {
+    const { app } = await build((a) => {
+      a.post('/hook-fails', { onSend: (_request, _reply, _payload, done) => done(new Error('hook failed')) }, async () => ({ ok: 1 }));
+    });
+    const res = await post(app, '/hook-fails', 'hook-fails');
+    expect(res.statusCode).toBe(500);
+  });
+});
+
 describe('a hijacked reply whose handler throws before writing', () => {
   it('frees the key, as any throwing handler does: the retry runs again', async () => {
     let runs = 0;
