@@ -46,7 +46,9 @@ interface LeaseState {
   delivered: boolean;
   /** What the route handler returned (its promise, if async): looked at only once the response closed early. */
   handler: unknown;
-  /** The response had closed before the handler ran (the client left during earlier hooks). */
+  /** The route handler has been called. */
+  ran: boolean;
+  /** The response had closed before the handler ran (the client left during slower hooks). */
   closedEarly: boolean;
 }
 
@@ -120,7 +122,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         sendStored(reply, problemResponse(decision.error));
         return;
       case 'run': {
-        const state: LeaseState = { lease: decision.lease, reply, errored: false, settling: undefined, resent: false, delivered: false, handler: undefined, closedEarly: false };
+        const state: LeaseState = { lease: decision.lease, reply, errored: false, settling: undefined, resent: false, delivered: false, handler: undefined, ran: false, closedEarly: false };
         (request as StatefulRequest)[kState] = state;
         request.idempotency = decision.lease.context;
         // The last word on this lease, whatever happened: Fastify's hooks do not cover every
@@ -234,8 +236,11 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const { lease, reply } = state;
     if (lease.settled) return;
     if (state.errored) return void lease.abandon('handler-threw');
+    if (reply.sent && reply.raw.headersSent) return void lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable');
+    // Closed before the handler ran (the client left during a slower hook after ours): what it
+    // returns is looked at once it has (see keepHandlerResult).
+    if (!state.ran) return void (state.closedEarly = true);
     if (!reply.sent) return afterClientLeft(state);
-    if (reply.raw.headersSent) return void lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable');
     hijackedUnanswered(state);
   }
 
@@ -300,6 +305,7 @@ function keepHandlerResult(route: RouteOptions, onRawClose: RouteHooks['onRawClo
     const state = stateOf(request);
     if (state !== null) {
       state.handler = result;
+      state.ran = true;
       if (state.closedEarly) onRawClose(state);
     }
     return result;

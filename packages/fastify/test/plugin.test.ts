@@ -578,6 +578,28 @@ describe('a client that leaves early, at other moments', () => {
     expect(runs).toBe(1);
   });
 
+  it('during a slow hook after ours, before the handler ran: settled once it has', async () => {
+    let entered = false;
+    let runs = 0;
+    const { app } = await build(
+      (a) => {
+        // A plugin registered after idemkit adds its route preHandler after ours (rate limiting, say).
+        a.addHook('onRoute', (route) => {
+          route.preHandler = [...([route.preHandler ?? []].flat() as never[]), async () => void (entered = true, await new Promise((resolve) => setTimeout(resolve, 200)))];
+        });
+        a.post('/later-hook', async (_request, reply) => {
+          runs++;
+          reply.code(202);
+        });
+      },
+      { leaseMs: 300 },
+    );
+    const overTcp = await overSocket(app);
+    await leaveEarly((signal) => overTcp('/later-hook', 'later-hook', signal), () => entered);
+    await vi.waitFor(async () => expect((await post(app, '/later-hook', 'later-hook')).statusCode).toBe(410), { timeout: 5_000, interval: 50 });
+    expect(runs).toBe(1);
+  });
+
   it('while a slow preSerialization hook works on a returned value: that value is stored, not a 410', async () => {
     let runs = 0;
     const { app } = await build(
