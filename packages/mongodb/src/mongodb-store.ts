@@ -106,47 +106,56 @@ class MongoIdempotencyStore implements MongoStore {
 
   async begin(key: string, fingerprint: string | null, leaseMs: number): Promise<BeginResult> {
     assertKey(key);
-    for (let attempt = 0; attempt < MAX_BEGIN_ATTEMPTS; attempt++) {
-      const [now, fencing] = await this.#prepare();
-      const token = newToken();
-      const fresh: Omit<IdempotencyDocument, '_id'> = {
-        fingerprint,
-        state: 'in_progress',
-        token,
-        leaseExpiresAt: new Date(now + leaseMs),
-        response: null,
-        createdAt: new Date(now),
-        expiresAt: new Date(now + leaseMs),
-      };
-      let before: IdempotencyDocument | null;
-      try {
-        // One round trip for both common cases: a new key is inserted ($setOnInsert), an existing
-        // one comes back untouched ('before' document). The unique _id makes the insert atomic.
-        before = await this.collection.findOneAndUpdate(
-          { _id: key },
-          { $setOnInsert: fresh },
-          { upsert: true, returnDocument: 'before' },
-        );
-      } catch (error) {
-        // Two upserts raced to insert the same _id; the loser retries and now sees the winner.
-        if (isDuplicateKey(error)) continue;
-        throw error;
+    let token: LeaseToken | undefined;
+    try {
+      for (let attempt = 0; attempt < MAX_BEGIN_ATTEMPTS; attempt++) {
+        const [now, fencing] = await this.#prepare();
+        token = newToken();
+        const fresh: Omit<IdempotencyDocument, '_id'> = {
+          fingerprint,
+          state: 'in_progress',
+          token,
+          leaseExpiresAt: new Date(now + leaseMs),
+          response: null,
+          createdAt: new Date(now),
+          expiresAt: new Date(now + leaseMs),
+        };
+        let before: IdempotencyDocument | null;
+        try {
+          // One round trip for both common cases: a new key is inserted ($setOnInsert), an existing
+          // one comes back untouched ('before' document). The unique _id makes the insert atomic.
+          before = await this.collection.findOneAndUpdate(
+            { _id: key },
+            { $setOnInsert: fresh },
+            { upsert: true, returnDocument: 'before' },
+          );
+        } catch (error) {
+          // Two upserts raced to insert the same _id; the loser retries and now sees the winner.
+          if (isDuplicateKey(error)) continue;
+          throw error;
+        }
+        if (before === null) return { kind: 'acquired', token, tookOver: false };
+        if (before.expiresAt.getTime() > now) {
+          const record = toRecord(before);
+          const leaseRemainingMs =
+            record.state === 'in_progress' && record.leaseExpiresAt !== null ? Math.max(0, record.leaseExpiresAt - now) : 0;
+          return { kind: 'existing', record, leaseRemainingMs };
+        }
+        // Expired (a completed record past its TTL, or a crashed holder's lease): replace it only if
+        // it is still the version seen. Of several takers one wins; the others see its record.
+        if (await this.#replace(before, fresh, now, fencing)) {
+          return { kind: 'acquired', token, tookOver: before.state === 'in_progress' };
+        }
+        await backoff(attempt);
       }
-      if (before === null) return { kind: 'acquired', token, tookOver: false };
-      if (before.expiresAt.getTime() > now) {
-        const record = toRecord(before);
-        const leaseRemainingMs =
-          record.state === 'in_progress' && record.leaseExpiresAt !== null ? Math.max(0, record.leaseExpiresAt - now) : 0;
-        return { kind: 'existing', record, leaseRemainingMs };
-      }
-      // Expired (a completed record past its TTL, or a crashed holder's lease): replace it only if
-      // it is still the version seen. Of several takers one wins; the others see its record.
-      if (await this.#replace(before, fresh, now, fencing)) {
-        return { kind: 'acquired', token, tookOver: before.state === 'in_progress' };
-      }
-      await backoff(attempt);
+      throw new Error(`[idemkit] [mongodb] begin lost ${MAX_BEGIN_ATTEMPTS} races in a row for one key`);
+    } catch (error) {
+      // The claim may have landed though its answer was lost (a socket timeout): the caller was
+      // told the store failed, so the key must not stay claimed, answering 409 to its retries,
+      // for a whole lease. Fenced by the token: harmless if nothing landed.
+      if (token !== undefined) this.release(key, token).catch(() => false);
+      throw error;
     }
-    throw new Error(`[idemkit] [mongodb] begin lost ${MAX_BEGIN_ATTEMPTS} races in a row for one key`);
   }
 
   async #replace(

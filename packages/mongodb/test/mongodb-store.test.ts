@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { MongoClient, MongoError } from 'mongodb';
 import type { CommandStartedEvent } from 'mongodb';
 import { ConfigurationError } from '@idemkit/core';
+import { answerHoldingProxy } from '@idemkit/test-services';
 import type { LeaseToken, StoredResponse } from '@idemkit/core';
 import { CLAIM_WINDOW_MS, createMongoStore, DEFAULTS, PLAIN_INDEX_NAME, TTL_INDEX_NAME } from '../src/index.js';
 import type { IdempotencyDocument } from '../src/index.js';
@@ -483,6 +484,34 @@ describe('failures', () => {
     await expect(pending).rejects.toBeInstanceOf(MongoError);
     await closing;
     await expect(store.get(key('after-close'))).rejects.toBeInstanceOf(MongoError);
+  });
+
+  it('a claim whose answer was lost (a socket timeout) is given back: the caller saw a failure, so the key is free', async () => {
+    const target = new URL(t.url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
+    const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`, {
+      socketTimeoutMS: 500,
+      retryWrites: false,
+      serverSelectionTimeoutMS: 5_000,
+    });
+    try {
+      await client.connect();
+      const store = createMongoStore({ db: client.db(t.dbName), clock: 'local', logger: silent });
+      const warm = key('warm');
+      const claimed = await store.begin(warm, null, 30_000); // fencing mode known, connection warm
+      if (claimed.kind === 'acquired') await store.release(warm, claimed.token);
+      const k = key('lost-answer');
+      proxy.holdAnswers(); // commands land, their answers never come back
+      await expect(store.begin(k, 'fp', 60_000)).rejects.toBeInstanceOf(MongoError);
+      // The upsert landed; the release went out on a new connection after it. Before, the claim
+      // stayed for the whole lease and every retry got 409.
+      const direct = createMongoStore({ db: t.db, clock: 'local', logger: silent });
+      await vi.waitFor(async () => expect(await direct.get(k)).toBeUndefined(), { timeout: 8_000, interval: 50 });
+      expect(await direct.begin(k, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
+    } finally {
+      await client.close(true);
+      await proxy.close();
+    }
   });
 
   it('close() never closes the caller-owned client and is safe twice', async () => {
