@@ -75,55 +75,78 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
   const deadlineMs = options.deadlineMs ?? 30_000;
   const retryOn = options.retryOn ?? defaultRetryOn;
   const random = options.random ?? Math.random;
-  for (const [name, value] of Object.entries({ maxAttempts, baseDelayMs, maxDelayMs, deadlineMs })) {
-    if (!Number.isFinite(value) || value < (name === 'maxAttempts' ? 1 : 0)) throw new TypeError(`[idemkit] [client] \`${name}\` must be a non-negative number.`);
+  if (!Number.isInteger(maxAttempts) || maxAttempts < 1) throw new TypeError('[idemkit] [client] `maxAttempts` must be a whole number, at least 1.');
+  for (const [name, value] of Object.entries({ baseDelayMs, maxDelayMs, deadlineMs })) {
+    if (!Number.isFinite(value) || value < 0) throw new TypeError(`[idemkit] [client] \`${name}\` must be a non-negative number.`);
     // Timers hold at most 2^31 - 1 ms; a longer deadline would fire at once.
-    if (name !== 'maxAttempts' && value > MAX_TIMER_MS) throw new TypeError(`[idemkit] [client] \`${name}\` must be at most ${MAX_TIMER_MS} ms.`);
+    if (value > MAX_TIMER_MS) throw new TypeError(`[idemkit] [client] \`${name}\` must be at most ${MAX_TIMER_MS} ms.`);
   }
 
   return async function idempotentFetch(input, init = {}) {
     const { idempotencyKey, ...requestInit } = init;
-    const template = new Request(input, requestInit);
-    if (!methods.has(template.method)) return baseFetch(input, requestInit);
+    // Decided before a Request is built from `input`: building one reads a Request's body, and
+    // a method sent once, untouched, must get `input` as it came. Upper-cased: fetch leaves
+    // 'patch' as it is written.
+    const method = (requestInit.method ?? (input instanceof Request ? input.method : 'GET')).toUpperCase();
+    if (!methods.has(method)) return baseFetch(input, requestInit);
+    const template = new Request(input, { ...requestInit, method });
 
     const headers = new Headers(template.headers);
     const key = idempotencyKey ?? headers.get(header) ?? generateKey();
     headers.set(header, key);
-    // Buffer the body once so every attempt sends the same bytes (a stream can be read only once).
-    const body = template.body === null ? undefined : await template.arrayBuffer();
     // The caller's signal, whether it came in `init` or on a `Request` (the template has either).
     const userSignal = template.signal;
     // A Request's own options hold on every attempt, sent as (url, init) as to any fetch: a
     // custom one (node-fetch, a polyfill, a wrapper) may know only its own Request class.
     const requestOptions = input instanceof Request ? optionsOf(template) : {};
     const deadlineAt = Date.now() + deadlineMs;
-    // The deadline bounds the attempts only: once a response is returned, the caller reads its
-    // body for as long as it needs (as with plain fetch), so the timer stops there.
+    // The deadline bounds reading the body and the attempts: once a response is returned, the
+    // caller reads its body for as long as it needs (as with plain fetch), so the timer stops there.
     const deadline = new AbortController();
     const timer = setTimeout(() => deadline.abort(new DOMException(`No response within ${deadlineMs} ms.`, 'TimeoutError')), deadlineMs);
     const signal = AbortSignal.any([userSignal, deadline.signal]);
     try {
-      return await attempts();
+      // Buffer the body once so every attempt sends the same bytes (a stream can be read only once).
+      let body: ArrayBuffer | undefined;
+      try {
+        body = template.body === null ? undefined : await readAll(template.body, signal);
+      } catch (error) {
+        throw failure(error, 0);
+      }
+      return await attempts(body);
     } finally {
       clearTimeout(timer);
     }
 
-    async function attempts(): Promise<Response> {
+    /** The caller's abort, or the deadline, as the error to reject with; else `error` itself. */
+    function failure(error: unknown, attempt: number): unknown {
+      if (userSignal.aborted) return userSignal.reason;
+      if (deadline.signal.aborted) return new RetryDeadlineError(`[idemkit] [client] No response within ${deadlineMs} ms (${attempt} attempts).`, { cause: error });
+      return error;
+    }
+
+    async function attempts(body: ArrayBuffer | undefined): Promise<Response> {
       let lastError: unknown;
       for (let attempt = 1; ; attempt++) {
-        const report = (info: Omit<AttemptInfo, 'attempt' | 'key' | 'method' | 'url'>) =>
-          options.onAttempt?.({ attempt, key, method: template.method, url: template.url, ...info });
+        const report = (info: Omit<AttemptInfo, 'attempt' | 'key' | 'method' | 'url'>): void => {
+          try {
+            options.onAttempt?.({ attempt, key, method: template.method, url: template.url, ...info });
+          } catch {
+            // A logging callback must not cost the caller a response the server already sent.
+          }
+        };
         let response: Response | undefined;
         try {
-          response = await baseFetch(template.url, { ...requestOptions, ...requestInit, method: template.method, headers, body, signal });
+          // Raced with the signal: a fetch that ignores it (a wrapper) must not outlast an abort or the deadline.
+          response = await untilAborted(baseFetch(template.url, { ...requestOptions, ...requestInit, method: template.method, headers, body, signal }), signal);
         } catch (error) {
-          if (userSignal.aborted) throw userSignal.reason;
-          if (deadline.signal.aborted) throw new RetryDeadlineError(`[idemkit] [client] No response within ${deadlineMs} ms (${attempt} attempts).`, { cause: error });
+          const failed = failure(error, attempt);
+          if (failed !== error) throw failed;
           lastError = error;
         }
 
-        const retryable = response === undefined || retryOn(response.status);
         const retryAfter = response ? parseRetryAfter(response.headers.get('retry-after')) : undefined;
+        const retryable = response === undefined || (retryOn(response.status) && worthRetrying(response, retryAfter));
         // Retry-After is honoured up to maxDelayMs: idemkit's 409 carries the lease's worst case
         // (up to a minute) while the first request usually ends far sooner, and a replay is cheap.
         const delayMs = Math.max(backoffDelay(attempt, baseDelayMs, maxDelayMs, random), Math.min(retryAfter ?? 0, maxDelayMs));
@@ -169,5 +192,62 @@ function wait(ms: number, signal: AbortSignal): Promise<void> {
       reject(signal.reason);
     };
     signal.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+/**
+ * A status the server may answer differently next time. Never a replay (`Idempotent-Replayed`):
+ * the same key gets the same stored answer again. A 409 only with `Retry-After`, as idemkit's
+ * "still running" answer always has: an application's own 409 (a conflict, "email taken") is
+ * not stored, so retrying it would run the operation again and again.
+ */
+function worthRetrying(response: Response, retryAfter: number | undefined): boolean {
+  if (response.headers.get('idempotent-replayed') === 'true') return false;
+  if (response.status === 409 && retryAfter === undefined) return false;
+  return true;
+}
+
+/** The whole body, read under `signal` (cancelled when it aborts). */
+async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal): Promise<ArrayBuffer> {
+  const reader = stream.getReader();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  const cancel = (): void => void reader.cancel(signal.reason).catch(() => undefined);
+  signal.addEventListener('abort', cancel, { once: true });
+  try {
+    for (;;) {
+      const { done, value } = await untilAborted(reader.read(), signal);
+      if (done) break;
+      chunks.push(value);
+      size += value.byteLength;
+    }
+  } finally {
+    signal.removeEventListener('abort', cancel);
+  }
+  const bytes = new Uint8Array(size);
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  return bytes.buffer;
+}
+
+/** `work`, or a rejection with the signal's reason as soon as it aborts. */
+function untilAborted<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) return Promise.reject(signal.reason as Error);
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(signal.reason as Error);
+    signal.addEventListener('abort', onAbort, { once: true });
+    work.then(
+      (value) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(value);
+      },
+      (error: unknown) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(error as Error);
+      },
+    );
   });
 }

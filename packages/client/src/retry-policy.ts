@@ -16,7 +16,11 @@ export function backoffDelay(attempt: number, baseMs: number, maxMs: number, ran
 export function parseRetryAfter(value: string | null, now = Date.now()): number | undefined {
   if (value === null) return undefined;
   const trimmed = value.trim();
-  if (/^\d+$/.test(trimmed)) return Number(trimmed) * 1000;
+  // Two Retry-After lines arrive joined ("2, 2"): the first one counts.
+  const seconds = /^(\d+)(?:\s*,\s*\d+)*$/.exec(trimmed);
+  if (seconds) return Number(seconds[1]) * 1000;
+  // An HTTP date names its day or month; Date.parse would read "1 2" as a date long past.
+  if (!/[a-z]/i.test(trimmed)) return undefined;
   const date = Date.parse(trimmed);
   return Number.isNaN(date) ? undefined : Math.max(0, date - now);
 }

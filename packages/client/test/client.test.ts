@@ -205,12 +205,73 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
   });
 });
 
+describe('what is not retried, and what cannot hold a call up', () => {
+  it('a Request with a body and a method without idempotency goes out untouched (it used to throw)', async () => {
+    const s = await server();
+    const fetchSafe = createIdempotentFetch(fast);
+    const res = await fetchSafe(new Request(`${s.url}/things`, { method: 'PUT', headers: { 'content-type': 'application/json' }, body: '{"a":1}' }));
+    expect(res.status).toBe(200);
+    expect(await res.json()).toEqual({ runs: 1, body: { a: 1 } });
+  });
+
+  it("an application's own 409 (no Retry-After) is returned at once: retrying would run it again", async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ ...fast, onAttempt })(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '409' } });
+    expect(res.status).toBe(409);
+    expect(attempts.map((a) => a.willRetry)).toEqual([false]);
+    expect(s.runs.get('statuses')).toBe(1);
+  });
+
+  it('a replayed 5xx is returned, not asked again: the same key gets the same stored answer', async () => {
+    const s = await server({ storable: () => true });
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ ...fast, onAttempt })(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '500' } });
+    expect(res.status).toBe(500);
+    expect(res.headers.get('idempotent-replayed')).toBe('true');
+    expect(attempts.map((a) => a.willRetry)).toEqual([true, false]);
+    expect(s.runs.get('statuses')).toBe(1);
+  });
+
+  it('an abort while the body is still being read rejects at once, and cancels the body', async () => {
+    const controller = new AbortController();
+    let cancelled = false;
+    const endless = new ReadableStream<Uint8Array>({
+      pull: () => new Promise((resolve) => setTimeout(resolve, 50)),
+      cancel: () => void (cancelled = true),
+    });
+    const call = createIdempotentFetch(fast)('http://127.0.0.1:9/never', { method: 'POST', body: endless, duplex: 'half', signal: controller.signal } as RequestInit);
+    setTimeout(() => controller.abort(new Error('user left')), 100);
+    await expect(call).rejects.toThrow('user left');
+    expect(cancelled).toBe(true);
+  });
+
+  it('a wrapped fetch that ignores the signal still cannot outlast the deadline', async () => {
+    const deaf: typeof fetch = () => new Promise<Response>(() => undefined);
+    const started = Date.now();
+    await expect(createIdempotentFetch({ ...fast, fetch: deaf, deadlineMs: 200 })('http://127.0.0.1:9/x', { method: 'POST' })).rejects.toBeInstanceOf(RetryDeadlineError);
+    expect(Date.now() - started).toBeLessThan(5_000);
+  });
+
+  it('an onAttempt that throws does not cost the caller the response', async () => {
+    const s = await server();
+    const res = await createIdempotentFetch({ ...fast, onAttempt: () => { throw new Error('logging down'); } })(`${s.url}/orders`, json({ a: 1 }));
+    expect(res.status).toBe(201);
+  });
+});
+
 describe('retry rules', () => {
   it('backoff grows exponentially with full jitter and a cap', () => {
     expect(backoffDelay(1, 100, 1_000, () => 1)).toBe(100);
     expect(backoffDelay(3, 100, 1_000, () => 1)).toBe(400);
     expect(backoffDelay(10, 100, 1_000, () => 1)).toBe(1_000);
     expect(backoffDelay(3, 100, 1_000, () => 0)).toBe(0);
+  });
+
+  it('of two Retry-After lines takes the first, and reads no date out of bare numbers', () => {
+    expect(parseRetryAfter('2, 2')).toBe(2_000);
+    expect(parseRetryAfter('5,7')).toBe(5_000);
+    expect(parseRetryAfter('1 2')).toBeUndefined();
   });
 
   it('parses Retry-After as seconds or an HTTP date', () => {
@@ -222,6 +283,7 @@ describe('retry rules', () => {
 
   it('validates its options', () => {
     expect(() => createIdempotentFetch({ maxAttempts: 0 })).toThrow(/maxAttempts/);
+    expect(() => createIdempotentFetch({ maxAttempts: 2.5 })).toThrow('`maxAttempts` must be a whole number, at least 1.');
     // A timer fires at once past 2^31 - 1 ms: such a deadline would fail every call.
     expect(() => createIdempotentFetch({ deadlineMs: 2 ** 31 })).toThrow(/`deadlineMs` must be at most 2147483647/);
   });

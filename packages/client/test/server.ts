@@ -46,6 +46,7 @@ export async function startServer(options: Partial<Omit<IdempotencyOptions<Fasti
     return reply.code(status).send({ status });
   });
   app.get('/orders', async () => ({ runs: count('list') }));
+  app.put('/things', async (req) => ({ runs: count('things'), body: req.body }));
   // Headers at once, the rest of the body `ms` later (a large or slow answer).
   app.post('/slow-body', async (req, reply) => {
     count('slow-body');
