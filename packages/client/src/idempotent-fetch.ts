@@ -87,9 +87,15 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     // Decided before a Request is built from `input`: building one reads a Request's body, and
     // a method sent once, untouched, must get `input` as it came. Upper-cased: fetch leaves
     // 'patch' as it is written.
-    const method = (requestInit.method ?? (input instanceof Request ? input.method : 'GET')).toUpperCase();
+    // Any fetch's Request counts (undici's, a polyfill's), not only this realm's.
+    const inputMethod = typeof input === 'object' && !(input instanceof URL) && typeof input.method === 'string' ? input.method : 'GET';
+    const method = (requestInit.method ?? inputMethod).toUpperCase();
     if (!methods.has(method)) return baseFetch(input, requestInit);
-    const template = new Request(input, { ...requestInit, method });
+    if (typeof input === 'object' && !(input instanceof URL) && !(input instanceof Request)) {
+      throw new TypeError('[idemkit] [client] This Request comes from another fetch implementation and cannot be copied for retries: pass its url and an init instead.');
+    }
+    // The method goes into init only when it must: a non-empty init resets a Request's referrer.
+    const template = new Request(input, requestInit.method === undefined && method === inputMethod ? requestInit : { ...requestInit, method });
 
     const headers = new Headers(template.headers);
     const key = idempotencyKey ?? headers.get(header) ?? generateKey();
@@ -130,7 +136,9 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
       for (let attempt = 1; ; attempt++) {
         const report = (info: Omit<AttemptInfo, 'attempt' | 'key' | 'method' | 'url'>): void => {
           try {
-            options.onAttempt?.({ attempt, key, method: template.method, url: template.url, ...info });
+            // Typed as returning nothing, yet an async callback returns a promise that may reject.
+            const result: unknown = options.onAttempt?.({ attempt, key, method: template.method, url: template.url, ...info });
+            if (result instanceof Promise) result.catch(() => undefined);
           } catch {
             // A logging callback must not cost the caller a response the server already sent.
           }
@@ -140,8 +148,7 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
           // Raced with the signal: a fetch that ignores it (a wrapper) must not outlast an abort or the deadline.
           response = await untilAborted(baseFetch(template.url, { ...requestOptions, ...requestInit, method: template.method, headers, body, signal }), signal);
         } catch (error) {
-          const failed = failure(error, attempt);
-          if (failed !== error) throw failed;
+          if (userSignal.aborted || deadline.signal.aborted) throw failure(error, attempt);
           lastError = error;
         }
 
@@ -202,7 +209,7 @@ function wait(ms: number, signal: AbortSignal): Promise<void> {
  * not stored, so retrying it would run the operation again and again.
  */
 function worthRetrying(response: Response, retryAfter: number | undefined): boolean {
-  if (response.headers.get('idempotent-replayed') === 'true') return false;
+  if (response.headers.get('idempotent-replayed')?.trim().toLowerCase() === 'true') return false;
   if (response.status === 409 && retryAfter === undefined) return false;
   return true;
 }
@@ -221,6 +228,11 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal):
       chunks.push(value);
       size += value.byteLength;
     }
+  } catch (error) {
+    // Aborted (perhaps before the first read, when no 'abort' event comes): the caller's stream
+    // is cancelled, as fetch cancels a body it will not send.
+    cancel();
+    throw error;
   } finally {
     signal.removeEventListener('abort', cancel);
   }
@@ -242,6 +254,8 @@ function untilAborted<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
     work.then(
       (value) => {
         signal.removeEventListener('abort', onAbort);
+        // Too late (a fetch that ignored the signal): free the connection of an answer nobody reads.
+        if (signal.aborted && value instanceof Response) void value.body?.cancel().catch(() => undefined);
         resolve(value);
       },
       (error: unknown) => {

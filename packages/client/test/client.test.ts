@@ -253,6 +253,53 @@ describe('what is not retried, and what cannot hold a call up', () => {
     expect(Date.now() - started).toBeLessThan(5_000);
   });
 
+  it("a keyed Request keeps its referrer (init gets a method only when it must: any init resets it)", async () => {
+    const s = await server();
+    const request = new Request(`${s.url}/referer`, { method: 'POST', referrer: `${s.url}/checkout`, referrerPolicy: 'unsafe-url', body: '{}' });
+    const res = await createIdempotentFetch(fast)(request);
+    expect(await res.json()).toEqual({ referer: `${s.url}/checkout` });
+  });
+
+  it("a Request of another fetch implementation is refused with a clear error, not sent without its key", async () => {
+    const foreign = { url: 'http://127.0.0.1:9/orders', method: 'POST', headers: new Headers() } as unknown as Request;
+    await expect(createIdempotentFetch(fast)(foreign)).rejects.toThrow(/another fetch implementation/);
+  });
+
+  it('an abort during an attempt is not reported as a retry', async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const controller = new AbortController();
+    const call = createIdempotentFetch({ ...fast, onAttempt })(`${s.url}/orders?hold=1`, { ...json({ a: 1 }), signal: controller.signal });
+    await vi.waitFor(() => expect(s.runs.get('orders')).toBe(1));
+    controller.abort(new Error('user left'));
+    await expect(call).rejects.toThrow('user left');
+    s.open();
+    expect(attempts.filter((a) => a.willRetry)).toEqual([]);
+  });
+
+  it('a signal aborted before the call cancels a stream body, as fetch does', async () => {
+    let cancelled = false;
+    const body = new ReadableStream<Uint8Array>({ pull: () => undefined, cancel: () => void (cancelled = true) });
+    const call = createIdempotentFetch(fast)('http://127.0.0.1:9/x', { method: 'POST', body, duplex: 'half', signal: AbortSignal.abort(new Error('gone')) } as RequestInit);
+    await expect(call).rejects.toThrow('gone');
+    expect(cancelled).toBe(true);
+  });
+
+  it('an async onAttempt that rejects is no unhandled rejection', async () => {
+    const s = await server();
+    const escaped: unknown[] = [];
+    const onRejection = (reason: unknown): void => void escaped.push(reason);
+    process.on('unhandledRejection', onRejection);
+    try {
+      const res = await createIdempotentFetch({ ...fast, onAttempt: async () => { throw new Error('async log down'); } })(`${s.url}/orders`, json({ a: 1 }));
+      expect(res.status).toBe(201);
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(escaped).toEqual([]);
+    } finally {
+      process.off('unhandledRejection', onRejection);
+    }
+  });
+
   it('an onAttempt that throws does not cost the caller the response', async () => {
     const s = await server();
     const res = await createIdempotentFetch({ ...fast, onAttempt: () => { throw new Error('logging down'); } })(`${s.url}/orders`, json({ a: 1 }));

@@ -47,6 +47,7 @@ export async function startServer(options: Partial<Omit<IdempotencyOptions<Fasti
   });
   app.get('/orders', async () => ({ runs: count('list') }));
   app.put('/things', async (req) => ({ runs: count('things'), body: req.body }));
+  app.post('/referer', async (req) => ({ referer: req.headers.referer ?? null }));
   // Headers at once, the rest of the body `ms` later (a large or slow answer).
   app.post('/slow-body', async (req, reply) => {
     count('slow-body');
