@@ -104,7 +104,7 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     const userSignal = template.signal;
     // A Request's own options hold on every attempt, sent as (url, init) as to any fetch: a
     // custom one (node-fetch, a polyfill, a wrapper) may know only its own Request class.
-    const requestOptions = input instanceof Request ? optionsOf(template) : {};
+    const requestOptions = input instanceof Request ? optionsOf(template, input) : {};
     const deadlineAt = Date.now() + deadlineMs;
     // The deadline bounds reading the body and the attempts: once a response is returned, the
     // caller reads its body for as long as it needs (as with plain fetch), so the timer stops there.
@@ -172,8 +172,12 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
   };
 }
 
-/** The options of a Request that `init` can carry (method, headers, body and signal are set per attempt). */
-function optionsOf(request: Request): RequestInit {
+/**
+ * The options of a Request that `init` can carry (method, headers, body and signal are set per
+ * attempt). The referrer from the caller's own Request: copying one with an init resets it
+ * (always on Node 24, whose fetch counts even `{}` as an init).
+ */
+function optionsOf(request: Request, original: Request): RequestInit {
   return {
     cache: request.cache,
     credentials: request.credentials,
@@ -182,8 +186,8 @@ function optionsOf(request: Request): RequestInit {
     // 'navigate' (a service worker's event.request) cannot be given in init.
     ...(request.mode === 'navigate' ? {} : { mode: request.mode }),
     redirect: request.redirect,
-    referrer: request.referrer,
-    referrerPolicy: request.referrerPolicy,
+    referrer: original.referrer,
+    referrerPolicy: original.referrerPolicy,
   };
 }
 
