@@ -227,9 +227,9 @@ function problem(error: IdempotencyError): Decision {
 }
 
 /**
- * A callback's string, refused when it is not one or holds a lone surrogate: stores encode text as
+ * A callback's string, refused when it is not one or holds text stores cannot keep: they encode
  * UTF-8, where every lone surrogate becomes U+FFFD, so two tenants' scopes could meet in one key
- * (and a fingerprint would never match itself again).
+ * (and a fingerprint would never match itself again); Postgres text refuses NUL outright.
  */
 function checkedText(value: unknown, option: 'scope' | 'fingerprint', expected: string): string {
   if (typeof value !== 'string') throw new TypeError(`[idemkit] \`${option}\` must return ${expected}.`);
