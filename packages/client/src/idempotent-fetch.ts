@@ -88,10 +88,11 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     // a method sent once, untouched, must get `input` as it came. Upper-cased: fetch leaves
     // 'patch' as it is written.
     // Any fetch's Request counts (undici's, a polyfill's), not only this realm's.
-    const inputMethod = typeof input === 'object' && !(input instanceof URL) && typeof input.method === 'string' ? input.method : 'GET';
+    const requestLike = isRequestLike(input);
+    const inputMethod = requestLike ? input.method : 'GET';
     const method = (requestInit.method ?? inputMethod).toUpperCase();
     if (!methods.has(method)) return baseFetch(input, requestInit);
-    if (typeof input === 'object' && !(input instanceof URL) && !(input instanceof Request)) {
+    if (requestLike && !(input instanceof Request)) {
       throw new TypeError('[idemkit] [client] This Request comes from another fetch implementation and cannot be copied for retries: pass its url and an init instead.');
     }
     // The method goes into init only when it must: a non-empty init resets a Request's referrer.
@@ -144,6 +145,8 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
           }
         };
         let response: Response | undefined;
+        // Aborted since the last attempt (the deadline, during a slow onAttempt): no new request.
+        if (signal.aborted) throw failure(signal.reason, attempt - 1);
         try {
           // Raced with the signal: a fetch that ignores it (a wrapper) must not outlast an abort or the deadline.
           response = await untilAborted(baseFetch(template.url, { ...requestOptions, ...requestInit, method: template.method, headers, body, signal }), signal);
@@ -166,7 +169,10 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
         }
         // Free the connection of the answer we are discarding.
         await response?.body?.cancel().catch(() => undefined);
-        await wait(delayMs, userSignal);
+        // The combined signal: a deadline that passes during the wait ends it too.
+        await wait(delayMs, signal).catch((error: unknown) => {
+          throw failure(error, attempt);
+        });
       }
     }
   };
@@ -239,6 +245,7 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal):
     throw error;
   } finally {
     signal.removeEventListener('abort', cancel);
+    reader.releaseLock();
   }
   const bytes = new Uint8Array(size);
   let offset = 0;
@@ -250,12 +257,13 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal):
 }
 
 /** `work`, or a rejection with the signal's reason as soon as it aborts. */
-function untilAborted<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) return Promise.reject(signal.reason as Error);
+function untilAborted<T>(work: T | Promise<T>, signal: AbortSignal): Promise<T> {
   return new Promise<T>((resolve, reject) => {
     const onAbort = (): void => reject(signal.reason as Error);
-    signal.addEventListener('abort', onAbort, { once: true });
-    work.then(
+    if (signal.aborted) onAbort();
+    else signal.addEventListener('abort', onAbort, { once: true });
+    // Promise.resolve: a custom fetch may hand back a Response itself, not a promise of one.
+    Promise.resolve(work).then(
       (value) => {
         signal.removeEventListener('abort', onAbort);
         // Too late (a fetch that ignored the signal): free the connection of an answer nobody reads.
@@ -268,4 +276,9 @@ function untilAborted<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
       },
     );
   });
+}
+
+/** A Request of this realm or of another fetch implementation (undici's own, a polyfill's); not a URL-like object. */
+function isRequestLike(input: string | URL | Request): input is Request {
+  return typeof input === 'object' && !(input instanceof URL) && typeof input.url === 'string' && typeof input.method === 'string';
 }

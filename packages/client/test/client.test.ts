@@ -303,6 +303,43 @@ describe('what is not retried, and what cannot hold a call up', () => {
     }
   });
 
+  it('signals that are already aborted, or abort during a wait, reject cleanly: no request, no unhandled rejection', async () => {
+    const s = await server();
+    const escaped: unknown[] = [];
+    const onRejection = (reason: unknown): void => void escaped.push(reason);
+    process.on('unhandledRejection', onRejection);
+    try {
+      // No body to read first: the attempt itself meets the aborted signal.
+      await expect(createIdempotentFetch(fast)(`${s.url}/orders`, { method: 'POST', signal: AbortSignal.abort(new Error('gone')) })).rejects.toThrow('gone');
+      // The deadline passes while onAttempt blocks, before the wait: the wait ends with it.
+      const blocking = () => {
+        const until = Date.now() + 400;
+        while (Date.now() < until) {
+          // busy: a slow synchronous logger
+        }
+      };
+      const slow = createIdempotentFetch({ baseDelayMs: 100, maxDelayMs: 100, random: () => 1, deadlineMs: 300, onAttempt: blocking });
+      await expect(slow(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '503,503' } })).rejects.toBeInstanceOf(RetryDeadlineError);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(escaped).toEqual([]);
+      expect(s.runs.get('orders')).toBeUndefined();
+      expect(s.runs.get('statuses')).toBe(1);
+    } finally {
+      process.off('unhandledRejection', onRejection);
+    }
+  });
+
+  it('a custom fetch that returns a Response itself (a mock) works, and URL-like inputs are URLs', async () => {
+    const s = await server();
+    let calls = 0;
+    const direct = ((url: string | URL | Request) => (calls++, new Response(`to ${String(url)}`, { status: 201 }))) as unknown as typeof fetch;
+    expect((await createIdempotentFetch({ ...fast, fetch: direct })(`${s.url}/orders`, json({ a: 1 }))).status).toBe(201);
+    expect(calls).toBe(1);
+    // Not a Request, only something that prints as a URL: fetch accepts it, so do we.
+    const urlLike = { toString: () => `${s.url}/orders` } as unknown as string;
+    expect((await createIdempotentFetch(fast)(urlLike, json({ a: 1 }))).status).toBe(201);
+  });
+
   it('an onAttempt that throws does not cost the caller the response', async () => {
     const s = await server();
     const res = await createIdempotentFetch({ ...fast, onAttempt: () => { throw new Error('logging down'); } })(`${s.url}/orders`, json({ a: 1 }));
