@@ -17,6 +17,7 @@ import type {
   RouteOptions,
 } from 'fastify';
 import fp from 'fastify-plugin';
+import type { Socket } from 'node:net';
 import { payloadBytes, payloadStatus, sendReplay, sendStored } from './capture.js';
 import { mergeRouteOptions, type FastifyIdempotencyOptions, type RouteIdempotencyConfig } from './options.js';
 
@@ -131,7 +132,17 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         // Closed already (the client left during slower hooks before ours): 'close' will not come
         // again, so the lease is looked at once the handler has run (see keepHandlerResult).
         if (reply.raw.closed) state.closedEarly = true;
-        else reply.raw.once('close', () => onRawClose(state));
+        else {
+          reply.raw.once('close', () => onRawClose(state));
+          // Pipelined behind another answer on its connection (it has no socket yet): should the
+          // socket die first, Node never closes this response, so the socket's close stands in.
+          const socket = request.raw.socket as Socket | null;
+          if (reply.raw.socket === null && socket !== null) {
+            const onSocketClose = (): void => onRawClose(state);
+            socket.once('close', onSocketClose);
+            reply.raw.once('finish', () => socket.off('close', onSocketClose));
+          }
+        }
         return done();
       }
     }

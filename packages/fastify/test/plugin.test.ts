@@ -1,4 +1,5 @@
 import { request as httpRequest } from 'node:http';
+import { connect } from 'node:net';
 import type { AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
 import { gunzipSync } from 'node:zlib';
@@ -645,6 +646,35 @@ describe('a client that leaves early, at other moments', () => {
     } finally {
       process.off('uncaughtException', onCrash);
     }
+  });
+});
+
+describe('a pipelined request whose connection dies while it waits its turn', () => {
+  it('is settled all the same (Node never closes a response still queued behind another)', async () => {
+    let runs = 0;
+    const { app } = await build(
+      (a) => {
+        a.post('/first', async () => (await new Promise((resolve) => setTimeout(resolve, 200)), { first: true }));
+        a.post('/queued', async (_request, reply) => {
+          runs++;
+          await new Promise((resolve) => setTimeout(resolve, 250));
+          reply.code(202); // answers nothing: Fastify sends the empty answer, but the socket is gone
+        });
+      },
+      { leaseMs: 300 },
+    );
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = app.server.address() as AddressInfo;
+    const request = (path: string, key: string): string =>
+      `POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`;
+    const socket = connect(port, '127.0.0.1');
+    socket.on('error', () => undefined);
+    socket.write(request('/first', 'pipelined-1') + request('/queued', 'pipelined-2'));
+    await vi.waitFor(() => expect(runs).toBe(1));
+    socket.destroy();
+    // Before, its key answered 409 for as long as the process ran.
+    await vi.waitFor(async () => expect((await post(app, '/queued', 'pipelined-2', {})).statusCode).toBe(410), { timeout: 5_000, interval: 50 });
+    expect(runs).toBe(1);
   });
 });
 
