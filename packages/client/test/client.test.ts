@@ -20,6 +20,20 @@ function recorder() {
 
 const fast = { baseDelayMs: 5, maxDelayMs: 50 };
 
+/** Runs `work`, then fails if any promise rejection went unhandled meanwhile (a crash under Node's defaults). */
+async function noUnhandledRejection(work: () => Promise<void>): Promise<void> {
+  const escaped: unknown[] = [];
+  const onRejection = (reason: unknown): void => void escaped.push(reason);
+  process.on('unhandledRejection', onRejection);
+  try {
+    await work();
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect(escaped).toEqual([]);
+  } finally {
+    process.off('unhandledRejection', onRejection);
+  }
+}
+
 /** A client whose user leaves the page (aborts) as soon as it decides to retry; its waits are long. */
 function abortedOnFirstRetry(controller: AbortController) {
   return createIdempotentFetch({
@@ -290,25 +304,15 @@ describe('what is not retried, and what cannot hold a call up', () => {
 
   it('an async onAttempt that rejects is no unhandled rejection', async () => {
     const s = await server();
-    const escaped: unknown[] = [];
-    const onRejection = (reason: unknown): void => void escaped.push(reason);
-    process.on('unhandledRejection', onRejection);
-    try {
+    await noUnhandledRejection(async () => {
       const res = await createIdempotentFetch({ ...fast, onAttempt: async () => { throw new Error('async log down'); } })(`${s.url}/orders`, json({ a: 1 }));
       expect(res.status).toBe(201);
-      await new Promise((resolve) => setImmediate(resolve));
-      expect(escaped).toEqual([]);
-    } finally {
-      process.off('unhandledRejection', onRejection);
-    }
+    });
   });
 
   it('signals that are already aborted, or abort during a wait, reject cleanly: no request, no unhandled rejection', async () => {
     const s = await server();
-    const escaped: unknown[] = [];
-    const onRejection = (reason: unknown): void => void escaped.push(reason);
-    process.on('unhandledRejection', onRejection);
-    try {
+    await noUnhandledRejection(async () => {
       // No body to read first: the attempt itself meets the aborted signal.
       await expect(createIdempotentFetch(fast)(`${s.url}/orders`, { method: 'POST', signal: AbortSignal.abort(new Error('gone')) })).rejects.toThrow('gone');
       // The deadline passes while onAttempt blocks, before the wait: the wait ends with it.
@@ -320,13 +324,9 @@ describe('what is not retried, and what cannot hold a call up', () => {
       };
       const slow = createIdempotentFetch({ baseDelayMs: 100, maxDelayMs: 100, random: () => 1, deadlineMs: 300, onAttempt: blocking });
       await expect(slow(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '503,503' } })).rejects.toBeInstanceOf(RetryDeadlineError);
-      await new Promise((resolve) => setTimeout(resolve, 50));
-      expect(escaped).toEqual([]);
       expect(s.runs.get('orders')).toBeUndefined();
       expect(s.runs.get('statuses')).toBe(1);
-    } finally {
-      process.off('unhandledRejection', onRejection);
-    }
+    });
   });
 
   it('a custom fetch that returns a Response itself (a mock) works, and URL-like inputs are URLs', async () => {

@@ -41,6 +41,27 @@ async function overSocket(app: FastifyInstance): Promise<(path: string, key: str
     fetch(`${base}${path}`, { method: 'POST', headers: { 'idempotency-key': key, 'content-type': 'application/json' }, body: '{"a":1}', signal });
 }
 
+/** The client of `send` leaves once `started()` holds (the handler, or a hook, is at work). */
+async function leaveEarly(send: (signal: AbortSignal) => Promise<Response>, started: () => boolean): Promise<void> {
+  const controller = new AbortController();
+  const first = send(controller.signal);
+  await vi.waitFor(() => expect(started()).toBe(true));
+  controller.abort();
+  await expect(first).rejects.toThrow();
+}
+
+/** Asks again with `key` until the answer has `status` (a lease running out, a late answer stored); returns it. */
+function answeredWith(app: FastifyInstance, path: string, key: string, status: number, timeout = 5_000, payload: unknown = { a: 1 }): Promise<LightMyRequestResponse> {
+  return vi.waitFor(
+    async () => {
+      const res = await post(app, path, key, payload);
+      expect(res.statusCode).toBe(status);
+      return res;
+    },
+    { timeout, interval: 50 },
+  );
+}
+
 describe('registration', () => {
   it('is a fastify-plugin with a name, also the default export', () => {
     expect(fastifyIdempotencyDefault).toBe(fastifyIdempotency);
@@ -501,22 +522,11 @@ describe('an async handler whose client left', () => {
       { leaseMs: 400 },
     );
     const send = await overSocket(app);
-    const controller = new AbortController();
-    const first = send('/later', 'left', controller.signal);
-    await vi.waitFor(() => expect(runs).toBe(1));
-    controller.abort();
-    await expect(first).rejects.toThrow();
+    await leaveEarly((signal) => send('/later', 'left', signal), () => runs === 1);
     await vi.waitFor(() => expect(ended).toBe(true));
     // Before, the lease was renewed for as long as the process ran: a 409 forever. Now the
     // handler's answer gets a lease's time to come (one that returned reply may answer late).
-    const retry = await vi.waitFor(
-      async () => {
-        const res = await post(app, '/later', 'left');
-        expect(res.statusCode).toBe(410);
-        return res;
-      },
-      { timeout: 5_000, interval: 50 },
-    );
+    const retry = await answeredWith(app, '/later', 'left', 410);
     expect(retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
     expect(runs).toBe(1);
   });
@@ -531,20 +541,9 @@ describe('an async handler whose client left', () => {
       });
     });
     const send = await overSocket(app);
-    const controller = new AbortController();
-    const first = send('/callback', 'callback', controller.signal);
-    await vi.waitFor(() => expect(runs).toBe(1));
-    controller.abort();
-    await expect(first).rejects.toThrow();
+    await leaveEarly((signal) => send('/callback', 'callback', signal), () => runs === 1);
     // The handler's promise resolves (through reply) when the client leaves; its answer comes later.
-    const retry = await vi.waitFor(
-      async () => {
-        const res = await post(app, '/callback', 'callback');
-        expect(res.statusCode).toBe(201);
-        return res;
-      },
-      { timeout: 3_000, interval: 50 },
-    );
+    const retry = await answeredWith(app, '/callback', 'callback', 201, 3_000);
     expect(replayed(retry)).toBe(true);
     expect(retry.json()).toEqual({ done: 1 });
     expect(runs).toBe(1);
@@ -552,14 +551,6 @@ describe('an async handler whose client left', () => {
 });
 
 describe('a client that leaves early, at other moments', () => {
-  async function leaveEarly(send: (signal: AbortSignal) => Promise<Response>, started: () => boolean): Promise<void> {
-    const controller = new AbortController();
-    const first = send(controller.signal);
-    await vi.waitFor(() => expect(started()).toBe(true));
-    controller.abort();
-    await expect(first).rejects.toThrow();
-  }
-
   it('during a slow hook before ours: the lease is still settled once the handler has run', async () => {
     let entered = false;
     let runs = 0;
@@ -575,7 +566,7 @@ describe('a client that leaves early, at other moments', () => {
     const overTcp = await overSocket(app);
     await leaveEarly((signal) => overTcp('/slow-hooks', 'slow-hooks', signal), () => entered);
     // 'close' came before our preHandler listened for it. Before, a 409 for good.
-    await vi.waitFor(async () => expect((await post(app, '/slow-hooks', 'slow-hooks')).statusCode).toBe(410), { timeout: 5_000, interval: 50 });
+    await answeredWith(app, '/slow-hooks', 'slow-hooks', 410);
     expect(runs).toBe(1);
   });
 
@@ -597,7 +588,7 @@ describe('a client that leaves early, at other moments', () => {
     );
     const overTcp = await overSocket(app);
     await leaveEarly((signal) => overTcp('/later-hook', 'later-hook', signal), () => entered);
-    await vi.waitFor(async () => expect((await post(app, '/later-hook', 'later-hook')).statusCode).toBe(410), { timeout: 5_000, interval: 50 });
+    await answeredWith(app, '/later-hook', 'later-hook', 410);
     expect(runs).toBe(1);
   });
 
@@ -611,14 +602,7 @@ describe('a client that leaves early, at other moments', () => {
     );
     const overTcp = await overSocket(app);
     await leaveEarly((signal) => overTcp('/slow-serialize', 'slow-serialize', signal), () => runs === 1);
-    const retry = await vi.waitFor(
-      async () => {
-        const res = await post(app, '/slow-serialize', 'slow-serialize');
-        expect(res.statusCode).toBe(200);
-        return res;
-      },
-      { timeout: 5_000, interval: 50 },
-    );
+    const retry = await answeredWith(app, '/slow-serialize', 'slow-serialize', 200);
     expect(replayed(retry)).toBe(true);
     expect(retry.json()).toEqual({ v: 1 });
     expect(runs).toBe(1);
@@ -640,7 +624,7 @@ describe('a client that leaves early, at other moments', () => {
       });
       const overTcp = await overSocket(app);
       await leaveEarly((signal) => overTcp('/hijack-sync', 'hijack-sync', signal), () => runs === 1);
-      await vi.waitFor(async () => expect((await post(app, '/hijack-sync', 'hijack-sync')).statusCode).toBe(410), { timeout: 3_000, interval: 50 });
+      await answeredWith(app, '/hijack-sync', 'hijack-sync', 410, 3_000);
       expect(crashed).toEqual([]);
       expect(runs).toBe(1);
     } finally {
@@ -673,7 +657,7 @@ describe('a pipelined request whose connection dies while it waits its turn', ()
     await vi.waitFor(() => expect(runs).toBe(1));
     socket.destroy();
     // Before, its key answered 409 for as long as the process ran.
-    await vi.waitFor(async () => expect((await post(app, '/queued', 'pipelined-2', {})).statusCode).toBe(410), { timeout: 5_000, interval: 50 });
+    await answeredWith(app, '/queued', 'pipelined-2', 410, 5_000, {});
     expect(runs).toBe(1);
   });
 });
@@ -701,15 +685,10 @@ describe('a hijacked reply whose handler throws before writing', () => {
       });
     });
     const overTcp = await overSocket(app);
-    const send = (signal?: AbortSignal) => overTcp('/hijack-throw', 'hijack-throw', signal);
     // Fastify only logs the error of a hijacked reply; the client waits until it gives up.
-    const controller = new AbortController();
-    const first = send(controller.signal);
-    await vi.waitFor(() => expect(runs).toBe(1));
-    controller.abort();
-    await expect(first).rejects.toThrow();
+    await leaveEarly((signal) => overTcp('/hijack-throw', 'hijack-throw', signal), () => runs === 1);
     // Before, the client's leaving stored 410 cut-short (the throw went unseen).
-    await vi.waitFor(async () => expect((await post(app, '/hijack-throw', 'hijack-throw')).statusCode).toBe(201));
+    await answeredWith(app, '/hijack-throw', 'hijack-throw', 201, 1_000);
     expect(runs).toBe(2);
   });
 });
