@@ -311,6 +311,12 @@ describe('store failures reject with the driver error', () => {
       await holder.query('BEGIN');
       await holder.query(`SELECT 1 FROM ${db.table()} WHERE key = $1 FOR UPDATE`, [k]);
       const pending = victim.complete(k, first.token, response, 60_000);
+      // Handled at once: the victim's error can arrive before the terminate query's own answer,
+      // and a rejection left unhandled for that turn fails the run (seen once in CI under load).
+      const outcome = pending.then(
+        () => 'resolved',
+        (error: unknown) => error,
+      );
       let pid = 0;
       await vi.waitFor(async () => {
         const { rows } = await db.pool.query<{ pid: number }>(
@@ -320,7 +326,7 @@ describe('store failures reject with the driver error', () => {
         pid = rows[0]?.pid ?? 0;
       });
       await db.pool.query('SELECT pg_terminate_backend($1)', [pid]);
-      await expect(pending).rejects.toMatchObject({ code: '57P01' });
+      expect(await outcome).toMatchObject({ code: '57P01' });
     } finally {
       await holder.query('ROLLBACK');
       holder.release();
