@@ -22,11 +22,24 @@ export function payloadStatus(payload: unknown, fallback: number): number {
   return fallback;
 }
 
+/** What a replay sends: the stored response, and the payload object handed to `reply.send`. */
+export interface Replayed {
+  readonly response: StoredResponse;
+  readonly payload: Buffer | undefined;
+}
+
 /** Replay a stored response: its status, its headers plus `Idempotent-Replayed: true`, its exact bytes. */
-export function sendReplay(reply: FastifyReply, response: StoredResponse): FastifyReply {
+export function sendReplay(reply: FastifyReply, response: StoredResponse): Replayed {
+  const replayed: Replayed = { response, payload: payloadOf(response.body) };
+  restoreReplay(reply, replayed);
+  reply.send(replayed.payload);
+  return replayed;
+}
+
+/** Put a replay's stored status and headers (back) on the reply. */
+export function restoreReplay(reply: FastifyReply, { response }: Replayed): void {
   reply.code(response.status);
   for (const [name, value] of replayHeaders(response)) reply.header(name, value);
-  return sendBody(reply, response.body);
 }
 
 /** Write core's problem response (status, headers, RFC 9457 bytes) unchanged. */
@@ -37,7 +50,10 @@ export function sendStored(reply: FastifyReply, response: StoredResponse): Fasti
 }
 
 function sendBody(reply: FastifyReply, body: Uint8Array): FastifyReply {
-  // An empty body goes out as "no payload", so Fastify does not invent a content-type for it.
-  if (body.byteLength === 0) return reply.send();
-  return reply.send(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
+  return reply.send(payloadOf(body));
+}
+
+// An empty body goes out as "no payload", so Fastify does not invent a content-type for it.
+function payloadOf(body: Uint8Array): Buffer | undefined {
+  return body.byteLength === 0 ? undefined : Buffer.from(body.buffer, body.byteOffset, body.byteLength);
 }

@@ -18,7 +18,7 @@ import type {
 } from 'fastify';
 import fp from 'fastify-plugin';
 import type { Socket } from 'node:net';
-import { payloadBytes, payloadStatus, sendReplay, sendStored } from './capture.js';
+import { payloadBytes, payloadStatus, restoreReplay, sendReplay, sendStored, type Replayed } from './capture.js';
 import { mergeRouteOptions, type FastifyIdempotencyOptions, type RouteIdempotencyConfig } from './options.js';
 
 declare module 'fastify' {
@@ -54,8 +54,9 @@ interface LeaseState {
 }
 
 const kState = Symbol('idemkit.fastify.state');
+const kReplayed = Symbol('idemkit.fastify.replayed');
 
-type StatefulRequest = FastifyRequest & { [kState]: LeaseState | null };
+type StatefulRequest = FastifyRequest & { [kState]: LeaseState | null; [kReplayed]: Replayed | null };
 
 function stateOf(request: FastifyRequest): LeaseState | null {
   return (request as StatefulRequest)[kState];
@@ -113,7 +114,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         return done();
       case 'replay':
         // Answered here: Fastify expects `done` not to be called once a hook sends the reply.
-        sendReplay(reply, decision.response);
+        (request as StatefulRequest)[kReplayed] = sendReplay(reply, decision.response);
         return;
       case 'problem':
         if (onProblem) {
@@ -149,8 +150,10 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   }
 
   function preHandler(request: FastifyRequest, reply: FastifyReply, done: Done): void {
-    // A request decides once, even if a route ended up carrying these hooks twice.
-    if (stateOf(request) !== null) return done();
+    // A request decides once, even if a route ended up carrying these hooks twice. A request that
+    // failed validation, on a route with `attachValidation`, takes no lease either: its handler
+    // answers the 400, and the corrected request with the same key must run.
+    if (stateOf(request) !== null || request.validationError !== undefined) return done();
     engine.decide(toIncoming(request), request).then(
       (decision) => {
         try {
@@ -167,7 +170,15 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   // before the client can see the answer (and retry): a retry always finds a replay, never a 409.
   function onSend(request: FastifyRequest, reply: FastifyReply, payload: unknown, done: SendDone): void {
     const state = stateOf(request);
-    if (state === null) return done(null, payload);
+    if (state === null) {
+      const replayed = (request as StatefulRequest)[kReplayed];
+      if (replayed === null || payload === replayed.payload) return done(null, payload);
+      // An app-level onSend hook rewrote a replay. Those hooks ran on the original answer before
+      // it was stored, so running them again would apply them twice (a prefix, an envelope):
+      // the stored answer goes out as it was.
+      restoreReplay(reply, replayed);
+      return done(null, replayed.payload);
+    }
     if (state.settling !== undefined) {
       // Sent again while the first answer is stored: an async handler that called reply.send()
       // without `return reply` (Fastify then sends its undefined result as well), sent twice, or
@@ -194,17 +205,24 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
 
   async function settle(state: LeaseState, reply: FastifyReply, payload: unknown): Promise<unknown> {
     const { lease } = state;
-    if (state.errored) {
-      await lease.abandon('handler-threw');
-      return payload;
-    }
     const status = payloadStatus(payload, reply.statusCode);
-    const headers = reply.getHeaders();
     const body = payloadBytes(payload);
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
     // a Response whose body was read): Fastify fails it with a 500, so the key is given back.
-    if (body === undefined && !isSendable(payload)) await lease.abandon('handler-threw');
-    else if (body === undefined) await lease.commitUnbuffered(status, 'not-bufferable');
+    const refused = body === undefined && !isSendable(payload);
+    // An answer that gives the key back, sent while the handler still runs (Fastify's
+    // `handlerTimeout`, a timer in a hook): it goes out now, and the key stays held until the
+    // handler ends, or a retry would run the operation beside it.
+    if ((state.errored || refused || !engine.options.storable(status)) && (await answeredForRunningHandler(state, reply))) {
+      settleAfterHandler(state);
+      return payload;
+    }
+    if (state.errored || refused) {
+      await lease.abandon('handler-threw');
+      return payload;
+    }
+    const headers = reply.getHeaders();
+    if (body === undefined) await lease.commitUnbuffered(status, 'not-bufferable');
     else if (body.byteLength > engine.options.maxBodyBytes) await lease.commitUnbuffered(status, 'too-large');
     else await lease.commit({ status, headers: toStoredHeaders(headers), body });
     // Transactional mode, rolled back: the handler's answer describes writes that never happened.
@@ -245,7 +263,8 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   // again, as for a stream; a status that is not storable releases the key.
   function onRawClose(state: LeaseState): void {
     const { lease, reply } = state;
-    if (lease.settled) return;
+    // An answer went through onSend: settle() has the lease, and settles it.
+    if (lease.settled || state.settling !== undefined) return;
     if (state.errored) return void lease.abandon('handler-threw');
     if (reply.sent && reply.raw.headersSent) return void lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable');
     // Closed before the handler ran (the client left during a slower hook after ours): what it
@@ -302,7 +321,53 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     });
   }
 
+  /**
+   * The key stays held until the handler that another answer was sent for has ended: freed if it
+   * throws; if it finishes, its own answer could not go out (Fastify drops a send once one went
+   * out), so the key is marked `cut-short` and the operation is never run again.
+   */
+  function settleAfterHandler(state: LeaseState): void {
+    const { lease } = state;
+    Promise.resolve(state.handler).then(
+      () => void (lease.settled || lease.commitUnbuffered(null, 'cut-short')),
+      () => void (lease.settled || lease.abandon('handler-threw')),
+    );
+  }
+
   return { preHandler, onSend, onError, onRawClose };
+}
+
+/**
+ * Whether an answer came while the async handler still runs, sent for it by someone else (a
+ * timeout). A handler that threw has settled already; one that answered itself (`return
+ * reply.code(503).send()`) returns `reply` next, and its promise then calls `reply.then`. Neither
+ * within this turn of the event loop: it is still at work. Only answers that give the key back
+ * come here, so a normal request pays nothing for it.
+ */
+function answeredForRunningHandler(state: LeaseState, reply: FastifyReply): Promise<boolean> {
+  const { handler } = state;
+  if (!state.ran || handler === reply || !isThenable(handler)) return Promise.resolve(false);
+  return new Promise((resolve) => {
+    const replyThen = reply.then;
+    let decided = false;
+    const decide = (running: boolean): void => {
+      if (decided) return;
+      decided = true;
+      clearImmediate(timer);
+      if (reply.then === watch) Reflect.deleteProperty(reply, 'then');
+      resolve(running);
+    };
+    const watch: FastifyReply['then'] = function (this: FastifyReply, fulfilled, rejected) {
+      decide(false);
+      return replyThen.call(this, fulfilled, rejected);
+    };
+    reply.then = watch;
+    const timer = setImmediate(() => decide(true));
+    Promise.resolve(handler).then(
+      () => decide(false),
+      () => decide(false),
+    );
+  });
 }
 
 type RouteHooks = ReturnType<typeof routeHooks>;
@@ -372,6 +437,7 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
 
   fastify.decorateRequest('idempotency', null);
   fastify.decorateRequest(kState, null);
+  fastify.decorateRequest(kReplayed, null);
 
   fastify.addHook('onRoute', (route) => {
     const config: unknown = route.config?.idempotency;

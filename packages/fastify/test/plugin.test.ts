@@ -693,6 +693,114 @@ describe('a hijacked reply whose handler throws before writing', () => {
   });
 });
 
+describe('an answer sent for a handler that still runs (a timeout)', () => {
+  /** A handler that waits for `finish` (and counts its runs), for the tests below to end it. */
+  function held(): { runs: () => number; finish: (outcome: 'ok' | 'fail') => void; handler: () => Promise<{ charged: number }> } {
+    let runs = 0;
+    const waiting: Array<(outcome: 'ok' | 'fail') => void> = [];
+    return {
+      runs: () => runs,
+      finish: (outcome) => waiting.splice(0).forEach((end) => end(outcome)),
+      handler: async () => {
+        const n = ++runs;
+        const outcome = await new Promise<'ok' | 'fail'>((resolve) => waiting.push(resolve));
+        if (outcome === 'fail') throw new Error('card declined');
+        return { charged: n };
+      },
+    };
+  }
+
+  it("Fastify's handlerTimeout answers 503: the key stays held while the handler runs, then it is never run again", async () => {
+    const op = held();
+    const { app } = await build((a) => a.post('/pay', { handlerTimeout: 100 }, op.handler));
+    const first = await post(app, '/pay', 'k');
+    expect(first.statusCode).toBe(503);
+    expect(first.json()).toMatchObject({ code: 'FST_ERR_HANDLER_TIMEOUT' });
+    // Before, the 503 freed the key at once: each of these ran the charge again beside the first.
+    const retries = await Promise.all(Array.from({ length: 10 }, () => post(app, '/pay', 'k')));
+    expect(retries.map((r) => r.statusCode)).toEqual(Array(10).fill(409));
+    expect(op.runs()).toBe(1);
+    op.finish('ok');
+    // It finished, but its answer could not go out: retries are told so, and it never runs twice.
+    const after = await answeredWith(app, '/pay', 'k', 410);
+    expect(after.json()).toMatchObject({ code: 'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE', reason: 'cut-short' });
+    expect(op.runs()).toBe(1);
+  });
+
+  it('a handler that then fails frees the key: the retry runs it again, once it has ended', async () => {
+    const op = held();
+    const { app, store } = await build((a) => a.post('/pay', { handlerTimeout: 100 }, op.handler));
+    expect((await post(app, '/pay', 'k')).statusCode).toBe(503);
+    expect((await post(app, '/pay', 'k')).statusCode).toBe(409);
+    op.finish('fail');
+    await vi.waitFor(async () => expect(await store.get(scopedKey(undefined, 'k'))).toBeUndefined());
+    const retry = post(app, '/pay', 'k');
+    await vi.waitFor(() => expect(op.runs()).toBe(2));
+    op.finish('ok');
+    expect((await retry).json()).toEqual({ charged: 2 });
+  });
+
+  it('a timer in an onRequest hook answers 503 over a real socket: one charge, however many retries', async () => {
+    const op = held();
+    const { app } = await build((a) => {
+      a.addHook('onRequest', (_request, reply, done) => {
+        const timer = setTimeout(() => void (reply.sent || reply.code(503).header('retry-after', '1').send({ error: 'timeout' })), 100);
+        reply.raw.once('close', () => clearTimeout(timer));
+        done();
+      });
+      a.post('/pay', op.handler);
+    });
+    const send = await overSocket(app);
+    const first = await send('/pay', 'k');
+    expect(first.status).toBe(503);
+    await first.text();
+    const retries = await Promise.all(Array.from({ length: 10 }, () => send('/pay', 'k').then((r) => r.status)));
+    expect(retries).toEqual(Array(10).fill(409));
+    op.finish('ok');
+    const after = await answeredWith(app, '/pay', 'k', 410);
+    expect(after.json()).toMatchObject({ reason: 'cut-short' });
+    expect(op.runs()).toBe(1);
+  });
+
+  it('a 503 the handler answers itself still frees the key before it goes out: the retry runs at once', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/busy', async (_request, reply) => {
+        await new Promise((resolve) => setTimeout(resolve, 5));
+        return reply.code(503).send({ n: ++runs });
+      });
+    });
+    expect((await post(app, '/busy', 'k')).json()).toEqual({ n: 1 });
+    expect((await post(app, '/busy', 'k')).json()).toEqual({ n: 2 });
+  });
+});
+
+describe('app-level onSend hooks that rewrite the payload', () => {
+  it('a replay goes out as the stored answer, not rewritten a second time', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      // An XSSI prefix and a header computed from the payload, added to every answer.
+      a.addHook('onSend', async (_request, reply, payload) => {
+        if (typeof payload !== 'string' && !Buffer.isBuffer(payload)) return payload;
+        const prefixed = `)]}',\n${payload.toString()}`;
+        reply.header('x-body-length', String(Buffer.byteLength(prefixed)));
+        return prefixed;
+      });
+      a.post('/orders', async () => ({ n: ++runs }));
+    });
+    const first = await post(app, '/orders', 'k');
+    expect(first.body).toBe(`)]}',\n{"n":1}`);
+    for (let i = 0; i < 2; i++) {
+      const again = await post(app, '/orders', 'k');
+      expect(replayed(again)).toBe(true);
+      expect(again.body).toBe(first.body);
+      expect(again.headers['x-body-length']).toBe(first.headers['x-body-length']);
+      expect(again.headers['content-length']).toBe(first.headers['content-length']);
+    }
+    expect(runs).toBe(1);
+  });
+});
+
 describe('errors and validation', () => {
   it("a body that fails Fastify's schema validation never takes a lease: the key stays free", async () => {
     let runs = 0;
@@ -711,6 +819,28 @@ describe('errors and validation', () => {
     const valid = await post(app, '/validated', 'k', { sku: 'A-1' });
     expect(valid.statusCode).toBe(200);
     expect(valid.json()).toEqual({ n: 1, body: { sku: 'A-1' } });
+  });
+
+  it('with attachValidation, an invalid body takes no lease either: the corrected request with the same key runs', async () => {
+    let runs = 0;
+    const { app, store } = await build((a) => {
+      a.post(
+        '/validated',
+        { attachValidation: true, schema: { body: { type: 'object', required: ['sku'], properties: { sku: { type: 'string' } } } } },
+        async (request, reply) => {
+          if (request.validationError) return reply.code(400).send({ error: request.validationError.message });
+          return reply.code(201).send({ n: ++runs });
+        },
+      );
+    });
+    const invalid = await post(app, '/validated', 'k', { nope: true });
+    expect(invalid.statusCode).toBe(400);
+    expect(await store.get(scopedKey(undefined, 'k'))).toBeUndefined();
+    // Before, the 400 was stored, and the corrected request got 422 for a whole TTL.
+    const valid = await post(app, '/validated', 'k', { sku: 'A-1' });
+    expect(valid.statusCode).toBe(201);
+    expect(replayed(await post(app, '/validated', 'k', { sku: 'A-1' }))).toBe(true);
+    expect(runs).toBe(1);
   });
 
   it('a handler that throws a 4xx: Fastify renders it, nothing is stored, the retry runs again', async () => {
