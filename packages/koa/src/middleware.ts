@@ -129,6 +129,13 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
     settleWhenClosed(ctx, lease);
     return;
   }
+  // A whole answer went out while the handler ran (a timeout middleware mounted before this
+  // one). The handler has finished, but what it answered cannot be told (Koa ignores a status
+  // set after the head went out), so the key is marked cut short: never run a second time.
+  if (ctx.respond !== false && ctx.res.writableEnded) {
+    await lease.commitUnbuffered(null, 'cut-short');
+    return;
+  }
 
   try {
     const captured = captureResponse(ctx);

@@ -444,6 +444,62 @@ describe('koa binding: @koa/router', () => {
 });
 
 describe('koa binding: concurrency and disconnects', () => {
+  describe('a timeout middleware mounted before idempotency() answers 503 while the handler runs', () => {
+    async function withTimeout(outcome: () => Promise<'ok' | 'fail'>): Promise<{ url: string; runs: () => number }> {
+      let runs = 0;
+      const { url } = await start((app) => {
+        app.use(async (ctx, next) => {
+          let timer: NodeJS.Timeout | undefined;
+          const timedOut = new Promise<void>((resolve) => {
+            timer = setTimeout(() => {
+              ctx.status = 503;
+              ctx.body = { error: 'timeout' };
+              resolve();
+            }, 100);
+          });
+          await Promise.race([next(), timedOut]);
+          clearTimeout(timer);
+        });
+        app.use(idempotency({ store: createMemoryStore() }));
+        app.use(async (ctx) => {
+          runs++;
+          if ((await outcome()) === 'fail') throw new Error('card declined');
+          ctx.status = 201;
+          ctx.body = { charged: runs };
+        });
+      });
+      return { url, runs: () => runs };
+    }
+
+    it('retries get 409 while it runs; once it finished they get 410 cut-short, never a second run', async () => {
+      let open!: () => void;
+      const gate = new Promise<'ok'>((resolve) => (open = () => resolve('ok')));
+      const { url, runs } = await withTimeout(() => gate);
+      expect((await post(url, 'k')).status).toBe(503);
+      const retries = await Promise.all(Array.from({ length: 10 }, () => post(url, 'k').then((r) => r.status)));
+      expect(retries).toEqual(Array(10).fill(409));
+      open();
+      // Before, Koa kept the 503 status it had sent, the key was freed, and the retry charged again.
+      await vi.waitFor(async () => {
+        const after = await post(url, 'k');
+        expect(after.status).toBe(410);
+        expect(await after.json()).toMatchObject({ reason: 'cut-short' });
+      });
+      expect(runs()).toBe(1);
+    });
+
+    it('a handler that then throws frees the key: the retry runs it again', async () => {
+      let fail!: () => void;
+      const gate = new Promise<'fail'>((resolve) => (fail = () => resolve('fail')));
+      let second = false;
+      const { url, runs } = await withTimeout(() => (second ? Promise.resolve('ok') : ((second = true), gate)));
+      expect((await post(url, 'k')).status).toBe(503);
+      fail();
+      await vi.waitFor(async () => expect((await post(url, 'k')).status).toBe(201));
+      expect(runs()).toBe(2);
+    });
+  });
+
   it('50 parallel requests with one key run the handler once; the other 49 get 409 while it runs', async () => {
     let runs = 0;
     let open!: () => void;
