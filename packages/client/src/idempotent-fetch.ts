@@ -53,6 +53,13 @@ export type IdempotentFetch = (input: string | URL | Request, init?: IdempotentR
 /** Thrown when the total deadline ends before any attempt produced a response. */
 export class RetryDeadlineError extends Error {
   override readonly name = 'RetryDeadlineError';
+  /** The key every attempt sent: ask again with it (`init.idempotencyKey`) to get the first one's answer, never a second run. */
+  readonly key: string;
+
+  constructor(message: string, key: string, options?: ErrorOptions) {
+    super(message, options);
+    this.key = key;
+  }
 }
 
 const DEFAULT_METHODS = ['POST', 'PATCH'];
@@ -82,8 +89,9 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     if (value > MAX_TIMER_MS) throw new TypeError(`[idemkit] [client] \`${name}\` must be at most ${MAX_TIMER_MS} ms.`);
   }
 
-  return async function idempotentFetch(input, init = {}) {
-    const { idempotencyKey, ...requestInit } = init;
+  return async function idempotentFetch(input, init) {
+    // `?? {}`: plain fetch takes a null init too.
+    const { idempotencyKey, ...requestInit } = init ?? {};
     // Decided before a Request is built from `input`: building one reads a Request's body, and
     // a method sent once, untouched, must get `input` as it came. Upper-cased: fetch leaves
     // 'patch' as it is written.
@@ -114,7 +122,7 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     const signal = AbortSignal.any([userSignal, deadline.signal]);
     try {
       // Buffer the body once so every attempt sends the same bytes (a stream can be read only once).
-      let body: ArrayBuffer | undefined;
+      let body: Blob | undefined;
       try {
         body = template.body === null ? undefined : await readAll(template.body, signal);
       } catch (error) {
@@ -128,11 +136,11 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     /** The caller's abort, or the deadline, as the error to reject with; else `error` itself. */
     function failure(error: unknown, attempt: number): unknown {
       if (userSignal.aborted) return userSignal.reason;
-      if (deadline.signal.aborted) return new RetryDeadlineError(`[idemkit] [client] No response within ${deadlineMs} ms (${attempt} attempts).`, { cause: error });
+      if (deadline.signal.aborted) return new RetryDeadlineError(`[idemkit] [client] No response within ${deadlineMs} ms (${attempt} attempts).`, key, { cause: error });
       return error;
     }
 
-    async function attempts(body: ArrayBuffer | undefined): Promise<Response> {
+    async function attempts(body: Blob | undefined): Promise<Response> {
       let lastError: unknown;
       for (let attempt = 1; ; attempt++) {
         const report = (info: Omit<AttemptInfo, 'attempt' | 'key' | 'method' | 'url'>): void => {
@@ -168,7 +176,7 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
           throw lastError;
         }
         // Free the connection of the answer we are discarding.
-        await response?.body?.cancel().catch(() => undefined);
+        await discard(response);
         // The combined signal: a deadline that passes during the wait ends it too.
         await wait(delayMs, signal).catch((error: unknown) => {
           throw failure(error, attempt);
@@ -224,11 +232,14 @@ function worthRetrying(response: Response, retryAfter: number | undefined): bool
   return true;
 }
 
-/** The whole body, read under `signal` (cancelled when it aborts). */
-async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal): Promise<ArrayBuffer> {
+/**
+ * The whole body, read under `signal` (cancelled when it aborts), as a Blob: sent as it is on
+ * every attempt. Not an ArrayBuffer: Node 20's fetch detaches one as it sends it, and then cannot
+ * send it again when it follows a 307 or 308 redirect.
+ */
+async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal): Promise<Blob> {
   const reader = stream.getReader();
   const chunks: Uint8Array[] = [];
-  let size = 0;
   const cancel = (): void => void reader.cancel(signal.reason).catch(() => undefined);
   signal.addEventListener('abort', cancel, { once: true });
   try {
@@ -236,7 +247,6 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal):
       const { done, value } = await untilAborted(reader.read(), signal);
       if (done) break;
       chunks.push(value);
-      size += value.byteLength;
     }
   } catch (error) {
     // Aborted (perhaps before the first read, when no 'abort' event comes): the caller's stream
@@ -247,13 +257,21 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal):
     signal.removeEventListener('abort', cancel);
     reader.releaseLock();
   }
-  const bytes = new Uint8Array(size);
-  let offset = 0;
-  for (const chunk of chunks) {
-    bytes.set(chunk, offset);
-    offset += chunk.byteLength;
+  return new Blob(chunks);
+}
+
+/**
+ * Free the connection of an answer nobody will read: a web stream body is cancelled, a Node
+ * stream's (node-fetch's) destroyed. Never throws.
+ */
+async function discard(response: unknown): Promise<void> {
+  const body = (response as { body?: { cancel?: unknown; destroy?: unknown } | null } | undefined)?.body;
+  try {
+    if (typeof body?.cancel === 'function') await (body.cancel as () => Promise<void>).call(body);
+    else if (typeof body?.destroy === 'function') (body.destroy as () => void).call(body);
+  } catch {
+    // Already read, locked or errored: nothing left to free.
   }
-  return bytes.buffer;
 }
 
 /** `work`, or a rejection with the signal's reason as soon as it aborts. */
@@ -267,7 +285,7 @@ function untilAborted<T>(work: T | Promise<T>, signal: AbortSignal): Promise<T> 
       (value) => {
         signal.removeEventListener('abort', onAbort);
         // Too late (a fetch that ignored the signal): free the connection of an answer nobody reads.
-        if (signal.aborted && value instanceof Response) void value.body?.cancel().catch(() => undefined);
+        if (signal.aborted) void discard(value);
         resolve(value);
       },
       (error: unknown) => {

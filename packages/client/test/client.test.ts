@@ -1,3 +1,4 @@
+import nodeFetch from 'node-fetch';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { backoffDelay, createIdempotentFetch, parseRetryAfter, RetryDeadlineError, type AttemptInfo } from '../src/index.js';
 import { startLossyProxy, startServer, type TestServer } from './server.js';
@@ -188,9 +189,45 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     expect(Date.now() - started).toBeLessThan(2_000);
   });
 
-  it('a deadline that ends during a hung attempt rejects with RetryDeadlineError', async () => {
+  it('a deadline that ends during a hung attempt rejects with RetryDeadlineError, which names the key to ask again with', async () => {
     const s = await server();
-    await expect(createIdempotentFetch({ deadlineMs: 100 })(`${s.url}/orders?delay=1000`, json({}))).rejects.toBeInstanceOf(RetryDeadlineError);
+    const failed = await createIdempotentFetch({ deadlineMs: 100, generateKey: () => 'generated-1' })(`${s.url}/orders?delay=300`, json({})).catch((error: unknown) => error);
+    expect(failed).toBeInstanceOf(RetryDeadlineError);
+    // Asked again with that key (a manual retry), the caller gets the first run's answer.
+    const key = (failed as RetryDeadlineError).key;
+    expect(key).toBe('generated-1');
+    const again = await vi.waitFor(async () => {
+      const res = await createIdempotentFetch({ maxAttempts: 1 })(`${s.url}/orders?delay=300`, { ...json({}), idempotencyKey: key });
+      expect(res.status).toBe(201);
+      return res;
+    });
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(s.runs.get('orders')).toBe(1);
+  });
+
+  it('follows a 307 redirect with the body, on every Node (Node 20 cannot re-send an ArrayBuffer)', async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ ...fast, onAttempt })(`${s.url}/moved-307`, json({ item: 'book' }));
+    expect(res.status).toBe(201);
+    expect(await res.json()).toEqual({ order: 1, body: { item: 'book' } });
+    expect(attempts.map((a) => a.status)).toEqual([201]);
+  });
+
+  it('wraps node-fetch: retryable statuses are retried (its bodies are Node streams), the retry succeeds', async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const fetchSafe = createIdempotentFetch({ ...fast, onAttempt, fetch: nodeFetch as unknown as typeof fetch });
+    const res = await fetchSafe(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '503,429', 'content-type': 'application/json' }, body: '{"a":1}' });
+    expect(res.status).toBe(201);
+    expect(await res.json()).toEqual({ ok: true, run: 3 });
+    expect(attempts.map((a) => a.status)).toEqual([503, 429, 201]);
+  });
+
+  it('takes a null init, as fetch does', async () => {
+    const s = await server();
+    const res = await createIdempotentFetch()(`${s.url}/orders`, null as unknown as undefined);
+    expect(res.status).toBe(200);
   });
 
   it('leaves methods without idempotency alone: no key, one attempt', async () => {

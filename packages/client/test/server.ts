@@ -16,7 +16,8 @@ export interface TestServer {
 /**
  * A real Fastify server with @idemkit/fastify. `POST /statuses` answers the statuses listed in
  * `x-statuses` one per execution (then 201), with `x-retry-after` as Retry-After;
- * `POST /slow-body?ms=` streams its body over `ms`; `POST /moved` redirects (303).
+ * `POST /slow-body?ms=` streams its body over `ms`; `POST /moved` redirects (303), `POST /moved-307` with
+ * a 307 (method and body kept).
  */
 export async function startServer(options: Partial<Omit<IdempotencyOptions<FastifyRequest>, 'store'>> = {}): Promise<TestServer> {
   const app = Fastify();
@@ -60,6 +61,8 @@ export async function startServer(options: Partial<Omit<IdempotencyOptions<Fasti
     count('moved');
     return reply.redirect('/orders', 303);
   });
+  // A moved endpoint that keeps the method and body (307): not covered itself, as an alias is not.
+  app.post('/moved-307', { config: { idempotency: false } }, async (_req, reply) => reply.redirect('/orders', 307));
   await app.listen({ port: 0, host: '127.0.0.1' });
   const address = app.server.address() as net.AddressInfo;
   const close = () => {
