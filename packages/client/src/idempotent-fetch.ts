@@ -257,7 +257,15 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal):
     signal.removeEventListener('abort', cancel);
     reader.releaseLock();
   }
-  return new Blob(chunks);
+  // Copied once into one ArrayBuffer: a stream may hand out views of a SharedArrayBuffer, which a
+  // Blob does not take.
+  const bytes = new Uint8Array(chunks.reduce((size, chunk) => size + chunk.byteLength, 0));
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  return new Blob([bytes]);
 }
 
 /**
