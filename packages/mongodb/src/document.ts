@@ -1,4 +1,4 @@
-import { Binary } from 'mongodb';
+import type { Binary } from 'mongodb';
 import type { IdempotencyRecord, LeaseToken, RecordState, StoredResponse } from '@idemkit/core';
 
 /** One record as it sits in MongoDB. Dates are BSON dates so the TTL index can read `expiresAt`. */
@@ -20,20 +20,24 @@ export interface StoredResponseDocument {
   status: number;
   /** Objects, not [name, value] pairs: FerretDB v1 rejects nested arrays. Order is kept. */
   headers: Array<{ name: string; value: string }>;
-  body: Binary;
+  /** Written as a Buffer (BSON binary); read back as the driver's Binary, or a Buffer with `promoteBuffers`. */
+  body: Binary | Uint8Array;
 }
 
 export function toResponseDocument(response: StoredResponse): StoredResponseDocument {
   return {
     status: response.status,
     headers: response.headers.map(([name, value]) => ({ name, value })),
-    // BSON Binary keeps the bytes exact; a copy so later mutation of the caller's buffer cannot leak in.
-    body: new Binary(Uint8Array.from(response.body)),
+    // A Buffer, which every driver writes as BSON binary: not a `Binary` of our copy of the
+    // driver, which another copy (Mongoose's) refuses across BSON versions. A copy, so later
+    // mutation of the caller's buffer cannot leak in.
+    body: Buffer.from(response.body),
   };
 }
 
-function bodyBytes(body: Binary): Uint8Array {
+function bodyBytes(body: Binary | Uint8Array): Uint8Array {
   // A plain Uint8Array (not the driver's Buffer view), sized to the data actually written.
+  if (body instanceof Uint8Array) return Uint8Array.from(body);
   return Uint8Array.from(body.buffer.subarray(0, body.position));
 }
 

@@ -1,5 +1,4 @@
 import type { Collection } from 'mongodb';
-import { MongoServerError } from 'mongodb';
 import type { ClaimDocument, ClaimId, IdempotencyDocument } from './document.js';
 
 /**
@@ -25,8 +24,12 @@ const MAX_WINDOWS = 8;
 
 const DUPLICATE_KEY = 11000;
 
+/**
+ * By its code, not `instanceof MongoServerError`: the `Db` may come from another copy of the
+ * driver (Mongoose brings its own), whose errors are not instances of ours.
+ */
 export function isDuplicateKey(error: unknown): boolean {
-  return error instanceof MongoServerError && error.code === DUPLICATE_KEY;
+  return typeof error === 'object' && error !== null && (error as { code?: unknown }).code === DUPLICATE_KEY;
 }
 
 /** The claim a lease holder takes (complete, release, renew): its token, window 0. */

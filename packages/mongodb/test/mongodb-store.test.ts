@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { MongoClient, MongoError } from 'mongodb';
-import type { CommandStartedEvent } from 'mongodb';
+import { MongoClient as OtherCopyMongoClient } from 'mongodb-7.8';
+import type { CommandStartedEvent, Db } from 'mongodb';
 import { ConfigurationError } from '@idemkit/core';
 import { answerHoldingProxy } from '@idemkit/test-services';
 import type { LeaseToken, StoredResponse } from '@idemkit/core';
@@ -313,6 +314,51 @@ describe('bodies', () => {
       expect(got.status).toBe(200);
       expect(got.headers).toEqual(sent.headers);
       expect(replay.record.fingerprint).toBeNull();
+    }
+  });
+});
+
+describe('a Db from another copy of the driver (as Mongoose hands out)', () => {
+  async function otherCopyDb(options: ConstructorParameters<typeof OtherCopyMongoClient>[1] = {}) {
+    const client = new OtherCopyMongoClient(t.url, { serverSelectionTimeoutMS: 5_000, ...options });
+    await client.connect();
+    // The types of two driver copies differ as Mongoose's do; at run time they are what users pass.
+    return { db: client.db(t.dbName) as unknown as Db, close: () => client.close() };
+  }
+
+  it('concurrent begins on one key: one winner, the others see it (never a store error)', async () => {
+    const other = await otherCopyDb();
+    try {
+      const store = createMongoStore({ db: other.db });
+      for (let round = 0; round < 5; round++) {
+        const k = key('other-copy-race');
+        // Before, its duplicate-key errors were not `instanceof` our MongoServerError: some
+        // losers failed with E11000 (a 503 over HTTP) instead of seeing the winner.
+        const results = await Promise.all(Array.from({ length: 40 }, () => store.begin(k, 'fp', 30_000)));
+        expect(results.filter((r) => r.kind === 'acquired')).toHaveLength(1);
+        expect(results.filter((r) => r.kind === 'existing')).toHaveLength(39);
+      }
+    } finally {
+      await other.close();
+    }
+  });
+
+  it('stores and replays bodies byte for byte, also with promoteBuffers', async () => {
+    for (const options of [{}, { promoteBuffers: true }]) {
+      const other = await otherCopyDb(options);
+      try {
+        const store = createMongoStore({ db: other.db });
+        const k = key('other-copy-body');
+        const begun = await store.begin(k, null, 30_000);
+        if (begun.kind !== 'acquired') throw new Error('expected acquired');
+        const body = Uint8Array.from({ length: 256 }, (_, i) => i);
+        expect(await store.complete(k, begun.token, response(body), 60_000)).toBe(true);
+        const replay = await store.begin(k, null, 30_000);
+        if (replay.kind !== 'existing') throw new Error('expected a stored response');
+        expect(replay.record.response?.body).toEqual(body);
+      } finally {
+        await other.close();
+      }
     }
   });
 });
