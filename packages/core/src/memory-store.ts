@@ -41,6 +41,9 @@ export class MemoryStore implements IdempotencyStore {
   #tokenSeq = 0;
 
   constructor(options: MemoryStoreOptions = {}) {
+    const unknown = Object.keys(options).filter((name) => name !== 'maxEntries' && name !== 'now');
+    // A misspelt option (`maxEntry`) would silently keep the default.
+    if (unknown.length > 0) console.warn(`[idemkit] [memory] Unknown option(s) ignored: ${unknown.join(', ')}.`);
     const max = options.maxEntries ?? 10_000;
     if (!Number.isSafeInteger(max) || max <= 0) throw new TypeError('[idemkit] [memory] `maxEntries` must be a positive integer.');
     this.#max = max;

@@ -121,12 +121,36 @@ const MAX_TIMER_MS = 2_147_483_647;
 function positiveInt(name: string, value: number | undefined, fallback: number, max = Number.MAX_SAFE_INTEGER): number {
   if (value === undefined) return fallback;
   if (!Number.isSafeInteger(value) || value <= 0) {
-    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be a positive integer, got ${String(value)}.`);
+    // JSON: a string from process.env shows its quotes ("1000"), so the mistake is visible.
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be a positive integer, got ${describe(value)}.`);
   }
   if (value > max) {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be at most ${max} ms (a Node timer's limit), got ${value}.`);
   }
   return value;
+}
+
+function describe(value: unknown): string {
+  return typeof value === 'number' ? String(value) : (JSON.stringify(value) ?? typeof value);
+}
+
+function bool(name: string, value: boolean | undefined, fallback: boolean): boolean {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'boolean') {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be true or false, got ${describe(value)}.`);
+  }
+  return value;
+}
+
+/** `false`, or something with `warn` and `error` methods: a bad logger would silence every warning. */
+function loggerOption(value: IdempotencyLogger | false | undefined): IdempotencyLogger | undefined {
+  if (value === false) return undefined;
+  if (value === undefined) return guarded(console);
+  const l = value as Partial<Record<'warn' | 'error', unknown>> | null;
+  if (typeof l !== 'object' || l === null || typeof l.warn !== 'function' || typeof l.error !== 'function') {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`logger` must be false or an object with `warn` and `error` methods (e.g. `console`, a pino logger).');
+  }
+  return guarded(value);
 }
 
 function fn<T>(name: string, value: T | undefined): T | undefined {
@@ -161,7 +185,7 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
   if (!isStore(input.store)) {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`store` must implement IdempotencyStore (begin, complete, release, renew, get, purgeExpired, close).');
   }
-  const logger = input.logger === false ? undefined : guarded(input.logger ?? console);
+  const logger = loggerOption(input.logger);
   const unknown = Object.keys(input).filter((k) => !KNOWN.has(k));
   if (unknown.length > 0) logger?.warn(`[idemkit] Unknown option(s) ignored: ${unknown.join(', ')}.`);
 
@@ -181,7 +205,7 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
   if (fingerprint !== false && fingerprint !== 'default' && typeof fingerprint !== 'function') {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`fingerprint` must be a function or false.');
   }
-  const transactional = input.transactional ?? DEFAULTS.transactional;
+  const transactional = bool('transactional', input.transactional, DEFAULTS.transactional);
   if (transactional && typeof (input.store as Partial<{ beginTransaction: unknown }>).beginTransaction !== 'function') {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`transactional: true` needs a store with transactions (e.g. @idemkit/postgres).');
   }
@@ -190,7 +214,7 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
   return Object.freeze({
     store: input.store,
     methods: new Set(methods.map((m) => m.toUpperCase())),
-    required: input.required ?? DEFAULTS.required,
+    required: bool('required', input.required, DEFAULTS.required),
     header,
     bodyField,
     getKey: fn('getKey', input.getKey),

@@ -1,4 +1,4 @@
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { createMemoryStore, MemoryStoreFullError, startPurger, type LeaseToken } from '../src/index.js';
 
 const resp = { status: 200, headers: [] as Array<[string, string]>, body: new Uint8Array([1]) };
@@ -80,8 +80,15 @@ describe('MemoryStore specifics', () => {
     expect(await store.release('k', 'bogus' as LeaseToken)).toBe(false);
   });
 
-  it('rejects a bad maxEntries', () => {
+  it('rejects a bad maxEntries, and warns about an option it does not know', () => {
     expect(() => createMemoryStore({ maxEntries: 0 })).toThrow(/maxEntries/);
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => undefined);
+    try {
+      createMemoryStore({ maxEntry: 5 } as never);
+      expect(warn).toHaveBeenCalledWith('[idemkit] [memory] Unknown option(s) ignored: maxEntry.');
+    } finally {
+      warn.mockRestore();
+    }
   });
 });
 

@@ -48,6 +48,14 @@ describe('options', () => {
     ['storeTimeoutMs', { storeTimeoutMs: 2 ** 31 }, /storeTimeoutMs` must be at most 2147483647/],
     ['leaseMs', { leaseMs: 2 ** 31 }, /leaseMs` must be at most/],
     ['waitTimeoutMs', { waitTimeoutMs: 2 ** 31 }, /waitTimeoutMs` must be at most/],
+    // A number from process.env, left a string: the message shows it is one.
+    ['ttlMs', { ttlMs: '1000' as unknown as number }, /`ttlMs` must be a positive integer, got "1000"\./],
+    ['required', { required: 'false' as unknown as boolean }, /`required` must be true or false, got "false"/],
+    ['transactional', { transactional: 'yes' as unknown as boolean }, /`transactional` must be true or false/],
+    // Before, a logger without `warn` and `error` was taken, and every warning vanished.
+    ['logger', { logger: console.log as unknown as false }, /`logger` must be false or an object with `warn` and `error`/],
+    ['logger', { logger: { warn: () => undefined } as unknown as false }, /`logger`/],
+    ['logger', { logger: 'console' as unknown as false }, /`logger`/],
   ])('throws a ConfigurationError naming %s', (_, extra, pattern) => {
     expect(() => resolveOptions({ store, logger: false, ...extra })).toThrow(ConfigurationError);
     expect(() => resolveOptions({ store, logger: false, ...extra })).toThrow(pattern);

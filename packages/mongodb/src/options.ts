@@ -51,6 +51,8 @@ export interface ResolvedMongoStoreOptions {
   readonly logger: Pick<IdempotencyLogger, 'warn'> | false;
 }
 
+const KNOWN = new Set(['collection', 'db', 'collectionName', 'clock', 'clockRefreshMs', 'fencing', 'logger']);
+
 function invalid(message: string): ConfigurationError {
   return new ConfigurationError('ERR_IDEMKIT_STORE_OPTIONS', `[mongodb] ${message}`);
 }
@@ -64,6 +66,9 @@ export function resolveOptions(options: MongoStoreOptions): ResolvedMongoStoreOp
   const hasDb = 'db' in options && options.db !== undefined;
   if (hasCollection === hasDb) {
     throw invalid('Pass exactly one of `collection` or `db`.');
+  }
+  if (hasCollection && (options as { collectionName?: unknown }).collectionName !== undefined) {
+    throw invalid('`collectionName` applies only with `db`: with `collection`, the collection is the one given.');
   }
   let collection: Collection<IdempotencyDocument>;
   if ('collection' in options && options.collection !== undefined) {
@@ -90,5 +95,8 @@ export function resolveOptions(options: MongoStoreOptions): ResolvedMongoStoreOp
     throw invalid("`fencing` must be 'auto', 'native' or 'claims'.");
   }
   const logger = options.logger === undefined ? console : options.logger;
+  const unknown = Object.keys(options).filter((name) => !KNOWN.has(name));
+  // A misspelt option (`collection_name`) would silently keep the default.
+  if (unknown.length > 0 && logger) logger.warn(`[idemkit] [mongodb] Unknown option(s) ignored: ${unknown.join(', ')}.`);
   return Object.freeze({ collection, clock, clockRefreshMs, fencing, logger });
 }

@@ -56,6 +56,13 @@ describe('createMongoStore options', () => {
     expect(bad({ db: t.db, clockRefreshMs: 0 })).toThrow(/`clockRefreshMs`/);
     expect(bad({ db: t.db, fencing: 'optimistic' })).toThrow(/`fencing`/);
     expect(bad({ collection: {} })).toThrow(/`collection`/);
+    expect(bad({ collection: t.db.collection('x'), collectionName: 'y' })).toThrow(/`collectionName` applies only with `db`/);
+  });
+
+  it('warns through its logger about options it does not know', () => {
+    const warnings: string[] = [];
+    createMongoStore({ db: t.db, collection_name: 'orders_keys', logger: { warn: (m: string) => warnings.push(m) } } as never);
+    expect(warnings).toEqual(['[idemkit] [mongodb] Unknown option(s) ignored: collection_name.']);
   });
 });
 

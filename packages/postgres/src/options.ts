@@ -27,6 +27,8 @@ export interface PostgresConnectionOptions extends TableOptions {
 /** `{ pool }` or `{ connectionString, poolOptions? }`, plus `table` and `schema`. */
 export type PostgresStoreOptions = PostgresPoolOptions | PostgresConnectionOptions;
 
+const KNOWN = new Set(['pool', 'connectionString', 'poolOptions', 'table', 'schema']);
+
 export const DEFAULT_TABLE = 'idempotency_keys';
 export const DEFAULT_SCHEMA = 'public';
 
@@ -35,6 +37,9 @@ export function checkOptions(options: PostgresStoreOptions): void {
   if (typeof options !== 'object' || options === null) {
     throw new TypeError('[idemkit] [postgres] Options must be an object: `{ pool }` or `{ connectionString }`.');
   }
+  const unknown = Object.keys(options).filter((name) => !KNOWN.has(name));
+  // A misspelt option (`tableName`) would silently keep the default table.
+  if (unknown.length > 0) console.warn(`[idemkit] [postgres] Unknown option(s) ignored: ${unknown.join(', ')}.`);
   const hasPool = options.pool !== undefined;
   const hasUrl = options.connectionString !== undefined;
   if (hasPool === hasUrl) {
@@ -46,6 +51,14 @@ export function checkOptions(options: PostgresStoreOptions): void {
   }
   if (hasPool && (typeof options.pool?.query !== 'function' || typeof options.pool.connect !== 'function')) {
     throw new TypeError('[idemkit] [postgres] `pool` must be a pg.Pool (with query() and connect()).');
+  }
+  // A pg.Client has query() and connect() too, but it is one connection: not connected, every
+  // call would wait out storeTimeoutMs; connected, migrate() and transactions fail.
+  if (hasPool && typeof (options.pool as { totalCount?: unknown }).totalCount !== 'number') {
+    throw new TypeError('[idemkit] [postgres] `pool` must be a pg.Pool, not a pg.Client: `new pg.Pool({ connectionString })`.');
+  }
+  if (hasPool && options.poolOptions !== undefined) {
+    throw new TypeError('[idemkit] [postgres] `poolOptions` applies only with `connectionString`: set them on your own pool.');
   }
   if (hasUrl && (typeof options.connectionString !== 'string' || options.connectionString === '')) {
     throw new TypeError('[idemkit] [postgres] `connectionString` must be a non-empty string.');

@@ -36,6 +36,9 @@ interface BeginRow extends RecordRow {
  * The Postgres store: one row per scoped key, one statement (one round trip) per operation,
  * time from the database clock. Also a `TransactionalStore<PoolClient>` for transactional mode.
  */
+/** SQLSTATE 42P01: the table does not exist. */
+const UNDEFINED_TABLE = '42P01';
+
 export class PostgresStore implements TransactionalStore<PoolClient> {
   readonly shared = true;
   /** The escaped, schema-qualified table name (`"public"."idempotency_keys"`), for your own queries. */
@@ -79,6 +82,15 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     try {
       await client.query('BEGIN');
       await client.query(`SELECT pg_advisory_xact_lock(${MIGRATE_LOCK_ID})`);
+      // Table and index there already (sql/schema.sql applied by a migration tool): no DDL, so an
+      // app role without the CREATE privilege can still call migrate() on every boot.
+      const index = `${escapeIdentifier(this.#schema, 'schema')}.${escapeIdentifier(this.#indexName, 'table')}`;
+      const ready = await client.query<{ ready: boolean }>('SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AS ready', [this.table, index]);
+      if (ready.rows[0]?.ready === true) {
+        await client.query('COMMIT');
+        client.release();
+        return;
+      }
       if (this.#schema !== 'public') {
         // Only when missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even when it exists.
         const found = await client.query('SELECT 1 FROM pg_namespace WHERE nspname = $1', [this.#schema]);
@@ -105,6 +117,11 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       // cut after the commit): the caller was told the store failed, so the key must not stay
       // claimed, answering 409 to its retries, for a whole lease. Fenced by the token. (On another
       // connection: a claim still blocked behind a lock when this runs would stay; rare.)
+      if ((error as { code?: unknown }).code === UNDEFINED_TABLE) {
+        // The first request after a deploy that forgot the table: say what to do.
+        const message = `[idemkit] [postgres] Table ${this.table} does not exist: call \`await store.migrate()\` once at startup, or apply sql/schema.sql with your migration tool.`;
+        throw Object.assign(new Error(message, { cause: error }), { code: UNDEFINED_TABLE });
+      }
       this.pool.query(this.#sql.release, [key, token]).catch(() => undefined);
       throw error;
     }

@@ -60,6 +60,23 @@ describe('construction and options', () => {
     expect(() => createPostgresStore({ pool: db.pool, schema: 'x'.repeat(64) })).toThrow(/`schema` must be at most 63 bytes/);
   });
 
+  it('refuses a pg.Client as `pool`, and poolOptions next to a pool', async () => {
+    // Before, an unconnected Client made every request wait out storeTimeoutMs, then answer 503.
+    const client = new pg.Client({ connectionString: db.url });
+    expect(() => createPostgresStore({ pool: client as unknown as pg.Pool })).toThrow(/`pool` must be a pg.Pool, not a pg.Client/);
+    expect(() => createPostgresStore({ pool: db.pool, poolOptions: { max: 5 } } as never)).toThrow(/`poolOptions` applies only with `connectionString`/);
+  });
+
+  it('warns about options it does not know (a misspelt table name would silently use the default)', () => {
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => undefined);
+    try {
+      createPostgresStore({ pool: db.pool, tableName: 'orders_keys' } as never);
+      expect(warn).toHaveBeenCalledWith('[idemkit] [postgres] Unknown option(s) ignored: tableName.');
+    } finally {
+      warn.mockRestore();
+    }
+  });
+
   it('escapes table and schema names (quotes, spaces, unicode)', async () => {
     const s = createPostgresStore({ pool: db.pool, schema: `${db.schema} "ü"`, table: 'odd"; DROP TABLE x; --' });
     await s.migrate();
@@ -124,6 +141,31 @@ describe('migrate() and sql/schema.sql', () => {
       }
     } finally {
       await db.pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+    }
+  });
+
+  it('runs no DDL when the table is there: an app role without CREATE can call it on every boot', async () => {
+    const schema = `${db.schema}_app`;
+    const role = `idemkit_app_${randomUUID().slice(0, 8)}`;
+    await createPostgresStore({ pool: db.pool, schema }).migrate();
+    await db.pool.query(`CREATE ROLE ${role} LOGIN`);
+    const asRole = new URL(db.url);
+    asRole.username = role;
+    asRole.password = '';
+    const app = new pg.Pool({ connectionString: asRole.href, max: 2 });
+    try {
+      await db.pool.query(`GRANT USAGE ON SCHEMA "${schema}" TO ${role}`);
+      await db.pool.query(`GRANT SELECT, INSERT, UPDATE, DELETE ON "${schema}".idempotency_keys TO ${role}`);
+      const store = createPostgresStore({ pool: app, schema });
+      // Before, CREATE TABLE IF NOT EXISTS failed with 42501 (permission denied for schema).
+      await store.migrate();
+      const begun = await store.begin(key(), 'fp', 10_000);
+      expect(begun.kind).toBe('acquired');
+    } finally {
+      await app.end();
+      await db.pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+      await db.pool.query(`DROP OWNED BY ${role}`);
+      await db.pool.query(`DROP ROLE ${role}`);
     }
   });
 
@@ -369,8 +411,10 @@ describe('store failures reject with the driver error', () => {
     await expect(s.beginTransaction()).rejects.toThrow(/after calling end/);
   });
 
-  it('a missing table rejects with the server error (undefined_table)', async () => {
+  it('a missing table rejects with its code (undefined_table) and says to call migrate()', async () => {
     const s = createPostgresStore({ pool: db.pool, schema: db.schema, table: 'not_migrated' });
-    await expect(s.begin(key(), 'fp', 1_000)).rejects.toMatchObject({ code: '42P01' });
+    const error = await s.begin(key(), 'fp', 1_000).catch((e: unknown) => e);
+    expect(error).toMatchObject({ code: '42P01', cause: { code: '42P01' } });
+    expect((error as Error).message).toMatch(/"not_migrated" does not exist: call `await store.migrate\(\)` once at startup, or apply sql\/schema.sql/);
   });
 });

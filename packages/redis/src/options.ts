@@ -53,6 +53,8 @@ export const REDIS_STORE_DEFAULTS = Object.freeze({
   claim: 'set',
 });
 
+const KNOWN = new Set(['client', 'url', 'prefix', 'leaseGraceMs', 'claim']);
+
 /** A `TypeError` with the package's message prefix. */
 export function optionError(message: string): TypeError {
   return new TypeError(`[idemkit] [redis] ${message}`);
@@ -60,11 +62,20 @@ export function optionError(message: string): TypeError {
 
 /** Validate options (naming the offending one) and apply defaults. Throws `TypeError`. */
 export function resolveRedisStoreOptions(options: RedisStoreOptions): ResolvedRedisStoreOptions {
+  if (typeof options !== 'object' || options === null) {
+    throw optionError('Options must be an object: `{ client }` (an ioredis Redis or Cluster) or `{ url }`.');
+  }
+  const unknown = Object.keys(options).filter((name) => !KNOWN.has(name));
+  // A misspelt option (`keyPrefix`, ioredis's own name) would silently keep the default.
+  if (unknown.length > 0) console.warn(`[idemkit] [redis] Unknown option(s) ignored: ${unknown.join(', ')}.`);
   if (options.client === undefined && options.url === undefined) {
     throw optionError('Missing required option `client` (an ioredis Redis or Cluster) or `url`.');
   }
   if (options.client !== undefined && options.url !== undefined) {
     throw optionError('Give either `client` or `url`, not both.');
+  }
+  if (options.client !== undefined && typeof (options.client as { defineCommand?: unknown } | null)?.defineCommand !== 'function') {
+    throw optionError('Option `client` must be an ioredis Redis or Cluster client (for a URL string, use `url`).');
   }
   if (options.url !== undefined && (typeof options.url !== 'string' || !/^rediss?:\/\//.test(options.url))) {
     throw optionError('Option `url` must be a redis:// or rediss:// URL.');

@@ -563,6 +563,20 @@ describe('client ownership and failures', () => {
     expect(() => createRedisStore({ url: 'http://x' })).toThrow(/`url`/);
     expect(() => createRedisStore({ client: redis, leaseGraceMs: -1 })).toThrow(/`leaseGraceMs`/);
     expect(() => createRedisStore({ client: redis, claim: 'lua' as 'set' })).toThrow(/`claim` must be 'set' or 'script'/);
+    // Before, these failed with "client.defineCommand is not a function" or a TypeError from deep inside.
+    expect(() => createRedisStore(undefined as never)).toThrow(/Options must be an object/);
+    expect(() => createRedisStore({ client: url as never })).toThrow(/`client` must be an ioredis Redis or Cluster client \(for a URL string, use `url`\)/);
+    expect(() => createRedisStore({ client: {} as never })).toThrow(/`client` must be an ioredis/);
+  });
+
+  it('warns about options it does not know (ioredis calls its prefix `keyPrefix`)', () => {
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => undefined);
+    try {
+      createRedisStore({ client: redis, keyPrefix: 'app:' } as never);
+      expect(warn).toHaveBeenCalledWith('[idemkit] [redis] Unknown option(s) ignored: keyPrefix.');
+    } finally {
+      warn.mockRestore();
+    }
   });
 
   it('rejects a non-positive lease or TTL before touching Redis', async () => {
