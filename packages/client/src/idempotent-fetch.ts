@@ -50,6 +50,26 @@ export interface IdempotentRequestInit extends RequestInit {
 
 export type IdempotentFetch = (input: string | URL | Request, init?: IdempotentRequestInit) => Promise<Response>;
 
+/**
+ * Every attempt failed without a response (network errors), and no further one is allowed
+ * (`maxAttempts` reached, or the next wait would pass the deadline). `cause` is the last
+ * network error. The server may have run the operation (an answer lost on its way back), so ask
+ * again with `key`, never with a new one.
+ */
+export class RetryExhaustedError extends Error {
+  override readonly name = 'RetryExhaustedError';
+  /** The key every attempt sent. */
+  readonly key: string;
+  /** How many attempts were made. */
+  readonly attempts: number;
+
+  constructor(message: string, key: string, attempts: number, options?: ErrorOptions) {
+    super(message, options);
+    this.key = key;
+    this.attempts = attempts;
+  }
+}
+
 /** Thrown when the total deadline ends before any attempt produced a response. */
 export class RetryDeadlineError extends Error {
   override readonly name = 'RetryDeadlineError';
@@ -173,7 +193,7 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
 
         if (!willRetry) {
           if (response) return response;
-          throw lastError;
+          throw new RetryExhaustedError(`[idemkit] [client] No response after ${attempt} attempt(s): ${describe(lastError)}`, key, attempt, { cause: lastError });
         }
         // Free the connection of the answer we are discarding.
         await discard(response);
@@ -257,15 +277,17 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal):
     signal.removeEventListener('abort', cancel);
     reader.releaseLock();
   }
-  // Copied once into one ArrayBuffer: a stream may hand out views of a SharedArrayBuffer, which a
-  // Blob does not take.
-  const bytes = new Uint8Array(chunks.reduce((size, chunk) => size + chunk.byteLength, 0));
-  let offset = 0;
-  for (const chunk of chunks) {
-    bytes.set(chunk, offset);
-    offset += chunk.byteLength;
-  }
-  return new Blob([bytes]);
+  // The Blob copies the chunks: no merged copy of our own, so a large body is held twice at most.
+  return new Blob(chunks.map(blobPart));
+}
+
+/** A chunk as a Blob part: its typings take no views of a SharedArrayBuffer, so such a chunk is copied. */
+function blobPart(chunk: Uint8Array): Uint8Array<ArrayBuffer> {
+  return chunk.buffer instanceof ArrayBuffer ? (chunk as Uint8Array<ArrayBuffer>) : new Uint8Array(chunk);
+}
+
+function describe(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
 }
 
 /**

@@ -2,6 +2,7 @@
 export {
   createIdempotentFetch,
   RetryDeadlineError,
+  RetryExhaustedError,
   type AttemptInfo,
   type IdempotentFetch,
   type IdempotentFetchOptions,

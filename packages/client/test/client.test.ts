@@ -1,6 +1,6 @@
 import nodeFetch from 'node-fetch';
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { backoffDelay, createIdempotentFetch, parseRetryAfter, RetryDeadlineError, type AttemptInfo } from '../src/index.js';
+import { backoffDelay, createIdempotentFetch, parseRetryAfter, RetryDeadlineError, RetryExhaustedError, type AttemptInfo } from '../src/index.js';
 import { startLossyProxy, startServer, type TestServer } from './server.js';
 
 const open: Array<{ close(): Promise<void> }> = [];
@@ -202,6 +202,22 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
       return res;
     });
     expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(s.runs.get('orders')).toBe(1);
+  });
+
+  it('every answer lost: RetryExhaustedError names the key, and asking again with it replays the one run', async () => {
+    const s = await server();
+    const proxy = await startLossyProxy(s.url, 100);
+    open.push(proxy);
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 3 })(`${proxy.url}/orders`, json({ item: 'book' })).catch((error: unknown) => error);
+    // Before, the bare "fetch failed" TypeError came back, with no way to learn the key.
+    expect(failed).toBeInstanceOf(RetryExhaustedError);
+    const { key, attempts, cause } = failed as RetryExhaustedError;
+    expect(attempts).toBe(3);
+    expect(cause).toBeInstanceOf(TypeError);
+    const again = await createIdempotentFetch(fast)(`${s.url}/orders`, { ...json({ item: 'book' }), idempotencyKey: key });
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(await again.json()).toEqual({ order: 1, body: { item: 'book' } });
     expect(s.runs.get('orders')).toBe(1);
   });
 
