@@ -1,4 +1,5 @@
 import { defineConfig } from 'tsup';
 import { base } from '../../tsup.base.js';
 
-export default defineConfig({ ...base });
+// ESM only: the suite imports vitest, which cannot be loaded with require().
+export default defineConfig({ ...base, format: ['esm'] });
