@@ -20,6 +20,7 @@ import fp from 'fastify-plugin';
 import type { Socket } from 'node:net';
 import { payloadBytes, payloadStatus, restoreReplay, sendReplay, sendStored, type Replayed } from './capture.js';
 import { mergeRouteOptions, type FastifyIdempotencyOptions, type RouteIdempotencyConfig } from './options.js';
+import { watchSends, whoSent, type LateSends } from './stand-in.js';
 
 declare module 'fastify' {
   interface FastifyContextConfig {
@@ -124,6 +125,12 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         sendStored(reply, problemResponse(decision.error));
         return;
       case 'run': {
+        // Answered while it waited its turn (a timeout, with `concurrency: 'wait'`): its handler
+        // will not run, so the key it just got is given back at once, not held for good.
+        if (reply.sent) {
+          void decision.lease.abandon('client-gone');
+          return done();
+        }
         const state: LeaseState = { lease: decision.lease, reply, errored: false, settling: undefined, resent: false, delivered: false, handler: undefined, ran: false, closedEarly: false };
         (request as StatefulRequest)[kState] = state;
         request.idempotency = decision.lease.context;
@@ -204,27 +211,38 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   }
 
   async function settle(state: LeaseState, reply: FastifyReply, payload: unknown): Promise<unknown> {
-    const { lease } = state;
+    const { lease, handler } = state;
+    // As it stood when this answer came: a throw after it (send without return) must not turn it into an error.
+    const errored = state.errored;
     const status = payloadStatus(payload, reply.statusCode);
+    const headers = reply.getHeaders();
     const body = payloadBytes(payload);
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
     // a Response whose body was read): Fastify fails it with a 500, so the key is given back.
     const refused = body === undefined && !isSendable(payload);
-    // An answer that gives the key back, sent while the handler still runs (Fastify's
-    // `handlerTimeout`, a timer in a hook): it goes out now, and the key stays held until the
-    // handler ends, or a retry would run the operation beside it.
-    if ((state.errored || refused || !engine.options.storable(status)) && (await answeredForRunningHandler(state, reply))) {
-      settleAfterHandler(state);
-      return payload;
+    const store = (): Promise<unknown> => {
+      if (errored || refused) return lease.abandon('handler-threw');
+      if (body === undefined) return lease.commitUnbuffered(status, 'not-bufferable');
+      if (body.byteLength > engine.options.maxBodyBytes) return lease.commitUnbuffered(status, 'too-large');
+      return lease.commit({ status, headers: toStoredHeaders(headers), body });
+    };
+    // An answer that gives the key back while the async handler had not settled: a timeout
+    // (Fastify's `handlerTimeout`, a timer in a hook) may have answered for it while it works.
+    if ((errored || refused || !engine.options.storable(status)) && state.ran && handler !== reply && isThenable(handler)) {
+      const sends = watchSends(reply);
+      const sender = await whoSent(handler, reply, sends);
+      if (sender === 'running') {
+        holdWhileRunning(state, handler, sends, store);
+        return payload;
+      }
+      sends.stop();
+      if (sender === 'finished') {
+        await lease.commitUnbuffered(null, 'cut-short');
+        return payload;
+      }
     }
-    if (state.errored || refused) {
-      await lease.abandon('handler-threw');
-      return payload;
-    }
-    const headers = reply.getHeaders();
-    if (body === undefined) await lease.commitUnbuffered(status, 'not-bufferable');
-    else if (body.byteLength > engine.options.maxBodyBytes) await lease.commitUnbuffered(status, 'too-large');
-    else await lease.commit({ status, headers: toStoredHeaders(headers), body });
+    await store();
+    if (errored || refused) return payload;
     // Transactional mode, rolled back: the handler's answer describes writes that never happened.
     const replacement = lease.replacement;
     if (replacement) {
@@ -322,52 +340,31 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   }
 
   /**
-   * The key stays held until the handler that another answer was sent for has ended: freed if it
-   * throws; if it finishes, its own answer could not go out (Fastify drops a send once one went
-   * out), so the key is marked `cut-short` and the operation is never run again.
+   * The answer went out while the handler still runs; the key stays held, so a retry gets 409
+   * instead of running the operation beside it. Once the handler ends: it threw, the key is freed;
+   * it finished with an answer of its own, which could not go out, so the key is marked
+   * `cut-short` (never run twice); it had nothing more to say (the answer was its own, sent before
+   * it went on working), the key is settled as that answer would have settled it. Not renewed
+   * meanwhile: a handler that never ends gives its key up a lease later, as a crashed one does.
    */
-  function settleAfterHandler(state: LeaseState): void {
+  function holdWhileRunning(state: LeaseState, handler: PromiseLike<unknown>, sends: LateSends, store: () => Promise<unknown>): void {
     const { lease } = state;
-    Promise.resolve(state.handler).then(
-      () => void (lease.settled || lease.commitUnbuffered(null, 'cut-short')),
-      () => void (lease.settled || lease.abandon('handler-threw')),
+    lease.letLapse();
+    Promise.resolve(handler).then(
+      (value) => {
+        sends.stop();
+        if (lease.settled) return;
+        if (value !== undefined || sends.answered) void lease.commitUnbuffered(null, 'cut-short');
+        else void store();
+      },
+      () => {
+        sends.stop();
+        if (!lease.settled) void lease.abandon('handler-threw');
+      },
     );
   }
 
   return { preHandler, onSend, onError, onRawClose };
-}
-
-/**
- * Whether an answer came while the async handler still runs, sent for it by someone else (a
- * timeout). A handler that threw has settled already; one that answered itself (`return
- * reply.code(503).send()`) returns `reply` next, and its promise then calls `reply.then`. Neither
- * within this turn of the event loop: it is still at work. Only answers that give the key back
- * come here, so a normal request pays nothing for it.
- */
-function answeredForRunningHandler(state: LeaseState, reply: FastifyReply): Promise<boolean> {
-  const { handler } = state;
-  if (!state.ran || handler === reply || !isThenable(handler)) return Promise.resolve(false);
-  return new Promise((resolve) => {
-    const replyThen = reply.then;
-    let decided = false;
-    const decide = (running: boolean): void => {
-      if (decided) return;
-      decided = true;
-      clearImmediate(timer);
-      if (reply.then === watch) Reflect.deleteProperty(reply, 'then');
-      resolve(running);
-    };
-    const watch: FastifyReply['then'] = function (this: FastifyReply, fulfilled, rejected) {
-      decide(false);
-      return replyThen.call(this, fulfilled, rejected);
-    };
-    reply.then = watch;
-    const timer = setImmediate(() => decide(true));
-    Promise.resolve(handler).then(
-      () => decide(false),
-      () => decide(false),
-    );
-  });
 }
 
 type RouteHooks = ReturnType<typeof routeHooks>;

@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import { gunzipSync } from 'node:zlib';
 import fastifyCompress from '@fastify/compress';
 import { ConfigurationError, createMemoryStore, type IdempotencyStore, scopedKey } from '@idemkit/core';
-import Fastify, { type FastifyInstance, type LightMyRequestResponse } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifyReply, type LightMyRequestResponse } from 'fastify';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import fastifyIdempotencyDefault, { fastifyIdempotency, type FastifyIdempotencyOptions } from '../src/index.js';
 
@@ -772,6 +772,129 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
     });
     expect((await post(app, '/busy', 'k')).json()).toEqual({ n: 1 });
     expect((await post(app, '/busy', 'k')).json()).toEqual({ n: 2 });
+  });
+
+  // A first attempt at this feature took these for timeouts and marked their keys 410 for a whole
+  // TTL. They are the handler's own answers: the key must be free again once the handler is done.
+  it.each([
+    ['answers 503 from a timer and returns reply', async (_request: unknown, reply: FastifyReply) => {
+      setTimeout(() => void reply.code(503).send({ busy: true }), 5);
+      return reply;
+    }],
+    ['sends an Error from a timer and returns reply', async (_request: unknown, reply: FastifyReply) => {
+      setTimeout(() => void reply.send(Object.assign(new Error('upstream down'), { statusCode: 502 })), 5);
+      return reply;
+    }],
+    ['sends 503 without return, then keeps working', async (_request: unknown, reply: FastifyReply) => {
+      await new Promise((resolve) => setTimeout(resolve, 5));
+      reply.code(503).send({ busy: true });
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }],
+  ])('a handler that %s: its key is freed, the retry runs it again', async (_title, handler) => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/own', async (request, reply) => {
+        runs++;
+        return handler(request, reply);
+      });
+    });
+    const send = await overSocket(app);
+    const first = await send('/own', 'k');
+    expect(first.status).toBeGreaterThanOrEqual(500);
+    await first.text();
+    await vi.waitFor(async () => {
+      const retry = await send('/own', 'k');
+      await retry.text();
+      expect(retry.status).not.toBe(410);
+      expect(runs).toBe(2);
+    });
+  });
+
+  it('return reply.code(503).send() behind an async app-level onSend hook: freed too (as the answer finishes)', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.addHook('onSend', async (_request, _reply, payload) => {
+        await new Promise((resolve) => setImmediate(resolve));
+        return payload;
+      });
+      a.post('/own', async (_request, reply) => reply.code(503).send({ n: ++runs }));
+    });
+    const send = await overSocket(app);
+    expect((await send('/own', 'k')).status).toBe(503);
+    await vi.waitFor(async () => {
+      const retry = await send('/own', 'k');
+      expect(await retry.json()).toEqual({ n: 2 });
+    });
+  });
+
+  it('the timeout and the handler finishing in the same turn: never freed for a second charge', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.addHook('onRequest', (request, reply, done) => {
+        // Two timers of the same delay fire in one turn, in order: first the timeout's answer,
+        // then the handler's end (its payment call answered just then).
+        const gate = new Promise<void>((resolve) => {
+          setTimeout(() => void (reply.sent || reply.code(503).send({ error: 'timeout' })), 50);
+          setTimeout(resolve, 50);
+        });
+        (request as unknown as { gate: Promise<void> }).gate = gate;
+        done();
+      });
+      a.post('/pay', async (request) => {
+        const n = ++runs;
+        await (request as unknown as { gate: Promise<void> }).gate;
+        return { charged: n };
+      });
+    });
+    const send = await overSocket(app);
+    const first = await send('/pay', 'k');
+    expect(first.status).toBe(503);
+    await first.text();
+    const after = await send('/pay', 'k');
+    expect(after.status).toBe(410);
+    expect(await after.json()).toMatchObject({ reason: 'cut-short' });
+    expect(runs).toBe(1);
+  });
+
+  it("with concurrency: 'wait', a duplicate answered by its own timeout while it waited does not hold the key for good", async () => {
+    const op = held();
+    let claims = 0;
+    const { app } = await build(
+      (a) => {
+        a.addHook('onRequest', (_request, reply, done) => {
+          const timer = setTimeout(() => void (reply.sent || reply.code(503).send({ error: 'timeout' })), 100);
+          reply.raw.once('close', () => clearTimeout(timer));
+          done();
+        });
+        a.post('/pay', op.handler);
+      },
+      { concurrency: 'wait', onEvent: (e) => void (e.type === 'executed' && claims++) },
+    );
+    const send = await overSocket(app);
+    expect((await send('/pay', 'k')).status).toBe(503);
+    // The duplicate waits for the first, and its own timeout answers it meanwhile.
+    expect((await send('/pay', 'k')).status).toBe(503);
+    op.finish('fail');
+    // The first failed, and the waiter took the key, though its reply had gone out: it gives it
+    // back. Before, it held the key, renewed, and every retry got 409 for as long as the process ran.
+    await vi.waitFor(() => expect(claims).toBe(2));
+    const retry = send('/pay', 'k');
+    await vi.waitFor(() => expect(op.runs()).toBe(2));
+    op.finish('ok');
+    expect(await (await retry).json()).toEqual({ charged: 2 });
+  });
+
+  it('a handler that never ends after a timeout answered for it gives its key up a lease later', async () => {
+    const op = held();
+    const { app } = await build((a) => a.post('/pay', { handlerTimeout: 100 }, op.handler), { leaseMs: 300 });
+    expect((await post(app, '/pay', 'k')).statusCode).toBe(503);
+    expect((await post(app, '/pay', 'k')).statusCode).toBe(409);
+    // Not renewed after the timeout: the next request takes the key over once the lease ran out.
+    await vi.waitFor(() => {
+      void post(app, '/pay', 'k');
+      expect(op.runs()).toBe(2);
+    });
+    op.finish('ok');
   });
 });
 

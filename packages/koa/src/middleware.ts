@@ -108,18 +108,34 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
   const onClose = (): void => {
     if (!ctx.res.writableFinished) clientGone = true;
   };
+  // An answer Koa sent while the handler ran (not one the handler wrote itself through ctx.res):
+  // a timeout middleware mounted before this one answered for it.
+  let answeredForIt = false;
+  const onFinish = (): void => {
+    answeredForIt = ctx.respond !== false;
+  };
   ctx.res.once('close', onClose);
+  ctx.res.once('finish', onFinish);
   try {
     await next();
   } catch (error) {
-    // A whole answer already went out through ctx.res before the throw: the operation answered,
-    // so it is never run again (as for any answer the binding cannot store). Anything less frees
-    // the key.
-    if (ctx.res.writableEnded) await lease.commitUnbuffered(ctx.res.statusCode, 'not-bufferable');
+    // A whole answer of the handler's own already went out through ctx.res before the throw: the
+    // operation answered, so it is never run again (as for any answer the binding cannot store).
+    // Anything less, or a timeout's answer, frees the key.
+    if (ctx.res.writableEnded && !answeredForIt) await lease.commitUnbuffered(ctx.res.statusCode, 'not-bufferable');
     else await lease.abandon(clientGone ? 'client-gone' : 'handler-threw');
     throw error; // Koa's ctx.onerror (or an outer error middleware) renders it unchanged.
   } finally {
     ctx.res.off('close', onClose);
+    ctx.res.off('finish', onFinish);
+  }
+
+  // A whole answer went out while the handler ran (a timeout middleware mounted before this
+  // one). The handler has finished, but what it answered cannot be told (Koa ignores a status
+  // set after the head went out), so the key is marked cut short: never run a second time.
+  if (answeredForIt || (ctx.respond !== false && ctx.res.writableEnded)) {
+    await lease.commitUnbuffered(null, 'cut-short');
+    return;
   }
 
   // The handler answers through ctx.res itself (`ctx.respond = false`, a proxy), possibly after
@@ -127,13 +143,6 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
   // is Koa's default 404, not the answer.
   if (ctx.respond === false && !ctx.res.writableFinished) {
     settleWhenClosed(ctx, lease);
-    return;
-  }
-  // A whole answer went out while the handler ran (a timeout middleware mounted before this
-  // one). The handler has finished, but what it answered cannot be told (Koa ignores a status
-  // set after the head went out), so the key is marked cut short: never run a second time.
-  if (ctx.respond !== false && ctx.res.writableEnded) {
-    await lease.commitUnbuffered(null, 'cut-short');
     return;
   }
 

@@ -445,14 +445,17 @@ describe('koa binding: @koa/router', () => {
 
 describe('koa binding: concurrency and disconnects', () => {
   describe('a timeout middleware mounted before idempotency() answers 503 while the handler runs', () => {
-    async function withTimeout(outcome: () => Promise<'ok' | 'fail'>): Promise<{ url: string; runs: () => number }> {
+    async function withTimeout(
+      outcome: () => Promise<'ok' | 'fail'>,
+      { standIn = 503, rawAnswer = false }: { standIn?: number; rawAnswer?: boolean } = {},
+    ): Promise<{ url: string; runs: () => number }> {
       let runs = 0;
       const { url } = await start((app) => {
         app.use(async (ctx, next) => {
           let timer: NodeJS.Timeout | undefined;
           const timedOut = new Promise<void>((resolve) => {
             timer = setTimeout(() => {
-              ctx.status = 503;
+              ctx.status = standIn;
               ctx.body = { error: 'timeout' };
               resolve();
             }, 100);
@@ -464,6 +467,8 @@ describe('koa binding: concurrency and disconnects', () => {
         app.use(async (ctx) => {
           runs++;
           if ((await outcome()) === 'fail') throw new Error('card declined');
+          // A handler that answers through ctx.res itself, once its work is done.
+          if (rawAnswer) ctx.respond = false;
           ctx.status = 201;
           ctx.body = { charged: runs };
         });
@@ -486,6 +491,27 @@ describe('koa binding: concurrency and disconnects', () => {
         expect(await after.json()).toMatchObject({ reason: 'cut-short' });
       });
       expect(runs()).toBe(1);
+    });
+
+    it('a handler that turns to ctx.respond = false once done is never run twice either', async () => {
+      let open!: () => void;
+      const gate = new Promise<'ok'>((resolve) => (open = () => resolve('ok')));
+      const { url, runs } = await withTimeout(() => gate, { rawAnswer: true });
+      expect((await post(url, 'k')).status).toBe(503);
+      open();
+      await vi.waitFor(async () => expect((await post(url, 'k')).status).toBe(410));
+      expect(runs()).toBe(1);
+    });
+
+    it('a storable stand-in (202) and a handler that then throws: the key is freed all the same', async () => {
+      let fail!: () => void;
+      const gate = new Promise<'fail'>((resolve) => (fail = () => resolve('fail')));
+      let second = false;
+      const { url, runs } = await withTimeout(() => (second ? Promise.resolve('ok') : ((second = true), gate)), { standIn: 202 });
+      expect((await post(url, 'k')).status).toBe(202);
+      fail();
+      await vi.waitFor(async () => expect((await post(url, 'k')).status).toBe(201));
+      expect(runs()).toBe(2);
     });
 
     it('a handler that then throws frees the key: the retry runs it again', async () => {
