@@ -210,6 +210,14 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     );
   }
 
+  /** Settle the lease by one answer: freed if it failed, else stored (or marked) as it allows. */
+  function storeAnswer(lease: Lease, failed: boolean, status: number, headers: ReturnType<FastifyReply['getHeaders']>, body: Uint8Array | undefined): Promise<unknown> {
+    if (failed) return lease.abandon('handler-threw');
+    if (body === undefined) return lease.commitUnbuffered(status, 'not-bufferable');
+    if (body.byteLength > engine.options.maxBodyBytes) return lease.commitUnbuffered(status, 'too-large');
+    return lease.commit({ status, headers: toStoredHeaders(headers), body });
+  }
+
   async function settle(state: LeaseState, reply: FastifyReply, payload: unknown): Promise<unknown> {
     const { lease, handler } = state;
     // As it stood when this answer came: a throw after it (send without return) must not turn it into an error.
@@ -220,19 +228,14 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
     // a Response whose body was read): Fastify fails it with a 500, so the key is given back.
     const refused = body === undefined && !isSendable(payload);
-    const store = (): Promise<unknown> => {
-      if (errored || refused) return lease.abandon('handler-threw');
-      if (body === undefined) return lease.commitUnbuffered(status, 'not-bufferable');
-      if (body.byteLength > engine.options.maxBodyBytes) return lease.commitUnbuffered(status, 'too-large');
-      return lease.commit({ status, headers: toStoredHeaders(headers), body });
-    };
+    const failed = errored || refused;
     // An answer that gives the key back while the async handler had not settled: a timeout
     // (Fastify's `handlerTimeout`, a timer in a hook) may have answered for it while it works.
-    if ((errored || refused || !engine.options.storable(status)) && state.ran && handler !== reply && isThenable(handler)) {
+    if ((failed || !engine.options.storable(status)) && state.ran && handler !== reply && isThenable(handler)) {
       const sends = watchSends(reply);
       const sender = await whoSent(handler, reply, sends);
       if (sender === 'running') {
-        holdWhileRunning(state, handler, sends, store);
+        holdWhileRunning(state, handler, sends, () => storeAnswer(lease, failed, status, headers, body));
         return payload;
       }
       sends.stop();
@@ -241,8 +244,8 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         return payload;
       }
     }
-    await store();
-    if (errored || refused) return payload;
+    await storeAnswer(lease, failed, status, headers, body);
+    if (failed) return payload;
     // Transactional mode, rolled back: the handler's answer describes writes that never happened.
     const replacement = lease.replacement;
     if (replacement) {
