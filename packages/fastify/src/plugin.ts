@@ -234,13 +234,13 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     if ((failed || !engine.options.storable(status)) && state.ran && handler !== reply && isThenable(handler)) {
       const sends = watchSends(reply);
       const sender = await whoSent(handler, reply, sends);
-      if (sender === 'running') {
-        holdWhileRunning(state, handler, sends, () => storeAnswer(lease, failed, status, headers, body));
-        return payload;
-      }
-      sends.stop();
-      if (sender === 'finished') {
-        await lease.commitUnbuffered(null, 'cut-short');
+      if (sender !== 'running') sends.stop();
+      if (sender === 'running') holdWhileRunning(state, handler, sends, () => storeAnswer(lease, failed, status, headers, body));
+      else if (sender === 'finished') await lease.commitUnbuffered(null, 'cut-short');
+      if (sender !== 'own') {
+        // The handler's own late answer (`reply.code(201).send(order)`) may have set its status
+        // and headers meanwhile: this answer goes out as it came.
+        if (sends.any) restoreAnswer(reply, status, headers);
         return payload;
       }
     }
@@ -256,11 +256,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     }
     // A second answer (or the error handler's, after a throw) set its status and headers
     // meanwhile: this answer goes out as it was stored.
-    if (state.resent || state.errored) {
-      for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name);
-      reply.code(status);
-      reply.headers(headers);
-    }
+    if (state.resent || state.errored) restoreAnswer(reply, status, headers);
     return payload;
   }
 
@@ -347,17 +343,19 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
    * instead of running the operation beside it. Once the handler ends: it threw, the key is freed;
    * it finished with an answer of its own, which could not go out, so the key is marked
    * `cut-short` (never run twice); it had nothing more to say (the answer was its own, sent before
-   * it went on working), the key is settled as that answer would have settled it. Not renewed
-   * meanwhile: a handler that never ends gives its key up a lease later, as a crashed one does.
+   * it went on working), the key is settled as that answer would have settled it. Renewed
+   * meanwhile, as for any handler still at work: one that ends after its lease would have run
+   * out must not meet a second run of itself.
    */
   function holdWhileRunning(state: LeaseState, handler: PromiseLike<unknown>, sends: LateSends, store: () => Promise<unknown>): void {
     const { lease } = state;
-    lease.letLapse();
     Promise.resolve(handler).then(
       (value) => {
         sends.stop();
         if (lease.settled) return;
-        if (value !== undefined || sends.answered) void lease.commitUnbuffered(null, 'cut-short');
+        // Any send now is the handler's own (Fastify sends nothing for it once an answer went
+        // out): a 204 or a redirect has no payload, yet it is an answer all the same.
+        if (value !== undefined || sends.any) void lease.commitUnbuffered(null, 'cut-short');
         else void store();
       },
       () => {
@@ -377,15 +375,26 @@ type HookName = Exclude<keyof RouteHooks, 'onRawClose'>;
 function keepHandlerResult(route: RouteOptions, onRawClose: RouteHooks['onRawClose']): void {
   const handler = route.handler;
   route.handler = function idempotentHandler(this: FastifyInstance, request, reply) {
-    const result: unknown = handler.call(this, request, reply);
+    let result: unknown = handler.call(this, request, reply);
     const state = stateOf(request);
     if (state !== null) {
+      // A thenable that is not a native promise (a query builder that runs again on every
+      // `then`, a Bluebird promise that calls back a turn later) is adopted once, here: Fastify
+      // and the plugin then wait on the one native promise.
+      if (result !== reply && isThenable(result) && !(result instanceof Promise)) result = Promise.resolve(result);
       state.handler = result;
       state.ran = true;
       if (state.closedEarly) onRawClose(state);
     }
     return result;
   };
+}
+
+/** Put an answer's status and headers back on the reply, after a later answer changed them. */
+function restoreAnswer(reply: FastifyReply, status: number, headers: ReturnType<FastifyReply['getHeaders']>): void {
+  for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name);
+  reply.code(status);
+  reply.headers(headers);
 }
 
 /** What Fastify sends as a stream: a Node or web stream, or a Response whose body is unread. */

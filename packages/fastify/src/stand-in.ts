@@ -10,11 +10,14 @@ import type { FastifyReply } from 'fastify';
  */
 export type Sender = 'own' | 'finished' | 'running';
 
-/** What the handler tried to send after the answer being settled went out (see `watchSends`). */
+/** What was sent after the answer being settled (see `watchSends`). */
 export interface LateSends {
-  /** The handler sent an answer of its own after this one (Fastify drops it: one went out). */
-  readonly answered: boolean;
-  /** Stop watching (the reply's own `send` comes back). */
+  /** Any `send`: once that answer went out, only the handler's own (a 204 has no payload). */
+  readonly any: boolean;
+  /** A `send` with a payload: the handler's own answer even before that one went out, when
+   * Fastify may still send an async handler's `undefined` result itself. */
+  readonly withPayload: boolean;
+  /** Stop watching (the reply's `send` is as it was). */
   stop(): void;
 }
 
@@ -44,17 +47,19 @@ export async function whoSent(handler: PromiseLike<unknown>, reply: FastifyReply
       if (decided) return;
       decided = true;
       clearImmediate(timer);
-      if (reply.then === watch) Reflect.deleteProperty(reply, 'then');
+      restoreThen();
       resolve(sender);
     };
+    // The handler returns `reply`: its answer went out before this one (its own, then), unless it
+    // sent another just now (`return reply.code(201).send(order)` in the same turn as a timeout).
     const watch: FastifyReply['then'] = function (this: FastifyReply, fulfilled, rejected) {
-      decide('own');
+      decide(sends.any ? 'finished' : 'own');
       return replyThen.call(this, fulfilled, rejected);
     };
-    reply.then = watch;
+    const restoreThen = patch(reply, 'then', watch);
     const timer = setImmediate(() => decide('running'));
     Promise.resolve(handler).then(
-      (value) => decide(value !== undefined || sends.answered ? 'finished' : 'own'),
+      (value) => decide(value !== undefined || sends.withPayload ? 'finished' : 'own'),
       () => decide('own'),
     );
   });
@@ -63,23 +68,41 @@ export async function whoSent(handler: PromiseLike<unknown>, reply: FastifyReply
 /**
  * Note the handler's own answers from now on: Fastify drops a `send` once an answer went out, so
  * without this a handler that finishes with `return reply.code(201).send(order)` after a timeout
- * answered for it would look like one that had nothing to say. Only `send`s with a payload count:
- * Fastify's own send of an async handler's `undefined` result is not an answer.
+ * answered for it would look like one that had nothing to say. Before that answer went out,
+ * Fastify itself may send an async handler's `undefined` result, which is no answer: hence
+ * `withPayload` beside `any`.
  */
 export function watchSends(reply: FastifyReply): LateSends {
   const send = reply.send;
-  let answered = false;
+  let any = false;
+  let withPayload = false;
   const watch: FastifyReply['send'] = function (this: FastifyReply, payload?: unknown) {
-    if (payload !== undefined) answered = true;
+    any = true;
+    if (payload !== undefined) withPayload = true;
     return send.call(this, payload);
   };
-  reply.send = watch;
+  const stop = patch(reply, 'send', watch);
   return {
-    get answered() {
-      return answered;
+    get any() {
+      return any;
     },
-    stop() {
-      if (reply.send === watch) Reflect.deleteProperty(reply, 'send');
+    get withPayload() {
+      return withPayload;
     },
+    stop,
+  };
+}
+
+/**
+ * Put `value` on the reply as its own `name` for a while; the returned function puts back what
+ * was there (another plugin's own wrapper, or nothing, so the prototype's method shows again).
+ */
+function patch<K extends 'send' | 'then'>(reply: FastifyReply, name: K, value: FastifyReply[K]): () => void {
+  const before = Object.getOwnPropertyDescriptor(reply, name);
+  reply[name] = value;
+  return () => {
+    if (reply[name] !== value) return;
+    if (before === undefined) Reflect.deleteProperty(reply, name);
+    else Object.defineProperty(reply, name, before);
   };
 }

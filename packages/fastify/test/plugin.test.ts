@@ -856,6 +856,109 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
     expect(runs).toBe(1);
   });
 
+  it.each([
+    ['return reply.code(204).send()', async (reply: FastifyReply) => reply.code(204).send()],
+    ['reply.redirect()', async (reply: FastifyReply) => reply.redirect('/orders/1', 303)],
+    ['return reply.code(201).send(order)', async (reply: FastifyReply) => reply.code(201).send({ charged: true })],
+  ])('a handler that answers with %s after a timeout answered for it: 410, never run twice', async (_title, answer) => {
+    let runs = 0;
+    let finish!: () => void;
+    const gate = new Promise<void>((resolve) => (finish = resolve));
+    const { app } = await build((a) =>
+      a.post('/pay', { handlerTimeout: 100 }, async (_request, reply) => {
+        runs++;
+        await gate;
+        return answer(reply);
+      }),
+    );
+    expect((await post(app, '/pay', 'k')).statusCode).toBe(503);
+    finish();
+    // Before, an answer without a payload (204, a redirect) looked like "nothing more to say", and
+    // the timeout's 503 freed the key for a second run.
+    expect((await answeredWith(app, '/pay', 'k', 410)).json()).toMatchObject({ reason: 'cut-short' });
+    expect(runs).toBe(1);
+  });
+
+  it('the timeout and return reply.code(201).send(order) in the same turn: never freed for a second charge', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.addHook('onRequest', (request, reply, done) => {
+        const gate = new Promise<void>((resolve) => {
+          setTimeout(() => void (reply.sent || reply.code(503).send({ error: 'timeout' })), 50);
+          setTimeout(resolve, 50);
+        });
+        (request as unknown as { gate: Promise<void> }).gate = gate;
+        done();
+      });
+      a.post('/pay', async (request, reply) => {
+        const n = ++runs;
+        await (request as unknown as { gate: Promise<void> }).gate;
+        return reply.code(201).send({ charged: n });
+      });
+    });
+    const send = await overSocket(app);
+    expect((await send('/pay', 'k')).status).toBe(503);
+    const after = await send('/pay', 'k');
+    expect(after.status).toBe(410);
+    expect(runs).toBe(1);
+  });
+
+  it('a thenable that runs again on every then() (a query builder) is started once, even on the stand-in path', async () => {
+    let started = 0;
+    const { app } = await build((a) =>
+      a.post('/pay', { handlerTimeout: 50 }, () => ({
+        then(resolve: (value: unknown) => void) {
+          started++;
+          setTimeout(() => resolve({ charged: started }), 150);
+        },
+      })),
+    );
+    expect((await post(app, '/pay', 'k')).statusCode).toBe(503);
+    expect((await answeredWith(app, '/pay', 'k', 410)).json()).toMatchObject({ reason: 'cut-short' });
+    // Before, Fastify and the plugin each called then(): four charges for one request.
+    expect(started).toBe(1);
+  });
+
+  it("a Bluebird-style promise (calls back a turn later) answering its own 503: the key is freed, not marked 410", async () => {
+    let runs = 0;
+    const { app } = await build((a) =>
+      a.post('/busy', (_request, reply) => {
+        runs++;
+        reply.code(503);
+        const value = { busy: runs };
+        return { then: (resolve: (v: unknown) => void) => void setImmediate(() => resolve(value)) };
+      }),
+    );
+    expect((await post(app, '/busy', 'k')).json()).toEqual({ busy: 1 });
+    expect((await post(app, '/busy', 'k')).json()).toEqual({ busy: 2 });
+  });
+
+  it("leaves another plugin's own reply.send wrapper in place", async () => {
+    let wrapped = 0;
+    let after: unknown;
+    let finish!: () => void;
+    const gate = new Promise<void>((resolve) => (finish = resolve));
+    const { app } = await build((a) => {
+      a.addHook('onRequest', (_request, reply, done) => {
+        const send = reply.send.bind(reply);
+        reply.send = (payload?: unknown) => {
+          wrapped++;
+          return send(payload);
+        };
+        reply.raw.once('finish', () => setTimeout(() => (after = Object.getOwnPropertyDescriptor(reply, 'send')), 200));
+        done();
+      });
+      a.post('/pay', { handlerTimeout: 50 }, async () => {
+        await gate;
+        return { charged: true };
+      });
+    });
+    expect((await post(app, '/pay', 'k')).statusCode).toBe(503);
+    finish();
+    await vi.waitFor(() => expect(after).toBeDefined());
+    expect(wrapped).toBeGreaterThan(0);
+  });
+
   it("with concurrency: 'wait', a duplicate answered by its own timeout while it waited does not hold the key for good", async () => {
     const op = held();
     let claims = 0;
@@ -884,17 +987,18 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
     expect(await (await retry).json()).toEqual({ charged: 2 });
   });
 
-  it('a handler that never ends after a timeout answered for it gives its key up a lease later', async () => {
+  it('a handler still at work after a timeout answered keeps its key past its lease: never a run beside it', async () => {
     const op = held();
-    const { app } = await build((a) => a.post('/pay', { handlerTimeout: 100 }, op.handler), { leaseMs: 300 });
+    const { app, store } = await build((a) => a.post('/pay', { handlerTimeout: 100 }, op.handler), { leaseMs: 300 });
+    const answeredAt = Date.now();
     expect((await post(app, '/pay', 'k')).statusCode).toBe(503);
+    // Renewed as for any running handler: its lease now ends long after the first one would have.
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, 'k')))?.leaseExpiresAt).toBeGreaterThan(answeredAt + 900), { timeout: 5_000, interval: 50 });
     expect((await post(app, '/pay', 'k')).statusCode).toBe(409);
-    // Not renewed after the timeout: the next request takes the key over once the lease ran out.
-    await vi.waitFor(() => {
-      void post(app, '/pay', 'k');
-      expect(op.runs()).toBe(2);
-    });
+    expect(op.runs()).toBe(1);
     op.finish('ok');
+    expect((await answeredWith(app, '/pay', 'k', 410)).json()).toMatchObject({ reason: 'cut-short' });
+    expect(op.runs()).toBe(1);
   });
 });
 
