@@ -108,8 +108,20 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
   let mode: 'buffering' | 'streaming' | 'ending' = 'buffering';
   /** Set once the stored answer is being written (Node's end() calls writeHead itself). */
   let delivering = false;
-  let watchingClose = false;
   let settling: Promise<unknown> = Promise.resolve();
+  // The response closed with no end(): the client left while the handler works, or the handler
+  // threw after writeHead (Express's final handler then cuts the connection), or it stopped on
+  // the client's 'close' and will never answer, or an Express 4 async handler rejected (Express 4
+  // never catches that). Which, nothing tells. So the lease is left to run out, as a crashed
+  // holder's: an end() before then is still stored (the retry replays it), and after it the next
+  // request takes the key over; in transactional mode its transaction is rolled back and its
+  // connection returned. Never held for good, never run twice at once.
+  const onClose = (): void => {
+    if (mode === 'buffering') lease.letLapse();
+  };
+  // Closed already (the client left while the key was being claimed): 'close' will not come again.
+  if (res.closed) onClose();
+  else res.once('close', onClose);
 
   const startStreaming = (): void => {
     if (mode !== 'buffering') return;
@@ -124,19 +136,6 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
     // Node refuses a bad status before it touches a header: so do we (below we set headers first).
     const code = statusCode | 0;
     if (code < 100 || code > 999) return Reflect.apply(originalWriteHead, this, [statusCode, ...rest]) as ServerResponse;
-    if (mode === 'buffering' && !watchingClose) {
-      // A head written before the body. If the response closes with no end() after it, either
-      // the handler threw (Express's final handler cuts the connection once headers are sent) or
-      // the client left while the handler still works: which, nothing tells. So the lease is left
-      // to run out, as a crashed holder's: an end() before then is still stored, and after it
-      // the next request takes the key over. Never held for good, never run twice at once.
-      watchingClose = true;
-      const onClose = (): void => {
-        if (mode === 'buffering') lease.letLapse();
-      };
-      if (this.closed) onClose();
-      else this.once('close', onClose);
-    }
     const reason = typeof rest[0] === 'string' ? rest[0] : undefined;
     // As Node reads them: a reason that is not a string (undefined, null) leaves the headers second.
     const headers = (reason === undefined ? (rest[1] ?? rest[0]) : rest[1]) as OutgoingHttpHeaders | OutgoingHttpHeader[] | undefined;

@@ -35,12 +35,17 @@ const claimed = new WeakMap<Request, Lease>();
 const ERROR_HANDLER_CREATED = Symbol.for('idemkit.express.errorHandlerCreated');
 const errorHandlerCreated = (): boolean => (globalThis as Record<symbol, unknown>)[ERROR_HANDLER_CREATED] === true;
 
-function bodyNotParsed(): ConfigurationError {
-  return new ConfigurationError(
+/**
+ * 415, not 500: a client sending a type no parser reads (text/plain to an express.json() app)
+ * gets told so, while a server that mounted no parser at all sees it on its first request.
+ */
+function bodyNotParsed(contentType: string | undefined): ConfigurationError {
+  const error = new ConfigurationError(
     'ERR_IDEMKIT_BODY_NOT_PARSED',
-    'The request has a body but req.body is undefined: mount a body parser (express.json(), express.text() or express.raw()) ' +
-      'before idempotency(), so the request body can be fingerprinted and read for the key.',
+    `The request has a body (content-type ${JSON.stringify(contentType ?? '')}) that no body parser read, so idempotency() cannot fingerprint it. ` +
+      'To accept this type, mount a body parser for it (express.json(), express.text() or express.raw()) before idempotency().',
   );
+  return Object.assign(error, { status: 415, statusCode: 415, expose: true });
 }
 
 // Node joins repeated header lines with ", ", and core refuses a bare key with a comma, so two
@@ -93,7 +98,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       return next();
     }
     const body: unknown = req.body;
-    if (body === undefined && bodyMatters && hasRequestBody(req.headers)) return next(bodyNotParsed());
+    if (body === undefined && bodyMatters && hasRequestBody(req.headers)) return next(bodyNotParsed(req.headers['content-type']));
 
     const decision = await engine.decide(toIncoming(req, method, body), req);
     switch (decision.kind) {

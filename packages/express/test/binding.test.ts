@@ -122,7 +122,7 @@ describe('express binding: errors', () => {
     res.status(err.status ?? 500).json({ code: err.code ?? 'internal' });
   };
 
-  it('a body without a body parser → next(ConfigurationError ERR_IDEMKIT_BODY_NOT_PARSED), handler not run', async () => {
+  it('a body without a body parser → next(ConfigurationError ERR_IDEMKIT_BODY_NOT_PARSED, status 415), handler not run', async () => {
     const app = express();
     app.use(idempotency({ store: createMemoryStore(), logger: false }));
     const handler = vi.fn((_req: Request, res: Response) => void res.sendStatus(201));
@@ -130,7 +130,8 @@ describe('express binding: errors', () => {
     app.use(toJson);
     const url = await serve(app);
     const reply = await post(`${url}/x`, randomUUID(), { body: JSON.stringify({ a: 1 }), headers: { 'content-type': 'application/json' } });
-    expect(reply.status).toBe(500);
+    // 415: also what a client gets for a content type no mounted parser reads (text/plain to express.json()).
+    expect(reply.status).toBe(415);
     expect(JSON.parse(new TextDecoder().decode(reply.body))).toEqual({ code: 'ERR_IDEMKIT_BODY_NOT_PARSED' });
     expect(handler).not.toHaveBeenCalled();
     // No body at all needs no parser.
@@ -348,6 +349,70 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     expect(new TextDecoder().decode(retry.body)).toBe('created');
     expect(calls).toBe(2);
     expect(runs()).toBeGreaterThanOrEqual(2);
+  });
+
+  /** A handler that stops its work when its client leaves, and so never answers (a common abort pattern). */
+  function stopsOnClose(app: Express, started: { count: number }): void {
+    app.post('/work', (_req, res) => {
+      started.count++;
+      const timer = setTimeout(() => res.status(201).send('done'), 60_000);
+      res.once('close', () => clearTimeout(timer));
+    });
+  }
+
+  async function leaveEarly(url: string, key: string, started: { count: number }): Promise<void> {
+    const controller = new AbortController();
+    const first = post(`${url}/work`, key, { signal: controller.signal });
+    const before = started.count;
+    await vi.waitFor(() => expect(started.count).toBe(before + 1));
+    controller.abort();
+    await expect(first).rejects.toThrow();
+  }
+
+  it('a handler that never answers once its client left gives the key up a lease later (not 409 for good)', async () => {
+    const { app } = appWith({ leaseMs: 300 });
+    const started = { count: 0 };
+    stopsOnClose(app, started);
+    const url = await serve(app);
+    const key = randomUUID();
+    await leaveEarly(url, key, started);
+    // Before, the lease was renewed for as long as the process lived: 409 with Retry-After forever.
+    await vi.waitFor(
+      async () => {
+        void post(`${url}/work`, key).catch(() => undefined);
+        expect(started.count).toBe(2);
+      },
+      { timeout: 5_000, interval: 100 },
+    );
+  });
+
+  it("in transactional mode, such a handler's transaction is rolled back and its connection returned", async () => {
+    let open = 0;
+    let rolledBack = 0;
+    const memory = createMemoryStore();
+    const store: TransactionalStore<null> = Object.assign(memory, {
+      async beginTransaction(): Promise<StoreTransaction<null>> {
+        open++;
+        return {
+          client: null,
+          complete: (...args: Parameters<StoreTransaction<null>['complete']>) => memory.complete(...args),
+          rollback: async () => {
+            open--;
+            rolledBack++;
+          },
+        };
+      },
+    });
+    const app = express();
+    app.use(express.json());
+    app.use(idempotency({ store, transactional: true, leaseMs: 300, logger: false }));
+    app.use(idempotencyErrorHandler());
+    const started = { count: 0 };
+    stopsOnClose(app, started);
+    const url = await serve(app);
+    for (let i = 0; i < 3; i++) await leaveEarly(url, randomUUID(), started);
+    // Before, each held its transaction (a pooled connection) for good: three exhausted a pool of three.
+    await vi.waitFor(() => expect({ open, rolledBack }).toEqual({ open: 0, rolledBack: 3 }), { timeout: 5_000, interval: 50 });
   });
 
   it('a client that leaves after the head went out still gets the answer stored when the handler ends', async () => {

@@ -71,10 +71,14 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
 
     const body = (ctx.request as { body?: unknown }).body;
     if (bodyMatters && body === undefined && hasRequestBody(ctx.req.headers)) {
-      throw new ConfigurationError(
+      // 415, not 500: a client sending a type no parser reads gets told so, while a server that
+      // mounted no parser at all sees it on its first request.
+      const error = new ConfigurationError(
         'ERR_IDEMKIT_BODY_NOT_PARSED',
-        'ctx.request.body is undefined but the request has a body: mount a body parser (e.g. @koa/bodyparser) before idempotency(), or the fingerprint and the body key cannot see the body.',
+        `The request has a body (content-type ${JSON.stringify(ctx.get('Content-Type'))}) that no body parser read, so idempotency() cannot fingerprint it. ` +
+          'To accept this type, mount a body parser for it (e.g. @koa/bodyparser) before idempotency().',
       );
+      throw Object.assign(error, { status: 415, expose: true });
     }
     if (!warnedUnparsed && resolved.fingerprint === 'default' && looksUnparsed(ctx, body)) {
       warnedUnparsed = true;
