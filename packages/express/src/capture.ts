@@ -1,5 +1,6 @@
 import { responseHeaders, toStoredHeaders, type Lease } from '@idemkit/core';
 import { STATUS_CODES, type OutgoingHttpHeader, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 
 type Callback = (error?: Error | null) => void;
 
@@ -99,7 +100,7 @@ function toDictionaryProperties(res: ServerResponse): void {
  *   the final `end` waits for that.
  * - Bodies over `maxBodyBytes` are still delivered whole; `commit` stores the "too large" marker.
  */
-export function captureResponse(res: ServerResponse, lease: Lease): void {
+export function captureResponse(res: ServerResponse, lease: Lease, { transactional, leaseMs }: { transactional: boolean; leaseMs: number }): void {
   toDictionaryProperties(res);
   const originalWriteHead = res.writeHead;
   const originalWrite = res.write;
@@ -109,19 +110,38 @@ export function captureResponse(res: ServerResponse, lease: Lease): void {
   /** Set once the stored answer is being written (Node's end() calls writeHead itself). */
   let delivering = false;
   let settling: Promise<unknown> = Promise.resolve();
-  // The response closed with no end(): the client left while the handler works, or the handler
-  // threw after writeHead (Express's final handler then cuts the connection), or it stopped on
-  // the client's 'close' and will never answer, or an Express 4 async handler rejected (Express 4
-  // never catches that). Which, nothing tells. So the lease is left to run out, as a crashed
-  // holder's: an end() before then is still stored (the retry replays it), and after it the next
-  // request takes the key over; in transactional mode its transaction is rolled back and its
-  // connection returned. Never held for good, never run twice at once.
+  // The response closed with no answer. Nothing tells why, so the likeliest reason decides:
+  // - nothing written yet: the client left while the handler works (slowly, or for good: it
+  //   stopped on the client's 'close'; or an Express 4 async handler rejected, which Express 4
+  //   never catches). The handler gets a lease's time to answer (stored, and replayed to the
+  //   retry); then the key is marked `cut-short`: neither held for good nor run a second time.
+  // - its head written: the handler most likely threw after writeHead without
+  //   idempotencyErrorHandler() (Express's final handler then cuts the connection). The lease is
+  //   left to run out, as a crashed holder's: an end() before then is still stored, and after it
+  //   the next request takes the key over, as a throw allows.
+  // In transactional mode the lease always runs out: the transaction is then rolled back (a
+  // marker would commit the writes of a handler that never finished) and its connection returned.
+  let closeSeen = false;
   const onClose = (): void => {
-    if (mode === 'buffering') lease.letLapse();
+    if (closeSeen || mode !== 'buffering') return;
+    closeSeen = true;
+    if (transactional || res.headersSent) return lease.letLapse();
+    setTimeout(() => {
+      if (mode === 'buffering' && !lease.settled) void lease.commitUnbuffered(null, 'cut-short');
+    }, leaseMs).unref();
   };
   // Closed already (the client left while the key was being claimed): 'close' will not come again.
   if (res.closed) onClose();
-  else res.once('close', onClose);
+  else {
+    res.once('close', onClose);
+    // Pipelined behind another answer on its connection (it has no socket yet): should the socket
+    // die first, Node never closes this response, so the socket's close stands in.
+    const socket = (res as ServerResponse & { req?: { socket?: Socket | null } }).req?.socket;
+    if (res.socket === null && socket) {
+      socket.once('close', onClose);
+      res.once('finish', () => socket.off('close', onClose));
+    }
+  }
 
   const startStreaming = (): void => {
     if (mode !== 'buffering') return;

@@ -80,6 +80,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
 
   // Checked at the first transactional run, not here: the error handler is created after the routes.
   let errorHandlerChecked = !o.transactional;
+  let warnedUnparsed = false;
   function warnNoErrorHandler(): void {
     errorHandlerChecked = true;
     if (errorHandlerCreated()) return;
@@ -98,7 +99,16 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       return next();
     }
     const body: unknown = req.body;
-    if (body === undefined && bodyMatters && hasRequestBody(req.headers)) return next(bodyNotParsed(req.headers['content-type']));
+    if (body === undefined && bodyMatters && hasRequestBody(req.headers)) {
+      const error = bodyNotParsed(req.headers['content-type']);
+      // Once in the server's log too: an error handler that logs only 5xx would hide a parser
+      // mounted after idempotency() (a route-level express.raw(), say).
+      if (!warnedUnparsed) {
+        warnedUnparsed = true;
+        engine.options.logger?.warn(`[idemkit] ${error.message} (Answered 415; warned once.)`);
+      }
+      return next(error);
+    }
 
     const decision = await engine.decide(toIncoming(req, method, body), req);
     switch (decision.kind) {
@@ -117,9 +127,9 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
         expose(req, res, lease.context);
         // No abandon on an early 'close' (client gone): the handler still runs, and freeing the
         // key would let the client's retry run the operation a second time. Its answer still goes
-        // through the patched end() and is stored, so the retry gets 409, then the replay — as
-        // in the Koa and Fastify bindings.
-        captureResponse(res, lease);
+        // through the patched end() and is stored, so the retry gets 409, then the replay (if it
+        // comes within a lease of the client leaving: see captureResponse).
+        captureResponse(res, lease, engine.options);
         return next();
       }
     }

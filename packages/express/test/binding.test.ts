@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import { connect } from 'node:net';
 import { createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import express, { type ErrorRequestHandler, type Express, type Request, type Response } from 'express';
 import { afterEach, describe, expect, it, vi } from 'vitest';
@@ -136,6 +137,22 @@ describe('express binding: errors', () => {
     expect(handler).not.toHaveBeenCalled();
     // No body at all needs no parser.
     expect((await post(`${url}/x`, randomUUID())).status).toBe(201);
+  });
+
+  it('a body no mounted parser read is logged once (an error handler that logs only 5xx would hide it)', async () => {
+    const warn = vi.fn();
+    const app = express();
+    app.use(express.json());
+    app.use(idempotency({ store: createMemoryStore(), logger: { warn, error: vi.fn() } }));
+    app.post('/x', (_req, res) => void res.sendStatus(201));
+    app.use(toJson);
+    const url = await serve(app);
+    for (let i = 0; i < 2; i++) {
+      const reply = await post(`${url}/x`, randomUUID(), { body: 'plain words', headers: { 'content-type': 'text/plain' } });
+      expect(reply.status).toBe(415);
+    }
+    expect(warn).toHaveBeenCalledTimes(1);
+    expect(warn.mock.calls[0]?.[0]).toMatch(/content-type "text\/plain"\) that no body parser read/);
   });
 
   it('next(err) and a sync throw answered 500 by the error handler → key released, the retry runs again', async () => {
@@ -369,7 +386,7 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     await expect(first).rejects.toThrow();
   }
 
-  it('a handler that never answers once its client left gives the key up a lease later (not 409 for good)', async () => {
+  it('a handler that never answers once its client left: 410 cut-short a lease later, not 409 for good, never a second run', async () => {
     const { app } = appWith({ leaseMs: 300 });
     const started = { count: 0 };
     stopsOnClose(app, started);
@@ -377,13 +394,60 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     const key = randomUUID();
     await leaveEarly(url, key, started);
     // Before, the lease was renewed for as long as the process lived: 409 with Retry-After forever.
-    await vi.waitFor(
+    const retry = await vi.waitFor(
       async () => {
-        void post(`${url}/work`, key).catch(() => undefined);
-        expect(started.count).toBe(2);
+        const reply = await post(`${url}/work`, key);
+        expect(reply.status).toBe(410);
+        return reply;
       },
       { timeout: 5_000, interval: 100 },
     );
+    expect(JSON.parse(new TextDecoder().decode(retry.body))).toMatchObject({ reason: 'cut-short' });
+    expect(started.count).toBe(1);
+  });
+
+  it('a handler slower than a lease whose client left: its late answer is not replayed, but it never runs twice', async () => {
+    const { app } = appWith({ leaseMs: 300 });
+    let runs = 0;
+    let answer!: () => void;
+    const late = new Promise<void>((resolve) => (answer = resolve));
+    app.post('/slow', (_req, res) => {
+      runs++;
+      void late.then(() => res.status(201).send(`charge ${runs}`));
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    const controller = new AbortController();
+    const first = post(`${url}/slow`, key, { signal: controller.signal });
+    await vi.waitFor(() => expect(runs).toBe(1));
+    controller.abort();
+    await expect(first).rejects.toThrow();
+    // A lease after the client left, the key is marked: the retry is told, and does not charge again.
+    await vi.waitFor(async () => expect((await post(`${url}/slow`, key)).status).toBe(410), { timeout: 5_000, interval: 100 });
+    answer();
+    expect((await post(`${url}/slow`, key)).status).toBe(410);
+    expect(runs).toBe(1);
+  });
+
+  it('a pipelined request whose connection dies while it waits its turn is settled all the same', async () => {
+    const { app } = appWith({ leaseMs: 300 });
+    let queuedRuns = 0;
+    app.post('/first', (_req, res) => void setTimeout(() => res.status(201).send('first'), 200));
+    // Never answers (an Express 4 async handler that rejected, say); Node never closes its queued response.
+    app.post('/queued', () => void queuedRuns++);
+    const url = await serve(app);
+    const { port } = new URL(url);
+    const request = (path: string, key: string): string =>
+      `POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`;
+    const socket = connect(Number(port), '127.0.0.1');
+    socket.on('error', () => undefined);
+    const key = randomUUID();
+    socket.write(request('/first', randomUUID()) + request('/queued', key));
+    await vi.waitFor(() => expect(queuedRuns).toBe(1));
+    socket.destroy();
+    // Before, its key answered 409 for as long as the process ran.
+    await vi.waitFor(async () => expect((await post(`${url}/queued`, key, { body: '{}', headers: { 'content-type': 'application/json' } })).status).toBe(410), { timeout: 5_000, interval: 100 });
+    expect(queuedRuns).toBe(1);
   });
 
   it("in transactional mode, such a handler's transaction is rolled back and its connection returned", async () => {

@@ -71,14 +71,12 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
 
     const body = (ctx.request as { body?: unknown }).body;
     if (bodyMatters && body === undefined && hasRequestBody(ctx.req.headers)) {
-      // 415, not 500: a client sending a type no parser reads gets told so, while a server that
-      // mounted no parser at all sees it on its first request.
-      const error = new ConfigurationError(
+      // A 500 (Koa logs it): with @koa/bodyparser mounted, a type it does not parse gets `{}`, so
+      // only a server that mounted no parser before this one gets here.
+      throw new ConfigurationError(
         'ERR_IDEMKIT_BODY_NOT_PARSED',
-        `The request has a body (content-type ${JSON.stringify(ctx.get('Content-Type'))}) that no body parser read, so idempotency() cannot fingerprint it. ` +
-          'To accept this type, mount a body parser for it (e.g. @koa/bodyparser) before idempotency().',
+        `ctx.request.body is undefined but the request has a body (content-type ${JSON.stringify(ctx.get('Content-Type'))}): mount a body parser (e.g. @koa/bodyparser) before idempotency(), or the fingerprint and the body key cannot see the body.`,
       );
-      throw Object.assign(error, { status: 415, expose: true });
     }
     if (!warnedUnparsed && resolved.fingerprint === 'default' && looksUnparsed(ctx, body)) {
       warnedUnparsed = true;

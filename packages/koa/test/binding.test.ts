@@ -331,9 +331,7 @@ describe('koa binding: body parsing', () => {
     );
     app.on('error', (err: unknown) => errors.push(err));
     const res = await post(url, 'no-parser');
-    // 415 with the reason: also what a client gets for a content type the mounted parser skips.
-    expect(res.status).toBe(415);
-    expect(await res.text()).toMatch(/content-type "application\/json"\) that no body parser read/);
+    expect(res.status).toBe(500);
     expect(runs).toBe(0);
     expect(errors).toHaveLength(1);
     expect(errors[0]).toBeInstanceOf(ConfigurationError);
