@@ -827,7 +827,10 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
     });
   });
 
-  it('the timeout and the handler finishing in the same turn: never freed for a second charge', async () => {
+  it.each([
+    ['returns its value', (_reply: FastifyReply, n: number): unknown => ({ charged: n })],
+    ['returns reply.code(201).send(order)', (reply: FastifyReply, n: number): unknown => reply.code(201).send({ charged: n })],
+  ])('the timeout and a handler that %s in the same turn: never freed for a second charge', async (_title, answer) => {
     let runs = 0;
     const { app } = await build((a) => {
       a.addHook('onRequest', (request, reply, done) => {
@@ -840,14 +843,15 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
         (request as unknown as { gate: Promise<void> }).gate = gate;
         done();
       });
-      a.post('/pay', async (request) => {
+      a.post('/pay', async (request, reply) => {
         const n = ++runs;
         await (request as unknown as { gate: Promise<void> }).gate;
-        return { charged: n };
+        return answer(reply, n);
       });
     });
     const send = await overSocket(app);
     const first = await send('/pay', 'k');
+    // The handler's late status is not the timeout's answer's.
     expect(first.status).toBe(503);
     await first.text();
     const after = await send('/pay', 'k');
@@ -876,30 +880,6 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
     // Before, an answer without a payload (204, a redirect) looked like "nothing more to say", and
     // the timeout's 503 freed the key for a second run.
     expect((await answeredWith(app, '/pay', 'k', 410)).json()).toMatchObject({ reason: 'cut-short' });
-    expect(runs).toBe(1);
-  });
-
-  it('the timeout and return reply.code(201).send(order) in the same turn: never freed for a second charge', async () => {
-    let runs = 0;
-    const { app } = await build((a) => {
-      a.addHook('onRequest', (request, reply, done) => {
-        const gate = new Promise<void>((resolve) => {
-          setTimeout(() => void (reply.sent || reply.code(503).send({ error: 'timeout' })), 50);
-          setTimeout(resolve, 50);
-        });
-        (request as unknown as { gate: Promise<void> }).gate = gate;
-        done();
-      });
-      a.post('/pay', async (request, reply) => {
-        const n = ++runs;
-        await (request as unknown as { gate: Promise<void> }).gate;
-        return reply.code(201).send({ charged: n });
-      });
-    });
-    const send = await overSocket(app);
-    expect((await send('/pay', 'k')).status).toBe(503);
-    const after = await send('/pay', 'k');
-    expect(after.status).toBe(410);
     expect(runs).toBe(1);
   });
 
