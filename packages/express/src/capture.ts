@@ -88,6 +88,26 @@ function toDictionaryProperties(res: ServerResponse): void {
   delete target[kDictionary];
 }
 
+/** Callbacks waiting for a socket's close, behind one listener per socket (not one per pipelined request). */
+const socketWaiters = new WeakMap<Socket, Set<() => void>>();
+
+/** Call `callback` when `socket` closes; returns the function that stops waiting. */
+function whenSocketCloses(socket: Socket, callback: () => void): () => void {
+  let waiters = socketWaiters.get(socket);
+  if (waiters === undefined) {
+    const all = new Set<() => void>();
+    waiters = all;
+    socketWaiters.set(socket, all);
+    socket.once('close', () => {
+      socketWaiters.delete(socket);
+      for (const waiter of all) waiter();
+    });
+  }
+  waiters.add(callback);
+  const set = waiters;
+  return () => void set.delete(callback);
+}
+
 /**
  * Capture one response for `lease`, patching `writeHead`, `write`, `flushHeaders` and `end` on
  * this response object only (every Express path — `send`, `json`, `redirect`, `sendStatus`,
@@ -122,14 +142,18 @@ export function captureResponse(res: ServerResponse, lease: Lease, { transaction
   // In transactional mode the lease always runs out: the transaction is then rolled back (a
   // marker would commit the writes of a handler that never finished) and its connection returned.
   let closeSeen = false;
+  let cutShort: NodeJS.Timeout | undefined;
   const onClose = (): void => {
     if (closeSeen || mode !== 'buffering') return;
     closeSeen = true;
     if (transactional || res.headersSent) return lease.letLapse();
-    setTimeout(() => {
+    cutShort = setTimeout(() => {
       if (mode === 'buffering' && !lease.settled) void lease.commitUnbuffered(null, 'cut-short');
     }, leaseMs).unref();
   };
+  // Once the handler answers, the timer has nothing left to do: it must not keep the request,
+  // the response and the parsed body alive for a whole lease.
+  const answered = (): void => clearTimeout(cutShort);
   // Closed already (the client left while the key was being claimed): 'close' will not come again.
   if (res.closed) onClose();
   else {
@@ -137,15 +161,13 @@ export function captureResponse(res: ServerResponse, lease: Lease, { transaction
     // Pipelined behind another answer on its connection (it has no socket yet): should the socket
     // die first, Node never closes this response, so the socket's close stands in.
     const socket = (res as ServerResponse & { req?: { socket?: Socket | null } }).req?.socket;
-    if (res.socket === null && socket) {
-      socket.once('close', onClose);
-      res.once('finish', () => socket.off('close', onClose));
-    }
+    if (res.socket === null && socket) res.once('finish', whenSocketCloses(socket, onClose));
   }
 
   const startStreaming = (): void => {
     if (mode !== 'buffering') return;
     mode = 'streaming';
+    answered();
     settling = lease.commitUnbuffered(res.statusCode, 'not-bufferable');
   };
 
@@ -199,6 +221,7 @@ export function captureResponse(res: ServerResponse, lease: Lease, { transaction
       mode = 'buffering';
       throw error;
     }
+    answered();
     const sentHeaders = this.getHeaders();
     const sentMessage = this.statusMessage;
     const response = { status: this.statusCode, headers: toStoredHeaders(sentHeaders), body };

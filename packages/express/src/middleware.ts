@@ -105,7 +105,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       // mounted after idempotency() (a route-level express.raw(), say).
       if (!warnedUnparsed) {
         warnedUnparsed = true;
-        engine.options.logger?.warn(`[idemkit] ${error.message} (Answered 415; warned once.)`);
+        engine.options.logger?.warn(`${error.message} (Answered 415; warned once.)`);
       }
       return next(error);
     }

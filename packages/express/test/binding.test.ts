@@ -429,6 +429,39 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     expect(runs).toBe(1);
   });
 
+  it('many pipelined requests on one connection wait for its close behind one listener: no MaxListenersExceededWarning', async () => {
+    const warnings: Error[] = [];
+    const onWarning = (warning: Error): void => void warnings.push(warning);
+    process.on('warning', onWarning);
+    try {
+      const { app } = appWith();
+      let open!: () => void;
+      const first = new Promise<void>((resolve) => (open = resolve));
+      let queued = 0;
+      app.post('/first', (_req, res) => void first.then(() => res.status(201).send('first')));
+      app.post('/orders', (_req, res) => {
+        queued++;
+        res.status(201).send('ok');
+      });
+      const url = await serve(app);
+      const request = (path: string, key: string): string =>
+        `POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`;
+      const socket = connect(Number(new URL(url).port), '127.0.0.1');
+      let received = '';
+      socket.on('data', (chunk: Buffer) => void (received += chunk.toString()));
+      // Fifteen keyed requests queue behind a slow first one: each waits for the socket's close.
+      socket.write(request('/first', randomUUID()) + Array.from({ length: 15 }, () => request('/orders', randomUUID())).join(''));
+      await vi.waitFor(() => expect(queued).toBe(15));
+      open();
+      await vi.waitFor(() => expect(received.match(/HTTP\/1\.1 201/g)).toHaveLength(16));
+      socket.destroy();
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(warnings.filter((w) => w.name === 'MaxListenersExceededWarning')).toEqual([]);
+    } finally {
+      process.off('warning', onWarning);
+    }
+  });
+
   it('a pipelined request whose connection dies while it waits its turn is settled all the same', async () => {
     const { app } = appWith({ leaseMs: 300 });
     let queuedRuns = 0;

@@ -145,11 +145,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
           // Pipelined behind another answer on its connection (it has no socket yet): should the
           // socket die first, Node never closes this response, so the socket's close stands in.
           const socket = request.raw.socket as Socket | null;
-          if (reply.raw.socket === null && socket !== null) {
-            const onSocketClose = (): void => onRawClose(state);
-            socket.once('close', onSocketClose);
-            reply.raw.once('finish', () => socket.off('close', onSocketClose));
-          }
+          if (reply.raw.socket === null && socket !== null) reply.raw.once('finish', whenSocketCloses(socket, () => onRawClose(state)));
         }
         return done();
       }
@@ -232,11 +228,11 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // An answer that gives the key back while the async handler had not settled: a timeout
     // (Fastify's `handlerTimeout`, a timer in a hook) may have answered for it while it works.
     if ((failed || !engine.options.storable(status)) && state.ran && handler !== reply && isThenable(handler)) {
-      const sends = watchSends(reply);
+      const sends = watchSends(reply, engine.options.storable, status);
       const sender = await whoSent(handler, reply, sends);
       if (sender !== 'running') sends.stop();
       if (sender === 'running') holdWhileRunning(state, handler, sends, () => storeAnswer(lease, failed, status, headers, body));
-      else if (sender === 'finished') await lease.commitUnbuffered(null, 'cut-short');
+      else if (sender === 'finished') await settleLate(lease, sends);
       if (sender !== 'own') {
         // The handler's own late answer (`reply.code(201).send(order)`) may have set its status
         // and headers meanwhile: this answer goes out as it came.
@@ -355,7 +351,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         if (lease.settled) return;
         // Any send now is the handler's own (Fastify sends nothing for it once an answer went
         // out): a 204 or a redirect has no payload, yet it is an answer all the same.
-        if (value !== undefined || sends.any) void lease.commitUnbuffered(null, 'cut-short');
+        if (value !== undefined || sends.any) void settleLate(lease, sends);
         else void store();
       },
       () => {
@@ -366,6 +362,15 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   }
 
   return { preHandler, onSend, onError, onRawClose };
+}
+
+/**
+ * The handler answered after a timeout's answer went out, so its own could not: a failure (an
+ * Error, a status that is not storable) frees the key as a throw does; anything else marks it
+ * `cut-short`, so the operation is never run twice.
+ */
+function settleLate(lease: Lease, sends: LateSends): Promise<void> {
+  return sends.failed ? lease.abandon('handler-threw') : lease.commitUnbuffered(null, 'cut-short');
 }
 
 type RouteHooks = ReturnType<typeof routeHooks>;
@@ -388,6 +393,26 @@ function keepHandlerResult(route: RouteOptions, onRawClose: RouteHooks['onRawClo
     }
     return result;
   };
+}
+
+/** Callbacks waiting for a socket's close, behind one listener per socket (not one per pipelined request). */
+const socketWaiters = new WeakMap<Socket, Set<() => void>>();
+
+/** Call `callback` when `socket` closes; returns the function that stops waiting. */
+function whenSocketCloses(socket: Socket, callback: () => void): () => void {
+  let waiters = socketWaiters.get(socket);
+  if (waiters === undefined) {
+    const all = new Set<() => void>();
+    waiters = all;
+    socketWaiters.set(socket, all);
+    socket.once('close', () => {
+      socketWaiters.delete(socket);
+      for (const waiter of all) waiter();
+    });
+  }
+  waiters.add(callback);
+  const set = waiters;
+  return () => void set.delete(callback);
 }
 
 /** Put an answer's status and headers back on the reply, after a later answer changed them. */

@@ -17,6 +17,8 @@ export interface LateSends {
   /** A `send` with a payload: the handler's own answer even before that one went out, when
    * Fastify may still send an async handler's `undefined` result itself. */
   readonly withPayload: boolean;
+  /** The last `send` was a failure (an Error, or a status that is not storable): as a throw, it frees the key. */
+  readonly failed: boolean;
   /** Stop watching (the reply's `send` is as it was). */
   stop(): void;
 }
@@ -72,13 +74,18 @@ export async function whoSent(handler: PromiseLike<unknown>, reply: FastifyReply
  * Fastify itself may send an async handler's `undefined` result, which is no answer: hence
  * `withPayload` beside `any`.
  */
-export function watchSends(reply: FastifyReply): LateSends {
+export function watchSends(reply: FastifyReply, storable: (status: number) => boolean, answeredStatus: number): LateSends {
   const send = reply.send;
   let any = false;
   let withPayload = false;
+  let failed = false;
   const watch: FastifyReply['send'] = function (this: FastifyReply, payload?: unknown) {
     any = true;
     if (payload !== undefined) withPayload = true;
+    // `reply.code(500)` sets the status even once an answer went out: a status other than the
+    // answer's that went out is the handler's own. (Fastify sends a returned value with whatever
+    // status is there, the timeout's 503: not a failure of the handler's.)
+    failed = payload instanceof Error || (this.statusCode !== answeredStatus && !storable(this.statusCode));
     return send.call(this, payload);
   };
   const stop = patch(reply, 'send', watch);
@@ -88,6 +95,9 @@ export function watchSends(reply: FastifyReply): LateSends {
     },
     get withPayload() {
       return withPayload;
+    },
+    get failed() {
+      return failed;
     },
     stop,
   };

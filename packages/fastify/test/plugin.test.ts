@@ -662,6 +662,40 @@ describe('a pipelined request whose connection dies while it waits its turn', ()
   });
 });
 
+describe('many pipelined requests on one connection', () => {
+  it('wait for its close behind one listener: no MaxListenersExceededWarning', async () => {
+    const warnings: Error[] = [];
+    const onWarning = (warning: Error): void => void warnings.push(warning);
+    process.on('warning', onWarning);
+    try {
+      let open!: () => void;
+      const first = new Promise<void>((resolve) => (open = resolve));
+      let queued = 0;
+      const { app } = await build((a) => {
+        a.post('/first', async () => (await first, { first: true }));
+        a.post('/orders', async (request) => (queued++, { key: request.idempotency?.key }));
+      });
+      await app.listen({ port: 0, host: '127.0.0.1' });
+      const { port } = app.server.address() as AddressInfo;
+      const request = (path: string, key: string): string =>
+        `POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`;
+      const socket = connect(port, '127.0.0.1');
+      let received = '';
+      socket.on('data', (chunk: Buffer) => void (received += chunk.toString()));
+      // Fifteen keyed requests queue behind a slow first one: each waits for the socket's close.
+      socket.write(request('/first', 'pipelined-first') + Array.from({ length: 15 }, (_, i) => request('/orders', `pipelined-${i}`)).join(''));
+      await vi.waitFor(() => expect(queued).toBe(15));
+      open();
+      await vi.waitFor(() => expect(received.match(/HTTP\/1\.1 200/g)).toHaveLength(16));
+      socket.destroy();
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(warnings.filter((w) => w.name === 'MaxListenersExceededWarning')).toEqual([]);
+    } finally {
+      process.off('warning', onWarning);
+    }
+  });
+});
+
 describe('a route onSend hook after ours that fails', () => {
   it('its 500 still reaches the client (before, the error reply was dropped and the request hung)', async () => {
     const { app } = await build((a) => {
@@ -881,6 +915,27 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
     // the timeout's 503 freed the key for a second run.
     expect((await answeredWith(app, '/pay', 'k', 410)).json()).toMatchObject({ reason: 'cut-short' });
     expect(runs).toBe(1);
+  });
+
+  it.each([
+    ['reply.code(500).send()', async (reply: FastifyReply) => reply.code(500).send()],
+    ['reply.send(new Error())', async (reply: FastifyReply) => reply.send(new Error('card declined'))],
+  ])('a handler that fails with %s after a timeout answered for it frees the key, as a throw does', async (_title, fail) => {
+    let runs = 0;
+    let finish!: () => void;
+    const gate = new Promise<void>((resolve) => (finish = resolve));
+    const { app, store } = await build((a) =>
+      a.post('/pay', { handlerTimeout: 100 }, async (_request, reply) => {
+        if (++runs > 1) return { charged: runs };
+        await gate;
+        return fail(reply);
+      }),
+    );
+    expect((await post(app, '/pay', 'k')).statusCode).toBe(503);
+    finish();
+    // Before, any late send marked the key 410 for a whole TTL, a failure too.
+    await vi.waitFor(async () => expect(await store.get(scopedKey(undefined, 'k'))).toBeUndefined());
+    expect((await post(app, '/pay', 'k')).json()).toEqual({ charged: 2 });
   });
 
   it('a thenable that runs again on every then() (a query builder) is started once, even on the stand-in path', async () => {
