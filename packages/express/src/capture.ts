@@ -1,4 +1,4 @@
-import { responseHeaders, toStoredHeaders, type Lease } from '@idemkit/core';
+import { responseHeaders, toStoredHeaders, whenSocketCloses, type Lease } from '@idemkit/core';
 import { STATUS_CODES, type OutgoingHttpHeader, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 
@@ -86,26 +86,6 @@ function toDictionaryProperties(res: ServerResponse): void {
   const target = res as ServerResponse & { [kDictionary]?: true };
   target[kDictionary] = true;
   delete target[kDictionary];
-}
-
-/** Callbacks waiting for a socket's close, behind one listener per socket (not one per pipelined request). */
-const socketWaiters = new WeakMap<Socket, Set<() => void>>();
-
-/** Call `callback` when `socket` closes; returns the function that stops waiting. */
-function whenSocketCloses(socket: Socket, callback: () => void): () => void {
-  let waiters = socketWaiters.get(socket);
-  if (waiters === undefined) {
-    const all = new Set<() => void>();
-    waiters = all;
-    socketWaiters.set(socket, all);
-    socket.once('close', () => {
-      socketWaiters.delete(socket);
-      for (const waiter of all) waiter();
-    });
-  }
-  waiters.add(callback);
-  const set = waiters;
-  return () => void set.delete(callback);
 }
 
 /**

@@ -3,6 +3,7 @@ import {
   problemResponse,
   responseHeaders,
   toStoredHeaders,
+  whenSocketCloses,
   type Decision,
   type IdempotencyContext,
   type IdempotencyEngine,
@@ -393,26 +394,6 @@ function keepHandlerResult(route: RouteOptions, onRawClose: RouteHooks['onRawClo
     }
     return result;
   };
-}
-
-/** Callbacks waiting for a socket's close, behind one listener per socket (not one per pipelined request). */
-const socketWaiters = new WeakMap<Socket, Set<() => void>>();
-
-/** Call `callback` when `socket` closes; returns the function that stops waiting. */
-function whenSocketCloses(socket: Socket, callback: () => void): () => void {
-  let waiters = socketWaiters.get(socket);
-  if (waiters === undefined) {
-    const all = new Set<() => void>();
-    waiters = all;
-    socketWaiters.set(socket, all);
-    socket.once('close', () => {
-      socketWaiters.delete(socket);
-      for (const waiter of all) waiter();
-    });
-  }
-  waiters.add(callback);
-  const set = waiters;
-  return () => void set.delete(callback);
 }
 
 /** Put an answer's status and headers back on the reply, after a later answer changed them. */

@@ -1,0 +1,23 @@
+import { createServer, connect, type Socket } from 'node:net';
+import { describe, expect, it } from 'vitest';
+import { whenSocketCloses } from '../src/index.js';
+
+describe('whenSocketCloses', () => {
+  it('calls every waiter once the socket closes, behind a single listener, except those that stopped', async () => {
+    const server = createServer((s) => s.on('error', () => undefined));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const { port } = server.address() as { port: number };
+    const socket: Socket = connect(port, '127.0.0.1');
+    await new Promise((resolve) => socket.once('connect', resolve));
+    const before = socket.listenerCount('close');
+    const called: number[] = [];
+    const stops = Array.from({ length: 15 }, (_, i) => whenSocketCloses(socket, () => called.push(i)));
+    expect(socket.listenerCount('close')).toBe(before + 1);
+    stops[3]?.();
+    const closed = new Promise((resolve) => socket.once('close', resolve));
+    socket.destroy();
+    await closed;
+    expect(called).toEqual([0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+    await new Promise((resolve) => server.close(resolve));
+  });
+});
