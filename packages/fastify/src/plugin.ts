@@ -228,7 +228,10 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const failed = errored || refused;
     // An answer that gives the key back while the async handler had not settled: a timeout
     // (Fastify's `handlerTimeout`, a timer in a hook) may have answered for it while it works.
-    if ((failed || !engine.options.storable(status)) && state.ran && handler !== reply && isThenable(handler)) {
+    // In transactional mode any answer does: storing it commits the handler's transaction, which
+    // must not happen while the handler may still write in it (half its writes would commit).
+    const mayFree = failed || !engine.options.storable(status) || engine.options.transactional;
+    if (mayFree && state.ran && handler !== reply && isThenable(handler)) {
       const sends = watchSends(reply, engine.options.storable, status);
       const sender = await whoSent(handler, reply, sends);
       if (sender !== 'running') sends.stop();
@@ -280,7 +283,10 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // An answer went through onSend: settle() has the lease, and settles it.
     if (lease.settled || state.settling !== undefined) return;
     if (state.errored) return void lease.abandon('handler-threw');
-    if (reply.sent && reply.raw.headersSent) return void lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable');
+    if (reply.sent && reply.raw.headersSent) {
+      if (engine.options.transactional) return hijackedInTransaction(state);
+      return void lease.commitUnbuffered(reply.raw.statusCode, 'not-bufferable');
+    }
     // Closed before the handler ran (the client left during a slower hook after ours): what it
     // returns is looked at once it has (see keepHandlerResult).
     if (!state.ran) return void (state.closedEarly = true);
@@ -323,6 +329,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
    */
   function hijackedUnanswered(state: LeaseState): void {
     const { lease, handler } = state;
+    if (engine.options.transactional) return hijackedInTransaction(state);
     if (isThenable(handler)) {
       Promise.resolve(handler).then(undefined, () => {
         state.errored = true;
@@ -333,6 +340,29 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       // Nothing went out: the raw status is only Node's default 200, so no status is recorded.
       if (!lease.settled) void lease.commitUnbuffered(null, 'cut-short');
     });
+  }
+
+  /**
+   * Transactional mode, a hijacked reply closed: a marker stored now would commit the transaction
+   * while the handler may still be writing in it. So the key (and the transaction) is held until
+   * the handler ends: it threw, the writes are rolled back and the key freed; it finished, its
+   * writes commit with the marker its raw answer calls for. A handler that is no promise cannot be
+   * waited for: its answer, if one went out, settles the key at once, as without transactions; if
+   * none did, its lease runs out, and then its transaction is rolled back and the key freed.
+   */
+  function hijackedInTransaction(state: LeaseState): void {
+    const { lease, handler, reply } = state;
+    const settleByRaw = (): void => {
+      const raw = reply.raw;
+      void (raw.headersSent ? lease.commitUnbuffered(raw.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
+    };
+    if (isThenable(handler)) {
+      Promise.resolve(handler).then(settleByRaw, () => {
+        state.errored = true;
+        void lease.abandon('handler-threw');
+      });
+    } else if (reply.raw.headersSent) settleByRaw();
+    else lease.letLapse();
   }
 
   /**

@@ -1,0 +1,220 @@
+import { createMemoryStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { fastifyIdempotency } from '../src/index.js';
+
+// Transactional mode's promise: the handler's writes and the stored answer commit (or roll back)
+// together. These tests watch *when* the plugin commits, against a handler that is still writing,
+// so the transaction is a recording one over the memory store (Postgres itself is covered by the
+// shared HTTP suite's transactional cases): a write after the commit is refused, as pg's is.
+
+interface Ledger {
+  /** Writes that committed, in order. */
+  readonly committed: string[];
+  /** Transactions rolled back. */
+  rolledBack: number;
+}
+
+interface Writer {
+  write(note: string): void;
+}
+
+function recordingStore(ledger: Ledger): TransactionalStore<Writer> {
+  const memory = createMemoryStore();
+  return Object.assign(memory, {
+    async beginTransaction(): Promise<StoreTransaction<Writer>> {
+      const pending: string[] = [];
+      let ended = false;
+      return {
+        client: {
+          write(note: string) {
+            if (ended) throw new Error('refused: the transaction has ended');
+            pending.push(note);
+          },
+        },
+        complete: (...args: Parameters<StoreTransaction<Writer>['complete']>) => {
+          ended = true;
+          ledger.committed.push(...pending);
+          return memory.complete(...args);
+        },
+        rollback: async () => {
+          ended = true;
+          ledger.rolledBack++;
+        },
+      };
+    },
+  });
+}
+
+const apps: FastifyInstance[] = [];
+afterEach(async () => {
+  await Promise.all(apps.splice(0).map((app) => app.close()));
+});
+
+async function build(routes: (app: FastifyInstance) => void): Promise<{ app: FastifyInstance; ledger: Ledger }> {
+  const ledger: Ledger = { committed: [], rolledBack: 0 };
+  // Closing must not wait on the connections the tests' clients abandoned.
+  const app = Fastify({ forceCloseConnections: true });
+  apps.push(app);
+  await app.register(fastifyIdempotency, { store: recordingStore(ledger), transactional: true, logger: false });
+  routes(app);
+  await app.ready();
+  return { app, ledger };
+}
+
+const tx = (request: FastifyRequest): Writer => request.idempotency?.transaction as Writer;
+
+function post(app: FastifyInstance, key: string) {
+  return app.inject({ method: 'POST', url: '/orders', payload: { sku: 'A1' }, headers: { 'idempotency-key': key } });
+}
+
+/** A gate the test opens: the handler waits on it between its two writes. */
+function gate(): { open: () => void; passed: Promise<void> } {
+  let open!: () => void;
+  const passed = new Promise<void>((resolve) => (open = resolve));
+  return { open, passed };
+}
+
+/** Two macrotask turns: past the `setImmediate` in which the plugin used to store a marker. */
+const twoTurns = (): Promise<void> => new Promise((resolve) => setImmediate(() => setImmediate(resolve)));
+
+describe('transactional mode: a hijacked reply whose client left while the handler writes', () => {
+  async function hijackingApp(outcome: 'finish' | 'throw'): Promise<{ app: FastifyInstance; ledger: Ledger; runs: () => number; url: string }> {
+    let runs = 0;
+    const { app, ledger } = await build((a) =>
+      a.post('/orders', async (request, reply: FastifyReply) => {
+        runs++;
+        reply.hijack();
+        tx(request).write('step1');
+        // The client leaves here; the handler goes on.
+        await new Promise((resolve) => reply.raw.once('close', resolve));
+        await twoTurns();
+        if (outcome === 'throw') throw new Error('card declined');
+        tx(request).write('step2');
+        reply.raw.writeHead(201, { 'content-type': 'application/json' });
+        reply.raw.end('{"ok":true}');
+      }),
+    );
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = app.server.address() as { port: number };
+    return { app, ledger, runs: () => runs, url: `http://127.0.0.1:${port}/orders` };
+  }
+
+  async function leave(url: string, key: string): Promise<void> {
+    const controller = new AbortController();
+    const first = fetch(url, { method: 'POST', headers: { 'idempotency-key': key, 'content-type': 'application/json' }, body: '{"sku":"A1"}', signal: controller.signal });
+    setTimeout(() => controller.abort(), 50);
+    await expect(first).rejects.toThrow();
+  }
+
+  it('the handler finishes: both writes commit together, and it is never run again', async () => {
+    const { app, ledger, runs, url } = await hijackingApp('finish');
+    await leave(url, 'k1');
+    // Before, the cut-short marker committed step1 beside the running handler, and step2 was refused.
+    await vi.waitFor(() => expect(ledger.committed).toEqual(['step1', 'step2']));
+    const retry = await post(app, 'k1');
+    expect(retry.statusCode).toBe(410);
+    expect(runs()).toBe(1);
+    expect(ledger.rolledBack).toBe(0);
+  });
+
+  it('the handler throws: nothing commits, the key is freed and the retry runs', async () => {
+    const { app, ledger, runs, url } = await hijackingApp('throw');
+    await leave(url, 'k2');
+    await vi.waitFor(() => expect(ledger.rolledBack).toBe(1));
+    expect(ledger.committed).toEqual([]);
+    await leave(url, 'k2');
+    expect(runs()).toBe(2);
+  });
+});
+
+describe('transactional mode: a storable answer sent for a handler that still writes (a timeout answering 202)', () => {
+  async function standInApp(outcome: 'answer' | 'nothing' | 'throw'): Promise<{ app: FastifyInstance; ledger: Ledger; resume: () => void; runs: () => number }> {
+    const resume = gate();
+    let runs = 0;
+    const { app, ledger } = await build((a) =>
+      a.post(
+        '/orders',
+        {
+          onRequest: (_request, reply, done) => {
+            // A stand-in timer in a hook, as a user-written timeout middleware does.
+            const timer = setTimeout(() => void (reply.sent || reply.code(202).send({ accepted: true })), 20);
+            reply.raw.once('close', () => clearTimeout(timer));
+            done();
+          },
+        },
+        async (request, reply) => {
+          runs++;
+          tx(request).write('step1');
+          await resume.passed;
+          if (outcome === 'throw') throw new Error('card declined');
+          tx(request).write('step2');
+          if (outcome === 'answer') return reply.code(201).send({ ok: true });
+          return undefined;
+        },
+      ),
+    );
+    return { app, ledger, resume: resume.open, runs: () => runs };
+  }
+
+  it('the stand-in goes out at once; the writes commit together when the handler ends', async () => {
+    const { app, ledger, resume, runs } = await standInApp('nothing');
+    const first = await post(app, 'k3');
+    expect(first.statusCode).toBe(202);
+    await twoTurns();
+    // Before, the 202 was committed with step1 alone while the handler still ran.
+    expect(ledger.committed).toEqual([]);
+    expect((await post(app, 'k3')).statusCode).toBe(409);
+    resume();
+    await vi.waitFor(() => expect(ledger.committed).toEqual(['step1', 'step2']));
+    const retry = await post(app, 'k3');
+    expect(retry.statusCode).toBe(202);
+    expect(retry.headers['idempotent-replayed']).toBe('true');
+    expect(runs()).toBe(1);
+  });
+
+  it('the handler ends with an answer of its own: the writes commit with a cut-short marker', async () => {
+    const { app, ledger, resume, runs } = await standInApp('answer');
+    expect((await post(app, 'k4')).statusCode).toBe(202);
+    resume();
+    await vi.waitFor(() => expect(ledger.committed).toEqual(['step1', 'step2']));
+    const retry = await post(app, 'k4');
+    expect(retry.statusCode).toBe(410);
+    expect(retry.json()).toMatchObject({ reason: 'cut-short' });
+    expect(runs()).toBe(1);
+  });
+
+  it('the handler throws: its writes roll back and the retry runs again', async () => {
+    const { app, ledger, resume, runs } = await standInApp('throw');
+    expect((await post(app, 'k5')).statusCode).toBe(202);
+    resume();
+    await vi.waitFor(() => expect(ledger.rolledBack).toBe(1));
+    expect(ledger.committed).toEqual([]);
+    // The gate is open now: the retry runs again and throws at once (Fastify's 500).
+    expect((await post(app, 'k5')).statusCode).toBe(500);
+    expect(runs()).toBe(2);
+  });
+
+  it("the handler's own answer, sent and returned after an await, still commits before it goes out", async () => {
+    let seenAtAnswer: string[] | undefined;
+    const { app, ledger } = await build((a) =>
+      a.post(
+        '/orders',
+        {
+          // Route-level onSend hooks run after the plugin's, as the answer is about to be written.
+          onSend: (_request, _reply, payload, done) => {
+            seenAtAnswer = [...ledger.committed];
+            done(null, payload);
+          },
+        },
+        async (request, reply) => {
+          tx(request).write('only');
+          await twoTurns();
+          return reply.code(201).send({ ok: true });
+        },
+      ),
+    );
+    expect((await post(app, 'k6')).statusCode).toBe(201);
+    expect(seenAtAnswer).toEqual(['only']);
+  });
+});
