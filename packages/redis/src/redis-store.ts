@@ -33,6 +33,11 @@ const COMMANDS = {
 
 type Op = keyof typeof COMMANDS;
 
+/** When a lost claim's release is sent again after the first (see `giveBack`), in ms. */
+const GIVE_BACK_MS: readonly number[] = [250, 1_000, 3_000];
+/** Then, while the release keeps failing, how often. */
+const GIVE_BACK_EVERY_MS = 5_000;
+
 /** The Redis store: a {@link IdempotencyStore} whose records live in Redis or Redis Cluster. */
 export interface RedisStore extends IdempotencyStore {
   /** The ioredis client in use (yours, or the one created from `url`). */
@@ -74,6 +79,34 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
   const calls = defineCommands(client);
   const batch = writeBatcher(client);
   let closed = false;
+
+  /**
+   * Release a claim its caller never learnt of, fenced by its token (harmless if nothing landed).
+   * Once is not enough: on a Cluster, ioredis sends a command parked for a failover delay even
+   * after its `commandTimeout` rejected it, so the claim can land after a first release; and
+   * with `maxRetriesPerRequest: 0` a reconnect that fails again drops a queued release unsent.
+   * A Cluster may even send the claim twice (the parked copy and a MOVED redirect's), after a
+   * release that deleted the first. So it is sent again a few times whatever the answers, then
+   * for as long as it fails (the store unreachable), while the claim could still be there (it
+   * expires by itself `claimMs` from now at most).
+   */
+  function giveBack(key: string, token: string, claimMs: number): void {
+    const until = Date.now() + claimMs;
+    let attempt = 0;
+    const send = (): void => {
+      if (closed) return;
+      run('release', key, token).then(
+        () => next(false),
+        () => next(true),
+      );
+    };
+    const next = (failed: boolean): void => {
+      const wait = GIVE_BACK_MS[attempt++] ?? (failed ? GIVE_BACK_EVERY_MS : undefined);
+      if (wait === undefined || Date.now() + wait > until) return;
+      setTimeout(send, wait).unref();
+    };
+    send();
+  }
 
   function run(op: Op, key: string, ...args: Array<string | number | Buffer>): Promise<Reply> {
     if (closed) return Promise.reject(closedError());
@@ -124,8 +157,7 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
         // The claim may have landed though the answer was lost (ioredis's `commandTimeout`, or
         // `maxRetriesPerRequest` used up by a reconnect): the caller was told the store failed,
         // so the key must not stay claimed, answering 409 to its retries, for a whole lease.
-        // Fenced by the token: harmless if nothing landed.
-        if (!closed) run('release', key, token).catch(() => undefined);
+        giveBack(key, token, lease + leaseGraceMs);
         throw error;
       }
     },

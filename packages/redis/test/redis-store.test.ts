@@ -437,6 +437,35 @@ describe('client ownership and failures', () => {
     }
   });
 
+  it('a lost claim is given back even when Redis then stays unreachable for a while (maxRetriesPerRequest: 0)', async () => {
+    const target = new URL(url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 6379));
+    const client = new Redis({ host: '127.0.0.1', port: proxy.port, maxRetriesPerRequest: 0 });
+    client.on('error', () => undefined);
+    let reconnects = 0;
+    client.on('reconnecting', () => reconnects++);
+    try {
+      const s = createRedisStore({ client, prefix });
+      const k = key('lost-then-down');
+      await s.get(k); // scripts loaded, connection warm
+      proxy.holdAnswers();
+      const pending = s.begin(k, 'fp', 60_000);
+      await vi.waitFor(async () => expect(await redis.exists(prefix + k)).toBe(1), { timeout: 3_000, interval: 10 });
+      // The SET landed, its answer is lost, and Redis goes out of reach.
+      proxy.refuse(true);
+      proxy.cut();
+      await expect(pending).rejects.toThrow();
+      // A reconnect attempt has failed since: ioredis dropped what it had queued, the first release too.
+      await vi.waitFor(() => expect(reconnects).toBeGreaterThanOrEqual(2), { timeout: 5_000, interval: 10 });
+      proxy.refuse(false);
+      // Before, the claim stayed for the whole lease and every retry got 409.
+      await vi.waitFor(async () => expect(await redis.exists(prefix + k)).toBe(0), { timeout: 5_000, interval: 20 });
+    } finally {
+      client.disconnect();
+      await proxy.close();
+    }
+  });
+
   it('rejects every operation on a client you disconnected', async () => {
     const client = await redisClient(url);
     const s = createRedisStore({ client, prefix });

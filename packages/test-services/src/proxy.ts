@@ -9,6 +9,10 @@ export interface AnswerHoldingProxy {
    * Connections opened later pass through, so a client can still reach the server.
    */
   holdAnswers(): void;
+  /** Drop every open connection at once (the server stays up behind the proxy). */
+  cut(): void;
+  /** While on, new connections are closed as they come: the server looks unreachable. */
+  refuse(on: boolean): void;
   close(): Promise<void>;
 }
 
@@ -20,7 +24,13 @@ export async function answerHoldingProxy(host: string, port: number): Promise<An
   const sockets = new Set<Socket>();
   const held = new WeakSet<Socket>();
   const open: Socket[] = [];
+  let refusing = false;
   const server = createServer((downstream) => {
+    if (refusing) {
+      downstream.on('error', () => undefined);
+      downstream.destroy();
+      return;
+    }
     const upstream = connect(port, host);
     for (const socket of [downstream, upstream]) {
       sockets.add(socket);
@@ -44,6 +54,12 @@ export async function answerHoldingProxy(host: string, port: number): Promise<An
     port: address.port,
     holdAnswers() {
       for (const socket of open.splice(0)) held.add(socket);
+    },
+    cut() {
+      for (const socket of sockets) socket.destroy();
+    },
+    refuse(on) {
+      refusing = on;
     },
     async close() {
       for (const socket of sockets) socket.destroy();
