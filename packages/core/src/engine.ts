@@ -83,8 +83,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     if (!found.ok) return problem(new KeyError('ERR_IDEMKIT_KEY_INVALID', 400, found.reason));
     const key = found.key;
 
-    const scope = o.scope ? await o.scope(req, input) : undefined;
-    if (scope !== undefined) checkedText(scope, 'scope', 'a string or undefined');
+    const scope = o.scope ? scopeText(await o.scope(req, input)) : undefined;
     const fingerprint =
       o.fingerprint === false ? null : o.fingerprint === 'default' ? defaultFingerprint(input) : checkedText(await o.fingerprint(req, input), 'fingerprint', 'a string');
 
@@ -231,6 +230,13 @@ function problem(error: IdempotencyError): Decision {
  * UTF-8, where every lone surrogate becomes U+FFFD, so two tenants' scopes could meet in one key
  * (and a fingerprint would never match itself again); Postgres text refuses NUL outright.
  */
+/** A user id is often a number: taken as its decimal text, so 42 and '42' are one tenant. */
+function scopeText(value: unknown): string | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value === 'bigint' || (typeof value === 'number' && Number.isFinite(value))) return String(value);
+  return checkedText(value, 'scope', 'a string, a finite number or a bigint, or undefined');
+}
+
 function checkedText(value: unknown, option: 'scope' | 'fingerprint', expected: string): string {
   if (typeof value !== 'string') throw new TypeError(`[idemkit] \`${option}\` must return ${expected}.`);
   if (NOT_STORABLE_TEXT.test(value)) {

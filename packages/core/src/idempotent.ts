@@ -14,7 +14,7 @@ export interface IdempotentOptions<Args extends unknown[], R>
   /** The idempotency key of one call, from its arguments (e.g. the message id). Required. */
   key: (...args: Args) => string;
   /** Tenant of the call; part of the stored identity. */
-  scope?: (...args: Args) => string | undefined;
+  scope?: (...args: Args) => string | number | bigint | undefined;
   /** Job name, part of the fingerprint so two jobs sharing a key are told apart. @default fn.name */
   name?: string;
   /** Fingerprint of the arguments for the mismatch check, or false. @default SHA-256 of name + canonical JSON of the arguments */

@@ -525,8 +525,11 @@ export class RunningLease implements Lease {
   #lost(operation: 'complete' | 'renew' | 'release'): void {
     this.host.emit({ type: 'lease-lost', key: this.key, operation });
     this.host.options.logger?.warn(
-      `[idemkit] Lease for key "${this.key}" was lost before ${operation} (another process took it over after it expired); ` +
-        'the late result was refused and nothing was overwritten.',
+      // The store only says "not yours": the lease ran out (a stall, a slow handler whose renewals
+      // failed), then maybe another process took the key over, or the record vanished (a store
+      // restarted without persistence). Say no more than that.
+      `[idemkit] Lease for key "${this.key}" was lost before ${operation}: it had run out, and another process may have taken the key over ` +
+        '(or the store lost the record); the late result was refused and nothing was overwritten.',
     );
   }
 

@@ -30,7 +30,7 @@ export interface IdempotencyOptions<Req = IncomingRequest> {
    * The tenant the key belongs to (user id, API key id). Part of the stored identity, so two
    * tenants sending the same key never see each other's responses. Without it, keys are global.
    */
-  scope?: (req: Req, input: IncomingRequest) => MaybePromise<string | undefined>;
+  scope?: (req: Req, input: IncomingRequest) => MaybePromise<string | number | bigint | undefined>;
   /**
    * Request fingerprint for the 422 mismatch check. Default: SHA-256 over method, path with
    * query and canonical body. false disables the check. @default built-in

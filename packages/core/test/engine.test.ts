@@ -259,8 +259,8 @@ describe('SPEC §2 through the engine', () => {
     expect(replayA.kind === 'replay' && Buffer.from(replayA.response.body).toString()).toBe('alice');
   });
 
-  it('rejects a scope that is not a string', async () => {
-    const { engine } = setup({ scope: () => 42 as unknown as string });
+  it('rejects a scope that is neither text nor a number', async () => {
+    const { engine } = setup({ scope: () => ({ id: 42 }) as unknown as string });
     await expect(engine.decide(request({ key: 'k' }))).rejects.toThrow(/scope/);
   });
 
@@ -572,7 +572,8 @@ describe('store failures', () => {
     // be one scope (two tenants, one key), and such a fingerprint would never match itself.
     const tenant = (value: unknown) => createIdempotencyEngine({ store: createMemoryStore(), logger: false, scope: () => value as string });
     await expect(tenant('u\ud800').decide(request({ key: 'k' }))).rejects.toThrow(/`scope` returned a string with a lone surrogate/);
-    await expect(tenant(42).decide(request({ key: 'k' }))).rejects.toThrow('`scope` must return a string or undefined.');
+    await expect(tenant({ id: 42 }).decide(request({ key: 'k' }))).rejects.toThrow('`scope` must return a string, a finite number or a bigint, or undefined.');
+    await expect(tenant(Number.NaN).decide(request({ key: 'k' }))).rejects.toThrow('`scope` must return a string, a finite number or a bigint');
     expectRun(await tenant('tenant-\u{1F600}').decide(request({ key: 'k' })));
     const printed = (value: unknown) => createIdempotencyEngine({ store: createMemoryStore(), logger: false, fingerprint: () => value as string });
     await expect(printed('lone\udc00').decide(request({ key: 'k' }))).rejects.toThrow(/`fingerprint` returned a string with a lone surrogate/);
@@ -580,6 +581,21 @@ describe('store failures', () => {
     // NUL: Postgres text refuses it (a binary digest has one in about 1 of 8 cases): 503 forever.
     await expect(printed('digest\u0000bytes').decide(request({ key: 'k' }))).rejects.toThrow(/lone surrogate or a NUL character/);
     await expect(tenant('tenant\u0000').decide(request({ key: 'k' }))).rejects.toThrow(/`scope` returned a string with a lone surrogate or a NUL/);
+  });
+
+  it('a numeric user id is a scope (the README example `req.user.id`): 42, 42n and "42" are one tenant, 43 another', async () => {
+    let user: unknown = 42;
+    const engine = createIdempotencyEngine({ store: createMemoryStore(), logger: false, scope: () => user as string });
+    // Before, a number made every request a 500.
+    const first = expectRun(await engine.decide(request({ key: 'k' })));
+    await first.commit(response(201, 'order 1'));
+    for (const same of ['42', 42n]) {
+      user = same;
+      const again = await engine.decide(request({ key: 'k' }));
+      expect(again.kind === 'replay' && again.response.status).toBe(201);
+    }
+    user = 43;
+    expectRun(await engine.decide(request({ key: 'k' })));
   });
 
   it('an onEvent hook that throws never changes the decision', async () => {
