@@ -71,12 +71,22 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
 
     const body = (ctx.request as { body?: unknown }).body;
     if (bodyMatters && body === undefined && hasRequestBody(ctx.req.headers)) {
-      // A 500 (Koa logs it): with @koa/bodyparser mounted, a type it does not parse gets `{}`, so
-      // only a server that mounted no parser before this one gets here.
-      throw new ConfigurationError(
-        'ERR_IDEMKIT_BODY_NOT_PARSED',
-        `ctx.request.body is undefined but the request has a body (content-type ${JSON.stringify(ctx.get('Content-Type'))}): mount a body parser (e.g. @koa/bodyparser) before idempotency(), or the fingerprint and the body key cannot see the body.`,
+      // 415, not 500: koa-body leaves `undefined` for the types it does not parse (octet-stream,
+      // XML, multipart unless enabled), so any client could cause 500s. Koa does not log an
+      // exposed 4xx, so it is logged here, once: a server with no parser sees it at once.
+      const error = Object.assign(
+        new ConfigurationError(
+          'ERR_IDEMKIT_BODY_NOT_PARSED',
+          `ctx.request.body is undefined but the request has a body (content-type ${JSON.stringify(ctx.get('Content-Type'))}) that no body parser read, so idempotency() cannot fingerprint it. ` +
+            'To accept this type, mount a body parser that reads it (e.g. @koa/bodyparser, or koa-body with the type enabled) before idempotency().',
+        ),
+        { status: 415, expose: true },
       );
+      if (!warnedUnparsed) {
+        warnedUnparsed = true;
+        resolved.logger?.warn(`${error.message} (Answered 415; warned once.)`);
+      }
+      throw error;
     }
     if (!warnedUnparsed && resolved.fingerprint === 'default' && looksUnparsed(ctx, body)) {
       warnedUnparsed = true;
