@@ -17,8 +17,16 @@ export type OutgoingHeaderValue = number | string | readonly string[] | undefine
 /**
  * Turn a framework's outgoing headers (`res.getHeaders()`, `reply.getHeaders()`) into the stored
  * form: lower-case names, one pair per value, unreplayed headers dropped.
+ *
+ * `before`: the headers as they stood when the key was claimed (set by middleware mounted before
+ * idempotency: CORS, a request id). Those the handler left as they were are not stored: that
+ * middleware runs again for a replay and sets them for the retry's own request (its origin, its
+ * id), which a stored copy would overwrite.
  */
-export function toStoredHeaders(headers: Readonly<Record<string, OutgoingHeaderValue>>): Array<[string, string]> {
+export function toStoredHeaders(
+  headers: Readonly<Record<string, OutgoingHeaderValue>>,
+  before?: Readonly<Record<string, OutgoingHeaderValue>>,
+): Array<[string, string]> {
   const out: Array<[string, string]> = [];
   // Object.keys and a plain loop: Object.entries cost 2-3x as much on the null-prototype objects
   // Node's getHeaders() returns (3 µs per request in the Koa profile of `pnpm bench`).
@@ -28,10 +36,17 @@ export function toStoredHeaders(headers: Readonly<Record<string, OutgoingHeaderV
     const value = headers[rawName];
     const name = rawName.toLowerCase();
     if (value === undefined || UNREPLAYED_HEADERS.has(name)) continue;
+    if (before !== undefined && sameHeaderValue(before[rawName], value)) continue;
     if (Array.isArray(value)) for (const v of value) out.push([name, String(v)]);
     else out.push([name, typeof value === 'string' ? value : String(value)]);
   }
   return out;
+}
+
+function sameHeaderValue(a: OutgoingHeaderValue | undefined, b: OutgoingHeaderValue): boolean {
+  if (a === b) return true;
+  if (!Array.isArray(a) || !Array.isArray(b) || a.length !== b.length) return false;
+  return a.every((v, i) => v === b[i]);
 }
 
 /**

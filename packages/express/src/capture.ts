@@ -101,6 +101,8 @@ function toDictionaryProperties(res: ServerResponse): void {
  * - Bodies over `maxBodyBytes` are still delivered whole; `commit` stores the "too large" marker.
  */
 export function captureResponse(res: ServerResponse, lease: Lease, { transactional, leaseMs }: { transactional: boolean; leaseMs: number }): void {
+  // Set by middleware before this one (CORS, a request id): not stored unless the handler changes them.
+  const before = res.getHeaders();
   toDictionaryProperties(res);
   const originalWriteHead = res.writeHead;
   const originalWrite = res.write;
@@ -204,7 +206,7 @@ export function captureResponse(res: ServerResponse, lease: Lease, { transaction
     answered();
     const sentHeaders = this.getHeaders();
     const sentMessage = this.statusMessage;
-    const response = { status: this.statusCode, headers: toStoredHeaders(sentHeaders), body };
+    const response = { status: this.statusCode, headers: toStoredHeaders(sentHeaders, before), body };
     const deliver = (): void => {
       delivering = true;
       // While the record is stored, `headersSent` is still false, so an error handler running

@@ -26,8 +26,9 @@ function count(input: StartAppInput, name: string): number {
 /** The routes of `@idemkit/http-suite`'s contract, idempotency applied app-wide. */
 export function buildApp(input: StartAppInput, expressModule: ExpressModule = express, extra: Partial<ExpressIdempotencyOptions> = {}): Express {
   const app = expressModule();
-  app.use((req, _res, next) => {
-    if (req.method === 'POST' && req.path === '/orders') count(input, 'orders:arrived');
+  app.use((req, res, next) => {
+    // Set per request before idempotency, as a request-id middleware does.
+    if (req.method === 'POST' && req.path === '/orders') res.setHeader('x-arrival', String(count(input, 'orders:arrived')));
     next();
   });
   app.use(expressModule.json());

@@ -53,6 +53,8 @@ interface LeaseState {
   ran: boolean;
   /** The response had closed before the handler ran (the client left during slower hooks). */
   closedEarly: boolean;
+  /** The reply's headers when the key was claimed (set by hooks before ours: CORS, a request id); see toStoredHeaders. */
+  readonly before: ReturnType<FastifyReply['getHeaders']>;
 }
 
 const kState = Symbol('idemkit.fastify.state');
@@ -132,7 +134,18 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
           void decision.lease.abandon('client-gone');
           return done();
         }
-        const state: LeaseState = { lease: decision.lease, reply, errored: false, settling: undefined, resent: false, delivered: false, handler: undefined, ran: false, closedEarly: false };
+        const state: LeaseState = {
+          lease: decision.lease,
+          reply,
+          errored: false,
+          settling: undefined,
+          resent: false,
+          delivered: false,
+          handler: undefined,
+          ran: false,
+          closedEarly: false,
+          before: reply.getHeaders(),
+        };
         (request as StatefulRequest)[kState] = state;
         request.idempotency = decision.lease.context;
         // The last word on this lease, whatever happened: Fastify's hooks do not cover every
@@ -208,11 +221,12 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   }
 
   /** Settle the lease by one answer: freed if it failed, else stored (or marked) as it allows. */
-  function storeAnswer(lease: Lease, failed: boolean, status: number, headers: ReturnType<FastifyReply['getHeaders']>, body: Uint8Array | undefined): Promise<unknown> {
+  function storeAnswer(state: LeaseState, failed: boolean, status: number, headers: ReturnType<FastifyReply['getHeaders']>, body: Uint8Array | undefined): Promise<unknown> {
+    const { lease } = state;
     if (failed) return lease.abandon('handler-threw');
     if (body === undefined) return lease.commitUnbuffered(status, 'not-bufferable');
     if (body.byteLength > engine.options.maxBodyBytes) return lease.commitUnbuffered(status, 'too-large');
-    return lease.commit({ status, headers: toStoredHeaders(headers), body });
+    return lease.commit({ status, headers: toStoredHeaders(headers, state.before), body });
   }
 
   async function settle(state: LeaseState, reply: FastifyReply, payload: unknown): Promise<unknown> {
@@ -235,7 +249,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       const sends = watchSends(reply, engine.options.storable, status);
       const sender = await whoSent(handler, reply, sends);
       if (sender !== 'running') sends.stop();
-      if (sender === 'running') holdWhileRunning(state, handler, sends, () => storeAnswer(lease, failed, status, headers, body));
+      if (sender === 'running') holdWhileRunning(state, handler, sends, () => storeAnswer(state, failed, status, headers, body));
       else if (sender === 'finished') await settleLate(lease, sends);
       if (sender !== 'own') {
         // The handler's own late answer (`reply.code(201).send(order)`) may have set its status
@@ -244,7 +258,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         return payload;
       }
     }
-    await storeAnswer(lease, failed, status, headers, body);
+    await storeAnswer(state, failed, status, headers, body);
     if (failed) return payload;
     // Transactional mode, rolled back: the handler's answer describes writes that never happened.
     const replacement = lease.replacement;

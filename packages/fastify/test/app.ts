@@ -23,8 +23,9 @@ export async function buildApp(
   };
   // Raw bodies arrive as Buffers; JSON and text/plain parsers are Fastify's own.
   // Before parsing and idempotency (a preHandler): the suite knows when every duplicate is in.
-  app.addHook('onRequest', (request, _reply, done) => {
-    if (request.method === 'POST' && request.url.split('?')[0] === '/orders') count('orders:arrived');
+  app.addHook('onRequest', (request, reply, done) => {
+    // Set per request before idempotency, as a request-id middleware does.
+    if (request.method === 'POST' && request.url.split('?')[0] === '/orders') reply.header('x-arrival', String(count('orders:arrived')));
     done();
   });
   app.addContentTypeParser('application/octet-stream', { parseAs: 'buffer' }, (_req, body, done) => done(null, body));

@@ -38,6 +38,22 @@ export function replayCases(t: CaseContext): void {
     expect(replay.headers.get('date')).toMatch(/^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$/);
   });
 
+  t.test("a header middleware before idempotency sets per request (a request id, CORS) is the retry's own on a replay", async () => {
+    const app = await t.app();
+    const key = newKey();
+    const first = await app.post('/orders', { key, json: { sku: 'A-1' } });
+    expect(first.status).toBe(201);
+    const firstArrival = Number(first.headers.get('x-arrival'));
+    expect(firstArrival).toBeGreaterThan(0);
+    const replay = await app.post('/orders', { key, json: { sku: 'A-1' } });
+    expect(replay.replayed).toBe(true);
+    // Before, the stored copy (the first request's) overwrote the one set for the retry.
+    expect(Number(replay.headers.get('x-arrival'))).toBe(firstArrival + 1);
+    expect(replay.headers.get('x-custom')).toBe('yes');
+    const record = await t.harness().store.get(storeId(key));
+    expect(record?.response?.headers.map(([name]) => name)).not.toContain('x-arrival');
+  });
+
   t.test('a 204 replays as a 204: no body and, as on the original, no Content-Length', async () => {
     const app = await t.app();
     const key = newKey();

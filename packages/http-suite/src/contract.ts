@@ -45,7 +45,9 @@ export type StartApp = (input: StartAppInput) => Promise<TestAppHandle>;
  * Routes every test app implements (idempotency applied app-wide, JSON and raw body parsing on):
  *
  * - Every request to `POST /orders` counts `orders:arrived` as it arrives, before idempotency
- *   (and body parsing) see it: the suite knows when every duplicate has reached the server.
+ *   (and body parsing) see it: the suite knows when every duplicate has reached the server. That
+ *   middleware also sets the response header `X-Arrival: <that count>` (a per-request header
+ *   set before idempotency, as a request id or CORS is).
  * - `POST /orders` (JSON body). Counts `orders`. If the query has `delay=<ms>`, waits that long
  *   first; if it has `hold=<name>`, waits for `hold(name)` (see StartAppInput). Answers 201, JSON
  *   `{ "id": "<uuid>", "n": <execution number>, "body": <request body> }`, headers

@@ -128,6 +128,8 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
   };
   ctx.res.once('close', onClose);
   ctx.res.once('finish', onFinish);
+  // Set by middleware before this one (CORS, a request id): not stored unless the handler changes them.
+  const before = ctx.response.headers;
   try {
     await next();
   } catch (error) {
@@ -163,7 +165,7 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
     if (captured.kind === 'unbuffered') await lease.commitUnbuffered(ctx.status, 'not-bufferable');
     // Stored before respond() writes a byte, so a client retrying at once gets the replay.
     else if (captured.body.byteLength > maxBodyBytes) await lease.commitUnbuffered(ctx.status, 'too-large');
-    else await lease.commit({ status: ctx.status, headers: toStoredHeaders(ctx.response.headers), body: captured.body });
+    else await lease.commit({ status: ctx.status, headers: toStoredHeaders(ctx.response.headers, before), body: captured.body });
     // Transactional mode, rolled back: the handler's answer (a stream's too) describes writes that
     // never happened. A replaced stream is destroyed by Koa once the response finishes.
     const replacement = lease.replacement;

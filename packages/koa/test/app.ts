@@ -114,7 +114,8 @@ export function createStartApp(KoaClass: typeof Koa = Koa): StartApp {
     };
     const app = new KoaClass();
     app.use(async (ctx, next) => {
-      if (ctx.method === 'POST' && ctx.path === '/orders') count('orders:arrived');
+      // Set per request before idempotency, as a request-id middleware does.
+      if (ctx.method === 'POST' && ctx.path === '/orders') ctx.set('x-arrival', String(count('orders:arrived')));
       await next();
     });
     app.silent = true; // the /throw route's error is expected; keep test output clean
