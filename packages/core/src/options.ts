@@ -210,6 +210,14 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`transactional: true` needs a store with transactions (e.g. @idemkit/postgres).');
   }
   const leaseMs = positiveInt('leaseMs', input.leaseMs, DEFAULTS.leaseMs, MAX_TIMER_MS);
+  const maxBodyBytes = positiveInt('maxBodyBytes', input.maxBodyBytes, DEFAULTS.maxBodyBytes);
+  const storeLimit = (input.store as Partial<Pick<IdempotencyStore, 'maxResponseBytes'>>).maxResponseBytes;
+  if (typeof storeLimit === 'number' && maxBodyBytes > storeLimit) {
+    throw new ConfigurationError(
+      'ERR_IDEMKIT_OPTION_INVALID',
+      `\`maxBodyBytes\` (${maxBodyBytes}) is more than this store can keep in one record (${storeLimit} bytes): an answer that size would never be stored, and its retries would run the handler again. Set \`maxBodyBytes\` to ${storeLimit} or less (larger answers then get the 410 too-large marker).`,
+    );
+  }
 
   return Object.freeze({
     store: input.store,
@@ -224,7 +232,7 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
     storable: fn('storable', input.storable) ?? defaultStorable,
     ttlMs: positiveInt('ttlMs', input.ttlMs, DEFAULTS.ttlMs),
     leaseMs,
-    maxBodyBytes: positiveInt('maxBodyBytes', input.maxBodyBytes, DEFAULTS.maxBodyBytes),
+    maxBodyBytes,
     concurrency: oneOf('concurrency', input.concurrency, ['conflict', 'wait'], DEFAULTS.concurrency),
     waitTimeoutMs: positiveInt('waitTimeoutMs', input.waitTimeoutMs, DEFAULTS.waitTimeoutMs, MAX_TIMER_MS),
     onStoreError: oneOf('onStoreError', input.onStoreError, ['fail', 'pass'], DEFAULTS.onStoreError),

@@ -53,6 +53,12 @@ export interface IdempotencyStore {
    */
   readonly shared: boolean;
   /**
+   * The largest response body this store can keep in one record, when it has such a limit
+   * (MongoDB's 16 MiB documents). The engine refuses a larger `maxBodyBytes` at setup: an answer
+   * the store could not keep would never be stored, and retries would run the handler again.
+   */
+  readonly maxResponseBytes?: number;
+  /**
    * Atomically claim `key`: create an `in_progress` record holding a fresh lease token, or return
    * the live record. An in-progress record whose lease has expired is taken over (new token); an
    * expired completed record counts as absent. Exactly one of N concurrent callers gets

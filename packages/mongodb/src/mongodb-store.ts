@@ -29,6 +29,8 @@ export interface MongoStore extends IdempotencyStore {
 /** begin gives up after this many lost races in a row (each loss means another caller made progress). */
 const MAX_BEGIN_ATTEMPTS = 24;
 const DEFAULT_PURGE_LIMIT = 1000;
+/** 15 MiB of body in a document of at most 16 MiB. */
+const MAX_RESPONSE_BYTES = 15 * 1024 * 1024;
 
 /** A short, growing pause between lost races (the winner needs a round trip or two to finish). */
 function backoff(attempt: number): Promise<void> {
@@ -66,6 +68,12 @@ function sameVersion(doc: IdempotencyDocument): Filter<IdempotencyDocument> {
 
 class MongoIdempotencyStore implements MongoStore {
   readonly shared = true;
+  /**
+   * A record is one document, and MongoDB refuses documents over 16 MiB (the driver fails to
+   * encode them): room is left for the key, fingerprint and headers. The engine refuses a larger
+   * `maxBodyBytes`.
+   */
+  readonly maxResponseBytes = MAX_RESPONSE_BYTES;
   readonly collection: Collection<IdempotencyDocument>;
   readonly claimsCollection: Collection<ClaimDocument>;
   readonly #options: ResolvedMongoStoreOptions;

@@ -1,8 +1,8 @@
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, onTestFinished, vi } from 'vitest';
 import { MongoClient, MongoError } from 'mongodb';
 import { MongoClient as OtherCopyMongoClient } from 'mongodb-7.8';
 import type { CommandStartedEvent, Db } from 'mongodb';
-import { ConfigurationError } from '@idemkit/core';
+import { ConfigurationError, createIdempotencyEngine } from '@idemkit/core';
 import { answerHoldingProxy } from '@idemkit/test-services';
 import type { LeaseToken, StoredResponse } from '@idemkit/core';
 import { CLAIM_WINDOW_MS, createMongoStore, DEFAULTS, PLAIN_INDEX_NAME, TTL_INDEX_NAME } from '../src/index.js';
@@ -322,6 +322,27 @@ describe('bodies', () => {
       expect(got.headers).toEqual(sent.headers);
       expect(replay.record.fingerprint).toBeNull();
     }
+  });
+});
+
+describe('the 16 MiB document limit', () => {
+  it('keeps a body of maxResponseBytes, and the engine refuses a larger maxBodyBytes up front', async () => {
+    // Its own collection, dropped at the end: FerretDB on SQLite slows every later scan of a
+    // collection holding a 15 MiB document.
+    const store = createMongoStore({ db: t.db, collectionName: 'idempotency_limit' });
+    onTestFinished(() => store.collection.drop().then(() => undefined));
+    expect(store.maxResponseBytes).toBe(15 * 1024 * 1024);
+    const k = key('limit');
+    const begun = await store.begin(k, 'sha256:' + 'f'.repeat(43), 30_000);
+    if (begun.kind !== 'acquired') throw new Error('expected acquired');
+    const body = new Uint8Array(store.maxResponseBytes as number).fill(0x61);
+    expect(await store.complete(k, begun.token, response(body), 60_000)).toBe(true);
+    expect((await store.get(k))?.response?.body.byteLength).toBe(body.byteLength);
+    // Before, maxBodyBytes above the limit was accepted: a 17 MiB answer then failed to store
+    // (the driver cannot encode the document) and its retries ran the handler again.
+    expect(() => createIdempotencyEngine({ store, maxBodyBytes: 20 * 1024 * 1024 })).toThrow(ConfigurationError);
+    expect(() => createIdempotencyEngine({ store, maxBodyBytes: 20 * 1024 * 1024 })).toThrow(/more than this store can keep in one record \(15728640 bytes\)/);
+    expect(createIdempotencyEngine({ store, maxBodyBytes: store.maxResponseBytes }).options.maxBodyBytes).toBe(15 * 1024 * 1024);
   });
 });
 
