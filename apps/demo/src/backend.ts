@@ -1,4 +1,4 @@
-import { createMemoryStore, type IdempotencyStore } from '@idemkit/core';
+import { createMemoryStore, startPurger, type IdempotencyStore } from '@idemkit/core';
 import { createMongoStore } from '@idemkit/mongodb';
 import { createPostgresStore } from '@idemkit/postgres';
 import { createRedisStore } from '@idemkit/redis';
@@ -32,7 +32,9 @@ export async function openBackend(config: DemoConfig): Promise<Backend> {
       const store = createPostgresStore({ pool, table: `${ns}_idempotency_keys` });
       await store.migrate();
       const orders = await postgresOrders(pool, ns);
-      return { store, orders, transactional: true, close: async () => { await store.close(); await pool.end(); } };
+      // Postgres has no native expiry: expired keys are deleted in batches, once a minute.
+      const purger = startPurger(store);
+      return { store, orders, transactional: true, close: async () => { await purger.stop(); await store.close(); await pool.end(); } };
     }
     case 'redis': {
       const redis = new Redis(config.url!, { maxRetriesPerRequest: 2 });
@@ -44,9 +46,10 @@ export async function openBackend(config: DemoConfig): Promise<Backend> {
       await client.connect();
       const db = client.db();
       const store = createMongoStore({ db, collectionName: `${ns}_idempotency_keys` });
-      await store.ensureIndexes();
+      // A server without TTL indexes (FerretDB) deletes nothing by itself: purge once a minute.
+      const purger = (await store.ensureIndexes()) === 'no-ttl' ? startPurger(store) : undefined;
       const orders = mongoOrders(db.collection<Order>(`${ns}_orders`));
-      return { store, orders, transactional: false, close: async () => { await store.close(); await client.close(); } };
+      return { store, orders, transactional: false, close: async () => { await purger?.stop(); await store.close(); await client.close(); } };
     }
   }
 }

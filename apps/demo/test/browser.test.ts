@@ -67,4 +67,28 @@ describe.each(FRAMEWORKS)('checkout page in Chromium (%s)', (framework) => {
       await page.close();
     }
   });
+
+  it('a reload during the payment, then Pay again, is still one order (the key survives the reload)', async () => {
+    const before = (await serverOrders(demo.url)).length;
+    const page = await browser.newPage();
+    try {
+      const loaded = () => page.waitForFunction(() => document.getElementById('count')?.dataset.count !== undefined);
+      await page.goto(demo.url);
+      await loaded();
+      const sent = page.waitForRequest((request) => request.method() === 'POST' && request.url().endsWith('/orders'));
+      await page.click('#pay');
+      await sent;
+      // The payment is on the server (it takes 300 ms); the page goes away before its answer.
+      await page.reload();
+      await loaded();
+      await page.click('#pay');
+      await page.waitForFunction(() => document.getElementById('status')?.dataset.inflight === '0', undefined, { timeout: 20_000 });
+      expect(await page.textContent('#status')).toMatch(/^Paid/);
+      // Before, the key lived in a variable: the second Pay sent a new one and charged twice.
+      const orders = await serverOrders(demo.url);
+      expect(orders).toHaveLength(before + 1);
+    } finally {
+      await page.close();
+    }
+  });
 });
