@@ -11,10 +11,12 @@ export function canonicalBody(body: unknown): Uint8Array | string {
   return canonicalJson(body);
 }
 
-/** SHA-256 over method, path with query, and the canonical body (SPEC §2). */
-export function defaultFingerprint(input: Pick<IncomingRequest, 'method' | 'path' | 'body'>): string {
+/** SHA-256 over method, path with query, the canonical body and any uploaded files' digests (SPEC §2). */
+export function defaultFingerprint(input: Pick<IncomingRequest, 'method' | 'path' | 'body' | 'files'>): string {
   // NUL separators: neither a method nor a path can contain one, so the fields cannot run together.
-  const head = `${input.method.toUpperCase()}\0${input.path}\0`;
+  let head = `${input.method.toUpperCase()}\0${input.path}\0`;
+  // Only when there are files, so every other request's fingerprint is as it always was.
+  if (input.files !== undefined && Object.keys(input.files).length > 0) head += `files\0${canonicalJson(input.files)}\0`;
   const body = canonicalBody(input.body);
   // One-shot hash for the common text case (no Hash object per request); bytes need the stream form.
   if (typeof body === 'string') return `sha256:${hash('sha256', head + body, 'base64url')}`;

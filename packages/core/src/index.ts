@@ -50,6 +50,7 @@ export { whenSocketCloses, type ClosableSocket } from './socket-close.js';
 // Key and fingerprint helpers, for custom getKey/fingerprint functions.
 export { MAX_KEY_LENGTH, parseKeyHeader, scopedKey, validateKey, type KeyParseResult } from './key.js';
 export { canonicalBody, defaultFingerprint } from './fingerprint.js';
+export { isMultipart, uploadedFileDigests } from './files.js';
 // The in-memory store: tests and single-process apps.
 export { createMemoryStore, MemoryStore, MemoryStoreFullError, type MemoryStoreOptions } from './memory-store.js';
 // Idempotency for plain functions (jobs, webhooks) and housekeeping for stores without native expiry.

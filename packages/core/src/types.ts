@@ -23,6 +23,13 @@ export interface IncomingRequest {
    * or `undefined` when there is none.
    */
   readonly body: unknown;
+  /**
+   * Files a multipart parser kept beside the body (koa-body's `ctx.request.files`, multer's
+   * `req.file(s)`): field name → the SHA-256 of each file's bytes, in upload order
+   * (`uploadedFileDigests` computes it). Part of the default fingerprint: two uploads with the same
+   * fields and different files are different requests.
+   */
+  readonly files?: Readonly<Record<string, readonly string[]>>;
 }
 
 /**

@@ -1,7 +1,10 @@
 import { createHash } from 'node:crypto';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { canonicalBody, defaultFingerprint } from '../src/index.js';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { canonicalBody, defaultFingerprint, isMultipart, uploadedFileDigests } from '../src/index.js';
 
 const fp = (body: unknown, method = 'POST', path = '/orders') => defaultFingerprint({ method, path, body });
 
@@ -66,5 +69,45 @@ describe('fingerprint', () => {
         expect(fp(changed)).not.toBe(fp(bytes));
       }),
     );
+  });
+});
+
+describe('uploaded files', () => {
+  const sha = (text: string) => createHash('sha256').update(text).digest('base64url');
+  const request = { method: 'POST', path: '/upload', body: { amount: '10' } };
+
+  it('leave the fingerprint of a request without files as it always was', () => {
+    expect(defaultFingerprint({ ...request, files: {} })).toBe(defaultFingerprint(request));
+    expect(defaultFingerprint({ ...request, files: undefined })).toBe(defaultFingerprint(request));
+    expect(defaultFingerprint({ ...request, files: { doc: [sha('a')] } })).not.toBe(defaultFingerprint(request));
+    expect(defaultFingerprint({ ...request, files: { doc: [sha('a')] } })).not.toBe(defaultFingerprint({ ...request, files: { doc: [sha('b')] } }));
+    // The field a file came in matters, as a body field's name does.
+    expect(defaultFingerprint({ ...request, files: { doc: [sha('a')] } })).not.toBe(defaultFingerprint({ ...request, files: { other: [sha('a')] } }));
+  });
+
+  it('are digested from what multer and koa-body leave on the request', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'idemkit-files-'));
+    const onDisk = join(dir, 'upload');
+    writeFileSync(onDisk, 'on disk');
+    // multer, memory storage: req.file
+    expect(await uploadedFileDigests({ fieldname: 'doc', buffer: Buffer.from('in memory') })).toEqual({ doc: [sha('in memory')] });
+    // multer, disk storage: req.files as an array, and as { field: file[] }
+    expect(await uploadedFileDigests([{ fieldname: 'doc', path: onDisk }, { fieldname: 'doc', buffer: Buffer.from('x') }])).toEqual({ doc: [sha('on disk'), sha('x')] });
+    expect(await uploadedFileDigests({ doc: [{ fieldname: 'doc', path: onDisk }] })).toEqual({ doc: [sha('on disk')] });
+    // koa-body (formidable): { field: file | file[] } with filepath
+    expect(await uploadedFileDigests({ doc: { filepath: onDisk }, more: [{ filepath: onDisk }] })).toEqual({ doc: [sha('on disk')], more: [sha('on disk')] });
+    expect(await uploadedFileDigests(undefined)).toBeUndefined();
+    expect(await uploadedFileDigests({})).toBeUndefined();
+    // A file whose bytes cannot be read must not pass for any other.
+    await expect(uploadedFileDigests({ doc: { originalFilename: 'a.txt', size: 3 } })).rejects.toThrow(/neither its bytes/);
+    // A multer storage engine that keeps no bytes here (S3): req.file has only metadata.
+    await expect(uploadedFileDigests({ fieldname: 'doc', originalname: 'a.txt', key: 'uploads/a.txt' })).rejects.toThrow(/pass a `fingerprint`/);
+  });
+
+  it('are looked for only in multipart requests', () => {
+    expect(isMultipart('multipart/form-data; boundary=X')).toBe(true);
+    expect(isMultipart('Multipart/Form-Data; boundary=X')).toBe(true);
+    expect(isMultipart('application/json')).toBe(false);
+    expect(isMultipart(undefined)).toBe(false);
   });
 });

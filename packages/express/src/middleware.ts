@@ -1,4 +1,4 @@
-import { ConfigurationError, createIdempotencyEngine, hasRequestBody, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
+import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import { captureResponse } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
@@ -51,8 +51,14 @@ function bodyNotParsed(contentType: string | undefined): ConfigurationError {
 // Node joins repeated header lines with ", ", and core refuses a bare key with a comma, so two
 // Idempotency-Key lines still get a 400. Not `headersDistinct`: building it copies every header
 // of every request, and on Express's req every property access is slow (see the bench README).
-function toIncoming(req: Request, method: string, body: unknown): IncomingRequest {
-  return { method, path: req.originalUrl, headers: req.headers, body };
+function toIncoming(req: Request, method: string, body: unknown, files: IncomingRequest['files']): IncomingRequest {
+  return { method, path: req.originalUrl, headers: req.headers, body, files };
+}
+
+/** Where multer leaves uploads: `req.files` (array, fields) or `req.file` (single). */
+function uploadedBy(req: Request): unknown {
+  const uploads = req as { files?: unknown; file?: unknown };
+  return uploads.files ?? uploads.file;
 }
 
 function expose(req: Request, res: Response, context: IdempotencyContext | null): void {
@@ -110,7 +116,10 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       return next(error);
     }
 
-    const decision = await engine.decide(toIncoming(req, method, body), req);
+    // Uploaded files multer keeps beside the body (`req.file`, `req.files`): their bytes are part
+    // of the request, so the default fingerprint covers them. Nothing to await without files.
+    const files = o.fingerprint === 'default' && isMultipart(req.headers['content-type']) ? await uploadedFileDigests(uploadedBy(req)) : undefined;
+    const decision = await engine.decide(toIncoming(req, method, body, files), req);
     switch (decision.kind) {
       case 'pass':
         expose(req, res, null);

@@ -1,6 +1,8 @@
 import { randomUUID } from 'node:crypto';
+import { tmpdir } from 'node:os';
 import { connect } from 'node:net';
 import { createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
+import multer from 'multer';
 import express, { type ErrorRequestHandler, type Express, type Request, type Response } from 'express';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { idempotency, idempotencyErrorHandler, type ExpressIdempotencyOptions } from '../src/index.js';
@@ -240,6 +242,34 @@ async function raw(url: string, key: string): Promise<string> {
     req.end('{}');
   });
 }
+
+describe('express binding: uploads (multer)', () => {
+  const multipart = (files: Array<[field: string, content: string]>) =>
+    `--X\r\nContent-Disposition: form-data; name="amount"\r\n\r\n10\r\n` +
+    files.map(([field, content]) => `--X\r\nContent-Disposition: form-data; name="${field}"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n${content}\r\n`).join('') +
+    '--X--\r\n';
+
+  it.each([
+    ['memory storage, upload.single', () => multer({ storage: multer.memoryStorage() }).single('doc')],
+    ['disk storage, upload.array', () => multer({ dest: tmpdir() }).array('doc')],
+  ])("the file bytes are part of the fingerprint (%s): another file under the same key is a 422", async (_name, parser) => {
+    let runs = 0;
+    const app = express();
+    app.post('/upload', parser(), idempotency({ store: createMemoryStore(), logger: false }), (req, res) => {
+      runs++;
+      res.status(201).json({ run: runs, fields: req.body as unknown });
+    });
+    const url = await serve(app);
+    const upload = (content: string) =>
+      post(`${url}/upload`, 'invoice-1', { headers: { 'content-type': 'multipart/form-data; boundary=X' }, body: multipart([['doc', content]]) });
+    expect((await upload('invoice for ALICE')).status).toBe(201);
+    // Before, only the fields were fingerprinted: BOB's upload got ALICE's answer.
+    expect((await upload('invoice for BOB')).status).toBe(422);
+    const again = await upload('invoice for ALICE');
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(runs).toBe(1);
+  });
+});
 
 describe('express binding: transactional mode', () => {
   /** A transaction whose completion fails (as a COMMIT can): nothing committed, the key is freed. */

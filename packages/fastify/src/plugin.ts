@@ -1,5 +1,7 @@
 import {
+  ConfigurationError,
   createIdempotencyEngine,
+  isMultipart,
   problemResponse,
   responseHeaders,
   toStoredHeaders,
@@ -82,6 +84,14 @@ function toIncoming(request: FastifyRequest): IncomingRequest {
 type Done = (error?: Error | null) => void;
 type SendDone = (error: Error | null, payload?: unknown) => void;
 
+function multipartNotParsed(): ConfigurationError {
+  return new ConfigurationError(
+    'ERR_IDEMKIT_BODY_NOT_PARSED',
+    'A multipart request reached idempotency with no body: its files are left for the handler to read, so the fingerprint cannot see them. ' +
+      "Register @fastify/multipart with `attachFieldsToBody: 'keyValues'` (or `true`) so the files are part of request.body, or give this route a `fingerprint` function.",
+  );
+}
+
 /** A rejection as Fastify's `done` wants it (an Error). */
 function asError(error: unknown): Error {
   return error instanceof Error ? error : new Error(String(error));
@@ -111,6 +121,7 @@ function deliver(reply: FastifyReply, done: SendDone, payload: unknown, error?: 
  */
 function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyIdempotencyOptions) {
   const { onProblem } = options;
+  const fingerprintsBody = engine.options.fingerprint === 'default';
 
   function decided(request: FastifyRequest, reply: FastifyReply, decision: Decision, done: Done): void {
     switch (decision.kind) {
@@ -171,6 +182,10 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // failed validation, on a route with `attachValidation`, takes no lease either: its handler
     // answers the 400, and the corrected request with the same key must run.
     if (stateOf(request) !== null || request.validationError !== undefined) return done();
+    // @fastify/multipart without `attachFieldsToBody` leaves the files for the handler to stream:
+    // the fingerprint would see nothing, and a different upload under the same key would get the
+    // first one's answer. Refused (a 500 that names the fix), never guessed.
+    if (fingerprintsBody && request.body === undefined && isMultipart(request.headers['content-type'])) return done(multipartNotParsed());
     engine.decide(toIncoming(request), request).then(
       (decision) => {
         try {

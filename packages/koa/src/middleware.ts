@@ -6,6 +6,8 @@ import {
   replayHeaders,
   responseHeaders,
   toStoredHeaders,
+  isMultipart,
+  uploadedFileDigests,
   type IdempotencyContext,
   type IdempotencyError,
   type IdempotencyOptions,
@@ -88,7 +90,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
       }
       throw error;
     }
-    if (!warnedUnparsed && resolved.fingerprint === 'default' && looksUnparsed(ctx, body)) {
+    if (!warnedUnparsed && resolved.fingerprint === 'default' && looksUnparsed(ctx, body) && !hasFiles(ctx)) {
       warnedUnparsed = true;
       resolved.logger?.warn(
         `[idemkit] ctx.request.body is {} for a "${ctx.get('Content-Type')}" request body that the body parser did not parse, so the fingerprint cannot see it. Parse such bodies into a Buffer before idempotency() (see the @idemkit/koa README).`,
@@ -97,7 +99,13 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
 
     // Joined repeated headers, not `headersDistinct` (a copy of every header per request): core
     // refuses a bare key with a comma, so two Idempotency-Key lines still get a 400.
-    const decision = await engine.decide({ method, path: ctx.originalUrl, headers: ctx.req.headers, body }, ctx);
+    // Uploaded files koa-body keeps beside the body (`multipart: true`): their bytes are part of
+    // the request, so the default fingerprint covers them. Nothing to await without files.
+    const files =
+      resolved.fingerprint === 'default' && isMultipart(ctx.req.headers['content-type'])
+        ? await uploadedFileDigests((ctx.request as { files?: unknown }).files)
+        : undefined;
+    const decision = await engine.decide({ method, path: ctx.originalUrl, headers: ctx.req.headers, body, files }, ctx);
     switch (decision.kind) {
       case 'pass':
         return next();
@@ -209,6 +217,12 @@ function engineOptions(options: KoaIdempotencyOptions): IdempotencyOptions<Conte
 /** The engine reads the body for the default fingerprint and for a key in the body. */
 function needsBody(o: ResolvedOptions<Context>): boolean {
   return o.fingerprint === 'default' || (o.getKey === undefined && o.bodyField !== false);
+}
+
+/** koa-body with `multipart: true` keeps uploaded files beside the fields (`{}` with files only). */
+function hasFiles(ctx: Context): boolean {
+  const files = (ctx.request as { files?: unknown }).files;
+  return typeof files === 'object' && files !== null && Object.keys(files).length > 0;
 }
 
 /** @koa/bodyparser sets `{}` (and no rawBody) for content types it does not parse. */

@@ -1,7 +1,9 @@
+import { readFileSync } from 'node:fs';
 import { Readable } from 'node:stream';
 import Router from '@koa/router';
 import { createMemoryStore, problemResponse, KeyError, scopedKey, TransactionAbortedError, type IdempotencyEvent, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import Koa, { type Context } from 'koa';
+import { koaBody } from 'koa-body';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ConfigurationError, idempotency } from '../src/index.js';
 import { rawBody } from './app.js';
@@ -343,6 +345,40 @@ describe('koa binding: body parsing', () => {
     expect(errors[0]).toMatchObject({ code: 'ERR_IDEMKIT_BODY_NOT_PARSED' });
     expect(warn).toHaveBeenCalledTimes(1);
     expect(warn.mock.calls[0]?.[0]).toContain('Answered 415');
+  });
+
+  it("an upload's file bytes are part of the fingerprint (koa-body multipart): another file under the same key is a 422", async () => {
+    let runs = 0;
+    const warn = vi.fn();
+    const { url } = await start(
+      (a) => {
+        a.use(koaBody({ multipart: true }));
+        a.use(idempotency({ store: createMemoryStore(), logger: { warn, error: vi.fn() } }));
+        a.use((ctx) => {
+          runs++;
+          const file = ctx.request.files?.['doc'];
+          const path = Array.isArray(file) ? file[0]?.filepath : file?.filepath;
+          ctx.status = 201;
+          ctx.body = { run: runs, file: path === undefined ? null : readFileSync(path, 'utf8') };
+        });
+      },
+      { parser: false },
+    );
+    const upload = (content: string) =>
+      fetch(url, {
+        method: 'POST',
+        headers: { 'idempotency-key': 'invoice-1', 'content-type': 'multipart/form-data; boundary=X' },
+        body: `--X\r\nContent-Disposition: form-data; name="amount"\r\n\r\n10\r\n--X\r\nContent-Disposition: form-data; name="doc"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n${content}\r\n--X--\r\n`,
+      });
+    const first = await upload('invoice for ALICE');
+    expect(first.status).toBe(201);
+    expect(await first.json()).toEqual({ run: 1, file: 'invoice for ALICE' });
+    // Before, only the fields were fingerprinted: BOB's upload got ALICE's answer.
+    expect((await upload('invoice for BOB')).status).toBe(422);
+    const again = await upload('invoice for ALICE');
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(runs).toBe(1);
+    expect(warn).not.toHaveBeenCalled();
   });
 
   it('needs no parser for a bodiless request', async () => {

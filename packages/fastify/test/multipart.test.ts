@@ -1,0 +1,61 @@
+import fastifyMultipart from '@fastify/multipart';
+import { createMemoryStore } from '@idemkit/core';
+import Fastify, { type FastifyInstance } from 'fastify';
+import { afterEach, describe, expect, it } from 'vitest';
+import { fastifyIdempotency } from '../src/index.js';
+
+// Uploads: the file bytes are part of the request, so a different file under the same key must
+// be a 422, never the first upload's answer.
+
+const apps: FastifyInstance[] = [];
+afterEach(async () => {
+  await Promise.all(apps.splice(0).map((app) => app.close()));
+});
+
+const multipart = (content: string): string =>
+  '--X\r\nContent-Disposition: form-data; name="amount"\r\n\r\n10\r\n' +
+  `--X\r\nContent-Disposition: form-data; name="doc"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n${content}\r\n--X--\r\n`;
+
+async function uploadApp(attachFieldsToBody: 'keyValues' | undefined): Promise<{ app: FastifyInstance; runs: () => number }> {
+  let runs = 0;
+  const app = Fastify();
+  apps.push(app);
+  await app.register(fastifyMultipart, attachFieldsToBody === undefined ? {} : { attachFieldsToBody });
+  await app.register(fastifyIdempotency, { store: createMemoryStore(), logger: false });
+  app.post('/upload', async (_request, reply) => {
+    runs++;
+    return reply.code(201).send({ run: runs });
+  });
+  await app.ready();
+  return { app, runs: () => runs };
+}
+
+function upload(app: FastifyInstance, content: string) {
+  return app.inject({
+    method: 'POST',
+    url: '/upload',
+    headers: { 'idempotency-key': 'invoice-1', 'content-type': 'multipart/form-data; boundary=X' },
+    payload: multipart(content),
+  });
+}
+
+describe('uploads through @fastify/multipart', () => {
+  it("with attachFieldsToBody: 'keyValues', the file is in the body, so another file under the same key is a 422", async () => {
+    const { app, runs } = await uploadApp('keyValues');
+    expect((await upload(app, 'invoice for ALICE')).statusCode).toBe(201);
+    expect((await upload(app, 'invoice for BOB')).statusCode).toBe(422);
+    const again = await upload(app, 'invoice for ALICE');
+    expect(again.headers['idempotent-replayed']).toBe('true');
+    expect(runs()).toBe(1);
+  });
+
+  it('without it, the files are not in the body: refused with a message naming the fix, never run', async () => {
+    const { app, runs } = await uploadApp(undefined);
+    const res = await upload(app, 'invoice for ALICE');
+    // Before, the fingerprint saw no body: BOB's upload under the same key got ALICE's answer.
+    expect(res.statusCode).toBe(500);
+    expect(res.json()).toMatchObject({ code: 'ERR_IDEMKIT_BODY_NOT_PARSED' });
+    expect(res.json().message).toContain("attachFieldsToBody: 'keyValues'");
+    expect(runs()).toBe(0);
+  });
+});
