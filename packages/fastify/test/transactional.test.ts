@@ -119,7 +119,7 @@ describe('transactional mode: a hijacked reply whose client left while the handl
   });
 
   it('the handler throws: nothing commits, the key is freed and the retry runs', async () => {
-    const { app, ledger, runs, url } = await hijackingApp('throw');
+    const { ledger, runs, url } = await hijackingApp('throw');
     await leave(url, 'k2');
     await vi.waitFor(() => expect(ledger.rolledBack).toBe(1));
     expect(ledger.committed).toEqual([]);
