@@ -36,11 +36,36 @@ export function toStoredHeaders(
     const value = headers[rawName];
     const name = rawName.toLowerCase();
     if (value === undefined || UNREPLAYED_HEADERS.has(name)) continue;
-    if (before !== undefined && sameHeaderValue(before[rawName], value)) continue;
-    if (Array.isArray(value)) for (const v of value) out.push([name, String(v)]);
-    else out.push([name, typeof value === 'string' ? value : String(value)]);
+    const earlier = before?.[rawName];
+    if (earlier !== undefined && sameHeaderValue(earlier, value)) continue;
+    if (Array.isArray(value)) {
+      // Set-Cookie and the like: only the values the handler added (a replay adds them to those
+      // the middleware sets for the retry; see the bindings' replay writers).
+      const left = Array.isArray(earlier) ? [...earlier] : typeof earlier === 'string' ? [earlier] : [];
+      for (const v of value) {
+        const at = left.indexOf(v);
+        if (at === -1) out.push([name, String(v)]);
+        else left.splice(at, 1);
+      }
+    } else out.push([name, typeof value === 'string' ? value : String(value)]);
   }
   return out;
+}
+
+/**
+ * The outgoing headers as they stand now, for `toStoredHeaders(…, before)`. Arrays are copied:
+ * `getHeaders()` hands out the live ones, which `cookies` and Fastify's `reply.header('set-cookie')`
+ * push into, so an uncopied snapshot would always equal the final answer.
+ */
+export function snapshotHeaders(headers: Readonly<Record<string, OutgoingHeaderValue>>): Record<string, OutgoingHeaderValue> {
+  const copy: Record<string, OutgoingHeaderValue> = {};
+  const names = Object.keys(headers);
+  for (let i = 0; i < names.length; i++) {
+    const name = names[i]!;
+    const value = headers[name];
+    copy[name] = Array.isArray(value) ? [...(value as readonly string[])] : value;
+  }
+  return copy;
 }
 
 function sameHeaderValue(a: OutgoingHeaderValue | undefined, b: OutgoingHeaderValue): boolean {

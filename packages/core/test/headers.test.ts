@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { hasRequestBody, problemResponse, replayHeaders, RequestInProgressError, toStoredHeaders } from '../src/index.js';
+import { hasRequestBody, problemResponse, replayHeaders, RequestInProgressError, toStoredHeaders, snapshotHeaders, type OutgoingHeaderValue } from '../src/index.js';
 
 describe('replayed headers', () => {
   it('recomputes content-length, except where a body is not allowed (1xx, 204, 304)', () => {
@@ -60,5 +60,23 @@ describe('replayed headers', () => {
     expect(hasRequestBody({ 'content-length': '0' })).toBe(false);
     expect(hasRequestBody({ 'content-length': 'abc' })).toBe(false);
     expect(hasRequestBody({})).toBe(false);
+  });
+});
+
+describe('headers set before the key was claimed', () => {
+  it('are not stored unless the handler changed them; of a list (Set-Cookie), only the values it added', () => {
+    const live: Record<string, OutgoingHeaderValue> = { 'set-cookie': ['visit=1'], 'x-request-id': 'r1', 'cache-control': 'no-store' };
+    const before = snapshotHeaders(live);
+    // `cookies` and Fastify's reply.header('set-cookie') push into the array getHeaders() handed out.
+    (live['set-cookie'] as string[]).push('order=1');
+    live['cache-control'] = 'private';
+    expect(toStoredHeaders(live, before)).toEqual([
+      ['set-cookie', 'order=1'],
+      ['cache-control', 'private'],
+    ]);
+    // A shallow copy would share the array, and the handler's cookie would never be stored.
+    expect(toStoredHeaders(live, { ...live })).toEqual([]);
+    // A value set twice counts twice: one of them is the handler's.
+    expect(toStoredHeaders({ 'set-cookie': ['a=1', 'a=1'] }, snapshotHeaders({ 'set-cookie': 'a=1' }))).toEqual([['set-cookie', 'a=1']]);
   });
 });

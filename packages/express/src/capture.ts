@@ -1,4 +1,4 @@
-import { responseHeaders, toStoredHeaders, whenSocketCloses, type Lease } from '@idemkit/core';
+import { responseHeaders, snapshotHeaders, toStoredHeaders, whenSocketCloses, type Lease } from '@idemkit/core';
 import { STATUS_CODES, type OutgoingHttpHeader, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 
@@ -102,7 +102,7 @@ function toDictionaryProperties(res: ServerResponse): void {
  */
 export function captureResponse(res: ServerResponse, lease: Lease, { transactional, leaseMs }: { transactional: boolean; leaseMs: number }): void {
   // Set by middleware before this one (CORS, a request id): not stored unless the handler changes them.
-  const before = res.getHeaders();
+  const before = snapshotHeaders(res.getHeaders());
   toDictionaryProperties(res);
   const originalWriteHead = res.writeHead;
   const originalWrite = res.write;

@@ -83,6 +83,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
   // body is no reason to refuse the request (as in the Koa binding).
   const o = engine.options;
   const bodyMatters = o.fingerprint === 'default' || (o.getKey === undefined && o.bodyField !== false);
+  const keyHeader = o.header.toLowerCase();
 
   // Checked at the first transactional run, not here: the error handler is created after the routes.
   let errorHandlerChecked = !o.transactional;
@@ -105,7 +106,9 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       return next();
     }
     const body: unknown = req.body;
-    if (body === undefined && bodyMatters && hasRequestBody(req.headers)) {
+    // Only a request with a key can be fingerprinted: one without gets the SPEC's answer for that
+    // (400, or through with `required: false`), a webhook reading the raw body itself included.
+    if (body === undefined && bodyMatters && hasRequestBody(req.headers) && (o.getKey !== undefined || req.headers[keyHeader] !== undefined)) {
       const error = bodyNotParsed(req.headers['content-type']);
       // Once in the server's log too: an error handler that logs only 5xx would hide a parser
       // mounted after idempotency() (a route-level express.raw(), say).

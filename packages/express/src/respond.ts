@@ -18,6 +18,11 @@ export function writeProblem(res: Response, error: IdempotencyError): void {
  */
 function writeRaw(res: Response, status: number, headers: Map<string, string | string[]>, body: Uint8Array): void {
   res.statusCode = status;
-  for (const [name, value] of headers) res.setHeader(name, value);
+  // Cookies are added to those earlier middleware set for this request (only the handler's own
+  // were stored); every other stored header replaces its namesake.
+  for (const [name, value] of headers) {
+    if (name === 'set-cookie') res.appendHeader(name, value);
+    else res.setHeader(name, value);
+  }
   res.end(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
 }

@@ -28,7 +28,11 @@ export function buildApp(input: StartAppInput, expressModule: ExpressModule = ex
   const app = expressModule();
   app.use((req, res, next) => {
     // Set per request before idempotency, as a request-id middleware does.
-    if (req.method === 'POST' && req.path === '/orders') res.setHeader('x-arrival', String(count(input, 'orders:arrived')));
+    if (req.method === 'POST' && req.path === '/orders') {
+      const n = String(count(input, 'orders:arrived'));
+      res.setHeader('x-arrival', n);
+      if (req.headers['x-outer-cookie'] !== undefined) res.append('Set-Cookie', `arrival=${n}`);
+    }
     next();
   });
   app.use(expressModule.json());

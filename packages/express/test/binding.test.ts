@@ -141,6 +141,22 @@ describe('express binding: errors', () => {
     expect((await post(`${url}/x`, randomUUID())).status).toBe(201);
   });
 
+  it('a request without a key is never refused for its unparsed body: 400 for a missing key, or through with required: false', async () => {
+    const xml = { body: '<order/>', headers: { 'content-type': 'application/xml' } };
+    for (const required of [true, false]) {
+      const app = express();
+      app.use(express.json());
+      app.use(idempotency({ store: createMemoryStore(), logger: false, required }));
+      // A webhook that reads its raw body itself.
+      app.post('/hook', (_req, res) => void res.sendStatus(204));
+      app.use(toJson);
+      const url = await serve(app);
+      // Before, both were 415: the body check came before the key lookup.
+      expect((await post(`${url}/hook`, undefined, xml)).status).toBe(required ? 400 : 204);
+      expect((await post(`${url}/hook`, randomUUID(), xml)).status).toBe(415);
+    }
+  });
+
   it('a body no mounted parser read is logged once (an error handler that logs only 5xx would hide it)', async () => {
     const warn = vi.fn();
     const app = express();

@@ -31,15 +31,21 @@ export interface Replayed {
 /** Replay a stored response: its status, its headers plus `Idempotent-Replayed: true`, its exact bytes. */
 export function sendReplay(reply: FastifyReply, response: StoredResponse): Replayed {
   const replayed: Replayed = { response, payload: payloadOf(response.body) };
-  restoreReplay(reply, replayed);
+  restoreReplay(reply, replayed, true);
   reply.send(replayed.payload);
   return replayed;
 }
 
-/** Put a replay's stored status and headers (back) on the reply. */
-export function restoreReplay(reply: FastifyReply, { response }: Replayed): void {
+/**
+ * Put a replay's stored status and headers (back) on the reply. Fastify's `reply.header` adds
+ * cookies to those already set (by hooks, for this request: only the handler's own were stored),
+ * so they are added once, not again when the stored answer is put back after an onSend rewrite.
+ */
+export function restoreReplay(reply: FastifyReply, { response }: Replayed, first = false): void {
   reply.code(response.status);
-  for (const [name, value] of replayHeaders(response)) reply.header(name, value);
+  for (const [name, value] of replayHeaders(response)) {
+    if (first || name !== 'set-cookie') reply.header(name, value);
+  }
 }
 
 /** Write core's problem response (status, headers, RFC 9457 bytes) unchanged. */

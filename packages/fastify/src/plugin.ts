@@ -4,6 +4,7 @@ import {
   isMultipart,
   problemResponse,
   responseHeaders,
+  snapshotHeaders,
   toStoredHeaders,
   whenSocketCloses,
   type Decision,
@@ -56,7 +57,7 @@ interface LeaseState {
   /** The response had closed before the handler ran (the client left during slower hooks). */
   closedEarly: boolean;
   /** The reply's headers when the key was claimed (set by hooks before ours: CORS, a request id); see toStoredHeaders. */
-  readonly before: ReturnType<FastifyReply['getHeaders']>;
+  readonly before: ReturnType<typeof snapshotHeaders>;
 }
 
 const kState = Symbol('idemkit.fastify.state');
@@ -122,6 +123,9 @@ function deliver(reply: FastifyReply, done: SendDone, payload: unknown, error?: 
 function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyIdempotencyOptions) {
   const { onProblem } = options;
   const fingerprintsBody = engine.options.fingerprint === 'default';
+  const keyHeader = engine.options.header.toLowerCase();
+  // Without a key the request is not fingerprinted: it gets the SPEC's answer for no key instead.
+  const mayHaveKey = (request: FastifyRequest): boolean => engine.options.getKey !== undefined || request.headers[keyHeader] !== undefined;
 
   function decided(request: FastifyRequest, reply: FastifyReply, decision: Decision, done: Done): void {
     switch (decision.kind) {
@@ -155,7 +159,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
           handler: undefined,
           ran: false,
           closedEarly: false,
-          before: reply.getHeaders(),
+          before: snapshotHeaders(reply.getHeaders()),
         };
         (request as StatefulRequest)[kState] = state;
         request.idempotency = decision.lease.context;
@@ -185,7 +189,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // @fastify/multipart without `attachFieldsToBody` leaves the files for the handler to stream:
     // the fingerprint would see nothing, and a different upload under the same key would get the
     // first one's answer. Refused (a 500 that names the fix), never guessed.
-    if (fingerprintsBody && request.body === undefined && isMultipart(request.headers['content-type'])) return done(multipartNotParsed());
+    if (fingerprintsBody && request.body === undefined && isMultipart(request.headers['content-type']) && mayHaveKey(request)) return done(multipartNotParsed());
     engine.decide(toIncoming(request), request).then(
       (decision) => {
         try {
@@ -257,10 +261,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const failed = errored || refused;
     // An answer that gives the key back while the async handler had not settled: a timeout
     // (Fastify's `handlerTimeout`, a timer in a hook) may have answered for it while it works.
-    // In transactional mode any answer does: storing it commits the handler's transaction, which
-    // must not happen while the handler may still write in it (half its writes would commit).
-    const mayFree = failed || !engine.options.storable(status) || engine.options.transactional;
-    if (mayFree && state.ran && handler !== reply && isThenable(handler)) {
+    if ((failed || !engine.options.storable(status)) && state.ran && handler !== reply && isThenable(handler)) {
       const sends = watchSends(reply, engine.options.storable, status);
       const sender = await whoSent(handler, reply, sends);
       if (sender !== 'running') sends.stop();
@@ -374,10 +375,11 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   /**
    * Transactional mode, a hijacked reply closed: a marker stored now would commit the transaction
    * while the handler may still be writing in it. So the key (and the transaction) is held until
-   * the handler ends: it threw, the writes are rolled back and the key freed; it finished, its
-   * writes commit with the marker its raw answer calls for. A handler that is no promise cannot be
-   * waited for: its answer, if one went out, settles the key at once, as without transactions; if
-   * none did, its lease runs out, and then its transaction is rolled back and the key freed.
+   * the handler ends, for one lease at most: it threw, the writes are rolled back and the key
+   * freed; it finished, its writes commit with the marker its raw answer calls for; the lease ran
+   * out first, the transaction is rolled back and the key freed. A handler that is no promise
+   * cannot be waited for: its answer, if one went out, settles the key at once, as without
+   * transactions; if none did, its lease runs out, with the same rollback.
    */
   function hijackedInTransaction(state: LeaseState): void {
     const { lease, handler, reply } = state;
@@ -386,6 +388,10 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       void (raw.headersSent ? lease.commitUnbuffered(raw.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
     };
     if (isThenable(handler)) {
+      // Not for ever: a handler waiting on its gone client (a 'drain' that never comes) would
+      // hold its connection and row locks, and the key, for the life of the process. If it has
+      // not ended when the lease runs out, its transaction is rolled back and the key freed.
+      lease.letLapse();
       Promise.resolve(handler).then(settleByRaw, () => {
         state.errored = true;
         void lease.abandon('handler-threw');

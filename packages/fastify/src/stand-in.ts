@@ -24,9 +24,8 @@ export interface LateSends {
 }
 
 /**
- * Tell who sent a key-freeing answer (in transactional mode, any answer: storing it commits). Only
- * such answers come here, and only when the route handler returned a promise, so a normal request
- * pays nothing for it.
+ * Tell who sent a key-freeing answer. Only such answers come here, and only when the route handler
+ * returned a promise, so a normal request pays nothing for it.
  *
  * A handler whose promise had settled before the answer (Fastify sending its result or its error)
  * has reported within a few microtasks. One that answered itself and returns `reply` next has its
@@ -34,40 +33,37 @@ export interface LateSends {
  * too. One that ends with a value to send in that time was answered for: a timeout got there
  * first. Otherwise it still runs.
  */
-export function whoSent(handler: PromiseLike<unknown>, reply: FastifyReply, sends: LateSends): Promise<Sender> {
+export async function whoSent(handler: PromiseLike<unknown>, reply: FastifyReply, sends: LateSends): Promise<Sender> {
+  let outcome: { readonly value: unknown } | 'rejected' | undefined;
+  Promise.resolve(handler).then(
+    (value) => void (outcome ??= { value }),
+    () => void (outcome ??= 'rejected'),
+  );
+  // An already settled promise (native, or a thenable that calls back at once) has reported by now.
+  for (let tick = 0; tick < 3 && outcome === undefined; tick++) await null;
+  if (outcome !== undefined) return 'own';
   return new Promise<Sender>((resolve) => {
     const replyThen = reply.then;
     let decided = false;
-    let early = true;
-    let timer: NodeJS.Immediate | undefined;
     const decide = (sender: Sender): void => {
       if (decided) return;
       decided = true;
-      if (timer !== undefined) clearImmediate(timer);
+      clearImmediate(timer);
       restoreThen();
       resolve(sender);
     };
     // The handler returns `reply`: its answer went out before this one (its own, then), unless it
     // sent another just now (`return reply.code(201).send(order)` in the same turn as a timeout).
-    // Watched from the start: an async handler that answered after an `await` and returns `reply`
-    // adopts it a microtask later, and Fastify's `then` waits for the answer to finish.
     const watch: FastifyReply['then'] = function (this: FastifyReply, fulfilled, rejected) {
       decide(sends.any ? 'finished' : 'own');
       return replyThen.call(this, fulfilled, rejected);
     };
     const restoreThen = patch(reply, 'then', watch);
-    // An already settled promise (native, or a thenable that calls back at once) reports within a
-    // few microtasks: Fastify sending its result or its error. Later, a value to send means a
-    // timeout got there first.
+    const timer = setImmediate(() => decide('running'));
     Promise.resolve(handler).then(
-      (value) => decide(early || (value === undefined && !sends.withPayload) ? 'own' : 'finished'),
+      (value) => decide(value !== undefined || sends.withPayload ? 'finished' : 'own'),
       () => decide('own'),
     );
-    void (async () => {
-      for (let tick = 0; tick < 3 && !decided; tick++) await null;
-      early = false;
-      if (!decided) timer = setImmediate(() => decide('running'));
-    })();
   });
 }
 

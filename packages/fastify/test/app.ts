@@ -25,7 +25,11 @@ export async function buildApp(
   // Before parsing and idempotency (a preHandler): the suite knows when every duplicate is in.
   app.addHook('onRequest', (request, reply, done) => {
     // Set per request before idempotency, as a request-id middleware does.
-    if (request.method === 'POST' && request.url.split('?')[0] === '/orders') reply.header('x-arrival', String(count('orders:arrived')));
+    if (request.method === 'POST' && request.url.split('?')[0] === '/orders') {
+      const n = String(count('orders:arrived'));
+      reply.header('x-arrival', n);
+      if (request.headers['x-outer-cookie'] !== undefined) reply.header('set-cookie', `arrival=${n}`);
+    }
     done();
   });
   app.addContentTypeParser('application/octet-stream', { parseAs: 'buffer' }, (_req, body, done) => done(null, body));

@@ -16,12 +16,12 @@ const multipart = (content: string): string =>
   '--X\r\nContent-Disposition: form-data; name="amount"\r\n\r\n10\r\n' +
   `--X\r\nContent-Disposition: form-data; name="doc"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n${content}\r\n--X--\r\n`;
 
-async function uploadApp(attachFieldsToBody: 'keyValues' | undefined): Promise<{ app: FastifyInstance; runs: () => number }> {
+async function uploadApp(attachFieldsToBody: 'keyValues' | undefined, required = true): Promise<{ app: FastifyInstance; runs: () => number }> {
   let runs = 0;
   const app = Fastify();
   apps.push(app);
   await app.register(fastifyMultipart, attachFieldsToBody === undefined ? {} : { attachFieldsToBody });
-  await app.register(fastifyIdempotency, { store: createMemoryStore(), logger: false });
+  await app.register(fastifyIdempotency, { store: createMemoryStore(), logger: false, required });
   app.post('/upload', async (_request, reply) => {
     runs++;
     return reply.code(201).send({ run: runs });
@@ -30,11 +30,11 @@ async function uploadApp(attachFieldsToBody: 'keyValues' | undefined): Promise<{
   return { app, runs: () => runs };
 }
 
-function upload(app: FastifyInstance, content: string) {
+function upload(app: FastifyInstance, content: string, key: string | null = 'invoice-1') {
   return app.inject({
     method: 'POST',
     url: '/upload',
-    headers: { 'idempotency-key': 'invoice-1', 'content-type': 'multipart/form-data; boundary=X' },
+    headers: { ...(key === null ? {} : { 'idempotency-key': key }), 'content-type': 'multipart/form-data; boundary=X' },
     payload: multipart(content),
   });
 }
@@ -57,5 +57,12 @@ describe('uploads through @fastify/multipart', () => {
     expect(res.json()).toMatchObject({ code: 'ERR_IDEMKIT_BODY_NOT_PARSED' });
     expect(res.json().message).toContain("attachFieldsToBody: 'keyValues'");
     expect(runs()).toBe(0);
+  });
+
+  it('a keyless upload is not refused for it: through with required: false, 400 for the missing key otherwise', async () => {
+    const optional = await uploadApp(undefined, false);
+    expect((await upload(optional.app, 'invoice for ALICE', null)).statusCode).toBe(201);
+    const required = await uploadApp(undefined, true);
+    expect((await upload(required.app, 'invoice for ALICE', null)).statusCode).toBe(400);
   });
 });

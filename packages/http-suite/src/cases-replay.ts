@@ -54,6 +54,22 @@ export function replayCases(t: CaseContext): void {
     expect(record?.response?.headers.map(([name]) => name)).not.toContain('x-arrival');
   });
 
+  t.test("a cookie middleware before idempotency sets is the retry's own on a replay; the handler's cookies are replayed beside it", async () => {
+    const app = await t.app();
+    const key = newKey();
+    const headers = { 'x-outer-cookie': '1' };
+    const first = await app.post('/orders', { key, json: { sku: 'A-1' }, headers });
+    const n = Number(first.headers.get('x-arrival'));
+    expect(first.headers.getSetCookie()).toEqual([`arrival=${n}`, 'a=1', 'b=2']);
+    const replay = await app.post('/orders', { key, json: { sku: 'A-1' }, headers });
+    expect(replay.replayed).toBe(true);
+    // Before: the first request's arrival cookie came back beside (or over) the retry's own, or,
+    // where the cookie array grew in place, the handler's cookies were not stored at all.
+    expect(replay.headers.getSetCookie()).toEqual([`arrival=${n + 1}`, 'a=1', 'b=2']);
+    const record = await t.harness().store.get(storeId(key));
+    expect(record?.response?.headers.filter(([name]) => name === 'set-cookie').map(([, value]) => value)).toEqual(['a=1', 'b=2']);
+  });
+
   t.test('a 204 replays as a 204: no body and, as on the original, no Content-Length', async () => {
     const app = await t.app();
     const key = newKey();

@@ -47,7 +47,9 @@ export type StartApp = (input: StartAppInput) => Promise<TestAppHandle>;
  * - Every request to `POST /orders` counts `orders:arrived` as it arrives, before idempotency
  *   (and body parsing) see it: the suite knows when every duplicate has reached the server. That
  *   middleware also sets the response header `X-Arrival: <that count>` (a per-request header
- *   set before idempotency, as a request id or CORS is).
+ *   set before idempotency, as a request id or CORS is) and, when the request has an
+ *   `X-Outer-Cookie` header, adds `Set-Cookie: arrival=<that count>` (the handler's cookies are
+ *   added to it, not put in its place).
  * - `POST /orders` (JSON body). Counts `orders`. If the query has `delay=<ms>`, waits that long
  *   first; if it has `hold=<name>`, waits for `hold(name)` (see StartAppInput). Answers 201, JSON
  *   `{ "id": "<uuid>", "n": <execution number>, "body": <request body> }`, headers

@@ -5,6 +5,7 @@ import {
   problemResponse,
   replayHeaders,
   responseHeaders,
+  snapshotHeaders,
   toStoredHeaders,
   isMultipart,
   uploadedFileDigests,
@@ -56,6 +57,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
   const engine = createIdempotencyEngine<Context>(engineOptions(options));
   const resolved = engine.options;
   const bodyMatters = needsBody(resolved);
+  const keyHeader = resolved.header.toLowerCase();
   let warnedUnparsed = false;
 
   const answerProblem = async (ctx: Context, error: IdempotencyError): Promise<void> => {
@@ -72,7 +74,9 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     if (!resolved.methods.has(method)) return next();
 
     const body = (ctx.request as { body?: unknown }).body;
-    if (bodyMatters && body === undefined && hasRequestBody(ctx.req.headers)) {
+    // Only a request with a key can be fingerprinted: one without gets the SPEC's answer for that
+    // (400, or through with `required: false`), a webhook reading the raw body itself included.
+    if (bodyMatters && body === undefined && hasRequestBody(ctx.req.headers) && (resolved.getKey !== undefined || ctx.req.headers[keyHeader] !== undefined)) {
       // 415, not 500: koa-body leaves `undefined` for the types it does not parse (octet-stream,
       // XML, multipart unless enabled), so any client could cause 500s. Koa does not log an
       // exposed 4xx, so it is logged here, once: a server with no parser sees it at once.
@@ -137,7 +141,7 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
   ctx.res.once('close', onClose);
   ctx.res.once('finish', onFinish);
   // Set by middleware before this one (CORS, a request id): not stored unless the handler changes them.
-  const before = ctx.response.headers;
+  const before = snapshotHeaders(ctx.response.headers);
   try {
     await next();
   } catch (error) {

@@ -16,5 +16,10 @@ export function sendStored(ctx: Context, response: StoredResponse, headers: Read
   // none is set, and the stored headers set afterwards must win.
   ctx.body = toBuffer(response.body);
   if (!headers.has('content-type')) ctx.remove('Content-Type');
-  for (const [name, value] of headers) ctx.set(name, value);
+  // Cookies are added to those earlier middleware set for this request (only the handler's own
+  // were stored); every other stored header replaces its namesake.
+  for (const [name, value] of headers) {
+    if (name === 'set-cookie') ctx.append('Set-Cookie', value);
+    else ctx.set(name, value);
+  }
 }

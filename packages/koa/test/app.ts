@@ -59,7 +59,7 @@ export function createStartApp(KoaClass: typeof Koa = Koa): StartApp {
       ctx.status = ctx.query.status === undefined ? 201 : Number(ctx.query.status);
       ctx.set('Location', `/orders/${id}`);
       ctx.set('X-Custom', 'yes');
-      ctx.set('Set-Cookie', ['a=1', 'b=2']);
+      ctx.append('Set-Cookie', ['a=1', 'b=2']);
       ctx.body = { id, n, body: ctx.request.body };
     });
     router.patch('/orders/:id', (ctx) => {
@@ -115,7 +115,11 @@ export function createStartApp(KoaClass: typeof Koa = Koa): StartApp {
     const app = new KoaClass();
     app.use(async (ctx, next) => {
       // Set per request before idempotency, as a request-id middleware does.
-      if (ctx.method === 'POST' && ctx.path === '/orders') ctx.set('x-arrival', String(count('orders:arrived')));
+      if (ctx.method === 'POST' && ctx.path === '/orders') {
+        const n = String(count('orders:arrived'));
+        ctx.set('x-arrival', n);
+        if (ctx.get('x-outer-cookie') !== '') ctx.append('Set-Cookie', `arrival=${n}`);
+      }
       await next();
     });
     app.silent = true; // the /throw route's error is expected; keep test output clean

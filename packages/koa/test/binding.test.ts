@@ -381,6 +381,23 @@ describe('koa binding: body parsing', () => {
     expect(warn).not.toHaveBeenCalled();
   });
 
+  it('a request without a key is never refused for its unparsed body: 400 for a missing key, or through with required: false', async () => {
+    for (const required of [true, false]) {
+      const { url } = await start(
+        (a) => {
+          a.use(idempotency({ store: createMemoryStore(), logger: false, required }));
+          // A webhook that reads its raw body itself.
+          a.use((ctx) => { ctx.status = 204; });
+        },
+        { parser: false },
+      );
+      // Before, both were 415: the body check came before the key lookup.
+      const keyless = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/xml' }, body: '<order/>' });
+      expect(keyless.status).toBe(required ? 400 : 204);
+      expect((await post(url, `keyed-${String(required)}`)).status).toBe(415);
+    }
+  });
+
   it('needs no parser for a bodiless request', async () => {
     const { url } = await start(
       (a) => {

@@ -87,17 +87,18 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
    * with `maxRetriesPerRequest: 0` a reconnect that fails again drops a queued release unsent.
    * A Cluster may even send the claim twice (the parked copy and a MOVED redirect's), after a
    * release that deleted the first. So it is sent again a few times whatever the answers, then
-   * for as long as it fails (the store unreachable), while the claim could still be there (it
-   * expires by itself `claimMs` from now at most).
+   * for as long as it cannot reach Redis (a timeout is no such failure: it was sent), while the
+   * claim's lease runs (`leaseMs` from now at most: after it a release is refused anyway, and the
+   * key is free to take over).
    */
-  function giveBack(key: string, token: string, claimMs: number): void {
-    const until = Date.now() + claimMs;
+  function giveBack(key: string, token: string, leaseMs: number): void {
+    const until = Date.now() + leaseMs;
     let attempt = 0;
     const send = (): void => {
       if (closed) return;
       run('release', key, token).then(
         () => next(false),
-        () => next(true),
+        (error: unknown) => next(!isTimeout(error)),
       );
     };
     const next = (failed: boolean): void => {
@@ -157,7 +158,7 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
         // The claim may have landed though the answer was lost (ioredis's `commandTimeout`, or
         // `maxRetriesPerRequest` used up by a reconnect): the caller was told the store failed,
         // so the key must not stay claimed, answering 409 to its retries, for a whole lease.
-        giveBack(key, token, lease + leaseGraceMs);
+        giveBack(key, token, lease);
         throw error;
       }
     },
@@ -218,6 +219,11 @@ function defineCommands(client: RedisClient): Record<Op, ScriptCall> {
     out[op] = (key, ...args) => fn.call(client, key, ...args);
   }
   return out;
+}
+
+/** ioredis's `commandTimeout` rejection: the command was written, it may well have run. */
+function isTimeout(error: unknown): boolean {
+  return error instanceof Error && /timed out/i.test(error.message);
 }
 
 function positiveMs(ms: number, name: string): number {
