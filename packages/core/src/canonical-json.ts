@@ -1,3 +1,5 @@
+import { createHash } from 'node:crypto';
+
 /**
  * Canonical JSON (sorted object keys, JSON.stringify's value rules) written without recursion.
  * Bodies come from JSON parsers that accept any depth, so a 100 KB body can nest 50 000 levels;
@@ -13,8 +15,13 @@ function isSkipped(value: unknown): boolean {
   return value === undefined || typeof value === 'function' || typeof value === 'symbol';
 }
 
-/** Apply `toJSON` (Dates) and unwrap what JSON.stringify unwraps; returns the value to write. */
+/**
+ * Apply `toJSON` (Dates) and unwrap what JSON.stringify unwraps; returns the value to write.
+ * Bytes inside a body (an upload as `@fastify/multipart`'s `keyValues` gives it) are written as
+ * their SHA-256, not as `Buffer.toJSON()`'s array of numbers: 50 MB of those took 44 s and 3.8 GB.
+ */
 function prepare(value: unknown): unknown {
+  if (value instanceof Uint8Array) return `bytes:sha256:${createHash('sha256').update(value).digest('base64url')}`;
   if (value !== null && typeof value === 'object' && typeof (value as { toJSON?: unknown }).toJSON === 'function') {
     return (value as { toJSON(): unknown }).toJSON();
   }

@@ -9,11 +9,13 @@ export function isMultipart(contentType: string | undefined): boolean {
 /**
  * One uploaded file as the common multipart parsers describe it: formidable (koa-body) gives
  * `filepath` (`path` before v2), multer gives `fieldname` and `buffer` (memory storage) or `path`
- * (disk storage).
+ * (disk storage), express-fileupload gives `data`, or `tempFilePath` with `useTempFiles`.
  */
 interface UploadedFile {
   readonly fieldname?: unknown;
   readonly buffer?: unknown;
+  readonly data?: unknown;
+  readonly tempFilePath?: unknown;
   readonly filepath?: unknown;
   readonly path?: unknown;
 }
@@ -54,7 +56,7 @@ export async function uploadedFileDigests(files: unknown, field = 'file'): Promi
 /** One file rather than a map of fields (multer names its field; a storage engine may keep no bytes). */
 function isFile(value: object): boolean {
   const f = value as UploadedFile;
-  return typeof f.fieldname === 'string' || f.buffer instanceof Uint8Array || typeof f.filepath === 'string' || typeof f.path === 'string';
+  return typeof f.fieldname === 'string' || f.buffer instanceof Uint8Array || typeof f.filepath === 'string' || typeof f.path === 'string' || typeof f.tempFilePath === 'string';
 }
 
 function fieldOf(file: unknown, fallback: string): string {
@@ -65,7 +67,9 @@ function fieldOf(file: unknown, fallback: string): string {
 async function digestOf(file: UploadedFile): Promise<string> {
   const hash = createHash('sha256');
   if (file.buffer instanceof Uint8Array) return hash.update(file.buffer).digest('base64url');
-  const path = typeof file.filepath === 'string' ? file.filepath : typeof file.path === 'string' ? file.path : undefined;
+  const path = [file.tempFilePath, file.filepath, file.path].find((p): p is string => typeof p === 'string' && p !== '');
+  // express-fileupload leaves `data` empty when the bytes went to `tempFilePath`.
+  if (path === undefined && file.data instanceof Uint8Array) return hash.update(file.data).digest('base64url');
   if (path === undefined) {
     throw new TypeError('[idemkit] An uploaded file has neither its bytes (`buffer`) nor a path on disk, so the fingerprint cannot see it: pass a `fingerprint` function that covers it.');
   }

@@ -52,3 +52,14 @@ describe('canonical JSON', () => {
     expect(() => canonicalJson(loop)).toThrow(/contains itself/);
   });
 });
+
+describe('bytes inside a body', () => {
+  it('are written as their SHA-256, not as an array of numbers (an upload the size of a file stays a short text)', () => {
+    const big = Buffer.alloc(20 * 1024 * 1024, 0x61);
+    const text = canonicalJson({ amount: '10', doc: big });
+    expect(text.length).toBeLessThan(100);
+    expect(text).toMatch(/^\{"amount":"10","doc":"bytes:sha256:[\w-]{43}"\}$/);
+    expect(canonicalJson({ doc: Buffer.from('ALICE') })).not.toBe(canonicalJson({ doc: Buffer.from('BOB') }));
+    expect(canonicalJson({ doc: new Uint8Array([1, 2]) })).toBe(canonicalJson({ doc: Buffer.from([1, 2]) }));
+  });
+});

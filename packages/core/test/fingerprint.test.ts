@@ -96,6 +96,9 @@ describe('uploaded files', () => {
     expect(await uploadedFileDigests({ doc: [{ fieldname: 'doc', path: onDisk }] })).toEqual({ doc: [sha('on disk')] });
     // koa-body (formidable): { field: file | file[] } with filepath
     expect(await uploadedFileDigests({ doc: { filepath: onDisk }, more: [{ filepath: onDisk }] })).toEqual({ doc: [sha('on disk')], more: [sha('on disk')] });
+    // express-fileupload: { field: file } with `data`, or `tempFilePath` (and empty `data`) with useTempFiles
+    expect(await uploadedFileDigests({ doc: { name: 'a.txt', data: Buffer.from('in memory'), tempFilePath: '' } })).toEqual({ doc: [sha('in memory')] });
+    expect(await uploadedFileDigests({ doc: { name: 'a.txt', data: Buffer.alloc(0), tempFilePath: onDisk } })).toEqual({ doc: [sha('on disk')] });
     expect(await uploadedFileDigests(undefined)).toBeUndefined();
     expect(await uploadedFileDigests({})).toBeUndefined();
     // A file whose bytes cannot be read must not pass for any other.

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { hasRequestBody, problemResponse, replayHeaders, RequestInProgressError, toStoredHeaders, snapshotHeaders, type OutgoingHeaderValue } from '../src/index.js';
+import { hasRequestBody, mayHoldBodyKey, problemResponse, replayHeaders, RequestInProgressError, toStoredHeaders, snapshotHeaders, type OutgoingHeaderValue } from '../src/index.js';
 
 describe('replayed headers', () => {
   it('recomputes content-length, except where a body is not allowed (1xx, 204, 304)', () => {
@@ -78,5 +78,12 @@ describe('headers set before the key was claimed', () => {
     expect(toStoredHeaders(live, { ...live })).toEqual([]);
     // A value set twice counts twice: one of them is the handler's.
     expect(toStoredHeaders({ 'set-cookie': ['a=1', 'a=1'] }, snapshotHeaders({ 'set-cookie': 'a=1' }))).toEqual([['set-cookie', 'a=1']]);
+  });
+});
+
+describe('mayHoldBodyKey', () => {
+  it('is true for bodies a key field could be in (JSON, forms), false for raw ones', () => {
+    for (const type of ['application/json', 'application/vnd.api+json; charset=utf-8', 'application/x-www-form-urlencoded', 'multipart/form-data; boundary=X']) expect(mayHoldBodyKey(type), type).toBe(true);
+    for (const type of ['application/xml', 'application/octet-stream', 'text/plain', undefined]) expect(mayHoldBodyKey(type), String(type)).toBe(false);
   });
 });

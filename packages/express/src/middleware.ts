@@ -1,4 +1,4 @@
-import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
+import { ConfigurationError, createIdempotencyEngine, hasBodyField, hasRequestBody, isMultipart, mayHoldBodyKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import { captureResponse } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
@@ -43,6 +43,9 @@ function bodyNotParsed(contentType: string | undefined): ConfigurationError {
   const error = new ConfigurationError(
     'ERR_IDEMKIT_BODY_NOT_PARSED',
     `The request has a body (content-type ${JSON.stringify(contentType ?? '')}) that no body parser read, so idempotency() cannot fingerprint it. ` +
+      (isMultipart(contentType)
+        ? "For uploads, mount idempotency() after the multipart parser on the route: app.post('/path', upload.single('file'), idempotency(options), handler). "
+        : '') +
       'To accept this type, mount a body parser for it (express.json(), express.text() or express.raw()) before idempotency().',
   );
   return Object.assign(error, { status: 415, statusCode: 415, expose: true });
@@ -108,7 +111,8 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
     const body: unknown = req.body;
     // Only a request with a key can be fingerprinted: one without gets the SPEC's answer for that
     // (400, or through with `required: false`), a webhook reading the raw body itself included.
-    if (body === undefined && bodyMatters && hasRequestBody(req.headers) && (o.getKey !== undefined || req.headers[keyHeader] !== undefined)) {
+    // A JSON or form body may hold the key itself (`bodyField`): that one is still refused.
+    if (body === undefined && bodyMatters && hasRequestBody(req.headers) && (o.getKey !== undefined || req.headers[keyHeader] !== undefined || (o.bodyField !== false && mayHoldBodyKey(req.headers['content-type'])))) {
       const error = bodyNotParsed(req.headers['content-type']);
       // Once in the server's log too: an error handler that logs only 5xx would hide a parser
       // mounted after idempotency() (a route-level express.raw(), say).
@@ -121,7 +125,11 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
 
     // Uploaded files multer keeps beside the body (`req.file`, `req.files`): their bytes are part
     // of the request, so the default fingerprint covers them. Nothing to await without files.
-    const files = o.fingerprint === 'default' && isMultipart(req.headers['content-type']) ? await uploadedFileDigests(uploadedBy(req)) : undefined;
+    // Hashed only for a request that may have a key: one without is never fingerprinted.
+    const files =
+      o.fingerprint === 'default' && isMultipart(req.headers['content-type']) && (o.getKey !== undefined || req.headers[keyHeader] !== undefined || hasBodyField(body, o.bodyField))
+        ? await uploadedFileDigests(uploadedBy(req))
+        : undefined;
     const decision = await engine.decide(toIncoming(req, method, body, files), req);
     switch (decision.kind) {
       case 'pass':

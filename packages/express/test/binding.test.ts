@@ -154,6 +154,8 @@ describe('express binding: errors', () => {
       // Before, both were 415: the body check came before the key lookup.
       expect((await post(`${url}/hook`, undefined, xml)).status).toBe(required ? 400 : 204);
       expect((await post(`${url}/hook`, randomUUID(), xml)).status).toBe(415);
+      // A JSON body may hold the key itself (`idempotencyKey`): unread, it is still refused, never run without idempotency.
+      expect((await post(`${url}/hook`, undefined, { body: '{"idempotencyKey":"k1"}', headers: { 'content-type': 'application/vnd.api+json' } })).status).toBe(415);
     }
   });
 
@@ -284,6 +286,35 @@ describe('express binding: uploads (multer)', () => {
     const again = await upload('invoice for ALICE');
     expect(again.headers.get('idempotent-replayed')).toBe('true');
     expect(runs).toBe(1);
+  });
+});
+
+describe('express binding: uploads kept elsewhere (a storage engine that keeps no bytes here, as an S3 one)', () => {
+  // multer's storage engine interface: drain the upload, report only where it "went".
+  const remote = multer({
+    storage: {
+      _handleFile(_req: Request, file: { stream: NodeJS.ReadableStream }, cb: (error: Error | null, info?: object) => void) {
+        file.stream.resume();
+        file.stream.on('end', () => cb(null, { location: 'https://bucket.example/a.txt' }));
+      },
+      _removeFile(_req: Request, _file: unknown, cb: (error: Error | null) => void) {
+        cb(null);
+      },
+    } as unknown as multer.StorageEngine,
+  });
+  const body = '--X\r\nContent-Disposition: form-data; name="doc"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\nbytes\r\n--X--\r\n';
+  const headers = { 'content-type': 'multipart/form-data; boundary=X' };
+
+  it('a keyless upload is never hashed: through with required: false; a keyed one is refused with a message that says why', async () => {
+    const app = express();
+    app.post('/upload', remote.single('doc'), idempotency({ store: createMemoryStore(), logger: false, required: false }), (_req, res) => void res.sendStatus(201));
+    app.use(((err: Error, _req, res, _next) => void res.status(500).json({ message: err.message })) as ErrorRequestHandler);
+    const url = await serve(app);
+    // Before, every upload here was a 500, keyless or not: the files were hashed before the key was looked at.
+    expect((await post(`${url}/upload`, undefined, { body, headers })).status).toBe(201);
+    const keyed = await post(`${url}/upload`, randomUUID(), { body, headers });
+    expect(keyed.status).toBe(500);
+    expect(new TextDecoder().decode(keyed.body)).toContain('neither its bytes');
   });
 });
 

@@ -1,6 +1,7 @@
 import {
   ConfigurationError,
   createIdempotencyEngine,
+  hasBodyField,
   isMultipart,
   problemResponse,
   responseHeaders,
@@ -69,7 +70,7 @@ function stateOf(request: FastifyRequest): LeaseState | null {
   return (request as StatefulRequest)[kState];
 }
 
-function toIncoming(request: FastifyRequest): IncomingRequest {
+function toIncoming(request: FastifyRequest, body: unknown = request.body): IncomingRequest {
   return {
     method: request.method.toUpperCase(),
     path: request.url,
@@ -78,8 +79,38 @@ function toIncoming(request: FastifyRequest): IncomingRequest {
     // header of every request (seen in `pnpm bench`'s profile).
     headers: request.headers,
     // As Fastify parsed it: never parse a second time.
-    body: request.body,
+    body,
   };
+}
+
+/** A part as `@fastify/multipart` attaches it with `attachFieldsToBody: true`. */
+interface MultipartPart {
+  readonly type: 'field' | 'file';
+  readonly value?: unknown;
+  readonly _buf?: unknown;
+}
+
+function isPart(value: unknown): value is MultipartPart {
+  const type = (value as { type?: unknown } | null)?.type;
+  return typeof value === 'object' && value !== null && (type === 'field' || type === 'file') && 'fieldname' in value;
+}
+
+/**
+ * `attachFieldsToBody: true` gives each part as an object that refers back to the whole body
+ * (`fields`), which no fingerprint can write: reduced to what `'keyValues'` gives (a field's
+ * value, a file's bytes). A file whose bytes went elsewhere (an `onFile` handler) cannot be told
+ * apart from another, so it is refused, as a file left for the handler is.
+ */
+function multipartValues(body: Record<string, unknown>): Record<string, unknown> {
+  const one = (part: unknown): unknown => {
+    if (!isPart(part)) return part;
+    if (part.type === 'field') return part.value;
+    if (part._buf instanceof Uint8Array) return part._buf;
+    throw multipartNotParsed();
+  };
+  const out: Record<string, unknown> = {};
+  for (const [name, value] of Object.entries(body)) out[name] = Array.isArray(value) ? value.map(one) : one(value);
+  return out;
 }
 
 type Done = (error?: Error | null) => void;
@@ -88,8 +119,8 @@ type SendDone = (error: Error | null, payload?: unknown) => void;
 function multipartNotParsed(): ConfigurationError {
   return new ConfigurationError(
     'ERR_IDEMKIT_BODY_NOT_PARSED',
-    'A multipart request reached idempotency with no body: its files are left for the handler to read, so the fingerprint cannot see them. ' +
-      "Register @fastify/multipart with `attachFieldsToBody: 'keyValues'` (or `true`) so the files are part of request.body, or give this route a `fingerprint` function.",
+    'A multipart request reached idempotency without the bytes of its files (left for the handler to read, or taken by an onFile handler), so the fingerprint cannot see them. ' +
+      "Register @fastify/multipart with `attachFieldsToBody: 'keyValues'` (or `true`), without an `onFile` handler that takes the bytes elsewhere, so the files are part of request.body; or give this route a `fingerprint` function.",
   );
 }
 
@@ -125,7 +156,8 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   const fingerprintsBody = engine.options.fingerprint === 'default';
   const keyHeader = engine.options.header.toLowerCase();
   // Without a key the request is not fingerprinted: it gets the SPEC's answer for no key instead.
-  const mayHaveKey = (request: FastifyRequest): boolean => engine.options.getKey !== undefined || request.headers[keyHeader] !== undefined;
+  const mayHaveKey = (request: FastifyRequest): boolean =>
+    engine.options.getKey !== undefined || request.headers[keyHeader] !== undefined || hasBodyField(request.body, engine.options.bodyField);
 
   function decided(request: FastifyRequest, reply: FastifyReply, decision: Decision, done: Done): void {
     switch (decision.kind) {
@@ -189,8 +221,18 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // @fastify/multipart without `attachFieldsToBody` leaves the files for the handler to stream:
     // the fingerprint would see nothing, and a different upload under the same key would get the
     // first one's answer. Refused (a 500 that names the fix), never guessed.
-    if (fingerprintsBody && request.body === undefined && isMultipart(request.headers['content-type']) && mayHaveKey(request)) return done(multipartNotParsed());
-    engine.decide(toIncoming(request), request).then(
+    let body: unknown = request.body;
+    if (fingerprintsBody && isMultipart(request.headers['content-type']) && mayHaveKey(request)) {
+      if (body === undefined) return done(multipartNotParsed());
+      if (typeof body === 'object' && body !== null) {
+        try {
+          body = multipartValues(body as Record<string, unknown>);
+        } catch (error) {
+          return done(asError(error));
+        }
+      }
+    }
+    engine.decide(toIncoming(request, body), request).then(
       (decision) => {
         try {
           decided(request, reply, decision, done);

@@ -7,7 +7,9 @@ import {
   responseHeaders,
   snapshotHeaders,
   toStoredHeaders,
+  hasBodyField,
   isMultipart,
+  mayHoldBodyKey,
   uploadedFileDigests,
   type IdempotencyContext,
   type IdempotencyError,
@@ -76,7 +78,10 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     const body = (ctx.request as { body?: unknown }).body;
     // Only a request with a key can be fingerprinted: one without gets the SPEC's answer for that
     // (400, or through with `required: false`), a webhook reading the raw body itself included.
-    if (bodyMatters && body === undefined && hasRequestBody(ctx.req.headers) && (resolved.getKey !== undefined || ctx.req.headers[keyHeader] !== undefined)) {
+    // A JSON or form body may hold the key itself (`bodyField`): that one is still refused.
+    const mayHaveKey =
+      resolved.getKey !== undefined || ctx.req.headers[keyHeader] !== undefined || (resolved.bodyField !== false && mayHoldBodyKey(ctx.req.headers['content-type']));
+    if (bodyMatters && body === undefined && hasRequestBody(ctx.req.headers) && mayHaveKey) {
       // 415, not 500: koa-body leaves `undefined` for the types it does not parse (octet-stream,
       // XML, multipart unless enabled), so any client could cause 500s. Koa does not log an
       // exposed 4xx, so it is logged here, once: a server with no parser sees it at once.
@@ -84,6 +89,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
         new ConfigurationError(
           'ERR_IDEMKIT_BODY_NOT_PARSED',
           `ctx.request.body is undefined but the request has a body (content-type ${JSON.stringify(ctx.get('Content-Type'))}) that no body parser read, so idempotency() cannot fingerprint it. ` +
+            (isMultipart(ctx.get('Content-Type')) ? 'For uploads, mount the multipart parser (koa-body with `multipart: true`, @koa/multer) before idempotency(). ' : '') +
             'To accept this type, mount a body parser that reads it (e.g. @koa/bodyparser, or koa-body with the type enabled) before idempotency().',
         ),
         { status: 415, expose: true },
@@ -105,9 +111,13 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     // refuses a bare key with a comma, so two Idempotency-Key lines still get a 400.
     // Uploaded files koa-body keeps beside the body (`multipart: true`): their bytes are part of
     // the request, so the default fingerprint covers them. Nothing to await without files.
+    // Hashed only for a request that may have a key: one without is never fingerprinted.
+    // koa-body and @koa/multer's array forms set `files`, @koa/multer's single() sets `file`.
     const files =
-      resolved.fingerprint === 'default' && isMultipart(ctx.req.headers['content-type'])
-        ? await uploadedFileDigests((ctx.request as { files?: unknown }).files)
+      resolved.fingerprint === 'default' &&
+      isMultipart(ctx.req.headers['content-type']) &&
+      (resolved.getKey !== undefined || ctx.req.headers[keyHeader] !== undefined || hasBodyField(body, resolved.bodyField))
+        ? await uploadedFileDigests(uploadedBy(ctx))
         : undefined;
     const decision = await engine.decide({ method, path: ctx.originalUrl, headers: ctx.req.headers, body, files }, ctx);
     switch (decision.kind) {
@@ -221,6 +231,12 @@ function engineOptions(options: KoaIdempotencyOptions): IdempotencyOptions<Conte
 /** The engine reads the body for the default fingerprint and for a key in the body. */
 function needsBody(o: ResolvedOptions<Context>): boolean {
   return o.fingerprint === 'default' || (o.getKey === undefined && o.bodyField !== false);
+}
+
+/** Where koa-body and @koa/multer leave uploads. */
+function uploadedBy(ctx: Context): unknown {
+  const request = ctx.request as { files?: unknown; file?: unknown };
+  return request.files ?? request.file;
 }
 
 /** koa-body with `multipart: true` keeps uploaded files beside the fields (`{}` with files only). */
