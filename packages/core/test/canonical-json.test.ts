@@ -61,5 +61,12 @@ describe('bytes inside a body', () => {
     expect(text).toMatch(/^\{"amount":"10","doc":"bytes:sha256:[\w-]{43}"\}$/);
     expect(canonicalJson({ doc: Buffer.from('ALICE') })).not.toBe(canonicalJson({ doc: Buffer.from('BOB') }));
     expect(canonicalJson({ doc: new Uint8Array([1, 2]) })).toBe(canonicalJson({ doc: Buffer.from([1, 2]) }));
+    // Any binary value is its bytes: not `{"0":1,"1":2}` (a typed array) or `{}` (an ArrayBuffer),
+    // which would pass for an object a client sent, or for each other.
+    const bytes = new Uint8Array([1, 2, 3, 4]);
+    for (const view of [new Uint16Array(bytes.buffer), new DataView(bytes.buffer), bytes.buffer, new Uint8ClampedArray(bytes.buffer)]) {
+      expect(canonicalJson({ doc: view })).toBe(canonicalJson({ doc: bytes }));
+    }
+    expect(canonicalJson({ doc: new ArrayBuffer(2) })).not.toBe(canonicalJson({ doc: {} }));
   });
 });

@@ -108,11 +108,13 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       expose(req, res, null);
       return next();
     }
-    const body: unknown = req.body;
+    // express-fileupload sets req.body only when a text field arrives: files alone are a body too.
+    const body: unknown = req.body === undefined && isMultipart(req.headers['content-type']) && uploadedBy(req) != null ? {} : req.body;
     // Only a request with a key can be fingerprinted: one without gets the SPEC's answer for that
     // (400, or through with `required: false`), a webhook reading the raw body itself included.
-    // A JSON or form body may hold the key itself (`bodyField`): that one is still refused.
-    if (body === undefined && bodyMatters && hasRequestBody(req.headers) && (o.getKey !== undefined || req.headers[keyHeader] !== undefined || (o.bodyField !== false && mayHoldBodyKey(req.headers['content-type'])))) {
+    // With `required`, a JSON or form body may hold the key itself (`bodyField`): unread, it is
+    // refused rather than answered 400 for a key it may have. Without, keyless passes (webhooks).
+    if (body === undefined && bodyMatters && hasRequestBody(req.headers) && (o.getKey !== undefined || req.headers[keyHeader] !== undefined || (o.required && o.bodyField !== false && mayHoldBodyKey(req.headers['content-type'])))) {
       const error = bodyNotParsed(req.headers['content-type']);
       // Once in the server's log too: an error handler that logs only 5xx would hide a parser
       // mounted after idempotency() (a route-level express.raw(), say).

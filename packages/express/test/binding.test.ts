@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { connect } from 'node:net';
 import { createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
+import fileUpload from 'express-fileupload';
 import multer from 'multer';
 import express, { type ErrorRequestHandler, type Express, type Request, type Response } from 'express';
 import { afterEach, describe, expect, it, vi } from 'vitest';
@@ -154,8 +155,9 @@ describe('express binding: errors', () => {
       // Before, both were 415: the body check came before the key lookup.
       expect((await post(`${url}/hook`, undefined, xml)).status).toBe(required ? 400 : 204);
       expect((await post(`${url}/hook`, randomUUID(), xml)).status).toBe(415);
-      // A JSON body may hold the key itself (`idempotencyKey`): unread, it is still refused, never run without idempotency.
-      expect((await post(`${url}/hook`, undefined, { body: '{"idempotencyKey":"k1"}', headers: { 'content-type': 'application/vnd.api+json' } })).status).toBe(415);
+      // A JSON webhook (Stripe's) passes with required: false. With required: true its body may
+      // hold the key itself (`idempotencyKey`): unread, it is refused rather than told "no key".
+      expect((await post(`${url}/hook`, undefined, { body: '{"idempotencyKey":"k1"}', headers: { 'content-type': 'application/vnd.api+json' } })).status).toBe(required ? 415 : 204);
     }
   });
 
@@ -285,6 +287,30 @@ describe('express binding: uploads (multer)', () => {
     expect((await upload('invoice for BOB')).status).toBe(422);
     const again = await upload('invoice for ALICE');
     expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(runs).toBe(1);
+  });
+});
+
+describe('express binding: uploads (express-fileupload)', () => {
+  it.each([false, true])('a form of files only is a body (useTempFiles: %s): replayed, and another file under the same key is a 422', async (useTempFiles) => {
+    let runs = 0;
+    const app = express();
+    app.use(fileUpload({ useTempFiles, tempFileDir: tmpdir() }));
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/upload', (_req, res) => {
+      runs++;
+      res.status(201).json({ run: runs });
+    });
+    const url = await serve(app);
+    const upload = (content: string) =>
+      post(`${url}/upload`, 'invoice-1', {
+        headers: { 'content-type': 'multipart/form-data; boundary=X' },
+        body: `--X\r\nContent-Disposition: form-data; name="doc"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n${content}\r\n--X--\r\n`,
+      });
+    // Before, it was a 415: express-fileupload sets req.body only when a text field arrives.
+    expect((await upload('invoice for ALICE')).status).toBe(201);
+    expect((await upload('invoice for BOB')).status).toBe(422);
+    expect((await upload('invoice for ALICE')).headers.get('idempotent-replayed')).toBe('true');
     expect(runs).toBe(1);
   });
 });

@@ -90,9 +90,10 @@ interface MultipartPart {
   readonly _buf?: unknown;
 }
 
-function isPart(value: unknown): value is MultipartPart {
-  const type = (value as { type?: unknown } | null)?.type;
-  return typeof value === 'object' && value !== null && (type === 'field' || type === 'file') && 'fieldname' in value;
+/** A part object of `attachFieldsToBody: true`, which refers back to the body it is in (never a client's JSON field). */
+function isPart(value: unknown, body: object): value is MultipartPart {
+  const part = value as { type?: unknown; fields?: unknown } | null;
+  return typeof part === 'object' && part !== null && (part.type === 'field' || part.type === 'file') && part.fields === body;
 }
 
 /**
@@ -103,7 +104,7 @@ function isPart(value: unknown): value is MultipartPart {
  */
 function multipartValues(body: Record<string, unknown>): Record<string, unknown> {
   const one = (part: unknown): unknown => {
-    if (!isPart(part)) return part;
+    if (!isPart(part, body)) return part;
     if (part.type === 'field') return part.value;
     if (part._buf instanceof Uint8Array) return part._buf;
     throw multipartNotParsed();

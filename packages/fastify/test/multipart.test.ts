@@ -66,4 +66,19 @@ describe('uploads through @fastify/multipart', () => {
     const required = await uploadApp(undefined, true);
     expect((await upload(required.app, 'invoice for ALICE', null)).statusCode).toBe(400);
   });
+
+  it("with 'keyValues', a client's JSON field shaped like a part is a field like any other (never a 500, never a false replay)", async () => {
+    const { app, runs } = await uploadApp('keyValues');
+    const withField = (json: string) =>
+      app.inject({
+        method: 'POST',
+        url: '/upload',
+        headers: { 'idempotency-key': 'json-part', 'content-type': 'multipart/form-data; boundary=X' },
+        payload: `--X\r\nContent-Disposition: form-data; name="amount"\r\nContent-Type: application/json\r\n\r\n${json}\r\n--X--\r\n`,
+      });
+    expect((await withField('{"type":"file","fieldname":"a"}')).statusCode).toBe(201);
+    // Before, both were read as parts: the first a 500, this one the value "100" (a replay of another body).
+    expect((await withField('{"type":"field","fieldname":"a","value":"100"}')).statusCode).toBe(422);
+    expect(runs()).toBe(1);
+  });
 });

@@ -78,9 +78,12 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     const body = (ctx.request as { body?: unknown }).body;
     // Only a request with a key can be fingerprinted: one without gets the SPEC's answer for that
     // (400, or through with `required: false`), a webhook reading the raw body itself included.
-    // A JSON or form body may hold the key itself (`bodyField`): that one is still refused.
+    // With `required`, a JSON or form body may hold the key itself (`bodyField`): unread, it is
+    // refused rather than answered 400 for a key it may have. Without, keyless passes (webhooks).
     const mayHaveKey =
-      resolved.getKey !== undefined || ctx.req.headers[keyHeader] !== undefined || (resolved.bodyField !== false && mayHoldBodyKey(ctx.req.headers['content-type']));
+      resolved.getKey !== undefined ||
+      ctx.req.headers[keyHeader] !== undefined ||
+      (resolved.required && resolved.bodyField !== false && mayHoldBodyKey(ctx.req.headers['content-type']));
     if (bodyMatters && body === undefined && hasRequestBody(ctx.req.headers) && mayHaveKey) {
       // 415, not 500: koa-body leaves `undefined` for the types it does not parse (octet-stream,
       // XML, multipart unless enabled), so any client could cause 500s. Koa does not log an
