@@ -58,10 +58,13 @@ function toIncoming(req: Request, method: string, body: unknown, files: Incoming
   return { method, path: req.originalUrl, headers: req.headers, body, files };
 }
 
-/** Where multer leaves uploads: `req.files` (array, fields) or `req.file` (single). */
+/**
+ * Where multer leaves uploads: `req.files` (array, fields) or `req.file` (single); express-fileupload
+ * `req.files` (an object, or `null` when it ran and no file came). `undefined`: no upload parser ran.
+ */
 function uploadedBy(req: Request): unknown {
   const uploads = req as { files?: unknown; file?: unknown };
-  return uploads.files ?? uploads.file;
+  return uploads.files !== undefined ? uploads.files : uploads.file;
 }
 
 function expose(req: Request, res: Response, context: IdempotencyContext | null): void {
@@ -91,6 +94,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
   // Checked at the first transactional run, not here: the error handler is created after the routes.
   let errorHandlerChecked = !o.transactional;
   let warnedUnparsed = false;
+  let warnedBodyKey = false;
   function warnNoErrorHandler(): void {
     errorHandlerChecked = true;
     if (errorHandlerCreated()) return;
@@ -108,8 +112,10 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       expose(req, res, null);
       return next();
     }
-    // express-fileupload sets req.body only when a text field arrives: files alone are a body too.
-    const body: unknown = req.body === undefined && isMultipart(req.headers['content-type']) && uploadedBy(req) != null ? {} : req.body;
+    // express-fileupload sets req.body only when a text field arrives: files alone are a body too,
+    // and so is a form whose one file input was left empty (it sets req.files to null).
+    const uploads = uploadedBy(req);
+    const body: unknown = req.body === undefined && isMultipart(req.headers['content-type']) && uploads !== undefined ? {} : req.body;
     // Only a request with a key can be fingerprinted: one without gets the SPEC's answer for that
     // (400, or through with `required: false`), a webhook reading the raw body itself included.
     // With `required`, a JSON or form body may hold the key itself (`bodyField`): unread, it is
@@ -123,6 +129,14 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
         engine.options.logger?.warn(`${error.message} (Answered 415; warned once.)`);
       }
       return next(error);
+    }
+    if (body === undefined && !warnedBodyKey && o.bodyField !== false && mayHoldBodyKey(req.headers['content-type']) && hasRequestBody(req.headers)) {
+      // Keyless and passed through (required: false; a webhook reading its raw body): a key the
+      // client put in this unread body is not seen, so say so once.
+      warnedBodyKey = true;
+      engine.options.logger?.warn(
+        `[idemkit] [express] A ${JSON.stringify(req.headers['content-type'] ?? '')} request without a key header went through with its body unread (no parser before idempotency()): a key in its \`${o.bodyField}\` field would not be seen, and its retries would run again. Mount the body parser before idempotency() for routes that take body keys. (Warned once.)`,
+      );
     }
 
     // Uploaded files multer keeps beside the body (`req.file`, `req.files`): their bytes are part

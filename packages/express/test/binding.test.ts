@@ -145,9 +145,10 @@ describe('express binding: errors', () => {
   it('a request without a key is never refused for its unparsed body: 400 for a missing key, or through with required: false', async () => {
     const xml = { body: '<order/>', headers: { 'content-type': 'application/xml' } };
     for (const required of [true, false]) {
+      const warn = vi.fn();
       const app = express();
       app.use(express.json());
-      app.use(idempotency({ store: createMemoryStore(), logger: false, required }));
+      app.use(idempotency({ store: createMemoryStore(), logger: { warn, error: vi.fn() }, required }));
       // A webhook that reads its raw body itself.
       app.post('/hook', (_req, res) => void res.sendStatus(204));
       app.use(toJson);
@@ -158,6 +159,12 @@ describe('express binding: errors', () => {
       // A JSON webhook (Stripe's) passes with required: false. With required: true its body may
       // hold the key itself (`idempotencyKey`): unread, it is refused rather than told "no key".
       expect((await post(`${url}/hook`, undefined, { body: '{"idempotencyKey":"k1"}', headers: { 'content-type': 'application/vnd.api+json' } })).status).toBe(required ? 415 : 204);
+      if (!required) {
+        // Passed through, but a key in that unread body would not be seen: said once.
+        await post(`${url}/hook`, undefined, { body: '{"idempotencyKey":"k1"}', headers: { 'content-type': 'application/json' } });
+        const bodyKeyWarnings = warn.mock.calls.filter(([message]) => String(message).includes('would not be seen'));
+        expect(bodyKeyWarnings).toHaveLength(1);
+      }
     }
   });
 
@@ -309,9 +316,15 @@ describe('express binding: uploads (express-fileupload)', () => {
       });
     // Before, it was a 415: express-fileupload sets req.body only when a text field arrives.
     expect((await upload('invoice for ALICE')).status).toBe(201);
+    // A form whose one file input was left empty (express-fileupload sets req.files to null).
+    const empty = await post(`${url}/upload`, 'invoice-2', {
+      headers: { 'content-type': 'multipart/form-data; boundary=X' },
+      body: '--X\r\nContent-Disposition: form-data; name="doc"; filename=""\r\nContent-Type: application/octet-stream\r\n\r\n\r\n--X--\r\n',
+    });
+    expect(empty.status).toBe(201);
     expect((await upload('invoice for BOB')).status).toBe(422);
     expect((await upload('invoice for ALICE')).headers.get('idempotent-replayed')).toBe('true');
-    expect(runs).toBe(1);
+    expect(runs).toBe(2);
   });
 });
 

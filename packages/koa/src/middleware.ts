@@ -61,6 +61,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
   const bodyMatters = needsBody(resolved);
   const keyHeader = resolved.header.toLowerCase();
   let warnedUnparsed = false;
+  let warnedBodyKey = false;
 
   const answerProblem = async (ctx: Context, error: IdempotencyError): Promise<void> => {
     if (onProblem) return onProblem(ctx, error);
@@ -102,6 +103,14 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
         resolved.logger?.warn(`${error.message} (Answered 415; warned once.)`);
       }
       throw error;
+    }
+    if (body === undefined && !warnedBodyKey && resolved.bodyField !== false && mayHoldBodyKey(ctx.req.headers['content-type']) && hasRequestBody(ctx.req.headers)) {
+      // Keyless and passed through (required: false; a webhook reading its raw body): a key the
+      // client put in this unread body is not seen, so say so once.
+      warnedBodyKey = true;
+      resolved.logger?.warn(
+        `[idemkit] [koa] A ${JSON.stringify(ctx.get('Content-Type'))} request without a key header went through with its body unread (no parser before idempotency()): a key in its \`${resolved.bodyField}\` field would not be seen, and its retries would run again. Mount the body parser before idempotency() for routes that take body keys. (Warned once.)`,
+      );
     }
     if (!warnedUnparsed && resolved.fingerprint === 'default' && looksUnparsed(ctx, body) && !hasFiles(ctx)) {
       warnedUnparsed = true;
