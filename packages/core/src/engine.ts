@@ -7,7 +7,7 @@ import {
   type IdempotencyError,
 } from './errors.js';
 import { defaultFingerprint } from './fingerprint.js';
-import { parseKeyHeader, scopedKey, validateKey, type KeyParseResult } from './key.js';
+import { hasBodyField, parseKeyHeader, scopedKey, validateKey, type KeyParseResult } from './key.js';
 import { RenewalClock, RunningLease } from './lease.js';
 import { resolveOptions, swallow, type IdempotencyOptions, type ResolvedOptions } from './options.js';
 import type { BeginResult, LeaseToken, StoreTransaction, TransactionalStore } from './store.js';
@@ -120,8 +120,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
 
   #bodyKey(body: unknown): KeyParseResult | undefined {
     const field = this.options.bodyField;
-    if (field === false || typeof body !== 'object' || body === null || Array.isArray(body) || body instanceof Uint8Array) return undefined;
-    if (!Object.hasOwn(body, field)) return undefined;
+    if (field === false || !hasBodyField(body, field)) return undefined;
     const value = (body as Record<string, unknown>)[field];
     if (typeof value !== 'string') return { ok: false, reason: `The body field \`${field}\` must be a string.` };
     return validateKey(value);
@@ -225,11 +224,6 @@ function problem(error: IdempotencyError): Decision {
   return { kind: 'problem', error };
 }
 
-/**
- * A callback's string, refused when it is not one or holds text stores cannot keep: they encode
- * UTF-8, where every lone surrogate becomes U+FFFD, so two tenants' scopes could meet in one key
- * (and a fingerprint would never match itself again); Postgres text refuses NUL outright.
- */
 /** A user id is often a number: taken as its decimal text, so 42 and '42' are one tenant. */
 function scopeText(value: unknown): string | undefined {
   if (value === undefined) return undefined;
@@ -237,6 +231,11 @@ function scopeText(value: unknown): string | undefined {
   return checkedText(value, 'scope', 'a string, a finite number or a bigint, or undefined');
 }
 
+/**
+ * A callback's string, refused when it is not one or holds text stores cannot keep: they encode
+ * UTF-8, where every lone surrogate becomes U+FFFD, so two tenants' scopes could meet in one key
+ * (and a fingerprint would never match itself again); Postgres text refuses NUL outright.
+ */
 function checkedText(value: unknown, option: 'scope' | 'fingerprint', expected: string): string {
   if (typeof value !== 'string') throw new TypeError(`[idemkit] \`${option}\` must return ${expected}.`);
   if (NOT_STORABLE_TEXT.test(value)) {

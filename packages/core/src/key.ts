@@ -55,3 +55,15 @@ export function validateKey(key: string): KeyParseResult {
 export function scopedKey(scope: string | undefined, key: string): string {
   return scope === undefined || scope === '' ? `-:${key}` : `${scope.length}:${scope}:${key}`;
 }
+
+/** The parsed body carries the key field (`bodyField`): a plain object with it as its own property. */
+export function hasBodyField(body: unknown, field: string | false): boolean {
+  return field !== false && typeof body === 'object' && body !== null && !Array.isArray(body) && !(body instanceof Uint8Array) && Object.hasOwn(body, field);
+}
+
+/** A content type whose body could carry a key field (`bodyField`): JSON or a form. */
+export function mayHoldBodyKey(contentType: string | undefined): boolean {
+  if (contentType === undefined) return false;
+  const type = contentType.toLowerCase();
+  return type.includes('json') || type.startsWith('application/x-www-form-urlencoded') || type.startsWith('multipart/form-data');
+}
