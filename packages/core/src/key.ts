@@ -1,4 +1,5 @@
 import { parseItem } from 'structured-headers';
+import type { IncomingHeaders } from './types.js';
 
 /** Longest key accepted (Stripe's limit; the IETF draft sets none). */
 export const MAX_KEY_LENGTH = 255;
@@ -66,4 +67,27 @@ export function mayHoldBodyKey(contentType: string | undefined): boolean {
   if (contentType === undefined) return false;
   const type = contentType.toLowerCase();
   return type.includes('json') || type.startsWith('application/x-www-form-urlencoded') || type.startsWith('multipart/form-data');
+}
+
+/** Where the options say a key may come from. */
+export interface KeySources {
+  readonly getKey?: unknown;
+  readonly header: string;
+  readonly bodyField: string | false;
+  readonly required: boolean;
+}
+
+/**
+ * Whether a request may carry a key, told before the engine looks: a key header, a custom
+ * `getKey`, or the key field in a parsed body. Only such a request is fingerprinted, so only its
+ * body must be readable, and only its uploads hashed. An unread body (`undefined`) that is JSON or
+ * a form may hold the key field itself: with `required` it counts (refused as unread, not told
+ * "no key" for a key it may have); without, a keyless request goes through (a webhook that reads
+ * its raw body itself).
+ */
+export function mayHaveKey(o: KeySources, headers: IncomingHeaders, body: unknown): boolean {
+  if (o.getKey !== undefined || headers[o.header.toLowerCase()] !== undefined) return true;
+  if (body !== undefined) return hasBodyField(body, o.bodyField);
+  const type = headers['content-type'];
+  return o.required && o.bodyField !== false && mayHoldBodyKey(typeof type === 'string' ? type : undefined);
 }

@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { MAX_KEY_LENGTH, parseKeyHeader, scopedKey, validateKey } from '../src/index.js';
+import { MAX_KEY_LENGTH, parseKeyHeader, scopedKey, validateKey, mayHaveKey } from '../src/index.js';
 
 describe('key parsing', () => {
   it('accepts the bare form and the structured-field string form', () => {
@@ -58,5 +58,22 @@ describe('key parsing', () => {
         expect(scopedKey(s1, k1) === scopedKey(s2, k2)).toBe(same);
       }),
     );
+  });
+});
+
+describe('mayHaveKey (which requests are fingerprinted, so need a readable body)', () => {
+  const o = { header: 'Idempotency-Key', bodyField: 'idempotencyKey' as const, required: true };
+  const json = { 'content-type': 'application/json' };
+  it('a key header, a custom getKey, or the key field in a parsed body', () => {
+    expect(mayHaveKey(o, { 'idempotency-key': 'k' }, undefined)).toBe(true);
+    expect(mayHaveKey({ ...o, getKey: () => 'k' }, {}, undefined)).toBe(true);
+    expect(mayHaveKey(o, json, { idempotencyKey: 'k' })).toBe(true);
+    expect(mayHaveKey(o, json, { amount: 1 })).toBe(false);
+    expect(mayHaveKey({ ...o, bodyField: false }, json, { idempotencyKey: 'k' })).toBe(false);
+  });
+  it('an unread JSON or form body only with required: a keyless webhook goes through otherwise', () => {
+    expect(mayHaveKey(o, json, undefined)).toBe(true);
+    expect(mayHaveKey({ ...o, required: false }, json, undefined)).toBe(false);
+    expect(mayHaveKey(o, { 'content-type': 'application/xml' }, undefined)).toBe(false);
   });
 });

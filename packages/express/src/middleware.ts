@@ -1,4 +1,4 @@
-import { ConfigurationError, createIdempotencyEngine, hasBodyField, hasRequestBody, isMultipart, mayHoldBodyKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
+import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, mayHaveKey, mayHoldBodyKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import { captureResponse } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
@@ -89,7 +89,6 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
   // body is no reason to refuse the request (as in the Koa binding).
   const o = engine.options;
   const bodyMatters = o.fingerprint === 'default' || (o.getKey === undefined && o.bodyField !== false);
-  const keyHeader = o.header.toLowerCase();
 
   // Checked at the first transactional run, not here: the error handler is created after the routes.
   let errorHandlerChecked = !o.transactional;
@@ -116,11 +115,9 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
     // and so is a form whose one file input was left empty (it sets req.files to null).
     const uploads = uploadedBy(req);
     const body: unknown = req.body === undefined && isMultipart(req.headers['content-type']) && uploads !== undefined ? {} : req.body;
-    // Only a request with a key can be fingerprinted: one without gets the SPEC's answer for that
-    // (400, or through with `required: false`), a webhook reading the raw body itself included.
-    // With `required`, a JSON or form body may hold the key itself (`bodyField`): unread, it is
-    // refused rather than answered 400 for a key it may have. Without, keyless passes (webhooks).
-    if (body === undefined && bodyMatters && hasRequestBody(req.headers) && (o.getKey !== undefined || req.headers[keyHeader] !== undefined || (o.required && o.bodyField !== false && mayHoldBodyKey(req.headers['content-type'])))) {
+    // Only a request that may have a key is fingerprinted (see core's mayHaveKey): one without
+    // gets the SPEC's answer for that, a webhook reading its raw body itself included.
+    if (body === undefined && bodyMatters && hasRequestBody(req.headers) && mayHaveKey(o, req.headers, undefined)) {
       const error = bodyNotParsed(req.headers['content-type']);
       // Once in the server's log too: an error handler that logs only 5xx would hide a parser
       // mounted after idempotency() (a route-level express.raw(), say).
@@ -143,9 +140,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
     // of the request, so the default fingerprint covers them. Nothing to await without files.
     // Hashed only for a request that may have a key: one without is never fingerprinted.
     const files =
-      o.fingerprint === 'default' && isMultipart(req.headers['content-type']) && (o.getKey !== undefined || req.headers[keyHeader] !== undefined || hasBodyField(body, o.bodyField))
-        ? await uploadedFileDigests(uploadedBy(req))
-        : undefined;
+      o.fingerprint === 'default' && isMultipart(req.headers['content-type']) && mayHaveKey(o, req.headers, body) ? await uploadedFileDigests(uploadedBy(req)) : undefined;
     const decision = await engine.decide(toIncoming(req, method, body, files), req);
     switch (decision.kind) {
       case 'pass':

@@ -1,8 +1,8 @@
 import {
   ConfigurationError,
   createIdempotencyEngine,
-  hasBodyField,
   isMultipart,
+  mayHaveKey,
   problemResponse,
   responseHeaders,
   snapshotHeaders,
@@ -155,10 +155,7 @@ function deliver(reply: FastifyReply, done: SendDone, payload: unknown, error?: 
 function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyIdempotencyOptions) {
   const { onProblem } = options;
   const fingerprintsBody = engine.options.fingerprint === 'default';
-  const keyHeader = engine.options.header.toLowerCase();
-  // Without a key the request is not fingerprinted: it gets the SPEC's answer for no key instead.
-  const mayHaveKey = (request: FastifyRequest): boolean =>
-    engine.options.getKey !== undefined || request.headers[keyHeader] !== undefined || hasBodyField(request.body, engine.options.bodyField);
+
 
   function decided(request: FastifyRequest, reply: FastifyReply, decision: Decision, done: Done): void {
     switch (decision.kind) {
@@ -223,7 +220,9 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // the fingerprint would see nothing, and a different upload under the same key would get the
     // first one's answer. Refused (a 500 that names the fix), never guessed.
     let body: unknown = request.body;
-    if (fingerprintsBody && isMultipart(request.headers['content-type']) && mayHaveKey(request)) {
+    // Without a key the request is not fingerprinted: it gets the SPEC's answer for no key instead
+    // (an unread multipart body counts as empty here: a keyless one is told 400, not refused).
+    if (fingerprintsBody && isMultipart(request.headers['content-type']) && mayHaveKey(engine.options, request.headers, body ?? {})) {
       if (body === undefined) return done(multipartNotParsed());
       if (typeof body === 'object' && body !== null) {
         try {

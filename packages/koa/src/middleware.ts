@@ -7,8 +7,8 @@ import {
   responseHeaders,
   snapshotHeaders,
   toStoredHeaders,
-  hasBodyField,
   isMultipart,
+  mayHaveKey,
   mayHoldBodyKey,
   uploadedFileDigests,
   type IdempotencyContext,
@@ -59,7 +59,6 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
   const engine = createIdempotencyEngine<Context>(engineOptions(options));
   const resolved = engine.options;
   const bodyMatters = needsBody(resolved);
-  const keyHeader = resolved.header.toLowerCase();
   let warnedUnparsed = false;
   let warnedBodyKey = false;
 
@@ -77,15 +76,9 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     if (!resolved.methods.has(method)) return next();
 
     const body = (ctx.request as { body?: unknown }).body;
-    // Only a request with a key can be fingerprinted: one without gets the SPEC's answer for that
-    // (400, or through with `required: false`), a webhook reading the raw body itself included.
-    // With `required`, a JSON or form body may hold the key itself (`bodyField`): unread, it is
-    // refused rather than answered 400 for a key it may have. Without, keyless passes (webhooks).
-    const mayHaveKey =
-      resolved.getKey !== undefined ||
-      ctx.req.headers[keyHeader] !== undefined ||
-      (resolved.required && resolved.bodyField !== false && mayHoldBodyKey(ctx.req.headers['content-type']));
-    if (bodyMatters && body === undefined && hasRequestBody(ctx.req.headers) && mayHaveKey) {
+    // Only a request that may have a key is fingerprinted (see core's mayHaveKey): one without
+    // gets the SPEC's answer for that, a webhook reading its raw body itself included.
+    if (bodyMatters && body === undefined && hasRequestBody(ctx.req.headers) && mayHaveKey(resolved, ctx.req.headers, undefined)) {
       // 415, not 500: koa-body leaves `undefined` for the types it does not parse (octet-stream,
       // XML, multipart unless enabled), so any client could cause 500s. Koa does not log an
       // exposed 4xx, so it is logged here, once: a server with no parser sees it at once.
@@ -126,9 +119,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     // Hashed only for a request that may have a key: one without is never fingerprinted.
     // koa-body and @koa/multer's array forms set `files`, @koa/multer's single() sets `file`.
     const files =
-      resolved.fingerprint === 'default' &&
-      isMultipart(ctx.req.headers['content-type']) &&
-      (resolved.getKey !== undefined || ctx.req.headers[keyHeader] !== undefined || hasBodyField(body, resolved.bodyField))
+      resolved.fingerprint === 'default' && isMultipart(ctx.req.headers['content-type']) && mayHaveKey(resolved, ctx.req.headers, body)
         ? await uploadedFileDigests(uploadedBy(ctx))
         : undefined;
     const decision = await engine.decide({ method, path: ctx.originalUrl, headers: ctx.req.headers, body, files }, ctx);
