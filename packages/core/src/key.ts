@@ -1,4 +1,5 @@
 import { parseItem } from 'structured-headers';
+import { hasRequestBody } from './headers.js';
 import type { IncomingHeaders } from './types.js';
 
 /** Longest key accepted (Stripe's limit; the IETF draft sets none). */
@@ -88,6 +89,24 @@ export interface KeySources {
 export function mayHaveKey(o: KeySources, headers: IncomingHeaders, body: unknown): boolean {
   if (o.getKey !== undefined || headers[o.header.toLowerCase()] !== undefined) return true;
   if (body !== undefined) return hasBodyField(body, o.bodyField);
+  return o.required && unreadBodyMayHoldKey(o, headers, body);
+}
+
+/**
+ * A body no parser read (`undefined`, with bytes on the wire) that may hold the key field: JSON or
+ * a form. Without `required`, a keyless request with one goes through unfingerprinted, and a key
+ * the client put there is never seen: bindings say so once (`unreadBodyKeyWarning`).
+ */
+export function unreadBodyMayHoldKey(o: Pick<KeySources, 'bodyField'>, headers: IncomingHeaders, body: unknown): boolean {
+  if (body !== undefined || o.bodyField === false || !hasRequestBody(headers)) return false;
   const type = headers['content-type'];
-  return o.required && o.bodyField !== false && mayHoldBodyKey(typeof type === 'string' ? type : undefined);
+  return mayHoldBodyKey(typeof type === 'string' ? type : undefined);
+}
+
+/** The once-only warning for `unreadBodyMayHoldKey`, named after the binding that logs it. */
+export function unreadBodyKeyWarning(binding: string, contentType: string | undefined, field: string | false): string {
+  return (
+    `[idemkit] [${binding}] A ${JSON.stringify(contentType ?? '')} request without a key header went through with its body unread (no parser before idempotency()): ` +
+    `a key in its \`${String(field)}\` field would not be seen, and its retries would run again. Mount the body parser before idempotency() for routes that take body keys. (Warned once.)`
+  );
 }

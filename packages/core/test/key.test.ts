@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { MAX_KEY_LENGTH, parseKeyHeader, scopedKey, validateKey, mayHaveKey } from '../src/index.js';
+import { MAX_KEY_LENGTH, parseKeyHeader, scopedKey, validateKey, mayHaveKey, unreadBodyMayHoldKey } from '../src/index.js';
 
 describe('key parsing', () => {
   it('accepts the bare form and the structured-field string form', () => {
@@ -72,8 +72,14 @@ describe('mayHaveKey (which requests are fingerprinted, so need a readable body)
     expect(mayHaveKey({ ...o, bodyField: false }, json, { idempotencyKey: 'k' })).toBe(false);
   });
   it('an unread JSON or form body only with required: a keyless webhook goes through otherwise', () => {
-    expect(mayHaveKey(o, json, undefined)).toBe(true);
-    expect(mayHaveKey({ ...o, required: false }, json, undefined)).toBe(false);
-    expect(mayHaveKey(o, { 'content-type': 'application/xml' }, undefined)).toBe(false);
+    const unread = { ...json, 'content-length': '24' };
+    expect(mayHaveKey(o, unread, undefined)).toBe(true);
+    expect(mayHaveKey({ ...o, required: false }, unread, undefined)).toBe(false);
+    expect(mayHaveKey(o, { 'content-type': 'application/xml', 'content-length': '8' }, undefined)).toBe(false);
+    // No bytes on the wire: nothing unread to hold a key.
+    expect(mayHaveKey(o, json, undefined)).toBe(false);
+    expect(unreadBodyMayHoldKey(o, unread, undefined)).toBe(true);
+    expect(unreadBodyMayHoldKey(o, unread, {})).toBe(false);
+    expect(unreadBodyMayHoldKey({ bodyField: false }, unread, undefined)).toBe(false);
   });
 });

@@ -1,4 +1,4 @@
-import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, mayHaveKey, mayHoldBodyKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
+import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, mayHaveKey, unreadBodyKeyWarning, unreadBodyMayHoldKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import { captureResponse } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
@@ -111,10 +111,11 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       expose(req, res, null);
       return next();
     }
+    let body: unknown = req.body;
     // express-fileupload sets req.body only when a text field arrives: files alone are a body too,
-    // and so is a form whose one file input was left empty (it sets req.files to null).
-    const uploads = uploadedBy(req);
-    const body: unknown = req.body === undefined && isMultipart(req.headers['content-type']) && uploads !== undefined ? {} : req.body;
+    // and so is a form whose one file input was left empty (it sets req.files to null). Looked at
+    // only then: on Express's req every property read is slow (see the bench README).
+    if (body === undefined && isMultipart(req.headers['content-type']) && uploadedBy(req) !== undefined) body = {};
     // Only a request that may have a key is fingerprinted (see core's mayHaveKey): one without
     // gets the SPEC's answer for that, a webhook reading its raw body itself included.
     if (body === undefined && bodyMatters && hasRequestBody(req.headers) && mayHaveKey(o, req.headers, undefined)) {
@@ -127,13 +128,11 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       }
       return next(error);
     }
-    if (body === undefined && !warnedBodyKey && o.bodyField !== false && mayHoldBodyKey(req.headers['content-type']) && hasRequestBody(req.headers)) {
-      // Keyless and passed through (required: false; a webhook reading its raw body): a key the
-      // client put in this unread body is not seen, so say so once.
+    // Keyless and passed through (required: false; a webhook reading its raw body): a key the
+    // client put in this unread body is not seen, so say so once.
+    if (!warnedBodyKey && unreadBodyMayHoldKey(o, req.headers, body)) {
       warnedBodyKey = true;
-      engine.options.logger?.warn(
-        `[idemkit] [express] A ${JSON.stringify(req.headers['content-type'] ?? '')} request without a key header went through with its body unread (no parser before idempotency()): a key in its \`${o.bodyField}\` field would not be seen, and its retries would run again. Mount the body parser before idempotency() for routes that take body keys. (Warned once.)`,
-      );
+      engine.options.logger?.warn(unreadBodyKeyWarning('express', req.headers['content-type'], o.bodyField));
     }
 
     // Uploaded files multer keeps beside the body (`req.file`, `req.files`): their bytes are part

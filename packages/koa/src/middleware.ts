@@ -9,7 +9,8 @@ import {
   toStoredHeaders,
   isMultipart,
   mayHaveKey,
-  mayHoldBodyKey,
+  unreadBodyKeyWarning,
+  unreadBodyMayHoldKey,
   uploadedFileDigests,
   type IdempotencyContext,
   type IdempotencyError,
@@ -97,13 +98,11 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
       }
       throw error;
     }
-    if (body === undefined && !warnedBodyKey && resolved.bodyField !== false && mayHoldBodyKey(ctx.req.headers['content-type']) && hasRequestBody(ctx.req.headers)) {
-      // Keyless and passed through (required: false; a webhook reading its raw body): a key the
-      // client put in this unread body is not seen, so say so once.
+    // Keyless and passed through (required: false; a webhook reading its raw body): a key the
+    // client put in this unread body is not seen, so say so once.
+    if (!warnedBodyKey && unreadBodyMayHoldKey(resolved, ctx.req.headers, body)) {
       warnedBodyKey = true;
-      resolved.logger?.warn(
-        `[idemkit] [koa] A ${JSON.stringify(ctx.get('Content-Type'))} request without a key header went through with its body unread (no parser before idempotency()): a key in its \`${resolved.bodyField}\` field would not be seen, and its retries would run again. Mount the body parser before idempotency() for routes that take body keys. (Warned once.)`,
-      );
+      resolved.logger?.warn(unreadBodyKeyWarning('koa', ctx.req.headers['content-type'], resolved.bodyField));
     }
     if (!warnedUnparsed && resolved.fingerprint === 'default' && looksUnparsed(ctx, body) && !hasFiles(ctx)) {
       warnedUnparsed = true;
