@@ -3,11 +3,18 @@
 // NAME.json (vitest's JSON reporter) and NAME.rc (vitest's exit code). Exit 1 when anything
 // failed or no test ran at all, so "0 passed" can never look green.
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { join, relative } from 'node:path';
+
+const run = (dir) => dir.split('/').pop();
+// Without colour codes, cut to one screen line.
+const firstLine = (text) => String(text ?? '').replace(/\x1b\[[0-9;]*m/g, '').split('\n')[0].slice(0, 300);
 
 let passed = 0;
 let failed = 0;
 const problems = [];
+// Each failed test with its first message line: CI shows only the end of the output, so the names
+// must be here, next to the count, not only in the package's log far above.
+const failures = [];
 
 for (const dir of process.argv.slice(2)) {
   if (!existsSync(dir)) continue;
@@ -24,17 +31,25 @@ for (const dir of process.argv.slice(2)) {
       // A file that failed to load has no failed test, only a failed suite: count it as one.
       for (const t of r.testResults ?? []) {
         const assertions = t.assertionResults ?? [];
-        if (t.status === 'failed' && !assertions.some((a) => a.status === 'failed')) pkgFailed += 1;
+        const file = relative(process.cwd(), t.name ?? '');
+        for (const a of assertions.filter((x) => x.status === 'failed')) {
+          failures.push(`${run(dir)}/${name}: ${file} > ${a.fullName ?? a.title}\n    ${firstLine(a.failureMessages?.[0])}`);
+        }
+        if (t.status === 'failed' && !assertions.some((a) => a.status === 'failed')) {
+          pkgFailed += 1;
+          failures.push(`${run(dir)}/${name}: ${file} (did not load)\n    ${firstLine(t.message)}`);
+        }
       }
     }
     // vitest exits non-zero on unhandled errors even when every test passed: count that too.
     if (rc !== 0 && pkgFailed === 0) pkgFailed = 1;
-    if (rc !== 0) problems.push(`${dir.split('/').pop()}/${name} (exit ${rc})`);
+    if (rc !== 0) problems.push(`${run(dir)}/${name} (exit ${rc})`);
     passed += pkgPassed;
     failed += pkgFailed;
   }
 }
 
+if (failures.length > 0) console.error(`failed tests:\n  ${failures.join('\n  ')}`);
 if (problems.length > 0) console.error(`failing runs: ${problems.join(', ')}`);
 if (passed + failed === 0) console.error('no test ran');
 console.log(`${passed} passed, ${failed} failed`);

@@ -68,14 +68,14 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     const s = await server();
     const key = 'double-click-1';
     const first = createIdempotentFetch(fast)(`${s.url}/orders?hold=1`, { ...json({ item: 'x' }), idempotencyKey: key });
-    await vi.waitFor(() => expect(s.runs.get('orders')).toBe(1), { interval: 5 });
+    await vi.waitFor(() => expect(s.runs.get('orders')).toBe(1), { interval: 5, timeout: 10_000 });
     // The second click meets the first while its handler still runs (held until we open it).
     const { attempts, onAttempt } = recorder();
     const second = createIdempotentFetch({ ...fast, maxAttempts: 50, onAttempt })(`${s.url}/orders?hold=1`, {
       ...json({ item: 'x' }),
       idempotencyKey: key,
     });
-    await vi.waitFor(() => expect(attempts.some((a) => a.status === 409 && a.willRetry)).toBe(true), { interval: 5 });
+    await vi.waitFor(() => expect(attempts.some((a) => a.status === 409 && a.willRetry)).toBe(true), { interval: 5, timeout: 10_000 });
     s.open();
     const [a, b] = await Promise.all([first, second]);
     expect([a.status, b.status]).toEqual([201, 201]);
@@ -170,8 +170,13 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
 
   it('the deadline bounds the attempts, not the reading of the body it returned', async () => {
     const s = await server();
-    const res = await createIdempotentFetch({ deadlineMs: 150 })(`${s.url}/slow-body?ms=400`, json({}));
+    const deadlineMs = 1_000;
+    const started = Date.now();
+    const res = await createIdempotentFetch({ deadlineMs })(`${s.url}/slow-body`, json({}));
     expect(res.status).toBe(201);
+    // The rest of the body comes only once the deadline has passed.
+    await new Promise((resolve) => setTimeout(resolve, started + deadlineMs + 100 - Date.now()));
+    s.open();
     // The order exists: the caller must get its answer, not a TimeoutError half-way through it.
     expect(await res.text()).toBe('first part, last part');
   });
@@ -180,27 +185,45 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     const s = await server();
     const { attempts, onAttempt } = recorder();
     const started = Date.now();
-    const res = await createIdempotentFetch({ baseDelayMs: 100, maxDelayMs: 100, random: () => 1, deadlineMs: 450, maxAttempts: 100, onAttempt })(`${s.url}/statuses`, {
+    const outcome = await createIdempotentFetch({ baseDelayMs: 100, maxDelayMs: 100, random: () => 1, deadlineMs: 450, maxAttempts: 100, onAttempt })(`${s.url}/statuses`, {
       method: 'POST',
       headers: { 'x-statuses': Array(50).fill(503).join(',') },
-    });
-    expect(res.status).toBe(503);
+    }).catch((error: unknown) => error);
+    // Where the deadline falls depends on how long each attempt took: in a wait not begun, the last
+    // 503 comes back; during an attempt (a loaded machine), RetryDeadlineError. Either way it ends there.
+    if (outcome instanceof Response) expect(outcome.status).toBe(503);
+    else expect(outcome).toBeInstanceOf(RetryDeadlineError);
+    expect(attempts.length).toBeGreaterThan(1);
     expect(attempts.length).toBeLessThan(10);
     expect(Date.now() - started).toBeLessThan(2_000);
   });
 
+  it('a wait that would pass the deadline is not begun: the last response comes back at once', async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ baseDelayMs: 1, maxDelayMs: 60_000, deadlineMs: 10_000, onAttempt })(`${s.url}/statuses`, {
+      method: 'POST',
+      headers: { 'x-statuses': '503', 'x-retry-after': '30' },
+    });
+    expect(res.status).toBe(503);
+    expect(attempts.map((a) => [a.status, a.willRetry])).toEqual([[503, false]]);
+    expect(s.runs.get('statuses')).toBe(1);
+  });
+
   it('a deadline that ends during a hung attempt rejects with RetryDeadlineError, which names the key to ask again with', async () => {
     const s = await server();
-    const failed = await createIdempotentFetch({ deadlineMs: 100, generateKey: () => 'generated-1' })(`${s.url}/orders?delay=300`, json({})).catch((error: unknown) => error);
+    // The handler is held until the deadline has ended the call.
+    const failed = await createIdempotentFetch({ deadlineMs: 100, generateKey: () => 'generated-1' })(`${s.url}/orders?hold=1`, json({})).catch((error: unknown) => error);
     expect(failed).toBeInstanceOf(RetryDeadlineError);
+    s.open();
     // Asked again with that key (a manual retry), the caller gets the first run's answer.
     const key = (failed as RetryDeadlineError).key;
     expect(key).toBe('generated-1');
     const again = await vi.waitFor(async () => {
-      const res = await createIdempotentFetch({ maxAttempts: 1 })(`${s.url}/orders?delay=300`, { ...json({}), idempotencyKey: key });
+      const res = await createIdempotentFetch({ maxAttempts: 1 })(`${s.url}/orders?hold=1`, { ...json({}), idempotencyKey: key });
       expect(res.status).toBe(201);
       return res;
-    });
+    }, { timeout: 10_000 });
     expect(again.headers.get('idempotent-replayed')).toBe('true');
     expect(s.runs.get('orders')).toBe(1);
   });
@@ -340,7 +363,7 @@ describe('what is not retried, and what cannot hold a call up', () => {
     const { attempts, onAttempt } = recorder();
     const controller = new AbortController();
     const call = createIdempotentFetch({ ...fast, onAttempt })(`${s.url}/orders?hold=1`, { ...json({ a: 1 }), signal: controller.signal });
-    await vi.waitFor(() => expect(s.runs.get('orders')).toBe(1));
+    await vi.waitFor(() => expect(s.runs.get('orders')).toBe(1), { timeout: 10_000 });
     controller.abort(new Error('user left'));
     await expect(call).rejects.toThrow('user left');
     s.open();
@@ -412,6 +435,9 @@ describe('retry rules', () => {
     expect(parseRetryAfter('2, 2')).toBe(2_000);
     expect(parseRetryAfter('5,7')).toBe(5_000);
     expect(parseRetryAfter('1 2')).toBeUndefined();
+    // HTTP dates carry commas themselves: two joined lines still give the first date.
+    const now = Date.parse('Sun, 29 Nov 2026 18:00:00 GMT');
+    expect(parseRetryAfter('Sun, 29 Nov 2026 18:00:05 GMT, Sun, 29 Nov 2026 18:00:09 GMT', now)).toBe(5_000);
   });
 
   it('parses Retry-After as seconds or an HTTP date', () => {

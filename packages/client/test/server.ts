@@ -8,7 +8,7 @@ export interface TestServer {
   url: string;
   /** Handler executions per route. */
   runs: Map<string, number>;
-  /** Lets every `POST /orders?hold=1` handler go on (they wait until then). */
+  /** Lets every `POST /orders?hold=1` handler go on (they wait until then), and ends `/slow-body`. */
   open(): void;
   close(): Promise<void>;
 }
@@ -16,7 +16,7 @@ export interface TestServer {
 /**
  * A real Fastify server with @idemkit/fastify. `POST /statuses` answers the statuses listed in
  * `x-statuses` one per execution (then 201), with `x-retry-after` as Retry-After;
- * `POST /slow-body?ms=` streams its body over `ms`; `POST /moved` redirects (303), `POST /moved-307` with
+ * `POST /slow-body` sends its headers and a first part, and the rest on `open()`; `POST /moved` redirects (303), `POST /moved-307` with
  * a 307 (method and body kept).
  */
 export async function startServer(options: Partial<Omit<IdempotencyOptions<FastifyRequest>, 'store'>> = {}): Promise<TestServer> {
@@ -32,8 +32,6 @@ export async function startServer(options: Partial<Omit<IdempotencyOptions<Fasti
   await app.register(fastifyIdempotency, { store: createMemoryStore(), logger: false, ...options });
   app.post('/orders', async (req, reply) => {
     const n = count('orders');
-    const delay = Number((req.query as { delay?: string }).delay ?? 0);
-    if (delay) await new Promise((r) => setTimeout(r, delay));
     if ((req.query as { hold?: string }).hold) await opened;
     reply.code(201);
     return { order: n, body: req.body };
@@ -49,12 +47,12 @@ export async function startServer(options: Partial<Omit<IdempotencyOptions<Fasti
   app.get('/orders', async () => ({ runs: count('list') }));
   app.put('/things', async (req) => ({ runs: count('things'), body: req.body }));
   app.post('/referer', async (req) => ({ referer: req.headers.referer ?? null }));
-  // Headers at once, the rest of the body `ms` later (a large or slow answer).
+  // Headers at once, the rest of the body once `open()` is called (a large or slow answer).
   app.post('/slow-body', async (req, reply) => {
     count('slow-body');
     const body = new PassThrough();
     body.write('first part, ');
-    setTimeout(() => body.end('last part'), Number((req.query as { ms?: string }).ms ?? 0));
+    void opened.then(() => body.end('last part'));
     return reply.code(201).type('text/plain').send(body);
   });
   app.post('/moved', async (_req, reply) => {
