@@ -21,6 +21,9 @@ export function parseRetryAfter(value: string | null, now = Date.now()): number 
   if (seconds) return Number(seconds[1]) * 1000;
   // An HTTP date names its day or month; Date.parse would read "1 2" as a date long past.
   if (!/[a-z]/i.test(trimmed)) return undefined;
-  const date = Date.parse(trimmed);
+  // Joined lines of IMF-fixdate ("Sun, 29 Nov 2026 18:00:00 GMT, Sun, ...") hold commas of their own:
+  // read up to the first "GMT".
+  const first = /^.*?\bGMT\b/i.exec(trimmed)?.[0] ?? trimmed;
+  const date = Date.parse(first);
   return Number.isNaN(date) ? undefined : Math.max(0, date - now);
 }
