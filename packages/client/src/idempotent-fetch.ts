@@ -51,10 +51,10 @@ export interface IdempotentRequestInit extends RequestInit {
 export type IdempotentFetch = (input: string | URL | Request, init?: IdempotentRequestInit) => Promise<Response>;
 
 /**
- * Every attempt failed without a response (network errors), and no further one is allowed
- * (`maxAttempts` reached, or the next wait would pass the deadline). `cause` is the last
- * network error. The server may have run the operation (an answer lost on its way back), so ask
- * again with `key`, never with a new one.
+ * The last attempt failed without a response (a network error), and no further one is allowed
+ * (`maxAttempts` reached, or the next wait would pass the deadline). `cause` is that network
+ * error. Earlier attempts may have had answers (a 503), but the last one may have run the
+ * operation (an answer lost on its way back), so ask again with `key`, never with a new one.
  */
 export class RetryExhaustedError extends Error {
   override readonly name = 'RetryExhaustedError';
@@ -94,7 +94,7 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
   const baseFetch = options.fetch ?? globalThis.fetch;
   if (typeof baseFetch !== 'function') throw new TypeError('[idemkit] [client] No fetch available: pass `fetch`.');
   const header = options.header ?? 'Idempotency-Key';
-  const generateKey = options.generateKey ?? (() => globalThis.crypto.randomUUID());
+  const generateKey = options.generateKey ?? randomKey;
   const methods = new Set((options.methods ?? DEFAULT_METHODS).map((m) => m.toUpperCase()));
   const maxAttempts = options.maxAttempts ?? 5;
   const baseDelayMs = options.baseDelayMs ?? 200;
@@ -119,7 +119,8 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     const requestLike = isRequestLike(input);
     const inputMethod = requestLike ? input.method : 'GET';
     const method = (requestInit.method ?? inputMethod).toUpperCase();
-    if (!methods.has(method)) return baseFetch(input, requestInit);
+    // Untouched: the caller's own init (even `{}` resets a Request's referrer on Node 24).
+    if (!methods.has(method)) return baseFetch(input, init && 'idempotencyKey' in init ? requestInit : (init ?? undefined));
     if (requestLike && !(input instanceof Request)) {
       throw new TypeError('[idemkit] [client] This Request comes from another fetch implementation and cannot be copied for retries: pass its url and an init instead.');
     }
@@ -190,10 +191,15 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
         const delayMs = Math.max(backoffDelay(attempt, baseDelayMs, maxDelayMs, random), Math.min(retryAfter ?? 0, maxDelayMs));
         const willRetry = retryable && attempt < maxAttempts && Date.now() + delayMs < deadlineAt;
         report(response ? { status: response.status, willRetry, ...(willRetry ? { delayMs } : {}) } : { error: lastError, willRetry, ...(willRetry ? { delayMs } : {}) });
+        // The caller left during onAttempt: an abort rejects at once, whatever came back.
+        if (userSignal.aborted) {
+          void discard(response);
+          throw userSignal.reason;
+        }
 
         if (!willRetry) {
           if (response) return response;
-          throw new RetryExhaustedError(`[idemkit] [client] No response after ${attempt} attempt(s): ${describe(lastError)}`, key, attempt, { cause: lastError });
+          throw new RetryExhaustedError(`[idemkit] [client] No response to the last of ${attempt} attempt(s): ${describe(lastError)}`, key, attempt, { cause: lastError });
         }
         // Free the connection of the answer we are discarding.
         await discard(response);
@@ -223,6 +229,20 @@ function optionsOf(request: Request, original: Request): RequestInit {
     referrer: original.referrer,
     referrerPolicy: original.referrerPolicy,
   };
+}
+
+/**
+ * A random UUID v4. `crypto.randomUUID` exists only in secure contexts (HTTPS, localhost): a page
+ * on plain http:// has `getRandomValues` alone.
+ */
+function randomKey(): string {
+  const { crypto } = globalThis;
+  if (typeof crypto.randomUUID === 'function') return crypto.randomUUID();
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  bytes[6] = (bytes[6]! & 0x0f) | 0x40;
+  bytes[8] = (bytes[8]! & 0x3f) | 0x80;
+  const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
 
 function wait(ms: number, signal: AbortSignal): Promise<void> {

@@ -12,18 +12,25 @@ export function backoffDelay(attempt: number, baseMs: number, maxMs: number, ran
   return Math.round(random() * ceiling);
 }
 
+// The three date forms RFC 9110 §5.6.7 allows, each always in GMT. Anything else is no date:
+// V8's Date.parse reads nearly any text with a letter in it ("in 5" is a date long past).
+const IMF_FIXDATE = /^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT/;
+const RFC850_DATE = /^[A-Z][a-z]{5,8}, \d{2}-[A-Z][a-z]{2}-\d{2} \d{2}:\d{2}:\d{2} GMT/;
+const ASCTIME_DATE = /^[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d{2}:\d{2}:\d{2} \d{4}/;
+
 /** `Retry-After` as milliseconds: delta-seconds or an HTTP date; undefined when absent or unreadable. */
 export function parseRetryAfter(value: string | null, now = Date.now()): number | undefined {
   if (value === null) return undefined;
   const trimmed = value.trim();
   // Two Retry-After lines arrive joined ("2, 2"): the first one counts.
-  const seconds = /^(\d+)(?:\s*,\s*\d+)*$/.exec(trimmed);
+  const seconds = /^(\d+)\s*(?:,|$)/.exec(trimmed);
   if (seconds) return Number(seconds[1]) * 1000;
-  // An HTTP date names its day or month; Date.parse would read "1 2" as a date long past.
-  if (!/[a-z]/i.test(trimmed)) return undefined;
-  // Joined lines of IMF-fixdate ("Sun, 29 Nov 2026 18:00:00 GMT, Sun, ...") hold commas of their own:
-  // read up to the first "GMT".
-  const first = /^.*?\bGMT\b/i.exec(trimmed)?.[0] ?? trimmed;
-  const date = Date.parse(first);
-  return Number.isNaN(date) ? undefined : Math.max(0, date - now);
+  const date = IMF_FIXDATE.exec(trimmed) ?? RFC850_DATE.exec(trimmed) ?? ASCTIME_DATE.exec(trimmed);
+  if (!date) return undefined;
+  // Only the date itself, or the first of joined lines.
+  const rest = trimmed.slice(date[0].length).trim();
+  if (rest !== '' && !rest.startsWith(',')) return undefined;
+  // asctime names no zone: GMT, as the others say (Date.parse would take the machine's own).
+  const at = Date.parse(date[0].endsWith('GMT') ? date[0] : `${date[0]} GMT`);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - now);
 }

@@ -269,17 +269,25 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     expect(res.status).toBe(200);
   });
 
-  it('leaves methods without idempotency alone: no key, one attempt', async () => {
+  it('leaves methods without idempotency alone: no key, one attempt, the init as it came', async () => {
     // A 503 would be retried on a covered method; a GET must go out once, as it is, and come back.
-    const calls: Array<string | null> = [];
-    const res = await createIdempotentFetch({
+    const calls: Array<{ key: string | null; init: RequestInit | undefined }> = [];
+    const fetchSafe = createIdempotentFetch({
       fetch: async (_input, init) => {
-        calls.push(new Headers(init?.headers).get('idempotency-key'));
+        calls.push({ key: new Headers(init?.headers).get('idempotency-key'), init });
         return new Response('busy', { status: 503 });
       },
-    })('http://127.0.0.1:1/orders');
+    });
+    const res = await fetchSafe('http://127.0.0.1:1/orders');
     expect(res.status).toBe(503);
-    expect(calls).toEqual([null]);
+    const init = { headers: { accept: 'application/json' } };
+    await fetchSafe('http://127.0.0.1:1/orders', init);
+    // Not even an empty init where none was given: on Node 24 `{}` resets a Request's referrer.
+    expect(calls).toEqual([
+      { key: null, init: undefined },
+      { key: null, init },
+    ]);
+    expect(calls[1]?.init).toBe(init);
   });
 
   it('keeps a key the caller already set in the headers, and makes a new key per operation', async () => {
@@ -304,13 +312,62 @@ describe('what is not retried, and what cannot hold a call up', () => {
     expect(await res.json()).toEqual({ runs: 1, body: { a: 1 } });
   });
 
-  it("an application's own 409 (no Retry-After) is returned at once: retrying would run it again", async () => {
+  it.each([
+    ['no Retry-After', undefined],
+    ['a Retry-After that is no delay ("in 5")', 'in 5'],
+  ])("an application's own 409 (%s) is returned at once: retrying would run it again", async (_, retryAfter) => {
     const s = await server();
     const { attempts, onAttempt } = recorder();
-    const res = await createIdempotentFetch({ ...fast, onAttempt })(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '409' } });
+    const res = await createIdempotentFetch({ ...fast, onAttempt })(`${s.url}/statuses`, {
+      method: 'POST',
+      headers: { 'x-statuses': '409', ...(retryAfter ? { 'x-retry-after': retryAfter } : {}) },
+    });
     expect(res.status).toBe(409);
     expect(attempts.map((a) => a.willRetry)).toEqual([false]);
     expect(s.runs.get('statuses')).toBe(1);
+  });
+
+  it('an abort from inside onAttempt rejects, even on the last attempt that got an answer', async () => {
+    const s = await server();
+    const controller = new AbortController();
+    const fetchSafe = createIdempotentFetch({ ...fast, onAttempt: () => controller.abort(new Error('user left in onAttempt')) });
+    await expect(fetchSafe(`${s.url}/orders`, { ...json({ a: 1 }), signal: controller.signal })).rejects.toThrow('user left in onAttempt');
+    expect(s.runs.get('orders')).toBe(1);
+  });
+
+  it('a last attempt without an answer rejects with RetryExhaustedError, even after earlier answers', async () => {
+    // The first answer (503) comes through, the second is lost: that run may have made the order.
+    const s = await server();
+    const proxy = await startLossyProxy(s.url, (n) => n === 2);
+    open.push(proxy);
+    const { attempts, onAttempt } = recorder();
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 2, onAttempt })(`${proxy.url}/statuses`, {
+      method: 'POST',
+      headers: { 'x-statuses': '503' },
+    }).catch((error: unknown) => error);
+    expect(attempts.map((a) => a.status ?? 'network-error')).toEqual([503, 'network-error']);
+    expect(failed).toBeInstanceOf(RetryExhaustedError);
+    expect((failed as RetryExhaustedError).message).toContain('No response to the last of 2 attempt(s)');
+    expect(s.runs.get('statuses')).toBe(2);
+  });
+
+  it('a page without crypto.randomUUID (plain http://) still gets a random UUID v4 key', async () => {
+    const s = await server();
+    const proto = Object.getPrototypeOf(globalThis.crypto) as object;
+    const own = Object.getOwnPropertyDescriptor(proto, 'randomUUID');
+    const { attempts, onAttempt } = recorder();
+    Object.defineProperty(proto, 'randomUUID', { value: undefined, configurable: true });
+    try {
+      const fetchSafe = createIdempotentFetch({ ...fast, onAttempt });
+      expect((await fetchSafe(`${s.url}/orders`, json({ a: 1 }))).status).toBe(201);
+      expect((await fetchSafe(`${s.url}/orders`, json({ a: 1 }))).status).toBe(201);
+    } finally {
+      if (own) Object.defineProperty(proto, 'randomUUID', own);
+    }
+    const keys = attempts.map((a) => a.key);
+    for (const key of keys) expect(key).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    expect(new Set(keys).size).toBe(2);
+    expect(s.runs.get('orders')).toBe(2);
   });
 
   it('a replayed 5xx is returned, not asked again: the same key gets the same stored answer', async () => {
@@ -438,6 +495,26 @@ describe('retry rules', () => {
     // HTTP dates carry commas themselves: two joined lines still give the first date.
     const now = Date.parse('Sun, 29 Nov 2026 18:00:00 GMT');
     expect(parseRetryAfter('Sun, 29 Nov 2026 18:00:05 GMT, Sun, 29 Nov 2026 18:00:09 GMT', now)).toBe(5_000);
+    expect(parseRetryAfter('2, x')).toBe(2_000);
+  });
+
+  it('reads only the HTTP date forms, and asctime as GMT whatever the machine\'s zone', () => {
+    // Date.parse takes all of these for dates long past: each would have meant "retry at once".
+    for (const junk of ['in 5', 'foo 1', '5 May', 'x, 2', 'x 2026', 'tomorrow', 'Sun, 29 Nov 2026 18:00:05 GMT garbage']) {
+      expect(parseRetryAfter(junk), junk).toBeUndefined();
+    }
+    const now = Date.parse('Sun, 29 Nov 2026 18:00:00 GMT');
+    expect(parseRetryAfter('Sunday, 29-Nov-26 18:00:07 GMT', now)).toBe(7_000);
+    const zone = process.env['TZ'];
+    try {
+      for (const tz of ['America/Los_Angeles', 'Asia/Tokyo', 'UTC']) {
+        process.env['TZ'] = tz;
+        expect(parseRetryAfter('Sun Nov 29 18:00:10 2026', now), tz).toBe(10_000);
+      }
+    } finally {
+      if (zone === undefined) delete process.env['TZ'];
+      else process.env['TZ'] = zone;
+    }
   });
 
   it('parses Retry-After as seconds or an HTTP date', () => {

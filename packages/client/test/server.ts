@@ -20,7 +20,8 @@ export interface TestServer {
  * a 307 (method and body kept).
  */
 export async function startServer(options: Partial<Omit<IdempotencyOptions<FastifyRequest>, 'store'>> = {}): Promise<TestServer> {
-  const app = Fastify();
+  // Connections a client left mid-answer may linger a few seconds; close() need not wait for them.
+  const app = Fastify({ forceCloseConnections: true });
   const runs = new Map<string, number>();
   let open!: () => void;
   const opened = new Promise<void>((resolve) => (open = resolve));
@@ -71,20 +72,29 @@ export async function startServer(options: Partial<Omit<IdempotencyOptions<Fasti
 }
 
 /**
- * A TCP proxy that loses the answer of the first `dropResponses` connections: the request reaches
- * the server (which runs the handler and stores the response), the client's socket is cut.
+ * A TCP proxy that loses the answer to the first `dropResponses` requests (or to those request
+ * numbers, from 1, that `dropResponses` picks): the request reaches the server (which runs the
+ * handler and stores the response), the client's socket is cut. Each chunk from the client counts
+ * as one request (these are small), so a kept-alive connection's second request counts too.
  */
-export async function startLossyProxy(target: string, dropResponses: number): Promise<{ url: string; connections: () => number; close(): Promise<void> }> {
+export async function startLossyProxy(
+  target: string,
+  dropResponses: number | ((connection: number) => boolean),
+): Promise<{ url: string; connections: () => number; close(): Promise<void> }> {
+  const drops = typeof dropResponses === 'number' ? (n: number) => n <= dropResponses : dropResponses;
   const { port, hostname } = new URL(target);
   let connections = 0;
+  let requests = 0;
   const sockets = new Set<net.Socket>();
   const server = net.createServer((client) => {
-    const n = ++connections;
+    connections++;
+    let n = 0;
+    client.on('data', () => void (n = ++requests));
     const upstream = net.connect(Number(port), hostname);
     sockets.add(client).add(upstream);
     client.pipe(upstream);
     upstream.on('data', (chunk) => {
-      if (n <= dropResponses) {
+      if (drops(n)) {
         client.destroy();
         upstream.destroy();
       } else client.write(chunk);
