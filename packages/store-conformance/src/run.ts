@@ -24,7 +24,7 @@ const clauses: readonly Clause[] = [
   { name: 'purgeExpired', covers: 'deletes only expired records (completed and abandoned leases), in batches of `limit`, and returns the count', register: purgeSuite },
   { name: 'begin', covers: 'claims a new key with a fresh token, or returns the live record and the lease time left', register: beginSuite },
   { name: 'complete', covers: 'only the holder stores a response; get and begin replay it exactly; afterwards the old token is dead', register: completeSuite },
-  { name: 'lease', covers: 'takeover after lease expiry, fencing of the stale holder, renew, release', register: leaseSuite },
+  { name: 'lease', covers: 'takeover only after lease expiry, fencing of the stale holder (also across fresh store instances), renew, release', register: leaseSuite },
   { name: 'ttl', covers: 'completed records expire after their TTL, counted from completion', register: ttlSuite },
   { name: 'concurrency', covers: 'exactly one of 200 concurrent callers wins (new key, expired lease, expired record, two clients)', register: concurrencySuite },
   { name: 'response bytes', covers: 'empty, every-byte-value and 1 MiB bodies, repeated headers in order and 8 KiB values round-trip exactly', register: bytesSuite },

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import type { StoredResponse } from '@idemkit/core';
+import type { IdempotencyRecord, StoredResponse } from '@idemkit/core';
 import { expect } from 'vitest';
 import {
   LONG_MS,
@@ -71,6 +71,8 @@ export function bytesSuite(ctx: SuiteContext): void {
         ['x-quotes', `"double" 'single' \\back, comma; semi = eq`],
         ['link', '</a>; rel="next", </b>; rel="prev"'],
         ['set-cookie', 'a=overwritten-later-in-order'],
+        // Names and values exactly as given: no case folding, no trimming.
+        ['X-Mixed-Case', '  padded  '],
       ],
       body: new TextEncoder().encode('{"ok":true}'),
     });
@@ -101,24 +103,39 @@ export function bytesSuite(ctx: SuiteContext): void {
     headers.push(['x-added', 'later']);
     headers[1]![1] = 'changed';
     // A caller that changes a record it got (a binding, middleware) must not change the next replay.
-    const first = await mustGet(store(), key);
-    first.response?.body.fill(0x21);
-    // The types say read-only; a store may also freeze them (then a change throws, which is fine).
-    const handedOut = first.response?.headers as Array<[string, string]> | undefined;
-    try {
-      handedOut?.push(['x-added', 'by a caller']);
-    } catch {
-      // a frozen list
-    }
-    try {
-      if (handedOut?.[0]) handedOut[0][1] = 'changed by a caller';
-    } catch {
-      // a frozen pair
-    }
+    spoil(await mustGet(store(), key));
     const replay = await store().begin(key, 'fp', LONG_MS);
     for (const record of [await mustGet(store(), key), replay.kind === 'existing' ? replay.record : undefined]) {
       expect(record?.response?.headers).toEqual([['content-type', 'text/plain'], ['x-id', '1']]);
       expect(Buffer.from(record?.response?.body ?? []).toString()).toBe('kept');
     }
+    // Nor can the record a replaying begin hands out (the engine's replay path).
+    if (replay.kind === 'existing') spoil(replay.record);
+    const again = await store().begin(key, 'fp', LONG_MS);
+    for (const record of [await mustGet(store(), key), again.kind === 'existing' ? again.record : undefined]) {
+      expect(record?.response?.headers).toEqual([['content-type', 'text/plain'], ['x-id', '1']]);
+      expect(Buffer.from(record?.response?.body ?? []).toString()).toBe('kept');
+    }
   });
+}
+
+/** What a careless caller does to a record it was handed: overwrite the body, add and change headers. */
+function spoil(record: IdempotencyRecord): void {
+  try {
+    record.response?.body.fill(0x21);
+  } catch {
+    // a frozen or read-only view
+  }
+  // The types say read-only; a store may also freeze them (then a change throws, which is fine).
+  const handedOut = record.response?.headers as Array<[string, string]> | undefined;
+  try {
+    handedOut?.push(['x-added', 'by a caller']);
+  } catch {
+    // a frozen list
+  }
+  try {
+    if (handedOut?.[0]) handedOut[0][1] = 'changed by a caller';
+  } catch {
+    // a frozen pair
+  }
 }

@@ -112,4 +112,11 @@ export function keysSuite(ctx: SuiteContext): void {
     await claimAndComplete(store(), [key]);
     await expectOwnRecord(store(), key);
   });
+
+  clause('two 1 KiB keys that differ only in their last character are two records (no key is cut short)', async () => {
+    const stem = `${ctx.key('keys-long-twins')}:${'k'.repeat(1024)}`;
+    const keys = [`${stem}a`, `${stem}b`];
+    await claimAndComplete(store(), keys);
+    for (const key of keys) await expectOwnRecord(store(), key);
+  });
 }

@@ -3,6 +3,7 @@ import {
   LONG_MS,
   SHORT_MS,
   acquire,
+  asToken,
   clause,
   expectNear,
   expectSameResponse,
@@ -32,10 +33,36 @@ export function leaseSuite(ctx: SuiteContext): void {
     // request arriving in between already took (or could have taken) the key over.
     expect(await store().renew(key, lapsed, LONG_MS)).toBe(false);
     expect(await store().complete(key, lapsed, textResponse('late'), LONG_MS)).toBe(false);
+    // Nor release it: that would delete what the next caller must see as a takeover.
+    expect(await store().release(key, lapsed)).toBe(false);
     expect(await store().get(key)).toBeUndefined();
     const next = await store().begin(key, 'fp', LONG_MS);
     expect(next.kind === 'acquired' && next.tookOver).toBe(true);
   });
+
+  clause('a live lease is never taken over before the time left that begin reported has passed', async () => {
+    const key = ctx.key('lease-no-early-takeover');
+    const leaseMs = 1_500;
+    await acquire(store(), key, leaseMs);
+    // Ask until the takeover; each "existing" answer promises its lease for the time it reports.
+    let promised = { askedAt: 0, remainingMs: 0 };
+    for (;;) {
+      const askedAt = Date.now();
+      const result = await store().begin(key, 'fp-next', LONG_MS);
+      if (result.kind === 'existing') {
+        expect(result.leaseRemainingMs).toBeGreaterThan(0);
+        expect(result.leaseRemainingMs).toBeLessThanOrEqual(leaseMs);
+        promised = { askedAt, remainingMs: result.leaseRemainingMs };
+        await new Promise((resolve) => setTimeout(resolve, 20));
+        continue;
+      }
+      expect(result.tookOver).toBe(true);
+      // The store computed that time after it was asked; a few ms of rounding are allowed.
+      expect(Date.now() - promised.askedAt).toBeGreaterThanOrEqual(promised.remainingMs - 5);
+      break;
+    }
+  });
+
 
   clause('after the lease runs out, begin takes over with a new token (tookOver true) and the new fingerprint', async () => {
     const key = ctx.key('lease-takeover');
@@ -111,12 +138,24 @@ export function leaseSuite(ctx: SuiteContext): void {
     expect(record.createdAt).toBe(createdAt);
   });
 
-  clause('renew with a wrong token returns false and leaves the lease alone', async () => {
+  clause('renew can also shorten the lease: the record goes once the shorter lease ends', async () => {
+    const key = ctx.key('lease-renew-shorter');
+    const token = await acquire(store(), key, LONG_MS);
+    const before = Date.now();
+    expect(await store().renew(key, token, SHORT_MS)).toBe(true);
+    expectNear((await mustGet(store(), key)).leaseExpiresAt ?? 0, before + SHORT_MS);
+    await waitUntilGone(store(), key);
+    expect((await store().begin(key, 'fp', LONG_MS)).kind).toBe('acquired');
+  });
+
+  clause('renew with a wrong, forged or empty token returns false and leaves the lease alone', async () => {
     const key = ctx.key('lease-renew-wrong');
     await acquire(store(), key, LONG_MS);
     const other = await acquire(store(), ctx.key('lease-renew-wrong-other'), LONG_MS);
     const held = snapshot(await store().get(key));
-    expect(await store().renew(key, other, 3 * LONG_MS)).toBe(false);
+    for (const token of [other, asToken(`' OR '1'='1`), asToken('')]) {
+      expect(await store().renew(key, token, 3 * LONG_MS)).toBe(false);
+    }
     expect(snapshot(await store().get(key))).toEqual(held);
   });
 
@@ -136,12 +175,39 @@ export function leaseSuite(ctx: SuiteContext): void {
     expect(await store().complete(key, token, textResponse('old'), LONG_MS)).toBe(false);
   });
 
-  clause('release with a wrong token returns false and keeps the record', async () => {
+  clause('release with a wrong, forged or empty token returns false and keeps the record', async () => {
     const key = ctx.key('lease-release-wrong');
     await acquire(store(), key, LONG_MS);
     const other = await acquire(store(), ctx.key('lease-release-wrong-other'), LONG_MS);
     const held = snapshot(await store().get(key));
-    expect(await store().release(key, other)).toBe(false);
+    for (const token of [other, asToken(`' OR '1'='1`), asToken('')]) {
+      expect(await store().release(key, token)).toBe(false);
+    }
     expect(snapshot(await store().get(key))).toEqual(held);
   });
+
+  // Two stores on one backend: only with a second client (two calls of createStore may be two
+  // separate backends, as for an in-memory store).
+  const createSecond = ctx.options.createSecondStore;
+  if (createSecond) {
+    clause('fresh store instances (a restarted process) mint other tokens: a takeover through one fences the other', async () => {
+      const first = await ctx.options.createStore();
+      const second = await createSecond();
+      try {
+        const key = ctx.key('lease-fresh-stores');
+        const stale = await acquire(first, key, SHORT_MS);
+        await waitUntilGone(first, key);
+        const result = await second.begin(key, 'fp', LONG_MS);
+        expect(result.kind === 'acquired' && result.tookOver).toBe(true);
+        if (result.kind !== 'acquired') return;
+        expect(result.token).not.toBe(stale);
+        expect(await first.complete(key, stale, textResponse('late'), LONG_MS)).toBe(false);
+        expect(await second.complete(key, result.token, textResponse('newcomer'), LONG_MS)).toBe(true);
+        expectSameResponse((await mustGet(first, key)).response, textResponse('newcomer'));
+      } finally {
+        await first.close();
+        await second.close();
+      }
+    });
+  }
 }

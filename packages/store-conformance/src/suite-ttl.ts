@@ -31,6 +31,23 @@ export function ttlSuite(ctx: SuiteContext): void {
     expect(record.response).toBeNull();
   });
 
+  clause('the TTL counts from completion, not from begin', async () => {
+    const key = ctx.key('ttl-not-from-begin');
+    const token = await acquire(store(), key, LONG_MS);
+    const begun = Date.now();
+    // Let some time pass between begin and complete (a handler at work), by the store's clock.
+    const canary = ctx.key('ttl-begin-canary');
+    await acquire(store(), canary, SHORT_MS);
+    await waitUntilGone(store(), canary);
+    const record = await mustGet(store(), key);
+    const completing = Date.now();
+    expect(await store().complete(key, token, textResponse('late answer'), LONG_MS)).toBe(true);
+    const done = await mustGet(store(), key);
+    expect(done.createdAt).toBe(record.createdAt);
+    // Both ends by the store's own clock: at least the handler's time plus the TTL apart.
+    expect(done.expiresAt - done.createdAt).toBeGreaterThanOrEqual(LONG_MS + (completing - begun) - 5);
+  });
+
   clause('the TTL counts from completion and replaces the lease end', async () => {
     const key = ctx.key('ttl-from-complete');
     const token = await acquire(store(), key, SHORT_MS);
