@@ -4,10 +4,11 @@
 // failed or no test ran at all, so "0 passed" can never look green.
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
+import { stripVTControlCharacters } from 'node:util';
 
 const run = (dir) => dir.split('/').pop();
 // Without colour codes, cut to one screen line.
-const firstLine = (text) => String(text ?? '').replace(/\x1b\[[0-9;]*m/g, '').split('\n')[0].slice(0, 300);
+const firstLine = (text) => stripVTControlCharacters(String(text ?? '')).split('\n')[0].slice(0, 300);
 
 let passed = 0;
 let failed = 0;

@@ -349,7 +349,7 @@ describe('SPEC §2 through the engine', () => {
       return renew(...args);
     };
     const lease = expectRun(await engine.decide(request({ key: 'renew-once' })));
-    await vi.waitFor(() => expect(calls).toBeGreaterThanOrEqual(3));
+    await vi.waitFor(() => expect(calls).toBeGreaterThanOrEqual(3), { timeout: 10_000 });
     await lease.abandon('handler-threw');
     expect(most).toBe(1);
   });
@@ -361,7 +361,7 @@ describe('SPEC §2 through the engine', () => {
     const engine = createIdempotencyEngine({ store, leaseMs: 60, logger: false, onEvent: (e) => events.push(e.type) });
     const lease = expectRun(await engine.decide(request({ key: 'lost' })));
     now += 1_000; // the store's clock jumps past the lease, as a stalled process would see it
-    await vi.waitFor(() => expect(events).toContain('lease-lost'));
+    await vi.waitFor(() => expect(events).toContain('lease-lost'), { timeout: 10_000 });
     expect(await lease.commit(response())).toBe(false);
   });
 });
@@ -420,8 +420,8 @@ describe('store failures', () => {
     };
     const engine = createIdempotencyEngine({ store, storeTimeoutMs: 50, logger: false });
     expectProblem(await engine.decide(request({ key: 'late' })), 503, 'ERR_IDEMKIT_STORE_UNAVAILABLE');
-    await vi.waitFor(() => expect(landed).toBe(true));
-    await vi.waitFor(async () => expect(await store.get('-:late')).toBeUndefined());
+    await vi.waitFor(() => expect(landed).toBe(true), { timeout: 10_000 });
+    await vi.waitFor(async () => expect(await store.get('-:late')).toBeUndefined(), { timeout: 10_000 });
   });
 
   it('a store that fails after the handler ran: the lease settles without throwing and reports it', async () => {

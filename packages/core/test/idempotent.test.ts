@@ -26,7 +26,7 @@ describe('idempotent(fn)', () => {
     const gate = new Promise<void>((r) => (release = r));
     const job = idempotent(async (id: string) => { await gate; return id; }, { store, key: (id) => id, concurrency: 'conflict' });
     const first = job('a');
-    await vi.waitFor(async () => expect((await store.get('-:a'))?.state).toBe('in_progress'));
+    await vi.waitFor(async () => expect((await store.get('-:a'))?.state).toBe('in_progress'), { timeout: 10_000 });
     await expect(job('a')).rejects.toBeInstanceOf(RequestInProgressError);
     release();
     expect(await first).toBe('a');
@@ -129,7 +129,7 @@ describe('idempotent(fn)', () => {
         { store, key: () => 'evt_void' },
       );
       const calls = Array.from({ length: 3 }, () => job());
-      await vi.waitFor(() => expect(runs).toBe(1));
+      await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
       release();
       const settled = await Promise.allSettled(calls);
       expect(runs).toBe(1);

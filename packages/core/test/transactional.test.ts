@@ -299,7 +299,7 @@ describe('a rollback that outlasts storeTimeoutMs: the key is settled once its o
     await vi.waitFor(async () => {
       const retry = await engine.decide(request({ key: 'slow-ended' }));
       expect(retry.kind === 'replay' && retry.response.status).toBe(410);
-    });
+    }, { timeout: 10_000 });
   });
 
   it('the rollback then succeeds: the key is freed and the retry runs', async () => {
@@ -309,7 +309,7 @@ describe('a rollback that outlasts storeTimeoutMs: the key is settled once its o
       const retry = await engine.decide(request({ key: 'slow-ok' }));
       if (retry.kind === 'run') await retry.lease.abandon('client-gone');
       expect(retry.kind).toBe('run');
-    });
+    }, { timeout: 10_000 });
   });
 });
 
@@ -361,7 +361,7 @@ describe('store errors are told apart by code, and an unknown outcome is said to
         const retry = await engine.decide(request({ key }));
         if (retry.kind === 'run') await retry.lease.abandon('client-gone');
         expect(retry.kind).toBe(outcome === 'committed' ? 'replay' : 'run');
-      });
+      }, { timeout: 10_000 });
     }
   });
 });
@@ -392,9 +392,9 @@ describe('a late transactional completion is reported once, by what it did', () 
     if (d.kind !== 'run') throw new Error('expected run');
     expect(await d.lease.commit(response(201))).toBe(false);
     // Renewals go on while the outcome is pending, until the store refuses one.
-    await vi.waitFor(() => expect(renewals).toBeGreaterThan(0));
+    await vi.waitFor(() => expect(renewals).toBeGreaterThan(0), { timeout: 10_000 });
     settle?.(false);
-    await vi.waitFor(() => expect(events).toContainEqual(expect.objectContaining({ type: 'completed', stored: false })));
+    await vi.waitFor(() => expect(events).toContainEqual(expect.objectContaining({ type: 'completed', stored: false })), { timeout: 10_000 });
     expect(events.filter((e) => e.type === 'lease-lost')).toEqual([{ type: 'lease-lost', key: 'late-refused', operation: 'complete' }]);
     expect(renewals).toBe(1);
   });

@@ -497,7 +497,7 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     const controller = new AbortController();
     const first = post(`${url}/work`, key, { signal: controller.signal });
     const before = started.count;
-    await vi.waitFor(() => expect(started.count).toBe(before + 1));
+    await vi.waitFor(() => expect(started.count).toBe(before + 1), { timeout: 10_000 });
     controller.abort();
     await expect(first).rejects.toThrow();
   }
@@ -535,7 +535,7 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     const key = randomUUID();
     const controller = new AbortController();
     const first = post(`${url}/slow`, key, { signal: controller.signal });
-    await vi.waitFor(() => expect(runs).toBe(1));
+    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
     controller.abort();
     await expect(first).rejects.toThrow();
     // A lease after the client left, the key is marked: the retry is told, and does not charge again.
@@ -567,9 +567,9 @@ describe('express binding: a handler that throws after res.writeHead', () => {
       socket.on('data', (chunk: Buffer) => void (received += chunk.toString()));
       // Fifteen keyed requests queue behind a slow first one: each waits for the socket's close.
       socket.write(request('/first', randomUUID()) + Array.from({ length: 15 }, () => request('/orders', randomUUID())).join(''));
-      await vi.waitFor(() => expect(queued).toBe(15));
+      await vi.waitFor(() => expect(queued).toBe(15), { timeout: 10_000 });
       open();
-      await vi.waitFor(() => expect(received.match(/HTTP\/1\.1 201/g)).toHaveLength(16));
+      await vi.waitFor(() => expect(received.match(/HTTP\/1\.1 201/g)).toHaveLength(16), { timeout: 10_000 });
       socket.destroy();
       await new Promise((resolve) => setImmediate(resolve));
       expect(warnings.filter((w) => w.name === 'MaxListenersExceededWarning')).toEqual([]);
@@ -579,7 +579,8 @@ describe('express binding: a handler that throws after res.writeHead', () => {
   });
 
   it('a pipelined request whose connection dies while it waits its turn is settled all the same', async () => {
-    const { app } = appWith({ leaseMs: 300 });
+    // Not shorter: an event loop stalled past the lease (a loaded machine) loses it to the retry.
+    const { app } = appWith({ leaseMs: 1_000 });
     let queuedRuns = 0;
     app.post('/first', (_req, res) => void setTimeout(() => res.status(201).send('first'), 200));
     // Never answers (an Express 4 async handler that rejected, say); Node never closes its queued response.
@@ -592,10 +593,10 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     socket.on('error', () => undefined);
     const key = randomUUID();
     socket.write(request('/first', randomUUID()) + request('/queued', key));
-    await vi.waitFor(() => expect(queuedRuns).toBe(1));
+    await vi.waitFor(() => expect(queuedRuns).toBe(1), { timeout: 10_000 });
     socket.destroy();
     // Before, its key answered 409 for as long as the process ran.
-    await vi.waitFor(async () => expect((await post(`${url}/queued`, key, { body: '{}', headers: { 'content-type': 'application/json' } })).status).toBe(410), { timeout: 5_000, interval: 100 });
+    await vi.waitFor(async () => expect((await post(`${url}/queued`, key, { body: '{}', headers: { 'content-type': 'application/json' } })).status).toBe(410), { timeout: 10_000, interval: 100 });
     expect(queuedRuns).toBe(1);
   });
 
@@ -643,14 +644,14 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     const key = randomUUID();
     const controller = new AbortController();
     const first = post(`${url}/slow`, key, { signal: controller.signal });
-    await vi.waitFor(() => expect(ended).toBeDefined());
+    await vi.waitFor(() => expect(ended).toBeDefined(), { timeout: 10_000 });
     controller.abort();
     await expect(first).rejects.toThrow();
     // The server has seen the client go before the handler answers.
-    await vi.waitFor(() => expect(closed).toBe(true));
+    await vi.waitFor(() => expect(closed).toBe(true), { timeout: 10_000 });
     release?.();
     await ended;
-    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, key)))?.state).toBe('completed'));
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, key)))?.state).toBe('completed'), { timeout: 10_000 });
     const retry = await post(`${url}/slow`, key);
     expect(retry.status).toBe(201);
     expect(retry.headers.get('idempotent-replayed')).toBe('true');
@@ -835,7 +836,7 @@ describe('express binding: request context and mounting', () => {
     expect(reply.status).toBe(201);
     expect(new TextDecoder().decode(reply.body)).toBe('{"ok":true}');
     expect(returned).toBe(false);
-    await vi.waitFor(() => expect(callbackError?.code).toBe('ERR_STREAM_WRITE_AFTER_END'));
+    await vi.waitFor(() => expect(callbackError?.code).toBe('ERR_STREAM_WRITE_AFTER_END'), { timeout: 10_000 });
   });
 
   it('per-route only: other routes are untouched', async () => {
@@ -859,7 +860,7 @@ describe('express binding: request context and mounting', () => {
     const key = randomUUID();
     const abort = new AbortController();
     const pending = post(`${url}/slow`, key, { signal: abort.signal }).catch((error: unknown) => error);
-    await vi.waitFor(() => expect(runs()).toBe(1));
+    await vi.waitFor(() => expect(runs()).toBe(1), { timeout: 10_000 });
     abort.abort();
     expect(await pending).toBeInstanceOf(Error);
     // Still running: a retry must not run the operation a second time.
@@ -867,7 +868,7 @@ describe('express binding: request context and mounting', () => {
     expect(during.status).toBe(409);
     expect((await store.get(scopedKey(undefined, key)))?.state).toBe('in_progress');
     answer?.();
-    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, key)))?.state).toBe('completed'));
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, key)))?.state).toBe('completed'), { timeout: 10_000 });
     const retry = await post(`${url}/slow`, key);
     expect(retry.status).toBe(201);
     expect(retry.headers.get('idempotent-replayed')).toBe('true');

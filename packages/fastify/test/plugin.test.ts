@@ -45,7 +45,7 @@ async function overSocket(app: FastifyInstance): Promise<(path: string, key: str
 async function leaveEarly(send: (signal: AbortSignal) => Promise<Response>, started: () => boolean): Promise<void> {
   const controller = new AbortController();
   const first = send(controller.signal);
-  await vi.waitFor(() => expect(started()).toBe(true));
+  await vi.waitFor(() => expect(started()).toBe(true), { timeout: 10_000, interval: 5 });
   controller.abort();
   await expect(first).rejects.toThrow();
 }
@@ -310,7 +310,7 @@ describe('payloads', () => {
     expect(first.statusCode).toBe(202);
     expect(first.body).toBe('raw');
     // onSend never runs for a hijacked reply: the marker is stored from onResponse, after the fact.
-    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, 'k')))?.state).toBe('completed'));
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, 'k')))?.state).toBe('completed'), { timeout: 10_000 });
     const again = await post(app, '/raw', 'k');
     expect(again.statusCode).toBe(410);
     expect(again.json()).toMatchObject({ originalStatus: 202, reason: 'not-bufferable' });
@@ -421,7 +421,7 @@ describe('a hijacked reply that sends nothing', () => {
     const req = httpRequest({ host: '127.0.0.1', port, method: 'POST', path: '/silent', headers: { 'idempotency-key': 'silent', 'content-type': 'application/json' } });
     req.on('error', () => undefined);
     req.end('{"a":1}');
-    await vi.waitFor(() => expect(runs).toBe(1));
+    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
     req.destroy();
     await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, 'silent')))?.state).toBe('completed'), { timeout: 5_000, interval: 20 });
     const retry = await post(app, '/silent', 'silent');
@@ -523,7 +523,7 @@ describe('an async handler whose client left', () => {
     );
     const send = await overSocket(app);
     await leaveEarly((signal) => send('/later', 'left', signal), () => runs === 1);
-    await vi.waitFor(() => expect(ended).toBe(true));
+    await vi.waitFor(() => expect(ended).toBe(true), { timeout: 10_000 });
     // Before, the lease was renewed for as long as the process ran: a 409 forever. Now the
     // handler's answer gets a lease's time to come (one that returned reply may answer late).
     const retry = await answeredWith(app, '/later', 'left', 410);
@@ -645,7 +645,8 @@ describe('a pipelined request whose connection dies while it waits its turn', ()
           reply.code(202); // answers nothing: Fastify sends the empty answer, but the socket is gone
         });
       },
-      { leaseMs: 300 },
+      // Not shorter: an event loop stalled past the lease (a loaded machine) loses it to the retry.
+      { leaseMs: 1_000 },
     );
     await app.listen({ port: 0, host: '127.0.0.1' });
     const { port } = app.server.address() as AddressInfo;
@@ -654,10 +655,10 @@ describe('a pipelined request whose connection dies while it waits its turn', ()
     const socket = connect(port, '127.0.0.1');
     socket.on('error', () => undefined);
     socket.write(request('/first', 'pipelined-1') + request('/queued', 'pipelined-2'));
-    await vi.waitFor(() => expect(runs).toBe(1));
+    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
     socket.destroy();
     // Before, its key answered 409 for as long as the process ran.
-    await answeredWith(app, '/queued', 'pipelined-2', 410, 5_000, {});
+    await answeredWith(app, '/queued', 'pipelined-2', 410, 10_000, {});
     expect(runs).toBe(1);
   });
 });
@@ -684,9 +685,9 @@ describe('many pipelined requests on one connection', () => {
       socket.on('data', (chunk: Buffer) => void (received += chunk.toString()));
       // Fifteen keyed requests queue behind a slow first one: each waits for the socket's close.
       socket.write(request('/first', 'pipelined-first') + Array.from({ length: 15 }, (_, i) => request('/orders', `pipelined-${i}`)).join(''));
-      await vi.waitFor(() => expect(queued).toBe(15));
+      await vi.waitFor(() => expect(queued).toBe(15), { timeout: 10_000 });
       open();
-      await vi.waitFor(() => expect(received.match(/HTTP\/1\.1 200/g)).toHaveLength(16));
+      await vi.waitFor(() => expect(received.match(/HTTP\/1\.1 200/g)).toHaveLength(16), { timeout: 10_000 });
       socket.destroy();
       await new Promise((resolve) => setImmediate(resolve));
       expect(warnings.filter((w) => w.name === 'MaxListenersExceededWarning')).toEqual([]);
@@ -767,9 +768,9 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
     expect((await post(app, '/pay', 'k')).statusCode).toBe(503);
     expect((await post(app, '/pay', 'k')).statusCode).toBe(409);
     op.finish('fail');
-    await vi.waitFor(async () => expect(await store.get(scopedKey(undefined, 'k'))).toBeUndefined());
+    await vi.waitFor(async () => expect(await store.get(scopedKey(undefined, 'k'))).toBeUndefined(), { timeout: 10_000 });
     const retry = post(app, '/pay', 'k');
-    await vi.waitFor(() => expect(op.runs()).toBe(2));
+    await vi.waitFor(() => expect(op.runs()).toBe(2), { timeout: 10_000 });
     op.finish('ok');
     expect((await retry).json()).toEqual({ charged: 2 });
   });
@@ -841,7 +842,7 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
       await retry.text();
       expect(retry.status).not.toBe(410);
       expect(runs).toBe(2);
-    });
+    }, { timeout: 10_000 });
   });
 
   it('return reply.code(503).send() behind an async app-level onSend hook: freed too (as the answer finishes)', async () => {
@@ -858,7 +859,7 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
     await vi.waitFor(async () => {
       const retry = await send('/own', 'k');
       expect(await retry.json()).toEqual({ n: 2 });
-    });
+    }, { timeout: 10_000 });
   });
 
   it.each([
@@ -934,7 +935,7 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
     expect((await post(app, '/pay', 'k')).statusCode).toBe(503);
     finish();
     // Before, any late send marked the key 410 for a whole TTL, a failure too.
-    await vi.waitFor(async () => expect(await store.get(scopedKey(undefined, 'k'))).toBeUndefined());
+    await vi.waitFor(async () => expect(await store.get(scopedKey(undefined, 'k'))).toBeUndefined(), { timeout: 10_000 });
     expect((await post(app, '/pay', 'k')).json()).toEqual({ charged: 2 });
   });
 
@@ -1014,9 +1015,9 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
     op.finish('fail');
     // The first failed, and the waiter took the key, though its reply had gone out: it gives it
     // back. Before, it held the key, renewed, and every retry got 409 for as long as the process ran.
-    await vi.waitFor(() => expect(claims).toBe(2));
+    await vi.waitFor(() => expect(claims).toBe(2), { timeout: 10_000 });
     const retry = send('/pay', 'k');
-    await vi.waitFor(() => expect(op.runs()).toBe(2));
+    await vi.waitFor(() => expect(op.runs()).toBe(2), { timeout: 10_000 });
     op.finish('ok');
     expect(await (await retry).json()).toEqual({ charged: 2 });
   });

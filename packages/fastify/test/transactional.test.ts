@@ -96,18 +96,21 @@ describe('transactional mode: a hijacked reply whose client left while the handl
     return { app, ledger, runs: () => runs, url: `http://127.0.0.1:${port}/orders` };
   }
 
-  async function leave(url: string, key: string): Promise<void> {
+  /** The client leaves once the handler has written its first step (not after a fixed time: a cold or loaded run may not have reached it). */
+  async function leave(url: string, key: string, runs: () => number): Promise<void> {
+    const before = runs();
     const controller = new AbortController();
     const first = fetch(url, { method: 'POST', headers: { 'idempotency-key': key, 'content-type': 'application/json' }, body: '{"sku":"A1"}', signal: controller.signal });
-    setTimeout(() => controller.abort(), 50);
+    await vi.waitFor(() => expect(runs()).toBe(before + 1), { timeout: 10_000, interval: 5 });
+    controller.abort();
     await expect(first).rejects.toThrow();
   }
 
   it('the handler finishes: both writes commit together, and it is never run again', async () => {
     const { app, ledger, runs, url } = await hijackingApp('finish');
-    await leave(url, 'k1');
+    await leave(url, 'k1', runs);
     // Before, the cut-short marker committed step1 beside the running handler, and step2 was refused.
-    await vi.waitFor(() => expect(ledger.committed).toEqual(['step1', 'step2']));
+    await vi.waitFor(() => expect(ledger.committed).toEqual(['step1', 'step2']), { timeout: 10_000 });
     const retry = await post(app, 'k1');
     expect(retry.statusCode).toBe(410);
     expect(runs()).toBe(1);
@@ -116,20 +119,20 @@ describe('transactional mode: a hijacked reply whose client left while the handl
 
   it('the handler never ends: after a lease its transaction is rolled back and the key freed', async () => {
     const { ledger, runs, url } = await hijackingApp('hang', 300);
-    await leave(url, 'k7');
+    await leave(url, 'k7', runs);
     // Before the bound, the key answered 409 and the connection stayed idle in transaction for good.
     await vi.waitFor(() => expect(ledger.rolledBack).toBe(1), { timeout: 3_000, interval: 20 });
     expect(ledger.committed).toEqual([]);
-    await leave(url, 'k7');
+    await leave(url, 'k7', runs);
     expect(runs()).toBe(2);
   });
 
   it('the handler throws: nothing commits, the key is freed and the retry runs', async () => {
     const { ledger, runs, url } = await hijackingApp('throw');
-    await leave(url, 'k2');
-    await vi.waitFor(() => expect(ledger.rolledBack).toBe(1));
+    await leave(url, 'k2', runs);
+    await vi.waitFor(() => expect(ledger.rolledBack).toBe(1), { timeout: 10_000 });
     expect(ledger.committed).toEqual([]);
-    await leave(url, 'k2');
+    await leave(url, 'k2', runs);
     expect(runs()).toBe(2);
   });
 });

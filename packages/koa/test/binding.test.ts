@@ -106,7 +106,7 @@ describe('koa binding: what is not replayed', () => {
     const first = await post(url, `late-${status}`);
     expect(first.status).toBe(status);
     expect(await first.text()).toBe('later');
-    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, `late-${status}`)))?.state).not.toBe('in_progress'));
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, `late-${status}`)))?.state).not.toBe('in_progress'), { timeout: 10_000 });
     const retry = await post(url, `late-${status}`);
     expect(retry.status).toBe(retryStatus);
     if (retryStatus === 410) expect(await retry.json()).toMatchObject({ originalStatus: 201, reason: 'not-bufferable' });
@@ -124,10 +124,10 @@ describe('koa binding: what is not replayed', () => {
     });
     const controller = new AbortController();
     const first = post(url, 'gone-early', { a: 1 }, {}, controller.signal).catch((error: unknown) => error);
-    await vi.waitFor(() => expect(runs()).toBe(1));
+    await vi.waitFor(() => expect(runs()).toBe(1), { timeout: 10_000 });
     controller.abort();
     await first;
-    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, 'gone-early')))?.state).toBe('completed'));
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, 'gone-early')))?.state).toBe('completed'), { timeout: 10_000 });
     const retry = await post(url, 'gone-early');
     expect(retry.status).toBe(410);
     // No status went out, so none is recorded (not Koa's placeholder 404), whatever storable says.
@@ -559,7 +559,7 @@ describe('koa binding: concurrency and disconnects', () => {
         const after = await post(url, 'k');
         expect(after.status).toBe(410);
         expect(await after.json()).toMatchObject({ reason: 'cut-short' });
-      });
+      }, { timeout: 10_000 });
       expect(runs()).toBe(1);
     });
 
@@ -569,7 +569,7 @@ describe('koa binding: concurrency and disconnects', () => {
       const { url, runs } = await withTimeout(() => gate, { rawAnswer: true });
       expect((await post(url, 'k')).status).toBe(503);
       open();
-      await vi.waitFor(async () => expect((await post(url, 'k')).status).toBe(410));
+      await vi.waitFor(async () => expect((await post(url, 'k')).status).toBe(410), { timeout: 10_000 });
       expect(runs()).toBe(1);
     });
 
@@ -580,7 +580,7 @@ describe('koa binding: concurrency and disconnects', () => {
       const { url, runs } = await withTimeout(() => (second ? Promise.resolve('ok') : ((second = true), gate)), { standIn: 202 });
       expect((await post(url, 'k')).status).toBe(202);
       fail();
-      await vi.waitFor(async () => expect((await post(url, 'k')).status).toBe(201));
+      await vi.waitFor(async () => expect((await post(url, 'k')).status).toBe(201), { timeout: 10_000 });
       expect(runs()).toBe(2);
     });
 
@@ -591,7 +591,7 @@ describe('koa binding: concurrency and disconnects', () => {
       const { url, runs } = await withTimeout(() => (second ? Promise.resolve('ok') : ((second = true), gate)));
       expect((await post(url, 'k')).status).toBe(503);
       fail();
-      await vi.waitFor(async () => expect((await post(url, 'k')).status).toBe(201));
+      await vi.waitFor(async () => expect((await post(url, 'k')).status).toBe(201), { timeout: 10_000 });
       expect(runs()).toBe(2);
     });
   });
@@ -616,7 +616,7 @@ describe('koa binding: concurrency and disconnects', () => {
         return r;
       }),
     );
-    await vi.waitFor(() => expect(answered).toBe(49));
+    await vi.waitFor(() => expect(answered).toBe(49), { timeout: 15_000 });
     open();
     const responses = await Promise.all(pending);
     const statuses = responses.map((r) => r.status);
@@ -665,10 +665,10 @@ describe('koa binding: concurrency and disconnects', () => {
     });
     const abort = new AbortController();
     const aborted = post(url, 'left', {}, {}, abort.signal).catch(() => 'aborted');
-    await vi.waitFor(() => expect(runs).toBe(1));
+    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
     abort.abort();
     expect(await aborted).toBe('aborted');
-    await vi.waitFor(() => expect(clientGone).toBe(true));
+    await vi.waitFor(() => expect(clientGone).toBe(true), { timeout: 10_000 });
     // While the handler still runs, the retry waits its turn (409), it does not run again.
     const early = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'left' }, body: '{}' });
     expect(early.status).toBe(409);
@@ -677,7 +677,7 @@ describe('koa binding: concurrency and disconnects', () => {
       const retry = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'left' }, body: '{}' });
       expect(retry.status).toBe(201);
       expect(retry.headers.get('idempotent-replayed')).toBe('true');
-    });
+    }, { timeout: 10_000 });
     expect(runs).toBe(1);
   });
 
@@ -694,9 +694,9 @@ describe('koa binding: concurrency and disconnects', () => {
     });
     const abort = new AbortController();
     const aborted = fetch(url, { method: 'POST', headers: { 'idempotency-key': 'gone2' }, signal: abort.signal }).catch(() => 'aborted');
-    await vi.waitFor(() => expect(entered).toBe(true));
+    await vi.waitFor(() => expect(entered).toBe(true), { timeout: 10_000 });
     abort.abort();
     await aborted;
-    await vi.waitFor(() => expect(events).toContainEqual({ type: 'released', key: 'gone2', reason: 'client-gone' }));
+    await vi.waitFor(() => expect(events).toContainEqual({ type: 'released', key: 'gone2', reason: 'client-gone' }), { timeout: 10_000 });
   });
 });

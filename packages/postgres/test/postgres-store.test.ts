@@ -366,7 +366,7 @@ describe('store failures reject with the driver error', () => {
         );
         expect(rows).toHaveLength(1);
         pid = rows[0]?.pid ?? 0;
-      });
+      }, { timeout: 10_000 });
       await db.pool.query('SELECT pg_terminate_backend($1)', [pid]);
       expect(await outcome).toMatchObject({ code: '57P01' });
     } finally {
