@@ -18,7 +18,10 @@ export interface RunningServer {
 
 /** Starts dist/server.js in its own process and waits for its `READY <port>` line. */
 export async function startServer(spec: ServerSpec, nodeArgs: readonly string[] = []): Promise<RunningServer> {
-  const child: ChildProcess = spawn(process.execPath, [...nodeArgs, SERVER_JS], {
+  // An experiment's knob: the server on CPUs of its own, apart from the runner (README, Stop 21).
+  const cpus = process.env['IDEMKIT_BENCH_SERVER_CPUS'];
+  const argv = [...nodeArgs, SERVER_JS];
+  const child: ChildProcess = spawn(cpus ? 'taskset' : process.execPath, cpus ? ['-c', cpus, process.execPath, ...argv] : argv, {
     env: { ...process.env, BENCH_SERVER: JSON.stringify(spec), NODE_ENV: 'production' },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
