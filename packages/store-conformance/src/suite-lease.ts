@@ -63,7 +63,6 @@ export function leaseSuite(ctx: SuiteContext): void {
     }
   });
 
-
   clause('after the lease runs out, begin takes over with a new token (tookOver true) and the new fingerprint', async () => {
     const key = ctx.key('lease-takeover');
     const stale = await acquire(store(), key, SHORT_MS, 'fp-crashed');
