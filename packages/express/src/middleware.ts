@@ -186,9 +186,17 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
  */
 export function idempotencyErrorHandler(): ErrorRequestHandler {
   (globalThis as Record<symbol, unknown>)[ERROR_HANDLER_CREATED] = true;
-  return function idempotencyErrors(err: unknown, req, _res, next) {
+  return function idempotencyErrors(err: unknown, req, res, next) {
     const lease = claimed.get(req);
     if (!lease || lease.settled) return next(err);
+    // The answer's head is out already (compression mounted after idempotency() sends it now
+    // and the body a tick later): freeing the key would let a retry run the operation again
+    // while this client gets the answer. Settled as without this handler: by the answer's own
+    // bytes as they go out, or else the lease runs out, as a crashed holder's.
+    if (res.headersSent) {
+      lease.letLapse();
+      return next(err);
+    }
     // abandon() never rejects; the error goes on unchanged once the key is free.
     void lease.abandon('handler-threw').then(() => next(err));
   };

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { connect } from 'node:net';
 import { createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
+import compression from 'compression';
 import fileUpload from 'express-fileupload';
 import multer from 'multer';
 import express, { type ErrorRequestHandler, type Express, type Request, type Response } from 'express';
@@ -230,6 +231,32 @@ describe('express binding: errors', () => {
       expect(retry.headers.get('idempotent-replayed')).toBeNull();
     }
     expect(runs()).toBe(4);
+  });
+
+  it.each([false, true])('with compression() after idempotency(), a throw after the answer neither runs it again nor answers for rolled-back work (error handler: %s)', async (withErrorHandler) => {
+    // compression() sends the head from end() at once and the gzipped body a tick later; the throw
+    // comes in between. Before, idempotencyErrorHandler() freed the key then: every retry charged again.
+    const { app } = appWith();
+    const router = express.Router();
+    router.use(compression({ threshold: 0 }));
+    let charges = 0;
+    router.post('/payments', (_req, res) => {
+      charges++;
+      res.status(201).json({ id: `pay_${charges}` });
+      throw new Error('audit log failed');
+    });
+    app.use('/v1', router);
+    if (withErrorHandler) app.use(idempotencyErrorHandler());
+    app.use(((_err, _req, res, next) => (res.headersSent ? next() : res.status(500).end())) as ErrorRequestHandler);
+    const url = await serve(app);
+    const key = randomUUID();
+    const first = await post(`${url}/v1/payments`, key, { headers: { 'accept-encoding': 'gzip' } });
+    expect(first.status).toBe(201);
+    const retries: Fetched[] = [];
+    for (let i = 0; i < 2; i++) retries.push(await post(`${url}/v1/payments`, key, { headers: { 'accept-encoding': 'gzip' } }));
+    expect(charges).toBe(1);
+    // A compressed answer streams, so it is never stored: its key answers 410 (mount compression before idempotency()).
+    expect(retries.map((r) => r.status)).toEqual([410, 410]);
   });
 
   it('a throwing scope() callback flows to the error handler, no lease taken', async () => {
