@@ -153,7 +153,8 @@ function loggerOption(value: IdempotencyLogger | false | undefined): Idempotency
   return guarded(value);
 }
 
-function fn<T>(name: string, value: T | undefined): T | undefined {
+/** An optional callback option: `undefined`, or a function (else a ConfigurationError naming it). Bindings check theirs with it too. */
+export function optionalFunction<T>(name: string, value: T | undefined): T | undefined {
   if (value !== undefined && typeof value !== 'function') {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be a function.`);
   }
@@ -225,11 +226,11 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
     required: bool('required', input.required, DEFAULTS.required),
     header,
     bodyField,
-    getKey: fn('getKey', input.getKey),
-    validateKey: fn('validateKey', input.validateKey),
-    scope: fn('scope', input.scope),
+    getKey: optionalFunction('getKey', input.getKey),
+    validateKey: optionalFunction('validateKey', input.validateKey),
+    scope: optionalFunction('scope', input.scope),
     fingerprint,
-    storable: fn('storable', input.storable) ?? defaultStorable,
+    storable: optionalFunction('storable', input.storable) ?? defaultStorable,
     ttlMs: positiveInt('ttlMs', input.ttlMs, DEFAULTS.ttlMs),
     leaseMs,
     maxBodyBytes,
@@ -238,7 +239,7 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
     onStoreError: oneOf('onStoreError', input.onStoreError, ['fail', 'pass'], DEFAULTS.onStoreError),
     storeTimeoutMs: positiveInt('storeTimeoutMs', input.storeTimeoutMs, DEFAULTS.storeTimeoutMs, MAX_TIMER_MS),
     transactional,
-    onEvent: fn('onEvent', input.onEvent),
+    onEvent: optionalFunction('onEvent', input.onEvent),
     logger,
   });
 }

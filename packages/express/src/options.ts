@@ -1,4 +1,4 @@
-import type { IdempotencyError, IdempotencyOptions } from '@idemkit/core';
+import { optionalFunction, type IdempotencyError, type IdempotencyOptions } from '@idemkit/core';
 import type { NextFunction, Request, Response } from 'express';
 
 /**
@@ -22,5 +22,5 @@ export function splitOptions(options: ExpressIdempotencyOptions): {
 } {
   if (typeof options !== 'object' || options === null) return { engine: options, onProblem: undefined };
   const { onProblem, ...engine } = options;
-  return { engine, onProblem };
+  return { engine, onProblem: optionalFunction('onProblem', onProblem) };
 }

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { connect } from 'node:net';
-import { createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
+import { ConfigurationError, createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import compression from 'compression';
 import fileUpload from 'express-fileupload';
 import multer from 'multer';
@@ -123,6 +123,11 @@ describe('express binding: every response path is captured and replayed exactly'
 });
 
 describe('express binding: errors', () => {
+  it('an onProblem that is no function is refused at once (before, every problem answer became a 500)', () => {
+    expect(() => idempotency({ store: createMemoryStore(), onProblem: 5 as never })).toThrow(ConfigurationError);
+    expect(() => idempotency({ store: createMemoryStore(), onProblem: 5 as never })).toThrow('`onProblem` must be a function.');
+  });
+
   const toJson: ErrorRequestHandler = (err: { code?: string; status?: number }, _req, res, _next) => {
     res.status(err.status ?? 500).json({ code: err.code ?? 'internal' });
   };

@@ -3,6 +3,7 @@ import {
   createIdempotencyEngine,
   isMultipart,
   mayHaveKey,
+  optionalFunction,
   problemResponse,
   responseHeaders,
   snapshotHeaders,
@@ -583,7 +584,9 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
 
 /** The core engine for one option set; binding-only extras are kept out of core's options. */
 function forEngine(options: FastifyIdempotencyOptions): IdempotencyEngine<FastifyRequest> {
-  const { onProblem: _onProblem, ...core } = options;
+  const { onProblem, ...core } = options;
+  // Checked here, with the rest: a wrong one would turn every problem answer into a 500.
+  optionalFunction('onProblem', onProblem);
   return createIdempotencyEngine<FastifyRequest>(core);
 }
 

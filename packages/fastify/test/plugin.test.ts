@@ -73,6 +73,9 @@ describe('registration', () => {
     const app = Fastify();
     apps.push(app);
     await expect(app.register(fastifyIdempotency, { store: createMemoryStore(), ttlMs: -1 })).rejects.toThrow(/ttlMs/);
+    const other = Fastify();
+    apps.push(other);
+    await expect(other.register(fastifyIdempotency, { store: createMemoryStore(), onProblem: 5 as never })).rejects.toThrow('`onProblem` must be a function.');
   });
 
   it('covers only routes registered after it: declare routes after `await app.register(...)`', async () => {
@@ -186,6 +189,8 @@ describe('route config', () => {
     ['true', true],
     ['a store override', { store: createMemoryStore() }],
     ['an invalid option value', { ttlMs: 0 }],
+    // Before, accepted: every problem answer (400, 409, 422, 503) then became a 500.
+    ['an onProblem that is no function', { onProblem: 5 }],
   ] as const) {
     it(`throws at startup for ${label}`, async () => {
       const { app } = await build(() => undefined);

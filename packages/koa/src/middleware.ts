@@ -9,6 +9,7 @@ import {
   toStoredHeaders,
   isMultipart,
   mayHaveKey,
+  optionalFunction,
   unreadBodyKeyWarning,
   unreadBodyMayHoldKey,
   uploadedFileDigests,
@@ -53,10 +54,7 @@ const RUNNING = Symbol.for('@idemkit/koa.running');
  * ```
  */
 export function idempotency(options: KoaIdempotencyOptions): Middleware {
-  const onProblem = (options as Partial<KoaIdempotencyOptions> | undefined)?.onProblem;
-  if (onProblem !== undefined && typeof onProblem !== 'function') {
-    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`onProblem` must be a function.');
-  }
+  const onProblem = optionalFunction('onProblem', (options as Partial<KoaIdempotencyOptions> | undefined)?.onProblem);
   const engine = createIdempotencyEngine<Context>(engineOptions(options));
   const resolved = engine.options;
   const bodyMatters = needsBody(resolved);
