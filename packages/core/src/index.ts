@@ -48,7 +48,7 @@ export { problemResponse } from './problem.js';
 export { hasRequestBody, REPLAYED_HEADER, replayHeaders, responseHeaders, snapshotHeaders, toStoredHeaders, UNREPLAYED_HEADERS, type OutgoingHeaderValue } from './headers.js';
 export { whenSocketCloses, type ClosableSocket } from './socket-close.js';
 // Key and fingerprint helpers, for custom getKey/fingerprint functions.
-export { hasBodyField, MAX_KEY_LENGTH, mayHaveKey, mayHoldBodyKey, parseKeyHeader, scopedKey, unreadBodyKeyWarning, unreadBodyMayHoldKey, validateKey, type KeyParseResult, type KeySources } from './key.js';
+export { hasBodyField, MAX_KEY_LENGTH, mayHaveKey, mayHoldBodyKey, parseKeyHeader, readsBody, scopedKey, unreadBodyKeyWarning, unreadBodyMayHoldKey, validateKey, type KeyParseResult, type KeySources } from './key.js';
 export { canonicalBody, defaultFingerprint } from './fingerprint.js';
 export { isMultipart, uploadedFileDigests } from './files.js';
 // The in-memory store: tests and single-process apps.

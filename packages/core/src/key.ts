@@ -78,6 +78,11 @@ export interface KeySources {
   readonly required: boolean;
 }
 
+/** The engine reads the parsed body: for the default fingerprint, and for a key in the body. */
+export function readsBody(o: Pick<KeySources, 'getKey' | 'bodyField'> & { readonly fingerprint: unknown }): boolean {
+  return o.fingerprint === 'default' || (o.getKey === undefined && o.bodyField !== false);
+}
+
 /**
  * Whether a request may carry a key, told before the engine looks: a key header, a custom
  * `getKey`, or the key field in a parsed body. Only such a request is fingerprinted, so only its

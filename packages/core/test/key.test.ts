@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { MAX_KEY_LENGTH, parseKeyHeader, scopedKey, validateKey, mayHaveKey, unreadBodyMayHoldKey } from '../src/index.js';
+import { MAX_KEY_LENGTH, parseKeyHeader, scopedKey, validateKey, mayHaveKey, readsBody, unreadBodyMayHoldKey } from '../src/index.js';
 
 describe('key parsing', () => {
   it('accepts the bare form and the structured-field string form', () => {
@@ -81,5 +81,11 @@ describe('mayHaveKey (which requests are fingerprinted, so need a readable body)
     expect(unreadBodyMayHoldKey(o, unread, undefined)).toBe(true);
     expect(unreadBodyMayHoldKey(o, unread, {})).toBe(false);
     expect(unreadBodyMayHoldKey({ bodyField: false }, unread, undefined)).toBe(false);
+  });
+  it('readsBody: the default fingerprint or a body key field make the parsed body matter', () => {
+    expect(readsBody({ fingerprint: 'default', bodyField: false })).toBe(true);
+    expect(readsBody({ fingerprint: false, bodyField: 'idempotencyKey' })).toBe(true);
+    expect(readsBody({ fingerprint: false, bodyField: 'idempotencyKey', getKey: () => 'k' })).toBe(false);
+    expect(readsBody({ fingerprint: false, bodyField: false })).toBe(false);
   });
 });

@@ -1,4 +1,4 @@
-import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, mayHaveKey, unreadBodyKeyWarning, unreadBodyMayHoldKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
+import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, mayHaveKey, readsBody, unreadBodyKeyWarning, unreadBodyMayHoldKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import { captureResponse } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
@@ -88,7 +88,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
   // Only the default fingerprint and the body key field read the body; without them an unparsed
   // body is no reason to refuse the request (as in the Koa binding).
   const o = engine.options;
-  const bodyMatters = o.fingerprint === 'default' || (o.getKey === undefined && o.bodyField !== false);
+  const bodyMatters = readsBody(o);
 
   // Checked at the first transactional run, not here: the error handler is created after the routes.
   let errorHandlerChecked = !o.transactional;
@@ -132,7 +132,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
     // client put in this unread body is not seen, so say so once.
     if (!warnedBodyKey && unreadBodyMayHoldKey(o, req.headers, body)) {
       warnedBodyKey = true;
-      engine.options.logger?.warn(unreadBodyKeyWarning('express', req.headers['content-type'], o.bodyField));
+      o.logger?.warn(unreadBodyKeyWarning('express', req.headers['content-type'], o.bodyField));
     }
 
     // Uploaded files multer keeps beside the body (`req.file`, `req.files`): their bytes are part

@@ -157,7 +157,6 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   const { onProblem } = options;
   const fingerprintsBody = engine.options.fingerprint === 'default';
 
-
   function decided(request: FastifyRequest, reply: FastifyReply, decision: Decision, done: Done): void {
     switch (decision.kind) {
       case 'pass':

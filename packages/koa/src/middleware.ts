@@ -10,6 +10,7 @@ import {
   isMultipart,
   mayHaveKey,
   optionalFunction,
+  readsBody,
   unreadBodyKeyWarning,
   unreadBodyMayHoldKey,
   uploadedFileDigests,
@@ -17,7 +18,6 @@ import {
   type IdempotencyError,
   type IdempotencyOptions,
   type Lease,
-  type ResolvedOptions,
 } from '@idemkit/core';
 import type { Context, Middleware, Next } from 'koa';
 import { captureResponse } from './capture.js';
@@ -57,7 +57,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
   const onProblem = optionalFunction('onProblem', (options as Partial<KoaIdempotencyOptions> | undefined)?.onProblem);
   const engine = createIdempotencyEngine<Context>(engineOptions(options));
   const resolved = engine.options;
-  const bodyMatters = needsBody(resolved);
+  const bodyMatters = readsBody(resolved);
   let warnedUnparsed = false;
   let warnedBodyKey = false;
 
@@ -226,11 +226,6 @@ function engineOptions(options: KoaIdempotencyOptions): IdempotencyOptions<Conte
   if (typeof options !== 'object' || options === null) return options;
   const { onProblem: _onProblem, ...rest } = options;
   return rest;
-}
-
-/** The engine reads the body for the default fingerprint and for a key in the body. */
-function needsBody(o: ResolvedOptions<Context>): boolean {
-  return o.fingerprint === 'default' || (o.getKey === undefined && o.bodyField !== false);
 }
 
 /** Where koa-body and @koa/multer leave uploads. */
