@@ -194,6 +194,13 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
   if (!Array.isArray(methods) || methods.some((m) => typeof m !== 'string' || m === '')) {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`methods` must be an array of method names.');
   }
+  // No method would be covered: every request would pass unprotected, with nothing to say so.
+  if (methods.length === 0) {
+    throw new ConfigurationError(
+      'ERR_IDEMKIT_OPTION_INVALID',
+      "`methods` is empty, so no request would be covered. To leave a route alone, give it `config: { idempotency: false }` (Fastify) or do not mount the middleware on it.",
+    );
+  }
   const header = input.header ?? DEFAULTS.header;
   if (typeof header !== 'string' || !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(header)) {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`header` must be a valid header name.');

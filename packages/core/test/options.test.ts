@@ -41,6 +41,8 @@ describe('options', () => {
     ['header', { header: 'bad header' }, /header/],
     ['bodyField', { bodyField: '' }, /bodyField/],
     ['methods', { methods: 'POST' as unknown as string[] }, /methods/],
+    // Before, an empty list was taken, and every request passed unprotected.
+    ['methods', { methods: [] }, /`methods` is empty, so no request would be covered/],
     ['scope', { scope: 'user' as unknown as () => string }, /scope/],
     ['fingerprint', { fingerprint: 'sha1' as unknown as false }, /fingerprint/],
     ['transactional', { transactional: true }, /transactional/],
