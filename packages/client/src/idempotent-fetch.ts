@@ -85,14 +85,25 @@ export class RetryDeadlineError extends Error {
 const DEFAULT_METHODS = ['POST', 'PATCH'];
 const MAX_TIMER_MS = 2_147_483_647;
 
+/** Every option name, so a misspelt one can be reported. */
+const OPTION_NAMES: ReadonlySet<string> = new Set<keyof IdempotentFetchOptions>([
+  'fetch', 'header', 'generateKey', 'methods', 'maxAttempts', 'baseDelayMs', 'maxDelayMs', 'deadlineMs', 'retryOn', 'onAttempt', 'random',
+]);
+
 /**
  * A `fetch` that makes one logical operation out of many attempts: it sends one idempotency key
  * on every attempt and retries network errors and retryable statuses with backoff, honouring
  * `Retry-After`, so a flaky network or a double click still creates one order on the server.
  */
 export function createIdempotentFetch(options: IdempotentFetchOptions = {}): IdempotentFetch {
+  // A misspelt option (`maxAttempt`) would silently keep its default.
+  const unknown = Object.keys(options).filter((name) => !OPTION_NAMES.has(name));
+  if (unknown.length > 0) console.warn(`[idemkit] [client] Unknown option(s) ignored: ${unknown.join(', ')}.`);
   const baseFetch = options.fetch ?? globalThis.fetch;
   if (typeof baseFetch !== 'function') throw new TypeError('[idemkit] [client] No fetch available: pass `fetch`.');
+  for (const name of ['generateKey', 'retryOn', 'onAttempt', 'random'] as const) {
+    if (options[name] !== undefined && typeof options[name] !== 'function') throw new TypeError(`[idemkit] [client] \`${name}\` must be a function.`);
+  }
   const header = options.header ?? 'Idempotency-Key';
   const generateKey = options.generateKey ?? randomKey;
   const methods = new Set((options.methods ?? DEFAULT_METHODS).map((m) => m.toUpperCase()));
@@ -128,7 +139,12 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     const template = new Request(input, requestInit.method === undefined && method === inputMethod ? requestInit : { ...requestInit, method });
 
     const headers = new Headers(template.headers);
-    const key = idempotencyKey ?? headers.get(header) ?? generateKey();
+    const given: unknown = idempotencyKey ?? headers.get(header) ?? generateKey();
+    // The server would answer an empty key 400, which is not retried: say so before sending.
+    if (typeof given !== 'string' || given.trim() === '') {
+      throw new TypeError(`[idemkit] [client] The idempotency key must be a non-empty string (from \`idempotencyKey\`, the ${header} header or \`generateKey\`); got ${JSON.stringify(given) ?? String(given)}.`);
+    }
+    const key = given;
     headers.set(header, key);
     // The caller's signal, whether it came in `init` or on a `Request` (the template has either).
     const userSignal = template.signal;

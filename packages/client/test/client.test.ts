@@ -529,5 +529,32 @@ describe('retry rules', () => {
     expect(() => createIdempotentFetch({ maxAttempts: 2.5 })).toThrow('`maxAttempts` must be a whole number, at least 1.');
     // A timer fires at once past 2^31 - 1 ms: such a deadline would fail every call.
     expect(() => createIdempotentFetch({ deadlineMs: 2 ** 31 })).toThrow(/`deadlineMs` must be at most 2147483647/);
+    expect(() => createIdempotentFetch({ retryOn: 503 as never })).toThrow('`retryOn` must be a function.');
+  });
+
+  it('warns about an option it does not know (a misspelt one would keep its default)', () => {
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => undefined);
+    try {
+      createIdempotentFetch({ maxAttempt: 1, ...fast } as never);
+      expect(warn).toHaveBeenCalledTimes(1);
+      expect(warn.mock.calls[0]?.[0]).toBe('[idemkit] [client] Unknown option(s) ignored: maxAttempt.');
+      createIdempotentFetch({ maxAttempts: 1, ...fast });
+      expect(warn).toHaveBeenCalledTimes(1);
+    } finally {
+      warn.mockRestore();
+    }
+  });
+
+  it('refuses an empty key before sending anything (the server would answer 400, which is not retried)', async () => {
+    const s = await server();
+    const plain = createIdempotentFetch(fast);
+    await expect(plain(`${s.url}/orders`, { ...json({}), idempotencyKey: '' })).rejects.toThrow(/idempotency key must be a non-empty string .*got ""/);
+    await expect(plain(`${s.url}/orders`, { method: 'POST', headers: { 'Idempotency-Key': '  ' }, body: '{}' })).rejects.toThrow(TypeError);
+    await expect(createIdempotentFetch({ ...fast, generateKey: () => '' })(`${s.url}/orders`, json({}))).rejects.toThrow(/non-empty string/);
+    await expect(createIdempotentFetch({ ...fast, generateKey: () => 42 as never })(`${s.url}/orders`, json({}))).rejects.toThrow(/got 42/);
+    expect(s.requests).toBe(0);
+    // A real key still goes through.
+    expect((await plain(`${s.url}/orders`, { ...json({}), idempotencyKey: 'k-1' })).status).toBe(201);
+    expect(s.runs.get('orders')).toBe(1);
   });
 });

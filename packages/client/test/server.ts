@@ -8,6 +8,8 @@ export interface TestServer {
   url: string;
   /** Handler executions per route. */
   runs: Map<string, number>;
+  /** Requests that reached the server, answered by the handler or not (a 400 for a bad key). */
+  readonly requests: number;
   /** Lets every `POST /orders?hold=1` handler go on (they wait until then), and ends `/slow-body`. */
   open(): void;
   close(): Promise<void>;
@@ -30,6 +32,8 @@ export async function startServer(options: Partial<Omit<IdempotencyOptions<Fasti
     runs.set(route, n);
     return n;
   };
+  let requests = 0;
+  app.addHook('onRequest', async () => void requests++);
   await app.register(fastifyIdempotency, { store: createMemoryStore(), logger: false, ...options });
   app.post('/orders', async (req, reply) => {
     const n = count('orders');
@@ -68,7 +72,15 @@ export async function startServer(options: Partial<Omit<IdempotencyOptions<Fasti
     open();
     return app.close();
   };
-  return { url: `http://127.0.0.1:${address.port}`, runs, open, close };
+  return {
+    url: `http://127.0.0.1:${address.port}`,
+    runs,
+    get requests() {
+      return requests;
+    },
+    open,
+    close,
+  };
 }
 
 /**
