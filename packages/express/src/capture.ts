@@ -100,7 +100,13 @@ function toDictionaryProperties(res: ServerResponse): void {
  *   the final `end` waits for that.
  * - Bodies over `maxBodyBytes` are still delivered whole; `commit` stores the "too large" marker.
  */
-export function captureResponse(res: ServerResponse, lease: Lease, { transactional, leaseMs }: { transactional: boolean; leaseMs: number }): void {
+export function captureResponse(
+  res: ServerResponse,
+  lease: Lease,
+  { transactional, leaseMs }: { transactional: boolean; leaseMs: number },
+  /** Told when the answer turns out to stream (and so will not be stored). */
+  onStreaming?: (res: ServerResponse) => void,
+): void {
   // Set by middleware before this one (CORS, a request id): not stored unless the handler changes them.
   const before = snapshotHeaders(res.getHeaders());
   toDictionaryProperties(res);
@@ -151,6 +157,7 @@ export function captureResponse(res: ServerResponse, lease: Lease, { transaction
     mode = 'streaming';
     answered();
     settling = lease.commitUnbuffered(res.statusCode, 'not-bufferable');
+    onStreaming?.(res);
   };
 
   res.writeHead = function writeHead(this: ServerResponse, statusCode: number, ...rest: unknown[]): ServerResponse {

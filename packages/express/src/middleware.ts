@@ -1,5 +1,6 @@
 import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, mayHaveKey, readsBody, unreadBodyKeyWarning, unreadBodyMayHoldKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
+import type { ServerResponse } from 'node:http';
 import { captureResponse } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
 import { writeProblem, writeReplay } from './respond.js';
@@ -94,6 +95,17 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
   let errorHandlerChecked = !o.transactional;
   let warnedUnparsed = false;
   let warnedBodyKey = false;
+  let warnedEncoded = false;
+  // A compressed answer that streams is compression mounted after idempotency() (a deliberate
+  // stream rarely sets Content-Encoding itself): every such answer's key then answers 410.
+  function warnEncodedStream(res: ServerResponse): void {
+    if (warnedEncoded || res.getHeader('content-encoding') === undefined) return;
+    warnedEncoded = true;
+    o.logger?.warn(
+      `[idemkit] [express] An answer with Content-Encoding: ${String(res.getHeader('content-encoding'))} went out as a stream, so it is not stored and a retry with its key gets 410. ` +
+        'If compression() is mounted after idempotency() (in a router, say), mount it before idempotency(): the stored and replayed bytes are then the uncompressed ones. (Warned once.)',
+    );
+  }
   function warnNoErrorHandler(): void {
     errorHandlerChecked = true;
     if (errorHandlerCreated()) return;
@@ -159,7 +171,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
         // key would let the client's retry run the operation a second time. Its answer still goes
         // through the patched end() and is stored, so the retry gets 409, then the replay (if it
         // comes within a lease of the client leaving: see captureResponse).
-        captureResponse(res, lease, engine.options);
+        captureResponse(res, lease, engine.options, warnEncodedStream);
         return next();
       }
     }

@@ -264,6 +264,43 @@ describe('express binding: errors', () => {
     expect(retries.map((r) => r.status)).toEqual([410, 410]);
   });
 
+  it('says once in the log when compression() after idempotency() makes answers unreplayable; compression before it is fine', async () => {
+    const warn = vi.fn();
+    const { app } = appWith({ logger: { warn, error: vi.fn() } });
+    const router = express.Router();
+    router.use(compression({ threshold: 0 }));
+    router.post('/orders', (_req, res) => void res.status(201).json({ ok: true }));
+    app.use('/v1', router);
+    // A deliberate stream without Content-Encoding (SSE, a file): 410 on retry as documented, no warning.
+    app.post('/stream', (_req, res) => {
+      res.status(201).write('part one, ');
+      res.end('part two');
+    });
+    const url = await serve(app);
+    const gzip = { headers: { 'accept-encoding': 'gzip' } };
+    const streamKey = randomUUID();
+    expect((await post(`${url}/stream`, streamKey)).status).toBe(201);
+    expect((await post(`${url}/stream`, streamKey)).status).toBe(410);
+    expect(warn).not.toHaveBeenCalled();
+    for (let i = 0; i < 2; i++) expect((await post(`${url}/v1/orders`, randomUUID(), gzip)).status).toBe(201);
+    expect(warn).toHaveBeenCalledTimes(1);
+    expect(String(warn.mock.calls[0]?.[0])).toMatch(/Content-Encoding: gzip went out as a stream.*mount it before idempotency\(\)/);
+
+    // Mounted before: the uncompressed answer is stored, the replay is compressed again, nothing to warn about.
+    const quiet = vi.fn();
+    const before = express();
+    before.use(compression({ threshold: 0 }));
+    before.use(express.json());
+    before.use(idempotency({ store: createMemoryStore(), logger: { warn: quiet, error: vi.fn() } }));
+    before.post('/orders', (_req, res) => void res.status(201).json({ ok: true }));
+    const beforeUrl = await serve(before);
+    const key = randomUUID();
+    expect((await post(`${beforeUrl}/orders`, key, gzip)).status).toBe(201);
+    const replay = await post(`${beforeUrl}/orders`, key, gzip);
+    expect([replay.status, replay.headers.get('idempotent-replayed'), replay.headers.get('content-encoding')]).toEqual([201, 'true', 'gzip']);
+    expect(quiet).not.toHaveBeenCalled();
+  });
+
   it('a throwing scope() callback flows to the error handler, no lease taken', async () => {
     const { app, runs, store } = appWith({
       scope: () => {
