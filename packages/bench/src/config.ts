@@ -2,7 +2,11 @@
 export type Framework = 'express' | 'fastify' | 'koa';
 export type StoreName = 'memory' | 'postgres' | 'redis' | 'redis-cluster' | 'mongodb';
 /** What sits in front of the handler: nothing, idemkit, or a library users would pick instead. */
-export type Library = 'bare' | 'idemkit' | 'express-idempotency' | 'node-idempotency';
+export type Library = 'bare' | 'idemkit' | 'express-idempotency' | 'node-idempotency' | Probe;
+/** `--probes`: the floor under any library (see `apps/probes.ts`); not idempotent. */
+export type Probe = 'probe-hook' | 'probe-store';
+export const PROBES: readonly Probe[] = ['probe-hook', 'probe-store'];
+export const isProbe = (library: Library): library is Probe => (PROBES as readonly Library[]).includes(library);
 export type LoadPath = 'new-key' | 'replay';
 /**
  * What POST /orders does: `hello` answers from memory (the cost of idempotency laid bare);
@@ -45,6 +49,8 @@ export interface ServerStats {
   readonly inFlight: number;
   /** CPU time this server process has used so far (user + system, µs; `process.cpuUsage()`). */
   readonly cpuMicros: number;
+  /** Answers the `probe-store` probe holds (0 for every other server). */
+  readonly kept: number;
 }
 
 export function envFromProcess(env: NodeJS.ProcessEnv = process.env): ServiceEnv {

@@ -1,4 +1,4 @@
-import type { Framework, HandlerKind, Library, StoreName } from './config.js';
+import { PROBES, type Framework, type HandlerKind, type Library, type StoreName } from './config.js';
 
 /** A server measured against its framework's bare server. */
 export interface Target {
@@ -27,13 +27,15 @@ const PEERS: Record<Framework, Array<Exclude<Library, 'bare' | 'idemkit'>>> = {
   koa: [],
 };
 
-function targetsFor(stores: readonly StoreName[], peerStores: readonly StoreName[]) {
+function targetsFor(stores: readonly StoreName[], peerStores: readonly StoreName[], probes: boolean) {
   return (framework: Framework): Target[] => [
     ...stores.map((store): Target => ({ library: 'idemkit', store })),
     ...PEERS[framework].flatMap((library) =>
       // express-idempotency ships only its in-memory adapter.
       (library === 'express-idempotency' ? ['memory' as const] : peerStores).map((store): Target => ({ library, store })),
     ),
+    // Express and Fastify, where the issue's targets are; their probe keeps answers in memory.
+    ...(probes && framework !== 'koa' ? PROBES.map((library): Target => ({ library, store: 'memory' })) : []),
   ];
 }
 
@@ -46,6 +48,8 @@ export interface Args {
   readonly frameworks?: Framework[];
   readonly stores?: StoreName[];
   readonly skip: ReadonlySet<'http' | 'stores' | 'peers'>;
+  /** Add the probes (see `apps/probes.ts`) to the Express and Fastify tables. */
+  readonly probes?: boolean;
 }
 
 /**
@@ -60,6 +64,7 @@ export function makePlan(args: Args): Plan {
   const targets = targetsFor(
     stores.filter((s) => s !== 'redis-cluster'),
     peerStores.filter((s) => stores.includes(s)),
+    args.probes === true,
   );
   return {
     mode: quick ? 'quick' : 'full',
@@ -69,7 +74,7 @@ export function makePlan(args: Args): Plan {
     connections: args.connections ?? 10,
     handler: args.handler ?? 'hello',
     frameworks: args.skip.has('http') ? [] : (args.frameworks ?? (quick ? ['express', 'fastify'] : ['express', 'fastify', 'koa'])),
-    targets: args.skip.has('peers') ? (f) => targets(f).filter((t) => t.library === 'idemkit') : targets,
+    targets: args.skip.has('peers') ? (f) => targets(f).filter((t) => t.library !== 'express-idempotency' && t.library !== 'node-idempotency') : targets,
     stores: args.skip.has('stores') ? [] : ['memory', 'postgres', 'redis', 'redis-cluster', 'mongodb'],
     storeSeconds: quick ? 0.5 : 4,
   };
@@ -86,7 +91,7 @@ function list<T extends string>(value: string, allowed: readonly T[], flag: stri
 
 export const USAGE = `pnpm bench [--quick] [--duration=S] [--rounds=N] [--connections=N]
            [--frameworks=express,fastify,koa] [--stores=memory,redis,postgres,mongodb]
-           [--skip=http,stores,peers] [--handler=hello|postgres]`;
+           [--skip=http,stores,peers] [--handler=hello|postgres] [--probes]`;
 
 export function parseArgs(argv: readonly string[]): Args {
   let quick = false;
@@ -103,6 +108,9 @@ export function parseArgs(argv: readonly string[]): Args {
     switch (flag) {
       case '--quick':
         quick = true;
+        break;
+      case '--probes':
+        out.probes = true;
         break;
       case '--duration':
         out.duration = number();

@@ -5,7 +5,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { ordersTable, type Framework, type LoadPath, type ServiceEnv, type StoreName } from './config.js';
+import { isProbe, ordersTable, type Framework, type LoadPath, type ServiceEnv, type StoreName } from './config.js';
 import { load, primeReplay, type LoadResult } from './load.js';
 import { makePlan, parseArgs, type Plan, type Target } from './plan.js';
 import { label, startServer, type RunningServer } from './processes.js';
@@ -60,7 +60,7 @@ function row(framework: Framework, target: Target | null, path: LoadPath, runs: 
   return {
     framework,
     library: target?.library ?? 'bare',
-    store: target?.store ?? null,
+    store: target === null || isProbe(target.library) ? null : target.store,
     path,
     rps: mean(runs.map((r) => r.result.rps)),
     p50: mean(runs.map((r) => r.result.p50)),
@@ -104,6 +104,8 @@ async function benchFramework(framework: Framework, plan: Plan, env: ServiceEnv,
     const [bare, ...measured] = servers as [RunningServer, ...RunningServer[]];
     const races = new Map<RunningServer, RaceResult>();
     for (const server of measured) {
+      // A probe is no idempotency layer: 50 parallel duplicates run its handler 50 times.
+      if (isProbe(server.spec.library)) continue;
       const race = await raceCheck(server);
       races.set(server, race);
       log(`  race ${label(server.spec).padEnd(34)} handler ran ${race.handlerRuns}× for ${race.requests} parallel requests ${JSON.stringify(race.statuses)}`);
@@ -150,7 +152,7 @@ function anomalies(rows: readonly HttpRow[], connections: number): string[] {
   for (const r of rows) {
     const name = `${r.framework}/${r.library}${r.store ? `/${r.store}` : ''} ${r.path}`;
     if (r.non2xx > 0 || r.errors > 0) notes.push(`${name}: ${r.non2xx} non-2xx responses, ${r.errors} socket errors/timeouts`);
-    if (r.library !== 'bare') {
+    if (r.library !== 'bare' && !isProbe(r.library)) {
       const expected = r.path === 'new-key' ? 1 : 0;
       // Up to `connections` requests per run are cut off by autocannon's stop: the server counted
       // them, but the binding may skip the handler for a client that is gone.

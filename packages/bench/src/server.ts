@@ -33,6 +33,14 @@ switch (spec.library) {
   case 'express-idempotency':
     library = { kind: 'express-idempotency' };
     break;
+  case 'probe-hook':
+    library = { kind: 'probe-hook' };
+    break;
+  case 'probe-store': {
+    const { AnswerKeeper } = await import('./apps/probes.js');
+    library = { kind: 'probe-store', keeper: new AnswerKeeper() };
+    break;
+  }
   case 'bare':
     break;
 }
@@ -54,7 +62,7 @@ if (spec.handler === 'postgres') {
   closeHandler = () => pool.end();
 }
 let inFlight = 0;
-const context: AppContext = { library, counters, order, stats: () => ({ ...counters, roundTrips: roundTrips(), inFlight, cpuMicros: cpuMicros() }) };
+const context: AppContext = { library, counters, order, stats: () => ({ ...counters, roundTrips: roundTrips(), inFlight, cpuMicros: cpuMicros(), kept: library.kind === 'probe-store' ? library.keeper.size : 0 }) };
 
 let server: Server;
 let closeApp = async (): Promise<void> => undefined;

@@ -31,6 +31,18 @@ describe('plan', () => {
     expect(() => parseArgs(['--frameworks=hapi'])).toThrow(/unknown "hapi"/);
   });
 
+  it('--probes adds the two probes to Express and Fastify (not Koa), also without peers', () => {
+    const plan = makePlan(parseArgs(['--quick', '--probes', '--skip=peers', '--stores=memory']));
+    expect(plan.targets('fastify')).toEqual([
+      { library: 'idemkit', store: 'memory' },
+      { library: 'probe-hook', store: 'memory' },
+      { library: 'probe-store', store: 'memory' },
+    ]);
+    expect(plan.targets('express').map((t) => t.library)).toEqual(['idemkit', 'probe-hook', 'probe-store']);
+    expect(makePlan(parseArgs(['--probes'])).targets('koa').some((t) => t.library.startsWith('probe'))).toBe(false);
+    expect(makePlan(parseArgs(['--quick'])).targets('fastify').some((t) => t.library.startsWith('probe'))).toBe(false);
+  });
+
   it('runs the hello handler unless --handler=postgres asks for the database one', () => {
     expect(makePlan(parseArgs(['--quick'])).handler).toBe('hello');
     expect(makePlan(parseArgs(['--handler=postgres'])).handler).toBe('postgres');

@@ -1,13 +1,16 @@
 import type { IdempotencyStore } from '@idemkit/core';
 import type { Idempotency } from '@node-idempotency/core';
 import { SLOW_HANDLER_MS, type ServerStats } from '../config.js';
+import type { AnswerKeeper } from './probes.js';
 
 /** What sits in front of the handler, already opened by the server process. */
 export type LibrarySetup =
   | { readonly kind: 'bare' }
   | { readonly kind: 'idemkit'; readonly store: IdempotencyStore; readonly ttlMs: number }
   | { readonly kind: 'express-idempotency' }
-  | { readonly kind: 'node-idempotency'; readonly idempotency: Idempotency };
+  | { readonly kind: 'node-idempotency'; readonly idempotency: Idempotency }
+  | { readonly kind: 'probe-hook' }
+  | { readonly kind: 'probe-store'; readonly keeper: AnswerKeeper };
 
 export interface Counters {
   requests: number;

@@ -4,6 +4,7 @@ import express, { type ErrorRequestHandler, type Request } from 'express';
 import { getSharedIdempotencyService, idempotency as expressIdempotency } from 'express-idempotency';
 import { nodeIdempotencyExpress } from '../peers/node-idempotency.js';
 import { createOrderSlowly, type AppContext } from './context.js';
+import { answerBytes } from './probes.js';
 
 /** Express 5: body parser, then the library under test (as its README mounts it), then the routes. */
 export function expressApp({ library, counters, order, stats }: AppContext): RequestListener {
@@ -32,6 +33,21 @@ export function expressApp({ library, counters, order, stats }: AppContext): Req
     case 'node-idempotency':
       app.use(nodeIdempotencyExpress(library.idempotency));
       break;
+    case 'probe-hook':
+      app.use((_req, _res, next) => next());
+      break;
+    case 'probe-store': {
+      const { keeper } = library;
+      app.use((req, res, next) => {
+        const end = res.end;
+        res.end = function keepAnswer(this: typeof res, ...args: unknown[]) {
+          keeper.keep(req.headers['idempotency-key'], this.statusCode, this.getHeaders(), answerBytes(args[0]));
+          return Reflect.apply(end, this, args) as typeof res;
+        } as typeof res.end;
+        next();
+      });
+      break;
+    }
     case 'bare':
       break;
   }

@@ -2,6 +2,7 @@ import fastifyIdempotency from '@idemkit/fastify';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { nodeIdempotencyFastify } from '../peers/node-idempotency.js';
 import { createOrderSlowly, type AppContext } from './context.js';
+import { answerBytes } from './probes.js';
 
 /** Fastify 5 with the library registered before the routes, as its README says. */
 export async function fastifyApp({ library, counters, order, stats }: AppContext): Promise<FastifyInstance> {
@@ -19,6 +20,17 @@ export async function fastifyApp({ library, counters, order, stats }: AppContext
       break;
     case 'express-idempotency':
       throw new Error('express-idempotency is Express-only');
+    case 'probe-hook':
+      app.addHook('preHandler', (_request, _reply, done) => done());
+      break;
+    case 'probe-store': {
+      const { keeper } = library;
+      app.addHook('onSend', (request, reply, payload, done) => {
+        keeper.keep(request.headers['idempotency-key'], reply.statusCode, reply.getHeaders(), answerBytes(payload));
+        done(null, payload);
+      });
+      break;
+    }
     case 'bare':
       break;
   }
