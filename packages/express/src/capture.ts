@@ -104,8 +104,11 @@ export function captureResponse(
   res: ServerResponse,
   lease: Lease,
   { transactional, leaseMs }: { transactional: boolean; leaseMs: number },
-  /** Told when the answer turns out to stream (and so will not be stored). */
-  onStreaming?: (res: ServerResponse) => void,
+  /**
+   * Told when the answer turns out to stream (and so will not be stored); `wrapped`: a middleware
+   * mounted after this one has replaced our `write` or `end` (as compression() does).
+   */
+  onStreaming?: (res: ServerResponse, wrapped: boolean) => void,
 ): void {
   // Set by middleware before this one (CORS, a request id): not stored unless the handler changes them.
   const before = snapshotHeaders(res.getHeaders());
@@ -152,12 +155,14 @@ export function captureResponse(
     if (res.socket === null && socket) res.once('finish', whenSocketCloses(socket, onClose));
   }
 
+  // Our own write and end (set below): one that differs when the answer streams was wrapped later.
+  let ours: Pick<ServerResponse, 'write' | 'end'> = res;
   const startStreaming = (): void => {
     if (mode !== 'buffering') return;
     mode = 'streaming';
     answered();
     settling = lease.commitUnbuffered(res.statusCode, 'not-bufferable');
-    onStreaming?.(res);
+    onStreaming?.(res, res.write !== ours.write || res.end !== ours.end);
   };
 
   res.writeHead = function writeHead(this: ServerResponse, statusCode: number, ...rest: unknown[]): ServerResponse {
@@ -250,4 +255,5 @@ export function captureResponse(
     void lease.commit(response).then(deliver, deliver);
     return this;
   } as ServerResponse['end'];
+  ours = { write: res.write, end: res.end };
 }

@@ -96,10 +96,11 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
   let warnedUnparsed = false;
   let warnedBodyKey = false;
   let warnedEncoded = false;
-  // A compressed answer that streams is compression mounted after idempotency() (a deliberate
-  // stream rarely sets Content-Encoding itself): every such answer's key then answers 410.
-  function warnEncodedStream(res: ServerResponse): void {
-    if (warnedEncoded || res.getHeader('content-encoding') === undefined) return;
+  // A compressed answer streamed through a write/end that a later middleware wrapped is
+  // compression mounted after idempotency(): every such answer's key then answers 410. (Mounted
+  // before, compression sets the header too, but then a stream is the handler's own doing.)
+  function warnEncodedStream(res: ServerResponse, wrapped: boolean): void {
+    if (warnedEncoded || !wrapped || res.getHeader('content-encoding') === undefined) return;
     warnedEncoded = true;
     o.logger?.warn(
       `[idemkit] [express] An answer with Content-Encoding: ${String(res.getHeader('content-encoding'))} went out as a stream, so it is not stored and a retry with its key gets 410. ` +

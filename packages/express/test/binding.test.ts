@@ -293,11 +293,20 @@ describe('express binding: errors', () => {
     before.use(express.json());
     before.use(idempotency({ store: createMemoryStore(), logger: { warn: quiet, error: vi.fn() } }));
     before.post('/orders', (_req, res) => void res.status(201).json({ ok: true }));
+    // A deliberate stream there is compressed too (compression's writeHead sets Content-Encoding
+    // before the first write), yet it is the handler's own: no warning either.
+    before.post('/events', (_req, res) => {
+      res.writeHead(201, { 'content-type': 'text/plain' });
+      res.write('x'.repeat(2048));
+      res.end('y'.repeat(2048));
+    });
     const beforeUrl = await serve(before);
     const key = randomUUID();
     expect((await post(`${beforeUrl}/orders`, key, gzip)).status).toBe(201);
     const replay = await post(`${beforeUrl}/orders`, key, gzip);
     expect([replay.status, replay.headers.get('idempotent-replayed'), replay.headers.get('content-encoding')]).toEqual([201, 'true', 'gzip']);
+    const events = await post(`${beforeUrl}/events`, randomUUID(), gzip);
+    expect([events.status, events.headers.get('content-encoding'), events.body.byteLength]).toEqual([201, 'gzip', 4096]);
     expect(quiet).not.toHaveBeenCalled();
   });
 
