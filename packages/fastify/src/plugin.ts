@@ -563,14 +563,15 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
 
   fastify.addHook('onRoute', (route) => {
     const config: unknown = route.config?.idempotency;
-    const merged = mergeRouteOptions(options, config, `${methodsOf(route).join(',')} ${route.url}`);
+    const where = `${methodsOf(route).join(',')} ${route.url}`;
+    const merged = mergeRouteOptions(options, config, where);
     if (merged === null) return;
 
     let attached = shared;
     if (merged !== options) {
       // Validated here, so a bad override fails at startup even on a route it would not cover.
       const key = config as object;
-      attached = perConfig.get(key) ?? withHooks(forEngine(merged), merged);
+      attached = perConfig.get(key) ?? withHooks(forRoute(merged, where), merged);
       perConfig.set(key, attached);
     }
     const covered = attached.engine.options.methods;
@@ -580,6 +581,17 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
     keepHandlerResult(route, onRawClose);
   });
 };
+
+/** A route's own engine; a bad override names the route it is on (there may be hundreds). */
+function forRoute(options: FastifyIdempotencyOptions, where: string): IdempotencyEngine<FastifyRequest> {
+  try {
+    return forEngine(options);
+  } catch (error) {
+    if (!(error instanceof ConfigurationError)) throw error;
+    const reason = error.message.replace(/^\[idemkit\] /, '');
+    throw new ConfigurationError(error.code as `ERR_IDEMKIT_${string}`, `Route ${where}: \`config.idempotency\`: ${reason}`);
+  }
+}
 
 /** The core engine for one option set; binding-only extras are kept out of core's options. */
 function forEngine(options: FastifyIdempotencyOptions): IdempotencyEngine<FastifyRequest> {

@@ -198,6 +198,15 @@ describe('route config', () => {
     });
   }
 
+  it('names the route whose override core refuses (an empty methods list says how to opt out)', async () => {
+    const { app } = await build(() => undefined);
+    expect(() => app.post('/payments', { config: { idempotency: { ttlMs: 0 } } }, async () => ({}))).toThrow(/^\[idemkit\] Route POST \/payments: `config\.idempotency`: .*ttlMs/);
+    // Before, `methods: []` left the route uncovered without a word; `false` is the way to say so.
+    expect(() => app.post('/refunds', { config: { idempotency: { methods: [] } } }, async () => ({}))).toThrow(
+      /Route POST \/refunds: `config\.idempotency`: `methods` is empty.*config: \{ idempotency: false \}/,
+    );
+  });
+
   it('a bad config in a plugin registered later rejects ready()', async () => {
     const app = Fastify();
     apps.push(app);
