@@ -102,7 +102,8 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
   const baseFetch = options.fetch ?? globalThis.fetch;
   if (typeof baseFetch !== 'function') throw new TypeError('[idemkit] [client] No fetch available: pass `fetch`.');
   for (const name of ['generateKey', 'retryOn', 'onAttempt', 'random'] as const) {
-    if (options[name] !== undefined && typeof options[name] !== 'function') throw new TypeError(`[idemkit] [client] \`${name}\` must be a function.`);
+    // null is "not given", as `??` reads it for every option.
+    if (options[name] != null && typeof options[name] !== 'function') throw new TypeError(`[idemkit] [client] \`${name}\` must be a function.`);
   }
   const header = options.header ?? 'Idempotency-Key';
   const generateKey = options.generateKey ?? randomKey;
@@ -135,16 +136,15 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     if (requestLike && !(input instanceof Request)) {
       throw new TypeError('[idemkit] [client] This Request comes from another fetch implementation and cannot be copied for retries: pass its url and an init instead.');
     }
+    // The key is settled before the Request is built: building one takes a Request's body, and a
+    // refused key must leave it unread. The header is read where the Request will take it from
+    // (init's headers replace a Request's own).
+    const headerSource = requestInit.headers !== undefined ? new Headers(requestInit.headers) : requestLike ? input.headers : undefined;
+    const key = checkedKey(idempotencyKey ?? headerSource?.get(header) ?? generateKey(), header);
     // The method goes into init only when it must: a non-empty init resets a Request's referrer.
     const template = new Request(input, requestInit.method === undefined && method === inputMethod ? requestInit : { ...requestInit, method });
 
     const headers = new Headers(template.headers);
-    const given: unknown = idempotencyKey ?? headers.get(header) ?? generateKey();
-    // The server would answer an empty key 400, which is not retried: say so before sending.
-    if (typeof given !== 'string' || given.trim() === '') {
-      throw new TypeError(`[idemkit] [client] The idempotency key must be a non-empty string (from \`idempotencyKey\`, the ${header} header or \`generateKey\`); got ${JSON.stringify(given) ?? String(given)}.`);
-    }
-    const key = given;
     headers.set(header, key);
     // The caller's signal, whether it came in `init` or on a `Request` (the template has either).
     const userSignal = template.signal;
@@ -363,6 +363,22 @@ function untilAborted<T>(work: T | Promise<T>, signal: AbortSignal): Promise<T> 
 }
 
 /** A Request of this realm or of another fetch implementation (undici's own, a polyfill's); not a URL-like object. */
+/** The key to send: a non-empty string. The server would answer any other 400, which is not retried. */
+function checkedKey(given: unknown, header: string): string {
+  if (typeof given === 'string' && given.trim() !== '') return given;
+  throw new TypeError(
+    `[idemkit] [client] The idempotency key must be a non-empty string (from \`idempotencyKey\`, the ${header} header or \`generateKey\`); got ${describeKey(given)}.`,
+  );
+}
+
+function describeKey(value: unknown): string {
+  if (typeof value === 'string') return JSON.stringify(value);
+  if (typeof (value as { then?: unknown } | null | undefined)?.then === 'function') return 'a promise (`generateKey` must return the key itself)';
+  if (typeof value === 'bigint') return `${value}n`;
+  if (typeof value === 'object' && value !== null) return 'an object';
+  return String(value);
+}
+
 function isRequestLike(input: string | URL | Request): input is Request {
   return typeof input === 'object' && !(input instanceof URL) && typeof input.url === 'string' && typeof input.method === 'string';
 }

@@ -530,6 +530,8 @@ describe('retry rules', () => {
     // A timer fires at once past 2^31 - 1 ms: such a deadline would fail every call.
     expect(() => createIdempotentFetch({ deadlineMs: 2 ** 31 })).toThrow(/`deadlineMs` must be at most 2147483647/);
     expect(() => createIdempotentFetch({ retryOn: 503 as never })).toThrow('`retryOn` must be a function.');
+    // null means "not given", as for every other option (`onAttempt: debug ? log : null`).
+    expect(() => createIdempotentFetch({ onAttempt: null, generateKey: null, retryOn: null, random: null } as never)).not.toThrow();
   });
 
   it('warns about an option it does not know (a misspelt one would keep its default)', () => {
@@ -552,9 +554,17 @@ describe('retry rules', () => {
     await expect(plain(`${s.url}/orders`, { method: 'POST', headers: { 'Idempotency-Key': '  ' }, body: '{}' })).rejects.toThrow(TypeError);
     await expect(createIdempotentFetch({ ...fast, generateKey: () => '' })(`${s.url}/orders`, json({}))).rejects.toThrow(/non-empty string/);
     await expect(createIdempotentFetch({ ...fast, generateKey: () => 42 as never })(`${s.url}/orders`, json({}))).rejects.toThrow(/got 42/);
+    await expect(createIdempotentFetch({ ...fast, generateKey: (async () => 'k') as never })(`${s.url}/orders`, json({}))).rejects.toThrow(/got a promise/);
+    await expect(plain(`${s.url}/orders`, { ...json({}), idempotencyKey: 5n as never })).rejects.toThrow(/got 5n/);
+    // A caller's Request is left unread, so it can be sent again with a proper key.
+    const request = new Request(`${s.url}/orders`, { method: 'POST', headers: { 'Idempotency-Key': ' ', 'content-type': 'application/json' }, body: '{"a":1}' });
+    await expect(plain(request)).rejects.toThrow(/non-empty string/);
+    await expect(plain(request, { idempotencyKey: '' })).rejects.toThrow(/non-empty string/);
+    expect(request.bodyUsed).toBe(false);
     expect(s.requests).toBe(0);
+    expect((await plain(request, { idempotencyKey: 'k-from-request' })).status).toBe(201);
     // A real key still goes through.
     expect((await plain(`${s.url}/orders`, { ...json({}), idempotencyKey: 'k-1' })).status).toBe(201);
-    expect(s.runs.get('orders')).toBe(1);
+    expect(s.runs.get('orders')).toBe(2);
   });
 });
