@@ -12,10 +12,13 @@ export function toBuffer(bytes: Uint8Array): Buffer {
  */
 export function sendStored(ctx: Context, response: StoredResponse, headers: ReadonlyMap<string, string | string[]>): void {
   ctx.status = response.status;
+  // Set by middleware before idempotency() (for this request, as for the original, which stored
+  // it only if the handler changed it): kept. Only the type Koa's body setter makes up is removed.
+  const typeBefore = ctx.response.has('Content-Type');
   // Assign the body first: Koa's body setter picks a content-type (octet-stream for a Buffer) when
   // none is set, and the stored headers set afterwards must win.
   ctx.body = toBuffer(response.body);
-  if (!headers.has('content-type')) ctx.remove('Content-Type');
+  if (!headers.has('content-type') && !typeBefore) ctx.remove('Content-Type');
   // Cookies are added to those earlier middleware set for this request (only the handler's own
   // were stored); every other stored header replaces its namesake.
   for (const [name, value] of headers) {

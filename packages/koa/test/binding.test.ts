@@ -23,6 +23,34 @@ async function start(...args: Parameters<typeof startKoa>): ReturnType<typeof st
 
 twinSuite('koa 3', Koa);
 
+describe('koa binding: headers set by middleware before idempotency()', () => {
+  it('a Content-Type set before it and left by the handler is on the replay too (it used to be removed)', async () => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      app.use(async (ctx, next) => {
+        ctx.type = 'json';
+        ctx.set('Cache-Control', 'no-store');
+        await next();
+      });
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use((ctx) => {
+        runs++;
+        ctx.status = 201;
+        ctx.body = ctx.path === '/text' ? JSON.stringify({ id: runs }) : { id: runs };
+      });
+    });
+    for (const path of ['/object', '/text']) {
+      const key = `type-${path}`;
+      const first = await post(url + path, key);
+      const replay = await post(url + path, key);
+      expect(replay.headers.get('idempotent-replayed')).toBe('true');
+      for (const name of ['content-type', 'cache-control']) expect([name, replay.headers.get(name)]).toEqual([name, first.headers.get(name)]);
+      expect(await replay.text()).toBe(await first.text());
+    }
+    expect(runs).toBe(2);
+  });
+});
+
 describe('koa binding: what is not replayed', () => {
   it('a stream body goes out unchanged; retries get 410 and never re-run it', async () => {
     let runs = 0;
