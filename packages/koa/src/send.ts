@@ -14,7 +14,7 @@ export function sendStored(ctx: Context, response: StoredResponse, headers: Read
   ctx.status = response.status;
   // Set by middleware before idempotency() (for this request, as for the original, which stored
   // it only if the handler changed it): kept. Only the type Koa's body setter makes up is removed.
-  const typeBefore = ctx.response.has('Content-Type');
+  const typeBefore = ctx.res.hasHeader('Content-Type');
   // Assign the body first: Koa's body setter picks a content-type (octet-stream for a Buffer) when
   // none is set, and the stored headers set afterwards must win.
   ctx.body = toBuffer(response.body);
