@@ -12,6 +12,7 @@ import { checkOptions, DEFAULT_SCHEMA, DEFAULT_TABLE, type PostgresStoreOptions 
 import { checkMs, completeParams } from './params.js';
 import { BEGIN_TRANSACTION, buildQueries, type Queries } from './queries.js';
 import { escapeIdentifier, expiresIndexName, MIGRATE_LOCK_ID, tableDdl } from './schema.js';
+import { checkOut, giveBack } from './checkout.js';
 import { PgTransaction } from './transaction.js';
 
 /** A record row as the queries in `queries.ts` return it. */
@@ -78,7 +79,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
    * app servers call it at once (serialised by a transaction-scoped advisory lock).
    */
   async migrate(): Promise<void> {
-    const client = await this.pool.connect();
+    const client = await checkOut(this.pool);
     try {
       await client.query('BEGIN');
       await client.query(`SELECT pg_advisory_xact_lock(${MIGRATE_LOCK_ID})`);
@@ -88,7 +89,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       const ready = await client.query<{ ready: boolean }>('SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AS ready', [this.table, index]);
       if (ready.rows[0]?.ready === true) {
         await client.query('COMMIT');
-        client.release();
+        giveBack(client);
         return;
       }
       if (this.#schema !== 'public') {
@@ -100,10 +101,10 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       await client.query('COMMIT');
     } catch (error) {
       await client.query('ROLLBACK').catch(() => undefined);
-      client.release(true);
+      giveBack(client, true);
       throw error;
     }
-    client.release();
+    giveBack(client);
   }
 
   async begin(key: string, fingerprint: string | null, leaseMs: number): Promise<BeginResult> {
@@ -166,17 +167,18 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
    * calls this after `begin` acquired the key; see `PgTransaction`.
    */
   async beginTransaction(): Promise<PgTransaction> {
-    const client = await this.pool.connect();
+    // Listened to from the moment it is ours; the transaction keeps that listener (see checkOut).
+    const client = await checkOut(this.pool);
     let xid: unknown;
     try {
       const results = (await client.query(BEGIN_TRANSACTION)) as unknown as Array<QueryResult<{ xid: string }>>;
       xid = results[1]?.rows[0]?.xid;
     } catch (error) {
-      client.release(true);
+      giveBack(client, true);
       throw error;
     }
     if (typeof xid !== 'string' || !/^[0-9]+$/.test(xid)) {
-      client.release(true);
+      giveBack(client, true);
       throw new Error(`[idemkit] [postgres] BEGIN did not report a transaction id (got ${String(xid)}).`);
     }
     return new PgTransaction(client, this.pool, this.#sql.completeInTransaction, xid);

@@ -1,5 +1,6 @@
 import { ConfigurationError, TransactionAbortedError, TransactionEndedError, type LeaseToken, type StoreTransaction, type StoredResponse } from '@idemkit/core';
 import type { Pool, PoolClient, QueryResult } from 'pg';
+import { giveBack } from './checkout.js';
 import { completeParams } from './params.js';
 import { askThenRollback, FATE, rollbackThenFate } from './queries.js';
 
@@ -47,7 +48,8 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     /** Our transaction's id, digits only (from `txid_current()::text`). */
     private readonly xid: string,
   ) {
-    raw.on('error', this.#onConnectionError);
+    // `raw` came from checkOut, which already listens for its 'error' event (ignoreConnectionError)
+    // and so keeps a dying connection from ending the process; giveBack takes that listener off.
     this.client = new Proxy(raw, {
       get: (target, property) => {
         if (property === 'query') return this.#query;
@@ -71,15 +73,6 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     if (typeof callback === 'function') return void process.nextTick(callback as (error: Error) => void, error);
     return Promise.reject(error);
   };
-
-  /**
-   * pg-pool takes its own 'error' listener off a client while it is checked out. A connection
-   * that dies while the handler works (pg_terminate_backend, `idle_in_transaction_session_timeout`,
-   * a network cut) would then be an unhandled 'error' event, which ends the process. Nothing is
-   * lost by listening: the next query on the client rejects with the driver's error, and `#end`
-   * destroys the client.
-   */
-  readonly #onConnectionError = (): void => undefined;
 
   complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
     if (this.#ending) {
@@ -213,9 +206,8 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
 
   /** Back to the pool; after a failed command the connection's state is unknown, so it is destroyed. */
   #release(failure?: unknown): void {
-    this.raw.removeListener('error', this.#onConnectionError);
-    if (failure === undefined) this.raw.release();
-    else this.raw.release(failure instanceof Error ? failure : true);
+    if (failure === undefined) giveBack(this.raw);
+    else giveBack(this.raw, failure instanceof Error ? failure : true);
   }
 }
 

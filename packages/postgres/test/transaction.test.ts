@@ -1,4 +1,6 @@
+import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
+import { fileURLToPath } from 'node:url';
 import { createIdempotencyEngine, scopedKey, type Decision, type IdempotencyEngine, type IdempotencyEvent, type IncomingRequest, type Lease } from '@idemkit/core';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
@@ -725,6 +727,24 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
       expect(await rowsFor(ref)).toBe(0);
     });
   });
+
+  it('backends terminated while transactions and migrate() check clients out: the process survives (it used to die within a second)', async () => {
+    // A FATAL in the same socket read as the answer that freed a client (or answered our BEGIN)
+    // is emitted before an `await pool.connect()` resumes; with no listener it ends the process.
+    // In a child process (the built package), so a crash is an exit code, not this test runner's.
+    const child = spawn(process.execPath, [fileURLToPath(new URL('./fixtures/kill-checkouts.mjs', import.meta.url)), db.url, db.schema, '3000'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    child.stderr.on('data', (chunk: Buffer) => (err += chunk.toString()));
+    const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+    expect({ code, err: err.slice(0, 500) }).toEqual({ code: 0, err: '' });
+    const counts = JSON.parse(out) as { kills: number; transactions: number; migrations: number };
+    // The loop really raced the kills: backends died, and work got through between them.
+    expect(counts.kills).toBeGreaterThan(10);
+    expect(counts.transactions).toBeGreaterThan(10);
+    expect(counts.migrations).toBeGreaterThan(0);
+  }, 30_000);
 
   it('the connection dies while the handler works: the process survives, nothing commits, the key is free', async () => {
     // pg-pool listens for a checked-out client's errors no more: an unhandled 'error' event
