@@ -7,7 +7,7 @@ import type { Pool, PoolClient } from 'pg';
  * event, which ends the process. Nothing is lost: the next query on the client rejects with the
  * driver's error, and the client is destroyed when it goes back.
  */
-export function ignoreConnectionError(): void {}
+function ignoreConnectionError(): void {}
 
 /**
  * Check a client out of `pool` with `ignoreConnectionError` already listening. With

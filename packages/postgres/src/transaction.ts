@@ -206,8 +206,7 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
 
   /** Back to the pool; after a failed command the connection's state is unknown, so it is destroyed. */
   #release(failure?: unknown): void {
-    if (failure === undefined) giveBack(this.raw);
-    else giveBack(this.raw, failure instanceof Error ? failure : true);
+    giveBack(this.raw, failure === undefined ? undefined : failure instanceof Error ? failure : true);
   }
 }
 
