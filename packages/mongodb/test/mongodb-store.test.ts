@@ -564,7 +564,8 @@ describe('failures', () => {
     const target = new URL(t.url);
     const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
     const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`, {
-      socketTimeoutMS: 500,
+      // Well above a FerretDB round trip on a busy machine: the warm-up and the release below use it too.
+      socketTimeoutMS: 2_000,
       retryWrites: false,
       serverSelectionTimeoutMS: 5_000,
     });
