@@ -27,8 +27,10 @@ async function serverOrders(url: string): Promise<Array<{ key: string }>> {
 describe.each(FRAMEWORKS)('checkout page in Chromium (%s)', (framework) => {
   let demo: RunningDemo;
   beforeAll(async () => {
-    // The payment takes long enough that the second click of a double click overlaps the first.
-    demo = await startDemo(readConfig({ FRAMEWORK: framework, PORT: '0', DEMO_WORK_MS: '300' }));
+    // The payment takes long enough that the second click of a double click overlaps the first,
+    // and that a reload right after Pay unloads the page before the answer lands, on a slow
+    // machine too (300 ms left Chromium's reload little room on a busy CI host).
+    demo = await startDemo(readConfig({ FRAMEWORK: framework, PORT: '0', DEMO_WORK_MS: '1000' }));
   });
   afterAll(() => demo.close());
 
@@ -78,7 +80,7 @@ describe.each(FRAMEWORKS)('checkout page in Chromium (%s)', (framework) => {
       const sent = page.waitForRequest((request) => request.method() === 'POST' && request.url().endsWith('/orders'));
       await page.click('#pay');
       await sent;
-      // The payment is on the server (it takes 300 ms); the page goes away before its answer.
+      // The payment is on the server (it takes 1 s); the page goes away before its answer.
       await page.reload();
       await loaded();
       await page.click('#pay');

@@ -185,7 +185,7 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     const s = await server();
     const { attempts, onAttempt } = recorder();
     const started = Date.now();
-    const outcome = await createIdempotentFetch({ baseDelayMs: 100, maxDelayMs: 100, random: () => 1, deadlineMs: 450, maxAttempts: 100, onAttempt })(`${s.url}/statuses`, {
+    const outcome = await createIdempotentFetch({ baseDelayMs: 100, maxDelayMs: 100, random: () => 1, deadlineMs: 1_500, maxAttempts: 100, onAttempt })(`${s.url}/statuses`, {
       method: 'POST',
       headers: { 'x-statuses': Array(50).fill(503).join(',') },
     }).catch((error: unknown) => error);
@@ -193,9 +193,11 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     // 503 comes back; during an attempt (a loaded machine), RetryDeadlineError. Either way it ends there.
     if (outcome instanceof Response) expect(outcome.status).toBe(503);
     else expect(outcome).toBeInstanceOf(RetryDeadlineError);
+    // Retried (a first attempt on a busy machine still leaves time for more), but at 100 ms apart
+    // at least 15 fit in 1.5 s, not the 50 the server would answer 503 to.
     expect(attempts.length).toBeGreaterThan(1);
-    expect(attempts.length).toBeLessThan(10);
-    expect(Date.now() - started).toBeLessThan(2_000);
+    expect(attempts.length).toBeLessThanOrEqual(16);
+    expect(Date.now() - started).toBeLessThan(5_000);
   });
 
   it('a wait that would pass the deadline is not begun: the last response comes back at once', async () => {

@@ -295,29 +295,29 @@ describe('SPEC §2 through the engine', () => {
   });
 
   it('renews the lease while a long handler runs', async () => {
-    const { engine } = setup({ leaseMs: 90 });
+    const { engine } = setup({ leaseMs: 300 });
     const lease = expectRun(await engine.decide(request({ key: 'long' })));
     // The handler runs for several lease lengths; without renewal the key would be taken over.
-    await new Promise((r) => setTimeout(r, 400));
+    await new Promise((r) => setTimeout(r, 1_300));
     expectProblem(await engine.decide(request({ key: 'long' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
     expect(await lease.commit(response())).toBe(true);
   });
 
   it('renews every lease still running while others of the same engine settle in any order', async () => {
-    const { engine } = setup({ leaseMs: 90 });
+    const { engine } = setup({ leaseMs: 300 });
     const keys = ['a', 'b', 'c', 'd', 'e', 'f'];
     const leases = new Map<string, Lease>();
     for (const key of keys) leases.set(key, expectRun(await engine.decide(request({ key }))));
     // Settle the newest, a middle one and the oldest; twice for one of them (a no-op the second time).
     for (const key of ['f', 'c', 'a', 'c']) await leases.get(key)!.abandon('handler-threw');
-    await new Promise((r) => setTimeout(r, 400)); // several lease lengths
+    await new Promise((r) => setTimeout(r, 1_300)); // several lease lengths
     for (const key of ['b', 'd', 'e']) expectProblem(await engine.decide(request({ key })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
     for (const key of ['a', 'c', 'f']) expect((await engine.decide(request({ key }))).kind).toBe('run');
     for (const key of ['b', 'd', 'e']) expect(await leases.get(key)!.commit(response())).toBe(true);
   });
 
   it('keeps renewing while a slow completion lands, so no duplicate takes over meanwhile', async () => {
-    const { engine, store } = setup({ leaseMs: 90 });
+    const { engine, store } = setup({ leaseMs: 300 });
     const complete = store.complete.bind(store);
     let release!: () => void;
     const slow = new Promise<void>((r) => (release = r));
@@ -327,7 +327,7 @@ describe('SPEC §2 through the engine', () => {
     };
     const lease = expectRun(await engine.decide(request({ key: 'slow-complete' })));
     const committing = lease.commit(response());
-    await new Promise((r) => setTimeout(r, 400)); // several lease lengths pass during the completion
+    await new Promise((r) => setTimeout(r, 1_300)); // several lease lengths pass during the completion
     expectProblem(await engine.decide(request({ key: 'slow-complete' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
     release();
     expect(await committing).toBe(true);
@@ -459,14 +459,14 @@ describe('store failures', () => {
 
   it('while a completion is retried the lease keeps renewing, so it outlasts its lease', async () => {
     const store = createMemoryStore();
-    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 150 });
+    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 300 });
     const lease = expectRun(await engine.decide(request({ key: 'long-blip' })));
     const complete = store.complete.bind(store);
     let away = true;
     store.complete = (...args) => (away ? Promise.reject(new Error('failover')) : complete(...args));
     expect(await lease.commit(response(201, 'kept'))).toBe(false);
     // Two leases later the key is still held by this lease: nobody could take it over and run again.
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await new Promise((resolve) => setTimeout(resolve, 700));
     expectProblem(await engine.decide(request({ key: 'long-blip' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
     away = false;
     await vi.waitFor(async () => expect((await engine.decide(request({ key: 'long-blip' }))).kind).toBe('replay'), { timeout: 3_000, interval: 20 });
@@ -608,7 +608,9 @@ describe('store failures', () => {
     let renewals = 0;
     const store: IdempotencyStore = {
       shared: inner.shared,
-      begin: (key, fingerprint, leaseMs) => inner.begin(key, fingerprint, leaseMs),
+      // A long lease in the store: every renewal fails here, and the commits below must still hold
+      // it however slow the machine is (the engine's 90 ms lease only paces the renewals).
+      begin: (key, fingerprint) => inner.begin(key, fingerprint, 60_000),
       complete: (key, token, response, ttlMs) => inner.complete(key, token, response, ttlMs),
       release: (key, token) => inner.release(key, token),
       renew: async () => {

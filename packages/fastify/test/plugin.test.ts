@@ -761,7 +761,8 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
 
   it("Fastify's handlerTimeout answers 503: the key stays held while the handler runs, then it is never run again", async () => {
     const op = held();
-    const { app } = await build((a) => a.post('/pay', { handlerTimeout: 100 }, op.handler));
+    // 1 s, not less: each of the 10 retries below must get its 409 before its own timeout fires.
+    const { app } = await build((a) => a.post('/pay', { handlerTimeout: 1_000 }, op.handler));
     const first = await post(app, '/pay', 'k');
     expect(first.statusCode).toBe(503);
     expect(first.json()).toMatchObject({ code: 'FST_ERR_HANDLER_TIMEOUT' });
@@ -778,7 +779,8 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
 
   it('a handler that then fails frees the key: the retry runs it again, once it has ended', async () => {
     const op = held();
-    const { app, store } = await build((a) => a.post('/pay', { handlerTimeout: 100 }, op.handler));
+    // 1 s: the retry below runs the handler again under the same timeout, and must finish first.
+    const { app, store } = await build((a) => a.post('/pay', { handlerTimeout: 1_000 }, op.handler));
     expect((await post(app, '/pay', 'k')).statusCode).toBe(503);
     expect((await post(app, '/pay', 'k')).statusCode).toBe(409);
     op.finish('fail');
@@ -792,8 +794,11 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
   it('a timer in an onRequest hook answers 503 over a real socket: one charge, however many retries', async () => {
     const op = held();
     const { app } = await build((a) => {
+      let requests = 0;
       a.addHook('onRequest', (_request, reply, done) => {
-        const timer = setTimeout(() => void (reply.sent || reply.code(503).header('retry-after', '1').send({ error: 'timeout' })), 100);
+        // Only the first request is meant to time out: a slow machine must not turn a retry's 409 into a 503.
+        const ms = requests++ === 0 ? 100 : 10_000;
+        const timer = setTimeout(() => void (reply.sent || reply.code(503).header('retry-after', '1').send({ error: 'timeout' })), ms);
         reply.raw.once('close', () => clearTimeout(timer));
         done();
       });

@@ -43,7 +43,8 @@ export function lifecycleCases(t: CaseContext): void {
     const body = { sku: 'A-1' };
     // A "crashed" holder: it took the key (with the fingerprint the binding will compute) and never came back.
     const fingerprint = defaultFingerprint({ method: 'POST', path: '/orders', body });
-    const crashed = await store.begin(storeId(key), fingerprint, 1_000);
+    // 2 s: the app's first request below must still meet this lease, on a slow store too.
+    const crashed = await store.begin(storeId(key), fingerprint, 2_000);
     expect(crashed.kind).toBe('acquired');
     const token = (crashed as { token: LeaseToken }).token;
 

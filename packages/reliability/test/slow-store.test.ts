@@ -1,10 +1,10 @@
 /**
  * Issue 10.4: a slow store. A TCP proxy adds latency between the apps and Redis / Postgres.
- * Requests are still answered within lease + bound, and a handler running longer than 3× leaseMs
+ * Requests are still answered within lease + bound, and a handler running 4× leaseMs
  * keeps its lease (renewed through the slow link): concurrent duplicates get 409, never a second run.
  */
 import { afterAll, describe, expect, it, vi } from 'vitest';
-import { post } from './support/http.js';
+import { post, type Answer } from './support/http.js';
 import { countRecords, dropNamespace, location, type StoreKind } from '../src/records.js';
 import { namespace, serviceUrl } from '../src/services.js';
 import { APP, ProcessPool } from '../src/spawn.js';
@@ -40,24 +40,28 @@ describe.each(stores)(`%s behind a proxy adding ${LATENCY_MS} ms each way`, (kin
       }
 
       const key = `${ns}-long`;
-      const workMs = Math.round(3.5 * LEASE_MS);
+      const workMs = 4 * LEASE_MS;
       const long = post(`${a.url}/orders`, { item: 'long' }, { 'idempotency-key': key, 'x-work-ms': String(workMs) });
       let settled = false;
       void long.finally(() => (settled = true));
       await vi.waitFor(() => expect(a.events('RUN').some((e) => e.key === key)).toBe(true), { timeout: 5_000, interval: 5 });
+      const runSeenAt = Date.now();
 
       // Duplicates on the other process for the whole run, paced at a sixth of the lease.
-      const duplicates = [];
-      for (let i = 0; i < 60 && !settled; i++) {
-        duplicates.push(await post(`${b.url}/orders`, { item: 'long' }, { 'idempotency-key': key }));
+      const duplicates: Array<Answer & { sentAt: number }> = [];
+      for (let i = 0; i < 80 && !settled; i++) {
+        const sentAt = Date.now();
+        duplicates.push({ ...(await post(`${b.url}/orders`, { item: 'long' }, { 'idempotency-key': key })), sentAt });
         await new Promise((r) => setTimeout(r, LEASE_MS / 6));
       }
       const first = await long;
       expect(first.status).toBe(201);
       const during = duplicates.filter((d) => d.headers.get('idempotent-replayed') !== 'true');
-      // A duplicate is one store round trip (~120 ms) plus the pause: ~11 fit in the run. On
-      // Redis a busy key's begin is a SET and then a script, two round trips: ~8 fit.
-      expect(during.length).toBeGreaterThanOrEqual(kind === 'redis' ? 6 : 10);
+      // What matters is not how many fit (that depends on the machine's speed) but that they kept
+      // coming: one was still refused with 409 after three whole leases, which only renewals
+      // through the slow link can have kept alive (a lapsed lease would have been taken over).
+      expect(during.length).toBeGreaterThanOrEqual(3);
+      expect(Math.max(...during.map((d) => d.sentAt - runSeenAt))).toBeGreaterThanOrEqual(3 * LEASE_MS);
       for (const d of during) {
         expect(d.status).toBe(409);
         expect(Number(d.headers.get('retry-after'))).toBeLessThanOrEqual(Math.ceil(LEASE_MS / 1000));
