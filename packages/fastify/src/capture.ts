@@ -28,12 +28,15 @@ export interface Replayed {
   readonly payload: Buffer | undefined;
 }
 
+/** What a replay of `response` sends. */
+export function replayOf(response: StoredResponse): Replayed {
+  return { response, payload: payloadOf(response.body) };
+}
+
 /** Replay a stored response: its status, its headers plus `Idempotent-Replayed: true`, its exact bytes. */
-export function sendReplay(reply: FastifyReply, response: StoredResponse): Replayed {
-  const replayed: Replayed = { response, payload: payloadOf(response.body) };
+export function sendReplay(reply: FastifyReply, replayed: Replayed): void {
   restoreReplay(reply, replayed, true);
   reply.send(replayed.payload);
-  return replayed;
 }
 
 /**
