@@ -75,7 +75,7 @@ export interface RedisStore extends IdempotencyStore {
 export function createRedisStore(options: RedisStoreOptions): RedisStore {
   const { prefix, leaseGraceMs, claim } = resolveRedisStoreOptions(options);
   const owned = options.client === undefined;
-  const client: RedisClient = options.client ?? new Redis(options.url as string);
+  const client: RedisClient = options.client ?? reportingErrors(new Redis(options.url as string));
   const calls = defineCommands(client);
   const batch = writeBatcher(client);
   let closed = false;
@@ -204,6 +204,23 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
       if (owned) await client.quit();
     },
   };
+}
+
+/**
+ * A client with no 'error' listener makes ioredis print "[ioredis] Unhandled error event" with a
+ * stack on every failed reconnect: dozens of lines a minute while Redis is down. Yours is yours
+ * to listen to; the one created from `url` says it once per outage. Store calls fail meanwhile
+ * (the engine answers 503 and reports `store-error`), so nothing is hidden.
+ */
+function reportingErrors(client: Redis): Redis {
+  let reported = false;
+  client.on('error', (error: Error) => {
+    if (reported) return;
+    reported = true;
+    console.warn(`[idemkit] [redis] ${error.message}: ioredis keeps reconnecting, and store calls fail until it is connected again (not logged again until then).`);
+  });
+  client.on('ready', () => (reported = false));
+  return client;
 }
 
 function defineCommands(client: RedisClient): Record<Op, ScriptCall> {

@@ -1,3 +1,4 @@
+import { createServer, type AddressInfo } from 'node:net';
 import type { LeaseToken, StoredResponse } from '@idemkit/core';
 import { answerHoldingProxy, type ResolvedService } from '@idemkit/test-services';
 import { Redis } from 'ioredis';
@@ -396,6 +397,34 @@ describe('client ownership and failures', () => {
     await s.close();
     await vi.waitFor(() => expect(s.client.status).toBe('end'), { timeout: 5_000, interval: 10 });
     await s.close();
+  });
+
+  it('a store built from `url` says once that Redis is unreachable, not on every reconnect', async () => {
+    // A port nothing listens on: every reconnect fails.
+    const port = await new Promise<number>((resolve) => {
+      const probe = createServer().listen(0, '127.0.0.1', () => {
+        const { port: free } = probe.address() as AddressInfo;
+        probe.close(() => resolve(free));
+      });
+    });
+    const error = vi.spyOn(console, 'error').mockImplementation(() => undefined);
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => undefined);
+    const s = createRedisStore({ url: `redis://127.0.0.1:${port}`, prefix });
+    try {
+      // Counted without an 'error' listener of our own: with one, ioredis would not print anyway.
+      let reconnects = 0;
+      s.client.on('reconnecting', () => reconnects++);
+      await vi.waitFor(() => expect(reconnects).toBeGreaterThanOrEqual(4), { timeout: 10_000, interval: 20 });
+      // Before, ioredis printed "[ioredis] Unhandled error event" and a stack for each of them.
+      expect(error).not.toHaveBeenCalled();
+      expect(warn).toHaveBeenCalledTimes(1);
+      expect(String(warn.mock.calls[0]?.[0])).toMatch(/^\[idemkit\] \[redis\] .*ECONNREFUSED.*keeps reconnecting/);
+    } finally {
+      await s.close().catch(() => undefined);
+      s.client.disconnect();
+      error.mockRestore();
+      warn.mockRestore();
+    }
   });
 
   it('rejects with the driver error when the connection drops mid-operation', async () => {
