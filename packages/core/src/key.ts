@@ -33,7 +33,7 @@ export function parseKeyHeader(value: string): KeyParseResult {
   // Proxies may join repeated header lines into one with ", " (RFC 9110 §5.3), so a bare comma
   // could be two keys in disguise; a key that really holds one can be sent as an sf-string.
   if (raw.includes(',')) {
-    return { ok: false, reason: 'A bare key may not contain a comma (several keys joined into one header?). Send one key, or quote it as a structured-field string.' };
+    return { ok: false, reason: 'A bare key may not contain a comma: the request has several Idempotency-Key headers (joined with ", " on the way), or one key with a comma in it. Send exactly one header, and quote a key that holds a comma as a structured-field string ("a,b").' };
   }
   return validateKey(raw);
 }
