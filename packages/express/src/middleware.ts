@@ -124,7 +124,10 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       expose(req, res, null);
       return next();
     }
-    let body: unknown = req.body;
+    // `Content-Length: 0` (fetch's empty POST) carries no bytes, like no body at all (curl's), but
+    // express.json() makes `{}` of the one and leaves the other undefined: a retry sent through
+    // another client must not look like another request (422).
+    let body: unknown = req.headers['content-length'] === '0' ? undefined : req.body;
     // express-fileupload sets req.body only when a text field arrives: files alone are a body too,
     // and so is a form whose one file input was left empty (it sets req.files to null). Looked at
     // only then: on Express's req every property read is slow (see the bench README).

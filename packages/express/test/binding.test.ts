@@ -348,6 +348,38 @@ async function raw(url: string, key: string): Promise<string> {
   });
 }
 
+describe('express binding: empty bodies', () => {
+  /** A POST written by hand: fetch always sends `Content-Length: 0` for an empty body, curl sends none. */
+  async function emptyPost(url: string, key: string, lengthHeader: string): Promise<{ status: number; replayed: boolean }> {
+    const { port } = new URL(url);
+    const socket = connect(Number(port), '127.0.0.1');
+    socket.write(`POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: ${key}\r\nContent-Type: application/json\r\n${lengthHeader}Connection: close\r\n\r\n`);
+    const text = await new Promise<string>((resolve, reject) => {
+      let out = '';
+      socket.on('data', (chunk: Buffer) => (out += chunk.toString('latin1')));
+      socket.on('end', () => resolve(out));
+      socket.on('error', reject);
+    });
+    return { status: Number(text.split(' ')[1]), replayed: /\r\nidempotent-replayed: true\r\n/i.test(text) };
+  }
+
+  it('Content-Length: 0 and no body at all are the same request: the retry replays, whichever client sends it', async () => {
+    const { app, runs } = appWith();
+    app.post('/orders', (_req, res) => void res.status(201).json({ created: true }));
+    const url = await serve(app);
+    const key = randomUUID();
+    expect(await emptyPost(url, key, 'Content-Length: 0\r\n')).toEqual({ status: 201, replayed: false });
+    // Before, this one got 422: express.json() had made {} of the first and left this one undefined.
+    expect(await emptyPost(url, key, '')).toEqual({ status: 201, replayed: true });
+    expect(await emptyPost(url, key, 'Content-Length: 0\r\n')).toEqual({ status: 201, replayed: true });
+    // An empty request and one with a body are still two requests: 422 under the same key.
+    const other = randomUUID();
+    expect(await emptyPost(url, other, '')).toEqual({ status: 201, replayed: false });
+    expect((await post(`${url}/orders`, other, { headers: { 'content-type': 'application/json' }, body: '{"sku":"A-1"}' })).status).toBe(422);
+    expect(runs()).toBe(2);
+  });
+});
+
 describe('express binding: uploads (multer)', () => {
   const multipart = (files: Array<[field: string, content: string]>) =>
     `--X\r\nContent-Disposition: form-data; name="amount"\r\n\r\n10\r\n` +
