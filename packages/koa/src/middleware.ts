@@ -75,18 +75,22 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     if (!resolved.methods.has(method)) return next();
 
     const body = (ctx.request as { body?: unknown }).body;
+    // A body no parser read: `undefined` (no parser, or koa-body for a type it skips), or the `{}`
+    // @koa/bodyparser leaves for a type it skips. Fingerprinting either would make every body of
+    // that type look alike, and a different request under the same key get the first one's answer.
     // Only a request that may have a key is fingerprinted (see core's mayHaveKey): one without
     // gets the SPEC's answer for that, a webhook reading its raw body itself included.
-    if (bodyMatters && body === undefined && hasRequestBody(ctx.req.headers) && mayHaveKey(resolved, ctx.req.headers, undefined)) {
+    const unread = body === undefined ? hasRequestBody(ctx.req.headers) : leftUnparsed(ctx, body);
+    if (bodyMatters && unread && mayHaveKey(resolved, ctx.req.headers, undefined)) {
       // 415, not 500: koa-body leaves `undefined` for the types it does not parse (octet-stream,
       // XML, multipart unless enabled), so any client could cause 500s. Koa does not log an
       // exposed 4xx, so it is logged here, once: a server with no parser sees it at once.
       const error = Object.assign(
         new ConfigurationError(
           'ERR_IDEMKIT_BODY_NOT_PARSED',
-          `ctx.request.body is undefined but the request has a body (content-type ${JSON.stringify(ctx.get('Content-Type'))}) that no body parser read, so idempotency() cannot fingerprint it. ` +
+          `ctx.request.body is ${body === undefined ? 'undefined' : '{}'} but the request has a body (content-type ${JSON.stringify(ctx.get('Content-Type'))}) that no body parser read, so idempotency() cannot fingerprint it. ` +
             (isMultipart(ctx.get('Content-Type')) ? 'For uploads, mount the multipart parser (koa-body with `multipart: true`, @koa/multer) before idempotency(). ' : '') +
-            'To accept this type, mount a body parser that reads it (e.g. @koa/bodyparser, or koa-body with the type enabled) before idempotency().',
+            'To accept this type, mount a body parser that reads it (e.g. @koa/bodyparser with the type in `enableTypes`, koa-body with the type enabled, or the raw-body middleware of the @idemkit/koa README) before idempotency().',
         ),
         { status: 415, expose: true },
       );
@@ -239,6 +243,21 @@ function hasFiles(ctx: Context): boolean {
   const files = (ctx.request as { files?: unknown }).files;
   return typeof files === 'object' && files !== null && Object.keys(files).length > 0;
 }
+
+/**
+ * `{}` that stands for a body no parser read, not one that parsed to `{}`: JSON and form bodies
+ * may really be `{}` (koa-body keeps no rawBody), so those are only warned about; any other type,
+ * and multipart that no upload parser handled, is refused.
+ */
+function leftUnparsed(ctx: Context, body: unknown): boolean {
+  if (!looksUnparsed(ctx, body)) return false;
+  const type = ctx.get('Content-Type');
+  if (isMultipart(type)) return uploadedBy(ctx) === undefined;
+  return !MAY_PARSE_TO_EMPTY.test(type);
+}
+
+/** JSON (`application/json`, `…+json`) and urlencoded forms: `{}` can be their parsed content. */
+const MAY_PARSE_TO_EMPTY = /^\s*application\/(?:(?:[\w.-]+\+)?json|x-www-form-urlencoded)\s*(?:;|$)/i;
 
 /** @koa/bodyparser sets `{}` (and no rawBody) for content types it does not parse. */
 function looksUnparsed(ctx: Context, body: unknown): boolean {

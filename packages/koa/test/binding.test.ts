@@ -459,17 +459,29 @@ describe('koa binding: body parsing', () => {
     expect(await (await post(url, 'fp-off')).text()).toBe('ran');
   });
 
-  it('warns once when @koa/bodyparser left an unknown content type as {}', async () => {
+  it('refuses with 415 (logged once) a body @koa/bodyparser left as {}: two bodies must not look alike', async () => {
     const warn = vi.fn();
+    let runs = 0;
     const { url } = await start((a) => {
       a.use(idempotency({ store: createMemoryStore(), logger: { warn, error: vi.fn() } }));
-      a.use((ctx) => { ctx.body = 'ran'; });
+      a.use((ctx) => { ctx.body = `ran ${++runs}`; });
     });
-    for (const key of ['u1', 'u2']) {
-      await fetch(url, { method: 'POST', headers: { 'idempotency-key': key, 'content-type': 'application/octet-stream' }, body: 'xyz' });
+    const send = (body: string, headers: Record<string, string>) => fetch(url, { method: 'POST', headers: { 'idempotency-key': 'raw-1', ...headers }, body });
+    // Before, both ran as one request: the second, another body under the same key, got the first one's answer.
+    for (const body of ['xyz', 'abc']) {
+      const refused = await send(body, { 'content-type': 'application/octet-stream' });
+      expect(refused.status).toBe(415);
+      expect(await refused.text()).toContain('no body parser read');
     }
+    expect((await send('<order/>', { 'content-type': 'application/xml' })).status).toBe(415);
+    expect(runs).toBe(0);
     expect(warn).toHaveBeenCalledTimes(1);
     expect(String(warn.mock.calls[0]![0])).toContain('application/octet-stream');
+    // JSON the parser did read, {} included, is fingerprinted as ever.
+    const json = (text: string) => fetch(url, { method: 'POST', headers: { 'idempotency-key': 'json-1', 'content-type': 'application/json' }, body: text });
+    expect(await (await json('{}')).text()).toBe('ran 1');
+    expect((await json('{}')).headers.get('idempotent-replayed')).toBe('true');
+    expect((await json('{"a":1}')).status).toBe(422);
   });
 
   it('fingerprints raw Buffer bodies from a raw-body middleware: different bytes → 422', async () => {
