@@ -566,9 +566,17 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
   fastify.decorateRequest(kState, null);
   fastify.decorateRequest(kReplayed, null);
 
+  // Every method and URL the onRoute hook below looked at, covered or not.
+  const looked = new Map<string, Set<string>>();
+  warnRoutesAddedBefore(fastify, base, looked);
+
   fastify.addHook('onRoute', (route) => {
     const config: unknown = route.config?.idempotency;
-    const where = `${methodsOf(route).join(',')} ${route.url}`;
+    const methods = methodsOf(route);
+    const known = looked.get(route.url) ?? new Set<string>();
+    for (const method of methods) known.add(method);
+    looked.set(route.url, known);
+    const where = `${methods.join(',')} ${route.url}`;
     const merged = mergeRouteOptions(options, config, where);
     if (merged === null) return;
 
@@ -580,12 +588,37 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
       perConfig.set(key, attached);
     }
     const covered = attached.engine.options.methods;
-    if (!methodsOf(route).some((m) => covered.has(m))) return;
+    if (!methods.some((m) => covered.has(m))) return;
     const { onRawClose, ...hooks } = attached.hooks;
     for (const name of Object.keys(hooks) as HookName[]) addHook(route, name, hooks[name]);
     keepHandlerResult(route, onRawClose);
   });
 };
+
+/**
+ * Routes added before the plugin loaded never reach its onRoute hook, and so run unprotected.
+ * That is what `app.register(plugin)` without `await`, followed by `app.post(...)`, does: the
+ * usual Fastify idiom, and a silent double charge. A context-wide onRequest hook does reach those
+ * routes (Fastify adds a plugin's hooks to routes that came before it), so each such route is
+ * named once in the log, on its first request with a method the plugin would cover.
+ */
+function warnRoutesAddedBefore(fastify: FastifyInstance, engine: IdempotencyEngine<FastifyRequest>, looked: Map<string, Set<string>>): void {
+  const { methods, logger } = engine.options;
+  if (logger === undefined) return;
+  fastify.addHook('onRequest', (request, _reply, done) => {
+    const { method } = request;
+    const { url } = request.routeOptions;
+    if (url !== undefined && methods.has(method) && looked.get(url)?.has(method) !== true) {
+      const known = looked.get(url) ?? new Set<string>();
+      known.add(method);
+      looked.set(url, known);
+      logger.warn(
+        `[idemkit] ${method} ${url} has no idempotency: the route was added before @idemkit/fastify loaded, so retries of it run again. Register the plugin with \`await app.register(...)\` before your routes (or put them in a later \`register\`); to leave a route out on purpose, give it \`config: { idempotency: false }\`. (Warned once per route.)`,
+      );
+    }
+    done();
+  });
+}
 
 /** A route's own engine; a bad override names the route it is on (there may be hundreds). */
 function forRoute(options: FastifyIdempotencyOptions, where: string): IdempotencyEngine<FastifyRequest> {
@@ -608,7 +641,8 @@ function forEngine(options: FastifyIdempotencyOptions): IdempotencyEngine<Fastif
 
 /**
  * Idempotency-Key support for Fastify 5. Register it (with `await`) before the routes it should
- * cover: it attaches per route through `onRoute`, so routes declared earlier are left alone.
+ * cover: it attaches per route through `onRoute`, so routes declared earlier are left alone (and
+ * named once in the log on their first request with a covered method).
  *
  * @example
  * await app.register(fastifyIdempotency, { store: createMemoryStore() });

@@ -1056,6 +1056,50 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
   });
 });
 
+describe('routes added before the plugin loaded', () => {
+  async function setup(wire: (app: FastifyInstance, options: FastifyIdempotencyOptions) => void) {
+    const warn = vi.fn();
+    const app = Fastify();
+    apps.push(app);
+    wire(app, { store: createMemoryStore(), logger: { warn, error: vi.fn() } });
+    await app.ready();
+    const named = (route: string) => warn.mock.calls.filter(([message]) => String(message).includes(`${route} has no idempotency`));
+    return { app, warn, named };
+  }
+
+  it('register without await, then a route: it runs unprotected, and the log names it once', async () => {
+    let runs = 0;
+    const { app, named } = await setup((a, options) => {
+      void a.register(fastifyIdempotency, options); // the usual Fastify idiom, but this plugin needs `await`
+      a.post('/pay', async () => ({ charged: ++runs }));
+    });
+    for (let i = 0; i < 3; i++) await post(app, '/pay', 'k');
+    expect(runs).toBe(3); // what the warning is about: every retry charged again
+    expect(named('POST /pay')).toHaveLength(1);
+    expect(String(named('POST /pay')[0]?.[0])).toContain('await app.register');
+  });
+
+  it('covered routes, routes left out with config, and GETs are never named', async () => {
+    const { app, warn } = await setup((a, options) => {
+      a.register(
+        async (api) => {
+          await api.register(fastifyIdempotency, options);
+          api.post('/', async () => ({ root: 1 }));
+          api.post('/a', async () => ({ a: 1 }));
+          api.post('/off', { config: { idempotency: false } }, async () => ({ off: 1 }));
+          api.get('/g', async () => ({ g: 1 }));
+          api.register(async (child) => void child.post('/b', async () => ({ b: 1 })), { prefix: '/child' });
+        },
+        { prefix: '/api' },
+      );
+    });
+    for (const url of ['/api', '/api/', '/api/a', '/api/off', '/api/child/b', '/api/missing']) await post(app, url, `k-${url}`);
+    expect((await post(app, '/api/a', 'k-/api/a')).headers['idempotent-replayed']).toBe('true');
+    await app.inject({ method: 'GET', url: '/api/g' });
+    expect(warn).not.toHaveBeenCalled();
+  });
+});
+
 describe('app-level onSend hooks that rewrite the payload', () => {
   // Fastify runs a callback-style hook that calls `done` at once inside reply.send() itself, an
   // async one a microtask later: the replay must be known as such in both.
