@@ -21,3 +21,14 @@ describe.each(PACKAGES)('%s as a consumer loads it', (name) => {
     expect(esm).toEqual(cjs);
   });
 });
+
+/** Apps on the strictest settings fill options from configuration, `undefined` included. */
+describe('the packages under exactOptionalPropertyTypes', () => {
+  it('take `undefined` for every optional option, as they do at runtime (test/strict/options.ts)', () => {
+    const tsc = fileURLToPath(new URL('../../../node_modules/typescript/bin/tsc', import.meta.url));
+    const run = spawnSync(process.execPath, [tsc, '-p', 'test/strict'], { cwd, encoding: 'utf8', timeout: 120_000 });
+    // Before, every option rejected it: "Type 'undefined' is not assignable to type 'string'".
+    expect(run.stdout + run.stderr).toBe('');
+    expect(run.status).toBe(0);
+  }, 120_000);
+});

@@ -19,33 +19,33 @@ export interface AttemptInfo {
 
 export interface IdempotentFetchOptions {
   /** The fetch to wrap. @default globalThis.fetch */
-  fetch?: typeof globalThis.fetch;
+  fetch?: typeof globalThis.fetch | undefined;
   /** Key header. @default 'Idempotency-Key' */
-  header?: string;
+  header?: string | undefined;
   /** New key per logical operation. @default crypto.randomUUID */
-  generateKey?: () => string;
+  generateKey?: (() => string) | undefined;
   /** Methods that get a key and retries; others are sent once, untouched. @default ['POST', 'PATCH'] */
-  methods?: readonly string[];
+  methods?: readonly string[] | undefined;
   /** Attempts per operation, the first included. @default 5 */
-  maxAttempts?: number;
+  maxAttempts?: number | undefined;
   /** First backoff ceiling in ms (doubles per attempt, full jitter). @default 200 */
-  baseDelayMs?: number;
+  baseDelayMs?: number | undefined;
   /** Largest wait between attempts in ms, also the cap on a server's `Retry-After`. @default 5_000 */
-  maxDelayMs?: number;
+  maxDelayMs?: number | undefined;
   /** Total time for all attempts and waits, in ms. @default 30_000 */
-  deadlineMs?: number;
+  deadlineMs?: number | undefined;
   /** Statuses that are retried. @default 408, 409, 425, 429 and 5xx (never 400 or 422) */
-  retryOn?: (status: number) => boolean;
+  retryOn?: ((status: number) => boolean) | undefined;
   /** Called after every attempt. */
-  onAttempt?: (info: AttemptInfo) => void;
+  onAttempt?: ((info: AttemptInfo) => void) | undefined;
   /** Source of jitter in [0, 1). @default Math.random */
-  random?: () => number;
+  random?: (() => number) | undefined;
 }
 
 /** `RequestInit` plus a caller-chosen key for this operation. */
 export interface IdempotentRequestInit extends RequestInit {
   /** Use this key instead of a generated one (e.g. a key kept across page reloads). */
-  idempotencyKey?: string;
+  idempotencyKey?: string | undefined;
 }
 
 export type IdempotentFetch = (input: string | URL | Request, init?: IdempotentRequestInit) => Promise<Response>;

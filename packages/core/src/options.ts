@@ -12,55 +12,55 @@ export interface IdempotencyOptions<Req = IncomingRequest> {
   /** Where records live. Required. */
   store: IdempotencyStore;
   /** Methods that get idempotency; others pass through untouched. @default ['POST', 'PATCH'] */
-  methods?: readonly string[];
+  methods?: readonly string[] | undefined;
   /** Answer 400 when no key is sent. With false, keyless requests pass through. @default true */
-  required?: boolean;
+  required?: boolean | undefined;
   /** Header carrying the key (case-insensitive). @default 'Idempotency-Key' */
-  header?: string;
+  header?: string | undefined;
   /**
    * Body field read when the header is absent (the original design's `{ idempotencyKey }`),
    * or false to read the header only. @default 'idempotencyKey'
    */
-  bodyField?: string | false;
+  bodyField?: string | false | undefined;
   /** Custom key getter; replaces header and body lookup. Return undefined for "no key". */
-  getKey?: (req: Req, input: IncomingRequest) => MaybePromise<string | undefined>;
+  getKey?: ((req: Req, input: IncomingRequest) => MaybePromise<string | undefined>) | undefined;
   /** Extra key validation after the built-in rules; return false or a reason to reject (400). */
-  validateKey?: (key: string) => boolean | string;
+  validateKey?: ((key: string) => boolean | string) | undefined;
   /**
    * The tenant the key belongs to (user id, API key id). Part of the stored identity, so two
    * tenants sending the same key never see each other's responses. Without it, keys are global.
    */
-  scope?: (req: Req, input: IncomingRequest) => MaybePromise<string | number | bigint | undefined>;
+  scope?: ((req: Req, input: IncomingRequest) => MaybePromise<string | number | bigint | undefined>) | undefined;
   /**
    * Request fingerprint for the 422 mismatch check. Default: SHA-256 over method, path with
    * query and canonical body. false disables the check. @default built-in
    */
-  fingerprint?: false | ((req: Req, input: IncomingRequest) => MaybePromise<string>);
+  fingerprint?: (false | ((req: Req, input: IncomingRequest) => MaybePromise<string>)) | undefined;
   /** Which statuses are stored for replay. @default status < 500, except 408, 409, 425, 429 */
-  storable?: (status: number) => boolean;
+  storable?: ((status: number) => boolean) | undefined;
   /** How long a completed response is replayed, in ms. @default 86_400_000 (24 h) */
-  ttlMs?: number;
+  ttlMs?: number | undefined;
   /** Lease of a running handler in ms; renewed every third of it while the handler runs. @default 60_000 */
-  leaseMs?: number;
+  leaseMs?: number | undefined;
   /** Largest response body stored, in bytes; larger ones are never replayed nor re-run. @default 1_048_576 */
-  maxBodyBytes?: number;
+  maxBodyBytes?: number | undefined;
   /** A duplicate that arrives while the first still runs: 409 at once, or wait (bounded) and replay. @default 'conflict' */
-  concurrency?: 'conflict' | 'wait';
+  concurrency?: 'conflict' | 'wait' | undefined;
   /** With `concurrency: 'wait'`, how long to wait before answering 409. @default 10_000 */
-  waitTimeoutMs?: number;
+  waitTimeoutMs?: number | undefined;
   /** Store failure: 'fail' answers 503; 'pass' runs the handler without idempotency. @default 'fail' */
-  onStoreError?: 'fail' | 'pass';
+  onStoreError?: 'fail' | 'pass' | undefined;
   /** A store call slower than this counts as a store failure, in ms. @default 5_000 */
-  storeTimeoutMs?: number;
+  storeTimeoutMs?: number | undefined;
   /**
    * Run the handler inside a store transaction whose commit also stores the response (stores
    * that implement `TransactionalStore`, e.g. Postgres). @default false
    */
-  transactional?: boolean;
+  transactional?: boolean | undefined;
   /** Every engine event, for logs and metrics. Errors thrown here are ignored. */
-  onEvent?: (event: IdempotencyEvent) => void;
+  onEvent?: ((event: IdempotencyEvent) => void) | undefined;
   /** Where warnings go (lost leases, store errors). false silences them. @default console */
-  logger?: IdempotencyLogger | false;
+  logger?: IdempotencyLogger | false | undefined;
 }
 
 export interface ResolvedOptions<Req = IncomingRequest> {

@@ -32,6 +32,20 @@ describe('options', () => {
     expect([...o.methods]).toEqual(['POST', 'PUT']);
   });
 
+  it('every option set to undefined resolves as if left out (what `exactOptionalPropertyTypes` users write)', () => {
+    const names = ['methods', 'required', 'header', 'bodyField', 'getKey', 'validateKey', 'scope', 'fingerprint', 'storable', 'ttlMs', 'leaseMs', 'maxBodyBytes', 'concurrency', 'waitTimeoutMs', 'onStoreError', 'storeTimeoutMs', 'transactional', 'onEvent', 'logger'] as const;
+    const undefinedAll = Object.fromEntries(names.map((name) => [name, undefined])) as Partial<IdempotencyOptions>;
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => undefined);
+    try {
+      // Functions (the default logger's wrappers) are made per call: compared by kind, not identity.
+      const shape = (o: object) => Object.entries(o).map(([k, v]) => [k, typeof v === 'function' ? 'function' : k === 'logger' && v ? Object.keys(v) : v]);
+      expect(shape(resolveOptions({ store, ...undefinedAll }))).toEqual(shape(resolveOptions({ store })));
+      expect(warn).not.toHaveBeenCalled(); // no "unknown option" for any of them
+    } finally {
+      warn.mockRestore();
+    }
+  });
+
   it.each<[string, Partial<IdempotencyOptions>, RegExp]>([
     ['ttlMs', { ttlMs: 0 }, /ttlMs/],
     ['leaseMs', { leaseMs: 1.5 }, /leaseMs/],

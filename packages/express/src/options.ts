@@ -12,7 +12,7 @@ export interface ExpressIdempotencyOptions extends IdempotencyOptions<Request> {
    * bindings. Call `next(error)` to hand it to your error handler (the error carries `status`
    * and `headers`). Never called for replays.
    */
-  onProblem?: (error: IdempotencyError, req: Request, res: Response, next: NextFunction) => void;
+  onProblem?: ((error: IdempotencyError, req: Request, res: Response, next: NextFunction) => void) | undefined;
 }
 
 /** Splits the binding-only extras off, so the engine never warns about unknown options. */

@@ -12,7 +12,7 @@ export interface FastifyIdempotencyOptions extends IdempotencyOptions<FastifyReq
    * Without it the plugin writes the RFC 9457 `application/problem+json` response core builds,
    * byte-identical to the Express and Koa bindings.
    */
-  onProblem?: (request: FastifyRequest, reply: FastifyReply, error: IdempotencyError) => void | Promise<void>;
+  onProblem?: ((request: FastifyRequest, reply: FastifyReply, error: IdempotencyError) => void | Promise<void>) | undefined;
 }
 
 /** What a route may override through `config: { idempotency: { … } }`; the store is app-wide. */

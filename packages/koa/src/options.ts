@@ -12,5 +12,5 @@ export interface KoaIdempotencyOptions extends IdempotencyOptions<Context> {
    * Set `ctx.status`, headers and `ctx.body`; the handler is not run either way.
    * @default writes `problemResponse(error)` from `@idemkit/core`
    */
-  onProblem?: (ctx: Context, error: IdempotencyError) => void | Promise<void>;
+  onProblem?: ((ctx: Context, error: IdempotencyError) => void | Promise<void>) | undefined;
 }

@@ -13,7 +13,7 @@ export type MongoStoreTarget =
       /** A database you own. idemkit never closes its client. */
       readonly db: Db;
       /** @default 'idempotency_keys' */
-      readonly collectionName?: string;
+      readonly collectionName?: string | undefined;
     };
 
 export type MongoStoreOptions = MongoStoreTarget & {
@@ -22,18 +22,18 @@ export type MongoStoreOptions = MongoStoreTarget & {
    * `hello.localTime` (precision ± half a round trip), so app servers with skewed clocks agree;
    * 'local' uses this process's `Date.now()`. @default 'server'
    */
-  readonly clock?: 'server' | 'local';
+  readonly clock?: 'server' | 'local' | undefined;
   /** How often the server-clock offset is re-measured, in ms (in the background). @default 60_000 */
-  readonly clockRefreshMs?: number;
+  readonly clockRefreshMs?: number | undefined;
   /**
    * How conditional writes are made atomic. 'native': one atomic document update per operation
    * (MongoDB). 'claims': each lease-ending write first inserts a unique claim, for servers whose
    * updates are not atomic compare-and-set (FerretDB v1); costs an extra round trip or two.
    * 'auto' asks `buildInfo` once and picks 'claims' on FerretDB. @default 'auto'
    */
-  readonly fencing?: 'auto' | 'native' | 'claims';
+  readonly fencing?: 'auto' | 'native' | 'claims' | undefined;
   /** Where the one-time "TTL indexes unsupported" warning goes. false silences it. @default console */
-  readonly logger?: Pick<IdempotencyLogger, 'warn'> | false;
+  readonly logger?: Pick<IdempotencyLogger, 'warn'> | false | undefined;
 };
 
 export const DEFAULTS = Object.freeze({

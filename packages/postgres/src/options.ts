@@ -2,9 +2,9 @@ import type { Pool, PoolConfig } from 'pg';
 
 interface TableOptions {
   /** Table holding the records. @default 'idempotency_keys' */
-  table?: string;
+  table?: string | undefined;
   /** Schema of the table; migrate() creates it when missing. @default 'public' */
-  schema?: string;
+  schema?: string | undefined;
 }
 
 /** Use a pool you own: idemkit never ends it (`close()` leaves it open). */
@@ -20,7 +20,7 @@ export interface PostgresConnectionOptions extends TableOptions {
   /** `postgres://user:pass@host:5432/db`. */
   connectionString: string;
   /** Extra `pg.Pool` settings (`max`, `ssl`, `idleTimeoutMillis`, …). */
-  poolOptions?: Omit<PoolConfig, 'connectionString'>;
+  poolOptions?: Omit<PoolConfig, 'connectionString'> | undefined;
   pool?: never;
 }
 

@@ -20,7 +20,7 @@ export interface RedisStoreOptions {
    * Cluster slot (and one master). No tag is needed because every operation touches one key.
    * @default "idemkit:"
    */
-  prefix?: string;
+  prefix?: string | undefined;
   /**
    * How long an in-progress record stays in Redis after its lease ends, in ms. Within this window
    * a new `begin` reports the takeover (`tookOver: true`); afterwards Redis has dropped the key
@@ -28,7 +28,7 @@ export interface RedisStoreOptions {
    * lease counts as absent for `get` and its holder can no longer complete, renew or release.
    * @default 60000
    */
-  leaseGraceMs?: number;
+  leaseGraceMs?: number | undefined;
   /**
    * How `begin` claims a key. `'set'`: a plain `SET … NX GET`, one round trip for a new key or a
    * replay, plus a script round trip when the key's request is still in flight (or its lease
@@ -36,7 +36,7 @@ export interface RedisStoreOptions {
    * about twice the Redis CPU per new key. Both are atomic and give the same answers.
    * @default "set"
    */
-  claim?: 'set' | 'script';
+  claim?: 'set' | 'script' | undefined;
 }
 
 /** Options after validation, with defaults applied. */
