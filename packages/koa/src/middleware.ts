@@ -24,13 +24,22 @@ import { captureResponse } from './capture.js';
 import type { KoaIdempotencyOptions } from './options.js';
 import { sendStored } from './send.js';
 
+/**
+ * What `idempotency()` puts on `ctx.state`. Koa's default state type has it already; an app with
+ * a state type of its own adds it: `new Koa<AppState & IdempotencyState>()`.
+ */
+export interface IdempotencyState {
+  /**
+   * The running key (`key`, `tookOver`, `transaction`) while the handler runs under an
+   * idempotency lease, `null` when the request is not covered.
+   */
+  idempotency?: IdempotencyContext | null;
+}
+
 declare module 'koa' {
   interface DefaultState {
-    /**
-     * Set by `@idemkit/koa`: the running key (`key`, `tookOver`, `transaction`) while the handler
-     * runs under an idempotency lease, `null` when the request is not covered.
-     */
-    idempotency?: IdempotencyContext | null;
+    /** Set by `@idemkit/koa`: see {@link IdempotencyState}. */
+    idempotency?: IdempotencyState['idempotency'];
   }
 }
 

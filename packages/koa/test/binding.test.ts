@@ -2,10 +2,10 @@ import { readFileSync } from 'node:fs';
 import { Readable } from 'node:stream';
 import Router from '@koa/router';
 import { createMemoryStore, problemResponse, KeyError, scopedKey, TransactionAbortedError, type IdempotencyEvent, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
-import Koa, { type Context } from 'koa';
+import Koa, { type Context, type Middleware } from 'koa';
 import { koaBody } from 'koa-body';
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { ConfigurationError, idempotency } from '../src/index.js';
+import { ConfigurationError, idempotency, type IdempotencyState } from '../src/index.js';
 import { rawBody } from './app.js';
 import { post, startKoa } from './helpers.js';
 import { twinSuite } from './twin-cases.js';
@@ -550,6 +550,27 @@ describe('koa binding: @koa/router', () => {
     await post(url, 'ctx-key');
     await fetch(url);
     expect(seen).toEqual([{ key: 'ctx-key', tookOver: false, transaction: undefined }, null]);
+  });
+});
+
+describe('koa binding: an app with a state type of its own', () => {
+  it('reads ctx.state.idempotency through IdempotencyState (Koa<AppState & IdempotencyState>)', async () => {
+    interface AppState {
+      user: string;
+    }
+    // Typed as such an app's handlers are; without IdempotencyState this did not compile.
+    const handler: Middleware<AppState & IdempotencyState> = (ctx) => {
+      ctx.body = { user: ctx.state.user, key: ctx.state.idempotency?.key ?? null };
+    };
+    const { url } = await start((app) => {
+      app.use(async (ctx, next) => {
+        (ctx.state as AppState).user = 'ann';
+        await next();
+      });
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use(handler as Middleware);
+    });
+    expect(await (await post(url, 'typed-state')).json()).toEqual({ user: 'ann', key: 'typed-state' });
   });
 });
 
