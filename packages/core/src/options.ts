@@ -2,7 +2,8 @@ import { ConfigurationError } from './errors.js';
 import type { IdempotencyStore } from './store.js';
 import type { IdempotencyEvent, IdempotencyLogger, IncomingRequest } from './types.js';
 
-type MaybePromise<T> = T | Promise<T>;
+/** A callback may answer at once or with a promise (`getKey`, `scope`, `fingerprint`). */
+export type MaybePromise<T> = T | Promise<T>;
 
 /**
  * Engine options. `Req` is whatever the caller hands to `decide()` next to the

@@ -2,7 +2,7 @@
 // from configuration (`process.env.X`, maybe undefined) must compile, as they work at runtime,
 // where `undefined` means "the default".
 import { createIdempotentFetch } from '@idemkit/client';
-import { createIdempotencyEngine, createMemoryStore } from '@idemkit/core';
+import { createIdempotencyEngine, createMemoryStore, type MaybePromise } from '@idemkit/core';
 import { idempotency as expressIdempotency } from '@idemkit/express';
 import { fastifyIdempotency } from '@idemkit/fastify';
 import { idempotency as koaIdempotency } from '@idemkit/koa';
@@ -16,6 +16,8 @@ import type pg from 'pg';
 
 const maybe = <T>(value: T): T | undefined => (process.env.IDEMKIT_NEVER_SET === undefined ? undefined : value);
 const store = createMemoryStore();
+// A callback typed on its own, as apps that share one between routes write it.
+const tenantOf: () => MaybePromise<string | undefined> = async () => process.env.TENANT;
 
 export function core(): unknown {
   return createIdempotencyEngine({
@@ -26,7 +28,7 @@ export function core(): unknown {
     bodyField: maybe('idempotencyKey'),
     getKey: maybe(() => 'k'),
     validateKey: maybe(() => true),
-    scope: maybe(() => 'tenant'),
+    scope: maybe(tenantOf),
     fingerprint: maybe(() => 'fp'),
     storable: maybe(() => true),
     ttlMs: maybe(1_000),
