@@ -1,8 +1,9 @@
 // The middleware factory and its options: what users call.
 export { idempotency, idempotencyErrorHandler } from './middleware.js';
 export type { ExpressIdempotencyOptions } from './options.js';
-// What handlers read from req.idempotency, and the errors a custom onProblem receives.
-export type { IdempotencyContext, IdempotencyErrorCode, ProblemDetails } from '@idemkit/core';
+// What handlers read from req.idempotency, what onProblem and error handlers receive, and what
+// onEvent reports (the same set as @idemkit/koa and @idemkit/fastify export).
+export type { IdempotencyContext, IdempotencyErrorCode, IdempotencyEvent, IdempotencyStore, ProblemDetails } from '@idemkit/core';
 export {
   ConfigurationError,
   FingerprintMismatchError,
