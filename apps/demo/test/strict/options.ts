@@ -78,3 +78,10 @@ export function client(): Promise<Response> {
   });
   return fetchWithRetries('https://example.test/orders', { method: 'POST', idempotencyKey: maybe('k') });
 }
+
+// Every binding re-exports the same core types, so an app imports them from the one it uses.
+export type FromEachBinding = [
+  import('@idemkit/express').IdempotencyContext | import('@idemkit/express').IdempotencyErrorCode | import('@idemkit/express').IdempotencyEvent | import('@idemkit/express').IdempotencyStore | import('@idemkit/express').ProblemDetails,
+  import('@idemkit/koa').IdempotencyContext | import('@idemkit/koa').IdempotencyErrorCode | import('@idemkit/koa').IdempotencyEvent | import('@idemkit/koa').IdempotencyStore | import('@idemkit/koa').ProblemDetails,
+  import('@idemkit/fastify').IdempotencyContext | import('@idemkit/fastify').IdempotencyErrorCode | import('@idemkit/fastify').IdempotencyEvent | import('@idemkit/fastify').IdempotencyStore | import('@idemkit/fastify').ProblemDetails,
+];
