@@ -124,10 +124,11 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       expose(req, res, null);
       return next();
     }
-    // `Content-Length: 0` (fetch's empty POST) carries no bytes, like no body at all (curl's), but
-    // express.json() makes `{}` of the one and leaves the other undefined: a retry sent through
-    // another client must not look like another request (422).
-    let body: unknown = req.headers['content-length'] === '0' ? undefined : req.body;
+    // A request that carries no bytes (fetch's empty POST sends `Content-Length: 0`, curl's sends
+    // no length at all) has no body, whatever a parser made of it: express.json() makes `{}` of
+    // the one on Express 5 and of both on Express 4. A retry sent through another client must not
+    // look like another request (422).
+    let body: unknown = hasRequestBody(req.headers) ? req.body : undefined;
     // express-fileupload sets req.body only when a text field arrives: files alone are a body too,
     // and so is a form whose one file input was left empty (it sets req.files to null). Looked at
     // only then: on Express's req every property read is slow (see the bench README).

@@ -6,6 +6,7 @@ import compression from 'compression';
 import fileUpload from 'express-fileupload';
 import multer from 'multer';
 import express, { type ErrorRequestHandler, type Express, type Request, type Response } from 'express';
+import express4 from 'express4';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { idempotency, idempotencyErrorHandler, type ExpressIdempotencyOptions } from '../src/index.js';
 import { listen } from './app.js';
@@ -349,11 +350,11 @@ async function raw(url: string, key: string): Promise<string> {
 }
 
 describe('express binding: empty bodies', () => {
-  /** A POST written by hand: fetch always sends `Content-Length: 0` for an empty body, curl sends none. */
-  async function emptyPost(url: string, key: string, lengthHeader: string): Promise<{ status: number; replayed: boolean }> {
+  /** A POST written by hand: fetch sends `Content-Length: 0` for an empty body, curl sends none. */
+  async function emptyPost(url: string, key: string, head: string): Promise<{ status: number; replayed: boolean }> {
     const { port } = new URL(url);
     const socket = connect(Number(port), '127.0.0.1');
-    socket.write(`POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: ${key}\r\nContent-Type: application/json\r\n${lengthHeader}Connection: close\r\n\r\n`);
+    socket.write(`POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: ${key}\r\n${head}Connection: close\r\n\r\n`);
     const text = await new Promise<string>((resolve, reject) => {
       let out = '';
       socket.on('data', (chunk: Buffer) => (out += chunk.toString('latin1')));
@@ -363,20 +364,36 @@ describe('express binding: empty bodies', () => {
     return { status: Number(text.split(' ')[1]), replayed: /\r\nidempotent-replayed: true\r\n/i.test(text) };
   }
 
-  it('Content-Length: 0 and no body at all are the same request: the retry replays, whichever client sends it', async () => {
+  // Express 5's json() makes {} of a Content-Length: 0 body and leaves a missing one undefined;
+  // Express 4's makes {} of every request. Each pair, with and without a JSON content type.
+  it.each([
+    ['Express 5', 'with', express, 'Content-Type: application/json\r\n'],
+    ['Express 5', 'without', express, ''],
+    ['Express 4', 'with', express4, 'Content-Type: application/json\r\n'],
+    ['Express 4', 'without', express4, ''],
+  ])('%s: Content-Length: 0, 00 and no body at all are one request (%s a JSON content type)', async (_version, _with, framework, type) => {
+    let runs = 0;
+    const app = framework();
+    app.use(framework.json());
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/orders', (_req: Request, res: Response) => void res.status(201).json({ run: ++runs }));
+    const url = await serve(app);
+    const key = randomUUID();
+    expect(await emptyPost(url, key, `${type}Content-Length: 0\r\n`)).toEqual({ status: 201, replayed: false });
+    // Before, these got 422: the parser's {} and undefined fingerprinted apart.
+    expect(await emptyPost(url, key, type)).toEqual({ status: 201, replayed: true });
+    expect(await emptyPost(url, key, `${type}Content-Length: 00\r\n`)).toEqual({ status: 201, replayed: true });
+    expect(runs).toBe(1);
+  });
+
+  it('an empty request and one with a body are still two requests: 422 under the same key', async () => {
     const { app, runs } = appWith();
     app.post('/orders', (_req, res) => void res.status(201).json({ created: true }));
     const url = await serve(app);
     const key = randomUUID();
-    expect(await emptyPost(url, key, 'Content-Length: 0\r\n')).toEqual({ status: 201, replayed: false });
-    // Before, this one got 422: express.json() had made {} of the first and left this one undefined.
-    expect(await emptyPost(url, key, '')).toEqual({ status: 201, replayed: true });
-    expect(await emptyPost(url, key, 'Content-Length: 0\r\n')).toEqual({ status: 201, replayed: true });
-    // An empty request and one with a body are still two requests: 422 under the same key.
-    const other = randomUUID();
-    expect(await emptyPost(url, other, '')).toEqual({ status: 201, replayed: false });
-    expect((await post(`${url}/orders`, other, { headers: { 'content-type': 'application/json' }, body: '{"sku":"A-1"}' })).status).toBe(422);
-    expect(runs()).toBe(2);
+    expect(await emptyPost(url, key, 'Content-Type: application/json\r\nContent-Length: 0\r\n')).toEqual({ status: 201, replayed: false });
+    expect((await post(`${url}/orders`, key, { headers: { 'content-type': 'application/json' }, body: '{"sku":"A-1"}' })).status).toBe(422);
+    expect(runs()).toBe(1);
   });
 });
 
