@@ -254,19 +254,14 @@ function hasFiles(ctx: Context): boolean {
 }
 
 /**
- * `{}` that stands for a body no parser read, not one that parsed to `{}`: JSON and form bodies
- * may really be `{}` (koa-body keeps no rawBody), so those are only warned about; any other type,
- * and multipart that no upload parser handled, is refused.
+ * `{}` that stands for a body no parser read, not one that parsed to `{}`: a parser that read the
+ * body consumed the request stream to its end, one that skipped it left it unread. (The content
+ * type cannot tell: @koa/bodyparser skips `application/merge-patch+json`, koa-body reads
+ * `application/csp-report`.)
  */
 function leftUnparsed(ctx: Context, body: unknown): boolean {
-  if (!looksUnparsed(ctx, body)) return false;
-  const type = ctx.get('Content-Type');
-  if (isMultipart(type)) return uploadedBy(ctx) === undefined;
-  return !MAY_PARSE_TO_EMPTY.test(type);
+  return looksUnparsed(ctx, body) && !ctx.req.readableEnded;
 }
-
-/** JSON (`application/json`, `…+json`) and urlencoded forms: `{}` can be their parsed content. */
-const MAY_PARSE_TO_EMPTY = /^\s*application\/(?:(?:[\w.-]+\+)?json|x-www-form-urlencoded)\s*(?:;|$)/i;
 
 /** @koa/bodyparser sets `{}` (and no rawBody) for content types it does not parse. */
 function looksUnparsed(ctx: Context, body: unknown): boolean {

@@ -474,6 +474,8 @@ describe('koa binding: body parsing', () => {
       expect(await refused.text()).toContain('no body parser read');
     }
     expect((await send('<order/>', { 'content-type': 'application/xml' })).status).toBe(415);
+    // A JSON type this parser skips: the content type alone cannot tell, the unread stream does.
+    expect((await send('{"a":1}', { 'content-type': 'application/merge-patch+json' })).status).toBe(415);
     expect(runs).toBe(0);
     expect(warn).toHaveBeenCalledTimes(1);
     expect(String(warn.mock.calls[0]![0])).toContain('application/octet-stream');
@@ -482,6 +484,23 @@ describe('koa binding: body parsing', () => {
     expect(await (await json('{}')).text()).toBe('ran 1');
     expect((await json('{}')).headers.get('idempotent-replayed')).toBe('true');
     expect((await json('{"a":1}')).status).toBe(422);
+  });
+
+  it('a body a parser did read as {} is fingerprinted, whatever its type (koa-body, application/csp-report)', async () => {
+    let runs = 0;
+    const { url } = await start(
+      (a) => {
+        a.use(koaBody({ jsonLimit: '1kb' }));
+        a.use(idempotency({ store: createMemoryStore() }));
+        a.use((ctx) => { ctx.body = { run: ++runs }; });
+      },
+      { parser: false },
+    );
+    const send = (body: string) => fetch(url, { method: 'POST', headers: { 'idempotency-key': 'csp', 'content-type': 'application/csp-report' }, body });
+    expect(await (await send('{}')).json()).toEqual({ run: 1 });
+    expect((await send('{}')).headers.get('idempotent-replayed')).toBe('true');
+    expect((await send('{"csp-report":{}}')).status).toBe(422);
+    expect(runs).toBe(1);
   });
 
   it('fingerprints raw Buffer bodies from a raw-body middleware: different bytes → 422', async () => {
