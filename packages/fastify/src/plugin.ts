@@ -573,9 +573,15 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
   fastify.addHook('onRoute', (route) => {
     const config: unknown = route.config?.idempotency;
     const methods = methodsOf(route);
-    const known = looked.get(route.url) ?? new Set<string>();
-    for (const method of methods) known.add(method);
-    looked.set(route.url, known);
+    // Also under the URL requests report (`path`, as first declared): an onRoute hook before ours
+    // may have rewritten `url`.
+    const urls = new Set([route.url, (route as { path?: unknown }).path]);
+    for (const url of urls) {
+      if (typeof url !== 'string') continue;
+      const known = looked.get(url) ?? new Set<string>();
+      for (const method of methods) known.add(method);
+      looked.set(url, known);
+    }
     const where = `${methods.join(',')} ${route.url}`;
     const merged = mergeRouteOptions(options, config, where);
     if (merged === null) return;
@@ -607,8 +613,8 @@ function warnRoutesAddedBefore(fastify: FastifyInstance, engine: IdempotencyEngi
   if (logger === undefined) return;
   fastify.addHook('onRequest', (request, _reply, done) => {
     const { method } = request;
-    const { url } = request.routeOptions;
-    if (url !== undefined && methods.has(method) && looked.get(url)?.has(method) !== true) {
+    const { url, config } = request.routeOptions;
+    if (url !== undefined && methods.has(method) && looked.get(url)?.has(method) !== true && config.idempotency !== false) {
       const known = looked.get(url) ?? new Set<string>();
       known.add(method);
       looked.set(url, known);

@@ -1079,6 +1079,31 @@ describe('routes added before the plugin loaded', () => {
     expect(String(named('POST /pay')[0]?.[0])).toContain('await app.register');
   });
 
+  it('a route left out with config: { idempotency: false } is not named, whenever it was added', async () => {
+    const { app, warn } = await setup((a, options) => {
+      void a.register(fastifyIdempotency, options);
+      a.post('/off', { config: { idempotency: false } }, async () => ({ off: true }));
+    });
+    await post(app, '/off', 'k');
+    expect(warn).not.toHaveBeenCalled();
+  });
+
+  it('a covered route whose URL an earlier onRoute hook rewrote is not named', async () => {
+    const { app, warn } = await setup((a, options) => {
+      a.addHook('onRoute', (route) => {
+        if (route.url === '/v0/pay') route.url = '/v1/pay';
+      });
+      void a.register(async (api) => {
+        await api.register(fastifyIdempotency, options);
+        api.post('/v0/pay', async () => ({ paid: true }));
+      });
+    });
+    const answers = [];
+    for (const url of ['/v0/pay', '/v1/pay']) for (let i = 0; i < 2; i++) answers.push(await post(app, url, `k${url}`));
+    expect(answers.some((answer) => replayed(answer))).toBe(true);
+    expect(warn).not.toHaveBeenCalled();
+  });
+
   it('covered routes, routes left out with config, and GETs are never named', async () => {
     const { app, warn } = await setup((a, options) => {
       a.register(
