@@ -12,14 +12,16 @@ const epochMs = (column: string): string => `floor(extract(epoch FROM ${column})
 /**
  * The record as the store reads it, times as epoch ms by the database clock. The time left on a
  * lease uses `clock_timestamp()`: a begin that waited on the winner's row lock started before
- * the winner did, and would otherwise report more than the whole lease.
+ * the winner did, and would otherwise report more than the whole lease. At least 1 ms: the lease
+ * was live at the statement's time, and may have ended since (a slow statement); 0 would read as
+ * "no lease" to the caller.
  */
 const RECORD_COLUMNS = `fingerprint, state, response_status, response_headers, response_body,
   ${epochMs('lease_expires_at')} AS lease_expires_ms,
   ${epochMs('created_at')} AS created_ms,
   ${epochMs('expires_at')} AS expires_ms,
   CASE WHEN state = 'in_progress'
-    THEN greatest(0, ceil(extract(epoch FROM (lease_expires_at - clock_timestamp())) * 1000))::float8
+    THEN greatest(1, ceil(extract(epoch FROM (lease_expires_at - clock_timestamp())) * 1000))::float8
     ELSE 0::float8 END AS lease_remaining_ms`;
 
 /** The holder's condition shared by complete, release and renew: right token, live lease. */
