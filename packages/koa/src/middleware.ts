@@ -115,7 +115,8 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
       warnedBodyKey = true;
       resolved.logger?.warn(unreadBodyKeyWarning('koa', ctx.req.headers['content-type'], resolved.bodyField));
     }
-    if (!warnedUnparsed && resolved.fingerprint === 'default' && looksUnparsed(ctx, body) && !hasFiles(ctx)) {
+    // Only a keyless request gets this far with a body no parser read (one with a key got the 415).
+    if (!warnedUnparsed && resolved.fingerprint === 'default' && leftUnparsed(ctx, body)) {
       warnedUnparsed = true;
       resolved.logger?.warn(
         `[idemkit] ctx.request.body is {} for a "${ctx.get('Content-Type')}" request body that the body parser did not parse, so the fingerprint cannot see it. Parse such bodies into a Buffer before idempotency() (see the @idemkit/koa README).`,
@@ -245,12 +246,6 @@ function engineOptions(options: KoaIdempotencyOptions): IdempotencyOptions<Conte
 function uploadedBy(ctx: Context): unknown {
   const request = ctx.request as { files?: unknown; file?: unknown };
   return request.files ?? request.file;
-}
-
-/** koa-body with `multipart: true` keeps uploaded files beside the fields (`{}` with files only). */
-function hasFiles(ctx: Context): boolean {
-  const files = (ctx.request as { files?: unknown }).files;
-  return typeof files === 'object' && files !== null && Object.keys(files).length > 0;
 }
 
 /**
