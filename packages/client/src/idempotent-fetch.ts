@@ -362,7 +362,6 @@ function untilAborted<T>(work: T | Promise<T>, signal: AbortSignal): Promise<T> 
   });
 }
 
-/** A Request of this realm or of another fetch implementation (undici's own, a polyfill's); not a URL-like object. */
 /** The key to send: a non-empty string. The server would answer any other 400, which is not retried. */
 function checkedKey(given: unknown, header: string): string {
   if (typeof given === 'string' && given.trim() !== '') return given;
@@ -379,6 +378,7 @@ function describeKey(value: unknown): string {
   return String(value);
 }
 
+/** A Request of this realm or of another fetch implementation (undici's own, a polyfill's); not a URL-like object. */
 function isRequestLike(input: string | URL | Request): input is Request {
   return typeof input === 'object' && !(input instanceof URL) && typeof input.url === 'string' && typeof input.method === 'string';
 }

@@ -128,14 +128,15 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
     // no length at all) has no body, whatever a parser made of it: express.json() makes `{}` of
     // the one on Express 5 and of both on Express 4. A retry sent through another client must not
     // look like another request (422).
-    let body: unknown = hasRequestBody(req.headers) ? req.body : undefined;
+    const carriesBody = hasRequestBody(req.headers);
+    let body: unknown = carriesBody ? req.body : undefined;
     // express-fileupload sets req.body only when a text field arrives: files alone are a body too,
     // and so is a form whose one file input was left empty (it sets req.files to null). Looked at
     // only then: on Express's req every property read is slow (see the bench README).
     if (body === undefined && isMultipart(req.headers['content-type']) && uploadedBy(req) !== undefined) body = {};
     // Only a request that may have a key is fingerprinted (see core's mayHaveKey): one without
     // gets the SPEC's answer for that, a webhook reading its raw body itself included.
-    if (body === undefined && bodyMatters && hasRequestBody(req.headers) && mayHaveKey(o, req.headers, undefined)) {
+    if (body === undefined && bodyMatters && carriesBody && mayHaveKey(o, req.headers, undefined)) {
       const error = bodyNotParsed(req.headers['content-type']);
       // Once in the server's log too: an error handler that logs only 5xx would hide a parser
       // mounted after idempotency() (a route-level express.raw(), say).

@@ -116,7 +116,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
       resolved.logger?.warn(unreadBodyKeyWarning('koa', ctx.req.headers['content-type'], resolved.bodyField));
     }
     // Only a keyless request gets this far with a body no parser read (one with a key got the 415).
-    if (!warnedUnparsed && resolved.fingerprint === 'default' && leftUnparsed(ctx, body)) {
+    if (!warnedUnparsed && resolved.fingerprint === 'default' && body !== undefined && unread) {
       warnedUnparsed = true;
       resolved.logger?.warn(
         `[idemkit] ctx.request.body is {} for a "${ctx.get('Content-Type')}" request body that the body parser did not parse, so the fingerprint cannot see it. Parse such bodies into a Buffer before idempotency() (see the @idemkit/koa README).`,
