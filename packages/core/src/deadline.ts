@@ -1,3 +1,4 @@
+import { brandErrorClasses } from './error-brand.js';
 import { MemoryStore } from './memory-store.js';
 import type { IdempotencyStore } from './store.js';
 
@@ -8,6 +9,7 @@ export class StoreTimeoutError extends Error {
     super(`[idemkit] Store operation \`${operation}\` did not answer within ${ms} ms.`);
   }
 }
+brandErrorClasses(StoreTimeoutError);
 
 /**
  * Race a store call against a deadline, so a hung store never hangs a request (SPEC §2: 503).

@@ -1,3 +1,5 @@
+import { brandErrorClasses } from './error-brand.js';
+
 /**
  * One small hierarchy that Express's finalhandler, Koa's ctx.onerror and Fastify's error handler
  * already understand: they read `status`/`statusCode`, `headers` and (Koa) `expose`.
@@ -168,3 +170,15 @@ export function isTransactionAborted(error: unknown): boolean {
 export function isTransactionEnded(error: unknown): boolean {
   return error instanceof TransactionEndedError || (error instanceof Error && (error as { code?: unknown }).code === 'ERR_IDEMKIT_TRANSACTION_ENDED');
 }
+
+brandErrorClasses(
+  IdempotencyError,
+  KeyError,
+  FingerprintMismatchError,
+  RequestInProgressError,
+  ResponseNotReplayableError,
+  StoreUnavailableError,
+  ConfigurationError,
+  TransactionEndedError,
+  TransactionAbortedError,
+);

@@ -1,11 +1,12 @@
 import { randomUUID } from 'node:crypto';
 import type { BeginResult, IdempotencyRecord, IdempotencyStore, LeaseToken, StoredResponse } from './store.js';
+import { brandErrorClasses } from './error-brand.js';
 
 export interface MemoryStoreOptions {
   /** Most records kept; when full, the oldest expired or completed records go (1% at a time), never running leases. @default 10_000 */
-  maxEntries?: number;
+  maxEntries?: number | undefined;
   /** Clock in epoch ms (tests inject one). @default Date.now */
-  now?: () => number;
+  now?: (() => number) | undefined;
 }
 
 interface Entry {
@@ -22,6 +23,7 @@ interface Entry {
 export class MemoryStoreFullError extends Error {
   override readonly name = 'MemoryStoreFullError';
 }
+brandErrorClasses(MemoryStoreFullError);
 
 /**
  * Records in this process's memory: for tests and single-process apps. Not shared between
