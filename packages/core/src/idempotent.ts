@@ -14,15 +14,15 @@ export interface IdempotentOptions<Args extends unknown[], R>
   /** The idempotency key of one call, from its arguments (e.g. the message id). Required. */
   key: (...args: Args) => string;
   /** Tenant of the call; part of the stored identity. */
-  scope?: (...args: Args) => string | number | bigint | undefined;
+  scope?: ((...args: Args) => string | number | bigint | undefined) | undefined;
   /** Job name, part of the fingerprint so two jobs sharing a key are told apart. @default fn.name */
-  name?: string;
+  name?: string | undefined;
   /** Fingerprint of the arguments for the mismatch check, or false. @default SHA-256 of name + canonical JSON of the arguments */
-  fingerprint?: false | ((...args: Args) => string);
+  fingerprint?: false | ((...args: Args) => string) | undefined;
   /** Result → stored bytes. @default JSON */
-  serialize?: (result: R) => Uint8Array | string;
+  serialize?: ((result: R) => Uint8Array | string) | undefined;
   /** Stored bytes → result. @default JSON */
-  deserialize?: (bytes: Uint8Array) => R;
+  deserialize?: ((bytes: Uint8Array) => R) | undefined;
 }
 
 function defaultSerialize(result: unknown): string {
@@ -74,8 +74,9 @@ export function idempotent<Args extends unknown[], R>(
   if (typeof options?.key !== 'function') throw new TypeError('[idemkit] idempotent(fn, options): `key` must be a function of the arguments.');
   const { key, scope, fingerprint, name = fn.name || 'job', serialize = defaultSerialize, deserialize = defaultDeserialize, ...rest } = options;
   const engine = createIdempotencyEngine<Args>({
-    concurrency: 'wait',
     ...rest,
+    // After the spread: `concurrency: undefined` (an unset setting) means this default, not core's.
+    concurrency: rest.concurrency ?? 'wait',
     methods: ['CALL'],
     required: true,
     getKey: (args) => key(...args),

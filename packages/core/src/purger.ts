@@ -2,11 +2,11 @@ import type { IdempotencyStore } from './store.js';
 
 export interface PurgerOptions {
   /** Time between sweeps in ms. @default 60_000 */
-  intervalMs?: number;
+  intervalMs?: number | undefined;
   /** Records deleted per store call; a sweep repeats calls until a batch comes back short. @default 1_000 */
-  batchSize?: number;
+  batchSize?: number | undefined;
   /** A failed sweep; the purger keeps going. @default logs with console.error */
-  onError?: (error: unknown) => void;
+  onError?: ((error: unknown) => void) | undefined;
 }
 
 export interface Purger {

@@ -32,6 +32,22 @@ describe('idempotent(fn)', () => {
     expect(await first).toBe('a');
   });
 
+  it('an unset concurrency setting (undefined) keeps the wait default: a duplicate gets the result, not a 409', async () => {
+    const store = createMemoryStore();
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let runs = 0;
+    const concurrency = process.env.IDEMKIT_NEVER_SET as 'wait' | undefined;
+    const job = idempotent(async (id: string) => { runs++; await gate; return id; }, { store, key: (id) => id, concurrency });
+    const first = job('a');
+    await vi.waitFor(async () => expect((await store.get('-:a'))?.state).toBe('in_progress'), { timeout: 10_000 });
+    // Before, the spread `undefined` replaced 'wait' and this rejected with RequestInProgressError.
+    const second = job('a');
+    release();
+    expect(await Promise.all([first, second])).toEqual(['a', 'a']);
+    expect(runs).toBe(1);
+  });
+
   it('releases the key when fn throws, so a retry runs again', async () => {
     const store = createMemoryStore();
     let calls = 0;

@@ -2,7 +2,7 @@
 // from configuration (`process.env.X`, maybe undefined) must compile, as they work at runtime,
 // where `undefined` means "the default".
 import { createIdempotentFetch } from '@idemkit/client';
-import { createIdempotencyEngine, createMemoryStore, type MaybePromise } from '@idemkit/core';
+import { createIdempotencyEngine, createMemoryStore, idempotent, startPurger, type MaybePromise } from '@idemkit/core';
 import { idempotency as expressIdempotency } from '@idemkit/express';
 import { fastifyIdempotency } from '@idemkit/fastify';
 import { idempotency as koaIdempotency } from '@idemkit/koa';
@@ -42,6 +42,25 @@ export function core(): unknown {
     onEvent: maybe(() => undefined),
     logger: maybe(false as const),
   });
+}
+
+export function jobs(): unknown[] {
+  const charge = async (id: string): Promise<string> => id;
+  return [
+    createMemoryStore({ maxEntries: maybe(100), now: maybe(Date.now) }),
+    startPurger(store, { intervalMs: maybe(1_000), batchSize: maybe(100), onError: maybe(() => undefined) }),
+    idempotent(charge, {
+      store,
+      key: (id) => id,
+      scope: maybe(() => 'tenant'),
+      name: maybe('charge'),
+      fingerprint: maybe(false as const),
+      serialize: maybe((r: string) => r),
+      deserialize: maybe((b: Uint8Array) => new TextDecoder().decode(b)),
+      concurrency: maybe('wait' as const),
+      ttlMs: maybe(1_000),
+    }),
+  ];
 }
 
 export function bindings(): unknown[] {
