@@ -4,6 +4,9 @@ export { createRedisStore, type RedisStore } from './redis-store.js';
 export {
   REDIS_STORE_DEFAULTS,
   type RedisClient,
+  type RedisClientOptions,
+  type RedisStoreSettings,
+  type RedisUrlOptions,
   type RedisStoreOptions,
   type ResolvedRedisStoreOptions,
 } from './options.js';

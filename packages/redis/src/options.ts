@@ -3,18 +3,31 @@ import type { Cluster, Redis } from 'ioredis';
 /** An ioredis single-node client or Cluster client. */
 export type RedisClient = Redis | Cluster;
 
-/** Options of {@link createRedisStore}: give exactly one of `client` or `url`. */
-export interface RedisStoreOptions {
+/** Options of {@link createRedisStore}: exactly one of `client` or `url`, plus the settings. */
+export type RedisStoreOptions = RedisClientOptions | RedisUrlOptions;
+
+/** A client you own. */
+export interface RedisClientOptions extends RedisStoreSettings {
   /**
    * An ioredis `Redis` or `Cluster` you own. idemkit defines its scripts on it
    * (`defineCommand`, names prefixed `idemkit`) and never quits or disconnects it.
    */
-  client?: RedisClient;
+  client: RedisClient;
+  url?: never;
+}
+
+/** A client the store creates and quits. */
+export interface RedisUrlOptions extends RedisStoreSettings {
   /**
    * A `redis://` / `rediss://` URL. The store then creates its own single-node ioredis client
    * and `close()` quits it. For Redis Cluster pass a `Cluster` as `client`.
    */
-  url?: string;
+  url: string;
+  client?: never;
+}
+
+/** The options both forms share. */
+export interface RedisStoreSettings {
   /**
    * Prepended to every key. Do not put a `{hash tag}` in it: that would pin all records to one
    * Cluster slot (and one master). No tag is needed because every operation touches one key.

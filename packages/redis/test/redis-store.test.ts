@@ -3,7 +3,7 @@ import type { LeaseToken, StoredResponse } from '@idemkit/core';
 import { answerHoldingProxy, type ResolvedService } from '@idemkit/test-services';
 import { Redis } from 'ioredis';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
-import { createRedisStore, type RedisStore } from '../src/index.js';
+import { createRedisStore, type RedisStore, type RedisStoreSettings } from '../src/index.js';
 import { clientAddr, countSocketWrites, deleteByPrefix, redisClient, redisNow, redisService, uniquePrefix } from './services.js';
 
 let service: ResolvedService<string>;
@@ -33,7 +33,7 @@ afterEach(() => {
 
 let n = 0;
 const key = (label: string): string => `${label}:${++n}:${Date.now()}`;
-const store = (extra: Partial<Parameters<typeof createRedisStore>[0]> = {}): RedisStore =>
+const store = (extra: RedisStoreSettings = {}): RedisStore =>
   createRedisStore({ client: redis, prefix, ...extra });
 
 const response = (body: Uint8Array, status = 201): StoredResponse => ({
@@ -615,8 +615,10 @@ describe('client ownership and failures', () => {
     }
   });
 
-  it('validates options up front, naming the option', () => {
+  it('validates options up front, naming the option (and the types refuse the first two)', () => {
+    // @ts-expect-error neither `client` nor `url`: the options are a union, so this no longer compiles
     expect(() => createRedisStore({})).toThrow(/Missing required option `client`/);
+    // @ts-expect-error both
     expect(() => createRedisStore({ client: redis, url })).toThrow(/either `client` or `url`/);
     expect(() => createRedisStore({ url: 'http://x' })).toThrow(/`url`/);
     expect(() => createRedisStore({ client: redis, leaseGraceMs: -1 })).toThrow(/`leaseGraceMs`/);
