@@ -7,8 +7,8 @@ import { createHash } from 'node:crypto';
  */
 
 type Frame =
-  | { readonly kind: 'array'; readonly items: readonly unknown[]; index: number }
-  | { readonly kind: 'object'; readonly source: Record<string, unknown>; readonly keys: string[]; index: number; wrote: boolean };
+  | { readonly kind: 'array'; readonly items: readonly unknown[]; index: number; readonly self: object }
+  | { readonly kind: 'object'; readonly source: Record<string, unknown>; readonly keys: string[]; index: number; wrote: boolean; readonly self: object };
 
 /** A value JSON.stringify leaves out of objects (and writes as null in arrays). */
 function isSkipped(value: unknown): boolean {
@@ -22,10 +22,25 @@ function isSkipped(value: unknown): boolean {
  */
 function prepare(value: unknown): unknown {
   if (ArrayBuffer.isView(value) || value instanceof ArrayBuffer) return `bytes:sha256:${createHash('sha256').update(bytesOf(value)).digest('base64url')}`;
+  if (value instanceof Map) return new Tagged('Map', value, [...value]);
+  if (value instanceof Set) return new Tagged('Set', value, [...value]);
   if (value !== null && typeof value === 'object' && typeof (value as { toJSON?: unknown }).toJSON === 'function') {
     return (value as { toJSON(): unknown }).toJSON();
   }
   return value;
+}
+
+/**
+ * A `Map` or `Set` (JSON.stringify writes `{}` for both, so every Map would fingerprint alike):
+ * written as its tag and its entries or values as an array, `Map[["a",1]]`, text no JSON value
+ * can be. Only function arguments (`idempotent()`) hold these; parsed bodies never do.
+ */
+class Tagged {
+  constructor(
+    readonly tag: 'Map' | 'Set',
+    readonly source: object,
+    readonly items: unknown[],
+  ) {}
 }
 
 /** The bytes of any binary value (a typed array of any width, a DataView, an ArrayBuffer). */
@@ -77,15 +92,21 @@ function open(value: unknown, out: string[], ancestors: Set<object>): Frame | un
       return undefined;
   }
   const obj = v as object;
-  if (ancestors.has(obj)) throw new TypeError('[idemkit] Cannot fingerprint a body that contains itself.');
-  ancestors.add(obj);
+  // A Tagged is made afresh on every visit: its Map or Set is what repeats in a cycle.
+  const self = obj instanceof Tagged ? obj.source : obj;
+  if (ancestors.has(self)) throw new TypeError('[idemkit] Cannot fingerprint a body that contains itself.');
+  ancestors.add(self);
+  if (obj instanceof Tagged) {
+    out.push(`${obj.tag}[`);
+    return { kind: 'array', items: obj.items, index: 0, self };
+  }
   if (Array.isArray(obj)) {
     out.push('[');
-    return { kind: 'array', items: obj, index: 0 };
+    return { kind: 'array', items: obj, index: 0, self };
   }
   out.push('{');
   const source = obj as Record<string, unknown>;
-  return { kind: 'object', source, keys: sortedKeys(source), index: 0, wrote: false };
+  return { kind: 'object', source, keys: sortedKeys(source), index: 0, wrote: false, self };
 }
 
 /** Nesting the recursive fast path handles; deeper bodies (and cycles) go to the iterative writer. */
@@ -109,6 +130,10 @@ function fast(value: unknown, depth: number): string | undefined {
       return String(value);
   }
   if (depth === FAST_DEPTH) return undefined;
+  if (value instanceof Tagged) {
+    const items = fast(value.items, depth + 1);
+    return items === undefined ? undefined : value.tag + items;
+  }
   if (Array.isArray(value)) {
     let text = '[';
     for (let i = 0; i < value.length; i++) {
@@ -139,19 +164,18 @@ export function canonicalJson(value: unknown): string {
 function iterative(value: unknown): string {
   const out: string[] = [];
   const ancestors = new Set<object>();
-  const stack: Array<{ frame: Frame; container: object }> = [];
+  const stack: Frame[] = [];
   const push = (v: unknown) => {
     const frame = open(v, out, ancestors);
-    if (frame) stack.push({ frame, container: frame.kind === 'array' ? frame.items : frame.source });
+    if (frame) stack.push(frame);
   };
   push(value);
   while (stack.length > 0) {
-    const top = stack[stack.length - 1]!;
-    const { frame } = top;
+    const frame = stack[stack.length - 1]!;
     if (frame.kind === 'array') {
       if (frame.index === frame.items.length) {
         out.push(']');
-        ancestors.delete(top.container);
+        ancestors.delete(frame.self);
         stack.pop();
         continue;
       }
@@ -163,7 +187,7 @@ function iterative(value: unknown): string {
     while (frame.index < frame.keys.length && isSkipped(prepare(frame.source[frame.keys[frame.index]!]))) frame.index++;
     if (frame.index === frame.keys.length) {
       out.push('}');
-      ancestors.delete(top.container);
+      ancestors.delete(frame.self);
       stack.pop();
       continue;
     }

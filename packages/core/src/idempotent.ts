@@ -1,6 +1,6 @@
 import { createIdempotencyEngine } from './engine.js';
-import { ResponseNotReplayableError } from './errors.js';
-import type { IdempotencyOptions } from './options.js';
+import { ConfigurationError, ResponseNotReplayableError } from './errors.js';
+import { optionalFunction, type IdempotencyOptions } from './options.js';
 import type { IncomingRequest } from './types.js';
 
 const encoder = new TextEncoder();
@@ -15,9 +15,12 @@ export interface IdempotentOptions<Args extends unknown[], R>
   key: (...args: Args) => string;
   /** Tenant of the call; part of the stored identity. */
   scope?: ((...args: Args) => string | number | bigint | undefined) | undefined;
-  /** Job name, part of the fingerprint so two jobs sharing a key are told apart. @default fn.name */
+  /** Job name, part of every stored fingerprint so two jobs sharing a key are told apart. @default fn.name */
   name?: string | undefined;
-  /** Fingerprint of the arguments for the mismatch check, or false. @default SHA-256 of name + canonical JSON of the arguments */
+  /**
+   * Fingerprint of the arguments for the mismatch check, or false (check only that the key's
+   * record is this job's, by `name`). @default SHA-256 of name + canonical JSON of the arguments
+   */
   fingerprint?: false | ((...args: Args) => string) | undefined;
   /** Result → stored bytes. @default JSON */
   serialize?: ((result: R) => Uint8Array | string) | undefined;
@@ -66,13 +69,27 @@ function defaultDeserialize<R>(bytes: Uint8Array): R {
  * the key is released and the error is rethrown, so a retry runs again. Every caller, the first
  * included, gets the result as `deserialize(serialize(result))`, so all of them see the same value.
  */
-export function idempotent<Args extends unknown[], R>(
-  fn: (...args: Args) => R | Promise<R>,
+export function idempotent<This, Args extends unknown[], R>(
+  fn: (this: This, ...args: Args) => R | Promise<R>,
   options: IdempotentOptions<Args, R>,
-): (...args: Args) => Promise<Awaited<R>> {
+): (this: This, ...args: Args) => Promise<Awaited<R>> {
   if (typeof fn !== 'function') throw new TypeError('[idemkit] idempotent(fn, options): `fn` must be a function.');
   if (typeof options?.key !== 'function') throw new TypeError('[idemkit] idempotent(fn, options): `key` must be a function of the arguments.');
-  const { key, scope, fingerprint, name = fn.name || 'job', serialize = defaultSerialize, deserialize = defaultDeserialize, ...rest } = options;
+  // Checked here, not left to the engine: it only ever sees the wrappers below, and a bad
+  // `serialize` would otherwise surface after fn ran, settling the key on a marker for good.
+  const scope = optionalFunction('scope', options.scope);
+  const serialize = optionalFunction('serialize', options.serialize) ?? defaultSerialize;
+  const deserialize = optionalFunction('deserialize', options.deserialize) ?? defaultDeserialize;
+  if (options.fingerprint !== false && options.fingerprint !== undefined && typeof options.fingerprint !== 'function') {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`fingerprint` must be a function of the arguments, or false.');
+  }
+  const name = options.name ?? (fn.name || 'job');
+  if (typeof name !== 'string' || name === '') throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`name` must be a non-empty string.');
+  const { key, fingerprint, scope: _scope, name: _name, serialize: _serialize, deserialize: _deserialize, ...rest } = options;
+  // Jobs share the keys of one store, so the stored fingerprint always names the job: another
+  // job meeting this key gets FingerprintMismatchError, never this job's result, whatever
+  // `fingerprint` says. (Length-prefixed, so no name and fingerprint can run together.)
+  const named = (fp: unknown): unknown => (typeof fp === 'string' ? `${name.length}:${name}:${fp}` : fp);
   const engine = createIdempotencyEngine<Args>({
     ...rest,
     // After the spread: `concurrency: undefined` (an unset setting) means this default, not core's.
@@ -81,17 +98,21 @@ export function idempotent<Args extends unknown[], R>(
     required: true,
     getKey: (args) => key(...args),
     ...(scope ? { scope: (args: Args) => scope(...args) } : {}),
-    ...(fingerprint === false ? { fingerprint: false } : fingerprint ? { fingerprint: (args: Args) => fingerprint(...args) } : {}),
+    ...(fingerprint === false
+      ? { fingerprint: () => named('') as string }
+      : fingerprint
+        ? { fingerprint: (args: Args) => named(fingerprint(...args)) as string }
+        : {}),
     // A job's result is always stored: there is no HTTP status to judge it by.
     storable: () => true,
   });
 
-  return async (...args: Args): Promise<Awaited<R>> => {
+  return async function (this: This, ...args: Args): Promise<Awaited<R>> {
     const input: IncomingRequest = { method: 'CALL', path: name, headers: {}, body: args };
     const decision = await engine.decide(input, args);
     switch (decision.kind) {
       case 'pass':
-        return (await fn(...args)) as Awaited<R>;
+        return (await fn.apply(this, args)) as Awaited<R>;
       case 'problem':
         throw decision.error;
       case 'replay':
@@ -102,7 +123,7 @@ export function idempotent<Args extends unknown[], R>(
       case 'run': {
         let result: Awaited<R>;
         try {
-          result = await fn(...args);
+          result = await fn.apply(this, args);
         } catch (error) {
           await decision.lease.abandon('handler-threw');
           throw error;

@@ -46,6 +46,23 @@ describe('canonical JSON', () => {
     expect(canonicalJson('x')).toBe('"x"');
   });
 
+  it('writes a Map or Set by its contents (JSON.stringify gives {} for every one), as no JSON value can be written', () => {
+    // Before: both were '{}', so idempotent() replayed one Map argument's result for another.
+    expect(canonicalJson({ m: new Map([['a', 1]]) })).toBe('{"m":Map[["a",1]]}');
+    expect(canonicalJson(new Map([['a', 2]]))).not.toBe(canonicalJson(new Map([['a', 1]])));
+    expect(canonicalJson([new Set([1, { b: 2, a: 1 }])])).toBe('[Set[1,{"a":1,"b":2}]]');
+    expect(canonicalJson(new Map())).not.toBe(canonicalJson({}));
+    // The iterative writer (past the fast path's depth) writes the same text.
+    let deep: unknown = new Map([['k', new Set(['v'])]]);
+    for (let i = 0; i < 70; i++) deep = [deep];
+    expect(canonicalJson(deep)).toBe('['.repeat(70) + 'Map[["k",Set["v"]]]' + ']'.repeat(70));
+    const loop = new Map<string, unknown>();
+    loop.set('self', loop);
+    expect(() => canonicalJson(loop)).toThrow(/contains itself/);
+    const shared = new Set([1]);
+    expect(canonicalJson([shared, shared])).toBe('[Set[1],Set[1]]');
+  });
+
   it('handles a body nested 200 000 levels deep without recursion', () => {
     const depth = 200_000;
     const text = '['.repeat(depth) + ']'.repeat(depth);

@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { createMemoryStore, FingerprintMismatchError, idempotent, RequestInProgressError, ResponseNotReplayableError, scopedKey, type IdempotencyStore } from '../src/index.js';
+import { ConfigurationError, createMemoryStore, FingerprintMismatchError, idempotent, RequestInProgressError, ResponseNotReplayableError, scopedKey, type IdempotencyStore } from '../src/index.js';
 
 describe('idempotent(fn)', () => {
   it('runs fn once for 100 concurrent calls with one key and gives all of them the same result', async () => {
@@ -98,7 +98,8 @@ describe('idempotent(fn)', () => {
     expect(dateRuns).toBe(1);
     // Stored under the scope, with the custom fingerprint and the serialised form.
     const record = await store.get(scopedKey('tenant-1', 'd'));
-    expect(record).toMatchObject({ state: 'completed', fingerprint: 'custom:d' });
+    // The custom fingerprint, prefixed with the job's name (`job`: the function has none).
+    expect(record).toMatchObject({ state: 'completed', fingerprint: '3:job:custom:d' });
     expect(Buffer.from(record?.response?.body ?? []).toString()).toBe('1970-01-01T00:00:00.000Z');
 
     const loose = idempotent(async (_id: string, x: number) => x, { store, key: (id) => `loose-${id}`, fingerprint: false });
@@ -115,6 +116,58 @@ describe('idempotent(fn)', () => {
   it('validates its arguments', () => {
     expect(() => idempotent('nope' as unknown as () => void, { store: createMemoryStore(), key: () => 'k' })).toThrow(/fn/);
     expect(() => idempotent(async () => 1, { store: createMemoryStore() } as never)).toThrow(/key/);
+  });
+
+  it('refuses bad options at setup, before fn can run and settle a key on them', async () => {
+    const store = createMemoryStore();
+    let runs = 0;
+    const fn = async (id: string): Promise<string> => { runs++; return id; };
+    const bad: Array<[Record<string, unknown>, RegExp]> = [
+      [{ serialize: 'json' }, /`serialize` must be a function/],
+      [{ deserialize: 'json' }, /`deserialize` must be a function/],
+      [{ scope: 'tenant-a' }, /`scope` must be a function/],
+      [{ fingerprint: true }, /`fingerprint` must be a function of the arguments, or false/],
+      [{ name: '' }, /`name` must be a non-empty string/],
+      [{ name: 42 }, /`name` must be a non-empty string/],
+    ];
+    for (const [extra, message] of bad) {
+      // Before, these were taken: `serialize: 'json'` ran fn, then settled the key for good.
+      expect(() => idempotent(fn, { store, key: (id: string) => id, ...extra } as never)).toThrow(ConfigurationError);
+      expect(() => idempotent(fn, { store, key: (id: string) => id, ...extra } as never)).toThrow(message);
+    }
+    expect(runs).toBe(0);
+  });
+
+  it('two jobs meeting on one key are told apart by name, also with fingerprint: false or a custom one', async () => {
+    const store = createMemoryStore();
+    const ran: string[] = [];
+    for (const fingerprint of [false, (e: { id: string }) => e.id] as const) {
+      const key = (e: { id: string }): string => `${typeof fingerprint}-${e.id}`;
+      const charge = idempotent(async (e: { id: string }) => { ran.push('charge'); return { charged: e.id }; }, { store, key, name: 'charge', fingerprint });
+      const email = idempotent(async (e: { id: string }) => { ran.push('email'); return { emailed: e.id }; }, { store, key, name: 'email', fingerprint });
+      expect(await charge({ id: 'evt_1' })).toEqual({ charged: 'evt_1' });
+      // Before: email got `{ charged: 'evt_1' }`, charge's stored result, and never ran.
+      await expect(email({ id: 'evt_1' })).rejects.toBeInstanceOf(FingerprintMismatchError);
+      expect(await charge({ id: 'evt_1' })).toEqual({ charged: 'evt_1' });
+    }
+    expect(ran).toEqual(['charge', 'charge']);
+  });
+
+  it('calls fn with the `this` the wrapper was called with (a method wrapped in place)', async () => {
+    class Worker {
+      readonly db = { orders: 0 };
+      handle = idempotent(
+        async function (this: Worker, id: string): Promise<number> {
+          return ++this.db.orders;
+        },
+        { store: createMemoryStore(), key: (id) => id, name: 'handle' },
+      );
+    }
+    const worker = new Worker();
+    // Before: "Cannot read properties of undefined (reading 'db')".
+    expect(await worker.handle('m1')).toBe(1);
+    expect(await worker.handle('m1')).toBe(1);
+    expect(await worker.handle('m2')).toBe(2);
   });
 
   describe('a result that cannot be stored', () => {
