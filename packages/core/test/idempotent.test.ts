@@ -157,7 +157,7 @@ describe('idempotent(fn)', () => {
     class Worker {
       readonly db = { orders: 0 };
       handle = idempotent(
-        async function (this: Worker, id: string): Promise<number> {
+        async function (this: Worker, _id: string): Promise<number> {
           return ++this.db.orders;
         },
         { store: createMemoryStore(), key: (id) => id, name: 'handle' },
