@@ -28,6 +28,8 @@ export interface IdempotencyEngine<Req = IncomingRequest> {
 const PASS: Decision = Object.freeze({ kind: 'pass' });
 const WAIT_FIRST_MS = 25;
 const WAIT_MAX_MS = 500;
+/** A failing store is logged at most this often; each failure is still an event (`onEvent`). */
+const STORE_ERROR_LOG_EVERY_MS = 10_000;
 
 type KeyLookup = KeyParseResult | { readonly ok: 'none' };
 
@@ -42,6 +44,9 @@ class Engine<Req> implements IdempotencyEngine<Req> {
   readonly #missingKey: string;
   readonly renewals: RenewalClock;
   readonly call: StoreCall;
+  /** When a failed begin was last logged, and how many were not logged since. */
+  #storeErrorLoggedAt = -Infinity;
+  #storeErrorsUnlogged = 0;
 
   constructor(readonly options: ResolvedOptions<Req>) {
     this.#headerLower = options.header.toLowerCase();
@@ -130,6 +135,8 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     const o = this.options;
     const deadline = performance.now() + o.waitTimeoutMs;
     let delay = WAIT_FIRST_MS;
+    /** Seconds left on the running request's lease, once this call has seen one (waiting). */
+    let seenRunning: number | undefined;
     for (;;) {
       let result: BeginResult;
       let pending: Promise<BeginResult> | undefined;
@@ -140,9 +147,23 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         // A begin that timed out may still land (a client replays queued commands on reconnect):
         // give such a late claim back, or the key would answer 409 for a whole lease.
         if (error instanceof StoreTimeoutError && pending) void pending.then((late) => (late.kind === 'acquired' ? o.store.release(id, late.token) : false)).catch(() => false);
+        // This call saw the key running elsewhere: 'pass' must not run it a second time beside
+        // that request, so a store that fails while it waits answers 409, as not waiting would.
+        if (seenRunning !== undefined && o.onStoreError === 'pass') {
+          this.#storeFailure(key, 'begin', error);
+          return this.#conflict(key, seenRunning);
+        }
         return this.#storeFailure(key, 'begin', error);
       }
       if (result.kind === 'acquired') {
+        // The store answered after the whole lease had passed (it did not answer within leaseMs):
+        // another process may already have taken the key over, so running the handler could run
+        // it twice. Give the claim back.
+        if (performance.now() - beganAt >= o.leaseMs) {
+          const token = result.token;
+          void this.call('release', () => o.store.release(id, token)).catch(() => false);
+          return this.#storeFailure(key, 'begin', new StoreTimeoutError('begin', o.leaseMs));
+        }
         return o.transactional
           ? this.#runInTransaction(key, id, result.token, result.tookOver, beganAt)
           : this.#run(key, id, result.token, result.tookOver, beganAt);
@@ -164,17 +185,22 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         return { kind: 'replay', key, response: record.response };
       }
       // Still running elsewhere: wait (bounded, with backoff) or answer 409 at once.
+      seenRunning = result.leaseRemainingMs;
       if (o.concurrency === 'wait' && performance.now() + delay < deadline) {
         await sleep(Math.min(delay, Math.max(1, result.leaseRemainingMs)));
         delay = Math.min(delay * 2, WAIT_MAX_MS);
         continue;
       }
-      const seconds = retryAfterSeconds(result.leaseRemainingMs);
-      this.emit({ type: 'conflict', key, retryAfterSeconds: seconds });
-      return problem(
-        requestInProgress(seconds, 'A request with this key is still being processed. Retry after the time in Retry-After to get its result.'),
-      );
+      return this.#conflict(key, result.leaseRemainingMs);
     }
+  }
+
+  #conflict(key: string, leaseRemainingMs: number): Decision {
+    const seconds = retryAfterSeconds(leaseRemainingMs);
+    this.emit({ type: 'conflict', key, retryAfterSeconds: seconds });
+    return problem(
+      requestInProgress(seconds, 'A request with this key is still being processed. Retry after the time in Retry-After to get its result.'),
+    );
   }
 
   async #runInTransaction(key: string, id: string, token: LeaseToken, tookOver: boolean, beganAt: number): Promise<Decision> {
@@ -207,7 +233,17 @@ class Engine<Req> implements IdempotencyEngine<Req> {
 
   #storeFailure(key: string, operation: string, error: unknown): Decision {
     this.emit({ type: 'store-error', key, operation, error });
-    this.options.logger?.error(`[idemkit] Store ${operation} failed for key "${key}".`, error);
+    // One line with a stack per failed request flooded the log in an outage: one every 10 s,
+    // with the count of those not logged in between.
+    const now = performance.now();
+    if (now - this.#storeErrorLoggedAt < STORE_ERROR_LOG_EVERY_MS) this.#storeErrorsUnlogged++;
+    else {
+      const more = this.#storeErrorsUnlogged;
+      const since = more === 0 ? '' : ` (${more} more store failure${more === 1 ? '' : 's'} since the last one logged)`;
+      this.#storeErrorLoggedAt = now;
+      this.#storeErrorsUnlogged = 0;
+      this.options.logger?.error(`[idemkit] Store ${operation} failed for key "${key}"${since}; not logged again for ${STORE_ERROR_LOG_EVERY_MS / 1000} s.`, error);
+    }
     if (this.options.onStoreError === 'pass') return PASS;
     return problem(
       new StoreUnavailableError(

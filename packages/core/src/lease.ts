@@ -12,6 +12,8 @@ type MarkerReason = UnbufferedReason | 'transaction-ended';
 /** Backoff of a completion retried after a store failure: the first wait, and the longest. */
 const COMPLETE_RETRY_FIRST_MS = 100;
 const COMPLETE_RETRY_MAX_MS = 5_000;
+/** Timed-out renewals still unsettled, beyond which no other is sent (see `renewIfDue`). */
+const MAX_STUCK_RENEWALS = 2;
 
 /** What a lease needs from its engine; kept narrow so the lease cannot make decisions. */
 export interface LeaseHost {
@@ -101,8 +103,8 @@ export class RunningLease implements Lease {
   #abortedByHandler = false;
   /** The key was given up (deleted under this lease's token): nobody else holds it. */
   #keyFreed = false;
-  /** A renewal outlasted the store deadline and has not settled yet. */
-  #renewStuck = false;
+  /** Renewals that outlasted the store deadline and have not settled yet. */
+  #stuckRenewals = 0;
   /** When the lease runs out unless renewed, by this process's clock (a store refuses a holder after it). */
   #leaseEndsAt: number;
 
@@ -117,7 +119,9 @@ export class RunningLease implements Lease {
     beganAt: number,
   ) {
     this.context = Object.freeze({ key, tookOver, transaction: tx?.client });
-    this.#renewDueAt = performance.now() + host.renewals.everyMs;
+    // Due a third of a lease after `begin` was sent, not after it answered: a slow answer has
+    // already used part of the lease.
+    this.#renewDueAt = beganAt + host.renewals.everyMs;
     this.#leaseEndsAt = beganAt + host.options.leaseMs;
     host.renewals.add(this);
   }
@@ -234,14 +238,17 @@ export class RunningLease implements Lease {
     // Past its end the lease cannot be renewed (stores refuse a lapsed holder): the retried
     // completion is about to give up, and a renewal would only hold that off.
     if (this.#retrying !== null && now >= this.#leaseEndsAt) return;
+    // One renewal in flight at a time: on a slow store, ticks must not queue up renewals that
+    // would then delay the completion behind them. One that timed out may never settle (a dead
+    // connection with no socket timeout), so a second goes out when due, on another connection
+    // once the store is back; with two stuck, none until one settles. A renewal that cannot go
+    // now stays due, and goes at the first tick that can send it.
+    if (this.#renewing || this.#stuckRenewals >= MAX_STUCK_RENEWALS) return;
     this.#renewDueAt = now + this.host.renewals.everyMs;
     void this.#renew();
   }
 
   async #renew(): Promise<void> {
-    // One renewal in flight at a time: on a slow store, ticks must not queue up renewals that
-    // would then delay the completion behind them.
-    if (this.#renewing || this.#renewStuck) return;
     this.#renewing = true;
     const { store, leaseMs } = this.host.options;
     const sent = performance.now();
@@ -264,10 +271,11 @@ export class RunningLease implements Lease {
     } catch (error) {
       // Keep renewing: a brief store outage should not cost the lease if the store comes back.
       this.#storeError('renew', error);
-      // A renewal that timed out still holds its connection: send no other until it settles.
+      // A renewal that timed out still holds its connection until it settles: counted, so a
+      // store that hangs every call is not sent one more per tick.
       if (error instanceof StoreTimeoutError && pending) {
-        this.#renewStuck = true;
-        const unstuck = (): void => void (this.#renewStuck = false);
+        this.#stuckRenewals++;
+        const unstuck = (): void => void this.#stuckRenewals--;
         pending.then(unstuck, unstuck);
       }
     } finally {

@@ -354,6 +354,86 @@ describe('SPEC §2 through the engine', () => {
     expect(most).toBe(1);
   });
 
+  it('a renewal that hangs for good does not cost the lease: the next one goes out when due', async () => {
+    // A renewal sent on a connection that died (no socket timeout) never settles. Before, no other
+    // renewal went out until it did, and the key was taken over after one lease (seen on Postgres
+    // after a 1 s network blip).
+    const store = createMemoryStore();
+    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 300, storeTimeoutMs: 50 });
+    const renew = store.renew.bind(store);
+    let calls = 0;
+    store.renew = (...args) => (calls++ === 0 ? new Promise<never>(() => undefined) : renew(...args));
+    const lease = expectRun(await engine.decide(request({ key: 'stuck-renewal' })));
+    const other = createIdempotencyEngine({ store, logger: false, leaseMs: 300 });
+    for (let i = 0; i < 6; i++) {
+      await new Promise((r) => setTimeout(r, 200)); // 1.2 s in all: four leases
+      expectProblem(await other.decide(request({ key: 'stuck-renewal' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    }
+    expect(calls).toBeGreaterThanOrEqual(3);
+    expect(await lease.commit(response())).toBe(true);
+  });
+
+  it('with two renewals stuck, sends no third until one settles', async () => {
+    const store = createMemoryStore();
+    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 300, storeTimeoutMs: 20 });
+    let calls = 0;
+    store.renew = () => {
+      calls++;
+      return new Promise<never>(() => undefined);
+    };
+    const lease = expectRun(await engine.decide(request({ key: 'all-stuck' })));
+    await new Promise((r) => setTimeout(r, 900)); // nine renewal ticks, three renewals due
+    expect(calls).toBe(2);
+    await lease.abandon('handler-threw');
+  });
+
+  it('does not run the handler when begin answered only after the whole lease had passed', async () => {
+    const { store, engine, events } = setup({ leaseMs: 200 });
+    const begin = store.begin.bind(store);
+    let slow = true;
+    store.begin = async (...args) => {
+      const result = await begin(...args);
+      if (slow) await new Promise((r) => setTimeout(r, 300)); // the claim landed, its answer came late
+      return result;
+    };
+    // Before: 'run', with a lease another process could already have taken over.
+    expectProblem(await engine.decide(request({ key: 'late-begin' })), 503, 'ERR_IDEMKIT_STORE_UNAVAILABLE');
+    expect(events).toContainEqual(expect.objectContaining({ type: 'store-error', key: 'late-begin', operation: 'begin' }));
+    expect(events.some((e) => e.type === 'executed')).toBe(false);
+    slow = false;
+    // The claim was given back: the retry runs at once instead of getting 409.
+    await vi.waitFor(async () => expect((await store.get('-:late-begin'))).toBeUndefined(), { timeout: 2_000, interval: 10 });
+    expect((await engine.decide(request({ key: 'late-begin' }))).kind).toBe('run');
+  });
+
+  it("onStoreError 'pass' with concurrency 'wait': a store failing while a duplicate waits answers 409, never a second run", async () => {
+    const { store, engine, events } = setup({ leaseMs: 5_000, concurrency: 'wait', onStoreError: 'pass', waitTimeoutMs: 3_000 });
+    const first = expectRun(await engine.decide(request({ key: 'pass-wait' })));
+    const begin = store.begin.bind(store);
+    let calls = 0;
+    store.begin = (...args) => (calls++ === 0 ? begin(...args) : Promise.reject(new Error('store away')));
+    // Before: 'pass', so the handler ran beside the first request for the same key.
+    expectProblem(await engine.decide(request({ key: 'pass-wait' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    expect(events).toContainEqual(expect.objectContaining({ type: 'store-error', operation: 'begin' }));
+    // Without having seen it running, 'pass' still runs without idempotency.
+    expect((await engine.decide(request({ key: 'other-key' }))).kind).toBe('pass');
+    store.begin = begin;
+    expect(await first.commit(response())).toBe(true);
+  });
+
+  it('logs a failing store once per 10 s with a count, not once per request', async () => {
+    const error = vi.fn();
+    const store = createMemoryStore();
+    store.begin = () => Promise.reject(new Error('down'));
+    const events: IdempotencyEvent[] = [];
+    const engine = createIdempotencyEngine({ store, logger: { warn: () => undefined, error }, onEvent: (e) => events.push(e) });
+    for (let i = 0; i < 50; i++) expectProblem(await engine.decide(request({ key: `k${i}` })), 503, 'ERR_IDEMKIT_STORE_UNAVAILABLE');
+    // Before: 50 lines, each with a stack.
+    expect(error).toHaveBeenCalledTimes(1);
+    expect(error.mock.calls[0]?.[0]).toMatch(/Store begin failed for key "k0"; not logged again for 10 s/);
+    expect(events.filter((e) => e.type === 'store-error')).toHaveLength(50);
+  });
+
   it('reports a lost lease found by renewal', async () => {
     let now = 0;
     const store = createMemoryStore({ now: () => now });
