@@ -5,6 +5,15 @@ interface TableOptions {
   table?: string | undefined;
   /** Schema of the table; migrate() creates it when missing. @default 'public' */
   schema?: string | undefined;
+  /**
+   * How long the store's own statements (begin, complete, release, renew, get, purge) wait for
+   * their answer, in ms, as pg's per-query `query_timeout`: past it the statement rejects and its
+   * connection is discarded. A connection that died without a word (a network black hole) would
+   * otherwise hold every statement on it, and its pool slot, forever. Never applies to your
+   * queries, nor to the transaction a transactional handler gets.
+   * @default 10000
+   */
+  queryTimeoutMs?: number | undefined;
 }
 
 /** Use a pool you own: idemkit never ends it (`close()` leaves it open). */
@@ -27,7 +36,9 @@ export interface PostgresConnectionOptions extends TableOptions {
 /** `{ pool }` or `{ connectionString, poolOptions? }`, plus `table` and `schema`. */
 export type PostgresStoreOptions = PostgresPoolOptions | PostgresConnectionOptions;
 
-const KNOWN = new Set(['pool', 'connectionString', 'poolOptions', 'table', 'schema']);
+const KNOWN = new Set(['pool', 'connectionString', 'poolOptions', 'table', 'schema', 'queryTimeoutMs']);
+
+export const DEFAULT_QUERY_TIMEOUT_MS = 10_000;
 
 export const DEFAULT_TABLE = 'idempotency_keys';
 export const DEFAULT_SCHEMA = 'public';
@@ -62,5 +73,9 @@ export function checkOptions(options: PostgresStoreOptions): void {
   }
   if (hasUrl && (typeof options.connectionString !== 'string' || options.connectionString === '')) {
     throw new TypeError('[idemkit] [postgres] `connectionString` must be a non-empty string.');
+  }
+  const timeout = options.queryTimeoutMs;
+  if (timeout !== undefined && (!Number.isSafeInteger(timeout) || timeout <= 0 || timeout > 2_147_483_647)) {
+    throw new TypeError(`[idemkit] [postgres] \`queryTimeoutMs\` must be a positive integer of milliseconds, got ${String(timeout)}.`);
   }
 }

@@ -8,7 +8,7 @@ import type {
   TransactionalStore,
 } from '@idemkit/core';
 import pg, { type Pool, type PoolClient, type QueryResult } from 'pg';
-import { checkOptions, DEFAULT_SCHEMA, DEFAULT_TABLE, type PostgresStoreOptions } from './options.js';
+import { checkOptions, DEFAULT_QUERY_TIMEOUT_MS, DEFAULT_SCHEMA, DEFAULT_TABLE, type PostgresStoreOptions } from './options.js';
 import { checkMs, completeParams } from './params.js';
 import { BEGIN_TRANSACTION, buildQueries, type Queries } from './queries.js';
 import { escapeIdentifier, expiresIndexName, MIGRATE_LOCK_ID, tableDdl } from './schema.js';
@@ -50,6 +50,8 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
   readonly #schema: string;
   readonly #indexName: string;
   readonly #sql: Queries;
+  /** The per-statement read timeout, or undefined when the pool's own `query_timeout` applies. */
+  readonly #queryTimeoutMs: number | undefined;
   #closing: Promise<void> | undefined;
 
   /** Runs no SQL: call `migrate()` (or apply `sql/schema.sql`) before the first request. */
@@ -72,6 +74,9 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       // and queries in flight still reject with the driver error.
       this.pool.on('error', () => undefined);
     }
+    // A pool with a `query_timeout` of its own keeps it, unless the option says otherwise.
+    const poolTimeout = (this.pool as { options?: { query_timeout?: unknown } }).options?.query_timeout;
+    this.#queryTimeoutMs = options.queryTimeoutMs ?? (typeof poolTimeout === 'number' && poolTimeout > 0 ? undefined : DEFAULT_QUERY_TIMEOUT_MS);
   }
 
   /**
@@ -112,7 +117,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     const lease = checkMs('leaseMs', leaseMs);
     let rows: BeginRow[];
     try {
-      ({ rows } = await this.pool.query<BeginRow>(this.#sql.begin, [key, fingerprint, token, lease]));
+      ({ rows } = await this.#query<BeginRow>(this.#sql.begin, [key, fingerprint, token, lease]));
     } catch (error) {
       // The claim may have committed though its answer was lost (a `query_timeout`, a connection
       // cut after the commit): the caller was told the store failed, so the key must not stay
@@ -123,7 +128,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
         const message = `[idemkit] [postgres] Table ${this.table} does not exist: call \`await store.migrate()\` once at startup, or apply sql/schema.sql with your migration tool.`;
         throw Object.assign(new Error(message, { cause: error }), { code: UNDEFINED_TABLE });
       }
-      this.pool.query(this.#sql.release, [key, token]).catch(() => undefined);
+      this.#query(this.#sql.release, [key, token]).catch(() => undefined);
       throw error;
     }
     const row = rows[0];
@@ -133,22 +138,22 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
   }
 
   async complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
-    const result = await this.pool.query(this.#sql.complete, completeParams(key, token, response, ttlMs));
+    const result = await this.#query(this.#sql.complete, completeParams(key, token, response, ttlMs));
     return result.rowCount === 1;
   }
 
   async release(key: string, token: LeaseToken): Promise<boolean> {
-    const result = await this.pool.query(this.#sql.release, [key, token]);
+    const result = await this.#query(this.#sql.release, [key, token]);
     return result.rowCount === 1;
   }
 
   async renew(key: string, token: LeaseToken, leaseMs: number): Promise<boolean> {
-    const result = await this.pool.query(this.#sql.renew, [key, token, checkMs('leaseMs', leaseMs)]);
+    const result = await this.#query(this.#sql.renew, [key, token, checkMs('leaseMs', leaseMs)]);
     return result.rowCount === 1;
   }
 
   async get(key: string): Promise<IdempotencyRecord | undefined> {
-    const { rows } = await this.pool.query<RecordRow>(this.#sql.get, [key]);
+    const { rows } = await this.#query<RecordRow>(this.#sql.get, [key]);
     const row = rows[0];
     return row === undefined ? undefined : toRecord(key, row);
   }
@@ -158,7 +163,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     if (!Number.isSafeInteger(limit) || limit <= 0) {
       throw new RangeError(`[idemkit] [postgres] \`limit\` must be a positive integer, got ${String(limit)}.`);
     }
-    const result = await this.pool.query(this.#sql.purge, [limit]);
+    const result = await this.#query(this.#sql.purge, [limit]);
     return result.rowCount ?? 0;
   }
 
@@ -182,6 +187,15 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       throw new Error(`[idemkit] [postgres] BEGIN did not report a transaction id (got ${String(xid)}).`);
     }
     return new PgTransaction(client, this.pool, this.#sql.completeInTransaction, xid);
+  }
+
+  /** One of the store's statements, with its read timeout (see `queryTimeoutMs`). */
+  #query<Row extends object = object>(text: string, values: unknown[]): Promise<QueryResult<Row>> {
+    const query_timeout = this.#queryTimeoutMs;
+    if (query_timeout === undefined) return this.pool.query<Row>(text, values);
+    // pg reads `query_timeout` per query too (its types omit it). pool.query releases the client
+    // with the timeout error, which discards that connection.
+    return this.pool.query<Row>({ text, values, query_timeout } as pg.QueryConfig);
   }
 
   /** Ends the pool only if the store created it (from `connectionString`). Safe to call twice. */

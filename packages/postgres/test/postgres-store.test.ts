@@ -403,6 +403,56 @@ describe('store failures reject with the driver error', () => {
     }
   });
 
+  it('a connection that goes silent (a network black hole) is given up after queryTimeoutMs, so the store recovers and close() ends', async () => {
+    const target = new URL(db.url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 5432));
+    const through = new URL(db.url);
+    through.hostname = '127.0.0.1';
+    through.port = String(proxy.port);
+    const within = <T>(promise: Promise<T>, ms: number): Promise<T | 'still waiting'> =>
+      Promise.race([promise, new Promise<'still waiting'>((r) => setTimeout(() => r('still waiting'), ms).unref())]);
+    // No query_timeout on the pool: the store's own statements carry one.
+    const s = createPostgresStore({ connectionString: through.href, poolOptions: { max: 2 }, schema: db.schema, queryTimeoutMs: 500 });
+    try {
+      await s.get(key()); // one connection open, idle in the pool
+      const k = key();
+      proxy.holdAnswers(); // that connection's answers never come back; new connections pass
+      // Before: still waiting, for good, and so was every later statement on that connection.
+      expect(await within(s.begin(k, 'fp', 60_000).catch((e: unknown) => e), 3_000)).toMatchObject({ message: expect.stringMatching(/Query read timeout/) });
+      // The silent connection was discarded; the next statements run on a new one.
+      await vi.waitFor(async () => expect(await store.get(k)).toBeUndefined(), { timeout: 3_000, interval: 20 });
+      expect(await s.begin(key(), 'fp', 60_000)).toMatchObject({ kind: 'acquired' });
+    } finally {
+      // Before: close() waited on the silent connection for good.
+      expect(await within(s.close().then(() => 'closed'), 3_000)).toBe('closed');
+      await proxy.close();
+    }
+  });
+
+  it('queryTimeoutMs: refused when not a positive integer; a pool with its own query_timeout keeps it', async () => {
+    expect(() => createPostgresStore({ pool: db.pool, queryTimeoutMs: 0 })).toThrow(/`queryTimeoutMs` must be a positive integer/);
+    expect(() => createPostgresStore({ pool: db.pool, queryTimeoutMs: 1.5 })).toThrow(/`queryTimeoutMs`/);
+    const target = new URL(db.url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 5432));
+    const through = new URL(db.url);
+    through.hostname = '127.0.0.1';
+    through.port = String(proxy.port);
+    const pool = new pg.Pool({ connectionString: through.href, max: 1, query_timeout: 300 });
+    pool.on('error', () => undefined);
+    try {
+      const s = createPostgresStore({ pool, schema: db.schema });
+      await s.get(key());
+      proxy.holdAnswers();
+      const started = performance.now();
+      await expect(s.get(key())).rejects.toThrow(/Query read timeout/);
+      // The pool's 300 ms, not the store's 10 s default.
+      expect(performance.now() - started).toBeLessThan(5_000);
+    } finally {
+      await proxy.close();
+      await pool.end();
+    }
+  });
+
   it('an ended pool rejects every operation', async () => {
     const pool = new pg.Pool({ connectionString: db.url, max: 1 });
     const s = createPostgresStore({ pool, schema: db.schema });

@@ -75,7 +75,7 @@ export function bindings(): unknown[] {
 export function stores(client: Redis, pool: pg.Pool, db: Db): unknown[] {
   return [
     createRedisStore({ client, prefix: maybe('app:'), leaseGraceMs: maybe(1_000), claim: maybe('set' as const) }),
-    createPostgresStore({ pool, schema: maybe('app'), table: maybe('keys') }),
+    createPostgresStore({ pool, schema: maybe('app'), table: maybe('keys'), queryTimeoutMs: maybe(5_000) }),
     createPostgresStore({ connectionString: 'postgres://localhost/app', poolOptions: maybe({ max: 5 }) }),
     createMongoStore({ db, collectionName: maybe('keys'), clock: maybe('server' as const), clockRefreshMs: maybe(1_000), fencing: maybe('auto' as const), logger: maybe(false as const) }),
   ];
