@@ -33,6 +33,9 @@ const COMMANDS = {
 
 type Op = keyof typeof COMMANDS;
 
+/** The client created from `url` drops a connection that has not answered for this long, in ms. */
+const URL_CLIENT_SOCKET_TIMEOUT_MS = 5_000;
+
 /** When a lost claim's release is sent again after the first (see `giveBack`), in ms. */
 const GIVE_BACK_MS: readonly number[] = [250, 1_000, 3_000];
 /** Then, while the release keeps failing, how often. */
@@ -75,7 +78,9 @@ export interface RedisStore extends IdempotencyStore {
 export function createRedisStore(options: RedisStoreOptions): RedisStore {
   const { prefix, leaseGraceMs, claim } = resolveRedisStoreOptions(options);
   const owned = options.client === undefined;
-  const client: RedisClient = options.client ?? reportingErrors(new Redis(options.url as string));
+  // A socket timeout: on a connection that went silent (a network black hole) ioredis otherwise
+  // waits for its answers for good, and every command queued behind them with it.
+  const client: RedisClient = options.client ?? reportingErrors(new Redis(options.url as string, { socketTimeout: URL_CLIENT_SOCKET_TIMEOUT_MS }));
   const calls = defineCommands(client);
   const batch = writeBatcher(client);
   let closed = false;

@@ -427,6 +427,30 @@ describe('client ownership and failures', () => {
     }
   });
 
+  it('a store built from `url` drops a connection that went silent (5 s socket timeout) and carries on over a new one', async () => {
+    const target = new URL(url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 6379));
+    const s = createRedisStore({ url: `redis://127.0.0.1:${proxy.port}`, prefix });
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => undefined);
+    try {
+      const k = key('black-hole');
+      await s.get(k); // connected, scripts loaded
+      proxy.holdAnswers(); // that connection's answers never come back; new connections pass
+      const pending = s.begin(k, 'fp', 60_000);
+      // Before: pending for good, and every later command queued behind it. Now ioredis drops the
+      // silent socket after 5 s, reconnects, and re-sends the claim, which answers as the claim
+      // it already is (same token).
+      const answer = await Promise.race([pending, new Promise<'still waiting'>((r) => setTimeout(() => r('still waiting'), 9_000).unref())]);
+      expect(answer).toMatchObject({ kind: 'acquired' });
+      expect(await s.get(key('after'))).toBeUndefined();
+    } finally {
+      await s.close().catch(() => undefined);
+      s.client.disconnect();
+      await proxy.close();
+      warn.mockRestore();
+    }
+  }, 15_000);
+
   it('rejects with the driver error when the connection drops mid-operation', async () => {
     // No reconnect: ioredis fails the in-flight command instead of re-sending it.
     const client = new Redis(url, { retryStrategy: () => null });
