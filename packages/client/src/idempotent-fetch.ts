@@ -70,7 +70,11 @@ export class RetryExhaustedError extends Error {
   }
 }
 
-/** Thrown when the total deadline ends before any attempt produced a response. */
+/**
+ * Thrown when the total deadline ends before a response could be returned: while the request
+ * body is read, during an attempt, or during a wait between attempts (earlier attempts may have
+ * had answers, such as a 503).
+ */
 export class RetryDeadlineError extends Error {
   override readonly name = 'RetryDeadlineError';
   /** The key every attempt sent: ask again with it (`init.idempotencyKey`) to get the first one's answer, never a second run. */
@@ -214,7 +218,7 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
         }
 
         if (!willRetry) {
-          if (response) return response;
+          if (response) return kept(response, template, input);
           throw new RetryExhaustedError(`[idemkit] [client] No response to the last of ${attempt} attempt(s): ${describe(lastError)}`, key, attempt, { cause: lastError });
         }
         // Free the connection of the answer we are discarding.
@@ -340,6 +344,21 @@ async function discard(response: unknown): Promise<void> {
   }
 }
 
+/**
+ * The Requests a returned response's abort still travels through, by the response and its body
+ * (a caller may hold either while it reads). The caller's signal reaches the fetch's through the
+ * Request built from it (and a Request input's own signal), and Node links those signals weakly:
+ * once the Request was collected, an abort no longer stopped reading the body.
+ */
+const abortPaths = new WeakMap<object, readonly [Request, unknown]>();
+
+function kept(response: Response, template: Request, input: unknown): Response {
+  const path = [template, input] as const;
+  abortPaths.set(response, path);
+  if (response.body !== null) abortPaths.set(response.body, path);
+  return response;
+}
+
 /** `work`, or a rejection with the signal's reason as soon as it aborts. */
 function untilAborted<T>(work: T | Promise<T>, signal: AbortSignal): Promise<T> {
   return new Promise<T>((resolve, reject) => {
@@ -363,11 +382,31 @@ function untilAborted<T>(work: T | Promise<T>, signal: AbortSignal): Promise<T> 
 }
 
 /** The key to send: a non-empty string. The server would answer any other 400, which is not retried. */
+/** What the draft and idemkit's server take as a bare key: 1–255 printable ASCII characters. */
+const BARE_KEY = /^[\x20-\x7e]{1,255}$/;
+
+/**
+ * The key, refused before anything is sent when a server following the draft would answer 400
+ * (which is not retried). A key that starts with `"` is the draft's structured-field form, sent as
+ * it is for the server to parse.
+ */
 function checkedKey(given: unknown, header: string): string {
-  if (typeof given === 'string' && given.trim() !== '') return given;
-  throw new TypeError(
-    `[idemkit] [client] The idempotency key must be a non-empty string (from \`idempotencyKey\`, the ${header} header or \`generateKey\`); got ${describeKey(given)}.`,
-  );
+  const from = `(from \`idempotencyKey\`, the ${header} header or \`generateKey\`)`;
+  if (typeof given !== 'string' || given.trim() === '') {
+    throw new TypeError(`[idemkit] [client] The idempotency key must be a non-empty string ${from}; got ${describeKey(given)}.`);
+  }
+  if (given.startsWith('"')) return given;
+  const problem = !BARE_KEY.test(given)
+    ? given.length > 255
+      ? `is ${given.length} characters long; at most 255 are allowed`
+      : 'may hold printable ASCII characters only (no control or non-ASCII characters)'
+    : given.trim() !== given
+      ? 'starts or ends with a space, which the header would lose (the server would see another key)'
+      : given.includes(',')
+        ? 'holds a comma, which servers take for two joined headers (send it quoted, as a structured-field string: `"a,b"`)'
+        : undefined;
+  if (problem === undefined) return given;
+  throw new TypeError(`[idemkit] [client] The idempotency key ${from} ${problem}; got ${describeKey(given.length > 60 ? `${given.slice(0, 60)}…` : given)}.`);
 }
 
 function describeKey(value: unknown): string {

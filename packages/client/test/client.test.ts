@@ -1,3 +1,5 @@
+import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import nodeFetch from 'node-fetch';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { backoffDelay, createIdempotentFetch, parseRetryAfter, RetryDeadlineError, RetryExhaustedError, type AttemptInfo } from '../src/index.js';
@@ -107,7 +109,8 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
   });
 
   it.each([
-    ['400 (invalid key)', { idempotencyKey: 'k'.repeat(300) }, 400],
+    // A quoted key goes out as it is (the draft's form) and this one does not parse on the server.
+    ['400 (invalid key)', { idempotencyKey: '"unterminated' }, 400],
     ['422 (key reused with another body)', { idempotencyKey: 'reused' }, 422],
   ])('never retries %s', async (_, init, status) => {
     const s = await server();
@@ -568,5 +571,73 @@ describe('retry rules', () => {
     // A real key still goes through.
     expect((await plain(`${s.url}/orders`, { ...json({}), idempotencyKey: 'k-1' })).status).toBe(201);
     expect(s.runs.get('orders')).toBe(2);
+  });
+
+  it('refuses a key the server would answer 400 for, before sending anything', async () => {
+    const s = await server();
+    const plain = createIdempotentFetch(fast);
+    const refused: Array<[string, RegExp]> = [
+      ['k'.repeat(256), /is 256 characters long; at most 255/],
+      ['café-1', /printable ASCII/],
+      ['a\tb', /printable ASCII/],
+      ['заказ-1', /printable ASCII/],
+      ['order-1,retry', /holds a comma/],
+      ['  padded  ', /starts or ends with a space/],
+    ];
+    for (const [idempotencyKey, message] of refused) {
+      // Before: sent, and answered 400 key-invalid (or a Headers ByteString error for Cyrillic).
+      await expect(plain(`${s.url}/orders`, { ...json({}), idempotencyKey })).rejects.toThrow(message);
+    }
+    await expect(createIdempotentFetch({ ...fast, generateKey: () => 'x,y' })(`${s.url}/orders`, json({}))).rejects.toThrow(/holds a comma/);
+    expect(s.requests).toBe(0);
+    // The longest bare key, and a quoted key holding a comma (the draft's form), go through.
+    expect((await plain(`${s.url}/orders`, { ...json({}), idempotencyKey: 'k'.repeat(255) })).status).toBe(201);
+    expect((await plain(`${s.url}/orders`, { ...json({}), idempotencyKey: '"order-1,retry"' })).status).toBe(201);
+    expect(s.runs.get('orders')).toBe(2);
+  });
+});
+
+describe('an abort while the caller reads the body, after garbage collection', () => {
+  // In a child process with --expose-gc: the link from the caller's signal to the fetch went
+  // through a Request nothing else held, which Node links weakly.
+  const script = `
+    import { createServer } from 'node:http';
+    import { createIdempotentFetch } from './dist/index.js';
+    const server = createServer((req, res) => {
+      res.writeHead(201, { 'content-type': 'text/plain' });
+      res.write('first ');
+      const t = setInterval(() => res.write('more '), 50);
+      res.on('close', () => clearInterval(t));
+    });
+    await new Promise((r) => server.listen(0, '127.0.0.1', r));
+    const url = 'http://127.0.0.1:' + server.address().port + '/orders';
+    const fetchSafe = createIdempotentFetch();
+    const outcomes = [];
+    for (const form of ['init', 'request']) {
+      const controller = new AbortController();
+      const response = form === 'init'
+        ? await fetchSafe(url, { method: 'POST', body: 'b', signal: controller.signal })
+        : await fetchSafe(new Request(url, { method: 'POST', body: 'b', signal: controller.signal }));
+      const reader = response.body.getReader();
+      await reader.read();
+      for (let i = 0; i < 5; i++) { gc(); await new Promise((r) => setTimeout(r, 20)); }
+      controller.abort(new Error('user left'));
+      outcomes.push(await Promise.race([
+        (async () => { for (;;) if ((await reader.read()).done) return 'ended'; })().catch((e) => 'rejected: ' + e.message),
+        new Promise((r) => setTimeout(() => r('still reading'), 2000).unref()),
+      ]));
+      reader.cancel().catch(() => {});
+    }
+    console.log(JSON.stringify(outcomes));
+    server.closeAllConnections();
+    server.close();
+  `;
+
+  it('rejects the read with the abort reason, for a signal in init and on a Request', () => {
+    const cwd = fileURLToPath(new URL('..', import.meta.url));
+    const run = spawnSync(process.execPath, ['--expose-gc', '--input-type=module', '-e', script], { cwd, encoding: 'utf8', timeout: 30_000 });
+    expect(run.stderr).toBe('');
+    // Before: ["still reading","still reading"].
+    expect(JSON.parse(run.stdout)).toEqual(['rejected: user left', 'rejected: user left']);
   });
 });
