@@ -34,6 +34,13 @@ export interface IdempotentFetchOptions {
   maxDelayMs?: number | undefined;
   /** Total time for all attempts and waits, in ms. @default 30_000 */
   deadlineMs?: number | undefined;
+  /**
+   * Longest wait for one attempt's response (its status and headers), in ms; past it the attempt
+   * is abandoned and retried with the same key, so a connection that went silent costs one
+   * attempt, not the whole deadline. Unset, an attempt may take the whole deadline.
+   * @default undefined
+   */
+  attemptTimeoutMs?: number | undefined;
   /** Statuses that are retried. @default 408, 409, 425, 429 and 5xx (never 400 or 422) */
   retryOn?: ((status: number) => boolean) | undefined;
   /** Called after every attempt. */
@@ -91,7 +98,7 @@ const MAX_TIMER_MS = 2_147_483_647;
 
 /** Every option name, so a misspelt one can be reported. */
 const OPTION_NAMES: ReadonlySet<string> = new Set<keyof IdempotentFetchOptions>([
-  'fetch', 'header', 'generateKey', 'methods', 'maxAttempts', 'baseDelayMs', 'maxDelayMs', 'deadlineMs', 'retryOn', 'onAttempt', 'random',
+  'fetch', 'header', 'generateKey', 'methods', 'maxAttempts', 'baseDelayMs', 'maxDelayMs', 'deadlineMs', 'attemptTimeoutMs', 'retryOn', 'onAttempt', 'random',
 ]);
 
 /**
@@ -123,6 +130,10 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     if (!Number.isFinite(value) || value < 0) throw new TypeError(`[idemkit] [client] \`${name}\` must be a non-negative number.`);
     // Timers hold at most 2^31 - 1 ms; a longer deadline would fire at once.
     if (value > MAX_TIMER_MS) throw new TypeError(`[idemkit] [client] \`${name}\` must be at most ${MAX_TIMER_MS} ms.`);
+  }
+  const attemptTimeoutMs = options.attemptTimeoutMs ?? undefined;
+  if (attemptTimeoutMs !== undefined && !(Number.isFinite(attemptTimeoutMs) && attemptTimeoutMs > 0 && attemptTimeoutMs <= MAX_TIMER_MS)) {
+    throw new TypeError(`[idemkit] [client] \`attemptTimeoutMs\` must be a positive number of ms, at most ${MAX_TIMER_MS}.`);
   }
 
   return async function idempotentFetch(input, init) {
@@ -196,12 +207,20 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
         let response: Response | undefined;
         // Aborted since the last attempt (the deadline, during a slow onAttempt): no new request.
         if (signal.aborted) throw failure(signal.reason, attempt - 1);
+        // This attempt's own time limit (attemptTimeoutMs): it ends the wait for a response, never
+        // a body the caller reads after it came (the timer is cleared first).
+        const attemptLimit = attemptTimeoutMs === undefined ? undefined : new AbortController();
+        const attemptTimer =
+          attemptLimit && setTimeout(() => attemptLimit.abort(new DOMException(`No response to this attempt within ${attemptTimeoutMs} ms.`, 'TimeoutError')), attemptTimeoutMs);
+        const attemptSignal = attemptLimit ? AbortSignal.any([signal, attemptLimit.signal]) : signal;
         try {
           // Raced with the signal: a fetch that ignores it (a wrapper) must not outlast an abort or the deadline.
-          response = await untilAborted(baseFetch(template.url, { ...requestOptions, ...requestInit, method: template.method, headers, body, signal }), signal);
+          response = await untilAborted(baseFetch(template.url, { ...requestOptions, ...requestInit, method: template.method, headers, body, signal: attemptSignal }), attemptSignal);
         } catch (error) {
           if (userSignal.aborted || deadline.signal.aborted) throw failure(error, attempt);
           lastError = error;
+        } finally {
+          clearTimeout(attemptTimer);
         }
 
         const retryAfter = response ? parseRetryAfter(response.headers.get('retry-after')) : undefined;

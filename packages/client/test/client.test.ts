@@ -233,6 +233,29 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     expect(s.runs.get('orders')).toBe(1);
   });
 
+  it('attemptTimeoutMs: an attempt with no response in time is retried with the same key, and the run it started is replayed', async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const fetchSafe = createIdempotentFetch({ ...fast, maxDelayMs: 200, maxAttempts: 20, attemptTimeoutMs: 200, deadlineMs: 10_000, onAttempt });
+    // The handler is held: the first attempt gets no response within 200 ms, the retries get 409
+    // (still running) until it goes on.
+    setTimeout(() => s.open(), 600).unref();
+    const res = await fetchSafe(`${s.url}/orders?hold=1`, { ...json({}), idempotencyKey: 'attempt-timeout-1' });
+    // Before (no per-attempt limit): the one attempt waited, and a silent connection took the whole deadline.
+    expect(attempts[0]).toMatchObject({ attempt: 1, willRetry: true, error: expect.objectContaining({ name: 'TimeoutError' }) });
+    expect(res.status).toBe(201);
+    expect(res.headers.get('idempotent-replayed')).toBe('true');
+    expect(s.runs.get('orders')).toBe(1);
+    expect(() => createIdempotentFetch({ attemptTimeoutMs: 0 })).toThrow(/`attemptTimeoutMs` must be a positive number/);
+  });
+
+  it('attemptTimeoutMs never cuts a body the caller reads after the response came', async () => {
+    const s = await server();
+    const res = await createIdempotentFetch({ ...fast, attemptTimeoutMs: 100 })(`${s.url}/slow-body`, json({}));
+    setTimeout(() => s.open(), 400).unref(); // the rest of the body comes well after 100 ms
+    expect(await res.text()).toMatch(/./);
+  });
+
   it('every answer lost: RetryExhaustedError names the key, and asking again with it replays the one run', async () => {
     const s = await server();
     const proxy = await startLossyProxy(s.url, 100);

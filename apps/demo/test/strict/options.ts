@@ -91,6 +91,7 @@ export function client(): Promise<Response> {
     baseDelayMs: maybe(100),
     maxDelayMs: maybe(1_000),
     deadlineMs: maybe(5_000),
+    attemptTimeoutMs: maybe(1_000),
     retryOn: maybe(() => true),
     onAttempt: maybe(() => undefined),
     random: maybe(Math.random),
