@@ -24,6 +24,16 @@ afterAll(async () => {
 });
 
 const key = (): string => `k:${randomUUID()}`;
+
+/** A TCP hop in front of the test database that can lose answers, and its URL (`through`). */
+async function proxied(url: string) {
+  const target = new URL(url);
+  const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 5432));
+  const through = new URL(url);
+  through.hostname = '127.0.0.1';
+  through.port = String(proxy.port);
+  return { proxy, through };
+}
 const response = { status: 201, headers: [['content-type', 'application/json']] as const, body: bytes('{"ok":true}') };
 
 /** A pool whose clients count the statements they send (through the real driver, not a mock). */
@@ -379,11 +389,7 @@ describe('store failures reject with the driver error', () => {
   });
 
   it('a claim whose answer was lost (query_timeout) is given back: the caller saw a failure, so the key is free', async () => {
-    const target = new URL(db.url);
-    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 5432));
-    const through = new URL(db.url);
-    through.hostname = '127.0.0.1';
-    through.port = String(proxy.port);
+    const { proxy, through } = await proxied(db.url);
     // 1 s: the give-back's own DELETE runs under the same timeout, and must not hit it.
     const pool = new pg.Pool({ connectionString: through.href, max: 2, query_timeout: 1_000 });
     pool.on('error', () => undefined);
@@ -404,11 +410,7 @@ describe('store failures reject with the driver error', () => {
   });
 
   it('a connection that goes silent (a network black hole) is given up after queryTimeoutMs, so the store recovers and close() ends', async () => {
-    const target = new URL(db.url);
-    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 5432));
-    const through = new URL(db.url);
-    through.hostname = '127.0.0.1';
-    through.port = String(proxy.port);
+    const { proxy, through } = await proxied(db.url);
     const within = <T>(promise: Promise<T>, ms: number): Promise<T | 'still waiting'> =>
       Promise.race([promise, new Promise<'still waiting'>((r) => setTimeout(() => r('still waiting'), ms).unref())]);
     // No query_timeout on the pool: the store's own statements carry one.
@@ -432,11 +434,7 @@ describe('store failures reject with the driver error', () => {
   it('queryTimeoutMs: refused when not a positive integer; a pool with its own query_timeout keeps it', async () => {
     expect(() => createPostgresStore({ pool: db.pool, queryTimeoutMs: 0 })).toThrow(/`queryTimeoutMs` must be a positive integer/);
     expect(() => createPostgresStore({ pool: db.pool, queryTimeoutMs: 1.5 })).toThrow(/`queryTimeoutMs`/);
-    const target = new URL(db.url);
-    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 5432));
-    const through = new URL(db.url);
-    through.hostname = '127.0.0.1';
-    through.port = String(proxy.port);
+    const { proxy, through } = await proxied(db.url);
     const pool = new pg.Pool({ connectionString: through.href, max: 1, query_timeout: 300 });
     pool.on('error', () => undefined);
     try {
