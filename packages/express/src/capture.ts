@@ -1,4 +1,4 @@
-import { responseHeaders, snapshotHeaders, toStoredHeaders, whenSocketCloses, type Lease } from '@idemkit/core';
+import { responseHeaders, snapshotHeaders, toStoredHeaders, whenSocketCloses, type Lease, type StoredResponse } from '@idemkit/core';
 import { STATUS_CODES, type OutgoingHttpHeader, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 
@@ -157,12 +157,41 @@ export function captureResponse(
 
   // Our own write and end (set below): one that differs when the answer streams was wrapped later.
   let ours: Pick<ServerResponse, 'write' | 'end'> = res;
+  /**
+   * Transactional mode: a streamed answer commits its transaction (with the "not replayable"
+   * marker) when it starts, and nothing of it may go out before that commit has settled: should
+   * it roll back, the client must get the 503 (or, past a written head, a cut connection), never
+   * a whole 2xx for writes that never happened. Writes, flushHeaders and end() wait here.
+   */
+  let held: Array<{ run: () => void; callback?: Callback | undefined }> | undefined;
+  /** The rolled-back stream was answered with its replacement (or cut): later writes go nowhere. */
+  let replaced = false;
+  const releaseHeld = (): void => {
+    const ops = held ?? [];
+    held = undefined;
+    // Node's first write or end() writes the head through writeHead, which end() (held) blocks.
+    delivering = true;
+    const replacement = lease.replacement;
+    if (replacement === null) {
+      for (const op of ops) op.run();
+      return;
+    }
+    replaced = true;
+    // Their bytes never go out: each write's and end's callback learns so.
+    for (const { callback } of ops) if (callback) process.nextTick(callback, rolledBack());
+    if (res.headersSent) res.destroy();
+    else sendReplacement(res, replacement, originalEnd);
+  };
   const startStreaming = (): void => {
     if (mode !== 'buffering') return;
     mode = 'streaming';
     answered();
     settling = lease.commitUnbuffered(res.statusCode, 'not-bufferable');
     onStreaming?.(res, res.write !== ours.write || res.end !== ours.end);
+    if (transactional) {
+      held = [];
+      void settling.then(releaseHeld, releaseHeld);
+    }
   };
 
   res.writeHead = function writeHead(this: ServerResponse, statusCode: number, ...rest: unknown[]): ServerResponse {
@@ -182,7 +211,9 @@ export function captureResponse(
   res.flushHeaders = function flushHeaders(this: ServerResponse): void {
     if (mode === 'ending' && !delivering) return;
     startStreaming();
-    originalFlushHeaders.call(this);
+    if (replaced) return;
+    if (held) held.push({ run: () => originalFlushHeaders.call(this) });
+    else originalFlushHeaders.call(this);
   };
 
   res.write = function write(this: ServerResponse, ...args: unknown[]): boolean {
@@ -194,6 +225,17 @@ export function captureResponse(
       return false;
     }
     startStreaming();
+    if (held || replaced) {
+      const callback = args.findLast((a) => typeof a === 'function') as Callback | undefined;
+      if (replaced) {
+        if (callback) process.nextTick(callback, rolledBack());
+        return false;
+      }
+      // Accepted as written (a pipe waits for 'drain' on false, which only a real write brings);
+      // held for the one round trip the commit takes.
+      held?.push({ run: () => void Reflect.apply(originalWrite, this, args), callback });
+      return true;
+    }
     return Reflect.apply(originalWrite, this, args) as boolean;
   } as ServerResponse['write'];
 
@@ -203,6 +245,14 @@ export function captureResponse(
     const finish = (): void => void Reflect.apply(originalEnd, this, args);
     if (mode === 'streaming') {
       mode = 'ending';
+      if (replaced || held) {
+        const { callback } = parseEndArgs(args);
+        // After the held writes; a rolled-back stream was answered already, and this end's
+        // callback learns that its answer did not go out.
+        if (held) held.push({ run: finish, callback });
+        else if (callback) process.nextTick(callback, rolledBack());
+        return this;
+      }
       void settling.then(finish, finish);
       return this;
     }
@@ -238,13 +288,7 @@ export function captureResponse(
         return;
       }
       if (replacement) {
-        for (const name of this.getHeaderNames()) this.removeHeader(name);
-        this.statusCode = replacement.status;
-        // Not the handler's reason phrase (e.g. "Created") on the replacement's status.
-        this.statusMessage = STATUS_CODES[replacement.status] ?? 'unknown';
-        for (const [name, value] of responseHeaders(replacement)) this.setHeader(name, value);
-        const bytes = Buffer.from(replacement.body.buffer, replacement.body.byteOffset, replacement.body.byteLength);
-        Reflect.apply(originalEnd, this, callback ? [bytes, callback] : [bytes]);
+        sendReplacement(this, replacement, originalEnd, callback);
         return;
       }
       const endArgs: unknown[] = body.byteLength > 0 ? [body] : [];
@@ -256,4 +300,20 @@ export function captureResponse(
     return this;
   } as ServerResponse['end'];
   ours = { write: res.write, end: res.end };
+}
+
+/** A rolled-back transactional answer's stand-in (the 503), instead of the handler's own answer. */
+function sendReplacement(res: ServerResponse, replacement: StoredResponse, end: ServerResponse['end'], callback?: Callback): void {
+  for (const name of res.getHeaderNames()) res.removeHeader(name);
+  res.statusCode = replacement.status;
+  // Not the handler's reason phrase (e.g. "Created") on the replacement's status.
+  res.statusMessage = STATUS_CODES[replacement.status] ?? 'unknown';
+  for (const [name, value] of responseHeaders(replacement)) res.setHeader(name, value);
+  const bytes = Buffer.from(replacement.body.buffer, replacement.body.byteOffset, replacement.body.byteLength);
+  Reflect.apply(end, res, callback ? [bytes, callback] : [bytes]);
+}
+
+/** What a write or end of a rolled-back streamed answer tells its callback. */
+function rolledBack(): Error {
+  return Object.assign(new Error('The response was replaced: its transaction rolled back.'), { code: 'ERR_STREAM_DESTROYED' });
 }

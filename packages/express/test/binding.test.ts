@@ -523,6 +523,69 @@ describe('express binding: transactional mode', () => {
     await expect(post(`${url}/tx`, randomUUID())).rejects.toThrow();
   });
 
+  it('a rolled-back answer the handler streamed (res.write) is replaced by the 503: nothing of it went out before the commit', async () => {
+    const app = failingCommitApp();
+    let told: unknown;
+    app.post('/tx', (_req, res) => {
+      res.status(201).type('text/plain');
+      res.write('part1;');
+      res.write('part2;', (error?: Error | null) => void (told = error));
+      res.end('part3');
+    });
+    const url = await serve(app);
+    // Before: 201 "part1;part2;part3", a whole answer for writes that were rolled back.
+    const reply = await post(`${url}/tx`, randomUUID());
+    expect(reply.status).toBe(503);
+    expect(reply.headers.get('content-type')).toBe('application/problem+json');
+    expect(new TextDecoder().decode(reply.body)).toContain('rolled back');
+    await vi.waitFor(() => expect(told).toMatchObject({ code: 'ERR_STREAM_DESTROYED' }));
+  });
+
+  it('a rolled-back streamed answer whose head was written with res.writeHead cuts the connection', async () => {
+    const app = failingCommitApp();
+    app.post('/tx', (_req, res) => {
+      res.writeHead(201, { 'content-type': 'text/plain' });
+      res.write('part1;');
+      res.end('part2');
+    });
+    const url = await serve(app);
+    await expect(post(`${url}/tx`, randomUUID())).rejects.toThrow();
+  });
+
+  it('a streamed answer whose transaction commits goes out whole, after the commit, and retries get 410', async () => {
+    const memory = createMemoryStore();
+    let committed = false;
+    const store: TransactionalStore<null> = Object.assign(memory, {
+      async beginTransaction(): Promise<StoreTransaction<null>> {
+        return {
+          client: null,
+          complete: async (...args: Parameters<StoreTransaction['complete']>) => {
+            await new Promise((r) => setTimeout(r, 50)); // a COMMIT's round trip
+            committed = await memory.complete(...args);
+            return committed;
+          },
+          rollback: async () => undefined,
+        };
+      },
+    });
+    const app = express();
+    const seenBeforeCommit: boolean[] = [];
+    app.use(idempotency({ store, transactional: true, logger: false }));
+    app.post('/tx', (_req, res) => {
+      res.status(201).type('text/plain');
+      res.write('part1;');
+      res.once('finish', () => seenBeforeCommit.push(committed));
+      res.end('part2');
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    const reply = await post(`${url}/tx`, key);
+    expect(reply.status).toBe(201);
+    expect(new TextDecoder().decode(reply.body)).toBe('part1;part2');
+    expect(seenBeforeCommit).toEqual([true]);
+    expect((await post(`${url}/tx`, key)).status).toBe(410);
+  });
+
   it('the end() callback of such a cut answer gets the error, so a handler awaiting it is not left hanging', async () => {
     const app = failingCommitApp();
     let told: unknown;
