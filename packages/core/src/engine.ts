@@ -150,11 +150,12 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         // This call saw the key running elsewhere: 'pass' must not run it a second time beside
         // that request, so a store that fails while it waits answers 409, as not waiting would.
         if (seenRunning !== undefined && o.onStoreError === 'pass') {
-          this.#storeFailure(key, 'begin', error);
+          this.#storeFailure(key, 'begin', error, false);
           return this.#conflict(key, seenRunning);
         }
         return this.#storeFailure(key, 'begin', error);
       }
+      if (this.#storeErrorsUnlogged !== 0) this.#storeAnswersAgain();
       if (result.kind === 'acquired') {
         // The store answered after the whole lease had passed (it did not answer within leaseMs):
         // another process may already have taken the key over, so running the handler could run
@@ -162,7 +163,10 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         if (performance.now() - beganAt >= o.leaseMs) {
           const token = result.token;
           void this.call('release', () => o.store.release(id, token)).catch(() => false);
-          return this.#storeFailure(key, 'begin', new StoreTimeoutError('begin', o.leaseMs));
+          // Never 'pass' here: the key was just given back, so a run now could be run again by a
+          // retry (or beside the request that took the key over).
+          const failed = this.#storeFailure(key, 'begin', new StoreTimeoutError('begin', o.leaseMs), false);
+          return seenRunning === undefined ? failed : this.#conflict(key, seenRunning);
         }
         return o.transactional
           ? this.#runInTransaction(key, id, result.token, result.tookOver, beganAt)
@@ -193,6 +197,19 @@ class Engine<Req> implements IdempotencyEngine<Req> {
       }
       return this.#conflict(key, result.leaseRemainingMs);
     }
+  }
+
+  /**
+   * The store answers again: say how many failures the throttle kept out of the log, once the
+   * 10 s since the last line have passed (a flapping store must not log every other request).
+   */
+  #storeAnswersAgain(): void {
+    const now = performance.now();
+    if (now - this.#storeErrorLoggedAt < STORE_ERROR_LOG_EVERY_MS) return;
+    const more = this.#storeErrorsUnlogged;
+    this.#storeErrorsUnlogged = 0;
+    this.#storeErrorLoggedAt = now;
+    this.options.logger?.warn(`[idemkit] The store answers again; ${more} more store failure${more === 1 ? ' was' : 's were'} not logged (see the store-error events).`);
   }
 
   #conflict(key: string, leaseRemainingMs: number): Decision {
@@ -231,7 +248,8 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     return { kind: 'run', lease: new RunningLease(this, key, id, token, tookOver, tx, beganAt) };
   }
 
-  #storeFailure(key: string, operation: string, error: unknown): Decision {
+  /** A store call failed: the event, the (throttled) log, and the 503, or PASS when `canPass` and 'pass'. */
+  #storeFailure(key: string, operation: string, error: unknown, canPass = true): Decision {
     this.emit({ type: 'store-error', key, operation, error });
     // One line with a stack per failed request flooded the log in an outage: one every 10 s,
     // with the count of those not logged in between.
@@ -242,9 +260,10 @@ class Engine<Req> implements IdempotencyEngine<Req> {
       const since = more === 0 ? '' : ` (${more} more store failure${more === 1 ? '' : 's'} since the last one logged)`;
       this.#storeErrorLoggedAt = now;
       this.#storeErrorsUnlogged = 0;
-      this.options.logger?.error(`[idemkit] Store ${operation} failed for key "${key}"${since}; not logged again for ${STORE_ERROR_LOG_EVERY_MS / 1000} s.`, error);
+      const passing = this.options.onStoreError === 'pass' ? ' (onStoreError: \'pass\': such requests run without idempotency; every key is in its store-error event)' : '';
+      this.options.logger?.error(`[idemkit] Store ${operation} failed for key "${key}"${since}; not logged again for ${STORE_ERROR_LOG_EVERY_MS / 1000} s${passing}.`, error);
     }
-    if (this.options.onStoreError === 'pass') return PASS;
+    if (canPass && this.options.onStoreError === 'pass') return PASS;
     return problem(
       new StoreUnavailableError(
         'ERR_IDEMKIT_STORE_UNAVAILABLE',

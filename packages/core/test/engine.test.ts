@@ -434,6 +434,66 @@ describe('SPEC §2 through the engine', () => {
     expect(events.filter((e) => e.type === 'store-error')).toHaveLength(50);
   });
 
+  it('once the store answers again (10 s after the last line), says how many failures were not logged', async () => {
+    vi.useFakeTimers({ toFake: ['performance'] });
+    try {
+      const error = vi.fn();
+      const warn = vi.fn();
+      const store = createMemoryStore();
+      const begin = store.begin.bind(store);
+      let down = true;
+      store.begin = (...args) => (down ? Promise.reject(new Error('down')) : begin(...args));
+      const engine = createIdempotencyEngine({ store, logger: { warn, error }, onStoreError: 'pass' });
+      for (let i = 0; i < 5; i++) expect((await engine.decide(request({ key: `pay-${i}` }))).kind).toBe('pass');
+      expect(error).toHaveBeenCalledTimes(1);
+      expect(error.mock.calls[0]?.[0]).toMatch(/onStoreError: 'pass': such requests run without idempotency/);
+      down = false;
+      expect((await engine.decide(request({ key: 'ok-1' }))).kind).toBe('run');
+      expect(warn).not.toHaveBeenCalled(); // within the 10 s: not yet
+      vi.advanceTimersByTime(10_000);
+      expect((await engine.decide(request({ key: 'ok-2' }))).kind).toBe('run');
+      // Before, the 4 failures after the first were never mentioned.
+      expect(warn).toHaveBeenCalledTimes(1);
+      expect(warn.mock.calls[0]?.[0]).toMatch(/The store answers again; 4 more store failures were not logged/);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it("a begin slower than the lease with onStoreError 'pass' is still a 503: its claim was given back, so a run could be repeated", async () => {
+    const { store, engine } = setup({ leaseMs: 200, onStoreError: 'pass' });
+    const begin = store.begin.bind(store);
+    let slow = true;
+    store.begin = async (...args) => {
+      const result = await begin(...args);
+      if (slow) await new Promise((r) => setTimeout(r, 300));
+      return result;
+    };
+    // Before this fix's fix: 'pass' (run without idempotency) after the key was freed, so the retry ran it again.
+    expectProblem(await engine.decide(request({ key: 'late-pass' })), 503, 'ERR_IDEMKIT_STORE_UNAVAILABLE');
+    slow = false;
+    await vi.waitFor(async () => expect(await store.get('-:late-pass')).toBeUndefined(), { timeout: 2_000, interval: 10 });
+  });
+
+  it('the first renewal is due a third of a lease after begin was sent, not after its (late) answer', async () => {
+    // The claim lands at once, its answer comes 900 ms into a 1 200 ms lease: a renewal due 400 ms
+    // after the answer (1 300 ms) would come after the lease had ended.
+    const { store, engine, events } = setup({ leaseMs: 1_200 });
+    const begin = store.begin.bind(store);
+    let slow = true;
+    store.begin = async (...args) => {
+      const result = await begin(...args);
+      if (slow) await new Promise((r) => setTimeout(r, 900));
+      return result;
+    };
+    const lease = expectRun(await engine.decide(request({ key: 'late-answer' })));
+    slow = false;
+    await new Promise((r) => setTimeout(r, 600)); // past the end of the lease as first granted
+    expectProblem(await engine.decide(request({ key: 'late-answer' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    expect(events.some((e) => e.type === 'lease-lost')).toBe(false);
+    expect(await lease.commit(response())).toBe(true);
+  });
+
   it('reports a lost lease found by renewal', async () => {
     let now = 0;
     const store = createMemoryStore({ now: () => now });
