@@ -22,8 +22,7 @@ function isSkipped(value: unknown): boolean {
  */
 function prepare(value: unknown): unknown {
   if (ArrayBuffer.isView(value) || value instanceof ArrayBuffer) return `bytes:sha256:${createHash('sha256').update(bytesOf(value)).digest('base64url')}`;
-  if (value instanceof Map) return new Tagged('Map', value, [...value]);
-  if (value instanceof Set) return new Tagged('Set', value, [...value]);
+  if (value instanceof Map || value instanceof Set) return tagged(value);
   if (value !== null && typeof value === 'object' && typeof (value as { toJSON?: unknown }).toJSON === 'function') {
     return (value as { toJSON(): unknown }).toJSON();
   }
@@ -41,6 +40,25 @@ class Tagged {
     readonly source: object,
     readonly items: unknown[],
   ) {}
+}
+
+/** Maps and Sets being written (for their sort), to refuse one that contains itself. */
+const writing = new WeakSet<object>();
+
+/**
+ * A Map's entries sorted by key, a Set's values sorted, each by its canonical text: like an
+ * object's keys, their order of insertion does not count.
+ */
+function tagged(value: Map<unknown, unknown> | Set<unknown>): Tagged {
+  if (writing.has(value)) throw new TypeError('[idemkit] Cannot fingerprint a body that contains itself.');
+  writing.add(value);
+  try {
+    const items = value instanceof Map ? [...value].map((entry) => [canonicalJson(entry[0]), entry] as const) : [...value].map((item) => [canonicalJson(item), item] as const);
+    items.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+    return new Tagged(value instanceof Map ? 'Map' : 'Set', value, items.map((item) => item[1]));
+  } finally {
+    writing.delete(value);
+  }
 }
 
 /** The bytes of any binary value (a typed array of any width, a DataView, an ArrayBuffer). */

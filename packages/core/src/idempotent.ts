@@ -69,7 +69,8 @@ function defaultDeserialize<R>(bytes: Uint8Array): R {
  * the key is released and the error is rethrown, so a retry runs again. Every caller, the first
  * included, gets the result as `deserialize(serialize(result))`, so all of them see the same value.
  */
-export function idempotent<This, Args extends unknown[], R>(
+// `This` last, so code that names <Args, R> explicitly, as before it was added, still compiles.
+export function idempotent<Args extends unknown[], R, This = unknown>(
   fn: (this: This, ...args: Args) => R | Promise<R>,
   options: IdempotentOptions<Args, R>,
 ): (this: This, ...args: Args) => Promise<Awaited<R>> {

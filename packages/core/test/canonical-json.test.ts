@@ -61,6 +61,12 @@ describe('canonical JSON', () => {
     expect(() => canonicalJson(loop)).toThrow(/contains itself/);
     const shared = new Set([1]);
     expect(canonicalJson([shared, shared])).toBe('[Set[1],Set[1]]');
+    // Like an object's keys, the order they were built in does not count.
+    expect(canonicalJson(new Set(['b', 'a', 3]))).toBe(canonicalJson(new Set([3, 'a', 'b'])));
+    expect(canonicalJson(new Map([['b', 2], ['a', 1]]))).toBe('Map[["a",1],["b",2]]');
+    const inner = new Set<unknown>();
+    inner.add(inner);
+    expect(() => canonicalJson(new Map([[inner, 1]]))).toThrow(/contains itself/);
   });
 
   it('handles a body nested 200 000 levels deep without recursion', () => {

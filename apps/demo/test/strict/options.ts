@@ -49,6 +49,8 @@ export function jobs(): unknown[] {
   return [
     createMemoryStore({ maxEntries: maybe(100), now: maybe(Date.now) }),
     startPurger(store, { intervalMs: maybe(1_000), batchSize: maybe(100), onError: maybe(() => undefined) }),
+    // Type arguments named explicitly, as code written before `this` was passed through names them.
+    idempotent<[string], string>(charge, { store, key: (id) => id }),
     idempotent(charge, {
       store,
       key: (id) => id,
