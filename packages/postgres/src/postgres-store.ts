@@ -39,6 +39,14 @@ interface BeginRow extends RecordRow {
  */
 /** SQLSTATE 42P01: the table does not exist. */
 const UNDEFINED_TABLE = '42P01';
+/** When a lost claim's release is sent again after the first (see `#releaseLostClaim`), in ms; then every GIVE_BACK_EVERY_MS. */
+const GIVE_BACK_MS: readonly number[] = [250, 1_000, 3_000];
+const GIVE_BACK_EVERY_MS = 5_000;
+
+/** pg's `query_timeout` rejection: the statement was sent and may still run on the server. */
+function isReadTimeout(error: unknown): boolean {
+  return error instanceof Error && error.message === 'Query read timeout';
+}
 
 export class PostgresStore implements TransactionalStore<PoolClient> {
   readonly shared = true;
@@ -121,14 +129,14 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     } catch (error) {
       // The claim may have committed though its answer was lost (a `query_timeout`, a connection
       // cut after the commit): the caller was told the store failed, so the key must not stay
-      // claimed, answering 409 to its retries, for a whole lease. Fenced by the token. (On another
-      // connection: a claim still blocked behind a lock when this runs would stay; rare.)
+      // claimed, answering 409 to its retries, for a whole lease. Fenced by the token, and sent
+      // again while a claim that timed out may still commit (see #releaseLostClaim).
       if ((error as { code?: unknown }).code === UNDEFINED_TABLE) {
         // The first request after a deploy that forgot the table: say what to do.
         const message = `[idemkit] [postgres] Table ${this.table} does not exist: call \`await store.migrate()\` once at startup, or apply sql/schema.sql with your migration tool.`;
         throw Object.assign(new Error(message, { cause: error }), { code: UNDEFINED_TABLE });
       }
-      this.#query(this.#sql.release, [key, token]).catch(() => undefined);
+      this.#releaseLostClaim(key, token, lease, isReadTimeout(error));
       throw error;
     }
     const row = rows[0];
@@ -187,6 +195,31 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       throw new Error(`[idemkit] [postgres] BEGIN did not report a transaction id (got ${String(xid)}).`);
     }
     return new PgTransaction(client, this.pool, this.#sql.completeInTransaction, xid);
+  }
+
+  /**
+   * Release a claim its caller was told failed, fenced by its token (harmless if it never landed).
+   * After a read timeout the claim may still be running on the server (waiting on a lock, an
+   * overloaded server), and commit after a first release found nothing: so then the release is
+   * sent again (250 ms, 1 s and 3 s later, then every 5 s) until one deletes the claim or the
+   * claim's lease would have ended (after that the key is free to take over anyway).
+   */
+  #releaseLostClaim(key: string, token: LeaseToken, leaseMs: number, mayLandLater: boolean): void {
+    const until = Date.now() + leaseMs;
+    let attempt = 0;
+    const send = (): void => {
+      if (this.#closing) return;
+      this.#query(this.#sql.release, [key, token]).then(
+        (result) => (result.rowCount === 1 ? undefined : again()),
+        () => again(),
+      );
+    };
+    const again = (): void => {
+      if (!mayLandLater) return;
+      const wait = GIVE_BACK_MS[attempt++] ?? GIVE_BACK_EVERY_MS;
+      if (Date.now() + wait < until) setTimeout(send, wait).unref();
+    };
+    send();
   }
 
   /** One of the store's statements, with its read timeout (see `queryTimeoutMs`). */

@@ -431,6 +431,26 @@ describe('store failures reject with the driver error', () => {
     }
   });
 
+  it('a begin that timed out while still running on the server, and committed after the first release, is still given back', async () => {
+    // A trigger that holds such claims for 2 s (a lock wait, an overloaded server): the claim
+    // commits after the query timeout and after the first release, which found nothing.
+    const fn = `${db.schema}.slow_claim`;
+    await db.pool.query(`CREATE FUNCTION ${fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN IF NEW.key LIKE 'slowclaim:%' THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$`);
+    await db.pool.query(`CREATE TRIGGER slow_claim BEFORE INSERT ON ${store.table} FOR EACH ROW EXECUTE FUNCTION ${fn}()`);
+    try {
+      const s = createPostgresStore({ pool: db.pool, schema: db.schema, queryTimeoutMs: 1_000 });
+      const k = `slowclaim:${randomUUID()}`;
+      await expect(s.begin(k, 'fp', 60_000)).rejects.toThrow(/Query read timeout/);
+      await vi.waitFor(async () => expect(await store.get(k)).toBeDefined(), { timeout: 5_000, interval: 20 }); // it landed
+      // Before: in_progress for the whole 60 s lease, every retry a 409.
+      await vi.waitFor(async () => expect(await store.get(k)).toBeUndefined(), { timeout: 10_000, interval: 50 });
+    } finally {
+      await db.pool.query(`DROP TRIGGER slow_claim ON ${store.table}`);
+      await db.pool.query(`DROP FUNCTION ${fn}()`);
+    }
+  }, 20_000);
+
   it('queryTimeoutMs: refused when not a positive integer; a pool with its own query_timeout keeps it', async () => {
     expect(() => createPostgresStore({ pool: db.pool, queryTimeoutMs: 0 })).toThrow(/`queryTimeoutMs` must be a positive integer/);
     expect(() => createPostgresStore({ pool: db.pool, queryTimeoutMs: 1.5 })).toThrow(/`queryTimeoutMs`/);
