@@ -16,6 +16,18 @@ import {
 } from '../src/index.js';
 import { enc, request, response, setup } from './helpers.js';
 
+/** The store's begin lands at once but answers `ms` late (until `onTime()`): a slow network or pool. */
+function answeringLate(store: IdempotencyStore, ms: number): { onTime(): void } {
+  const begin = store.begin.bind(store);
+  let late = true;
+  store.begin = async (...args) => {
+    const result = await begin(...args);
+    if (late) await new Promise((r) => setTimeout(r, ms));
+    return result;
+  };
+  return { onTime: () => void (late = false) };
+}
+
 function expectRun(d: Decision): Lease {
   expect(d.kind).toBe('run');
   if (d.kind !== 'run') throw new Error('not run');
@@ -389,18 +401,12 @@ describe('SPEC §2 through the engine', () => {
 
   it('does not run the handler when begin answered only after the whole lease had passed', async () => {
     const { store, engine, events } = setup({ leaseMs: 200 });
-    const begin = store.begin.bind(store);
-    let slow = true;
-    store.begin = async (...args) => {
-      const result = await begin(...args);
-      if (slow) await new Promise((r) => setTimeout(r, 300)); // the claim landed, its answer came late
-      return result;
-    };
+    const answers = answeringLate(store, 300);
     // Before: 'run', with a lease another process could already have taken over.
     expectProblem(await engine.decide(request({ key: 'late-begin' })), 503, 'ERR_IDEMKIT_STORE_UNAVAILABLE');
     expect(events).toContainEqual(expect.objectContaining({ type: 'store-error', key: 'late-begin', operation: 'begin' }));
     expect(events.some((e) => e.type === 'executed')).toBe(false);
-    slow = false;
+    answers.onTime();
     // The claim was given back: the retry runs at once instead of getting 409.
     await vi.waitFor(async () => expect((await store.get('-:late-begin'))).toBeUndefined(), { timeout: 2_000, interval: 10 });
     expect((await engine.decide(request({ key: 'late-begin' }))).kind).toBe('run');
@@ -462,16 +468,10 @@ describe('SPEC §2 through the engine', () => {
 
   it("a begin slower than the lease with onStoreError 'pass' is still a 503: its claim was given back, so a run could be repeated", async () => {
     const { store, engine } = setup({ leaseMs: 200, onStoreError: 'pass' });
-    const begin = store.begin.bind(store);
-    let slow = true;
-    store.begin = async (...args) => {
-      const result = await begin(...args);
-      if (slow) await new Promise((r) => setTimeout(r, 300));
-      return result;
-    };
+    const answers = answeringLate(store, 300);
     // Before this fix's fix: 'pass' (run without idempotency) after the key was freed, so the retry ran it again.
     expectProblem(await engine.decide(request({ key: 'late-pass' })), 503, 'ERR_IDEMKIT_STORE_UNAVAILABLE');
-    slow = false;
+    answers.onTime();
     await vi.waitFor(async () => expect(await store.get('-:late-pass')).toBeUndefined(), { timeout: 2_000, interval: 10 });
   });
 
@@ -479,15 +479,9 @@ describe('SPEC §2 through the engine', () => {
     // The claim lands at once, its answer comes 900 ms into a 1 200 ms lease: a renewal due 400 ms
     // after the answer (1 300 ms) would come after the lease had ended.
     const { store, engine, events } = setup({ leaseMs: 1_200 });
-    const begin = store.begin.bind(store);
-    let slow = true;
-    store.begin = async (...args) => {
-      const result = await begin(...args);
-      if (slow) await new Promise((r) => setTimeout(r, 900));
-      return result;
-    };
+    const answers = answeringLate(store, 900);
     const lease = expectRun(await engine.decide(request({ key: 'late-answer' })));
-    slow = false;
+    answers.onTime();
     await new Promise((r) => setTimeout(r, 600)); // past the end of the lease as first granted
     expectProblem(await engine.decide(request({ key: 'late-answer' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
     expect(events.some((e) => e.type === 'lease-lost')).toBe(false);
