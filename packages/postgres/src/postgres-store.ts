@@ -61,6 +61,18 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
   /** The per-statement read timeout, or undefined when the pool's own `query_timeout` applies. */
   readonly #queryTimeoutMs: number | undefined;
   #closing: Promise<void> | undefined;
+  #closed = false;
+  /**
+   * The server process of each of our statements that hit the read timeout, by its error: pg
+   * gives up on the client side only, so the statement goes on waiting on the server (behind a
+   * lock, say) on a connection nobody reads, and may still commit. Filled by the pool's
+   * 'release' event, which carries that error and the client before the statement rejects.
+   */
+  readonly #timedOut = new WeakMap<Error, number>();
+  readonly #onRelease = (error: Error | undefined, client: PoolClient): void => {
+    const pid = (client as { processID?: unknown }).processID;
+    if (error !== undefined && isReadTimeout(error) && typeof pid === 'number') this.#timedOut.set(error, pid);
+  };
 
   /** Runs no SQL: call `migrate()` (or apply `sql/schema.sql`) before the first request. */
   constructor(options: PostgresStoreOptions) {
@@ -82,6 +94,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       // and queries in flight still reject with the driver error.
       this.pool.on('error', () => undefined);
     }
+    this.pool.on('release', this.#onRelease);
     // A pool with a `query_timeout` of its own keeps it, unless the option says otherwise.
     const poolTimeout = (this.pool as { options?: { query_timeout?: unknown } }).options?.query_timeout;
     this.#queryTimeoutMs = options.queryTimeoutMs ?? (typeof poolTimeout === 'number' && poolTimeout > 0 ? undefined : DEFAULT_QUERY_TIMEOUT_MS);
@@ -208,31 +221,52 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     const until = Date.now() + leaseMs;
     let attempt = 0;
     const send = (): void => {
-      if (this.#closing) return;
+      if (this.#closed) return;
       this.#query(this.#sql.release, [key, token]).then(
-        (result) => (result.rowCount === 1 ? undefined : again()),
+        (result) => (result.rowCount === 1 || !mayLandLater ? undefined : again()),
+        // Not sent, or sent and lost (a connection cut by a failover): send it again either way.
         () => again(),
       );
     };
     const again = (): void => {
-      if (!mayLandLater) return;
       const wait = GIVE_BACK_MS[attempt++] ?? GIVE_BACK_EVERY_MS;
       if (Date.now() + wait < until) setTimeout(send, wait).unref();
     };
     send();
   }
 
-  /** One of the store's statements, with its read timeout (see `queryTimeoutMs`). */
-  #query<Row extends object = object>(text: string, values: unknown[]): Promise<QueryResult<Row>> {
-    const query_timeout = this.#queryTimeoutMs;
-    if (query_timeout === undefined) return this.pool.query<Row>(text, values);
-    // pg reads `query_timeout` per query too (its types omit it). pool.query releases the client
-    // with the timeout error, which discards that connection.
-    return this.pool.query<Row>({ text, values, query_timeout } as pg.QueryConfig);
+  /**
+   * Cancel the server side of a statement that hit the read timeout (see `#timedOut`), so it
+   * neither commits late nor holds a server connection while it waits: without this a long lock
+   * left one waiting backend per timed-out statement. Best effort, on another connection.
+   */
+  #cancelTimedOut(error: unknown): void {
+    const pid = error instanceof Error ? this.#timedOut.get(error) : undefined;
+    if (pid === undefined) return;
+    this.#timedOut.delete(error as Error);
+    this.pool.query({ text: 'SELECT pg_cancel_backend($1)', values: [pid], query_timeout: this.#queryTimeoutMs } as pg.QueryConfig).catch(() => undefined);
   }
 
-  /** Ends the pool only if the store created it (from `connectionString`). Safe to call twice. */
+  /** One of the store's statements, with its read timeout (see `queryTimeoutMs`). */
+  async #query<Row extends object = object>(text: string, values: unknown[]): Promise<QueryResult<Row>> {
+    const query_timeout = this.#queryTimeoutMs;
+    try {
+      // pg reads `query_timeout` per query too (its types omit it). pool.query releases the client
+      // with the timeout error, which discards that connection.
+      return await (query_timeout === undefined ? this.pool.query<Row>(text, values) : this.pool.query<Row>({ text, values, query_timeout } as pg.QueryConfig));
+    } catch (error) {
+      this.#cancelTimedOut(error);
+      throw error;
+    }
+  }
+
+  /**
+   * Stops the store's own retries (a lost claim's release) and ends the pool only if the store
+   * created it (from `connectionString`). Safe to call twice.
+   */
   close(): Promise<void> {
+    this.#closed = true;
+    this.pool.removeListener('release', this.#onRelease);
     if (!this.#ownsPool) return Promise.resolve();
     this.#closing ??= this.pool.end();
     return this.#closing;

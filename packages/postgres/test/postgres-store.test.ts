@@ -431,9 +431,8 @@ describe('store failures reject with the driver error', () => {
     }
   });
 
-  it('a begin that timed out while still running on the server, and committed after the first release, is still given back', async () => {
-    // A trigger that holds such claims for 2 s (a lock wait, an overloaded server): the claim
-    // commits after the query timeout and after the first release, which found nothing.
+  it('a statement that hit the read timeout is cancelled on the server: a claim held there (a trigger, a lock) never commits late', async () => {
+    // A trigger holds such claims for 2 s on the server: past the 1 s read timeout.
     const fn = `${db.schema}.slow_claim`;
     await db.pool.query(`CREATE FUNCTION ${fn}() RETURNS trigger LANGUAGE plpgsql AS $$
       BEGIN IF NEW.key LIKE 'slowclaim:%' THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$`);
@@ -442,12 +441,68 @@ describe('store failures reject with the driver error', () => {
       const s = createPostgresStore({ pool: db.pool, schema: db.schema, queryTimeoutMs: 1_000 });
       const k = `slowclaim:${randomUUID()}`;
       await expect(s.begin(k, 'fp', 60_000)).rejects.toThrow(/Query read timeout/);
-      await vi.waitFor(async () => expect(await store.get(k)).toBeDefined(), { timeout: 5_000, interval: 20 }); // it landed
-      // Before: in_progress for the whole 60 s lease, every retry a 409.
-      await vi.waitFor(async () => expect(await store.get(k)).toBeUndefined(), { timeout: 10_000, interval: 50 });
+      // Before: the claim committed at 2 s and held the key (409s) until a release caught it.
+      for (const until = Date.now() + 2_500; Date.now() < until; ) {
+        expect(await store.get(k)).toBeUndefined();
+        await new Promise((r) => setTimeout(r, 50));
+      }
     } finally {
       await db.pool.query(`DROP TRIGGER slow_claim ON ${store.table}`);
       await db.pool.query(`DROP FUNCTION ${fn}()`);
+    }
+  }, 20_000);
+
+  it('a claim whose connection was cut after it landed is given back once the server can be reached again', async () => {
+    const { proxy, through } = await proxied(db.url);
+    const pool = new pg.Pool({ connectionString: through.href, max: 2 });
+    pool.on('error', () => undefined);
+    try {
+      const s = createPostgresStore({ pool, schema: db.schema });
+      await s.get(key()); // one connection open
+      const k = key();
+      proxy.holdAnswers(); // the claim lands; its answer never comes back
+      const pending = s.begin(k, 'fp', 60_000);
+      await vi.waitFor(async () => expect(await store.get(k)).toBeDefined(), { timeout: 3_000, interval: 10 });
+      proxy.refuse(true); // a failover: the connection is cut, and the server is out of reach for a while
+      proxy.cut();
+      await expect(pending).rejects.toThrow();
+      await new Promise((r) => setTimeout(r, 600)); // the first releases fail: nothing to connect to
+      expect((await store.get(k))?.state).toBe('in_progress');
+      proxy.refuse(false);
+      // Before: one release, refused, and the key held its 60 s lease (every retry a 409).
+      await vi.waitFor(async () => expect(await store.get(k)).toBeUndefined(), { timeout: 8_000, interval: 50 });
+      await s.close();
+    } finally {
+      await proxy.close();
+      await pool.end();
+    }
+  }, 20_000);
+
+  it('statements that time out behind a table lock leave no server connection waiting on it', async () => {
+    const application_name = `idemkit-lock-${randomUUID().slice(0, 8)}`;
+    const pool = new pg.Pool({ connectionString: db.url, max: 4, application_name });
+    pool.on('error', () => undefined);
+    const locker = await db.pool.connect();
+    try {
+      const s = createPostgresStore({ pool, schema: db.schema, queryTimeoutMs: 300 });
+      await locker.query('BEGIN');
+      await locker.query(`LOCK TABLE ${store.table} IN EXCLUSIVE MODE`); // a migration, say
+      const keys = Array.from({ length: 4 }, () => key());
+      const results = await Promise.allSettled(keys.map((k) => s.begin(k, 'fp', 30_000)));
+      expect(results.every((r) => r.status === 'rejected')).toBe(true);
+      // Before: every timed-out begin, and each release sent after it, went on waiting on the
+      // server (one backend each, up to max_connections), and the claims committed after the lock.
+      const waiting = async (): Promise<number> =>
+        Number((await db.pool.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'", [application_name])).rows[0]?.n);
+      await vi.waitFor(async () => expect(await waiting()).toBe(0), { timeout: 5_000, interval: 50 });
+      await locker.query('COMMIT');
+      await new Promise((r) => setTimeout(r, 300));
+      for (const k of keys) expect(await store.get(k)).toBeUndefined();
+      await s.close();
+    } finally {
+      await locker.query('ROLLBACK').catch(() => undefined);
+      locker.release();
+      await pool.end();
     }
   }, 20_000);
 
