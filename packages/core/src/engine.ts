@@ -155,19 +155,19 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         }
         return this.#storeFailure(key, 'begin', error);
       }
+      // The store answered after the whole lease had passed (it did not answer within leaseMs):
+      // another process may already have taken the key over, so running the handler could run it
+      // twice. Give the claim back.
+      if (result.kind === 'acquired' && performance.now() - beganAt >= o.leaseMs) {
+        const token = result.token;
+        void this.call('release', () => o.store.release(id, token)).catch(() => false);
+        // Never 'pass' here: the key was just given back, so a run now could be run again by a
+        // retry (or beside the request that took the key over).
+        const failed = this.#storeFailure(key, 'begin', new StoreTimeoutError('begin', o.leaseMs), false);
+        return seenRunning === undefined ? failed : this.#conflict(key, seenRunning);
+      }
       if (this.#storeErrorsUnlogged !== 0) this.#storeAnswersAgain();
       if (result.kind === 'acquired') {
-        // The store answered after the whole lease had passed (it did not answer within leaseMs):
-        // another process may already have taken the key over, so running the handler could run
-        // it twice. Give the claim back.
-        if (performance.now() - beganAt >= o.leaseMs) {
-          const token = result.token;
-          void this.call('release', () => o.store.release(id, token)).catch(() => false);
-          // Never 'pass' here: the key was just given back, so a run now could be run again by a
-          // retry (or beside the request that took the key over).
-          const failed = this.#storeFailure(key, 'begin', new StoreTimeoutError('begin', o.leaseMs), false);
-          return seenRunning === undefined ? failed : this.#conflict(key, seenRunning);
-        }
         return o.transactional
           ? this.#runInTransaction(key, id, result.token, result.tookOver, beganAt)
           : this.#run(key, id, result.token, result.tookOver, beganAt);
