@@ -163,7 +163,22 @@ export function captureResponse(
    * it roll back, the client must get the 503 (or, past a written head, a cut connection), never
    * a whole 2xx for writes that never happened. Writes, flushHeaders and end() wait here.
    */
-  let held: Array<{ run: () => void; callback?: Callback | undefined }> | undefined;
+  let held: Array<{ run: () => unknown; callback?: Callback | undefined }> | undefined;
+  /** Bytes held; past the response's high-water mark a write says "wait for 'drain'" (a pipe pauses). */
+  let heldBytes = 0;
+  let owesDrain = false;
+  /**
+   * The head as it was when the stream started. Had it gone out, nothing could change it; held,
+   * it still can: an error handler's status and headers (Express's own, after a throw) would go
+   * out on top of the handler's bytes, with a Content-Length that does not count them.
+   */
+  let head: { status: number; message: string; headers: OutgoingHttpHeaders } | undefined;
+  /** Something answered over the started stream (see `head`): the connection is cut, as Express cuts it once a head was sent. */
+  let overwritten = false;
+  const holds = (): boolean => {
+    if (head !== undefined && !overwritten && changedSince(res, head.status, head.message, head.headers)) overwritten = true;
+    return !overwritten;
+  };
   /** The rolled-back stream was answered with its replacement (or cut): later writes go nowhere. */
   let replaced = false;
   const releaseHeld = (): void => {
@@ -173,7 +188,13 @@ export function captureResponse(
     delivering = true;
     const replacement = lease.replacement;
     if (replacement === null) {
-      for (const op of ops) op.run();
+      if (overwritten && head !== undefined) restore(res, head.status, head.message, head.headers);
+      let flowing = true;
+      for (const op of ops) flowing = op.run() !== false;
+      // As Express cuts a connection whose head went out before an error: what was written goes
+      // out first, then the connection closes with the answer unfinished.
+      if (overwritten) cutAfterFlush(res);
+      else if (owesDrain && flowing) res.emit('drain');
       return;
     }
     replaced = true;
@@ -190,6 +211,7 @@ export function captureResponse(
     onStreaming?.(res, res.write !== ours.write || res.end !== ours.end);
     if (transactional) {
       held = [];
+      head = { status: res.statusCode, message: res.statusMessage, headers: res.getHeaders() };
       void settling.then(releaseHeld, releaseHeld);
     }
   };
@@ -212,7 +234,7 @@ export function captureResponse(
     if (mode === 'ending' && !delivering) return;
     startStreaming();
     if (replaced) return;
-    if (held) held.push({ run: () => originalFlushHeaders.call(this) });
+    if (held) held.push({ run: () => (holds() ? originalFlushHeaders.call(this) : undefined) });
     else originalFlushHeaders.call(this);
   };
 
@@ -231,10 +253,17 @@ export function captureResponse(
         if (callback) process.nextTick(callback, rolledBack());
         return false;
       }
-      // Accepted as written (a pipe waits for 'drain' on false, which only a real write brings);
-      // held for the one round trip the commit takes.
-      held?.push({ run: () => void Reflect.apply(originalWrite, this, args), callback });
-      return true;
+      // Held for the one round trip the commit takes; an answer over it is not (see `head`).
+      if (!holds()) {
+        if (callback) process.nextTick(callback, rolledBack());
+        return false;
+      }
+      held?.push({ run: () => Reflect.apply(originalWrite, this, args) as boolean, callback });
+      const chunk = args[0];
+      heldBytes += typeof chunk === 'string' ? Buffer.byteLength(chunk) : chunk instanceof Uint8Array ? chunk.byteLength : 0;
+      if (heldBytes < this.writableHighWaterMark) return true;
+      owesDrain = true;
+      return false;
     }
     return Reflect.apply(originalWrite, this, args) as boolean;
   } as ServerResponse['write'];
@@ -249,7 +278,7 @@ export function captureResponse(
         const { callback } = parseEndArgs(args);
         // After the held writes; a rolled-back stream was answered already, and this end's
         // callback learns that its answer did not go out.
-        if (held) held.push({ run: finish, callback });
+        if (held && holds()) held.push({ run: finish, callback });
         else if (callback) process.nextTick(callback, rolledBack());
         return this;
       }
@@ -316,4 +345,11 @@ function sendReplacement(res: ServerResponse, replacement: StoredResponse, end: 
 /** What a write or end of a rolled-back streamed answer tells its callback. */
 function rolledBack(): Error {
   return Object.assign(new Error('The response was replaced: its transaction rolled back.'), { code: 'ERR_STREAM_DESTROYED' });
+}
+
+/** Close the connection once what was written has gone out, leaving the answer unfinished. */
+function cutAfterFlush(res: ServerResponse): void {
+  const socket = res.socket;
+  if (socket === null) return void res.destroy();
+  socket.end(() => socket.destroy());
 }

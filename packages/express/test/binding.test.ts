@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { connect } from 'node:net';
+import { Readable } from 'node:stream';
 import { ConfigurationError, createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import compression from 'compression';
 import fileUpload from 'express-fileupload';
@@ -552,7 +553,8 @@ describe('express binding: transactional mode', () => {
     await expect(post(`${url}/tx`, randomUUID())).rejects.toThrow();
   });
 
-  it('a streamed answer whose transaction commits goes out whole, after the commit, and retries get 410', async () => {
+  /** A transactional store whose COMMIT takes `commitMs` and succeeds; `onCommit` runs just before it lands. */
+  function committingApp(commitMs: number, onCommit: () => void = () => undefined, make: () => Express = express): { app: Express; committed: () => boolean } {
     const memory = createMemoryStore();
     let committed = false;
     const store: TransactionalStore<null> = Object.assign(memory, {
@@ -560,7 +562,8 @@ describe('express binding: transactional mode', () => {
         return {
           client: null,
           complete: async (...args: Parameters<StoreTransaction['complete']>) => {
-            await new Promise((r) => setTimeout(r, 50)); // a COMMIT's round trip
+            await new Promise((r) => setTimeout(r, commitMs)); // a COMMIT's round trip
+            onCommit();
             committed = await memory.complete(...args);
             return committed;
           },
@@ -568,13 +571,18 @@ describe('express binding: transactional mode', () => {
         };
       },
     });
-    const app = express();
-    const seenBeforeCommit: boolean[] = [];
+    const app = make();
     app.use(idempotency({ store, transactional: true, logger: false }));
+    return { app, committed: () => committed };
+  }
+
+  it('a streamed answer whose transaction commits goes out whole, after the commit, and retries get 410', async () => {
+    const { app, committed } = committingApp(50);
+    const seenBeforeCommit: boolean[] = [];
     app.post('/tx', (_req, res) => {
       res.status(201).type('text/plain');
       res.write('part1;');
-      res.once('finish', () => seenBeforeCommit.push(committed));
+      res.once('finish', () => seenBeforeCommit.push(committed()));
       res.end('part2');
     });
     const url = await serve(app);
@@ -584,6 +592,62 @@ describe('express binding: transactional mode', () => {
     expect(new TextDecoder().decode(reply.body)).toBe('part1;part2');
     expect(seenBeforeCommit).toEqual([true]);
     expect((await post(`${url}/tx`, key)).status).toBe(410);
+  });
+
+  it.each([
+    ['Express 5', express],
+    ['Express 4', express4 as unknown as () => Express],
+  ])("%s: a stream the handler broke off with a throw is cut, as without transactions: the error page never goes out over its bytes", async (_, make) => {
+    const { app } = committingApp(50, undefined, make);
+    app.post('/tx', (_req, res) => {
+      res.status(200).type('text/plain');
+      res.write('partial-');
+      throw new Error('boom');
+    });
+    const url = await serve(app);
+    // A GET pipelined behind the POST on one connection: it must not read leftover bytes.
+    const { port } = new URL(url);
+    const seen = await new Promise<string>((resolve) => {
+      let out = '';
+      const socket = connect(Number(port), '127.0.0.1', () => {
+        socket.write(`POST /tx HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${randomUUID()}\r\nContent-Length: 0\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n`);
+      });
+      socket.on('data', (d: Buffer) => (out += d.toString('latin1')));
+      socket.on('error', () => undefined);
+      socket.on('close', () => resolve(out));
+    });
+    // Before: "500 Internal Server Error", Content-Length 148, then "partial-<!DOCTYPE html>…"
+    // (156 bytes) and the GET's answer read from the middle of it.
+    expect(seen).toMatch(/^HTTP\/1\.1 200 OK/);
+    expect(seen).toContain('partial-');
+    expect(seen).not.toContain('DOCTYPE');
+    expect(seen).not.toMatch(/HTTP\/1\.1 (404|500)/);
+  });
+
+  it('a large piped stream waits while its commit is held: write() says wait, and all of it arrives after', async () => {
+    let produced = 0;
+    let producedAtCommit = -1;
+    const { app } = committingApp(200, () => (producedAtCommit = produced));
+    const total = 8 * 1024 * 1024;
+    app.post('/tx', (_req, res) => {
+      res.status(200).type('application/octet-stream');
+      const chunk = Buffer.alloc(64 * 1024, 7);
+      const source = new Readable({
+        read() {
+          if (produced >= total) return void this.push(null);
+          produced += chunk.byteLength;
+          this.push(chunk);
+        },
+      });
+      source.pipe(res);
+    });
+    const url = await serve(app);
+    const reply = await post(`${url}/tx`, randomUUID());
+    expect(reply.status).toBe(200);
+    expect(reply.body.byteLength).toBe(total);
+    // Before: the whole 8 MiB was read into memory while the COMMIT was on its way.
+    expect(producedAtCommit).toBeGreaterThan(0);
+    expect(producedAtCommit).toBeLessThan(1024 * 1024);
   });
 
   it('the end() callback of such a cut answer gets the error, so a handler awaiting it is not left hanging', async () => {
