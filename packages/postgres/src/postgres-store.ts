@@ -48,6 +48,31 @@ function isReadTimeout(error: unknown): boolean {
   return error instanceof Error && error.message === 'Query read timeout';
 }
 
+const CANCEL_IF_STILL_RUNNING = `SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+  WHERE pid = $1 AND state = 'active' AND query <> '' AND starts_with($2::text, query)`;
+
+const timedOutByPool = new WeakMap<Pool, WeakMap<Error, number>>();
+
+/**
+ * The server process of each statement on `pool` that hit the read timeout, by its error: pg
+ * gives up on the client side only, so the statement goes on waiting on the server (behind a
+ * lock, say) on a connection nobody reads, and may still commit. Filled by the pool's 'release'
+ * event, which carries that error and the client before the statement rejects. One listener per
+ * pool, shared by every store on it.
+ */
+function timedOutOn(pool: Pool): WeakMap<Error, number> {
+  let timedOut = timedOutByPool.get(pool);
+  if (timedOut === undefined) {
+    const found = new WeakMap<Error, number>();
+    pool.on('release', (error: Error | undefined, client: PoolClient) => {
+      const pid = (client as { processID?: unknown }).processID;
+      if (error !== undefined && isReadTimeout(error) && typeof pid === 'number') found.set(error, pid);
+    });
+    timedOutByPool.set(pool, (timedOut = found));
+  }
+  return timedOut;
+}
+
 export class PostgresStore implements TransactionalStore<PoolClient> {
   readonly shared = true;
   /** The escaped, schema-qualified table name (`"public"."idempotency_keys"`), for your own queries. */
@@ -62,17 +87,8 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
   readonly #queryTimeoutMs: number | undefined;
   #closing: Promise<void> | undefined;
   #closed = false;
-  /**
-   * The server process of each of our statements that hit the read timeout, by its error: pg
-   * gives up on the client side only, so the statement goes on waiting on the server (behind a
-   * lock, say) on a connection nobody reads, and may still commit. Filled by the pool's
-   * 'release' event, which carries that error and the client before the statement rejects.
-   */
-  readonly #timedOut = new WeakMap<Error, number>();
-  readonly #onRelease = (error: Error | undefined, client: PoolClient): void => {
-    const pid = (client as { processID?: unknown }).processID;
-    if (error !== undefined && isReadTimeout(error) && typeof pid === 'number') this.#timedOut.set(error, pid);
-  };
+  /** The server process of each statement on this pool that hit the read timeout (see `timedOutOn`). */
+  readonly #timedOut: WeakMap<Error, number>;
 
   /** Runs no SQL: call `migrate()` (or apply `sql/schema.sql`) before the first request. */
   constructor(options: PostgresStoreOptions) {
@@ -94,7 +110,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       // and queries in flight still reject with the driver error.
       this.pool.on('error', () => undefined);
     }
-    this.pool.on('release', this.#onRelease);
+    this.#timedOut = timedOutOn(this.pool);
     // A pool with a `query_timeout` of its own keeps it, unless the option says otherwise.
     const poolTimeout = (this.pool as { options?: { query_timeout?: unknown } }).options?.query_timeout;
     this.#queryTimeoutMs = options.queryTimeoutMs ?? (typeof poolTimeout === 'number' && poolTimeout > 0 ? undefined : DEFAULT_QUERY_TIMEOUT_MS);
@@ -240,11 +256,15 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
    * neither commits late nor holds a server connection while it waits: without this a long lock
    * left one waiting backend per timed-out statement. Best effort, on another connection.
    */
-  #cancelTimedOut(error: unknown): void {
+  #cancelTimedOut(error: unknown, text: string): void {
     const pid = error instanceof Error ? this.#timedOut.get(error) : undefined;
     if (pid === undefined) return;
     this.#timedOut.delete(error as Error);
-    this.pool.query({ text: 'SELECT pg_cancel_backend($1)', values: [pid], query_timeout: this.#queryTimeoutMs } as pg.QueryConfig).catch(() => undefined);
+    // Only that process, and only while it still runs this statement (the text the server shows
+    // is cut at track_activity_query_size): a pid the server has since reused, or one a pooler
+    // (PgBouncer) made up, never cancels anyone else's work.
+    const values = [pid, text];
+    this.pool.query({ text: CANCEL_IF_STILL_RUNNING, values, query_timeout: this.#queryTimeoutMs } as pg.QueryConfig).catch(() => undefined);
   }
 
   /** One of the store's statements, with its read timeout (see `queryTimeoutMs`). */
@@ -255,7 +275,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       // with the timeout error, which discards that connection.
       return await (query_timeout === undefined ? this.pool.query<Row>(text, values) : this.pool.query<Row>({ text, values, query_timeout } as pg.QueryConfig));
     } catch (error) {
-      this.#cancelTimedOut(error);
+      this.#cancelTimedOut(error, text);
       throw error;
     }
   }
@@ -266,7 +286,6 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
    */
   close(): Promise<void> {
     this.#closed = true;
-    this.pool.removeListener('release', this.#onRelease);
     if (!this.#ownsPool) return Promise.resolve();
     this.#closing ??= this.pool.end();
     return this.#closing;

@@ -478,6 +478,17 @@ describe('store failures reject with the driver error', () => {
     }
   }, 20_000);
 
+  it('stores sharing one pool share one listener on it (no MaxListeners warning with many stores)', async () => {
+    const pool = new pg.Pool({ connectionString: db.url, max: 1 });
+    try {
+      const before = pool.listenerCount('release');
+      for (let i = 0; i < 13; i++) createPostgresStore({ pool, schema: db.schema });
+      expect(pool.listenerCount('release')).toBe(before + 1);
+    } finally {
+      await pool.end();
+    }
+  });
+
   it('statements that time out behind a table lock leave no server connection waiting on it', async () => {
     const application_name = `idemkit-lock-${randomUUID().slice(0, 8)}`;
     const pool = new pg.Pool({ connectionString: db.url, max: 4, application_name });
