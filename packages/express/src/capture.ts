@@ -163,22 +163,23 @@ export function captureResponse(
    * it roll back, the client must get the 503 (or, past a written head, a cut connection), never
    * a whole 2xx for writes that never happened. Writes, flushHeaders and end() wait here.
    */
-  let held: Array<{ run: () => unknown; callback?: Callback | undefined }> | undefined;
+  let held: Array<{ run: () => unknown; write?: true; callback?: Callback | undefined }> | undefined;
   /** Bytes held; past the response's high-water mark a write says "wait for 'drain'" (a pipe pauses). */
   let heldBytes = 0;
   let owesDrain = false;
   /**
-   * The head as it was when the stream started. Had it gone out, nothing could change it; held,
-   * it still can: an error handler's status and headers (Express's own, after a throw) would go
-   * out on top of the handler's bytes, with a Content-Length that does not count them.
+   * The head as it was when the stream started: the one Node would have sent with the first
+   * write. Held, it can still change; it is put back before the held bytes go out (a status set
+   * after the first write counts for nothing, as in Node).
    */
   let head: { status: number; message: string; headers: OutgoingHttpHeaders } | undefined;
-  /** Something answered over the started stream (see `head`): the connection is cut, as Express cuts it once a head was sent. */
+  /**
+   * An answer with a length of its own was ended over the started stream: an error handler's,
+   * after the handler threw (Express's own sets Content-Length). Sent, that length would not
+   * count the held bytes and the connection would fall out of step; so the answer is dropped and
+   * the connection cut after the held bytes, as Express cuts it once a head went out.
+   */
   let overwritten = false;
-  const holds = (): boolean => {
-    if (head !== undefined && !overwritten && changedSince(res, head.status, head.message, head.headers)) overwritten = true;
-    return !overwritten;
-  };
   /** The rolled-back stream was answered with its replacement (or cut): later writes go nowhere. */
   let replaced = false;
   const releaseHeld = (): void => {
@@ -186,22 +187,31 @@ export function captureResponse(
     held = undefined;
     // Node's first write or end() writes the head through writeHead, which end() (held) blocks.
     delivering = true;
-    const replacement = lease.replacement;
-    if (replacement === null) {
-      if (overwritten && head !== undefined) restore(res, head.status, head.message, head.headers);
-      let flowing = true;
-      for (const op of ops) flowing = op.run() !== false;
-      // As Express cuts a connection whose head went out before an error: what was written goes
-      // out first, then the connection closes with the answer unfinished.
+    try {
+      const replacement = lease.replacement;
+      if (replacement !== null) {
+        replaced = true;
+        // Their bytes never go out: each write's and end's callback learns so.
+        for (const { callback } of ops) if (callback) process.nextTick(callback, rolledBack());
+        if (res.headersSent) res.destroy();
+        else sendReplacement(res, replacement, originalEnd);
+        return;
+      }
+      // Written during the hold (compression() writes it at its first write): it stands.
+      if (!res.headersSent && head !== undefined && changedSince(res, head.status, head.message, head.headers)) restore(res, head.status, head.message, head.headers);
+      else if (overwritten) return void res.destroy(); // the overwriting answer's own head went out
+      let lastWrite: unknown = true;
+      for (const op of ops) {
+        const result = op.run();
+        if (op.write) lastWrite = result;
+      }
       if (overwritten) cutAfterFlush(res);
-      else if (owesDrain && flowing) res.emit('drain');
-      return;
+      // Node emits 'drain' itself after a write that returned false; after end() none is owed.
+      else if (owesDrain && lastWrite !== false && mode !== 'ending' && !res.destroyed) res.emit('drain');
+    } catch {
+      // Never an unhandled rejection from a response that could not be finished: cut it.
+      res.destroy();
     }
-    replaced = true;
-    // Their bytes never go out: each write's and end's callback learns so.
-    for (const { callback } of ops) if (callback) process.nextTick(callback, rolledBack());
-    if (res.headersSent) res.destroy();
-    else sendReplacement(res, replacement, originalEnd);
   };
   const startStreaming = (): void => {
     if (mode !== 'buffering') return;
@@ -234,7 +244,7 @@ export function captureResponse(
     if (mode === 'ending' && !delivering) return;
     startStreaming();
     if (replaced) return;
-    if (held) held.push({ run: () => (holds() ? originalFlushHeaders.call(this) : undefined) });
+    if (held) held.push({ run: () => originalFlushHeaders.call(this) });
     else originalFlushHeaders.call(this);
   };
 
@@ -253,12 +263,8 @@ export function captureResponse(
         if (callback) process.nextTick(callback, rolledBack());
         return false;
       }
-      // Held for the one round trip the commit takes; an answer over it is not (see `head`).
-      if (!holds()) {
-        if (callback) process.nextTick(callback, rolledBack());
-        return false;
-      }
-      held?.push({ run: () => Reflect.apply(originalWrite, this, args) as boolean, callback });
+      // Held for the one round trip the commit takes.
+      held?.push({ run: () => Reflect.apply(originalWrite, this, args) as boolean, write: true, callback });
       const chunk = args[0];
       heldBytes += typeof chunk === 'string' ? Buffer.byteLength(chunk) : chunk instanceof Uint8Array ? chunk.byteLength : 0;
       if (heldBytes < this.writableHighWaterMark) return true;
@@ -278,7 +284,8 @@ export function captureResponse(
         const { callback } = parseEndArgs(args);
         // After the held writes; a rolled-back stream was answered already, and this end's
         // callback learns that its answer did not go out.
-        if (held && holds()) held.push({ run: finish, callback });
+        if (held && head !== undefined && this.getHeader('content-length') !== head.headers['content-length']) overwritten = true;
+        if (held && !overwritten) held.push({ run: finish, callback });
         else if (callback) process.nextTick(callback, rolledBack());
         return this;
       }

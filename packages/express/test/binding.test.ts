@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { tmpdir } from 'node:os';
+import { once } from 'node:events';
 import { connect } from 'node:net';
 import { Readable } from 'node:stream';
 import { ConfigurationError, createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
@@ -622,6 +623,83 @@ describe('express binding: transactional mode', () => {
     expect(seen).toContain('partial-');
     expect(seen).not.toContain('DOCTYPE');
     expect(seen).not.toMatch(/HTTP\/1\.1 (404|500)/);
+  });
+
+  it('held streams that change nothing wrong finish whole: compression() after idempotency() with flushHeaders (SSE), a status set after the first write, a write past the high-water mark then flushHeaders', async () => {
+    const unhandled: unknown[] = [];
+    const onRejection = (reason: unknown): void => void unhandled.push(reason);
+    process.on('unhandledRejection', onRejection);
+    try {
+      const { app } = committingApp(50);
+      app.use(compression({ threshold: 0 }));
+      app.post('/sse', (_req, res) => {
+        res.setHeader('content-type', 'text/plain');
+        res.flushHeaders();
+        res.write('hello-');
+        res.end('world');
+      });
+      app.post('/late-status', (_req, res) => {
+        res.type('text/plain');
+        res.write('a-');
+        res.statusCode = 201; // after the first write: Node ignores it
+        res.write('b');
+        res.end();
+      });
+      const events: string[] = [];
+      app.post('/big-then-flush', async (_req, res) => {
+        res.type('application/octet-stream');
+        res.on('drain', () => events.push(res.writableFinished ? 'drain after finish' : 'drain'));
+        res.on('finish', () => events.push('finish'));
+        const full = res.write(Buffer.alloc(100 * 1024, 1));
+        res.flushHeaders();
+        if (!full) await once(res, 'drain');
+        res.end('z');
+      });
+      const url = await serve(app);
+      // Before: ERR_HTTP_HEADERS_SENT thrown from the release (an unhandled rejection: the process exited).
+      const sse = await post(`${url}/sse`, randomUUID(), { headers: { 'accept-encoding': 'identity' } });
+      expect(sse.status).toBe(200);
+      expect(new TextDecoder().decode(sse.body)).toBe('hello-world');
+      // Before: cut after "a-" (taken for an answer over the stream).
+      const late = await post(`${url}/late-status`, randomUUID());
+      expect(late.status).toBe(200);
+      expect(new TextDecoder().decode(late.body)).toBe('a-b');
+      // Before: cut after the first 100 KB; 'drain' never came.
+      const big = await post(`${url}/big-then-flush`, randomUUID());
+      expect(big.body.byteLength).toBe(100 * 1024 + 1);
+      expect(events).not.toContain('drain after finish');
+      expect(events.filter((e) => e === 'drain').length).toBeLessThanOrEqual(1);
+      expect(unhandled).toEqual([]);
+    } finally {
+      process.off('unhandledRejection', onRejection);
+    }
+  });
+
+  it("an error handler's writeHead over a held stream does not crash the process", async () => {
+    const unhandled: unknown[] = [];
+    const onRejection = (reason: unknown): void => void unhandled.push(reason);
+    process.on('unhandledRejection', onRejection);
+    try {
+      const { app } = committingApp(50);
+      app.post('/tx', (_req, res) => {
+        res.type('text/plain');
+        res.write('partial-');
+        throw new Error('boom');
+      });
+      app.get('/alive', (_req, res) => void res.send('yes'));
+      app.use(((_err, _req, res, _next) => {
+        res.writeHead(500, { 'content-type': 'text/plain' });
+        res.end('oops');
+      }) as ErrorRequestHandler);
+      const url = await serve(app);
+      // Before: ERR_HTTP_HEADERS_SENT from restore() in the release, unhandled: the process exited.
+      await post(`${url}/tx`, randomUUID()).catch(() => undefined);
+      await new Promise((r) => setTimeout(r, 150));
+      expect(unhandled).toEqual([]);
+      expect(await (await fetch(`${url}/alive`)).text()).toBe('yes');
+    } finally {
+      process.off('unhandledRejection', onRejection);
+    }
   });
 
   it('a large piped stream waits while its commit is held: write() says wait, and all of it arrives after', async () => {
