@@ -358,5 +358,7 @@ function rolledBack(): Error {
 function cutAfterFlush(res: ServerResponse): void {
   const socket = res.socket;
   if (socket === null) return void res.destroy();
-  socket.end(() => socket.destroy());
+  // Node 24 keeps a response's writes on the response until the next tick: hand them to the
+  // socket first, then end it (which sends them) and close.
+  setImmediate(() => socket.end(() => socket.destroy()));
 }
