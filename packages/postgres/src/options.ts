@@ -7,8 +7,9 @@ interface TableOptions {
   schema?: string | undefined;
   /**
    * How long the store's own statements (begin, complete, release, renew, get, purge) wait for
-   * their answer, in ms, as pg's per-query `query_timeout`: past it the statement rejects and its
-   * connection is discarded. A connection that died without a word (a network black hole) would
+   * their answer, in ms, as pg's per-query `query_timeout`: past it the statement rejects, its
+   * connection is discarded and the statement is cancelled on the server. A connection that died
+   * without a word (a network black hole) would
    * otherwise hold every statement on it, and its pool slot, forever. Never applies to your
    * queries, nor to the transaction a transactional handler gets.
    * @default 10000

@@ -228,10 +228,10 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
 
   /**
    * Release a claim its caller was told failed, fenced by its token (harmless if it never landed).
-   * After a read timeout the claim may still be running on the server (waiting on a lock, an
-   * overloaded server), and commit after a first release found nothing: so then the release is
-   * sent again (250 ms, 1 s and 3 s later, then every 5 s) until one deletes the claim or the
-   * claim's lease would have ended (after that the key is free to take over anyway).
+   * A release that fails (the server out of reach after a failover) is sent again 250 ms, 1 s and
+   * 3 s later, then every 5 s; after a read timeout, whose claim may still commit on the server
+   * after a first release found nothing (if the cancel came too late), until one deletes it.
+   * Either way only until the claim's lease would have ended: then the key is free to take over.
    */
   #releaseLostClaim(key: string, token: LeaseToken, leaseMs: number, mayLandLater: boolean): void {
     const until = Date.now() + leaseMs;
