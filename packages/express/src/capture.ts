@@ -230,6 +230,16 @@ export function captureResponse(
     // end() is storing the answer: a writeHead now (an error handler's) would send its status
     // and headers ahead of the stored answer's bytes. Ignored, as the end() after it is.
     if (mode === 'ending' && !delivering && !this.headersSent) return this;
+    // A stream held for its commit (transactional): to everyone else its head went out with its
+    // first write, as Node sends it, so another head now is refused as Node refuses it (an error
+    // handler's, after a throw). The implicit one (Node's or compression()'s: the stream's own
+    // status, no headers) is written, and is the head the stream goes out with.
+    if (held !== undefined && !delivering) {
+      if (statusCode !== head?.status || rest.some((a) => typeof a === 'object' && a !== null)) throw headersSentError();
+      const written = Reflect.apply(originalWriteHead, this, [statusCode, ...rest]) as ServerResponse;
+      head = { status: this.statusCode, message: this.statusMessage, headers: this.getHeaders() };
+      return written;
+    }
     // Node refuses a bad status before it touches a header: so do we (below we set headers first).
     const code = statusCode | 0;
     if (code < 100 || code > 999) return Reflect.apply(originalWriteHead, this, [statusCode, ...rest]) as ServerResponse;
@@ -263,9 +273,11 @@ export function captureResponse(
         if (callback) process.nextTick(callback, rolledBack());
         return false;
       }
+      const chunk = args[0];
+      // Node refuses a chunk that is not a string or bytes at once, before any head: let it.
+      if (typeof chunk !== 'string' && !(chunk instanceof Uint8Array)) return Reflect.apply(originalWrite, this, args) as boolean;
       // Held for the one round trip the commit takes.
       held?.push({ run: () => Reflect.apply(originalWrite, this, args) as boolean, write: true, callback });
-      const chunk = args[0];
       heldBytes += typeof chunk === 'string' ? Buffer.byteLength(chunk) : chunk instanceof Uint8Array ? chunk.byteLength : 0;
       if (heldBytes < this.writableHighWaterMark) return true;
       owesDrain = true;
@@ -347,6 +359,11 @@ function sendReplacement(res: ServerResponse, replacement: StoredResponse, end: 
   for (const [name, value] of responseHeaders(replacement)) res.setHeader(name, value);
   const bytes = Buffer.from(replacement.body.buffer, replacement.body.byteOffset, replacement.body.byteLength);
   Reflect.apply(end, res, callback ? [bytes, callback] : [bytes]);
+}
+
+/** Node's error for a head written after the first write. */
+function headersSentError(): Error {
+  return Object.assign(new Error('Cannot write headers after they are sent to the client'), { code: 'ERR_HTTP_HEADERS_SENT' });
 }
 
 /** What a write or end of a rolled-back streamed answer tells its callback. */
