@@ -45,8 +45,9 @@ export async function postgresOrders(pool: Pool, namespace: string): Promise<Ord
   await pool.query(`CREATE TABLE IF NOT EXISTS ${table} (
     id text PRIMARY KEY, item text NOT NULL, amount integer NOT NULL, idem_key text,
     created_at timestamptz NOT NULL DEFAULT now())`).catch(async (error: { code?: string }) => {
-    // Several demo processes starting at once may race on CREATE TABLE; the loser sees 23505/42P07.
-    if (error.code !== '23505' && error.code !== '42P07') throw error;
+    // Several demo processes starting at once may race on CREATE TABLE; the loser sees 23505,
+    // 42P07, or 42710 (its row type "already exists": seen in CI with three processes).
+    if (error.code !== '23505' && error.code !== '42P07' && error.code !== '42710') throw error;
   });
   return {
     async insert(input, tx) {
