@@ -197,9 +197,9 @@ export function captureResponse(
         else sendReplacement(res, replacement, originalEnd);
         return;
       }
-      // Written during the hold (compression() writes it at its first write): it stands.
+      // Written during the hold (compression() writes it at its first write), it is the stream's
+      // own head already (see writeHead).
       if (!res.headersSent && head !== undefined && changedSince(res, head.status, head.message, head.headers)) restore(res, head.status, head.message, head.headers);
-      else if (overwritten) return void res.destroy(); // the overwriting answer's own head went out
       let lastWrite: unknown = true;
       for (const op of ops) {
         const result = op.run();
@@ -231,12 +231,25 @@ export function captureResponse(
     // and headers ahead of the stored answer's bytes. Ignored, as the end() after it is.
     if (mode === 'ending' && !delivering && !this.headersSent) return this;
     // A stream held for its commit (transactional): to everyone else its head went out with its
-    // first write, as Node sends it, so another head now is refused as Node refuses it (an error
-    // handler's, after a throw). The implicit one (Node's or compression()'s: the stream's own
-    // status, no headers) is written, and is the head the stream goes out with.
-    if (held !== undefined && !delivering) {
-      if (statusCode !== head?.status || rest.some((a) => typeof a === 'object' && a !== null)) throw headersSentError();
-      const written = Reflect.apply(originalWriteHead, this, [statusCode, ...rest]) as ServerResponse;
+    // first write, as Node sends it, so a head with headers now is refused as Node refuses it
+    // (an error handler's, after a throw).
+    if (held !== undefined && !delivering && head !== undefined) {
+      if (rest.some((a) => typeof a === 'object' && a !== null)) throw headersSentError();
+      // The implicit head (Node's, or compression()'s at its first write or end, after it set its
+      // encoding headers; it calls writeHead(this.statusCode) whatever that is by then): written
+      // with the stream's own status, as Node sent it with the first write.
+      this.statusCode = head.status;
+      this.statusMessage = head.message;
+      const length = head.headers['content-length'];
+      const now = this.getHeader('content-length');
+      // A length set since the stream started is another answer's (an error page's); one that
+      // is gone was removed by compression() for its gzip.
+      if (now !== undefined && now !== length) {
+        overwritten = true;
+        if (length === undefined) this.removeHeader('content-length');
+        else this.setHeader('content-length', length);
+      }
+      const written = Reflect.apply(originalWriteHead, this, [head.status]) as ServerResponse;
       head = { status: this.statusCode, message: this.statusMessage, headers: this.getHeaders() };
       return written;
     }

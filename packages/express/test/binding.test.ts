@@ -687,6 +687,66 @@ describe('express binding: transactional mode', () => {
     }
   });
 
+  it('compression() after idempotency(): a status set or an error after flushHeaders() neither crashes the process nor sends an error page as the stream', async () => {
+    const unhandled: unknown[] = [];
+    const onError = (reason: unknown): void => void unhandled.push(reason);
+    process.on('unhandledRejection', onError);
+    process.on('uncaughtException', onError);
+    try {
+      const { app } = committingApp(50);
+      app.use(compression({ threshold: 0 }));
+      app.post('/flush-throw', (_req, res) => {
+        res.type('text/plain');
+        res.flushHeaders();
+        throw new Error('boom');
+      });
+      app.post('/flush-status', (_req, res) => {
+        res.flushHeaders();
+        res.status(201); // after the head went out: counts for nothing, as in Node
+        res.write('a-');
+        res.end('b');
+      });
+      app.post('/flush-pipe', (_req, res) => {
+        res.flushHeaders();
+        res.status(202);
+        Readable.from(['p1-', 'p2']).pipe(res);
+      });
+      app.post('/flush-later-error', (_req, res, next) => {
+        res.type('text/plain');
+        res.flushHeaders();
+        setTimeout(() => next(new Error('later')), 10);
+      });
+      const url = await serve(app);
+      const { port } = new URL(url);
+      const raw = (path: string): Promise<string> =>
+        new Promise((resolve) => {
+          let out = '';
+          const socket = connect(Number(port), '127.0.0.1', () => {
+            socket.write(`POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${randomUUID()}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
+          });
+          socket.on('data', (d: Buffer) => (out += d.toString('latin1')));
+          socket.on('error', () => undefined);
+          socket.on('close', () => resolve(out));
+        });
+      // Before: ERR_HTTP_HEADERS_SENT thrown from compression's writeHead call, uncaught: the process exited.
+      for (const path of ['/flush-throw', '/flush-later-error']) {
+        const seen = await raw(path);
+        expect(seen).toMatch(/^HTTP\/1\.1 200 OK/);
+        expect(seen).not.toMatch(/DOCTYPE|Error|Content-Length/i);
+      }
+      for (const [path, body] of [['/flush-status', 'a-b'], ['/flush-pipe', 'p1-p2']] as const) {
+        const reply = await post(`${url}${path}`, randomUUID(), { headers: { 'accept-encoding': 'gzip' } });
+        expect(reply.status).toBe(200);
+        expect(new TextDecoder().decode(reply.body)).toBe(body);
+      }
+      await new Promise((r) => setTimeout(r, 100));
+      expect(unhandled).toEqual([]);
+    } finally {
+      process.off('unhandledRejection', onError);
+      process.off('uncaughtException', onError);
+    }
+  });
+
   it("an error handler's writeHead over a held stream does not crash the process", async () => {
     const unhandled: unknown[] = [];
     const onRejection = (reason: unknown): void => void unhandled.push(reason);
