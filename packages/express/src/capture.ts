@@ -174,10 +174,11 @@ export function captureResponse(
    */
   let head: { status: number; message: string; headers: OutgoingHttpHeaders } | undefined;
   /**
-   * An answer with a length of its own was ended over the started stream: an error handler's,
-   * after the handler threw (Express's own sets Content-Length). Sent, that length would not
-   * count the held bytes and the connection would fall out of step; so the answer is dropped and
-   * the connection cut after the held bytes, as Express cuts it once a head went out.
+   * An answer with a status or a length of its own was ended over the started stream: an error
+   * handler's, after the handler threw (its head cannot go out: the stream's went first). Sent,
+   * its bytes would end the stream as if it had succeeded, or with a length that does not count
+   * the held bytes; so the answer is dropped and the connection cut after the held bytes, as
+   * Express cuts it once a head went out. (A status a handler sets between writes counts too.)
    */
   let overwritten = false;
   /** The rolled-back stream was answered with its replacement (or cut): later writes go nowhere. */
@@ -195,6 +196,8 @@ export function captureResponse(
         for (const { callback } of ops) if (callback) process.nextTick(callback, rolledBack());
         if (res.headersSent) res.destroy();
         else sendReplacement(res, replacement, originalEnd);
+        // A handler awaiting 'drain' goes on (its later writes are dropped), instead of hanging.
+        if (owesDrain) res.emit('drain');
         return;
       }
       // Written during the hold (compression() writes it at its first write), it is the stream's
@@ -242,8 +245,9 @@ export function captureResponse(
       this.statusMessage = head.message;
       const length = head.headers['content-length'];
       const now = this.getHeader('content-length');
-      // A length set since the stream started is another answer's (an error page's); one that
-      // is gone was removed by compression() for its gzip.
+      // A status or a length set since the stream started is another answer's (an error
+      // handler's, after a throw); a length that is gone was removed by compression() for its gzip.
+      if (statusCode !== head.status) overwritten = true;
       if (now !== undefined && now !== length) {
         overwritten = true;
         if (length === undefined) this.removeHeader('content-length');
@@ -283,8 +287,9 @@ export function captureResponse(
     if (held || replaced) {
       const callback = args.findLast((a) => typeof a === 'function') as Callback | undefined;
       if (replaced) {
+        // Dropped; true, so a write-until-false loop runs to its end instead of waiting for good.
         if (callback) process.nextTick(callback, rolledBack());
-        return false;
+        return true;
       }
       const chunk = args[0];
       // Node refuses a chunk that is not a string or bytes at once, before any head: let it.
@@ -309,7 +314,9 @@ export function captureResponse(
         const { callback } = parseEndArgs(args);
         // After the held writes; a rolled-back stream was answered already, and this end's
         // callback learns that its answer did not go out.
-        if (held && head !== undefined && this.getHeader('content-length') !== head.headers['content-length']) overwritten = true;
+        // Ended with a status or a length of its own: another answer over the stream (an error
+        // handler's, after a throw), never sent as the stream's end (see `overwritten`).
+        if (held && head !== undefined && (this.statusCode !== head.status || this.getHeader('content-length') !== head.headers['content-length'])) overwritten = true;
         if (held && !overwritten) held.push({ run: finish, callback });
         else if (callback) process.nextTick(callback, rolledBack());
         return this;
