@@ -37,6 +37,22 @@ async function post(url: string, key: string | undefined, init: RequestInit = {}
   return { status: res.status, headers: res.headers, body: new Uint8Array(await res.arrayBuffer()) };
 }
 
+/** Everything the server sent on one connection for `requests` (raw HTTP), until it closed. */
+function rawExchange(url: string, requests: string): Promise<string> {
+  const { port } = new URL(url);
+  return new Promise((resolve) => {
+    let out = '';
+    const socket = connect(Number(port), '127.0.0.1', () => void socket.write(requests));
+    socket.on('data', (d: Buffer) => (out += d.toString('latin1')));
+    socket.on('error', () => undefined);
+    socket.on('close', () => resolve(out));
+  });
+}
+
+/** A keyed POST with no body, then (pipelined behind it) `then`. */
+const keyedPost = (path: string, then = ''): string => `POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${randomUUID()}\r\nContent-Length: 0\r\n\r\n${then}`;
+const NEXT_GET = 'GET /next HTTP/1.1\r\nHost: x\r\n\r\n';
+
 /** Every header the client saw, minus those that differ per response by design. */
 function comparable(headers: Headers): Array<[string, string]> {
   // content-length: a replay always carries it (recomputed), even when the original was chunked.
@@ -607,16 +623,7 @@ describe('express binding: transactional mode', () => {
     });
     const url = await serve(app);
     // A GET pipelined behind the POST on one connection: it must not read leftover bytes.
-    const { port } = new URL(url);
-    const seen = await new Promise<string>((resolve) => {
-      let out = '';
-      const socket = connect(Number(port), '127.0.0.1', () => {
-        socket.write(`POST /tx HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${randomUUID()}\r\nContent-Length: 0\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n`);
-      });
-      socket.on('data', (d: Buffer) => (out += d.toString('latin1')));
-      socket.on('error', () => undefined);
-      socket.on('close', () => resolve(out));
-    });
+    const seen = await rawExchange(url, keyedPost('/tx', NEXT_GET));
     // Before: "500 Internal Server Error", Content-Length 148, then "partial-<!DOCTYPE html>…"
     // (156 bytes) and the GET's answer read from the middle of it.
     expect(seen).toMatch(/^HTTP\/1\.1 200 OK/);
@@ -706,17 +713,7 @@ describe('express binding: transactional mode', () => {
         setTimeout(() => next(new Error('later')), 10);
       });
       const url = await serve(app);
-      const { port } = new URL(url);
-      const raw = (path: string): Promise<string> =>
-        new Promise((resolve) => {
-          let out = '';
-          const socket = connect(Number(port), '127.0.0.1', () => {
-            socket.write(`POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${randomUUID()}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
-          });
-          socket.on('data', (d: Buffer) => (out += d.toString('latin1')));
-          socket.on('error', () => undefined);
-          socket.on('close', () => resolve(out));
-        });
+      const raw = (path: string): Promise<string> => rawExchange(url, keyedPost(path).replace('\r\n\r\n', '\r\nConnection: close\r\n\r\n'));
       // Before: ERR_HTTP_HEADERS_SENT thrown from compression's writeHead call, uncaught: the process
       // exited. Now the stream's own head goes out, then its bytes; an answer with a status of its
       // own over it (an error page, or a status set after the head) is dropped and the connection
@@ -749,16 +746,7 @@ describe('express binding: transactional mode', () => {
       res.end(JSON.stringify({ error: err.message }));
     }) as ErrorRequestHandler);
     const url = await serve(app);
-    const { port } = new URL(url);
-    const seen = await new Promise<string>((resolve) => {
-      let out = '';
-      const socket = connect(Number(port), '127.0.0.1', () => {
-        socket.write(`POST /tx HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${randomUUID()}\r\nContent-Length: 0\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n`);
-      });
-      socket.on('data', (d: Buffer) => (out += d.toString('latin1')));
-      socket.on('error', () => undefined);
-      socket.on('close', () => resolve(out));
-    });
+    const seen = await rawExchange(url, keyedPost('/tx', NEXT_GET));
     // Before: a complete chunked 200 "partial-{"error":"boom"}", and /next served after it.
     expect(seen).toMatch(/^HTTP\/1\.1 200 OK/);
     expect(seen).toContain('partial-');
@@ -802,16 +790,7 @@ describe('express binding: transactional mode', () => {
       // Before: ERR_HTTP_HEADERS_SENT from restore() in the release, unhandled: the process exited;
       // then a whole 500 "partial-oops". As without transactions, its writeHead now throws
       // ERR_HTTP_HEADERS_SENT, and the client gets the 200 and "partial-", then a cut.
-      const { port } = new URL(url);
-      const seen = await new Promise<string>((resolve) => {
-        let out = '';
-        const socket = connect(Number(port), '127.0.0.1', () => {
-          socket.write(`POST /tx HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${randomUUID()}\r\nContent-Length: 0\r\n\r\n`);
-        });
-        socket.on('data', (d: Buffer) => (out += d.toString('latin1')));
-        socket.on('error', () => undefined);
-        socket.on('close', () => resolve(out));
-      });
+      const seen = await rawExchange(url, keyedPost('/tx'));
       expect(seen).toMatch(/^HTTP\/1\.1 200 OK/);
       expect(seen).toContain('partial-');
       expect(seen).not.toContain('oops');
