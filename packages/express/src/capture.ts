@@ -169,8 +169,8 @@ export function captureResponse(
   let owesDrain = false;
   /**
    * The head as it was when the stream started: the one Node would have sent with the first
-   * write. Held, it can still change; it is put back before the held bytes go out (a status set
-   * after the first write counts for nothing, as in Node).
+   * write. Held, it can still change; it is put back before the held bytes go out (and a status
+   * changed meanwhile marks the end that follows as another answer's: see `overwritten`).
    */
   let head: { status: number; message: string; headers: OutgoingHttpHeaders } | undefined;
   /**
