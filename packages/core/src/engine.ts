@@ -260,7 +260,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
       const since = more === 0 ? '' : ` (${more} more store failure${more === 1 ? '' : 's'} since the last one logged)`;
       this.#storeErrorLoggedAt = now;
       this.#storeErrorsUnlogged = 0;
-      const passing = this.options.onStoreError === 'pass' ? ' (onStoreError: \'pass\': such requests run without idempotency; every key is in its store-error event)' : '';
+      const passing = canPass && this.options.onStoreError === 'pass' ? ' (onStoreError: \'pass\': such requests run without idempotency; every key is in its store-error event)' : '';
       this.options.logger?.error(`[idemkit] Store ${operation} failed for key "${key}"${since}; not logged again for ${STORE_ERROR_LOG_EVERY_MS / 1000} s${passing}.`, error);
     }
     if (canPass && this.options.onStoreError === 'pass') return PASS;

@@ -467,10 +467,14 @@ describe('SPEC §2 through the engine', () => {
   });
 
   it("a begin slower than the lease with onStoreError 'pass' is still a 503: its claim was given back, so a run could be repeated", async () => {
-    const { store, engine } = setup({ leaseMs: 200, onStoreError: 'pass' });
+    const error = vi.fn();
+    const { store, engine } = setup({ leaseMs: 200, onStoreError: 'pass', logger: { warn: () => undefined, error } });
     const answers = answeringLate(store, 300);
     // Before this fix's fix: 'pass' (run without idempotency) after the key was freed, so the retry ran it again.
     expectProblem(await engine.decide(request({ key: 'late-pass' })), 503, 'ERR_IDEMKIT_STORE_UNAVAILABLE');
+    // And its log line does not claim the request ran without idempotency.
+    expect(error).toHaveBeenCalledTimes(1);
+    expect(error.mock.calls[0]?.[0]).not.toMatch(/run without idempotency/);
     answers.onTime();
     await vi.waitFor(async () => expect(await store.get('-:late-pass')).toBeUndefined(), { timeout: 2_000, interval: 10 });
   });
