@@ -33,6 +33,8 @@ export interface ServerSpec {
   readonly handler: HandlerKind;
   /** The table the `postgres` handler inserts into (created by the runner). */
   readonly ordersTable: string;
+  /** idemkit's `leaseMs` (default: core's). The crash check shortens it to see a takeover in seconds. */
+  readonly leaseMs?: number;
 }
 
 /** What GET /__stats answers: counters of the server process. */
@@ -43,6 +45,8 @@ export interface ServerStats {
   readonly runs: number;
   /** Times the slow (50 ms) handler of the race check ran. */
   readonly slowRuns: number;
+  /** Times the crash check's handler started (`POST /crash`). */
+  readonly crashRuns: number;
   /** Store round trips so far (0 for the memory store and for bare servers). */
   readonly roundTrips: number;
   /** POST requests whose response has not finished or closed yet. */
@@ -66,6 +70,8 @@ export function envFromProcess(env: NodeJS.ProcessEnv = process.env): ServiceEnv
 export const ORDER_BODY = JSON.stringify({ sku: 'A1', qty: 2, note: 'benchmark order' });
 export const REPLAY_KEY = 'bench-replay-key-0001';
 export const SLOW_HANDLER_MS = 50;
+/** A `POST /crash` carrying this header never answers: the crash check kills its server meanwhile. */
+export const HANG_HEADER = 'x-bench-hang';
 /** Stored responses need not outlive a run; the cleanup removes them anyway. */
 export const BENCH_TTL_MS = 600_000;
 

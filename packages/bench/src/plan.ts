@@ -16,6 +16,8 @@ export interface Plan {
   readonly handler: HandlerKind;
   readonly frameworks: readonly Framework[];
   readonly targets: (framework: Framework) => Target[];
+  /** The crash check: one framework, and the libraries × shared stores it kills a server of. */
+  readonly crash: { readonly framework: Framework; readonly targets: readonly Target[] } | null;
   /** Store micro-benchmarks, seconds per phase. */
   readonly stores: readonly StoreName[];
   readonly storeSeconds: number;
@@ -39,6 +41,24 @@ function targetsFor(stores: readonly StoreName[], peerStores: readonly StoreName
   ];
 }
 
+export type Skippable = 'http' | 'stores' | 'peers' | 'crash';
+
+/**
+ * The crash check runs on Fastify (else the first framework asked for) for idemkit on every
+ * shared store of the HTTP table, and for @node-idempotency/core on Redis, its shared adapter. A
+ * memory store dies with its process, so there is nothing to check there.
+ */
+function crashPlan(frameworks: readonly Framework[], stores: readonly StoreName[], peers: boolean): Plan['crash'] {
+  const framework = frameworks.includes('fastify') ? 'fastify' : frameworks[0];
+  if (framework === undefined) return null;
+  const shared = stores.filter((s) => s !== 'memory' && s !== 'redis-cluster');
+  const targets: Target[] = [
+    ...shared.map((store): Target => ({ library: 'idemkit', store })),
+    ...(peers && framework !== 'koa' && shared.includes('redis') ? [{ library: 'node-idempotency', store: 'redis' } as const] : []),
+  ];
+  return targets.length > 0 ? { framework, targets } : null;
+}
+
 export interface Args {
   readonly quick: boolean;
   readonly duration?: number;
@@ -47,7 +67,7 @@ export interface Args {
   readonly handler?: HandlerKind;
   readonly frameworks?: Framework[];
   readonly stores?: StoreName[];
-  readonly skip: ReadonlySet<'http' | 'stores' | 'peers'>;
+  readonly skip: ReadonlySet<Skippable>;
   /** Add the probes (see `apps/probes.ts`) to the Express and Fastify tables. */
   readonly probes?: boolean;
 }
@@ -66,6 +86,8 @@ export function makePlan(args: Args): Plan {
     peerStores.filter((s) => stores.includes(s)),
     args.probes === true,
   );
+  const asked: Framework[] = args.frameworks ?? (quick ? ['express', 'fastify'] : ['express', 'fastify', 'koa']);
+  const frameworks = args.skip.has('http') ? [] : asked;
   return {
     mode: quick ? 'quick' : 'full',
     duration: args.duration ?? (quick ? 1.5 : 3),
@@ -73,8 +95,9 @@ export function makePlan(args: Args): Plan {
     warmup: quick ? 0.5 : 2,
     connections: args.connections ?? 10,
     handler: args.handler ?? 'hello',
-    frameworks: args.skip.has('http') ? [] : (args.frameworks ?? (quick ? ['express', 'fastify'] : ['express', 'fastify', 'koa'])),
+    frameworks,
     targets: args.skip.has('peers') ? (f) => targets(f).filter((t) => t.library !== 'express-idempotency' && t.library !== 'node-idempotency') : targets,
+    crash: args.skip.has('crash') ? null : crashPlan(asked, stores, !args.skip.has('peers')),
     stores: args.skip.has('stores') ? [] : ['memory', 'postgres', 'redis', 'redis-cluster', 'mongodb'],
     storeSeconds: quick ? 0.5 : 4,
   };
@@ -91,12 +114,12 @@ function list<T extends string>(value: string, allowed: readonly T[], flag: stri
 
 export const USAGE = `pnpm bench [--quick] [--duration=S] [--rounds=N] [--connections=N]
            [--frameworks=express,fastify,koa] [--stores=memory,redis,postgres,mongodb]
-           [--skip=http,stores,peers] [--handler=hello|postgres] [--probes]`;
+           [--skip=http,stores,peers,crash] [--handler=hello|postgres] [--probes]`;
 
 export function parseArgs(argv: readonly string[]): Args {
   let quick = false;
   const out: { -readonly [K in keyof Args]?: Args[K] } = {};
-  const skip = new Set<'http' | 'stores' | 'peers'>();
+  const skip = new Set<Skippable>();
   for (const arg of argv) {
     if (arg === '--') continue;
     const [flag, value = ''] = arg.split('=', 2) as [string, string?];
@@ -134,7 +157,7 @@ export function parseArgs(argv: readonly string[]): Args {
         break;
       }
       case '--skip':
-        for (const s of list(value, ['http', 'stores', 'peers'] as const, flag)) skip.add(s);
+        for (const s of list(value, ['http', 'stores', 'peers', 'crash'] as const, flag)) skip.add(s);
         break;
       default:
         throw new Error(`unknown argument ${arg}\nusage: ${USAGE}`);

@@ -14,6 +14,8 @@ export interface RunningServer {
   settledStats(): Promise<ServerStats>;
   /** SIGTERM, then waits for the exit (the server cleans its store up first). */
   stop(): Promise<void>;
+  /** SIGKILL, then waits for the exit: a crash, so nothing is cleaned up. */
+  kill(): Promise<void>;
 }
 
 /** Starts dist/server.js in its own process and waits for its `READY <port>` line. */
@@ -66,6 +68,10 @@ export async function startServer(spec: ServerSpec, nodeArgs: readonly string[] 
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
       const code = await exited;
       if (code !== 0 && code !== null) throw new Error(`server ${label(spec)} exited with ${code}\n${stderr}`);
+    },
+    kill: async () => {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      await exited;
     },
   };
 }

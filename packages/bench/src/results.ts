@@ -1,4 +1,5 @@
 import type { Framework, HandlerKind, Library, LoadPath, StoreName } from './config.js';
+import type { CrashResult } from './crash.js';
 import type { RaceResult } from './race.js';
 import type { StoreBenchResult } from './store-bench.js';
 
@@ -34,6 +35,13 @@ export interface HttpRow {
   readonly race: RaceResult | null;
 }
 
+/** One library × store of the crash check (see `crash.ts`). */
+export interface CrashRow extends CrashResult {
+  readonly framework: Framework;
+  readonly library: Library;
+  readonly store: StoreName;
+}
+
 export interface BenchReport {
   readonly startedAt: string;
   readonly mode: 'quick' | 'full';
@@ -41,6 +49,7 @@ export interface BenchReport {
   readonly settings: { readonly duration: number; readonly rounds: number; readonly connections: number; readonly warmup: number; readonly handler: HandlerKind };
   readonly services: string;
   readonly http: HttpRow[];
+  readonly crash: CrashRow[];
   readonly stores: StoreBenchResult[];
   readonly elapsedSeconds: number;
 }

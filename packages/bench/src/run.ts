@@ -5,17 +5,18 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { isProbe, ordersTable, type Framework, type LoadPath, type ServiceEnv, type StoreName } from './config.js';
+import { isProbe, ordersTable, type Framework, type LoadPath, type ServerSpec, type ServiceEnv, type StoreName } from './config.js';
+import { CRASH_LEASE_MS, crashCheck } from './crash.js';
 import { load, primeReplay, type LoadResult } from './load.js';
 import { makePlan, parseArgs, type Plan, type Target } from './plan.js';
 import { label, startServer, type RunningServer } from './processes.js';
 import { ordersTableFor } from './orders-table.js';
 import { raceCheck, type RaceResult } from './race.js';
 import { redisCpu, type RedisCpu } from './redis-cpu.js';
-import type { BenchReport, HttpRow } from './results.js';
+import type { BenchReport, CrashRow, HttpRow } from './results.js';
 import { acquireServices } from './services.js';
 import { benchStore, type StoreBenchResult } from './store-bench.js';
-import { httpTable, storeTable } from './table.js';
+import { crashTable, httpTable, storeTable } from './table.js';
 
 const log = (line: string): void => {
   process.stderr.write(`[bench] ${line}\n`);
@@ -146,6 +147,48 @@ async function benchFramework(framework: Framework, plan: Plan, env: ServiceEnv,
   }
 }
 
+/** ms Redis keeps `key` before it expires (null when the key is gone or has no TTL). */
+async function redisTtl(url: string, key: string): Promise<number | null> {
+  const { Redis } = await import('ioredis');
+  const client = new Redis(url);
+  try {
+    const ttl = await client.pttl(key);
+    return ttl >= 0 ? ttl : null;
+  } finally {
+    await client.quit();
+  }
+}
+
+/** The crash check (see `crash.ts`) for each library × shared store of the plan, one after another. */
+async function benchCrash(crash: NonNullable<Plan['crash']>, plan: Plan, env: ServiceEnv, runId: string): Promise<CrashRow[]> {
+  const rows: CrashRow[] = [];
+  for (const { library, store } of crash.targets) {
+    const spec: ServerSpec = {
+      framework: crash.framework,
+      library,
+      store,
+      runId: `${runId}_crash_${library.replaceAll('-', '_')}_${store}`,
+      env,
+      handler: plan.handler,
+      ordersTable: ordersTable(runId),
+      ...(library === 'idemkit' ? { leaseMs: CRASH_LEASE_MS } : {}),
+    };
+    const redis = env.redis;
+    // Its in-progress record is a plain key with the response TTL (see peers/node-idempotency.ts).
+    const heldFor =
+      library === 'node-idempotency' && redis
+        ? async (key: string) => {
+            const { nodeIdempotencyStorageKey } = await import('./peers/node-idempotency.js');
+            return redisTtl(redis, nodeIdempotencyStorageKey(spec.runId, 'POST', '/crash', key));
+          }
+        : undefined;
+    const result = await crashCheck(() => startServer(spec), library === 'idemkit' ? CRASH_LEASE_MS : null, heldFor);
+    log(`  crash ${label(spec).padEnd(34)} ${JSON.stringify(result)}`);
+    rows.push({ framework: crash.framework, library, store, ...result });
+  }
+  return rows;
+}
+
 /** Rows where what was measured is not what a working library does: said out loud, not hidden. */
 function anomalies(rows: readonly HttpRow[], connections: number): string[] {
   const notes: string[] = [];
@@ -174,10 +217,15 @@ async function main(): Promise<void> {
   );
   const services = await acquireServices(log);
   let http: HttpRow[] = [];
+  let crash: CrashRow[] = [];
   const stores: StoreBenchResult[] = [];
   const orders = plan.handler === 'postgres' && plan.frameworks.length > 0 ? await ordersTableFor(services.env, ordersTable(runId)) : null;
   try {
     for (const framework of plan.frameworks) http = http.concat(await benchFramework(framework, plan, services.env, runId));
+    if (plan.crash) {
+      log(`crash check on ${plan.crash.framework}`);
+      crash = await benchCrash(plan.crash, plan, services.env, runId);
+    }
     for (const store of plan.stores) {
       log(`store bench: ${store}`);
       stores.push(await benchStore(store as StoreName, services.env, `${runId}_sb_${store.replace('-', '_')}`, plan.storeSeconds));
@@ -193,6 +241,7 @@ async function main(): Promise<void> {
     settings: { duration: plan.duration, rounds: plan.rounds, connections: plan.connections, warmup: plan.warmup, handler: plan.handler },
     services: services.source,
     http,
+    crash,
     stores,
     elapsedSeconds: (performance.now() - started) / 1000,
   };
@@ -209,6 +258,17 @@ async function main(): Promise<void> {
   out.push(`handler: ${plan.handler === 'hello' ? 'hello (a JSON answer from memory)' : 'postgres (one INSERT … RETURNING id per run of the handler)'}`);
   out.push(`autocannon: ${plan.connections} connections, ${plan.duration} s per run, ${plan.rounds} round(s), bare runs alternated with each library run`);
   if (http.length > 0) out.push('', httpTable(http));
+  if (crash.length > 0) {
+    out.push(
+      '',
+      `Crash check (${crash[0]?.framework}): a server is killed (SIGKILL) while the handler runs; the same request is retried on a fresh server every 100 ms:`,
+      '',
+      crashTable(crash),
+    );
+    if (crash.some((r) => r.library === 'node-idempotency' && r.recoveredStatus === null)) {
+      out.push('', "node-idempotency's in-progress record has no lease: it lives as long as a stored answer (cacheTTLMS: 10 min in this bench, 24 h by default).");
+    }
+  }
   if (stores.length > 0) out.push('', `Store micro-benchmark (32 concurrent callers, ${plan.storeSeconds} s per phase):`, '', storeTable(stores));
   const notes = anomalies(http, plan.connections);
   if (notes.length > 0) out.push('', 'Anomalies:', ...notes.map((n) => `- ${n}`));

@@ -17,7 +17,7 @@ let closeLibrary = async (): Promise<void> => undefined;
 switch (spec.library) {
   case 'idemkit': {
     const counted = await openStore(spec.store, spec.env, spec.runId);
-    library = { kind: 'idemkit', store: counted.store, ttlMs: BENCH_TTL_MS };
+    library = { kind: 'idemkit', store: counted.store, ttlMs: BENCH_TTL_MS, leaseMs: spec.leaseMs };
     roundTrips = counted.roundTrips;
     closeLibrary = counted.close;
     break;
@@ -45,7 +45,7 @@ switch (spec.library) {
     break;
 }
 
-const counters: Counters = { requests: 0, runs: 0, slowRuns: 0 };
+const counters: Counters = { requests: 0, runs: 0, slowRuns: 0, crashRuns: 0 };
 const cpuMicros = (): number => {
   const { user, system } = process.cpuUsage();
   return user + system;

@@ -1,4 +1,4 @@
-import type { HttpRow } from './results.js';
+import type { CrashRow, HttpRow } from './results.js';
 import type { RaceResult } from './race.js';
 import type { StoreBenchResult } from './store-bench.js';
 
@@ -33,6 +33,28 @@ export function httpTable(rows: readonly HttpRow[]): string {
     raceCell(row.race),
   ]);
   return markdown(head, lines, [4, 5, 6, 7, 8, 9, 10]);
+}
+
+const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
+
+/** Markdown table of the crash check: what a retry gets after the process running it died. */
+export function crashTable(rows: readonly CrashRow[]): string {
+  const head = ['framework', 'library', 'store', 'first retry', 'retries got 409 for', 'then', 'later retries', 'dead claim left in the store'];
+  const lines = rows.map((row) => {
+    const recovered = row.recoveredStatus !== null;
+    const runs = row.runsAfterCrash === 1 ? 'once' : `**${row.runsAfterCrash}×**`;
+    return [
+      row.framework,
+      row.library,
+      row.store,
+      String(row.firstRetryStatus),
+      recovered ? `${seconds(row.blockedMs ?? 0)}${row.leaseMs === null ? '' : ` (lease ${seconds(row.leaseMs)})`}` : `all ${seconds(row.retriedMs)} (gave up)`,
+      recovered ? `${row.recoveredStatus}, handler ran ${runs}` : '–',
+      row.replaysIdentical === null ? '–' : row.replaysIdentical ? 'replayed, identical' : '**differed**',
+      recovered ? '–' : row.stillHeldMs === null ? 'unknown' : seconds(row.stillHeldMs),
+    ];
+  });
+  return markdown(head, lines);
 }
 
 export function storeTable(results: readonly StoreBenchResult[]): string {

@@ -43,6 +43,23 @@ describe('plan', () => {
     expect(makePlan(parseArgs(['--quick'])).targets('fastify').some((t) => t.library.startsWith('probe'))).toBe(false);
   });
 
+  it('crash check: Fastify, idemkit on every shared store and the peer on Redis; skippable', () => {
+    expect(makePlan(parseArgs(['--quick'])).crash).toEqual({
+      framework: 'fastify',
+      targets: [
+        { library: 'idemkit', store: 'redis' },
+        { library: 'node-idempotency', store: 'redis' },
+      ],
+    });
+    expect(makePlan(parseArgs([])).crash?.targets.map((t) => `${t.library}/${t.store}`)).toEqual(['idemkit/redis', 'idemkit/postgres', 'idemkit/mongodb', 'node-idempotency/redis']);
+    // Its own section: --skip=http keeps it, --skip=crash drops it; Koa has no peer; memory has nothing to check.
+    expect(makePlan(parseArgs(['--skip=http'])).crash?.framework).toBe('fastify');
+    expect(makePlan(parseArgs(['--skip=crash'])).crash).toBeNull();
+    expect(makePlan(parseArgs(['--frameworks=koa', '--stores=redis'])).crash).toEqual({ framework: 'koa', targets: [{ library: 'idemkit', store: 'redis' }] });
+    expect(makePlan(parseArgs(['--skip=peers', '--stores=memory,redis'])).crash?.targets).toEqual([{ library: 'idemkit', store: 'redis' }]);
+    expect(makePlan(parseArgs(['--stores=memory'])).crash).toBeNull();
+  });
+
   it('runs the hello handler unless --handler=postgres asks for the database one', () => {
     expect(makePlan(parseArgs(['--quick'])).handler).toBe('hello');
     expect(makePlan(parseArgs(['--handler=postgres'])).handler).toBe('postgres');

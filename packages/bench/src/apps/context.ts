@@ -1,12 +1,12 @@
 import type { IdempotencyStore } from '@idemkit/core';
 import type { Idempotency } from '@node-idempotency/core';
-import { SLOW_HANDLER_MS, type ServerStats } from '../config.js';
+import { HANG_HEADER, SLOW_HANDLER_MS, type ServerStats } from '../config.js';
 import type { AnswerKeeper } from './probes.js';
 
 /** What sits in front of the handler, already opened by the server process. */
 export type LibrarySetup =
   | { readonly kind: 'bare' }
-  | { readonly kind: 'idemkit'; readonly store: IdempotencyStore; readonly ttlMs: number }
+  | { readonly kind: 'idemkit'; readonly store: IdempotencyStore; readonly ttlMs: number; readonly leaseMs: number | undefined }
   | { readonly kind: 'express-idempotency' }
   | { readonly kind: 'node-idempotency'; readonly idempotency: Idempotency }
   | { readonly kind: 'probe-hook' }
@@ -16,6 +16,7 @@ export interface Counters {
   requests: number;
   runs: number;
   slowRuns: number;
+  crashRuns: number;
 }
 
 export interface AppContext {
@@ -61,4 +62,15 @@ export async function createOrderSlowly(counters: Counters, body: unknown): Prom
   await new Promise((resolve) => setTimeout(resolve, SLOW_HANDLER_MS));
   const input = (body ?? {}) as OrderInput;
   return { id: `slow_${counters.slowRuns}`, sku: input.sku, qty: input.qty };
+}
+
+/**
+ * The crash check's handler: with the hang header it never answers (the process is killed while
+ * it runs, as a deploy or an OOM kill would); without it, the retry's answer.
+ */
+export async function createOrderOrHang(counters: Counters, headers: Readonly<Record<string, unknown>>, body: unknown): Promise<Order> {
+  counters.crashRuns++;
+  if (headers[HANG_HEADER] !== undefined) await new Promise<never>(() => undefined);
+  const input = (body ?? {}) as OrderInput;
+  return { id: `crash_${counters.crashRuns}`, sku: input.sku, qty: input.qty };
 }

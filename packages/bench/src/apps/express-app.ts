@@ -3,7 +3,7 @@ import type { RequestListener } from 'node:http';
 import express, { type ErrorRequestHandler, type Request } from 'express';
 import { getSharedIdempotencyService, idempotency as expressIdempotency } from 'express-idempotency';
 import { nodeIdempotencyExpress } from '../peers/node-idempotency.js';
-import { createOrderSlowly, type AppContext } from './context.js';
+import { createOrderOrHang, createOrderSlowly, type AppContext } from './context.js';
 import { answerBytes } from './probes.js';
 
 /** Express 5: body parser, then the library under test (as its README mounts it), then the routes. */
@@ -22,7 +22,7 @@ export function expressApp({ library, counters, order, stats }: AppContext): Req
   let isHit = (_req: Request): boolean => false;
   switch (library.kind) {
     case 'idemkit':
-      app.use(idempotency({ store: library.store, ttlMs: library.ttlMs }));
+      app.use(idempotency({ store: library.store, ttlMs: library.ttlMs, leaseMs: library.leaseMs }));
       break;
     case 'express-idempotency': {
       app.use(expressIdempotency());
@@ -58,6 +58,10 @@ export function expressApp({ library, counters, order, stats }: AppContext): Req
   app.post('/slow', async (req, res) => {
     if (isHit(req)) return;
     res.status(201).json(await createOrderSlowly(counters, req.body));
+  });
+  app.post('/crash', async (req, res) => {
+    if (isHit(req)) return;
+    res.status(201).json(await createOrderOrHang(counters, req.headers, req.body));
   });
   if (library.kind === 'idemkit') app.use(idempotencyErrorHandler());
   // express-idempotency answers a duplicate in flight with next(error) and a 409 status set.

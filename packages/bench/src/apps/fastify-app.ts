@@ -1,7 +1,7 @@
 import fastifyIdempotency from '@idemkit/fastify';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { nodeIdempotencyFastify } from '../peers/node-idempotency.js';
-import { createOrderSlowly, type AppContext } from './context.js';
+import { createOrderOrHang, createOrderSlowly, type AppContext } from './context.js';
 import { answerBytes } from './probes.js';
 
 /** Fastify 5 with the library registered before the routes, as its README says. */
@@ -13,7 +13,7 @@ export async function fastifyApp({ library, counters, order, stats }: AppContext
   app.get('/__stats', async () => stats());
   switch (library.kind) {
     case 'idemkit':
-      await app.register(fastifyIdempotency, { store: library.store, ttlMs: library.ttlMs });
+      await app.register(fastifyIdempotency, { store: library.store, ttlMs: library.ttlMs, leaseMs: library.leaseMs });
       break;
     case 'node-idempotency':
       nodeIdempotencyFastify(app, library.idempotency);
@@ -36,5 +36,6 @@ export async function fastifyApp({ library, counters, order, stats }: AppContext
   }
   app.post('/orders', async (request, reply) => reply.code(201).send(await order(request.body)));
   app.post('/slow', async (request, reply) => reply.code(201).send(await createOrderSlowly(counters, request.body)));
+  app.post('/crash', async (request, reply) => reply.code(201).send(await createOrderOrHang(counters, request.headers, request.body)));
   return app;
 }

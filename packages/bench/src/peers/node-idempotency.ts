@@ -15,6 +15,13 @@ export interface NodeIdempotencySetup {
   close(): Promise<void>;
 }
 
+const keyPrefix = (runId: string): string => `node-idem-bench:${runId}`;
+
+/** The storage key @node-idempotency/core keeps a request under (its `getIdempotencyCacheKey`). */
+export function nodeIdempotencyStorageKey(runId: string, method: string, path: string, key: string): string {
+  return `${keyPrefix(runId)}:${method}:${path}:${key}`;
+}
+
 /** The storage adapter the way its README sets it up; each adapter call is one Redis command. */
 export async function nodeIdempotency(store: StoreName, env: ServiceEnv, runId: string): Promise<NodeIdempotencySetup> {
   let adapter: StorageAdapter;
@@ -34,7 +41,7 @@ export async function nodeIdempotency(store: StoreName, env: ServiceEnv, runId: 
       const [{ Redis }, { deleteRedisPrefix }] = await Promise.all([import('ioredis'), import('../stores.js')]);
       const client = new Redis(url);
       try {
-        await deleteRedisPrefix(client, `node-idem-bench:${runId}:`);
+        await deleteRedisPrefix(client, `${keyPrefix(runId)}:`);
       } finally {
         await client.quit();
       }
@@ -48,7 +55,7 @@ export async function nodeIdempotency(store: StoreName, env: ServiceEnv, runId: 
     set: (...args) => (calls++, adapter.set(...args)),
     get: (...args) => (calls++, adapter.get(...args)),
   };
-  const idempotency = new Idempotency(counted, { cacheTTLMS: BENCH_TTL_MS, cacheKeyPrefix: `node-idem-bench:${runId}` });
+  const idempotency = new Idempotency(counted, { cacheTTLMS: BENCH_TTL_MS, cacheKeyPrefix: keyPrefix(runId) });
   return { idempotency, roundTrips: () => (store === 'memory' ? 0 : calls), close };
 }
 
