@@ -1,3 +1,4 @@
+import { STATUS_CODES } from 'node:http';
 import type { IdempotencyContext } from '@idemkit/core';
 import type { Backend } from './backend.js';
 
@@ -17,6 +18,13 @@ export function problem(status: number, slug: string, title: string, detail: str
     body: { type: `https://idemkit.dev/demo/problems/${slug}`, title, status, detail },
   };
 }
+
+/**
+ * An error a parser or idemkit marked as the client's (a 4xx with `expose`), such as idemkit's 415
+ * for a body no parser read (`text/plain` here): its own status as a problem, not a 500.
+ */
+export const clientError = (status: number, detail: string) =>
+  problem(status, status === 415 ? 'unsupported-media-type' : 'bad-request', STATUS_CODES[status] ?? 'Bad request', detail);
 
 export const invalidJson = (detail: string) => problem(400, 'invalid-json', 'Request body is not valid JSON', detail);
 export const tooLarge = () => problem(413, 'body-too-large', 'Request body too large', 'The body is larger than 100 KB.');

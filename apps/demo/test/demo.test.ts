@@ -54,6 +54,22 @@ describe.each(FRAMEWORKS)('demo on %s with the in-memory store', (framework) => 
     expect(await count()).toBe(before);
   });
 
+  // Was a 500 on Express (its error handler ignored the 415's status) and text/plain on Koa.
+  it('a body the app does not parse (text/plain) gets a 4xx problem+json, twice, and creates nothing', async () => {
+    const count = async (): Promise<number> => ((await (await fetch(`${demo.url}/orders`)).json()) as { orders: unknown[] }).orders.length;
+    const before = await count();
+    const key = crypto.randomUUID();
+    for (let attempt = 0; attempt < 2; attempt++) {
+      const res = await fetch(`${demo.url}/orders`, { method: 'POST', headers: { 'content-type': 'text/plain', 'idempotency-key': key }, body: 'hi' });
+      // Express and Koa parse JSON only, so idemkit refuses the unread body (415); Fastify reads
+      // text/plain as a string, which the handler refuses as an order (400).
+      expect(res.status).toBe(framework === 'fastify' ? 400 : 415);
+      expect(res.headers.get('content-type')).toContain('application/problem+json');
+      expect(((await res.json()) as { status: number }).status).toBe(res.status);
+    }
+    expect(await count()).toBe(before);
+  });
+
   it('an invalid order gets 400 problem+json, a missing key gets the idemkit 400', async () => {
     const bad = await post(`${demo.url}/orders`, '{"item":"x","amount":-1}', crypto.randomUUID());
     expect(bad.status).toBe(400);

@@ -2,7 +2,7 @@ import { idempotency, idempotencyErrorHandler } from '@idemkit/express';
 import express, { type ErrorRequestHandler, type Response } from 'express';
 import type { Assets } from '../assets.js';
 import type { Backend } from '../backend.js';
-import { createThing, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
+import { clientError, createThing, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
 import type { DemoConfig } from '../config.js';
 import type { RunningDemo } from '../server.js';
 import { listen } from './listen.js';
@@ -26,9 +26,10 @@ export async function startExpress(config: DemoConfig, backend: Backend, assets:
 
   // Frees the key of a handler that threw (and, in transactional mode, rolls its writes back).
   app.use(idempotencyErrorHandler());
-  const onError: ErrorRequestHandler = (err: { type?: string; message?: string }, _req, res, _next) => {
+  const onError: ErrorRequestHandler = (err: { type?: string; message?: string; status?: number; expose?: boolean }, _req, res, _next) => {
     if (err.type === 'entity.parse.failed') return send(res, invalidJson(err.message ?? 'Malformed JSON.'));
     if (err.type === 'entity.too.large') return send(res, tooLarge());
+    if (err.status !== undefined && err.status >= 400 && err.status < 500 && err.expose === true) return send(res, clientError(err.status, err.message ?? ''));
     console.error(err);
     send(res, problem(500, 'internal', 'Internal error', 'Something went wrong; retry with the same key.'));
   };

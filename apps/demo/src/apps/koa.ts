@@ -4,7 +4,7 @@ import { idempotency } from '@idemkit/koa';
 import Koa from 'koa';
 import type { Assets } from '../assets.js';
 import type { Backend } from '../backend.js';
-import { createThing, invalidJson, listOrders, placeOrder, tooLarge, type DemoResponse } from '../checkout.js';
+import { clientError, createThing, invalidJson, listOrders, placeOrder, tooLarge, type DemoResponse } from '../checkout.js';
 import type { DemoConfig } from '../config.js';
 import type { RunningDemo } from '../server.js';
 import { listen } from './listen.js';
@@ -19,14 +19,16 @@ function send(ctx: Koa.Context, r: DemoResponse): void {
 export async function startKoa(config: DemoConfig, backend: Backend, assets: Assets): Promise<RunningDemo> {
   const app = new Koa();
   const router = new Router();
-  // Body-parser errors (bad JSON, too large) become problem responses like the other frameworks'.
+  // Body-parser errors (bad JSON, too large) and other exposed 4xx errors (idemkit's 415 for a
+  // body no parser read) become problem responses like the other frameworks'.
   app.use(async (ctx, next) => {
     try {
       await next();
     } catch (err) {
-      const e = err as { status?: number; type?: string; message?: string };
+      const e = err as { status?: number; type?: string; message?: string; expose?: boolean };
       if (e.status === 413 || e.type === 'entity.too.large') return send(ctx, tooLarge());
       if (err instanceof SyntaxError || e.type === 'entity.parse.failed') return send(ctx, invalidJson(e.message ?? 'Malformed JSON.'));
+      if (e.status !== undefined && e.status >= 400 && e.status < 500 && e.expose === true) return send(ctx, clientError(e.status, e.message ?? ''));
       throw err;
     }
   });
