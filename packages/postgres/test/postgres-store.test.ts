@@ -114,6 +114,17 @@ describe('construction and options', () => {
     expect(owned.pool.ended).toBe(true);
     await expect(owned.get(key())).rejects.toThrow(/after calling end/);
   });
+
+  it('close() of a pool it created waits for statements in flight (a graceful shutdown does not cut a completion)', async () => {
+    const owned = createPostgresStore({ connectionString: db.url, poolOptions: { max: 2 }, schema: db.schema });
+    let settled = false;
+    const inFlight = owned.pool.query('SELECT pg_sleep(0.4)').then(() => (settled = true));
+    await vi.waitFor(() => expect(owned.pool.idleCount).toBeLessThan(owned.pool.totalCount)); // checked out, running
+    await owned.close();
+    expect(settled).toBe(true);
+    expect(owned.pool.totalCount).toBe(0);
+    await inFlight;
+  });
 });
 
 describe('migrate() and sql/schema.sql', () => {
@@ -340,6 +351,25 @@ describe('purgeExpired', () => {
     for (const k of live) expect(await store.get(k)).toBeDefined();
     const { rows } = await db.pool.query(`SELECT count(*)::int AS n FROM ${table} WHERE key LIKE 'purge:%'`);
     expect(rows[0]).toEqual({ n: 0 });
+  });
+
+  it('skips an expired row another session holds locked, and deletes the rest at once', async () => {
+    const purger = createPostgresStore({ pool: db.pool, schema: db.schema, queryTimeoutMs: 3_000 });
+    const keys = Array.from({ length: 5 }, key);
+    for (const k of keys) await purger.begin(k, null, 1);
+    await vi.waitFor(async () => expect(await purger.get(keys[4]!)).toBeUndefined()); // every lease ran out
+    // Another app server's purger mid-batch, or a long transaction, holds one of them.
+    const locker = await db.pool.connect();
+    try {
+      await locker.query('BEGIN');
+      await locker.query(`SELECT 1 FROM ${purger.table} WHERE key = $1 FOR UPDATE`, [keys[0]]);
+      await expect(purger.purgeExpired(100)).resolves.toBeGreaterThanOrEqual(4);
+      const { rows } = await db.pool.query<{ key: string }>(`SELECT key FROM ${purger.table} WHERE key = ANY($1)`, [keys]);
+      expect(rows.map((r) => r.key)).toEqual([keys[0]]);
+    } finally {
+      await locker.query('ROLLBACK');
+      locker.release();
+    }
   });
 
   it('uses a TID scan on the batch (no full scan per batch)', async () => {

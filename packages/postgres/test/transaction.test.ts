@@ -175,6 +175,27 @@ describe('store transactions (the flow the engine drives)', () => {
     }
   });
 
+  // Lease and TTL go by the completing statement's time, not the transaction's start (now()).
+  it('a handler that stalls past its lease (nobody took over) cannot complete; a timely one gets its TTL from completion', async () => {
+    const late = key();
+    const claim = await store.begin(late, 'fp', 300);
+    if (claim.kind !== 'acquired') throw new Error('expected acquired');
+    const tx = await store.beginTransaction();
+    await tx.client.query('SELECT 1');
+    await new Promise((resolve) => setTimeout(resolve, 800)); // the handler's work, past the 300 ms lease
+    expect(await tx.complete(late, claim.token, ok, 5_000)).toBe(false);
+
+    const timely = key();
+    const { token, tx: tx2 } = await claimedTransaction(timely);
+    await tx2.client.query('SELECT 1');
+    await new Promise((resolve) => setTimeout(resolve, 800)); // the same work, well inside the lease
+    const completedAt = Date.now();
+    expect(await tx2.complete(timely, token, ok, 5_000)).toBe(true);
+    const record = await store.get(timely);
+    // Within a round trip of completion + 5 s; counted from BEGIN it would be ~800 ms early.
+    expect(record?.expiresAt).toBeGreaterThan(completedAt + 5_000 - 300);
+  });
+
   it('complete twice is refused; the transaction is single-use', async () => {
     const k = key();
     const { token, tx } = await claimedTransaction(k);
