@@ -31,6 +31,20 @@ export function ttlSuite(ctx: SuiteContext): void {
     expect(record.response).toBeNull();
   });
 
+  // A job key reused on a short TTL (a dedupe window): every round after an expiry is a fresh
+  // claim. A store that remembered something of the first takeover must not block the next.
+  clause('a key whose completed record expires three times in a row is acquired each time, with its own answer', async () => {
+    const key = ctx.key('ttl-again');
+    for (let round = 1; round <= 3; round++) {
+      const next = await store().begin(key, 'fp', LONG_MS);
+      expect(next.kind, `round ${round}`).toBe('acquired');
+      if (next.kind !== 'acquired') return;
+      expect(await store().complete(key, next.token, textResponse(`round ${round}`), SHORT_MS)).toBe(true);
+      expectSameResponse((await mustGet(store(), key)).response, textResponse(`round ${round}`));
+      await waitUntilGone(store(), key);
+    }
+  });
+
   clause('the TTL counts from completion, not from begin', async () => {
     const key = ctx.key('ttl-not-from-begin');
     const token = await acquire(store(), key, LONG_MS);
