@@ -489,6 +489,20 @@ describe('server clock', () => {
     expect(record?.expiresAt).toBe((record?.createdAt ?? 0) + 10_000);
     expect(record?.leaseExpiresAt).toBe(record?.expiresAt);
   });
+
+  it("an app server whose clock runs 60 s fast still stamps the server's time (the offset cancels the skew)", async () => {
+    const realNow = Date.now.bind(Date);
+    const skewed = vi.spyOn(Date, 'now').mockImplementation(() => realNow() + 60_000);
+    onTestFinished(() => skewed.mockRestore());
+    const store = createMongoStore({ db: t.db });
+    const before = ((await t.db.admin().command({ hello: 1 })) as { localTime: Date }).localTime.getTime();
+    const k = key('clock-skew');
+    await store.begin(k, null, 10_000);
+    const after = ((await t.db.admin().command({ hello: 1 })) as { localTime: Date }).localTime.getTime();
+    const record = await store.get(k);
+    expect(record?.createdAt).toBeGreaterThanOrEqual(before - 50);
+    expect(record?.createdAt).toBeLessThanOrEqual(after + 50);
+  });
 });
 
 describe('indexes and expiry', () => {
