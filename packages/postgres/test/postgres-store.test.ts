@@ -281,6 +281,29 @@ describe('begin', () => {
     if (first.kind === 'acquired') expect(await store.complete(k, first.token, response, 60_000)).toBe(false);
   });
 
+  // Retry-After comes from it: a begin that waited for a racing claim's insert counts the lease
+  // left from when it answered, not from when it was sent.
+  it('a begin that waited on a racing claim reports the lease left when it answered', async () => {
+    const k = key();
+    const locker = await db.pool.connect();
+    try {
+      // Another app server's begin, its insert not yet committed: ours waits on the key's index.
+      await locker.query('BEGIN');
+      await locker.query(buildQueries(store.table).begin, [k, 'fp', randomUUID(), 5_000]);
+      const waiting = store.begin(k, 'fp', 5_000);
+      await new Promise((resolve) => setTimeout(resolve, 600)); // how long ours waits on it
+      const released = Date.now();
+      await locker.query('COMMIT');
+      const second = await waiting;
+      if (second.kind !== 'existing') throw new Error('expected existing');
+      const leaseEnd = (await store.get(k))?.leaseExpiresAt ?? 0;
+      expect(second.leaseRemainingMs).toBeGreaterThan(0);
+      expect(second.leaseRemainingMs).toBeLessThanOrEqual(leaseEnd - released + 100);
+    } finally {
+      locker.release();
+    }
+  });
+
   it('returns the live completed record with its response, and leaseRemainingMs 0', async () => {
     const k = key();
     const first = await store.begin(k, 'fp', 10_000);
