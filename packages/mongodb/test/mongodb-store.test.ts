@@ -166,6 +166,57 @@ describe('atomic begin', () => {
     }
   });
 
+  it('claims fencing: a holder whose completion stalls at its claim while a taker takes the lapsed lease over cannot complete', async () => {
+    const [a, b] = await Promise.all([t.client(), t.client()]);
+    const holder = createMongoStore({ db: a.db(t.dbName), collectionName: 'slow-holder', fencing: 'claims', clock: 'local' });
+    const taker = createMongoStore({ db: b.db(t.dbName), collectionName: 'slow-holder', fencing: 'claims', clock: 'local' });
+    const k = key('slow-holder');
+    /** Makes `method` of `target` wait, once, until released; resolves `reached` when it is called. */
+    const gateOnce = <T extends object>(target: T, method: keyof T) => {
+      let reachedIt!: () => void;
+      const reached = new Promise<void>((resolve) => (reachedIt = resolve));
+      let release!: () => void;
+      const released = new Promise<void>((resolve) => (release = resolve));
+      const original = (target[method] as (...args: unknown[]) => unknown).bind(target);
+      let armed = true;
+      (target as Record<keyof T, unknown>)[method] = async (...args: unknown[]) => {
+        if (armed) {
+          armed = false;
+          reachedIt();
+          await released;
+        }
+        return original(...args);
+      };
+      return { reached, release };
+    };
+    vi.useFakeTimers({ toFake: ['Date'] });
+    try {
+      const t0 = Date.now();
+      const first = await holder.begin(k, 'fp', 400);
+      if (first.kind !== 'acquired') throw new Error('expected acquired');
+      // The holder completes 50 ms before its lease ends, and its claim's insert is slow.
+      const holderClaim = gateOnce(holder.claimsCollection, 'insertOne');
+      vi.setSystemTime(t0 + 350);
+      const completing = holder.complete(k, first.token, response(new Uint8Array([1])), 60_000);
+      await holderClaim.reached;
+      // Its lease runs out meanwhile; a taker claims the key, checks the record, stalls before writing.
+      vi.setSystemTime(t0 + 600);
+      const takerWrite = gateOnce(taker.collection, 'updateOne');
+      const taking = taker.begin(k, 'fp2', 30_000);
+      await takerWrite.reached;
+      holderClaim.release();
+      const completed = await completing;
+      takerWrite.release();
+      expect(await taking).toMatchObject({ kind: 'acquired', tookOver: true });
+      // Told "stored" while the taker overwrote the record, the holder's answer would be lost.
+      expect(completed).toBe(false);
+      const record = await taker.get(k);
+      expect(record).toMatchObject({ state: 'in_progress', fingerprint: 'fp2' });
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
   it('claims fencing: a taker that died holding its claim blocks takeovers for one claim window, then the next one wins', async () => {
     const [a, b] = await Promise.all([t.client(), t.client()]);
     const storeA = createMongoStore({ db: a.db(t.dbName), collectionName: 'dead-taker', fencing: 'claims', clock: 'local' });
