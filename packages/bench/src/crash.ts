@@ -4,8 +4,8 @@ import type { RunningServer } from './processes.js';
 
 /** idemkit's `leaseMs` in the crash check: short, so its takeover shows within seconds. */
 export const CRASH_LEASE_MS = 2_000;
-/** How long the retries go on after the kill before the check gives up on a library. */
-export const CRASH_RETRY_MS = CRASH_LEASE_MS + 4_000;
+/** How long past the lease (or `CRASH_LEASE_MS`, for a library without one) the retries go on. */
+const RETRY_PAST_LEASE_MS = 4_000;
 const RETRY_EVERY_MS = 100;
 
 export interface CrashResult {
@@ -13,7 +13,15 @@ export interface CrashResult {
   readonly leaseMs: number | null;
   /** What the first retry, on a fresh process right after the kill, got. */
   readonly firstRetryStatus: number;
-  /** ms from the kill to the first retry answered with anything but 409; null when none was. */
+  /**
+   * ms from the kill to the first retry's answer: the fresh server's start-up. On a slow machine
+   * it can outlast the lease, and the first retry then runs at once (no 409 at all).
+   */
+  readonly restartMs: number;
+  /**
+   * ms from the kill to the first answer other than 409, after at least one 409; 0 when the first
+   * retry already got another answer; null when every retry got 409.
+   */
   readonly blockedMs: number | null;
   /** The status of that answer (null when every retry got 409). */
   readonly recoveredStatus: number | null;
@@ -47,8 +55,8 @@ const pause = (ms: number): Promise<void> => new Promise((resolve) => setTimeout
  * What a retry gets after the process running a key's handler dies (SIGKILL mid-handler, as a
  * deploy or the OOM killer would). One request with a fresh key starts the handler, which never
  * answers; once it runs, its server is killed, a fresh server on the same store starts, and the
- * same request is retried every 100 ms until it gets something other than 409 or `CRASH_RETRY_MS`
- * has passed since the kill. `start` starts a server of the library on the same store and run id
+ * same request is retried every 100 ms until it gets something other than 409, or for 4 s past
+ * the lease (`CRASH_LEASE_MS` for a library without one) since the kill. `start` starts a server of the library on the same store and run id
  * each time; `heldFor` reads how long the store keeps the dead claim (for libraries without a
  * lease, where the retries give up).
  */
@@ -73,23 +81,27 @@ export async function crashCheck(
     await victim.kill();
   }
   const killedAt = performance.now();
+  const retryForMs = (leaseMs ?? CRASH_LEASE_MS) + RETRY_PAST_LEASE_MS;
   const fresh = await start();
   try {
     const first = await post(fresh.url, key, false);
+    const restartMs = performance.now() - killedAt;
     let current = first;
-    while (current.status === 409 && performance.now() - killedAt < CRASH_RETRY_MS) {
+    while (current.status === 409 && performance.now() - killedAt < retryForMs) {
       await pause(RETRY_EVERY_MS);
       current = await post(fresh.url, key, false);
     }
     const retriedMs = performance.now() - killedAt;
     if (current.status === 409) {
-      return { leaseMs, firstRetryStatus: first.status, blockedMs: null, recoveredStatus: null, runsAfterCrash: (await fresh.stats()).crashRuns, replaysIdentical: null, retriedMs, stillHeldMs: await heldFor(key) };
+      const runsAfterCrash = (await fresh.stats()).crashRuns;
+      return { leaseMs, firstRetryStatus: first.status, restartMs, blockedMs: null, recoveredStatus: null, runsAfterCrash, replaysIdentical: null, retriedMs, stillHeldMs: await heldFor(key) };
     }
     const later = await Promise.all([0, 1, 2].map(() => post(fresh.url, key, false)));
     return {
       leaseMs,
       firstRetryStatus: first.status,
-      blockedMs: retriedMs,
+      restartMs,
+      blockedMs: first.status === 409 ? retriedMs : 0,
       recoveredStatus: current.status,
       runsAfterCrash: (await fresh.stats()).crashRuns,
       replaysIdentical: later.every((answer) => answer.status === current.status && answer.body === current.body),

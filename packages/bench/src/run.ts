@@ -261,7 +261,7 @@ async function main(): Promise<void> {
   if (crash.length > 0) {
     out.push(
       '',
-      `Crash check (${crash[0]?.framework}): a server is killed (SIGKILL) while the handler runs; the same request is retried on a fresh server every 100 ms:`,
+      `Crash check (${crash[0]?.framework}): a server is killed (SIGKILL) while the handler runs; the same request is retried on a fresh server every 100 ms (times from the kill):`,
       '',
       crashTable(crash),
     );

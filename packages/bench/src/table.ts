@@ -37,9 +37,17 @@ export function httpTable(rows: readonly HttpRow[]): string {
 
 const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
 
+/** Until when after the kill the retries got 409 (times count from the kill, start-up included). */
+function blockedCell(row: CrashRow): string {
+  const lease = row.leaseMs === null ? '' : ` (lease ${seconds(row.leaseMs)})`;
+  if (row.blockedMs === null) return `still at ${seconds(row.retriedMs)} (gave up)`;
+  if (row.blockedMs === 0) return `none: the restart outlasted the lease${lease}`;
+  return `${seconds(row.blockedMs)}${lease}`;
+}
+
 /** Markdown table of the crash check: what a retry gets after the process running it died. */
 export function crashTable(rows: readonly CrashRow[]): string {
-  const head = ['framework', 'library', 'store', 'first retry', 'retries got 409 for', 'then', 'later retries', 'dead claim left in the store'];
+  const head = ['framework', 'library', 'store', 'restart', 'first retry', 'retries got 409 until', 'then', 'later retries', 'dead claim left in the store'];
   const lines = rows.map((row) => {
     const recovered = row.recoveredStatus !== null;
     const runs = row.runsAfterCrash === 1 ? 'once' : `**${row.runsAfterCrash}×**`;
@@ -47,8 +55,9 @@ export function crashTable(rows: readonly CrashRow[]): string {
       row.framework,
       row.library,
       row.store,
+      seconds(row.restartMs),
       String(row.firstRetryStatus),
-      recovered ? `${seconds(row.blockedMs ?? 0)}${row.leaseMs === null ? '' : ` (lease ${seconds(row.leaseMs)})`}` : `all ${seconds(row.retriedMs)} (gave up)`,
+      blockedCell(row),
       recovered ? `${row.recoveredStatus}, handler ran ${runs}` : '–',
       row.replaysIdentical === null ? '–' : row.replaysIdentical ? 'replayed, identical' : '**differed**',
       recovered ? '–' : row.stillHeldMs === null ? 'unknown' : seconds(row.stillHeldMs),
