@@ -527,13 +527,19 @@ describe('round trips per operation', () => {
 });
 
 describe('server clock', () => {
-  it("stamps records with the server's time (hello.localTime), within the round trip", async () => {
+  const serverTime = async (): Promise<number> => ((await t.db.admin().command({ hello: 1 })) as { localTime: Date }).localTime.getTime();
+  /** Begins a new key through a fresh store; the server's time just before and just after. */
+  async function stamp(label: string) {
     const store = createMongoStore({ db: t.db });
-    const before = ((await t.db.admin().command({ hello: 1 })) as { localTime: Date }).localTime.getTime();
-    const k = key('clock');
+    const before = await serverTime();
+    const k = key(label);
     await store.begin(k, null, 10_000);
-    const after = ((await t.db.admin().command({ hello: 1 })) as { localTime: Date }).localTime.getTime();
-    const record = await store.get(k);
+    const after = await serverTime();
+    return { before, after, record: await store.get(k) };
+  }
+
+  it("stamps records with the server's time (hello.localTime), within the round trip", async () => {
+    const { before, after, record } = await stamp('clock');
     // ± the measuring round trip on a local server: a few ms.
     expect(record?.createdAt).toBeGreaterThanOrEqual(before - 50);
     expect(record?.createdAt).toBeLessThanOrEqual(after + 50);
@@ -545,12 +551,7 @@ describe('server clock', () => {
     const realNow = Date.now.bind(Date);
     const skewed = vi.spyOn(Date, 'now').mockImplementation(() => realNow() + 60_000);
     onTestFinished(() => skewed.mockRestore());
-    const store = createMongoStore({ db: t.db });
-    const before = ((await t.db.admin().command({ hello: 1 })) as { localTime: Date }).localTime.getTime();
-    const k = key('clock-skew');
-    await store.begin(k, null, 10_000);
-    const after = ((await t.db.admin().command({ hello: 1 })) as { localTime: Date }).localTime.getTime();
-    const record = await store.get(k);
+    const { before, after, record } = await stamp('clock-skew');
     expect(record?.createdAt).toBeGreaterThanOrEqual(before - 50);
     expect(record?.createdAt).toBeLessThanOrEqual(after + 50);
   });
