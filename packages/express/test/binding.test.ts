@@ -9,7 +9,7 @@ import fileUpload from 'express-fileupload';
 import multer from 'multer';
 import express, { type ErrorRequestHandler, type Express, type Request, type Response } from 'express';
 import express4 from 'express4';
-import { afterEach, describe, expect, it, vi } from 'vitest';
+import { afterEach, describe, expect, it, onTestFinished, vi } from 'vitest';
 import { idempotency, idempotencyErrorHandler, type ExpressIdempotencyOptions } from '../src/index.js';
 import { listen } from './app.js';
 
@@ -50,6 +50,16 @@ function rawExchange(url: string, requests: string): Promise<string> {
 }
 
 /** A keyed POST with no body, then (pipelined behind it) `then`. */
+/** Errors no one handled while the test runs (unhandled rejections, and the other events asked for). */
+function unhandledErrors(events: ReadonlyArray<'unhandledRejection' | 'uncaughtException'> = ['unhandledRejection']): unknown[] {
+  const seen: unknown[] = [];
+  const record = (reason: unknown): void => void seen.push(reason);
+  for (const event of events) process.on(event, record);
+  onTestFinished(() => {
+    for (const event of events) process.off(event, record);
+  });
+  return seen;
+}
 const keyedPost = (path: string, then = ''): string => `POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${randomUUID()}\r\nContent-Length: 0\r\n\r\n${then}`;
 const NEXT_GET = 'GET /next HTTP/1.1\r\nHost: x\r\n\r\n';
 
@@ -633,103 +643,89 @@ describe('express binding: transactional mode', () => {
   });
 
   it('held streams that change nothing wrong finish whole: compression() after idempotency() with flushHeaders (SSE), a Content-Length gzip removes, a write past the high-water mark then flushHeaders', async () => {
-    const unhandled: unknown[] = [];
-    const onRejection = (reason: unknown): void => void unhandled.push(reason);
-    process.on('unhandledRejection', onRejection);
-    try {
-      const { app } = committingApp(50);
-      app.use(compression({ threshold: 0 }));
-      app.post('/sse', (_req, res) => {
-        res.setHeader('content-type', 'text/plain');
-        res.flushHeaders();
-        res.write('hello-');
-        res.end('world');
-      });
-      app.post('/length-gzip', (_req, res) => {
-        res.type('text/plain');
-        res.setHeader('content-length', 10); // compression() removes it when it gzips
-        res.flushHeaders();
-        res.write('hello');
-        res.end('world');
-      });
-      const events: string[] = [];
-      app.post('/big-then-flush', async (_req, res) => {
-        res.type('application/octet-stream');
-        res.on('drain', () => events.push(res.writableFinished ? 'drain after finish' : 'drain'));
-        res.on('finish', () => events.push('finish'));
-        const full = res.write(Buffer.alloc(100 * 1024, 1));
-        res.flushHeaders();
-        if (!full) await once(res, 'drain');
-        res.end('z');
-      });
-      const url = await serve(app);
-      // Before: ERR_HTTP_HEADERS_SENT thrown from the release (an unhandled rejection: the process exited).
-      const sse = await post(`${url}/sse`, randomUUID(), { headers: { 'accept-encoding': 'identity' } });
-      expect(sse.status).toBe(200);
-      expect(new TextDecoder().decode(sse.body)).toBe('hello-world');
-      // Before: ECONNRESET, nothing received (the gzip head's missing Content-Length taken for an
-      // answer over the stream).
-      const gzipped = await post(`${url}/length-gzip`, randomUUID(), { headers: { 'accept-encoding': 'gzip' } });
-      expect(gzipped.status).toBe(200);
-      expect(new TextDecoder().decode(gzipped.body)).toBe('helloworld');
-      // Before: cut after the first 100 KB; 'drain' never came.
-      const big = await post(`${url}/big-then-flush`, randomUUID());
-      expect(big.body.byteLength).toBe(100 * 1024 + 1);
-      expect(events).not.toContain('drain after finish');
-      expect(events.filter((e) => e === 'drain').length).toBeLessThanOrEqual(1);
-      expect(unhandled).toEqual([]);
-    } finally {
-      process.off('unhandledRejection', onRejection);
-    }
+    const unhandled = unhandledErrors();
+    const { app } = committingApp(50);
+    app.use(compression({ threshold: 0 }));
+    app.post('/sse', (_req, res) => {
+      res.setHeader('content-type', 'text/plain');
+      res.flushHeaders();
+      res.write('hello-');
+      res.end('world');
+    });
+    app.post('/length-gzip', (_req, res) => {
+      res.type('text/plain');
+      res.setHeader('content-length', 10); // compression() removes it when it gzips
+      res.flushHeaders();
+      res.write('hello');
+      res.end('world');
+    });
+    const events: string[] = [];
+    app.post('/big-then-flush', async (_req, res) => {
+      res.type('application/octet-stream');
+      res.on('drain', () => events.push(res.writableFinished ? 'drain after finish' : 'drain'));
+      res.on('finish', () => events.push('finish'));
+      const full = res.write(Buffer.alloc(100 * 1024, 1));
+      res.flushHeaders();
+      if (!full) await once(res, 'drain');
+      res.end('z');
+    });
+    const url = await serve(app);
+    // Before: ERR_HTTP_HEADERS_SENT thrown from the release (an unhandled rejection: the process exited).
+    const sse = await post(`${url}/sse`, randomUUID(), { headers: { 'accept-encoding': 'identity' } });
+    expect(sse.status).toBe(200);
+    expect(new TextDecoder().decode(sse.body)).toBe('hello-world');
+    // Before: ECONNRESET, nothing received (the gzip head's missing Content-Length taken for an
+    // answer over the stream).
+    const gzipped = await post(`${url}/length-gzip`, randomUUID(), { headers: { 'accept-encoding': 'gzip' } });
+    expect(gzipped.status).toBe(200);
+    expect(new TextDecoder().decode(gzipped.body)).toBe('helloworld');
+    // Before: cut after the first 100 KB; 'drain' never came.
+    const big = await post(`${url}/big-then-flush`, randomUUID());
+    expect(big.body.byteLength).toBe(100 * 1024 + 1);
+    expect(events).not.toContain('drain after finish');
+    expect(events.filter((e) => e === 'drain').length).toBeLessThanOrEqual(1);
+    expect(unhandled).toEqual([]);
   });
 
   it('compression() after idempotency(): a status set or an error after flushHeaders() neither crashes the process nor passes for a whole answer', async () => {
-    const unhandled: unknown[] = [];
-    const onError = (reason: unknown): void => void unhandled.push(reason);
-    process.on('unhandledRejection', onError);
-    process.on('uncaughtException', onError);
-    try {
-      const { app } = committingApp(50);
-      app.use(compression({ threshold: 0 }));
-      app.post('/flush-throw', (_req, res) => {
-        res.type('text/plain');
-        res.flushHeaders();
-        throw new Error('boom');
-      });
-      app.post('/flush-status', (_req, res) => {
-        res.flushHeaders();
-        res.status(201); // after the head went out: counts for nothing, as in Node
-        res.write('a-');
-        res.end('b');
-      });
-      app.post('/flush-pipe', (_req, res) => {
-        res.flushHeaders();
-        res.status(202);
-        Readable.from(['p1-', 'p2']).pipe(res);
-      });
-      app.post('/flush-later-error', (_req, res, next) => {
-        res.type('text/plain');
-        res.flushHeaders();
-        setTimeout(() => next(new Error('later')), 10);
-      });
-      const url = await serve(app);
-      const raw = (path: string): Promise<string> => rawExchange(url, keyedPost(path).replace('\r\n\r\n', '\r\nConnection: close\r\n\r\n'));
-      // Before: ERR_HTTP_HEADERS_SENT thrown from compression's writeHead call, uncaught: the process
-      // exited. Now the stream's own head goes out, then its bytes; an answer with a status of its
-      // own over it (an error page, or a status set after the head) is dropped and the connection
-      // cut, so the client never takes it for a whole answer.
-      for (const [path, bytes] of [['/flush-throw', ''], ['/flush-later-error', ''], ['/flush-status', 'a-'], ['/flush-pipe', 'p1-']] as const) {
-        const seen = await raw(path);
-        expect(seen).toMatch(/^HTTP\/1\.1 200 OK/);
-        expect(seen).toContain(bytes);
-        expect(seen).not.toMatch(/DOCTYPE|Error|Content-Length|\r\n0\r\n\r\n$/i);
-      }
-      await new Promise((r) => setTimeout(r, 100));
-      expect(unhandled).toEqual([]);
-    } finally {
-      process.off('unhandledRejection', onError);
-      process.off('uncaughtException', onError);
+    const unhandled = unhandledErrors(['unhandledRejection', 'uncaughtException']);
+    const { app } = committingApp(50);
+    app.use(compression({ threshold: 0 }));
+    app.post('/flush-throw', (_req, res) => {
+      res.type('text/plain');
+      res.flushHeaders();
+      throw new Error('boom');
+    });
+    app.post('/flush-status', (_req, res) => {
+      res.flushHeaders();
+      res.status(201); // after the head went out: counts for nothing, as in Node
+      res.write('a-');
+      res.end('b');
+    });
+    app.post('/flush-pipe', (_req, res) => {
+      res.flushHeaders();
+      res.status(202);
+      Readable.from(['p1-', 'p2']).pipe(res);
+    });
+    app.post('/flush-later-error', (_req, res, next) => {
+      res.type('text/plain');
+      res.flushHeaders();
+      setTimeout(() => next(new Error('later')), 10);
+    });
+    const url = await serve(app);
+    const raw = (path: string): Promise<string> => rawExchange(url, keyedPost(path).replace('\r\n\r\n', '\r\nConnection: close\r\n\r\n'));
+    // Before: ERR_HTTP_HEADERS_SENT thrown from compression's writeHead call, uncaught: the process
+    // exited. Now the stream's own head goes out, then its bytes; an answer with a status of its
+    // own over it (an error page, or a status set after the head) is dropped and the connection
+    // cut, so the client never takes it for a whole answer.
+    for (const [path, bytes] of [['/flush-throw', ''], ['/flush-later-error', ''], ['/flush-status', 'a-'], ['/flush-pipe', 'p1-']] as const) {
+      const seen = await raw(path);
+      expect(seen).toMatch(/^HTTP\/1\.1 200 OK/);
+      expect(seen).toContain(bytes);
+      expect(seen).not.toMatch(/DOCTYPE|Error|Content-Length|\r\n0\r\n\r\n$/i);
     }
+    await new Promise((r) => setTimeout(r, 100));
+    expect(unhandled).toEqual([]);
   });
 
   it('an error answer without a length, over a stream the handler broke off, is not sent as its end (the client sees a cut, not a whole 200)', async () => {
@@ -771,34 +767,28 @@ describe('express binding: transactional mode', () => {
   });
 
   it("an error handler's writeHead over a held stream does not crash the process", async () => {
-    const unhandled: unknown[] = [];
-    const onRejection = (reason: unknown): void => void unhandled.push(reason);
-    process.on('unhandledRejection', onRejection);
-    try {
-      const { app } = committingApp(50);
-      app.post('/tx', (_req, res) => {
-        res.type('text/plain');
-        res.write('partial-');
-        throw new Error('boom');
-      });
-      app.get('/alive', (_req, res) => void res.send('yes'));
-      app.use(((_err, _req, res, _next) => {
-        res.writeHead(500, { 'content-type': 'text/plain' });
-        res.end('oops');
-      }) as ErrorRequestHandler);
-      const url = await serve(app);
-      // Before: ERR_HTTP_HEADERS_SENT from restore() in the release, unhandled: the process exited;
-      // then a whole 500 "partial-oops". As without transactions, its writeHead now throws
-      // ERR_HTTP_HEADERS_SENT, and the client gets the 200 and "partial-", then a cut.
-      const seen = await rawExchange(url, keyedPost('/tx'));
-      expect(seen).toMatch(/^HTTP\/1\.1 200 OK/);
-      expect(seen).toContain('partial-');
-      expect(seen).not.toContain('oops');
-      expect(unhandled).toEqual([]);
-      expect(await (await fetch(`${url}/alive`)).text()).toBe('yes');
-    } finally {
-      process.off('unhandledRejection', onRejection);
-    }
+    const unhandled = unhandledErrors();
+    const { app } = committingApp(50);
+    app.post('/tx', (_req, res) => {
+      res.type('text/plain');
+      res.write('partial-');
+      throw new Error('boom');
+    });
+    app.get('/alive', (_req, res) => void res.send('yes'));
+    app.use(((_err, _req, res, _next) => {
+      res.writeHead(500, { 'content-type': 'text/plain' });
+      res.end('oops');
+    }) as ErrorRequestHandler);
+    const url = await serve(app);
+    // Before: ERR_HTTP_HEADERS_SENT from restore() in the release, unhandled: the process exited;
+    // then a whole 500 "partial-oops". As without transactions, its writeHead now throws
+    // ERR_HTTP_HEADERS_SENT, and the client gets the 200 and "partial-", then a cut.
+    const seen = await rawExchange(url, keyedPost('/tx'));
+    expect(seen).toMatch(/^HTTP\/1\.1 200 OK/);
+    expect(seen).toContain('partial-');
+    expect(seen).not.toContain('oops');
+    expect(unhandled).toEqual([]);
+    expect(await (await fetch(`${url}/alive`)).text()).toBe('yes');
   });
 
   it('a large piped stream waits while its commit is held: write() says wait, and all of it arrives after', async () => {
