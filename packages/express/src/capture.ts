@@ -296,7 +296,7 @@ export function captureResponse(
       if (typeof chunk !== 'string' && !(chunk instanceof Uint8Array)) return Reflect.apply(originalWrite, this, args) as boolean;
       // Held for the one round trip the commit takes.
       held?.push({ run: () => Reflect.apply(originalWrite, this, args) as boolean, write: true, callback });
-      heldBytes += typeof chunk === 'string' ? Buffer.byteLength(chunk) : chunk instanceof Uint8Array ? chunk.byteLength : 0;
+      heldBytes += typeof chunk === 'string' ? Buffer.byteLength(chunk) : chunk.byteLength;
       if (heldBytes < this.writableHighWaterMark) return true;
       owesDrain = true;
       return false;
