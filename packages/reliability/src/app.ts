@@ -12,21 +12,17 @@
 import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import type { Server } from 'node:http';
-import { createMemoryStore, type IdempotencyEvent, type IdempotencyOptions, type IdempotencyStore } from '@idemkit/core';
+import type { IdempotencyEvent, IdempotencyOptions, IdempotencyStore } from '@idemkit/core';
 import { idempotency as expressIdempotency } from '@idemkit/express';
 import fastifyIdempotency from '@idemkit/fastify';
 import { idempotency as koaIdempotency } from '@idemkit/koa';
-import { createMongoStore } from '@idemkit/mongodb';
-import { createPostgresStore } from '@idemkit/postgres';
-import { createRedisStore } from '@idemkit/redis';
 import { bodyParser } from '@koa/bodyparser';
 import Router from '@koa/router';
 import express, { type ErrorRequestHandler, type Request } from 'express';
 import Fastify, { type FastifyError, type FastifyRequest } from 'fastify';
-import { Cluster, Redis } from 'ioredis';
 import Koa from 'koa';
-import { MongoClient } from 'mongodb';
-import pg from 'pg';
+import type pg from 'pg';
+import { openStore } from './open-store.js';
 
 const env = process.env;
 const FRAMEWORK = env.FRAMEWORK ?? 'fastify';
@@ -38,11 +34,6 @@ const WORK_MS = Number(env.WORK_MS ?? 0);
 const BODY_LIMIT = 100 * 1024;
 const TRANSACTIONAL = env.TRANSACTIONAL === '1' && STORE === 'postgres';
 const ORDERS = `"${PREFIX}_orders"`;
-
-interface Opened {
-  readonly store: IdempotencyStore;
-  close(): Promise<void>;
-}
 
 /**
  * The tests start two app processes at once, and CREATE TABLE IF NOT EXISTS is not safe under
@@ -61,47 +52,6 @@ async function createOrders(pool: pg.Pool): Promise<void> {
     throw error;
   } finally {
     client.release();
-  }
-}
-
-async function openStore(): Promise<Opened> {
-  const url = env.STORE_URL ?? '';
-  switch (STORE) {
-    case 'memory': {
-      const store = createMemoryStore();
-      return { store, close: () => store.close() };
-    }
-    case 'postgres': {
-      // Short connect timeout: while the server refuses, a request must fail fast, not queue.
-      const pool = new pg.Pool({ connectionString: url, max: 10, connectionTimeoutMillis: 2_000 });
-      pool.on('error', (e) => line('POOL-ERROR', e.message)); // idle clients killed by pg_terminate_backend
-      const store = createPostgresStore({ pool, table: `${PREFIX}_keys` });
-      await store.migrate();
-      if (TRANSACTIONAL) await createOrders(pool);
-      return { store, close: async () => { await store.close(); await pool.end(); } };
-    }
-    case 'redis': {
-      const client = new Redis(url, { maxRetriesPerRequest: 1 });
-      client.on('error', () => undefined); // reconnects on its own; the engine reports failures
-      const store = createRedisStore({ client, prefix: `${PREFIX}:` });
-      return { store, close: async () => { await store.close(); client.disconnect(); } };
-    }
-    case 'redis-cluster': {
-      const nodes = url.split(',').map((n) => ({ host: n.split(':')[0]!, port: Number(n.split(':')[1]) }));
-      const client = new Cluster(nodes);
-      client.on('error', () => undefined);
-      const store = createRedisStore({ client, prefix: `${PREFIX}:` });
-      return { store, close: async () => { await store.close(); client.disconnect(); } };
-    }
-    case 'mongodb': {
-      const client = new MongoClient(url, { serverSelectionTimeoutMS: 3_000 });
-      await client.connect();
-      const store = createMongoStore({ db: client.db(), collectionName: `${PREFIX}_keys` });
-      await store.ensureIndexes();
-      return { store, close: async () => { await store.close(); await client.close(); } };
-    }
-    default:
-      throw new Error(`STORE=${STORE} is not supported`);
   }
 }
 
@@ -251,7 +201,8 @@ async function startKoa(store: IdempotencyStore): Promise<Running> {
   return { url, close: () => new Promise((r) => { server.closeAllConnections(); server.close(() => r()); }) };
 }
 
-const opened = await openStore();
+const opened = await openStore(STORE, env.STORE_URL ?? '', PREFIX, (message) => line('POOL-ERROR', message));
+if (TRANSACTIONAL && opened.pool) await createOrders(opened.pool);
 const start = { fastify: startFastify, express: startExpress, koa: startKoa }[FRAMEWORK];
 if (!start) throw new Error(`FRAMEWORK=${FRAMEWORK} is not supported`);
 const running = await start(opened.store);
