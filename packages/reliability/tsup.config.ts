@@ -1,8 +1,8 @@
 import { defineConfig } from 'tsup';
 
-// The fixture server the tests start as child processes: ESM only, dependencies stay external.
+// The fixture server and job worker the tests start as child processes: ESM only, dependencies stay external.
 export default defineConfig({
-  entry: ['src/app.ts', 'src/soak.ts'],
+  entry: ['src/app.ts', 'src/job-worker.ts', 'src/soak.ts'],
   format: ['esm'],
   dts: false,
   clean: true,

@@ -3,6 +3,8 @@ import { fileURLToPath } from 'node:url';
 
 /** The fixture server of this package (built by `pnpm build`). */
 export const APP = fileURLToPath(new URL('../dist/app.js', import.meta.url));
+/** The queue consumer of this package, running one `idempotent()` job (`src/job-worker.ts`). */
+export const JOB_WORKER = fileURLToPath(new URL('../dist/job-worker.js', import.meta.url));
 /** The built demo app (`apps/demo`), started as `pnpm demo` does. */
 export const DEMO = fileURLToPath(new URL('../../../apps/demo/dist/main.js', import.meta.url));
 
