@@ -1,6 +1,7 @@
 import { createIdempotencyEngine } from './engine.js';
-import { ConfigurationError, ResponseNotReplayableError } from './errors.js';
+import { ConfigurationError, requestInProgress, ResponseNotReplayableError, StoreUnavailableError } from './errors.js';
 import { optionalFunction, type IdempotencyOptions } from './options.js';
+import type { StoredResponse, TransactionalStore } from './store.js';
 import type { IncomingRequest } from './types.js';
 
 const encoder = new TextEncoder();
@@ -28,6 +29,20 @@ export interface IdempotentOptions<Args extends unknown[], R>
   deserialize?: ((bytes: Uint8Array) => R) | undefined;
 }
 
+/**
+ * Options of {@link idempotentTransaction}: those of `idempotent()`, on a store with transactions
+ * (`@idemkit/postgres`), whose driver client `Client` the job gets.
+ */
+export interface IdempotentTransactionOptions<Client, Args extends unknown[], R> extends Omit<IdempotentOptions<Args, R>, 'store' | 'onStoreError'> {
+  store: TransactionalStore<Client>;
+  /**
+   * Only 'fail' (a call rejects with `StoreUnavailableError` when the store fails): `fn` runs in
+   * the store's own transaction, so without the store there is nothing to run it in.
+   * @default 'fail'
+   */
+  onStoreError?: 'fail' | undefined;
+}
+
 function defaultSerialize(result: unknown): string {
   return result === undefined ? '' : JSON.stringify(result);
 }
@@ -37,22 +52,6 @@ function toBytes(raw: unknown): Uint8Array {
   if (typeof raw === 'string') return encoder.encode(raw);
   if (raw instanceof Uint8Array) return raw;
   throw new TypeError(`serialize returned ${raw === null ? 'null' : typeof raw}, not a string or Uint8Array`);
-}
-
-/** The stored marker (an RFC 9457 problem) as the error it stands for. */
-function notReplayable(body: Uint8Array): ResponseNotReplayableError {
-  let problem: { detail?: unknown; originalStatus?: unknown; reason?: unknown } = {};
-  try {
-    problem = JSON.parse(decoder.decode(body)) as typeof problem;
-  } catch {
-    // A marker is always JSON; if not, the generic message below still says what happened.
-  }
-  return new ResponseNotReplayableError(
-    'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE',
-    410,
-    typeof problem.detail === 'string' ? problem.detail : 'The call with this key already ran, but its result was not stored. It is not run again.',
-    { extensions: { reason: problem.reason } },
-  );
 }
 
 function defaultDeserialize<R>(bytes: Uint8Array): R {
@@ -74,8 +73,56 @@ export function idempotent<Args extends unknown[], R, This = unknown>(
   fn: (this: This, ...args: Args) => R | Promise<R>,
   options: IdempotentOptions<Args, R>,
 ): (this: This, ...args: Args) => Promise<Awaited<R>> {
-  if (typeof fn !== 'function') throw new TypeError('[idemkit] idempotent(fn, options): `fn` must be a function.');
-  if (typeof options?.key !== 'function') throw new TypeError('[idemkit] idempotent(fn, options): `key` must be a function of the arguments.');
+  const call = jobCaller<Args, R>(fn, options, false);
+  return function (this: This, ...args: Args): Promise<Awaited<R>> {
+    return call(args, () => fn.apply(this, args));
+  };
+}
+
+/**
+ * `idempotent()` with exactly-once database writes: `fn` gets the driver client of a transaction
+ * the store opened (a `pg` `PoolClient` for `@idemkit/postgres`) as its first argument, and its
+ * result is stored in that same transaction, so `fn`'s writes and the stored result commit
+ * together or not at all. A worker that dies mid-job leaves nothing behind, and the call that
+ * takes its key over runs `fn` on a clean slate. A call whose lease was taken over while `fn`
+ * ran (a stall past `leaseMs`) has its writes rolled back and gets the result of the call that
+ * took over (or `RequestInProgressError` while that one runs, `StoreUnavailableError` when the
+ * outcome is unknown), never its own. If `fn` throws, its writes are rolled back and the key is
+ * freed. `key`, `fingerprint` and `scope` get the arguments without the client.
+ *
+ * @example
+ * ```ts
+ * const charge = idempotentTransaction(
+ *   async (tx, order: Order) => {
+ *     await tx.query('INSERT INTO charges (order_id, cents) VALUES ($1, $2)', [order.id, order.cents]);
+ *     return { charged: order.cents };
+ *   },
+ *   { store, name: 'charge', key: (order) => order.id },
+ * );
+ * await charge(order); // every redelivery of this order gets { charged: … }; one row, ever
+ * ```
+ */
+export function idempotentTransaction<Client, Args extends unknown[], R, This = unknown>(
+  fn: (this: This, transaction: Client, ...args: Args) => R | Promise<R>,
+  options: IdempotentTransactionOptions<Client, Args, R>,
+): (this: This, ...args: Args) => Promise<Awaited<R>> {
+  const call = jobCaller<Args, R>(fn, options, true);
+  return function (this: This, ...args: Args): Promise<Awaited<R>> {
+    return call(args, (transaction) => fn.call(this, transaction as Client, ...args));
+  };
+}
+
+type JobCall<Args extends unknown[], R> = (args: Args, invoke: (transaction: unknown) => R | Promise<R>) => Promise<Awaited<R>>;
+
+/** The engine behind both wrappers: checks the options once, then decides and settles each call. */
+function jobCaller<Args extends unknown[], R>(
+  fn: unknown,
+  options: IdempotentOptions<Args, R> | IdempotentTransactionOptions<unknown, Args, R>,
+  transactional: boolean,
+): JobCall<Args, R> {
+  const wrapper = transactional ? 'idempotentTransaction' : 'idempotent';
+  if (typeof fn !== 'function') throw new TypeError(`[idemkit] ${wrapper}(fn, options): \`fn\` must be a function.`);
+  if (typeof options?.key !== 'function') throw new TypeError(`[idemkit] ${wrapper}(fn, options): \`key\` must be a function of the arguments.`);
   // Checked here, not left to the engine: it only ever sees the wrappers below, and a bad
   // `serialize` would otherwise surface after fn ran, settling the key on a marker for good.
   const scope = optionalFunction('scope', options.scope);
@@ -84,7 +131,10 @@ export function idempotent<Args extends unknown[], R, This = unknown>(
   if (options.fingerprint !== false && options.fingerprint !== undefined && typeof options.fingerprint !== 'function') {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`fingerprint` must be a function of the arguments, or false.');
   }
-  const name = options.name ?? (fn.name || 'job');
+  if (transactional && options.onStoreError !== undefined && options.onStoreError !== 'fail') {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', "idempotentTransaction(): `onStoreError` can only be 'fail': fn runs in the store's transaction, so it cannot run without the store.");
+  }
+  const name = options.name ?? ((fn as { name?: string }).name || 'job');
   if (typeof name !== 'string' || name === '') throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`name` must be a non-empty string.');
   const { key, fingerprint, scope: _scope, name: _name, serialize: _serialize, deserialize: _deserialize, ...rest } = options;
   // Jobs share the keys of one store, so the stored fingerprint always names the job: another
@@ -93,6 +143,7 @@ export function idempotent<Args extends unknown[], R, This = unknown>(
   const named = (fp: unknown): unknown => (typeof fp === 'string' ? `${name.length}:${name}:${fp}` : fp);
   const engine = createIdempotencyEngine<Args>({
     ...rest,
+    transactional,
     // After the spread: `concurrency: undefined` (an unset setting) means this default, not core's.
     concurrency: rest.concurrency ?? 'wait',
     methods: ['CALL'],
@@ -107,26 +158,29 @@ export function idempotent<Args extends unknown[], R, This = unknown>(
     // A job's result is always stored: there is no HTTP status to judge it by.
     storable: () => true,
   });
+  /** A stored (or replacement) answer as the call's result, or the error it stands for. */
+  const resultOf = (response: StoredResponse): Awaited<R> => {
+    if (response.status !== 200) throw answerError(response);
+    return deserialize(response.body) as Awaited<R>;
+  };
 
-  return async function (this: This, ...args: Args): Promise<Awaited<R>> {
+  return async (args, invoke): Promise<Awaited<R>> => {
     const input: IncomingRequest = { method: 'CALL', path: name, headers: {}, body: args };
     const decision = await engine.decide(input, args);
     switch (decision.kind) {
       case 'pass':
-        return (await fn.apply(this, args)) as Awaited<R>;
+        return (await invoke(undefined)) as Awaited<R>;
       case 'problem':
         throw decision.error;
       case 'replay':
-        // Results are stored with 200; anything else is the marker of a result that could not be
-        // stored (too large, not serialisable). fn ran once: never hand the marker out as a result.
-        if (decision.response.status !== 200) throw notReplayable(decision.response.body);
-        return deserialize(decision.response.body) as Awaited<R>;
+        return resultOf(decision.response);
       case 'run': {
+        const { lease } = decision;
         let result: Awaited<R>;
         try {
-          result = await fn.apply(this, args);
+          result = (await invoke(lease.context.transaction)) as Awaited<R>;
         } catch (error) {
-          await decision.lease.abandon('handler-threw');
+          await lease.abandon('handler-threw');
           throw error;
         }
         let body: Uint8Array;
@@ -135,17 +189,49 @@ export function idempotent<Args extends unknown[], R, This = unknown>(
         } catch (error) {
           // fn ran and must not run again for this key: settle the lease with a marker, so later
           // calls reject with ResponseNotReplayableError instead of waiting or running fn twice.
-          await decision.lease.commitUnbuffered(200, 'not-serializable');
+          await lease.commitUnbuffered(200, 'not-serializable');
           throw new TypeError(
-            `[idemkit] idempotent(): fn ran, but its result could not be serialised (${error instanceof Error ? error.message : String(error)}). ` +
+            `[idemkit] ${wrapper}(): fn ran, but its result could not be serialised (${error instanceof Error ? error.message : String(error)}). ` +
               'It was not stored; later calls with this key reject with ResponseNotReplayableError instead of running fn again. ' +
               'Return JSON-safe values, or pass `serialize` and `deserialize`.',
             { cause: error },
           );
         }
-        await decision.lease.commit({ status: 200, headers: [], body });
+        await lease.commit({ status: 200, headers: [], body });
+        // Transactional only: the commit did not land (the lease was taken over, COMMIT failed),
+        // so fn's writes are gone and its result describes nothing; the engine says what stands.
+        if (lease.replacement) return resultOf(lease.replacement);
         return deserialize(body) as Awaited<R>;
       }
     }
   };
+}
+
+/**
+ * Results are stored with 200; any other stored answer is a problem: the marker of a result that
+ * could not be stored (fn ran once: never hand the marker out as a result), or, replacing a
+ * rolled-back transactional call's result, a 409 while the call that took over still runs or a
+ * 503 when the outcome is not known.
+ */
+function answerError(response: StoredResponse): Error {
+  let problem: { detail?: unknown; retryAfter?: unknown; reason?: unknown } = {};
+  try {
+    problem = JSON.parse(decoder.decode(response.body)) as typeof problem;
+  } catch {
+    // Always JSON; if not, the messages below still say what happened.
+  }
+  const detail = typeof problem.detail === 'string' ? problem.detail : undefined;
+  if (response.status === 409) {
+    const retryAfter = typeof problem.retryAfter === 'number' ? problem.retryAfter : 1;
+    return requestInProgress(retryAfter, detail ?? 'The call that took this key over still runs.');
+  }
+  if (response.status === 503) {
+    return new StoreUnavailableError('ERR_IDEMKIT_STORE_UNAVAILABLE', 503, detail ?? 'The outcome of this call is not known; retry it.');
+  }
+  return new ResponseNotReplayableError(
+    'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE',
+    410,
+    detail ?? 'The call with this key already ran, but its result was not stored. It is not run again.',
+    { extensions: { reason: problem.reason } },
+  );
 }

@@ -54,5 +54,5 @@ export { isMultipart, uploadedFileDigests } from './files.js';
 // The in-memory store: tests and single-process apps.
 export { createMemoryStore, MemoryStore, MemoryStoreFullError, type MemoryStoreOptions } from './memory-store.js';
 // Idempotency for plain functions (jobs, webhooks) and housekeeping for stores without native expiry.
-export { idempotent, type IdempotentOptions } from './idempotent.js';
+export { idempotent, idempotentTransaction, type IdempotentOptions, type IdempotentTransactionOptions } from './idempotent.js';
 export { startPurger, type Purger, type PurgerOptions } from './purger.js';

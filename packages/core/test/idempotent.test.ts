@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { ConfigurationError, createMemoryStore, FingerprintMismatchError, idempotent, RequestInProgressError, ResponseNotReplayableError, scopedKey, type IdempotencyStore } from '../src/index.js';
+import { ConfigurationError, createMemoryStore, FingerprintMismatchError, idempotent, idempotentTransaction, RequestInProgressError, ResponseNotReplayableError, scopedKey, type IdempotencyStore } from '../src/index.js';
 
 describe('idempotent(fn)', () => {
   it('runs fn once for 100 concurrent calls with one key and gives all of them the same result', async () => {
@@ -216,3 +216,27 @@ describe('idempotent(fn)', () => {
     });
   });
 });
+
+// What it does with a store's transactions runs against real Postgres: @idemkit/postgres
+// readme.test.ts and packages/reliability jobs.test.ts. Here, what it refuses at setup.
+describe('idempotentTransaction(fn)', () => {
+  const fn = async (_tx: unknown, id: string) => id;
+
+  it('refuses a store without transactions at setup, before any call', () => {
+    const store = createMemoryStore() as never;
+    expect(() => idempotentTransaction(fn, { store, key: (id: string) => id })).toThrow(/needs a store with transactions/);
+  });
+
+  it("refuses onStoreError 'pass': fn cannot run outside the store's transaction", () => {
+    const store = Object.assign(createMemoryStore(), { beginTransaction: () => Promise.reject(new Error('unused')) });
+    expect(() => idempotentTransaction(fn, { store, key: (id: string) => id, onStoreError: 'pass' as never })).toThrow(ConfigurationError);
+    expect(() => idempotentTransaction(fn, { store, key: (id: string) => id, onStoreError: 'fail' })).not.toThrow();
+  });
+
+  it('names itself in the errors of a bad fn or key', () => {
+    const store = Object.assign(createMemoryStore(), { beginTransaction: () => Promise.reject(new Error('unused')) });
+    expect(() => idempotentTransaction('nope' as never, { store, key: (id: string) => id })).toThrow(/idempotentTransaction\(fn, options\): `fn`/);
+    expect(() => idempotentTransaction(fn, { store } as never)).toThrow(/idempotentTransaction\(fn, options\): `key`/);
+  });
+});
+

@@ -1,5 +1,5 @@
 // #region imports
-import { createIdempotencyEngine } from '@idemkit/core';
+import { createIdempotencyEngine, idempotentTransaction } from '@idemkit/core';
 import { createPostgresStore, pgTransaction } from '@idemkit/postgres';
 import pg from 'pg';
 // #endregion imports
@@ -64,6 +64,10 @@ it('README transactional example is this code', async () => {
   expect(await readmeBlock('transactional')).toBe(await region('transactional'));
 });
 
+it('README jobs example is this code', async () => {
+  expect(await readmeBlock('jobs')).toBe(await region('jobs'));
+});
+
 it('quick start runs: first request runs, the retry replays', async () => {
   const log = vi.spyOn(console, 'log').mockImplementation(() => undefined);
   // #region quick-start
@@ -122,6 +126,34 @@ it('quick start runs: first request runs, the retry replays', async () => {
   expect(replayed).toBe(placed);
   const check = new pg.Pool({ connectionString: process.env.DATABASE_URL, max: 1 });
   const { rows } = await check.query<{ n: number }>("SELECT count(*)::int AS n FROM orders WHERE sku = 'B2'");
+  await check.end();
+  expect(rows[0]?.n).toBe(1);
+});
+
+it('jobs example runs: a message delivered three times at once charges once, and all three get that charge', async () => {
+  // #region jobs
+  const pool = new pg.Pool({ connectionString: process.env.DATABASE_URL });
+  const store = createPostgresStore({ pool });
+  await store.migrate();
+  await pool.query('CREATE TABLE IF NOT EXISTS charges (order_id text NOT NULL, cents int NOT NULL)');
+
+  // fn gets the transaction's client first; its writes commit with the stored result, or not at all.
+  const charge = idempotentTransaction(
+    async (tx, order: { id: string; cents: number }) => {
+      await tx.query('INSERT INTO charges (order_id, cents) VALUES ($1, $2)', [order.id, order.cents]);
+      return { charged: order.cents };
+    },
+    { store, name: 'charge', key: (order) => `charge:${order.id}` },
+  );
+
+  const order = { id: 'ord_42', cents: 4200 };
+  // A queue delivering one message three times at once: one row, one result for all three.
+  const results = await Promise.all([charge(order), charge(order), charge(order)]);
+  await pool.end();
+  // #endregion jobs
+  expect(results).toEqual([{ charged: 4200 }, { charged: 4200 }, { charged: 4200 }]);
+  const check = new pg.Pool({ connectionString: process.env.DATABASE_URL, max: 1 });
+  const { rows } = await check.query<{ n: number }>("SELECT count(*)::int AS n FROM charges WHERE order_id = 'ord_42'");
   await check.end();
   expect(rows[0]?.n).toBe(1);
 });

@@ -21,7 +21,14 @@ import { JOB_WORKER, ProcessPool, type ServerProcess } from '../src/spawn.js';
 const LEASE_MS = 10_000;
 const SHORT_LEASE_MS = 1_000;
 const ORDERS = 40;
-const stores: StoreKind[] = ['redis', 'redis-cluster', 'postgres', 'mongodb'];
+/** Each store with `idempotent()`, and Postgres once more with `idempotentTransaction()`. */
+const setups = [
+  { name: 'idempotent() on one redis', kind: 'redis', transactional: false },
+  { name: 'idempotent() on one redis-cluster', kind: 'redis-cluster', transactional: false },
+  { name: 'idempotent() on one postgres', kind: 'postgres', transactional: false },
+  { name: 'idempotent() on one mongodb', kind: 'mongodb', transactional: false },
+  { name: 'idempotentTransaction() on one postgres, the charge written first in its transaction', kind: 'postgres', transactional: true },
+] as const satisfies ReadonlyArray<{ name: string; kind: StoreKind; transactional: boolean }>;
 
 async function deliver(worker: ServerProcess, order: Order, delivery: Delivery): Promise<Outcome> {
   const res = await fetch(`${worker.url}/deliver`, { method: 'POST', body: JSON.stringify({ order, delivery }) });
@@ -41,9 +48,9 @@ const runsOf = (workers: ServerProcess[], orderId: string) =>
 const leaseEventsOf = (workers: ServerProcess[], orderId: string) =>
   workers.flatMap((w) => ['LEASE-TAKEN-OVER', 'LEASE-LOST'].flatMap((kind) => w.events(kind).filter((e) => e.key === orderId).map(() => `${kind} ${w.pid}`)));
 
-describe.each(stores)('idempotent() jobs in three worker processes on one %s', (kind) => {
+describe.each(setups)('jobs in three worker processes: $name', ({ kind, transactional }) => {
   const pool = new ProcessPool();
-  const ns = namespace(`jobs_${kind.replace('-', '_')}`);
+  const ns = namespace(`jobs_${kind.replace('-', '_')}${transactional ? '_tx' : ''}`);
   let url = '';
   let effects: pg.Pool;
   let workers: ServerProcess[] = [];
@@ -63,7 +70,7 @@ describe.each(stores)('idempotent() jobs in three worker processes on one %s', (
     const effectsUrl = await serviceUrl('postgres');
     effects = new pg.Pool({ connectionString: effectsUrl, max: 3 });
     await effects.query(`CREATE TABLE "${ns}_effects" (id serial PRIMARY KEY, order_id text NOT NULL, charge_id text NOT NULL, pid int NOT NULL)`);
-    env = { STORE: kind, STORE_URL: url, PREFIX: ns, EFFECTS_URL: effectsUrl, LEASE_MS: String(LEASE_MS), WAIT_TIMEOUT_MS: '20000' };
+    env = { STORE: kind, STORE_URL: url, PREFIX: ns, EFFECTS_URL: effectsUrl, LEASE_MS: String(LEASE_MS), WAIT_TIMEOUT_MS: '20000', TRANSACTIONAL: transactional ? '1' : '0' };
     workers = await Promise.all([0, 1, 2].map(() => pool.spawn(JOB_WORKER, env)));
   });
 
@@ -140,7 +147,8 @@ describe.each(stores)('idempotent() jobs in three worker processes on one %s', (
     const order: Order = { orderId: `${ns}-crash`, cents: 900 };
     const lost = deliver(doomed, order, { workMs: 60_000 }).catch((error: unknown) => error);
     await vi.waitFor(() => expect(runsOf([doomed], order.orderId)).toHaveLength(1), { timeout: 10_000, interval: 10 });
-    doomed.child.kill('SIGKILL'); // mid-job, before its charge: a deploy, the OOM killer
+    // Mid-job: a deploy, the OOM killer. Before its charge; in a transaction, after its uncommitted one.
+    doomed.child.kill('SIGKILL');
     expect(await lost).toBeInstanceOf(Error);
 
     const taken = value(await deliver(workers[1]!, order, { workMs: 10 }));
@@ -150,5 +158,23 @@ describe.each(stores)('idempotent() jobs in three worker processes on one %s', (
     expect(await chargesOf(order.orderId)).toEqual([{ charge_id: taken.chargeId, pid: workers[1]!.pid }]);
     expect(runsOf([doomed, ...workers], order.orderId)).toEqual([doomed.pid, workers[1]!.pid]);
     expect(leaseEventsOf(workers, order.orderId)).toEqual([`LEASE-TAKEN-OVER ${workers[1]!.pid}`]);
+  });
+  // Only in a transaction: outside one the stalled worker's charge stays (GUARANTEES, "Does not hold").
+  if (transactional) it('a worker stalled past its lease after its charge: the charge rolls back, and its call returns the charge of the worker that took over', async () => {
+    const stalled = await pool.spawn(JOB_WORKER, { ...env, LEASE_MS: String(SHORT_LEASE_MS) });
+    const order: Order = { orderId: `${ns}-stall`, cents: 300 };
+    const late = deliver(stalled, order, { workMs: 2 * SHORT_LEASE_MS });
+    await vi.waitFor(() => expect(runsOf([stalled], order.orderId)).toHaveLength(1), { timeout: 10_000, interval: 10 });
+    stalled.child.kill('SIGSTOP'); // a GC pause, a frozen VM: no renewals, its transaction open
+
+    const taken = value(await deliver(workers[1]!, order, { workMs: 10 }));
+    expect(taken.pid).toBe(workers[1]!.pid);
+    stalled.child.kill('SIGCONT');
+    expect(value(await late)).toEqual(taken);
+    expect(await chargesOf(order.orderId)).toEqual([{ charge_id: taken.chargeId, pid: workers[1]!.pid }]);
+    expect(runsOf([stalled, ...workers], order.orderId)).toEqual([stalled.pid, workers[1]!.pid]);
+    // Its renewal and its completion are refused (one or both, by timing), nothing else.
+    expect(new Set(leaseEventsOf([stalled], order.orderId))).toEqual(new Set([`LEASE-LOST ${stalled.pid}`]));
+    await stalled.stop();
   });
 });
