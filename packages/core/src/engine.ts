@@ -1,5 +1,5 @@
 import {
-  FingerprintMismatchError,
+  fingerprintMismatch,
   KeyError,
   requestInProgress,
   retryAfterSeconds,
@@ -169,20 +169,14 @@ class Engine<Req> implements IdempotencyEngine<Req> {
       if (this.#storeErrorsUnlogged !== 0) this.#storeAnswersAgain();
       if (result.kind === 'acquired') {
         return o.transactional
-          ? this.#runInTransaction(key, id, result.token, result.tookOver, beganAt)
+          ? this.#runInTransaction(key, id, result.token, result.tookOver, beganAt, fingerprint)
           : this.#run(key, id, result.token, result.tookOver, beganAt);
       }
 
       const { record } = result;
       if (fingerprint !== null && record.fingerprint !== null && record.fingerprint !== fingerprint) {
         this.emit({ type: 'mismatch', key });
-        return problem(
-          new FingerprintMismatchError(
-            'ERR_IDEMKIT_FINGERPRINT_MISMATCH',
-            422,
-            'This key was already used with a different request (method, path or body). Use a new key for a new request.',
-          ),
-        );
+        return problem(fingerprintMismatch());
       }
       if (record.state === 'completed' && record.response !== null) {
         if (o.onEvent) this.emit({ type: 'replayed', key, status: record.response.status });
@@ -220,7 +214,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     );
   }
 
-  async #runInTransaction(key: string, id: string, token: LeaseToken, tookOver: boolean, beganAt: number): Promise<Decision> {
+  async #runInTransaction(key: string, id: string, token: LeaseToken, tookOver: boolean, beganAt: number, fingerprint: string | null): Promise<Decision> {
     const o = this.options;
     let tx: StoreTransaction;
     let pending: Promise<StoreTransaction> | undefined;
@@ -235,17 +229,17 @@ class Engine<Req> implements IdempotencyEngine<Req> {
       await this.call('release', () => o.store.release(id, token)).catch(() => undefined);
       return this.#storeFailure(key, 'beginTransaction', error);
     }
-    return this.#run(key, id, token, tookOver, beganAt, tx);
+    return this.#run(key, id, token, tookOver, beganAt, tx, fingerprint);
   }
 
-  #run(key: string, id: string, token: LeaseToken, tookOver: boolean, beganAt: number, tx?: StoreTransaction): Decision {
+  #run(key: string, id: string, token: LeaseToken, tookOver: boolean, beganAt: number, tx?: StoreTransaction, fingerprint?: string | null): Decision {
     const o = this.options;
     if (tookOver) {
       this.emit({ type: 'lease-taken-over', key });
       o.logger?.warn(`[idemkit] Took over the expired lease of key "${key}": its previous holder stopped renewing (crashed or stalled).`);
     }
     if (o.onEvent) this.emit({ type: 'executed', key, tookOver });
-    return { kind: 'run', lease: new RunningLease(this, key, id, token, tookOver, tx, beganAt) };
+    return { kind: 'run', lease: new RunningLease(this, key, id, token, tookOver, tx, beganAt, fingerprint ?? null) };
   }
 
   /** A store call failed: the event, the (throttled) log, and the 503, or PASS when `canPass` and 'pass'. */

@@ -97,6 +97,14 @@ export class IdempotencyError extends Error {
 export class KeyError extends IdempotencyError {}
 /** 422: the key was used before with a different request. */
 export class FingerprintMismatchError extends IdempotencyError {}
+/** The 422 for a key whose record belongs to another request (another fingerprint). */
+export function fingerprintMismatch(): FingerprintMismatchError {
+  return new FingerprintMismatchError(
+    'ERR_IDEMKIT_FINGERPRINT_MISMATCH',
+    422,
+    'This key was already used with a different request (method, path or body). Use a new key for a new request.',
+  );
+}
 /** 409 + Retry-After: the first request with the key still runs. */
 export class RequestInProgressError extends IdempotencyError {}
 

@@ -1,5 +1,5 @@
 import { createIdempotencyEngine } from './engine.js';
-import { ConfigurationError, requestInProgress, ResponseNotReplayableError, StoreUnavailableError } from './errors.js';
+import { ConfigurationError, fingerprintMismatch, requestInProgress, ResponseNotReplayableError, StoreUnavailableError } from './errors.js';
 import { optionalFunction, type IdempotencyOptions } from './options.js';
 import type { StoredResponse, TransactionalStore } from './store.js';
 import type { IncomingRequest } from './types.js';
@@ -86,8 +86,9 @@ export function idempotent<Args extends unknown[], R, This = unknown>(
  * together or not at all. A worker that dies mid-job leaves nothing behind, and the call that
  * takes its key over runs `fn` on a clean slate. A call whose lease was taken over while `fn`
  * ran (a stall past `leaseMs`) has its writes rolled back and gets the result of the call that
- * took over (or `RequestInProgressError` while that one runs, `StoreUnavailableError` when the
- * outcome is unknown), never its own. If `fn` throws, its writes are rolled back and the key is
+ * took over (or `RequestInProgressError` while that one runs, `FingerprintMismatchError` when it
+ * ran with other arguments, `StoreUnavailableError` when the outcome is unknown), never its own.
+ * If `fn` throws, or its result cannot be serialised, its writes are rolled back and the key is
  * freed. `key`, `fingerprint` and `scope` get the arguments without the client.
  *
  * @example
@@ -187,13 +188,18 @@ function jobCaller<Args extends unknown[], R>(
         try {
           body = toBytes(serialize(result));
         } catch (error) {
+          const why = `fn ran, but its result could not be serialised (${error instanceof Error ? error.message : String(error)})`;
+          const fix = 'Return JSON-safe values, or pass `serialize` and `deserialize`.';
+          if (transactional) {
+            // Nothing of fn's may commit without its result: roll back and free the key, as if fn threw.
+            await lease.abandon('handler-threw');
+            throw new TypeError(`[idemkit] ${wrapper}(): ${why}, so its writes were rolled back and nothing was stored; a retry runs fn again. ${fix}`, { cause: error });
+          }
           // fn ran and must not run again for this key: settle the lease with a marker, so later
           // calls reject with ResponseNotReplayableError instead of waiting or running fn twice.
           await lease.commitUnbuffered(200, 'not-serializable');
           throw new TypeError(
-            `[idemkit] ${wrapper}(): fn ran, but its result could not be serialised (${error instanceof Error ? error.message : String(error)}). ` +
-              'It was not stored; later calls with this key reject with ResponseNotReplayableError instead of running fn again. ' +
-              'Return JSON-safe values, or pass `serialize` and `deserialize`.',
+            `[idemkit] ${wrapper}(): ${why}. It was not stored; later calls with this key reject with ResponseNotReplayableError instead of running fn again. ${fix}`,
             { cause: error },
           );
         }
@@ -210,8 +216,8 @@ function jobCaller<Args extends unknown[], R>(
 /**
  * Results are stored with 200; any other stored answer is a problem: the marker of a result that
  * could not be stored (fn ran once: never hand the marker out as a result), or, replacing a
- * rolled-back transactional call's result, a 409 while the call that took over still runs or a
- * 503 when the outcome is not known.
+ * rolled-back transactional call's result, a 422 when a call with other arguments took the key
+ * over, a 409 while the call that took over still runs, or a 503 when the outcome is not known.
  */
 function answerError(response: StoredResponse): Error {
   let problem: { detail?: unknown; retryAfter?: unknown; reason?: unknown } = {};
@@ -221,6 +227,7 @@ function answerError(response: StoredResponse): Error {
     // Always JSON; if not, the messages below still say what happened.
   }
   const detail = typeof problem.detail === 'string' ? problem.detail : undefined;
+  if (response.status === 422) return fingerprintMismatch();
   if (response.status === 409) {
     const retryAfter = typeof problem.retryAfter === 'number' ? problem.retryAfter : 1;
     return requestInProgress(retryAfter, detail ?? 'The call that took this key over still runs.');

@@ -1,4 +1,4 @@
-import { isTransactionAborted, isTransactionEnded, requestInProgress, ResponseNotReplayableError, retryAfterSeconds, StoreUnavailableError } from './errors.js';
+import { fingerprintMismatch, isTransactionAborted, isTransactionEnded, requestInProgress, ResponseNotReplayableError, retryAfterSeconds, StoreUnavailableError } from './errors.js';
 import { REPLAYED_HEADER } from './headers.js';
 import { problemResponse } from './problem.js';
 import type { ResolvedOptions } from './options.js';
@@ -117,6 +117,8 @@ export class RunningLease implements Lease {
     private readonly tx: StoreTransaction | undefined,
     /** When `begin` was sent: the store's lease started no earlier. */
     beganAt: number,
+    /** Transactional: this request's fingerprint, to tell whose answer the key holds after a rollback. */
+    private readonly fingerprint: string | null = null,
   ) {
     this.context = Object.freeze({ key, tookOver, transaction: tx?.client });
     // Due a third of a lease after `begin` was sent, not after it answered: a slow answer has
@@ -423,11 +425,17 @@ export class RunningLease implements Lease {
   /**
    * What the client gets instead of a rolled-back answer: the winner's stored response if it has
    * finished, 409 while it runs, else 503. All say "retry with the same key" and a retry replays.
+   * Unless the key now holds another request (another fingerprint took it over): then the 422 a
+   * retry would get, never that request's answer.
    */
   async #answerAfterRollback(): Promise<StoredResponse> {
     const { store } = this.host.options;
     try {
       const record = await this.host.call('get', () => store.get(this.id));
+      if (record && this.fingerprint !== null && record.fingerprint !== null && record.fingerprint !== this.fingerprint) {
+        this.host.emit({ type: 'mismatch', key: this.key });
+        return problemResponse(fingerprintMismatch());
+      }
       if (record?.state === 'completed' && record.response) {
         this.host.emit({ type: 'replayed', key: this.key, status: record.response.status });
         return { ...record.response, headers: [...record.response.headers, [REPLAYED_HEADER, 'true']] };
@@ -448,7 +456,9 @@ export class RunningLease implements Lease {
       new StoreUnavailableError(
         'ERR_IDEMKIT_STORE_UNAVAILABLE',
         503,
-        'The operation was rolled back and not committed. Retry with the same key.',
+        this.#abortedByHandler
+          ? 'A statement the handler ran had failed, which aborted its transaction: nothing was committed. Retry with the same key (a statement that may fail needs a SAVEPOINT around it, or ON CONFLICT).'
+          : 'The operation was rolled back and not committed. Retry with the same key.',
       ),
     );
   }

@@ -1,0 +1,131 @@
+/**
+ * `idempotentTransaction()` (core) on the real store: what a job's caller gets when its
+ * transaction does not commit. Several processes are in packages/reliability `jobs.test.ts`; here
+ * a stall is made in one process: the job blocks the event loop past its lease, so no renewal
+ * goes out, and a second wrapper on its own pool takes the key over meanwhile.
+ */
+import { randomUUID } from 'node:crypto';
+import { createIdempotencyEngine, FingerprintMismatchError, idempotentTransaction, StoreUnavailableError, type IdempotentTransactionOptions } from '@idemkit/core';
+import pg from 'pg';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { createPostgresStore, pgTransaction, type PostgresStore } from '../src/index.js';
+import { bytes, openSchema, type TestSchema } from './helpers.js';
+
+const LEASE_MS = 300;
+let db: TestSchema;
+let charges: string;
+/** A second store on a pool of its own: the "other worker". */
+let otherPool: pg.Pool;
+let store: PostgresStore;
+let other: PostgresStore;
+
+interface Order {
+  readonly id: string;
+  readonly cents: number;
+}
+
+beforeAll(async () => {
+  db = await openSchema();
+  store = createPostgresStore({ pool: db.pool, schema: db.schema });
+  await store.migrate();
+  otherPool = new pg.Pool({ connectionString: db.url, max: 5 });
+  other = createPostgresStore({ pool: otherPool, schema: db.schema });
+  charges = db.table('charges');
+  await db.pool.query(`CREATE TABLE ${charges} (order_id text NOT NULL, cents int NOT NULL)`);
+});
+
+afterAll(async () => {
+  await otherPool.end();
+  await db.drop();
+});
+
+const chargesOf = async (orderId: string) =>
+  (await db.pool.query<{ cents: number }>(`SELECT cents FROM ${charges} WHERE order_id = $1`, [orderId])).rows.map((r) => r.cents);
+
+/** Holds the event loop: no timer, no renewal, no I/O, as a long GC pause or a frozen VM would. */
+function stall(ms: number): void {
+  const until = performance.now() + ms;
+  while (performance.now() < until);
+}
+
+const options = (on: PostgresStore): IdempotentTransactionOptions<pg.PoolClient, [Order], { charged: number }> => ({
+  store: on,
+  name: 'charge',
+  key: (order) => order.id,
+  leaseMs: LEASE_MS,
+  logger: false,
+});
+
+const insert = (tx: pg.PoolClient, order: Order) => tx.query(`INSERT INTO ${charges} (order_id, cents) VALUES ($1, $2)`, [order.id, order.cents]);
+
+it('a stalled job whose key a call with other arguments took over rejects with FingerprintMismatchError, and its charge rolls back', async () => {
+  const id = `o-${randomUUID()}`;
+  const taker = idempotentTransaction(async (tx, order: Order) => {
+    await insert(tx, order);
+    return { charged: order.cents };
+  }, options(other));
+  let taken: Promise<{ charged: number }> | undefined;
+  const stalled = idempotentTransaction(async (tx, order: Order) => {
+    await insert(tx, order);
+    setTimeout(() => (taken = taker({ id, cents: 999 })), 0);
+    stall(LEASE_MS * 2 + 100);
+    await new Promise((r) => setTimeout(r, 0));
+    await taken; // the other call took the key over and committed
+    return { charged: order.cents };
+  }, options(store));
+
+  await expect(stalled({ id, cents: 100 })).rejects.toBeInstanceOf(FingerprintMismatchError);
+  expect(await taken).toEqual({ charged: 999 });
+  expect(await chargesOf(id)).toEqual([999]);
+});
+
+it('the same through the engine (HTTP transactional mode): the stalled request is answered 422, not the other request\'s answer', async () => {
+  const engine = createIdempotencyEngine({ store, transactional: true, leaseMs: LEASE_MS, logger: false });
+  const otherEngine = createIdempotencyEngine({ store: other, transactional: true, leaseMs: LEASE_MS, logger: false });
+  const id = randomUUID();
+  const request = (body: unknown) => ({ method: 'POST', path: '/charges', headers: { 'idempotency-key': `k-${id}` }, body });
+  const first = await engine.decide(request({ cents: 100 }));
+  if (first.kind !== 'run') throw new Error(first.kind);
+  await insert(pgTransaction(first.lease.context), { id, cents: 100 });
+  stall(LEASE_MS * 2 + 100);
+
+  const second = await otherEngine.decide(request({ cents: 999 }));
+  if (second.kind !== 'run') throw new Error(second.kind);
+  expect(second.lease.context.tookOver).toBe(true);
+  await insert(pgTransaction(second.lease.context), { id, cents: 999 });
+  expect(await second.lease.commit({ status: 201, headers: [], body: bytes('charged 999') })).toBe(true);
+
+  expect(await first.lease.commit({ status: 201, headers: [], body: bytes('charged 100') })).toBe(false);
+  expect(first.lease.replacement?.status).toBe(422);
+  expect(JSON.parse(Buffer.from(first.lease.replacement!.body).toString())).toMatchObject({ code: 'ERR_IDEMKIT_FINGERPRINT_MISMATCH' });
+  expect(await chargesOf(id)).toEqual([999]);
+});
+
+it('a result that cannot be serialised rolls the charge back and frees the key: a fixed retry charges once', async () => {
+  const id = `o-${randomUUID()}`;
+  let broken = true;
+  const charge = idempotentTransaction(async (tx, order: Order) => {
+    await insert(tx, order);
+    return { charged: broken ? BigInt(order.cents) : order.cents };
+  }, options(store) as never as IdempotentTransactionOptions<pg.PoolClient, [Order], { charged: number | bigint }>);
+
+  await expect(charge({ id, cents: 100 })).rejects.toThrow(/could not be serialised.*rolled back/);
+  expect(await chargesOf(id)).toEqual([]);
+  broken = false;
+  expect(await charge({ id, cents: 100 })).toEqual({ charged: 100 });
+  expect(await chargesOf(id)).toEqual([100]);
+});
+
+it('a job that caught a failed statement rejects saying so (its transaction was aborted), and nothing commits', async () => {
+  const id = `o-${randomUUID()}`;
+  const charge = idempotentTransaction(async (tx, order: Order) => {
+    await insert(tx, order);
+    await tx.query('SELECT 1/0').catch(() => undefined); // caught, but the transaction is aborted now
+    return { charged: order.cents };
+  }, options(store));
+
+  const error = await charge({ id, cents: 100 }).catch((e: unknown) => e);
+  expect(error).toBeInstanceOf(StoreUnavailableError);
+  expect((error as Error).message).toMatch(/statement the handler ran had failed.*SAVEPOINT/);
+  expect(await chargesOf(id)).toEqual([]);
+});
