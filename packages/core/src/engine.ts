@@ -6,7 +6,7 @@ import {
   StoreUnavailableError,
   type IdempotencyError,
 } from './errors.js';
-import { defaultFingerprint } from './fingerprint.js';
+import { defaultFingerprint, fingerprintsDiffer } from './fingerprint.js';
 import { hasBodyField, parseKeyHeader, scopedKey, validateKey, type KeyParseResult } from './key.js';
 import { RenewalClock, RunningLease } from './lease.js';
 import { resolveOptions, swallow, type IdempotencyOptions, type ResolvedOptions } from './options.js';
@@ -174,7 +174,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
       }
 
       const { record } = result;
-      if (fingerprint !== null && record.fingerprint !== null && record.fingerprint !== fingerprint) {
+      if (fingerprintsDiffer(fingerprint, record.fingerprint)) {
         this.emit({ type: 'mismatch', key });
         return problem(fingerprintMismatch());
       }
@@ -232,14 +232,14 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     return this.#run(key, id, token, tookOver, beganAt, tx, fingerprint);
   }
 
-  #run(key: string, id: string, token: LeaseToken, tookOver: boolean, beganAt: number, tx?: StoreTransaction, fingerprint?: string | null): Decision {
+  #run(key: string, id: string, token: LeaseToken, tookOver: boolean, beganAt: number, tx?: StoreTransaction, fingerprint: string | null = null): Decision {
     const o = this.options;
     if (tookOver) {
       this.emit({ type: 'lease-taken-over', key });
       o.logger?.warn(`[idemkit] Took over the expired lease of key "${key}": its previous holder stopped renewing (crashed or stalled).`);
     }
     if (o.onEvent) this.emit({ type: 'executed', key, tookOver });
-    return { kind: 'run', lease: new RunningLease(this, key, id, token, tookOver, tx, beganAt, fingerprint ?? null) };
+    return { kind: 'run', lease: new RunningLease(this, key, id, token, tookOver, tx, beganAt, fingerprint) };
   }
 
   /** A store call failed: the event, the (throttled) log, and the 503, or PASS when `canPass` and 'pass'. */

@@ -22,3 +22,8 @@ export function defaultFingerprint(input: Pick<IncomingRequest, 'method' | 'path
   if (typeof body === 'string') return `sha256:${hash('sha256', head + body, 'base64url')}`;
   return `sha256:${createHash('sha256').update(head).update(body).digest('base64url')}`;
 }
+
+/** Whether a key's record belongs to another request: both sides have a fingerprint, and they differ. */
+export function fingerprintsDiffer(ours: string | null, stored: string | null): boolean {
+  return ours !== null && stored !== null && ours !== stored;
+}

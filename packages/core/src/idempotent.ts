@@ -1,5 +1,5 @@
 import { createIdempotencyEngine } from './engine.js';
-import { ConfigurationError, fingerprintMismatch, requestInProgress, ResponseNotReplayableError, StoreUnavailableError } from './errors.js';
+import { ConfigurationError, fingerprintMismatch, requestInProgress, ResponseNotReplayableError, StoreUnavailableError, TransactionAbortedError } from './errors.js';
 import { optionalFunction, type IdempotencyOptions } from './options.js';
 import type { StoredResponse, TransactionalStore } from './store.js';
 import type { IncomingRequest } from './types.js';
@@ -193,7 +193,12 @@ function jobCaller<Args extends unknown[], R>(
           if (transactional) {
             // Nothing of fn's may commit without its result: roll back and free the key, as if fn threw.
             await lease.abandon('handler-threw');
-            throw new TypeError(`[idemkit] ${wrapper}(): ${why}, so its writes were rolled back and nothing was stored; a retry runs fn again. ${fix}`, { cause: error });
+            throw new TypeError(
+              `[idemkit] ${wrapper}(): ${why}, so its transaction was rolled back and nothing was stored; a retry runs fn again ` +
+                '(unless fn had ended the transaction itself: then what it committed stays, and later calls reject with ResponseNotReplayableError). ' +
+                fix,
+              { cause: error },
+            );
           }
           // fn ran and must not run again for this key: settle the lease with a marker, so later
           // calls reject with ResponseNotReplayableError instead of waiting or running fn twice.
@@ -217,7 +222,8 @@ function jobCaller<Args extends unknown[], R>(
  * Results are stored with 200; any other stored answer is a problem: the marker of a result that
  * could not be stored (fn ran once: never hand the marker out as a result), or, replacing a
  * rolled-back transactional call's result, a 422 when a call with other arguments took the key
- * over, a 409 while the call that took over still runs, or a 503 when the outcome is not known.
+ * over, a 409 while the call that took over still runs, a 503 saying fn's own failed statement
+ * aborted its transaction, or a 503 when the outcome is not known.
  */
 function answerError(response: StoredResponse): Error {
   let problem: { detail?: unknown; retryAfter?: unknown; reason?: unknown } = {};
@@ -231,6 +237,12 @@ function answerError(response: StoredResponse): Error {
   if (response.status === 409) {
     const retryAfter = typeof problem.retryAfter === 'number' ? problem.retryAfter : 1;
     return requestInProgress(retryAfter, detail ?? 'The call that took this key over still runs.');
+  }
+  if (response.status === 503 && problem.reason === 'transaction-aborted') {
+    return new TransactionAbortedError(
+      'A statement fn ran had failed and aborted its transaction (fn caught it and returned): nothing was committed, and the key is free again. ' +
+        'Put a SAVEPOINT around a statement that may fail, or use ON CONFLICT.',
+    );
   }
   if (response.status === 503) {
     return new StoreUnavailableError('ERR_IDEMKIT_STORE_UNAVAILABLE', 503, detail ?? 'The outcome of this call is not known; retry it.');

@@ -1,4 +1,5 @@
 import { fingerprintMismatch, isTransactionAborted, isTransactionEnded, requestInProgress, ResponseNotReplayableError, retryAfterSeconds, StoreUnavailableError } from './errors.js';
+import { fingerprintsDiffer } from './fingerprint.js';
 import { REPLAYED_HEADER } from './headers.js';
 import { problemResponse } from './problem.js';
 import type { ResolvedOptions } from './options.js';
@@ -432,7 +433,7 @@ export class RunningLease implements Lease {
     const { store } = this.host.options;
     try {
       const record = await this.host.call('get', () => store.get(this.id));
-      if (record && this.fingerprint !== null && record.fingerprint !== null && record.fingerprint !== this.fingerprint) {
+      if (record && fingerprintsDiffer(this.fingerprint, record.fingerprint)) {
         this.host.emit({ type: 'mismatch', key: this.key });
         return problemResponse(fingerprintMismatch());
       }
@@ -459,6 +460,8 @@ export class RunningLease implements Lease {
         this.#abortedByHandler
           ? 'A statement the handler ran had failed, which aborted its transaction: nothing was committed. Retry with the same key (a statement that may fail needs a SAVEPOINT around it, or ON CONFLICT).'
           : 'The operation was rolled back and not committed. Retry with the same key.',
+        // `idempotentTransaction()` tells its caller which it was: an aborted transaction is no store outage.
+        this.#abortedByHandler ? { extensions: { reason: 'transaction-aborted' } } : {},
       ),
     );
   }

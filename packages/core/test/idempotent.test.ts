@@ -218,7 +218,7 @@ describe('idempotent(fn)', () => {
 });
 
 // What it does with a store's transactions runs against real Postgres: @idemkit/postgres
-// readme.test.ts and packages/reliability jobs.test.ts. Here, what it refuses at setup.
+// jobs.test.ts and readme.test.ts, and packages/reliability jobs.test.ts. Here, what it refuses at setup.
 describe('idempotentTransaction(fn)', () => {
   const fn = async (_tx: unknown, id: string) => id;
 

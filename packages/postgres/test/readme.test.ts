@@ -1,8 +1,11 @@
 // #region imports
-import { createIdempotencyEngine, idempotentTransaction } from '@idemkit/core';
+import { createIdempotencyEngine } from '@idemkit/core';
 import { createPostgresStore, pgTransaction } from '@idemkit/postgres';
 import pg from 'pg';
 // #endregion imports
+// #region jobs-imports
+import { idempotentTransaction } from '@idemkit/core';
+// #endregion jobs-imports
 import { randomUUID } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { afterAll, beforeAll, expect, it, vi } from 'vitest';
@@ -65,7 +68,7 @@ it('README transactional example is this code', async () => {
 });
 
 it('README jobs example is this code', async () => {
-  expect(await readmeBlock('jobs')).toBe(await region('jobs'));
+  expect(await readmeBlock('jobs')).toBe(`${await region('jobs-imports')}\n\n${await region('jobs')}`);
 });
 
 it('quick start runs: first request runs, the retry replays', async () => {

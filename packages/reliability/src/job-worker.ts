@@ -6,9 +6,9 @@
  *
  * The side effect is a row in `<PREFIX>_effects` (Postgres, created by the test). With
  * TRANSACTIONAL=1 (the Postgres store, EFFECTS_URL the same database) the job is
- * `idempotentTransaction()` and writes the row first, in its transaction; else it is
- * `idempotent()` and writes the row at the end. A `RUN {…}` line on stdout marks each start of the
- * job's body.
+ * `idempotentTransaction()` and writes the row first, in its transaction (then prints `WROTE {…}`);
+ * else it is `idempotent()` and writes the row at the end. A `RUN {…}` line on stdout marks each
+ * start of the job's body.
  *
  * Env: STORE (postgres|redis|redis-cluster|mongodb), STORE_URL, PREFIX, EFFECTS_URL (Postgres),
  * LEASE_MS, WAIT_TIMEOUT_MS, TRANSACTIONAL, PORT.
@@ -85,6 +85,8 @@ const charge = TRANSACTIONAL
     idempotentTransaction(async (tx: pg.PoolClient, order: Order, delivery: Delivery): Promise<Charge> => {
       line('RUN', { orderId: order.orderId, pid: process.pid });
       const made = await insertCharge(tx, order);
+      // Postgres has the row, uncommitted: a kill or stall after this line has something to lose.
+      line('WROTE', { orderId: order.orderId, pid: process.pid });
       await sleep(delivery.workMs);
       if (delivery.fail) throw new Error('card declined');
       return made;

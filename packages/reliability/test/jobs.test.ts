@@ -44,6 +44,10 @@ function value(outcome: Outcome): Charge {
 const runsOf = (workers: ServerProcess[], orderId: string) =>
   workers.flatMap((w) => w.events('RUN').filter((e) => e.orderId === orderId).map((e) => e.pid));
 
+/** Until `worker` is inside the job; in a transaction, until its charge row is written, uncommitted. */
+const midJob = (worker: ServerProcess, orderId: string, transactional: boolean) =>
+  vi.waitFor(() => expect(worker.events(transactional ? 'WROTE' : 'RUN').filter((e) => e.orderId === orderId)).toHaveLength(1), { timeout: 10_000, interval: 10 });
+
 /** The lease events (`LEASE-TAKEN-OVER`, `LEASE-LOST`) the workers reported for one order. */
 const leaseEventsOf = (workers: ServerProcess[], orderId: string) =>
   workers.flatMap((w) => ['LEASE-TAKEN-OVER', 'LEASE-LOST'].flatMap((kind) => w.events(kind).filter((e) => e.key === orderId).map(() => `${kind} ${w.pid}`)));
@@ -146,7 +150,7 @@ describe.each(setups)('jobs in three worker processes: $name', ({ kind, transact
     const doomed = await pool.spawn(JOB_WORKER, { ...env, LEASE_MS: String(SHORT_LEASE_MS) });
     const order: Order = { orderId: `${ns}-crash`, cents: 900 };
     const lost = deliver(doomed, order, { workMs: 60_000 }).catch((error: unknown) => error);
-    await vi.waitFor(() => expect(runsOf([doomed], order.orderId)).toHaveLength(1), { timeout: 10_000, interval: 10 });
+    await midJob(doomed, order.orderId, transactional);
     // Mid-job: a deploy, the OOM killer. Before its charge; in a transaction, after its uncommitted one.
     doomed.child.kill('SIGKILL');
     expect(await lost).toBeInstanceOf(Error);
@@ -164,7 +168,7 @@ describe.each(setups)('jobs in three worker processes: $name', ({ kind, transact
     const stalled = await pool.spawn(JOB_WORKER, { ...env, LEASE_MS: String(SHORT_LEASE_MS) });
     const order: Order = { orderId: `${ns}-stall`, cents: 300 };
     const late = deliver(stalled, order, { workMs: 2 * SHORT_LEASE_MS });
-    await vi.waitFor(() => expect(runsOf([stalled], order.orderId)).toHaveLength(1), { timeout: 10_000, interval: 10 });
+    await midJob(stalled, order.orderId, transactional);
     stalled.child.kill('SIGSTOP'); // a GC pause, a frozen VM: no renewals, its transaction open
 
     const taken = value(await deliver(workers[1]!, order, { workMs: 10 }));
