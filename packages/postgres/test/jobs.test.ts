@@ -5,7 +5,7 @@
  * goes out, and a second wrapper on its own pool takes the key over meanwhile.
  */
 import { randomUUID } from 'node:crypto';
-import { createIdempotencyEngine, FingerprintMismatchError, idempotentTransaction, TransactionAbortedError } from '@idemkit/core';
+import { createIdempotencyEngine, FingerprintMismatchError, idempotentTransaction, RequestInProgressError, ResponseNotReplayableError, TransactionAbortedError } from '@idemkit/core';
 import pg from 'pg';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { createPostgresStore, pgTransaction, type PostgresStore } from '../src/index.js';
@@ -78,6 +78,48 @@ it('a stalled job whose key a call with other arguments took over rejects with F
   await expect(stalled({ id, cents: 100 })).rejects.toBeInstanceOf(FingerprintMismatchError);
   expect(await taken).toEqual({ charged: 999 });
   expect(await chargesOf(id)).toEqual([999]);
+});
+
+it('a stalled job whose key was taken over by a call still running rejects with RequestInProgressError; the taker\'s charge is the one', async () => {
+  const id = `o-${randomUUID()}`;
+  let open: () => void = () => undefined;
+  const gate = new Promise<void>((resolve) => (open = resolve));
+  let takerRuns = 0;
+  const taker = idempotentTransaction(async (tx, order: Order) => {
+    takerRuns++;
+    await insert(tx, order);
+    await gate;
+    return { charged: order.cents };
+  }, options(other));
+  let taken: Promise<{ charged: number }> | undefined;
+  const stalled = idempotentTransaction(async (tx, order: Order) => {
+    await insert(tx, order);
+    setTimeout(() => (taken = taker(order)), 0);
+    stall(LEASE_MS * 2 + 100);
+    while (takerRuns === 0) await new Promise((r) => setTimeout(r, 5)); // the taker is inside its job
+    return { charged: order.cents };
+  }, options(store));
+
+  await expect(stalled({ id, cents: 100 })).rejects.toBeInstanceOf(RequestInProgressError);
+  open();
+  expect(await taken).toEqual({ charged: 100 });
+  expect(await chargesOf(id)).toEqual([100]); // one row: the taker's; the stalled one rolled back
+  expect(await stalled({ id, cents: 100 })).toEqual({ charged: 100 }); // and it replays now
+});
+
+it('a result over maxBodyBytes commits the charge with a marker: the first caller gets its result, later calls ResponseNotReplayableError', async () => {
+  const id = `o-${randomUUID()}`;
+  let runs = 0;
+  const charge = idempotentTransaction(async (tx, order: Order) => {
+    runs++;
+    await insert(tx, order);
+    return { charged: order.cents, receipt: 'x'.repeat(200) };
+  }, { ...options(store), maxBodyBytes: 100 });
+
+  expect(await charge({ id, cents: 100 })).toMatchObject({ charged: 100 });
+  await expect(charge({ id, cents: 100 })).rejects.toBeInstanceOf(ResponseNotReplayableError);
+  expect(runs).toBe(1);
+  expect(await chargesOf(id)).toEqual([100]);
 });
 
 it('the same through the engine (HTTP transactional mode): the stalled request is answered 422, not the other request\'s answer', async () => {
