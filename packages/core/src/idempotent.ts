@@ -236,7 +236,11 @@ function answerError(response: StoredResponse): Error {
   if (response.status === 422) return fingerprintMismatch();
   if (response.status === 409) {
     const retryAfter = typeof problem.retryAfter === 'number' ? problem.retryAfter : 1;
-    return requestInProgress(retryAfter, detail ?? 'The call that took this key over still runs.');
+    // The engine's detail speaks of requests and Retry-After; a job's caller knows neither.
+    return requestInProgress(
+      retryAfter,
+      `fn outlasted its lease and another call took the key over; fn's writes were rolled back. That call still runs: retry in ${retryAfter} s to get its result.`,
+    );
   }
   if (response.status === 503 && problem.reason === 'transaction-aborted') {
     return new TransactionAbortedError(
