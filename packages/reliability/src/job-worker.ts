@@ -11,7 +11,7 @@
  * start of the job's body.
  *
  * Env: STORE (postgres|redis|redis-cluster|mongodb), STORE_URL, PREFIX, EFFECTS_URL (Postgres),
- * LEASE_MS, WAIT_TIMEOUT_MS, TRANSACTIONAL, PORT.
+ * LEASE_MS, STORE_TIMEOUT_MS, WAIT_TIMEOUT_MS, TRANSACTIONAL, PORT.
  */
 import { randomUUID } from 'node:crypto';
 import { createServer, type IncomingMessage } from 'node:http';
@@ -65,6 +65,7 @@ const options = {
   // The order is the job's identity; how long this delivery takes is not.
   fingerprint: (order: Order) => `${order.orderId}:${order.cents}`,
   leaseMs: Number(env.LEASE_MS ?? 60_000),
+  storeTimeoutMs: Number(env.STORE_TIMEOUT_MS ?? 5_000),
   waitTimeoutMs: Number(env.WAIT_TIMEOUT_MS ?? 10_000),
   onEvent: (e: IdempotencyEvent) => {
     if (e.type === 'lease-lost' || e.type === 'lease-taken-over') line(e.type.toUpperCase(), e);

@@ -13,13 +13,16 @@ import { JOB_WORKER, ProcessPool, type ServerProcess } from '../src/spawn.js';
 
 /**
  * The shared workers' lease. It must stay well above the store's slowest answer under load (core
- * README, `leaseMs`): FerretDB takes about 2.5 s for the 240-delivery burst below, and with a 1 s
- * lease a holder's completion queued behind it arrived after its lease, another worker took the
- * order over, and it was charged twice (seen). The tests of renewal and crash run a worker of
- * their own on a short lease.
+ * README, `leaseMs`): FerretDB takes about 2.5 s (3.3 s on a loaded machine) for the 240-delivery
+ * burst below, and with a 1 s lease a holder's completion queued behind it arrived after its
+ * lease, another worker took the order over, and it was charged twice (seen). Their store
+ * deadline is 8 s, below the lease and above that burst. The tests of renewal, crash and stall
+ * run a worker of their own on a short lease.
  */
 const LEASE_MS = 10_000;
 const SHORT_LEASE_MS = 1_000;
+/** A worker on the short lease, with the default store deadline (5 s; the shared workers wait 8 s, below their lease). */
+const SHORT_LEASE = { LEASE_MS: String(SHORT_LEASE_MS), STORE_TIMEOUT_MS: '5000' };
 const ORDERS = 40;
 /** Each store with `idempotent()`, and Postgres once more with `idempotentTransaction()`. */
 const setups = [
@@ -74,7 +77,7 @@ describe.each(setups)('jobs in three worker processes: $name', ({ kind, transact
     const effectsUrl = await serviceUrl('postgres');
     effects = new pg.Pool({ connectionString: effectsUrl, max: 3 });
     await effects.query(`CREATE TABLE "${ns}_effects" (id serial PRIMARY KEY, order_id text NOT NULL, charge_id text NOT NULL, pid int NOT NULL)`);
-    env = { STORE: kind, STORE_URL: url, PREFIX: ns, EFFECTS_URL: effectsUrl, LEASE_MS: String(LEASE_MS), WAIT_TIMEOUT_MS: '20000', TRANSACTIONAL: transactional ? '1' : '0' };
+    env = { STORE: kind, STORE_URL: url, PREFIX: ns, EFFECTS_URL: effectsUrl, LEASE_MS: String(LEASE_MS), STORE_TIMEOUT_MS: '8000', WAIT_TIMEOUT_MS: '20000', TRANSACTIONAL: transactional ? '1' : '0' };
     workers = await Promise.all([0, 1, 2].map(() => pool.spawn(JOB_WORKER, env)));
   });
 
@@ -98,14 +101,13 @@ describe.each(setups)('jobs in three worker processes: $name', ({ kind, transact
       for (const v of values) expect(v).toEqual({ chargeId: charges[0]!.charge_id, orderId: order.orderId, cents: order.cents, pid: charges[0]!.pid });
       expect(runsOf(workers, order.orderId)).toEqual([charges[0]!.pid]);
     }
-    // The three workers shared the work: no single consumer ran everything.
-    const runners = new Set(orders.map((o) => runsOf(workers, o.orderId)[0]));
-    expect(runners.size).toBeGreaterThan(1);
+    // Which worker ran which order is a race the store settles (one worker may win all 40: seen);
+    // the other tests make each of the three run a job.
     expect(await countRecords(kind, url, location(kind, ns, 'app'))).toMatchObject({ total: ORDERS, completed: ORDERS, inProgress: 0 });
   });
 
   it('a job running three times its lease keeps it (renewed), and the deliveries waiting on it get its charge', async () => {
-    const holder = await pool.spawn(JOB_WORKER, { ...env, LEASE_MS: String(SHORT_LEASE_MS) });
+    const holder = await pool.spawn(JOB_WORKER, { ...env, ...SHORT_LEASE });
     const order: Order = { orderId: `${ns}-long`, cents: 500 };
     const first = deliver(holder, order, { workMs: 3 * SHORT_LEASE_MS });
     await vi.waitFor(() => expect(runsOf([holder], order.orderId)).toHaveLength(1), { timeout: 10_000, interval: 10 });
@@ -147,7 +149,7 @@ describe.each(setups)('jobs in three worker processes: $name', ({ kind, transact
 
   // The survivors' own lease does not matter here: the store keeps the one the doomed worker took.
   it('a worker killed mid-job: another worker waits out its lease, runs the job once, and later deliveries get that charge', async () => {
-    const doomed = await pool.spawn(JOB_WORKER, { ...env, LEASE_MS: String(SHORT_LEASE_MS) });
+    const doomed = await pool.spawn(JOB_WORKER, { ...env, ...SHORT_LEASE });
     const order: Order = { orderId: `${ns}-crash`, cents: 900 };
     const lost = deliver(doomed, order, { workMs: 60_000 }).catch((error: unknown) => error);
     await midJob(doomed, order.orderId, transactional);
@@ -165,7 +167,7 @@ describe.each(setups)('jobs in three worker processes: $name', ({ kind, transact
   });
   // Only in a transaction: outside one the stalled worker's charge stays (GUARANTEES, "Does not hold").
   if (transactional) it('a worker stalled past its lease after its charge: the charge rolls back, and its call returns the charge of the worker that took over', async () => {
-    const stalled = await pool.spawn(JOB_WORKER, { ...env, LEASE_MS: String(SHORT_LEASE_MS) });
+    const stalled = await pool.spawn(JOB_WORKER, { ...env, ...SHORT_LEASE });
     const order: Order = { orderId: `${ns}-stall`, cents: 300 };
     const late = deliver(stalled, order, { workMs: 2 * SHORT_LEASE_MS });
     await midJob(stalled, order.orderId, transactional);
