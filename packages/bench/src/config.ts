@@ -35,6 +35,8 @@ export interface ServerSpec {
   readonly ordersTable: string;
   /** idemkit's `leaseMs` (default: core's). The crash check shortens it to see a takeover in seconds. */
   readonly leaseMs?: number;
+  /** idemkit's `localCache` (`--local-cache`): replays of stored answers from the server process. */
+  readonly localCache?: boolean;
 }
 
 /** What GET /__stats answers: counters of the server process. */

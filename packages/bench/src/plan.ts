@@ -14,6 +14,8 @@ export interface Plan {
   readonly warmup: number;
   readonly connections: number;
   readonly handler: HandlerKind;
+  /** idemkit with `localCache` (`--local-cache`). */
+  readonly localCache: boolean;
   readonly frameworks: readonly Framework[];
   readonly targets: (framework: Framework) => Target[];
   /** The crash check: one framework, and the libraries × shared stores it kills a server of. */
@@ -70,6 +72,8 @@ export interface Args {
   readonly skip: ReadonlySet<Skippable>;
   /** Add the probes (see `apps/probes.ts`) to the Express and Fastify tables. */
   readonly probes?: boolean;
+  /** Run idemkit with `localCache: true`. */
+  readonly localCache?: boolean;
 }
 
 /**
@@ -95,6 +99,7 @@ export function makePlan(args: Args): Plan {
     warmup: quick ? 0.5 : 2,
     connections: args.connections ?? 10,
     handler: args.handler ?? 'hello',
+    localCache: args.localCache === true,
     frameworks,
     targets: args.skip.has('peers') ? (f) => targets(f).filter((t) => t.library !== 'express-idempotency' && t.library !== 'node-idempotency') : targets,
     crash: args.skip.has('crash') ? null : crashPlan(asked, stores, !args.skip.has('peers')),
@@ -114,7 +119,7 @@ function list<T extends string>(value: string, allowed: readonly T[], flag: stri
 
 export const USAGE = `pnpm bench [--quick] [--duration=S] [--rounds=N] [--connections=N]
            [--frameworks=express,fastify,koa] [--stores=memory,redis,postgres,mongodb]
-           [--skip=http,stores,peers,crash] [--handler=hello|postgres] [--probes]`;
+           [--skip=http,stores,peers,crash] [--handler=hello|postgres] [--probes] [--local-cache]`;
 
 export function parseArgs(argv: readonly string[]): Args {
   let quick = false;
@@ -134,6 +139,9 @@ export function parseArgs(argv: readonly string[]): Args {
         break;
       case '--probes':
         out.probes = true;
+        break;
+      case '--local-cache':
+        out.localCache = true;
         break;
       case '--duration':
         out.duration = number();

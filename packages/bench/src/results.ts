@@ -46,7 +46,7 @@ export interface BenchReport {
   readonly startedAt: string;
   readonly mode: 'quick' | 'full';
   readonly machine: { readonly cpus: number; readonly cpuModel: string; readonly node: string; readonly loadavg: readonly number[] };
-  readonly settings: { readonly duration: number; readonly rounds: number; readonly connections: number; readonly warmup: number; readonly handler: HandlerKind };
+  readonly settings: { readonly duration: number; readonly rounds: number; readonly connections: number; readonly warmup: number; readonly handler: HandlerKind; readonly localCache: boolean };
   readonly services: string;
   readonly http: HttpRow[];
   readonly crash: CrashRow[];

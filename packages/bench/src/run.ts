@@ -94,7 +94,7 @@ async function benchFramework(framework: Framework, plan: Plan, env: ServiceEnv,
     // Started together (nothing is measured yet); pushed as they come so a failure still stops them.
     await Promise.all(
       [{ library: 'bare' as const, store: 'memory' as const }, ...targets].map(async (spec, i) => {
-        const server = await startServer({ framework, ...spec, runId: `${runId}_${framework}_${spec.library.replaceAll('-', '_')}`, env, handler: plan.handler, ordersTable: ordersTable(runId) });
+        const server = await startServer({ framework, ...spec, runId: `${runId}_${framework}_${spec.library.replaceAll('-', '_')}`, env, handler: plan.handler, ordersTable: ordersTable(runId), localCache: plan.localCache });
         servers[i] = server;
       }),
     ).catch(async (error: unknown) => {
@@ -238,7 +238,7 @@ async function main(): Promise<void> {
     startedAt: new Date().toISOString(),
     mode: plan.mode,
     machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model ?? 'unknown', node: process.version, loadavg: loadavg() },
-    settings: { duration: plan.duration, rounds: plan.rounds, connections: plan.connections, warmup: plan.warmup, handler: plan.handler },
+    settings: { duration: plan.duration, rounds: plan.rounds, connections: plan.connections, warmup: plan.warmup, handler: plan.handler, localCache: plan.localCache },
     services: services.source,
     http,
     crash,
@@ -256,6 +256,7 @@ async function main(): Promise<void> {
       `load average ${report.machine.loadavg.map((l) => l.toFixed(1)).join(' ')} at the end`,
   );
   out.push(`handler: ${plan.handler === 'hello' ? 'hello (a JSON answer from memory)' : 'postgres (one INSERT … RETURNING id per run of the handler)'}`);
+  if (plan.localCache) out.push('idemkit runs with `localCache: true` (replays of stored answers from the server process)');
   out.push(`autocannon: ${plan.connections} connections, ${plan.duration} s per run, ${plan.rounds} round(s), bare runs alternated with each library run`);
   if (http.length > 0) out.push('', httpTable(http));
   if (crash.length > 0) {

@@ -17,7 +17,7 @@ let closeLibrary = async (): Promise<void> => undefined;
 switch (spec.library) {
   case 'idemkit': {
     const counted = await openStore(spec.store, spec.env, spec.runId);
-    library = { kind: 'idemkit', store: counted.store, ttlMs: BENCH_TTL_MS, leaseMs: spec.leaseMs };
+    library = { kind: 'idemkit', store: counted.store, ttlMs: BENCH_TTL_MS, leaseMs: spec.leaseMs, localCache: spec.localCache === true };
     roundTrips = counted.roundTrips;
     closeLibrary = counted.close;
     break;

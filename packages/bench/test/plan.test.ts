@@ -94,4 +94,9 @@ describe('tables', () => {
     expect([cells(memory)[cpu], cells(memory)[store]]).toEqual(['25', '–']);
     expect([cells(redis)[cpu], cells(redis)[store]]).toEqual(['50', '31']);
   });
+
+  it('--local-cache runs idemkit with localCache, and only when asked', () => {
+    expect(makePlan(parseArgs(['--quick'])).localCache).toBe(false);
+    expect(makePlan(parseArgs(['--quick', '--local-cache'])).localCache).toBe(true);
+  });
 });

@@ -10,7 +10,8 @@ import { defaultFingerprint, fingerprintsDiffer } from './fingerprint.js';
 import { hasBodyField, parseKeyHeader, scopedKey, validateKey, type KeyParseResult } from './key.js';
 import { RenewalClock, RunningLease } from './lease.js';
 import { resolveOptions, swallow, type IdempotencyOptions, type ResolvedOptions } from './options.js';
-import type { BeginResult, LeaseToken, StoreTransaction, TransactionalStore } from './store.js';
+import { ReplayCache } from './replay-cache.js';
+import type { BeginResult, LeaseToken, StoredResponse, StoreTransaction, TransactionalStore } from './store.js';
 import type { Decision, IdempotencyEvent, IncomingRequest } from './types.js';
 import { sleep, storeCaller, StoreTimeoutError, type StoreCall } from './deadline.js';
 
@@ -47,6 +48,8 @@ class Engine<Req> implements IdempotencyEngine<Req> {
   /** When a failed begin was last logged, and how many were not logged since. */
   #storeErrorLoggedAt = -Infinity;
   #storeErrorsUnlogged = 0;
+  /** Completed answers kept in process (`localCache`), else null. */
+  readonly #cache: ReplayCache | null;
 
   constructor(readonly options: ResolvedOptions<Req>) {
     this.#headerLower = options.header.toLowerCase();
@@ -57,6 +60,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         : `This request needs an ${options.header} header (or an \`${options.bodyField}\` field in its JSON body).`;
     this.renewals = new RenewalClock(options.leaseMs);
     this.call = storeCaller(options.store, options.storeTimeoutMs);
+    this.#cache = options.localCache && new ReplayCache(options.localCache.maxEntries, options.localCache.maxAgeMs);
     if (!options.store.shared && process.env.NODE_ENV === 'production') {
       options.logger?.warn(
         '[idemkit] The in-memory store keeps records in this process only: with several processes or restarts, retries can run twice. Use a shared store (Postgres, Redis, MongoDB) in production.',
@@ -66,6 +70,11 @@ class Engine<Req> implements IdempotencyEngine<Req> {
 
   isStorable(status: number): boolean {
     return this.options.storable(status);
+  }
+
+  /** A lease's answer was stored: keep it for replays from this process too (`localCache`). */
+  remember(id: string, fingerprint: string | null, response: StoredResponse): void {
+    this.#cache?.set(id, fingerprint, response, this.options.ttlMs);
   }
 
   emit(event: IdempotencyEvent): void {
@@ -133,6 +142,8 @@ class Engine<Req> implements IdempotencyEngine<Req> {
 
   async #claim(key: string, id: string, fingerprint: string | null): Promise<Decision> {
     const o = this.options;
+    const cached = this.#cache?.get(id);
+    if (cached) return this.#completed(key, id, fingerprint, cached.fingerprint, cached.response, null);
     const deadline = performance.now() + o.waitTimeoutMs;
     let delay = WAIT_FIRST_MS;
     /** Seconds left on the running request's lease, once this call has seen one (waiting). */
@@ -170,7 +181,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
       if (result.kind === 'acquired') {
         return o.transactional
           ? this.#runInTransaction(key, id, result.token, result.tookOver, beganAt, fingerprint)
-          : this.#run(key, id, result.token, result.tookOver, beganAt);
+          : this.#run(key, id, result.token, result.tookOver, beganAt, undefined, fingerprint);
       }
 
       const { record } = result;
@@ -179,8 +190,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         return problem(fingerprintMismatch());
       }
       if (record.state === 'completed' && record.response !== null) {
-        if (o.onEvent) this.emit({ type: 'replayed', key, status: record.response.status });
-        return { kind: 'replay', key, response: record.response };
+        return this.#completed(key, id, fingerprint, record.fingerprint, record.response, record.expiresAt);
       }
       // Still running elsewhere: wait (bounded, with backoff) or answer 409 at once.
       seenRunning = result.leaseRemainingMs;
@@ -191,6 +201,23 @@ class Engine<Req> implements IdempotencyEngine<Req> {
       }
       return this.#conflict(key, result.leaseRemainingMs);
     }
+  }
+
+  /**
+   * The replay of a completed answer, from the store (`expiresAt`, by the store's clock) or from
+   * the local cache (null; its fingerprint not yet checked against this request's).
+   */
+  #completed(key: string, id: string, fingerprint: string | null, stored: string | null, response: StoredResponse, expiresAt: number | null): Decision {
+    if (expiresAt === null) {
+      if (fingerprintsDiffer(fingerprint, stored)) {
+        this.emit({ type: 'mismatch', key });
+        return problem(fingerprintMismatch());
+      }
+    } else {
+      this.#cache?.set(id, stored, response, expiresAt - Date.now());
+    }
+    if (this.options.onEvent) this.emit({ type: 'replayed', key, status: response.status });
+    return { kind: 'replay', key, response };
   }
 
   /**

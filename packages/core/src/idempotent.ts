@@ -10,7 +10,7 @@ const decoder = new TextDecoder();
 export interface IdempotentOptions<Args extends unknown[], R>
   extends Pick<
     IdempotencyOptions<Args>,
-    'store' | 'ttlMs' | 'leaseMs' | 'concurrency' | 'waitTimeoutMs' | 'onStoreError' | 'storeTimeoutMs' | 'maxBodyBytes' | 'onEvent' | 'logger'
+    'store' | 'ttlMs' | 'leaseMs' | 'concurrency' | 'waitTimeoutMs' | 'onStoreError' | 'storeTimeoutMs' | 'maxBodyBytes' | 'localCache' | 'onEvent' | 'logger'
   > {
   /** The idempotency key of one call, from its arguments (e.g. the message id). Required. */
   key: (...args: Args) => string;

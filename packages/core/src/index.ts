@@ -1,7 +1,7 @@
 // The engine: what every binding and `idempotent()` runs on.
 export { createIdempotencyEngine, type IdempotencyEngine } from './engine.js';
 // Options and their defaults, so bindings re-export one options type.
-export { DEFAULTS, defaultStorable, optionalFunction, resolveOptions, type IdempotencyOptions, type MaybePromise, type ResolvedOptions } from './options.js';
+export { DEFAULTS, defaultStorable, optionalFunction, resolveOptions, type IdempotencyOptions, type LocalCacheOptions, type MaybePromise, type ResolvedOptions } from './options.js';
 // The store contract every adapter implements (SPEC §3).
 export type {
   BeginResult,

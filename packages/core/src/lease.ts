@@ -23,6 +23,8 @@ export interface LeaseHost {
   /** Calls the store under its deadline. */
   readonly call: StoreCall;
   emit(event: IdempotencyEvent): void;
+  /** The answer was stored: the engine may keep it for local replays (`localCache`). */
+  remember(id: string, fingerprint: string | null, response: StoredResponse): void;
 }
 
 /**
@@ -118,7 +120,7 @@ export class RunningLease implements Lease {
     private readonly tx: StoreTransaction | undefined,
     /** When `begin` was sent: the store's lease started no earlier. */
     beganAt: number,
-    /** Transactional: this request's fingerprint, to tell whose answer the key holds after a rollback. */
+    /** This request's fingerprint: kept with a stored answer, and after a rollback it tells whose answer the key holds. */
     private readonly fingerprint: string | null = null,
   ) {
     this.context = Object.freeze({ key, tookOver, transaction: tx?.client });
@@ -321,7 +323,8 @@ export class RunningLease implements Lease {
       const ok = await this.host.call('complete', () =>
         tx ? (late = tx.complete(this.id, this.token, response, ttlMs)) : store.complete(this.id, this.token, response, ttlMs),
       );
-      if (!ok) this.#lost('complete');
+      if (ok) this.host.remember(this.id, this.fingerprint, response);
+      else this.#lost('complete');
       if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: ok });
       return ok;
     } catch (error) {

@@ -58,10 +58,26 @@ export interface IdempotencyOptions<Req = IncomingRequest> {
    * that implement `TransactionalStore`, e.g. Postgres). @default false
    */
   transactional?: boolean | undefined;
+  /**
+   * Also keep completed answers in this process and replay them without asking the store, so a
+   * retry storm on one key costs the store nothing. An entry lives `maxAgeMs` at most, never past
+   * the record's own expiry (`ttlMs`); `maxEntries` bounds memory (the oldest goes first). A
+   * record deleted from the store by hand is still replayed here until its entry ends. `true` for
+   * the defaults (10 000 entries, 60 s). @default false
+   */
+  localCache?: boolean | LocalCacheOptions | undefined;
   /** Every engine event, for logs and metrics. Errors thrown here are ignored. */
   onEvent?: ((event: IdempotencyEvent) => void) | undefined;
   /** Where warnings go (lost leases, store errors). false silences them. @default console */
   logger?: IdempotencyLogger | false | undefined;
+}
+
+/** The `localCache` option's settings. */
+export interface LocalCacheOptions {
+  /** Answers kept at most; the oldest goes first. @default 10_000 */
+  maxEntries?: number | undefined;
+  /** How long an answer is replayed from this process at most, in ms. @default 60_000 */
+  maxAgeMs?: number | undefined;
 }
 
 export interface ResolvedOptions<Req = IncomingRequest> {
@@ -83,6 +99,7 @@ export interface ResolvedOptions<Req = IncomingRequest> {
   readonly onStoreError: 'fail' | 'pass';
   readonly storeTimeoutMs: number;
   readonly transactional: boolean;
+  readonly localCache: { readonly maxEntries: number; readonly maxAgeMs: number } | null;
   readonly onEvent: ((event: IdempotencyEvent) => void) | undefined;
   readonly logger: IdempotencyLogger | undefined;
 }
@@ -108,12 +125,13 @@ export const DEFAULTS = Object.freeze({
   onStoreError: 'fail' as 'fail' | 'pass',
   storeTimeoutMs: 5_000,
   transactional: false,
+  localCache: Object.freeze({ maxEntries: 10_000, maxAgeMs: 60_000 }),
 });
 
 const KNOWN = new Set([
   'store', 'methods', 'required', 'header', 'bodyField', 'getKey', 'validateKey', 'scope',
   'fingerprint', 'storable', 'ttlMs', 'leaseMs', 'maxBodyBytes', 'concurrency', 'waitTimeoutMs',
-  'onStoreError', 'storeTimeoutMs', 'transactional', 'onEvent', 'logger',
+  'onStoreError', 'storeTimeoutMs', 'transactional', 'localCache', 'onEvent', 'logger',
 ]);
 
 /** Node's timers hold at most this (about 24.8 days); a longer delay fires after 1 ms instead. */
@@ -247,8 +265,21 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
     onStoreError: oneOf('onStoreError', input.onStoreError, ['fail', 'pass'], DEFAULTS.onStoreError),
     storeTimeoutMs: positiveInt('storeTimeoutMs', input.storeTimeoutMs, DEFAULTS.storeTimeoutMs, MAX_TIMER_MS),
     transactional,
+    localCache: localCache(input.localCache),
     onEvent: optionalFunction('onEvent', input.onEvent),
     logger,
+  });
+}
+
+function localCache(input: IdempotencyOptions['localCache']): ResolvedOptions['localCache'] {
+  if (input === undefined || input === false) return null;
+  if (input === true) return DEFAULTS.localCache;
+  if (typeof input !== 'object' || input === null) {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`localCache` must be true, false or { maxEntries, maxAgeMs }.');
+  }
+  return Object.freeze({
+    maxEntries: positiveInt('localCache.maxEntries', input.maxEntries, DEFAULTS.localCache.maxEntries),
+    maxAgeMs: positiveInt('localCache.maxAgeMs', input.maxAgeMs, DEFAULTS.localCache.maxAgeMs),
   });
 }
 

@@ -1,4 +1,4 @@
-import { UNREPLAYED_HEADERS } from '@idemkit/core';
+import { UNREPLAYED_HEADERS, type IdempotencyStore } from '@idemkit/core';
 import { expect } from 'vitest';
 import { expectProblem, newKey, storeId, type CaseContext } from './context.js';
 
@@ -36,6 +36,27 @@ export function replayCases(t: CaseContext): void {
     for (const name of storedNames) expect(UNREPLAYED_HEADERS.has(name), name).toBe(false);
     // The replay's Date is one fresh value, never a copy stacked on top of the server's own.
     expect(replay.headers.get('date')).toMatch(/^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$/);
+  });
+
+  t.test('with localCache, replays come from the process: the same bytes as from the store, and no store call', async () => {
+    let begins = 0;
+    const app = await t.app({ localCache: true }, { store: countingBegins(t.harness().store, () => begins++) });
+    const key = newKey();
+    const first = await app.post('/orders', { key, json: { sku: 'A-1', qty: 2 } });
+    expect(first.status).toBe(201);
+    for (let i = 0; i < 3; i++) {
+      const replay = await app.post('/orders', { key, json: { sku: 'A-1', qty: 2 } });
+      expect(replay.status).toBe(201);
+      expect(replay.replayed).toBe(true);
+      expect(replay.body).toEqual(first.body);
+      expect(replay.headers.get('location')).toBe(first.headers.get('location'));
+      expect(replay.headers.getSetCookie()).toEqual(['a=1', 'b=2']);
+      expect(replay.headers.get('content-type')).toBe(first.headers.get('content-type'));
+    }
+    // Another body under the cached key is still refused, from the process too.
+    expectProblem(await app.post('/orders', { key, json: { sku: 'B-2' } }), 422, 'ERR_IDEMKIT_FINGERPRINT_MISMATCH');
+    expect(begins).toBe(1);
+    expect(app.count('orders')).toBe(1);
   });
 
   t.test("a header middleware before idempotency sets per request (a request id, CORS) is the retry's own on a replay", async () => {
@@ -151,3 +172,19 @@ export function replayCases(t: CaseContext): void {
     expect(app.count('patch')).toBe(1);
   });
 }
+
+/** The store as it is, with each `begin` counted: what the local cache spares it. */
+function countingBegins(store: IdempotencyStore, count: () => void): IdempotencyStore {
+  return new Proxy(store, {
+    get(target, name) {
+      const value: unknown = Reflect.get(target, name, target);
+      if (typeof value !== 'function') return value;
+      if (name !== 'begin') return value.bind(target);
+      return (...args: unknown[]) => {
+        count();
+        return value.apply(target, args);
+      };
+    },
+  });
+}
+
