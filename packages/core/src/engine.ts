@@ -60,7 +60,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         : `This request needs an ${options.header} header (or an \`${options.bodyField}\` field in its JSON body).`;
     this.renewals = new RenewalClock(options.leaseMs);
     this.call = storeCaller(options.store, options.storeTimeoutMs);
-    this.#cache = options.localCache && new ReplayCache(options.localCache.maxEntries, options.localCache.maxAgeMs);
+    this.#cache = options.localCache && new ReplayCache(options.localCache);
     if (!options.store.shared && process.env.NODE_ENV === 'production') {
       options.logger?.warn(
         '[idemkit] The in-memory store keeps records in this process only: with several processes or restarts, retries can run twice. Use a shared store (Postgres, Redis, MongoDB) in production.',
@@ -72,9 +72,12 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     return this.options.storable(status);
   }
 
-  /** A lease's answer was stored: keep it for replays from this process too (`localCache`). */
-  remember(id: string, fingerprint: string | null, response: StoredResponse): void {
-    this.#cache?.set(id, fingerprint, response, this.options.ttlMs);
+  /**
+   * A lease's answer was stored: keep it for replays from this process too (`localCache`). Its
+   * TTL is counted from `sentAt`, when the completion was sent: the store began it no earlier.
+   */
+  remember(id: string, fingerprint: string | null, response: StoredResponse, sentAt: number): void {
+    this.#cache?.set(id, fingerprint, response, this.options.ttlMs - (performance.now() - sentAt));
   }
 
   emit(event: IdempotencyEvent): void {
@@ -213,8 +216,10 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         this.emit({ type: 'mismatch', key });
         return problem(fingerprintMismatch());
       }
-    } else {
-      this.#cache?.set(id, stored, response, expiresAt - Date.now());
+    } else if (this.#cache && expiresAt - Date.now() > 2 * this.#cache.maxAgeMs) {
+      // Its expiry is by the store's clock, so only far from it: this process's clock may be off
+      // by more than the margin left near the end, and the copy would outlive the record.
+      this.#cache.set(id, stored, response, this.#cache.maxAgeMs);
     }
     if (this.options.onEvent) this.emit({ type: 'replayed', key, status: response.status });
     return { kind: 'replay', key, response };

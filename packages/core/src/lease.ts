@@ -23,8 +23,8 @@ export interface LeaseHost {
   /** Calls the store under its deadline. */
   readonly call: StoreCall;
   emit(event: IdempotencyEvent): void;
-  /** The answer was stored: the engine may keep it for local replays (`localCache`). */
-  remember(id: string, fingerprint: string | null, response: StoredResponse): void;
+  /** The answer was stored (completion sent at `sentAt`): the engine may keep it for local replays (`localCache`). */
+  remember(id: string, fingerprint: string | null, response: StoredResponse, sentAt: number): void;
 }
 
 /**
@@ -319,11 +319,12 @@ export class RunningLease implements Lease {
     const { store, ttlMs } = this.host.options;
     const tx = viaTx ? this.tx : undefined;
     let late: Promise<boolean> | undefined;
+    const sentAt = performance.now();
     try {
       const ok = await this.host.call('complete', () =>
         tx ? (late = tx.complete(this.id, this.token, response, ttlMs)) : store.complete(this.id, this.token, response, ttlMs),
       );
-      if (ok) this.host.remember(this.id, this.fingerprint, response);
+      if (ok) this.host.remember(this.id, this.fingerprint, response, sentAt);
       else this.#lost('complete');
       if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: ok });
       return ok;

@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { BeginResult, IdempotencyRecord, IdempotencyStore, LeaseToken, StoredResponse } from './store.js';
 import { brandErrorClasses } from './error-brand.js';
+import { handedOut, keptCopy } from './response-copy.js';
 
 export interface MemoryStoreOptions {
   /** Most records kept; when full, the oldest expired or completed records go (1% at a time), never running leases. @default 10_000 */
@@ -89,12 +90,7 @@ export class MemoryStore implements IdempotencyStore {
     const entry = this.#held(key, token, now);
     if (!entry) return false;
     entry.state = 'completed';
-    // Copy: the caller may reuse its buffers; replays must be byte-exact.
-    entry.response = {
-      status: response.status,
-      headers: Object.freeze(response.headers.map(([n, v]) => Object.freeze([n, v] as const))),
-      body: new Uint8Array(response.body),
-    };
+    entry.response = keptCopy(response);
     entry.expiresAt = now + ttlMs;
     if (entry.expiresAt < this.#earliestExpiry) this.#earliestExpiry = entry.expiresAt;
     return true;
@@ -193,9 +189,7 @@ function toRecord(key: string, e: Entry): IdempotencyRecord {
     fingerprint: e.fingerprint,
     state: e.state,
     leaseExpiresAt: e.state === 'in_progress' ? e.leaseExpiresAt : null,
-    // The body is copied out: a caller that changes the bytes it got (in place, as a Buffer view
-    // allows) must not change the next replay. The headers are frozen at completion instead.
-    response: e.response && { status: e.response.status, headers: e.response.headers, body: new Uint8Array(e.response.body) },
+    response: e.response && handedOut(e.response),
     createdAt: e.createdAt,
     expiresAt: e.expiresAt,
   };

@@ -61,9 +61,10 @@ export interface IdempotencyOptions<Req = IncomingRequest> {
   /**
    * Also keep completed answers in this process and replay them without asking the store, so a
    * retry storm on one key costs the store nothing. An entry lives `maxAgeMs` at most, never past
-   * the record's own expiry (`ttlMs`); `maxEntries` bounds memory (the oldest goes first). A
-   * record deleted from the store by hand is still replayed here until its entry ends. `true` for
-   * the defaults (10 000 entries, 60 s). @default false
+   * the record's own expiry (`ttlMs`); at most `maxEntries` answers of up to `maxEntryBytes` each
+   * are kept (the one replayed least recently goes first). A record deleted from the store by
+   * hand is still replayed here until its entry ends. `true` for the defaults (1 000 entries of
+   * up to 64 KiB, 60 s). @default false
    */
   localCache?: boolean | LocalCacheOptions | undefined;
   /** Every engine event, for logs and metrics. Errors thrown here are ignored. */
@@ -74,10 +75,12 @@ export interface IdempotencyOptions<Req = IncomingRequest> {
 
 /** The `localCache` option's settings. */
 export interface LocalCacheOptions {
-  /** Answers kept at most; the oldest goes first. @default 10_000 */
+  /** Answers kept at most; the one replayed least recently goes first. @default 1_000 */
   maxEntries?: number | undefined;
   /** How long an answer is replayed from this process at most, in ms. @default 60_000 */
   maxAgeMs?: number | undefined;
+  /** Answers with a larger body are not kept (they are replayed from the store). @default 65_536 */
+  maxEntryBytes?: number | undefined;
 }
 
 export interface ResolvedOptions<Req = IncomingRequest> {
@@ -99,7 +102,7 @@ export interface ResolvedOptions<Req = IncomingRequest> {
   readonly onStoreError: 'fail' | 'pass';
   readonly storeTimeoutMs: number;
   readonly transactional: boolean;
-  readonly localCache: { readonly maxEntries: number; readonly maxAgeMs: number } | null;
+  readonly localCache: { readonly maxEntries: number; readonly maxAgeMs: number; readonly maxEntryBytes: number } | null;
   readonly onEvent: ((event: IdempotencyEvent) => void) | undefined;
   readonly logger: IdempotencyLogger | undefined;
 }
@@ -125,7 +128,7 @@ export const DEFAULTS = Object.freeze({
   onStoreError: 'fail' as 'fail' | 'pass',
   storeTimeoutMs: 5_000,
   transactional: false,
-  localCache: Object.freeze({ maxEntries: 10_000, maxAgeMs: 60_000 }),
+  localCache: Object.freeze({ maxEntries: 1_000, maxAgeMs: 60_000, maxEntryBytes: 65_536 }),
 });
 
 const KNOWN = new Set([
@@ -274,12 +277,14 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
 function localCache(input: IdempotencyOptions['localCache']): ResolvedOptions['localCache'] {
   if (input === undefined || input === false) return null;
   if (input === true) return DEFAULTS.localCache;
-  if (typeof input !== 'object' || input === null) {
-    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`localCache` must be true, false or { maxEntries, maxAgeMs }.');
+  const known = Object.keys(DEFAULTS.localCache);
+  if (typeof input !== 'object' || input === null || Array.isArray(input) || Object.keys(input).some((name) => !known.includes(name))) {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`localCache\` must be true, false or an object of ${known.join(', ')}.`);
   }
   return Object.freeze({
     maxEntries: positiveInt('localCache.maxEntries', input.maxEntries, DEFAULTS.localCache.maxEntries),
     maxAgeMs: positiveInt('localCache.maxAgeMs', input.maxAgeMs, DEFAULTS.localCache.maxAgeMs),
+    maxEntryBytes: positiveInt('localCache.maxEntryBytes', input.maxEntryBytes, DEFAULTS.localCache.maxEntryBytes),
   });
 }
 

@@ -1,3 +1,4 @@
+import { handedOut, keptCopy } from './response-copy.js';
 import type { StoredResponse } from './store.js';
 
 /** One completed answer kept in process. */
@@ -8,35 +9,47 @@ export interface CachedAnswer {
   readonly until: number;
 }
 
+/** What bounds the cache (the `localCache` option, resolved). */
+export interface ReplayCacheLimits {
+  readonly maxEntries: number;
+  readonly maxAgeMs: number;
+  readonly maxEntryBytes: number;
+}
+
 /**
  * Completed answers kept in this process (the `localCache` option), so a retry storm on one key
  * costs the store nothing. A completed record never changes until it expires, so a copy is as
- * true as the store's, for as long as it lives: at most `maxAgeMs`, never past the record's own
- * expiry. Full, it drops its oldest entry: a `Map` keeps insertion order, so that is the first key.
+ * true as the store's while it lives: at most `maxAgeMs`, and never past the record's expiry as
+ * the caller works it out. Full, it drops the answer replayed least recently: a `Map` keeps
+ * insertion order and a hit moves its entry to the end, so that is the first key.
  */
 export class ReplayCache {
   readonly #entries = new Map<string, CachedAnswer>();
 
-  constructor(
-    private readonly maxEntries: number,
-    private readonly maxAgeMs: number,
-  ) {}
+  constructor(private readonly limits: ReplayCacheLimits) {}
 
-  get(id: string): CachedAnswer | undefined {
-    const entry = this.#entries.get(id);
-    if (entry === undefined || entry.until > performance.now()) return entry;
-    this.#entries.delete(id);
-    return undefined;
+  get maxAgeMs(): number {
+    return this.limits.maxAgeMs;
   }
 
-  /** `expiresInMs`: what is left of the record's own time to live. */
-  set(id: string, fingerprint: string | null, response: StoredResponse, expiresInMs: number): void {
-    const lifeMs = Math.min(this.maxAgeMs, expiresInMs);
-    if (!(lifeMs > 0)) return;
-    if (!this.#entries.delete(id) && this.#entries.size >= this.maxEntries) {
+  /** The kept answer, with a body of its own (a caller may change the bytes it gets). */
+  get(id: string): CachedAnswer | undefined {
+    const entry = this.#entries.get(id);
+    if (entry === undefined) return undefined;
+    this.#entries.delete(id);
+    if (entry.until <= performance.now()) return undefined;
+    this.#entries.set(id, entry);
+    return { fingerprint: entry.fingerprint, response: handedOut(entry.response), until: entry.until };
+  }
+
+  /** Keep a copy for `lifeMs` at most (capped at `maxAgeMs`); bodies over `maxEntryBytes` are not kept. */
+  set(id: string, fingerprint: string | null, response: StoredResponse, lifeMs: number): void {
+    const life = Math.min(this.limits.maxAgeMs, lifeMs);
+    if (!(life > 0) || response.body.byteLength > this.limits.maxEntryBytes) return;
+    if (!this.#entries.delete(id) && this.#entries.size >= this.limits.maxEntries) {
       const oldest = this.#entries.keys().next();
       if (!oldest.done) this.#entries.delete(oldest.value);
     }
-    this.#entries.set(id, { fingerprint, response, until: performance.now() + lifeMs });
+    this.#entries.set(id, { fingerprint, response: keptCopy(response), until: performance.now() + life });
   }
 }

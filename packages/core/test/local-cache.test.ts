@@ -102,10 +102,70 @@ describe('localCache', () => {
     expect((await engine.decide(request({ key: 'a' }))).kind).toBe('run');
   });
 
+  it('keeps its own copy: a handler reusing its buffer, or a caller changing a replay, never changes the next replay', async () => {
+    const engine = engineOn(createMemoryStore(), { scope: (req: { headers: Record<string, unknown> }) => String(req.headers['x-tenant']) });
+    const shared = new TextEncoder().encode('{"tenant":"A"}');
+    const asTenant = (tenant: string) => request({ key: 'k', headers: { 'idempotency-key': 'k', 'x-tenant': tenant } });
+    const first = await engine.decide(asTenant('A'));
+    if (first.kind !== 'run') throw new Error(first.kind);
+    await first.lease.commit({ status: 201, headers: [['content-type', 'application/json']], body: shared });
+    shared.set(new TextEncoder().encode('{"tenant":"B"}')); // the handler renders tenant B into the same buffer
+    const replay = await engine.decide(asTenant('A'));
+    expect(replayed(replay)).toBe('{"tenant":"A"}');
+    if (replay.kind !== 'replay') throw new Error(replay.kind);
+    replay.response.body.fill(0x21);
+    expect(() => (replay.response.headers as Array<[string, string]>).push(['x-added', '1'])).toThrow(TypeError);
+    const again = await engine.decide(asTenant('A'));
+    expect(replayed(again)).toBe('{"tenant":"A"}');
+    expect(again.kind === 'replay' && again.response.headers).toEqual([['content-type', 'application/json']]);
+  });
+
+  it('counts an answer\'s TTL from when its completion was sent, not from when the store answered', async () => {
+    const store = createMemoryStore();
+    const complete = store.complete.bind(store);
+    store.complete = async (...args) => {
+      const stored = await complete(...args); // the store starts the TTL here
+      await later(60); // and its answer is slow to come back
+      return stored;
+    };
+    const engine = engineOn(store, { ttlMs: 100 });
+    await runOnce(await engine.decide(request({ key: 'a' })));
+    await later(60); // the record is gone from the store by now
+    expect((await engine.decide(request({ key: 'a' }))).kind).toBe('run');
+  });
+
+  it('does not keep an answer read from the store near its expiry: the two clocks may disagree by more than what is left', async () => {
+    const store = createMemoryStore();
+    const calls = counting(store);
+    await runOnce(await engineOn(store, { ttlMs: 60_000 }).decide(request({ key: 'a' })));
+    const reader = engineOn(store, { localCache: { maxAgeMs: 40_000 } }); // 60 s left < 2 × 40 s
+    replayed(await reader.decide(request({ key: 'a' })));
+    replayed(await reader.decide(request({ key: 'a' })));
+    expect(calls.begins()).toBe(3);
+  });
+
+  it('keeps no body over maxEntryBytes, and keeps the answer replayed most recently when full', async () => {
+    const store = createMemoryStore();
+    const calls = counting(store);
+    const engine = engineOn(store, { localCache: { maxEntryBytes: 16, maxEntries: 2 } });
+    await runOnce(await engine.decide(request({ key: 'big' })), 201, '{"long":"0123456789"}');
+    replayed(await engine.decide(request({ key: 'big' })));
+    expect(calls.begins()).toBe(2); // 21 bytes: asked the store again
+    await runOnce(await engine.decide(request({ key: 'hot' })));
+    await runOnce(await engine.decide(request({ key: 'b' })));
+    replayed(await engine.decide(request({ key: 'hot' }))); // now the most recent
+    await runOnce(await engine.decide(request({ key: 'c' }))); // full: 'b' goes, not 'hot'
+    const before = calls.begins();
+    replayed(await engine.decide(request({ key: 'hot' })));
+    expect(calls.begins()).toBe(before);
+  });
+
   it('refuses a bad setting at setup', () => {
     const store = createMemoryStore();
     expect(() => engineOn(store, { localCache: 'yes' as never })).toThrow(ConfigurationError);
     expect(() => engineOn(store, { localCache: { maxEntries: 0 } })).toThrow(/localCache.maxEntries/);
+    expect(() => engineOn(store, { localCache: { maxEntry: 5 } as never })).toThrow(/maxEntries, maxAgeMs, maxEntryBytes/);
+    expect(() => engineOn(store, { localCache: [] as never })).toThrow(ConfigurationError);
     expect(() => engineOn(store, { localCache: false })).not.toThrow();
   });
 });
