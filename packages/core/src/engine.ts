@@ -264,7 +264,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     return this.#run(key, id, token, tookOver, beganAt, tx, fingerprint);
   }
 
-  #run(key: string, id: string, token: LeaseToken, tookOver: boolean, beganAt: number, tx?: StoreTransaction, fingerprint: string | null = null): Decision {
+  #run(key: string, id: string, token: LeaseToken, tookOver: boolean, beganAt: number, tx: StoreTransaction | undefined, fingerprint: string | null): Decision {
     const o = this.options;
     if (tookOver) {
       this.emit({ type: 'lease-taken-over', key });

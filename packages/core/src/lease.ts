@@ -121,7 +121,7 @@ export class RunningLease implements Lease {
     /** When `begin` was sent: the store's lease started no earlier. */
     beganAt: number,
     /** This request's fingerprint: kept with a stored answer, and after a rollback it tells whose answer the key holds. */
-    private readonly fingerprint: string | null = null,
+    private readonly fingerprint: string | null,
   ) {
     this.context = Object.freeze({ key, tookOver, transaction: tx?.client });
     // Due a third of a lease after `begin` was sent, not after it answered: a slow answer has
@@ -319,13 +319,15 @@ export class RunningLease implements Lease {
     const { store, ttlMs } = this.host.options;
     const tx = viaTx ? this.tx : undefined;
     let late: Promise<boolean> | undefined;
-    const sentAt = performance.now();
+    // Only with a local cache, which counts the answer's TTL from here: every other request skips it.
+    const keep = this.host.options.localCache !== null;
+    const sentAt = keep ? performance.now() : 0;
     try {
       const ok = await this.host.call('complete', () =>
         tx ? (late = tx.complete(this.id, this.token, response, ttlMs)) : store.complete(this.id, this.token, response, ttlMs),
       );
-      if (ok) this.host.remember(this.id, this.fingerprint, response, sentAt);
-      else this.#lost('complete');
+      if (!ok) this.#lost('complete');
+      else if (keep) this.host.remember(this.id, this.fingerprint, response, sentAt);
       if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: ok });
       return ok;
     } catch (error) {
