@@ -75,6 +75,8 @@ it('quick start runs: first request runs, the retry replays', async () => {
   const log = vi.spyOn(console, 'log').mockImplementation(() => undefined);
   // #region quick-start
   const pool = new pg.Pool({ connectionString: process.env.DATABASE_URL });
+  // pg's advice: a pool with no 'error' listener crashes the process when the server drops an idle connection.
+  pool.on('error', (error) => console.error('Postgres dropped an idle connection:', error.message));
   const store = createPostgresStore({ pool });
   await store.migrate(); // once at startup; or apply sql/schema.sql with your migration tool
 
@@ -97,6 +99,16 @@ it('quick start runs: first request runs, the retry replays', async () => {
   // #endregion quick-start
   expect(log).toHaveBeenCalledWith('replay');
   log.mockRestore();
+
+  // The server drops the pool's idle connections (a restart, a failover, idle_session_timeout):
+  // the README's pool logs it and goes on; without its listener the process would crash here.
+  const dropped = vi.spyOn(console, 'error').mockImplementation(() => undefined);
+  const idle = pool.idleCount;
+  expect(idle).toBeGreaterThan(0);
+  await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1', [database]);
+  await vi.waitFor(() => expect(dropped).toHaveBeenCalledTimes(idle), { timeout: 10_000 });
+  expect(dropped).toHaveBeenCalledWith('Postgres dropped an idle connection:', expect.stringContaining('terminating connection'));
+  dropped.mockRestore();
 
   // #region transactional
   await pool.query('CREATE TABLE IF NOT EXISTS orders (id serial PRIMARY KEY, sku text NOT NULL)');
@@ -136,6 +148,7 @@ it('quick start runs: first request runs, the retry replays', async () => {
 it('jobs example runs: a message delivered three times at once charges once, and all three get that charge', async () => {
   // #region jobs
   const pool = new pg.Pool({ connectionString: process.env.DATABASE_URL });
+  pool.on('error', (error) => console.error('Postgres dropped an idle connection:', error.message));
   const store = createPostgresStore({ pool });
   await store.migrate();
   await pool.query('CREATE TABLE IF NOT EXISTS charges (order_id text NOT NULL, cents int NOT NULL)');
