@@ -7,10 +7,11 @@ import type { NextFunction, Request, Response } from 'express';
  */
 export interface ExpressIdempotencyOptions extends IdempotencyOptions<Request> {
   /**
-   * Write a problem (400, 409, 410, 422, 503) your own way instead of the default
+   * Write a problem (400, 409, 422, 503) your own way instead of the default
    * `application/problem+json` body, which is byte-identical across the Express, Koa and Fastify
    * bindings. Call `next(error)` to hand it to your error handler (the error carries `status`
-   * and `headers`). Never called for replays.
+   * and `headers`). Never called for replays, the stored 410 of an answer that could not be
+   * stored included.
    */
   onProblem?: ((error: IdempotencyError, req: Request, res: Response, next: NextFunction) => void) | undefined;
 }

@@ -362,6 +362,23 @@ describe('express binding: errors', () => {
     expect(reply.status).toBe(400);
     expect(JSON.parse(new TextDecoder().decode(reply.body))).toEqual({ mine: 'ERR_IDEMKIT_KEY_MISSING' });
   });
+
+  it('onProblem is not called for the stored 410 of a streamed answer: its retries replay it as stored', async () => {
+    const problems: number[] = [];
+    const { app } = appWith({ onProblem: (error, _req, res) => void (problems.push(error.status), res.status(error.status).json({ mine: error.code })) });
+    app.post('/x', (_req, res) => {
+      res.write('part 1, ');
+      res.end('part 2');
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    expect((await post(`${url}/x`, key)).status).toBe(200);
+    const retry = await post(`${url}/x`, key);
+    expect(retry.status).toBe(410);
+    expect(retry.headers.get('idempotent-replayed')).toBe('true');
+    expect(JSON.parse(new TextDecoder().decode(retry.body))).toMatchObject({ reason: 'not-bufferable', originalStatus: 200 });
+    expect(problems).toEqual([]);
+  });
 });
 
 async function raw(url: string, key: string): Promise<string> {

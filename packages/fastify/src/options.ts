@@ -7,8 +7,9 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
  */
 export interface FastifyIdempotencyOptions extends IdempotencyOptions<FastifyRequest> {
   /**
-   * Answer idempotency problems (400 key missing/invalid, 409 in progress, 422 mismatch, 410 not
-   * replayable, 503 store down) yourself. It must send the reply (`reply.code(...).send(...)`).
+   * Answer idempotency problems (400 key missing/invalid, 409 in progress, 422 mismatch, 503
+   * store down) yourself. It must send the reply (`reply.code(...).send(...)`). Never called for
+   * replays, the stored 410 of an answer that could not be stored included.
    * Without it the plugin writes the RFC 9457 `application/problem+json` response core builds,
    * byte-identical to the Express and Koa bindings.
    */

@@ -1265,6 +1265,27 @@ describe('errors and validation', () => {
     expect(replaced.headers['x-problem']).toBe('ERR_IDEMKIT_KEY_MISSING');
     expect(replaced.json()).toEqual({ oops: true });
   });
+
+  it('onProblem is not called for the stored 410 of a streamed answer: its retries replay it as stored', async () => {
+    const problems: number[] = [];
+    const { app } = await build(
+      (a) => {
+        a.post('/s', async (_request, reply) => reply.send(Readable.from(['part 1, ', 'part 2'])));
+      },
+      {
+        onProblem: async (_request, reply, error) => {
+          problems.push(error.status);
+          await reply.code(error.status).send({ oops: true });
+        },
+      },
+    );
+    expect((await post(app, '/s', 'streamed')).statusCode).toBe(200);
+    const retry = await post(app, '/s', 'streamed');
+    expect(retry.statusCode).toBe(410);
+    expect(retry.headers['idempotent-replayed']).toBe('true');
+    expect(retry.json()).toMatchObject({ reason: 'not-bufferable', originalStatus: 200 });
+    expect(problems).toEqual([]);
+  });
 });
 
 describe('several stores', () => {

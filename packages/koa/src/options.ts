@@ -7,9 +7,10 @@ import type { Context } from 'koa';
  */
 export interface KoaIdempotencyOptions extends IdempotencyOptions<Context> {
   /**
-   * Answer a problem (missing/invalid key, 409 in progress, 422 mismatch, 410 not replayable,
-   * 503 store down) yourself instead of the built-in RFC 9457 `application/problem+json` reply.
-   * Set `ctx.status`, headers and `ctx.body`; the handler is not run either way.
+   * Answer a problem (missing/invalid key, 409 in progress, 422 mismatch, 503 store down)
+   * yourself instead of the built-in RFC 9457 `application/problem+json` reply. Set
+   * `ctx.status`, headers and `ctx.body`; the handler is not run either way. Never called for
+   * replays, the stored 410 of an answer that could not be stored included.
    * @default writes `problemResponse(error)` from `@idemkit/core`
    */
   onProblem?: ((ctx: Context, error: IdempotencyError) => void | Promise<void>) | undefined;

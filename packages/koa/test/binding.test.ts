@@ -337,6 +337,31 @@ describe('koa binding: problems', () => {
     expect(await res.json()).toEqual({ message: 'This request needs an Idempotency-Key header (or an `idempotencyKey` field in its JSON body).', code: 'ERR_IDEMKIT_KEY_MISSING' });
   });
 
+  it('onProblem is not called for the stored 410 of a streamed answer: its retries replay it as stored', async () => {
+    const problems: number[] = [];
+    const { url } = await start((app) => {
+      app.use(
+        idempotency({
+          store: createMemoryStore(),
+          onProblem: (ctx, error) => {
+            problems.push(error.status);
+            ctx.status = error.status;
+            ctx.body = { code: error.code };
+          },
+        }),
+      );
+      app.use((ctx) => {
+        ctx.body = Readable.from(['part 1, ', 'part 2']);
+      });
+    });
+    expect((await post(url, 'streamed')).status).toBe(200);
+    const retry = await post(url, 'streamed');
+    expect(retry.status).toBe(410);
+    expect(retry.headers.get('idempotent-replayed')).toBe('true');
+    expect(await retry.json()).toMatchObject({ reason: 'not-bufferable', originalStatus: 200 });
+    expect(problems).toEqual([]);
+  });
+
   it('rejects a non-function onProblem at setup', () => {
     expect(() => idempotency({ store: createMemoryStore(), onProblem: 'x' as never })).toThrow(ConfigurationError);
   });
