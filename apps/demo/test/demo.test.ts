@@ -70,6 +70,14 @@ describe.each(FRAMEWORKS)('demo on %s with the in-memory store', (framework) => 
     expect(await count()).toBe(before);
   });
 
+  // Was Fastify's own 415 as plain JSON on Fastify, which has no XML parser.
+  it('a body no parser of the framework reads (application/xml) gets 415 problem+json on every framework', async () => {
+    const res = await fetch(`${demo.url}/orders`, { method: 'POST', headers: { 'content-type': 'application/xml', 'idempotency-key': crypto.randomUUID() }, body: '<order/>' });
+    expect(res.status).toBe(415);
+    expect(res.headers.get('content-type')).toContain('application/problem+json');
+    expect(await res.json()).toMatchObject({ type: 'https://idemkit.dev/demo/problems/unsupported-media-type', status: 415 });
+  });
+
   it('an invalid order gets 400 problem+json, a missing key gets the idemkit 400', async () => {
     const bad = await post(`${demo.url}/orders`, '{"item":"x","amount":-1}', crypto.randomUUID());
     expect(bad.status).toBe(400);

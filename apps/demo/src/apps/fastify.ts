@@ -2,7 +2,7 @@ import fastifyIdempotency from '@idemkit/fastify';
 import Fastify, { type FastifyError, type FastifyReply } from 'fastify';
 import type { Assets } from '../assets.js';
 import type { Backend } from '../backend.js';
-import { createThing, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
+import { clientError, createThing, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
 import type { DemoConfig } from '../config.js';
 import type { RunningDemo } from '../server.js';
 
@@ -18,7 +18,8 @@ export async function startFastify(config: DemoConfig, backend: Backend, assets:
       return send(reply, invalidJson(err.message));
     }
     if (err.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return send(reply, tooLarge());
-    if ((err.statusCode ?? 500) < 500) return reply.send(err);
+    // Fastify's own 4xx (415 for a content type it has no parser for, …) as problem+json too.
+    if (err.statusCode !== undefined && err.statusCode < 500) return send(reply, clientError(err.statusCode, err.message));
     app.log.error(err);
     return send(reply, problem(500, 'internal', 'Internal error', 'Something went wrong; retry with the same key.'));
   });
