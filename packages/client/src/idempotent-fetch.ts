@@ -1,4 +1,4 @@
-import { backoffDelay, defaultRetryOn, parseRetryAfter } from './retry-policy.js';
+import { backoffDelay, defaultRetryOn, parseRetryAfter, pollDelay } from './retry-policy.js';
 
 /** One attempt, as reported to `onAttempt`. */
 export interface AttemptInfo {
@@ -26,11 +26,14 @@ export interface IdempotentFetchOptions {
   generateKey?: (() => string) | undefined;
   /** Methods that get a key and retries; others are sent once, untouched. @default ['POST', 'PATCH'] */
   methods?: readonly string[] | undefined;
-  /** Attempts per operation, the first included. @default 5 */
+  /** Attempts per operation, the first included; idemkit's "still running" 409s are not counted (the deadline bounds them). @default 5 */
   maxAttempts?: number | undefined;
   /** First backoff ceiling in ms (doubles per attempt, full jitter). @default 200 */
   baseDelayMs?: number | undefined;
-  /** Largest wait between attempts in ms, also the cap on a server's `Retry-After`. @default 5_000 */
+  /**
+   * Largest wait between attempts in ms. A longer `Retry-After` is waited only this long on a 409,
+   * and ends the retries on other statuses (their answer is returned). @default 5_000
+   */
   maxDelayMs?: number | undefined;
   /** Total time for all attempts and waits, in ms. @default 30_000 */
   deadlineMs?: number | undefined;
@@ -154,6 +157,7 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     // The key is settled before the Request is built: building one takes a Request's body, and a
     // refused key must leave it unread. The header is read where the Request will take it from
     // (init's headers replace a Request's own).
+    if (requestInit.headers !== undefined) refuseEmptyKeyHeader(requestInit.headers, header);
     const headerSource = requestInit.headers !== undefined ? new Headers(requestInit.headers) : requestLike ? input.headers : undefined;
     const key = checkedKey(idempotencyKey ?? headerSource?.get(header) ?? generateKey(), header);
     // The method goes into init only when it must: a non-empty init resets a Request's referrer.
@@ -194,6 +198,10 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
 
     async function attempts(body: Blob | undefined): Promise<Response> {
       let lastError: unknown;
+      // Attempts that count toward maxAttempts: all but idemkit's "still running" 409s, which
+      // cannot run the operation again (only the deadline bounds how long those are waited out).
+      let counted = 0;
+      let polls = 0;
       for (let attempt = 1; ; attempt++) {
         const report = (info: Omit<AttemptInfo, 'attempt' | 'key' | 'method' | 'url'>): void => {
           try {
@@ -224,11 +232,25 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
         }
 
         const retryAfter = response ? parseRetryAfter(response.headers.get('retry-after')) : undefined;
-        const retryable = response === undefined || (retryOn(response.status) && worthRetrying(response, retryAfter));
-        // Retry-After is honoured up to maxDelayMs: idemkit's 409 carries the lease's worst case
-        // (up to a minute) while the first request usually ends far sooner, and a replay is cheap.
-        const delayMs = Math.max(backoffDelay(attempt, baseDelayMs, maxDelayMs, random), Math.min(retryAfter ?? 0, maxDelayMs));
-        const willRetry = retryable && attempt < maxAttempts && Date.now() + delayMs < deadlineAt;
+        let retryable: boolean;
+        try {
+          retryable = response === undefined || (retryOn(response.status) && worthRetrying(response, retryAfter, maxDelayMs));
+        } catch (error) {
+          // The caller's retryOn threw: its error is the call's, and nobody reads this answer.
+          void discard(response);
+          throw error;
+        }
+        const polling = retryable && response !== undefined && retryAfter !== undefined && (await stillRunning(response, signal));
+        let delayMs: number;
+        if (polling) {
+          // idemkit's 409 carries the lease's worst case (up to a minute) as Retry-After, while
+          // the first request usually ends far sooner: ask again soon, then less and less often.
+          delayMs = Math.min(retryAfter, pollDelay(++polls, baseDelayMs, maxDelayMs, random));
+        } else {
+          counted++;
+          delayMs = Math.max(backoffDelay(counted, baseDelayMs, maxDelayMs, random), Math.min(retryAfter ?? 0, maxDelayMs));
+        }
+        const willRetry = retryable && (polling || counted < maxAttempts) && Date.now() + delayMs < deadlineAt;
         report(response ? { status: response.status, willRetry, ...(willRetry ? { delayMs } : {}) } : { error: lastError, willRetry, ...(willRetry ? { delayMs } : {}) });
         // The caller left during onAttempt: an abort rejects at once, whatever came back.
         if (userSignal.aborted) {
@@ -305,10 +327,27 @@ function wait(ms: number, signal: AbortSignal): Promise<void> {
  * "still running" answer always has: an application's own 409 (a conflict, "email taken") is
  * not stored, so retrying it would run the operation again and again.
  */
-function worthRetrying(response: Response, retryAfter: number | undefined): boolean {
+function worthRetrying(response: Response, retryAfter: number | undefined, maxDelayMs: number): boolean {
   if (response.headers.get('idempotent-replayed')?.trim().toLowerCase() === 'true') return false;
-  if (response.status === 409 && retryAfter === undefined) return false;
-  return true;
+  if (response.status === 409) return retryAfter !== undefined;
+  // A server asking for a longer pause than maxDelayMs (a rate limit, maintenance) gets its answer
+  // handed back, rather than being asked again before it said it would be ready.
+  return retryAfter === undefined || retryAfter <= maxDelayMs;
+}
+
+/**
+ * Whether a 409 is idemkit's "a request with this key is still running" (its problem code): the
+ * first request will end, and its answer is then replayed, so waiting for it runs nothing again.
+ * Read from a copy, so the caller can still read the answer when it is returned.
+ */
+async function stillRunning(response: Response, signal: AbortSignal): Promise<boolean> {
+  if (response.status !== 409 || !/^application\/problem\+json\b/i.test(response.headers.get('content-type') ?? '')) return false;
+  try {
+    const problem = JSON.parse(await untilAborted(response.clone().text(), signal)) as { code?: unknown } | null;
+    return problem?.code === 'ERR_IDEMKIT_REQUEST_IN_PROGRESS';
+  } catch {
+    return false;
+  }
 }
 
 /**
@@ -345,8 +384,12 @@ function blobPart(chunk: Uint8Array): Uint8Array<ArrayBuffer> {
   return chunk.buffer instanceof ArrayBuffer ? (chunk as Uint8Array<ArrayBuffer>) : new Uint8Array(chunk);
 }
 
+/** An error's message, with its cause's code or message (fetch's "fetch failed" says nothing of ECONNREFUSED). */
 function describe(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
+  if (!(error instanceof Error)) return String(error);
+  const cause = error.cause as { code?: unknown; message?: unknown } | undefined;
+  const why = typeof cause?.code === 'string' ? cause.code : typeof cause?.message === 'string' ? cause.message : undefined;
+  return why === undefined ? error.message : `${error.message} (${why})`;
 }
 
 /**
@@ -426,6 +469,22 @@ function checkedKey(given: unknown, header: string): string {
         : undefined;
   if (problem === undefined) return given;
   throw new TypeError(`[idemkit] [client] The idempotency key ${from} ${problem}; got ${describeKey(given.length > 60 ? `${given.slice(0, 60)}…` : given)}.`);
+}
+
+/**
+ * A key header given as `undefined` or `null` in a plain object or a list (plain JavaScript: a
+ * variable not set yet). `Headers` would send it as the text "undefined", one key shared by
+ * every such call, so the second customer would get the first one's stored answer.
+ */
+function refuseEmptyKeyHeader(headers: HeadersInit, header: string): void {
+  if (headers instanceof Headers) return;
+  const name = header.toLowerCase();
+  const entries: Iterable<readonly unknown[]> = Array.isArray(headers) ? (headers as unknown[][]) : Object.entries(headers);
+  for (const [key, value] of entries) {
+    if (typeof key === 'string' && key.toLowerCase() === name && (value === undefined || value === null)) {
+      throw new TypeError(`[idemkit] [client] The ${header} header in init.headers is ${String(value)}: pass the key itself, or leave the header out for a new key per call.`);
+    }
+  }
 }
 
 function describeKey(value: unknown): string {

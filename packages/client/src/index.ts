@@ -9,4 +9,4 @@ export {
   type IdempotentRequestInit,
 } from './idempotent-fetch.js';
 // The retry rules, for callers who build their own loop.
-export { backoffDelay, defaultRetryOn, parseRetryAfter } from './retry-policy.js';
+export { backoffDelay, defaultRetryOn, parseRetryAfter, pollDelay } from './retry-policy.js';

@@ -12,6 +12,16 @@ export function backoffDelay(attempt: number, baseMs: number, maxMs: number, ran
   return Math.round(random() * ceiling);
 }
 
+/**
+ * The wait before asking an idemkit server again about a request it still runs (its 409): the
+ * backoff ceiling of the `n`th such wait, jittered between half and all of it, so a short
+ * operation's replay is fetched soon after it ends while a long one is asked less and less often.
+ */
+export function pollDelay(n: number, baseMs: number, maxMs: number, random: () => number): number {
+  const ceiling = Math.min(maxMs, baseMs * 2 ** Math.max(0, n - 1));
+  return Math.round(ceiling / 2 + (random() * ceiling) / 2);
+}
+
 // The three date forms RFC 9110 §5.6.7 allows, each always in GMT. Anything else is no date:
 // V8's Date.parse reads nearly any text with a letter in it ("in 5" is a date long past).
 const IMF_FIXDATE = /^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT/;

@@ -88,6 +88,52 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     expect(new Set(attempts.map((x) => x.key))).toEqual(new Set([key]));
   });
 
+  // Was: every 409 waited min(Retry-After, maxDelayMs) = 5 s, counted toward maxAttempts, and a
+  // wait that did not fit the deadline returned the 409 at once.
+  it("idemkit's 409 is asked again soon, then less often, and does not use up maxAttempts", async () => {
+    const s = await server();
+    const key = 'double-click-2';
+    const first = createIdempotentFetch(fast)(`${s.url}/orders?hold=1`, { ...json({ item: 'y' }), idempotencyKey: key });
+    await vi.waitFor(() => expect(s.runs.get('orders')).toBe(1), { interval: 5, timeout: 10_000 });
+    const { attempts, onAttempt } = recorder();
+    const second = createIdempotentFetch({ baseDelayMs: 20, maxDelayMs: 5_000, maxAttempts: 2, random: () => 1, onAttempt })(`${s.url}/orders?hold=1`, {
+      ...json({ item: 'y' }),
+      idempotencyKey: key,
+    });
+    await vi.waitFor(() => expect(attempts.filter((a) => a.status === 409 && a.willRetry).length).toBeGreaterThanOrEqual(4), { interval: 5, timeout: 10_000 });
+    s.open();
+    const [a, b] = await Promise.all([first, second]);
+    expect(b.status).toBe(201);
+    expect(b.headers.get('idempotent-replayed')).toBe('true');
+    expect(await b.json()).toEqual(await a.json());
+    expect(s.runs.get('orders')).toBe(1);
+    // The server's Retry-After is the lease's worst case (about a minute): the waits double from baseDelayMs instead.
+    expect(attempts.slice(0, 4).map((x) => [x.status, x.delayMs])).toEqual([[409, 20], [409, 40], [409, 80], [409, 160]]);
+    expect(attempts.length).toBeGreaterThan(2);
+  });
+
+  it("an application's own 409 with Retry-After counts toward maxAttempts (retrying it runs the handler again)", async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ ...fast, maxAttempts: 3, onAttempt })(`${s.url}/statuses`, {
+      method: 'POST',
+      headers: { 'x-statuses': '409,409,409,409', 'x-retry-after': '0' },
+    });
+    expect(res.status).toBe(409);
+    expect(attempts.map((a) => a.status)).toEqual([409, 409, 409]);
+    expect(s.runs.get('statuses')).toBe(3);
+  });
+
+  it('a Retry-After longer than maxDelayMs is not cut short: that answer is returned, not asked again early', async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ ...fast, onAttempt })(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '429', 'x-retry-after': '60' } });
+    expect(res.status).toBe(429);
+    expect(res.headers.get('retry-after')).toBe('60');
+    expect(attempts.map((a) => [a.status, a.willRetry])).toEqual([[429, false]]);
+    expect(s.runs.get('statuses')).toBe(1);
+  });
+
   it.each([408, 425, 429, 500, 503])('retries %i and sends the same key every time', async (status) => {
     const s = await server();
     const { attempts, onAttempt } = recorder();
@@ -594,6 +640,26 @@ describe('retry rules', () => {
     // A real key still goes through.
     expect((await plain(`${s.url}/orders`, { ...json({}), idempotencyKey: 'k-1' })).status).toBe(201);
     expect(s.runs.get('orders')).toBe(2);
+  });
+
+  it('refuses a key header given as undefined or null (plain JavaScript), which would go out as the text "undefined"', async () => {
+    const s = await server();
+    const fetchSafe = createIdempotentFetch(fast);
+    for (const headers of [{ 'Idempotency-Key': undefined }, { 'idempotency-key': null }, [['IDEMPOTENCY-KEY', undefined]]]) {
+      await expect(fetchSafe(`${s.url}/orders`, { ...json({ a: 1 }), headers: headers as unknown as HeadersInit })).rejects.toThrow(
+        /The Idempotency-Key header in init\.headers is (undefined|null)/,
+      );
+    }
+    expect(s.runs.get('orders') ?? 0).toBe(0);
+  });
+
+  it('RetryExhaustedError says why the network failed (fetch only says "fetch failed")', async () => {
+    const s = await server();
+    const url = s.url;
+    await s.close();
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 2 })(`${url}/orders`, json({})).catch((error: unknown) => error);
+    expect(failed).toBeInstanceOf(RetryExhaustedError);
+    expect((failed as Error).message).toMatch(/fetch failed \(ECONNREFUSED\)/);
   });
 
   it('refuses a key the server would answer 400 for, before sending anything', async () => {
