@@ -363,11 +363,22 @@ export function captureResponse(
       if (callback) endArgs.push(callback);
       Reflect.apply(originalEnd, this, endArgs);
     };
-    // Persist first, then release the bytes: never fire and forget.
-    void lease.commit(response).then(deliver, deliver);
+    // Persist first, then release the bytes: never fire and forget. An answer no route gave
+    // (Express's own 404) is not stored: no handler ran, and the key is freed for the retry.
+    void (unrouted(this) ? lease.abandon('not-storable') : lease.commit(response)).then(deliver, deliver);
     return this;
   } as ServerResponse['end'];
   ours = { write: res.write, end: res.end };
+}
+
+/**
+ * A 404 or 405 with no route matched: Express's final handler, or a catch-all middleware's
+ * not-found. Stored, it would answer the key's retry for the whole TTL, even on an instance that
+ * has the route (a rolling deploy) or for the corrected path (then 422). Express sets `req.route`
+ * when a route matched; a route's own 404 ("no such order") is stored as any answer.
+ */
+function unrouted(res: ServerResponse): boolean {
+  return (res.statusCode === 404 || res.statusCode === 405) && (res.req as { route?: unknown } | undefined)?.route === undefined;
 }
 
 /** A rolled-back transactional answer's stand-in (the 503), instead of the handler's own answer. */

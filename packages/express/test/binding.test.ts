@@ -1314,3 +1314,42 @@ describe('express binding: request context and mounting', () => {
     expect(runs()).toBe(1);
   });
 });
+
+// Was: the key was claimed for every POST, and Express's own 404 for a path no route matches was
+// stored for the TTL, so the retry on an instance with the route (a rolling deploy) or to the
+// corrected path got that 404 replayed, or a 422.
+describe('express binding: an answer no route gave', () => {
+  it("Express's own 404 is not stored: the retry to the path that exists runs once", async () => {
+    const { app, store } = appWith();
+    let runs = 0;
+    app.post('/pay', (_req, res) => void res.status(201).json({ run: ++runs }));
+    const url = await serve(app);
+    const key = randomUUID();
+    const typo = await post(`${url}/paymnts`, key, { body: '{"cents":100}', headers: { 'content-type': 'application/json' } });
+    expect(typo.status).toBe(404);
+    expect(store.size).toBe(0);
+    const fixed = await post(`${url}/pay`, key, { body: '{"cents":100}', headers: { 'content-type': 'application/json' } });
+    expect(fixed.status).toBe(201);
+    expect(fixed.headers.get('idempotent-replayed')).toBeNull();
+    const again = await post(`${url}/pay`, key, { body: '{"cents":100}', headers: { 'content-type': 'application/json' } });
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(runs).toBe(1);
+  });
+
+  it("a catch-all middleware's 404 is not stored either, but a route's own 404 and a middleware's 201 are", async () => {
+    const { app } = appWith();
+    let runs = 0;
+    app.post('/orders/:id', (_req, res) => void res.status(404).json({ run: ++runs, error: 'no such order' }));
+    app.use('/legacy', (_req, res) => void res.status(201).json({ run: ++runs }));
+    app.use((_req, res) => void res.status(404).json({ error: 'not found' }));
+    const url = await serve(app);
+    const [routed, legacy, nowhere] = [randomUUID(), randomUUID(), randomUUID()];
+    expect((await post(`${url}/orders/7`, routed)).status).toBe(404);
+    expect((await post(`${url}/orders/7`, routed)).headers.get('idempotent-replayed')).toBe('true');
+    expect((await post(`${url}/legacy`, legacy)).status).toBe(201);
+    expect((await post(`${url}/legacy`, legacy)).headers.get('idempotent-replayed')).toBe('true');
+    expect((await post(`${url}/nowhere`, nowhere)).status).toBe(404);
+    expect((await post(`${url}/nowhere`, nowhere)).headers.get('idempotent-replayed')).toBeNull();
+    expect(runs).toBe(2);
+  });
+});

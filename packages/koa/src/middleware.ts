@@ -133,7 +133,10 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
       resolved.fingerprint === 'default' && isMultipart(ctx.req.headers['content-type']) && mayHaveKey(resolved, ctx.req.headers, body)
         ? await uploadedFileDigests(uploadedBy(ctx))
         : undefined;
-    const decision = await engine.decide({ method, path: ctx.originalUrl, headers: ctx.req.headers, body, files }, ctx);
+    // A request that carries no bytes has no body, whatever the parser made of it (@koa/bodyparser
+    // makes `{}`): as on Express and Fastify, so a retry through another binding on the same store
+    // is the same request, not a 422.
+    const decision = await engine.decide({ method, path: ctx.originalUrl, headers: ctx.req.headers, body: hasRequestBody(ctx.req.headers) ? body : undefined, files }, ctx);
     switch (decision.kind) {
       case 'pass':
         return next();
@@ -193,6 +196,15 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
   // is Koa's default 404, not the answer.
   if (ctx.respond === false && !ctx.res.writableFinished) {
     settleWhenClosed(ctx, lease);
+    return;
+  }
+
+  // No route answered: Koa's own 404 (nothing set a body), or @koa/router's allowedMethods() 405.
+  // No handler ran, so nothing is stored and the key is freed: stored, that answer would meet the
+  // key's retry for the whole TTL, even on an instance that has the route (a rolling deploy) or
+  // for the corrected path (then 422). A route's own 404 ("no such order") is stored as any answer.
+  if ((ctx.status === 404 || ctx.status === 405) && (ctx as { _matchedRoute?: unknown })._matchedRoute === undefined) {
+    await lease.abandon('not-storable');
     return;
   }
 

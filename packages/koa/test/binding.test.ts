@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { Readable } from 'node:stream';
 import Router from '@koa/router';
-import { createMemoryStore, problemResponse, KeyError, scopedKey, TransactionAbortedError, type IdempotencyEvent, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
+import { createMemoryStore, defaultFingerprint, problemResponse, KeyError, scopedKey, TransactionAbortedError, type IdempotencyEvent, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import Koa, { type Context, type Middleware } from 'koa';
 import { koaBody } from 'koa-body';
 import { afterEach, describe, expect, it, vi } from 'vitest';
@@ -810,5 +810,72 @@ describe('koa binding: concurrency and disconnects', () => {
     abort.abort();
     await aborted;
     await vi.waitFor(() => expect(events).toContainEqual({ type: 'released', key: 'gone2', reason: 'client-gone' }), { timeout: 10_000 });
+  });
+});
+
+// Was: Koa's own 404 and allowedMethods()'s 405 were stored under the key for the TTL, so the
+// retry on an instance with the route (a rolling deploy) or to the corrected path got that answer
+// replayed, or a 422.
+describe('koa binding: an answer no route gave', () => {
+  it("Koa's own 404 and allowedMethods()'s 405 are not stored: the retry to the route runs once", async () => {
+    let runs = 0;
+    const store = createMemoryStore();
+    const { url } = await start((app) => {
+      const router = new Router();
+      router.post('/pay', (ctx) => {
+        ctx.status = 201;
+        ctx.body = { run: ++runs };
+      });
+      router.get('/stats', (ctx) => void (ctx.body = {}));
+      app.use(idempotency({ store }));
+      app.use(router.routes());
+      app.use(router.allowedMethods());
+    });
+    const key = 'typo-then-fix';
+    expect((await post(`${url}/paymnts`, key, { cents: 100 })).status).toBe(404);
+    expect((await post(`${url}/stats`, key, { cents: 100 })).status).toBe(405);
+    expect(store.size).toBe(0);
+    const fixed = await post(`${url}/pay`, key, { cents: 100 });
+    expect(fixed.status).toBe(201);
+    expect(fixed.headers.get('idempotent-replayed')).toBeNull();
+    expect((await post(`${url}/pay`, key, { cents: 100 })).headers.get('idempotent-replayed')).toBe('true');
+    expect(runs).toBe(1);
+  });
+
+  it("a route's own 404 is stored as any answer", async () => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      const router = new Router();
+      router.post('/orders/:id', (ctx) => {
+        ctx.status = 404;
+        ctx.body = { run: ++runs, error: 'no such order' };
+      });
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use(router.routes());
+    });
+    expect((await post(`${url}/orders/7`, 'routed-404')).status).toBe(404);
+    const again = await post(`${url}/orders/7`, 'routed-404');
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(await again.json()).toEqual({ run: 1, error: 'no such order' });
+  });
+});
+
+// Was: @koa/bodyparser's `{}` for a request with no body was fingerprinted as `{}`, where Express
+// and Fastify fingerprint no body: the same empty POST through another binding on the store got 422.
+describe('koa binding: a request with no body', () => {
+  it('is fingerprinted as no body, as the other bindings do, whatever the parser made of it', async () => {
+    const store = createMemoryStore();
+    const { url } = await start((app) => {
+      app.use(idempotency({ store }));
+      app.use((ctx) => {
+        ctx.status = 201;
+        ctx.body = { captured: true };
+      });
+    });
+    const empty = (headers: Record<string, string>) => fetch(`${url}/payments/7/capture`, { method: 'POST', headers: { 'idempotency-key': 'capture-7', ...headers } });
+    expect((await empty({})).status).toBe(201);
+    expect((await empty({ 'content-length': '0' })).headers.get('idempotent-replayed')).toBe('true');
+    const record = await store.get(scopedKey(undefined, 'capture-7'));
+    expect(record?.fingerprint).toBe(defaultFingerprint({ method: 'POST', path: '/payments/7/capture', body: undefined }));
   });
 });

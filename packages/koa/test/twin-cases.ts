@@ -71,6 +71,13 @@ describe(`${label}: replays are byte-for-byte what Koa sends`, () => {
     const replay = await snapshot(await post(guarded.url, 'k-1'));
 
     expect(first).toEqual({ ...expected, replayed: false });
+    // A 404 with no route (these apps have none: Koa's own, or Koa 3's for a JSON null body) is
+    // not stored (see "an answer no route gave"): the retry runs again and is no replay.
+    if (expected.status === 404) {
+      expect(replay).toEqual({ ...expected, replayed: false });
+      expect(runs).toBe(2);
+      return;
+    }
     expect(replay).toEqual({ ...withLength(expected), replayed: true });
     expect(runs).toBe(1);
   });
