@@ -1,4 +1,5 @@
 import type { Db } from 'mongodb';
+import { FIRST_CALL_TIMEOUT_MS, settleWithin } from './settle-within.js';
 
 /** Current time in epoch ms by the store's clock. */
 export interface StoreClock {
@@ -29,7 +30,8 @@ export class ServerClock implements StoreClock {
   async now(): Promise<number> {
     if (this.#syncedAt === undefined) {
       // The first operation waits for one `hello`; a failure rejects it and the next call retries.
-      this.#first ??= this.#sync().finally(() => {
+      // So does a sync that does not end in time (see FIRST_CALL_TIMEOUT_MS).
+      this.#first ??= settleWithin(this.#sync(), FIRST_CALL_TIMEOUT_MS, '`hello` (clock: "server")').finally(() => {
         this.#first = undefined;
       });
       await this.#first;

@@ -8,6 +8,7 @@ import type { StoreClock } from './clock.js';
 import { Claims, PerLeaseQueue, holderClaim, isDuplicateKey, takeoverClaim } from './fencing.js';
 import type { Fencing } from './fencing.js';
 import { createIndexes } from './indexes.js';
+import { FIRST_CALL_TIMEOUT_MS, settleWithin } from './settle-within.js';
 import type { IndexOutcome } from './indexes.js';
 import { resolveOptions } from './options.js';
 import type { MongoStoreOptions, ResolvedMongoStoreOptions } from './options.js';
@@ -32,6 +33,9 @@ const DEFAULT_PURGE_LIMIT = 1000;
 /** 15 MiB of body in a document of at most 16 MiB. */
 const MAX_RESPONSE_BYTES = 15 * 1024 * 1024;
 
+/** When a lost claim's release is sent again after the first (see `#giveBack`), in ms; then every GIVE_BACK_EVERY_MS while it fails. */
+const GIVE_BACK_MS: readonly number[] = [250, 1_000, 3_000];
+const GIVE_BACK_EVERY_MS = 5_000;
 /** A short, growing pause between lost races (the winner needs a round trip or two to finish). */
 function backoff(attempt: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, Math.min(50, 2 ** attempt)));
@@ -82,6 +86,7 @@ class MongoIdempotencyStore implements MongoStore {
   readonly #queue = new PerLeaseQueue();
   #fencing: Promise<Fencing> | undefined;
   #warned = false;
+  #closed = false;
 
   constructor(options: ResolvedMongoStoreOptions) {
     this.#options = options;
@@ -94,10 +99,9 @@ class MongoIdempotencyStore implements MongoStore {
 
   fencing(): Promise<Fencing> {
     if (this.#options.fencing !== 'auto') return Promise.resolve(this.#options.fencing);
-    // Asked once; a failure rejects this operation and the next one asks again.
-    this.#fencing ??= this.collection.db
-      .admin()
-      .command({ buildInfo: 1 })
+    // Asked once; a failure rejects this operation and the next one asks again. So does an
+    // answer that does not come in time (see FIRST_CALL_TIMEOUT_MS).
+    this.#fencing ??= settleWithin(this.collection.db.admin().command({ buildInfo: 1 }), FIRST_CALL_TIMEOUT_MS, '`buildInfo` (fencing: "auto")')
       .then((info): Fencing => ('ferretdbVersion' in info ? 'claims' : 'native'))
       .catch((error: unknown) => {
         this.#fencing = undefined;
@@ -161,9 +165,33 @@ class MongoIdempotencyStore implements MongoStore {
       // The claim may have landed though its answer was lost (a socket timeout): the caller was
       // told the store failed, so the key must not stay claimed, answering 409 to its retries,
       // for a whole lease. Fenced by the token: harmless if nothing landed.
-      if (token !== undefined) this.release(key, token).catch(() => false);
+      if (token !== undefined) this.#giveBack(key, token, leaseMs);
       throw error;
     }
+  }
+
+  /**
+   * Release a claim its caller never learnt of, and send the release again while it fails (the
+   * server out of reach in the outage that lost the claim's answer), a few times whatever the
+   * answers (a claim sent on a connection the driver re-established may land after the first
+   * release), for as long as the claim's lease would run: after that the key is free anyway.
+   */
+  #giveBack(key: string, token: LeaseToken, leaseMs: number): void {
+    const until = Date.now() + leaseMs;
+    let attempt = 0;
+    const send = (): void => {
+      if (this.#closed) return;
+      this.release(key, token).then(
+        () => next(false),
+        () => next(true),
+      );
+    };
+    const next = (failed: boolean): void => {
+      const wait = GIVE_BACK_MS[attempt++] ?? (failed ? GIVE_BACK_EVERY_MS : undefined);
+      if (wait === undefined || Date.now() + wait > until) return;
+      setTimeout(send, wait).unref();
+    };
+    send();
   }
 
   async #replace(
@@ -306,7 +334,8 @@ class MongoIdempotencyStore implements MongoStore {
   }
 
   async close(): Promise<void> {
-    // Nothing to release: the client is the caller's, and the clock holds no timers.
+    // The client is the caller's, and the clock holds no timers; only lost claims' releases stop.
+    this.#closed = true;
   }
 }
 

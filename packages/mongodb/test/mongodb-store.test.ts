@@ -655,6 +655,61 @@ describe('failures', () => {
     }
   });
 
+  // Was: the first release failed in the outage that lost the claim's answer, nothing sent it
+  // again, and the key answered 409 for the whole lease after the store was back.
+  it('a lost claim whose first release fails too is released again once the server is reachable', async () => {
+    const target = new URL(t.url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
+    const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`, {
+      socketTimeoutMS: 2_000,
+      retryWrites: false,
+      serverSelectionTimeoutMS: 2_000,
+    });
+    try {
+      await client.connect();
+      const store = createMongoStore({ db: client.db(t.dbName), clock: 'local', logger: silent });
+      const warm = key('warm-2');
+      const claimed = await store.begin(warm, null, 30_000);
+      if (claimed.kind === 'acquired') await store.release(warm, claimed.token);
+      const releases = vi.spyOn(store, 'release');
+      const k = key('lost-answer-2');
+      proxy.holdAnswers(); // the claim lands, its answer never comes back
+      proxy.refuse(true); // and the release that follows cannot reach the server
+      await expect(store.begin(k, 'fp', 60_000)).rejects.toBeInstanceOf(MongoError);
+      await vi.waitFor(() => expect(releases).toHaveBeenCalledTimes(1), { timeout: 5_000, interval: 20 });
+      await expect(releases.mock.results[0]?.value).rejects.toBeInstanceOf(MongoError);
+      const direct = createMongoStore({ db: t.db, clock: 'local', logger: silent });
+      expect(await direct.get(k)).toMatchObject({ state: 'in_progress' });
+      proxy.refuse(false);
+      await vi.waitFor(async () => expect(await direct.get(k)).toBeUndefined(), { timeout: 15_000, interval: 50 });
+      expect(await direct.begin(k, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
+      await store.close(); // no release is sent after this
+    } finally {
+      await client.close(true);
+      await proxy.close();
+    }
+  }, 30_000);
+
+  // Was: the first operations share one `buildInfo` (fencing: 'auto') and one `hello` (clock:
+  // 'server'); sent on a connection gone silent (no socketTimeoutMS), they never answered, and
+  // every later operation waited on them for good, after the network came back too.
+  it('a first operation whose shared commands never answer does not hold the store: the next one asks again', async () => {
+    const target = new URL(t.url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
+    // The README's plain client: no socketTimeoutMS, so nothing ends a command on a silent connection.
+    const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`);
+    try {
+      await client.db(t.dbName).command({ ping: 1 }); // one pooled connection, idle
+      const store = createMongoStore({ db: client.db(t.dbName), logger: silent }); // clock 'server', fencing 'auto'
+      proxy.holdAnswers(); // that connection goes silent; new ones pass
+      await expect(store.begin(key('first-hung'), null, 30_000)).rejects.toThrow(/did not answer within 5000 ms/);
+      expect(await store.begin(key('after'), null, 30_000)).toMatchObject({ kind: 'acquired' });
+    } finally {
+      await client.close(true);
+      await proxy.close();
+    }
+  }, 30_000);
+
   it('close() never closes the caller-owned client and is safe twice', async () => {
     const client = await t.client();
     const store = createMongoStore({ db: client.db(t.dbName) });
