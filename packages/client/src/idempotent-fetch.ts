@@ -157,7 +157,7 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     // The key is settled before the Request is built: building one takes a Request's body, and a
     // refused key must leave it unread. The header is read where the Request will take it from
     // (init's headers replace a Request's own).
-    if (requestInit.headers !== undefined) refuseEmptyKeyHeader(requestInit.headers, header);
+    if (idempotencyKey === undefined && requestInit.headers !== undefined) refuseEmptyKeyHeader(requestInit.headers, header);
     const headerSource = requestInit.headers !== undefined ? new Headers(requestInit.headers) : requestLike ? input.headers : undefined;
     const key = checkedKey(idempotencyKey ?? headerSource?.get(header) ?? generateKey(), header);
     // The method goes into init only when it must: a non-empty init resets a Request's referrer.
@@ -240,12 +240,25 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
           void discard(response);
           throw error;
         }
-        const polling = retryable && response !== undefined && retryAfter !== undefined && (await stillRunning(response, signal));
+        let polling = false;
+        if (retryable && response !== undefined && retryAfter !== undefined) {
+          // Read under this attempt's time limit too: a 409 whose body stalls is no reason to wait out the deadline.
+          const readSignal = attemptTimeoutMs === undefined ? signal : AbortSignal.any([signal, AbortSignal.timeout(attemptTimeoutMs)]);
+          polling = await stillRunning(response, readSignal).catch((error: unknown) => {
+            // The caller's abort or the deadline: the call ends as it would during the attempt.
+            if (signal.aborted) {
+              void discard(response);
+              throw failure(error, attempt);
+            }
+            return false;
+          });
+        }
         let delayMs: number;
         if (polling) {
           // idemkit's 409 carries the lease's worst case (up to a minute) as Retry-After, while
           // the first request usually ends far sooner: ask again soon, then less and less often.
-          delayMs = Math.min(retryAfter, pollDelay(++polls, baseDelayMs, maxDelayMs, random));
+          // Retry-After counts in whole seconds: a 0 caps nothing (idemkit never sends it).
+          delayMs = Math.min(Math.max(retryAfter ?? 0, 1_000), pollDelay(++polls, baseDelayMs, maxDelayMs, random));
         } else {
           counted++;
           delayMs = Math.max(backoffDelay(counted, baseDelayMs, maxDelayMs, random), Math.min(retryAfter ?? 0, maxDelayMs));
@@ -342,11 +355,43 @@ function worthRetrying(response: Response, retryAfter: number | undefined, maxDe
  */
 async function stillRunning(response: Response, signal: AbortSignal): Promise<boolean> {
   if (response.status !== 409 || !/^application\/problem\+json\b/i.test(response.headers.get('content-type') ?? '')) return false;
+  if (typeof response.clone !== 'function') return false;
+  const text = await firstBytes(response.clone(), PROBLEM_READ_LIMIT, signal);
+  if (text === undefined) return false;
   try {
-    const problem = JSON.parse(await untilAborted(response.clone().text(), signal)) as { code?: unknown } | null;
+    const problem = JSON.parse(text) as { code?: unknown } | null;
     return problem?.code === 'ERR_IDEMKIT_REQUEST_IN_PROGRESS';
   } catch {
     return false;
+  }
+}
+
+/** idemkit's problem bodies are a few hundred bytes: a longer 409 body is someone else's. */
+const PROBLEM_READ_LIMIT = 16 * 1024;
+
+/**
+ * A copy's body as text, or `undefined` when it is longer than `limit` bytes (then the rest is
+ * never read). Rejects when `signal` aborts. Node-stream bodies (node-fetch) are read whole.
+ */
+async function firstBytes(copy: Response, limit: number, signal: AbortSignal): Promise<string | undefined> {
+  const body = copy.body as ReadableStream<Uint8Array> | { getReader?: unknown } | null;
+  if (body === null) return '';
+  if (typeof body.getReader !== 'function') return untilAborted(copy.text(), signal);
+  const reader = (body as ReadableStream<Uint8Array>).getReader();
+  const decoder = new TextDecoder();
+  let text = '';
+  let bytes = 0;
+  try {
+    for (;;) {
+      const { done, value } = await untilAborted(reader.read(), signal);
+      if (done) return text + decoder.decode();
+      bytes += value.byteLength;
+      if (bytes > limit) return undefined;
+      text += decoder.decode(value, { stream: true });
+    }
+  } finally {
+    // The rest of the copy is never needed (its twin, the answer, reads on undisturbed).
+    reader.cancel().catch(() => undefined);
   }
 }
 

@@ -112,6 +112,33 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     expect(attempts.length).toBeGreaterThan(2);
   });
 
+  it("with baseDelayMs: 0 idemkit's 409 is still asked again from 10 ms up, not back to back", async () => {
+    const s = await server();
+    const key = 'double-click-3';
+    const first = createIdempotentFetch(fast)(`${s.url}/orders?hold=1`, { ...json({ item: 'z' }), idempotencyKey: key });
+    await vi.waitFor(() => expect(s.runs.get('orders')).toBe(1), { interval: 5, timeout: 10_000 });
+    const { attempts, onAttempt } = recorder();
+    const second = createIdempotentFetch({ baseDelayMs: 0, random: () => 1, onAttempt })(`${s.url}/orders?hold=1`, { ...json({ item: 'z' }), idempotencyKey: key });
+    await vi.waitFor(() => expect(attempts.length).toBeGreaterThanOrEqual(4), { interval: 5, timeout: 10_000 });
+    s.open();
+    expect((await second).status).toBe(201);
+    await first;
+    expect(attempts.slice(0, 4).map((x) => x.delayMs)).toEqual([10, 20, 40, 80]);
+  });
+
+  it('a 409 problem body that stalls ends the call at the deadline with RetryDeadlineError, not with an unreadable answer', async () => {
+    const { createServer } = await import('node:http');
+    const stalled = createServer((_req, res) => {
+      res.writeHead(409, { 'content-type': 'application/problem+json', 'retry-after': '30' });
+      res.write('{"code":"ERR_IDEMKIT_REQ'); // and nothing more
+    });
+    await new Promise<void>((resolve) => stalled.listen(0, '127.0.0.1', resolve));
+    open.push({ close: () => new Promise<void>((resolve) => { stalled.closeAllConnections(); stalled.close(() => resolve()); }) });
+    const { port } = stalled.address() as { port: number };
+    const failed = await createIdempotentFetch({ deadlineMs: 300 })(`http://127.0.0.1:${port}/orders`, json({})).catch((error: unknown) => error);
+    expect(failed).toBeInstanceOf(RetryDeadlineError);
+  });
+
   it("an application's own 409 with Retry-After counts toward maxAttempts (retrying it runs the handler again)", async () => {
     const s = await server();
     const { attempts, onAttempt } = recorder();
@@ -651,6 +678,13 @@ describe('retry rules', () => {
       );
     }
     expect(s.runs.get('orders') ?? 0).toBe(0);
+  });
+
+  it('a key given as idempotencyKey is used even when the headers hold an undefined key header', async () => {
+    const s = await server();
+    const res = await createIdempotentFetch(fast)(`${s.url}/orders`, { ...json({ a: 1 }), headers: { 'content-type': 'application/json', 'Idempotency-Key': undefined } as unknown as HeadersInit, idempotencyKey: 'given-1' });
+    expect(res.status).toBe(201);
+    expect(s.runs.get('orders')).toBe(1);
   });
 
   it('RetryExhaustedError says why the network failed (fetch only says "fetch failed")', async () => {
