@@ -220,7 +220,8 @@ export function captureResponse(
     if (mode !== 'buffering') return;
     mode = 'streaming';
     answered();
-    settling = lease.commitUnbuffered(res.statusCode, 'not-bufferable');
+    // A streamed not-found no route gave (a catch-all's sendFile('404.html')) frees the key too.
+    settling = unrouted(res) ? lease.abandon('not-storable') : lease.commitUnbuffered(res.statusCode, 'not-bufferable');
     onStreaming?.(res, res.write !== ours.write || res.end !== ours.end);
     if (transactional) {
       held = [];
@@ -372,13 +373,17 @@ export function captureResponse(
 }
 
 /**
- * A 404 or 405 with no route matched: Express's final handler, or a catch-all middleware's
- * not-found. Stored, it would answer the key's retry for the whole TTL, even on an instance that
- * has the route (a rolling deploy) or for the corrected path (then 422). Express sets `req.route`
- * when a route matched; a route's own 404 ("no such order") is stored as any answer.
+ * A 404 or 405 no route gave: with no route matched (Express sets `req.route` when one did), a
+ * catch-all middleware's not-found; or Express's own 404, which its final handler marks with
+ * `Content-Security-Policy: default-src 'none'` on an HTML page (told that way too after a route that only
+ * passed the request on, as `app.all('*', requireAuth)` does). Stored, it would answer the key's
+ * retry for the whole TTL, even on an instance that has the route (a rolling deploy) or at the
+ * corrected path (then 422). A route's own 404 ("no such order") is stored as any answer.
  */
 function unrouted(res: ServerResponse): boolean {
-  return (res.statusCode === 404 || res.statusCode === 405) && (res.req as { route?: unknown } | undefined)?.route === undefined;
+  if (res.statusCode !== 404 && res.statusCode !== 405) return false;
+  if ((res.req as { route?: unknown } | undefined)?.route === undefined) return true;
+  return res.getHeader('content-security-policy') === "default-src 'none'" && String(res.getHeader('content-type')).startsWith('text/html');
 }
 
 /** A rolled-back transactional answer's stand-in (the 503), instead of the handler's own answer. */

@@ -1352,4 +1352,28 @@ describe('express binding: an answer no route gave', () => {
     expect((await post(`${url}/nowhere`, nowhere)).headers.get('idempotent-replayed')).toBeNull();
     expect(runs).toBe(2);
   });
+
+  it("a streamed catch-all 404, and Express's own 404 after a route that only passed the request on, are not stored either", async () => {
+    const { app, store } = appWith();
+    let runs = 0;
+    app.all('/{*any}', (_req, _res, next) => next()); // app.all('*', requireAuth): a route, so req.route is set
+    app.post('/pay', (_req, res) => void res.status(201).json({ run: ++runs }));
+    const url = await serve(app);
+    const key = randomUUID();
+    expect((await post(`${url}/paymnts`, key)).status).toBe(404);
+    expect(store.size).toBe(0);
+    expect((await post(`${url}/pay`, key)).status).toBe(201);
+
+    const streamed = appWith();
+    streamed.app.use((_req, res) => {
+      res.status(404).type('html');
+      res.write('<p>not ');
+      res.end('found</p>');
+    });
+    const streamedUrl = await serve(streamed.app);
+    const other = randomUUID();
+    expect((await post(`${streamedUrl}/paymnts`, other)).status).toBe(404);
+    expect(streamed.store.size).toBe(0);
+    expect(runs).toBe(1);
+  });
 });
