@@ -1,5 +1,13 @@
 import type { Db } from 'mongodb';
-import { FIRST_CALL_TIMEOUT_MS, settleWithin } from './settle-within.js';
+
+/**
+ * A shared first-use command (the clock's first `hello`, the `buildInfo` behind `fencing:
+ * 'auto'`) still unanswered after this long is asked again by the next operation, while those
+ * already waiting go on waiting. Sent on a connection gone silent (a client without
+ * `socketTimeoutMS`), such a command never answers, and every operation used to wait on it for
+ * good, after the network came back too. A slow but healthy first answer is still taken.
+ */
+export const ASK_AGAIN_AFTER_MS = 5_000;
 
 /** Current time in epoch ms by the store's clock. */
 export interface StoreClock {
@@ -19,7 +27,9 @@ export const localClock: StoreClock = { now: async () => Date.now() };
 export class ServerClock implements StoreClock {
   #offset = 0;
   #syncedAt: number | undefined;
-  #first: Promise<void> | undefined;
+  #first: { readonly done: Promise<void>; readonly startedAt: number } | undefined;
+  /** When the sync whose offset is in use started: an older one answering late is dropped. */
+  #appliedStartedAt = -Infinity;
   #refreshing = false;
 
   constructor(
@@ -29,18 +39,25 @@ export class ServerClock implements StoreClock {
 
   async now(): Promise<number> {
     if (this.#syncedAt === undefined) {
-      // The first operation waits for one `hello`; a failure rejects it and the next call retries.
-      // So does a sync that does not end in time (see FIRST_CALL_TIMEOUT_MS).
-      this.#first ??= settleWithin(this.#sync(), FIRST_CALL_TIMEOUT_MS, '`hello` (clock: "server")').finally(() => {
-        this.#first = undefined;
-      });
-      await this.#first;
+      // The first operations wait for one sync; a failure rejects them and the next call retries.
+      // One still unanswered after ASK_AGAIN_AFTER_MS is asked again by the next call.
+      const startedAt = Date.now();
+      if (this.#first === undefined || startedAt - this.#first.startedAt >= ASK_AGAIN_AFTER_MS) {
+        const first = {
+          startedAt,
+          done: this.#sync(startedAt).finally(() => {
+            if (this.#first === first) this.#first = undefined;
+          }),
+        };
+        this.#first = first;
+      }
+      await this.#first.done;
     } else if (!this.#refreshing && Date.now() - this.#syncedAt >= this.refreshMs) {
       this.#refreshing = true;
       // Background refresh keeps operations at one round trip. If it fails the old offset stays
       // (it was right a minute ago) and the next operation retries; the operation's own command
       // surfaces a broken connection to the caller.
-      this.#sync()
+      this.#sync(Date.now())
         .catch(() => undefined)
         .finally(() => {
           this.#refreshing = false;
@@ -54,7 +71,7 @@ export class ServerClock implements StoreClock {
     return this.#offset;
   }
 
-  async #sync(): Promise<void> {
+  async #sync(startedAt: number): Promise<void> {
     let best = await this.#sample();
     // The first `hello` of a client often opens its pool's first connection (TCP, TLS, auth),
     // which the round trip then includes and which skews the midpoint by tens of ms over TLS.
@@ -63,6 +80,10 @@ export class ServerClock implements StoreClock {
       const second = await this.#sample();
       if (second.roundTripMs <= best.roundTripMs) best = second;
     }
+    // A sync asked again after this one began has set the clock already: this one's samples
+    // (their round trip as long as the wait, so their midpoint far off) must not replace it.
+    if (startedAt < this.#appliedStartedAt) return;
+    this.#appliedStartedAt = startedAt;
     this.#offset = best.offsetMs;
     this.#syncedAt = Date.now();
   }

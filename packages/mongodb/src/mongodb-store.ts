@@ -3,12 +3,10 @@ import type { Collection, Filter } from 'mongodb';
 import type { BeginResult, IdempotencyRecord, IdempotencyStore, LeaseToken, StoredResponse } from '@idemkit/core';
 import { toRecord, toResponseDocument } from './document.js';
 import type { ClaimDocument, IdempotencyDocument } from './document.js';
-import { ServerClock, localClock } from './clock.js';
-import type { StoreClock } from './clock.js';
 import { Claims, PerLeaseQueue, holderClaim, isDuplicateKey, takeoverClaim } from './fencing.js';
 import type { Fencing } from './fencing.js';
 import { createIndexes } from './indexes.js';
-import { FIRST_CALL_TIMEOUT_MS, settleWithin } from './settle-within.js';
+import { ASK_AGAIN_AFTER_MS, ServerClock, localClock, type StoreClock } from './clock.js';
 import type { IndexOutcome } from './indexes.js';
 import { resolveOptions } from './options.js';
 import type { MongoStoreOptions, ResolvedMongoStoreOptions } from './options.js';
@@ -84,7 +82,8 @@ class MongoIdempotencyStore implements MongoStore {
   readonly #clock: StoreClock;
   readonly #claims: Claims;
   readonly #queue = new PerLeaseQueue();
-  #fencing: Promise<Fencing> | undefined;
+  #fencing: { readonly answer: Promise<Fencing>; readonly startedAt: number } | undefined;
+  #fencingKnown: Fencing | undefined;
   #warned = false;
   #closed = false;
 
@@ -99,15 +98,24 @@ class MongoIdempotencyStore implements MongoStore {
 
   fencing(): Promise<Fencing> {
     if (this.#options.fencing !== 'auto') return Promise.resolve(this.#options.fencing);
-    // Asked once; a failure rejects this operation and the next one asks again. So does an
-    // answer that does not come in time (see FIRST_CALL_TIMEOUT_MS).
-    this.#fencing ??= settleWithin(this.collection.db.admin().command({ buildInfo: 1 }), FIRST_CALL_TIMEOUT_MS, '`buildInfo` (fencing: "auto")')
-      .then((info): Fencing => ('ferretdbVersion' in info ? 'claims' : 'native'))
-      .catch((error: unknown) => {
-        this.#fencing = undefined;
-        throw error;
+    if (this.#fencingKnown !== undefined) return Promise.resolve(this.#fencingKnown);
+    // Asked once; a failure rejects the operations waiting for it and the next one asks again.
+    // One still unanswered after ASK_AGAIN_AFTER_MS is asked again by the next operation.
+    const startedAt = Date.now();
+    if (this.#fencing === undefined || startedAt - this.#fencing.startedAt >= ASK_AGAIN_AFTER_MS) {
+      const asked = {
+        startedAt,
+        answer: this.collection.db
+          .admin()
+          .command({ buildInfo: 1 })
+          .then((info): Fencing => (this.#fencingKnown = 'ferretdbVersion' in info ? 'claims' : 'native')),
+      };
+      asked.answer.catch(() => {
+        if (this.#fencing === asked) this.#fencing = undefined;
       });
-    return this.#fencing;
+      this.#fencing = asked;
+    }
+    return this.#fencing.answer;
   }
 
   /** Time and fencing, fetched together (in parallel) on the first operation and cached after. */
@@ -165,6 +173,9 @@ class MongoIdempotencyStore implements MongoStore {
       // The claim may have landed though its answer was lost (a socket timeout): the caller was
       // told the store failed, so the key must not stay claimed, answering 409 to its retries,
       // for a whole lease. Fenced by the token: harmless if nothing landed.
+      // Also after a server-selection error: with retryable writes, that may be the retry's
+      // error, and the first send may have landed. A few spare releases cost less than a key
+      // held for a lease.
       if (token !== undefined) this.#giveBack(key, token, leaseMs);
       throw error;
     }

@@ -7,6 +7,7 @@ import { answerHoldingProxy } from '@idemkit/test-services';
 import type { LeaseToken, StoredResponse } from '@idemkit/core';
 import { CLAIM_WINDOW_MS, createMongoStore, DEFAULTS, PLAIN_INDEX_NAME, TTL_INDEX_NAME } from '../src/index.js';
 import type { IdempotencyDocument } from '../src/index.js';
+import { ASK_AGAIN_AFTER_MS } from '../src/clock.js';
 import { openTestDatabase } from './mongo.js';
 import type { TestDatabase } from './mongo.js';
 
@@ -693,7 +694,7 @@ describe('failures', () => {
   // Was: the first operations share one `buildInfo` (fencing: 'auto') and one `hello` (clock:
   // 'server'); sent on a connection gone silent (no socketTimeoutMS), they never answered, and
   // every later operation waited on them for good, after the network came back too.
-  it('a first operation whose shared commands never answer does not hold the store: the next one asks again', async () => {
+  it('a shared first-use command unanswered for ASK_AGAIN_AFTER_MS is asked again by the next operation', async () => {
     const target = new URL(t.url);
     const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
     // The README's plain client: no socketTimeoutMS, so nothing ends a command on a silent connection.
@@ -702,8 +703,47 @@ describe('failures', () => {
       await client.db(t.dbName).command({ ping: 1 }); // one pooled connection, idle
       const store = createMongoStore({ db: client.db(t.dbName), logger: silent }); // clock 'server', fencing 'auto'
       proxy.holdAnswers(); // that connection goes silent; new ones pass
-      await expect(store.begin(key('first-hung'), null, 30_000)).rejects.toThrow(/did not answer within 5000 ms/);
+      const first = store.begin(key('first-hung'), null, 30_000);
+      first.catch(() => undefined); // ends when the client is closed below
+      // The rule is a time: an operation that comes after it asks again, on a connection that answers.
+      await new Promise((resolve) => setTimeout(resolve, ASK_AGAIN_AFTER_MS + 200));
       expect(await store.begin(key('after'), null, 30_000)).toMatchObject({ kind: 'acquired' });
+      expect(await store.fencing()).toBe('claims');
+    } finally {
+      await client.close(true);
+      await proxy.close();
+    }
+  }, 30_000);
+
+  // Was (in this session's first fix, which timed the shared sync out): the stalled `hello`
+  // answered late and its sample, whose round trip was the whole stall, replaced the offset of
+  // the sync that had been asked again: the clock ran seconds ahead, and running leases looked
+  // that much shorter (a takeover came early).
+  it('a first-use `hello` answered late does not move the clock set by the one asked again', async () => {
+    const target = new URL(t.url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
+    const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`);
+    try {
+      await client.db(t.dbName).command({ ping: 1 });
+      const store = createMongoStore({ db: client.db(t.dbName), fencing: 'claims', logger: silent });
+      proxy.stallAnswers(); // the pooled connection's answers wait until deliverHeld()
+      const first = store.begin(key('late'), null, 30_000);
+      await new Promise((resolve) => setTimeout(resolve, ASK_AGAIN_AFTER_MS + 200));
+      const k = key('set-by-second');
+      const created = Date.now();
+      expect(await store.begin(k, null, 30_000)).toMatchObject({ kind: 'acquired' });
+      // The first sync's first `hello` answers now, 5 s late; its second one is held 2 s as well,
+      // so both its samples are far off (it keeps the shorter one).
+      proxy.deliverHeld();
+      proxy.stallAnswers();
+      await new Promise((resolve) => setTimeout(resolve, 2_000));
+      proxy.deliverHeld();
+      expect(await first).toMatchObject({ kind: 'acquired' });
+      // Had that sync set the clock, it would run about 1 s ahead, and the lease show that much less.
+      const again = await store.begin(k, null, 30_000);
+      const expected = 30_000 - (Date.now() - created);
+      expect(again.kind).toBe('existing');
+      expect(again.kind === 'existing' && Math.abs(again.leaseRemainingMs - expected)).toBeLessThan(400);
     } finally {
       await client.close(true);
       await proxy.close();

@@ -9,6 +9,13 @@ export interface AnswerHoldingProxy {
    * Connections opened later pass through, so a client can still reach the server.
    */
   holdAnswers(): void;
+  /**
+   * As `holdAnswers`, but the answers are kept, not dropped: `deliverHeld()` sends them on, late
+   * (a network that stalled and then caught up).
+   */
+  stallAnswers(): void;
+  /** Send every answer kept by `stallAnswers` on, and let later ones through. */
+  deliverHeld(): void;
   /** Drop every open connection at once (the server stays up behind the proxy). */
   cut(): void;
   /** While on, new connections are closed as they come: the server looks unreachable. */
@@ -23,6 +30,7 @@ export interface AnswerHoldingProxy {
 export async function answerHoldingProxy(host: string, port: number): Promise<AnswerHoldingProxy> {
   const sockets = new Set<Socket>();
   const held = new WeakSet<Socket>();
+  const stalled = new Map<Socket, Buffer[]>();
   const open: Socket[] = [];
   let refusing = false;
   const server = createServer((downstream) => {
@@ -44,7 +52,9 @@ export async function answerHoldingProxy(host: string, port: number): Promise<An
     open.push(downstream);
     downstream.pipe(upstream);
     upstream.on('data', (chunk: Buffer) => {
-      if (!held.has(downstream)) downstream.write(chunk);
+      const kept = stalled.get(downstream);
+      if (kept) kept.push(chunk);
+      else if (!held.has(downstream)) downstream.write(chunk);
     });
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -54,6 +64,16 @@ export async function answerHoldingProxy(host: string, port: number): Promise<An
     port: address.port,
     holdAnswers() {
       for (const socket of open.splice(0)) held.add(socket);
+    },
+    stallAnswers() {
+      for (const socket of open.splice(0)) stalled.set(socket, []);
+    },
+    deliverHeld() {
+      for (const [socket, chunks] of stalled) {
+        stalled.delete(socket);
+        for (const chunk of chunks) socket.write(chunk);
+        open.push(socket);
+      }
     },
     cut() {
       for (const socket of sockets) socket.destroy();
