@@ -366,7 +366,7 @@ export function captureResponse(
     };
     // Persist first, then release the bytes: never fire and forget. An answer no route gave
     // (Express's own 404) is not stored: no handler ran, and the key is freed for the retry.
-    void (unrouted(this) ? lease.abandon('not-storable') : lease.commit(response)).then(deliver, deliver);
+    void (unrouted(this, body) ? lease.abandon('not-storable') : lease.commit(response)).then(deliver, deliver);
     return this;
   } as ServerResponse['end'];
   ours = { write: res.write, end: res.end };
@@ -374,16 +374,23 @@ export function captureResponse(
 
 /**
  * A 404 or 405 no route gave: with no route matched (Express sets `req.route` when one did), a
- * catch-all middleware's not-found; or Express's own 404, which its final handler marks with
- * `Content-Security-Policy: default-src 'none'` on an HTML page (told that way too after a route that only
- * passed the request on, as `app.all('*', requireAuth)` does). Stored, it would answer the key's
- * retry for the whole TTL, even on an instance that has the route (a rolling deploy) or at the
- * corrected path (then 422). A route's own 404 ("no such order") is stored as any answer.
+ * catch-all middleware's not-found, streamed or not; or the page Express's final handler writes
+ * when nothing answered ("Cannot POST /path", under `Content-Security-Policy: default-src
+ * 'none'`), told by its body (`body`: the whole answer, when it was not streamed) also after a
+ * route that only passed the request on, as `app.all('*', requireAuth)` does. Stored, it would
+ * answer the key's retry for the whole TTL, even on an instance that has the route (a rolling
+ * deploy) or at the corrected path (then 422). A route's own 404 ("no such order"), and the
+ * final handler's page for a route's `next(err)`, are stored as any answer.
  */
-function unrouted(res: ServerResponse): boolean {
+function unrouted(res: ServerResponse, body?: Buffer): boolean {
   if (res.statusCode !== 404 && res.statusCode !== 405) return false;
-  if ((res.req as { route?: unknown } | undefined)?.route === undefined) return true;
-  return res.getHeader('content-security-policy') === "default-src 'none'" && String(res.getHeader('content-type')).startsWith('text/html');
+  const req = res.req as { route?: unknown; method?: string } | undefined;
+  if (req?.route === undefined) return true;
+  return (
+    body !== undefined &&
+    res.getHeader('content-security-policy') === "default-src 'none'" &&
+    body.includes(`<pre>Cannot ${req.method ?? ''} `)
+  );
 }
 
 /** A rolled-back transactional answer's stand-in (the 503), instead of the handler's own answer. */

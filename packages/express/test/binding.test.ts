@@ -1376,4 +1376,25 @@ describe('express binding: an answer no route gave', () => {
     expect(streamed.store.size).toBe(0);
     expect(runs).toBe(1);
   });
+
+  it("a route's 404 through next(err), or as an HTML page under a global default-src 'none', is stored", async () => {
+    const { app } = appWith();
+    let runs = 0;
+    app.use((_req, res, next) => {
+      res.setHeader('content-security-policy', "default-src 'none'"); // helmet-like, on every answer
+      next();
+    });
+    app.post('/orders/:id', (_req, _res, next) => {
+      runs++;
+      next(Object.assign(new Error('no such order'), { status: 404 })); // Express's final handler renders it
+    });
+    app.post('/pages/:id', (_req, res) => void (runs++, res.status(404).type('html').send('<pre>no such page</pre>')));
+    const url = await serve(app);
+    for (const path of ['/orders/7', '/pages/7']) {
+      const key = randomUUID();
+      expect((await post(`${url}${path}`, key)).status).toBe(404);
+      expect((await post(`${url}${path}`, key)).headers.get('idempotent-replayed')).toBe('true');
+    }
+    expect(runs).toBe(2);
+  });
 });
