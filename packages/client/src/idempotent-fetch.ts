@@ -242,16 +242,23 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
         }
         let polling = false;
         if (retryable && response !== undefined && retryAfter !== undefined) {
-          // Read under this attempt's time limit too: a 409 whose body stalls is no reason to wait out the deadline.
-          const readSignal = attemptTimeoutMs === undefined ? signal : AbortSignal.any([signal, AbortSignal.timeout(attemptTimeoutMs)]);
-          polling = await stillRunning(response, readSignal).catch((error: unknown) => {
+          // Read under this attempt's time limit too: a 409 whose body stalls is no reason to wait
+          // out the deadline. A controller we hold, not AbortSignal.timeout(): Node 20 holds the
+          // signals given to AbortSignal.any() weakly, and a collected timeout never fires.
+          const readLimit = attemptTimeoutMs === undefined ? undefined : new AbortController();
+          const readTimer = readLimit && setTimeout(() => readLimit.abort(new DOMException(`No answer body within ${attemptTimeoutMs} ms.`, 'TimeoutError')), attemptTimeoutMs);
+          const readSignal = readLimit ? AbortSignal.any([signal, readLimit.signal]) : signal;
+          try {
+            polling = await stillRunning(response, readSignal);
+          } catch (error) {
             // The caller's abort or the deadline: the call ends as it would during the attempt.
             if (signal.aborted) {
               void discard(response);
               throw failure(error, attempt);
             }
-            return false;
-          });
+          } finally {
+            clearTimeout(readTimer);
+          }
         }
         let delayMs: number;
         if (polling) {
@@ -355,7 +362,9 @@ function worthRetrying(response: Response, retryAfter: number | undefined, maxDe
  */
 async function stillRunning(response: Response, signal: AbortSignal): Promise<boolean> {
   if (response.status !== 409 || !/^application\/problem\+json\b/i.test(response.headers.get('content-type') ?? '')) return false;
-  if (typeof response.clone !== 'function') return false;
+  // A web stream to copy: a Node stream (node-fetch) is left alone, as before this check existed
+  // (a copy read in part and dropped errors out when its connection closes, with nobody listening).
+  if (typeof response.clone !== 'function' || typeof (response.body as { getReader?: unknown } | null)?.getReader !== 'function') return false;
   const text = await firstBytes(response.clone(), PROBLEM_READ_LIMIT, signal);
   if (text === undefined) return false;
   try {
@@ -371,13 +380,11 @@ const PROBLEM_READ_LIMIT = 16 * 1024;
 
 /**
  * A copy's body as text, or `undefined` when it is longer than `limit` bytes (then the rest is
- * never read). Rejects when `signal` aborts. Node-stream bodies (node-fetch) are read whole.
+ * never read). Rejects when `signal` aborts.
  */
 async function firstBytes(copy: Response, limit: number, signal: AbortSignal): Promise<string | undefined> {
-  const body = copy.body as ReadableStream<Uint8Array> | { getReader?: unknown } | null;
-  if (body === null) return '';
-  if (typeof body.getReader !== 'function') return untilAborted(copy.text(), signal);
-  const reader = (body as ReadableStream<Uint8Array>).getReader();
+  if (copy.body === null) return '';
+  const reader = copy.body.getReader();
   const decoder = new TextDecoder();
   let text = '';
   let bytes = 0;

@@ -137,6 +137,14 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     const { port } = stalled.address() as { port: number };
     const failed = await createIdempotentFetch({ deadlineMs: 300 })(`http://127.0.0.1:${port}/orders`, json({})).catch((error: unknown) => error);
     expect(failed).toBeInstanceOf(RetryDeadlineError);
+
+    // Under attemptTimeoutMs the read of each copy ends with the attempt's limit: such a 409 is
+    // no idemkit answer to wait on, so it counts, and the last one is returned before the deadline.
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ ...fast, attemptTimeoutMs: 200, maxAttempts: 2, deadlineMs: 20_000, onAttempt })(`http://127.0.0.1:${port}/orders`, json({}));
+    expect(res.status).toBe(409);
+    expect(attempts.map((x) => [x.status, x.willRetry])).toEqual([[409, true], [409, false]]);
+    await res.body?.cancel();
   });
 
   it("an application's own 409 with Retry-After counts toward maxAttempts (retrying it runs the handler again)", async () => {
