@@ -23,45 +23,44 @@ export const localClock: StoreClock = { now: async () => Date.now() };
  * `refreshMs`), compensated by half the round trip, and kept as an offset to `Date.now()`.
  * Precision: ± half the `hello` round trip (plus the server's 1 ms resolution). The first sync
  * takes two samples (the first may include opening a connection) and keeps the shorter one.
+ * A later sample replaces the offset only when its round trip is no worse than about twice the
+ * one in use (see `#keep`): a stalled answer or a connection being opened puts the midpoint of a
+ * long round trip seconds off, and a running lease would then be taken over early.
  */
 export class ServerClock implements StoreClock {
   #offset = 0;
-  #syncedAt: number | undefined;
-  #first: { readonly done: Promise<void>; readonly startedAt: number } | undefined;
-  /** When the sync whose offset is in use started: an older one answering late is dropped. */
-  #appliedStartedAt = -Infinity;
-  #refreshing = false;
+  /** The round trip of the sample the offset came from (its error is at most half of it). */
+  #roundTripMs = Number.POSITIVE_INFINITY;
+  /** When the offset in use was measured. */
+  #measuredAt = 0;
+  /** When the last sync was asked for: refreshes go out every `refreshMs`, kept or not. */
+  #askedAt: number | undefined;
+  #synced = false;
+  /** The newest sync in flight. */
+  #asking: { readonly done: Promise<void>; readonly startedAt: number } | undefined;
+  /** Resolves when any sync has set the clock: every operation waiting for the first one goes on. */
+  readonly #ready: Promise<void>;
+  #markReady: () => void = () => undefined;
 
   constructor(
     private readonly db: Db,
     private readonly refreshMs: number,
-  ) {}
+  ) {
+    this.#ready = new Promise<void>((resolve) => (this.#markReady = resolve));
+  }
 
   async now(): Promise<number> {
-    if (this.#syncedAt === undefined) {
-      // The first operations wait for one sync; a failure rejects them and the next call retries.
-      // One still unanswered after ASK_AGAIN_AFTER_MS is asked again by the next call.
-      const startedAt = Date.now();
-      if (this.#first === undefined || startedAt - this.#first.startedAt >= ASK_AGAIN_AFTER_MS) {
-        const first = {
-          startedAt,
-          done: this.#sync(startedAt).finally(() => {
-            if (this.#first === first) this.#first = undefined;
-          }),
-        };
-        this.#first = first;
-      }
-      await this.#first.done;
-    } else if (!this.#refreshing && Date.now() - this.#syncedAt >= this.refreshMs) {
-      this.#refreshing = true;
+    const at = Date.now();
+    if (!this.#synced) {
+      // The first operations wait for a sync: the one they find or ask for, or any later one
+      // that sets the clock first (one unanswered for ASK_AGAIN_AFTER_MS is asked again). A
+      // failure of their own rejects them, and the next operation asks again.
+      await Promise.race([this.#ready, this.#ask(at)]);
+    } else if (at - (this.#askedAt ?? 0) >= this.refreshMs) {
       // Background refresh keeps operations at one round trip. If it fails the old offset stays
-      // (it was right a minute ago) and the next operation retries; the operation's own command
-      // surfaces a broken connection to the caller.
-      this.#sync(Date.now())
-        .catch(() => undefined)
-        .finally(() => {
-          this.#refreshing = false;
-        });
+      // (it was right a minute ago) and a later operation asks again; the operation's own
+      // command surfaces a broken connection to the caller.
+      this.#ask(at).catch(() => undefined);
     }
     return Date.now() + this.#offset;
   }
@@ -71,21 +70,47 @@ export class ServerClock implements StoreClock {
     return this.#offset;
   }
 
-  async #sync(startedAt: number): Promise<void> {
+  /** The sync in flight, or a new one when there is none or it has gone ASK_AGAIN_AFTER_MS unanswered. */
+  #ask(at: number): Promise<void> {
+    if (this.#asking !== undefined && at - this.#asking.startedAt < ASK_AGAIN_AFTER_MS) return this.#asking.done;
+    this.#askedAt = at;
+    const asking = {
+      startedAt: at,
+      done: this.#sync().finally(() => {
+        if (this.#asking === asking) this.#asking = undefined;
+      }),
+    };
+    this.#asking = asking;
+    return asking.done;
+  }
+
+  async #sync(): Promise<void> {
     let best = await this.#sample();
     // The first `hello` of a client often opens its pool's first connection (TCP, TLS, auth),
     // which the round trip then includes and which skews the midpoint by tens of ms over TLS.
     // So the first sync takes a second sample and keeps the shorter round trip.
-    if (this.#syncedAt === undefined) {
+    if (!this.#synced) {
       const second = await this.#sample();
       if (second.roundTripMs <= best.roundTripMs) best = second;
     }
-    // A sync asked again after this one began has set the clock already: this one's samples
-    // (their round trip as long as the wait, so their midpoint far off) must not replace it.
-    if (startedAt < this.#appliedStartedAt) return;
-    this.#appliedStartedAt = startedAt;
-    this.#offset = best.offsetMs;
-    this.#syncedAt = Date.now();
+    this.#keep(best);
+  }
+
+  /**
+   * Use a sample unless its round trip is more than twice the one in use plus 20 ms: then its
+   * midpoint may be off by more than the offset in use, which clocks do not drift from in
+   * minutes. After ten refresh periods any sample is taken, so a lasting change of the network
+   * (a longer route) is followed.
+   */
+  #keep(sample: { offsetMs: number; roundTripMs: number }): void {
+    const measured = Date.now();
+    const worse = sample.roundTripMs > this.#roundTripMs * 2 + 20;
+    if (worse && measured - this.#measuredAt < 10 * this.refreshMs) return;
+    this.#offset = sample.offsetMs;
+    this.#roundTripMs = sample.roundTripMs;
+    this.#measuredAt = measured;
+    this.#synced = true;
+    this.#markReady();
   }
 
   async #sample(): Promise<{ offsetMs: number; roundTripMs: number }> {

@@ -84,6 +84,9 @@ class MongoIdempotencyStore implements MongoStore {
   readonly #queue = new PerLeaseQueue();
   #fencing: { readonly answer: Promise<Fencing>; readonly startedAt: number } | undefined;
   #fencingKnown: Fencing | undefined;
+  /** Resolves with the first `buildInfo` answer: every operation waiting for one goes on then. */
+  readonly #fencingAnswered: Promise<Fencing>;
+  #answerFencing: (fencing: Fencing) => void = () => undefined;
   #warned = false;
   #closed = false;
 
@@ -94,13 +97,15 @@ class MongoIdempotencyStore implements MongoStore {
     this.claimsCollection = db.collection<ClaimDocument>(`${options.collection.collectionName}_claims`);
     this.#claims = new Claims(this.claimsCollection);
     this.#clock = options.clock === 'server' ? new ServerClock(db, options.clockRefreshMs) : localClock;
+    this.#fencingAnswered = new Promise<Fencing>((resolve) => (this.#answerFencing = resolve));
   }
 
   fencing(): Promise<Fencing> {
     if (this.#options.fencing !== 'auto') return Promise.resolve(this.#options.fencing);
     if (this.#fencingKnown !== undefined) return Promise.resolve(this.#fencingKnown);
     // Asked once; a failure rejects the operations waiting for it and the next one asks again.
-    // One still unanswered after ASK_AGAIN_AFTER_MS is asked again by the next operation.
+    // One still unanswered after ASK_AGAIN_AFTER_MS is asked again by the next operation, and
+    // the first answer to any of them lets every waiting operation go on.
     const startedAt = Date.now();
     if (this.#fencing === undefined || startedAt - this.#fencing.startedAt >= ASK_AGAIN_AFTER_MS) {
       const asked = {
@@ -108,14 +113,19 @@ class MongoIdempotencyStore implements MongoStore {
         answer: this.collection.db
           .admin()
           .command({ buildInfo: 1 })
-          .then((info): Fencing => (this.#fencingKnown = 'ferretdbVersion' in info ? 'claims' : 'native')),
+          .then((info): Fencing => {
+            const fencing: Fencing = 'ferretdbVersion' in info ? 'claims' : 'native';
+            this.#fencingKnown = fencing;
+            this.#answerFencing(fencing);
+            return fencing;
+          }),
       };
       asked.answer.catch(() => {
         if (this.#fencing === asked) this.#fencing = undefined;
       });
       this.#fencing = asked;
     }
-    return this.#fencing.answer;
+    return Promise.race([this.#fencingAnswered, this.#fencing.answer]);
   }
 
   /** Time and fencing, fetched together (in parallel) on the first operation and cached after. */

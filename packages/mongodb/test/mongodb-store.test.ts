@@ -704,11 +704,13 @@ describe('failures', () => {
       const store = createMongoStore({ db: client.db(t.dbName), logger: silent }); // clock 'server', fencing 'auto'
       proxy.holdAnswers(); // that connection goes silent; new ones pass
       const first = store.begin(key('first-hung'), null, 30_000);
-      first.catch(() => undefined); // ends when the client is closed below
+      first.catch(() => undefined); // in case the assertion below fails: the client is closed then
       // The rule is a time: an operation that comes after it asks again, on a connection that answers.
       await new Promise((resolve) => setTimeout(resolve, ASK_AGAIN_AFTER_MS + 200));
       expect(await store.begin(key('after'), null, 30_000)).toMatchObject({ kind: 'acquired' });
       expect(await store.fencing()).toBe('claims');
+      // The operation that was waiting on the unanswered commands goes on with the new answers.
+      expect(await first).toMatchObject({ kind: 'acquired' });
     } finally {
       await client.close(true);
       await proxy.close();
@@ -740,6 +742,35 @@ describe('failures', () => {
       proxy.deliverHeld();
       expect(await first).toMatchObject({ kind: 'acquired' });
       // Had that sync set the clock, it would run about 1 s ahead, and the lease show that much less.
+      const again = await store.begin(k, null, 30_000);
+      const expected = 30_000 - (Date.now() - created);
+      expect(again.kind).toBe('existing');
+      expect(again.kind === 'existing' && Math.abs(again.leaseRemainingMs - expected)).toBeLessThan(400);
+    } finally {
+      await client.close(true);
+      await proxy.close();
+    }
+  }, 30_000);
+
+  // Was: a refresh took one sample and used it whatever its round trip: an answer stalled 3 s
+  // put the clock 1.5 s off, and running leases looked that much shorter or longer.
+  it('a refresh whose answer comes seconds late does not move the clock', async () => {
+    const target = new URL(t.url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
+    const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`);
+    try {
+      const store = createMongoStore({ db: client.db(t.dbName), fencing: 'claims', clockRefreshMs: 500, logger: silent });
+      const k = key('leased');
+      const created = Date.now();
+      expect(await store.begin(k, null, 30_000)).toMatchObject({ kind: 'acquired' }); // the clock is set
+      await new Promise((resolve) => setTimeout(resolve, 600)); // a refresh is due
+      // Idle connections for the refresh and the operation below to take, all of them stalled.
+      await Promise.all(Array.from({ length: 4 }, () => client.db(t.dbName).command({ ping: 1 })));
+      proxy.stallAnswers(); // the refresh's answer (and this operation's) arrive 3 s late
+      const meanwhile = store.begin(key('meanwhile'), null, 30_000);
+      await new Promise((resolve) => setTimeout(resolve, 3_000));
+      proxy.deliverHeld();
+      expect(await meanwhile).toMatchObject({ kind: 'acquired' });
       const again = await store.begin(k, null, 30_000);
       const expected = 30_000 - (Date.now() - created);
       expect(again.kind).toBe('existing');
