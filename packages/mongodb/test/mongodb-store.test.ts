@@ -1,9 +1,9 @@
 import { afterAll, beforeAll, describe, expect, it, onTestFinished, vi } from 'vitest';
 import { MongoClient, MongoError } from 'mongodb';
 import { MongoClient as OtherCopyMongoClient } from 'mongodb-7.8';
-import type { CommandStartedEvent, Db } from 'mongodb';
+import type { CommandStartedEvent, Db, MongoClientOptions } from 'mongodb';
 import { ConfigurationError, createIdempotencyEngine } from '@idemkit/core';
-import { answerHoldingProxy } from '@idemkit/test-services';
+import { answerHoldingProxy, type AnswerHoldingProxy } from '@idemkit/test-services';
 import type { LeaseToken, StoredResponse } from '@idemkit/core';
 import { CLAIM_WINDOW_MS, createMongoStore, DEFAULTS, PLAIN_INDEX_NAME, TTL_INDEX_NAME } from '../src/index.js';
 import type { IdempotencyDocument } from '../src/index.js';
@@ -614,6 +614,18 @@ describe('indexes and expiry', () => {
   });
 });
 
+/** A client whose connections pass through a TCP hop the test controls; both are closed when the test ends. */
+async function throughProxy(options?: MongoClientOptions): Promise<{ proxy: AnswerHoldingProxy; client: MongoClient }> {
+  const target = new URL(t.url);
+  const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
+  const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`, options);
+  onTestFinished(async () => {
+    await client.close(true);
+    await proxy.close();
+  });
+  return { proxy, client };
+}
+
 describe('failures', () => {
   it('a client closed mid-operation rejects with the driver error', async () => {
     const client = new MongoClient(t.url, { serverSelectionTimeoutMS: 2_000 });
@@ -628,93 +640,72 @@ describe('failures', () => {
   });
 
   it('a claim whose answer was lost (a socket timeout) is given back: the caller saw a failure, so the key is free', async () => {
-    const target = new URL(t.url);
-    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
-    const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`, {
+    const { proxy, client } = await throughProxy({
       // Well above a FerretDB round trip on a busy machine: the warm-up and the release below use it too.
       socketTimeoutMS: 2_000,
       retryWrites: false,
       serverSelectionTimeoutMS: 5_000,
     });
-    try {
-      await client.connect();
-      const store = createMongoStore({ db: client.db(t.dbName), clock: 'local', logger: silent });
-      const warm = key('warm');
-      const claimed = await store.begin(warm, null, 30_000); // fencing mode known, connection warm
-      if (claimed.kind === 'acquired') await store.release(warm, claimed.token);
-      const k = key('lost-answer');
-      proxy.holdAnswers(); // commands land, their answers never come back
-      await expect(store.begin(k, 'fp', 60_000)).rejects.toBeInstanceOf(MongoError);
-      // The upsert landed; the release went out on a new connection after it. Before, the claim
-      // stayed for the whole lease and every retry got 409.
-      const direct = createMongoStore({ db: t.db, clock: 'local', logger: silent });
-      await vi.waitFor(async () => expect(await direct.get(k)).toBeUndefined(), { timeout: 8_000, interval: 50 });
-      expect(await direct.begin(k, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
-    } finally {
-      await client.close(true);
-      await proxy.close();
-    }
+    await client.connect();
+    const store = createMongoStore({ db: client.db(t.dbName), clock: 'local', logger: silent });
+    const warm = key('warm');
+    const claimed = await store.begin(warm, null, 30_000); // fencing mode known, connection warm
+    if (claimed.kind === 'acquired') await store.release(warm, claimed.token);
+    const k = key('lost-answer');
+    proxy.holdAnswers(); // commands land, their answers never come back
+    await expect(store.begin(k, 'fp', 60_000)).rejects.toBeInstanceOf(MongoError);
+    // The upsert landed; the release went out on a new connection after it. Before, the claim
+    // stayed for the whole lease and every retry got 409.
+    const direct = createMongoStore({ db: t.db, clock: 'local', logger: silent });
+    await vi.waitFor(async () => expect(await direct.get(k)).toBeUndefined(), { timeout: 8_000, interval: 50 });
+    expect(await direct.begin(k, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
   });
 
   // Was: the first release failed in the outage that lost the claim's answer, nothing sent it
   // again, and the key answered 409 for the whole lease after the store was back.
   it('a lost claim whose first release fails too is released again once the server is reachable', async () => {
-    const target = new URL(t.url);
-    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
-    const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`, {
+    const { proxy, client } = await throughProxy({
       socketTimeoutMS: 2_000,
       retryWrites: false,
       serverSelectionTimeoutMS: 2_000,
     });
-    try {
-      await client.connect();
-      const store = createMongoStore({ db: client.db(t.dbName), clock: 'local', logger: silent });
-      const warm = key('warm-2');
-      const claimed = await store.begin(warm, null, 30_000);
-      if (claimed.kind === 'acquired') await store.release(warm, claimed.token);
-      const releases = vi.spyOn(store, 'release');
-      const k = key('lost-answer-2');
-      proxy.holdAnswers(); // the claim lands, its answer never comes back
-      proxy.refuse(true); // and the release that follows cannot reach the server
-      await expect(store.begin(k, 'fp', 60_000)).rejects.toBeInstanceOf(MongoError);
-      await vi.waitFor(() => expect(releases).toHaveBeenCalledTimes(1), { timeout: 5_000, interval: 20 });
-      await expect(releases.mock.results[0]?.value).rejects.toBeInstanceOf(MongoError);
-      const direct = createMongoStore({ db: t.db, clock: 'local', logger: silent });
-      expect(await direct.get(k)).toMatchObject({ state: 'in_progress' });
-      proxy.refuse(false);
-      await vi.waitFor(async () => expect(await direct.get(k)).toBeUndefined(), { timeout: 15_000, interval: 50 });
-      expect(await direct.begin(k, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
-      await store.close(); // no release is sent after this
-    } finally {
-      await client.close(true);
-      await proxy.close();
-    }
+    await client.connect();
+    const store = createMongoStore({ db: client.db(t.dbName), clock: 'local', logger: silent });
+    const warm = key('warm-2');
+    const claimed = await store.begin(warm, null, 30_000);
+    if (claimed.kind === 'acquired') await store.release(warm, claimed.token);
+    const releases = vi.spyOn(store, 'release');
+    const k = key('lost-answer-2');
+    proxy.holdAnswers(); // the claim lands, its answer never comes back
+    proxy.refuse(true); // and the release that follows cannot reach the server
+    await expect(store.begin(k, 'fp', 60_000)).rejects.toBeInstanceOf(MongoError);
+    await vi.waitFor(() => expect(releases).toHaveBeenCalledTimes(1), { timeout: 5_000, interval: 20 });
+    await expect(releases.mock.results[0]?.value).rejects.toBeInstanceOf(MongoError);
+    const direct = createMongoStore({ db: t.db, clock: 'local', logger: silent });
+    expect(await direct.get(k)).toMatchObject({ state: 'in_progress' });
+    proxy.refuse(false);
+    await vi.waitFor(async () => expect(await direct.get(k)).toBeUndefined(), { timeout: 15_000, interval: 50 });
+    expect(await direct.begin(k, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
+    await store.close(); // no release is sent after this
   }, 30_000);
 
   // Was: the first operations share one `buildInfo` (fencing: 'auto') and one `hello` (clock:
   // 'server'); sent on a connection gone silent (no socketTimeoutMS), they never answered, and
   // every later operation waited on them for good, after the network came back too.
   it('a shared first-use command unanswered for ASK_AGAIN_AFTER_MS is asked again by the next operation', async () => {
-    const target = new URL(t.url);
-    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
     // The README's plain client: no socketTimeoutMS, so nothing ends a command on a silent connection.
-    const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`);
-    try {
-      await client.db(t.dbName).command({ ping: 1 }); // one pooled connection, idle
-      const store = createMongoStore({ db: client.db(t.dbName), logger: silent }); // clock 'server', fencing 'auto'
-      proxy.holdAnswers(); // that connection goes silent; new ones pass
-      const first = store.begin(key('first-hung'), null, 30_000);
-      first.catch(() => undefined); // in case the assertion below fails: the client is closed then
-      // The rule is a time: an operation that comes after it asks again, on a connection that answers.
-      await new Promise((resolve) => setTimeout(resolve, ASK_AGAIN_AFTER_MS + 200));
-      expect(await store.begin(key('after'), null, 30_000)).toMatchObject({ kind: 'acquired' });
-      expect(await store.fencing()).toBe('claims');
-      // The operation that was waiting on the unanswered commands goes on with the new answers.
-      expect(await first).toMatchObject({ kind: 'acquired' });
-    } finally {
-      await client.close(true);
-      await proxy.close();
-    }
+    const { proxy, client } = await throughProxy();
+    await client.db(t.dbName).command({ ping: 1 }); // one pooled connection, idle
+    const store = createMongoStore({ db: client.db(t.dbName), logger: silent }); // clock 'server', fencing 'auto'
+    proxy.holdAnswers(); // that connection goes silent; new ones pass
+    const first = store.begin(key('first-hung'), null, 30_000);
+    first.catch(() => undefined); // in case the assertion below fails: the client is closed then
+    // The rule is a time: an operation that comes after it asks again, on a connection that answers.
+    await new Promise((resolve) => setTimeout(resolve, ASK_AGAIN_AFTER_MS + 200));
+    expect(await store.begin(key('after'), null, 30_000)).toMatchObject({ kind: 'acquired' });
+    expect(await store.fencing()).toBe('claims');
+    // The operation that was waiting on the unanswered commands goes on with the new answers.
+    expect(await first).toMatchObject({ kind: 'acquired' });
   }, 30_000);
 
   // Was (in this session's first fix, which timed the shared sync out): the stalled `hello`
@@ -722,63 +713,49 @@ describe('failures', () => {
   // the sync that had been asked again: the clock ran seconds ahead, and running leases looked
   // that much shorter (a takeover came early).
   it('a first-use `hello` answered late does not move the clock set by the one asked again', async () => {
-    const target = new URL(t.url);
-    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
-    const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`);
-    try {
-      await client.db(t.dbName).command({ ping: 1 });
-      const store = createMongoStore({ db: client.db(t.dbName), fencing: 'claims', logger: silent });
-      proxy.stallAnswers(); // the pooled connection's answers wait until deliverHeld()
-      const first = store.begin(key('late'), null, 30_000);
-      await new Promise((resolve) => setTimeout(resolve, ASK_AGAIN_AFTER_MS + 200));
-      const k = key('set-by-second');
-      const created = Date.now();
-      expect(await store.begin(k, null, 30_000)).toMatchObject({ kind: 'acquired' });
-      // The first sync's first `hello` answers now, 5 s late; its second one is held 2 s as well,
-      // so both its samples are far off (it keeps the shorter one).
-      proxy.deliverHeld();
-      proxy.stallAnswers();
-      await new Promise((resolve) => setTimeout(resolve, 2_000));
-      proxy.deliverHeld();
-      expect(await first).toMatchObject({ kind: 'acquired' });
-      // Had that sync set the clock, it would run about 1 s ahead, and the lease show that much less.
-      const again = await store.begin(k, null, 30_000);
-      const expected = 30_000 - (Date.now() - created);
-      expect(again.kind).toBe('existing');
-      expect(again.kind === 'existing' && Math.abs(again.leaseRemainingMs - expected)).toBeLessThan(400);
-    } finally {
-      await client.close(true);
-      await proxy.close();
-    }
+    const { proxy, client } = await throughProxy();
+    await client.db(t.dbName).command({ ping: 1 });
+    const store = createMongoStore({ db: client.db(t.dbName), fencing: 'claims', logger: silent });
+    proxy.stallAnswers(); // the pooled connection's answers wait until deliverHeld()
+    const first = store.begin(key('late'), null, 30_000);
+    await new Promise((resolve) => setTimeout(resolve, ASK_AGAIN_AFTER_MS + 200));
+    const k = key('set-by-second');
+    const created = Date.now();
+    expect(await store.begin(k, null, 30_000)).toMatchObject({ kind: 'acquired' });
+    // The first sync's first `hello` answers now, 5 s late; its second one is held 2 s as well,
+    // so both its samples are far off (it keeps the shorter one).
+    proxy.deliverHeld();
+    proxy.stallAnswers();
+    await new Promise((resolve) => setTimeout(resolve, 2_000));
+    proxy.deliverHeld();
+    expect(await first).toMatchObject({ kind: 'acquired' });
+    // Had that sync set the clock, it would run about 1 s ahead, and the lease show that much less.
+    const again = await store.begin(k, null, 30_000);
+    const expected = 30_000 - (Date.now() - created);
+    expect(again.kind).toBe('existing');
+    expect(again.kind === 'existing' && Math.abs(again.leaseRemainingMs - expected)).toBeLessThan(400);
   }, 30_000);
 
   // Was: a refresh took one sample and used it whatever its round trip: an answer stalled 3 s
   // put the clock 1.5 s off, and running leases looked that much shorter or longer.
   it('a refresh whose answer comes seconds late does not move the clock', async () => {
-    const target = new URL(t.url);
-    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
-    const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`);
-    try {
-      const store = createMongoStore({ db: client.db(t.dbName), fencing: 'claims', clockRefreshMs: 500, logger: silent });
-      const k = key('leased');
-      const created = Date.now();
-      expect(await store.begin(k, null, 30_000)).toMatchObject({ kind: 'acquired' }); // the clock is set
-      await new Promise((resolve) => setTimeout(resolve, 600)); // a refresh is due
-      // Idle connections for the refresh and the operation below to take, all of them stalled.
-      await Promise.all(Array.from({ length: 4 }, () => client.db(t.dbName).command({ ping: 1 })));
-      proxy.stallAnswers(); // the refresh's answer (and this operation's) arrive 3 s late
-      const meanwhile = store.begin(key('meanwhile'), null, 30_000);
-      await new Promise((resolve) => setTimeout(resolve, 3_000));
-      proxy.deliverHeld();
-      expect(await meanwhile).toMatchObject({ kind: 'acquired' });
-      const again = await store.begin(k, null, 30_000);
-      const expected = 30_000 - (Date.now() - created);
-      expect(again.kind).toBe('existing');
-      expect(again.kind === 'existing' && Math.abs(again.leaseRemainingMs - expected)).toBeLessThan(400);
-    } finally {
-      await client.close(true);
-      await proxy.close();
-    }
+    const { proxy, client } = await throughProxy();
+    const store = createMongoStore({ db: client.db(t.dbName), fencing: 'claims', clockRefreshMs: 500, logger: silent });
+    const k = key('leased');
+    const created = Date.now();
+    expect(await store.begin(k, null, 30_000)).toMatchObject({ kind: 'acquired' }); // the clock is set
+    await new Promise((resolve) => setTimeout(resolve, 600)); // a refresh is due
+    // Idle connections for the refresh and the operation below to take, all of them stalled.
+    await Promise.all(Array.from({ length: 4 }, () => client.db(t.dbName).command({ ping: 1 })));
+    proxy.stallAnswers(); // the refresh's answer (and this operation's) arrive 3 s late
+    const meanwhile = store.begin(key('meanwhile'), null, 30_000);
+    await new Promise((resolve) => setTimeout(resolve, 3_000));
+    proxy.deliverHeld();
+    expect(await meanwhile).toMatchObject({ kind: 'acquired' });
+    const again = await store.begin(k, null, 30_000);
+    const expected = 30_000 - (Date.now() - created);
+    expect(again.kind).toBe('existing');
+    expect(again.kind === 'existing' && Math.abs(again.leaseRemainingMs - expected)).toBeLessThan(400);
   }, 30_000);
 
   it('close() never closes the caller-owned client and is safe twice', async () => {
