@@ -89,7 +89,8 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     // that type look alike, and a different request under the same key get the first one's answer.
     // Only a request that may have a key is fingerprinted (see core's mayHaveKey): one without
     // gets the SPEC's answer for that, a webhook reading its raw body itself included.
-    const unread = body === undefined ? hasRequestBody(ctx.req.headers) : leftUnparsed(ctx, body);
+    const carriesBody = hasRequestBody(ctx.req.headers);
+    const unread = body === undefined ? carriesBody : carriesBody && leftUnparsed(ctx, body);
     if (bodyMatters && unread && mayHaveKey(resolved, ctx.req.headers, undefined)) {
       // 415, not 500: koa-body leaves `undefined` for the types it does not parse (octet-stream,
       // XML, multipart unless enabled), so any client could cause 500s. Koa does not log an
@@ -136,7 +137,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     // A request that carries no bytes has no body, whatever the parser made of it (@koa/bodyparser
     // makes `{}`): as on Express and Fastify, so a retry through another binding on the same store
     // is the same request, not a 422.
-    const decision = await engine.decide({ method, path: ctx.originalUrl, headers: ctx.req.headers, body: hasRequestBody(ctx.req.headers) ? body : undefined, files }, ctx);
+    const decision = await engine.decide({ method, path: ctx.originalUrl, headers: ctx.req.headers, body: carriesBody ? body : undefined, files }, ctx);
     switch (decision.kind) {
       case 'pass':
         return next();
@@ -270,9 +271,9 @@ function leftUnparsed(ctx: Context, body: unknown): boolean {
   return looksUnparsed(ctx, body) && !ctx.req.readableEnded;
 }
 
-/** @koa/bodyparser sets `{}` (and no rawBody) for content types it does not parse. */
+/** @koa/bodyparser sets `{}` (and no rawBody) for content types it does not parse (of a request that carries a body). */
 function looksUnparsed(ctx: Context, body: unknown): boolean {
   if (typeof body !== 'object' || body === null || Object.getPrototypeOf(body) !== Object.prototype) return false;
   if (Object.keys(body).length > 0) return false;
-  return (ctx.request as { rawBody?: unknown }).rawBody === undefined && hasRequestBody(ctx.req.headers);
+  return (ctx.request as { rawBody?: unknown }).rawBody === undefined;
 }
