@@ -197,8 +197,11 @@ class Engine<Req> implements IdempotencyEngine<Req> {
       }
       // Still running elsewhere: wait (bounded, with backoff) or answer 409 at once.
       seenRunning = result.leaseRemainingMs;
-      if (o.concurrency === 'wait' && performance.now() + delay < deadline) {
-        await sleep(Math.min(delay, Math.max(1, result.leaseRemainingMs)));
+      // The last sleep is cut to what is left, so the final look comes at the deadline, not up
+      // to one backoff step (500 ms) before it.
+      const left = deadline - performance.now();
+      if (o.concurrency === 'wait' && left > 0) {
+        await sleep(Math.max(1, Math.min(delay, left, result.leaseRemainingMs)));
         delay = Math.min(delay * 2, WAIT_MAX_MS);
         continue;
       }

@@ -207,6 +207,22 @@ describe('SPEC §2 through the engine', () => {
     await lease.abandon('client-gone');
   });
 
+  it("with concurrency: 'wait', looks once more at the deadline instead of giving up a backoff step early", async () => {
+    // Backoff 25, 50, 100 ms, then 200 would cross 300: the wait used to end at ~175 ms.
+    const { engine, store } = setup({ concurrency: 'wait', waitTimeoutMs: 300 });
+    const lease = expectRun(await engine.decide(request({ key: 'k6b' })));
+    const begins: number[] = [];
+    const begin = store.begin.bind(store);
+    const started = performance.now();
+    store.begin = (...args) => {
+      begins.push(performance.now() - started);
+      return begin(...args);
+    };
+    expectProblem(await engine.decide(request({ key: 'k6b' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    expect(begins.at(-1)).toBeGreaterThanOrEqual(290);
+    await lease.abandon('client-gone');
+  });
+
   it.each([500, 502, 408, 409, 425, 429])('releases the key when the status %i is not storable', async (status) => {
     const { engine, events } = setup();
     const lease = expectRun(await engine.decide(request({ key: 'k7' })));
