@@ -11,13 +11,17 @@ export type KeyParseResult =
 
 /** Printable ASCII only: no control characters, no non-ASCII (SPEC §2). */
 const PRINTABLE_ASCII = /^[\x20-\x7e]+$/;
+const OWS_EDGES = /^[ \t]+|[ \t]+$/g;
 
 /**
  * Read one header value as a key. The draft's structured-field form (`"abc"`, an sf-string,
  * parameters ignored) and the bare form (`abc`) are both accepted.
  */
 export function parseKeyHeader(value: string): KeyParseResult {
-  const raw = value.trim();
+  // Only the optional whitespace HTTP allows around a field value (SP, HTAB; RFC 9110 §5.5).
+  // Not `trim()`: it also strips U+00A0 (byte 0xA0 read as latin1), U+FEFF and line separators,
+  // which would make `abc<0xA0>` the same key as `abc` instead of the 400 a non-ASCII key gets.
+  const raw = value.replace(OWS_EDGES, '');
   if (raw.startsWith('"')) {
     let item: ReturnType<typeof parseItem>;
     try {

@@ -8,6 +8,15 @@ describe('key parsing', () => {
     expect(parseKeyHeader('"8e03978e-40d5"')).toEqual({ ok: true, key: '8e03978e-40d5' });
     expect(parseKeyHeader('"a\\"b\\\\c"')).toEqual({ ok: true, key: 'a"b\\c' });
     expect(parseKeyHeader('  padded  ')).toEqual({ ok: true, key: 'padded' });
+    expect(parseKeyHeader('\tpadded\t')).toEqual({ ok: true, key: 'padded' });
+  });
+
+  it('strips only spaces and tabs around the value: other whitespace is a non-ASCII key, refused', () => {
+    // Node reads header bytes as latin1, so a 0xA0 byte arrives as U+00A0, which trim() would strip.
+    for (const odd of ['\u00a0', '\ufeff', '\u2028', '\u3000']) {
+      expect(parseKeyHeader(`abc${odd}`).ok).toBe(false);
+      expect(parseKeyHeader(`${odd}abc`).ok).toBe(false);
+    }
   });
 
   it('rejects a bare key with a comma (two header lines a proxy joined), but not a quoted one', () => {
