@@ -33,7 +33,10 @@ export function startPurger(store: IdempotencyStore, options: PurgerOptions = {}
   const sweep = async (): Promise<number> => {
     let total = 0;
     for (;;) {
-      const n = await store.purgeExpired(batchSize);
+      const n: unknown = await store.purgeExpired(batchSize);
+      // Anything but a count (a custom store that resolves to nothing) would never come back
+      // "short", and the sweep would call the store in a loop for good.
+      if (typeof n !== 'number' || !(n >= 0)) throw new TypeError(`[idemkit] startPurger: the store's purgeExpired() must resolve to the number of records removed, not ${String(n)}.`);
       total += n;
       if (n < batchSize || stopped) return total;
     }

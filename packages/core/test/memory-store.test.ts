@@ -122,6 +122,18 @@ describe('startPurger', () => {
     expect(calls).toBeGreaterThanOrEqual(2);
   });
 
+  it('refuses a store whose purgeExpired resolves to no count, instead of calling it in a loop for good', async () => {
+    const store = createMemoryStore();
+    let calls = 0;
+    store.purgeExpired = (async () => {
+      calls++;
+    }) as unknown as typeof store.purgeExpired;
+    const purger = startPurger(store, { intervalMs: 60_000, onError: () => {} });
+    await expect(purger.runOnce()).rejects.toThrow(/purgeExpired\(\) must resolve to the number of records removed, not undefined/);
+    expect(calls).toBe(1);
+    await purger.stop();
+  });
+
   it('validates its options', () => {
     expect(() => startPurger(createMemoryStore(), { intervalMs: 0 })).toThrow(/intervalMs/);
     expect(() => startPurger(createMemoryStore(), { batchSize: -1 })).toThrow(/batchSize/);
