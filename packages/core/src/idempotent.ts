@@ -16,7 +16,7 @@ export interface IdempotentOptions<Args extends unknown[], R>
   key: (...args: Args) => string;
   /** Tenant of the call; part of the stored identity. */
   scope?: ((...args: Args) => string | number | bigint | undefined) | undefined;
-  /** Job name, part of every stored fingerprint so two jobs sharing a key are told apart. @default fn.name */
+  /** Job name, part of every stored fingerprint so two jobs sharing a key are told apart. Required when `fn` has no name. @default fn.name */
   name?: string | undefined;
   /**
    * Fingerprint of the arguments for the mismatch check, or false (check only that the key's
@@ -44,7 +44,15 @@ export interface IdempotentTransactionOptions<Client, Args extends unknown[], R>
 }
 
 function defaultSerialize(result: unknown): string {
-  return result === undefined ? '' : JSON.stringify(result);
+  return result === undefined ? '' : JSON.stringify(result, refuseCollections);
+}
+
+/** JSON writes a Map or Set as `{}`: every caller would get an empty object, so it is refused as a BigInt is. */
+function refuseCollections(_key: string, value: unknown): unknown {
+  if (value instanceof Map || value instanceof Set) {
+    throw new TypeError(`JSON would store a ${value instanceof Map ? 'Map' : 'Set'} as {}; return a plain object or array, or pass serialize/deserialize`);
+  }
+  return value;
 }
 
 /** serialize's output as bytes; anything else (JSON.stringify of a function gives undefined) is refused. */
@@ -135,7 +143,12 @@ function jobCaller<Args extends unknown[], R>(
   if (transactional && options.onStoreError !== undefined && options.onStoreError !== 'fail') {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', "idempotentTransaction(): `onStoreError` can only be 'fail': fn runs in the store's transaction, so it cannot run without the store.");
   }
-  const name = options.name ?? ((fn as { name?: string }).name || 'job');
+  // No fallback name for an anonymous function: two inline jobs on one store would share it, and
+  // one meeting the other's key would get that job's result instead of running (or a mismatch).
+  const name = options.name ?? (fn as { name?: string }).name;
+  if (name === '' && options.name === undefined) {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `${wrapper}(fn, options): \`fn\` has no name (an inline arrow or anonymous function), so set \`name\`: it tells this job's records from other jobs' on the same store, and should stay the same across deploys.`);
+  }
   if (typeof name !== 'string' || name === '') throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`name` must be a non-empty string.');
   const { key, fingerprint, scope: _scope, name: _name, serialize: _serialize, deserialize: _deserialize, ...rest } = options;
   // Jobs share the keys of one store, so the stored fingerprint always names the job: another

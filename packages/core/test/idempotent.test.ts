@@ -11,7 +11,7 @@ describe('idempotent(fn)', () => {
         await new Promise((r) => setTimeout(r, 50));
         return { chargeId: `ch_${runs}`, amount: event.amount };
       },
-      { store, key: (event) => event.id },
+      { store, name: 'charge', key: (event) => event.id },
     );
     const results = await Promise.all(Array.from({ length: 100 }, () => charge({ id: 'evt_1', amount: 42 })));
     expect(runs).toBe(1);
@@ -24,7 +24,7 @@ describe('idempotent(fn)', () => {
     const store = createMemoryStore();
     let release!: () => void;
     const gate = new Promise<void>((r) => (release = r));
-    const job = idempotent(async (id: string) => { await gate; return id; }, { store, key: (id) => id, concurrency: 'conflict' });
+    const job = idempotent(async (id: string) => { await gate; return id; }, { store, name: 'job', key: (id) => id, concurrency: 'conflict' });
     const first = job('a');
     await vi.waitFor(async () => expect((await store.get('-:a'))?.state).toBe('in_progress'), { timeout: 10_000 });
     await expect(job('a')).rejects.toBeInstanceOf(RequestInProgressError);
@@ -38,7 +38,7 @@ describe('idempotent(fn)', () => {
     const gate = new Promise<void>((r) => (release = r));
     let runs = 0;
     const concurrency = process.env.IDEMKIT_NEVER_SET as 'wait' | undefined;
-    const job = idempotent(async (id: string) => { runs++; await gate; return id; }, { store, key: (id) => id, concurrency });
+    const job = idempotent(async (id: string) => { runs++; await gate; return id; }, { store, name: 'job', key: (id) => id, concurrency });
     const first = job('a');
     await vi.waitFor(async () => expect((await store.get('-:a'))?.state).toBe('in_progress'), { timeout: 10_000 });
     // Before, the spread `undefined` replaced 'wait' and this rejected with RequestInProgressError.
@@ -55,7 +55,7 @@ describe('idempotent(fn)', () => {
       calls++;
       if (calls === 1) throw new Error('payment gateway timeout');
       return `ok:${id}`;
-    }, { store, key: (id) => id });
+    }, { store, name: 'flaky', key: (id) => id });
     await expect(flaky('m1')).rejects.toThrow('payment gateway timeout');
     expect(await flaky('m1')).toBe('ok:m1');
     expect(await flaky('m1')).toBe('ok:m1');
@@ -63,7 +63,7 @@ describe('idempotent(fn)', () => {
   });
 
   it('rejects a call whose arguments differ from the first with the same key', async () => {
-    const job = idempotent(async (id: string, amount: number) => amount, { store: createMemoryStore(), key: (id) => id });
+    const job = idempotent(async (id: string, amount: number) => amount, { store: createMemoryStore(), name: 'amount', key: (id) => id });
     await job('k', 1);
     await expect(job('k', 2)).rejects.toBeInstanceOf(FingerprintMismatchError);
   });
@@ -84,6 +84,7 @@ describe('idempotent(fn)', () => {
       },
       {
         store,
+        name: 'dates',
         key: (id) => id,
         serialize: (d) => d.toISOString(),
         deserialize: (b) => new Date(Buffer.from(b).toString()),
@@ -98,24 +99,37 @@ describe('idempotent(fn)', () => {
     expect(dateRuns).toBe(1);
     // Stored under the scope, with the custom fingerprint and the serialised form.
     const record = await store.get(scopedKey('tenant-1', 'd'));
-    // The custom fingerprint, prefixed with the job's name (`job`: the function has none).
-    expect(record).toMatchObject({ state: 'completed', fingerprint: '3:job:custom:d' });
+    // The custom fingerprint, prefixed with the job's name.
+    expect(record).toMatchObject({ state: 'completed', fingerprint: '5:dates:custom:d' });
     expect(Buffer.from(record?.response?.body ?? []).toString()).toBe('1970-01-01T00:00:00.000Z');
 
-    const loose = idempotent(async (_id: string, x: number) => x, { store, key: (id) => `loose-${id}`, fingerprint: false });
+    const loose = idempotent(async (_id: string, x: number) => x, { store, name: 'loose', key: (id) => `loose-${id}`, fingerprint: false });
     expect(await loose('l', 1)).toBe(1);
     expect(await loose('l', 2)).toBe(1);
   });
 
   it("runs fn without idempotency when the store fails and onStoreError is 'pass'", async () => {
     const broken: IdempotencyStore = Object.assign(createMemoryStore(), { begin: () => Promise.reject(new Error('down')) });
-    const job = idempotent(async () => 'ran', { store: broken, key: () => 'k', onStoreError: 'pass', logger: false });
+    const job = idempotent(async () => 'ran', { store: broken, name: 'job', key: () => 'k', onStoreError: 'pass', logger: false });
     expect(await job()).toBe('ran');
   });
 
   it('validates its arguments', () => {
     expect(() => idempotent('nope' as unknown as () => void, { store: createMemoryStore(), key: () => 'k' })).toThrow(/fn/);
     expect(() => idempotent(async () => 1, { store: createMemoryStore() } as never)).toThrow(/key/);
+  });
+
+  it('refuses an anonymous fn without `name`: two inline jobs would share one identity on a store', async () => {
+    const store = createMemoryStore();
+    const ran: string[] = [];
+    expect(() => idempotent(async (id: string) => { ran.push(id); }, { store, key: (id) => id })).toThrow(/`fn` has no name.*set `name`/);
+    expect(() => idempotent(async (id: string) => { ran.push(id); }, { store, key: (id) => id })).toThrow(ConfigurationError);
+    // With names, two inline jobs meeting on one key are told apart (the second does not get the first's result).
+    const charge = idempotent(async (id: string) => { ran.push(`charge ${id}`); return 'charged'; }, { store, name: 'charge', key: (id) => id });
+    const mail = idempotent(async (id: string) => { ran.push(`mail ${id}`); return 'mailed'; }, { store, name: 'mail', key: (id) => id });
+    expect(await charge('order-42')).toBe('charged');
+    await expect(mail('order-42')).rejects.toBeInstanceOf(FingerprintMismatchError);
+    expect(ran).toEqual(['charge order-42']);
   });
 
   it('refuses bad options at setup, before fn can run and settle a key on them', async () => {
@@ -174,13 +188,25 @@ describe('idempotent(fn)', () => {
     it('not serialisable (a BigInt): fn runs once, the key is settled, later calls get ResponseNotReplayableError', async () => {
       const store = createMemoryStore();
       let runs = 0;
-      const charge = idempotent(async (id: string) => ({ id, amount: BigInt(4200 + runs++) }), { store, key: (id) => id, leaseMs: 300 });
+      const charge = idempotent(async (id: string) => ({ id, amount: BigInt(4200 + runs++) }), { store, name: 'charge', key: (id) => id, leaseMs: 300 });
       await expect(charge('evt_big')).rejects.toThrow(/fn ran, but its result could not be serialised \(Do not know how to serialize a BigInt\)/);
       // Settled, not left in progress (renewing forever, every retry a 409 until the process exits).
       expect((await store.get('-:evt_big'))?.state).toBe('completed');
       const retry = charge('evt_big');
       await expect(retry).rejects.toBeInstanceOf(ResponseNotReplayableError);
       await expect(retry).rejects.toMatchObject({ status: 410, extensions: { reason: 'not-serializable' } });
+      expect(runs).toBe(1);
+    });
+
+    it.each([
+      ['a Map', () => ({ totals: new Map([['eur', 4200]]) })],
+      ['a Set', () => new Set(['sku-1'])],
+    ])('not serialisable by JSON without loss (%s, which JSON writes as {}): refused, not stored as an empty object', async (_what, result) => {
+      const store = createMemoryStore();
+      let runs = 0;
+      const job = idempotent(async (_id: string) => { runs++; return result(); }, { store, name: 'job', key: (id) => id });
+      await expect(job('evt_map')).rejects.toThrow(/fn ran, but its result could not be serialised \(JSON would store a (Map|Set) as \{\}/);
+      await expect(job('evt_map')).rejects.toMatchObject({ status: 410, extensions: { reason: 'not-serializable' } });
       expect(runs).toBe(1);
     });
 
@@ -195,7 +221,7 @@ describe('idempotent(fn)', () => {
           await gate;
           return { toJSON: () => undefined };
         },
-        { store, key: () => 'evt_void' },
+        { store, name: 'job', key: () => 'evt_void' },
       );
       const calls = Array.from({ length: 3 }, () => job());
       await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
@@ -209,7 +235,7 @@ describe('idempotent(fn)', () => {
     it('larger than maxBodyBytes: the first call gets its result, the others an error, never the marker as a value', async () => {
       const store = createMemoryStore();
       let runs = 0;
-      const job = idempotent(async () => ({ run: ++runs, blob: 'x'.repeat(2_000) }), { store, key: () => 'evt_big_result', maxBodyBytes: 1_000 });
+      const job = idempotent(async () => ({ run: ++runs, blob: 'x'.repeat(2_000) }), { store, name: 'job', key: () => 'evt_big_result', maxBodyBytes: 1_000 });
       expect((await job()).run).toBe(1);
       await expect(job()).rejects.toMatchObject({ status: 410, extensions: { reason: 'too-large' } });
       expect(runs).toBe(1);
