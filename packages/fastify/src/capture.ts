@@ -26,11 +26,35 @@ export function payloadStatus(payload: unknown, fallback: number): number {
 export interface Replayed {
   readonly response: StoredResponse;
   readonly payload: Buffer | undefined;
+  /** What the route's own `onSend` hooks get after ours (see `asSerialised`). */
+  readonly serialised: string | Buffer | undefined;
 }
 
 /** What a replay of `response` sends. */
 export function replayOf(response: StoredResponse): Replayed {
-  return { response, payload: payloadOf(response.body) };
+  const payload = payloadOf(response.body);
+  return { response, payload, serialised: asSerialised(response, payload) };
+}
+
+const utf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+const TEXTUAL = /json|^\s*text\//i;
+
+/**
+ * A stored JSON or text body as the string Fastify's own serialised answer was: the route's
+ * `onSend` hooks (which run after ours) then get what they got on the first request, not a
+ * Buffer their `payload.replace()` throws on. Valid UTF-8 decodes and encodes back to the same
+ * bytes, so what goes out is unchanged; other bytes stay a Buffer.
+ */
+function asSerialised(response: StoredResponse, payload: Buffer | undefined): string | Buffer | undefined {
+  if (payload === undefined) return undefined;
+  let type: string | undefined;
+  for (const [name, value] of response.headers) if (name.toLowerCase() === 'content-type') type = value;
+  if (type === undefined || !TEXTUAL.test(type)) return payload;
+  try {
+    return utf8.decode(payload);
+  } catch {
+    return payload;
+  }
 }
 
 /** Replay a stored response: its status, its headers plus `Idempotent-Replayed: true`, its exact bytes. */
@@ -52,14 +76,10 @@ export function restoreReplay(reply: FastifyReply, { response }: Replayed, first
 }
 
 /** Write core's problem response (status, headers, RFC 9457 bytes) unchanged. */
-export function sendStored(reply: FastifyReply, response: StoredResponse): FastifyReply {
-  reply.code(response.status);
-  for (const [name, value] of response.headers) reply.header(name, value);
-  return sendBody(reply, response.body);
-}
-
-function sendBody(reply: FastifyReply, body: Uint8Array): FastifyReply {
-  return reply.send(payloadOf(body));
+export function sendStored(reply: FastifyReply, stored: Replayed): FastifyReply {
+  reply.code(stored.response.status);
+  for (const [name, value] of stored.response.headers) reply.header(name, value);
+  return reply.send(stored.payload);
 }
 
 // An empty body goes out as "no payload", so Fastify does not invent a content-type for it.

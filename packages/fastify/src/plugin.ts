@@ -64,8 +64,9 @@ interface LeaseState {
 
 const kState = Symbol('idemkit.fastify.state');
 const kReplayed = Symbol('idemkit.fastify.replayed');
+const kProblem = Symbol('idemkit.fastify.problem');
 
-type StatefulRequest = FastifyRequest & { [kState]: LeaseState | null; [kReplayed]: Replayed | null };
+type StatefulRequest = FastifyRequest & { [kState]: LeaseState | null; [kReplayed]: Replayed | null; [kProblem]: Replayed | null };
 
 function stateOf(request: FastifyRequest): LeaseState | null {
   return (request as StatefulRequest)[kState];
@@ -170,13 +171,16 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         sendReplay(reply, replayed);
         return;
       }
-      case 'problem':
+      case 'problem': {
         if (onProblem) {
           Promise.resolve(onProblem(request, reply, decision.error)).catch((error: unknown) => done(asError(error)));
           return;
         }
-        sendStored(reply, problemResponse(decision.error));
+        const answer = replayOf(problemResponse(decision.error));
+        (request as StatefulRequest)[kProblem] = answer;
+        sendStored(reply, answer);
         return;
+      }
       case 'run': {
         // Answered while it waited its turn (a timeout, with `concurrency: 'wait'`): its handler
         // will not run, so the key it just got is given back at once, not held for good.
@@ -255,12 +259,18 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const state = stateOf(request);
     if (state === null) {
       const replayed = (request as StatefulRequest)[kReplayed];
-      if (replayed === null || payload === replayed.payload) return done(null, payload);
+      if (replayed === null) {
+        // Our own 400/409/422/503, as app-level hooks left it: the route's hooks get its JSON as text.
+        const problem = (request as StatefulRequest)[kProblem];
+        return done(null, problem !== null && payload === problem.payload ? problem.serialised : payload);
+      }
       // An app-level onSend hook rewrote a replay. Those hooks ran on the original answer before
       // it was stored, so running them again would apply them twice (a prefix, an envelope):
       // the stored answer goes out as it was.
-      restoreReplay(reply, replayed);
-      return done(null, replayed.payload);
+      if (payload !== replayed.payload) restoreReplay(reply, replayed);
+      // The route's own hooks, which run after ours, get a JSON or text body as the string they
+      // got on the first request (Fastify's serialised answer), not a Buffer.
+      return done(null, replayed.serialised);
     }
     if (state.settling !== undefined) {
       // Sent again while the first answer is stored: an async handler that called reply.send()
@@ -565,6 +575,7 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
   fastify.decorateRequest('idempotency', null);
   fastify.decorateRequest(kState, null);
   fastify.decorateRequest(kReplayed, null);
+  fastify.decorateRequest(kProblem, null);
 
   // Every method and URL the onRoute hook below looked at, covered or not.
   const looked = new Map<string, Set<string>>();

@@ -1157,6 +1157,59 @@ describe('app-level onSend hooks that rewrite the payload', () => {
   });
 });
 
+describe("a route's own onSend hooks (after ours)", () => {
+  // A hook written for Fastify's serialised string, as a route's hooks see on the first request.
+  const redact = async (_request: unknown, _reply: unknown, payload: unknown) => (payload as string).replace(/"card":"\d+"/, '"card":"****"');
+
+  it('get a replay as the string they got the first time: the replay goes out as the first answer did', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/pay', { onSend: redact }, async (_request, reply) => reply.code(201).send({ id: ++runs, card: '4242424242424242' }));
+    });
+    const first = await post(app, '/pay', 'k');
+    expect(first.statusCode).toBe(201);
+    expect(first.body).toBe('{"id":1,"card":"****"}');
+    const again = await post(app, '/pay', 'k');
+    // Before: the hook got a Buffer, threw, and the retry got an error body under 201.
+    expect(replayed(again)).toBe(true);
+    expect(again.statusCode).toBe(201);
+    expect(again.body).toBe(first.body);
+    expect(again.headers['content-type']).toBe(first.headers['content-type']);
+    expect(again.headers['content-length']).toBe(first.headers['content-length']);
+    expect(runs).toBe(1);
+  });
+
+  it("get idemkit's own problem answers as text too: a 400 and a 422 stay problem+json", async () => {
+    const { app } = await build((a) => {
+      a.post('/pay', { onSend: redact }, async (_request, reply) => reply.code(201).send({ card: '4242424242424242' }));
+    });
+    const missing = await app.inject({ method: 'POST', url: '/pay', payload: { a: 1 } });
+    expect(missing.statusCode).toBe(400);
+    expect(missing.headers['content-type']).toMatch(/^application\/problem\+json/);
+    expect(missing.json()).toMatchObject({ code: 'ERR_IDEMKIT_KEY_MISSING' });
+    expect((await post(app, '/pay', 'k', { a: 1 })).statusCode).toBe(201);
+    const other = await post(app, '/pay', 'k', { a: 2 });
+    expect(other.statusCode).toBe(422);
+    expect(other.json()).toMatchObject({ code: 'ERR_IDEMKIT_FINGERPRINT_MISMATCH' });
+  });
+
+  it('get a binary replay as a Buffer, byte for byte', async () => {
+    const bytes = Buffer.from([0xff, 0x00, 0xc3, 0x28, 0x7b]);
+    const seen: string[] = [];
+    const { app } = await build((a) => {
+      a.post('/bin', { onSend: async (_request, _reply, payload) => (seen.push(Buffer.isBuffer(payload) ? 'buffer' : typeof payload), payload) }, async (_request, reply) =>
+        reply.code(201).type('application/octet-stream').send(bytes),
+      );
+    });
+    const first = await post(app, '/bin', 'k');
+    const again = await post(app, '/bin', 'k');
+    expect(replayed(again)).toBe(true);
+    expect(again.rawPayload.equals(bytes)).toBe(true);
+    expect(first.rawPayload.equals(bytes)).toBe(true);
+    expect(seen).toEqual(['buffer', 'buffer']);
+  });
+});
+
 describe('errors and validation', () => {
   it("a body that fails Fastify's schema validation never takes a lease: the key stays free", async () => {
     let runs = 0;
