@@ -110,9 +110,9 @@ export interface ResolvedOptions<Req = IncomingRequest> {
 /** Statuses that are never stored: a retry must be able to run again (SPEC §2). */
 const UNSTORABLE = new Set([408, 409, 425, 429]);
 
-/** SPEC §2: every status below 500 except 408, 409, 425 and 429. */
+/** SPEC §2: every status below 500 except 408, 409, 425 and 429 (and nothing under 200: no real answer). */
 export function defaultStorable(status: number): boolean {
-  return status < 500 && !UNSTORABLE.has(status);
+  return status >= 200 && status < 500 && !UNSTORABLE.has(status);
 }
 
 export const DEFAULTS = Object.freeze({

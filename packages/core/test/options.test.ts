@@ -104,5 +104,7 @@ describe('options', () => {
   it('default storable: below 500 except 408, 409, 425, 429', () => {
     expect([200, 201, 204, 302, 400, 404, 422].every(defaultStorable)).toBe(true);
     expect([408, 409, 425, 429, 500, 503].some(defaultStorable)).toBe(false);
+    // No real answer: a status Node refuses (0), or an interim one.
+    expect([0, 99, 100, 101, 199].some(defaultStorable)).toBe(false);
   });
 });

@@ -306,9 +306,22 @@ export function captureResponse(
   } as ServerResponse['write'];
 
   res.end = function end(this: ServerResponse, ...args: unknown[]): ServerResponse {
-    // A second end() while we persist would cut the response short: ignore it, as Node ignores an end after end.
-    if (mode === 'ending') return this;
-    const finish = (): void => void Reflect.apply(originalEnd, this, args);
+    // A second end() while we persist would cut the response short: ignore it, as Node ignores an
+    // end after end (whose callback Node calls once the first end has finished).
+    if (mode === 'ending') {
+      const { callback } = parseEndArgs(args);
+      if (callback) this.once('finish', () => callback());
+      return this;
+    }
+    // Called later, from a promise: Node's own throw there (`res.end(42)` after a write) would be
+    // an unhandled rejection that ends the process, so the response is destroyed with it instead.
+    const finish = (): void => {
+      try {
+        Reflect.apply(originalEnd, this, args);
+      } catch (error) {
+        this.destroy(error instanceof Error ? error : new Error(String(error)));
+      }
+    };
     if (mode === 'streaming') {
       mode = 'ending';
       if (replaced || held) {
@@ -325,6 +338,11 @@ export function captureResponse(
       void settling.then(finish, finish);
       return this;
     }
+    // A status Node refuses (`res.statusCode = err.statusCode` that was undefined, or 1000): its
+    // end() throws to the caller at once, as without idemkit, so Express answers 500; storing it
+    // and throwing later, from a promise, would end the process.
+    const code = this.statusCode | 0;
+    if (!this.headersSent && (code < 100 || code > 999)) return Reflect.apply(originalEnd, this, args) as ServerResponse;
     mode = 'ending';
     const { chunk, encoding, callback } = parseEndArgs(args);
     let body: Buffer;
@@ -366,7 +384,14 @@ export function captureResponse(
     };
     // Persist first, then release the bytes: never fire and forget. An answer no route gave
     // (Express's own 404) is not stored: no handler ran, and the key is freed for the retry.
-    void (unrouted(this, body) ? lease.abandon('not-storable') : lease.commit(response)).then(deliver, deliver);
+    const deliverOrDestroy = (): void => {
+      try {
+        deliver();
+      } catch (error) {
+        this.destroy(error instanceof Error ? error : new Error(String(error)));
+      }
+    };
+    void (unrouted(this, body) ? lease.abandon('not-storable') : lease.commit(response)).then(deliverOrDestroy, deliverOrDestroy);
     return this;
   } as ServerResponse['end'];
   ours = { write: res.write, end: res.end };

@@ -161,6 +161,74 @@ describe('express binding: errors', () => {
     res.status(err.status ?? 500).json({ code: err.code ?? 'internal' });
   };
 
+  it('an error handler that ends with a status Node refuses (res.statusCode = err.statusCode, undefined): a 500 as without idemkit, never a crash, and the retry runs', async () => {
+    const unhandled = unhandledErrors(['unhandledRejection', 'uncaughtException']);
+    let runs = 0;
+    const app = express();
+    app.use(express.json());
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/pay', () => {
+      runs++;
+      throw new Error('card declined');
+    });
+    app.post('/thousand', (_req, res) => {
+      runs++;
+      res.statusCode = 1000;
+      res.end('x');
+    });
+    app.use(((err: { statusCode?: number }, _req, res, _next) => {
+      res.statusCode = err.statusCode as number; // undefined: Node's writeHead throws
+      res.setHeader('content-type', 'application/json');
+      res.end('{"error":"declined"}');
+    }) as ErrorRequestHandler);
+    const url = await serve(app);
+    const key = randomUUID();
+    for (const path of ['/pay', '/thousand']) {
+      const first = await post(`${url}${path}`, key + path, { body: '{}', headers: { 'content-type': 'application/json' } });
+      expect(first.status).toBe(500);
+      const retry = await post(`${url}${path}`, key + path, { body: '{}', headers: { 'content-type': 'application/json' } });
+      expect(retry.status).toBe(500);
+      expect(retry.headers.get('idempotent-replayed')).toBeNull();
+    }
+    expect(runs).toBe(4);
+    expect(unhandled).toEqual([]);
+  });
+
+  it('a streamed answer ended with a chunk Node refuses (res.end(42)): the response is destroyed, never an unhandled rejection', async () => {
+    const unhandled = unhandledErrors(['unhandledRejection', 'uncaughtException']);
+    const app = express();
+    app.use(express.json());
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/stream', (_req, res) => {
+      res.write('a');
+      try {
+        (res.end as (chunk: unknown) => void)(42);
+      } catch {
+        // Node throws here without idemkit; with it the refusal comes once the stream is released.
+      }
+    });
+    app.post('/ok', (_req, res) => void res.status(201).send('fine'));
+    const url = await serve(app);
+    await expect(post(`${url}/stream`, randomUUID())).rejects.toThrow();
+    // The server lives on.
+    expect((await post(`${url}/ok`, randomUUID())).status).toBe(201);
+    expect(unhandled).toEqual([]);
+  });
+
+  it('a second res.end(callback) while the first is stored gets its callback once the answer finished, as in Node', async () => {
+    const app = express();
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    const called = new Promise<unknown[]>((resolve) => {
+      app.post('/twice', (_req, res) => {
+        res.status(201).end('once');
+        res.end((...args: unknown[]) => resolve(args));
+      });
+    });
+    const url = await serve(app);
+    expect((await post(`${url}/twice`, randomUUID())).status).toBe(201);
+    expect(await called).toEqual([]);
+  });
+
   it('a body without a body parser → next(ConfigurationError ERR_IDEMKIT_BODY_NOT_PARSED, status 415), handler not run', async () => {
     const app = express();
     app.use(idempotency({ store: createMemoryStore(), logger: false }));
