@@ -38,9 +38,13 @@ export function toStoredHeaders(
     if (value === undefined || UNREPLAYED_HEADERS.has(name)) continue;
     const earlier = before?.[rawName];
     if (earlier !== undefined && sameHeaderValue(earlier, value)) continue;
-    if (Array.isArray(value)) {
-      // Set-Cookie and the like: only the values the handler added (a replay adds them to those
-      // the middleware sets for the retry; see the bindings' replay writers).
+    if (Array.isArray(value) && name !== 'set-cookie') {
+      // Link, Vary, Server-Timing with a value the handler appended to the middleware's: a replay
+      // sets the header as a whole (only cookies are added to the retry's), so all values are kept.
+      for (const v of value) out.push([name, String(v)]);
+    } else if (Array.isArray(value)) {
+      // Set-Cookie: only the cookies the handler added (a replay adds them to those the
+      // middleware sets for the retry; see the bindings' replay writers).
       const left = Array.isArray(earlier) ? [...earlier] : typeof earlier === 'string' ? [earlier] : [];
       for (const v of value) {
         const at = left.indexOf(v);

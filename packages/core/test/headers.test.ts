@@ -79,6 +79,17 @@ describe('headers set before the key was claimed', () => {
     // A value set twice counts twice: one of them is the handler's.
     expect(toStoredHeaders({ 'set-cookie': ['a=1', 'a=1'] }, snapshotHeaders({ 'set-cookie': 'a=1' }))).toEqual([['set-cookie', 'a=1']]);
   });
+
+  it("of any other list the handler appended to (Link, Server-Timing), every value: a replay sets it whole, so the middleware's would be lost", () => {
+    const before = snapshotHeaders({ link: '</app.css>; rel=preload', 'server-timing': ['mw;dur=1'] });
+    const after = { link: ['</app.css>; rel=preload', '</order.js>; rel=preload'], 'server-timing': ['mw;dur=1', 'db;dur=4'] };
+    expect(toStoredHeaders(after, before)).toEqual([
+      ['link', '</app.css>; rel=preload'],
+      ['link', '</order.js>; rel=preload'],
+      ['server-timing', 'mw;dur=1'],
+      ['server-timing', 'db;dur=4'],
+    ]);
+  });
 });
 
 describe('mayHoldBodyKey', () => {

@@ -151,6 +151,26 @@ describe('express binding: every response path is captured and replayed exactly'
   });
 });
 
+describe('express binding: headers middleware set before the key was claimed', () => {
+  it('a list the handler appended to (Link) replays with every value, the middleware\'s too', async () => {
+    const app = express();
+    app.use((_req, res, next) => {
+      res.setHeader('link', '</app.css>; rel=preload');
+      next();
+    });
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/r', (_req, res) => void res.append('link', '</order.js>; rel=preload').status(201).send('ok'));
+    const url = await serve(app);
+    const key = randomUUID();
+    const first = await post(`${url}/r`, key);
+    const replay = await post(`${url}/r`, key);
+    expect(first.headers.get('link')).toBe('</app.css>; rel=preload, </order.js>; rel=preload');
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    // Before: only the handler's value came back.
+    expect(replay.headers.get('link')).toBe(first.headers.get('link'));
+  });
+});
+
 describe('express binding: errors', () => {
   it('an onProblem that is no function is refused at once (before, every problem answer became a 500)', () => {
     expect(() => idempotency({ store: createMemoryStore(), onProblem: 5 as never })).toThrow(ConfigurationError);
