@@ -40,6 +40,10 @@ const URL_CLIENT_SOCKET_TIMEOUT_MS = 5_000;
 const GIVE_BACK_MS: readonly number[] = [250, 1_000, 3_000];
 /** Then, while the release keeps failing, how often. */
 const GIVE_BACK_EVERY_MS = 5_000;
+/** How long `close()` lets an owned client's QUIT take before it drops the socket. */
+const QUIT_WAIT_MS = 1_000;
+/** `SET` refused by a Redis at `maxmemory`: the begin script is asked instead. */
+const OUT_OF_MEMORY = Symbol('OOM');
 
 /** The Redis store: a {@link IdempotencyStore} whose records live in Redis or Redis Cluster. */
 export interface RedisStore extends IdempotencyStore {
@@ -114,6 +118,21 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
     send();
   }
 
+  /**
+   * The claim as one `SET … NX GET`: null when it claimed the key, else the record there. A Redis
+   * at `maxmemory` (with `noeviction`) refuses every SET before it looks at the key, one that would
+   * only have read included; scripts are refused only when they write, so the begin script still
+   * answers a replay or a key in flight then (and refuses a new key, as it must).
+   */
+  async function setClaim(key: string, token: string, lease: number, fingerprint: string | null): Promise<Buffer | null | typeof OUT_OF_MEMORY> {
+    try {
+      return (await client.setBuffer(prefix + key, claimValue(leaseGraceMs, lease, token, fingerprint), 'PX', lease + leaseGraceMs, 'NX', 'GET')) as Buffer | null;
+    } catch (error) {
+      if (error instanceof Error && error.message.startsWith('OOM ')) return OUT_OF_MEMORY;
+      throw error;
+    }
+  }
+
   function run(op: Op, key: string, ...args: Array<string | number | Buffer>): Promise<Reply> {
     if (closed) return Promise.reject(closedError());
     batch();
@@ -134,16 +153,9 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
           batch();
           // The hot path is one plain command, no script: it claims a free key, or hands back the
           // record already there (a replay needs nothing more).
-          const found = (await client.setBuffer(
-            prefix + key,
-            claimValue(leaseGraceMs, lease, token, fingerprint),
-            'PX',
-            lease + leaseGraceMs,
-            'NX',
-            'GET',
-          )) as Buffer | null;
+          const found = await setClaim(key, token, lease, fingerprint);
           if (found === null) return { kind: 'acquired', token, tookOver: false };
-          if (isCompleted(found)) return { kind: 'existing', record: decodeRecord(key, found, 0), leaseRemainingMs: 0 };
+          if (found !== OUT_OF_MEMORY && isCompleted(found)) return { kind: 'existing', record: decodeRecord(key, found, 0), leaseRemainingMs: 0 };
         }
         // The begin script does it all atomically by the Redis clock. After a SET it runs only on a
         // record in progress, whose lease only a script can read and take over if it has run out:
@@ -206,7 +218,16 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
       if (closed) return;
       closed = true;
       // Only a client we created is ours to quit; a caller's client stays connected.
-      if (owned) await client.quit();
+      if (!owned) return;
+      // quit() waits behind the commands queued for a Redis that is away (a request in flight, a
+      // claim being given back), then rejects and leaves the client reconnecting, which keeps the
+      // process alive: while not connected, or if quitting takes long, the socket is just dropped.
+      if (client.status === 'ready') {
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([client.quit().catch(() => undefined), new Promise((resolve) => (timer = setTimeout(resolve, QUIT_WAIT_MS)))]);
+        clearTimeout(timer);
+      }
+      client.disconnect();
     },
   };
 }

@@ -4,7 +4,7 @@ import { answerHoldingProxy, type ResolvedService } from '@idemkit/test-services
 import { Redis } from 'ioredis';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createRedisStore, type RedisStore, type RedisStoreSettings } from '../src/index.js';
-import { clientAddr, countSocketWrites, deleteByPrefix, redisClient, redisNow, redisService, uniquePrefix } from './services.js';
+import { clientAddr, countSocketWrites, deleteByPrefix, ownRedisServer, redisClient, redisNow, redisService, uniquePrefix } from './services.js';
 
 let service: ResolvedService<string>;
 let url: string;
@@ -376,6 +376,30 @@ describe('time and expiry come from Redis', () => {
   });
 });
 
+describe('a Redis at maxmemory with noeviction (the README\'s policy)', () => {
+  it.each(['set', 'script'] as const)('claim: %s still replays a completed key and answers a running one; only a new key is refused', async (claim) => {
+    const own = await ownRedisServer();
+    const s = createRedisStore({ client: own.client, prefix, claim });
+    try {
+      const done = key('oom-done');
+      const running = key('oom-running');
+      const token = await acquire(s, done);
+      expect(await s.complete(done, token, response(new Uint8Array([1, 2, 3])), 60_000)).toBe(true);
+      await acquire(s, running);
+      await own.client.config('SET', 'maxmemory-policy', 'noeviction');
+      await own.client.config('SET', 'maxmemory', '1');
+      // Before, with claim 'set': both were refused (OOM), so every retry of a finished request got 503.
+      const replay = await s.begin(done, 'fp', 60_000);
+      expect(replay).toMatchObject({ kind: 'existing', record: { state: 'completed' } });
+      expect(replay.kind === 'existing' && [...(replay.record.response?.body ?? [])]).toEqual([1, 2, 3]);
+      expect(await s.begin(running, 'fp', 60_000)).toMatchObject({ kind: 'existing', record: { state: 'in_progress' } });
+      await expect(s.begin(key('oom-new'), 'fp', 60_000)).rejects.toThrow(/^OOM /);
+    } finally {
+      await own.stop();
+    }
+  });
+});
+
 describe('client ownership and failures', () => {
   it('close() on a store built from your client leaves the client connected', async () => {
     const client = await redisClient(url);
@@ -397,6 +421,38 @@ describe('client ownership and failures', () => {
     await s.close();
     await vi.waitFor(() => expect(s.client.status).toBe('end'), { timeout: 5_000, interval: 10 });
     await s.close();
+  });
+
+  it('close() on a store built from `url` while Redis is unreachable: resolves at once and leaves no client reconnecting', async () => {
+    const target = new URL(url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 6379));
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => undefined);
+    const s = createRedisStore({ url: `redis://127.0.0.1:${proxy.port}`, prefix });
+    try {
+      await s.get(key('connected'));
+      proxy.refuse(true);
+      proxy.cut();
+      await vi.waitFor(() => expect(s.client.status).not.toBe('ready'), { timeout: 5_000, interval: 10 });
+      // A request in flight when the app shuts down: queued until Redis is back.
+      const inFlight = s.begin(key('in-flight'), 'fp', 60_000).catch((error: unknown) => error);
+      const started = Date.now();
+      // Before: rejected after ~10 s with MaxRetriesPerRequestError, the client still reconnecting
+      // (the process never exited).
+      await s.close();
+      expect(Date.now() - started).toBeLessThan(2_000);
+      // And it stopped trying: with Redis reachable again, it does not connect (a client that
+      // reconnects keeps the process alive after shutdown).
+      const before = proxy.accepted();
+      proxy.refuse(false);
+      await new Promise((resolve) => setTimeout(resolve, 1_500));
+      expect(s.client.status).not.toBe('ready');
+      expect(proxy.accepted()).toBe(before);
+      void inFlight; // bounded by the engine's storeTimeoutMs (a 503), as any store call
+    } finally {
+      s.client.disconnect();
+      await proxy.close();
+      warn.mockRestore();
+    }
   });
 
   it('a store built from `url` says once that Redis is unreachable, not on every reconnect', async () => {

@@ -1,3 +1,6 @@
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { createServer, type AddressInfo } from 'node:net';
 import { resolveRedis, resolveRedisCluster, type ResolvedService } from '@idemkit/test-services';
 import type { Writable } from 'node:stream';
 import { Cluster, Redis } from 'ioredis';
@@ -82,6 +85,39 @@ export function countSocketWrites(stream: Writable): { writes: () => number; res
     restore: () => {
       target._write = write;
       target._writev = writev;
+    },
+  };
+}
+
+/**
+ * A redis-server of the test's own on a free 127.0.0.1 port, for what must never be done to the
+ * shared one (CONFIG SET maxmemory). Needs `redis-server` on PATH, as `scripts/services.sh` does.
+ */
+export async function ownRedisServer(): Promise<{ url: string; client: Redis; stop: () => Promise<void> }> {
+  const port = await new Promise<number>((resolve, reject) => {
+    const probe = createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port: free } = probe.address() as AddressInfo;
+      probe.close(() => resolve(free));
+    });
+  });
+  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  const exited = new Promise<never>((_, reject) => {
+    child.once('error', (error) => reject(new Error(`redis-server could not start (is it on PATH?): ${error.message}`)));
+    child.once('exit', (code) => reject(new Error(`redis-server exited (${code}) before it answered`)));
+  });
+  const url = `redis://127.0.0.1:${port}`;
+  const client = new Redis(url, { retryStrategy: (times) => (times > 50 ? null : 100) });
+  client.on('error', () => undefined);
+  await Promise.race([client.ping(), exited]);
+  return {
+    url,
+    client,
+    stop: async () => {
+      client.disconnect();
+      child.kill('SIGKILL');
+      if (child.exitCode === null) await once(child, 'exit');
     },
   };
 }

@@ -20,6 +20,8 @@ export interface AnswerHoldingProxy {
   cut(): void;
   /** While on, new connections are closed as they come: the server looks unreachable. */
   refuse(on: boolean): void;
+  /** Connections passed through to the server so far (refused ones not counted). */
+  accepted(): number;
   close(): Promise<void>;
 }
 
@@ -33,12 +35,14 @@ export async function answerHoldingProxy(host: string, port: number): Promise<An
   const stalled = new Map<Socket, Buffer[]>();
   const open: Socket[] = [];
   let refusing = false;
+  let accepted = 0;
   const server = createServer((downstream) => {
     if (refusing) {
       downstream.on('error', () => undefined);
       downstream.destroy();
       return;
     }
+    accepted++;
     const upstream = connect(port, host);
     for (const socket of [downstream, upstream]) {
       sockets.add(socket);
@@ -81,6 +85,7 @@ export async function answerHoldingProxy(host: string, port: number): Promise<An
     refuse(on) {
       refusing = on;
     },
+    accepted: () => accepted,
     async close() {
       for (const socket of sockets) socket.destroy();
       await new Promise((resolve) => server.close(resolve));
