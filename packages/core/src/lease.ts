@@ -335,7 +335,11 @@ export class RunningLease implements Lease {
         await this.#afterTransactionEnded(originalStatus);
         return false;
       }
-      this.#storeError('complete', error);
+      // The handler's own failed statement aborted its transaction: an application error, not a
+      // store outage, so no `store-error` (it would trip store alerts); said as a warning instead.
+      if (tx && isTransactionAborted(error)) {
+        this.host.options.logger?.warn(`[idemkit] A statement the handler for key "${this.key}" ran had failed and aborted its transaction: nothing was committed, and the key is free for a retry.`);
+      } else this.#storeError('complete', error);
       if (tx && error instanceof StoreTimeoutError && late) {
         // Its COMMIT may still land: the key is settled by what the completion really did.
         this.#followLate(

@@ -13,7 +13,8 @@ import { checkMs, completeParams } from './params.js';
 import { BEGIN_TRANSACTION, buildQueries, type Queries } from './queries.js';
 import { escapeIdentifier, expiresIndexName, MIGRATE_LOCK_ID, tableDdl } from './schema.js';
 import { checkOut, giveBack } from './checkout.js';
-import { PgTransaction } from './transaction.js';
+import { STORE_TYPES } from './pg-types.js';
+import { PgTransaction, storeStatement } from './transaction.js';
 
 /** A record row as the queries in `queries.ts` return it. */
 interface RecordRow {
@@ -128,7 +129,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       // Table and index there already (sql/schema.sql applied by a migration tool): no DDL, so an
       // app role without the CREATE privilege can still call migrate() on every boot.
       const index = `${escapeIdentifier(this.#schema, 'schema')}.${escapeIdentifier(this.#indexName, 'table')}`;
-      const ready = await client.query<{ ready: boolean }>('SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AS ready', [this.table, index]);
+      const ready = await client.query<{ ready: boolean }>({ text: 'SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AS ready', values: [this.table, index], types: STORE_TYPES });
       if (ready.rows[0]?.ready === true) {
         await client.query('COMMIT');
         giveBack(client);
@@ -213,7 +214,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     const client = await checkOut(this.pool);
     let xid: unknown;
     try {
-      const results = (await client.query(BEGIN_TRANSACTION)) as unknown as Array<QueryResult<{ xid: string }>>;
+      const results = (await client.query(storeStatement(BEGIN_TRANSACTION, this.#queryTimeoutMs))) as unknown as Array<QueryResult<{ xid: string }>>;
       xid = results[1]?.rows[0]?.xid;
     } catch (error) {
       giveBack(client, true);
@@ -223,7 +224,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       giveBack(client, true);
       throw new Error(`[idemkit] [postgres] BEGIN did not report a transaction id (got ${String(xid)}).`);
     }
-    return new PgTransaction(client, this.pool, this.#sql.completeInTransaction, xid);
+    return new PgTransaction(client, this.pool, this.#sql.completeInTransaction, xid, this.#queryTimeoutMs);
   }
 
   /**
@@ -269,11 +270,9 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
 
   /** One of the store's statements, with its read timeout (see `queryTimeoutMs`). */
   async #query<Row extends object = object>(text: string, values: unknown[]): Promise<QueryResult<Row>> {
-    const query_timeout = this.#queryTimeoutMs;
     try {
-      // pg reads `query_timeout` per query too (its types omit it). pool.query releases the client
-      // with the timeout error, which discards that connection.
-      return await (query_timeout === undefined ? this.pool.query<Row>(text, values) : this.pool.query<Row>({ text, values, query_timeout } as pg.QueryConfig));
+      // pool.query releases the client with a read-timeout error, which discards that connection.
+      return await this.pool.query<Row>(storeStatement(text, this.#queryTimeoutMs, values));
     } catch (error) {
       this.#cancelTimedOut(error, text);
       throw error;

@@ -1,6 +1,7 @@
 import { ConfigurationError, TransactionAbortedError, TransactionEndedError, type LeaseToken, type StoreTransaction, type StoredResponse } from '@idemkit/core';
-import type { Pool, PoolClient, QueryResult } from 'pg';
+import type { Pool, PoolClient, QueryConfig, QueryResult } from 'pg';
 import { giveBack } from './checkout.js';
+import { STORE_TYPES } from './pg-types.js';
 import { completeParams } from './params.js';
 import { askThenRollback, FATE, rollbackThenFate } from './queries.js';
 
@@ -47,6 +48,8 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     private readonly completeSql: string,
     /** Our transaction's id, digits only (from `txid_current()::text`). */
     private readonly xid: string,
+    /** The store's read timeout, for its own statements here too (see `storeStatement`). */
+    private readonly queryTimeoutMs?: number,
   ) {
     // `raw` came from checkOut, which already listens for its 'error' event (ignoreConnectionError)
     // and so keeps a dying connection from ending the process; giveBack takes that listener off.
@@ -86,7 +89,7 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   async #complete(params: unknown[]): Promise<boolean> {
     let row: { ours: boolean; updated: boolean } | undefined;
     try {
-      ({ rows: [row] } = await this.raw.query<{ ours: boolean; updated: boolean }>(this.completeSql, params));
+      ({ rows: [row] } = await this.raw.query<{ ours: boolean; updated: boolean }>(storeStatement(this.completeSql, this.queryTimeoutMs, params)));
     } catch (error) {
       // The session refuses statements: our transaction, aborted by a failed statement (nothing
       // committed), or one the handler began after committing ours.
@@ -136,7 +139,7 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     // only right if the session was still in our transaction, whose writes this ROLLBACK undoes.
     let ours: boolean | undefined;
     try {
-      const results = (await this.raw.query(askThenRollback(this.xid))) as unknown as Array<QueryResult<{ ours: boolean }>>;
+      const results = (await this.raw.query(storeStatement(askThenRollback(this.xid), this.queryTimeoutMs))) as unknown as Array<QueryResult<{ ours: boolean }>>;
       ours = results[0]?.rows[0]?.ours;
     } catch {
       // An aborted session refuses the question (and skips that ROLLBACK): ours, after a failed
@@ -157,7 +160,7 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   async #rollbackThenFate(rethrow = false): Promise<Fate | undefined> {
     let fate: Fate | undefined;
     try {
-      const results = (await this.raw.query(rollbackThenFate(this.xid))) as unknown as Array<QueryResult<{ fate: Fate }>>;
+      const results = (await this.raw.query(storeStatement(rollbackThenFate(this.xid), this.queryTimeoutMs))) as unknown as Array<QueryResult<{ fate: Fate }>>;
       fate = results[1]?.rows[0]?.fate;
     } catch (error) {
       this.#release(error);
@@ -174,7 +177,7 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     let fate: Fate | undefined;
     for (let attempt = 0, wait = FATE_FIRST_WAIT_MS; attempt < FATE_ATTEMPTS; attempt++, wait = Math.min(wait * 2, FATE_MAX_WAIT_MS)) {
       try {
-        const { rows } = await this.pool.query<{ fate: Fate }>(FATE, [this.xid]);
+        const { rows } = await this.pool.query<{ fate: Fate }>(storeStatement(FATE, this.queryTimeoutMs, [this.xid]));
         fate = rows[0]?.fate;
         if (fate !== 'in progress') return fate;
       } catch {
@@ -194,7 +197,7 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   async #end(command: 'COMMIT' | 'ROLLBACK', rethrow = false): Promise<string | undefined> {
     let tag: string | undefined;
     try {
-      ({ command: tag } = await this.raw.query(command));
+      ({ command: tag } = await this.raw.query(storeStatement(command, this.queryTimeoutMs)));
     } catch (error) {
       this.#release(error);
       if (rethrow) throw error;
@@ -208,6 +211,19 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   #release(failure?: unknown): void {
     giveBack(this.raw, failure === undefined ? undefined : failure instanceof Error ? failure : true);
   }
+}
+
+/**
+ * One of the store's own statements: parsed with the store's parsers (never the pool's own
+ * `types`), and with its read timeout, on the transaction's client too. Without it a COMMIT whose
+ * answer never came (a network black hole) held its connection for good: after `max` of them
+ * the pool had none left, and every request was a 503 after the network healed. A timed-out
+ * statement fails its command, so the client is destroyed, not given back.
+ */
+export function storeStatement(text: string, queryTimeoutMs: number | undefined, values?: unknown[]): QueryConfig {
+  // pg reads `query_timeout` per query (its types omit it).
+  const config = { text, types: STORE_TYPES, ...(values === undefined ? {} : { values }), ...(queryTimeoutMs === undefined ? {} : { query_timeout: queryTimeoutMs }) };
+  return config as QueryConfig;
 }
 
 function refuseRelease(): never {

@@ -5,6 +5,7 @@ import { createIdempotencyEngine, scopedKey, type Decision, type IdempotencyEngi
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createPostgresStore, pgTransaction, type PostgresStore } from '../src/index.js';
+import { answerHoldingProxy } from '@idemkit/test-services';
 import { bytes, openSchema, type TestSchema } from './helpers.js';
 
 let db: TestSchema;
@@ -218,6 +219,85 @@ describe('pgTransaction()', () => {
   });
 });
 
+describe("a pool with its own type parsers (everything kept as text, as an app's `types` may)", () => {
+  const request = (k: string): IncomingRequest => ({ method: 'POST', path: '/orders', headers: { 'idempotency-key': k }, body: { a: 1 } });
+
+  it.each([false, true])('replays the stored answer, never runs a completed key again (transactional: %s)', async (transactional) => {
+    const asText: pg.CustomTypesConfig = { getTypeParser: (() => (value: string) => value) as pg.CustomTypesConfig['getTypeParser'] };
+    const pool = new pg.Pool({ connectionString: db.url, max: 4, types: asText });
+    pool.on('error', () => undefined);
+    try {
+      const s = createPostgresStore({ pool, schema: db.schema });
+      await s.migrate();
+      const engine = createIdempotencyEngine({ store: s, transactional, logger: false });
+      const k = key();
+      const ref = randomUUID();
+      let runs = 0;
+      const first = await engine.decide(request(k));
+      if (first.kind !== 'run') throw new Error(`expected run, got ${first.kind}`);
+      runs++;
+      if (transactional) await pgTransaction(first.lease.context).query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+      const body = new Uint8Array([0, 0xff, 0x7b, 0x22]);
+      expect(await first.lease.commit({ status: 201, headers: [['content-type', 'application/octet-stream'], ['location', '/orders/1']], body })).toBe(true);
+      if (transactional) expect(await rowsFor(ref)).toBe(1);
+      // Before: bool as text ('f' is truthy) made the completed key "acquired" again (a second
+      // run; in transactional mode every answer counted as a transaction the handler ended),
+      // jsonb as text broke the headers, bytea as text replayed an empty body.
+      const again = await engine.decide(request(k));
+      expect(again.kind).toBe('replay');
+      if (again.kind !== 'replay') return;
+      expect(again.response.status).toBe(201);
+      expect([...again.response.body]).toEqual([...body]);
+      expect(again.response.headers).toEqual(expect.arrayContaining([['location', '/orders/1']]));
+      expect(runs).toBe(1);
+    } finally {
+      await pool.end();
+    }
+  });
+});
+
+describe("the transaction's own statements under a network black hole (answers that never come)", () => {
+  it('time out and destroy their connection: nothing commits, the key is free, the pool keeps serving', async () => {
+    const target = new URL(db.url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 5432));
+    const through = new URL(db.url);
+    through.hostname = '127.0.0.1';
+    through.port = String(proxy.port);
+    // One connection: before, the held statement kept it for good (the transaction's client had
+    // no read timeout), the key stayed held, and every later request was a 503 or a 409.
+    const pool = new pg.Pool({ connectionString: through.toString(), max: 1 });
+    pool.on('error', () => undefined);
+    const s = createPostgresStore({ pool, schema: db.schema, queryTimeoutMs: 500 });
+    const engine = createIdempotencyEngine({ store: s, transactional: true, logger: false, storeTimeoutMs: 2_000 });
+    const request = (k: string): IncomingRequest => ({ method: 'POST', path: '/orders', headers: { 'idempotency-key': k }, body: { a: 1 } });
+    const runOnce = async (k: string, ref: string): Promise<Lease> => {
+      const decision = await engine.decide(request(k));
+      if (decision.kind !== 'run') throw new Error(`expected run, got ${decision.kind}`);
+      await pgTransaction(decision.lease.context).query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+      return decision.lease;
+    };
+    try {
+      const k = key();
+      const ref = randomUUID();
+      const first = await runOnce(k, ref);
+      proxy.holdAnswers(); // the open connection's answers are lost from here on
+      expect(await first.commit({ status: 201, headers: [['content-type', 'text/plain']], body: bytes('created') })).toBe(false);
+      // The completion timed out, its connection was closed, so the server rolled it back: the
+      // client is told to retry, and the retry runs (over a new connection) and commits.
+      expect(first.replacement?.status).toBe(503);
+      expect(await rowsFor(ref)).toBe(0);
+      const retry = await runOnce(k, ref);
+      expect(await retry.commit({ status: 201, headers: [['content-type', 'text/plain']], body: bytes('created') })).toBe(true);
+      expect(await rowsFor(ref)).toBe(1);
+      expect((await engine.decide(request(k))).kind).toBe('replay');
+      expect(pool.totalCount - pool.idleCount).toBe(0);
+    } finally {
+      await pool.end();
+      await proxy.close();
+    }
+  }, 20_000);
+});
+
 describe('through createIdempotencyEngine({ store, transactional: true })', () => {
   const request = (k: string, ref: string): IncomingRequest => ({
     method: 'POST',
@@ -349,7 +429,10 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
   });
 
   it('a handler that swallowed a failed statement: nothing commits, the key is free, the answer says retry', async () => {
-    const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
+    const events: IdempotencyEvent[] = [];
+    const warn = vi.fn();
+    const error = vi.fn();
+    const engine = createIdempotencyEngine({ store, transactional: true, logger: { warn, error }, onEvent: (e) => events.push(e) });
     const { k, ref, decision, tx } = await inserted(engine);
     await expect(tx.query('SELECT 1/0')).rejects.toMatchObject({ code: '22012' });
     // The handler answers 201 anyway; its transaction is aborted, so nothing can commit.
@@ -362,6 +445,10 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     expect(retry.kind).toBe('run');
     if (retry.kind === 'run') await retry.lease.abandon('client-gone');
     expect(checkedOut(db.pool)).toBe(0);
+    // The application's error, not the store's: no store-error event (store alerts), a warning.
+    expect(events.filter((e) => e.type === 'store-error')).toEqual([]);
+    expect(error).not.toHaveBeenCalled();
+    expect(warn).toHaveBeenCalledWith(expect.stringContaining('A statement the handler for key'));
   });
 
   /** A retry of `k` after its first run: whether the handler would run again, and what the client gets. */

@@ -1,0 +1,59 @@
+import type { CustomTypesConfig } from 'pg';
+
+// OIDs of the types the store reads back (pg_type).
+const BOOL = 16;
+const BYTEA = 17;
+const JSON_OID = 114;
+const JSONB = 3802;
+
+/**
+ * The parsers of the store's own statements, whatever the pool was given (`new Pool({ types })`)
+ * or `pg.types.setTypeParser` changed for the app: a pool that keeps `bool` as text made every
+ * completed key look new (`'f'` is truthy), one that keeps `bytea` as text replayed empty bodies.
+ * Every other type arrives as text, which the store reads with `Number()` where it wants a number.
+ */
+export const STORE_TYPES: CustomTypesConfig = {
+  getTypeParser: ((oid: number) => {
+    switch (oid) {
+      case BOOL:
+        return parseBool;
+      case BYTEA:
+        return parseBytea;
+      case JSON_OID:
+      case JSONB:
+        return parseJson;
+      default:
+        return asText;
+    }
+  }) as CustomTypesConfig['getTypeParser'],
+};
+
+function parseBool(value: string): boolean {
+  return value === 't' || value === 'true';
+}
+
+function parseJson(value: string): unknown {
+  return JSON.parse(value);
+}
+
+function asText(value: string): string {
+  return value;
+}
+
+/** `bytea` in either output format: hex (`\x…`, the default) or escape (`bytea_output = 'escape'`). */
+export function parseBytea(value: string): Buffer {
+  if (value.startsWith('\\x')) return Buffer.from(value.slice(2), 'hex');
+  const out: number[] = [];
+  for (let i = 0; i < value.length; i++) {
+    const c = value.charCodeAt(i);
+    if (c !== 0x5c) out.push(c);
+    else if (value.charCodeAt(i + 1) === 0x5c) {
+      out.push(0x5c);
+      i++;
+    } else {
+      out.push(parseInt(value.slice(i + 1, i + 4), 8));
+      i += 3;
+    }
+  }
+  return Buffer.from(out);
+}
