@@ -172,13 +172,21 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         return;
       }
       case 'problem': {
+        const sendProblem = (): void => {
+          const answer = replayOf(problemResponse(decision.error));
+          (request as StatefulRequest)[kProblem] = answer;
+          sendStored(reply, answer);
+        };
         if (onProblem) {
-          Promise.resolve(onProblem(request, reply, decision.error)).catch((error: unknown) => done(asError(error)));
+          // An onProblem that returned without answering would leave the request hanging: the
+          // problem goes out as it would without one.
+          Promise.resolve(onProblem(request, reply, decision.error)).then(
+            () => void (reply.sent ? undefined : sendProblem()),
+            (error: unknown) => done(asError(error)),
+          );
           return;
         }
-        const answer = replayOf(problemResponse(decision.error));
-        (request as StatefulRequest)[kProblem] = answer;
-        sendStored(reply, answer);
+        sendProblem();
         return;
       }
       case 'run': {

@@ -1319,6 +1319,21 @@ describe('errors and validation', () => {
     expect(replaced.json()).toEqual({ oops: true });
   });
 
+  it('an onProblem that returns without answering (a logger, say): core problem goes out instead of the request hanging', async () => {
+    const seen: string[] = [];
+    const { app } = await build(
+      (a) => {
+        a.post('/p', async () => ({}));
+      },
+      { onProblem: async (_request, _reply, error) => void seen.push(error.code) },
+    );
+    const res = await post(app, '/p');
+    expect(res.statusCode).toBe(400);
+    expect(res.headers['content-type']).toBe('application/problem+json');
+    expect(res.json()).toMatchObject({ code: 'ERR_IDEMKIT_KEY_MISSING' });
+    expect(seen).toEqual(['ERR_IDEMKIT_KEY_MISSING']);
+  });
+
   it('onProblem is not called for the stored 410 of a streamed answer: its retries replay it as stored', async () => {
     const problems: number[] = [];
     const { app } = await build(
