@@ -61,7 +61,8 @@ class Engine<Req> implements IdempotencyEngine<Req> {
     this.renewals = new RenewalClock(options.leaseMs);
     this.call = storeCaller(options.store, options.storeTimeoutMs);
     this.#cache = options.localCache && new ReplayCache(options.localCache);
-    if (!options.store.shared && process.env.NODE_ENV === 'production') {
+    // `=== false`: a store written in JavaScript without the field is not taken for the memory store.
+    if (options.store.shared === false && process.env.NODE_ENV === 'production') {
       options.logger?.warn(
         '[idemkit] The in-memory store keeps records in this process only: with several processes or restarts, retries can run twice. Use a shared store (Postgres, Redis, MongoDB) in production.',
       );

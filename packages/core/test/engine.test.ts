@@ -814,6 +814,29 @@ describe('store failures', () => {
     expect(warn).toHaveBeenCalledTimes(1);
     expect(warn.mock.calls[0]?.[0]).toContain('in-memory store');
   });
+
+  it('does not take a store written in JavaScript without `shared` for the in-memory one', () => {
+    const warn = vi.fn();
+    const previous = process.env.NODE_ENV;
+    process.env.NODE_ENV = 'production';
+    const memory = createMemoryStore();
+    const { shared: _shared, ...jsStore } = Object.assign(Object.create(null) as object, {
+      shared: undefined,
+      begin: memory.begin.bind(memory),
+      complete: memory.complete.bind(memory),
+      release: memory.release.bind(memory),
+      renew: memory.renew.bind(memory),
+      get: memory.get.bind(memory),
+      purgeExpired: memory.purgeExpired.bind(memory),
+      close: memory.close.bind(memory),
+    });
+    try {
+      createIdempotencyEngine({ store: jsStore as never, logger: { warn, error: vi.fn() } });
+    } finally {
+      process.env.NODE_ENV = previous;
+    }
+    expect(warn).not.toHaveBeenCalled();
+  });
 });
 
 describe('problem bodies', () => {
