@@ -1,5 +1,6 @@
 import { createHash, hash } from 'node:crypto';
 import { canonicalJson } from './canonical-json.js';
+import { ConfigurationError } from './errors.js';
 import type { IncomingRequest } from './types.js';
 
 /** Canonical bytes of a body: raw bytes as they are, strings as UTF-8, anything else as sorted-key JSON. */
@@ -7,6 +8,13 @@ export function canonicalBody(body: unknown): Uint8Array | string {
   if (body === undefined || body === null) return '';
   if (body instanceof Uint8Array) return body;
   if (typeof body === 'string') return body;
+  if (isUnreadStream(body)) {
+    throw new ConfigurationError(
+      'ERR_IDEMKIT_BODY_NOT_PARSED',
+      'The request body is a stream nothing has read (a body parser that passes the payload on unread), so the fingerprint cannot see it. ' +
+        "Read it into a Buffer or string first (Fastify: addContentTypeParser(type, { parseAs: 'buffer' }, …); Express: express.raw()), or give the route a `fingerprint` function.",
+    );
+  }
   // Sorted keys so `{a,b}` and `{b,a}` hash alike; bigint as text instead of throwing.
   return canonicalJson(body);
 }
@@ -26,4 +34,11 @@ export function defaultFingerprint(input: Pick<IncomingRequest, 'method' | 'path
 /** Whether a key's record belongs to another request: both sides have a fingerprint, and they differ. */
 export function fingerprintsDiffer(ours: string | null, stored: string | null): boolean {
   return ours !== null && stored !== null && ours !== stored;
+}
+
+/** A Node or web stream: what a parser that passes the payload on leaves as the body. */
+function isUnreadStream(body: unknown): boolean {
+  if (typeof body !== 'object' || body === null) return false;
+  const b = body as { pipe?: unknown; getReader?: unknown };
+  return typeof b.pipe === 'function' || typeof b.getReader === 'function';
 }

@@ -4,7 +4,8 @@ import { describe, expect, it } from 'vitest';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { canonicalBody, defaultFingerprint, isMultipart, uploadedFileDigests } from '../src/index.js';
+import { Readable } from 'node:stream';
+import { canonicalBody, ConfigurationError, defaultFingerprint, isMultipart, uploadedFileDigests } from '../src/index.js';
 
 const fp = (body: unknown, method = 'POST', path = '/orders') => defaultFingerprint({ method, path, body });
 
@@ -32,6 +33,13 @@ describe('fingerprint', () => {
     expect(fp({ b: [2], a: 1 }, 'post', '/orders?x=1')).toBe(`sha256:${expected}`);
     expect(fp('{"a":1,"b":[2]}', 'POST', '/orders?x=1')).toBe(`sha256:${expected}`);
     expect(fp(Buffer.from('{"a":1,"b":[2]}'), 'POST', '/orders?x=1')).toBe(`sha256:${expected}`);
+  });
+
+  it('refuses a body that is an unread stream with an error naming the fix (it used to say "contains itself")', () => {
+    for (const stream of [Readable.from(['{"a":1}']), new ReadableStream()]) {
+      expect(() => fp(stream)).toThrow(ConfigurationError);
+      expect(() => fp(stream)).toThrow(/stream nothing has read.*parseAs: 'buffer'.*`fingerprint` function/);
+    }
   });
 
   it('hashes raw bytes and strings as they are, and no body as empty', () => {
