@@ -1,6 +1,6 @@
 import type { IdempotencyStore } from '@idemkit/core';
 import { runStoreConformance } from '@idemkit/store-conformance';
-import type { Cluster } from 'ioredis';
+import { Redis, type Cluster } from 'ioredis';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createRedisStore } from '../src/index.js';
 import { clusterService, countSocketWrites, deleteByPrefix, uniquePrefix } from './services.js';
@@ -119,6 +119,32 @@ describe('redis cluster: keys spread over the masters', () => {
     for (const key of keys.slice(0, 10)) {
       const again = await other.begin(key, 'fp', 60_000);
       expect(again.kind).toBe('existing');
+    }
+  });
+
+  it('a single-node client on one of its nodes gets an error that says to pass a Cluster, not a bare MOVED, and no retried releases', async () => {
+    const { host, port } = service.value[0]!;
+    const single = new Redis({ host, port });
+    const store = createRedisStore({ client: single, prefix });
+    const sent: string[] = [];
+    const sendCommand = single.sendCommand.bind(single);
+    single.sendCommand = ((command: { name: string }) => {
+      sent.push(command.name);
+      return sendCommand(command as never);
+    }) as typeof single.sendCommand;
+    try {
+      // 20 keys: most live on another master, which answers MOVED.
+      const results = await Promise.allSettled(Array.from({ length: 20 }, (_, i) => store.begin(`single-${i}-${Date.now()}`, 'fp', 60_000)));
+      const refused = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected');
+      expect(refused.length).toBeGreaterThan(0);
+      for (const r of refused) expect(String((r.reason as Error).message)).toMatch(/part of a Cluster.*single-node client.*Cluster/);
+      const claims = sent.length;
+      // Nothing landed for those: no release is sent after them (before, each retried every 5 s for the lease).
+      await new Promise((resolve) => setTimeout(resolve, 400));
+      expect(sent.length).toBe(claims);
+    } finally {
+      await store.close();
+      single.disconnect();
     }
   });
 });
