@@ -123,7 +123,7 @@ describe('redis cluster: keys spread over the masters', () => {
   });
 
   it('a single-node client on one of its nodes gets an error that says to pass a Cluster, not a bare MOVED, and no retried releases', async () => {
-    const { host, port } = service.value[0]!;
+    const { host, port } = first.nodes('master')[0]!.options;
     const single = new Redis({ host, port });
     const store = createRedisStore({ client: single, prefix });
     const sent: string[] = [];
