@@ -52,6 +52,10 @@ function isReadTimeout(error: unknown): boolean {
 const CANCEL_IF_STILL_RUNNING = `SELECT pg_cancel_backend(pid) FROM pg_stat_activity
   WHERE pid = $1 AND state = 'active' AND query <> '' AND starts_with($2::text, query)`;
 
+/** Whether process $1 still runs a statement that starts as $2 (see CANCEL_IF_STILL_RUNNING). */
+const STILL_RUNNING = `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+  WHERE pid = $1 AND state = 'active' AND query <> '' AND starts_with($2::text, query)) AS running`;
+
 const timedOutByPool = new WeakMap<Pool, WeakMap<Error, number>>();
 
 /**
@@ -166,7 +170,8 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
         const message = `[idemkit] [postgres] Table ${this.table} does not exist: call \`await store.migrate()\` once at startup, or apply sql/schema.sql with your migration tool.`;
         throw Object.assign(new Error(message, { cause: error }), { code: UNDEFINED_TABLE });
       }
-      this.#releaseLostClaim(key, token, lease, isReadTimeout(error));
+      const timedOut = isReadTimeout(error);
+      this.#releaseLostClaim(key, token, lease, timedOut, timedOut ? this.#timedOut.get(error as Error) : undefined);
       throw error;
     }
     const row = rows[0];
@@ -230,24 +235,40 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
   /**
    * Release a claim its caller was told failed, fenced by its token (harmless if it never landed).
    * A release that fails (the server out of reach after a failover) is sent again 250 ms, 1 s and
-   * 3 s later, then every 5 s; after a read timeout, whose claim may still commit on the server
-   * after a first release found nothing (if the cancel came too late), until one deletes it.
-   * Either way only until the claim's lease would have ended: then the key is free to take over.
+   * 3 s later, then every 5 s. After a read timeout the claim may still commit on the server
+   * after a first release found nothing (if the cancel came too late): the store then asks, on
+   * the same schedule, whether that statement still runs there, and sends one last release once
+   * it does not. Either way only until the claim's lease would have ended: then the key is free
+   * to take over.
    */
-  #releaseLostClaim(key: string, token: LeaseToken, leaseMs: number, mayLandLater: boolean): void {
+  #releaseLostClaim(key: string, token: LeaseToken, leaseMs: number, mayLandLater: boolean, pid: number | undefined): void {
     const until = Date.now() + leaseMs;
     let attempt = 0;
-    const send = (): void => {
+    const later = (step: () => void): void => {
+      const wait = GIVE_BACK_MS[attempt++] ?? GIVE_BACK_EVERY_MS;
+      if (Date.now() + wait < until) setTimeout(step, wait).unref();
+    };
+    const send = (last = false): void => {
       if (this.#closed) return;
       this.#query(this.#sql.release, [key, token]).then(
-        (result) => (result.rowCount === 1 || !mayLandLater ? undefined : again()),
+        (result) => {
+          if (result.rowCount === 1 || !mayLandLater || last) return;
+          later(pid === undefined ? send : check);
+        },
         // Not sent, or sent and lost (a connection cut by a failover): send it again either way.
-        () => again(),
+        () => later(() => send(last)),
       );
     };
-    const again = (): void => {
-      const wait = GIVE_BACK_MS[attempt++] ?? GIVE_BACK_EVERY_MS;
-      if (Date.now() + wait < until) setTimeout(send, wait).unref();
+    // A claim that timed out may commit for as long as its statement runs on the server (it was
+    // cancelled, so not for long): only asked about until then, with one release after it as the
+    // last word. Releasing every few seconds for the whole lease instead cost a write per retry
+    // for each failed request, just when the database was too slow to answer in time.
+    const check = (): void => {
+      if (this.#closed) return;
+      this.#query<{ running: boolean }>(STILL_RUNNING, [pid, this.#sql.begin]).then(
+        ({ rows }) => (rows[0]?.running === true ? later(check) : send(true)),
+        () => later(check),
+      );
     };
     send();
   }
@@ -260,7 +281,6 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
   #cancelTimedOut(error: unknown, text: string): void {
     const pid = error instanceof Error ? this.#timedOut.get(error) : undefined;
     if (pid === undefined) return;
-    this.#timedOut.delete(error as Error);
     // Only that process, and only while it still runs this statement (the text the server shows
     // is cut at track_activity_query_size): a pid the server has since reused, or one a pooler
     // (PgBouncer) made up, never cancels anyone else's work.

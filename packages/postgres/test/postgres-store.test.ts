@@ -505,6 +505,43 @@ describe('store failures reject with the driver error', () => {
     }
   }, 20_000);
 
+  it('a timed-out claim is given back once its statement stopped on the server, not again and again for the whole lease', async () => {
+    const fn = `${db.schema}.slow_claim2`;
+    await db.pool.query(`CREATE FUNCTION ${fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN IF NEW.key LIKE 'slowclaim2:%' THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$`);
+    await db.pool.query(`CREATE TRIGGER slow_claim2 BEFORE INSERT ON ${store.table} FOR EACH ROW EXECUTE FUNCTION ${fn}()`);
+    const releaseSql = buildQueries(store.table).release;
+    const releases: number[] = [];
+    const pool = new pg.Pool({ connectionString: db.url, max: 4 });
+    pool.on('error', () => undefined);
+    pool.on('connect', (client) => {
+      const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+      (client as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+        const text = typeof args[0] === 'string' ? args[0] : (args[0] as { text?: string }).text;
+        if (text === releaseSql) releases.push(Date.now());
+        return query(...args);
+      };
+    });
+    const s = createPostgresStore({ pool, schema: db.schema, queryTimeoutMs: 1_000 });
+    try {
+      const k = `slowclaim2:${randomUUID()}`;
+      await expect(s.begin(k, 'fp', 60_000)).rejects.toThrow(/Query read timeout/);
+      const failedAt = Date.now();
+      await new Promise((r) => setTimeout(r, 6_000));
+      // Before: sent at 0, 0.25, 1.25, 4.25 s (then every 5 s until the 60 s lease ended), each
+      // finding nothing. Now: the first, then one more once the cancelled claim no longer runs.
+      expect(releases.length).toBeGreaterThanOrEqual(1);
+      expect(releases.length).toBeLessThanOrEqual(2);
+      expect(releases.filter((at) => at - failedAt > 2_000)).toEqual([]);
+      expect(await store.get(k)).toBeUndefined();
+    } finally {
+      await s.close();
+      await pool.end();
+      await db.pool.query(`DROP TRIGGER slow_claim2 ON ${store.table}`);
+      await db.pool.query(`DROP FUNCTION ${fn}()`);
+    }
+  }, 20_000);
+
   it('a claim whose connection was cut after it landed is given back once the server can be reached again', async () => {
     const { proxy, through } = await proxied(db.url);
     const pool = new pg.Pool({ connectionString: through.href, max: 2 });
