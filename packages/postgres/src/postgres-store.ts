@@ -52,6 +52,10 @@ function isReadTimeout(error: unknown): boolean {
 const CANCEL_IF_STILL_RUNNING = `SELECT pg_cancel_backend(pid) FROM pg_stat_activity
   WHERE pid = $1 AND state = 'active' AND query <> '' AND starts_with($2::text, query)`;
 
+/** The table ($1) and its expiry index ($2, an index on that table, not just a relation of that name) exist. */
+const READY = `SELECT to_regclass($1) IS NOT NULL AND EXISTS (
+  SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($2) AND indrelid = to_regclass($1)) AS ready`;
+
 /** Whether process $1 still runs a statement that starts as $2 (see CANCEL_IF_STILL_RUNNING). */
 const STILL_RUNNING = `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
   WHERE pid = $1 AND state = 'active' AND query <> '' AND starts_with($2::text, query)) AS running`;
@@ -133,8 +137,8 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       // Table and index there already (sql/schema.sql applied by a migration tool): no DDL, so an
       // app role without the CREATE privilege can still call migrate() on every boot.
       const index = `${escapeIdentifier(this.#schema, 'schema')}.${escapeIdentifier(this.#indexName, 'table')}`;
-      const ready = await client.query<{ ready: boolean }>({ text: 'SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AS ready', values: [this.table, index], types: STORE_TYPES });
-      if (ready.rows[0]?.ready === true) {
+      const isReady = async (): Promise<boolean> => (await client.query<{ ready: boolean }>({ text: READY, values: [this.table, index], types: STORE_TYPES })).rows[0]?.ready === true;
+      if (await isReady()) {
         await client.query('COMMIT');
         giveBack(client);
         return;
@@ -145,6 +149,11 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
         if (found.rowCount === 0) await client.query(`CREATE SCHEMA ${escapeIdentifier(this.#schema, 'schema')}`);
       }
       await client.query(tableDdl(this.table, this.#indexName));
+      // CREATE INDEX IF NOT EXISTS only notices a relation of that name that is something else
+      // (a table someone named so): purges would then scan the whole table, unnoticed.
+      if (!(await isReady())) {
+        throw new Error(`[idemkit] [postgres] migrate(): ${index} exists but is not the expiry index on ${this.table} (another relation has that name), so purges would scan the whole table. Rename that relation, or give the store another \`table\`.`);
+      }
       await client.query('COMMIT');
     } catch (error) {
       await client.query('ROLLBACK').catch(() => undefined);

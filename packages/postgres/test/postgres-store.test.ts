@@ -143,6 +143,21 @@ describe('migrate() and sql/schema.sql', () => {
     }
   });
 
+  it('refuses, naming the clash, when another relation already has the expiry index\'s name (purges would scan the whole table)', async () => {
+    const schema = `${db.schema}_clash`;
+    try {
+      await db.pool.query(`CREATE SCHEMA "${schema}"`);
+      await db.pool.query(`CREATE TABLE "${schema}"."orders_expires_at_idx" (id int)`);
+      const s = createPostgresStore({ pool: db.pool, schema, table: 'orders' });
+      // Before: resolved, and the table had its primary key only.
+      await expect(s.migrate()).rejects.toThrow(/"orders_expires_at_idx" exists but is not the expiry index on .*"orders"/);
+      const { rows } = await db.pool.query('SELECT count(*)::int AS n FROM pg_tables WHERE schemaname = $1', [schema]);
+      expect(rows[0]).toEqual({ n: 1 }); // rolled back: no half-made table either
+    } finally {
+      await db.pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+    }
+  });
+
   it('long table names each get their own expires_at index, next to each other in one schema', async () => {
     const schema = `${db.schema}_long`;
     const base = `t${'x'.repeat(47)}`; // 48 bytes: its index name is exactly 63 bytes
