@@ -46,6 +46,15 @@ export const rollbackThenFate = (xid: string): string => `ROLLBACK; SELECT txid_
 /** What became of transaction `$1`, asked on another connection when ours died. */
 export const FATE = 'SELECT txid_status($1::bigint) AS fate';
 
+/**
+ * End backend $1 if it still holds transaction $2 (a txid: its low 32 bits are the backend's xid)
+ * and is not running its COMMIT (a slow one is left to finish; its fate is asked again). A pid
+ * the server reused for another session holds another transaction, so it is left alone.
+ */
+export const TERMINATE_OURS = `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+  WHERE pid = $1 AND backend_xid = ($2::bigint % 4294967296)::text::xid
+    AND NOT (state = 'active' AND upper(btrim(query, E' \\t\\n;')) = 'COMMIT')`;
+
 export interface Queries {
   readonly begin: string;
   readonly complete: string;

@@ -3,7 +3,8 @@ import type { Pool, PoolClient, QueryConfig, QueryResult } from 'pg';
 import { giveBack } from './checkout.js';
 import { STORE_TYPES } from './pg-types.js';
 import { completeParams } from './params.js';
-import { askThenRollback, FATE, rollbackThenFate } from './queries.js';
+import { DEFAULT_QUERY_TIMEOUT_MS } from './options.js';
+import { askThenRollback, FATE, rollbackThenFate, TERMINATE_OURS } from './queries.js';
 
 /** `txid_status()`: what became of a transaction (PostgreSQL 10+). */
 type Fate = 'in progress' | 'committed' | 'aborted';
@@ -40,6 +41,8 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
    * user's transaction.
    */
   readonly client: PoolClient;
+  /** The server process of our connection, to end it if it outlives our side (see #fateElsewhere). */
+  readonly #pid: number | undefined;
 
   constructor(
     /** The pool client itself: the store's own statements, never refused. */
@@ -51,6 +54,8 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     /** The store's read timeout, for its own statements here too (see `storeStatement`). */
     private readonly queryTimeoutMs?: number,
   ) {
+    const pid = (raw as { processID?: unknown }).processID;
+    this.#pid = typeof pid === 'number' ? pid : undefined;
     // `raw` came from checkOut, which already listens for its 'error' event (ignoreConnectionError)
     // and so keeps a dying connection from ending the process; giveBack takes that listener off.
     this.client = new Proxy(raw, {
@@ -175,11 +180,22 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
   /** `in progress` only while the server has not yet aborted what the dead connection held. */
   async #fateElsewhere(): Promise<Fate | undefined> {
     let fate: Fate | undefined;
+    const since = Date.now();
+    let ended = false;
     for (let attempt = 0, wait = FATE_FIRST_WAIT_MS; attempt < FATE_ATTEMPTS; attempt++, wait = Math.min(wait * 2, FATE_MAX_WAIT_MS)) {
       try {
         const { rows } = await this.pool.query<{ fate: Fate }>(storeStatement(FATE, this.queryTimeoutMs, [this.xid]));
         fate = rows[0]?.fate;
         if (fate !== 'in progress') return fate;
+        // Still open on the server a read timeout later, on a connection we closed: behind a
+        // silent network the server sees no close and keeps it (and its row locks, which every
+        // retry of the key waits on) until its TCP timeout, minutes. Ended here instead: only
+        // that backend, and only while it still holds our transaction; what it had not committed
+        // is then rolled back, and the next answer says so.
+        if (!ended && this.#pid !== undefined && Date.now() - since >= (this.queryTimeoutMs ?? DEFAULT_QUERY_TIMEOUT_MS)) {
+          ended = true;
+          await this.pool.query(storeStatement(TERMINATE_OURS, this.queryTimeoutMs, [this.#pid, this.xid]));
+        }
       } catch {
         // The pool is busy or the server away for a moment: ask again.
       }
@@ -200,6 +216,10 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
       ({ command: tag } = await this.raw.query(storeStatement(command, this.queryTimeoutMs)));
     } catch (error) {
       this.#release(error);
+      // A COMMIT with no answer (the read timeout, a connection lost) is no rollback: the server
+      // may have committed it (a slow deferred trigger, an answer lost on the way). What it did
+      // decides, asked on another connection.
+      if (command === 'COMMIT' && (await this.#fateElsewhere()) === 'committed') return 'COMMIT';
       if (rethrow) throw error;
       return undefined;
     }

@@ -256,6 +256,61 @@ describe("a pool with its own type parsers (everything kept as text, as an app's
   });
 });
 
+describe('a COMMIT slower than queryTimeoutMs (a deferred trigger at work)', () => {
+  it('is not taken for a rollback: the server committed it, so the completion stands and the retry replays', async () => {
+    const slow = db.table('slow_orders');
+    const fn = `"${db.schema}".slow_commit`;
+    await db.pool.query(`CREATE TABLE ${slow} (id serial PRIMARY KEY, ref text NOT NULL)`);
+    await db.pool.query(`CREATE FUNCTION ${fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$`);
+    await db.pool.query(`CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON ${slow} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ${fn}()`);
+    const s = createPostgresStore({ pool: db.pool, schema: db.schema, queryTimeoutMs: 500 });
+    const engine = createIdempotencyEngine({ store: s, transactional: true, logger: false, storeTimeoutMs: 5_000 });
+    const request = (k: string): IncomingRequest => ({ method: 'POST', path: '/orders', headers: { 'idempotency-key': k }, body: { a: 1 } });
+    const k = key();
+    const ref = randomUUID();
+    const first = await engine.decide(request(k));
+    if (first.kind !== 'run') throw new Error(`expected run, got ${first.kind}`);
+    await pgTransaction(first.lease.context).query(`INSERT INTO ${slow} (ref) VALUES ($1)`, [ref]);
+    // Before: the COMMIT's read timeout counted as a rollback, and the client was told another
+    // request had taken over (409) while its order was in fact committed.
+    expect(await first.lease.commit({ status: 201, headers: [['content-type', 'text/plain']], body: bytes('created') })).toBe(true);
+    expect(first.lease.replacement).toBeNull();
+    const { rows } = await db.pool.query<{ n: number }>(`SELECT count(*)::int AS n FROM ${slow} WHERE ref = $1`, [ref]);
+    expect(rows[0]?.n).toBe(1);
+    expect((await engine.decide(request(k))).kind).toBe('replay');
+    expect(checkedOut(db.pool)).toBe(0);
+  }, 20_000);
+});
+
+describe('a completion that waits on a lock past queryTimeoutMs', () => {
+  it('is ended on the server too: no backend is left behind waiting (with the handler\'s row locks) once its fate was asked', async () => {
+    const s = createPostgresStore({ pool: db.pool, schema: db.schema, queryTimeoutMs: 500 });
+    const engine = createIdempotencyEngine({ store: s, transactional: true, logger: false, storeTimeoutMs: 5_000 });
+    const k = key();
+    const first = await engine.decide({ method: 'POST', path: '/orders', headers: { 'idempotency-key': k }, body: { a: 1 } });
+    if (first.kind !== 'run') throw new Error(`expected run, got ${first.kind}`);
+    await pgTransaction(first.lease.context).query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [randomUUID()]);
+    // Another session locks the record: the completion's UPDATE waits behind it.
+    const locker = await db.pool.connect();
+    try {
+      await locker.query('BEGIN');
+      await locker.query(`SELECT 1 FROM ${s.table} WHERE key = $1 FOR UPDATE`, [recordOf(k)]);
+      const lockerPid = (locker as unknown as { processID: number }).processID;
+      const blocked = async (): Promise<number> =>
+        (await db.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))', [lockerPid])).rows[0]?.n ?? -1;
+      const committing = first.lease.commit({ status: 201, headers: [], body: bytes('created') });
+      await vi.waitFor(async () => expect(await blocked()).toBeGreaterThan(0), { timeout: 2_000, interval: 20 });
+      // Before: that backend went on waiting (outside the pool's max, holding the handler's rows)
+      // until the lock was given up, whenever that was.
+      await vi.waitFor(async () => expect(await blocked()).toBe(0), { timeout: 6_000, interval: 50 });
+      await locker.query('ROLLBACK');
+      expect(await committing).toBe(false);
+    } finally {
+      locker.release();
+    }
+  }, 20_000);
+});
+
 describe("the transaction's own statements under a network black hole (answers that never come)", () => {
   it('time out and destroy their connection: nothing commits, the key is free, the pool keeps serving', async () => {
     const target = new URL(db.url);
