@@ -40,8 +40,13 @@ const URL_CLIENT_SOCKET_TIMEOUT_MS = 5_000;
 const GIVE_BACK_MS: readonly number[] = [250, 1_000, 3_000];
 /** Then, while the release keeps failing, how often. */
 const GIVE_BACK_EVERY_MS = 5_000;
-/** How long `close()` lets an owned client's QUIT take before it drops the socket. */
-const QUIT_WAIT_MS = 1_000;
+/**
+ * How long `close()` lets an owned client's QUIT take before it drops the socket: QUIT is answered
+ * after the commands sent before it, a completion among them, which a Redis paused for a moment
+ * (a failover's `CLIENT PAUSE`) still runs; as long as the socket timeout, past which the
+ * connection would be dropped anyway.
+ */
+const QUIT_WAIT_MS = URL_CLIENT_SOCKET_TIMEOUT_MS;
 /** `SET` refused by a Redis at `maxmemory`: the begin script is asked instead. */
 const OUT_OF_MEMORY = Symbol('OOM');
 

@@ -455,6 +455,25 @@ describe('client ownership and failures', () => {
     }
   });
 
+  it('close() of a url-built store lets a completion already sent finish while Redis is paused for a moment (a failover\'s CLIENT PAUSE)', async () => {
+    const own = await ownRedisServer();
+    const s = createRedisStore({ url: own.url, prefix });
+    try {
+      const k = key('paused');
+      const token = await acquire(s, k);
+      await own.client.call('CLIENT', 'PAUSE', '1500', 'WRITE');
+      const completing = s.complete(k, token, response(new Uint8Array([9])), 60_000);
+      // Before: QUIT got 1 s, then the socket was dropped with the completion unanswered: the key
+      // stayed in progress and its retry, after the lease, ran the handler again.
+      await s.close();
+      expect(await completing).toBe(true);
+      const check = createRedisStore({ client: own.client, prefix });
+      expect(await check.get(k)).toMatchObject({ state: 'completed' });
+    } finally {
+      await own.stop();
+    }
+  });
+
   it('a store built from `url` says once that Redis is unreachable, not on every reconnect', async () => {
     // A port nothing listens on: every reconnect fails.
     const port = await new Promise<number>((resolve) => {
