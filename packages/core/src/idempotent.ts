@@ -146,7 +146,8 @@ function jobCaller<Args extends unknown[], R>(
   // No fallback name for an anonymous function: two inline jobs on one store would share it, and
   // one meeting the other's key would get that job's result instead of running (or a mismatch).
   const name = options.name ?? (fn as { name?: string }).name;
-  if (name === '' && options.name === undefined) {
+  // `bound ` alone: an anonymous function bound with .bind(), as nameless as the function itself.
+  if (options.name === undefined && typeof name === 'string' && /^(bound )*$/.test(name)) {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `${wrapper}(fn, options): \`fn\` has no name (an inline arrow or anonymous function), so set \`name\`: it tells this job's records from other jobs' on the same store, and should stay the same across deploys.`);
   }
   if (typeof name !== 'string' || name === '') throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`name` must be a non-empty string.');

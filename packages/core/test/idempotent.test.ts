@@ -124,6 +124,8 @@ describe('idempotent(fn)', () => {
     const ran: string[] = [];
     expect(() => idempotent(async (id: string) => { ran.push(id); }, { store, key: (id) => id })).toThrow(/`fn` has no name.*set `name`/);
     expect(() => idempotent(async (id: string) => { ran.push(id); }, { store, key: (id) => id })).toThrow(ConfigurationError);
+    // Bound, an anonymous function is named "bound ": no name either.
+    expect(() => idempotent((async (id: string) => { ran.push(id); }).bind(null), { store, key: (id) => id })).toThrow(/`fn` has no name/);
     // With names, two inline jobs meeting on one key are told apart (the second does not get the first's result).
     const charge = idempotent(async (id: string) => { ran.push(`charge ${id}`); return 'charged'; }, { store, name: 'charge', key: (id) => id });
     const mail = idempotent(async (id: string) => { ran.push(`mail ${id}`); return 'mailed'; }, { store, name: 'mail', key: (id) => id });
