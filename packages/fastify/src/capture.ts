@@ -37,10 +37,11 @@ export function replayOf(response: StoredResponse): Replayed {
 }
 
 const utf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
-const TEXTUAL = /json|^\s*text\//i;
+/** Types Fastify's own answers are strings of (objects serialised to JSON, text, markup, scripts), or that name a charset. */
+const TEXTUAL = /json|xml|javascript|ecmascript|^\s*text\/|charset=/i;
 
 /**
- * A stored JSON or text body as the string Fastify's own serialised answer was: the route's
+ * A stored JSON, text or markup body as the string Fastify's own serialised answer was: the route's
  * `onSend` hooks (which run after ours) then get what they got on the first request, not a
  * Buffer their `payload.replace()` throws on. Valid UTF-8 decodes and encodes back to the same
  * bytes, so what goes out is unchanged; other bytes stay a Buffer.

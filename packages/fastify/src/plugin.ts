@@ -179,10 +179,25 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         };
         if (onProblem) {
           // An onProblem that returned without answering would leave the request hanging: the
-          // problem goes out as it would without one.
+          // problem goes out as it would without one. Whether it answered is whether it called
+          // send() (or hijacked the reply): `reply.sent` turns true only once the bytes are out,
+          // which an async onSend hook delays past its return.
+          const send = reply.send;
+          let answered = false;
+          reply.send = function (this: FastifyReply, payload?: unknown) {
+            answered = true;
+            reply.send = send;
+            return send.call(this, payload);
+          } as FastifyReply['send'];
           Promise.resolve(onProblem(request, reply, decision.error)).then(
-            () => void (reply.sent ? undefined : sendProblem()),
-            (error: unknown) => done(asError(error)),
+            () => {
+              if (reply.send !== send) reply.send = send;
+              if (!answered && !reply.sent) sendProblem();
+            },
+            (error: unknown) => {
+              if (reply.send !== send) reply.send = send;
+              done(asError(error));
+            },
           );
           return;
         }

@@ -1193,6 +1193,21 @@ describe("a route's own onSend hooks (after ours)", () => {
     expect(other.json()).toMatchObject({ code: 'ERR_IDEMKIT_FINGERPRINT_MISMATCH' });
   });
 
+  it('get an XML replay as a string too', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/xml', { onSend: async (_request, _reply, payload) => (payload as string).replace('<secret>1</secret>', '') }, async (_request, reply) =>
+        reply.code(201).type('application/xml').send(`<order><id>${++runs}</id><secret>1</secret></order>`),
+      );
+    });
+    const first = await post(app, '/xml', 'k');
+    const again = await post(app, '/xml', 'k');
+    expect(first.body).toBe('<order><id>1</id></order>');
+    expect(replayed(again)).toBe(true);
+    expect(again.statusCode).toBe(201);
+    expect(again.body).toBe(first.body);
+  });
+
   it('get a binary replay as a Buffer, byte for byte', async () => {
     const bytes = Buffer.from([0xff, 0x00, 0xc3, 0x28, 0x7b]);
     const seen: string[] = [];
@@ -1332,6 +1347,27 @@ describe('errors and validation', () => {
     expect(res.headers['content-type']).toBe('application/problem+json');
     expect(res.json()).toMatchObject({ code: 'ERR_IDEMKIT_KEY_MISSING' });
     expect(seen).toEqual(['ERR_IDEMKIT_KEY_MISSING']);
+  });
+
+  it('an onProblem that sends without returning the reply, behind an async app-level onSend hook: its answer goes out, not core\'s as well', async () => {
+    const { app } = await build(
+      (a) => {
+        a.addHook('onSend', async (_request, _reply, payload) => {
+          await new Promise((resolve) => setImmediate(resolve)); // the bytes go out a turn later
+          return payload;
+        });
+        a.post('/p', async () => ({}));
+      },
+      {
+        onProblem: (_request, reply, error) => {
+          void reply.code(418).header('x-mine', error.code).send({ mine: true });
+        },
+      },
+    );
+    const res = await post(app, '/p');
+    expect(res.statusCode).toBe(418);
+    expect(res.headers['x-mine']).toBe('ERR_IDEMKIT_KEY_MISSING');
+    expect(res.json()).toEqual({ mine: true });
   });
 
   it('onProblem is not called for the stored 410 of a streamed answer: its retries replay it as stored', async () => {
