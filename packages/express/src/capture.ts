@@ -22,6 +22,16 @@ function parseEndArgs(args: readonly unknown[]): EndArgs {
   };
 }
 
+function isChunk(chunk: unknown): boolean {
+  return typeof chunk === 'string' || chunk instanceof Uint8Array;
+}
+
+/** Node's writeHead would throw: no head yet, and a status outside 100–999. */
+function refusedHead(res: ServerResponse): boolean {
+  const code = res.statusCode | 0;
+  return !res.headersSent && (code < 100 || code > 999);
+}
+
 function toBuffer(chunk: unknown, encoding: BufferEncoding | undefined): Buffer {
   if (chunk === undefined || chunk === null) return Buffer.alloc(0);
   if (typeof chunk === 'string') return Buffer.from(chunk, encoding ?? 'utf8');
@@ -173,6 +183,8 @@ export function captureResponse(
    * changed meanwhile marks the end that follows as another answer's: see `overwritten`).
    */
   let head: { status: number; message: string; headers: OutgoingHttpHeaders } | undefined;
+  /** The status of the head writeHead() wrote (Node keeps it; a later `res.statusCode` goes nowhere). */
+  let headStatus: number | undefined;
   /**
    * An answer with a status or a length of its own was ended over the started stream: an error
    * handler's, after the handler threw (its head cannot go out: the stream's went first). Sent,
@@ -265,11 +277,15 @@ export function captureResponse(
     // As Node reads them: a reason that is not a string (undefined, null) leaves the headers second.
     const headers = (reason === undefined ? (rest[1] ?? rest[0]) : rest[1]) as OutgoingHttpHeaders | OutgoingHttpHeader[] | undefined;
     if (headers !== undefined && headers !== null && !this.headersSent) applyHeaders(this, headers);
-    return (reason === undefined ? Reflect.apply(originalWriteHead, this, [statusCode]) : Reflect.apply(originalWriteHead, this, [statusCode, reason])) as ServerResponse;
+    const written = (reason === undefined ? Reflect.apply(originalWriteHead, this, [statusCode]) : Reflect.apply(originalWriteHead, this, [statusCode, reason])) as ServerResponse;
+    headStatus = this.statusCode;
+    return written;
   } as ServerResponse['writeHead'];
 
   res.flushHeaders = function flushHeaders(this: ServerResponse): void {
     if (mode === 'ending' && !delivering) return;
+    // Node refuses the head itself: it throws to the caller before anything counts as sent.
+    if (mode === 'buffering' && refusedHead(this)) return void originalFlushHeaders.call(this);
     startStreaming();
     if (replaced) return;
     if (held) held.push({ run: () => originalFlushHeaders.call(this) });
@@ -284,6 +300,10 @@ export function captureResponse(
       if (callback) process.nextTick(callback, writeAfterEnd());
       return false;
     }
+    // A chunk Node refuses (not a string or bytes), or a status it refuses at the head it writes
+    // first: Node throws to the caller, before the answer counts as streamed (else the error
+    // handler's answer after the throw went out with no head, and the key stayed on 410).
+    if (mode === 'buffering' && (!isChunk(args[0]) || refusedHead(this))) return Reflect.apply(originalWrite, this, args) as boolean;
     startStreaming();
     if (held || replaced) {
       const callback = args.findLast((a) => typeof a === 'function') as Callback | undefined;
@@ -309,6 +329,8 @@ export function captureResponse(
     // A second end() while we persist would cut the response short: ignore it, as Node ignores an
     // end after end (whose callback Node calls once the first end has finished).
     if (mode === 'ending') {
+      // Finished already: Node's own end() answers (its callback gets ERR_STREAM_ALREADY_FINISHED).
+      if (this.writableFinished) return Reflect.apply(originalEnd, this, args) as ServerResponse;
       const { callback } = parseEndArgs(args);
       if (callback) this.once('finish', () => callback());
       return this;
@@ -341,8 +363,7 @@ export function captureResponse(
     // A status Node refuses (`res.statusCode = err.statusCode` that was undefined, or 1000): its
     // end() throws to the caller at once, as without idemkit, so Express answers 500; storing it
     // and throwing later, from a promise, would end the process.
-    const code = this.statusCode | 0;
-    if (!this.headersSent && (code < 100 || code > 999)) return Reflect.apply(originalEnd, this, args) as ServerResponse;
+    if (refusedHead(this)) return Reflect.apply(originalEnd, this, args) as ServerResponse;
     mode = 'ending';
     const { chunk, encoding, callback } = parseEndArgs(args);
     let body: Buffer;
@@ -355,7 +376,8 @@ export function captureResponse(
     answered();
     const sentHeaders = this.getHeaders();
     const sentMessage = this.statusMessage;
-    const response = { status: this.statusCode, headers: toStoredHeaders(sentHeaders, before), body };
+    // After writeHead(201) a status set later goes nowhere (the head holds 201): the head's is stored.
+    const response = { status: this.headersSent && headStatus !== undefined ? headStatus : this.statusCode, headers: toStoredHeaders(sentHeaders, before), body };
     const deliver = (): void => {
       delivering = true;
       // While the record is stored, `headersSent` is still false, so an error handler running

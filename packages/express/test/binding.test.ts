@@ -235,6 +235,71 @@ describe('express binding: errors', () => {
     expect(unhandled).toEqual([]);
   });
 
+  it('a write Node refuses (res.write(42), or a status it refuses) throws as without idemkit: the error handler answers a whole 500, and the retry runs', async () => {
+    let runs = 0;
+    const app = express();
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/chunk', (_req, res) => {
+      runs++;
+      (res.write as (chunk: unknown) => boolean)(42);
+    });
+    app.post('/status', (_req, res) => {
+      runs++;
+      res.statusCode = 1000;
+      res.write('a');
+    });
+    app.post('/flush', (_req, res) => {
+      runs++;
+      res.statusCode = 1000;
+      res.flushHeaders();
+    });
+    const url = await serve(app);
+    for (const path of ['/chunk', '/status', '/flush']) {
+      const key = randomUUID();
+      // Before: the body of Express's 500 page went out with no status line or headers.
+      const raw = await rawExchange(url, `POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
+      expect(raw.startsWith('HTTP/1.1 500 ')).toBe(true);
+      // Not stored (before: a 410 for good): the retry runs.
+      expect((await post(`${url}${path}`, key)).status).toBe(500);
+    }
+    expect(runs).toBe(6);
+  });
+
+  it('writeHead(201), then a status set too late: the 201 that went out is what is stored and replayed', async () => {
+    let runs = 0;
+    const app = express();
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/late', (_req, res) => {
+      runs++;
+      res.writeHead(201, { 'content-type': 'text/plain' });
+      res.statusCode = 1000; // goes nowhere: the head holds 201
+      res.end('made');
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    const first = await post(`${url}/late`, key);
+    expect(first.status).toBe(201);
+    const again = await post(`${url}/late`, key);
+    // Before: 1000 was stored, not storable, so the key was freed and the handler ran again.
+    expect(again.status).toBe(201);
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(runs).toBe(1);
+  });
+
+  it('res.end(callback) after the answer finished gets Node\'s ERR_STREAM_ALREADY_FINISHED, as without idemkit', async () => {
+    const app = express();
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    const late = new Promise<unknown>((resolve) => {
+      app.post('/after', (_req, res) => {
+        res.status(201).end('once');
+        res.once('finish', () => res.end((error?: unknown) => resolve(error)));
+      });
+    });
+    const url = await serve(app);
+    expect((await post(`${url}/after`, randomUUID())).status).toBe(201);
+    expect(await late).toMatchObject({ code: 'ERR_STREAM_ALREADY_FINISHED' });
+  });
+
   it('a second res.end(callback) while the first is stored gets its callback once the answer finished, as in Node', async () => {
     const app = express();
     app.use(idempotency({ store: createMemoryStore(), logger: false }));
