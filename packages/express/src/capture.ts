@@ -233,11 +233,13 @@ export function captureResponse(
     mode = 'streaming';
     answered();
     // A streamed not-found no route gave (a catch-all's sendFile('404.html')) frees the key too.
-    settling = unrouted(res) ? lease.abandon('not-storable') : lease.commitUnbuffered(res.statusCode, 'not-bufferable');
+    // After writeHead(202) a status set later goes nowhere: the head's is what the client gets.
+    const status = res.headersSent && headStatus !== undefined ? headStatus : res.statusCode;
+    settling = unrouted(res) ? lease.abandon('not-storable') : lease.commitUnbuffered(status, 'not-bufferable');
     onStreaming?.(res, res.write !== ours.write || res.end !== ours.end);
     if (transactional) {
       held = [];
-      head = { status: res.statusCode, message: res.statusMessage, headers: res.getHeaders() };
+      head = { status, message: res.statusMessage, headers: res.getHeaders() };
       void settling.then(releaseHeld, releaseHeld);
     }
   };

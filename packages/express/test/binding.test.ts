@@ -286,6 +286,26 @@ describe('express binding: errors', () => {
     expect(runs).toBe(1);
   });
 
+  it('writeHead(202), a status set too late, then a stream: settled by the 202 that went out (a 410 to retries), never run again', async () => {
+    let runs = 0;
+    const app = express();
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/late-stream', (_req, res) => {
+      runs++;
+      res.writeHead(202);
+      res.statusCode = 500; // goes nowhere: the head holds 202
+      res.write('a');
+      res.end('b');
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    expect((await post(`${url}/late-stream`, key)).status).toBe(202);
+    // Before: settled as a 500, not storable, so the key was freed and every retry ran it again.
+    const again = await post(`${url}/late-stream`, key);
+    expect(again.status).toBe(410);
+    expect(runs).toBe(1);
+  });
+
   it('res.end(callback) after the answer finished gets Node\'s ERR_STREAM_ALREADY_FINISHED, as without idemkit', async () => {
     const app = express();
     app.use(idempotency({ store: createMemoryStore(), logger: false }));

@@ -56,9 +56,17 @@ const CANCEL_IF_STILL_RUNNING = `SELECT pg_cancel_backend(pid) FROM pg_stat_acti
 const READY = `SELECT to_regclass($1) IS NOT NULL AND EXISTS (
   SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($2) AND indrelid = to_regclass($1)) AS ready`;
 
-/** Whether process $1 still runs a statement that starts as $2 (see CANCEL_IF_STILL_RUNNING). */
-const STILL_RUNNING = `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-  WHERE pid = $1 AND state = 'active' AND query <> '' AND starts_with($2::text, query)) AS running`;
+/**
+ * What process $1 is doing about a statement that starts as $2 (see CANCEL_IF_STILL_RUNNING):
+ * `gone`, `running` it, `done` with it, or `hidden` when the server shows this role no state or
+ * query for it (a session whose current user differs from ours, `SET ROLE`): then nobody knows.
+ */
+const STILL_RUNNING = `SELECT CASE
+    WHEN a.pid IS NULL THEN 'gone'
+    WHEN a.state IS NULL THEN 'hidden'
+    WHEN a.state = 'active' AND a.query <> '' AND starts_with($2::text, a.query) THEN 'running'
+    ELSE 'done' END AS status
+  FROM (SELECT 1) AS one LEFT JOIN pg_stat_activity AS a ON a.pid = $1`;
 
 const timedOutByPool = new WeakMap<Pool, WeakMap<Error, number>>();
 
@@ -274,8 +282,13 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     // for each failed request, just when the database was too slow to answer in time.
     const check = (): void => {
       if (this.#closed) return;
-      this.#query<{ running: boolean }>(STILL_RUNNING, [pid, this.#sql.begin]).then(
-        ({ rows }) => (rows[0]?.running === true ? later(check) : send(true)),
+      this.#query<{ status: 'gone' | 'hidden' | 'running' | 'done' }>(STILL_RUNNING, [pid, this.#sql.begin]).then(
+        ({ rows }) => {
+          const status = rows[0]?.status;
+          if (status === 'gone' || status === 'done') return send(true);
+          // Not shown to this role: resent on the schedule, as when nothing can be asked.
+          later(status === 'running' ? check : send);
+        },
         () => later(check),
       );
     };

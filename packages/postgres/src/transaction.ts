@@ -192,9 +192,9 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
         // retry of the key waits on) until its TCP timeout, minutes. Ended here instead: only
         // that backend, and only while it still holds our transaction; what it had not committed
         // is then rolled back, and the next answer says so.
-        if (!ended && this.#pid !== undefined && Date.now() - since >= (this.queryTimeoutMs ?? DEFAULT_QUERY_TIMEOUT_MS)) {
-          ended = true;
+        if (!ended && this.#pid !== undefined && Date.now() - since >= Math.min(this.queryTimeoutMs ?? DEFAULT_QUERY_TIMEOUT_MS, DEFAULT_QUERY_TIMEOUT_MS)) {
           await this.pool.query(storeStatement(TERMINATE_OURS, this.queryTimeoutMs, [this.#pid, this.xid]));
+          ended = true; // only once it was asked: a busy pool's refusal is asked again next time
         }
       } catch {
         // The pool is busy or the server away for a moment: ask again.

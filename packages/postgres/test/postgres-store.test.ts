@@ -557,6 +557,51 @@ describe('store failures reject with the driver error', () => {
     }
   }, 20_000);
 
+  it('a timed-out claim on sessions this role cannot see (SET ROLE): released on the schedule, not taken as stopped', async () => {
+    const id = randomUUID().replaceAll('-', '').slice(0, 12);
+    const app = `idemkit_t_${id}_app`;
+    const login = `idemkit_t_${id}_login`;
+    const schema = `idemkit_t_${id}`;
+    await db.pool.query(`CREATE ROLE "${app}" NOLOGIN`);
+    await db.pool.query(`CREATE ROLE "${login}" LOGIN`);
+    await db.pool.query(`GRANT "${app}" TO "${login}"`);
+    await db.pool.query(`CREATE SCHEMA "${schema}" AUTHORIZATION "${app}"`);
+    const url = new URL(db.url);
+    url.username = login;
+    // Logged in as one role, working as another: the server then hides the pool's own sessions'
+    // state and query from it, so whether the claim still runs cannot be seen.
+    const pool = new pg.Pool({ connectionString: url.href, max: 4 });
+    pool.on('error', () => undefined);
+    pool.on('connect', (client) => void client.query(`SET ROLE "${app}"`));
+    try {
+      const s = createPostgresStore({ pool, schema, queryTimeoutMs: 1_000 });
+      await s.migrate();
+      const fn = `"${schema}".slow_claim3`;
+      await db.pool.query(`CREATE FUNCTION ${fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$`);
+      await db.pool.query(`CREATE TRIGGER slow_claim3 BEFORE INSERT ON ${s.table} FOR EACH ROW EXECUTE FUNCTION ${fn}()`);
+      const k = key();
+      const failed = expect(s.begin(k, 'fp', 60_000)).rejects.toThrow(/Query read timeout/);
+      // The claim commits at 2 s (the cancel could not see it either); watched until 6 s.
+      const states: string[] = [];
+      for (const until = Date.now() + 6_000; Date.now() < until; ) {
+        const { rows } = await db.pool.query<{ state: string }>(`SELECT state FROM ${s.table} WHERE key = $1`, [k]);
+        states.push(rows[0]?.state ?? 'none');
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      await failed;
+      // It landed, and a release then deleted it. Before: one look said "not running", one last
+      // release came before the commit, and the key answered 409 for its whole lease.
+      expect(states).toContain('in_progress');
+      expect(states.at(-1)).toBe('none');
+      await s.close();
+    } finally {
+      await pool.end();
+      await db.pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+      await db.pool.query(`DROP ROLE IF EXISTS "${login}"`);
+      await db.pool.query(`DROP ROLE IF EXISTS "${app}"`);
+    }
+  }, 20_000);
+
   it('a claim whose connection was cut after it landed is given back once the server can be reached again', async () => {
     const { proxy, through } = await proxied(db.url);
     const pool = new pg.Pool({ connectionString: through.href, max: 2 });
