@@ -185,6 +185,8 @@ export function captureResponse(
   let head: { status: number; message: string; headers: OutgoingHttpHeaders } | undefined;
   /** The status of the head writeHead() wrote (Node keeps it; a later `res.statusCode` goes nowhere). */
   let headStatus: number | undefined;
+  /** The status the client gets: the written head's, once there is one. */
+  const statusOut = (r: ServerResponse): number => (r.headersSent && headStatus !== undefined ? headStatus : r.statusCode);
   /**
    * An answer with a status or a length of its own was ended over the started stream: an error
    * handler's, after the handler threw (its head cannot go out: the stream's went first). Sent,
@@ -234,7 +236,7 @@ export function captureResponse(
     answered();
     // A streamed not-found no route gave (a catch-all's sendFile('404.html')) frees the key too.
     // After writeHead(202) a status set later goes nowhere: the head's is what the client gets.
-    const status = res.headersSent && headStatus !== undefined ? headStatus : res.statusCode;
+    const status = statusOut(res);
     settling = unrouted(res) ? lease.abandon('not-storable') : lease.commitUnbuffered(status, 'not-bufferable');
     onStreaming?.(res, res.write !== ours.write || res.end !== ours.end);
     if (transactional) {
@@ -354,7 +356,7 @@ export function captureResponse(
         // callback learns that its answer did not go out.
         // Ended with a status or a length of its own: another answer over the stream (an error
         // handler's, after a throw), never sent as the stream's end (see `overwritten`).
-        if (held && head !== undefined && (this.statusCode !== head.status || this.getHeader('content-length') !== head.headers['content-length'])) overwritten = true;
+        if (held && head !== undefined && (statusOut(this) !== head.status || this.getHeader('content-length') !== head.headers['content-length'])) overwritten = true;
         if (held && !overwritten) held.push({ run: finish, callback });
         else if (callback) process.nextTick(callback, rolledBack());
         return this;
@@ -379,7 +381,7 @@ export function captureResponse(
     const sentHeaders = this.getHeaders();
     const sentMessage = this.statusMessage;
     // After writeHead(201) a status set later goes nowhere (the head holds 201): the head's is stored.
-    const response = { status: this.headersSent && headStatus !== undefined ? headStatus : this.statusCode, headers: toStoredHeaders(sentHeaders, before), body };
+    const response = { status: statusOut(this), headers: toStoredHeaders(sentHeaders, before), body };
     const deliver = (): void => {
       delivering = true;
       // While the record is stored, `headersSent` is still false, so an error handler running

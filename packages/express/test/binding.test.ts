@@ -793,6 +793,24 @@ describe('express binding: transactional mode', () => {
     return { app, committed: () => committed };
   }
 
+  it('writeHead(202), a status set too late, then a stream ended at once: goes out whole after the commit, not cut as an error answer', async () => {
+    const { app } = committingApp(50);
+    app.post('/late', (_req, res) => {
+      res.writeHead(202, { 'content-type': 'text/plain' });
+      res.statusCode = 500; // goes nowhere: the head holds 202
+      res.write('a');
+      res.end('b');
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    // Before: the 500 was taken for an error handler's answer over the stream, and the
+    // connection was cut though the transaction committed.
+    const reply = await post(`${url}/late`, key);
+    expect(reply.status).toBe(202);
+    expect(new TextDecoder().decode(reply.body)).toBe('ab');
+    expect((await post(`${url}/late`, key)).status).toBe(410);
+  });
+
   it('a streamed answer whose transaction commits goes out whole, after the commit, and retries get 410', async () => {
     const { app, committed } = committingApp(50);
     const seenBeforeCommit: boolean[] = [];

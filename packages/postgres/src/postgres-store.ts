@@ -59,11 +59,12 @@ const READY = `SELECT to_regclass($1) IS NOT NULL AND EXISTS (
 /**
  * What process $1 is doing about a statement that starts as $2 (see CANCEL_IF_STILL_RUNNING):
  * `gone`, `running` it, `done` with it, or `hidden` when the server shows this role no state or
- * query for it (a session whose current user differs from ours, `SET ROLE`): then nobody knows.
+ * query for it (a session whose current user differs from ours, `SET ROLE`; `track_activities`
+ * off): then nobody knows.
  */
 const STILL_RUNNING = `SELECT CASE
     WHEN a.pid IS NULL THEN 'gone'
-    WHEN a.state IS NULL THEN 'hidden'
+    WHEN a.state IS NULL OR a.state = 'disabled' THEN 'hidden'
     WHEN a.state = 'active' AND a.query <> '' AND starts_with($2::text, a.query) THEN 'running'
     ELSE 'done' END AS status
   FROM (SELECT 1) AS one LEFT JOIN pg_stat_activity AS a ON a.pid = $1`;
@@ -265,12 +266,13 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       const wait = GIVE_BACK_MS[attempt++] ?? GIVE_BACK_EVERY_MS;
       if (Date.now() + wait < until) setTimeout(step, wait).unref();
     };
+    let askable = pid !== undefined;
     const send = (last = false): void => {
       if (this.#closed) return;
       this.#query(this.#sql.release, [key, token]).then(
         (result) => {
           if (result.rowCount === 1 || !mayLandLater || last) return;
-          later(pid === undefined ? send : check);
+          later(askable ? check : send);
         },
         // Not sent, or sent and lost (a connection cut by a failover): send it again either way.
         () => later(() => send(last)),
@@ -286,8 +288,10 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
         ({ rows }) => {
           const status = rows[0]?.status;
           if (status === 'gone' || status === 'done') return send(true);
-          // Not shown to this role: resent on the schedule, as when nothing can be asked.
-          later(status === 'running' ? check : send);
+          if (status === 'running') return later(check);
+          // Not shown to this role: resent on the schedule from now on, as when nothing can be asked.
+          askable = false;
+          later(send);
         },
         () => later(check),
       );
