@@ -134,7 +134,7 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
       return (await client.setBuffer(prefix + key, claimValue(leaseGraceMs, lease, token, fingerprint), 'PX', lease + leaseGraceMs, 'NX', 'GET')) as Buffer | null;
     } catch (error) {
       if (error instanceof Error && error.message.startsWith('OOM ')) return OUT_OF_MEMORY;
-      throw explained(error);
+      throw error;
     }
   }
 
@@ -142,8 +142,8 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
    * A single-node client on a Cluster node gets `MOVED` for every key another node serves (most
    * of them), which would surface as 503s with a bare "MOVED 1234 host:port": say what to change.
    */
-  function explained(error: unknown): unknown {
-    if (client.isCluster || !(error instanceof Error) || !isRedirect(error)) return error;
+  function explained(error: Error): Error {
+    if (client.isCluster) return error;
     return new Error(
       `[idemkit] [redis] This Redis is part of a Cluster, but the store was given a single-node client (\`new Redis(…)\`), which cannot follow its redirections (${error.message}). Give the store an ioredis \`Cluster\` (\`new Cluster([{ host, port }, …])\`).`,
       { cause: error },
@@ -153,9 +153,7 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
   function run(op: Op, key: string, ...args: Array<string | number | Buffer>): Promise<Reply> {
     if (closed) return Promise.reject(closedError());
     batch();
-    return calls[op](prefix + key, ...args).catch((error: unknown) => {
-      throw explained(error);
-    });
+    return calls[op](prefix + key, ...args);
   }
 
   return {
@@ -195,7 +193,10 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
         // `maxRetriesPerRequest` used up by a reconnect): the caller was told the store failed,
         // so the key must not stay claimed, answering 409 to its retries, for a whole lease.
         // Refused by a Cluster node for another's key (a single-node client): nothing landed.
-        if (!isRedirect(error)) giveBack(key, token, lease);
+        // Explained here only: every request begins, so the first call on a key says it, and the
+        // other operations on the hot path pay nothing for it.
+        if (isRedirect(error)) throw explained(error);
+        giveBack(key, token, lease);
         throw error;
       }
     },
@@ -284,10 +285,9 @@ function defineCommands(client: RedisClient): Record<Op, ScriptCall> {
   return out;
 }
 
-/** A Cluster node's redirection (`MOVED`/`ASK`), as is or explained (its `cause`). */
-function isRedirect(error: unknown): boolean {
-  const redirect = (e: unknown): boolean => e instanceof Error && /^(MOVED|ASK) /.test(e.message);
-  return redirect(error) || (error instanceof Error && redirect(error.cause));
+/** A Cluster node's redirection (`MOVED`/`ASK`), which a single-node client cannot follow. */
+function isRedirect(error: unknown): error is Error {
+  return error instanceof Error && /^(MOVED|ASK) /.test(error.message);
 }
 
 /** ioredis's `commandTimeout` rejection: the command was written, it may well have run. */
