@@ -241,9 +241,9 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
  * statement fails its command, so the client is destroyed, not given back.
  */
 export function storeStatement(text: string, queryTimeoutMs: number | undefined, values?: unknown[]): QueryConfig {
-  // pg reads `query_timeout` per query (its types omit it).
-  const config = { text, types: STORE_TYPES, ...(values === undefined ? {} : { values }), ...(queryTimeoutMs === undefined ? {} : { query_timeout: queryTimeoutMs }) };
-  return config as QueryConfig;
+  // Every store statement builds one: a plain object, no spreads. pg reads `query_timeout` per
+  // query (its types omit it); an undefined one falls back to the pool's.
+  return { text, values, types: STORE_TYPES, query_timeout: queryTimeoutMs } as QueryConfig;
 }
 
 function refuseRelease(): never {
