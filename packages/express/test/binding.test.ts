@@ -183,16 +183,11 @@ describe('express binding: errors', () => {
 
   it('an error handler that ends with a status Node refuses (res.statusCode = err.statusCode, undefined): a 500 as without idemkit, never a crash, and the retry runs', async () => {
     const unhandled = unhandledErrors(['unhandledRejection', 'uncaughtException']);
-    let runs = 0;
-    const app = express();
-    app.use(express.json());
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    const { app, runs } = appWith();
     app.post('/pay', () => {
-      runs++;
       throw new Error('card declined');
     });
     app.post('/thousand', (_req, res) => {
-      runs++;
       res.statusCode = 1000;
       res.end('x');
     });
@@ -210,15 +205,13 @@ describe('express binding: errors', () => {
       expect(retry.status).toBe(500);
       expect(retry.headers.get('idempotent-replayed')).toBeNull();
     }
-    expect(runs).toBe(4);
+    expect(runs()).toBe(4);
     expect(unhandled).toEqual([]);
   });
 
   it('a streamed answer ended with a chunk Node refuses (res.end(42)): the response is destroyed, never an unhandled rejection', async () => {
     const unhandled = unhandledErrors(['unhandledRejection', 'uncaughtException']);
-    const app = express();
-    app.use(express.json());
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    const { app } = appWith();
     app.post('/stream', (_req, res) => {
       res.write('a');
       try {
@@ -236,20 +229,15 @@ describe('express binding: errors', () => {
   });
 
   it('a write Node refuses (res.write(42), or a status it refuses) throws as without idemkit: the error handler answers a whole 500, and the retry runs', async () => {
-    let runs = 0;
-    const app = express();
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    const { app, runs } = appWith();
     app.post('/chunk', (_req, res) => {
-      runs++;
       (res.write as (chunk: unknown) => boolean)(42);
     });
     app.post('/status', (_req, res) => {
-      runs++;
       res.statusCode = 1000;
       res.write('a');
     });
     app.post('/flush', (_req, res) => {
-      runs++;
       res.statusCode = 1000;
       res.flushHeaders();
     });
@@ -262,15 +250,12 @@ describe('express binding: errors', () => {
       // Not stored (before: a 410 for good): the retry runs.
       expect((await post(`${url}${path}`, key)).status).toBe(500);
     }
-    expect(runs).toBe(6);
+    expect(runs()).toBe(6);
   });
 
   it('writeHead(201), then a status set too late: the 201 that went out is what is stored and replayed', async () => {
-    let runs = 0;
-    const app = express();
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    const { app, runs } = appWith();
     app.post('/late', (_req, res) => {
-      runs++;
       res.writeHead(201, { 'content-type': 'text/plain' });
       res.statusCode = 1000; // goes nowhere: the head holds 201
       res.end('made');
@@ -283,15 +268,12 @@ describe('express binding: errors', () => {
     // Before: 1000 was stored, not storable, so the key was freed and the handler ran again.
     expect(again.status).toBe(201);
     expect(again.headers.get('idempotent-replayed')).toBe('true');
-    expect(runs).toBe(1);
+    expect(runs()).toBe(1);
   });
 
   it('writeHead(202), a status set too late, then a stream: settled by the 202 that went out (a 410 to retries), never run again', async () => {
-    let runs = 0;
-    const app = express();
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    const { app, runs } = appWith();
     app.post('/late-stream', (_req, res) => {
-      runs++;
       res.writeHead(202);
       res.statusCode = 500; // goes nowhere: the head holds 202
       res.write('a');
@@ -303,12 +285,11 @@ describe('express binding: errors', () => {
     // Before: settled as a 500, not storable, so the key was freed and every retry ran it again.
     const again = await post(`${url}/late-stream`, key);
     expect(again.status).toBe(410);
-    expect(runs).toBe(1);
+    expect(runs()).toBe(1);
   });
 
   it('res.end(callback) after the answer finished gets Node\'s ERR_STREAM_ALREADY_FINISHED, as without idemkit', async () => {
-    const app = express();
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    const { app } = appWith();
     const late = new Promise<unknown>((resolve) => {
       app.post('/after', (_req, res) => {
         res.status(201).end('once');
@@ -321,8 +302,7 @@ describe('express binding: errors', () => {
   });
 
   it('a second res.end(callback) while the first is stored gets its callback once the answer finished, as in Node', async () => {
-    const app = express();
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    const { app } = appWith();
     const called = new Promise<unknown[]>((resolve) => {
       app.post('/twice', (_req, res) => {
         res.status(201).end('once');
