@@ -10,8 +10,14 @@ const decoder = new TextDecoder();
 export interface IdempotentOptions<Args extends unknown[], R>
   extends Pick<
     IdempotencyOptions<Args>,
-    'store' | 'ttlMs' | 'leaseMs' | 'concurrency' | 'waitTimeoutMs' | 'onStoreError' | 'storeTimeoutMs' | 'maxBodyBytes' | 'localCache' | 'onEvent' | 'logger'
+    'store' | 'ttlMs' | 'leaseMs' | 'waitTimeoutMs' | 'onStoreError' | 'storeTimeoutMs' | 'maxBodyBytes' | 'localCache' | 'onEvent' | 'logger'
   > {
+  /**
+   * 'wait': a concurrent call with the same key waits for the first and gets its result (a
+   * redelivered message); 'conflict': it rejects at once with `RequestInProgressError`.
+   * @default 'wait'
+   */
+  concurrency?: 'conflict' | 'wait' | undefined;
   /** The idempotency key of one call, from its arguments (e.g. the message id). Required. */
   key: (...args: Args) => string;
   /** Tenant of the call; part of the stored identity. */
@@ -74,7 +80,10 @@ function defaultDeserialize<R>(bytes: Uint8Array): R {
  * its result; past `waitTimeoutMs` they reject with `RequestInProgressError`. A call whose
  * arguments differ from the first call's rejects with `FingerprintMismatchError`. If `fn` throws,
  * the key is released and the error is rethrown, so a retry runs again. Every caller, the first
- * included, gets the result as `deserialize(serialize(result))`, so all of them see the same value.
+ * included, gets the result as `deserialize(serialize(result))`, so all of them see the same value;
+ * except a call that lost its lease while `fn` ran (it outlasted `leaseMs` without a renewal
+ * getting through, and another call took the key over and ran `fn` too): it gets its own result,
+ * which is not stored, and a `lease-lost` event says so.
  */
 // `This` last, so code that names <Args, R> explicitly, as before it was added, still compiles.
 export function idempotent<Args extends unknown[], R, This = unknown>(

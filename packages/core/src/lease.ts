@@ -98,6 +98,8 @@ export class RunningLease implements Lease {
   #renewSentAt = 0;
   /** The answer whose completion failed and is retried in the background (the lease keeps renewing meanwhile). */
   #retrying: StoredResponse | null = null;
+  /** Renewals for a retried completion stop here (see #completeLater), so the lease can run out. */
+  #retryRenewsUntil = 0;
   /** The handler ended its own transaction (see #afterTransactionEnded). */
   #transactionEnded = false;
   /** A transactional completion or rollback outlasted the store deadline: the key is held (and renewed) until it settles. */
@@ -241,8 +243,9 @@ export class RunningLease implements Lease {
   renewIfDue(now: number): void {
     if (now < this.#renewDueAt) return;
     // Past its end the lease cannot be renewed (stores refuse a lapsed holder): the retried
-    // completion is about to give up, and a renewal would only hold that off.
-    if (this.#retrying !== null && now >= this.#leaseEndsAt) return;
+    // completion is about to give up, and a renewal would only hold that off. Past the retry's
+    // renewal budget it is left to run out.
+    if (this.#retrying !== null && (now >= this.#leaseEndsAt || now >= this.#retryRenewsUntil)) return;
     // One renewal in flight at a time: on a slow store, ticks must not queue up renewals that
     // would then delay the completion behind them. One that timed out may never settle (a dead
     // connection with no socket timeout), so a second goes out when due, on another connection
@@ -373,10 +376,13 @@ export class RunningLease implements Lease {
    * completion is retried with backoff until it lands or the lease runs out (stores refuse a
    * holder after that; every renewal that gets through pushes the end further): once the store
    * is back, retries get the replay. Only a store away for the rest of the lease (or this
-   * process dying) ends it.
+   * process dying) ends it. Renewals go on for two leases at most: a store that renews but keeps
+   * refusing this one write (a payload limit, a per-statement timeout) would otherwise hold the
+   * key at 409 for as long as the process lives.
    */
   #completeLater(response: StoredResponse): void {
     this.#retrying = response;
+    this.#retryRenewsUntil = performance.now() + 2 * this.host.options.leaseMs;
     const { store, ttlMs } = this.host.options;
     let delay = COMPLETE_RETRY_FIRST_MS;
     const attempt = (): void => {
@@ -418,7 +424,7 @@ export class RunningLease implements Lease {
     if (outcome === 'refused') return this.#lost('complete');
     this.host.emit({ type: 'lease-lost', key: this.key, operation: 'complete' });
     this.host.options.logger?.error(
-      `[idemkit] Gave up storing the answer for key "${this.key}": the store was away until its lease ran out. A retry with this key may run the handler again.`,
+      `[idemkit] Gave up storing the answer for key "${this.key}": the store kept failing the completion until its lease ran out. A retry with this key may run the handler again.`,
     );
   }
 

@@ -649,6 +649,33 @@ describe('store failures', () => {
     expect(next.tookOver).toBe(true);
   });
 
+  it('a store that renews but keeps failing the completion: renewals stop after two leases, so the key is not held for good', async () => {
+    // A payload limit or a per-statement timeout: the small renewal gets through, the answer never does.
+    const store = createMemoryStore();
+    const events: IdempotencyEvent[] = [];
+    const logger = { warn: vi.fn(), error: vi.fn() };
+    const engine = createIdempotencyEngine({ store, logger, leaseMs: 200, onEvent: (e) => events.push(e) });
+    const lease = expectRun(await engine.decide(request({ key: 'refused-write' })));
+    let renewals = 0;
+    const renew = store.renew.bind(store);
+    store.renew = (...args) => {
+      renewals++;
+      return renew(...args);
+    };
+    store.complete = () => Promise.reject(new Error('payload too large'));
+    expect(await lease.commit(response(201, 'never stored'))).toBe(false);
+    // Held past its first lease (a blip may still clear), then given up and reported.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expectProblem(await engine.decide(request({ key: 'refused-write' })), 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    await vi.waitFor(() => expect(events).toContainEqual({ type: 'lease-lost', key: 'refused-write', operation: 'complete' }), { timeout: 5_000, interval: 20 });
+    expect(renewals).toBeGreaterThan(0);
+    expect(logger.error).toHaveBeenCalledWith(expect.stringContaining('Gave up storing the answer for key "refused-write"'));
+    // Nothing renews it any more: the next request takes the lapsed lease over.
+    const next = expectRun(await engine.decide(request({ key: 'refused-write' })));
+    expect(next.tookOver).toBe(true);
+    await next.abandon('handler-threw');
+  });
+
   it('a store that hangs (not refuses) past the lease: the retried completion still gives up at the lease end', async () => {
     // With storeTimeoutMs above a third of the lease a renewal is nearly always in flight; only
     // one sent before the lease end may hold the give-up off.
