@@ -1,6 +1,8 @@
 /** What `whenSocketCloses` needs of a socket: Node's `net.Socket` (and any emitter with `once`). */
 export interface ClosableSocket {
   once(event: 'close', listener: () => void): unknown;
+  /** True once 'close' has been emitted (Node streams): it will not be emitted again. */
+  readonly closed?: boolean;
 }
 
 /** Callbacks waiting for a socket's close, behind one listener per socket (not one per pipelined request). */
@@ -13,6 +15,13 @@ const waiting = new WeakMap<ClosableSocket, Set<() => void>>();
  * many requests wait on it (more than ten would trip Node's MaxListenersExceededWarning).
  */
 export function whenSocketCloses(socket: ClosableSocket, callback: () => void): () => void {
+  // Closed already (it died while the request's key was being claimed): no 'close' is coming,
+  // so the caller hears it on the next turn, unless it stops waiting first.
+  if (socket.closed === true) {
+    let live = true;
+    setImmediate(() => live && callback());
+    return () => void (live = false);
+  }
   let waiters = waiting.get(socket);
   if (waiters === undefined) {
     const all = new Set<() => void>();

@@ -20,4 +20,23 @@ describe('whenSocketCloses', () => {
     expect(called).toEqual([0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
     await new Promise((resolve) => server.close(resolve));
   });
+
+  it('a socket that closed already calls back on the next turn (no close event is coming), unless stopped first', async () => {
+    const server = createServer((s) => s.on('error', () => undefined));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const { port } = server.address() as { port: number };
+    const socket: Socket = connect(port, '127.0.0.1');
+    await new Promise((resolve) => socket.once('connect', resolve));
+    const closed = new Promise((resolve) => socket.once('close', resolve));
+    socket.destroy();
+    await closed;
+    const called: string[] = [];
+    whenSocketCloses(socket, () => called.push('waiting'));
+    const stop = whenSocketCloses(socket, () => called.push('stopped'));
+    stop();
+    expect(called).toEqual([]);
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(called).toEqual(['waiting']);
+    await new Promise((resolve) => server.close(resolve));
+  });
 });

@@ -1,6 +1,6 @@
 import { request as httpRequest } from 'node:http';
 import { connect } from 'node:net';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { Readable } from 'node:stream';
 import { gunzipSync } from 'node:zlib';
 import fastifyCompress from '@fastify/compress';
@@ -675,6 +675,46 @@ describe('a pipelined request whose connection dies while it waits its turn', ()
     await answeredWith(app, '/queued', 'pipelined-2', 410, 10_000, {});
     expect(runs).toBe(1);
   });
+});
+
+describe('a pipelined request whose connection died before its key was even claimed', () => {
+  for (const answer of ['send', 'hijack'] as const) {
+    it(`is settled all the same (${answer}): the socket's close came before anyone could wait for it`, async () => {
+      let runs = 0;
+      let socketClosed: Promise<unknown> = Promise.resolve();
+      const store = createMemoryStore();
+      const begin = store.begin.bind(store);
+      // The claim answers only once the connection is gone (a slow store, a client that gave up).
+      store.begin = async (...args) => (await socketClosed, begin(...args));
+      const { app } = await build(
+        (a) => {
+          a.post('/first', async () => (await new Promise((resolve) => setTimeout(resolve, 300)), { first: true }));
+          a.post('/queued', async (_request, reply) => {
+            runs++;
+            if (answer === 'send') return reply.code(201).send({ runs });
+            reply.hijack();
+            reply.raw.writeHead(201, { 'content-type': 'application/json' });
+            reply.raw.end(JSON.stringify({ runs }));
+          });
+        },
+        { store, leaseMs: 300 },
+      );
+      await app.listen({ port: 0, host: '127.0.0.1' });
+      const { port } = app.server.address() as AddressInfo;
+      const request = (path: string, key: string): string =>
+        `POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`;
+      const socket = connect(port, '127.0.0.1');
+      socket.on('error', () => undefined);
+      socketClosed = new Promise((resolve) => app.server.once('connection', (s: Socket) => s.once('close', resolve)));
+      socket.write(request('/first', `early-${answer}-1`) + request('/queued', `early-${answer}-2`));
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      socket.destroy();
+      // Before, its key answered 409 for as long as the process ran (the lease kept renewing).
+      const retry = await answeredWith(app, '/queued', `early-${answer}-2`, answer === 'send' ? 201 : 410, 10_000, {});
+      if (answer === 'send') expect(replayed(retry)).toBe(true);
+      expect(runs).toBe(1);
+    });
+  }
 });
 
 describe('many pipelined requests on one connection', () => {
