@@ -165,9 +165,17 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
         return next();
       case 'replay':
         return writeReplay(res, decision.response);
-      case 'problem':
-        if (onProblem) return onProblem(decision.error, req, res, next);
-        return writeProblem(res, decision.error);
+      case 'problem': {
+        if (!onProblem) return writeProblem(res, decision.error);
+        // `next()` (or 'route'/'router') from onProblem means "carry on as usual": here that is the
+        // problem answer. Passed on as it is, it ran the handler with no idempotency at all, a
+        // second charge on a 409. Only an error goes on to the error handlers.
+        const { error } = decision;
+        return onProblem(error, req, res, (err?: unknown) => {
+          if (err === undefined || err === null || err === 'route' || err === 'router') writeProblem(res, error);
+          else next(err);
+        });
+      }
       case 'run': {
         const { lease } = decision;
         if (!errorHandlerChecked) warnNoErrorHandler();

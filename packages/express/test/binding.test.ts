@@ -516,6 +516,38 @@ describe('express binding: errors', () => {
     expect(JSON.parse(new TextDecoder().decode(reply.body))).toEqual({ mine: 'ERR_IDEMKIT_KEY_MISSING' });
   });
 
+  it('onProblem that calls next() without an error gets the problem answer, never the handler (a second run on a 409)', async () => {
+    const seen: number[] = [];
+    let release = (): void => undefined;
+    const { app, runs } = appWith({ onProblem: (error, _req, _res, next) => (seen.push(error.status), next()) });
+    app.post('/x', async (_req, res) => {
+      await new Promise<void>((resolve) => (release = resolve));
+      res.status(201).json({ charged: true });
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    const first = post(`${url}/x`, key);
+    await vi.waitFor(() => expect(runs()).toBe(1));
+    const duplicate = await post(`${url}/x`, key);
+    expect([duplicate.status, duplicate.headers.get('content-type')]).toEqual([409, 'application/problem+json']);
+    const missing = await post(`${url}/x`, undefined);
+    expect(missing.status).toBe(400);
+    release();
+    expect((await first).status).toBe(201);
+    expect(runs()).toBe(1);
+    expect(seen).toEqual([409, 400]);
+  });
+
+  it("onProblem's next(error) still reaches the error handlers", async () => {
+    const { app } = appWith({ onProblem: (error, _req, _res, next) => next(error) });
+    app.post('/x', (_req, res) => void res.sendStatus(201));
+    app.use(((error: { status: number; code: string }, _req, res, _next) => void res.status(error.status).json({ handled: error.code })) as ErrorRequestHandler);
+    const url = await serve(app);
+    const reply = await post(`${url}/x`, undefined);
+    expect(reply.status).toBe(400);
+    expect(JSON.parse(new TextDecoder().decode(reply.body))).toEqual({ handled: 'ERR_IDEMKIT_KEY_MISSING' });
+  });
+
   it('onProblem is not called for the stored 410 of a streamed answer: its retries replay it as stored', async () => {
     const problems: number[] = [];
     const { app } = appWith({ onProblem: (error, _req, res) => void (problems.push(error.status), res.status(error.status).json({ mine: error.code })) });
