@@ -157,8 +157,16 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     // The key is settled before the Request is built: building one takes a Request's body, and a
     // refused key must leave it unread. The header is read where the Request will take it from
     // (init's headers replace a Request's own).
-    if (idempotencyKey === undefined && requestInit.headers !== undefined) refuseEmptyKeyHeader(requestInit.headers, header);
-    const headerSource = requestInit.headers !== undefined ? new Headers(requestInit.headers) : requestLike ? input.headers : undefined;
+    // Read once into one Headers, used for the key and the Request alike: init.headers may be a
+    // one-shot iterator (a Map's entries), which a second read would find empty.
+    let initHeaders: Headers | undefined;
+    if (requestInit.headers !== undefined) {
+      const given = listed(requestInit.headers);
+      if (idempotencyKey === undefined) refuseEmptyKeyHeader(given, header);
+      initHeaders = new Headers(given);
+      requestInit.headers = initHeaders;
+    }
+    const headerSource = initHeaders ?? (requestLike ? input.headers : undefined);
     const key = checkedKey(idempotencyKey ?? headerSource?.get(header) ?? generateKey(), header);
     // The method goes into init only when it must: a non-empty init resets a Request's referrer.
     const template = new Request(input, requestInit.method === undefined && method === inputMethod ? requestInit : { ...requestInit, method });
@@ -537,6 +545,21 @@ function refuseEmptyKeyHeader(headers: HeadersInit, header: string): void {
       throw new TypeError(`[idemkit] [client] The ${header} header in init.headers is ${String(value)}: pass the key itself, or leave the header out for a new key per call.`);
     }
   }
+}
+
+/**
+ * `init.headers` that can be read more than once: an iterable that is no array or Headers (a
+ * Map's entries, a generator, another fetch's Headers) copied into an array of pairs, as Headers
+ * reads it. Anything else as it came, for Headers to take or refuse with its own error.
+ */
+function listed(headers: HeadersInit): HeadersInit {
+  if (headers instanceof Headers || Array.isArray(headers) || !isIterable(headers)) return headers;
+  // A pair may itself be a one-shot iterable: copied too, so the key check does not use it up.
+  return Array.from(headers, (pair: unknown) => (Array.isArray(pair) || !isIterable(pair) ? pair : Array.from(pair))) as HeadersInit;
+}
+
+function isIterable(value: unknown): value is Iterable<unknown> {
+  return typeof value === 'object' && value !== null && typeof (value as { [Symbol.iterator]?: unknown })[Symbol.iterator] === 'function';
 }
 
 function describeKey(value: unknown): string {

@@ -410,6 +410,27 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     expect(new Set(attempts.map((a) => a.key)).size).toBe(3);
     expect(s.runs.get('orders')).toBe(3);
   });
+  // Was: the key lookup built a Headers from init.headers, which used up an iterator, and the
+  // Request was then built from the empty rest: Authorization and the key were not sent.
+  it('takes headers given as a one-shot iterator (a Map\'s entries, a generator), as fetch does', async () => {
+    const s = await server();
+    const fetchSafe = createIdempotentFetch(fast);
+    // Any iterable of pairs is a HeadersInit to fetch; Node's typings list arrays and records only.
+    const entries = () => new Map([['authorization', 'Bearer t'], ['Idempotency-Key', 'iter-1'], ['content-type', 'application/json']]).entries() as unknown as HeadersInit;
+    const first = await fetchSafe(`${s.url}/whoami`, { method: 'POST', headers: entries(), body: '{}' });
+    expect(await first.json()).toEqual({ authorization: 'Bearer t', key: 'iter-1', run: 1 });
+    // The same key from a generator: the stored answer comes back.
+    function* generated(): Generator<[string, string]> {
+      yield ['authorization', 'Bearer t'];
+      yield ['idempotency-key', 'iter-1'];
+    }
+    const again = await fetchSafe(`${s.url}/whoami`, { method: 'POST', headers: generated() as unknown as HeadersInit, body: '{}' });
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    // An iterator's undefined key is refused as an object's is, not sent as the text "undefined".
+    const unset = new Map([['idempotency-key', undefined]]).entries() as unknown as HeadersInit;
+    await expect(fetchSafe(`${s.url}/whoami`, { method: 'POST', headers: unset, body: '{}' })).rejects.toThrow(/The Idempotency-Key header in init\.headers is undefined/);
+    expect(s.runs.get('whoami')).toBe(1);
+  });
 });
 
 describe('what is not retried, and what cannot hold a call up', () => {

@@ -18,6 +18,7 @@ export interface TestServer {
 /**
  * A real Fastify server with @idemkit/fastify. `POST /statuses` answers the statuses listed in
  * `x-statuses` one per execution (then 201), with `x-retry-after` as Retry-After;
+ * `POST /whoami` answers the Authorization and key headers it got;
  * `POST /slow-body` sends its headers and a first part, and the rest on `open()`; `POST /moved` redirects (303), `POST /moved-307` with
  * a 307 (method and body kept).
  */
@@ -52,6 +53,8 @@ export async function startServer(options: Partial<Omit<IdempotencyOptions<Fasti
   app.get('/orders', async () => ({ runs: count('list') }));
   app.put('/things', async (req) => ({ runs: count('things'), body: req.body }));
   app.post('/referer', async (req) => ({ referer: req.headers.referer ?? null }));
+  // What arrived: whether the caller's headers reached the server.
+  app.post('/whoami', async (req) => ({ authorization: req.headers.authorization ?? null, key: req.headers['idempotency-key'] ?? null, run: count('whoami') }));
   // Headers at once, the rest of the body once `open()` is called (a large or slow answer).
   app.post('/slow-body', async (req, reply) => {
     count('slow-body');
