@@ -32,7 +32,8 @@ export interface IdempotentFetchOptions {
   baseDelayMs?: number | undefined;
   /**
    * Largest wait between attempts in ms. A longer `Retry-After` is waited only this long on a 409,
-   * and ends the retries on other statuses (their answer is returned). @default 5_000
+   * and ends the retries on other statuses (their answer is returned). idemkit's "still running"
+   * 409s are asked again at least 10 ms apart even when this is lower. @default 5_000
    */
   maxDelayMs?: number | undefined;
   /** Total time for all attempts and waits, in ms. @default 30_000 */

@@ -18,11 +18,12 @@ const POLL_FLOOR_MS = 10;
  * The wait before asking an idemkit server again about a request it still runs (its 409): the
  * backoff ceiling of the `n`th such wait, jittered between half and all of it, so a short
  * operation's replay is fetched soon after it ends while a long one is asked less and less often.
+ * The ceiling is at most `maxMs` but never under 10 ms, whatever `baseMs` and `maxMs` say.
  */
 export function pollDelay(n: number, baseMs: number, maxMs: number, random: () => number): number {
-  // At least 10 ms to start from: with `baseDelayMs: 0` the polls, which no maxAttempts bounds,
-  // would otherwise go out back to back until the deadline.
-  const ceiling = Math.min(maxMs, Math.max(baseMs, POLL_FLOOR_MS) * 2 ** Math.max(0, n - 1));
+  // At least 10 ms, from the start (`baseDelayMs: 0`) and after the cap (`maxDelayMs: 0`): the
+  // polls, which no maxAttempts bounds, would otherwise go out back to back until the deadline.
+  const ceiling = Math.max(POLL_FLOOR_MS, Math.min(maxMs, Math.max(baseMs, POLL_FLOOR_MS) * 2 ** Math.max(0, n - 1)));
   return Math.round(ceiling / 2 + (random() * ceiling) / 2);
 }
 

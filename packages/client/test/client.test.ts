@@ -126,6 +126,26 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     expect(attempts.slice(0, 4).map((x) => x.delayMs)).toEqual([10, 20, 40, 80]);
   });
 
+  // Was: the 10 ms floor came before the maxDelayMs cap, so maxDelayMs: 0 polled back to back
+  // (thousands of requests a second against a running handler, until the deadline).
+  it("with maxDelayMs: 0 idemkit's 409 is still asked again at most every 10 ms, not back to back", async () => {
+    const s = await server();
+    const key = 'double-click-4';
+    const first = createIdempotentFetch(fast)(`${s.url}/orders?hold=1`, { ...json({ item: 'w' }), idempotencyKey: key });
+    await vi.waitFor(() => expect(s.runs.get('orders')).toBe(1), { interval: 5, timeout: 10_000 });
+    const { attempts, onAttempt } = recorder();
+    const second = createIdempotentFetch({ maxDelayMs: 0, random: () => 1, onAttempt })(`${s.url}/orders?hold=1`, { ...json({ item: 'w' }), idempotencyKey: key });
+    await vi.waitFor(() => expect(attempts.length).toBeGreaterThanOrEqual(4), { interval: 5, timeout: 10_000 });
+    const requests = s.requests;
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    // 10 ms apart at least: at most 31 polls in 300 ms, however fast the server answers.
+    expect(s.requests - requests).toBeLessThanOrEqual(31);
+    s.open();
+    expect((await second).status).toBe(201);
+    await first;
+    expect(attempts.slice(0, 4).map((x) => x.delayMs)).toEqual([10, 10, 10, 10]);
+  });
+
   it('a 409 problem body that stalls ends the call at the deadline with RetryDeadlineError, not with an unreadable answer', async () => {
     const { createServer } = await import('node:http');
     const stalled = createServer((_req, res) => {
