@@ -504,32 +504,70 @@ function untilAborted<T>(work: T | Promise<T>, signal: AbortSignal): Promise<T> 
   });
 }
 
-/** The key to send: a non-empty string. The server would answer any other 400, which is not retried. */
-/** What the draft and idemkit's server take as a bare key: 1–255 printable ASCII characters. */
-const BARE_KEY = /^[\x20-\x7e]{1,255}$/;
+/** What the draft and idemkit's server take as a key: 1–255 printable ASCII characters. */
+const KEY = /^[\x20-\x7e]{1,255}$/;
 
 /**
- * The key, refused before anything is sent when a server following the draft would answer 400
- * (which is not retried). A key that starts with `"` is the draft's structured-field form, sent as
- * it is for the server to parse.
+ * The key, refused before anything is sent (and before a Request's body is read) when a server
+ * following the draft would answer 400, which is not retried. A key that starts with `"` is the
+ * draft's structured-field form: what its quotes hold is checked by the same rules.
  */
 function checkedKey(given: unknown, header: string): string {
   const from = `(from \`idempotencyKey\`, the ${header} header or \`generateKey\`)`;
   if (typeof given !== 'string' || given.trim() === '') {
     throw new TypeError(`[idemkit] [client] The idempotency key must be a non-empty string ${from}; got ${describeKey(given)}.`);
   }
-  if (given.startsWith('"')) return given;
-  const problem = !BARE_KEY.test(given)
-    ? given.length > 255
-      ? `is ${given.length} characters long; at most 255 are allowed`
-      : 'may hold printable ASCII characters only (no control or non-ASCII characters)'
-    : given.trim() !== given
-      ? 'starts or ends with a space, which the header would lose (the server would see another key)'
-      : given.includes(',')
-        ? 'holds a comma, which servers take for two joined headers (send it quoted, as a structured-field string: `"a,b"`)'
-        : undefined;
+  const problem = given.startsWith('"') ? quotedKeyProblem(given) : bareKeyProblem(given);
   if (problem === undefined) return given;
   throw new TypeError(`[idemkit] [client] The idempotency key ${from} ${problem}; got ${describeKey(given.length > 60 ? `${given.slice(0, 60)}…` : given)}.`);
+}
+
+/** Why a server would refuse `key` (the content of a quoted key too), or undefined. */
+function keyProblem(key: string): string | undefined {
+  if (KEY.test(key)) return undefined;
+  if (key.length === 0) return 'is empty';
+  return key.length > 255 ? `is ${key.length} characters long; at most 255 are allowed` : 'may hold printable ASCII characters only (no control or non-ASCII characters)';
+}
+
+function bareKeyProblem(key: string): string | undefined {
+  return (
+    keyProblem(key) ??
+    (key.trim() !== key
+      ? 'starts or ends with a space, which the header would lose (the server would see another key)'
+      : key.includes(',')
+        ? 'holds a comma, which servers take for two joined headers (send it quoted, as a structured-field string: `"a,b"`)'
+        : undefined)
+  );
+}
+
+/**
+ * Why a server would refuse a key in the structured-field form (RFC 9651 sf-string), or undefined.
+ * Written out rather than core's parseKeyHeader: the client has no runtime dependencies. The
+ * parameters a server ignores (`"k";a=1`) are left to it; they only need to be sendable.
+ */
+function quotedKeyProblem(value: string): string | undefined {
+  let content = '';
+  let end = -1;
+  for (let i = 1; i < value.length; i++) {
+    const char = value[i]!;
+    if (char === '"') {
+      end = i + 1;
+      break;
+    }
+    if (char === '\\') {
+      const next = value[++i];
+      if (next !== '"' && next !== '\\') return 'starts with `"` but is no structured-field string: a backslash may only escape `"` or `\\`';
+      content += next;
+    } else content += char;
+  }
+  if (end === -1) return 'starts with `"` but is no structured-field string: the closing `"` is missing';
+  // Spaces and tabs after it are dropped by Headers, and by the server's parser.
+  let stop = value.length;
+  while (stop > end && (value[stop - 1] === ' ' || value[stop - 1] === '\t')) stop--;
+  const rest = value.slice(end, stop);
+  if (rest !== '' && !/^;[\x20-\x7e]*$/.test(rest)) return 'starts with `"` but is no structured-field string: only parameters (`;name=value`) may follow the closing `"`';
+  const problem = keyProblem(content);
+  return problem === undefined ? undefined : `${problem} between its quotes`;
 }
 
 /**

@@ -1,5 +1,6 @@
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { parseKeyHeader } from '@idemkit/core';
 import nodeFetch from 'node-fetch';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { backoffDelay, createIdempotentFetch, parseRetryAfter, RetryDeadlineError, RetryExhaustedError, type AttemptInfo } from '../src/index.js';
@@ -210,8 +211,8 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
   });
 
   it.each([
-    // A quoted key goes out as it is (the draft's form) and this one does not parse on the server.
-    ['400 (invalid key)', { idempotencyKey: '"unterminated' }, 400],
+    // A quoted key's parameters are left to the server, which refuses an upper-case name.
+    ['400 (invalid key)', { idempotencyKey: '"k";Bad=1' }, 400],
     ['422 (key reused with another body)', { idempotencyKey: 'reused' }, 422],
   ])('never retries %s', async (_, init, status) => {
     const s = await server();
@@ -766,6 +767,40 @@ describe('retry rules', () => {
     expect((await plain(`${s.url}/orders`, { ...json({}), idempotencyKey: 'k'.repeat(255) })).status).toBe(201);
     expect((await plain(`${s.url}/orders`, { ...json({}), idempotencyKey: '"order-1,retry"' })).status).toBe(201);
     expect(s.runs.get('orders')).toBe(2);
+  });
+  // Was: a key starting with `"` skipped every check. `'"中"'` failed with Headers' ByteString
+  // error after a Request's body had been read; `'""'` went out and came back 400.
+  it('checks a quoted (structured-field) key by the same rules, inside its quotes, before anything is sent', async () => {
+    const s = await server();
+    const plain = createIdempotentFetch(fast);
+    const refused: Array<[string, RegExp]> = [
+      ['""', /is empty between its quotes/],
+      ['"中"', /printable ASCII characters only .*between its quotes/],
+      ['"a\tb"', /printable ASCII/],
+      [`"${'k'.repeat(256)}"`, /is 256 characters long; at most 255 are allowed between its quotes/],
+      ['"order-1', /closing `"` is missing/],
+      ['"a\\b"', /a backslash may only escape/],
+      ['"order-1" x', /only parameters/],
+    ];
+    for (const [idempotencyKey, message] of refused) {
+      // The server's own parser refuses each of them too (a 400, which is not retried).
+      expect(parseKeyHeader(idempotencyKey).ok).toBe(false);
+      await expect(plain(`${s.url}/orders`, { ...json({}), idempotencyKey })).rejects.toThrow(message);
+      // A caller's Request is left unread, so it can be sent again with a proper key.
+      const request = new Request(`${s.url}/orders`, { method: 'POST', body: 'keep me' });
+      const error = await plain(request, { idempotencyKey }).catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(TypeError);
+      expect((error as Error).message).toMatch(/^\[idemkit\] \[client\] The idempotency key/);
+      expect(request.bodyUsed).toBe(false);
+    }
+    expect(s.requests).toBe(0);
+    // What the server takes goes through: spaces, an escaped quote, a comma, 255 characters, parameters.
+    const accepted = ['" "', '"a\\"b"', '"a,b"', `"${'k'.repeat(255)}"`, '"order-2";v=1'];
+    for (const idempotencyKey of accepted) {
+      expect(parseKeyHeader(idempotencyKey).ok).toBe(true);
+      expect((await plain(`${s.url}/orders`, { ...json({}), idempotencyKey })).status).toBe(201);
+    }
+    expect(s.runs.get('orders')).toBe(accepted.length);
   });
 });
 
