@@ -241,9 +241,11 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
         }
 
         const retryAfter = response ? parseRetryAfter(response.headers.get('retry-after')) : undefined;
+        // fetch's own refusal (a redirect under redirect: 'error'): every attempt would meet it again.
+        const refused = response === undefined && failsAgain(lastError);
         let retryable: boolean;
         try {
-          retryable = response === undefined || (retryOn(response.status) && worthRetrying(response, retryAfter, maxDelayMs));
+          retryable = response === undefined ? !refused : retryOn(response.status) && worthRetrying(response, retryAfter, maxDelayMs);
         } catch (error) {
           // The caller's retryOn threw: its error is the call's, and nobody reads this answer.
           void discard(response);
@@ -289,6 +291,8 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
 
         if (!willRetry) {
           if (response) return kept(response, template, input);
+          // As plain fetch rejects: no retries were used up, and none would have helped.
+          if (refused) throw lastError;
           throw new RetryExhaustedError(`[idemkit] [client] No response to the last of ${attempt} attempt(s): ${describe(lastError)}`, key, attempt, { cause: lastError });
         }
         // Free the connection of the answer we are discarding.
@@ -443,6 +447,23 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal):
 /** A chunk as a Blob part: its typings take no views of a SharedArrayBuffer, so such a chunk is copied. */
 function blobPart(chunk: Uint8Array): Uint8Array<ArrayBuffer> {
   return chunk.buffer instanceof ArrayBuffer ? (chunk as Uint8Array<ArrayBuffer>) : new Uint8Array(chunk);
+}
+
+/**
+ * A rejection that every attempt would meet again: fetch refusing by its own rules (a redirect
+ * under `redirect: 'error'`, too many redirects, a Location it cannot follow, a blocked port), not
+ * the network. Node's fetch (undici) gives those a cause without an error `code`, made from its
+ * reason ('unexpected redirect', 'redirect count exceeded'), or a TypeError (a Location that is no
+ * URL); a network failure's cause carries the system's or undici's code (ECONNRESET, ECONNREFUSED,
+ * UND_ERR_SOCKET). node-fetch names the kind in `type` ('system' is the network). A browser says
+ * "Failed to fetch" for both, with no cause: there, as for any other error, another attempt is made.
+ */
+function failsAgain(error: unknown): boolean {
+  if (!(error instanceof Error)) return false;
+  const { type } = error as { type?: unknown };
+  if (error.name === 'FetchError' && typeof type === 'string') return type !== 'system';
+  if (!(error instanceof TypeError) || !(error.cause instanceof Error)) return false;
+  return error.cause instanceof TypeError || typeof (error.cause as { code?: unknown }).code !== 'string';
 }
 
 /** An error's message, with its cause's code or message (fetch's "fetch failed" says nothing of ECONNREFUSED). */

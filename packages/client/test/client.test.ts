@@ -478,6 +478,44 @@ describe('what is not retried, and what cannot hold a call up', () => {
     expect(s.runs.get('statuses')).toBe(1);
   });
 
+  // Was: retried as a lost connection would be: five requests (each may run the operation on
+  // another server), then RetryExhaustedError.
+  it("fetch's own refusal (redirect: 'error' meeting a redirect) is not retried: one request, fetch's error", async () => {
+    const s = await server();
+    const { attempts, onAttempt } = recorder();
+    const error = await createIdempotentFetch({ ...fast, onAttempt })(`${s.url}/moved`, { ...json({}), redirect: 'error' }).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(TypeError);
+    expect((error as Error).cause).toMatchObject({ message: 'unexpected redirect' });
+    expect(s.requests).toBe(1);
+    expect(attempts.map((a) => [a.error, a.willRetry])).toEqual([[error, false]]);
+    // node-fetch names the kind in its error's type.
+    const nodeFetchError = await createIdempotentFetch({ ...fast, fetch: nodeFetch as unknown as typeof fetch })(`${s.url}/moved`, { ...json({}), redirect: 'error' }).catch((e: unknown) => e);
+    expect(nodeFetchError).toMatchObject({ name: 'FetchError', type: 'no-redirect' });
+    expect(s.requests).toBe(2);
+  });
+
+  it('network errors are still retried: a connection reset, a refused connection', async () => {
+    const { createServer } = await import('node:http');
+    let requests = 0;
+    const resetting = createServer((req, res) => {
+      // The first request's connection is reset (ECONNRESET), the second one answered.
+      if (++requests === 1) return void req.socket.resetAndDestroy();
+      res.writeHead(201).end('made');
+    });
+    await new Promise<void>((resolve) => resetting.listen(0, '127.0.0.1', resolve));
+    open.push({ close: () => new Promise<void>((resolve) => resetting.close(() => resolve())) });
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ ...fast, onAttempt })(`http://127.0.0.1:${(resetting.address() as { port: number }).port}/`, json({}));
+    expect(res.status).toBe(201);
+    expect(attempts.map((a) => (a.error as Error | undefined)?.cause ?? a.status)).toEqual([expect.objectContaining({ code: 'ECONNRESET' }), 201]);
+    const url = `http://127.0.0.1:${(resetting.address() as { port: number }).port}/`;
+    resetting.closeAllConnections();
+    await new Promise<void>((resolve) => resetting.close(() => resolve()));
+    const refused = await createIdempotentFetch({ ...fast, maxAttempts: 3 })(url, json({})).catch((e: unknown) => e);
+    expect(refused).toBeInstanceOf(RetryExhaustedError);
+    expect(refused).toMatchObject({ attempts: 3, cause: { cause: { code: 'ECONNREFUSED' } } });
+  });
+
   it('an abort from inside onAttempt rejects, even on the last attempt that got an answer', async () => {
     const s = await server();
     const controller = new AbortController();
