@@ -20,7 +20,7 @@ export interface AttemptInfo {
 export interface IdempotentFetchOptions {
   /** The fetch to wrap. @default globalThis.fetch */
   fetch?: typeof globalThis.fetch | undefined;
-  /** Key header. @default 'Idempotency-Key' */
+  /** Key header: an RFC 9110 token, else createIdempotentFetch throws a TypeError. @default 'Idempotency-Key' */
   header?: string | undefined;
   /** New key per logical operation. @default crypto.randomUUID */
   generateKey?: (() => string) | undefined;
@@ -98,6 +98,8 @@ export class RetryDeadlineError extends Error {
 }
 
 const DEFAULT_METHODS = ['POST', 'PATCH'];
+/** A field name: an RFC 9110 token. */
+const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 const MAX_TIMER_MS = 2_147_483_647;
 
 /** Every option name, so a misspelt one can be reported. */
@@ -121,6 +123,10 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     if (options[name] != null && typeof options[name] !== 'function') throw new TypeError(`[idemkit] [client] \`${name}\` must be a function.`);
   }
   const header = options.header ?? 'Idempotency-Key';
+  // Refused here, once, rather than by Headers on every call.
+  if (typeof header !== 'string' || !HEADER_NAME.test(header)) {
+    throw new TypeError(`[idemkit] [client] \`header\` must be a header name (RFC 9110 token: letters, digits and !#$%&'*+-.^_\`|~); got ${describeKey(header)}.`);
+  }
   const generateKey = options.generateKey ?? randomKey;
   const methods = new Set((options.methods ?? DEFAULT_METHODS).map((m) => m.toUpperCase()));
   const maxAttempts = options.maxAttempts ?? 5;

@@ -723,6 +723,15 @@ describe('retry rules', () => {
     expect(() => createIdempotentFetch({ onAttempt: null, generateKey: null, retryOn: null, random: null } as never)).not.toThrow();
   });
 
+  // Was: accepted, and then every call rejected with Headers' own TypeError.
+  it('refuses a header name fetch could not send, at creation', () => {
+    for (const header of ['Bad Name', '', 'Idempotency-Key:', 'Schlüssel', 42 as never]) {
+      expect(() => createIdempotentFetch({ header })).toThrow(/^\[idemkit\] \[client\] `header` must be a header name/);
+    }
+    expect(() => createIdempotentFetch({ header: 'X-Request-Key' })).not.toThrow();
+    expect(() => createIdempotentFetch({ header: "a!#$%&'*+-.^_`|~9" })).not.toThrow();
+  });
+
   it('warns about an option it does not know (a misspelt one would keep its default)', () => {
     const warn = vi.spyOn(console, 'warn').mockImplementation(() => undefined);
     try {
