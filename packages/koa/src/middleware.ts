@@ -146,6 +146,14 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
       case 'problem':
         return answerProblem(ctx, decision.error);
       case 'run':
+        // Answered while the key was being claimed (a slow store) or, with `concurrency: 'wait'`,
+        // while it waited its turn: a timeout middleware mounted before this one sent its 503. The
+        // handler must not run behind an answer already sent, so the key just claimed is given back
+        // at once for the client's retry, not marked cut short for good (as Fastify does).
+        if (ctx.res.headersSent || ctx.res.writableEnded) {
+          await decision.lease.abandon('client-gone');
+          return;
+        }
         return run(ctx, next, decision.lease, resolved.maxBodyBytes);
     }
   };

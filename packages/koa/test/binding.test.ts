@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { Readable } from 'node:stream';
 import Router from '@koa/router';
-import { createMemoryStore, defaultFingerprint, problemResponse, KeyError, scopedKey, TransactionAbortedError, type IdempotencyEvent, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
+import { createMemoryStore, defaultFingerprint, problemResponse, KeyError, MemoryStore, scopedKey, TransactionAbortedError, type IdempotencyEvent, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import Koa, { type Context, type Middleware } from 'koa';
 import { koaBody } from 'koa-body';
 import { afterEach, describe, expect, it, vi } from 'vitest';
@@ -14,6 +14,16 @@ const closers: Array<() => Promise<void>> = [];
 afterEach(async () => {
   await Promise.all(closers.splice(0).map((close) => close()));
 });
+
+/** A memory store whose begin() answers `delayMs` after it claimed the key, as a slow or distant store does. */
+class SlowBeginStore extends MemoryStore {
+  delayMs = 0;
+  override async begin(...args: Parameters<MemoryStore['begin']>): ReturnType<MemoryStore['begin']> {
+    const result = await super.begin(...args);
+    if (this.delayMs > 0) await new Promise((resolve) => setTimeout(resolve, this.delayMs));
+    return result;
+  }
+}
 
 async function start(...args: Parameters<typeof startKoa>): ReturnType<typeof startKoa> {
   const handle = await startKoa(...args);
@@ -625,7 +635,7 @@ describe('koa binding: concurrency and disconnects', () => {
   describe('a timeout middleware mounted before idempotency() answers 503 while the handler runs', () => {
     async function withTimeout(
       outcome: () => Promise<'ok' | 'fail'>,
-      { standIn = 503, rawAnswer = false }: { standIn?: number; rawAnswer?: boolean } = {},
+      { standIn = 503, rawAnswer = false, store = createMemoryStore() }: { standIn?: number; rawAnswer?: boolean; store?: IdempotencyStore } = {},
     ): Promise<{ url: string; runs: () => number }> {
       let runs = 0;
       let requests = 0;
@@ -645,7 +655,7 @@ describe('koa binding: concurrency and disconnects', () => {
           await Promise.race([next(), timedOut]);
           clearTimeout(timer);
         });
-        app.use(idempotency({ store: createMemoryStore() }));
+        app.use(idempotency({ store }));
         app.use(async (ctx) => {
           runs++;
           if ((await outcome()) === 'fail') throw new Error('card declined');
@@ -694,6 +704,65 @@ describe('koa binding: concurrency and disconnects', () => {
       fail();
       await vi.waitFor(async () => expect((await post(url, 'k')).status).toBe(201), { timeout: 10_000 });
       expect(runs()).toBe(2);
+    });
+
+    // Was: the handler ran behind the 503 already sent, and the key answered 410 cut-short for good.
+    it('answered while the key was still being claimed (a slow store): the handler never runs behind it, the retry runs it', async () => {
+      const store = new SlowBeginStore();
+      store.delayMs = 400; // the timeout answers at 100 ms
+      const { url, runs } = await withTimeout(() => Promise.resolve('ok'), { store });
+      expect((await post(url, 'k')).status).toBe(503);
+      store.delayMs = 0;
+      // 409 until the claim's answer came back; then the key is free again.
+      await vi.waitFor(async () => expect((await post(url, 'k')).status).toBe(201), { timeout: 10_000 });
+      expect(runs()).toBe(1);
+    });
+
+    it('with concurrency: "wait", answered while it waited its turn: it does not run once the key is free, the retry does', async () => {
+      let runs = 0;
+      let fail!: () => void;
+      const gate = new Promise<void>((resolve) => (fail = resolve));
+      const store = createMemoryStore();
+      const executed: string[] = [];
+      const { url } = await start((app) => {
+        app.use(async (ctx, next) => {
+          // Only the request that waits its turn times out.
+          let timer: NodeJS.Timeout | undefined;
+          const timedOut = new Promise<void>((resolve) => {
+            timer = setTimeout(() => {
+              ctx.status = 503;
+              ctx.body = { error: 'timeout' };
+              resolve();
+            }, ctx.get('x-wait') === '' ? 10_000 : 100);
+          });
+          await Promise.race([next(), timedOut]);
+          clearTimeout(timer);
+        });
+        app.use(idempotency({ store, concurrency: 'wait', waitTimeoutMs: 10_000, onEvent: (e) => void (e.type === 'executed' && executed.push(e.key)) }));
+        app.use(async (ctx) => {
+          runs++;
+          if (runs === 1) {
+            await gate;
+            throw new Error('card declined'); // frees the key for the request that waits
+          }
+          ctx.status = 201;
+          ctx.body = { charged: runs };
+        });
+      });
+      const first = post(url, 'k');
+      await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
+      expect((await post(url, 'k', { a: 1 }, { 'x-wait': '1' })).status).toBe(503);
+      fail();
+      expect((await first).status).toBe(500);
+      // The waiting request claimed the key freed by the throw; once it settled, the retry comes.
+      await vi.waitFor(async () => {
+        expect(executed).toHaveLength(2);
+        expect((await store.get(scopedKey(undefined, 'k')))?.state).not.toBe('in_progress');
+      }, { timeout: 10_000 });
+      const retry = await post(url, 'k');
+      expect(retry.status).toBe(201);
+      expect(await retry.json()).toEqual({ charged: 2 });
+      expect(runs).toBe(2);
     });
 
     it('a handler that then throws frees the key: the retry runs it again', async () => {
