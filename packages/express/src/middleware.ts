@@ -178,6 +178,15 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
       }
       case 'run': {
         const { lease } = decision;
+        // Answered while the key was being claimed (a slow store) or, with `concurrency: 'wait'`,
+        // while it waited its turn: a timeout middleware mounted before this one sent its 503
+        // (itself, or through next(err) as connect-timeout does). The handler must not run behind
+        // an answer already sent, and the key is given back at once for the client's retry, not
+        // held for a whole lease (as the Koa and Fastify bindings do).
+        if (res.headersSent || res.writableEnded) {
+          await lease.abandon('client-gone');
+          return;
+        }
         if (!errorHandlerChecked) warnNoErrorHandler();
         claimed.set(req, lease);
         expose(req, res, lease.context);

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { once } from 'node:events';
 import { connect } from 'node:net';
 import { Readable } from 'node:stream';
-import { ConfigurationError, createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
+import { ConfigurationError, createMemoryStore, MemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import compression from 'compression';
 import fileUpload from 'express-fileupload';
 import multer from 'multer';
@@ -1599,5 +1599,50 @@ describe('express binding: an answer no route gave', () => {
       expect((await post(`${url}${path}`, key)).headers.get('idempotent-replayed')).toBe('true');
     }
     expect(runs).toBe(2);
+  });
+});
+
+/** A memory store whose begin() answers `delayMs` after it claimed the key, as a slow or distant store does. */
+class SlowBeginStore extends MemoryStore {
+  delayMs = 0;
+  override async begin(...args: Parameters<MemoryStore['begin']>): ReturnType<MemoryStore['begin']> {
+    const result = await super.begin(...args);
+    if (this.delayMs > 0) await new Promise((resolve) => setTimeout(resolve, this.delayMs));
+    return result;
+  }
+}
+
+// Was: the handler ran behind the timeout's 503 (or, after connect-timeout's next(err), did not),
+// and the key answered 409 for a whole lease (60 s by default) before a retry could run it.
+describe('express binding: a timeout middleware mounted before idempotency() answers while the key is being claimed', () => {
+  it.each([
+    ["next(err), as connect-timeout does", (_res: Response, next: (err?: unknown) => void) => next(Object.assign(new Error('Response timeout'), { status: 503 }))],
+    ['answering itself', (res: Response) => void res.status(503).json({ error: 'timeout' })],
+  ] as const)('%s: the handler does not run behind it, and the retry runs it at once', async (_name, answer) => {
+    const store = new SlowBeginStore();
+    store.delayMs = 400; // the timeout answers at 100 ms
+    let requests = 0;
+    let runs = 0;
+    const app = express();
+    app.use((_req, res, next) => {
+      // Only the first request times out.
+      const timer = setTimeout(() => answer(res, next), requests++ === 0 ? 100 : 10_000);
+      res.once('close', () => clearTimeout(timer));
+      next();
+    });
+    app.use(express.json());
+    app.use(idempotency({ store, logger: false }));
+    app.post('/pay', (_req, res) => void res.status(201).json({ run: ++runs }));
+    app.use(((error: { status?: number; message: string }, _req, res, next) => {
+      if (res.headersSent) return next(error);
+      res.status(error.status ?? 500).json({ error: error.message });
+    }) as ErrorRequestHandler);
+    const url = await serve(app);
+    const key = randomUUID();
+    expect((await post(`${url}/pay`, key)).status).toBe(503);
+    store.delayMs = 0;
+    // 409 until the claim's answer came back; then the key is free again, not held for a lease.
+    await vi.waitFor(async () => expect((await post(`${url}/pay`, key)).status).toBe(201), { timeout: 5_000, interval: 100 });
+    expect(runs).toBe(1);
   });
 });
