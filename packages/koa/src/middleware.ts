@@ -14,11 +14,13 @@ import {
   unreadBodyKeyWarning,
   unreadBodyMayHoldKey,
   uploadedFileDigests,
+  whenSocketCloses,
   type IdempotencyContext,
   type IdempotencyError,
   type IdempotencyOptions,
   type Lease,
 } from '@idemkit/core';
+import type { Socket } from 'node:net';
 import type { Context, Middleware, Next } from 'koa';
 import { captureResponse } from './capture.js';
 import type { KoaIdempotencyOptions } from './options.js';
@@ -249,11 +251,22 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
  */
 function settleWhenClosed(ctx: Context, lease: Lease): void {
   const { res } = ctx;
-  // Nothing went out: res.statusCode is only Koa's placeholder 404, so no status is recorded.
-  const settle = (): void => void (res.headersSent ? lease.commitUnbuffered(res.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
+  let settled = false;
+  const settle = (): void => {
+    if (settled) return;
+    settled = true;
+    // Nothing went out: res.statusCode is only Koa's placeholder 404, so no status is recorded.
+    void (res.headersSent ? lease.commitUnbuffered(res.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
+  };
   // Closed already (the client left while the handler ran): 'close' will not come again.
-  if (res.closed) settle();
-  else res.once('close', settle);
+  if (res.closed) return settle();
+  res.once('close', settle);
+  // Pipelined behind another answer on its connection (it has no socket yet): should the socket
+  // die first, Node never closes this response, and the lease would be renewed (in transactional
+  // mode, its transaction and connection held) for the life of the process. The socket's close
+  // stands in, as on Express and Fastify.
+  const socket = ctx.req.socket as Socket | null;
+  if (res.socket === null && socket) res.once('finish', whenSocketCloses(socket, settle));
 }
 
 /** Core options without the binding's own `onProblem` (the engine warns on unknown options). */

@@ -1,4 +1,6 @@
+import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
+import { connect } from 'node:net';
 import { Readable } from 'node:stream';
 import Router from '@koa/router';
 import { createMemoryStore, defaultFingerprint, problemResponse, KeyError, MemoryStore, scopedKey, TransactionAbortedError, type IdempotencyEvent, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
@@ -859,6 +861,48 @@ describe('koa binding: concurrency and disconnects', () => {
       expect(retry.status).toBe(201);
       expect(retry.headers.get('idempotent-replayed')).toBe('true');
     }, { timeout: 10_000 });
+    expect(runs).toBe(1);
+  });
+
+  // Was: Node never closes a queued response whose socket died, so the key answered 409 for the
+  // life of the process (its lease renewed; in transactional mode, the transaction held open).
+  it('ctx.respond = false, pipelined behind a slow answer, the connection dies first: the key is settled all the same', async () => {
+    let runs = 0;
+    let openSlow!: () => void;
+    const slow = new Promise<void>((resolve) => (openSlow = resolve));
+    let slowClosed = false;
+    const store = createMemoryStore();
+    const { url } = await start((app) => {
+      app.use(async (ctx, next) => {
+        if (ctx.path !== '/slow') return next();
+        ctx.res.once('close', () => (slowClosed = true));
+        await slow;
+        ctx.body = 'slow';
+      });
+      app.use(idempotency({ store, leaseMs: 1_000 }));
+      app.use((ctx) => {
+        runs++;
+        ctx.respond = false;
+        ctx.res.writeHead(201, { 'content-type': 'text/plain' });
+        ctx.res.end('raw');
+      });
+    });
+    const socket = connect(Number(new URL(url).port), '127.0.0.1');
+    socket.on('error', () => undefined);
+    await once(socket, 'connect');
+    const body = '{"a":1}';
+    socket.write(
+      'GET /slow HTTP/1.1\r\nHost: x\r\n\r\n' +
+        `POST /raw HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nIdempotency-Key: piped\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+    );
+    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
+    socket.destroy(); // before the raw 201, queued behind /slow, could go out
+    await vi.waitFor(() => expect(slowClosed).toBe(true), { timeout: 10_000 }); // the server saw it
+    openSlow();
+    // Within a few leases the key is settled: the handler answered, so it is never run again.
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, 'piped')))?.state).toBe('completed'), { timeout: 5_000 });
+    const retry = await post(`${url}/raw`, 'piped');
+    expect(retry.status).toBe(410);
     expect(runs).toBe(1);
   });
 
