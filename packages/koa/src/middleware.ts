@@ -73,7 +73,18 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
   let warnedBodyKey = false;
 
   const answerProblem = async (ctx: Context, error: IdempotencyError): Promise<void> => {
-    if (onProblem) return onProblem(ctx, error);
+    if (onProblem) {
+      // An onProblem that only looks (logs, counts) and answers nothing would leave Koa's own
+      // 404 Not Found as the answer to every 400/409/422/503: the problem goes out as it would
+      // without one (as on Fastify). It answered if it set a body or a status (Koa marks a status
+      // set on purpose, even the 404 it already had), turned Koa's respond() off, or wrote to ctx.res.
+      const response = ctx.response as { _explicitStatus?: boolean };
+      const before = { body: ctx.body, status: ctx.status, explicit: response._explicitStatus };
+      await onProblem(ctx, error);
+      const answered =
+        ctx.res.headersSent || ctx.res.writableEnded || ctx.respond === false || ctx.body !== before.body || ctx.status !== before.status || response._explicitStatus !== before.explicit;
+      if (answered) return;
+    }
     const response = problemResponse(error);
     sendStored(ctx, response, responseHeaders(response));
   };

@@ -349,6 +349,39 @@ describe('koa binding: problems', () => {
     expect(await res.json()).toEqual({ message: 'This request needs an Idempotency-Key header (or an `idempotencyKey` field in its JSON body).', code: 'ERR_IDEMKIT_KEY_MISSING' });
   });
 
+  // Was: Koa's own 404 Not Found went out for every problem (400/409/422/503).
+  it.each([
+    ['logs only', (seen: string[]) => (_ctx: Context, error: { code: string }) => void seen.push(error.code)],
+    ['logs only, async', (seen: string[]) => async (_ctx: Context, error: { code: string }) => void seen.push(error.code)],
+    ['sets a header only', (seen: string[]) => (ctx: Context, error: { code: string }) => void (seen.push(error.code), ctx.set('X-Problem', error.code))],
+  ] as const)('an onProblem that %s and answers nothing: the problem goes out as it would without one', async (_name, onProblemOf) => {
+    const seen: string[] = [];
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), onProblem: onProblemOf(seen) }));
+      app.use((ctx) => { ctx.body = 'never'; });
+    });
+    const res = await post(url, undefined);
+    const expected = problemResponse(new KeyError('ERR_IDEMKIT_KEY_MISSING', 400, 'This request needs an Idempotency-Key header (or an `idempotencyKey` field in its JSON body).'));
+    expect(res.status).toBe(400);
+    expect(res.headers.get('content-type')).toBe('application/problem+json');
+    expect(Buffer.from(await res.arrayBuffer()).equals(Buffer.from(expected.body))).toBe(true);
+    expect(seen).toEqual(['ERR_IDEMKIT_KEY_MISSING']);
+  });
+
+  it.each([
+    ['a status only', (ctx: Context): void => { ctx.status = 429; }, 429],
+    ["Koa's 404, set on purpose", (ctx: Context): void => { ctx.status = 404; }, 404],
+    ['ctx.body = null', (ctx: Context): void => { ctx.body = null; }, 204],
+  ] as const)('an onProblem that answers with %s keeps its answer', async (_name, onProblem, status) => {
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), onProblem }));
+      app.use((ctx) => { ctx.body = 'never'; });
+    });
+    const res = await post(url, undefined);
+    expect(res.status).toBe(status);
+    expect(res.headers.get('content-type')).not.toBe('application/problem+json');
+  });
+
   it('onProblem is not called for the stored 410 of a streamed answer: its retries replay it as stored', async () => {
     const problems: number[] = [];
     const { url } = await start((app) => {
