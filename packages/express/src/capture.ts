@@ -417,10 +417,22 @@ export function captureResponse(
         this.destroy(error instanceof Error ? error : new Error(String(error)));
       }
     };
-    void (unrouted(this, body) ? lease.abandon('not-storable') : lease.commit(response)).then(deliverOrDestroy, deliverOrDestroy);
+    const settled = unrouted(this, body)
+      ? lease.abandon('not-storable')
+      : // connect-timeout's 503 answers for a handler that still runs (and may still charge):
+        // freeing the key would let the retry run it again beside it, so it is never run again.
+        timedOut(this)
+        ? lease.commitUnbuffered(null, 'cut-short')
+        : lease.commit(response);
+    void settled.then(deliverOrDestroy, deliverOrDestroy);
     return this;
   } as ServerResponse['end'];
   ours = { write: res.write, end: res.end };
+}
+
+/** connect-timeout's mark (`req.timedout`): its answer went out while the handler still runs. */
+export function timedOut(res: ServerResponse): boolean {
+  return (res as ServerResponse & { req?: { timedout?: unknown } }).req?.timedout === true;
 }
 
 /**

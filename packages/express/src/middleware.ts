@@ -1,7 +1,7 @@
 import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, mayHaveKey, readsBody, unreadBodyKeyWarning, unreadBodyMayHoldKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import type { ServerResponse } from 'node:http';
-import { captureResponse } from './capture.js';
+import { captureResponse, timedOut } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
 import { writeProblem, writeReplay } from './respond.js';
 
@@ -232,6 +232,9 @@ export function idempotencyErrorHandler(): ErrorRequestHandler {
       lease.letLapse();
       return next(err);
     }
+    // connect-timeout's error: the handler has not thrown, it still runs. The key stays held, and
+    // the 503 the error handlers send settles it as cut short (see captureResponse).
+    if (timedOut(res)) return next(err);
     // abandon() never rejects; the error goes on unchanged once the key is free.
     void lease.abandon('handler-threw').then(() => next(err));
   };

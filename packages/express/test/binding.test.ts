@@ -5,6 +5,7 @@ import { connect } from 'node:net';
 import { Readable } from 'node:stream';
 import { ConfigurationError, createMemoryStore, MemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import compression from 'compression';
+import timeout from 'connect-timeout';
 import fileUpload from 'express-fileupload';
 import multer from 'multer';
 import express, { type ErrorRequestHandler, type Express, type Request, type Response } from 'express';
@@ -1643,6 +1644,38 @@ describe('express binding: a timeout middleware mounted before idempotency() ans
     store.delayMs = 0;
     // 409 until the claim's answer came back; then the key is free again, not held for a lease.
     await vi.waitFor(async () => expect((await post(`${url}/pay`, key)).status).toBe(201), { timeout: 5_000, interval: 100 });
+    expect(runs).toBe(1);
+  });
+});
+
+// Was: connect-timeout's 503 (not storable) freed the key while the handler still ran, so the
+// client's retry ran the operation a second time beside the first.
+describe('express binding: connect-timeout answers while the handler still runs', () => {
+  it.each([
+    ['with idempotencyErrorHandler()', true],
+    ['without it', false],
+  ] as const)('%s: the key is kept, and the retry gets 410 cut-short, never a second run', async (_name, withErrorHandler) => {
+    let runs = 0;
+    let finished = false;
+    const app = express();
+    app.use(timeout('100ms'));
+    app.use(express.json());
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/pay', async (req, res) => {
+      runs++;
+      await new Promise((resolve) => setTimeout(resolve, 400)); // the charge, slower than the timeout
+      finished = true;
+      if (!req.timedout) res.status(201).json({ charged: runs });
+    });
+    if (withErrorHandler) app.use(idempotencyErrorHandler());
+    const url = await serve(app);
+    const key = randomUUID();
+    expect((await post(`${url}/pay`, key)).status).toBe(503);
+    const retry = await post(`${url}/pay`, key);
+    expect(retry.status).toBe(410);
+    expect(JSON.parse(new TextDecoder().decode(retry.body))).toMatchObject({ reason: 'cut-short', originalStatus: null });
+    await vi.waitFor(() => expect(finished).toBe(true));
+    expect((await post(`${url}/pay`, key)).status).toBe(410);
     expect(runs).toBe(1);
   });
 });
