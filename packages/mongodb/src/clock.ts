@@ -17,10 +17,30 @@ export interface StoreClock {
 export const localClock: StoreClock = { now: async () => Date.now() };
 
 /**
+ * Milliseconds on a monotonic clock (`performance.now()`): never stepped by NTP or by an admin
+ * setting the date, unlike `Date.now()`. Read at each call, so fake timers that fake
+ * `performance` drive it (as they drive core's lease timing).
+ */
+export function monotonicNow(): number {
+  return performance.now();
+}
+
+/**
+ * Wall and monotonic elapsed times that differ by more than this since the offset was measured
+ * mean the wall clock was stepped or the machine was suspended (a monotonic clock stops during a
+ * suspend while the server's clock runs on): the offset is measured again before it is used.
+ */
+export const CLOCK_JUMP_MS = 1_000;
+
+/**
  * Estimates the MongoDB server's clock without a round trip per operation. FerretDB v1 has no
  * `$$NOW` in updates and MongoDB's `$$NOW` cannot drive an upsert's filter, so the time has to
  * be computed here: `hello.localTime` is read once (and re-read in the background every
- * `refreshMs`), compensated by half the round trip, and kept as an offset to `Date.now()`.
+ * `refreshMs`), compensated by half the round trip, and kept as an offset to a monotonic clock.
+ * Not to `Date.now()`: a wall clock stepped back after the sync (an NTP step, a resumed VM) made
+ * every lease written end that much early, so another process took it over at once and the
+ * handler ran twice, and the refresh, timed by the same clock, did not come for minutes. A step
+ * or a suspend (see CLOCK_JUMP_MS) makes the next operation wait for a new sync.
  * Precision: ± half the `hello` round trip (plus the server's 1 ms resolution). The first sync
  * takes two samples (the first may include opening a connection) and keeps the shorter one.
  * A later sample replaces the offset only when its round trip is no worse than about twice the
@@ -28,29 +48,37 @@ export const localClock: StoreClock = { now: async () => Date.now() };
  * long round trip seconds off, and a running lease would then be taken over early.
  */
 export class ServerClock implements StoreClock {
+  /** Server time minus monotonic time, in ms. */
   #offset = 0;
   /** The round trip of the sample the offset came from (its error is at most half of it). */
   #roundTripMs = Number.POSITIVE_INFINITY;
-  /** When the offset in use was measured. */
+  /** When the offset in use was measured (monotonic), and the wall clock then. */
   #measuredAt = 0;
-  /** When the last sync was asked for: refreshes go out every `refreshMs`, kept or not. */
+  #measuredWall = 0;
+  /** When the last sync was asked for (monotonic): refreshes go out every `refreshMs`, kept or not. */
   #askedAt: number | undefined;
   #synced = false;
+  /** Bumped when a clock jump discards the offset: samples begun before it are not used. */
+  #epoch = 0;
   /** The newest sync in flight. */
   #asking: { readonly done: Promise<void>; readonly startedAt: number } | undefined;
   /** Resolves when any sync has set the clock: every operation waiting for the first one goes on. */
-  readonly #ready: Promise<void>;
+  #ready!: Promise<void>;
   #markReady: () => void = () => undefined;
 
   constructor(
     private readonly db: Db,
     private readonly refreshMs: number,
   ) {
-    this.#ready = new Promise<void>((resolve) => (this.#markReady = resolve));
+    this.#unsync();
   }
 
   async now(): Promise<number> {
-    const at = Date.now();
+    const at = monotonicNow();
+    if (this.#synced && Math.abs(Date.now() - this.#measuredWall - (at - this.#measuredAt)) > CLOCK_JUMP_MS) {
+      // The wall clock jumped, or the machine slept: the offset may be off by that much.
+      this.#unsync();
+    }
     if (!this.#synced) {
       // The first operations wait for a sync: the one they find or ask for, or any later one
       // that sets the clock first (one unanswered for ASK_AGAIN_AFTER_MS is asked again). A
@@ -62,12 +90,21 @@ export class ServerClock implements StoreClock {
       // command surfaces a broken connection to the caller.
       this.#ask(at).catch(() => undefined);
     }
-    return Date.now() + this.#offset;
+    return Math.round(monotonicNow() + this.#offset);
   }
 
-  /** Measured offset (server minus local), in ms. */
+  /** Measured offset (server minus local wall clock), in ms. */
   get offsetMs(): number {
-    return this.#offset;
+    return Math.round(monotonicNow() + this.#offset - Date.now());
+  }
+
+  /** Forget the offset: the next operations wait for a new first sync. */
+  #unsync(): void {
+    this.#epoch++;
+    this.#synced = false;
+    this.#roundTripMs = Number.POSITIVE_INFINITY;
+    this.#asking = undefined;
+    this.#ready = new Promise<void>((resolve) => (this.#markReady = resolve));
   }
 
   /** The sync in flight, or a new one when there is none or it has gone ASK_AGAIN_AFTER_MS unanswered. */
@@ -85,6 +122,7 @@ export class ServerClock implements StoreClock {
   }
 
   async #sync(): Promise<void> {
+    const epoch = this.#epoch;
     let best = await this.#sample();
     // The first `hello` of a client often opens its pool's first connection (TCP, TLS, auth),
     // which the round trip then includes and which skews the midpoint by tens of ms over TLS.
@@ -93,7 +131,7 @@ export class ServerClock implements StoreClock {
       const second = await this.#sample();
       if (second.roundTripMs <= best.roundTripMs) best = second;
     }
-    this.#keep(best);
+    if (epoch === this.#epoch) this.#keep(best);
   }
 
   /**
@@ -103,25 +141,26 @@ export class ServerClock implements StoreClock {
    * (a longer route) is followed.
    */
   #keep(sample: { offsetMs: number; roundTripMs: number }): void {
-    const measured = Date.now();
+    const measured = monotonicNow();
     const worse = sample.roundTripMs > this.#roundTripMs * 2 + 20;
     if (worse && measured - this.#measuredAt < 10 * this.refreshMs) return;
     this.#offset = sample.offsetMs;
     this.#roundTripMs = sample.roundTripMs;
     this.#measuredAt = measured;
+    this.#measuredWall = Date.now();
     this.#synced = true;
     this.#markReady();
   }
 
   async #sample(): Promise<{ offsetMs: number; roundTripMs: number }> {
-    const sent = Date.now();
+    const sent = monotonicNow();
     const reply = await this.db.admin().command({ hello: 1 });
-    const received = Date.now();
+    const received = monotonicNow();
     const localTime: unknown = reply['localTime'];
     if (!(localTime instanceof Date) || Number.isNaN(localTime.getTime())) {
       throw new Error('[idemkit] [mongodb] The server answered `hello` without `localTime`; use clock: "local".');
     }
     // The server stamped localTime about halfway through the round trip.
-    return { offsetMs: Math.round(localTime.getTime() - (sent + (received - sent) / 2)), roundTripMs: received - sent };
+    return { offsetMs: localTime.getTime() - (sent + (received - sent) / 2), roundTripMs: received - sent };
   }
 }

@@ -6,7 +6,7 @@ import type { ClaimDocument, IdempotencyDocument } from './document.js';
 import { Claims, PerLeaseQueue, holderClaim, isDuplicateKey, takeoverClaim } from './fencing.js';
 import type { Fencing } from './fencing.js';
 import { createIndexes } from './indexes.js';
-import { ASK_AGAIN_AFTER_MS, ServerClock, localClock, type StoreClock } from './clock.js';
+import { ASK_AGAIN_AFTER_MS, ServerClock, localClock, monotonicNow, type StoreClock } from './clock.js';
 import type { IndexOutcome } from './indexes.js';
 import { resolveOptions } from './options.js';
 import type { MongoStoreOptions, ResolvedMongoStoreOptions } from './options.js';
@@ -106,7 +106,7 @@ class MongoIdempotencyStore implements MongoStore {
     // Asked once; a failure rejects the operations waiting for it and the next one asks again.
     // One still unanswered after ASK_AGAIN_AFTER_MS is asked again by the next operation, and
     // the first answer to any of them lets every waiting operation go on.
-    const startedAt = Date.now();
+    const startedAt = monotonicNow();
     if (this.#fencing === undefined || startedAt - this.#fencing.startedAt >= ASK_AGAIN_AFTER_MS) {
       const asked = {
         startedAt,
@@ -198,7 +198,7 @@ class MongoIdempotencyStore implements MongoStore {
    * release), for as long as the claim's lease would run: after that the key is free anyway.
    */
   #giveBack(key: string, token: LeaseToken, leaseMs: number): void {
-    const until = Date.now() + leaseMs;
+    const until = monotonicNow() + leaseMs;
     let attempt = 0;
     const send = (): void => {
       if (this.#closed) return;
@@ -209,7 +209,7 @@ class MongoIdempotencyStore implements MongoStore {
     };
     const next = (failed: boolean): void => {
       const wait = GIVE_BACK_MS[attempt++] ?? (failed ? GIVE_BACK_EVERY_MS : undefined);
-      if (wait === undefined || Date.now() + wait > until) return;
+      if (wait === undefined || monotonicNow() + wait > until) return;
       setTimeout(send, wait).unref();
     };
     send();

@@ -1,3 +1,5 @@
+import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it, onTestFinished, vi } from 'vitest';
 import { MongoClient, MongoError } from 'mongodb';
 import { MongoClient as OtherCopyMongoClient } from 'mongodb-7.8';
@@ -556,6 +558,28 @@ describe('server clock', () => {
     expect(record?.createdAt).toBeGreaterThanOrEqual(before - 50);
     expect(record?.createdAt).toBeLessThanOrEqual(after + 50);
   });
+
+  // Was: the offset was kept to Date.now(), so a wall clock stepped back 90 s after the sync
+  // wrote leases that had ended 60 s before (another process took over at once and the handler
+  // ran twice), and one stepped forward wrote leases 90 s too long. A monotonic clock, which
+  // stops while the machine sleeps, needs a new sync after a suspend.
+  it.each(['back', 'forward', 'suspend'])(
+    'a process whose clock jumps 90 s (%s) after the sync still writes the lease asked for',
+    async (mode) => {
+      const k = key(`clock-${mode}`);
+      const fixture = fileURLToPath(new URL('./fixtures/clock-jump.mjs', import.meta.url));
+      const run = spawnSync(process.execPath, [fixture, t.url, t.dbName, k, mode], { encoding: 'utf8', timeout: 20_000 });
+      expect({ status: run.status, stderr: run.stderr }).toEqual({ status: 0, stderr: '' });
+      expect(JSON.parse(run.stdout)).toEqual({ kind: 'acquired' });
+      // Another process (this one) sees the lease running, with about 30 s left.
+      const other = await createMongoStore({ db: t.db, logger: silent }).begin(k, 'fp', 30_000);
+      expect(other.kind).toBe('existing');
+      const left = other.kind === 'existing' ? other.leaseRemainingMs : 0;
+      expect(left).toBeGreaterThan(25_000);
+      expect(left).toBeLessThanOrEqual(30_000);
+    },
+    30_000,
+  );
 });
 
 describe('indexes and expiry', () => {
