@@ -16,6 +16,25 @@ export type Fencing = 'native' | 'claims';
  */
 export const CLAIM_WINDOW_MS = 10_000;
 
+/**
+ * A writer that took a claim must send its write before a taker could walk past that claim, or
+ * give up (drop the claim, return false): takers move on only once the record's lease has ended
+ * and the claim is CLAIM_WINDOW_MS old, and a writer that wrote after that (an event-loop or GC
+ * stall, a slow driver queue between its check and its write) overwrote or deleted the taker's
+ * record, so two runs of the handler went on at once. This margin before that moment is left for
+ * the write's way to the server and for the two processes' clocks to disagree. Timed by a
+ * monotonic clock. A write delayed on the network after it was sent is beyond this: see the README.
+ */
+export const WRITE_MARGIN_MS = CLAIM_WINDOW_MS / 2;
+
+/**
+ * How long after the time stamp of its claim a writer may still send its write, given how much
+ * of the record's lease was left then (0 for takers: the record they replace has expired).
+ */
+export function writeWithinMs(leaseLeftMs: number): number {
+  return Math.max(leaseLeftMs, CLAIM_WINDOW_MS) - WRITE_MARGIN_MS;
+}
+
 /** A claim document expires this long after it was taken (so its age is known from `expiresAt`). */
 const CLAIM_TTL_MS = 2 * CLAIM_WINDOW_MS;
 
@@ -70,20 +89,25 @@ export class Claims {
 
   /**
    * The lease holder's claim (its id is also window 0 of the lease's takers, which is what
-   * excludes them). Also true when the claim there is the holder's own, left by an earlier
-   * operation of this lease whose drop failed: one lease's operations run one at a time, so
-   * that claim guards nothing else, and refusing would lock the holder out of its own lease.
+   * excludes them). When the claim there is the holder's own, left by an earlier operation of
+   * this lease whose drop failed, it is replaced by a fresh one: one lease's operations run one
+   * at a time, so that claim guards nothing else, and refusing would lock the holder out of its
+   * own lease. (Not reused as it is: its age, which takers go by, is older than this operation.)
    */
   async takeAsHolder(id: ClaimId, now: number): Promise<boolean> {
     const _id = claimKey(id);
-    try {
-      await this.collection.insertOne({ _id, expiresAt: new Date(now + CLAIM_TTL_MS), by: 'holder' });
-      return true;
-    } catch (error) {
-      if (!isDuplicateKey(error)) throw error;
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        await this.collection.insertOne({ _id, expiresAt: new Date(now + CLAIM_TTL_MS), by: 'holder' });
+        return true;
+      } catch (error) {
+        if (!isDuplicateKey(error)) throw error;
+      }
+      const there = await this.collection.findOne({ _id });
+      if (there?.by !== 'holder') return false;
+      await this.drop(id);
     }
-    const there = await this.collection.findOne({ _id });
-    return there?.by === 'holder';
+    return false;
   }
 
   /** Drop a claim; a failure is left to the claim's expiry (the holder can still use its own). */

@@ -3,7 +3,7 @@ import type { Collection, Filter } from 'mongodb';
 import type { BeginResult, IdempotencyRecord, IdempotencyStore, LeaseToken, StoredResponse } from '@idemkit/core';
 import { toRecord, toResponseDocument } from './document.js';
 import type { ClaimDocument, IdempotencyDocument } from './document.js';
-import { Claims, PerLeaseQueue, holderClaim, isDuplicateKey, takeoverClaim } from './fencing.js';
+import { Claims, PerLeaseQueue, holderClaim, writeWithinMs, isDuplicateKey, takeoverClaim } from './fencing.js';
 import type { Fencing } from './fencing.js';
 import { createIndexes } from './indexes.js';
 import { ASK_AGAIN_AFTER_MS, ServerClock, localClock, monotonicNow, type StoreClock } from './clock.js';
@@ -140,6 +140,7 @@ class MongoIdempotencyStore implements MongoStore {
     try {
       for (let attempt = 0; attempt < MAX_BEGIN_ATTEMPTS; attempt++) {
         const [now, fencing] = await this.#prepare();
+        const stampedAt = monotonicNow();
         token = newToken();
         const fresh: Omit<IdempotencyDocument, '_id'> = {
           fingerprint,
@@ -173,7 +174,7 @@ class MongoIdempotencyStore implements MongoStore {
         }
         // Expired (a completed record past its TTL, or a crashed holder's lease): replace it only if
         // it is still the version seen. Of several takers one wins; the others see its record.
-        if (await this.#replace(before, fresh, now, fencing)) {
+        if (await this.#replace(before, fresh, now, stampedAt, fencing)) {
           return { kind: 'acquired', token, tookOver: before.state === 'in_progress' };
         }
         await backoff(attempt);
@@ -219,6 +220,7 @@ class MongoIdempotencyStore implements MongoStore {
     before: IdempotencyDocument,
     fresh: Omit<IdempotencyDocument, '_id'>,
     now: number,
+    stampedAt: number,
     fencing: Fencing,
   ): Promise<boolean> {
     if (fencing === 'native') {
@@ -235,7 +237,9 @@ class MongoIdempotencyStore implements MongoStore {
       current !== null &&
       (current.token ?? null) === (before.token ?? null) &&
       current.expiresAt.getTime() === before.expiresAt.getTime();
-    if (unchanged && (await this.collection.updateOne({ _id: before._id }, { $set: fresh })).matchedCount === 1) return true;
+    // Stalled since the claim's time stamp: another taker may be past the claim already.
+    const inTime = monotonicNow() - stampedAt <= writeWithinMs(0);
+    if (unchanged && inTime && (await this.collection.updateOne({ _id: before._id }, { $set: fresh })).matchedCount === 1) return true;
     await this.#claims.drop(claim);
     return false;
   }
@@ -258,6 +262,7 @@ class MongoIdempotencyStore implements MongoStore {
     if (fencing === 'native') return write(held(key, token, now), now);
     return this.#queue.run(key, token, async () => {
       const now = await this.#clock.now();
+      const stampedAt = monotonicNow();
       const claim = holderClaim(key, token);
       if (!(await this.#claims.takeAsHolder(claim, now))) return false;
       let done = false;
@@ -265,7 +270,13 @@ class MongoIdempotencyStore implements MongoStore {
         const doc = await this.collection.findOne({ _id: key });
         const holds =
           doc !== null && doc.token === token && doc.state === 'in_progress' && doc.expiresAt.getTime() > now;
-        done = holds && (await write({ _id: key }, now));
+        // The write goes by `_id` alone (see #replace), so it is fenced only by the claim, which
+        // takers walk past once the lease has ended and the claim is CLAIM_WINDOW_MS old: a
+        // holder stalled past that since it stamped the claim would overwrite (or delete) a
+        // taker's record. It gives up instead.
+        const leaseLeftMs = doc === null ? 0 : doc.expiresAt.getTime() - now;
+        const inTime = monotonicNow() - stampedAt <= writeWithinMs(leaseLeftMs);
+        done = holds && inTime && (await write({ _id: key }, now));
       } finally {
         // A drop that fails must not turn a write that happened into a rejection: the claim
         // expires by itself, and this holder can still use it (takeAsHolder).

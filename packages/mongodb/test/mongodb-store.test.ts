@@ -220,6 +220,58 @@ describe('atomic begin', () => {
     }
   });
 
+  // Was: a writer stalled for more than CLAIM_WINDOW_MS between its check (a read by `_id`) and
+  // its write (by `_id` alone) let a taker walk past its claim and take over; then the stalled
+  // holder's complete overwrote the taker's record, its release deleted it, or a stalled taker
+  // replaced it: two runs of the handler at once. The stall here is the read's answer, held on
+  // the network; what the writer refuses is any stall since it stamped its claim.
+  it.each(['complete', 'release', 'takeover'] as const)(
+    'claims fencing: a %s stalled past the claim window after its check gives up, and the taker keeps the key',
+    async (op) => {
+      const { proxy, client } = await throughProxy({ monitorCommands: true });
+      const collectionName = `stalled-${op}`;
+      const slow = createMongoStore({ db: client.db(t.dbName), collectionName, fencing: 'claims', clock: 'local' });
+      const taker = createMongoStore({ db: t.db, collectionName, fencing: 'claims', clock: 'local' });
+      const k = key(`stalled-${op}`);
+      const first = await slow.begin(k, 'fp', 1_000);
+      if (first.kind !== 'acquired') throw new Error('expected acquired');
+      // The slow writer's read of the record is answered only when the test says so.
+      let stalled!: () => void;
+      const reading = new Promise<void>((resolve) => (stalled = resolve));
+      let armed = true;
+      client.on('commandStarted', (event: CommandStartedEvent) => {
+        if (armed && event.commandName === 'find' && event.command['find'] === collectionName) {
+          armed = false;
+          proxy.stallAnswers();
+          stalled();
+        }
+      });
+      let late: Promise<unknown>;
+      if (op === 'takeover') {
+        await new Promise((resolve) => setTimeout(resolve, 1_100)); // the lease ends
+        late = slow.begin(k, 'late', 30_000);
+      } else {
+        late =
+          op === 'complete'
+            ? slow.complete(k, first.token, response(new Uint8Array([1])), 60_000)
+            : slow.release(k, first.token);
+      }
+      await reading;
+      // The lease ends and the claim window passes: a taker walks past the slow writer's claim.
+      await new Promise((resolve) => setTimeout(resolve, 1_100 + CLAIM_WINDOW_MS));
+      const took = await taker.begin(k, 'taker', 30_000);
+      expect(took).toMatchObject({ kind: 'acquired', tookOver: true });
+      proxy.deliverHeld();
+      const lateResult = await late;
+      if (op === 'takeover') expect(lateResult).toMatchObject({ kind: 'existing', record: { fingerprint: 'taker' } });
+      else expect(lateResult).toBe(false);
+      expect(await taker.get(k)).toMatchObject({ state: 'in_progress', fingerprint: 'taker' });
+      expect(await taker.begin(k, 'third', 30_000)).toMatchObject({ kind: 'existing' });
+      if (took.kind === 'acquired') expect(await taker.complete(k, took.token, response(new Uint8Array([2])), 60_000)).toBe(true);
+    },
+    30_000,
+  );
+
   it('claims fencing: a taker that died holding its claim blocks takeovers for one claim window, then the next one wins', async () => {
     const [a, b] = await Promise.all([t.client(), t.client()]);
     const storeA = createMongoStore({ db: a.db(t.dbName), collectionName: 'dead-taker', fencing: 'claims', clock: 'local' });
