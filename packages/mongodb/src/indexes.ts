@@ -1,4 +1,5 @@
-import type { Collection } from 'mongodb';
+import type { Collection, IndexDescriptionInfo } from 'mongodb';
+import { ConfigurationError } from '@idemkit/core';
 import type { IdempotencyLogger } from '@idemkit/core';
 import type { IdempotencyDocument } from './document.js';
 
@@ -15,20 +16,76 @@ function errorCode(error: unknown): unknown {
 export type IndexOutcome = 'ttl' | 'no-ttl';
 
 /**
+ * IndexOptionsConflict (an index on the same key under another name, or this name with other
+ * options) and IndexKeySpecsConflict (this name on another key): both come back at every boot
+ * until someone changes the indexes, so they are a configuration error, not a driver failure.
+ */
+const CLASH_CODES = new Set([85, 86]);
+
+function describe(index: IndexDescriptionInfo): string {
+  const ttl = index.expireAfterSeconds === undefined ? 'no TTL' : `TTL expireAfterSeconds: ${index.expireAfterSeconds}`;
+  return `"${index.name}" on ${JSON.stringify(index.key)} (${ttl})`;
+}
+
+/** Name the index in the way and say what to do about it (as the Postgres store's migrate() does). */
+async function indexClash(
+  collection: Collection<IdempotencyDocument>,
+  name: string,
+  ttl: boolean,
+  error: unknown,
+): Promise<ConfigurationError> {
+  const wanted = `"${name}" on {"expiresAt":1}${ttl ? ' (TTL expireAfterSeconds: 0)' : ''}`;
+  const code = `server code ${String(errorCode(error))}: ${(error as Error).message}`;
+  const indexes = await collection.indexes().catch(() => [] as IndexDescriptionInfo[]);
+  const sameName = indexes.find((index) => index.name === name);
+  const sameKey = indexes.find(
+    (index) => index.name !== name && JSON.stringify(index.key) === JSON.stringify({ expiresAt: 1 }),
+  );
+  const ns = collection.namespace;
+  const drop = (other: string) => `db.collection(${JSON.stringify(collection.collectionName)}).dropIndex(${JSON.stringify(other)})`;
+  let message: string;
+  if (sameKey !== undefined) {
+    message =
+      `ensureIndexes(): ${ns} already has an index on expiresAt, ${describe(sameKey)}, so ${wanted} cannot be created ` +
+      `beside it (${code}). Either drop it (${drop(String(sameKey.name))}) and call ensureIndexes() again, or keep it: ` +
+      'any ascending index on expiresAt serves the store (reads check expiry themselves), so create your indexes ' +
+      'in your own migrations and stop calling ensureIndexes()' +
+      (sameKey.expireAfterSeconds === undefined ? '; without a TTL nothing deletes expired records, so call store.purgeExpired() periodically.' : '.');
+  } else if (sameName !== undefined) {
+    message =
+      `ensureIndexes(): ${ns} has an index ${describe(sameName)}, not ${wanted} as the store creates it (${code}). ` +
+      `Drop it (${drop(name)}) and call ensureIndexes() again.`;
+  } else {
+    message = `ensureIndexes(): ${ns} has an index that clashes with ${wanted} (${code}). Drop it and call ensureIndexes() again.`;
+  }
+  return new ConfigurationError('ERR_IDEMKIT_STORE_INDEX', `[mongodb] ${message}`);
+}
+
+async function createExpiryIndex(collection: Collection<IdempotencyDocument>, name: string, ttl: boolean): Promise<void> {
+  try {
+    await collection.createIndex({ expiresAt: 1 }, ttl ? { name, expireAfterSeconds: 0 } : { name });
+  } catch (error) {
+    if (CLASH_CODES.has(errorCode(error) as number)) throw await indexClash(collection, name, ttl, error);
+    throw error;
+  }
+}
+
+/**
  * Create the TTL index on `expiresAt` (housekeeping only: reads filter on `expiresAt` anyway).
  * A server that refuses TTL indexes gets a plain index instead, so `purgeExpired` stays cheap,
- * and one warning.
+ * and one warning. An index in the way (same key under another name, or this name on another
+ * key) is a ConfigurationError that names it: the driver's error came back at every boot.
  */
 export async function createIndexes(
   collection: Collection<IdempotencyDocument>,
   warn: Pick<IdempotencyLogger, 'warn'> | undefined,
 ): Promise<IndexOutcome> {
   try {
-    await collection.createIndex({ expiresAt: 1 }, { name: TTL_INDEX_NAME, expireAfterSeconds: 0 });
+    await createExpiryIndex(collection, TTL_INDEX_NAME, true);
     return 'ttl';
   } catch (error) {
     if (!UNSUPPORTED_CODES.has(errorCode(error) as number)) throw error;
-    await collection.createIndex({ expiresAt: 1 }, { name: PLAIN_INDEX_NAME });
+    await createExpiryIndex(collection, PLAIN_INDEX_NAME, false);
     warn?.warn(
       `[idemkit] [mongodb] The server refused a TTL index on ${collection.namespace}.expiresAt ` +
         `(${(error as Error).message}). Expired records are still treated as absent on read, ` +

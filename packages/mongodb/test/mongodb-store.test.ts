@@ -663,6 +663,40 @@ describe('indexes and expiry', () => {
     expect(await store.collection.countDocuments({ _id: { $eq: k } })).toBe(0);
   });
 
+  // Was: the driver's IndexOptionsConflict (85) or IndexKeySpecsConflict (86) came through raw,
+  // and again at every boot, without saying which index was in the way or what to do about it.
+  it('ensureIndexes: an index in the way is a ConfigurationError that names it and says what to do, at every boot', async () => {
+    const ensure = (collectionName: string) =>
+      createMongoStore({ db: t.db, collectionName, logger: silent })
+        .ensureIndexes()
+        .then(
+          () => undefined,
+          (error: unknown) => error,
+        );
+    // The same key under another name (the shell's default name).
+    const sameKey = t.db.collection('clash-same-key');
+    await sameKey.createIndex({ expiresAt: 1 }, { name: 'expiresAt_1' });
+    for (let boot = 0; boot < 2; boot++) {
+      const error = await ensure('clash-same-key');
+      expect(error).toBeInstanceOf(ConfigurationError);
+      expect(error).toMatchObject({ code: 'ERR_IDEMKIT_STORE_INDEX' });
+      expect((error as Error).message).toMatch(
+        /clash-same-key already has an index on expiresAt, "expiresAt_1" on \{"expiresAt":1\} \(no TTL\).*dropIndex\("expiresAt_1"\).*or keep it.*purgeExpired/s,
+      );
+    }
+    // Doing as it says works.
+    await sameKey.dropIndex('expiresAt_1');
+    expect(await ensure('clash-same-key')).toBeUndefined();
+    // The store's index name on another key.
+    const ours = (await t.isFerretDB()) ? PLAIN_INDEX_NAME : TTL_INDEX_NAME;
+    await t.db.collection('clash-same-name').createIndex({ expiresAt: -1 }, { name: ours });
+    const error = await ensure('clash-same-name');
+    expect(error).toBeInstanceOf(ConfigurationError);
+    expect((error as Error).message).toMatch(
+      new RegExp(`clash-same-name has an index "${ours}" on \\{"expiresAt":-1\\}.*dropIndex\\("${ours}"\\)`, 's'),
+    );
+  });
+
   it('purgeExpired deletes in batches of `limit` and spares live records', async () => {
     const store = createMongoStore({ db: t.db, collectionName: 'purge' });
     const past = new Date(Date.now() - 60_000);
