@@ -110,7 +110,7 @@ export class Claims {
     return false;
   }
 
-  /** Drop a claim; a failure is left to the claim's expiry (the holder can still use its own). */
+  /** Drop a claim; a failure is left to the claim's expiry (a holder replaces its own leftover: takeAsHolder). */
   async dropQuietly(id: ClaimId): Promise<void> {
     await this.drop(id).catch(() => undefined);
   }

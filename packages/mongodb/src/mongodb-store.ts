@@ -279,7 +279,7 @@ class MongoIdempotencyStore implements MongoStore {
         done = holds && inTime && (await write({ _id: key }, now));
       } finally {
         // A drop that fails must not turn a write that happened into a rejection: the claim
-        // expires by itself, and this holder can still use it (takeAsHolder).
+        // expires by itself, and this holder's next operation replaces it (takeAsHolder).
         if (!done || !keepClaim) await this.#claims.dropQuietly(claim);
       }
       return done;
