@@ -113,7 +113,7 @@ function toDictionaryProperties(res: ServerResponse): void {
 export function captureResponse(
   res: ServerResponse,
   lease: Lease,
-  { transactional, leaseMs }: { transactional: boolean; leaseMs: number },
+  { transactional, leaseMs, storable }: { transactional: boolean; leaseMs: number; storable: (status: number) => boolean },
   /**
    * Told when the answer turns out to stream (and so will not be stored); `wrapped`: a middleware
    * mounted after this one has replaced our `write` or `end` (as compression() does).
@@ -421,7 +421,8 @@ export function captureResponse(
       ? lease.abandon('not-storable')
       : // connect-timeout's 503 answers for a handler that still runs (and may still charge):
         // freeing the key would let the retry run it again beside it, so it is never run again.
-        timedOut(this)
+        // A storable answer after the deadline is the handler's own (`respond: false`): stored.
+        timedOut(this) && !storable(response.status)
         ? lease.commitUnbuffered(null, 'cut-short')
         : lease.commit(response);
     void settled.then(deliverOrDestroy, deliverOrDestroy);
@@ -430,9 +431,15 @@ export function captureResponse(
   ours = { write: res.write, end: res.end };
 }
 
-/** connect-timeout's mark (`req.timedout`): its answer went out while the handler still runs. */
+/** connect-timeout's mark (`req.timedout`): its deadline passed while the handler ran. */
 export function timedOut(res: ServerResponse): boolean {
   return (res as ServerResponse & { req?: { timedout?: unknown } }).req?.timedout === true;
+}
+
+/** connect-timeout's own error (`respond: true`): not thrown by the handler, which still runs. */
+export function isTimeoutError(err: unknown, res: ServerResponse): boolean {
+  const e = err as { code?: unknown; timeout?: unknown } | null;
+  return timedOut(res) && typeof e === 'object' && e !== null && e.code === 'ETIMEDOUT' && typeof e.timeout === 'number';
 }
 
 /**

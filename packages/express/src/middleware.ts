@@ -1,7 +1,7 @@
 import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, mayHaveKey, readsBody, unreadBodyKeyWarning, unreadBodyMayHoldKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import type { ServerResponse } from 'node:http';
-import { captureResponse, timedOut } from './capture.js';
+import { captureResponse, isTimeoutError } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
 import { writeProblem, writeReplay } from './respond.js';
 
@@ -172,8 +172,9 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
         // second charge on a 409. Only an error goes on to the error handlers.
         const { error } = decision;
         return onProblem(error, req, res, (err?: unknown) => {
-          if (err === undefined || err === null || err === 'route' || err === 'router') writeProblem(res, error);
-          else next(err);
+          if (err !== undefined && err !== null && err !== 'route' && err !== 'router') next(err);
+          // Unless onProblem answered already, and then called next() too.
+          else if (!res.headersSent && !res.writableEnded) writeProblem(res, error);
         });
       }
       case 'run': {
@@ -233,8 +234,9 @@ export function idempotencyErrorHandler(): ErrorRequestHandler {
       return next(err);
     }
     // connect-timeout's error: the handler has not thrown, it still runs. The key stays held, and
-    // the 503 the error handlers send settles it as cut short (see captureResponse).
-    if (timedOut(res)) return next(err);
+    // the 503 the error handlers send settles it as cut short (see captureResponse). The
+    // handler's own error after the deadline (`respond: false`) frees the key as any throw does.
+    if (isTimeoutError(err, res)) return next(err);
     // abandon() never rejects; the error goes on unchanged once the key is free.
     void lease.abandon('handler-threw').then(() => next(err));
   };

@@ -1679,3 +1679,55 @@ describe('express binding: connect-timeout answers while the handler still runs'
     expect(runs).toBe(1);
   });
 });
+
+describe("express binding: connect-timeout's mark on answers that are the handler's own", () => {
+  it('respond: false, the handler answers 201 after the deadline: stored and replayed', async () => {
+    let runs = 0;
+    const app = express();
+    app.use(timeout('100ms', { respond: false }));
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/pay', async (_req, res) => {
+      runs++;
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      res.status(201).json({ charged: runs });
+    });
+    app.use(idempotencyErrorHandler());
+    const url = await serve(app);
+    const key = randomUUID();
+    expect((await post(`${url}/pay`, key)).status).toBe(201);
+    const retry = await post(`${url}/pay`, key);
+    expect([retry.status, retry.headers.get('idempotent-replayed')]).toEqual([201, 'true']);
+    expect(runs).toBe(1);
+  });
+
+  it('respond: false, the handler fails after the deadline: idempotencyErrorHandler() frees the key as for any throw', async () => {
+    let runs = 0;
+    const app = express();
+    app.use(timeout('100ms', { respond: false }));
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/pay', async (_req, res, next) => {
+      runs++;
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      if (runs === 1) return next(new Error('declined upstream, nothing charged'));
+      res.status(201).json({ charged: runs });
+    });
+    app.use(idempotencyErrorHandler());
+    const url = await serve(app);
+    const key = randomUUID();
+    expect((await post(`${url}/pay`, key)).status).toBe(500);
+    expect((await post(`${url}/pay`, key)).status).toBe(201);
+    expect(runs).toBe(2);
+  });
+
+  it('onProblem that answers and then calls next(): its answer stands, nothing is thrown after it', async () => {
+    const errors: unknown[] = [];
+    const { app } = appWith({ onProblem: (_error, _req, res, next) => (res.status(400).json({ mine: true }), next()) });
+    app.post('/x', (_req, res) => void res.sendStatus(201));
+    app.use(((error, _req, _res, next) => (errors.push(error), next(error))) as ErrorRequestHandler);
+    const url = await serve(app);
+    const reply = await post(`${url}/x`, undefined);
+    expect(reply.status).toBe(400);
+    expect(JSON.parse(new TextDecoder().decode(reply.body))).toEqual({ mine: true });
+    expect(errors).toEqual([]);
+  });
+});
