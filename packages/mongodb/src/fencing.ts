@@ -28,11 +28,12 @@ export const CLAIM_WINDOW_MS = 10_000;
 export const WRITE_MARGIN_MS = CLAIM_WINDOW_MS / 2;
 
 /**
- * How long after the time stamp of its claim a writer may still send its write, given how much
- * of the record's lease was left then (0 for takers: the record they replace has expired).
+ * How long after taking (or finding) its claim a writer may still send its write, given how much
+ * of the record's lease was left then (0 for takers: the record they replace has expired) and how
+ * old the claim already was (a holder's leftover): takers walk past once both have run out.
  */
-export function writeWithinMs(leaseLeftMs: number): number {
-  return Math.max(leaseLeftMs, CLAIM_WINDOW_MS) - WRITE_MARGIN_MS;
+export function writeWithinMs(leaseLeftMs: number, claimAgeMs = 0): number {
+  return Math.max(leaseLeftMs, CLAIM_WINDOW_MS - claimAgeMs) - WRITE_MARGIN_MS;
 }
 
 /** A claim document expires this long after it was taken (so its age is known from `expiresAt`). */
@@ -89,28 +90,27 @@ export class Claims {
 
   /**
    * The lease holder's claim (its id is also window 0 of the lease's takers, which is what
-   * excludes them). When the claim there is the holder's own, left by an earlier operation of
-   * this lease whose drop failed, it is replaced by a fresh one: one lease's operations run one
-   * at a time, so that claim guards nothing else, and refusing would lock the holder out of its
-   * own lease. (Not reused as it is: its age, which takers go by, is older than this operation.)
+   * excludes them). Returns the claim's age in ms (0 for a fresh one), or null when another
+   * writer holds it. The claim there may be the holder's own, left by an earlier operation of
+   * this lease whose drop failed: one lease's operations run one at a time, so that claim guards
+   * nothing else, and refusing would lock the holder out of its own lease. It is used as it is,
+   * with its age: takers go by that age, so the holder's write deadline must too (writeWithinMs).
+   * (Replacing it raced a taker that had already read the old one, and a purge.)
    */
-  async takeAsHolder(id: ClaimId, now: number): Promise<boolean> {
+  async takeAsHolder(id: ClaimId, now: number): Promise<number | null> {
     const _id = claimKey(id);
-    for (let attempt = 0; attempt < 2; attempt++) {
-      try {
-        await this.collection.insertOne({ _id, expiresAt: new Date(now + CLAIM_TTL_MS), by: 'holder' });
-        return true;
-      } catch (error) {
-        if (!isDuplicateKey(error)) throw error;
-      }
-      const there = await this.collection.findOne({ _id });
-      if (there?.by !== 'holder') return false;
-      await this.drop(id);
+    try {
+      await this.collection.insertOne({ _id, expiresAt: new Date(now + CLAIM_TTL_MS), by: 'holder' });
+      return 0;
+    } catch (error) {
+      if (!isDuplicateKey(error)) throw error;
     }
-    return false;
+    const there = await this.collection.findOne({ _id });
+    if (there?.by !== 'holder') return null;
+    return Math.max(0, now - (there.expiresAt.getTime() - CLAIM_TTL_MS));
   }
 
-  /** Drop a claim; a failure is left to the claim's expiry (a holder replaces its own leftover: takeAsHolder). */
+  /** Drop a claim; a failure is left to the claim's expiry (the holder can still use its own: takeAsHolder). */
   async dropQuietly(id: ClaimId): Promise<void> {
     await this.drop(id).catch(() => undefined);
   }

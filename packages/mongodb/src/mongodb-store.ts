@@ -264,7 +264,8 @@ class MongoIdempotencyStore implements MongoStore {
       const now = await this.#clock.now();
       const stampedAt = monotonicNow();
       const claim = holderClaim(key, token);
-      if (!(await this.#claims.takeAsHolder(claim, now))) return false;
+      const claimAgeMs = await this.#claims.takeAsHolder(claim, now);
+      if (claimAgeMs === null) return false;
       let done = false;
       try {
         const doc = await this.collection.findOne({ _id: key });
@@ -275,11 +276,11 @@ class MongoIdempotencyStore implements MongoStore {
         // holder stalled past that since it stamped the claim would overwrite (or delete) a
         // taker's record. It gives up instead.
         const leaseLeftMs = doc === null ? 0 : doc.expiresAt.getTime() - now;
-        const inTime = monotonicNow() - stampedAt <= writeWithinMs(leaseLeftMs);
+        const inTime = monotonicNow() - stampedAt <= writeWithinMs(leaseLeftMs, claimAgeMs);
         done = holds && inTime && (await write({ _id: key }, now));
       } finally {
         // A drop that fails must not turn a write that happened into a rejection: the claim
-        // expires by itself, and this holder's next operation replaces it (takeAsHolder).
+        // expires by itself, and this holder can still use it (takeAsHolder).
         if (!done || !keepClaim) await this.#claims.dropQuietly(claim);
       }
       return done;
