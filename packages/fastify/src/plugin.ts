@@ -26,7 +26,7 @@ import fp from 'fastify-plugin';
 import type { Socket } from 'node:net';
 import { payloadBytes, payloadStatus, replayOf, restoreReplay, sendReplay, sendStored, type Replayed } from './capture.js';
 import { mergeRouteOptions, type FastifyIdempotencyOptions, type RouteIdempotencyConfig } from './options.js';
-import { watchSends, whoSent, type LateSends } from './stand-in.js';
+import { watchAnswered, watchSends, whoSent, type LateSends } from './stand-in.js';
 
 declare module 'fastify' {
   interface FastifyContextConfig {
@@ -180,22 +180,15 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         if (onProblem) {
           // An onProblem that returned without answering would leave the request hanging: the
           // problem goes out as it would without one. Whether it answered is whether it called
-          // send() (or hijacked the reply): `reply.sent` turns true only once the bytes are out,
-          // which an async onSend hook delays past its return.
-          const send = reply.send;
-          let answered = false;
-          reply.send = function (this: FastifyReply, payload?: unknown) {
-            answered = true;
-            reply.send = send;
-            return send.call(this, payload);
-          } as FastifyReply['send'];
+          // send() (or hijacked the reply): see watchAnswered.
+          const answered = watchAnswered(reply);
           Promise.resolve(onProblem(request, reply, decision.error)).then(
             () => {
-              if (reply.send !== send) reply.send = send;
-              if (!answered && !reply.sent) sendProblem();
+              answered.stop();
+              if (!answered.any && !reply.sent) sendProblem();
             },
             (error: unknown) => {
-              if (reply.send !== send) reply.send = send;
+              answered.stop();
               done(asError(error));
             },
           );
@@ -205,12 +198,6 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         return;
       }
       case 'run': {
-        // Answered while it waited its turn (a timeout, with `concurrency: 'wait'`): its handler
-        // will not run, so the key it just got is given back at once, not held for good.
-        if (reply.sent) {
-          void decision.lease.abandon('client-gone');
-          return done();
-        }
         const state: LeaseState = {
           lease: decision.lease,
           reply,
@@ -264,16 +251,36 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         }
       }
     }
+    // A timeout (Fastify's `handlerTimeout`, a timer in an onRequest hook) may answer while the
+    // key is claimed (a slow store) or, with `concurrency: 'wait'`, while it waits its turn.
+    const answered = watchAnswered(reply);
     engine.decide(toIncoming(request, body), request).then(
       (decision) => {
+        answered.stop();
+        if (answered.any || reply.sent) return answeredMeanwhile(decision);
         try {
           decided(request, reply, decision, done);
         } catch (error) {
           done(asError(error));
         }
       },
-      (error: unknown) => done(asError(error)),
+      (error: unknown) => {
+        answered.stop();
+        if (!answered.any && !reply.sent) done(asError(error));
+      },
     );
+  }
+
+  /**
+   * Someone answered while the key was being decided. `done` is not called: Fastify would run the
+   * handler behind that answer when it is still in async onSend hooks (`reply.sent` turns true
+   * only once the response has ended), and its status would go out on the timeout's body, and
+   * be stored with it. That answer goes out as it is (ours lets it through: no lease, no
+   * replay), and a key just claimed is given back at once, so the client's retry runs the
+   * operation: never held, nor marked, for a handler that never ran.
+   */
+  function answeredMeanwhile(decision: Decision): void {
+    if (decision.kind === 'run') void decision.lease.abandon('client-gone');
   }
 
   // Runs after the payload is serialised and before a byte is written, so the record is stored

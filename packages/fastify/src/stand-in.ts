@@ -103,6 +103,35 @@ export function watchSends(reply: FastifyReply, storable: (status: number) => bo
   };
 }
 
+/** Whether `send` was called while it was watched (see `watchAnswered`). */
+export interface Answered {
+  /** `send` was called: the answer may still be in async `onSend` hooks, where `reply.sent` is not yet true. */
+  readonly any: boolean;
+  /** Stop watching (the reply's `send` is as it was). */
+  stop(): void;
+}
+
+/**
+ * Note whether anyone answers while the plugin waits (for `onProblem`, or for the key to be
+ * claimed). `reply.sent` is no use there: it turns true only once the response has ended, which
+ * an async app-level `onSend` hook delays well past the `send()` call.
+ */
+export function watchAnswered(reply: FastifyReply): Answered {
+  const send = reply.send;
+  let any = false;
+  const watch: FastifyReply['send'] = function (this: FastifyReply, payload?: unknown) {
+    any = true;
+    return send.call(this, payload);
+  };
+  const stop = patch(reply, 'send', watch);
+  return {
+    get any() {
+      return any;
+    },
+    stop,
+  };
+}
+
 /**
  * Put `value` on the reply as its own `name` for a while; the returned function puts back what
  * was there (another plugin's own wrapper, or nothing, so the prototype's method shows again).

@@ -1096,6 +1096,55 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
   });
 });
 
+describe('a timeout that answers while the key is being claimed, behind an async app-level onSend hook', () => {
+  it.each([
+    ["Fastify's handlerTimeout", { handlerTimeout: 100 }, false],
+    ['a timer in an onRequest hook', {}, true],
+  ] as const)("%s: the handler does not run behind its answer, which goes out as it is; the retry runs once", async (_title, routeOptions, timer) => {
+    let runs = 0;
+    let slow = true;
+    const store = createMemoryStore();
+    const begin = store.begin.bind(store);
+    store.begin = async (...args: Parameters<IdempotencyStore['begin']>) => {
+      // A slow store: the timeout answers while the key is being claimed.
+      if (slow) await new Promise((resolve) => setTimeout(resolve, 300));
+      return begin(...args);
+    };
+    const { app } = await build(
+      (a) => {
+        if (timer) {
+          a.addHook('onRequest', (_request, reply, done) => {
+            if (slow) setTimeout(() => void (reply.sent || reply.code(503).send({ error: 'timeout' })), 100);
+            done();
+          });
+        }
+        // Any async onSend hook keeps the timeout's answer from ending (`reply.sent`) before the key is claimed.
+        a.addHook('onSend', async (_request, _reply, payload) => {
+          if (slow) await new Promise((resolve) => setTimeout(resolve, 300));
+          return payload;
+        });
+        a.post('/pay', routeOptions, async (_request, reply) => reply.code(201).send({ charged: ++runs }));
+      },
+      { store },
+    );
+    const first = await post(app, '/pay', 'k');
+    // Before, the handler ran behind the timeout's answer: the client got its 201 on the
+    // timeout's body, and that mix was stored and replayed.
+    expect(first.statusCode).toBe(503);
+    expect(first.json()).toEqual(timer ? { error: 'timeout' } : expect.objectContaining({ code: 'FST_ERR_HANDLER_TIMEOUT' }));
+    expect(runs).toBe(0);
+    slow = false;
+    // The key just claimed was given back: the retry runs the operation, once.
+    const retry = await answeredWith(app, '/pay', 'k', 201);
+    expect(replayed(retry)).toBe(false);
+    expect(retry.json()).toEqual({ charged: 1 });
+    const again = await post(app, '/pay', 'k');
+    expect(replayed(again)).toBe(true);
+    expect(again.json()).toEqual({ charged: 1 });
+    expect(runs).toBe(1);
+  });
+});
+
 describe('routes added before the plugin loaded', () => {
   async function setup(wire: (app: FastifyInstance, options: FastifyIdempotencyOptions) => void) {
     const warn = vi.fn();
