@@ -1145,6 +1145,53 @@ describe('a timeout that answers while the key is being claimed, behind an async
   });
 });
 
+describe('a timeout that answers while the handler runs, behind an async app-level onSend hook', () => {
+  /** The first request times out (100 ms) while its handler works (200 ms) and an app-level onSend hook takes 300 ms. */
+  async function timedOut(answer: (reply: FastifyReply, n: number) => unknown): Promise<{ app: FastifyInstance; runs: () => number; first: LightMyRequestResponse }> {
+    let runs = 0;
+    let slow = true;
+    const { app } = await build((a) => {
+      a.addHook('onSend', async (_request, _reply, payload) => {
+        if (slow) await new Promise((resolve) => setTimeout(resolve, 300));
+        return payload;
+      });
+      a.post('/pay', { handlerTimeout: 100 }, async (_request, reply) => {
+        const n = ++runs;
+        if (slow) await new Promise((resolve) => setTimeout(resolve, 200));
+        return answer(reply, n);
+      });
+    });
+    const first = await post(app, '/pay', 'k');
+    slow = false;
+    return { app, runs: () => runs, first };
+  }
+
+  it.each([
+    ['returns its value', (_reply: FastifyReply, n: number): unknown => ({ charged: n })],
+    ['returns reply.code(201).send(order)', (reply: FastifyReply, n: number): unknown => reply.code(201).send({ charged: n })],
+    ['returns reply.code(204).send()', (reply: FastifyReply): unknown => reply.code(204).send()],
+  ])('a handler that %s: its answer is never stored with the timeout\'s status or body; 410, never run twice', async (_title, answer) => {
+    const { app, runs, first } = await timedOut(answer);
+    // Both answers were in the onSend hook at once: Fastify sent the timeout's body (none for a
+    // 204) with the status the handler's answer left, as it does without the plugin.
+    expect(first.body).not.toContain('charged');
+    // Before, that mix was taken for the timeout's answer alone: the key was freed, and every
+    // retry ran the charge again.
+    const after = await answeredWith(app, '/pay', 'k', 410);
+    expect(after.json()).toMatchObject({ reason: 'cut-short' });
+    expect(runs()).toBe(1);
+  });
+
+  it('a handler that throws after the timeout answered frees the key: the retry runs it again', async () => {
+    const { app, runs } = await timedOut((_reply, n) => {
+      if (n === 1) throw new Error('card declined');
+      return { charged: n };
+    });
+    expect((await answeredWith(app, '/pay', 'k', 200)).json()).toEqual({ charged: 2 });
+    expect(runs()).toBe(2);
+  });
+});
+
 describe('routes added before the plugin loaded', () => {
   async function setup(wire: (app: FastifyInstance, options: FastifyIdempotencyOptions) => void) {
     const warn = vi.fn();
