@@ -297,12 +297,16 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       if (replayed === null) {
         // Our own 400/409/422/503, as app-level hooks left it: the route's hooks get its JSON as text.
         const problem = (request as StatefulRequest)[kProblem];
-        return done(null, problem !== null && payload === problem.payload ? problem.serialised : payload);
+        if (problem === null || payload !== problem.payload) return done(null, payload);
+        // A timeout that fired while an async app-level hook held this answer set its own status.
+        if (reply.statusCode !== problem.response.status) reply.code(problem.response.status);
+        return done(null, problem.serialised);
       }
       // An app-level onSend hook rewrote a replay. Those hooks ran on the original answer before
       // it was stored, so running them again would apply them twice (a prefix, an envelope):
-      // the stored answer goes out as it was.
-      if (payload !== replayed.payload) restoreReplay(reply, replayed);
+      // the stored answer goes out as it was. So does one whose status a timeout changed while
+      // an async app-level hook held it (Fastify's handlerTimeout is still armed after ours answered).
+      if (payload !== replayed.payload || reply.statusCode !== replayed.response.status) restoreReplay(reply, replayed);
       // The route's own hooks, which run after ours, get a JSON or text body as the string they
       // got on the first request (Fastify's serialised answer), not a Buffer.
       return done(null, replayed.serialised);

@@ -1182,6 +1182,30 @@ describe('a timeout that answers while the handler runs, behind an async app-lev
     expect(runs()).toBe(1);
   });
 
+  it("a replay, or a problem, that the timeout overtakes in the hook goes out with its own status, not the timeout's", async () => {
+    let runs = 0;
+    let slow = false;
+    const { app } = await build((a) => {
+      a.addHook('onSend', async (_request, _reply, payload) => {
+        if (slow) await new Promise((resolve) => setTimeout(resolve, 300));
+        return payload;
+      });
+      a.post('/pay', { handlerTimeout: 100 }, async (_request, reply) => reply.code(201).send({ charged: ++runs }));
+    });
+    expect((await post(app, '/pay', 'k')).statusCode).toBe(201);
+    // Fastify's timer is still armed once ours answered, and fires while the hook holds the answer.
+    slow = true;
+    const replay = await post(app, '/pay', 'k');
+    // Before, the stored body went out as a 503.
+    expect(replay.statusCode).toBe(201);
+    expect(replayed(replay)).toBe(true);
+    expect(replay.json()).toEqual({ charged: 1 });
+    const problem = await post(app, '/pay', 'k', { a: 2 });
+    expect(problem.statusCode).toBe(422);
+    expect(problem.json()).toMatchObject({ status: 422 });
+    expect(runs).toBe(1);
+  });
+
   it('a handler that throws after the timeout answered frees the key: the retry runs it again', async () => {
     const { app, runs } = await timedOut((_reply, n) => {
       if (n === 1) throw new Error('card declined');
