@@ -8,7 +8,7 @@ import type { AbandonReason, IdempotencyContext, IdempotencyEvent, Lease, Unbuff
 import { StoreTimeoutError, type StoreCall } from './deadline.js';
 
 /** The marker's `reason`: the binding's, or the engine's own for a handler that ended its transaction. */
-type MarkerReason = UnbufferedReason | 'transaction-ended';
+type MarkerReason = UnbufferedReason | 'transaction-ended' | 'store-refused';
 
 /** Backoff of a completion retried after a store failure: the first wait, and the longest. */
 const COMPLETE_RETRY_FIRST_MS = 100;
@@ -296,11 +296,17 @@ export class RunningLease implements Lease {
    * documented problem instead of running the handler again (SPEC §2).
    */
   async #storeMarker(status: number | null, reason: MarkerReason, viaTx = this.tx !== undefined): Promise<boolean> {
+    return this.#complete(this.#marker(status, reason), status, viaTx);
+  }
+
+  #marker(status: number | null, reason: MarkerReason): StoredResponse {
     const ran = status === null ? 'The request with this key already ran' : `The request with this key already ran and answered ${status}`;
     const why =
       reason === 'transaction-ended'
         ? 'its handler ended the database transaction it was given (COMMIT or ROLLBACK)'
-        : status === null || reason === 'cut-short'
+        : reason === 'store-refused'
+          ? 'the store kept refusing to store its answer'
+          : status === null || reason === 'cut-short'
           ? 'its answer was cut short before it went out'
           : reason === 'too-large'
             ? `its body was larger than maxBodyBytes (${this.host.options.maxBodyBytes} bytes)`
@@ -311,7 +317,7 @@ export class RunningLease implements Lease {
     const error = new ResponseNotReplayableError('ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE', 410, detail, {
       extensions: { originalStatus: status, reason },
     });
-    return this.#complete(problemResponse(error), status, viaTx);
+    return problemResponse(error);
   }
 
   /**
@@ -385,12 +391,25 @@ export class RunningLease implements Lease {
     this.#retryRenewsUntil = performance.now() + 2 * this.host.options.leaseMs;
     const { store, ttlMs } = this.host.options;
     let delay = COMPLETE_RETRY_FIRST_MS;
+    let markerTried = false;
     const attempt = (): void => {
       if (this.#retrying === null) return; // ended meanwhile (a refused renewal)
       this.host.call('complete', () => store.complete(this.id, this.token, response, ttlMs)).then(
         (ok) => void this.#endRetry(ok ? 'stored' : 'refused'),
         () => {
           if (this.#retrying === null) return;
+          // Renewals got through for two leases while the answer did not: the store refuses this
+          // one write (a payload limit). While the lease still holds, the small 410 marker is
+          // tried once instead, so retries get 410, never a second run of the handler.
+          if (!markerTried && performance.now() >= this.#retryRenewsUntil && this.#leaseEndsAt > performance.now()) {
+            markerTried = true;
+            const marker = this.#marker(response.status, 'store-refused');
+            this.host.call('complete', () => store.complete(this.id, this.token, marker, ttlMs)).then(
+              (ok) => void this.#endRetry(ok ? 'marked' : 'refused'),
+              () => schedule(COMPLETE_RETRY_FIRST_MS),
+            );
+            return;
+          }
           // Stores refuse a holder whose lease has run out, so retrying past it is pointless;
           // renewals (while the store answers them) push that end further. A renewal still in
           // flight may yet push it: wait for it before giving up.
@@ -413,11 +432,18 @@ export class RunningLease implements Lease {
    * means the lease is over unless an attempt that timed out here did land (the record holds
    * this lease's own answer); or the store stayed away until the lease ran out.
    */
-  async #endRetry(outcome: 'stored' | 'refused' | 'gave-up'): Promise<void> {
+  async #endRetry(outcome: 'stored' | 'marked' | 'refused' | 'gave-up'): Promise<void> {
     const response = this.#retrying;
     if (response === null) return;
     this.#retrying = null;
     this.#stopRenewing(true);
+    if (outcome === 'marked') {
+      if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: false });
+      this.host.options.logger?.error(
+        `[idemkit] The store kept failing to store the answer for key "${this.key}" while it renewed its lease: stored the 410 marker (reason "store-refused") instead, so a retry gets 410 and the handler is not run again.`,
+      );
+      return;
+    }
     const stored = outcome === 'stored' || (await this.#holdsOwnAnswer(response));
     if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored });
     if (stored) return;

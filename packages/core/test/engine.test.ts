@@ -676,6 +676,31 @@ describe('store failures', () => {
     await next.abandon('handler-threw');
   });
 
+  it('a store that renews but refuses only the answer (a payload limit): after two leases the 410 marker is stored, never a second run', async () => {
+    const store = createMemoryStore();
+    const events: IdempotencyEvent[] = [];
+    const logger = { warn: vi.fn(), error: vi.fn() };
+    const engine = createIdempotencyEngine({ store, logger, leaseMs: 200, onEvent: (e) => events.push(e) });
+    const lease = expectRun(await engine.decide(request({ key: 'too-big-for-store' })));
+    const complete = store.complete.bind(store);
+    store.complete = (key, token, answer, ttlMs) =>
+      answer.body.byteLength > 1_000 ? Promise.reject(new Error('payload too large')) : complete(key, token, answer, ttlMs);
+    expect(await lease.commit(response(201, 'x'.repeat(2_000)))).toBe(false);
+    const retry = await vi.waitFor(
+      async () => {
+        const decision = await engine.decide(request({ key: 'too-big-for-store' }));
+        expect(decision.kind).toBe('replay');
+        return decision;
+      },
+      { timeout: 5_000, interval: 20 },
+    );
+    expect(retry.kind === 'replay' && retry.response.status).toBe(410);
+    expect(retry.kind === 'replay' && JSON.parse(new TextDecoder().decode(retry.response.body))).toMatchObject({ originalStatus: 201, reason: 'store-refused' });
+    expect(events).toContainEqual({ type: 'completed', key: 'too-big-for-store', status: 201, stored: false });
+    expect(events.some((e) => e.type === 'lease-lost')).toBe(false);
+    expect(logger.error).toHaveBeenCalledWith(expect.stringContaining('stored the 410 marker'));
+  });
+
   it('a store that hangs (not refuses) past the lease: the retried completion still gives up at the lease end', async () => {
     // With storeTimeoutMs above a third of the lease a renewal is nearly always in flight; only
     // one sent before the lease end may hold the give-up off.
