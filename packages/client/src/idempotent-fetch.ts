@@ -33,7 +33,8 @@ export interface IdempotentFetchOptions {
   /**
    * Largest wait between attempts in ms. A longer `Retry-After` is waited only this long on a 409,
    * and ends the retries on other statuses (their answer is returned). idemkit's "still running"
-   * 409s are asked again at least 10 ms apart even when this is lower. @default 5_000
+   * 409s are asked again after 5–10 ms at least (a 10 ms ceiling, jittered) even when this is
+   * lower. @default 5_000
    */
   maxDelayMs?: number | undefined;
   /** Total time for all attempts and waits, in ms. @default 30_000 */
@@ -467,7 +468,8 @@ function blobPart(chunk: Uint8Array): Uint8Array<ArrayBuffer> {
 function failsAgain(error: unknown): boolean {
   if (!(error instanceof Error)) return false;
   const { type } = error as { type?: unknown };
-  if (error.name === 'FetchError' && typeof type === 'string') return type !== 'system';
+  // node-fetch 2's own timeouts ('request-timeout', 'body-timeout') are the network's too.
+  if (error.name === 'FetchError' && typeof type === 'string') return type !== 'system' && !type.endsWith('-timeout');
   if (!(error instanceof TypeError) || !(error.cause instanceof Error)) return false;
   return error.cause instanceof TypeError || typeof (error.cause as { code?: unknown }).code !== 'string';
 }
@@ -568,6 +570,20 @@ function bareKeyProblem(key: string): string | undefined {
 }
 
 /**
+ * RFC 9651 parameters (`;key=bare-item`, each `;` may be followed by spaces): what a server's
+ * structured-field parser takes after the closing quote. Anything else there is its 400.
+ */
+const SF_BARE_ITEM = [
+  '-?\\d{1,12}\\.\\d{1,3}', // decimal
+  '-?\\d{1,15}', // integer
+  '"(?:[\\x20\\x21\\x23-\\x5b\\x5d-\\x7e]|\\\\["\\\\])*"', // string
+  "[A-Za-z*][!#$%&'*+\\-.^_`|~0-9A-Za-z:/]*", // token
+  ':[A-Za-z0-9+/]*={0,2}:', // byte sequence
+  '\\?[01]', // boolean
+].join('|');
+const SF_PARAMETERS = new RegExp(`^(?:; *[a-z*][a-z0-9_\\-.*]*(?:=(?:${SF_BARE_ITEM}))?)+$`);
+
+/**
  * Why a server would refuse a key in the structured-field form (RFC 9651 sf-string), or undefined.
  * Written out rather than core's parseKeyHeader: the client has no runtime dependencies. The
  * parameters a server ignores (`"k";a=1`) are left to it; they only need to be sendable.
@@ -592,7 +608,9 @@ function quotedKeyProblem(value: string): string | undefined {
   let stop = value.length;
   while (stop > end && (value[stop - 1] === ' ' || value[stop - 1] === '\t')) stop--;
   const rest = value.slice(end, stop);
-  if (rest !== '' && !/^;[\x20-\x7e]*$/.test(rest)) return 'starts with `"` but is no structured-field string: only parameters (`;name=value`) may follow the closing `"`';
+  if (rest !== '' && !SF_PARAMETERS.test(rest)) {
+    return 'starts with `"` but is no structured-field string: only parameters (`;name=value`, RFC 9651: a lower-case name, a number, token, string, byte sequence or boolean) may follow the closing `"`';
+  }
   const problem = keyProblem(content);
   return problem === undefined ? undefined : `${problem} between its quotes`;
 }

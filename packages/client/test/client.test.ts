@@ -211,11 +211,11 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
   });
 
   it.each([
-    // A quoted key's parameters are left to the server, which refuses an upper-case name.
-    ['400 (invalid key)', { idempotencyKey: '"k";Bad=1' }, 400],
+    // A key only the server's own rules refuse (its validateKey): the client cannot know them.
+    ['400 (invalid key)', { idempotencyKey: 'not-a-uuid' }, 400],
     ['422 (key reused with another body)', { idempotencyKey: 'reused' }, 422],
   ])('never retries %s', async (_, init, status) => {
-    const s = await server();
+    const s = await server({ validateKey: (key) => key !== 'not-a-uuid' || 'keys are UUIDs' });
     const { attempts, onAttempt } = recorder();
     const fetchSafe = createIdempotentFetch({ ...fast, onAttempt });
     if (status === 422) await fetchSafe(`${s.url}/orders`, { ...json({ a: 1 }), ...init });
@@ -828,6 +828,10 @@ describe('retry rules', () => {
       ['"order-1', /closing `"` is missing/],
       ['"a\\b"', /a backslash may only escape/],
       ['"order-1" x', /only parameters/],
+      // Parameters a structured-field parser refuses (RFC 9651): each was sent, for a 400.
+      ...['"abc";', '"abc";A=1', '"abc";a=', '"abc";a=1;', '"abc";a=b c', '"abc";a="x', '"abc";1a', '"abc";a=1,b', '"abc";a=?2'].map(
+        (key): [string, RegExp] => [key, /only parameters/],
+      ),
     ];
     for (const [idempotencyKey, message] of refused) {
       // The server's own parser refuses each of them too (a 400, which is not retried).
@@ -842,7 +846,7 @@ describe('retry rules', () => {
     }
     expect(s.requests).toBe(0);
     // What the server takes goes through: spaces, an escaped quote, a comma, 255 characters, parameters.
-    const accepted = ['" "', '"a\\"b"', '"a,b"', `"${'k'.repeat(255)}"`, '"order-2";v=1'];
+    const accepted = ['" "', '"a\\"b"', '"a,b"', `"${'k'.repeat(255)}"`, '"order-2";v=1', '"order-3";a; b=-1.5;c=?1', '"order-4";a="x y";b=tok/en;c=:AQ==:'];
     for (const idempotencyKey of accepted) {
       expect(parseKeyHeader(idempotencyKey).ok).toBe(true);
       expect((await plain(`${s.url}/orders`, { ...json({}), idempotencyKey })).status).toBe(201);
