@@ -468,8 +468,7 @@ function blobPart(chunk: Uint8Array): Uint8Array<ArrayBuffer> {
 function failsAgain(error: unknown): boolean {
   if (!(error instanceof Error)) return false;
   const { type } = error as { type?: unknown };
-  // node-fetch 2's own timeouts ('request-timeout', 'body-timeout') are the network's too.
-  if (error.name === 'FetchError' && typeof type === 'string') return type !== 'system' && !type.endsWith('-timeout');
+  if (error.name === 'FetchError' && typeof type === 'string') return type !== 'system';
   if (!(error instanceof TypeError) || !(error.cause instanceof Error)) return false;
   return error.cause instanceof TypeError || typeof (error.cause as { code?: unknown }).code !== 'string';
 }
