@@ -26,7 +26,7 @@ import fp from 'fastify-plugin';
 import type { Socket } from 'node:net';
 import { payloadBytes, payloadStatus, replayOf, restoreReplay, sendReplay, sendStored, type Replayed } from './capture.js';
 import { mergeRouteOptions, type FastifyIdempotencyOptions, type RouteIdempotencyConfig } from './options.js';
-import { watchAnswered, watchSends, whoSent, type Answered, type LateSends } from './stand-in.js';
+import { watchAnswered, watchSends, whoSent, type LateSends } from './stand-in.js';
 
 declare module 'fastify' {
   interface FastifyContextConfig {
@@ -60,8 +60,6 @@ interface LeaseState {
   closedEarly: boolean;
   /** The reply's headers when the key was claimed (set by hooks before ours: CORS, a request id); see toStoredHeaders. */
   readonly before: ReturnType<typeof snapshotHeaders>;
-  /** The sends from the claim until the first answer reaches our onSend (see settle). */
-  readonly answers: Answered;
 }
 
 const kState = Symbol('idemkit.fastify.state');
@@ -160,7 +158,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   const { onProblem } = options;
   const fingerprintsBody = engine.options.fingerprint === 'default';
 
-  function decided(request: FastifyRequest, reply: FastifyReply, decision: Decision, done: Done, answers: Answered): void {
+  function decided(request: FastifyRequest, reply: FastifyReply, decision: Decision, done: Done): void {
     switch (decision.kind) {
       case 'pass':
         return done();
@@ -211,7 +209,6 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
           ran: false,
           closedEarly: false,
           before: snapshotHeaders(reply.getHeaders()),
-          answers,
         };
         (request as StatefulRequest)[kState] = state;
         request.idempotency = decision.lease.context;
@@ -259,13 +256,11 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const answered = watchAnswered(reply);
     engine.decide(toIncoming(request, body), request).then(
       (decision) => {
-        // A key claimed keeps the watch on until its first answer reaches our onSend.
-        if (answered.any || reply.sent || decision.kind !== 'run') answered.stop();
+        answered.stop();
         if (answered.any || reply.sent) return answeredMeanwhile(decision);
         try {
-          decided(request, reply, decision, done, answered);
+          decided(request, reply, decision, done);
         } catch (error) {
-          answered.stop();
           done(asError(error));
         }
       },
@@ -326,7 +321,6 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       state.settling.then(later, later);
       return;
     }
-    state.answers.stop();
     if (state.lease.settled) return done(null, payload);
     const settling = settle(state, reply, payload);
     state.settling = settling;
@@ -347,10 +341,6 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
 
   async function settle(state: LeaseState, reply: FastifyReply, payload: unknown): Promise<unknown> {
     const { lease, handler } = state;
-    if (state.answers.mixed) {
-      settleMixed(state);
-      return payload;
-    }
     // As it stood when this answer came: a throw after it (send without return) must not turn it into an error.
     const errored = state.errored;
     const status = payloadStatus(payload, reply.statusCode);
@@ -389,22 +379,6 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // meanwhile: this answer goes out as it was stored.
     if (state.resent || state.errored) restoreAnswer(reply, status, headers);
     return payload;
-  }
-
-  /**
-   * Two answers were on their way at once, behind async app-level hooks (a timeout's, then the
-   * handler's own, or its error's): the first to get here goes out with the status the last one
-   * left, so it is never stored, nor replayed, with that status. Once the handler has ended:
-   * it threw, the key is freed; else it answered, an answer that could not go out whole, so the
-   * key is marked `cut-short` and the operation never runs twice. One that never ran (a hook
-   * after ours answered) gives the key back. Held (and renewed) meanwhile, so a retry gets 409.
-   */
-  function settleMixed(state: LeaseState): void {
-    const { lease, handler } = state;
-    const cutShort = (): void => void lease.commitUnbuffered(null, 'cut-short');
-    if (!state.ran) void lease.abandon('client-gone');
-    else if (isThenable(handler)) Promise.resolve(handler).then(cutShort, () => void lease.abandon('handler-threw'));
-    else cutShort();
   }
 
   // The handler threw (or sent an Error): free the key so a retry may run. Fastify's error

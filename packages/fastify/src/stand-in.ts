@@ -107,53 +107,26 @@ export function watchSends(reply: FastifyReply, storable: (status: number) => bo
 export interface Answered {
   /** `send` was called: the answer may still be in async `onSend` hooks, where `reply.sent` is not yet true. */
   readonly any: boolean;
-  /**
-   * A second answer came before the first got through (both in async hooks): one with a payload,
-   * or one that changed the status. Whichever reaches `onSend` goes out with the status the last
-   * one left, so it cannot be told which answer it is, nor which status is its own.
-   */
-  readonly mixed: boolean;
   /** Stop watching (the reply's `send` is as it was). */
   stop(): void;
 }
 
 /**
- * Note whether anyone answers while the plugin waits (for `onProblem`, for the key to be claimed,
- * or for the first answer to reach its `onSend`). `reply.sent` is no use there: it turns true only
- * once the response has ended, which an async app-level `onSend` hook delays well past the
- * `send()` call. Only outermost calls are answers: the error handler's `send()` inside Fastify's
- * `send(error)` is part of that one. An error's status is known once its `send()` returns (the
- * default error handler sets it there); one still below 400 is left for an async error handler,
- * whose own `send()` is that answer.
+ * Note whether anyone answers while the plugin waits (for `onProblem`, or for the key to be
+ * claimed). `reply.sent` is no use there: it turns true only once the response has ended, which
+ * an async app-level `onSend` hook delays well past the `send()` call.
  */
 export function watchAnswered(reply: FastifyReply): Answered {
   const send = reply.send;
   let any = false;
-  let mixed = false;
-  let depth = 0;
-  let status: number | undefined;
   const watch: FastifyReply['send'] = function (this: FastifyReply, payload?: unknown) {
     any = true;
-    if (depth > 0) return send.call(this, payload);
-    depth++;
-    try {
-      return send.call(this, payload);
-    } finally {
-      depth--;
-      const answer = !(payload instanceof Error) || this.statusCode >= 400;
-      if (answer && status === undefined) status = this.statusCode;
-      // Fastify's own send of an async handler's `undefined` result, after a `send()` without
-      // `return reply`, carries nothing and keeps the status: the first answer is still whole.
-      else if (answer && (payload !== undefined || this.statusCode !== status)) mixed = true;
-    }
+    return send.call(this, payload);
   };
   const stop = patch(reply, 'send', watch);
   return {
     get any() {
       return any;
-    },
-    get mixed() {
-      return mixed;
     },
     stop,
   };
