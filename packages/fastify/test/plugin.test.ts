@@ -717,6 +717,23 @@ describe('a pipelined request whose connection died before its key was even clai
   }
 });
 
+describe('a handler that answers twice by mistake, behind an async app-level onSend hook', () => {
+  it.each([
+    ['calls send() and also returns the value', (reply: FastifyReply, n: number): unknown => (reply.code(201).send({ charged: n }), { charged: n })],
+    ['calls send() twice', (reply: FastifyReply, n: number): unknown => (reply.code(201).send({ charged: n }), reply.send({ charged: n }), reply)],
+  ])('%s: its first answer is stored and replayed (a rule for racing timeouts once made it 410)', async (_title, answer) => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.addHook('onSend', async (_request, _reply, payload) => (await new Promise((resolve) => setTimeout(resolve, 30)), payload));
+      a.post('/pay', async (_request, reply) => answer(reply, ++runs));
+    });
+    expect((await post(app, '/pay', 'twice')).statusCode).toBe(201);
+    const retry = await post(app, '/pay', 'twice');
+    expect([retry.statusCode, replayed(retry), retry.json()]).toEqual([201, true, { charged: 1 }]);
+    expect(runs).toBe(1);
+  });
+});
+
 describe('many pipelined requests on one connection', () => {
   it('wait for its close behind one listener: no MaxListenersExceededWarning', async () => {
     const warnings: Error[] = [];
