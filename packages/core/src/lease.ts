@@ -100,6 +100,8 @@ export class RunningLease implements Lease {
   #retrying: StoredResponse | null = null;
   /** Renewals for a retried completion stop here (see #completeLater), so the lease can run out. */
   #retryRenewsUntil = 0;
+  /** The 410 marker sent instead of a retried answer the store kept refusing (see #completeLater). */
+  #retryMarker: StoredResponse | null = null;
   /** The handler ended its own transaction (see #afterTransactionEnded). */
   #transactionEnded = false;
   /** A transactional completion or rollback outlasted the store deadline: the key is held (and renewed) until it settles. */
@@ -391,7 +393,9 @@ export class RunningLease implements Lease {
     this.#retryRenewsUntil = performance.now() + 2 * this.host.options.leaseMs;
     const { store, ttlMs } = this.host.options;
     let delay = COMPLETE_RETRY_FIRST_MS;
-    let markerTried = false;
+    // Past the renewal budget: the answer once more at once (an attempt sent before the store
+    // came back may have failed for that alone), then the marker.
+    let lastChance = false;
     const attempt = (): void => {
       if (this.#retrying === null) return; // ended meanwhile (a refused renewal)
       this.host.call('complete', () => store.complete(this.id, this.token, response, ttlMs)).then(
@@ -401,12 +405,18 @@ export class RunningLease implements Lease {
           // Renewals got through for two leases while the answer did not: the store refuses this
           // one write (a payload limit). While the lease still holds, the small 410 marker is
           // tried once instead, so retries get 410, never a second run of the handler.
-          if (!markerTried && performance.now() >= this.#retryRenewsUntil && this.#leaseEndsAt > performance.now()) {
-            markerTried = true;
+          if (this.#retryMarker === null && performance.now() >= this.#retryRenewsUntil && this.#leaseEndsAt > performance.now()) {
+            if (!lastChance) {
+              lastChance = true;
+              return schedule(0);
+            }
             const marker = this.#marker(response.status, 'store-refused');
+            this.#retryMarker = marker;
             this.host.call('complete', () => store.complete(this.id, this.token, marker, ttlMs)).then(
               (ok) => void this.#endRetry(ok ? 'marked' : 'refused'),
-              () => schedule(COMPLETE_RETRY_FIRST_MS),
+              // It may have landed all the same (a timeout here); if not, the answer is retried
+              // until the lease, no longer renewed, runs out (#endRetry looks for the marker too).
+              () => void this.#holdsOwnAnswer(marker).then((held) => (held ? void this.#endRetry('marked') : schedule(COMPLETE_RETRY_FIRST_MS))),
             );
             return;
           }
@@ -437,6 +447,9 @@ export class RunningLease implements Lease {
     if (response === null) return;
     this.#retrying = null;
     this.#stopRenewing(true);
+    // A marker sent meanwhile may be what the record holds (its reply lost, or a renewal refused
+    // because it had landed): then that is the outcome.
+    if (outcome !== 'stored' && outcome !== 'marked' && this.#retryMarker !== null && (await this.#holdsOwnAnswer(this.#retryMarker))) outcome = 'marked';
     if (outcome === 'marked') {
       if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: false });
       this.host.options.logger?.error(

@@ -701,6 +701,54 @@ describe('store failures', () => {
     expect(logger.error).toHaveBeenCalledWith(expect.stringContaining('stored the 410 marker'));
   });
 
+  it('a store back just before the renewal budget ends gets the real answer, not the 410 marker', async () => {
+    const store = createMemoryStore();
+    const events: IdempotencyEvent[] = [];
+    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 300, onEvent: (e) => events.push(e) });
+    const lease = expectRun(await engine.decide(request({ key: 'back-in-time' })));
+    const complete = store.complete.bind(store);
+    const startedAt = performance.now();
+    // Away (each attempt hangs 200 ms, then fails) until 30 ms before the budget ends (two leases
+    // after the first failure, at 200 ms): the attempt sent at ~700 ms fails after that end.
+    store.complete = async (...args) => {
+      const away = performance.now() - startedAt < 770;
+      if (away) await new Promise((resolve) => setTimeout(resolve, 200));
+      return away ? Promise.reject(new Error('failover')) : complete(...args);
+    };
+    expect(await lease.commit(response(201, 'the real answer'))).toBe(false);
+    const replay = await vi.waitFor(
+      async () => {
+        const decision = await engine.decide(request({ key: 'back-in-time' }));
+        expect(decision.kind).toBe('replay');
+        return decision;
+      },
+      { timeout: 5_000, interval: 20 },
+    );
+    expect(replay.kind === 'replay' && [replay.response.status, new TextDecoder().decode(replay.response.body)]).toEqual([201, 'the real answer']);
+    expect(events).toContainEqual({ type: 'completed', key: 'back-in-time', status: 201, stored: true });
+  });
+
+  it('a 410 marker that landed although its reply was lost is reported as the marker, not as a lost lease', async () => {
+    const store = createMemoryStore();
+    const events: IdempotencyEvent[] = [];
+    const logger = { warn: vi.fn(), error: vi.fn() };
+    const engine = createIdempotencyEngine({ store, logger, leaseMs: 200, onEvent: (e) => events.push(e) });
+    const lease = expectRun(await engine.decide(request({ key: 'marker-reply-lost' })));
+    const complete = store.complete.bind(store);
+    store.complete = async (key, token, answer, ttlMs) => {
+      if (answer.body.byteLength > 1_000) throw new Error('payload too large');
+      await complete(key, token, answer, ttlMs);
+      throw new Error('reply lost'); // the marker landed; its answer did not come back
+    };
+    expect(await lease.commit(response(201, 'x'.repeat(2_000)))).toBe(false);
+    await vi.waitFor(() => expect(events).toContainEqual({ type: 'completed', key: 'marker-reply-lost', status: 201, stored: false }), { timeout: 5_000, interval: 20 });
+    const retry = await engine.decide(request({ key: 'marker-reply-lost' }));
+    expect(retry.kind === 'replay' && retry.response.status).toBe(410);
+    expect(events.some((e) => e.type === 'lease-lost')).toBe(false);
+    expect(logger.error).toHaveBeenCalledWith(expect.stringContaining('stored the 410 marker'));
+    expect(logger.error).not.toHaveBeenCalledWith(expect.stringContaining('Gave up storing'));
+  });
+
   it('a store that hangs (not refuses) past the lease: the retried completion still gives up at the lease end', async () => {
     // With storeTimeoutMs above a third of the lease a renewal is nearly always in flight; only
     // one sent before the lease end may hold the give-up off.
