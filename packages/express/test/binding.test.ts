@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { once } from 'node:events';
 import { connect } from 'node:net';
 import { Readable } from 'node:stream';
-import { ConfigurationError, createMemoryStore, MemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
+import { ConfigurationError, createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import compression from 'compression';
 import timeout from 'connect-timeout';
 import fileUpload from 'express-fileupload';
@@ -13,6 +13,7 @@ import express4 from 'express4';
 import { afterEach, describe, expect, it, onTestFinished, vi } from 'vitest';
 import { idempotency, idempotencyErrorHandler, type ExpressIdempotencyOptions } from '../src/index.js';
 import { listen } from './app.js';
+import { SlowBeginStore } from '@idemkit/http-suite';
 
 const open: Array<() => Promise<void>> = [];
 afterEach(async () => {
@@ -1602,16 +1603,6 @@ describe('express binding: an answer no route gave', () => {
     expect(runs).toBe(2);
   });
 });
-
-/** A memory store whose begin() answers `delayMs` after it claimed the key, as a slow or distant store does. */
-class SlowBeginStore extends MemoryStore {
-  delayMs = 0;
-  override async begin(...args: Parameters<MemoryStore['begin']>): ReturnType<MemoryStore['begin']> {
-    const result = await super.begin(...args);
-    if (this.delayMs > 0) await new Promise((resolve) => setTimeout(resolve, this.delayMs));
-    return result;
-  }
-}
 
 // Was: the handler ran behind the timeout's 503 (or, after connect-timeout's next(err), did not),
 // and the key answered 409 for a whole lease (60 s by default) before a retry could run it.

@@ -647,6 +647,11 @@ describe('a client that leaves early, at other moments', () => {
   });
 });
 
+/** A keyed POST with a `{}` body, as raw bytes for a socket (pipelined requests). */
+function rawPost(path: string, key: string): string {
+  return `POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`;
+}
+
 describe('a pipelined request whose connection dies while it waits its turn', () => {
   it('is settled all the same (Node never closes a response still queued behind another)', async () => {
     let runs = 0;
@@ -664,11 +669,9 @@ describe('a pipelined request whose connection dies while it waits its turn', ()
     );
     await app.listen({ port: 0, host: '127.0.0.1' });
     const { port } = app.server.address() as AddressInfo;
-    const request = (path: string, key: string): string =>
-      `POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`;
     const socket = connect(port, '127.0.0.1');
     socket.on('error', () => undefined);
-    socket.write(request('/first', 'pipelined-1') + request('/queued', 'pipelined-2'));
+    socket.write(rawPost('/first', 'pipelined-1') + rawPost('/queued', 'pipelined-2'));
     await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
     socket.destroy();
     // Before, its key answered 409 for as long as the process ran.
@@ -701,12 +704,10 @@ describe('a pipelined request whose connection died before its key was even clai
       );
       await app.listen({ port: 0, host: '127.0.0.1' });
       const { port } = app.server.address() as AddressInfo;
-      const request = (path: string, key: string): string =>
-        `POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`;
       const socket = connect(port, '127.0.0.1');
       socket.on('error', () => undefined);
       socketClosed = new Promise((resolve) => app.server.once('connection', (s: Socket) => s.once('close', resolve)));
-      socket.write(request('/first', `early-${answer}-1`) + request('/queued', `early-${answer}-2`));
+      socket.write(rawPost('/first', `early-${answer}-1`) + rawPost('/queued', `early-${answer}-2`));
       await new Promise((resolve) => setTimeout(resolve, 100));
       socket.destroy();
       // Before, its key answered 409 for as long as the process ran (the lease kept renewing).
@@ -749,13 +750,11 @@ describe('many pipelined requests on one connection', () => {
       });
       await app.listen({ port: 0, host: '127.0.0.1' });
       const { port } = app.server.address() as AddressInfo;
-      const request = (path: string, key: string): string =>
-        `POST ${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`;
       const socket = connect(port, '127.0.0.1');
       let received = '';
       socket.on('data', (chunk: Buffer) => void (received += chunk.toString()));
       // Fifteen keyed requests queue behind a slow first one: each waits for the socket's close.
-      socket.write(request('/first', 'pipelined-first') + Array.from({ length: 15 }, (_, i) => request('/orders', `pipelined-${i}`)).join(''));
+      socket.write(rawPost('/first', 'pipelined-first') + Array.from({ length: 15 }, (_, i) => rawPost('/orders', `pipelined-${i}`)).join(''));
       await vi.waitFor(() => expect(queued).toBe(15), { timeout: 10_000 });
       open();
       await vi.waitFor(() => expect(received.match(/HTTP\/1\.1 200/g)).toHaveLength(16), { timeout: 10_000 });

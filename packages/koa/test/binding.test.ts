@@ -3,11 +3,12 @@ import { readFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { Readable } from 'node:stream';
 import Router from '@koa/router';
-import { createMemoryStore, defaultFingerprint, problemResponse, KeyError, MemoryStore, scopedKey, TransactionAbortedError, type IdempotencyEvent, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
+import { createMemoryStore, defaultFingerprint, problemResponse, KeyError, scopedKey, TransactionAbortedError, type IdempotencyEvent, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import Koa, { type Context, type Middleware } from 'koa';
 import { koaBody } from 'koa-body';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ConfigurationError, idempotency, type IdempotencyState } from '../src/index.js';
+import { SlowBeginStore } from '@idemkit/http-suite';
 import { rawBody } from './app.js';
 import { post, startKoa } from './helpers.js';
 import { twinSuite } from './twin-cases.js';
@@ -16,16 +17,6 @@ const closers: Array<() => Promise<void>> = [];
 afterEach(async () => {
   await Promise.all(closers.splice(0).map((close) => close()));
 });
-
-/** A memory store whose begin() answers `delayMs` after it claimed the key, as a slow or distant store does. */
-class SlowBeginStore extends MemoryStore {
-  delayMs = 0;
-  override async begin(...args: Parameters<MemoryStore['begin']>): ReturnType<MemoryStore['begin']> {
-    const result = await super.begin(...args);
-    if (this.delayMs > 0) await new Promise((resolve) => setTimeout(resolve, this.delayMs));
-    return result;
-  }
-}
 
 async function start(...args: Parameters<typeof startKoa>): ReturnType<typeof startKoa> {
   const handle = await startKoa(...args);
