@@ -398,27 +398,23 @@ export class RunningLease implements Lease {
     let lastChance = false;
     const attempt = (): void => {
       if (this.#retrying === null) return; // ended meanwhile (a refused renewal)
-      this.host.call('complete', () => store.complete(this.id, this.token, response, ttlMs)).then(
-        (ok) => void this.#endRetry(ok ? 'stored' : 'refused'),
+      // Once the marker has been tried, it is what is retried (until the lease runs out).
+      const marker = this.#retryMarker;
+      this.host.call('complete', () => store.complete(this.id, this.token, marker ?? response, ttlMs)).then(
+        (ok) => void this.#endRetry(ok ? (marker ? 'marked' : 'stored') : 'refused'),
         () => {
           if (this.#retrying === null) return;
           // Renewals got through for two leases while the answer did not: the store refuses this
           // one write (a payload limit). While the lease still holds, the small 410 marker is
-          // tried once instead, so retries get 410, never a second run of the handler.
+          // retried instead, so retries get 410, never a second run of the handler.
           if (this.#retryMarker === null && performance.now() >= this.#retryRenewsUntil && this.#leaseEndsAt > performance.now()) {
             if (!lastChance) {
               lastChance = true;
               return schedule(0);
             }
-            const marker = this.#marker(response.status, 'store-refused');
-            this.#retryMarker = marker;
-            this.host.call('complete', () => store.complete(this.id, this.token, marker, ttlMs)).then(
-              (ok) => void this.#endRetry(ok ? 'marked' : 'refused'),
-              // It may have landed all the same (a timeout here); if not, the answer is retried
-              // until the lease, no longer renewed, runs out (#endRetry looks for the marker too).
-              () => void this.#holdsOwnAnswer(marker).then((held) => (held ? void this.#endRetry('marked') : schedule(COMPLETE_RETRY_FIRST_MS))),
-            );
-            return;
+            this.#retryMarker = this.#marker(response.status, 'store-refused');
+            delay = COMPLETE_RETRY_FIRST_MS;
+            return schedule(0);
           }
           // Stores refuse a holder whose lease has run out, so retrying past it is pointless;
           // renewals (while the store answers them) push that end further. A renewal still in
@@ -426,7 +422,8 @@ export class RunningLease implements Lease {
           const left = this.#leaseEndsAt - performance.now();
           const renewalMayExtend = this.#renewing && this.#renewSentAt < this.#leaseEndsAt;
           if (left <= 0 && !renewalMayExtend) return void this.#endRetry('gave-up');
-          schedule(left > 0 ? Math.min(delay, left) : COMPLETE_RETRY_FIRST_MS);
+          // Halfway to the end at most: an attempt sent right at it would only be refused.
+          schedule(left > 0 ? Math.min(delay, left / 2) : COMPLETE_RETRY_FIRST_MS);
         },
       );
     };

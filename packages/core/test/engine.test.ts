@@ -701,6 +701,26 @@ describe('store failures', () => {
     expect(logger.error).toHaveBeenCalledWith(expect.stringContaining('stored the 410 marker'));
   });
 
+  it('a 410 marker whose first attempt fails is retried until the lease ends, never a second run', async () => {
+    const store = createMemoryStore();
+    const events: IdempotencyEvent[] = [];
+    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 200, onEvent: (e) => events.push(e) });
+    const lease = expectRun(await engine.decide(request({ key: 'marker-blip' })));
+    const complete = store.complete.bind(store);
+    let markerAttempts = 0;
+    store.complete = async (key, token, answer, ttlMs) => {
+      if (answer.body.byteLength > 1_000) throw new Error('payload too large');
+      if (markerAttempts++ === 0) throw new Error('blip');
+      return complete(key, token, answer, ttlMs);
+    };
+    expect(await lease.commit(response(201, 'x'.repeat(2_000)))).toBe(false);
+    await vi.waitFor(() => expect(events).toContainEqual({ type: 'completed', key: 'marker-blip', status: 201, stored: false }), { timeout: 5_000, interval: 20 });
+    const retry = await engine.decide(request({ key: 'marker-blip' }));
+    expect(retry.kind === 'replay' && retry.response.status).toBe(410);
+    expect(events.some((e) => e.type === 'lease-lost')).toBe(false);
+    expect(markerAttempts).toBe(2);
+  });
+
   it('a store back just before the renewal budget ends gets the real answer, not the 410 marker', async () => {
     const store = createMemoryStore();
     const events: IdempotencyEvent[] = [];
