@@ -421,14 +421,33 @@ export function captureResponse(
       ? lease.abandon('not-storable')
       : // connect-timeout's 503 answers for a handler that still runs (and may still charge):
         // freeing the key would let the retry run it again beside it, so it is never run again.
-        // A storable answer after the deadline is the handler's own (`respond: false`): stored.
-        timedOut(this) && !storable(response.status)
+        timedOutAnswer(this, response.status, storable)
         ? lease.commitUnbuffered(null, 'cut-short')
         : lease.commit(response);
     void settled.then(deliverOrDestroy, deliverOrDestroy);
     return this;
   } as ServerResponse['end'];
   ours = { write: res.write, end: res.end };
+}
+
+/** Answers idempotencyErrorHandler() saw connect-timeout's own error for (see timedOutAnswer). */
+const timeoutAnswers = new WeakSet<ServerResponse>();
+
+export function markTimeoutAnswer(res: ServerResponse): void {
+  timeoutAnswers.add(res);
+}
+
+/**
+ * Whether this answer is connect-timeout's, given for a handler that still runs. Known when its
+ * error went through idempotencyErrorHandler(): whatever the error handlers answer for it (a 503,
+ * or a 202 "still processing") is not the handler's. Else: with `respond: false` (no listener for
+ * its 'timeout' on the request) every answer is the handler's own; with `respond: true` a
+ * non-storable one after the deadline is taken for the timeout's.
+ */
+function timedOutAnswer(res: ServerResponse, status: number, storable: (status: number) => boolean): boolean {
+  if (timeoutAnswers.has(res)) return true;
+  const req = (res as ServerResponse & { req?: { listenerCount?: (event: string) => number } }).req;
+  return timedOut(res) && (req?.listenerCount?.('timeout') ?? 0) > 0 && !storable(status);
 }
 
 /** connect-timeout's mark (`req.timedout`): its deadline passed while the handler ran. */

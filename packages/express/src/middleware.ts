@@ -1,7 +1,7 @@
 import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, mayHaveKey, readsBody, unreadBodyKeyWarning, unreadBodyMayHoldKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import type { ServerResponse } from 'node:http';
-import { captureResponse, isTimeoutError } from './capture.js';
+import { captureResponse, isTimeoutError, markTimeoutAnswer } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
 import { writeProblem, writeReplay } from './respond.js';
 
@@ -234,9 +234,12 @@ export function idempotencyErrorHandler(): ErrorRequestHandler {
       return next(err);
     }
     // connect-timeout's error: the handler has not thrown, it still runs. The key stays held, and
-    // the 503 the error handlers send settles it as cut short (see captureResponse). The
+    // whatever the error handlers answer for it settles it as cut short (see captureResponse). The
     // handler's own error after the deadline (`respond: false`) frees the key as any throw does.
-    if (isTimeoutError(err, res)) return next(err);
+    if (isTimeoutError(err, res)) {
+      markTimeoutAnswer(res);
+      return next(err);
+    }
     // abandon() never rejects; the error goes on unchanged once the key is free.
     void lease.abandon('handler-threw').then(() => next(err));
   };

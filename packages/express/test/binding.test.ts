@@ -1710,6 +1710,45 @@ describe("express binding: connect-timeout's mark on answers that are the handle
     expect(runs).toBe(2);
   });
 
+  it('respond: false, the handler answers its own 500 after the deadline: the key is freed as for any unstorable answer', async () => {
+    let runs = 0;
+    const app = express();
+    app.use(timeout('100ms', { respond: false }));
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/pay', async (_req, res) => {
+      runs++;
+      await new Promise((resolve) => setTimeout(resolve, 250));
+      if (runs === 1) res.status(500).json({ error: 'upstream down, nothing charged' });
+      else res.status(201).json({ charged: runs });
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    expect((await post(`${url}/pay`, key)).status).toBe(500);
+    expect((await post(`${url}/pay`, key)).status).toBe(201);
+    expect(runs).toBe(2);
+  });
+
+  it("respond: true, an error handler that answers connect-timeout's error with a storable 202: not stored, 410 cut-short, never run again", async () => {
+    let runs = 0;
+    const app = express();
+    app.use(timeout('100ms'));
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/pay', async (req, res) => {
+      runs++;
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      if (!req.timedout) res.status(201).json({ charged: runs });
+    });
+    app.use(idempotencyErrorHandler());
+    app.use(((_error, _req, res, _next) => void res.status(202).json({ status: 'processing, retry later' })) as ErrorRequestHandler);
+    const url = await serve(app);
+    const key = randomUUID();
+    expect((await post(`${url}/pay`, key)).status).toBe(202);
+    const retry = await post(`${url}/pay`, key);
+    expect(retry.status).toBe(410);
+    expect(JSON.parse(new TextDecoder().decode(retry.body))).toMatchObject({ reason: 'cut-short' });
+    expect(runs).toBe(1);
+  });
+
   it('onProblem that answers and then calls next(): its answer stands, nothing is thrown after it', async () => {
     const errors: unknown[] = [];
     const { app } = appWith({ onProblem: (_error, _req, res, next) => (res.status(400).json({ mine: true }), next()) });
