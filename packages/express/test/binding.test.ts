@@ -8,7 +8,7 @@ import compression from 'compression';
 import timeout from 'connect-timeout';
 import fileUpload from 'express-fileupload';
 import multer from 'multer';
-import express, { type ErrorRequestHandler, type Express, type Request, type Response } from 'express';
+import express, { type ErrorRequestHandler, type Express, type NextFunction, type Request, type Response } from 'express';
 import express4 from 'express4';
 import { afterEach, describe, expect, it, onTestFinished, vi } from 'vitest';
 import { idempotency, idempotencyErrorHandler, type ExpressIdempotencyOptions } from '../src/index.js';
@@ -1671,82 +1671,68 @@ describe('express binding: connect-timeout answers while the handler still runs'
   });
 });
 
+/** connect-timeout (100 ms) before idempotency(), then a slow POST /pay told its run number, then `after` (error handlers). */
+async function timedApp(
+  respond: boolean,
+  pay: (req: Request, res: Response, next: NextFunction, run: number) => Promise<unknown>,
+  after: ErrorRequestHandler[] = [],
+): Promise<{ url: string; runs: () => number }> {
+  let runs = 0;
+  const app = express();
+  app.use(timeout('100ms', { respond }));
+  app.use(idempotency({ store: createMemoryStore(), logger: false }));
+  app.post('/pay', (req, res, next) => pay(req, res, next, ++runs));
+  for (const handler of after) app.use(handler);
+  return { url: `${await serve(app)}/pay`, runs: () => runs };
+}
+
+const slow = (ms: number): Promise<unknown> => new Promise((resolve) => setTimeout(resolve, ms));
+
 describe("express binding: connect-timeout's mark on answers that are the handler's own", () => {
   it('respond: false, the handler answers 201 after the deadline: stored and replayed', async () => {
-    let runs = 0;
-    const app = express();
-    app.use(timeout('100ms', { respond: false }));
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
-    app.post('/pay', async (_req, res) => {
-      runs++;
-      await new Promise((resolve) => setTimeout(resolve, 300));
-      res.status(201).json({ charged: runs });
-    });
-    app.use(idempotencyErrorHandler());
-    const url = await serve(app);
+    const { url, runs } = await timedApp(false, async (_req, res, _next, run) => (await slow(300), res.status(201).json({ charged: run })), [idempotencyErrorHandler()]);
     const key = randomUUID();
-    expect((await post(`${url}/pay`, key)).status).toBe(201);
-    const retry = await post(`${url}/pay`, key);
+    expect((await post(url, key)).status).toBe(201);
+    const retry = await post(url, key);
     expect([retry.status, retry.headers.get('idempotent-replayed')]).toEqual([201, 'true']);
-    expect(runs).toBe(1);
+    expect(runs()).toBe(1);
   });
 
   it('respond: false, the handler fails after the deadline: idempotencyErrorHandler() frees the key as for any throw', async () => {
-    let runs = 0;
-    const app = express();
-    app.use(timeout('100ms', { respond: false }));
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
-    app.post('/pay', async (_req, res, next) => {
-      runs++;
-      await new Promise((resolve) => setTimeout(resolve, 300));
-      if (runs === 1) return next(new Error('declined upstream, nothing charged'));
-      res.status(201).json({ charged: runs });
-    });
-    app.use(idempotencyErrorHandler());
-    const url = await serve(app);
+    const { url, runs } = await timedApp(
+      false,
+      async (_req, res, next, run) => (await slow(300), run === 1 ? next(new Error('declined upstream, nothing charged')) : res.status(201).json({ charged: run })),
+      [idempotencyErrorHandler()],
+    );
     const key = randomUUID();
-    expect((await post(`${url}/pay`, key)).status).toBe(500);
-    expect((await post(`${url}/pay`, key)).status).toBe(201);
-    expect(runs).toBe(2);
+    expect((await post(url, key)).status).toBe(500);
+    expect((await post(url, key)).status).toBe(201);
+    expect(runs()).toBe(2);
   });
 
   it('respond: false, the handler answers its own 500 after the deadline: the key is freed as for any unstorable answer', async () => {
-    let runs = 0;
-    const app = express();
-    app.use(timeout('100ms', { respond: false }));
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
-    app.post('/pay', async (_req, res) => {
-      runs++;
-      await new Promise((resolve) => setTimeout(resolve, 250));
-      if (runs === 1) res.status(500).json({ error: 'upstream down, nothing charged' });
-      else res.status(201).json({ charged: runs });
+    const { url, runs } = await timedApp(false, async (_req, res, _next, run) => {
+      await slow(250);
+      return run === 1 ? res.status(500).json({ error: 'upstream down, nothing charged' }) : res.status(201).json({ charged: run });
     });
-    const url = await serve(app);
     const key = randomUUID();
-    expect((await post(`${url}/pay`, key)).status).toBe(500);
-    expect((await post(`${url}/pay`, key)).status).toBe(201);
-    expect(runs).toBe(2);
+    expect((await post(url, key)).status).toBe(500);
+    expect((await post(url, key)).status).toBe(201);
+    expect(runs()).toBe(2);
   });
 
   it("respond: true, an error handler that answers connect-timeout's error with a storable 202: not stored, 410 cut-short, never run again", async () => {
-    let runs = 0;
-    const app = express();
-    app.use(timeout('100ms'));
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
-    app.post('/pay', async (req, res) => {
-      runs++;
-      await new Promise((resolve) => setTimeout(resolve, 300));
-      if (!req.timedout) res.status(201).json({ charged: runs });
-    });
-    app.use(idempotencyErrorHandler());
-    app.use(((_error, _req, res, _next) => void res.status(202).json({ status: 'processing, retry later' })) as ErrorRequestHandler);
-    const url = await serve(app);
+    const processing: ErrorRequestHandler = (_error, _req, res, _next) => void res.status(202).json({ status: 'processing, retry later' });
+    const { url, runs } = await timedApp(true, async (req, res, _next, run) => (await slow(300), req.timedout ? undefined : res.status(201).json({ charged: run })), [
+      idempotencyErrorHandler(),
+      processing,
+    ]);
     const key = randomUUID();
-    expect((await post(`${url}/pay`, key)).status).toBe(202);
-    const retry = await post(`${url}/pay`, key);
+    expect((await post(url, key)).status).toBe(202);
+    const retry = await post(url, key);
     expect(retry.status).toBe(410);
     expect(JSON.parse(new TextDecoder().decode(retry.body))).toMatchObject({ reason: 'cut-short' });
-    expect(runs).toBe(1);
+    expect(runs()).toBe(1);
   });
 
   it('onProblem that answers and then calls next(): its answer stands, nothing is thrown after it', async () => {
