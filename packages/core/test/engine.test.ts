@@ -13,6 +13,7 @@ import {
   type IdempotencyEvent,
   type IdempotencyStore,
   type Lease,
+  type StoredResponse,
 } from '../src/index.js';
 import { enc, request, response, setup } from './helpers.js';
 
@@ -649,12 +650,22 @@ describe('store failures', () => {
     expect(next.tookOver).toBe(true);
   });
 
+  /** What a retry with `key` replays, once it replays something (a background completion landed). */
+  async function eventualReplay(engine: ReturnType<typeof setup>['engine'], key: string): Promise<StoredResponse> {
+    return vi.waitFor(
+      async () => {
+        const decision = await engine.decide(request({ key }));
+        if (decision.kind !== 'replay') throw new Error(`not replayed yet: ${decision.kind}`);
+        return decision.response;
+      },
+      { timeout: 5_000, interval: 20 },
+    );
+  }
+
   it('a store that renews but keeps failing the completion: renewals stop after two leases, so the key is not held for good', async () => {
     // A payload limit or a per-statement timeout: the small renewal gets through, the answer never does.
-    const store = createMemoryStore();
-    const events: IdempotencyEvent[] = [];
     const logger = { warn: vi.fn(), error: vi.fn() };
-    const engine = createIdempotencyEngine({ store, logger, leaseMs: 200, onEvent: (e) => events.push(e) });
+    const { store, engine, events } = setup({ logger, leaseMs: 200 });
     const lease = expectRun(await engine.decide(request({ key: 'refused-write' })));
     let renewals = 0;
     const renew = store.renew.bind(store);
@@ -677,34 +688,23 @@ describe('store failures', () => {
   });
 
   it('a store that renews but refuses only the answer (a payload limit): after two leases the 410 marker is stored, never a second run', async () => {
-    const store = createMemoryStore();
-    const events: IdempotencyEvent[] = [];
     const logger = { warn: vi.fn(), error: vi.fn() };
-    const engine = createIdempotencyEngine({ store, logger, leaseMs: 200, onEvent: (e) => events.push(e) });
+    const { store, engine, events } = setup({ logger, leaseMs: 200 });
     const lease = expectRun(await engine.decide(request({ key: 'too-big-for-store' })));
     const complete = store.complete.bind(store);
     store.complete = (key, token, answer, ttlMs) =>
       answer.body.byteLength > 1_000 ? Promise.reject(new Error('payload too large')) : complete(key, token, answer, ttlMs);
     expect(await lease.commit(response(201, 'x'.repeat(2_000)))).toBe(false);
-    const retry = await vi.waitFor(
-      async () => {
-        const decision = await engine.decide(request({ key: 'too-big-for-store' }));
-        expect(decision.kind).toBe('replay');
-        return decision;
-      },
-      { timeout: 5_000, interval: 20 },
-    );
-    expect(retry.kind === 'replay' && retry.response.status).toBe(410);
-    expect(retry.kind === 'replay' && JSON.parse(new TextDecoder().decode(retry.response.body))).toMatchObject({ originalStatus: 201, reason: 'store-refused' });
+    const retry = await eventualReplay(engine, 'too-big-for-store');
+    expect(retry.status).toBe(410);
+    expect(JSON.parse(new TextDecoder().decode(retry.body))).toMatchObject({ originalStatus: 201, reason: 'store-refused' });
     expect(events).toContainEqual({ type: 'completed', key: 'too-big-for-store', status: 201, stored: false });
     expect(events.some((e) => e.type === 'lease-lost')).toBe(false);
     expect(logger.error).toHaveBeenCalledWith(expect.stringContaining('stored the 410 marker'));
   });
 
   it('a 410 marker whose first attempt fails is retried until the lease ends, never a second run', async () => {
-    const store = createMemoryStore();
-    const events: IdempotencyEvent[] = [];
-    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 200, onEvent: (e) => events.push(e) });
+    const { store, engine, events } = setup({ leaseMs: 200 });
     const lease = expectRun(await engine.decide(request({ key: 'marker-blip' })));
     const complete = store.complete.bind(store);
     let markerAttempts = 0;
@@ -722,9 +722,7 @@ describe('store failures', () => {
   });
 
   it('a store back just before the renewal budget ends gets the real answer, not the 410 marker', async () => {
-    const store = createMemoryStore();
-    const events: IdempotencyEvent[] = [];
-    const engine = createIdempotencyEngine({ store, logger: false, leaseMs: 300, onEvent: (e) => events.push(e) });
+    const { store, engine, events } = setup({ leaseMs: 300 });
     const lease = expectRun(await engine.decide(request({ key: 'back-in-time' })));
     const complete = store.complete.bind(store);
     const startedAt = performance.now();
@@ -736,23 +734,14 @@ describe('store failures', () => {
       return away ? Promise.reject(new Error('failover')) : complete(...args);
     };
     expect(await lease.commit(response(201, 'the real answer'))).toBe(false);
-    const replay = await vi.waitFor(
-      async () => {
-        const decision = await engine.decide(request({ key: 'back-in-time' }));
-        expect(decision.kind).toBe('replay');
-        return decision;
-      },
-      { timeout: 5_000, interval: 20 },
-    );
-    expect(replay.kind === 'replay' && [replay.response.status, new TextDecoder().decode(replay.response.body)]).toEqual([201, 'the real answer']);
+    const replay = await eventualReplay(engine, 'back-in-time');
+    expect([replay.status, new TextDecoder().decode(replay.body)]).toEqual([201, 'the real answer']);
     expect(events).toContainEqual({ type: 'completed', key: 'back-in-time', status: 201, stored: true });
   });
 
   it('a 410 marker that landed although its reply was lost is reported as the marker, not as a lost lease', async () => {
-    const store = createMemoryStore();
-    const events: IdempotencyEvent[] = [];
     const logger = { warn: vi.fn(), error: vi.fn() };
-    const engine = createIdempotencyEngine({ store, logger, leaseMs: 200, onEvent: (e) => events.push(e) });
+    const { store, engine, events } = setup({ logger, leaseMs: 200 });
     const lease = expectRun(await engine.decide(request({ key: 'marker-reply-lost' })));
     const complete = store.complete.bind(store);
     store.complete = async (key, token, answer, ttlMs) => {
