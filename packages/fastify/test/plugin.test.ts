@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import { gunzipSync } from 'node:zlib';
 import fastifyCompress from '@fastify/compress';
 import { ConfigurationError, createMemoryStore, type IdempotencyStore, scopedKey } from '@idemkit/core';
-import Fastify, { type FastifyInstance, type FastifyReply, type LightMyRequestResponse } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, type LightMyRequestResponse } from 'fastify';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import fastifyIdempotencyDefault, { fastifyIdempotency, type FastifyIdempotencyOptions } from '../src/index.js';
 
@@ -1161,16 +1161,21 @@ describe('a timeout that answers while the key is being claimed, behind an async
   });
 });
 
+/** An app-level async onSend hook that holds each answer 300 ms while `slow()` says so. */
+function slowOnSend(slow: () => boolean) {
+  return async (_request: FastifyRequest, _reply: FastifyReply, payload: unknown): Promise<unknown> => {
+    if (slow()) await new Promise((resolve) => setTimeout(resolve, 300));
+    return payload;
+  };
+}
+
 describe('a timeout that answers while the handler runs, behind an async app-level onSend hook', () => {
   /** The first request times out (100 ms) while its handler works (200 ms) and an app-level onSend hook takes 300 ms. */
   async function timedOut(answer: (reply: FastifyReply, n: number) => unknown): Promise<{ app: FastifyInstance; runs: () => number; first: LightMyRequestResponse }> {
     let runs = 0;
     let slow = true;
     const { app } = await build((a) => {
-      a.addHook('onSend', async (_request, _reply, payload) => {
-        if (slow) await new Promise((resolve) => setTimeout(resolve, 300));
-        return payload;
-      });
+      a.addHook('onSend', slowOnSend(() => slow));
       a.post('/pay', { handlerTimeout: 100 }, async (_request, reply) => {
         const n = ++runs;
         if (slow) await new Promise((resolve) => setTimeout(resolve, 200));
@@ -1186,10 +1191,7 @@ describe('a timeout that answers while the handler runs, behind an async app-lev
     let runs = 0;
     let slow = false;
     const { app } = await build((a) => {
-      a.addHook('onSend', async (_request, _reply, payload) => {
-        if (slow) await new Promise((resolve) => setTimeout(resolve, 300));
-        return payload;
-      });
+      a.addHook('onSend', slowOnSend(() => slow));
       a.post('/pay', { handlerTimeout: 100 }, async (_request, reply) => reply.code(201).send({ charged: ++runs }));
     });
     expect((await post(app, '/pay', 'k')).statusCode).toBe(201);
