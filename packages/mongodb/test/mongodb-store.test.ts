@@ -320,7 +320,8 @@ describe('atomic begin', () => {
 
   // Was: the holder reused a claim its earlier renew had failed to drop, stamped then; takers
   // judge a claim by that stamp, so one walked past it while the holder's complete, checked just
-  // before the lease ended, was on its way, and both wrote. The leftover is replaced by a fresh one.
+  // before the lease ended, was on its way, and both wrote. The holder now goes by the same age
+  // (replacing the leftover instead raced a taker that had read it).
   it("claims fencing: a holder whose leftover claim a taker may already walk past does not write (never both)", async () => {
     const [a, b] = await Promise.all([t.client(), t.client()]);
     const holder = createMongoStore({ db: a.db(t.dbName), collectionName: 'leftover', fencing: 'claims', clock: 'local' });
