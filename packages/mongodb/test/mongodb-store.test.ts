@@ -225,10 +225,12 @@ describe('atomic begin', () => {
   // holder's complete overwrote the taker's record, its release deleted it, or a stalled taker
   // replaced it: two runs of the handler at once. The stall here is the read's answer, held on
   // the network; what the writer refuses is any stall since it stamped its claim.
-  it.each(['complete', 'release', 'takeover'] as const)(
+  // Each waits out a claim window on real time with a proxy of its own: run side by side.
+  it.concurrent.for(['complete', 'release', 'takeover'] as const)(
     'claims fencing: a %s stalled past the claim window after its check gives up, and the taker keeps the key',
-    async (op) => {
-      const { proxy, client } = await throughProxy({ monitorCommands: true });
+    { timeout: 30_000 },
+    async (op, { expect, onTestFinished }) => {
+      const { proxy, client } = await throughProxy({ monitorCommands: true }, onTestFinished);
       const collectionName = `stalled-${op}`;
       const slow = createMongoStore({ db: client.db(t.dbName), collectionName, fencing: 'claims', clock: 'local' });
       const taker = createMongoStore({ db: t.db, collectionName, fencing: 'claims', clock: 'local' });
@@ -269,7 +271,6 @@ describe('atomic begin', () => {
       expect(await taker.begin(k, 'third', 30_000)).toMatchObject({ kind: 'existing' });
       if (took.kind === 'acquired') expect(await taker.complete(k, took.token, response(new Uint8Array([2])), 60_000)).toBe(true);
     },
-    30_000,
   );
 
   it('claims fencing: a taker that died holding its claim blocks takeovers for one claim window, then the next one wins', async () => {
@@ -757,11 +758,15 @@ describe('indexes and expiry', () => {
 });
 
 /** A client whose connections pass through a TCP hop the test controls; both are closed when the test ends. */
-async function throughProxy(options?: MongoClientOptions): Promise<{ proxy: AnswerHoldingProxy; client: MongoClient }> {
+/** `onFinished`: a concurrent test's own `onTestFinished` (the global one does not track those). */
+async function throughProxy(
+  options?: MongoClientOptions,
+  onFinished: typeof onTestFinished = onTestFinished,
+): Promise<{ proxy: AnswerHoldingProxy; client: MongoClient }> {
   const target = new URL(t.url);
   const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 27017));
   const client = new MongoClient(`mongodb://127.0.0.1:${proxy.port}/?directConnection=true`, options);
-  onTestFinished(async () => {
+  onFinished(async () => {
     await client.close(true);
     await proxy.close();
   });
