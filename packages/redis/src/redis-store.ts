@@ -47,8 +47,14 @@ const GIVE_BACK_EVERY_MS = 5_000;
  * connection would be dropped anyway.
  */
 const QUIT_WAIT_MS = URL_CLIENT_SOCKET_TIMEOUT_MS;
-/** `SET` refused by a Redis at `maxmemory`: the begin script is asked instead. */
-const OUT_OF_MEMORY = Symbol('OOM');
+/** `SET` refused outright (see `setClaim`): the begin script is asked instead. */
+const REFUSED = Symbol('refused');
+/**
+ * The errors of a Redis that refuses every write command before it looks at the key: at
+ * `maxmemory` with `noeviction` (OOM), short of `min-replicas-to-write` (NOREPLICAS), unable to
+ * persist (MISCONF: a failed RDB save, an AOF write error).
+ */
+const WRITES_REFUSED = /^(OOM|NOREPLICAS|MISCONF) /;
 
 /** The Redis store: a {@link IdempotencyStore} whose records live in Redis or Redis Cluster. */
 export interface RedisStore extends IdempotencyStore {
@@ -125,15 +131,16 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
 
   /**
    * The claim as one `SET … NX GET`: null when it claimed the key, else the record there. A Redis
-   * at `maxmemory` (with `noeviction`) refuses every SET before it looks at the key, one that would
-   * only have read included; scripts are refused only when they write, so the begin script still
-   * answers a replay or a key in flight then (and refuses a new key, as it must).
+   * that refuses writes (at `maxmemory` with `noeviction`, short of `min-replicas-to-write`,
+   * unable to persist) refuses every SET before it looks at the key, one that would only have read
+   * included; scripts are refused only when they write, so the begin script still answers a
+   * replay or a key in flight then (and refuses a new key, as it must).
    */
-  async function setClaim(key: string, token: string, lease: number, fingerprint: string | null): Promise<Buffer | null | typeof OUT_OF_MEMORY> {
+  async function setClaim(key: string, token: string, lease: number, fingerprint: string | null): Promise<Buffer | null | typeof REFUSED> {
     try {
       return (await client.setBuffer(prefix + key, claimValue(leaseGraceMs, lease, token, fingerprint), 'PX', lease + leaseGraceMs, 'NX', 'GET')) as Buffer | null;
     } catch (error) {
-      if (error instanceof Error && error.message.startsWith('OOM ')) return OUT_OF_MEMORY;
+      if (error instanceof Error && WRITES_REFUSED.test(error.message)) return REFUSED;
       throw error;
     }
   }
@@ -172,7 +179,7 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
           // record already there (a replay needs nothing more).
           const found = await setClaim(key, token, lease, fingerprint);
           if (found === null) return { kind: 'acquired', token, tookOver: false };
-          if (found !== OUT_OF_MEMORY && isCompleted(found)) return { kind: 'existing', record: decodeRecord(key, found, 0), leaseRemainingMs: 0 };
+          if (found !== REFUSED && isCompleted(found)) return { kind: 'existing', record: decodeRecord(key, found, 0), leaseRemainingMs: 0 };
         }
         // The begin script does it all atomically by the Redis clock. After a SET it runs only on a
         // record in progress, whose lease only a script can read and take over if it has run out:

@@ -1,4 +1,7 @@
+import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import type { LeaseToken, StoredResponse } from '@idemkit/core';
 import { answerHoldingProxy, type ResolvedService } from '@idemkit/test-services';
 import { Redis } from 'ioredis';
@@ -396,6 +399,51 @@ describe('a Redis at maxmemory with noeviction (the README\'s policy)', () => {
       await expect(s.begin(key('oom-new'), 'fp', 60_000)).rejects.toThrow(/^OOM /);
     } finally {
       await own.stop();
+    }
+  });
+});
+
+/**
+ * Redis refuses every write command, before it looks at the key, while `min-replicas-to-write`
+ * cannot be met (NOREPLICAS: a replica down, which the README's failover advice makes a refusal)
+ * or while it cannot persist (MISCONF: a failed RDB save, an AOF write error). `SET … NX GET` is
+ * such a write even when it would only read; a script is refused only when it writes.
+ */
+describe('a Redis refusing writes (NOREPLICAS, MISCONF)', () => {
+  const refusals = {
+    async NOREPLICAS(client: Redis): Promise<void> {
+      await client.config('SET', 'min-replicas-to-write', '1');
+    },
+    async MISCONF(client: Redis, dir: string): Promise<void> {
+      rmSync(dir, { recursive: true, force: true });
+      await client.config('SET', 'save', '3600 1');
+      await client.bgsave();
+      // The save fails in the background (its directory is gone): wait until Redis says so.
+      while (!/rdb_last_bgsave_status:err/.test(await client.info('persistence'))) await new Promise((r) => setTimeout(r, 20));
+    },
+  } as const;
+  const cases = (['set', 'script'] as const).flatMap((claim) => (['NOREPLICAS', 'MISCONF'] as const).map((refusal) => [claim, refusal] as const));
+
+  it.each(cases)('claim: %s still replays a completed key and answers a running one under %s; only a new key is refused', async (claim, refusal) => {
+    const dir = mkdtempSync(join(tmpdir(), 'idemkit-redis-'));
+    const own = await ownRedisServer(['--dir', dir]);
+    const s = createRedisStore({ client: own.client, prefix, claim });
+    try {
+      const done = key('refused-done');
+      const running = key('refused-running');
+      const token = await acquire(s, done);
+      expect(await s.complete(done, token, response(new Uint8Array([1, 2, 3])), 60_000)).toBe(true);
+      await acquire(s, running);
+      await refusals[refusal](own.client, dir);
+      // Before, with claim 'set': both were refused, so every retry of a finished request got 503.
+      const replay = await s.begin(done, 'fp', 60_000);
+      expect(replay).toMatchObject({ kind: 'existing', record: { state: 'completed' } });
+      expect(replay.kind === 'existing' && [...(replay.record.response?.body ?? [])]).toEqual([1, 2, 3]);
+      expect(await s.begin(running, 'fp', 60_000)).toMatchObject({ kind: 'existing', record: { state: 'in_progress' } });
+      await expect(s.begin(key('refused-new'), 'fp', 60_000)).rejects.toThrow(new RegExp(`^${refusal} `));
+    } finally {
+      await own.stop();
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });

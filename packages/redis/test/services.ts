@@ -92,8 +92,9 @@ export function countSocketWrites(stream: Writable): { writes: () => number; res
 /**
  * A redis-server of the test's own on a free 127.0.0.1 port, for what must never be done to the
  * shared one (CONFIG SET maxmemory). Needs `redis-server` on PATH, as `scripts/services.sh` does.
+ * `args`: more command-line options (e.g. `--dir`).
  */
-export async function ownRedisServer(): Promise<{ url: string; client: Redis; stop: () => Promise<void> }> {
+export async function ownRedisServer(args: readonly string[] = []): Promise<{ url: string; client: Redis; stop: () => Promise<void> }> {
   const port = await new Promise<number>((resolve, reject) => {
     const probe = createServer();
     probe.once('error', reject);
@@ -102,7 +103,7 @@ export async function ownRedisServer(): Promise<{ url: string; client: Redis; st
       probe.close(() => resolve(free));
     });
   });
-  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...args], { stdio: 'ignore' });
   const exited = new Promise<never>((_, reject) => {
     child.once('error', (error) => reject(new Error(`redis-server could not start (is it on PATH?): ${error.message}`)));
     child.once('exit', (code) => reject(new Error(`redis-server exited (${code}) before it answered`)));
