@@ -128,7 +128,11 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
     // no length at all) has no body, whatever a parser made of it: express.json() makes `{}` of
     // the one on Express 5 and of both on Express 4. A retry sent through another client must not
     // look like another request (422).
-    const carriesBody = hasRequestBody(req.headers);
+    // A chunked request that ended with no bytes (`Transfer-Encoding: chunked`, then `0`: a
+    // stream body that turned out empty) carries none either: its parser read it to the end and
+    // saw no 'data', and json() and urlencoded() make `{}` of it. Fingerprinted as a body, its
+    // retry with `Content-Length: 0` got 422.
+    const carriesBody = hasRequestBody(req.headers) && !(req.readableEnded && !req.readableDidRead);
     let body: unknown = carriesBody ? req.body : undefined;
     // express-fileupload sets req.body only when a text field arrives: files alone are a body too,
     // and so is a form whose one file input was left empty (it sets req.files to null). Looked at
