@@ -283,6 +283,11 @@ export function captureResponse(
     if (headers !== undefined && headers !== null && !this.headersSent) applyHeaders(this, headers);
     const written = (reason === undefined ? Reflect.apply(originalWriteHead, this, [statusCode]) : Reflect.apply(originalWriteHead, this, [statusCode, reason])) as ServerResponse;
     headStatus = this.statusCode;
+    // Nothing of the answer is on the wire while only writeHead() ran (Node sends the head with
+    // the first write or end), unless a middleware mounted later wrapped write or end:
+    // compression() writes the head at its end() and the body a tick later, through our write.
+    // (Node's own end() and write() call writeHead too, once the mode has moved on.)
+    if (mode === 'buffering') headOnly.set(this, () => mode === 'buffering' && this.write === ours.write && this.end === ours.end);
     return written;
   } as ServerResponse['writeHead'];
 
@@ -428,6 +433,17 @@ export function captureResponse(
     return this;
   } as ServerResponse['end'];
   ours = { write: res.write, end: res.end };
+}
+
+/** Answers whose head the handler wrote with writeHead() while buffered (see onlyHeadWritten). */
+const headOnly = new WeakMap<ServerResponse, () => boolean>();
+
+/**
+ * Whether this answer's head was written with `res.writeHead()` and nothing else: not a byte
+ * went out, and nothing but the handler (which threw) would write the rest.
+ */
+export function onlyHeadWritten(res: ServerResponse): boolean {
+  return res.headersSent && (headOnly.get(res)?.() ?? false);
 }
 
 /** Answers idempotencyErrorHandler() saw connect-timeout's own error for (see timedOutAnswer). */

@@ -1,7 +1,7 @@
 import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, mayHaveKey, readsBody, unreadBodyKeyWarning, unreadBodyMayHoldKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import type { ServerResponse } from 'node:http';
-import { captureResponse, isTimeoutError, markTimeoutAnswer } from './capture.js';
+import { captureResponse, isTimeoutError, markTimeoutAnswer, onlyHeadWritten } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
 import { writeProblem, writeReplay } from './respond.js';
 
@@ -233,7 +233,10 @@ export function idempotencyErrorHandler(): ErrorRequestHandler {
     // and the body a tick later): freeing the key would let a retry run the operation again
     // while this client gets the answer. Settled as without this handler: by the answer's own
     // bytes as they go out, or else the lease runs out, as a crashed holder's.
-    if (res.headersSent) {
+    // A handler that threw after res.writeHead() alone sent nothing yet (Express's final handler
+    // then cuts the connection): a throw as any other, so its key is freed at once for the retry,
+    // as on Koa and Fastify, instead of answering 409 until the lease ran out.
+    if (res.headersSent && !onlyHeadWritten(res)) {
       lease.letLapse();
       return next(err);
     }

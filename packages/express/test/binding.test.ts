@@ -1151,6 +1151,34 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     expect(runs()).toBeGreaterThanOrEqual(2);
   });
 
+  it.each([
+    ['throws', (): void => {
+      throw new Error('boom after writeHead');
+    }],
+    ['rejects (Express 5)', async (): Promise<void> => {
+      await new Promise((resolve) => setImmediate(resolve));
+      throw new Error('boom after writeHead');
+    }],
+  ])('with idempotencyErrorHandler, a handler that %s after res.writeHead alone frees its key at once: the retry runs, no 409 for a lease', async (_name, fail) => {
+    // A lease far longer than the test: a retry that has to wait for it never gets its 201.
+    const { app } = appWith({ leaseMs: 60_000 });
+    let calls = 0;
+    app.post('/x', async (_req, res) => {
+      res.writeHead(201, { 'content-type': 'text/plain' });
+      if (++calls === 1) return fail();
+      res.end('created');
+    });
+    app.use(idempotencyErrorHandler());
+    const url = await serve(app);
+    const key = randomUUID();
+    // Nothing went out but the head Node holds: Express's final handler cuts the connection.
+    await expect(post(`${url}/x`, key)).rejects.toThrow();
+    const retry = await post(`${url}/x`, key);
+    expect(retry.status).toBe(201);
+    expect(new TextDecoder().decode(retry.body)).toBe('created');
+    expect(calls).toBe(2);
+  });
+
   /** A handler that stops its work when its client leaves, and so never answers (a common abort pattern). */
   function stopsOnClose(app: Express, started: { count: number }): void {
     app.post('/work', (_req, res) => {
