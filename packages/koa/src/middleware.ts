@@ -102,7 +102,9 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     // that type look alike, and a different request under the same key get the first one's answer.
     // Only a request that may have a key is fingerprinted (see core's mayHaveKey): one without
     // gets the SPEC's answer for that, a webhook reading its raw body itself included.
-    const carriesBody = hasRequestBody(ctx.req.headers);
+    // A chunked request that ended with no bytes (`Transfer-Encoding: chunked`, then `0`) carries
+    // none either: its parser read it to the end and saw no 'data' (@koa/bodyparser makes `{}` of it).
+    const carriesBody = hasRequestBody(ctx.req.headers) && !(ctx.req.readableEnded && !ctx.req.readableDidRead);
     const unread = body === undefined ? carriesBody : carriesBody && leftUnparsed(ctx, body);
     if (bodyMatters && unread && mayHaveKey(resolved, ctx.req.headers, undefined)) {
       // 415, not 500: koa-body leaves `undefined` for the types it does not parse (octet-stream,

@@ -1015,4 +1015,32 @@ describe('koa binding: a request with no body', () => {
     const record = await store.get(scopedKey(undefined, 'capture-7'));
     expect(record?.fingerprint).toBe(defaultFingerprint({ method: 'POST', path: '/payments/7/capture', body: undefined }));
   });
+
+  // A stream body that turned out empty goes out chunked with no bytes (`0`); its retry through a
+  // client that buffers it sends `Content-Length: 0`. @koa/bodyparser makes `{}` of the first:
+  // fingerprinted as a body, the retry got 422.
+  it.each(['application/json', 'application/x-www-form-urlencoded'])('an empty chunked body (%s) and Content-Length: 0 are one request', async (type) => {
+    let runs = 0;
+    const { url } = await startKoa((app) => {
+      app.use(idempotency({ store: createMemoryStore(), logger: false }));
+      app.use((ctx) => {
+        ctx.status = 201;
+        ctx.body = { run: ++runs };
+      });
+    });
+    const send = async (key: string, head: string, body = '') => {
+      const socket = connect(Number(new URL(url).port), '127.0.0.1');
+      socket.write(`POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: ${key}\r\n${head}Connection: close\r\n\r\n${body}`);
+      let text = '';
+      for await (const chunk of socket) text += (chunk as Buffer).toString('latin1');
+      return { status: Number(text.split(' ')[1]), replayed: /\r\nidempotent-replayed: true\r\n/i.test(text) };
+    };
+    const chunked = `Content-Type: ${type}\r\nTransfer-Encoding: chunked\r\n`;
+    expect(await send('empty-chunked', chunked, '0\r\n\r\n')).toEqual({ status: 201, replayed: false });
+    expect(await send('empty-chunked', `Content-Type: ${type}\r\nContent-Length: 0\r\n`)).toEqual({ status: 201, replayed: true });
+    expect(await send('empty-chunked', chunked, '0\r\n\r\n')).toEqual({ status: 201, replayed: true });
+    // A chunked body with bytes is still a body: {} sent chunked is another request.
+    expect(await send('empty-chunked', 'Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n', '2\r\n{}\r\n0\r\n\r\n')).toEqual({ status: 422, replayed: false });
+    expect(runs).toBe(1);
+  });
 });
