@@ -22,13 +22,29 @@ export function canonicalBody(body: unknown): Uint8Array | string {
 /** SHA-256 over method, path with query, the canonical body and any uploaded files' digests (SPEC §2). */
 export function defaultFingerprint(input: Pick<IncomingRequest, 'method' | 'path' | 'body' | 'files'>): string {
   // NUL separators: neither a method nor a path can contain one, so the fields cannot run together.
-  let head = `${input.method.toUpperCase()}\0${input.path}\0`;
+  let head = `${input.method.toUpperCase()}\0${originForm(input.path)}\0`;
   // Only when there are files, so every other request's fingerprint is as it always was.
   if (input.files !== undefined && Object.keys(input.files).length > 0) head += `files\0${canonicalJson(input.files)}\0`;
   const body = canonicalBody(input.body);
   // One-shot hash for the common text case (no Hash object per request); bytes need the stream form.
   if (typeof body === 'string') return `sha256:${hash('sha256', head + body, 'base64url')}`;
   return `sha256:${createHash('sha256').update(head).update(body).digest('base64url')}`;
+}
+
+/** `scheme://authority` at the start of a request target in absolute form (RFC 9112 §3.2.2). */
+const ABSOLUTE_FORM = /^[a-z][a-z0-9+.-]*:\/\/[^/?#]*/i;
+
+/**
+ * The path and query of a request target. A client talking through a proxy may send the absolute
+ * form (`POST http://shop.example/orders`), which Node hands on as the URL; its retry sent
+ * directly (`POST /orders`) is the same request, not a 422.
+ */
+function originForm(path: string): string {
+  if (path.charCodeAt(0) === 47 /* '/' */) return path;
+  const authority = ABSOLUTE_FORM.exec(path);
+  if (authority === null) return path;
+  const rest = path.slice(authority[0].length);
+  return rest.charCodeAt(0) === 47 ? rest : `/${rest}`;
 }
 
 /** Whether a key's record belongs to another request: both sides have a fingerprint, and they differ. */

@@ -35,6 +35,17 @@ describe('fingerprint', () => {
     expect(fp(Buffer.from('{"a":1,"b":[2]}'), 'POST', '/orders?x=1')).toBe(`sha256:${expected}`);
   });
 
+  // Was: a request sent through a proxy in absolute form, then retried directly, got 422.
+  it('takes a request target in absolute form as its path and query', () => {
+    expect(fp({ a: 1 }, 'POST', 'http://shop.example/orders?x=1')).toBe(fp({ a: 1 }, 'POST', '/orders?x=1'));
+    expect(fp({ a: 1 }, 'POST', 'HTTPS://shop.example:8443/orders')).toBe(fp({ a: 1 }, 'POST', '/orders'));
+    expect(fp({ a: 1 }, 'POST', 'http://shop.example')).toBe(fp({ a: 1 }, 'POST', '/'));
+    expect(fp({ a: 1 }, 'POST', 'http://shop.example?x=1')).toBe(fp({ a: 1 }, 'POST', '/?x=1'));
+    // An origin-form path is never cut, whatever it holds.
+    expect(fp({ a: 1 }, 'POST', '//shop.example/orders')).not.toBe(fp({ a: 1 }, 'POST', '/orders'));
+    expect(fp({ a: 1 }, 'POST', '/http://shop.example/orders')).not.toBe(fp({ a: 1 }, 'POST', '/orders'));
+  });
+
   it('refuses a body that is an unread stream with an error naming the fix (it used to say "contains itself")', () => {
     for (const stream of [Readable.from(['{"a":1}']), new ReadableStream()]) {
       expect(() => fp(stream)).toThrow(ConfigurationError);
