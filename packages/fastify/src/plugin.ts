@@ -344,7 +344,9 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // As it stood when this answer came: a throw after it (send without return) must not turn it into an error.
     const errored = state.errored;
     const status = payloadStatus(payload, reply.statusCode);
-    const headers = reply.getHeaders();
+    const code = reply.statusCode;
+    // A copy (arrays too): a `reply.header('set-cookie', …)` after send() pushes into the live array.
+    const headers = snapshotHeaders(reply.getHeaders()) as ReturnType<FastifyReply['getHeaders']>;
     const body = payloadBytes(payload);
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
     // a Response whose body was read): Fastify fails it with a 500, so the key is given back.
@@ -375,9 +377,11 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       for (const [name, value] of responseHeaders(replacement)) reply.header(name, value);
       return Buffer.from(replacement.body.buffer, replacement.body.byteOffset, replacement.body.byteLength);
     }
-    // A second answer (or the error handler's, after a throw) set its status and headers
-    // meanwhile: this answer goes out as it was stored.
-    if (state.resent || state.errored) restoreAnswer(reply, status, headers);
+    // A second answer (or the error handler's, after a throw), or a `reply.code()` /
+    // `reply.header()` after send(), set its status and headers meanwhile: this answer goes out as
+    // it was stored. (Plain Fastify has written it inside send() by then, so those calls change
+    // nothing; here they would have reached the client, and differed from every replay.)
+    if (state.resent || state.errored || reply.statusCode !== code || headersChanged(headers, reply.getHeaders())) restoreAnswer(reply, status, headers);
     return payload;
   }
 
@@ -557,6 +561,19 @@ function restoreAnswer(reply: FastifyReply, status: number, headers: ReturnType<
   for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name);
   reply.code(status);
   reply.headers(headers);
+}
+
+/** Whether the reply's headers differ from `before` (a copy from `snapshotHeaders`). */
+function headersChanged(before: ReturnType<FastifyReply['getHeaders']>, now: ReturnType<FastifyReply['getHeaders']>): boolean {
+  const names = Object.keys(now);
+  if (names.length !== Object.keys(before).length) return true;
+  for (const name of names) {
+    const a = before[name];
+    const b = now[name];
+    if (a === b) continue;
+    if (!Array.isArray(a) || !Array.isArray(b) || a.length !== b.length || a.some((v, i) => v !== b[i])) return true;
+  }
+  return false;
 }
 
 /** What Fastify sends as a stream: a Node or web stream, or a Response whose body is unread. */

@@ -1586,3 +1586,32 @@ describe('several stores', () => {
     await expect(app.ready()).rejects.toThrow(/idempotency/);
   });
 });
+
+describe('a status or header set after send()', () => {
+  // Plain Fastify writes the answer inside send() (no async onSend hook), so later reply.code() or
+  // reply.header() calls change nothing. The plugin's onSend waits for the store, and such calls
+  // used to reach the client: a 201 that was stored went out as a 500, and the replay differed.
+  it('changes neither the answer that goes out nor its replay: both are what was stored', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/sync', (_request, reply) => {
+        runs++;
+        reply.code(201).header('set-cookie', 'a=1').send({ id: runs });
+        reply.code(500).header('x-late', '1').header('set-cookie', 'late=1');
+      });
+    });
+    const overTcp = await overSocket(app);
+    const first = await overTcp('/sync', 'late-sync');
+    expect(first.status).toBe(201);
+    expect(first.headers.get('x-late')).toBeNull();
+    expect(first.headers.getSetCookie()).toEqual(['a=1']);
+    expect(await first.text()).toBe('{"id":1}');
+    const retry = await overTcp('/sync', 'late-sync');
+    expect(retry.status).toBe(201);
+    expect(retry.headers.get('idempotent-replayed')).toBe('true');
+    expect(retry.headers.get('x-late')).toBeNull();
+    expect(retry.headers.getSetCookie()).toEqual(['a=1']);
+    expect(await retry.text()).toBe('{"id":1}');
+    expect(runs).toBe(1);
+  });
+});

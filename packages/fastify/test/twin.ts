@@ -21,6 +21,12 @@ const CASES: Record<string, Handler> = {
   'headers, cookies, status': async (_q, reply) =>
     reply.code(202).header('x-a', '1').header('set-cookie', ['a=1', 'b=2']).header('cache-control', 'no-store').send({ ok: true }),
   'stream': async (_q, reply) => reply.type('text/plain').send(Readable.from(['a', 'b'])),
+  // Plain Fastify writes the answer inside send(): a status or header set after it never goes out.
+  'status and headers set after send': async (_q, reply) => {
+    reply.code(201).header('set-cookie', 'a=1').send({ ok: true });
+    reply.code(500).header('x-late', '1').header('set-cookie', 'late=1');
+    return reply;
+  },
   'thrown 4xx': async () => {
     throw Object.assign(new Error('nope'), { statusCode: 418 });
   },
