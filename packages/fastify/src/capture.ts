@@ -28,12 +28,18 @@ export interface Replayed {
   readonly payload: Buffer | undefined;
   /** What the route's own `onSend` hooks get after ours (see `asSerialised`). */
   readonly serialised: string | Buffer | undefined;
+  /**
+   * Neither the stored answer (a `reply.serializer()` without `reply.type()`) nor a hook for this
+   * request gave the replay a content-type: Fastify gives its Buffer `application/octet-stream`,
+   * which the plugin takes off again (set by `sendReplay`).
+   */
+  untyped: boolean;
 }
 
 /** What a replay of `response` sends. */
 export function replayOf(response: StoredResponse): Replayed {
   const payload = payloadOf(response.body);
-  return { response, payload, serialised: asSerialised(response, payload) };
+  return { response, payload, serialised: asSerialised(response, payload), untyped: false };
 }
 
 const utf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
@@ -61,6 +67,7 @@ function asSerialised(response: StoredResponse, payload: Buffer | undefined): st
 /** Replay a stored response: its status, its headers plus `Idempotent-Replayed: true`, its exact bytes. */
 export function sendReplay(reply: FastifyReply, replayed: Replayed): void {
   restoreReplay(reply, replayed, true);
+  replayed.untyped = !reply.hasHeader('content-type');
   reply.send(replayed.payload);
 }
 

@@ -302,6 +302,8 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       // the stored answer goes out as it was. So does one whose status a timeout changed while
       // an async app-level hook held it (Fastify's handlerTimeout is still armed after ours answered).
       if (payload !== replayed.payload || reply.statusCode !== replayed.response.status) restoreReplay(reply, replayed);
+      // Fastify gave the replay's Buffer `application/octet-stream`; the answer went out without a type.
+      if (replayed.untyped) reply.removeHeader('content-type');
       // The route's own hooks, which run after ours, get a JSON or text body as the string they
       // got on the first request (Fastify's serialised answer), not a Buffer.
       return done(null, replayed.serialised);

@@ -1615,3 +1615,44 @@ describe('a status or header set after send()', () => {
     expect(runs).toBe(1);
   });
 });
+
+describe('an answer without a content-type', () => {
+  // reply.serializer() without reply.type(): Fastify sends the serialised body with no
+  // content-type. The replay's Buffer used to gain Fastify's `application/octet-stream`.
+  it('replays without one too, as it went out', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/custom', async (_request, reply) => {
+        runs++;
+        return reply.code(201).serializer((value: unknown) => `custom:${JSON.stringify(value)}`).send({ id: runs });
+      });
+    });
+    const overTcp = await overSocket(app);
+    const first = await overTcp('/custom', 'untyped');
+    expect(first.headers.get('content-type')).toBeNull();
+    expect(await first.text()).toBe('custom:{"id":1}');
+    const retry = await overTcp('/custom', 'untyped');
+    expect(retry.status).toBe(201);
+    expect(retry.headers.get('idempotent-replayed')).toBe('true');
+    expect(retry.headers.get('content-type')).toBeNull();
+    expect(await retry.text()).toBe('custom:{"id":1}');
+    expect(runs).toBe(1);
+  });
+});
+
+describe('a content-type a hook sets before the key is claimed', () => {
+  it('is the replay\'s own, as on the first answer', async () => {
+    const { app } = await build((a) => {
+      a.addHook('onRequest', (_request, reply, done) => {
+        reply.type('application/json; charset=utf-8');
+        done();
+      });
+      a.post('/typed', async () => ({ ok: true }));
+    });
+    const first = await post(app, '/typed', 'typed-by-hook');
+    const retry = await post(app, '/typed', 'typed-by-hook');
+    expect(replayed(retry)).toBe(true);
+    expect(retry.headers['content-type']).toBe(first.headers['content-type']);
+    expect(retry.body).toBe(first.body);
+  });
+});
