@@ -26,8 +26,8 @@ export function payloadStatus(payload: unknown, fallback: number): number {
 export interface Replayed {
   readonly response: StoredResponse;
   readonly payload: Buffer | undefined;
-  /** What the route's own `onSend` hooks get after ours (see `asSerialised`). */
-  readonly serialised: string | Buffer | undefined;
+  /** What the route's own `onSend` hooks get after ours (see `asSerialised`; a replay's is set by `sendReplay`). */
+  serialised: string | Buffer | undefined;
   /**
    * Neither the stored answer (a `reply.serializer()` without `reply.type()`) nor a hook for this
    * request gave the replay a content-type: Fastify gives its Buffer `application/octet-stream`,
@@ -39,7 +39,9 @@ export interface Replayed {
 /** What a replay of `response` sends. */
 export function replayOf(response: StoredResponse): Replayed {
   const payload = payloadOf(response.body);
-  return { response, payload, serialised: asSerialised(response, payload), untyped: false };
+  let type: string | undefined;
+  for (const [name, value] of response.headers) if (name.toLowerCase() === 'content-type') type = value;
+  return { response, payload, serialised: asSerialised(type, payload), untyped: false };
 }
 
 const utf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
@@ -52,10 +54,8 @@ const TEXTUAL = /json|xml|javascript|ecmascript|^\s*text\/|charset=/i;
  * Buffer their `payload.replace()` throws on. Valid UTF-8 decodes and encodes back to the same
  * bytes, so what goes out is unchanged; other bytes stay a Buffer.
  */
-function asSerialised(response: StoredResponse, payload: Buffer | undefined): string | Buffer | undefined {
+function asSerialised(type: string | undefined, payload: Buffer | undefined): string | Buffer | undefined {
   if (payload === undefined) return undefined;
-  let type: string | undefined;
-  for (const [name, value] of response.headers) if (name.toLowerCase() === 'content-type') type = value;
   if (type === undefined || !TEXTUAL.test(type)) return payload;
   try {
     return utf8.decode(payload);
@@ -67,7 +67,11 @@ function asSerialised(response: StoredResponse, payload: Buffer | undefined): st
 /** Replay a stored response: its status, its headers plus `Idempotent-Replayed: true`, its exact bytes. */
 export function sendReplay(reply: FastifyReply, replayed: Replayed): void {
   restoreReplay(reply, replayed, true);
-  replayed.untyped = !reply.hasHeader('content-type');
+  // The type the replay goes out with: the stored one, or (never stored: see toStoredHeaders) one
+  // a hook set for this request before the key was claimed, as on the first answer.
+  const type = reply.getHeader('content-type');
+  replayed.untyped = type === undefined;
+  replayed.serialised = asSerialised(typeof type === 'string' ? type : undefined, replayed.payload);
   reply.send(replayed.payload);
 }
 

@@ -1656,3 +1656,26 @@ describe('a content-type a hook sets before the key is claimed', () => {
     expect(retry.body).toBe(first.body);
   });
 });
+
+describe("a route's own onSend hook, with a content-type a hook set before the key was claimed", () => {
+  // That type is not stored (the hook sets it again for the retry), so the replay's body used to
+  // reach the route's hook as a Buffer: its payload.replace() threw, and the retry got an error.
+  it('gets the replay as the string it got the first time', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.addHook('onRequest', (_request, reply, done) => {
+        reply.type('application/vnd.api+json; charset=utf-8');
+        done();
+      });
+      a.post('/shout', { onSend: (_request, _reply, payload, done) => done(null, (payload as string).toUpperCase()) }, async () => ({ id: ++runs }));
+    });
+    const first = await post(app, '/shout', 'typed-before-claim');
+    expect(first.body).toBe('{"ID":1}');
+    const retry = await post(app, '/shout', 'typed-before-claim');
+    expect(retry.statusCode).toBe(200);
+    expect(replayed(retry)).toBe(true);
+    expect(retry.headers['content-type']).toBe('application/vnd.api+json; charset=utf-8');
+    expect(retry.body).toBe('{"ID":1}');
+    expect(runs).toBe(1);
+  });
+});
