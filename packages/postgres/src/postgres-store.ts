@@ -9,7 +9,7 @@ import type {
 } from '@idemkit/core';
 import pg, { type Pool, type PoolClient, type QueryResult } from 'pg';
 import { checkOptions, DEFAULT_QUERY_TIMEOUT_MS, DEFAULT_SCHEMA, DEFAULT_TABLE, type PostgresStoreOptions } from './options.js';
-import { checkMs, completeParams } from './params.js';
+import { checkMs, completeParams, storedKey } from './params.js';
 import { BEGIN_TRANSACTION, buildQueries, type Queries } from './queries.js';
 import { escapeIdentifier, expiresIndexName, MIGRATE_LOCK_ID, tableDdl } from './schema.js';
 import { checkOut, giveBack } from './checkout.js';
@@ -175,9 +175,10 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
   async begin(key: string, fingerprint: string | null, leaseMs: number): Promise<BeginResult> {
     const token = randomUUID() as LeaseToken;
     const lease = checkMs('leaseMs', leaseMs);
+    const id = storedKey(key);
     let rows: BeginRow[];
     try {
-      ({ rows } = await this.#query<BeginRow>(this.#sql.begin, [key, fingerprint, token, lease]));
+      ({ rows } = await this.#query<BeginRow>(this.#sql.begin, [id, fingerprint, token, lease]));
     } catch (error) {
       // The claim may have committed though its answer was lost (a `query_timeout`, a connection
       // cut after the commit): the caller was told the store failed, so the key must not stay
@@ -189,7 +190,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
         throw Object.assign(new Error(message, { cause: error }), { code: UNDEFINED_TABLE });
       }
       const timedOut = isReadTimeout(error);
-      this.#releaseLostClaim(key, token, lease, timedOut, timedOut ? this.#timedOut.get(error as Error) : undefined);
+      this.#releaseLostClaim(id, token, lease, timedOut, timedOut ? this.#timedOut.get(error as Error) : undefined);
       throw error;
     }
     const row = rows[0];
@@ -204,17 +205,17 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
   }
 
   async release(key: string, token: LeaseToken): Promise<boolean> {
-    const result = await this.#query(this.#sql.release, [key, token]);
+    const result = await this.#query(this.#sql.release, [storedKey(key), token]);
     return result.rowCount === 1;
   }
 
   async renew(key: string, token: LeaseToken, leaseMs: number): Promise<boolean> {
-    const result = await this.#query(this.#sql.renew, [key, token, checkMs('leaseMs', leaseMs)]);
+    const result = await this.#query(this.#sql.renew, [storedKey(key), token, checkMs('leaseMs', leaseMs)]);
     return result.rowCount === 1;
   }
 
   async get(key: string): Promise<IdempotencyRecord | undefined> {
-    const { rows } = await this.#query<RecordRow>(this.#sql.get, [key]);
+    const { rows } = await this.#query<RecordRow>(this.#sql.get, [storedKey(key)]);
     const row = rows[0];
     return row === undefined ? undefined : toRecord(key, row);
   }
@@ -259,7 +260,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
    * it does not. Either way only until the claim's lease would have ended: then the key is free
    * to take over.
    */
-  #releaseLostClaim(key: string, token: LeaseToken, leaseMs: number, mayLandLater: boolean, pid: number | undefined): void {
+  #releaseLostClaim(id: string, token: LeaseToken, leaseMs: number, mayLandLater: boolean, pid: number | undefined): void {
     const until = Date.now() + leaseMs;
     let attempt = 0;
     const later = (step: () => void): void => {
@@ -269,7 +270,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     let askable = pid !== undefined;
     const send = (last = false): void => {
       if (this.#closed) return;
-      this.#query(this.#sql.release, [key, token]).then(
+      this.#query(this.#sql.release, [id, token]).then(
         (result) => {
           if (result.rowCount === 1 || !mayLandLater || last) return;
           later(askable ? check : send);
