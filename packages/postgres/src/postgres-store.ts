@@ -11,7 +11,7 @@ import pg, { type Pool, type PoolClient, type QueryResult } from 'pg';
 import { checkOptions, DEFAULT_QUERY_TIMEOUT_MS, DEFAULT_SCHEMA, DEFAULT_TABLE, type PostgresStoreOptions } from './options.js';
 import { checkMs, completeParams, storedKey } from './params.js';
 import { BEGIN_TRANSACTION, buildQueries, type Queries } from './queries.js';
-import { escapeIdentifier, expiresIndexName, MIGRATE_LOCK_ID, tableDdl } from './schema.js';
+import { escapeIdentifier, expiresIndexName, MIGRATE_LOCK_ID, TABLE_SHAPE, tableDdl, tableMismatch } from './schema.js';
 import { checkOut, giveBack } from './checkout.js';
 import { STORE_TYPES } from './pg-types.js';
 import { PgTransaction, storeStatement } from './transaction.js';
@@ -147,6 +147,16 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       // app role without the CREATE privilege can still call migrate() on every boot.
       const index = `${escapeIdentifier(this.#schema, 'schema')}.${escapeIdentifier(this.#indexName, 'table')}`;
       const isReady = async (): Promise<boolean> => (await client.query<{ ready: boolean }>({ text: READY, values: [this.table, index], types: STORE_TYPES })).rows[0]?.ready === true;
+      // A table of that name that is not ours (an app's own `idempotency_keys`): CREATE TABLE IF NOT
+      // EXISTS would keep it, and every request would fail at the store ("column … does not exist").
+      const checkShape = async (): Promise<void> => {
+        const { rows } = await client.query<{ name: string; type: string; unique_alone: boolean }>({ text: TABLE_SHAPE, values: [this.table], types: STORE_TYPES });
+        const mismatch = rows.length === 0 ? undefined : tableMismatch(rows);
+        if (mismatch !== undefined) {
+          throw new Error(`[idemkit] [postgres] migrate(): ${this.table} is not an idemkit table: ${mismatch}. It may be your app's own table of that name: give the store another \`table\` (or \`schema\`).`);
+        }
+      };
+      await checkShape();
       if (await isReady()) {
         await client.query('COMMIT');
         giveBack(client);

@@ -143,6 +143,26 @@ describe('migrate() and sql/schema.sql', () => {
     }
   });
 
+  it('refuses, naming the columns, when a table of that name is not the store\'s (an app\'s own idempotency_keys)', async () => {
+    // A common name in payment code. Before: migrate() resolved (CREATE TABLE IF NOT EXISTS kept
+    // the app's table and the expiry index went onto it), and every request failed at the store
+    // ("column fingerprint does not exist"): 503s, or no idempotency at all with onStoreError: 'pass'.
+    const schema = `${db.schema}_theirs`;
+    try {
+      await db.pool.query(`CREATE SCHEMA "${schema}"`);
+      await db.pool.query(`CREATE TABLE "${schema}"."idempotency_keys" (id bigserial PRIMARY KEY, key text, response_status text, expires_at timestamptz)`);
+      const s = createPostgresStore({ pool: db.pool, schema });
+      const refused = /"idempotency_keys" is not an idemkit table: missing fingerprint text, state text, lease_token text, lease_expires_at timestamp with time zone, response_headers jsonb, response_body bytea, created_at timestamp with time zone; response_status is text, not integer/;
+      await expect(s.migrate()).rejects.toThrow(refused);
+      // Nothing was added to it (rolled back), and a second boot says the same.
+      const { rows } = await db.pool.query('SELECT count(*)::int AS n FROM pg_indexes WHERE schemaname = $1', [schema]);
+      expect(rows[0]).toEqual({ n: 1 });
+      await expect(s.migrate()).rejects.toThrow(refused);
+    } finally {
+      await db.pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+    }
+  });
+
   it('refuses, naming the clash, when another relation already has the expiry index\'s name (purges would scan the whole table)', async () => {
     const schema = `${db.schema}_clash`;
     try {
