@@ -150,7 +150,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       // A table of that name that is not ours (an app's own `idempotency_keys`): CREATE TABLE IF NOT
       // EXISTS would keep it, and every request would fail at the store ("column … does not exist").
       const checkShape = async (): Promise<void> => {
-        const { rows } = await client.query<{ name: string; type: string; unique_alone: boolean }>({ text: TABLE_SHAPE, values: [this.table], types: STORE_TYPES });
+        const { rows } = await client.query<{ name: string; unique_alone: boolean }>({ text: TABLE_SHAPE, values: [this.table], types: STORE_TYPES });
         const mismatch = rows.length === 0 ? undefined : tableMismatch(rows);
         if (mismatch !== undefined) {
           throw new Error(`[idemkit] [postgres] migrate(): ${this.table} is not an idemkit table: ${mismatch}. It may be your app's own table of that name: give the store another \`table\` (or \`schema\`).`);

@@ -65,22 +65,11 @@ CREATE INDEX IF NOT EXISTS ${escapeIdentifier(indexName, 'table')} ON ${qualifie
 `;
 }
 
-/** The columns the store's statements use, with their types as `format_type()` names them (see tableDdl). */
-const COLUMNS: ReadonlyArray<readonly [string, string]> = [
-  ['key', 'text'],
-  ['fingerprint', 'text'],
-  ['state', 'text'],
-  ['lease_token', 'text'],
-  ['lease_expires_at', 'timestamp with time zone'],
-  ['response_status', 'integer'],
-  ['response_headers', 'jsonb'],
-  ['response_body', 'bytea'],
-  ['created_at', 'timestamp with time zone'],
-  ['expires_at', 'timestamp with time zone'],
-];
+/** The columns the store's statements use (see tableDdl). */
+const COLUMNS = ['key', 'fingerprint', 'state', 'lease_token', 'lease_expires_at', 'response_status', 'response_headers', 'response_body', 'created_at', 'expires_at'];
 
 /** The columns of table $1, and whether `key` alone has a unique index (begin's ON CONFLICT needs one). */
-export const TABLE_SHAPE = `SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type,
+export const TABLE_SHAPE = `SELECT a.attname AS name,
   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indnkeyatts = 1
     AND i.indkey[0] = a.attnum AND i.indpred IS NULL AND i.indexprs IS NULL) AS unique_alone
   FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped`;
@@ -88,13 +77,13 @@ export const TABLE_SHAPE = `SELECT a.attname AS name, format_type(a.atttypid, a.
 /**
  * What is wrong with a table of the store's name that is not the store's (an app's own
  * `idempotency_keys`, a common name), or undefined when it fits: CREATE TABLE IF NOT EXISTS keeps
- * such a table, and every request would then fail at the store.
+ * such a table, and every request would then fail at the store. Column types are not checked: a
+ * migration tool's own choices (`varchar` for `key`, say) work.
  */
-export function tableMismatch(rows: ReadonlyArray<{ name: string; type: string; unique_alone: boolean }>): string | undefined {
-  const found = new Map(rows.map((row) => [row.name, row]));
-  const missing = COLUMNS.filter(([name]) => !found.has(name)).map(([name, type]) => `${name} ${type}`);
-  const wrong = COLUMNS.filter(([name, type]) => found.has(name) && found.get(name)?.type !== type).map(([name, type]) => `${name} is ${found.get(name)?.type}, not ${type}`);
-  const problems = [missing.length > 0 ? `missing ${missing.join(', ')}` : '', ...wrong, found.has('key') && found.get('key')?.unique_alone !== true ? 'no unique index on key alone' : ''].filter((text) => text !== '');
+export function tableMismatch(rows: ReadonlyArray<{ name: string; unique_alone: boolean }>): string | undefined {
+  const found = new Map(rows.map((row) => [row.name, row.unique_alone]));
+  const missing = COLUMNS.filter((name) => !found.has(name));
+  const problems = [missing.length > 0 ? `no column ${missing.join(', ')}` : '', found.get('key') === false ? 'no unique index on key alone' : ''].filter((text) => text !== '');
   return problems.length === 0 ? undefined : problems.join('; ');
 }
 

@@ -152,7 +152,7 @@ describe('migrate() and sql/schema.sql', () => {
       await db.pool.query(`CREATE SCHEMA "${schema}"`);
       await db.pool.query(`CREATE TABLE "${schema}"."idempotency_keys" (id bigserial PRIMARY KEY, key text, response_status text, expires_at timestamptz)`);
       const s = createPostgresStore({ pool: db.pool, schema });
-      const refused = /"idempotency_keys" is not an idemkit table: missing fingerprint text, state text, lease_token text, lease_expires_at timestamp with time zone, response_headers jsonb, response_body bytea, created_at timestamp with time zone; response_status is text, not integer/;
+      const refused = /"idempotency_keys" is not an idemkit table: no column fingerprint, state, lease_token, lease_expires_at, response_headers, response_body, created_at; no unique index on key alone/;
       await expect(s.migrate()).rejects.toThrow(refused);
       // Nothing was added to it (rolled back), and a second boot says the same.
       const { rows } = await db.pool.query('SELECT count(*)::int AS n FROM pg_indexes WHERE schemaname = $1', [schema]);
@@ -392,7 +392,10 @@ describe('keys longer than a primary-key entry can hold (2704 bytes)', () => {
     expect(await tx.complete(long, second.token, response, 60_000)).toBe(true);
     expect(await store.begin(long, 'fp', 10_000)).toMatchObject({ kind: 'existing', record: { key: long, state: 'completed' } });
     const posing = `#sha256:${createHash('sha256').update(long).digest('hex')}`;
-    expect((await store.begin(posing, 'other', 10_000)).kind).toBe('acquired');
+    const posed = await store.begin(posing, 'other', 10_000);
+    if (posed.kind !== 'acquired') throw new Error('a key posing as a digest met the long key\'s record');
+    // Given back: a claim left to expire would count in the purge test's batches.
+    expect(await store.release(posing, posed.token)).toBe(true);
   });
 });
 
