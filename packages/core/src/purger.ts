@@ -1,7 +1,10 @@
 import type { IdempotencyStore } from './store.js';
 
+/** Node's timers hold at most this (about 24.8 days); a longer delay fires after 1 ms instead. */
+const MAX_TIMER_MS = 2_147_483_647;
+
 export interface PurgerOptions {
-  /** Time between sweeps in ms. @default 60_000 */
+  /** Time between sweeps in ms, at most 2_147_483_647 (a Node timer's limit). @default 60_000 */
   intervalMs?: number | undefined;
   /** Records deleted per store call; a sweep repeats calls until a batch comes back short. @default 1_000 */
   batchSize?: number | undefined;
@@ -25,7 +28,11 @@ export function startPurger(store: IdempotencyStore, options: PurgerOptions = {}
   const batchSize = options.batchSize ?? 1_000;
   const onError = options.onError ?? ((error: unknown) => console.error('[idemkit] purgeExpired failed', error));
   if (!Number.isSafeInteger(intervalMs) || intervalMs <= 0) throw new TypeError('[idemkit] startPurger: `intervalMs` must be a positive integer.');
+  // setInterval fires after 1 ms instead of a longer delay: the store would be swept a thousand times a second.
+  if (intervalMs > MAX_TIMER_MS) throw new TypeError(`[idemkit] startPurger: \`intervalMs\` must be at most ${MAX_TIMER_MS} ms (a Node timer's limit), got ${intervalMs}.`);
   if (!Number.isSafeInteger(batchSize) || batchSize <= 0) throw new TypeError('[idemkit] startPurger: `batchSize` must be a positive integer.');
+  // `.catch()` of a non-function passes the failure on: an unhandled rejection that ends the process.
+  if (typeof onError !== 'function') throw new TypeError('[idemkit] startPurger: `onError` must be a function.');
 
   let running: Promise<number> | undefined;
   let stopped = false;
@@ -49,7 +56,11 @@ export function startPurger(store: IdempotencyStore, options: PurgerOptions = {}
     return running;
   };
   const timer = setInterval(() => {
-    runOnce().catch(onError);
+    // A throwing onError (a log transport that is down) must not become an unhandled rejection,
+    // which ends the process: the purger keeps going, as it does after a failed sweep.
+    runOnce()
+      .catch(onError)
+      .catch(() => undefined);
   }, intervalMs);
   timer.unref();
 

@@ -138,4 +138,55 @@ describe('startPurger', () => {
     expect(() => startPurger(createMemoryStore(), { intervalMs: 0 })).toThrow(/intervalMs/);
     expect(() => startPurger(createMemoryStore(), { batchSize: -1 })).toThrow(/batchSize/);
   });
+
+  it('refuses an interval longer than a Node timer holds: it would fire every millisecond and sweep the store a thousand times a second', async () => {
+    const store = createMemoryStore();
+    let sweeps = 0;
+    const purge = store.purgeExpired.bind(store);
+    store.purgeExpired = async (limit) => {
+      sweeps++;
+      return purge(limit);
+    };
+    let purger: ReturnType<typeof startPurger> | undefined;
+    try {
+      // 35 days, as a user wanting a monthly sweep might write it.
+      expect(() => (purger = startPurger(store, { intervalMs: 35 * 86_400_000 }))).toThrow(/intervalMs.*at most 2147483647/);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(sweeps).toBe(0);
+    } finally {
+      await purger?.stop();
+    }
+    expect(() => startPurger(store, { intervalMs: 2_147_483_647 })).not.toThrow();
+  });
+
+  it('refuses an onError that is not a function: a failed sweep would be an unhandled rejection', () => {
+    expect(() => startPurger(createMemoryStore(), { onError: 'log' as unknown as () => void })).toThrow(/onError/);
+  });
+
+  it('survives an onError that throws (a log transport that is down): a failed sweep never ends the process', async () => {
+    const store = createMemoryStore();
+    store.purgeExpired = async () => {
+      throw new Error('db down');
+    };
+    const unhandled: unknown[] = [];
+    const onUnhandled = (reason: unknown): void => void unhandled.push(reason);
+    process.on('unhandledRejection', onUnhandled);
+    let calls = 0;
+    const purger = startPurger(store, {
+      intervalMs: 10,
+      onError: () => {
+        calls++;
+        throw new Error('log transport down');
+      },
+    });
+    try {
+      await expect.poll(() => calls).toBeGreaterThanOrEqual(2);
+      // Unhandled rejections are reported on the turn after they happen.
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(unhandled).toEqual([]);
+    } finally {
+      await purger.stop();
+      process.off('unhandledRejection', onUnhandled);
+    }
+  });
 });
