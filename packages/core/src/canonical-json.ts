@@ -7,8 +7,8 @@ import { createHash } from 'node:crypto';
  */
 
 type Frame =
-  | { readonly kind: 'array'; readonly items: readonly unknown[]; index: number; readonly self: object }
-  | { readonly kind: 'object'; readonly source: Record<string, unknown>; readonly keys: string[]; index: number; wrote: boolean; readonly self: object };
+  | { readonly kind: 'array'; readonly items: readonly unknown[]; index: number; readonly self: object; readonly owner: object | undefined }
+  | { readonly kind: 'object'; readonly source: Record<string, unknown>; readonly keys: string[]; index: number; wrote: boolean; readonly self: object; readonly owner: object | undefined };
 
 /** A value JSON.stringify leaves out of objects (and writes as null in arrays). */
 function isSkipped(value: unknown): boolean {
@@ -112,19 +112,23 @@ function open(value: unknown, out: string[], ancestors: Set<object>): Frame | un
   const obj = v as object;
   // A Tagged is made afresh on every visit: its Map or Set is what repeats in a cycle.
   const self = obj instanceof Tagged ? obj.source : obj;
-  if (ancestors.has(self)) throw new TypeError('[idemkit] Cannot fingerprint a body that contains itself.');
+  // So is what a `toJSON` returns: one that returns a new object holding `this` repeats only in
+  // its owner (JSON.stringify overflows the stack on it; unchecked, this loop ran until memory ran out).
+  const owner = obj !== value && !(obj instanceof Tagged) && typeof value === 'object' && value !== null ? value : undefined;
+  if (ancestors.has(self) || (owner !== undefined && ancestors.has(owner))) throw new TypeError('[idemkit] Cannot fingerprint a body that contains itself.');
   ancestors.add(self);
+  if (owner !== undefined) ancestors.add(owner);
   if (obj instanceof Tagged) {
     out.push(`${obj.tag}[`);
-    return { kind: 'array', items: obj.items, index: 0, self };
+    return { kind: 'array', items: obj.items, index: 0, self, owner };
   }
   if (Array.isArray(obj)) {
     out.push('[');
-    return { kind: 'array', items: obj, index: 0, self };
+    return { kind: 'array', items: obj, index: 0, self, owner };
   }
   out.push('{');
   const source = obj as Record<string, unknown>;
-  return { kind: 'object', source, keys: sortedKeys(source), index: 0, wrote: false, self };
+  return { kind: 'object', source, keys: sortedKeys(source), index: 0, wrote: false, self, owner };
 }
 
 /** Nesting the recursive fast path handles; deeper bodies (and cycles) go to the iterative writer. */
@@ -194,6 +198,7 @@ function iterative(value: unknown): string {
       if (frame.index === frame.items.length) {
         out.push(']');
         ancestors.delete(frame.self);
+        if (frame.owner !== undefined) ancestors.delete(frame.owner);
         stack.pop();
         continue;
       }
@@ -206,6 +211,7 @@ function iterative(value: unknown): string {
     if (frame.index === frame.keys.length) {
       out.push('}');
       ancestors.delete(frame.self);
+      if (frame.owner !== undefined) ancestors.delete(frame.owner);
       stack.pop();
       continue;
     }

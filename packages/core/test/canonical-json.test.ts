@@ -86,6 +86,24 @@ describe('canonical JSON', () => {
     loop.self = loop;
     expect(() => canonicalJson(loop)).toThrow(/contains itself/);
   });
+
+  it('refuses a toJSON that returns a new object holding `this` (it used to loop until memory ran out), but allows a toJSON object twice side by side', () => {
+    class Entity {
+      constructor(readonly id: number) {}
+      toJSON(): unknown {
+        return { id: this.id, entity: this };
+      }
+    }
+    expect(() => canonicalJson({ order: new Entity(1) })).toThrow(/contains itself/);
+    class Money {
+      constructor(readonly cents: number) {}
+      toJSON(): unknown {
+        return { cents: this.cents };
+      }
+    }
+    const price = new Money(5);
+    expect(canonicalJson([price, { p: price }])).toBe(JSON.stringify([price, { p: price }]));
+  });
 });
 
 describe('bytes inside a body', () => {

@@ -169,6 +169,19 @@ describe('idempotent(fn)', () => {
     expect(ran).toEqual(['charge', 'charge']);
   });
 
+  it('rejects, without running fn, a call whose argument cannot be fingerprinted (a toJSON that returns `this` inside a new object): it used to hang the call', async () => {
+    class Entity {
+      constructor(readonly id: string) {}
+      toJSON(): unknown {
+        return { id: this.id, self: this };
+      }
+    }
+    let runs = 0;
+    const job = idempotent(async (_e: Entity) => ++runs, { store: createMemoryStore(), name: 'job', key: (e) => e.id, logger: false });
+    await expect(job(new Entity('e1'))).rejects.toThrow(/contains itself/);
+    expect(runs).toBe(0);
+  });
+
   it('calls fn with the `this` the wrapper was called with (a method wrapped in place)', async () => {
     class Worker {
       readonly db = { orders: 0 };
