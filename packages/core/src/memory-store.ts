@@ -50,6 +50,8 @@ export class MemoryStore implements IdempotencyStore {
     const max = options.maxEntries ?? 10_000;
     if (!Number.isSafeInteger(max) || max <= 0) throw new TypeError('[idemkit] [memory] `maxEntries` must be a positive integer.');
     this.#max = max;
+    // Checked here: a clock that is not a function (`now: Date.now()`) failed every `begin`, a 503 per request.
+    if (options.now !== undefined && typeof options.now !== 'function') throw new TypeError('[idemkit] [memory] `now` must be a function returning epoch ms (e.g. `() => Date.now()`).');
     this.#now = options.now ?? Date.now;
   }
 

@@ -80,8 +80,10 @@ describe('MemoryStore specifics', () => {
     expect(await store.release('k', 'bogus' as LeaseToken)).toBe(false);
   });
 
-  it('rejects a bad maxEntries, and warns about an option it does not know', () => {
+  it('rejects a bad maxEntries or clock, and warns about an option it does not know', () => {
     expect(() => createMemoryStore({ maxEntries: 0 })).toThrow(/maxEntries/);
+    // A clock value instead of a clock: refused at creation, not with a TypeError (and a 503) on every begin.
+    expect(() => createMemoryStore({ now: Date.now() as unknown as () => number })).toThrow(/`now` must be a function/);
     const warn = vi.spyOn(console, 'warn').mockImplementation(() => undefined);
     try {
       createMemoryStore({ maxEntry: 5 } as never);
