@@ -17,7 +17,9 @@ let closeLibrary = async (): Promise<void> => undefined;
 switch (spec.library) {
   case 'idemkit': {
     const counted = await openStore(spec.store, spec.env, spec.runId);
-    library = { kind: 'idemkit', store: counted.store, ttlMs: BENCH_TTL_MS, leaseMs: spec.leaseMs, localCache: spec.localCache === true };
+    // A shortened lease (the crash check) gets a store deadline well inside it, as core asks.
+    const storeTimeoutMs = spec.leaseMs === undefined ? undefined : Math.ceil(spec.leaseMs / 4);
+    library = { kind: 'idemkit', store: counted.store, ttlMs: BENCH_TTL_MS, leaseMs: spec.leaseMs, storeTimeoutMs, localCache: spec.localCache === true };
     roundTrips = counted.roundTrips;
     closeLibrary = counted.close;
     break;

@@ -249,6 +249,16 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
     );
   }
 
+  const storeTimeoutMs = positiveInt('storeTimeoutMs', input.storeTimeoutMs, DEFAULTS.storeTimeoutMs, MAX_TIMER_MS);
+  // Not refused: tests and demos shorten leases on purpose. But a lease that a store call may
+  // outlast (or `leaseMs: 10` meant as seconds) lets another request take the key over while
+  // its holder still runs.
+  if (leaseMs < storeTimeoutMs) {
+    logger?.warn(
+      `[idemkit] \`leaseMs\` (${leaseMs} ms) is shorter than \`storeTimeoutMs\` (${storeTimeoutMs} ms): a renewal may answer after the lease ran out, and another request then takes the key over while this one still runs (a second run). Both are in milliseconds; keep leaseMs well above storeTimeoutMs.`,
+    );
+  }
+
   return Object.freeze({
     store: input.store,
     methods: new Set(methods.map((m) => m.toUpperCase())),
@@ -266,7 +276,7 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
     concurrency: oneOf('concurrency', input.concurrency, ['conflict', 'wait'], DEFAULTS.concurrency),
     waitTimeoutMs: positiveInt('waitTimeoutMs', input.waitTimeoutMs, DEFAULTS.waitTimeoutMs, MAX_TIMER_MS),
     onStoreError: oneOf('onStoreError', input.onStoreError, ['fail', 'pass'], DEFAULTS.onStoreError),
-    storeTimeoutMs: positiveInt('storeTimeoutMs', input.storeTimeoutMs, DEFAULTS.storeTimeoutMs, MAX_TIMER_MS),
+    storeTimeoutMs,
     transactional,
     localCache: localCache(input.localCache),
     onEvent: optionalFunction('onEvent', input.onEvent),

@@ -101,6 +101,19 @@ describe('options', () => {
     expect(warn).toHaveBeenCalledWith(expect.stringContaining('tll'));
   });
 
+  // Was silent: `leaseMs: 10` (meant as seconds) lapsed while its handler ran, and a retry ran it again.
+  it('warns when the lease is shorter than the store deadline, and only then', () => {
+    const warn = vi.fn();
+    const logger = { warn, error: vi.fn() };
+    resolveOptions({ store, logger, leaseMs: 10 });
+    expect(warn).toHaveBeenCalledTimes(1);
+    expect(warn).toHaveBeenCalledWith(expect.stringMatching(/`leaseMs` \(10 ms\) is shorter than `storeTimeoutMs` \(5000 ms\).*second run/));
+    resolveOptions({ store, logger, leaseMs: 2_000, storeTimeoutMs: 500 });
+    resolveOptions({ store, logger, leaseMs: 5_000 });
+    resolveOptions({ store, logger });
+    expect(warn).toHaveBeenCalledTimes(1);
+  });
+
   it('default storable: below 500 except 408, 409, 425, 429', () => {
     expect([200, 201, 204, 302, 400, 404, 422].every(defaultStorable)).toBe(true);
     expect([408, 409, 425, 429, 500, 503].some(defaultStorable)).toBe(false);

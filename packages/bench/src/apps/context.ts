@@ -6,7 +6,7 @@ import type { AnswerKeeper } from './probes.js';
 /** What sits in front of the handler, already opened by the server process. */
 export type LibrarySetup =
   | { readonly kind: 'bare' }
-  | { readonly kind: 'idemkit'; readonly store: IdempotencyStore; readonly ttlMs: number; readonly leaseMs: number | undefined; readonly localCache: boolean }
+  | { readonly kind: 'idemkit'; readonly store: IdempotencyStore; readonly ttlMs: number; readonly leaseMs: number | undefined; readonly storeTimeoutMs: number | undefined; readonly localCache: boolean }
   | { readonly kind: 'express-idempotency' }
   | { readonly kind: 'node-idempotency'; readonly idempotency: Idempotency }
   | { readonly kind: 'probe-hook' }

@@ -22,7 +22,7 @@ export function expressApp({ library, counters, order, stats }: AppContext): Req
   let isHit = (_req: Request): boolean => false;
   switch (library.kind) {
     case 'idemkit':
-      app.use(idempotency({ store: library.store, ttlMs: library.ttlMs, leaseMs: library.leaseMs, localCache: library.localCache }));
+      app.use(idempotency({ store: library.store, ttlMs: library.ttlMs, leaseMs: library.leaseMs, storeTimeoutMs: library.storeTimeoutMs, localCache: library.localCache }));
       break;
     case 'express-idempotency': {
       app.use(expressIdempotency());

@@ -13,7 +13,7 @@ export async function fastifyApp({ library, counters, order, stats }: AppContext
   app.get('/__stats', async () => stats());
   switch (library.kind) {
     case 'idemkit':
-      await app.register(fastifyIdempotency, { store: library.store, ttlMs: library.ttlMs, leaseMs: library.leaseMs, localCache: library.localCache });
+      await app.register(fastifyIdempotency, { store: library.store, ttlMs: library.ttlMs, leaseMs: library.leaseMs, storeTimeoutMs: library.storeTimeoutMs, localCache: library.localCache });
       break;
     case 'node-idempotency':
       nodeIdempotencyFastify(app, library.idempotency);

@@ -17,7 +17,7 @@ export function koaApp({ library, counters, order, stats }: AppContext): Koa {
     await next();
   });
   app.use(bodyParser());
-  if (library.kind === 'idemkit') app.use(idempotency({ store: library.store, ttlMs: library.ttlMs, leaseMs: library.leaseMs, localCache: library.localCache }));
+  if (library.kind === 'idemkit') app.use(idempotency({ store: library.store, ttlMs: library.ttlMs, leaseMs: library.leaseMs, storeTimeoutMs: library.storeTimeoutMs, localCache: library.localCache }));
   else if (library.kind !== 'bare') throw new Error(`${library.kind} has no Koa binding in this bench`);
   router.post('/orders', async (ctx) => {
     ctx.status = 201;
