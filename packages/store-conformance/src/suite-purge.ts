@@ -55,9 +55,45 @@ async function makeExpired(
   return { completedKeys, leaseKeys };
 }
 
+/** Live for a few seconds more: a purge that deletes ahead of time ("expires soon") takes them. */
+const SOON_MS = 3_000;
+
+/**
+ * A completed record and a lease that both end SOON_MS after `sentAt` (this process's monotonic
+ * clock, read before they were written, so they end no earlier than that by the store's clock).
+ */
+async function expiringSoon(store: IdempotencyStore, ctx: SuiteContext): Promise<{ keys: string[]; sentAt: number }> {
+  const done = ctx.key('purge-soon-done');
+  const lease = ctx.key('purge-soon-lease');
+  const sentAt = performance.now();
+  const token = await acquire(store, done, LONG_MS);
+  expect(await store.complete(done, token, textResponse('soon'), SOON_MS)).toBe(true);
+  await acquire(store, lease, SOON_MS);
+  return { keys: [done, lease], sentAt };
+}
+
+/**
+ * Records that were live during every purge must still be there. Only the elapsed time is
+ * compared (no clock skew involved): read before SOON_MS has passed since they were written, they
+ * were live then, and during the purges before.
+ */
+async function expectSurvived(store: IdempotencyStore, soon: { keys: string[]; sentAt: number }): Promise<void> {
+  const records = await Promise.all(soon.keys.map((key) => store.get(key)));
+  if (performance.now() - soon.sentAt >= SOON_MS) return; // too slow a run to tell
+  for (const [i, record] of records.entries()) expect(record, `${soon.keys[i]} was live, yet purged`).toBeDefined();
+}
+
 /** SPEC §3 purgeExpired: batched, counts what it deleted, never touches live records. */
 export function purgeSuite(ctx: SuiteContext): void {
   const store = useStore(ctx);
+
+  // Shared by both branches: no exact counts, so nativeExpiry stores run it too.
+  const notEarly = (): void =>
+    clause(`never purges ahead of time: records that end within ${SOON_MS / 1000} s stay until they end`, async () => {
+      const soon = await expiringSoon(store(), ctx);
+      for (let i = 0; i < 100 && (await store().purgeExpired()) > 0; i++);
+      await expectSurvived(store(), soon);
+    });
 
   if (ctx.options.nativeExpiry) {
     clause('expired records vanish on their own (native expiry); purgeExpired returns a count >= 0', async () => {
@@ -83,6 +119,7 @@ export function purgeSuite(ctx: SuiteContext): void {
       expect((await mustGet(store(), liveDone)).state).toBe('completed');
       expect((await mustGet(store(), shortLeaseDone)).state).toBe('completed');
     });
+    notEarly();
     return;
   }
 
@@ -128,4 +165,5 @@ export function purgeSuite(ctx: SuiteContext): void {
     }
     expect(total).toBe(3);
   });
+  notEarly();
 }
