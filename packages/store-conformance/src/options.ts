@@ -16,4 +16,10 @@ export interface StoreConformanceOptions {
    * that `purgeExpired` returns a count >= 0, instead of exact batch counts.
    */
   nativeExpiry?: boolean;
+  /**
+   * The store's clock IS this process's clock (the in-memory store). Every other store dates
+   * leases, TTLs and purges by its backend's clock (SPEC §3), which the `clock` clause proves by
+   * setting this process's clock an hour off; `processClock: true` skips that clause.
+   */
+  processClock?: boolean;
 }

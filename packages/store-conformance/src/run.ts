@@ -3,6 +3,7 @@ import { createContext, type SuiteContext } from './context.js';
 import type { StoreConformanceOptions } from './options.js';
 import { beginSuite } from './suite-begin.js';
 import { bytesSuite } from './suite-bytes.js';
+import { clockSuite } from './suite-clock.js';
 import { closeSuite } from './suite-close.js';
 import { completeSuite } from './suite-complete.js';
 import { concurrencySuite } from './suite-concurrency.js';
@@ -27,6 +28,7 @@ const clauses: readonly Clause[] = [
   { name: 'lease', covers: 'takeover only after lease expiry, fencing of the stale holder (also across fresh store instances), renew, release', register: leaseSuite },
   { name: 'ttl', covers: 'completed records expire after their TTL, counted from completion', register: ttlSuite },
   { name: 'concurrency', covers: 'exactly one of 200 concurrent callers wins (new key, expired lease, expired record, two clients)', register: concurrencySuite },
+  { name: 'clock', covers: "leases, TTLs, time left, renew and purge go by the store's clock, with this process's clock an hour fast or slow (skipped with `processClock`)", register: clockSuite },
   { name: 'response bytes', covers: 'empty, every-byte-value and 1 MiB bodies, repeated headers in order and 8 KiB values round-trip exactly', register: bytesSuite },
   { name: 'keys', covers: 'SQL, Lua, pattern, operator, control and non-ASCII characters are data; distinct keys never collide', register: keysSuite },
   { name: 'close', covers: 'close() twice is safe and leaves other stores on the same client working', register: closeSuite },
