@@ -347,8 +347,8 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const errored = state.errored;
     const status = payloadStatus(payload, reply.statusCode);
     const code = reply.statusCode;
-    // A copy (arrays too): a `reply.header('set-cookie', …)` after send() pushes into the live array.
-    const headers = snapshotHeaders(reply.getHeaders()) as ReturnType<FastifyReply['getHeaders']>;
+    // Ours alone: a `reply.header('set-cookie', …)` after send() pushes into the live array.
+    const headers = detachedHeaders(reply.getHeaders());
     const body = payloadBytes(payload);
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
     // a Response whose body was read): Fastify fails it with a 500, so the key is given back.
@@ -565,7 +565,22 @@ function restoreAnswer(reply: FastifyReply, status: number, headers: ReturnType<
   reply.headers(headers);
 }
 
-/** Whether the reply's headers differ from `before` (a copy from `snapshotHeaders`). */
+/**
+ * `headers` (a `reply.getHeaders()`) with its arrays copied, so later `reply.header()` calls
+ * cannot change it. Fastify builds a new object on every `getHeaders()` call (raw and reply
+ * headers spread into one), so only the arrays are shared with the reply: copying them alone
+ * spares every new-key request a second copy of the whole object (`snapshotHeaders`).
+ */
+function detachedHeaders(headers: ReturnType<FastifyReply['getHeaders']>): ReturnType<FastifyReply['getHeaders']> {
+  const names = Object.keys(headers);
+  for (let i = 0; i < names.length; i++) {
+    const value = headers[names[i]!];
+    if (Array.isArray(value)) headers[names[i]!] = [...(value as readonly string[])];
+  }
+  return headers;
+}
+
+/** Whether the reply's headers differ from `before` (a copy from `detachedHeaders`). */
 function headersChanged(before: ReturnType<FastifyReply['getHeaders']>, now: ReturnType<FastifyReply['getHeaders']>): boolean {
   const names = Object.keys(now);
   if (names.length !== Object.keys(before).length) return true;
