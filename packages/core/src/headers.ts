@@ -112,3 +112,26 @@ export function hasRequestBody(headers: Readonly<Record<string, string | readonl
   const length = Number(headers['content-length']);
   return Number.isFinite(length) && length > 0;
 }
+
+/** What {@link requestCarriesBody} reads of a Node request: an `IncomingMessage` or HTTP/2's `Http2ServerRequest`. */
+export interface NodeRequestLike {
+  readonly headers: Readonly<Record<string, string | readonly string[] | undefined>>;
+  readonly httpVersionMajor?: number;
+  /** The Http2Stream of an HTTP/2 compat request. */
+  readonly stream?: { readonly endAfterHeaders?: boolean } | null;
+  readonly readableEnded: boolean;
+  readonly readableDidRead: boolean;
+}
+
+/**
+ * Whether a Node request carries body bytes. Framed as a body by its headers ({@link hasRequestBody}),
+ * or on HTTP/2 by a HEADERS frame without END_STREAM: HTTP/2 has no Transfer-Encoding, and a
+ * client streaming its body (Node's http2 client, fetch with a stream) sends no Content-Length,
+ * so the headers alone called it no body and two different bodies under one key shared one
+ * answer. Not a body either way: one a parser read to its end without a single 'data' event
+ * (a chunked `0`, an empty DATA frame), as its retry with `Content-Length: 0` is the same request.
+ */
+export function requestCarriesBody(req: NodeRequestLike): boolean {
+  const framed = hasRequestBody(req.headers) || (req.httpVersionMajor === 2 && req.stream?.endAfterHeaders === false);
+  return framed && !(req.readableEnded && !req.readableDidRead);
+}

@@ -45,7 +45,7 @@ export {
 export { StoreTimeoutError } from './deadline.js';
 // Byte-identical problem and replay responses across bindings.
 export { problemResponse } from './problem.js';
-export { hasRequestBody, REPLAYED_HEADER, replayHeaders, responseHeaders, snapshotHeaders, toStoredHeaders, UNREPLAYED_HEADERS, type OutgoingHeaderValue } from './headers.js';
+export { hasRequestBody, REPLAYED_HEADER, requestCarriesBody, type NodeRequestLike, replayHeaders, responseHeaders, snapshotHeaders, toStoredHeaders, UNREPLAYED_HEADERS, type OutgoingHeaderValue } from './headers.js';
 export { whenSocketCloses, type ClosableSocket } from './socket-close.js';
 // Key and fingerprint helpers, for custom getKey/fingerprint functions.
 export { hasBodyField, MAX_KEY_LENGTH, mayHaveKey, mayHoldBodyKey, parseKeyHeader, readsBody, scopedKey, unreadBodyKeyWarning, unreadBodyMayHoldKey, validateKey, type KeyParseResult, type KeySources } from './key.js';

@@ -1,4 +1,4 @@
-import { ConfigurationError, createIdempotencyEngine, hasRequestBody, isMultipart, mayHaveKey, readsBody, unreadBodyKeyWarning, unreadBodyMayHoldKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
+import { ConfigurationError, createIdempotencyEngine, isMultipart, requestCarriesBody, mayHaveKey, readsBody, unreadBodyKeyWarning, unreadBodyMayHoldKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import type { ServerResponse } from 'node:http';
 import { captureResponse, isTimeoutError, markTimeoutAnswer, onlyHeadWritten } from './capture.js';
@@ -132,7 +132,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
     // stream body that turned out empty) carries none either: its parser read it to the end and
     // saw no 'data', and json() and urlencoded() make `{}` of it. Fingerprinted as a body, its
     // retry with `Content-Length: 0` got 422.
-    const carriesBody = hasRequestBody(req.headers) && !(req.readableEnded && !req.readableDidRead);
+    const carriesBody = requestCarriesBody(req);
     let body: unknown = carriesBody ? req.body : undefined;
     // express-fileupload sets req.body only when a text field arrives: files alone are a body too,
     // and so is a form whose one file input was left empty (it sets req.files to null). Looked at

@@ -1,7 +1,7 @@
 import {
   ConfigurationError,
   createIdempotencyEngine,
-  hasRequestBody,
+  requestCarriesBody,
   problemResponse,
   replayHeaders,
   responseHeaders,
@@ -104,7 +104,8 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     // gets the SPEC's answer for that, a webhook reading its raw body itself included.
     // A chunked request that ended with no bytes (`Transfer-Encoding: chunked`, then `0`) carries
     // none either: its parser read it to the end and saw no 'data' (@koa/bodyparser makes `{}` of it).
-    const carriesBody = hasRequestBody(ctx.req.headers) && !(ctx.req.readableEnded && !ctx.req.readableDidRead);
+    // On HTTP/2 a streamed body has no length header at all: see core's requestCarriesBody.
+    const carriesBody = requestCarriesBody(ctx.req);
     const unread = body === undefined ? carriesBody : carriesBody && leftUnparsed(ctx, body);
     if (bodyMatters && unread && mayHaveKey(resolved, ctx.req.headers, undefined)) {
       // 415, not 500: koa-body leaves `undefined` for the types it does not parse (octet-stream,

@@ -1,7 +1,9 @@
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
-import { connect } from 'node:net';
+import http2 from 'node:http2';
+import { connect, type AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
+import { bodyParser } from '@koa/bodyparser';
 import Router from '@koa/router';
 import { createMemoryStore, defaultFingerprint, problemResponse, KeyError, scopedKey, TransactionAbortedError, type IdempotencyEvent, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import Koa, { type Context, type Middleware } from 'koa';
@@ -1042,5 +1044,52 @@ describe('koa binding: a request with no body', () => {
     // A chunked body with bytes is still a body: {} sent chunked is another request.
     expect(await send('empty-chunked', 'Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n', '2\r\n{}\r\n0\r\n\r\n')).toEqual({ status: 422, replayed: false });
     expect(runs).toBe(1);
+  });
+});
+
+describe('koa binding: HTTP/2 request bodies', () => {
+  // HTTP/2 has no Transfer-Encoding, and a client streaming its body (Node's http2 client, fetch
+  // with a stream body) sends no Content-Length: the headers alone called such a body none, so a
+  // second, different order under the same key got the first one's answer.
+  it('a body sent without Content-Length is still a body: another body under the same key is 422, the same one replays', async () => {
+    let runs = 0;
+    const app = new Koa();
+    app.silent = true;
+    app.use(bodyParser());
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.use((ctx) => {
+      ctx.status = 201;
+      ctx.body = { run: ++runs, got: (ctx.request as { body?: unknown }).body };
+    });
+    const server = http2.createServer(app.callback()).listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const client = http2.connect(`http://127.0.0.1:${(server.address() as AddressInfo).port}`);
+    try {
+      const send = async (key: string, body: string, length?: number, endStream = false) => {
+        const headers: http2.OutgoingHttpHeaders = { ':method': 'POST', ':path': '/orders', 'idempotency-key': key, 'content-type': 'application/json' };
+        if (length !== undefined) headers['content-length'] = String(length);
+        const req = client.request(headers, { endStream });
+        if (!endStream) req.end(body);
+        const [response] = (await once(req, 'response')) as [http2.IncomingHttpHeaders];
+        let text = '';
+        req.setEncoding('utf8');
+        for await (const chunk of req) text += chunk as string;
+        return { status: response[':status'], replayed: response['idempotent-replayed'] === 'true', text };
+      };
+      const first = await send('h2-order', '{"amount":1}');
+      expect(first).toMatchObject({ status: 201, replayed: false });
+      expect(JSON.parse(first.text)).toEqual({ run: 1, got: { amount: 1 } });
+      // Before, 201 with the first order's answer, marked as a replay.
+      expect(await send('h2-order', '{"amount":1000}')).toMatchObject({ status: 422, replayed: false });
+      expect(await send('h2-order', '{"amount":1}')).toMatchObject({ status: 201, replayed: true });
+      // A stream that turned out empty (an empty DATA frame) and an empty POST are one request.
+      expect(await send('h2-empty', '')).toMatchObject({ status: 201, replayed: false });
+      expect(await send('h2-empty', '', 0, true)).toMatchObject({ status: 201, replayed: true });
+      expect(await send('h2-empty', '{"amount":1}')).toMatchObject({ status: 422, replayed: false });
+      expect(runs).toBe(2);
+    } finally {
+      client.close();
+      server.close();
+    }
   });
 });
