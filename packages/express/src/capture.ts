@@ -292,6 +292,7 @@ export function captureResponse(
   } as ServerResponse['writeHead'];
 
   res.flushHeaders = function flushHeaders(this: ServerResponse): void {
+    if (cutAfterFreedHead(this)) return;
     if (mode === 'ending' && !delivering) return;
     // Node refuses the head itself: it throws to the caller before anything counts as sent.
     if (mode === 'buffering' && refusedHead(this)) return void originalFlushHeaders.call(this);
@@ -302,6 +303,7 @@ export function captureResponse(
   };
 
   res.write = function write(this: ServerResponse, ...args: unknown[]): boolean {
+    if (cutAfterFreedHead(this)) return false;
     // While end() stores the answer, a write (an error handler's) would go out ahead of it. It is
     // a write after end(), so it fails as Node fails one: false, and the callback gets the error.
     if (mode === 'ending' && !delivering) {
@@ -335,6 +337,7 @@ export function captureResponse(
   } as ServerResponse['write'];
 
   res.end = function end(this: ServerResponse, ...args: unknown[]): ServerResponse {
+    if (cutAfterFreedHead(this)) return this;
     // A second end() while we persist would cut the response short: ignore it, as Node ignores an
     // end after end (whose callback Node calls once the first end has finished).
     if (mode === 'ending') {
@@ -444,6 +447,26 @@ const headOnly = new WeakMap<ServerResponse, () => boolean>();
  */
 export function onlyHeadWritten(res: ServerResponse): boolean {
   return res.headersSent && (headOnly.get(res)?.() ?? false);
+}
+
+/** Answers whose key idempotencyErrorHandler() freed while only their head was written. */
+const freedAtHead = new WeakSet<ServerResponse>();
+
+/**
+ * The key of this head-only answer is freed (its handler threw): nothing more of it may go out.
+ * An error handler mounted later that writes to it anyway (`res.end('error')`, which needs no
+ * header) would complete the thrown handler's head, a 201 say, while a retry runs the operation
+ * again: the connection is cut instead, as Express's final handler cuts it.
+ */
+export function cutIfAnsweredLater(res: ServerResponse): void {
+  freedAtHead.add(res);
+}
+
+/** Whether a write, end or flushHeaders on `res` must cut it (see cutIfAnsweredLater). */
+function cutAfterFreedHead(res: ServerResponse): boolean {
+  if (!freedAtHead.has(res)) return false;
+  res.destroy();
+  return true;
 }
 
 /** Answers idempotencyErrorHandler() saw connect-timeout's own error for (see timedOutAnswer). */

@@ -1,7 +1,7 @@
 import { ConfigurationError, createIdempotencyEngine, isMultipart, requestCarriesBody, mayHaveKey, readsBody, unreadBodyKeyWarning, unreadBodyMayHoldKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import type { ServerResponse } from 'node:http';
-import { captureResponse, isTimeoutError, markTimeoutAnswer, onlyHeadWritten } from './capture.js';
+import { captureResponse, cutIfAnsweredLater, isTimeoutError, markTimeoutAnswer, onlyHeadWritten } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
 import { writeProblem, writeReplay } from './respond.js';
 
@@ -236,10 +236,15 @@ export function idempotencyErrorHandler(): ErrorRequestHandler {
     // A handler that threw after res.writeHead() alone sent nothing yet (Express's final handler
     // then cuts the connection): a throw as any other, so its key is freed at once for the retry,
     // as on Koa and Fastify, instead of answering 409 until the lease ran out.
-    if (res.headersSent && !onlyHeadWritten(res)) {
+    // Freed, nothing more of this answer may go out: an error handler of yours that ends it anyway
+    // (`res.end('…')` needs no header) would complete the thrown handler's head (its 201, say)
+    // while the retry runs the operation a second time. Cut instead, as Express's final handler does.
+    const headOnly = res.headersSent && onlyHeadWritten(res);
+    if (res.headersSent && !headOnly) {
       lease.letLapse();
       return next(err);
     }
+    if (headOnly) cutIfAnsweredLater(res);
     // connect-timeout's error: the handler has not thrown, it still runs. The key stays held, and
     // whatever the error handlers answer for it settles it as cut short (see captureResponse). The
     // handler's own error after the deadline (`respond: false`) frees the key as any throw does.

@@ -1179,6 +1179,29 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     expect(calls).toBe(2);
   });
 
+  // The key is freed at once for a head-only throw, so nothing more of that answer may go out: an
+  // error handler of the app's that ends it anyway (`res.end()` needs no header) completed the
+  // thrown handler's 201 while the retry ran the operation again.
+  it('with idempotencyErrorHandler, an error handler that ends a head-only answer after it cannot deliver a 201 whose retry runs again', async () => {
+    const { app } = appWith({ leaseMs: 60_000 });
+    let calls = 0;
+    app.post('/x', (_req, res) => {
+      res.writeHead(201, { 'content-type': 'text/plain' });
+      if (++calls === 1) throw new Error('boom after writeHead');
+      res.end('created');
+    });
+    app.use(idempotencyErrorHandler());
+    app.use((err: Error, _req: Request, res: Response, _next: NextFunction) => void res.end(`error: ${err.message}`));
+    const url = await serve(app);
+    const key = randomUUID();
+    // Before, a complete 201 'error: boom after writeHead', and the retry below ran the handler again.
+    await expect(post(`${url}/x`, key)).rejects.toThrow();
+    const retry = await post(`${url}/x`, key);
+    expect(retry.status).toBe(201);
+    expect(new TextDecoder().decode(retry.body)).toBe('created');
+    expect(calls).toBe(2);
+  });
+
   /** A handler that stops its work when its client leaves, and so never answers (a common abort pattern). */
   function stopsOnClose(app: Express, started: { count: number }): void {
     app.post('/work', (_req, res) => {
