@@ -163,6 +163,33 @@ describe('migrate() and sql/schema.sql', () => {
     }
   });
 
+  it('refuses a table whose only unique index on key is deferrable or invalid (begin\'s ON CONFLICT cannot use it)', async () => {
+    // Before: migrate() resolved, and every begin failed ("ON CONFLICT does not support deferrable
+    // unique constraints" / "there is no unique or exclusion constraint matching the ON CONFLICT
+    // specification"): 503s, or no idempotency at all with onStoreError: 'pass'.
+    const columns = `fingerprint text, state text NOT NULL, lease_token text, lease_expires_at timestamptz, response_status integer,
+      response_headers jsonb, response_body bytea, created_at timestamptz NOT NULL DEFAULT now(), expires_at timestamptz NOT NULL`;
+    const deferrable = `${db.schema}_deferrable`;
+    const invalid = `${db.schema}_invalid`;
+    try {
+      await db.pool.query(`CREATE SCHEMA "${deferrable}"`);
+      await db.pool.query(`CREATE TABLE "${deferrable}"."idempotency_keys" (key text PRIMARY KEY DEFERRABLE, ${columns})`);
+      // A unique index built CONCURRENTLY that failed (duplicates at the time) stays behind, invalid.
+      await db.pool.query(`CREATE SCHEMA "${invalid}"`);
+      await db.pool.query(`CREATE TABLE "${invalid}"."idempotency_keys" (key text NOT NULL, ${columns})`);
+      await db.pool.query(`INSERT INTO "${invalid}"."idempotency_keys" (key, state, expires_at) VALUES ('k', 'completed', now()), ('k', 'completed', now())`);
+      await expect(db.pool.query(`CREATE UNIQUE INDEX CONCURRENTLY ON "${invalid}"."idempotency_keys" (key)`)).rejects.toThrow(/could not create unique index/);
+      await db.pool.query(`DELETE FROM "${invalid}"."idempotency_keys"`);
+      for (const schema of [deferrable, invalid]) {
+        const s = createPostgresStore({ pool: db.pool, schema });
+        await expect(s.migrate()).rejects.toThrow(/"idempotency_keys" is not an idemkit table: no unique index on key alone that begin's ON CONFLICT \(key\) can use/);
+        await expect(s.begin(key(), 'fp', 10_000)).rejects.toThrow(/ON CONFLICT/);
+      }
+    } finally {
+      await db.pool.query(`DROP SCHEMA IF EXISTS "${deferrable}", "${invalid}" CASCADE`);
+    }
+  });
+
   it('refuses, naming the clash, when another relation already has the expiry index\'s name (purges would scan the whole table)', async () => {
     const schema = `${db.schema}_clash`;
     try {
