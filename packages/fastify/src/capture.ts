@@ -36,12 +36,17 @@ export interface Replayed {
   untyped: boolean;
 }
 
-/** What a replay of `response` sends. */
+/** What sending `response` as it is (a problem answer) sends. */
 export function replayOf(response: StoredResponse): Replayed {
   const payload = payloadOf(response.body);
   let type: string | undefined;
   for (const [name, value] of response.headers) if (name.toLowerCase() === 'content-type') type = value;
   return { response, payload, serialised: asSerialised(type, payload), untyped: false };
+}
+
+/** What a replay of `response` sends; `sendReplay` sets the rest from the type it goes out with. */
+export function storedReplay(response: StoredResponse): Replayed {
+  return { response, payload: payloadOf(response.body), serialised: undefined, untyped: false };
 }
 
 const utf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });

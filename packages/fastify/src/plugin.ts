@@ -24,7 +24,7 @@ import type {
 } from 'fastify';
 import fp from 'fastify-plugin';
 import type { Socket } from 'node:net';
-import { payloadBytes, payloadStatus, replayOf, restoreReplay, sendReplay, sendStored, type Replayed } from './capture.js';
+import { payloadBytes, payloadStatus, replayOf, restoreReplay, sendReplay, sendStored, storedReplay, type Replayed } from './capture.js';
 import { mergeRouteOptions, type FastifyIdempotencyOptions, type RouteIdempotencyConfig } from './options.js';
 import { watchAnswered, watchSends, whoSent, type LateSends } from './stand-in.js';
 
@@ -166,7 +166,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         // Answered here: Fastify expects `done` not to be called once a hook sends the reply.
         // Marked before send(): Fastify runs onSend hooks that call `done` at once (ours, and an
         // app's callback-style ones) inside send() itself, and ours must know it is a replay there.
-        const replayed = replayOf(decision.response);
+        const replayed = storedReplay(decision.response);
         (request as StatefulRequest)[kReplayed] = replayed;
         sendReplay(reply, replayed);
         return;
