@@ -68,14 +68,20 @@ CREATE INDEX IF NOT EXISTS ${escapeIdentifier(indexName, 'table')} ON ${qualifie
 /** The columns the store's statements use (see tableDdl). */
 const COLUMNS = ['key', 'fingerprint', 'state', 'lease_token', 'lease_expires_at', 'response_status', 'response_headers', 'response_body', 'created_at', 'expires_at'];
 
+/** A valid unique index on `a`'s column alone, no predicate or expression: what ON CONFLICT (key) infers as its arbiter. */
+const ARBITER = `SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indisvalid
+    AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum AND i.indpred IS NULL AND i.indexprs IS NULL`;
+
 /**
  * The columns of table $1, and whether `key` alone has a unique index begin's ON CONFLICT (key) can
- * use: not deferrable (`indimmediate`; Postgres refuses one as an arbiter) and valid (a failed
- * CREATE UNIQUE INDEX CONCURRENTLY leaves an invalid one, which ON CONFLICT does not see).
+ * use: valid (a failed CREATE UNIQUE INDEX CONCURRENTLY leaves an invalid one, which ON CONFLICT
+ * does not see) and not deferrable (`indimmediate`). No deferrable one may sit beside it either:
+ * ON CONFLICT (key) takes every valid unique index on key as an arbiter and refuses the statement
+ * when one of them is deferrable (adding a plain unique index next to a DEFERRABLE primary key,
+ * the obvious answer to this refusal, used to pass here while every begin still failed).
  */
 export const TABLE_SHAPE = `SELECT a.attname AS name,
-  EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indimmediate AND i.indisvalid
-    AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum AND i.indpred IS NULL AND i.indexprs IS NULL) AS unique_alone
+  EXISTS (${ARBITER} AND i.indimmediate) AND NOT EXISTS (${ARBITER} AND NOT i.indimmediate) AS unique_alone
   FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped`;
 
 /**
@@ -87,7 +93,7 @@ export const TABLE_SHAPE = `SELECT a.attname AS name,
 export function tableMismatch(rows: ReadonlyArray<{ name: string; unique_alone: boolean }>): string | undefined {
   const found = new Map(rows.map((row) => [row.name, row.unique_alone]));
   const missing = COLUMNS.filter((name) => !found.has(name));
-  const problems = [missing.length > 0 ? `no column ${missing.join(', ')}` : '', found.get('key') === false ? "no unique index on key alone that begin's ON CONFLICT (key) can use (not deferrable, valid)" : ''].filter((text) => text !== '');
+  const problems = [missing.length > 0 ? `no column ${missing.join(', ')}` : '', found.get('key') === false ? "no unique index on key alone that begin's ON CONFLICT (key) can use (valid, not deferrable, and no deferrable one on key beside it)" : ''].filter((text) => text !== '');
   return problems.length === 0 ? undefined : problems.join('; ');
 }
 

@@ -163,7 +163,7 @@ describe('migrate() and sql/schema.sql', () => {
     }
   });
 
-  it('refuses a table whose only unique index on key is deferrable or invalid (begin\'s ON CONFLICT cannot use it)', async () => {
+  it('refuses a table whose unique index on key is deferrable or invalid, or sits beside a deferrable one (begin\'s ON CONFLICT cannot use it)', async () => {
     // Before: migrate() resolved, and every begin failed ("ON CONFLICT does not support deferrable
     // unique constraints" / "there is no unique or exclusion constraint matching the ON CONFLICT
     // specification"): 503s, or no idempotency at all with onStoreError: 'pass'.
@@ -171,6 +171,9 @@ describe('migrate() and sql/schema.sql', () => {
       response_headers jsonb, response_body bytea, created_at timestamptz NOT NULL DEFAULT now(), expires_at timestamptz NOT NULL`;
     const deferrable = `${db.schema}_deferrable`;
     const invalid = `${db.schema}_invalid`;
+    // A plain unique index added beside a DEFERRABLE primary key (the obvious answer to the
+    // refusal) does not help: ON CONFLICT (key) takes both as arbiters and refuses the deferrable one.
+    const both = `${db.schema}_both`;
     try {
       await db.pool.query(`CREATE SCHEMA "${deferrable}"`);
       await db.pool.query(`CREATE TABLE "${deferrable}"."idempotency_keys" (key text PRIMARY KEY DEFERRABLE, ${columns})`);
@@ -180,13 +183,16 @@ describe('migrate() and sql/schema.sql', () => {
       await db.pool.query(`INSERT INTO "${invalid}"."idempotency_keys" (key, state, expires_at) VALUES ('k', 'completed', now()), ('k', 'completed', now())`);
       await expect(db.pool.query(`CREATE UNIQUE INDEX CONCURRENTLY ON "${invalid}"."idempotency_keys" (key)`)).rejects.toThrow(/could not create unique index/);
       await db.pool.query(`DELETE FROM "${invalid}"."idempotency_keys"`);
-      for (const schema of [deferrable, invalid]) {
+      await db.pool.query(`CREATE SCHEMA "${both}"`);
+      await db.pool.query(`CREATE TABLE "${both}"."idempotency_keys" (key text PRIMARY KEY DEFERRABLE, ${columns})`);
+      await db.pool.query(`CREATE UNIQUE INDEX ON "${both}"."idempotency_keys" (key)`);
+      for (const schema of [deferrable, invalid, both]) {
         const s = createPostgresStore({ pool: db.pool, schema });
         await expect(s.migrate()).rejects.toThrow(/"idempotency_keys" is not an idemkit table: no unique index on key alone that begin's ON CONFLICT \(key\) can use/);
         await expect(s.begin(key(), 'fp', 10_000)).rejects.toThrow(/ON CONFLICT/);
       }
     } finally {
-      await db.pool.query(`DROP SCHEMA IF EXISTS "${deferrable}", "${invalid}" CASCADE`);
+      await db.pool.query(`DROP SCHEMA IF EXISTS "${deferrable}", "${invalid}", "${both}" CASCADE`);
     }
   });
 
