@@ -11,7 +11,11 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { createPostgresStore, pgTransaction, type PostgresStore } from '../src/index.js';
 import { bytes, openSchema, type TestSchema } from './helpers.js';
 
-const LEASE_MS = 300;
+// Long enough that a begin on a loaded machine (two test packages and CI on two cores) answers
+// within it: one answering after a whole lease is a 503 by design, and at 300 ms it flaked.
+const LEASE_MS = 1_000;
+/** The taker's: it is not the one stalled, so nothing here waits for it to end. */
+const TAKER_LEASE_MS = 30_000;
 let db: TestSchema;
 let charges: string;
 /** A second store on a pool of its own: the "other worker". */
@@ -49,11 +53,11 @@ function stall(ms: number): void {
 }
 
 /** The options every wrapper here shares; the result type comes from each job. */
-const options = (on: PostgresStore) => ({
+const options = (on: PostgresStore, leaseMs = LEASE_MS) => ({
   store: on,
   name: 'charge',
   key: (order: Order) => order.id,
-  leaseMs: LEASE_MS,
+  leaseMs,
   logger: false as const,
 });
 
@@ -64,7 +68,7 @@ it('a stalled job whose key a call with other arguments took over rejects with F
   const taker = idempotentTransaction(async (tx, order: Order) => {
     await insert(tx, order);
     return { charged: order.cents };
-  }, options(other));
+  }, options(other, TAKER_LEASE_MS));
   let taken: Promise<{ charged: number }> | undefined;
   const stalled = idempotentTransaction(async (tx, order: Order) => {
     await insert(tx, order);
@@ -90,7 +94,7 @@ it('a stalled job whose key was taken over by a call still running rejects with 
     await insert(tx, order);
     await gate;
     return { charged: order.cents };
-  }, options(other));
+  }, options(other, TAKER_LEASE_MS));
   let taken: Promise<{ charged: number }> | undefined;
   const stalled = idempotentTransaction(async (tx, order: Order) => {
     await insert(tx, order);
