@@ -105,21 +105,26 @@ export function readsBody(o: Pick<KeySources, 'getKey' | 'bodyField'> & { readon
  * body must be readable, and only its uploads hashed. An unread body (`undefined`) that is JSON or
  * a form may hold the key field itself: with `required` it counts (refused as unread, not told
  * "no key" for a key it may have); without, a keyless request goes through (a webhook that reads
- * its raw body itself).
+ * its raw body itself). `carriesBody`: whether the request has body bytes, as the binding saw them
+ * (`requestCarriesBody`); by default told from its headers alone (`hasRequestBody`).
  */
-export function mayHaveKey(o: KeySources, headers: IncomingHeaders, body: unknown): boolean {
+export function mayHaveKey(o: KeySources, headers: IncomingHeaders, body: unknown, carriesBody?: boolean): boolean {
   if (o.getKey !== undefined || headers[o.header.toLowerCase()] !== undefined) return true;
   if (body !== undefined) return hasBodyField(body, o.bodyField);
-  return o.required && unreadBodyMayHoldKey(o, headers, body);
+  return o.required && unreadBodyMayHoldKey(o, headers, body, carriesBody);
 }
 
 /**
  * A body no parser read (`undefined`, with bytes on the wire) that may hold the key field: JSON or
  * a form. Without `required`, a keyless request with one goes through unfingerprinted, and a key
  * the client put there is never seen: bindings say so once (`unreadBodyKeyWarning`).
+ * `carriesBody` as in {@link mayHaveKey}: the headers alone miss an HTTP/2 body sent without
+ * Content-Length (a body key there was told 400 "no key" instead of 415, and passed through
+ * unwarned without `required`), and count a chunked body that ended with no bytes (warned as
+ * unread, though the parser read it).
  */
-export function unreadBodyMayHoldKey(o: Pick<KeySources, 'bodyField'>, headers: IncomingHeaders, body: unknown): boolean {
-  if (body !== undefined || o.bodyField === false || !hasRequestBody(headers)) return false;
+export function unreadBodyMayHoldKey(o: Pick<KeySources, 'bodyField'>, headers: IncomingHeaders, body: unknown, carriesBody: boolean = hasRequestBody(headers)): boolean {
+  if (body !== undefined || o.bodyField === false || !carriesBody) return false;
   const type = headers['content-type'];
   return mayHoldBodyKey(typeof type === 'string' ? type : undefined);
 }

@@ -140,7 +140,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
     if (body === undefined && isMultipart(req.headers['content-type']) && uploadedBy(req) !== undefined) body = {};
     // Only a request that may have a key is fingerprinted (see core's mayHaveKey): one without
     // gets the SPEC's answer for that, a webhook reading its raw body itself included.
-    if (body === undefined && bodyMatters && carriesBody && mayHaveKey(o, req.headers, undefined)) {
+    if (body === undefined && bodyMatters && carriesBody && mayHaveKey(o, req.headers, undefined, carriesBody)) {
       const error = bodyNotParsed(req.headers['content-type']);
       // Once in the server's log too: an error handler that logs only 5xx would hide a parser
       // mounted after idempotency() (a route-level express.raw(), say).
@@ -152,7 +152,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
     }
     // Keyless and passed through (required: false; a webhook reading its raw body): a key the
     // client put in this unread body is not seen, so say so once.
-    if (!warnedBodyKey && unreadBodyMayHoldKey(o, req.headers, body)) {
+    if (!warnedBodyKey && unreadBodyMayHoldKey(o, req.headers, body, carriesBody)) {
       warnedBodyKey = true;
       o.logger?.warn(unreadBodyKeyWarning('express', req.headers['content-type'], o.bodyField));
     }
@@ -161,7 +161,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
     // of the request, so the default fingerprint covers them. Nothing to await without files.
     // Hashed only for a request that may have a key: one without is never fingerprinted.
     const files =
-      o.fingerprint === 'default' && isMultipart(req.headers['content-type']) && mayHaveKey(o, req.headers, body) ? await uploadedFileDigests(uploadedBy(req)) : undefined;
+      o.fingerprint === 'default' && isMultipart(req.headers['content-type']) && mayHaveKey(o, req.headers, body, carriesBody) ? await uploadedFileDigests(uploadedBy(req)) : undefined;
     const decision = await engine.decide(toIncoming(req, method, body, files), req);
     switch (decision.kind) {
       case 'pass':

@@ -651,6 +651,21 @@ describe('express binding: empty bodies', () => {
     expect((await post(`${url}/orders`, key, { headers: { 'content-type': 'application/json' }, body: '{"sku":"A-1"}' })).status).toBe(422);
     expect(runs()).toBe(1);
   });
+
+  // The parser read that empty chunked body (it carries none): a keyless one passed through with
+  // `required: false` was still warned about as a JSON body "no parser read", told to mount the
+  // parser the app had mounted.
+  it('a keyless empty chunked JSON body is not warned about as unread (required: false, json() mounted)', async () => {
+    const warn = vi.fn();
+    const app = express();
+    app.use(express.json());
+    app.use(idempotency({ store: createMemoryStore(), required: false, logger: { warn, error: vi.fn() } }));
+    app.post('/orders', (_req, res) => void res.status(201).json({ created: true }));
+    const url = await serve(app);
+    const out = await rawExchange(url, 'POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n');
+    expect(out).toMatch(/^HTTP\/1\.1 201 /);
+    expect(warn).not.toHaveBeenCalled();
+  });
 });
 
 describe('express binding: uploads (multer)', () => {

@@ -107,7 +107,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     // On HTTP/2 a streamed body has no length header at all: see core's requestCarriesBody.
     const carriesBody = requestCarriesBody(ctx.req);
     const unread = body === undefined ? carriesBody : carriesBody && leftUnparsed(ctx, body);
-    if (bodyMatters && unread && mayHaveKey(resolved, ctx.req.headers, undefined)) {
+    if (bodyMatters && unread && mayHaveKey(resolved, ctx.req.headers, undefined, carriesBody)) {
       // 415, not 500: koa-body leaves `undefined` for the types it does not parse (octet-stream,
       // XML, multipart unless enabled), so any client could cause 500s. Koa does not log an
       // exposed 4xx, so it is logged here, once: a server with no parser sees it at once.
@@ -128,7 +128,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     }
     // Keyless and passed through (required: false; a webhook reading its raw body): a key the
     // client put in this unread body is not seen, so say so once.
-    if (!warnedBodyKey && unreadBodyMayHoldKey(resolved, ctx.req.headers, body)) {
+    if (!warnedBodyKey && unreadBodyMayHoldKey(resolved, ctx.req.headers, body, carriesBody)) {
       warnedBodyKey = true;
       resolved.logger?.warn(unreadBodyKeyWarning('koa', ctx.req.headers['content-type'], resolved.bodyField));
     }
@@ -147,7 +147,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     // Hashed only for a request that may have a key: one without is never fingerprinted.
     // koa-body and @koa/multer's array forms set `files`, @koa/multer's single() sets `file`.
     const files =
-      resolved.fingerprint === 'default' && isMultipart(ctx.req.headers['content-type']) && mayHaveKey(resolved, ctx.req.headers, body)
+      resolved.fingerprint === 'default' && isMultipart(ctx.req.headers['content-type']) && mayHaveKey(resolved, ctx.req.headers, body, carriesBody)
         ? await uploadedFileDigests(uploadedBy(ctx))
         : undefined;
     // A request that carries no bytes has no body, whatever the parser made of it (@koa/bodyparser

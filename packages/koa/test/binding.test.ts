@@ -1092,4 +1092,43 @@ describe('koa binding: HTTP/2 request bodies', () => {
       server.close();
     }
   });
+
+  // The key field of a JSON body no parser read (none mounted, or koa-body, which skips a body
+  // without a length header): the same check told from the headers alone missed an HTTP/2 body
+  // sent without Content-Length. The client was told 400 "no key" for the key it sent, where
+  // HTTP/1.1 gets the 415 that names the missing parser; without `required` it passed unwarned.
+  it('a key in an unread HTTP/2 body without Content-Length: 415 as on HTTP/1.1, and the warning without `required`', async () => {
+    const warn = vi.fn();
+    const app = new Koa();
+    app.silent = true;
+    const strict = idempotency({ store: createMemoryStore(), logger: { warn, error: vi.fn() } });
+    const lenient = idempotency({ store: createMemoryStore(), required: false, logger: { warn, error: vi.fn() } });
+    app.use((ctx, next) => (ctx.path === '/strict' ? strict(ctx, next) : lenient(ctx, next)));
+    app.use((ctx) => void (ctx.status = 201));
+    const server = http2.createServer(app.callback()).listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const client = http2.connect(`http://127.0.0.1:${(server.address() as AddressInfo).port}`);
+    try {
+      const send = async (path: string) => {
+        const req = client.request({ ':method': 'POST', ':path': path, 'content-type': 'application/json' });
+        req.end('{"idempotencyKey":"h2-body-key","amount":1}');
+        const [response] = (await once(req, 'response')) as [http2.IncomingHttpHeaders];
+        let text = '';
+        req.setEncoding('utf8');
+        for await (const chunk of req) text += chunk as string;
+        return { status: response[':status'], text };
+      };
+      const strictAnswer = await send('/strict');
+      // Before, 400 key-missing.
+      expect(strictAnswer.status).toBe(415);
+      expect(strictAnswer.text).toContain('no body parser read');
+      warn.mockClear();
+      expect((await send('/lenient')).status).toBe(201);
+      // Before, no warning: the key in the body went unseen, and its retries ran again unannounced.
+      expect(warn).toHaveBeenCalledWith(expect.stringContaining('went through with its body unread'));
+    } finally {
+      client.close();
+      server.close();
+    }
+  });
 });
