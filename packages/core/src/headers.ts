@@ -128,10 +128,12 @@ export interface NodeRequestLike {
  * or on HTTP/2 by a HEADERS frame without END_STREAM: HTTP/2 has no Transfer-Encoding, and a
  * client streaming its body (Node's http2 client, fetch with a stream) sends no Content-Length,
  * so the headers alone called it no body and two different bodies under one key shared one
- * answer. Not a body either way: one a parser read to its end without a single 'data' event
+ * answer; one that does send Content-Length is told by it, as on HTTP/1.1. Not a body either way: one a parser read to its end without a single 'data' event
  * (a chunked `0`, an empty DATA frame), as its retry with `Content-Length: 0` is the same request.
  */
 export function requestCarriesBody(req: NodeRequestLike): boolean {
-  const framed = hasRequestBody(req.headers) || (req.httpVersionMajor === 2 && req.stream?.endAfterHeaders === false);
+  // A Content-Length the HTTP/2 client did send is the body's length (nghttp2 resets a stream
+  // whose DATA disagrees): `0` is no body, whether or not an empty DATA frame ends the stream.
+  const framed = hasRequestBody(req.headers) || (req.httpVersionMajor === 2 && req.headers['content-length'] === undefined && req.stream?.endAfterHeaders === false);
   return framed && !(req.readableEnded && !req.readableDidRead);
 }

@@ -1093,6 +1093,41 @@ describe('koa binding: HTTP/2 request bodies', () => {
     }
   });
 
+  // Node's http2 client (and others) may send `content-length: 0` and then end the stream with an
+  // empty DATA frame instead of on HEADERS: the length says no body, as it does on HTTP/1.1. No
+  // parser reads such a request before idempotency() (none mounted: a webhook reading its raw
+  // body itself), so it was taken for an unread body and refused 415, while its HTTP/1.1 twin ran.
+  it('Content-Length: 0 with an empty DATA frame is no body, also when no parser read it', async () => {
+    let runs = 0;
+    const app = new Koa();
+    app.silent = true;
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.use((ctx) => {
+      ctx.status = 201;
+      ctx.body = { run: ++runs };
+    });
+    const server = http2.createServer(app.callback()).listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const client = http2.connect(`http://127.0.0.1:${(server.address() as AddressInfo).port}`);
+    try {
+      const send = async () => {
+        const req = client.request({ ':method': 'POST', ':path': '/hooks', 'idempotency-key': 'h2-zero', 'content-type': 'application/json', 'content-length': '0' });
+        req.end();
+        const [response] = (await once(req, 'response')) as [http2.IncomingHttpHeaders];
+        req.resume();
+        await once(req, 'end');
+        return { status: response[':status'], replayed: response['idempotent-replayed'] === 'true' };
+      };
+      // Before, 415 "no body parser read" both times.
+      expect(await send()).toEqual({ status: 201, replayed: false });
+      expect(await send()).toEqual({ status: 201, replayed: true });
+      expect(runs).toBe(1);
+    } finally {
+      client.close();
+      server.close();
+    }
+  });
+
   // The key field of a JSON body no parser read (none mounted, or koa-body, which skips a body
   // without a length header): the same check told from the headers alone missed an HTTP/2 body
   // sent without Content-Length. The client was told 400 "no key" for the key it sent, where
