@@ -292,7 +292,7 @@ export function captureResponse(
   } as ServerResponse['writeHead'];
 
   res.flushHeaders = function flushHeaders(this: ServerResponse): void {
-    if (cutAfterFreedHead(this)) return;
+    if (cutAfterFreedHead(this, [])) return;
     if (mode === 'ending' && !delivering) return;
     // Node refuses the head itself: it throws to the caller before anything counts as sent.
     if (mode === 'buffering' && refusedHead(this)) return void originalFlushHeaders.call(this);
@@ -303,7 +303,7 @@ export function captureResponse(
   };
 
   res.write = function write(this: ServerResponse, ...args: unknown[]): boolean {
-    if (cutAfterFreedHead(this)) return false;
+    if (cutAfterFreedHead(this, args)) return false;
     // While end() stores the answer, a write (an error handler's) would go out ahead of it. It is
     // a write after end(), so it fails as Node fails one: false, and the callback gets the error.
     if (mode === 'ending' && !delivering) {
@@ -337,7 +337,7 @@ export function captureResponse(
   } as ServerResponse['write'];
 
   res.end = function end(this: ServerResponse, ...args: unknown[]): ServerResponse {
-    if (cutAfterFreedHead(this)) return this;
+    if (cutAfterFreedHead(this, args)) return this;
     // A second end() while we persist would cut the response short: ignore it, as Node ignores an
     // end after end (whose callback Node calls once the first end has finished).
     if (mode === 'ending') {
@@ -462,10 +462,16 @@ export function cutIfAnsweredLater(res: ServerResponse): void {
   freedAtHead.add(res);
 }
 
-/** Whether a write, end or flushHeaders on `res` must cut it (see cutIfAnsweredLater). */
-function cutAfterFreedHead(res: ServerResponse): boolean {
+/**
+ * Whether a write, end or flushHeaders on `res` must cut it (see cutIfAnsweredLater). Its
+ * callback, if any, gets the error Node gives a write to a destroyed stream: an error handler
+ * awaiting it must not wait for good.
+ */
+function cutAfterFreedHead(res: ServerResponse, args: readonly unknown[]): boolean {
   if (!freedAtHead.has(res)) return false;
   res.destroy();
+  const callback = args.findLast((a) => typeof a === 'function') as Callback | undefined;
+  if (callback) process.nextTick(callback, Object.assign(new Error('Cannot call write after a stream was destroyed'), { code: 'ERR_STREAM_DESTROYED' }));
   return true;
 }
 

@@ -1206,11 +1206,14 @@ describe('express binding: a handler that throws after res.writeHead', () => {
       res.end('created');
     });
     app.use(idempotencyErrorHandler());
-    app.use((err: Error, _req: Request, res: Response, _next: NextFunction) => void res.end(`error: ${err.message}`));
+    const ended: unknown[] = [];
+    app.use((err: Error, _req: Request, res: Response, _next: NextFunction) => void res.end(`error: ${err.message}`, (error?: unknown) => ended.push(error)));
     const url = await serve(app);
     const key = randomUUID();
     // Before, a complete 201 'error: boom after writeHead', and the retry below ran the handler again.
     await expect(post(`${url}/x`, key)).rejects.toThrow();
+    // Its end() callback is called (with the destroyed stream's error), never left pending.
+    await vi.waitFor(() => expect(ended).toMatchObject([{ code: 'ERR_STREAM_DESTROYED' }]));
     const retry = await post(`${url}/x`, key);
     expect(retry.status).toBe(201);
     expect(new TextDecoder().decode(retry.body)).toBe('created');
