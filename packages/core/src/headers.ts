@@ -128,8 +128,9 @@ export interface NodeRequestLike {
  * or on HTTP/2 by a HEADERS frame without END_STREAM: HTTP/2 has no Transfer-Encoding, and a
  * client streaming its body (Node's http2 client, fetch with a stream) sends no Content-Length,
  * so the headers alone called it no body and two different bodies under one key shared one
- * answer; one that does send Content-Length is told by it, as on HTTP/1.1. Not a body either way: one a parser read to its end without a single 'data' event
- * (a chunked `0`, an empty DATA frame), as its retry with `Content-Length: 0` is the same request.
+ * answer; one that does send Content-Length is told by it, as on HTTP/1.1. Not a body either
+ * way: one a parser read to its end without a single 'data' event (a chunked `0`, an empty DATA
+ * frame), as its retry with `Content-Length: 0` is the same request.
  */
 export function requestCarriesBody(req: NodeRequestLike): boolean {
   // A Content-Length the HTTP/2 client did send is the body's length (nghttp2 resets a stream

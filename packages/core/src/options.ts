@@ -138,7 +138,7 @@ const KNOWN = new Set([
 ]);
 
 /** Node's timers hold at most this (about 24.8 days); a longer delay fires after 1 ms instead. */
-const MAX_TIMER_MS = 2_147_483_647;
+export const MAX_TIMER_MS = 2_147_483_647;
 
 function positiveInt(name: string, value: number | undefined, fallback: number, max = Number.MAX_SAFE_INTEGER): number {
   if (value === undefined) return fallback;

@@ -1,7 +1,5 @@
+import { MAX_TIMER_MS } from './options.js';
 import type { IdempotencyStore } from './store.js';
-
-/** Node's timers hold at most this (about 24.8 days); a longer delay fires after 1 ms instead. */
-const MAX_TIMER_MS = 2_147_483_647;
 
 export interface PurgerOptions {
   /** Time between sweeps in ms, at most 2_147_483_647 (a Node timer's limit). @default 60_000 */
