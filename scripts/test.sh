@@ -5,7 +5,8 @@
 #
 # Knobs: IDEMKIT_TEST_RESULTS_DIR (vitest JSON reports, default .tmp/test-results),
 # IDEMKIT_TEST_SKIP_BUILD=1 (the caller just built), IDEMKIT_TEST_JOBS (packages at a time,
-# default 2), plus everything scripts/services.sh reads.
+# default 2), IDEMKIT_TEST_LEAVE_OUT (package dirs not to run, space-separated, each named in the
+# output), plus everything scripts/services.sh reads.
 # TEST_* variables that are already set are used as they are (SPEC §4).
 set -euo pipefail
 
@@ -77,6 +78,10 @@ seen=" "
 for dir in $ORDER packages/* apps/*; do
   [[ -f "$dir/package.json" && "$seen" != *" $dir "* ]] || continue
   seen+="$dir "
+  if [[ " ${IDEMKIT_TEST_LEAVE_OUT:-} " == *" $dir "* ]]; then
+    echo "-- $dir: left out by IDEMKIT_TEST_LEAVE_OUT"
+    continue
+  fi
   if ! has_tests "$dir"; then
     echo "-- $dir: no test files, skipped"
     continue
