@@ -379,38 +379,19 @@ describe('time and expiry come from Redis', () => {
   });
 });
 
-describe('a Redis at maxmemory with noeviction (the README\'s policy)', () => {
-  it.each(['set', 'script'] as const)('claim: %s still replays a completed key and answers a running one; only a new key is refused', async (claim) => {
-    const own = await ownRedisServer();
-    const s = createRedisStore({ client: own.client, prefix, claim });
-    try {
-      const done = key('oom-done');
-      const running = key('oom-running');
-      const token = await acquire(s, done);
-      expect(await s.complete(done, token, response(new Uint8Array([1, 2, 3])), 60_000)).toBe(true);
-      await acquire(s, running);
-      await own.client.config('SET', 'maxmemory-policy', 'noeviction');
-      await own.client.config('SET', 'maxmemory', '1');
-      // Before, with claim 'set': both were refused (OOM), so every retry of a finished request got 503.
-      const replay = await s.begin(done, 'fp', 60_000);
-      expect(replay).toMatchObject({ kind: 'existing', record: { state: 'completed' } });
-      expect(replay.kind === 'existing' && [...(replay.record.response?.body ?? [])]).toEqual([1, 2, 3]);
-      expect(await s.begin(running, 'fp', 60_000)).toMatchObject({ kind: 'existing', record: { state: 'in_progress' } });
-      await expect(s.begin(key('oom-new'), 'fp', 60_000)).rejects.toThrow(/^OOM /);
-    } finally {
-      await own.stop();
-    }
-  });
-});
-
 /**
- * Redis refuses every write command, before it looks at the key, while `min-replicas-to-write`
- * cannot be met (NOREPLICAS: a replica down, which the README's failover advice makes a refusal)
- * or while it cannot persist (MISCONF: a failed RDB save, an AOF write error). `SET … NX GET` is
- * such a write even when it would only read; a script is refused only when it writes.
+ * Redis refuses every write command, before it looks at the key, at `maxmemory` with the README's
+ * `noeviction` (OOM), while `min-replicas-to-write` cannot be met (NOREPLICAS: a replica down,
+ * which the README's failover advice makes a refusal) or while it cannot persist (MISCONF: a failed
+ * RDB save, an AOF write error). `SET … NX GET` is such a write even when it would only read; a
+ * script is refused only when it writes.
  */
-describe('a Redis refusing writes (NOREPLICAS, MISCONF)', () => {
+describe('a Redis refusing writes (OOM, NOREPLICAS, MISCONF)', () => {
   const refusals = {
+    async OOM(client: Redis): Promise<void> {
+      await client.config('SET', 'maxmemory-policy', 'noeviction');
+      await client.config('SET', 'maxmemory', '1');
+    },
     async NOREPLICAS(client: Redis): Promise<void> {
       await client.config('SET', 'min-replicas-to-write', '1');
     },
@@ -422,7 +403,7 @@ describe('a Redis refusing writes (NOREPLICAS, MISCONF)', () => {
       while (!/rdb_last_bgsave_status:err/.test(await client.info('persistence'))) await new Promise((r) => setTimeout(r, 20));
     },
   } as const;
-  const cases = (['set', 'script'] as const).flatMap((claim) => (['NOREPLICAS', 'MISCONF'] as const).map((refusal) => [claim, refusal] as const));
+  const cases = (['set', 'script'] as const).flatMap((claim) => (['OOM', 'NOREPLICAS', 'MISCONF'] as const).map((refusal) => [claim, refusal] as const));
 
   it.each(cases)('claim: %s still replays a completed key and answers a running one under %s; only a new key is refused', async (claim, refusal) => {
     const dir = mkdtempSync(join(tmpdir(), 'idemkit-redis-'));
