@@ -2,7 +2,7 @@ import { defineConfig } from 'tsup';
 
 // The fixture server and job worker the tests start as child processes: ESM only, dependencies stay external.
 export default defineConfig({
-  entry: ['src/app.ts', 'src/job-worker.ts', 'src/soak.ts'],
+  entry: ['src/app.ts', 'src/job-worker.ts', 'src/job-once.ts', 'src/soak.ts'],
   format: ['esm'],
   dts: false,
   clean: true,

@@ -1,8 +1,9 @@
 import { createIdempotencyEngine } from './engine.js';
+import { RunningLease } from './lease.js';
 import { ConfigurationError, fingerprintMismatch, requestInProgress, ResponseNotReplayableError, StoreUnavailableError, TransactionAbortedError } from './errors.js';
 import { optionalFunction, type IdempotencyOptions } from './options.js';
 import type { StoredResponse, TransactionalStore } from './store.js';
-import type { IncomingRequest } from './types.js';
+import type { IncomingRequest, Lease } from './types.js';
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -83,7 +84,8 @@ function defaultDeserialize<R>(bytes: Uint8Array): R {
  * included, gets the result as `deserialize(serialize(result))`, so all of them see the same value;
  * except a call that lost its lease while `fn` ran (it outlasted `leaseMs` without a renewal
  * getting through, and another call took the key over and ran `fn` too): it gets its own result,
- * which is not stored, and a `lease-lost` event says so.
+ * which is not stored, and a `lease-lost` event says so. A call resolves once its result is stored:
+ * a completion the store failed is retried first (see the README), with the process kept alive.
  */
 // `This` last, so code that names <Args, R> explicitly, as before it was added, still compiles.
 export function idempotent<Args extends unknown[], R, This = unknown>(
@@ -226,12 +228,14 @@ function jobCaller<Args extends unknown[], R>(
           // fn ran and must not run again for this key: settle the lease with a marker, so later
           // calls reject with ResponseNotReplayableError instead of waiting or running fn twice.
           await lease.commitUnbuffered(200, 'not-serializable');
+          await storedOrGivenUp(lease);
           throw new TypeError(
             `[idemkit] ${wrapper}(): ${why}. It was not stored; later calls with this key reject with ResponseNotReplayableError instead of running fn again. ${fix}`,
             { cause: error },
           );
         }
         await lease.commit({ status: 200, headers: [], body });
+        await storedOrGivenUp(lease);
         // Transactional only: the commit did not land (the lease was taken over, COMMIT failed),
         // so fn's writes are gone and its result describes nothing; the engine says what stands.
         if (lease.replacement) return resultOf(lease.replacement);
@@ -239,6 +243,25 @@ function jobCaller<Args extends unknown[], R>(
       }
     }
   };
+}
+
+/**
+ * A result whose completion the store failed is retried in the background (a blip, a failover).
+ * A job's caller acks its message, or exits, once the call resolves: resolving before the result
+ * is stored would let a process that exits next lose it, and the key's redelivery run `fn` again
+ * once the lease ran out. So the call waits for that retry to end (it lands, the 410 marker does,
+ * or it gives up when the lease runs out), and keeps the process alive meanwhile: the retry's own
+ * timers do not, so that a server shutting down is not held by them.
+ */
+async function storedOrGivenUp(lease: Lease): Promise<void> {
+  const pending = lease instanceof RunningLease ? lease.backgroundCompletion : null;
+  if (pending === null) return;
+  const alive = setInterval(() => undefined, 60_000);
+  try {
+    await pending;
+  } finally {
+    clearInterval(alive);
+  }
 }
 
 /**

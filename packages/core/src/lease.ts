@@ -102,6 +102,9 @@ export class RunningLease implements Lease {
   #retryRenewsUntil = 0;
   /** The 410 marker sent instead of a retried answer the store kept refusing (see #completeLater). */
   #retryMarker: StoredResponse | null = null;
+  /** Settles when the background completion ends, with whether the answer (or its marker) is stored; null when none ran. */
+  #retryEnded: Promise<boolean> | null = null;
+  #retryEnd: ((stored: boolean) => void) | null = null;
   /** The handler ended its own transaction (see #afterTransactionEnded). */
   #transactionEnded = false;
   /** A transactional completion or rollback outlasted the store deadline: the key is held (and renewed) until it settles. */
@@ -141,6 +144,15 @@ export class RunningLease implements Lease {
 
   get replacement(): StoredResponse | null {
     return this.#replacement;
+  }
+
+  /**
+   * A completion the store failed, retried in the background (see #completeLater): settles when
+   * that retry ends, with whether the answer (or its 410 marker) landed; null when there is none.
+   * For callers nobody else waits on (`idempotent()`): a binding sends its answer without it.
+   */
+  get backgroundCompletion(): Promise<boolean> | null {
+    return this.#retryEnded;
   }
 
   async commit(response: StoredResponse): Promise<boolean> {
@@ -390,6 +402,7 @@ export class RunningLease implements Lease {
    */
   #completeLater(response: StoredResponse): void {
     this.#retrying = response;
+    this.#retryEnded = new Promise((resolve) => (this.#retryEnd = resolve));
     this.#retryRenewsUntil = performance.now() + 2 * this.host.options.leaseMs;
     const { store, ttlMs } = this.host.options;
     let delay = COMPLETE_RETRY_FIRST_MS;
@@ -444,6 +457,16 @@ export class RunningLease implements Lease {
     if (response === null) return;
     this.#retrying = null;
     this.#stopRenewing(true);
+    let landed = false;
+    try {
+      landed = await this.#retryOutcome(response, outcome);
+    } finally {
+      this.#retryEnd?.(landed);
+    }
+  }
+
+  /** Report how the background completion ended; true when the answer (or the marker) is stored. */
+  async #retryOutcome(response: StoredResponse, outcome: 'stored' | 'marked' | 'refused' | 'gave-up'): Promise<boolean> {
     // A marker sent meanwhile may be what the record holds (its reply lost, or a renewal refused
     // because it had landed): then that is the outcome.
     if (outcome !== 'stored' && outcome !== 'marked' && this.#retryMarker !== null && (await this.#holdsOwnAnswer(this.#retryMarker))) outcome = 'marked';
@@ -452,16 +475,20 @@ export class RunningLease implements Lease {
       this.host.options.logger?.error(
         `[idemkit] The store kept failing to store the answer for key "${this.key}" while it renewed its lease: stored the 410 marker (reason "store-refused") instead, so a retry gets 410 and the handler is not run again.`,
       );
-      return;
+      return true;
     }
     const stored = outcome === 'stored' || (await this.#holdsOwnAnswer(response));
     if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored });
-    if (stored) return;
-    if (outcome === 'refused') return this.#lost('complete');
+    if (stored) return true;
+    if (outcome === 'refused') {
+      this.#lost('complete');
+      return false;
+    }
     this.host.emit({ type: 'lease-lost', key: this.key, operation: 'complete' });
     this.host.options.logger?.error(
       `[idemkit] Gave up storing the answer for key "${this.key}": the store kept failing the completion until its lease ran out. A retry with this key may run the handler again.`,
     );
+    return false;
   }
 
   /** Whether the record holds this lease's own answer (an attempt that timed out here did land). */

@@ -114,6 +114,37 @@ describe('idempotent(fn)', () => {
     expect(await job()).toBe('ran');
   });
 
+  it('a result whose completion the store failed: the call resolves once the retried completion stored it, not before', async () => {
+    const store = createMemoryStore();
+    const events: string[] = [];
+    const complete = store.complete.bind(store);
+    let failures = 0;
+    // Away for the first two attempts (a failover), then back.
+    store.complete = (...args) => (failures++ < 2 ? Promise.reject(new Error('failover')) : complete(...args));
+    const job = idempotent(async (id: string) => ({ id }), {
+      store,
+      name: 'job',
+      key: (id) => id,
+      logger: false,
+      onEvent: (e) => void (e.type === 'completed' && events.push(`completed stored=${e.stored}`)),
+    });
+    expect(await job('blip')).toEqual({ id: 'blip' });
+    // By the time the caller has its result (and may ack the message, or exit), the store has it.
+    expect(events).toEqual(['completed stored=true']);
+    expect((await store.get(scopedKey(undefined, 'blip')))?.state).toBe('completed');
+  });
+
+  it('a completion the store keeps failing until the lease runs out: the call still resolves with its result, and says the lease was lost', async () => {
+    const store = createMemoryStore();
+    const events: string[] = [];
+    store.complete = () => Promise.reject(new Error('down'));
+    store.renew = () => Promise.reject(new Error('down'));
+    const job = idempotent(async (id: string) => ({ id }), { store, name: 'job', key: (id) => id, leaseMs: 200, logger: false, onEvent: (e) => void events.push(e.type) });
+    // fn ran: its result is the truth, whether or not it could be stored.
+    expect(await job('outage')).toEqual({ id: 'outage' });
+    expect(events).toContain('lease-lost');
+  });
+
   it('validates its arguments', () => {
     expect(() => idempotent('nope' as unknown as () => void, { store: createMemoryStore(), key: () => 'k' })).toThrow(/fn/);
     expect(() => idempotent(async () => 1, { store: createMemoryStore() } as never)).toThrow(/key/);

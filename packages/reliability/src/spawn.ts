@@ -5,6 +5,8 @@ import { fileURLToPath } from 'node:url';
 export const APP = fileURLToPath(new URL('../dist/app.js', import.meta.url));
 /** The queue consumer of this package, running one `idempotent()` job (`src/job-worker.ts`). */
 export const JOB_WORKER = fileURLToPath(new URL('../dist/job-worker.js', import.meta.url));
+/** A one-shot job script: one `idempotent()` call, then it ends by itself (`src/job-once.ts`). */
+export const JOB_ONCE = fileURLToPath(new URL('../dist/job-once.js', import.meta.url));
 /** The built demo app (`apps/demo`), started as `pnpm demo` does. */
 export const DEMO = fileURLToPath(new URL('../../../apps/demo/dist/main.js', import.meta.url));
 
