@@ -5,17 +5,22 @@ import type { Context } from 'koa';
 const EMPTY_STATUSES: ReadonlySet<number> = new Set([204, 205, 304]);
 const EMPTY = Buffer.alloc(0);
 
-/** What the handler answered: the exact bytes Koa will send, or a body that cannot be buffered. */
-export type Captured = { readonly kind: 'bytes'; readonly body: Buffer } | { readonly kind: 'unbuffered' };
+/**
+ * What the handler answered: the exact bytes Koa will send, a body that cannot be buffered, or
+ * one Koa cannot send at all (it fails it with a 500).
+ */
+export type Captured = { readonly kind: 'bytes'; readonly body: Buffer } | { readonly kind: 'unbuffered' } | { readonly kind: 'unsendable' };
 
 const UNBUFFERED: Captured = Object.freeze({ kind: 'unbuffered' });
+const UNSENDABLE: Captured = Object.freeze({ kind: 'unsendable' });
 
 /**
  * Turn `ctx.body` into the bytes Koa's respond() would write (Koa 3 `lib/application.js`), and
  * leave `ctx` so respond() writes exactly those bytes with the headers read right after: Buffer
  * and string as they are, `null` on 204/205/304 and on an explicit `ctx.body = null`, Koa's status
  * text for an unset body, `JSON.stringify` (no spacing) for anything else. Streams, Blob,
- * ReadableStream, Response and `ctx.respond = false` are not bufferable.
+ * ReadableStream, Response and `ctx.respond = false` are not bufferable; a body that
+ * `JSON.stringify` makes nothing of is not sendable.
  */
 export function captureResponse(ctx: Context): Captured {
   const res = ctx.res;
@@ -49,8 +54,10 @@ export function captureResponse(ctx: Context): Captured {
   if (isUnbufferable(body)) return UNBUFFERED;
 
   const json: string | undefined = JSON.stringify(body);
-  // JSON.stringify gives undefined for e.g. a function; leave such a body to Koa untouched.
-  if (json === undefined) return UNBUFFERED;
+  // JSON.stringify gives undefined for e.g. a function: Koa's respond() then throws
+  // (Buffer.byteLength(undefined)) and answers 500. Left to Koa untouched, so it fails as it would
+  // without the middleware; the key is freed as for any failed handler, not marked streamed (410).
+  if (json === undefined) return UNSENDABLE;
   return assign(ctx, status, Buffer.from(json));
 }
 

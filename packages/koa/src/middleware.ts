@@ -235,6 +235,8 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
 
   try {
     const captured = captureResponse(ctx);
+    // Koa answers 500 for it (see captureResponse): the finally below frees the key.
+    if (captured.kind === 'unsendable') return;
     if (captured.kind === 'unbuffered') await lease.commitUnbuffered(ctx.status, 'not-bufferable');
     // Stored before respond() writes a byte, so a client retrying at once gets the replay.
     else if (captured.body.byteLength > maxBodyBytes) await lease.commitUnbuffered(ctx.status, 'too-large');
@@ -251,7 +253,8 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
       }
     }
   } finally {
-    // E.g. JSON.stringify threw on a BigInt: Koa answers 500, and the key must be free again.
+    // E.g. JSON.stringify threw on a BigInt, or made nothing of the body: Koa answers 500, and the
+    // key must be free again.
     if (!lease.settled) await lease.abandon('handler-threw');
   }
 }

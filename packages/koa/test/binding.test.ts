@@ -286,6 +286,36 @@ describe('koa binding: thrown errors release the key', () => {
     ]);
   });
 
+  it.each([
+    ['a BigInt (JSON.stringify throws)', { n: 1n }],
+    ['a function (JSON.stringify gives undefined)', () => 'forgot to call it'],
+    ['a toJSON() that returns undefined', { toJSON: () => undefined }],
+  ] as const)('a body Koa cannot serialise, %s: Koa answers 500 as without idempotency(), and a retry runs again (it was marked 410)', async (_name, body) => {
+    let runs = 0;
+    const events: IdempotencyEvent[] = [];
+    const handler: Middleware = (ctx) => {
+      runs++;
+      ctx.status = 201;
+      ctx.body = body;
+    };
+    const plain = await start((app) => app.use(handler));
+    const guarded = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), onEvent: (e) => events.push(e) }));
+      app.use(handler);
+    });
+    const expected = await post(plain.url, undefined);
+    expect(expected.status).toBe(500);
+    const text = await expected.text();
+    runs = 0;
+    for (let i = 0; i < 2; i++) {
+      const res = await post(guarded.url, 'unserialisable');
+      expect(res.status).toBe(500);
+      expect(await res.text()).toBe(text);
+    }
+    expect(runs).toBe(2);
+    expect(events.filter((e) => e.type === 'released').map((e) => e.type === 'released' && e.reason)).toEqual(['handler-threw', 'handler-threw']);
+  });
+
   it('an error middleware mounted inside turns the throw into a 500 response: not stored either', async () => {
     let runs = 0;
     const { url } = await start((app) => {
