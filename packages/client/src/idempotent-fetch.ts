@@ -302,8 +302,10 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
           if (refused) throw lastError;
           throw new RetryExhaustedError(`[idemkit] [client] No response to the last of ${attempt} attempt(s): ${describe(lastError)}`, key, attempt, { cause: lastError });
         }
-        // Free the connection of the answer we are discarding.
-        await discard(response);
+        // Free the connection of the answer we are discarding. Not awaited: cancelling a body
+        // that was cloned (a logging or caching wrapper keeps a copy) waits for the copy to be
+        // read or cancelled too, which may be never, and the retry waited out the deadline.
+        void discard(response);
         // The combined signal: a deadline that passes during the wait ends it too.
         await wait(delayMs, signal).catch((error: unknown) => {
           throw failure(error, attempt);

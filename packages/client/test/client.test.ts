@@ -582,6 +582,27 @@ describe('what is not retried, and what cannot hold a call up', () => {
     expect(cancelled).toBe(true);
   });
 
+  // Was: the discarded answer's body was cancelled and awaited, and cancelling one of two clones
+  // waits for the other: the retry waited for the deadline (RetryDeadlineError after 1 attempt).
+  it('a wrapped fetch that keeps a clone of each answer does not hold up the retry', async () => {
+    const s = await server();
+    const clones: Response[] = [];
+    // A logging or caching wrapper: it keeps a copy, to read only if it wants to.
+    const keeping: typeof fetch = async (url, init) => {
+      const res = await fetch(url, init);
+      clones.push(res.clone());
+      return res;
+    };
+    const { attempts, onAttempt } = recorder();
+    const res = await createIdempotentFetch({ ...fast, deadlineMs: 5_000, fetch: keeping, onAttempt })(`${s.url}/statuses`, {
+      method: 'POST',
+      headers: { 'x-statuses': '503' },
+    });
+    expect(res.status).toBe(201);
+    expect(attempts.map((a) => a.status)).toEqual([503, 201]);
+    expect(clones).toHaveLength(2);
+  });
+
   it('a wrapped fetch that ignores the signal still cannot outlast the deadline', async () => {
     const deaf: typeof fetch = () => new Promise<Response>(() => undefined);
     const started = Date.now();
