@@ -431,7 +431,7 @@ async function firstBytes(copy: Response, limit: number, signal: AbortSignal): P
  */
 async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal): Promise<Blob> {
   const reader = stream.getReader();
-  const chunks: Uint8Array[] = [];
+  const chunks: unknown[] = [];
   const cancel = (): void => void reader.cancel(signal.reason).catch(() => undefined);
   signal.addEventListener('abort', cancel, { once: true });
   try {
@@ -453,9 +453,17 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal):
   return new Blob(chunks.map(blobPart));
 }
 
-/** A chunk as a Blob part: its typings take no views of a SharedArrayBuffer, so such a chunk is copied. */
-function blobPart(chunk: Uint8Array): Uint8Array<ArrayBuffer> {
-  return chunk.buffer instanceof ArrayBuffer ? (chunk as Uint8Array<ArrayBuffer>) : new Uint8Array(chunk);
+/**
+ * A chunk as a Blob part: its typings take no views of a SharedArrayBuffer, so such a chunk is
+ * copied. A string is its UTF-8 text, as Node's fetch sends it (`new Uint8Array(text)` made it no
+ * bytes at all); any other chunk is refused, as fetch refuses it, rather than sent as zero bytes.
+ */
+function blobPart(chunk: unknown): BlobPart {
+  if (typeof chunk === 'string' || chunk instanceof ArrayBuffer) return chunk;
+  if (!ArrayBuffer.isView(chunk)) {
+    throw new TypeError(`[idemkit] [client] A request body stream may yield only Uint8Array chunks (or strings, sent as UTF-8); got ${chunk === null ? 'null' : typeof chunk}.`);
+  }
+  return chunk.buffer instanceof ArrayBuffer ? (chunk as ArrayBufferView<ArrayBuffer>) : new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength).slice();
 }
 
 /**

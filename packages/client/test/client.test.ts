@@ -393,6 +393,28 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     expect(attempts.map((a) => a.status)).toEqual([503, 429, 201]);
   });
 
+  // Was: a chunk that is no byte view became `new Uint8Array(chunk)`: a string was sent as no
+  // body at all (a number as that many zero bytes), where Node's fetch sends the text.
+  it('a stream body of strings is sent as its text (UTF-8) on every attempt, as Node\'s fetch sends it', async () => {
+    const s = await server();
+    // The first answer is lost (its request may reach the proxy as one chunk or two).
+    const proxy = await startLossyProxy(s.url, 2);
+    open.push(proxy);
+    const text = () => new ReadableStream<string>({ start: (c) => (c.enqueue('{"item":'), c.enqueue('"bücher"}'), c.close()) });
+    const { attempts, onAttempt } = recorder();
+    const init = { method: 'POST', headers: { 'content-type': 'application/json' }, duplex: 'half' };
+    const res = await createIdempotentFetch({ ...fast, onAttempt })(`${proxy.url}/orders`, { ...init, body: text() } as unknown as RequestInit);
+    expect(res.status).toBe(201);
+    expect(res.headers.get('idempotent-replayed')).toBe('true');
+    expect(await res.json()).toEqual({ order: 1, body: { item: 'bücher' } });
+    expect(attempts[0]?.error).toBeDefined();
+    const sent = s.requests;
+    // Anything else a stream yields is refused before a request goes out, as fetch refuses it.
+    const numbers = new ReadableStream<number>({ start: (c) => (c.enqueue(5), c.close()) });
+    await expect(createIdempotentFetch(fast)(`${s.url}/orders`, { ...init, body: numbers } as unknown as RequestInit)).rejects.toThrow(/Uint8Array/);
+    expect(s.requests).toBe(sent);
+  });
+
   it('takes a null init, as fetch does', async () => {
     const s = await server();
     const res = await createIdempotentFetch()(`${s.url}/orders`, null as unknown as undefined);
