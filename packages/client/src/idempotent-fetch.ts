@@ -472,7 +472,9 @@ function blobPart(chunk: unknown): BlobPart {
  * the network. Node's fetch (undici) gives those a cause without an error `code`, made from its
  * reason ('unexpected redirect', 'redirect count exceeded'), or a TypeError (a Location that is no
  * URL); a network failure's cause carries the system's or undici's code (ECONNRESET, ECONNREFUSED,
- * UND_ERR_SOCKET). node-fetch names the kind in `type` ('system' is the network). A browser says
+ * UND_ERR_SOCKET), except undici's checks of the request itself, made before anything is sent (a
+ * header it never sends, such as Expect or Transfer-Encoding; a Content-Length the body does not
+ * have). node-fetch names the kind in `type` ('system' is the network). A browser says
  * "Failed to fetch" for both, with no cause: there, as for any other error, another attempt is made.
  */
 function failsAgain(error: unknown): boolean {
@@ -480,8 +482,12 @@ function failsAgain(error: unknown): boolean {
   const { type } = error as { type?: unknown };
   if (error.name === 'FetchError' && typeof type === 'string') return type !== 'system';
   if (!(error instanceof TypeError) || !(error.cause instanceof Error)) return false;
-  return error.cause instanceof TypeError || typeof (error.cause as { code?: unknown }).code !== 'string';
+  const { code } = error.cause as { code?: unknown };
+  return error.cause instanceof TypeError || typeof code !== 'string' || REQUEST_REFUSED.has(code);
 }
+
+/** undici's codes for a request it refuses to send: every attempt would meet them again. */
+const REQUEST_REFUSED: ReadonlySet<string> = new Set(['UND_ERR_INVALID_ARG', 'UND_ERR_NOT_SUPPORTED', 'UND_ERR_REQ_CONTENT_LENGTH_MISMATCH']);
 
 /** An error's message, with its cause's code or message (fetch's "fetch failed" says nothing of ECONNREFUSED). */
 function describe(error: unknown): string {

@@ -516,6 +516,24 @@ describe('what is not retried, and what cannot hold a call up', () => {
     expect(s.requests).toBe(2);
   });
 
+  // Was: retried maxAttempts times (they carry an error code, as network failures do), ending in
+  // a RetryExhaustedError that said the request may have run, when none had gone out.
+  it("fetch's refusal of a header it never sends (Expect, Transfer-Encoding) or a wrong Content-Length is not retried: no request, fetch's error", async () => {
+    const s = await server();
+    for (const [name, value, code] of [
+      ['expect', '100-continue', 'UND_ERR_NOT_SUPPORTED'],
+      ['transfer-encoding', 'chunked', 'UND_ERR_INVALID_ARG'],
+      ['content-length', '99', 'UND_ERR_REQ_CONTENT_LENGTH_MISMATCH'],
+    ] as const) {
+      const { attempts, onAttempt } = recorder();
+      const error = await createIdempotentFetch({ ...fast, onAttempt })(`${s.url}/orders`, { method: 'POST', headers: { [name]: value }, body: '{}' }).catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(TypeError);
+      expect((error as Error).cause).toMatchObject({ code });
+      expect(attempts.map((a) => [a.error, a.willRetry])).toEqual([[error, false]]);
+    }
+    expect(s.requests).toBe(0);
+  });
+
   it('network errors are still retried: a connection reset, a refused connection', async () => {
     const { createServer } = await import('node:http');
     let requests = 0;
