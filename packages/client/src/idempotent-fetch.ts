@@ -170,7 +170,8 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     let initHeaders: Headers | undefined;
     if (requestInit.headers !== undefined) {
       const given = listed(requestInit.headers);
-      if (idempotencyKey === undefined) refuseEmptyKeyHeader(given, header);
+      // `== null`: a null idempotencyKey is no key either (`??` below reads the header then).
+      if (idempotencyKey == null) refuseEmptyKeyHeader(given, header);
       initHeaders = new Headers(given);
       requestInit.headers = initHeaders;
     }

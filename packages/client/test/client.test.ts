@@ -838,6 +838,18 @@ describe('retry rules', () => {
     expect(s.runs.get('orders') ?? 0).toBe(0);
   });
 
+  // Was: `idempotencyKey: null` skipped the check (it tested for undefined only), yet `??` then
+  // read the header: every such call sent the key "undefined", and the second got the first's answer.
+  it('refuses an undefined key header when idempotencyKey is null, which gives no key either', async () => {
+    const s = await server();
+    const fetchSafe = createIdempotentFetch(fast);
+    for (const item of ['book', 'book']) {
+      const init = { ...json({ item }), headers: { 'content-type': 'application/json', 'Idempotency-Key': undefined } as unknown as HeadersInit, idempotencyKey: null as unknown as undefined };
+      await expect(fetchSafe(`${s.url}/orders`, init)).rejects.toThrow(/The Idempotency-Key header in init\.headers is undefined/);
+    }
+    expect(s.requests).toBe(0);
+  });
+
   it('a key given as idempotencyKey is used even when the headers hold an undefined key header', async () => {
     const s = await server();
     const res = await createIdempotentFetch(fast)(`${s.url}/orders`, { ...json({ a: 1 }), headers: { 'content-type': 'application/json', 'Idempotency-Key': undefined } as unknown as HeadersInit, idempotencyKey: 'given-1' });
