@@ -207,6 +207,8 @@ function jobCaller<Args extends unknown[], R>(
           result = (await invoke(lease.context.transaction)) as Awaited<R>;
         } catch (error) {
           await lease.abandon('handler-threw');
+          // fn that ended its transaction itself leaves a 410 marker, not a free key: stored first.
+          await storedOrGivenUp(lease);
           throw error;
         }
         let body: Uint8Array;
@@ -218,6 +220,7 @@ function jobCaller<Args extends unknown[], R>(
           if (transactional) {
             // Nothing of fn's may commit without its result: roll back and free the key, as if fn threw.
             await lease.abandon('handler-threw');
+            await storedOrGivenUp(lease);
             throw new TypeError(
               `[idemkit] ${wrapper}(): ${why}, so its transaction was rolled back and nothing was stored; a retry runs fn again ` +
                 '(unless fn had ended the transaction itself: then what it committed stays, and later calls reject with ResponseNotReplayableError). ' +

@@ -5,9 +5,9 @@
  * goes out, and a second wrapper on its own pool takes the key over meanwhile.
  */
 import { randomUUID } from 'node:crypto';
-import { createIdempotencyEngine, FingerprintMismatchError, idempotentTransaction, RequestInProgressError, ResponseNotReplayableError, TransactionAbortedError } from '@idemkit/core';
+import { createIdempotencyEngine, FingerprintMismatchError, idempotentTransaction, RequestInProgressError, ResponseNotReplayableError, scopedKey, TransactionAbortedError } from '@idemkit/core';
 import pg from 'pg';
-import { afterAll, beforeAll, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it, vi } from 'vitest';
 import { createPostgresStore, pgTransaction, type PostgresStore } from '../src/index.js';
 import { bytes, openSchema, type TestSchema } from './helpers.js';
 
@@ -181,4 +181,44 @@ it('a job that caught a failed statement rejects with TransactionAbortedError, n
   fail = false;
   expect(await charge({ id, cents: 100 })).toEqual({ charged: 100 }); // the key was freed
   expect(await chargesOf(id)).toEqual([100]);
+});
+
+it('a job that committed its transaction itself and then threw rejects only once its 410 marker is stored, though the store failed that write at first', async () => {
+  const id = `o-${randomUUID()}`;
+  const seen: string[] = [];
+  const locker = await db.pool.connect();
+  try {
+    const charge = idempotentTransaction(
+      async (tx, order: Order) => {
+        await insert(tx, order);
+        await tx.query('COMMIT'); // its helper committed the charge: fn must never run again for this key
+        // Another session holds the record's row: the 410 marker's write waits on it past storeTimeoutMs.
+        await locker.query('BEGIN');
+        await locker.query(`SELECT 1 FROM ${store.table} WHERE key = $1 FOR UPDATE`, [scopedKey(undefined, order.id)]);
+        throw new Error('failed after its commit');
+      },
+      {
+        ...options(store, 10_000),
+        storeTimeoutMs: 300,
+        onEvent: (e) => {
+          if (e.type === 'store-error' && e.operation === 'complete') seen.push('store-error complete');
+          if (e.type === 'completed') seen.push(`completed ${e.stored} ${e.status}`);
+        },
+      },
+    );
+    const call = charge({ id, cents: 100 }).then(
+      () => seen.push('resolved'),
+      (error: Error) => seen.push(`rejected ${error.message}`),
+    );
+    await vi.waitFor(() => expect(seen).toContain('store-error complete'), { timeout: 10_000, interval: 10 });
+    await locker.query('COMMIT');
+    await call;
+    // The caller (a consumer that nacks, a script that exits) hears of the failure only once a
+    // redelivery is sure to get 410 instead of charging again.
+    expect(seen).toEqual(['store-error complete', 'completed true 410', 'rejected failed after its commit']);
+    await expect(charge({ id, cents: 100 })).rejects.toBeInstanceOf(ResponseNotReplayableError);
+    expect(await chargesOf(id)).toEqual([100]);
+  } finally {
+    locker.release();
+  }
 });
