@@ -123,6 +123,20 @@ export function captureResponse(
   // Set by middleware before this one (CORS, a request id): not stored unless the handler changes them.
   const before = snapshotHeaders(res.getHeaders());
   toDictionaryProperties(res);
+  // Express's send() works a HEAD answer's body out (its Content-Length and ETag come from it),
+  // then ends without it: stored as ended, the replay said `Content-Length: 0`. Kept here and
+  // stored instead, as Koa and Fastify store it (no replay of a HEAD sends it). Only on HEAD.
+  let headBody: Buffer | undefined;
+  const expressRes = res as ServerResponse & { req?: { method?: string }; send?: (...args: unknown[]) => unknown };
+  if (expressRes.req?.method === 'HEAD' && typeof expressRes.send === 'function') {
+    const originalSend = expressRes.send;
+    expressRes.send = function send(this: ServerResponse, ...args: unknown[]): unknown {
+      // json() and sendStatus() come back here with the string they send.
+      const [value] = args;
+      headBody = typeof value === 'string' ? Buffer.from(value, 'utf8') : value instanceof Uint8Array ? toBuffer(value, undefined) : undefined;
+      return Reflect.apply(originalSend, this, args);
+    };
+  }
   const originalWriteHead = res.writeHead;
   const originalWrite = res.write;
   const originalEnd = res.end;
@@ -388,8 +402,12 @@ export function captureResponse(
     answered();
     const sentHeaders = this.getHeaders();
     const sentMessage = this.statusMessage;
+    // A HEAD that send() ended without its body: that body, if it is the one the length counts
+    // (send() drops it and the length for a 304). The client still gets none.
+    const length = this.getHeader('content-length');
+    const stored = headBody !== undefined && body.byteLength === 0 && length !== undefined && Number(length) === headBody.byteLength ? headBody : body;
     // After writeHead(201) a status set later goes nowhere (the head holds 201): the head's is stored.
-    const response = { status: statusOut(this), headers: toStoredHeaders(sentHeaders, before), body };
+    const response = { status: statusOut(this), headers: toStoredHeaders(sentHeaders, before), body: stored };
     const deliver = (): void => {
       delivering = true;
       // While the record is stored, `headersSent` is still false, so an error handler running

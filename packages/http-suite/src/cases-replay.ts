@@ -106,6 +106,24 @@ export function replayCases(t: CaseContext): void {
     expect(app.count('orders')).toBe(1);
   });
 
+  t.test('HEAD, when covered: the replay has the Content-Length the original had (its body never goes out)', async () => {
+    const app = await t.app({ methods: ['POST', 'PATCH', 'HEAD'] });
+    const key = newKey();
+    // HEAD /orders runs the GET /orders handler, which answers JSON { n }.
+    const first = await app.send('/orders', { method: 'HEAD', key });
+    expect(first.status).toBe(200);
+    expect(first.body.byteLength).toBe(0);
+    expect(first.headers.get('content-length')).toBe(String(JSON.stringify({ n: 1 }).length));
+    const replay = await app.send('/orders', { method: 'HEAD', key });
+    expect(replay.status).toBe(200);
+    expect(replay.replayed).toBe(true);
+    expect(replay.body.byteLength).toBe(0);
+    // Before, Express stored the empty body its send() ends a HEAD with, so its replay said 0.
+    expect(replay.headers.get('content-length')).toBe(first.headers.get('content-length'));
+    expect(replay.headers.get('content-type')).toBe(first.headers.get('content-type'));
+    expect(app.count('list')).toBe(1);
+  });
+
   t.test('same key, different body or path → 422 problem, handler not run, original still replays', async () => {
     const app = await t.app();
     const key = newKey();
