@@ -402,12 +402,19 @@ export function captureResponse(
     answered();
     const sentHeaders = this.getHeaders();
     const sentMessage = this.statusMessage;
-    // A HEAD that send() ended without its body: that body, if it is the one the length counts
-    // (send() drops it and the length for a 304). The client still gets none.
-    const length = this.getHeader('content-length');
-    const stored = headBody !== undefined && body.byteLength === 0 && length !== undefined && Number(length) === headBody.byteLength ? headBody : body;
     // After writeHead(201) a status set later goes nowhere (the head holds 201): the head's is stored.
-    const response = { status: statusOut(this), headers: toStoredHeaders(sentHeaders, before), body: stored };
+    const status = statusOut(this);
+    // Stored as it goes out: a 204 or 304 without the bytes given to end() (Node writes none), as
+    // on Koa and Fastify, so a large one is no 410 `too-large`. A HEAD that send() ended without its
+    // body: that body, if it is the one the length counts (the client still gets none).
+    const length = this.getHeader('content-length');
+    const stored =
+      status === 204 || status === 304
+        ? Buffer.alloc(0)
+        : headBody !== undefined && body.byteLength === 0 && length !== undefined && Number(length) === headBody.byteLength
+          ? headBody
+          : body;
+    const response = { status, headers: toStoredHeaders(sentHeaders, before), body: stored };
     const deliver = (): void => {
       delivering = true;
       // While the record is stored, `headersSent` is still false, so an error handler running

@@ -133,6 +133,27 @@ describe('express binding: every response path is captured and replayed exactly'
     });
   }
 
+  it('res.end(bytes) on a 204 or 304 is stored without the bytes Node drops, so maxBodyBytes does not make it a 410', async () => {
+    const { app, runs, store } = appWith({ maxBodyBytes: 4 });
+    app.post('/r/:status', (req, res) => {
+      res.statusCode = Number(req.params['status']);
+      res.end('0123456789');
+    });
+    const url = await serve(app);
+    for (const status of [204, 304]) {
+      const key = randomUUID();
+      const first = await post(`${url}/r/${status}`, key);
+      const replay = await post(`${url}/r/${status}`, key);
+      expect(first.status).toBe(status);
+      // Before: the dropped bytes were stored, so the retry got 410 too-large (Koa and Fastify: the replay).
+      expect(replay.status).toBe(status);
+      expect(replay.headers.get('idempotent-replayed')).toBe('true');
+      expect(replay.body.byteLength).toBe(0);
+      expect((await store.get(scopedKey(undefined, key)))?.response?.body.byteLength).toBe(0);
+    }
+    expect(runs()).toBe(2);
+  });
+
   it('res.write() streams: chunks pass through, the retry gets 410 and the handler is not re-run', async () => {
     const { app, runs } = appWith();
     app.post('/sse', (_req, res) => {

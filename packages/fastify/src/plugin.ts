@@ -349,7 +349,10 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const code = reply.statusCode;
     // Ours alone: a `reply.header('set-cookie', …)` after send() pushes into the live array.
     const headers = detachedHeaders(reply.getHeaders());
-    const body = payloadBytes(payload);
+    // A 204 or 304 goes out without the payload it was sent with (Fastify drops it, Node writes
+    // none): stored as it went out, as on Express and Koa, so a large one is no 410 `too-large`.
+    const bytes = payloadBytes(payload);
+    const body = bytes !== undefined && (status === 204 || status === 304) ? new Uint8Array(0) : bytes;
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
     // a Response whose body was read): Fastify fails it with a 500, so the key is given back.
     const refused = body === undefined && !isSendable(payload);
