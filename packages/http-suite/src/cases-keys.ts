@@ -46,6 +46,21 @@ export function keyCases(t: CaseContext): void {
     expect(app.count('orders')).toBe(1);
   });
 
+  t.test('a custom header name and a custom validator (validateKey) are applied by the binding', async () => {
+    const app = await t.app({ header: 'X-Request-Key', validateKey: (key) => key.startsWith('k-') || 'must start with k-' });
+    const key = newKey();
+    const first = await app.post('/orders', { headers: { 'x-request-key': key }, json: { a: 1 } });
+    const replay = await app.post('/orders', { headers: { 'x-request-key': key }, json: { a: 1 } });
+    expect(first.status).toBe(201);
+    expect(replay.replayed).toBe(true);
+    // The default header is not read any more: no key.
+    expectProblem(await app.post('/orders', { key, json: { a: 1 } }), 400, 'ERR_IDEMKIT_KEY_MISSING');
+    // The validator's message is the problem's detail.
+    const refused = expectProblem(await app.post('/orders', { headers: { 'x-request-key': 'nope' }, json: { a: 1 } }), 400, 'ERR_IDEMKIT_KEY_INVALID');
+    expect(refused.detail).toContain('must start with k-');
+    expect(app.count('orders')).toBe(1);
+  });
+
   t.test('non-ASCII key bytes and several Idempotency-Key headers → 400 problem+json', async () => {
     const app = await t.app();
     // Raw UTF-8 bytes on the wire (Node reads header bytes as latin1, so they arrive as non-ASCII characters).

@@ -39,7 +39,8 @@ export function releaseCases(t: CaseContext): void {
     });
   }
 
-  for (const status of [409, 429]) {
+  // SPEC §2: every status below 500 is stored except these four.
+  for (const status of [408, 409, 425, 429]) {
     t.test(`a ${status} answer is not stored: the retry runs again`, async () => {
       const app = await t.app();
       const key = newKey();
