@@ -349,10 +349,13 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const code = reply.statusCode;
     // Ours alone: a `reply.header('set-cookie', …)` after send() pushes into the live array.
     const headers = detachedHeaders(reply.getHeaders());
-    // A 204 or 304 goes out without the payload it was sent with (Fastify drops it, Node writes
-    // none): stored as it went out, as on Express and Koa, so a large one is no 410 `too-large`.
+    // A 204 goes out without the payload it was sent with (Fastify drops it, its content-type and
+    // length too): stored as it went out, as on Express and Koa, so a large one is no 410
+    // `too-large`. (A 304 keeps it: Fastify sends its Content-Length, which a replay of it repeats.)
     const bytes = payloadBytes(payload);
-    const body = bytes !== undefined && (status === 204 || status === 304) ? new Uint8Array(0) : bytes;
+    const dropped = bytes !== undefined && bytes.byteLength > 0 && status === 204;
+    const body = dropped ? new Uint8Array(0) : bytes;
+    const stored = dropped ? { ...headers, 'content-type': undefined } : headers;
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
     // a Response whose body was read): Fastify fails it with a 500, so the key is given back.
     const refused = body === undefined && !isSendable(payload);
@@ -363,7 +366,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       const sends = watchSends(reply, engine.options.storable, status);
       const sender = await whoSent(handler, reply, sends);
       if (sender !== 'running') sends.stop();
-      if (sender === 'running') holdWhileRunning(state, handler, sends, () => storeAnswer(state, failed, status, headers, body));
+      if (sender === 'running') holdWhileRunning(state, handler, sends, () => storeAnswer(state, failed, status, stored, body));
       else if (sender === 'finished') await settleLate(lease, sends);
       if (sender !== 'own') {
         // The handler's own late answer (`reply.code(201).send(order)`) may have set its status
@@ -372,7 +375,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         return payload;
       }
     }
-    await storeAnswer(state, failed, status, headers, body);
+    await storeAnswer(state, failed, status, stored, body);
     if (failed) return payload;
     // Transactional mode, rolled back: the handler's answer describes writes that never happened.
     const replacement = lease.replacement;

@@ -106,23 +106,24 @@ export function replayCases(t: CaseContext): void {
     expect(app.count('orders')).toBe(1);
   });
 
-  t.test('a 204 or 304 is stored as it went out, without the payload the handler gave it: not too large for maxBodyBytes', async () => {
-    // The handler sends its JSON body (far over 16 bytes) with the status; no framework sends it.
+  t.test('a 204 is stored as it went out, without the payload the handler gave it: not too large for maxBodyBytes', async () => {
+    // The handler sends its JSON body (far over 16 bytes) with the 204; no framework sends it.
+    // (Not a 304: Fastify sends the length of that payload with it, and its replay repeats it.)
     const app = await t.app({ maxBodyBytes: 16 });
-    for (const status of [204, 304]) {
-      const key = newKey();
-      const first = await app.post(`/orders?status=${status}`, { key, json: { sku: 'A-1' } });
-      expect(first.status).toBe(status);
-      expect(first.body.byteLength).toBe(0);
-      const replay = await app.post(`/orders?status=${status}`, { key, json: { sku: 'A-1' } });
-      // Before, Fastify stored the dropped payload: over maxBodyBytes, its retries got 410 too-large.
-      expect(replay.status, replay.text()).toBe(status);
-      expect(replay.replayed).toBe(true);
-      expect(replay.body.byteLength).toBe(0);
-      const record = await t.harness().store.get(storeId(key));
-      expect(record?.response?.body.byteLength).toBe(0);
-    }
-    expect(app.count('orders')).toBe(2);
+    const key = newKey();
+    const first = await app.post('/orders?status=204', { key, json: { sku: 'A-1' } });
+    expect(first.status).toBe(204);
+    expect(first.body.byteLength).toBe(0);
+    const replay = await app.post('/orders?status=204', { key, json: { sku: 'A-1' } });
+    // Before, Fastify stored the dropped payload: over maxBodyBytes, its retries got 410 too-large.
+    expect(replay.status, replay.text()).toBe(204);
+    expect(replay.replayed).toBe(true);
+    expect(replay.body.byteLength).toBe(0);
+    // Nor a type the original did not have (Fastify sends a 204 that had a payload without one).
+    expect(replay.headers.get('content-type')).toBe(first.headers.get('content-type'));
+    const record = await t.harness().store.get(storeId(key));
+    expect(record?.response?.body.byteLength).toBe(0);
+    expect(app.count('orders')).toBe(1);
   });
 
   t.test('HEAD, when covered: the replay has the Content-Length the original had (its body never goes out)', async () => {
