@@ -120,10 +120,11 @@ export class Claims {
    * only past a claim older than `CLAIM_WINDOW_MS` (its writer died between claim and write).
    * Every taker walks the same windows from 0, so two takers never hold claims of one version
    * at once. (Picking the window from each caller's clock did that: two takers either side of a
-   * window boundary took different claims, and both replaced the record.) Null when a writer
-   * that is alive holds the claim.
+   * window boundary took different claims, and both replaced the record.) Null when the claim is
+   * gone (let the caller look again); when another writer holds it (alive, or dead within its
+   * window), how long until takers may walk past it.
    */
-  async takeInTurn(first: ClaimId, now: number): Promise<ClaimId | null> {
+  async takeInTurn(first: ClaimId, now: number): Promise<ClaimId | { heldForMs: number } | null> {
     for (let g = 0; g < MAX_WINDOWS; g++) {
       const claim: ClaimId = { ...first, g };
       if (await this.take(claim, now)) return claim;
@@ -131,7 +132,7 @@ export class Claims {
       // Gone already (dropped or purged): it was just released, so let the caller look again.
       if (held === null) return null;
       const takenAt = held.expiresAt.getTime() - CLAIM_TTL_MS;
-      if (now - takenAt < CLAIM_WINDOW_MS) return null;
+      if (now - takenAt < CLAIM_WINDOW_MS) return { heldForMs: Math.max(1, CLAIM_WINDOW_MS - (now - takenAt)) };
     }
     return null;
   }

@@ -137,6 +137,8 @@ class MongoIdempotencyStore implements MongoStore {
   async begin(key: string, fingerprint: string | null, leaseMs: number): Promise<BeginResult> {
     assertKey(key);
     let token: LeaseToken | undefined;
+    /** Set while the last takeover was held up by another writer's claim (claims fencing). */
+    let heldUp: { now: number; heldForMs: number } | undefined;
     try {
       for (let attempt = 0; attempt < MAX_BEGIN_ATTEMPTS; attempt++) {
         const [now, fencing] = await this.#prepare();
@@ -174,10 +176,23 @@ class MongoIdempotencyStore implements MongoStore {
         }
         // Expired (a completed record past its TTL, or a crashed holder's lease): replace it only if
         // it is still the version seen. Of several takers one wins; the others see its record.
-        if (await this.#replace(before, fresh, now, stampedAt, fencing)) {
-          return { kind: 'acquired', token, tookOver: before.state === 'in_progress' };
-        }
+        const replaced = await this.#replace(before, fresh, now, stampedAt, fencing);
+        if (replaced === true) return { kind: 'acquired', token, tookOver: before.state === 'in_progress' };
+        heldUp = replaced === false ? undefined : { now, heldForMs: replaced.heldForMs };
         await backoff(attempt);
+      }
+      // A claim still held after all that is a writer that died (or stalled) taking the key over:
+      // the key is being written, not the store broken, so it reads as running until takers may
+      // walk past that claim (409 with Retry-After), never as a store error (503, or a run without
+      // idempotency with onStoreError: 'pass'). No record is readable meanwhile: the caller's own
+      // fingerprint stands in, so no false 422.
+      if (heldUp !== undefined) {
+        const until = heldUp.now + heldUp.heldForMs;
+        return {
+          kind: 'existing',
+          record: { key, fingerprint, state: 'in_progress', leaseExpiresAt: until, response: null, createdAt: heldUp.now, expiresAt: until },
+          leaseRemainingMs: heldUp.heldForMs,
+        };
       }
       throw new Error(`[idemkit] [mongodb] begin lost ${MAX_BEGIN_ATTEMPTS} races in a row for one key`);
     } catch (error) {
@@ -222,7 +237,7 @@ class MongoIdempotencyStore implements MongoStore {
     now: number,
     stampedAt: number,
     fencing: Fencing,
-  ): Promise<boolean> {
+  ): Promise<boolean | { heldForMs: number }> {
     if (fencing === 'native') {
       const result = await this.collection.updateOne(sameVersion(before), { $set: fresh });
       return result.matchedCount === 1;
@@ -232,6 +247,7 @@ class MongoIdempotencyStore implements MongoStore {
     // FerretDB looks up by index (any other filter makes it scan the collection).
     const claim = await this.#claims.takeInTurn(takeoverClaim(before), now);
     if (claim === null) return false;
+    if ('heldForMs' in claim) return claim;
     const current = await this.collection.findOne({ _id: before._id });
     const unchanged =
       current !== null &&

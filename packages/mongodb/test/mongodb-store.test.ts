@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it, onTestFinished, vi } from 'v
 import { MongoClient, MongoError } from 'mongodb';
 import { MongoClient as OtherCopyMongoClient } from 'mongodb-7.8';
 import type { CommandStartedEvent, Db, MongoClientOptions } from 'mongodb';
-import { ConfigurationError, createIdempotencyEngine } from '@idemkit/core';
+import { ConfigurationError, createIdempotencyEngine, scopedKey } from '@idemkit/core';
 import { answerHoldingProxy, type AnswerHoldingProxy } from '@idemkit/test-services';
 import type { LeaseToken, StoredResponse } from '@idemkit/core';
 import { CLAIM_WINDOW_MS, createMongoStore, DEFAULTS, PLAIN_INDEX_NAME, TTL_INDEX_NAME } from '../src/index.js';
@@ -299,6 +299,38 @@ describe('atomic begin', () => {
     } finally {
       vi.useRealTimers();
     }
+  });
+
+  // Was: while a dead taker's claim held the takeover up, every begin on the key spun through
+  // its 24 attempts (~1 s, ~70 commands) and then threw "lost 24 races", so a healthy store
+  // answered 503 (or, with onStoreError: 'pass', ran the handler without idempotency) for up to
+  // CLAIM_WINDOW_MS. A takeover in progress is a running key: 409 with Retry-After.
+  it('claims fencing: a begin held up by a dead taker\'s claim reads the key as running, not as a store error', async () => {
+    const [a, b] = await Promise.all([t.client(), t.client()]);
+    const storeA = createMongoStore({ db: a.db(t.dbName), collectionName: 'held-up', fencing: 'claims' });
+    const storeB = createMongoStore({ db: b.db(t.dbName), collectionName: 'held-up', fencing: 'claims' });
+    const header = key('held-up');
+    const k = scopedKey(undefined, header);
+    expect((await storeA.begin(k, 'fp', 100)).kind).toBe('acquired');
+    await vi.waitFor(async () => expect(await storeA.get(k)).toBeUndefined(), { timeout: 5_000, interval: 20 });
+    // Taker A claims the expired lease and never writes (its process died).
+    let stalled!: () => void;
+    const stall = new Promise<void>((resolve) => (stalled = resolve));
+    storeA.collection.updateOne = (async () => {
+      stalled();
+      return new Promise<never>(() => undefined);
+    }) as unknown as typeof storeA.collection.updateOne;
+    void storeA.begin(k, 'a', 30_000);
+    await stall;
+    const held = await storeB.begin(k, 'b', 30_000);
+    expect(held).toMatchObject({ kind: 'existing', record: { key: k, state: 'in_progress', fingerprint: 'b', response: null } });
+    const remaining = held.kind === 'existing' ? held.leaseRemainingMs : 0;
+    expect(remaining).toBeGreaterThan(0);
+    expect(remaining).toBeLessThanOrEqual(CLAIM_WINDOW_MS);
+    // Through the engine: 409 with Retry-After, as for any running key.
+    const engine = createIdempotencyEngine({ store: storeB, logger: false });
+    const decision = await engine.decide({ method: 'POST', path: '/held-up', headers: { 'idempotency-key': header }, body: undefined });
+    expect(decision).toMatchObject({ kind: 'problem', error: { status: 409 } });
   });
 
   it('claims fencing: a claim drop that fails once neither fails the holder\'s renew nor locks it out of its lease', async () => {
