@@ -336,9 +336,11 @@ class MongoIdempotencyStore implements MongoStore {
   async get(key: string): Promise<IdempotencyRecord | undefined> {
     assertKey(key);
     const now = await this.#clock.now();
-    // Filter on expiry in the query: the TTL monitor runs only every 60 s (and not at all on FerretDB).
-    const doc = await this.collection.findOne({ _id: key, expiresAt: { $gt: new Date(now) } });
-    return doc === null ? undefined : toRecord(doc);
+    // Expiry is checked here, not in the filter: the TTL monitor runs only every 60 s (and not at
+    // all on FerretDB), and FerretDB v1 reads every document of the collection for any filter
+    // but a plain `_id` (seconds beside a few large responses).
+    const doc = await this.collection.findOne({ _id: key });
+    return doc === null || doc.expiresAt.getTime() <= now ? undefined : toRecord(doc);
   }
 
   async purgeExpired(limit: number = DEFAULT_PURGE_LIMIT): Promise<number> {

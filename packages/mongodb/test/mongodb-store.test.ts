@@ -636,6 +636,27 @@ describe('round trips per operation', () => {
     expect(c4).toEqual(['findAndModify']);
   });
 
+  // Was: get() sent { _id, expiresAt: { $gt: now } }, which FerretDB v1 answers by reading every
+  // document of the collection: 2.6 s per get() beside twenty 1 MiB responses (0.1 s by _id),
+  // past the engine's storeTimeoutMs with a few more.
+  it('get() finds by `_id` alone and checks expiry itself (FerretDB v1 scans the collection for any other filter)', async () => {
+    const client = await t.client({ monitorCommands: true });
+    const filters: unknown[] = [];
+    client.on('commandStarted', (e: CommandStartedEvent) => {
+      if (e.commandName === 'find' && e.command['find'] === 'get-by-id') filters.push(e.command['filter']);
+    });
+    const store = createMongoStore({ db: client.db(t.dbName), collectionName: 'get-by-id', logger: silent });
+    const expiring = key('get-expiring');
+    expect((await store.begin(expiring, 'fp', 50)).kind).toBe('acquired');
+    await vi.waitFor(async () => expect(await store.get(expiring)).toBeUndefined(), { timeout: 5_000, interval: 20 });
+    const live = key('get-live');
+    expect((await store.begin(live, 'fp', 30_000)).kind).toBe('acquired');
+    expect(await store.get(live)).toMatchObject({ key: live, state: 'in_progress', fingerprint: 'fp' });
+    expect(await store.get(key('get-absent'))).toBeUndefined();
+    expect(filters.length).toBeGreaterThanOrEqual(3);
+    for (const filter of filters) expect(Object.keys(filter as object)).toEqual(['_id']);
+  });
+
   it("clock: 'local' never asks the server for its time", async () => {
     const client = await t.client({ monitorCommands: true });
     const commands: string[] = [];
