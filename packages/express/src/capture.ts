@@ -1,5 +1,5 @@
 import { responseHeaders, snapshotHeaders, toStoredHeaders, whenSocketCloses, type Lease, type StoredResponse } from '@idemkit/core';
-import { STATUS_CODES, type OutgoingHttpHeader, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
+import { ServerResponse, STATUS_CODES, type OutgoingHttpHeader, type OutgoingHttpHeaders } from 'node:http';
 import type { Socket } from 'node:net';
 
 type Callback = (error?: Error | null) => void;
@@ -180,7 +180,9 @@ export function captureResponse(
   }
 
   // Our own write and end (set below): one that differs when the answer streams was wrapped later.
-  let ours: Pick<ServerResponse, 'write' | 'end'> = res;
+  let ours: Pick<ServerResponse, 'write' | 'end' | 'writeHead'> = res;
+  /** Set while the head listeners run ahead of the store (see runHeadListeners): pass straight on. */
+  let probing = false;
   /**
    * Transactional mode: a streamed answer commits its transaction (with the "not replayable"
    * marker) when it starts, and nothing of it may go out before that commit has settled: should
@@ -261,6 +263,7 @@ export function captureResponse(
   };
 
   res.writeHead = function writeHead(this: ServerResponse, statusCode: number, ...rest: unknown[]): ServerResponse {
+    if (probing) return Reflect.apply(originalWriteHead, this, [statusCode]) as ServerResponse;
     // end() is storing the answer: a writeHead now (an error handler's) would send its status
     // and headers ahead of the stored answer's bytes. Ignored, as the end() after it is.
     if (mode === 'ending' && !delivering && !this.headersSent) return this;
@@ -399,9 +402,28 @@ export function captureResponse(
       mode = 'buffering';
       throw error;
     }
+    // Cookies that middleware sets as the head is written (express-session's and cookie-session's,
+    // through on-headers) came only after the answer was stored, so a replay lacked them: a
+    // retried login got its 201 and no session. Their listeners run now, the head unwritten, and
+    // the cookies they set are stored; their other headers (compression's) are per delivery, as
+    // before. A listener's throw reaches the caller of end(), as Node's own writeHead passes it on.
+    let listened: ReturnType<typeof snapshotHeaders> | undefined;
+    if (!this.headersSent && (this.writeHead !== ours.writeHead || originalWriteHead !== nodeWriteHead)) {
+      listened = snapshotHeaders(this.getHeaders());
+      probing = true;
+      try {
+        runHeadListeners(this);
+      } catch (error) {
+        mode = 'buffering';
+        throw error;
+      } finally {
+        probing = false;
+      }
+    }
     answered();
     const sentHeaders = this.getHeaders();
     const sentMessage = this.statusMessage;
+    const storedFrom = listened === undefined ? sentHeaders : { ...listened, 'set-cookie': sentHeaders['set-cookie'] };
     // After writeHead(201) a status set later goes nowhere (the head holds 201): the head's is stored.
     const status = statusOut(this);
     // Stored as it goes out: a 204 or 304 without the bytes given to end() (Node writes none), as
@@ -414,7 +436,7 @@ export function captureResponse(
         : headBody !== undefined && body.byteLength === 0 && length !== undefined && Number(length) === headBody.byteLength
           ? headBody
           : body;
-    const response = { status, headers: toStoredHeaders(sentHeaders, before), body: stored };
+    const response = { status, headers: toStoredHeaders(storedFrom, before), body: stored };
     const deliver = (): void => {
       delivering = true;
       // While the record is stored, `headersSent` is still false, so an error handler running
@@ -460,7 +482,26 @@ export function captureResponse(
     void settled.then(deliverOrDestroy, deliverOrDestroy);
     return this;
   } as ServerResponse['end'];
-  ours = { write: res.write, end: res.end };
+  ours = { write: res.write, end: res.end, writeHead: res.writeHead };
+}
+
+const nodeWriteHead = ServerResponse.prototype.writeHead;
+
+/**
+ * Run the listeners wrapped around `res.writeHead` (on-headers: each runs once, at the first
+ * call) without writing the head: Node's writeHead ends in `_storeHeader`, which is what builds
+ * the head, so it does nothing for this one call. Node's own checks (the status, the reason
+ * phrase) still throw as they would at the real head.
+ */
+function runHeadListeners(res: ServerResponse): void {
+  const target = res as ServerResponse & { _storeHeader?: unknown };
+  if (typeof target._storeHeader !== 'function') return;
+  target._storeHeader = () => undefined;
+  try {
+    res.writeHead(res.statusCode);
+  } finally {
+    delete target._storeHeader;
+  }
 }
 
 /** Answers whose head the handler wrote with writeHead() while buffered (see onlyHeadWritten). */

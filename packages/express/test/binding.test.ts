@@ -6,6 +6,8 @@ import { Readable } from 'node:stream';
 import { ConfigurationError, createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import compression from 'compression';
 import timeout from 'connect-timeout';
+import cookieSession from 'cookie-session';
+import session from 'express-session';
 import fileUpload from 'express-fileupload';
 import multer from 'multer';
 import express, { type ErrorRequestHandler, type Express, type NextFunction, type Request, type Response } from 'express';
@@ -192,6 +194,49 @@ describe('express binding: headers middleware set before the key was claimed', (
     // Before: only the handler's value came back.
     expect(replay.headers.get('link')).toBe(first.headers.get('link'));
   });
+});
+
+describe('express binding: cookies session middleware sets as the head is written', () => {
+  // express-session and cookie-session set their cookie from an on-headers listener, which ran
+  // only once the answer was stored: the replay of a login lacked the session it created.
+  const logins: Record<string, (app: Express) => void> = {
+    'express-session': (app) => void app.use(session({ secret: 's', resave: false, saveUninitialized: false })),
+    'cookie-session': (app) => void app.use(cookieSession({ name: 'sess', keys: ['k'] })),
+  };
+  for (const [name, mount] of Object.entries(logins)) {
+    it(`${name}: a retried login's replay carries the session cookie the first answer set, which logs the client in`, async () => {
+      const build = (withIdempotency: boolean): Express => {
+        const app = express();
+        app.use(compression({ threshold: 0 }));
+        mount(app);
+        app.use(express.json());
+        if (withIdempotency) app.use(idempotency({ store: createMemoryStore(), logger: false }));
+        app.post('/login', (req, res) => {
+          (req.session as unknown as Record<string, unknown>)['user'] = 'alice';
+          res.status(201).json({ user: 'alice' });
+        });
+        app.get('/me', (req, res) => void res.json({ user: (req.session as unknown as Record<string, unknown> | null)?.['user'] ?? null }));
+        return app;
+      };
+      const cookiesOf = (r: Fetched): string[] => r.headers.getSetCookie().map((c) => c.split(';')[0]!);
+      const login = (url: string, key: string): Promise<Fetched> => post(`${url}/login`, key, { headers: { 'content-type': 'application/json', 'accept-encoding': 'gzip' }, body: '{}' });
+      const plain = await login(await serve(build(false)), randomUUID());
+      const url = await serve(build(true));
+      const key = randomUUID();
+      const first = await login(url, key);
+      const replay = await login(url, key);
+      // The first answer is what the app gives without idempotency().
+      expect(first.status).toBe(plain.status);
+      expect(cookiesOf(first).map((c) => c.split('=')[0])).toEqual(cookiesOf(plain).map((c) => c.split('=')[0]));
+      expect(first.headers.get('content-encoding')).toBe('gzip');
+      expect(replay.headers.get('idempotent-replayed')).toBe('true');
+      expect(replay.body).toEqual(first.body);
+      expect(replay.headers.get('content-encoding')).toBe('gzip');
+      expect(cookiesOf(replay)).toEqual(cookiesOf(first));
+      const me = await fetch(`${url}/me`, { headers: { cookie: cookiesOf(replay).join('; ') } });
+      expect(await me.json()).toEqual({ user: 'alice' });
+    });
+  }
 });
 
 describe('express binding: errors', () => {
