@@ -412,7 +412,7 @@ export function captureResponse(
       listened = snapshotHeaders(this.getHeaders());
       probing = true;
       try {
-        runHeadListeners(this);
+        runHeadListeners(this, body.byteLength);
       } catch (error) {
         mode = 'buffering';
         throw error;
@@ -492,15 +492,27 @@ const nodeWriteHead = ServerResponse.prototype.writeHead;
  * call) without writing the head: Node's writeHead ends in `_storeHeader`, which is what builds
  * the head, so it does nothing for this one call. Node's own checks (the status, the reason
  * phrase) still throw as they would at the real head.
+ *
+ * `length`: the body's. compression() reads the length its end() notes before the head for a
+ * body sent without Content-Length; run from here, before that end(), it saw none and gzipped a
+ * body under its threshold. It gets the length as a header for the call, then that is undone.
  */
-function runHeadListeners(res: ServerResponse): void {
-  const target = res as ServerResponse & { _storeHeader?: unknown };
+function runHeadListeners(res: ServerResponse, length: number): void {
+  const target = res as ServerResponse & { _storeHeader?: unknown; _removedContLen?: unknown };
   if (typeof target._storeHeader !== 'function') return;
+  const lengthSet = res.getHeader('content-length') === undefined;
+  const removedContLen = target._removedContLen;
+  if (lengthSet) res.setHeader('content-length', length);
   target._storeHeader = () => undefined;
   try {
     res.writeHead(res.statusCode);
   } finally {
     delete target._storeHeader;
+    // Still ours: removed again, and Node told it was never set (else it would not count the body itself).
+    if (lengthSet && res.getHeader('content-length') === length) {
+      res.removeHeader('content-length');
+      target._removedContLen = removedContLen;
+    }
   }
 }
 

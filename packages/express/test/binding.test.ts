@@ -237,6 +237,28 @@ describe('express binding: cookies session middleware sets as the head is writte
       expect(await me.json()).toEqual({ user: 'alice' });
     });
   }
+
+  it("running those listeners early changes nothing of the first answer: compression() before it still leaves a raw end() under its threshold alone", async () => {
+    const build = (withIdempotency: boolean): Express => {
+      const app = express();
+      app.use(compression());
+      app.use(session({ secret: 's', resave: false, saveUninitialized: false }));
+      if (withIdempotency) app.use(idempotency({ store: createMemoryStore(), logger: false }));
+      app.post('/raw', (_req, res) => {
+        res.setHeader('content-type', 'text/plain');
+        res.end('small body');
+      });
+      return app;
+    };
+    const send = async (url: string): Promise<Fetched> => post(`${url}/raw`, randomUUID(), { headers: { 'accept-encoding': 'gzip' } });
+    const plain = await send(await serve(build(false)));
+    const first = await send(await serve(build(true)));
+    expect(plain.headers.get('content-encoding')).toBeNull();
+    // Before, compression() saw no length from here and gzipped the 10 bytes.
+    expect(first.headers.get('content-encoding')).toBeNull();
+    expect(comparable(first.headers)).toEqual(comparable(plain.headers));
+    expect(new TextDecoder().decode(first.body)).toBe('small body');
+  });
 });
 
 describe('express binding: errors', () => {
