@@ -96,11 +96,25 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
   let warnedUnparsed = false;
   let warnedBodyKey = false;
   let warnedEncoded = false;
+  let warnedWrapped = false;
   // A compressed answer streamed through a write/end that a later middleware wrapped is
   // compression mounted after idempotency(): every such answer's key then answers 410. (Mounted
   // before, compression sets the header too, but then a stream is the handler's own doing.)
-  function warnEncodedStream(res: ServerResponse, wrapped: boolean): void {
-    if (warnedEncoded || !wrapped || res.getHeader('content-encoding') === undefined) return;
+  // Uncompressed, it is most likely express-session mounted after idempotency(): its end() writes
+  // the answer in two parts around the session's save, so every answer that saves one went out
+  // as a stream, and its retry got 410 with nothing in the log to say why.
+  function warnWrappedStream(res: ServerResponse, wrapped: boolean): void {
+    if (!wrapped) return;
+    if (res.getHeader('content-encoding') === undefined) {
+      if (warnedWrapped) return;
+      warnedWrapped = true;
+      o.logger?.warn(
+        '[idemkit] [express] An answer went out as a stream through a res.end() or res.write() that a middleware mounted after idempotency() replaced, so it is not stored and a retry with its key gets 410. ' +
+          'express-session does this for every answer that saves the session: mount such middleware before idempotency(). (Warned once.)',
+      );
+      return;
+    }
+    if (warnedEncoded) return;
     warnedEncoded = true;
     o.logger?.warn(
       `[idemkit] [express] An answer with Content-Encoding: ${String(res.getHeader('content-encoding'))} went out as a stream, so it is not stored and a retry with its key gets 410. ` +
@@ -199,7 +213,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
         // key would let the client's retry run the operation a second time. Its answer still goes
         // through the patched end() and is stored, so the retry gets 409, then the replay (if it
         // comes within a lease of the client leaving: see captureResponse).
-        captureResponse(res, lease, engine.options, warnEncodedStream);
+        captureResponse(res, lease, engine.options, warnWrappedStream);
         return next();
       }
     }

@@ -238,6 +238,24 @@ describe('express binding: cookies session middleware sets as the head is writte
     });
   }
 
+  it('express-session mounted after idempotency() streams every answer that saves the session (410 to its retry): said once in the log', async () => {
+    const warn = vi.fn();
+    const { app, runs } = appWith({ logger: { warn, error: vi.fn() } });
+    app.use(session({ secret: 's', resave: false, saveUninitialized: false }));
+    app.post('/login', (req, res) => {
+      (req.session as unknown as Record<string, unknown>)['user'] = 'alice';
+      res.status(201).json({ user: 'alice' });
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    expect((await post(`${url}/login`, key)).status).toBe(201);
+    expect((await post(`${url}/login`, key)).status).toBe(410);
+    expect((await post(`${url}/login`, randomUUID())).status).toBe(201);
+    expect(runs()).toBe(2);
+    expect(warn).toHaveBeenCalledTimes(1);
+    expect(String(warn.mock.calls[0]?.[0])).toMatch(/express-session .*mount such middleware before idempotency\(\)/);
+  });
+
   it("running those listeners early changes nothing of the first answer: compression() before it still leaves a raw end() under its threshold alone", async () => {
     const build = (withIdempotency: boolean): Express => {
       const app = express();
