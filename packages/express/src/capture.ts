@@ -497,7 +497,7 @@ const nodeWriteHead = ServerResponse.prototype.writeHead;
  * body sent without Content-Length; run from here, before that end(), it saw none and gzipped a
  * body under its threshold. It gets the length as a header for the call, then that is undone.
  */
-function runHeadListeners(res: ServerResponse, length: number): void {
+export function runHeadListeners(res: ServerResponse, length: number): void {
   const target = res as ServerResponse & { _storeHeader?: unknown; _removedContLen?: unknown };
   if (typeof target._storeHeader !== 'function') return;
   const lengthSet = res.getHeader('content-length') === undefined;

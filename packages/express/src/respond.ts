@@ -1,9 +1,10 @@
 import { problemResponse, replayHeaders, responseHeaders, type IdempotencyError, type StoredResponse } from '@idemkit/core';
 import type { Response } from 'express';
+import { runHeadListeners } from './capture.js';
 
 /** A stored response, exactly: status, its headers (plus content-length and Idempotent-Replayed), the bytes. */
 export function writeReplay(res: Response, response: StoredResponse): void {
-  writeRaw(res, response.status, replayHeaders(response), response.body);
+  writeRaw(res, response.status, replayHeaders(response), response.body, true);
 }
 
 /** The core's problem bytes, so every binding answers byte-identical problems. */
@@ -16,13 +17,18 @@ export function writeProblem(res: Response, error: IdempotencyError): void {
  * Through Node's own methods rather than `res.send`: no ETag, no charset rewrite, no 304
  * freshness check, so the bytes and headers are exactly the stored ones.
  */
-function writeRaw(res: Response, status: number, headers: Map<string, string | string[]>, body: Uint8Array): void {
+function writeRaw(res: Response, status: number, headers: Map<string, string | string[]>, body: Uint8Array, replay = false): void {
   res.statusCode = status;
   // Cookies are added to those earlier middleware set for this request (only the handler's own
   // were stored); every other stored header replaces its namesake.
-  for (const [name, value] of headers) {
-    if (name === 'set-cookie') res.appendHeader(name, value);
-    else res.setHeader(name, value);
-  }
+  for (const [name, value] of headers) if (name !== 'set-cookie') res.setHeader(name, value);
+  const cookies = headers.get('set-cookie');
+  if (cookies === undefined) return void res.end(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
+  // After the cookies that middleware sets as the head is written, as a browser keeps the last of
+  // a name: express-session (saveUninitialized, its default) gives a cookieless retry a new empty
+  // session's cookie, which came after the stored one and logged the client out of the session
+  // the replayed login made.
+  if (replay) runHeadListeners(res, body.byteLength);
+  res.appendHeader('set-cookie', cookies);
   res.end(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
 }

@@ -238,6 +238,27 @@ describe('express binding: cookies session middleware sets as the head is writte
     });
   }
 
+  it("express-session's default saveUninitialized: the replay's stored session cookie comes after the new empty one it gives a cookieless retry", async () => {
+    const app = express();
+    app.use(session({ secret: 's', resave: false, saveUninitialized: true }));
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/login', (req, res) => {
+      (req.session as unknown as Record<string, unknown>)['user'] = 'alice';
+      res.status(201).json({ user: 'alice' });
+    });
+    app.get('/me', (req, res) => void res.json({ user: (req.session as unknown as Record<string, unknown>)['user'] ?? null }));
+    const url = await serve(app);
+    const key = randomUUID();
+    const first = await post(`${url}/login`, key);
+    const replay = await post(`${url}/login`, key);
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    // A browser keeps the last cookie of a name.
+    const jar = new Map(replay.headers.getSetCookie().map((c) => c.split(';')[0]!.split('=') as [string, string]));
+    expect(jar.get('connect.sid')).toBe(first.headers.getSetCookie()[0]!.split(';')[0]!.split('=')[1]);
+    const me = await fetch(`${url}/me`, { headers: { cookie: [...jar].map(([k, v]) => `${k}=${v}`).join('; ') } });
+    expect(await me.json()).toEqual({ user: 'alice' });
+  });
+
   it('express-session mounted after idempotency() streams every answer that saves the session (410 to its retry): said once in the log', async () => {
     const warn = vi.fn();
     const { app, runs } = appWith({ logger: { warn, error: vi.fn() } });
