@@ -407,8 +407,11 @@ export function captureResponse(
     // retried login got its 201 and no session. Their listeners run now, the head unwritten, and
     // the cookies they set are stored; their other headers (compression's) are per delivery, as
     // before. A listener's throw reaches the caller of end(), as Node's own writeHead passes it on.
+    // Not in transactional mode: a rollback replaces the answer with the 503, which the listeners
+    // must see as they see any answer (compression() run for the handler's answer gzipped the
+    // 503's bytes under headers that did not say so, and the client got a broken answer).
     let listened: ReturnType<typeof snapshotHeaders> | undefined;
-    if (!this.headersSent && (this.writeHead !== ours.writeHead || originalWriteHead !== nodeWriteHead)) {
+    if (!transactional && !this.headersSent && (this.writeHead !== ours.writeHead || originalWriteHead !== nodeWriteHead)) {
       listened = snapshotHeaders(this.getHeaders());
       probing = true;
       try {

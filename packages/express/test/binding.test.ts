@@ -910,6 +910,29 @@ describe('express binding: transactional mode', () => {
     expect(new TextDecoder().decode(reply.body)).toContain('rolled back');
   });
 
+  it('a rolled-back answer under compression() and a session mounted before idempotency(): the 503 goes out whole and readable', async () => {
+    const store: TransactionalStore<null> = Object.assign(createMemoryStore(), {
+      async beginTransaction(): Promise<StoreTransaction<null>> {
+        return { client: null, complete: () => Promise.reject(new Error('COMMIT failed')), rollback: async () => undefined };
+      },
+    });
+    const app = express();
+    app.use(compression({ threshold: 0 }));
+    app.use(cookieSession({ name: 'sess', keys: ['k'] }));
+    app.use(express.json());
+    app.use(idempotency({ store, transactional: true, logger: false }));
+    app.post('/tx', (req, res) => {
+      (req.session as unknown as Record<string, unknown>)['user'] = 'alice';
+      res.status(201).json({ created: true });
+    });
+    app.use(idempotencyErrorHandler());
+    const url = await serve(app);
+    const reply = await post(`${url}/tx`, randomUUID(), { headers: { 'accept-encoding': 'gzip' } });
+    expect(reply.status).toBe(503);
+    expect(reply.headers.get('content-type')).toBe('application/problem+json');
+    expect(new TextDecoder().decode(reply.body)).toContain('rolled back');
+  });
+
   it('a rolled-back answer whose head was written with res.writeHead cuts the connection instead of answering 201', async () => {
     const app = failingCommitApp();
     app.post('/tx', (_req, res) => {
