@@ -239,6 +239,16 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
   if (transactional && typeof (input.store as Partial<{ beginTransaction: unknown }>).beginTransaction !== 'function') {
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`transactional: true` needs a store with transactions (e.g. @idemkit/postgres).');
   }
+  const onStoreError = oneOf('onStoreError', input.onStoreError, ['fail', 'pass'], DEFAULTS.onStoreError);
+  // 'pass' runs the handler without the store, so without a transaction: pgTransaction() then
+  // throws, and every store blip became a 500 saying the request had no key (as
+  // idempotentTransaction() refuses it too).
+  if (transactional && onStoreError === 'pass') {
+    throw new ConfigurationError(
+      'ERR_IDEMKIT_OPTION_INVALID',
+      "`onStoreError: 'pass'` cannot go with `transactional: true`: without the store there is no transaction for the handler to run in. Use 'fail' (a 503 the client retries).",
+    );
+  }
   const leaseMs = positiveInt('leaseMs', input.leaseMs, DEFAULTS.leaseMs, MAX_TIMER_MS);
   const maxBodyBytes = positiveInt('maxBodyBytes', input.maxBodyBytes, DEFAULTS.maxBodyBytes);
   const storeLimit = (input.store as Partial<Pick<IdempotencyStore, 'maxResponseBytes'>>).maxResponseBytes;
@@ -275,7 +285,7 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
     maxBodyBytes,
     concurrency: oneOf('concurrency', input.concurrency, ['conflict', 'wait'], DEFAULTS.concurrency),
     waitTimeoutMs: positiveInt('waitTimeoutMs', input.waitTimeoutMs, DEFAULTS.waitTimeoutMs, MAX_TIMER_MS),
-    onStoreError: oneOf('onStoreError', input.onStoreError, ['fail', 'pass'], DEFAULTS.onStoreError),
+    onStoreError,
     storeTimeoutMs,
     transactional,
     localCache: localCache(input.localCache),

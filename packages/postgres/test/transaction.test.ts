@@ -372,6 +372,15 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     }
   }
 
+  it("onStoreError: 'pass' is refused at setup: it ran the handler without a transaction, so every store outage was a 500 from pgTransaction()", () => {
+    // Seen through Express, Koa and Fastify with the store's server gone: pgTransaction() threw
+    // "not running under an idempotency key (method not covered, …)" for every request.
+    expect(() => createIdempotencyEngine({ store, transactional: true, onStoreError: 'pass', logger: false })).toThrow(
+      expect.objectContaining({ code: 'ERR_IDEMKIT_OPTION_INVALID', message: expect.stringMatching(/no transaction for the handler/) }),
+    );
+    expect(createIdempotencyEngine({ store, transactional: true, onStoreError: 'fail', logger: false }).options.onStoreError).toBe('fail');
+  });
+
   it('throw → no row, no record; retry commits one row; the next retry replays without running', async () => {
     const engine = createIdempotencyEngine({ store, transactional: true, logger: false });
     const k = key();
