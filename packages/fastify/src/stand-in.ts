@@ -39,31 +39,11 @@ export async function whoSent(handler: PromiseLike<unknown>, reply: FastifyReply
     (value) => void (outcome ??= { value }),
     () => void (outcome ??= 'rejected'),
   );
-  // The handler returns `reply`: its answer went out before this one (its own, then), unless it
-  // sent another just now (`return reply.code(201).send(order)` in the same turn as a timeout).
-  // Watched from the start: an async handler that answers and returns `reply` has its promise
-  // call `reply.then` within the ticks below, and a watch set up after them missed it (the
-  // handler's own 500 was then taken for a timeout's, and its key freed only after it went out).
-  const replyThen = reply.then;
-  let returnedReply: Sender | undefined;
-  let onReturnedReply: ((sender: Sender) => void) | undefined;
-  const watch: FastifyReply['then'] = function (this: FastifyReply, fulfilled, rejected) {
-    returnedReply ??= sends.any ? 'finished' : 'own';
-    onReturnedReply?.(returnedReply);
-    return replyThen.call(this, fulfilled, rejected);
-  };
-  const restoreThen = patch(reply, 'then', watch);
   // An already settled promise (native, or a thenable that calls back at once) has reported by now.
-  for (let tick = 0; tick < 3 && outcome === undefined && returnedReply === undefined; tick++) await null;
-  if (outcome !== undefined) {
-    restoreThen();
-    return 'own';
-  }
-  if (returnedReply !== undefined) {
-    restoreThen();
-    return returnedReply;
-  }
+  for (let tick = 0; tick < 3 && outcome === undefined; tick++) await null;
+  if (outcome !== undefined) return 'own';
   return new Promise<Sender>((resolve) => {
+    const replyThen = reply.then;
     let decided = false;
     const decide = (sender: Sender): void => {
       if (decided) return;
@@ -72,7 +52,13 @@ export async function whoSent(handler: PromiseLike<unknown>, reply: FastifyReply
       restoreThen();
       resolve(sender);
     };
-    onReturnedReply = decide;
+    // The handler returns `reply`: its answer went out before this one (its own, then), unless it
+    // sent another just now (`return reply.code(201).send(order)` in the same turn as a timeout).
+    const watch: FastifyReply['then'] = function (this: FastifyReply, fulfilled, rejected) {
+      decide(sends.any ? 'finished' : 'own');
+      return replyThen.call(this, fulfilled, rejected);
+    };
+    const restoreThen = patch(reply, 'then', watch);
     const timer = setImmediate(() => decide('running'));
     Promise.resolve(handler).then(
       (value) => decide(value !== undefined || sends.withPayload ? 'finished' : 'own'),
