@@ -1097,6 +1097,39 @@ describe('an answer sent for a handler that still runs (a timeout)', () => {
     expect(await (await retry).json()).toEqual({ charged: 2 });
   });
 
+  // Both call reply.then in the same ticks as a handler's own `return reply.send()` does: a plugin
+  // that took that for the handler's own answer freed the key while the handler still ran.
+  it.each([
+    ['an async error handler answering handlerTimeout with return reply.send()', true],
+    ['a timer in an onRequest hook that awaits reply.send()', false],
+  ] as const)('%s: the key stays held while the handler runs', async (_title, errorHandler) => {
+    const op = held();
+    const { app } = await build((a) => {
+      if (errorHandler) {
+        a.setErrorHandler(async (error: Error & { statusCode?: number }, _request, reply) => reply.code(error.statusCode ?? 500).send({ error: error.message }));
+      } else {
+        let requests = 0;
+        a.addHook('onRequest', (_request, reply, done) => {
+          // Only the first request is meant to time out (see above).
+          const ms = requests++ === 0 ? 100 : 10_000;
+          const timer = setTimeout(async () => {
+            if (!reply.sent) await reply.code(503).send({ error: 'timeout' });
+          }, ms);
+          reply.raw.once('close', () => clearTimeout(timer));
+          done();
+        });
+      }
+      a.post('/pay', { handlerTimeout: errorHandler ? 100 : undefined }, op.handler);
+    });
+    expect((await post(app, '/pay', 'k')).statusCode).toBe(503);
+    // Never a retry running the charge again beside the first (and timing out in turn).
+    expect((await post(app, '/pay', 'k')).statusCode).toBe(409);
+    expect(op.runs()).toBe(1);
+    op.finish('ok');
+    expect((await answeredWith(app, '/pay', 'k', 410)).json()).toMatchObject({ reason: 'cut-short' });
+    expect(op.runs()).toBe(1);
+  });
+
   it('a handler still at work after a timeout answered keeps its key past its lease: never a run beside it', async () => {
     const op = held();
     const { app, store } = await build((a) => a.post('/pay', { handlerTimeout: 100 }, op.handler), { leaseMs: 300 });
