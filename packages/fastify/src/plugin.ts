@@ -353,7 +353,9 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // length too): stored as it went out, as on Express and Koa, so a large one is no 410
     // `too-large`. (A 304 keeps it: Fastify sends its Content-Length, which a replay of it repeats.)
     const bytes = payloadBytes(payload);
-    const dropped = bytes !== undefined && bytes.byteLength > 0 && status === 204;
+    // Any payload but none at all (send(''), an empty Buffer too): Fastify drops its content-type
+    // then as well; only a 204 sent with no payload keeps a content-type the handler set.
+    const dropped = bytes !== undefined && payload !== undefined && payload !== null && status === 204;
     const body = dropped ? new Uint8Array(0) : bytes;
     const stored = dropped ? { ...headers, 'content-type': undefined } : headers;
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,

@@ -294,6 +294,27 @@ describe('payloads', () => {
     expect(runs).toBe(1);
   });
 
+  it.each([
+    ["send('')", ''],
+    ['send(Buffer.alloc(0))', Buffer.alloc(0)],
+  ] as const)('a 204 sent with an empty payload, %s, replays without the content-type Fastify dropped from it', async (_name, payload) => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/empty', async (_request, reply) => {
+        runs++;
+        return reply.code(204).send(payload);
+      });
+    });
+    const first = await post(app, '/empty', 'k');
+    const again = await post(app, '/empty', 'k');
+    expect(first.statusCode).toBe(204);
+    expect(first.headers['content-type']).toBeUndefined();
+    expect(replayed(again)).toBe(true);
+    expect(again.statusCode).toBe(204);
+    expect(again.headers['content-type']).toBeUndefined();
+    expect(runs).toBe(1);
+  });
+
   it('a stream is delivered unchanged; the retry gets 410 and the handler never runs again', async () => {
     let runs = 0;
     const { app } = await build((a) => {
