@@ -57,7 +57,9 @@ export function captureResponse(ctx: Context): Captured {
   // JSON.stringify gives undefined for e.g. a function: Koa's respond() then throws
   // (Buffer.byteLength(undefined)) and answers 500. Left to Koa untouched, so it fails as it would
   // without the middleware; the key is freed as for any failed handler, not marked streamed (410).
-  if (json === undefined) return UNSENDABLE;
+  // Except on a HEAD with a Content-Length set: respond() ends it before serialising, and no 500
+  // comes (the handler ran and answered), so it is marked as before, never run again.
+  if (json === undefined) return ctx.method === 'HEAD' && ctx.res.hasHeader('content-length') ? UNBUFFERED : UNSENDABLE;
   return assign(ctx, status, Buffer.from(json));
 }
 

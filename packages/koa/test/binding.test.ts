@@ -316,6 +316,29 @@ describe('koa binding: thrown errors release the key', () => {
     expect(events.filter((e) => e.type === 'released').map((e) => e.type === 'released' && e.reason)).toEqual(['handler-threw', 'handler-threw']);
   });
 
+  it('a covered HEAD with a body JSON.stringify makes nothing of and a Content-Length set: Koa answers it (no 500), so a retry does not run the handler again', async () => {
+    let runs = 0;
+    const handler: Middleware = (ctx) => {
+      runs++;
+      ctx.status = 201;
+      ctx.body = () => 'forgot to call it';
+      ctx.set('Content-Length', '2');
+    };
+    const plain = await start((app) => app.use(handler));
+    const guarded = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), methods: ['POST', 'HEAD'] }));
+      app.use(handler);
+    });
+    const head = (url: string): Promise<Response> => fetch(url, { method: 'HEAD', headers: { 'idempotency-key': 'head-fn' } });
+    expect((await head(plain.url)).status).toBe(201);
+    runs = 0;
+    expect((await head(guarded.url)).status).toBe(201);
+    // Before: the key was freed as if Koa had failed it, and this retry ran the handler again.
+    const retry = await head(guarded.url);
+    expect(retry.status).toBe(410);
+    expect(runs).toBe(1);
+  });
+
   it('an error middleware mounted inside turns the throw into a 500 response: not stored either', async () => {
     let runs = 0;
     const { url } = await start((app) => {
