@@ -353,9 +353,10 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // length too): stored as it went out, as on Express and Koa, so a large one is no 410
     // `too-large`. (A 304 keeps it: Fastify sends its Content-Length, which a replay of it repeats.)
     const bytes = payloadBytes(payload);
-    // Any payload but none at all (send(''), an empty Buffer too): Fastify drops its content-type
-    // then as well; only a 204 sent with no payload keeps a content-type the handler set.
-    const dropped = bytes !== undefined && payload !== undefined && payload !== null && status === 204;
+    // Any payload but none at all (send(''), an empty Buffer, a stream it never reads): Fastify
+    // drops its content-type then as well; only a 204 sent with no payload keeps a content-type
+    // the handler set. (A Response brings headers Fastify adds after onSend: left as it was.)
+    const dropped = status === 204 && payload !== undefined && payload !== null && (bytes !== undefined || isStream(payload));
     const body = dropped ? new Uint8Array(0) : bytes;
     const stored = dropped ? { ...headers, 'content-type': undefined } : headers;
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
@@ -602,6 +603,13 @@ function headersChanged(before: ReturnType<FastifyReply['getHeaders']>, now: Ret
 }
 
 /** What Fastify sends as a stream: a Node or web stream, or a Response whose body is unread. */
+/** A Node stream or a web ReadableStream (not a Response). */
+function isStream(payload: unknown): boolean {
+  if (typeof payload !== 'object' || payload === null) return false;
+  const p = payload as { pipe?: unknown; getReader?: unknown };
+  return typeof p.pipe === 'function' || typeof p.getReader === 'function';
+}
+
 function isSendable(payload: unknown): boolean {
   if (typeof payload !== 'object' || payload === null) return false;
   const p = payload as { pipe?: unknown; getReader?: unknown; bodyUsed?: unknown };
