@@ -332,6 +332,11 @@ export function captureResponse(
     // first: Node throws to the caller, before the answer counts as streamed (else the error
     // handler's answer after the throw went out with no head, and the key stayed on 410).
     if (mode === 'buffering' && (!isChunk(args[0]) || refusedHead(this))) return Reflect.apply(originalWrite, this, args) as boolean;
+    // Node drops every write of a 204 or 304: it writes the head (through our writeHead, as a
+    // handler's writeHead() does) and calls back. Nothing streams: end() stores the answer as it
+    // goes out (empty), as Koa and Fastify do, not a 410; a throw after it is a throw after writeHead().
+    const bodiless = statusOut(this) === 204 || statusOut(this) === 304;
+    if (mode === 'buffering' && bodiless && (!this.headersSent || headOnly.get(this)?.() === true)) return Reflect.apply(originalWrite, this, args) as boolean;
     startStreaming();
     if (held || replaced) {
       const callback = args.findLast((a) => typeof a === 'function') as Callback | undefined;

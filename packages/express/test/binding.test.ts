@@ -156,6 +156,59 @@ describe('express binding: every response path is captured and replayed exactly'
     expect(runs()).toBe(2);
   });
 
+  it('res.write() or a pipe on a 204 or 304 (Node drops the bytes) is stored as the empty answer that went out, not marked 410', async () => {
+    const { app, runs } = appWith();
+    app.post('/w/:status', (req, res) => {
+      res.statusCode = Number(req.params['status']);
+      res.setHeader('x-a', 'b');
+      res.write('dropped');
+      res.end();
+    });
+    app.post('/head/:status', (req, res) => {
+      res.writeHead(Number(req.params['status']), { 'x-a': 'b' });
+      res.write('dropped');
+      res.end();
+    });
+    app.post('/pipe/:status', (req, res) => {
+      res.status(Number(req.params['status'])).set('x-a', 'b');
+      Readable.from(['dropped']).pipe(res);
+    });
+    const url = await serve(app);
+    for (const path of ['w', 'head', 'pipe']) {
+      for (const status of [204, 304]) {
+        const key = randomUUID();
+        const first = await post(`${url}/${path}/${status}`, key);
+        const replay = await post(`${url}/${path}/${status}`, key);
+        expect([path, first.status]).toEqual([path, status]);
+        // Before: taken for a streamed answer, so the retry got 410 not-bufferable (Koa: the replay).
+        expect([path, replay.status]).toEqual([path, status]);
+        expect(replay.headers.get('idempotent-replayed')).toBe('true');
+        expect(replay.headers.get('x-a')).toBe('b');
+        expect(replay.body.byteLength).toBe(0);
+      }
+    }
+    expect(runs()).toBe(6);
+  });
+
+  it('a write on a 204 and then a throw is a throw after writeHead(): the connection is cut as without idempotency(), and the retry runs', async () => {
+    const store = createMemoryStore();
+    const app = express();
+    app.use(express.json());
+    app.use(idempotency({ store, logger: false }));
+    let runs = 0;
+    app.post('/w', (_req, res) => {
+      runs++;
+      res.status(204);
+      res.write('dropped');
+      throw new Error('boom');
+    });
+    app.use(idempotencyErrorHandler());
+    const url = await serve(app);
+    const key = randomUUID();
+    for (let i = 0; i < 2; i++) await expect(post(`${url}/w`, key)).rejects.toThrow();
+    expect(runs).toBe(2);
+  });
+
   it('res.write() streams: chunks pass through, the retry gets 410 and the handler is not re-run', async () => {
     const { app, runs } = appWith();
     app.post('/sse', (_req, res) => {
