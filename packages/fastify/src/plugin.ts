@@ -602,7 +602,6 @@ function headersChanged(before: ReturnType<FastifyReply['getHeaders']>, now: Ret
   return false;
 }
 
-/** What Fastify sends as a stream: a Node or web stream, or a Response whose body is unread. */
 /** A Node stream or a web ReadableStream (not a Response). */
 function isStream(payload: unknown): boolean {
   if (typeof payload !== 'object' || payload === null) return false;
@@ -610,11 +609,10 @@ function isStream(payload: unknown): boolean {
   return typeof p.pipe === 'function' || typeof p.getReader === 'function';
 }
 
+/** What Fastify sends as a stream: a Node or web stream, or a Response whose body is unread. */
 function isSendable(payload: unknown): boolean {
-  if (typeof payload !== 'object' || payload === null) return false;
-  const p = payload as { pipe?: unknown; getReader?: unknown; bodyUsed?: unknown };
-  if (typeof p.pipe === 'function' || typeof p.getReader === 'function') return true;
-  return Object.prototype.toString.call(payload) === '[object Response]' && p.bodyUsed !== true;
+  if (isStream(payload)) return true;
+  return Object.prototype.toString.call(payload) === '[object Response]' && (payload as { bodyUsed?: unknown }).bodyUsed !== true;
 }
 
 function isThenable(value: unknown): value is PromiseLike<unknown> {
