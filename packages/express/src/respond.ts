@@ -29,6 +29,27 @@ function writeRaw(res: Response, status: number, headers: Map<string, string | s
   // session's cookie, which came after the stored one and logged the client out of the session
   // the replayed login made.
   if (replay) runHeadListeners(res, body.byteLength);
+  // One Set-Cookie per cookie (RFC 6265 4.1.1): the retry's own of a cookie the stored answer
+  // sets (that new empty session's) is dropped, else the replay carried the name twice, which
+  // the first answer never did and a client that keeps the first of a name reads wrongly.
+  const stored = new Set((Array.isArray(cookies) ? cookies : [cookies]).map(cookieIdentity));
+  const own = res.getHeader('set-cookie');
+  if (own !== undefined) {
+    const kept = (Array.isArray(own) ? own : [String(own)]).filter((c) => !stored.has(cookieIdentity(c)));
+    if (kept.length > 0) res.setHeader('set-cookie', kept);
+    else res.removeHeader('set-cookie');
+  }
   res.appendHeader('set-cookie', cookies);
   res.end(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
+}
+
+/** What a client stores a cookie under: its name, Domain and Path (RFC 6265 5.3). */
+function cookieIdentity(cookie: string): string {
+  const [pair = '', ...attributes] = cookie.split(';');
+  const attribute = (name: string): string =>
+    attributes
+      .map((a) => a.trim())
+      .findLast((a) => a.slice(0, name.length + 1).toLowerCase() === `${name}=`)
+      ?.slice(name.length + 1) ?? '';
+  return [pair.split('=')[0]!.trim(), attribute('domain').toLowerCase().replace(/^\./, ''), attribute('path')].join('\n');
 }

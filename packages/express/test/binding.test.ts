@@ -312,6 +312,27 @@ describe('express binding: cookies session middleware sets as the head is writte
     expect(await me.json()).toEqual({ user: 'alice' });
   });
 
+  it('a replay carries each cookie once, as the first answer did: not the cookieless retry\'s new empty session beside the stored one', async () => {
+    const app = express();
+    app.use(session({ secret: 's', resave: false, saveUninitialized: true, rolling: true }));
+    app.use((_req, res, next) => void (res.cookie('theme', 'dark', { path: '/' }), res.cookie('theme', 'x', { path: '/admin' }), next()));
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/login', (req, res) => {
+      (req.session as unknown as Record<string, unknown>)['user'] = 'alice';
+      res.status(201).json({ user: 'alice' });
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    const first = await post(`${url}/login`, key);
+    const replay = await post(`${url}/login`, key);
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    const names = (r: Fetched): string[] => r.headers.getSetCookie().map((c) => `${c.split('=')[0]!} ${/Path=([^;]*)/.exec(c)?.[1] ?? ''}`);
+    expect(names(first)).toEqual(['theme /', 'theme /admin', 'connect.sid /']);
+    // A cookie is its name, Domain and Path: the one at /admin is another cookie and stays.
+    expect(names(replay).toSorted()).toEqual(names(first).toSorted());
+    expect(replay.headers.getSetCookie().find((c) => c.startsWith('connect.sid='))).toBe(first.headers.getSetCookie().find((c) => c.startsWith('connect.sid=')));
+  });
+
   it('express-session mounted after idempotency() streams every answer that saves the session (410 to its retry): said once in the log', async () => {
     const warn = vi.fn();
     const { app, runs } = appWith({ logger: { warn, error: vi.fn() } });
