@@ -201,6 +201,8 @@ export function captureResponse(
   let head: { status: number; message: string; headers: OutgoingHttpHeaders } | undefined;
   /** The status of the head writeHead() wrote (Node keeps it; a later `res.statusCode` goes nowhere). */
   let headStatus: number | undefined;
+  /** The headers of the head writeHead() wrote, as the handler gave them: before its head listeners ran. */
+  let headGiven: ReturnType<typeof snapshotHeaders> | undefined;
   /** The status the client gets: the written head's, once there is one. */
   const statusOut = (r: ServerResponse): number => (r.headersSent && headStatus !== undefined ? headStatus : r.statusCode);
   /**
@@ -298,6 +300,7 @@ export function captureResponse(
     // As Node reads them: a reason that is not a string (undefined, null) leaves the headers second.
     const headers = (reason === undefined ? (rest[1] ?? rest[0]) : rest[1]) as OutgoingHttpHeaders | OutgoingHttpHeader[] | undefined;
     if (headers !== undefined && headers !== null && !this.headersSent) applyHeaders(this, headers);
+    if (mode === 'buffering' && !this.headersSent) headGiven = snapshotHeaders(this.getHeaders());
     const written = (reason === undefined ? Reflect.apply(originalWriteHead, this, [statusCode]) : Reflect.apply(originalWriteHead, this, [statusCode, reason])) as ServerResponse;
     headStatus = this.statusCode;
     // Nothing of the answer is on the wire while only writeHead() ran (Node sends the head with
@@ -415,7 +418,10 @@ export function captureResponse(
     // Not in transactional mode: a rollback replaces the answer with the 503, which the listeners
     // must see as they see any answer (compression() run for the handler's answer gzipped the
     // 503's bytes under headers that did not say so, and the client got a broken answer).
-    let listened: ReturnType<typeof snapshotHeaders> | undefined;
+    // Written with writeHead() before end(), the head met its listeners then: compression() had
+    // set Content-Encoding for the gzip it makes of these bytes, and a replay (bytes stored as
+    // given, its own compression() seeing them "already encoded") sent them raw under that header.
+    let listened = this.headersSent ? headGiven : undefined;
     if (!transactional && !this.headersSent && (this.writeHead !== ours.writeHead || originalWriteHead !== nodeWriteHead)) {
       listened = snapshotHeaders(this.getHeaders());
       probing = true;

@@ -351,6 +351,28 @@ describe('express binding: cookies session middleware sets as the head is writte
     expect(String(warn.mock.calls[0]?.[0])).toMatch(/express-session .*mount such middleware before idempotency\(\)/);
   });
 
+  it('a head written with res.writeHead() under compression(): the replay is as readable as the first answer (no Content-Encoding over raw bytes)', async () => {
+    const app = express();
+    app.use(compression({ threshold: 0 }));
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/made', (_req, res) => {
+      res.writeHead(201, { 'content-type': 'text/plain' });
+      res.end('made');
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    const send = (): Promise<Fetched> => post(`${url}/made`, key, { headers: { 'accept-encoding': 'gzip' } });
+    const first = await send();
+    expect(first.headers.get('content-encoding')).toBe('gzip');
+    expect(new TextDecoder().decode(first.body)).toBe('made');
+    // Before, the stored head kept the first answer's Content-Encoding: gzip, and fetch failed to
+    // decode the replay's raw bytes.
+    const replay = await send();
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    expect(new TextDecoder().decode(replay.body)).toBe('made');
+    expect(replay.headers.get('content-encoding')).toBe('gzip');
+  });
+
   it("running those listeners early changes nothing of the first answer: compression() before it still leaves a raw end() under its threshold alone", async () => {
     const build = (withIdempotency: boolean): Express => {
       const app = express();
