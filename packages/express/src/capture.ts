@@ -422,11 +422,13 @@ export function captureResponse(
     // set Content-Encoding for the gzip it makes of these bytes, and a replay (bytes stored as
     // given, its own compression() seeing them "already encoded") sent them raw under that header.
     let listened = this.headersSent ? headGiven : undefined;
+    let probed = false;
     if (!transactional && !this.headersSent && (this.writeHead !== ours.writeHead || originalWriteHead !== nodeWriteHead)) {
       listened = snapshotHeaders(this.getHeaders());
       probing = true;
       try {
         runHeadListeners(this, body.byteLength);
+        probed = true;
       } catch (error) {
         mode = 'buffering';
         throw error;
@@ -475,6 +477,7 @@ export function captureResponse(
       }
       const endArgs: unknown[] = body.byteLength > 0 ? [body] : [];
       if (callback) endArgs.push(callback);
+      if (probed && !this.headersSent) skipHeadListeners(this);
       Reflect.apply(originalEnd, this, endArgs);
     };
     // Persist first, then release the bytes: never fire and forget. An answer no route gave
@@ -528,6 +531,22 @@ export function runHeadListeners(res: ServerResponse, length: number): void {
       target._removedContLen = removedContLen;
     }
   }
+}
+
+/**
+ * After runHeadListeners: the head Node writes next goes past the wrappers around `res.writeHead`,
+ * whose listeners ran already. on-headers' run once and then pass on; a wrapper that runs at
+ * every call (a middleware's own `res.writeHead = ...`) ran a second time, and a header it
+ * appends went out twice. The per-request wrappers are own properties; Node's is inherited.
+ */
+export function skipHeadListeners(res: ServerResponse): void {
+  const wrapped = Object.getOwnPropertyDescriptor(res, 'writeHead');
+  if (wrapped === undefined) return;
+  const base = (Object.getPrototypeOf(res) as ServerResponse).writeHead;
+  res.writeHead = function writeHead(this: ServerResponse, ...args: unknown[]): ServerResponse {
+    Object.defineProperty(this, 'writeHead', wrapped);
+    return Reflect.apply(base, this, args) as ServerResponse;
+  } as ServerResponse['writeHead'];
 }
 
 /** Answers whose head the handler wrote with writeHead() while buffered (see onlyHeadWritten). */

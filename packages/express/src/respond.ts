@@ -1,6 +1,6 @@
 import { problemResponse, replayHeaders, responseHeaders, type IdempotencyError, type StoredResponse } from '@idemkit/core';
 import type { Response } from 'express';
-import { runHeadListeners } from './capture.js';
+import { runHeadListeners, skipHeadListeners } from './capture.js';
 
 /** A stored response, exactly: status, its headers (plus content-length and Idempotent-Replayed), the bytes. */
 export function writeReplay(res: Response, response: StoredResponse): void {
@@ -40,6 +40,7 @@ function writeRaw(res: Response, status: number, headers: Map<string, string | s
     else res.removeHeader('set-cookie');
   }
   res.appendHeader('set-cookie', cookies);
+  if (replay) skipHeadListeners(res);
   res.end(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
 }
 

@@ -373,6 +373,36 @@ describe('express binding: cookies session middleware sets as the head is writte
     expect(replay.headers.get('content-encoding')).toBe('gzip');
   });
 
+  it('a res.writeHead wrapper that runs at every call (not on-headers\' once) runs once for the first answer and once for its replay, as without idempotency()', async () => {
+    let calls = 0;
+    const app = express();
+    app.use(cookieSession({ name: 'sess', keys: ['k'] }));
+    app.use((_req, res, next) => {
+      const wrapped = res.writeHead;
+      res.writeHead = function writeHead(this: Response, ...args: unknown[]) {
+        calls++;
+        this.appendHeader('server-timing', 'app;dur=1');
+        return Reflect.apply(wrapped, this, args) as Response;
+      } as Response['writeHead'];
+      next();
+    });
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/login', (req, res) => {
+      (req.session as unknown as Record<string, unknown>)['user'] = 'alice';
+      res.status(201).json({ user: 'alice' });
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    const first = await post(`${url}/login`, key);
+    expect(calls).toBe(1);
+    expect(first.headers.get('server-timing')).toBe('app;dur=1');
+    const replay = await post(`${url}/login`, key);
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    expect(calls).toBe(2);
+    expect(replay.headers.get('server-timing')).toBe('app;dur=1');
+    expect(replay.headers.getSetCookie()).toEqual(first.headers.getSetCookie());
+  });
+
   it("running those listeners early changes nothing of the first answer: compression() before it still leaves a raw end() under its threshold alone", async () => {
     const build = (withIdempotency: boolean): Express => {
       const app = express();
