@@ -256,7 +256,10 @@ export function captureResponse(
     // After writeHead(202) a status set later goes nowhere: the head's is what the client gets.
     const status = statusOut(res);
     settling = unrouted(res) ? lease.abandon('not-storable') : lease.commitUnbuffered(status, 'not-bufferable');
-    onStreaming?.(res, res.write !== ours.write || res.end !== ours.end);
+    // Through a later middleware's end(): express-session's writes the head, then the body in two
+    // writes. An end() wrapped later is no sign by itself: a handler that streams with write()
+    // or pipe() reaches our write before any head, and its answer is a stream of its own doing.
+    onStreaming?.(res, res.write !== ours.write || (res.end !== ours.end && res.headersSent));
     if (transactional) {
       held = [];
       head = { status, message: res.statusMessage, headers: res.getHeaders() };

@@ -403,6 +403,23 @@ describe('express binding: cookies session middleware sets as the head is writte
     expect(replay.headers.getSetCookie()).toEqual(first.headers.getSetCookie());
   });
 
+  it('a handler that streams with pipe() under express-session mounted after idempotency() is no sign of that session: nothing in the log', async () => {
+    const warn = vi.fn();
+    const { app } = appWith({ logger: { warn, error: vi.fn() } });
+    app.use(session({ secret: 's', resave: false, saveUninitialized: false }));
+    app.post('/export', (_req, res) => {
+      res.setHeader('content-type', 'text/plain');
+      Readable.from(['a', 'b', 'c']).pipe(res);
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    const first = await post(`${url}/export`, key);
+    expect(new TextDecoder().decode(first.body)).toBe('abc');
+    expect((await post(`${url}/export`, key)).status).toBe(410);
+    // Before, it said express-session streamed the answer and to mount it before idempotency().
+    expect(warn).not.toHaveBeenCalled();
+  });
+
   it("running those listeners early changes nothing of the first answer: compression() before it still leaves a raw end() under its threshold alone", async () => {
     const build = (withIdempotency: boolean): Express => {
       const app = express();
