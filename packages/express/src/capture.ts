@@ -268,7 +268,9 @@ export function captureResponse(
   };
 
   res.writeHead = function writeHead(this: ServerResponse, statusCode: number, ...rest: unknown[]): ServerResponse {
-    if (probing) return Reflect.apply(originalWriteHead, this, [statusCode]) as ServerResponse;
+    // With what a wrapper mounted later passes on (its reason, its headers): the real head goes
+    // past that wrapper (see skipHeadListeners), so this is the only call that gives them.
+    if (probing) return Reflect.apply(originalWriteHead, this, [statusCode, ...rest]) as ServerResponse;
     // end() is storing the answer: a writeHead now (an error handler's) would send its status
     // and headers ahead of the stored answer's bytes. Ignored, as the end() after it is.
     if (mode === 'ending' && !delivering && !this.headersSent) return this;
@@ -544,10 +546,13 @@ export function runHeadListeners(res: ServerResponse, length: number): void {
  */
 export function skipHeadListeners(res: ServerResponse): void {
   const wrapped = Object.getOwnPropertyDescriptor(res, 'writeHead');
-  if (wrapped === undefined) return;
-  const base = (Object.getPrototypeOf(res) as ServerResponse).writeHead;
+  if (wrapped === undefined && res.writeHead === nodeWriteHead) return;
+  // Node's own, not the inherited one: a wrapper on a prototype (`app.response.writeHead`, an
+  // agent's on ServerResponse) ran early too, and a second run doubled what it appends.
+  const base = nodeWriteHead;
   res.writeHead = function writeHead(this: ServerResponse, ...args: unknown[]): ServerResponse {
-    Object.defineProperty(this, 'writeHead', wrapped);
+    if (wrapped === undefined) delete (this as Partial<ServerResponse>).writeHead;
+    else Object.defineProperty(this, 'writeHead', wrapped);
     return Reflect.apply(base, this, args) as ServerResponse;
   } as ServerResponse['writeHead'];
 }
