@@ -74,4 +74,27 @@ describe('express binding: writeHead wrappers and the early run of the head list
     expect(replay.h.get('idempotent-replayed')).toBe('true');
     expect(replay.h.get('server-timing')).toBe('app;dur=1');
   });
+
+  it('a writeHead wrapper on the response prototype, with no per-request one: once for the first answer and for its replay with stored cookies', async () => {
+    const app = express();
+    const proto = app.response as unknown as { writeHead: Response['writeHead'] };
+    const wrapped = proto.writeHead;
+    proto.writeHead = function writeHead(this: Response, ...args: unknown[]) {
+      this.appendHeader('server-timing', 'app;dur=1');
+      return Reflect.apply(wrapped, this, args) as Response;
+    } as Response['writeHead'];
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/x', (_req, res) => {
+      res.cookie('a', '1');
+      res.status(201).json({ ok: true });
+    });
+    const url = await serve(app);
+    const key = randomUUID();
+    const first = await post(`${url}/x`, key);
+    const replay = await post(`${url}/x`, key);
+    expect(first.h.get('server-timing')).toBe('app;dur=1');
+    expect(replay.h.get('idempotent-replayed')).toBe('true');
+    expect(replay.h.get('server-timing')).toBe('app;dur=1');
+    expect(replay.h.getSetCookie()).toEqual(first.h.getSetCookie());
+  });
 });
