@@ -203,6 +203,10 @@ export function captureResponse(
   let headStatus: number | undefined;
   /** The headers of the head writeHead() wrote, as the handler gave them: before its head listeners ran. */
   let headGiven: ReturnType<typeof snapshotHeaders> | undefined;
+  /** Set while `_implicitHeader()` runs (a later end()'s, as express-session's, writing the head for its writes). */
+  let implicit = false;
+  /** The written head came through `_implicitHeader()`, not from the handler's own writeHead(). */
+  let headImplicit = false;
   /** The status the client gets: the written head's, once there is one. */
   const statusOut = (r: ServerResponse): number => (r.headersSent && headStatus !== undefined ? headStatus : r.statusCode);
   /**
@@ -259,7 +263,9 @@ export function captureResponse(
     // Through a later middleware's end(): express-session's writes the head, then the body in two
     // writes. An end() wrapped later is no sign by itself: a handler that streams with write()
     // or pipe() reaches our write before any head, and its answer is a stream of its own doing.
-    onStreaming?.(res, res.write !== ours.write || (res.end !== ours.end && res.headersSent));
+    // Nor is a head the handler wrote itself (writeHead(200, {...}) and then write(), as an SSE
+    // stream does): express-session's end() writes its head through _implicitHeader().
+    onStreaming?.(res, res.write !== ours.write || (res.end !== ours.end && res.headersSent && headImplicit));
     if (transactional) {
       held = [];
       head = { status, message: res.statusMessage, headers: res.getHeaders() };
@@ -305,7 +311,10 @@ export function captureResponse(
     // As Node reads them: a reason that is not a string (undefined, null) leaves the headers second.
     const headers = (reason === undefined ? (rest[1] ?? rest[0]) : rest[1]) as OutgoingHttpHeaders | OutgoingHttpHeader[] | undefined;
     if (headers !== undefined && headers !== null && !this.headersSent) applyHeaders(this, headers);
-    if (mode === 'buffering' && !this.headersSent) headGiven = snapshotHeaders(this.getHeaders());
+    if (mode === 'buffering' && !this.headersSent) {
+      headGiven = snapshotHeaders(this.getHeaders());
+      headImplicit = implicit;
+    }
     const written = (reason === undefined ? Reflect.apply(originalWriteHead, this, [statusCode]) : Reflect.apply(originalWriteHead, this, [statusCode, reason])) as ServerResponse;
     headStatus = this.statusCode;
     // Nothing of the answer is on the wire while only writeHead() ran (Node sends the head with
@@ -504,6 +513,18 @@ export function captureResponse(
     void settled.then(deliverOrDestroy, deliverOrDestroy);
     return this;
   } as ServerResponse['end'];
+  const target = res as ServerResponse & { _implicitHeader?: () => void };
+  const originalImplicitHeader = target._implicitHeader;
+  if (typeof originalImplicitHeader === 'function') {
+    target._implicitHeader = function _implicitHeader(this: ServerResponse): void {
+      implicit = true;
+      try {
+        originalImplicitHeader.call(this);
+      } finally {
+        implicit = false;
+      }
+    };
+  }
   ours = { write: res.write, end: res.end, writeHead: res.writeHead };
 }
 
