@@ -383,6 +383,9 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // Transactional mode, rolled back: the handler's answer describes writes that never happened.
     const replacement = lease.replacement;
     if (replacement) {
+      // The handler's stream never goes out: closed, as Fastify never reads it now (its file
+      // descriptor, a cursor, stayed open, and 'close' never came).
+      discardStream(payload);
       for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name);
       reply.code(replacement.status);
       for (const [name, value] of responseHeaders(replacement)) reply.header(name, value);
@@ -607,6 +610,14 @@ function isStream(payload: unknown): boolean {
   if (typeof payload !== 'object' || payload === null) return false;
   const p = payload as { pipe?: unknown; getReader?: unknown };
   return typeof p.pipe === 'function' || typeof p.getReader === 'function';
+}
+
+/** Close a stream payload that will not be sent: a Node stream destroyed, a web stream cancelled. */
+function discardStream(payload: unknown): void {
+  if (!isStream(payload)) return;
+  const p = payload as { destroy?: () => void; cancel?: () => Promise<void> };
+  if (typeof p.destroy === 'function') p.destroy();
+  else if (typeof p.cancel === 'function') p.cancel().catch(() => undefined);
 }
 
 /** What Fastify sends as a stream: a Node or web stream, or a Response whose body is unread. */

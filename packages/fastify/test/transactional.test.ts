@@ -1,5 +1,6 @@
 import { createMemoryStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import { Readable } from 'node:stream';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { fastifyIdempotency } from '../src/index.js';
 
@@ -168,5 +169,31 @@ describe("transactional mode: the handler's own answer", () => {
     });
     expect((await post(app, asyncHook ? 'k8' : 'k6')).statusCode).toBe(201);
     expect(seenAtAnswer).toEqual(['only']);
+  });
+});
+
+describe('transactional mode: a rolled-back answer sent as a stream', () => {
+  it.each([204, 201])('the stream the rollback replaced is closed, not left open (status %i)', async (status) => {
+    // A COMMIT that fails: the handler's answer is replaced by the 503.
+    const store: TransactionalStore<null> = Object.assign(createMemoryStore(), {
+      async beginTransaction(): Promise<StoreTransaction<null>> {
+        return { client: null, complete: () => Promise.reject(new Error('COMMIT failed')), rollback: async () => undefined };
+      },
+    });
+    const app = Fastify();
+    apps.push(app);
+    await app.register(fastifyIdempotency, { store, transactional: true, logger: false });
+    let node: Readable | undefined;
+    let cancelled = false;
+    app.post('/node', async (_request, reply) => reply.code(status).send((node = new Readable({ read() {} }))));
+    app.post('/web', async (_request, reply) => reply.code(status).send(new ReadableStream({ cancel: () => void (cancelled = true) })));
+    await app.ready();
+    for (const url of ['/node', '/web']) {
+      const res = await app.inject({ method: 'POST', url, payload: {}, headers: { 'idempotency-key': `stream-${status}${url}` } });
+      expect([url, res.statusCode]).toEqual([url, 503]);
+    }
+    // Before: never read nor closed (a file's descriptor, a cursor stayed open).
+    expect(node?.destroyed).toBe(true);
+    await vi.waitFor(() => expect(cancelled).toBe(true));
   });
 });
