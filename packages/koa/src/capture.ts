@@ -53,13 +53,23 @@ export function captureResponse(ctx: Context): Captured {
   if (typeof body === 'string') return assign(ctx, status, Buffer.from(body));
   if (isUnbufferable(body)) return UNBUFFERED;
 
-  const json: string | undefined = JSON.stringify(body);
+  // A HEAD with a Content-Length set: respond() ends it without serialising the body, so one
+  // JSON.stringify fails on (or makes nothing of) still goes out as the handler answered it.
+  const unserialised = ctx.method === 'HEAD' && ctx.res.hasHeader('content-length');
+  let json: string | undefined;
+  try {
+    json = JSON.stringify(body);
+  } catch (error) {
+    // E.g. a BigInt: marked as below, not a 500 Koa would not give (and a key freed for a handler that answered).
+    if (unserialised) return UNBUFFERED;
+    throw error;
+  }
   // JSON.stringify gives undefined for e.g. a function: Koa's respond() then throws
   // (Buffer.byteLength(undefined)) and answers 500. Left to Koa untouched, so it fails as it would
   // without the middleware; the key is freed as for any failed handler, not marked streamed (410).
   // Except on a HEAD with a Content-Length set: respond() ends it before serialising, and no 500
   // comes (the handler ran and answered), so it is marked as before, never run again.
-  if (json === undefined) return ctx.method === 'HEAD' && ctx.res.hasHeader('content-length') ? UNBUFFERED : UNSENDABLE;
+  if (json === undefined) return unserialised ? UNBUFFERED : UNSENDABLE;
   return assign(ctx, status, Buffer.from(json));
 }
 

@@ -339,6 +339,32 @@ describe('koa binding: thrown errors release the key', () => {
     expect(runs).toBe(1);
   });
 
+  it.each([
+    ['a BigInt', { n: 1n }],
+    ['a toJSON() that throws', { toJSON: (): never => { throw new Error('not serialisable'); } }],
+  ] as const)('a covered HEAD with a body JSON.stringify throws on, %s, and a Content-Length set: Koa answers it (no 500), so a retry does not run the handler again', async (_name, body) => {
+    let runs = 0;
+    const handler: Middleware = (ctx) => {
+      runs++;
+      ctx.status = 201;
+      ctx.body = body;
+      ctx.set('Content-Length', '2');
+    };
+    const plain = await start((app) => app.use(handler));
+    const guarded = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), methods: ['POST', 'HEAD'] }));
+      app.use(handler);
+    });
+    const head = (url: string): Promise<Response> => fetch(url, { method: 'HEAD', headers: { 'idempotency-key': 'head-throws' } });
+    expect((await head(plain.url)).status).toBe(201);
+    runs = 0;
+    // Before: JSON.stringify threw in the middleware, so a 500 for an answer Koa sends, the key
+    // freed, and the retry ran the handler again.
+    expect((await head(guarded.url)).status).toBe(201);
+    expect((await head(guarded.url)).status).toBe(410);
+    expect(runs).toBe(1);
+  });
+
   it('an error middleware mounted inside turns the throw into a 500 response: not stored either', async () => {
     let runs = 0;
     const { url } = await start((app) => {
