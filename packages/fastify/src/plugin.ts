@@ -357,7 +357,9 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // drops its content-type then as well; only a 204 sent with no payload keeps a content-type
     // the handler set. (A Response brings headers Fastify adds after onSend: left as it was.)
     const dropped = status === 204 && payload !== undefined && payload !== null && (bytes !== undefined || isStream(payload));
-    const body = dropped ? new Uint8Array(0) : bytes;
+    // A 304's stream Fastify pipes, but Node writes no body for a 304: it went out empty (as on
+    // Express and Koa), not streamed, so the retry gets it and not a 410.
+    const body = dropped || (status === 304 && isStream(payload)) ? new Uint8Array(0) : bytes;
     const stored = dropped ? { ...headers, 'content-type': undefined } : headers;
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
     // a Response whose body was read): Fastify fails it with a 500, so the key is given back.

@@ -318,6 +318,29 @@ describe('payloads', () => {
     expect(runs).toBe(1);
   });
 
+  it.each([
+    ['a Node stream', () => Readable.from(['abc'])],
+    ['a web ReadableStream', () => ReadableStream.from([new Uint8Array([1, 2])])],
+  ] as Array<[string, () => unknown]>)('a 304 sent with %s (Node writes none of it) replays as the empty 304 that went out', async (_name, payload) => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/unchanged', async (_request, reply) => {
+        runs++;
+        return reply.code(304).header('etag', '"v1"').send(payload());
+      });
+    });
+    const first = await post(app, '/unchanged', 'k');
+    const again = await post(app, '/unchanged', 'k');
+    expect(first.statusCode).toBe(304);
+    // Before: stored as not bufferable, so the retry got 410 (Express and Koa replay it).
+    expect(replayed(again)).toBe(true);
+    expect(again.statusCode).toBe(304);
+    expect(again.headers['etag']).toBe('"v1"');
+    expect(again.headers['content-length']).toBe(first.headers['content-length']);
+    expect(again.body).toBe('');
+    expect(runs).toBe(1);
+  });
+
   it('a stream is delivered unchanged; the retry gets 410 and the handler never runs again', async () => {
     let runs = 0;
     const { app } = await build((a) => {
