@@ -352,7 +352,9 @@ export function captureResponse(
     // Node drops every write of a 204 or 304: it writes the head (through our writeHead, as a
     // handler's writeHead() does) and calls back. Nothing streams: end() stores the answer as it
     // goes out (empty), as Koa and Fastify do, not a 410; a throw after it is a throw after writeHead().
-    const bodiless = statusOut(this) === 204 || statusOut(this) === 304;
+    // Not in transactional mode: that head would go out before the commit, and a rollback could
+    // then only cut the connection; held as a stream, the rollback's 503 goes out instead.
+    const bodiless = !transactional && (statusOut(this) === 204 || statusOut(this) === 304);
     if (mode === 'buffering' && bodiless && (!this.headersSent || headOnly.get(this)?.() === true)) return Reflect.apply(originalWrite, this, args) as boolean;
     startStreaming();
     if (held || replaced) {

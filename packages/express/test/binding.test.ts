@@ -1121,6 +1121,28 @@ describe('express binding: transactional mode', () => {
     await vi.waitFor(() => expect(told).toMatchObject({ code: 'ERR_STREAM_DESTROYED' }));
   });
 
+  it('a rolled-back 204 the handler wrote to or piped into (Node drops the bytes) is replaced by the 503, as a res.write() answer is', async () => {
+    const app = failingCommitApp();
+    let called = 0;
+    app.post('/w', (_req, res) => {
+      res.status(204).set('x-a', 'b');
+      res.write('dropped', () => void called++);
+      res.end();
+    });
+    app.post('/pipe', (_req, res) => {
+      res.status(204);
+      Readable.from(['dropped']).pipe(res);
+    });
+    const url = await serve(app);
+    for (const path of ['w', 'pipe']) {
+      // Before: Node's write stored the 204 head, so the rollback could only cut the connection.
+      const reply = await post(`${url}/${path}`, randomUUID());
+      expect([path, reply.status]).toEqual([path, 503]);
+      expect(new TextDecoder().decode(reply.body)).toContain('rolled back');
+    }
+    expect(called).toBe(1);
+  });
+
   it('a rolled-back streamed answer whose head was written with res.writeHead cuts the connection', async () => {
     const app = failingCommitApp();
     app.post('/tx', (_req, res) => {
