@@ -102,9 +102,9 @@ export class RunningLease implements Lease {
   #retryRenewsUntil = 0;
   /** The 410 marker sent instead of a retried answer the store kept refusing (see #completeLater). */
   #retryMarker: StoredResponse | null = null;
-  /** Settles when the background completion ends, with whether the answer (or its marker) is stored; null when none ran. */
-  #retryEnded: Promise<boolean> | null = null;
-  #retryEnd: ((stored: boolean) => void) | null = null;
+  /** Settles when the background completion ends (see #endRetry); null when none ran. */
+  #retryEnded: Promise<void> | null = null;
+  #retryEnd: (() => void) | null = null;
   /** The handler ended its own transaction (see #afterTransactionEnded). */
   #transactionEnded = false;
   /** A transactional completion or rollback outlasted the store deadline: the key is held (and renewed) until it settles. */
@@ -148,10 +148,10 @@ export class RunningLease implements Lease {
 
   /**
    * A completion the store failed, retried in the background (see #completeLater): settles when
-   * that retry ends, with whether the answer (or its 410 marker) landed; null when there is none.
-   * For callers nobody else waits on (`idempotent()`): a binding sends its answer without it.
+   * that retry ends (landed, marked, or given up, each reported as an event); null when there is
+   * none. For callers nobody else waits on (`idempotent()`): a binding sends its answer without it.
    */
-  get backgroundCompletion(): Promise<boolean> | null {
+  get backgroundCompletion(): Promise<void> | null {
     return this.#retryEnded;
   }
 
@@ -457,16 +457,15 @@ export class RunningLease implements Lease {
     if (response === null) return;
     this.#retrying = null;
     this.#stopRenewing(true);
-    let landed = false;
     try {
-      landed = await this.#retryOutcome(response, outcome);
+      await this.#retryOutcome(response, outcome);
     } finally {
-      this.#retryEnd?.(landed);
+      this.#retryEnd?.();
     }
   }
 
-  /** Report how the background completion ended; true when the answer (or the marker) is stored. */
-  async #retryOutcome(response: StoredResponse, outcome: 'stored' | 'marked' | 'refused' | 'gave-up'): Promise<boolean> {
+  /** Report how the background completion ended. */
+  async #retryOutcome(response: StoredResponse, outcome: 'stored' | 'marked' | 'refused' | 'gave-up'): Promise<void> {
     // A marker sent meanwhile may be what the record holds (its reply lost, or a renewal refused
     // because it had landed): then that is the outcome.
     if (outcome !== 'stored' && outcome !== 'marked' && this.#retryMarker !== null && (await this.#holdsOwnAnswer(this.#retryMarker))) outcome = 'marked';
@@ -475,20 +474,16 @@ export class RunningLease implements Lease {
       this.host.options.logger?.error(
         `[idemkit] The store kept failing to store the answer for key "${this.key}" while it renewed its lease: stored the 410 marker (reason "store-refused") instead, so a retry gets 410 and the handler is not run again.`,
       );
-      return true;
+      return;
     }
     const stored = outcome === 'stored' || (await this.#holdsOwnAnswer(response));
     if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored });
-    if (stored) return true;
-    if (outcome === 'refused') {
-      this.#lost('complete');
-      return false;
-    }
+    if (stored) return;
+    if (outcome === 'refused') return this.#lost('complete');
     this.host.emit({ type: 'lease-lost', key: this.key, operation: 'complete' });
     this.host.options.logger?.error(
       `[idemkit] Gave up storing the answer for key "${this.key}": the store kept failing the completion until its lease ran out. A retry with this key may run the handler again.`,
     );
-    return false;
   }
 
   /** Whether the record holds this lease's own answer (an attempt that timed out here did land). */

@@ -17,9 +17,16 @@ async function serve(app: Express): Promise<string> {
   return handle.url;
 }
 
-async function post(url: string, key: string): Promise<Response & { h: Headers; status: number; text: string; statusText: string }> {
+interface Answer {
+  readonly h: Headers;
+  readonly status: number;
+  readonly statusText: string;
+  readonly text: string;
+}
+
+async function post(url: string, key: string): Promise<Answer> {
   const res = await fetch(url, { method: 'POST', headers: { 'idempotency-key': key } });
-  return { h: res.headers, status: res.status, statusText: res.statusText, text: await res.text() } as never;
+  return { h: res.headers, status: res.status, statusText: res.statusText, text: await res.text() };
 }
 
 describe('express binding: writeHead wrappers and the early run of the head listeners', () => {
