@@ -4,6 +4,7 @@ import type { AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
 import type { StartApp, StartAppInput, TestAppHandle } from '@idemkit/http-suite';
 import express, { type Express, type NextFunction, type Request, type Response } from 'express';
+import { afterEach } from 'vitest';
 import { idempotency, type ExpressIdempotencyOptions } from '../src/index.js';
 
 /** The express module (5, or 4 through the `express4` alias): the app is the same for both. */
@@ -144,3 +145,19 @@ export async function listen(app: Express): Promise<TestAppHandle> {
 }
 
 export const startApp: StartApp = (input) => listen(buildApp(input));
+
+/**
+ * `serve(app)` for a test file: listens on a free loopback port and gives the URL; every server
+ * the file started is closed after each test.
+ */
+export function serving(): (app: Express) => Promise<string> {
+  const open: Array<() => Promise<void>> = [];
+  afterEach(async () => {
+    await Promise.all(open.splice(0).map((close) => close()));
+  });
+  return async (app) => {
+    const handle = await listen(app);
+    open.push(handle.close);
+    return handle.url;
+  };
+}

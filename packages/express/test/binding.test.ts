@@ -12,21 +12,12 @@ import fileUpload from 'express-fileupload';
 import multer from 'multer';
 import express, { type ErrorRequestHandler, type Express, type NextFunction, type Request, type Response } from 'express';
 import express4 from 'express4';
-import { afterEach, describe, expect, it, onTestFinished, vi } from 'vitest';
+import { describe, expect, it, onTestFinished, vi } from 'vitest';
 import { idempotency, idempotencyErrorHandler, type ExpressIdempotencyOptions } from '../src/index.js';
-import { listen } from './app.js';
+import { serving } from './app.js';
 import { SlowBeginStore } from '@idemkit/http-suite';
 
-const open: Array<() => Promise<void>> = [];
-afterEach(async () => {
-  await Promise.all(open.splice(0).map((close) => close()));
-});
-
-async function serve(app: Express): Promise<string> {
-  const handle = await listen(app);
-  open.push(handle.close);
-  return handle.url;
-}
+const serve = serving();
 
 interface Fetched {
   status: number;
@@ -250,6 +241,15 @@ describe('express binding: headers middleware set before the key was claimed', (
 });
 
 describe('express binding: cookies session middleware sets as the head is written', () => {
+  /** idempotency(), then the login route these tests post to: it saves the user in the session. */
+  function withLogin(app: Express): void {
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/login', (req, res) => {
+      (req.session as unknown as Record<string, unknown>)['user'] = 'alice';
+      res.status(201).json({ user: 'alice' });
+    });
+  }
+
   // express-session and cookie-session set their cookie from an on-headers listener, which ran
   // only once the answer was stored: the replay of a login lacked the session it created.
   const logins: Record<string, (app: Express) => void> = {
@@ -294,11 +294,7 @@ describe('express binding: cookies session middleware sets as the head is writte
   it("express-session's default saveUninitialized: the replay's stored session cookie comes after the new empty one it gives a cookieless retry", async () => {
     const app = express();
     app.use(session({ secret: 's', resave: false, saveUninitialized: true }));
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
-    app.post('/login', (req, res) => {
-      (req.session as unknown as Record<string, unknown>)['user'] = 'alice';
-      res.status(201).json({ user: 'alice' });
-    });
+    withLogin(app);
     app.get('/me', (req, res) => void res.json({ user: (req.session as unknown as Record<string, unknown>)['user'] ?? null }));
     const url = await serve(app);
     const key = randomUUID();
@@ -316,11 +312,7 @@ describe('express binding: cookies session middleware sets as the head is writte
     const app = express();
     app.use(session({ secret: 's', resave: false, saveUninitialized: true, rolling: true }));
     app.use((_req, res, next) => void (res.cookie('theme', 'dark', { path: '/' }), res.cookie('theme', 'x', { path: '/admin' }), next()));
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
-    app.post('/login', (req, res) => {
-      (req.session as unknown as Record<string, unknown>)['user'] = 'alice';
-      res.status(201).json({ user: 'alice' });
-    });
+    withLogin(app);
     const url = await serve(app);
     const key = randomUUID();
     const first = await post(`${url}/login`, key);
@@ -386,11 +378,7 @@ describe('express binding: cookies session middleware sets as the head is writte
       } as Response['writeHead'];
       next();
     });
-    app.use(idempotency({ store: createMemoryStore(), logger: false }));
-    app.post('/login', (req, res) => {
-      (req.session as unknown as Record<string, unknown>)['user'] = 'alice';
-      res.status(201).json({ user: 'alice' });
-    });
+    withLogin(app);
     const url = await serve(app);
     const key = randomUUID();
     const first = await post(`${url}/login`, key);

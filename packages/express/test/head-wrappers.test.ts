@@ -2,20 +2,11 @@ import { randomUUID } from 'node:crypto';
 import { createMemoryStore } from '@idemkit/core';
 import cookieSession from 'cookie-session';
 import express, { type Express, type Response } from 'express';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { idempotency } from '../src/index.js';
-import { listen } from './app.js';
+import { serving } from './app.js';
 
-const open: Array<() => Promise<void>> = [];
-afterEach(async () => {
-  await Promise.all(open.splice(0).map((close) => close()));
-});
-
-async function serve(app: Express): Promise<string> {
-  const handle = await listen(app);
-  open.push(handle.close);
-  return handle.url;
-}
+const serve = serving();
 
 interface Answer {
   readonly h: Headers;
@@ -27,6 +18,16 @@ interface Answer {
 async function post(url: string, key: string): Promise<Answer> {
   const res = await fetch(url, { method: 'POST', headers: { 'idempotency-key': key } });
   return { h: res.headers, status: res.status, statusText: res.statusText, text: await res.text() };
+}
+
+/** A writeHead wrapper on the app's response prototype (as an APM agent adds), appending one header per call. */
+function timedPrototype(app: Express): void {
+  const proto = app.response as unknown as { writeHead: Response['writeHead'] };
+  const wrapped = proto.writeHead;
+  proto.writeHead = function writeHead(this: Response, ...args: unknown[]) {
+    this.appendHeader('server-timing', 'app;dur=1');
+    return Reflect.apply(wrapped, this, args) as Response;
+  } as Response['writeHead'];
 }
 
 describe('express binding: writeHead wrappers and the early run of the head listeners', () => {
@@ -56,12 +57,7 @@ describe('express binding: writeHead wrappers and the early run of the head list
   it('a writeHead wrapper on the app\'s response prototype runs once for the first answer, as without idempotency()', async () => {
     const build = (withIdempotency: boolean): Express => {
       const app = express();
-      const proto = app.response as unknown as { writeHead: Response['writeHead'] };
-      const wrapped = proto.writeHead;
-      proto.writeHead = function writeHead(this: Response, ...args: unknown[]) {
-        this.appendHeader('server-timing', 'app;dur=1');
-        return Reflect.apply(wrapped, this, args) as Response;
-      } as Response['writeHead'];
+      timedPrototype(app);
       app.use(cookieSession({ name: 'sess', keys: ['k'] }));
       if (withIdempotency) app.use(idempotency({ store: createMemoryStore(), logger: false }));
       app.post('/x', (req, res) => {
@@ -84,12 +80,7 @@ describe('express binding: writeHead wrappers and the early run of the head list
 
   it('a writeHead wrapper on the response prototype, with no per-request one: once for the first answer and for its replay with stored cookies', async () => {
     const app = express();
-    const proto = app.response as unknown as { writeHead: Response['writeHead'] };
-    const wrapped = proto.writeHead;
-    proto.writeHead = function writeHead(this: Response, ...args: unknown[]) {
-      this.appendHeader('server-timing', 'app;dur=1');
-      return Reflect.apply(wrapped, this, args) as Response;
-    } as Response['writeHead'];
+    timedPrototype(app);
     app.use(idempotency({ store: createMemoryStore(), logger: false }));
     app.post('/x', (_req, res) => {
       res.cookie('a', '1');

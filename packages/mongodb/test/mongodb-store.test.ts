@@ -27,6 +27,19 @@ const response = (body: Uint8Array, status = 201): StoredResponse => ({
 });
 const silent = { warn: () => undefined };
 
+/**
+ * A taker whose process dies between its claim and its write: the store's record writes never
+ * answer from now on. Resolves once the first of them has been sent.
+ */
+function writesNeverAnswer(store: ReturnType<typeof createMongoStore>): Promise<void> {
+  return new Promise<void>((sent) => {
+    store.collection.updateOne = (async () => {
+      sent();
+      return new Promise<never>(() => undefined);
+    }) as unknown as typeof store.collection.updateOne;
+  });
+}
+
 beforeAll(async () => {
   t = await openTestDatabase('mongodb_store');
 });
@@ -283,12 +296,7 @@ describe('atomic begin', () => {
       const t0 = Date.now();
       expect((await storeA.begin(k, 'fp', 100)).kind).toBe('acquired');
       // Taker A claims the expired lease and never writes (its process died).
-      let stalled!: () => void;
-      const stall = new Promise<void>((resolve) => (stalled = resolve));
-      storeA.collection.updateOne = (async () => {
-        stalled();
-        return new Promise<never>(() => undefined);
-      }) as unknown as typeof storeA.collection.updateOne;
+      const stall = writesNeverAnswer(storeA);
       vi.setSystemTime(t0 + 200);
       void storeA.begin(k, 'a', 30_000);
       await stall;
@@ -314,12 +322,7 @@ describe('atomic begin', () => {
     expect((await storeA.begin(k, 'fp', 100)).kind).toBe('acquired');
     await vi.waitFor(async () => expect(await storeA.get(k)).toBeUndefined(), { timeout: 5_000, interval: 20 });
     // Taker A claims the expired lease and never writes (its process died).
-    let stalled!: () => void;
-    const stall = new Promise<void>((resolve) => (stalled = resolve));
-    storeA.collection.updateOne = (async () => {
-      stalled();
-      return new Promise<never>(() => undefined);
-    }) as unknown as typeof storeA.collection.updateOne;
+    const stall = writesNeverAnswer(storeA);
     void storeA.begin(k, 'a', 30_000);
     await stall;
     const held = await storeB.begin(k, 'b', 30_000);
