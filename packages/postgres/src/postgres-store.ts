@@ -43,6 +43,13 @@ const UNDEFINED_TABLE = '42P01';
 /** When a lost claim's release is sent again after the first (see `#releaseLostClaim`), in ms; then every GIVE_BACK_EVERY_MS. */
 const GIVE_BACK_MS: readonly number[] = [250, 1_000, 3_000];
 const GIVE_BACK_EVERY_MS = 5_000;
+/**
+ * The largest body the store can read back (127 MiB). `bytea` arrives as text, two characters a
+ * byte in the default hex output and up to four under `bytea_output = 'escape'`, and a V8 string
+ * holds at most 2^29 - 24 characters: a larger body was written, and then every read of its key
+ * (each retry's `begin`, `get`) failed in the driver, so the answer could never be replayed.
+ */
+const MAX_RESPONSE_BYTES = 127 * 1024 * 1024;
 
 /** pg's `query_timeout` rejection: the statement was sent and may still run on the server. */
 function isReadTimeout(error: unknown): boolean {
@@ -93,6 +100,8 @@ function timedOutOn(pool: Pool): WeakMap<Error, number> {
 
 export class PostgresStore implements TransactionalStore<PoolClient> {
   readonly shared = true;
+  /** The largest response body the store can read back (127 MiB); the engine refuses a larger `maxBodyBytes`. */
+  readonly maxResponseBytes = MAX_RESPONSE_BYTES;
   /** The escaped, schema-qualified table name (`"public"."idempotency_keys"`), for your own queries. */
   readonly table: string;
   /** The pool the store uses: yours, or the one it created from `connectionString`. */

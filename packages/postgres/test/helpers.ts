@@ -19,13 +19,19 @@ export interface TestSchema {
   drop(): Promise<void>;
 }
 
+/**
+ * Prefix of every schema (and role) the tests create: `IDEMKIT_TEST_SCHEMA_PREFIX` when set, so
+ * runs that share one server can keep to names of their own.
+ */
+export const TEST_PREFIX = process.env.IDEMKIT_TEST_SCHEMA_PREFIX ?? 'idemkit_t_';
+
 /** One schema per test file, so files run in parallel against one database. */
 export async function openSchema(max = 20): Promise<TestSchema> {
   const url = await postgresUrl();
   const pool = new pg.Pool({ connectionString: url, max });
   // Backends terminated by the failure tests surface here when idle; the tests assert on queries.
   pool.on('error', () => undefined);
-  const schema = `idemkit_t_${randomUUID().replaceAll('-', '').slice(0, 16)}`;
+  const schema = `${TEST_PREFIX}${randomUUID().replaceAll('-', '').slice(0, 16)}`;
   await pool.query(`CREATE SCHEMA "${schema}"`);
   return {
     url,

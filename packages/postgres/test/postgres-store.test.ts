@@ -1,13 +1,14 @@
 import { readFile } from 'node:fs/promises';
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
-import { createIdempotencyEngine, type LeaseToken } from '@idemkit/core';
+import { constants } from 'node:buffer';
+import { ConfigurationError, createIdempotencyEngine, type IncomingRequest, type LeaseToken } from '@idemkit/core';
 import { answerHoldingProxy } from '@idemkit/test-services';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createPostgresStore, type PostgresStore } from '../src/index.js';
 import { buildQueries } from '../src/queries.js';
 import { schemaFileText } from '../src/schema.js';
-import { bytes, openSchema, type TestSchema } from './helpers.js';
+import { bytes, openSchema, TEST_PREFIX, type TestSchema } from './helpers.js';
 
 let db: TestSchema;
 let store: PostgresStore;
@@ -124,6 +125,34 @@ describe('construction and options', () => {
     expect(settled).toBe(true);
     expect(owned.pool.totalCount).toBe(0);
     await inFlight;
+  });
+});
+
+describe('the largest body it can read back', () => {
+  it('declares it, so the engine refuses a larger maxBodyBytes at setup and larger answers get the 410 too-large marker', async () => {
+    // bytea reaches pg as text, up to 4 characters a byte (bytea_output = 'escape'), and one
+    // string holds at most MAX_STRING_LENGTH characters: a body past that is written, then every
+    // read of its key fails in the driver.
+    expect(store.maxResponseBytes).toBe(127 * 1024 * 1024);
+    expect(4 * store.maxResponseBytes + 2).toBeLessThanOrEqual(constants.MAX_STRING_LENGTH);
+    // Before: accepted, and a 300 MiB answer was stored that no retry could ever replay.
+    expect(() => createIdempotencyEngine({ store, maxBodyBytes: 300 * 1024 * 1024, logger: false })).toThrow(ConfigurationError);
+    expect(() => createIdempotencyEngine({ store, maxBodyBytes: 300 * 1024 * 1024, logger: false })).toThrow(/more than this store can keep in one record \(133169152 bytes\)/);
+    expect(createIdempotencyEngine({ store, maxBodyBytes: store.maxResponseBytes, logger: false }).options.maxBodyBytes).toBe(store.maxResponseBytes);
+    // Below the limit, maxBodyBytes decides (lowered here): a larger answer is not stored, and its
+    // retry gets the too-large problem instead of a second run.
+    const engine = createIdempotencyEngine({ store, maxBodyBytes: 1024, logger: false });
+    const request = (k: string): IncomingRequest => ({ method: 'POST', path: '/exports', headers: { 'idempotency-key': k }, body: { a: 1 } });
+    const k = key();
+    const first = await engine.decide(request(k));
+    if (first.kind !== 'run') throw new Error(`expected run, got ${first.kind}`);
+    await first.lease.commit({ status: 200, headers: [['content-type', 'application/octet-stream']], body: new Uint8Array(2048) });
+    const retry = await engine.decide(request(k));
+    expect(retry.kind).toBe('replay');
+    if (retry.kind !== 'replay') return;
+    expect(retry.response.status).toBe(410);
+    expect(retry.response.headers).toEqual(expect.arrayContaining([['content-type', 'application/problem+json']]));
+    expect(new TextDecoder().decode(retry.response.body)).toMatch(/larger than maxBodyBytes \(1024 bytes\)/);
   });
 });
 
@@ -656,9 +685,9 @@ describe('store failures reject with the driver error', () => {
 
   it('a timed-out claim on sessions this role cannot see (SET ROLE): released on the schedule, not taken as stopped', async () => {
     const id = randomUUID().replaceAll('-', '').slice(0, 12);
-    const app = `idemkit_t_${id}_app`;
-    const login = `idemkit_t_${id}_login`;
-    const schema = `idemkit_t_${id}`;
+    const app = `${TEST_PREFIX}${id}_app`;
+    const login = `${TEST_PREFIX}${id}_login`;
+    const schema = `${TEST_PREFIX}${id}`;
     await db.pool.query(`CREATE ROLE "${app}" NOLOGIN`);
     await db.pool.query(`CREATE ROLE "${login}" LOGIN`);
     await db.pool.query(`GRANT "${app}" TO "${login}"`);
