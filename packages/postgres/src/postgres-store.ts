@@ -195,10 +195,19 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     const token = randomUUID() as LeaseToken;
     const lease = checkMs('leaseMs', leaseMs);
     const id = storedKey(key);
+    // Checked out here rather than by pool.query, so a claim that never left (no connection to be
+    // had: the server down, the pool ended or waited out) is told apart from one that was sent:
+    // it cannot have landed, so there is nothing to release. Before, every such failure also sent
+    // a release, retried for the whole lease, piling connection attempts on a server that was down.
+    const client = await checkOut(this.pool);
     let rows: BeginRow[];
     try {
-      ({ rows } = await this.#query<BeginRow>(this.#sql.begin, [id, fingerprint, token, lease]));
+      ({ rows } = await client.query<BeginRow>(storeStatement(this.#sql.begin, this.#queryTimeoutMs, [id, fingerprint, token, lease])));
     } catch (error) {
+      // As pool.query does: the connection is discarded after a failed statement (its 'release'
+      // event records a read timeout's server process, see #timedOut).
+      giveBack(client, error instanceof Error ? error : true);
+      this.#cancelTimedOut(error, this.#sql.begin);
       // The claim may have committed though its answer was lost (a `query_timeout`, a connection
       // cut after the commit): the caller was told the store failed, so the key must not stay
       // claimed, answering 409 to its retries, for a whole lease. Fenced by the token, and sent
@@ -212,6 +221,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
       this.#releaseLostClaim(id, token, lease, timedOut, timedOut ? this.#timedOut.get(error as Error) : undefined);
       throw error;
     }
+    giveBack(client);
     const row = rows[0];
     if (row === undefined) throw new Error('[idemkit] [postgres] begin returned no row (this is a bug; please report it).');
     if (row.acquired) return { kind: 'acquired', token, tookOver: row.took_over };

@@ -1,4 +1,5 @@
 import { readFile } from 'node:fs/promises';
+import { type AddressInfo, connect, createServer } from 'node:net';
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { constants } from 'node:buffer';
 import { ConfigurationError, createIdempotencyEngine, type IncomingRequest, type LeaseToken } from '@idemkit/core';
@@ -751,6 +752,44 @@ describe('store failures reject with the driver error', () => {
     } finally {
       await proxy.close();
       await pool.end();
+    }
+  }, 20_000);
+
+  it('a claim that never reached the server (no connection to be had) sends no release: no retries pile on a server that is down', async () => {
+    const target = new URL(db.url);
+    let attempts = 0;
+    let down = true;
+    // A hop in front of the real server that counts every connection attempt, and refuses them while down.
+    const hop = createServer((socket) => {
+      attempts++;
+      socket.on('error', () => undefined);
+      if (down) return void socket.destroy();
+      const upstream = connect(Number(target.port || 5432), target.hostname);
+      upstream.on('error', () => socket.destroy());
+      socket.on('close', () => upstream.destroy());
+      upstream.on('close', () => socket.destroy());
+      socket.pipe(upstream).pipe(socket);
+    });
+    await new Promise<void>((resolve) => hop.listen(0, '127.0.0.1', resolve));
+    const through = new URL(db.url);
+    through.hostname = '127.0.0.1';
+    through.port = String((hop.address() as AddressInfo).port);
+    const pool = new pg.Pool({ connectionString: through.href, max: 2 });
+    pool.on('error', () => undefined);
+    try {
+      const s = createPostgresStore({ pool, schema: db.schema });
+      const k = key();
+      await expect(s.begin(k, 'fp', 60_000)).rejects.toThrow();
+      // Before: a release was sent at once, and again 250 ms and 1 s later (then every 5 s for the
+      // whole lease), each one more connection attempt on the server that was down.
+      await new Promise((r) => setTimeout(r, 1_500));
+      expect(attempts).toBe(1);
+      down = false;
+      expect((await s.begin(k, 'fp', 60_000)).kind).toBe('acquired');
+      await s.close();
+    } finally {
+      await pool.end();
+      await new Promise((resolve) => hop.close(resolve));
     }
   }, 20_000);
 
