@@ -9,7 +9,7 @@ import { idempotentTransaction } from '@idemkit/core';
 import { randomUUID } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { afterAll, beforeAll, expect, it, vi } from 'vitest';
-import { postgresUrl } from './helpers.js';
+import { postgresUrl, TEST_PREFIX } from './helpers.js';
 
 /*
  * The README's examples are the regions of this file (imports + body), so the README can only
@@ -17,7 +17,7 @@ import { postgresUrl } from './helpers.js';
  * public.idempotency_keys table, which must not collide with other test files.
  */
 let admin: pg.Pool;
-const database = `idemkit_readme_${randomUUID().replaceAll('-', '').slice(0, 12)}`;
+const database = `${TEST_PREFIX}readme_${randomUUID().replaceAll('-', '').slice(0, 12)}`;
 
 beforeAll(async () => {
   const url = await postgresUrl();
