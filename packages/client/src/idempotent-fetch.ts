@@ -67,9 +67,10 @@ export type IdempotentFetch = (input: string | URL | Request, init?: IdempotentR
  * (`maxAttempts` reached, or the next wait would pass the deadline). `cause` is that network
  * error. Earlier attempts may have had answers (a 503), but the last one may have run the
  * operation (an answer lost on its way back), so ask again with `key`, never with a new one.
+ * When no attempt reached the server, it is the subclass `RequestNotSentError`.
  */
 export class RetryExhaustedError extends Error {
-  override readonly name = 'RetryExhaustedError';
+  override readonly name: string = 'RetryExhaustedError';
   /** The key every attempt sent. */
   readonly key: string;
   /** How many attempts were made. */
@@ -80,6 +81,17 @@ export class RetryExhaustedError extends Error {
     this.key = key;
     this.attempts = attempts;
   }
+}
+
+/**
+ * No attempt reached the server, so the operation did not run: every attempt failed before the
+ * request was sent (no connection: a DNS failure, a refused connection, a connect timeout), or the
+ * server's TLS certificate was refused (self-signed, expired, another host's), which is not
+ * retried since every attempt would meet it again. Sending it again, with any key, runs it once.
+ * A `RetryExhaustedError` too, so code that catches that one keeps working.
+ */
+export class RequestNotSentError extends RetryExhaustedError {
+  override readonly name: string = 'RequestNotSentError';
 }
 
 /**
@@ -219,6 +231,8 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
       // cannot run the operation again (only the deadline bounds how long those are waited out).
       let counted = 0;
       let polls = 0;
+      // Whether any attempt may have reached the server (an answer, or a failure after connecting).
+      let sent = false;
       for (let attempt = 1; ; attempt++) {
         const report = (info: Omit<AttemptInfo, 'attempt' | 'key' | 'method' | 'url'>): void => {
           try {
@@ -249,8 +263,14 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
         }
 
         const retryAfter = response ? parseRetryAfter(response.headers.get('retry-after')) : undefined;
-        // fetch's own refusal (a redirect under redirect: 'error'): every attempt would meet it again.
-        const refused = response === undefined && failsAgain(lastError);
+        // A failure before the request went out (no connection, a refused certificate) cannot
+        // have run the operation; any other attempt may have.
+        const code = response === undefined ? networkCode(lastError) : undefined;
+        const certificateRefused = code !== undefined && CERTIFICATE_REFUSED.has(code);
+        if (!(certificateRefused || (code !== undefined && NOT_CONNECTED.has(code)))) sent = true;
+        // fetch's own refusal (a redirect under redirect: 'error'), or a certificate it refuses:
+        // every attempt would meet it again.
+        const refused = response === undefined && (certificateRefused || failsAgain(lastError));
         let retryable: boolean;
         try {
           retryable = response === undefined ? !refused : retryOn(response.status) && worthRetrying(response, retryAfter, maxDelayMs);
@@ -299,9 +319,18 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
 
         if (!willRetry) {
           if (response) return kept(response, template, input);
+          if (!sent) {
+            const why = certificateRefused ? `the server's TLS certificate was refused, which every attempt would meet again: ${describe(lastError)}` : describe(lastError);
+            throw new RequestNotSentError(`[idemkit] [client] The request was never sent (${attempt} attempt(s)); no attempt reached the server: ${why}`, key, attempt, { cause: lastError });
+          }
           // As plain fetch rejects: no retries were used up, and none would have helped.
-          if (refused) throw lastError;
-          throw new RetryExhaustedError(`[idemkit] [client] No response to the last of ${attempt} attempt(s): ${describe(lastError)}`, key, attempt, { cause: lastError });
+          if (refused && !certificateRefused) throw lastError;
+          throw new RetryExhaustedError(
+            `[idemkit] [client] No response to the last of ${attempt} attempt(s): ${describe(lastError)}. The operation may have run: ask again with the same key.`,
+            key,
+            attempt,
+            { cause: lastError },
+          );
         }
         // Free the connection of the answer we are discarding. Not awaited: cancelling a body
         // that was cloned (a logging or caching wrapper keeps a copy) waits for the copy to be
@@ -486,6 +515,53 @@ function failsAgain(error: unknown): boolean {
   const { code } = error.cause as { code?: unknown };
   return error.cause instanceof TypeError || typeof code !== 'string' || REQUEST_REFUSED.has(code);
 }
+
+/**
+ * The code of a network failure: on the cause of Node's fetch (undici) "fetch failed", on
+ * node-fetch's system FetchError itself. Undefined for anything else (a browser's "Failed to fetch").
+ */
+function networkCode(error: unknown): string | undefined {
+  if (!(error instanceof Error)) return undefined;
+  const { code } = (error.name === 'FetchError' ? error : error instanceof TypeError ? error.cause : undefined) as { code?: unknown } | undefined ?? {};
+  return typeof code === 'string' ? code : undefined;
+}
+
+/**
+ * Failures before a connection existed, so before any byte of the request went out: DNS, a
+ * refused connection (only a connection being opened is refused; a cut one is ECONNRESET), a
+ * connect timeout. Not EHOSTUNREACH or ETIMEDOUT: a connection that dies after the request was
+ * written may end with those too.
+ */
+const NOT_CONNECTED: ReadonlySet<string> = new Set(['ENOTFOUND', 'EAI_AGAIN', 'EAI_FAIL', 'EAI_NODATA', 'EAI_NONAME', 'ECONNREFUSED', 'UND_ERR_CONNECT_TIMEOUT']);
+
+/**
+ * The server's certificate refused during the TLS handshake, before the request is written: every
+ * attempt would meet it again (OpenSSL's verify codes as Node names them, and a certificate for
+ * another host name).
+ */
+const CERTIFICATE_REFUSED: ReadonlySet<string> = new Set([
+  'ERR_TLS_CERT_ALTNAME_INVALID',
+  'DEPTH_ZERO_SELF_SIGNED_CERT',
+  'SELF_SIGNED_CERT_IN_CHAIN',
+  'UNABLE_TO_VERIFY_LEAF_SIGNATURE',
+  'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
+  'UNABLE_TO_DECRYPT_CERT_SIGNATURE',
+  'UNABLE_TO_DECODE_ISSUER_PUBLIC_KEY',
+  'CERT_SIGNATURE_FAILURE',
+  'CERT_NOT_YET_VALID',
+  'CERT_HAS_EXPIRED',
+  'ERROR_IN_CERT_NOT_BEFORE_FIELD',
+  'ERROR_IN_CERT_NOT_AFTER_FIELD',
+  'CERT_CHAIN_TOO_LONG',
+  'CERT_REVOKED',
+  'INVALID_CA',
+  'PATH_LENGTH_EXCEEDED',
+  'INVALID_PURPOSE',
+  'CERT_UNTRUSTED',
+  'CERT_REJECTED',
+  'HOSTNAME_MISMATCH',
+]);
 
 /** undici's codes for a request it refuses to send: every attempt would meet them again. */
 const REQUEST_REFUSED: ReadonlySet<string> = new Set(['UND_ERR_INVALID_ARG', 'UND_ERR_NOT_SUPPORTED', 'UND_ERR_REQ_CONTENT_LENGTH_MISMATCH']);

@@ -1,6 +1,7 @@
 // The safe-retry fetch and its options.
 export {
   createIdempotentFetch,
+  RequestNotSentError,
   RetryDeadlineError,
   RetryExhaustedError,
   type AttemptInfo,

@@ -1,10 +1,11 @@
 import { spawnSync } from 'node:child_process';
+import { Agent as HttpsAgent } from 'node:https';
 import { fileURLToPath } from 'node:url';
 import { parseKeyHeader } from '@idemkit/core';
 import nodeFetch from 'node-fetch';
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { backoffDelay, createIdempotentFetch, parseRetryAfter, RetryDeadlineError, RetryExhaustedError, type AttemptInfo } from '../src/index.js';
-import { startLossyProxy, startServer, type TestServer } from './server.js';
+import { backoffDelay, createIdempotentFetch, parseRetryAfter, RequestNotSentError, RetryDeadlineError, RetryExhaustedError, type AttemptInfo } from '../src/index.js';
+import { makeCertificates, startLossyProxy, startServer, startTlsServer, type TestCertificates, type TestServer } from './server.js';
 
 const open: Array<{ close(): Promise<void> }> = [];
 afterEach(async () => {
@@ -970,5 +971,125 @@ describe('an abort while the caller reads the body, after garbage collection', (
     expect(run.stderr).toBe('');
     // Before: ["still reading","still reading"].
     expect(JSON.parse(run.stdout)).toEqual(['rejected: user left', 'rejected: user left']);
+  });
+});
+
+describe('failures before the request was sent, and after', () => {
+  let certificates: TestCertificates | undefined;
+  const certs = (): TestCertificates => (certificates ??= makeCertificates());
+
+  async function tlsServer(key: string, cert: string) {
+    const s = await startTlsServer(key, cert);
+    open.push(s);
+    return s;
+  }
+
+  // Was: retried until maxAttempts (or the deadline: with maxAttempts 50, every attempt a new
+  // handshake the server refused to finish), then a RetryExhaustedError whose doc says the
+  // request may have run, though none had reached the server.
+  it.each([
+    ['a self-signed certificate', 'DEPTH_ZERO_SELF_SIGNED_CERT', (c: TestCertificates): [string, string] => [c.selfSigned.key, c.selfSigned.cert]],
+    ['an expired certificate', 'CERT_HAS_EXPIRED', (c: TestCertificates): [string, string] => [c.expired.key, c.expired.cert]],
+    ['a certificate signed by an unknown CA', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', (c: TestCertificates): [string, string] => [c.leaf.key, c.leaf.cert]],
+    ['a certificate signed by an unknown CA sent along', 'SELF_SIGNED_CERT_IN_CHAIN', (c: TestCertificates): [string, string] => [c.leaf.key, c.leaf.cert + c.ca]],
+  ] as const)('%s is not retried: one connection, no request, RequestNotSentError says it was never sent', async (_, code, pick) => {
+    const [key, cert] = pick(certs());
+    const s = await tlsServer(key, cert);
+    const { attempts, onAttempt } = recorder();
+    const started = Date.now();
+    const failed = await createIdempotentFetch({ baseDelayMs: 200, maxDelayMs: 200, maxAttempts: 50, deadlineMs: 10_000, onAttempt, random: () => 1 })(`${s.url}/orders`, json({})).catch((e: unknown) => e);
+    // One attempt, no wait: the old code took at least 49 waits of 200 ms.
+    expect(Date.now() - started).toBeLessThan(2_000);
+    expect(s.connections()).toBe(1);
+    expect(s.requests()).toBe(0);
+    expect(failed).toBeInstanceOf(RequestNotSentError);
+    expect(failed).toBeInstanceOf(RetryExhaustedError);
+    expect(failed).toMatchObject({ name: 'RequestNotSentError', attempts: 1, key: attempts[0]!.key, cause: { cause: { code } } });
+    expect((failed as Error).message).toContain('never sent');
+    expect((failed as Error).message).toContain(code);
+    expect((failed as Error).message).not.toContain('may have run');
+    expect(attempts.map((a) => a.willRetry)).toEqual([false]);
+  });
+
+  it("another host's certificate (ERR_TLS_CERT_ALTNAME_INVALID, through node-fetch trusting the CA) is not retried either", async () => {
+    const { otherHost, ca } = certs();
+    const s = await tlsServer(otherHost.key, otherHost.cert);
+    const agent = new HttpsAgent({ ca });
+    const trusting = ((url: string, init: object) => nodeFetch(url, { ...init, agent })) as unknown as typeof fetch;
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 5, fetch: trusting })(`${s.url}/orders`, json({})).catch((e: unknown) => e);
+    agent.destroy();
+    expect(s.connections()).toBe(1);
+    expect(s.requests()).toBe(0);
+    expect(failed).toBeInstanceOf(RequestNotSentError);
+    expect(failed).toMatchObject({ attempts: 1, cause: { name: 'FetchError', code: 'ERR_TLS_CERT_ALTNAME_INVALID' } });
+    expect((failed as Error).message).toContain('never sent');
+  });
+
+  it('a trusted certificate still works: the same server, its CA trusted, answers', async () => {
+    const { leaf, ca } = certs();
+    const s = await tlsServer(leaf.key, leaf.cert);
+    const agent = new HttpsAgent({ ca });
+    const trusting = ((url: string, init: object) => nodeFetch(url, { ...init, agent })) as unknown as typeof fetch;
+    const res = await createIdempotentFetch({ ...fast, fetch: trusting })(`${s.url}/orders`, json({}));
+    agent.destroy();
+    expect(res.status).toBe(201);
+    expect(s.requests()).toBe(1);
+  });
+
+  // Was: RetryExhaustedError "No response to the last of 3 attempt(s)", whose doc says the
+  // operation may have run: the caller could not tell a down server from a lost answer.
+  it('a DNS failure is retried, then reported as never sent', async () => {
+    const { attempts, onAttempt } = recorder();
+    // .invalid never resolves (RFC 6761); a machine without DNS says EAI_AGAIN instead of ENOTFOUND.
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 3, onAttempt })('http://idemkit-client-test.invalid/orders', json({})).catch((e: unknown) => e);
+    expect(attempts.map((a) => a.willRetry)).toEqual([true, true, false]);
+    expect(failed).toBeInstanceOf(RequestNotSentError);
+    expect((failed as RequestNotSentError).attempts).toBe(3);
+    expect((failed as RequestNotSentError).cause).toMatchObject({ cause: { code: expect.stringMatching(/^(ENOTFOUND|EAI_AGAIN)$/) } });
+    expect((failed as Error).message).toMatch(/never sent \(3 attempt\(s\)\)/);
+  });
+
+  it('a refused connection is retried, then reported as never sent (fetch and node-fetch)', async () => {
+    const s = await server();
+    const url = s.url;
+    await s.close();
+    for (const fetchImpl of [undefined, nodeFetch as unknown as typeof fetch]) {
+      const failed = await createIdempotentFetch({ ...fast, maxAttempts: 2, fetch: fetchImpl })(`${url}/orders`, json({})).catch((e: unknown) => e);
+      expect(failed).toBeInstanceOf(RequestNotSentError);
+      expect(failed).toMatchObject({ attempts: 2 });
+      expect((failed as Error).message).toMatch(/never sent .*ECONNREFUSED/);
+    }
+  });
+
+  it('a connection reset after the request was written still says the operation may have run, even when later attempts are refused', async () => {
+    const { createServer } = await import('node:http');
+    let requests = 0;
+    const resetting = createServer((req) => {
+      requests++;
+      // The request arrived whole; the answer is lost, and the server goes away.
+      req.socket.resetAndDestroy();
+      resetting.close();
+    });
+    await new Promise<void>((resolve) => resetting.listen(0, '127.0.0.1', resolve));
+    const url = `http://127.0.0.1:${(resetting.address() as { port: number }).port}/orders`;
+    const { attempts, onAttempt } = recorder();
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 3, onAttempt })(url, json({})).catch((e: unknown) => e);
+    expect(requests).toBe(1);
+    expect(attempts.map((a) => ((a.error as Error).cause as { code?: string }).code)).toEqual(['ECONNRESET', 'ECONNREFUSED', 'ECONNREFUSED']);
+    expect(failed).toBeInstanceOf(RetryExhaustedError);
+    expect(failed).not.toBeInstanceOf(RequestNotSentError);
+    expect((failed as Error).message).toContain('may have run');
+    expect((failed as Error).message).not.toContain('never sent');
+  });
+
+  it('every answer lost after the request reached the server: may have run, not "never sent"', async () => {
+    const s = await server();
+    const proxy = await startLossyProxy(s.url, 100);
+    open.push(proxy);
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 2 })(`${proxy.url}/orders`, json({ item: 'book' })).catch((error: unknown) => error);
+    expect(failed).toBeInstanceOf(RetryExhaustedError);
+    expect(failed).not.toBeInstanceOf(RequestNotSentError);
+    expect((failed as Error).message).toContain('may have run');
+    expect(s.runs.get('orders')).toBe(1);
   });
 });

@@ -1,4 +1,9 @@
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer as createHttpsServer } from 'node:https';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { createMemoryStore, type IdempotencyOptions } from '@idemkit/core';
 import fastifyIdempotency from '@idemkit/fastify';
@@ -128,6 +133,81 @@ export async function startLossyProxy(
     close: () =>
       new Promise((resolve) => {
         for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+/** Certificates made by `openssl` for the TLS tests, as PEM text (keys included). */
+export interface TestCertificates {
+  /** A CA that signs `leaf` and `otherHost`; trusted by no one unless a test passes it. */
+  ca: string;
+  /** For 127.0.0.1 and localhost, signed by `ca`. */
+  leaf: { key: string; cert: string };
+  /** For other.example only, signed by `ca`: another host's certificate. */
+  otherHost: { key: string; cert: string };
+  /** Self-signed, for 127.0.0.1. */
+  selfSigned: { key: string; cert: string };
+  /** Self-signed, for 127.0.0.1, valid only on 1 January 2020. */
+  expired: { key: string; cert: string };
+}
+
+/** Makes the certificates in a temporary folder with the `openssl` command (which must be installed). */
+export function makeCertificates(): TestCertificates {
+  const dir = mkdtempSync(join(tmpdir(), 'idemkit-client-tls-'));
+  const run = (...args: string[]): void => {
+    const done = spawnSync('openssl', args, { cwd: dir, encoding: 'utf8' });
+    if (done.error) throw new Error(`The TLS tests need the openssl command: ${done.error.message}`);
+    if (done.status !== 0) throw new Error(`openssl ${args.join(' ')} failed: ${done.stderr}`);
+  };
+  const read = (name: string): string => readFileSync(join(dir, name), 'utf8');
+  try {
+    const ip = 'subjectAltName=IP:127.0.0.1,DNS:localhost';
+    run('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.crt', '-days', '2', '-subj', '/CN=idemkit test CA');
+    run('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'leaf.key', '-out', 'leaf.crt', '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', ip, '-CA', 'ca.crt', '-CAkey', 'ca.key');
+    run('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'other.key', '-out', 'other.crt', '-days', '2', '-subj', '/CN=other.example', '-addext', 'subjectAltName=DNS:other.example', '-CA', 'ca.crt', '-CAkey', 'ca.key');
+    run('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'self.key', '-out', 'self.crt', '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', ip);
+    // `openssl req` takes no start date: `openssl ca` signs the expired one with its own dates.
+    writeFileSync(join(dir, 'index.txt'), '');
+    writeFileSync(join(dir, 'serial'), '01\n');
+    writeFileSync(
+      join(dir, 'ca.cnf'),
+      '[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\ndefault_md = sha256\npolicy = p\ncopy_extensions = copy\nunique_subject = no\n[p]\ncommonName = supplied\n',
+    );
+    run('req', '-new', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'expired.key', '-out', 'expired.csr', '-subj', '/CN=127.0.0.1', '-addext', ip);
+    run('ca', '-batch', '-config', 'ca.cnf', '-selfsign', '-keyfile', 'expired.key', '-in', 'expired.csr', '-out', 'expired.crt', '-startdate', '20200101000000Z', '-enddate', '20200102000000Z', '-notext');
+    return {
+      ca: read('ca.crt'),
+      leaf: { key: read('leaf.key'), cert: read('leaf.crt') },
+      otherHost: { key: read('other.key'), cert: read('other.crt') },
+      selfSigned: { key: read('self.key'), cert: read('self.crt') },
+      expired: { key: read('expired.key'), cert: read('expired.crt') },
+    };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * A real HTTPS server on 127.0.0.1 with `key` and `cert` (a chain: the leaf first), counting the
+ * TCP connections and the HTTP requests it saw; it answers 201.
+ */
+export async function startTlsServer(key: string, cert: string): Promise<{ url: string; connections: () => number; requests: () => number; close(): Promise<void> }> {
+  let connections = 0;
+  let requests = 0;
+  const server = createHttpsServer({ key, cert }, (_req, res) => {
+    requests++;
+    res.writeHead(201).end('made');
+  });
+  server.on('connection', () => void connections++);
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    url: `https://127.0.0.1:${(server.address() as net.AddressInfo).port}`,
+    connections: () => connections,
+    requests: () => requests,
+    close: () =>
+      new Promise((resolve) => {
+        server.closeAllConnections();
         server.close(() => resolve());
       }),
   };
