@@ -40,6 +40,12 @@ export interface IdempotentFetchOptions {
   /** Total time for all attempts and waits, in ms. @default 30_000 */
   deadlineMs?: number | undefined;
   /**
+   * Largest request body, in bytes: it is held in memory to be sent again on a retry, so a larger
+   * (or endless) one rejects the call with a TypeError before anything is sent. `Infinity` for no
+   * limit. @default 16 MiB
+   */
+  maxBodyBytes?: number | undefined;
+  /**
    * Longest wait for one attempt's response (its status and headers), in ms; past it the attempt
    * is abandoned and retried with the same key, so a connection that went silent costs one
    * attempt, not the whole deadline. Unset, an attempt may take the whole deadline.
@@ -111,13 +117,14 @@ export class RetryDeadlineError extends Error {
 }
 
 const DEFAULT_METHODS = ['POST', 'PATCH'];
+const DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024;
 /** A field name: an RFC 9110 token. */
 const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 const MAX_TIMER_MS = 2_147_483_647;
 
 /** Every option name, so a misspelt one can be reported. */
 const OPTION_NAMES: ReadonlySet<string> = new Set<keyof IdempotentFetchOptions>([
-  'fetch', 'header', 'generateKey', 'methods', 'maxAttempts', 'baseDelayMs', 'maxDelayMs', 'deadlineMs', 'attemptTimeoutMs', 'retryOn', 'onAttempt', 'random',
+  'fetch', 'header', 'generateKey', 'methods', 'maxAttempts', 'baseDelayMs', 'maxDelayMs', 'deadlineMs', 'maxBodyBytes', 'attemptTimeoutMs', 'retryOn', 'onAttempt', 'random',
 ]);
 
 /**
@@ -153,6 +160,10 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     if (!Number.isFinite(value) || value < 0) throw new TypeError(`[idemkit] [client] \`${name}\` must be a non-negative number.`);
     // Timers hold at most 2^31 - 1 ms; a longer deadline would fire at once.
     if (value > MAX_TIMER_MS) throw new TypeError(`[idemkit] [client] \`${name}\` must be at most ${MAX_TIMER_MS} ms.`);
+  }
+  const maxBodyBytes = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
+  if (typeof maxBodyBytes !== 'number' || Number.isNaN(maxBodyBytes) || maxBodyBytes < 0) {
+    throw new TypeError('[idemkit] [client] `maxBodyBytes` must be a non-negative number of bytes (Infinity for no limit).');
   }
   const attemptTimeoutMs = options.attemptTimeoutMs ?? undefined;
   if (attemptTimeoutMs !== undefined && !(Number.isFinite(attemptTimeoutMs) && attemptTimeoutMs > 0 && attemptTimeoutMs <= MAX_TIMER_MS)) {
@@ -209,7 +220,7 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
       // Buffer the body once so every attempt sends the same bytes (a stream can be read only once).
       let body: Blob | undefined;
       try {
-        body = template.body === null ? undefined : await readAll(template.body, signal);
+        body = template.body === null ? undefined : await readAll(template.body, signal, maxBodyBytes);
       } catch (error) {
         throw failure(error, 0);
       }
@@ -459,15 +470,24 @@ async function firstBytes(copy: Response, limit: number, signal: AbortSignal): P
  * every attempt. Not an ArrayBuffer: Node 20's fetch detaches one as it sends it, and then cannot
  * send it again when it follows a 307 or 308 redirect.
  */
-async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal): Promise<Blob> {
+async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal, limit: number): Promise<Blob> {
   const reader = stream.getReader();
   const chunks: unknown[] = [];
+  let bytes = 0;
   const cancel = (): void => void reader.cancel(signal.reason).catch(() => undefined);
   signal.addEventListener('abort', cancel, { once: true });
   try {
     for (;;) {
       const { done, value } = await untilAborted(reader.read(), signal);
       if (done) break;
+      // Bounded: an endless stream that yields at once would otherwise fill memory without the
+      // deadline ever firing (its reads resolve without giving the timer a turn).
+      bytes += chunkSize(value);
+      if (bytes > limit) {
+        throw new TypeError(
+          `[idemkit] [client] The request body is over maxBodyBytes (${limit} bytes): it is held in memory to be sent again on a retry. Raise maxBodyBytes, or send it with plain fetch; nothing was sent.`,
+        );
+      }
       chunks.push(value);
     }
   } catch (error) {
@@ -481,6 +501,16 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal):
   }
   // The Blob copies the chunks: no merged copy of our own, so a large body is held twice at most.
   return new Blob(chunks.map(blobPart));
+}
+
+const utf8 = new TextEncoder();
+
+/** A chunk's size in bytes, as it will be sent (a string as UTF-8); 0 for one blobPart refuses. */
+function chunkSize(chunk: unknown): number {
+  // A string chunk is rare (fetch sends it as UTF-8): measured by encoding it.
+  if (typeof chunk === 'string') return utf8.encode(chunk).byteLength;
+  if (chunk instanceof ArrayBuffer || ArrayBuffer.isView(chunk)) return chunk.byteLength;
+  return 0;
 }
 
 /**

@@ -1093,3 +1093,54 @@ describe('failures before the request was sent, and after', () => {
     expect(s.runs.get('orders')).toBe(1);
   });
 });
+
+describe('the request body held for retries is bounded', () => {
+  /** A stream of `total` bytes in 1 MiB chunks, each given at once; records its cancellation. */
+  function stream(total: number) {
+    let sent = 0;
+    let cancelled = false;
+    const body = new ReadableStream<Uint8Array>({
+      pull(controller) {
+        const size = Math.min(1 << 20, total - sent);
+        if (size === 0) return controller.close();
+        sent += size;
+        controller.enqueue(new Uint8Array(size));
+      },
+      cancel() {
+        cancelled = true;
+      },
+    });
+    return { body, cancelled: () => cancelled };
+  }
+
+  // Was: read whole into memory, however long: an endless stream that yields at once never let
+  // the deadline's timer run, and filled the machine's memory (23 GB in 11 minutes here).
+  it('a body over the default 16 MiB (here 32 MiB) rejects with a TypeError before anything is sent, and the stream is cancelled', async () => {
+    const s = await server();
+    const { body, cancelled } = stream(32 * 1024 * 1024);
+    const { attempts, onAttempt } = recorder();
+    const error = await createIdempotentFetch({ ...fast, onAttempt })(`${s.url}/orders`, { method: 'POST', body, duplex: 'half' } as RequestInit).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(TypeError);
+    expect((error as Error).message).toMatch(/over maxBodyBytes \(16777216 bytes\).*nothing was sent/);
+    await vi.waitFor(() => expect(cancelled()).toBe(true));
+    expect(s.requests).toBe(0);
+    expect(attempts).toEqual([]);
+  });
+
+  it('maxBodyBytes sets the limit, counting a string chunk as its UTF-8 bytes; a body at the limit is sent', async () => {
+    const s = await server();
+    const fetchSafe = createIdempotentFetch({ ...fast, maxBodyBytes: 10 });
+    const ok = await fetchSafe(`${s.url}/orders`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"a":"12"}' });
+    expect(ok.status).toBe(201);
+    await expect(fetchSafe(`${s.url}/orders`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"a":"123"}' })).rejects.toThrow(/over maxBodyBytes \(10 bytes\)/);
+    // 9 characters, 11 bytes as UTF-8.
+    const text = new ReadableStream({ start: (c) => (c.enqueue('"ééxyzab"' as unknown as Uint8Array), c.close()) });
+    await expect(fetchSafe(`${s.url}/orders`, { method: 'POST', body: text, duplex: 'half' } as RequestInit)).rejects.toThrow(/over maxBodyBytes/);
+    expect(s.requests).toBe(1);
+    expect(() => createIdempotentFetch({ maxBodyBytes: -1 })).toThrow(TypeError);
+    const unlimited = stream(17 * 1024 * 1024);
+    const big = await createIdempotentFetch({ ...fast, maxBodyBytes: Infinity })(`${s.url}/orders`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: unlimited.body, duplex: 'half' } as RequestInit);
+    // Sent whole: the server's own 1 MiB body limit answers.
+    expect(big.status).toBe(413);
+  });
+});
