@@ -22,12 +22,21 @@ export type OutgoingHeaderValue = number | string | readonly string[] | undefine
  * idempotency: CORS, a request id). Those the handler left as they were are not stored: that
  * middleware runs again for a replay and sets them for the retry's own request (its origin, its
  * id), which a stored copy would overwrite.
+ *
+ * `lengthAsSent`: the answer went out with no body (a 204 or 304, or a HEAD), so its
+ * `content-length` is no stored body's to recompute: it is stored as it went out (Node sends a
+ * 304's or a HEAD's as given), and {@link responseHeaders} replays it.
+ *
+ * Headers the answer's `Connection` names (`Connection: close, x-hop`) are hop-by-hop as well
+ * (RFC 9110 §7.6.1) and are not stored either.
  */
 export function toStoredHeaders(
   headers: Readonly<Record<string, OutgoingHeaderValue>>,
   before?: Readonly<Record<string, OutgoingHeaderValue>>,
+  lengthAsSent = false,
 ): Array<[string, string]> {
   const out: Array<[string, string]> = [];
+  let connection: OutgoingHeaderValue;
   // Object.keys and a plain loop: Object.entries cost 2-3x as much on the null-prototype objects
   // Node's getHeaders() returns (3 µs per request in the Koa profile of `pnpm bench`).
   const names = Object.keys(headers);
@@ -35,7 +44,12 @@ export function toStoredHeaders(
     const rawName = names[i]!;
     const value = headers[rawName];
     const name = rawName.toLowerCase();
-    if (value === undefined || UNREPLAYED_HEADERS.has(name)) continue;
+    if (value === undefined) continue;
+    // Only names that are dropped anyway get a second look: the common case pays nothing more.
+    if (UNREPLAYED_HEADERS.has(name)) {
+      if (name === 'connection') connection = value;
+      if (name !== 'content-length' || !lengthAsSent) continue;
+    }
     const earlier = before?.[rawName];
     if (earlier !== undefined && sameHeaderValue(earlier, value)) continue;
     if (Array.isArray(value) && name !== 'set-cookie') {
@@ -53,7 +67,19 @@ export function toStoredHeaders(
       }
     } else out.push([name, typeof value === 'string' ? value : String(value)]);
   }
-  return out;
+  return connection === undefined ? out : withoutNamedIn(out, connection);
+}
+
+/** `stored` without the headers a `Connection` header names (its options, RFC 9110 §7.6.1). */
+function withoutNamedIn(stored: Array<[string, string]>, connection: NonNullable<OutgoingHeaderValue>): Array<[string, string]> {
+  const named = new Set<string>();
+  for (const value of Array.isArray(connection) ? connection : [connection]) {
+    for (const option of String(value).split(',')) {
+      const name = option.trim().toLowerCase();
+      if (name !== '') named.add(name);
+    }
+  }
+  return stored.filter(([name]) => !named.has(name));
 }
 
 /**
@@ -93,8 +119,10 @@ export function responseHeaders(response: StoredResponse): Map<string, string | 
   }
   // RFC 9110 §8.6: no Content-Length on a 1xx or 204, and on a 304 it would have to be the
   // length of a 200 that is not stored. Node, Express and Fastify would send the '0' as given.
+  // A stored `content-length` is one that went out with no body (see toStoredHeaders'
+  // `lengthAsSent`: a 304's, a HEAD's): replayed as it is, never recomputed from the empty body.
   const { status } = response;
-  if (status >= 200 && status !== 204 && status !== 304) grouped.set('content-length', String(response.body.byteLength));
+  if (status >= 200 && status !== 204 && status !== 304 && !grouped.has('content-length')) grouped.set('content-length', String(response.body.byteLength));
   return grouped;
 }
 

@@ -39,6 +39,23 @@ describe('replayed headers', () => {
     expect(replay.get('idempotent-replayed')).toBe('true');
   });
 
+  it("drops the headers the answer's Connection header names (RFC 9110 §7.6.1), in any case, from one or several values", () => {
+    expect(toStoredHeaders({ connection: 'close, X-Hop', 'x-hop': '1', 'x-other': '2', 'x-kept': '3' })).toEqual([
+      ['x-other', '2'],
+      ['x-kept', '3'],
+    ]);
+    expect(toStoredHeaders({ Connection: ['keep-alive', ' x-a ,, X-B'], 'x-a': '1', 'X-B': '2', 'x-c': '3' })).toEqual([['x-c', '3']]);
+  });
+
+  it('keeps a content-length that went out with no body (lengthAsSent), and replays it as it is', () => {
+    const headers = { 'content-length': '123', etag: '"v1"' };
+    expect(toStoredHeaders(headers)).toEqual([['etag', '"v1"']]);
+    const stored = toStoredHeaders(headers, undefined, true);
+    expect(stored).toEqual([['content-length', '123'], ['etag', '"v1"']]);
+    // A 304's, and a HEAD's 200 (stored without the body the length counts): not recomputed.
+    for (const status of [304, 200]) expect(replayHeaders({ status, headers: stored, body: new Uint8Array() }).get('content-length')).toBe('123');
+  });
+
   it('problem responses carry the problem content type and the error headers', () => {
     const err = new RequestInProgressError('ERR_IDEMKIT_REQUEST_IN_PROGRESS', 409, 'busy', { headers: { 'Retry-After': '3' }, extensions: { retryAfter: 3 } });
     const res = problemResponse(err);

@@ -468,7 +468,11 @@ export function captureResponse(
         : headBody !== undefined && body.byteLength === 0 && length !== undefined && Number(length) === headBody.byteLength
           ? headBody
           : body;
-    const response = { status, headers: toStoredHeaders(storedFrom, before), body: stored };
+    // Its Content-Length too, when it went out with no body: a 204's or 304's (Node sends one the
+    // handler set), or a HEAD's (redirect() and sendFile() set the length of a body they never
+    // give end()): a replay recomputing it from the empty stored body said none, or `0`.
+    const lengthAsSent = status === 204 || status === 304 || expressRes.req?.method === 'HEAD';
+    const response = { status, headers: toStoredHeaders(storedFrom, before, lengthAsSent), body: stored };
     const deliver = (): void => {
       delivering = true;
       // While the record is stored, `headersSent` is still false, so an error handler running

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { once } from 'node:events';
 import { connect } from 'node:net';
+import { fileURLToPath } from 'node:url';
 import { Readable } from 'node:stream';
 import { ConfigurationError, createMemoryStore, scopedKey, type IdempotencyContext, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import compression from 'compression';
@@ -143,6 +144,57 @@ describe('express binding: every response path is captured and replayed exactly'
       expect(replay.headers.get('idempotent-replayed')).toBe('true');
       expect(replay.body.byteLength).toBe(0);
       expect((await store.get(scopedKey(undefined, key)))?.response?.body.byteLength).toBe(0);
+    }
+    expect(runs()).toBe(2);
+  });
+
+  it('a 204 or 304 with a Content-Length the handler set replays with it, as Node sent it the first time', async () => {
+    const { app, runs } = appWith();
+    app.post('/set/:status', (req, res) => {
+      res.statusCode = Number(req.params['status']);
+      res.setHeader('Content-Length', '5');
+      res.setHeader('x-a', 'b');
+      res.end();
+    });
+    app.post('/head/:status', (req, res) => {
+      res.writeHead(Number(req.params['status']), { 'Content-Length': '123', 'x-a': 'b' });
+      res.end();
+    });
+    const url = await serve(app);
+    for (const [path, length] of [['set', '5'], ['head', '123']] as const) {
+      for (const status of [204, 304]) {
+        const key = randomUUID();
+        const first = await post(`${url}/${path}/${status}`, key);
+        const replay = await post(`${url}/${path}/${status}`, key);
+        // Node sends the handler's Content-Length with a 204 or 304 (and no body).
+        expect([path, first.status, first.headers.get('content-length')]).toEqual([path, status, length]);
+        expect([path, replay.status, replay.headers.get('idempotent-replayed')]).toEqual([path, status, 'true']);
+        // Before: never stored, and never recomputed for a 204 or 304, so the replay had none.
+        expect([path, replay.headers.get('content-length')]).toEqual([path, length]);
+        expect(comparable(replay.headers)).toEqual(comparable(first.headers));
+        expect(replay.body.byteLength).toBe(0);
+      }
+    }
+    expect(runs()).toBe(4);
+  });
+
+  it('a covered HEAD answered by res.redirect() or res.sendFile() replays the Content-Length the original had', async () => {
+    const { app, runs } = appWith({ methods: ['POST', 'PATCH', 'HEAD'] });
+    const file = fileURLToPath(import.meta.url);
+    app.get('/redirect', (_req, res) => res.redirect(303, '/elsewhere'));
+    app.get('/file', (_req, res) => res.sendFile(file));
+    const url = await serve(app);
+    for (const path of ['redirect', 'file']) {
+      const key = randomUUID();
+      const first = await post(`${url}/${path}`, key, { method: 'HEAD' });
+      const replay = await post(`${url}/${path}`, key, { method: 'HEAD' });
+      expect([path, first.status, replay.status]).toEqual([path, path === 'file' ? 200 : 303, path === 'file' ? 200 : 303]);
+      expect(replay.headers.get('idempotent-replayed')).toBe('true');
+      // Both set the length of a body they never give end() (a HEAD's): the replay recomputed
+      // it from the empty stored body and said 0.
+      expect(Number(first.headers.get('content-length'))).toBeGreaterThan(0);
+      expect([path, replay.headers.get('content-length')]).toEqual([path, first.headers.get('content-length')]);
+      expect(comparable(replay.headers)).toEqual(comparable(first.headers));
     }
     expect(runs()).toBe(2);
   });
