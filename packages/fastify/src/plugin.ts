@@ -338,7 +338,8 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     if (failed) return lease.abandon('handler-threw');
     if (body === undefined) return lease.commitUnbuffered(status, 'not-bufferable');
     if (body.byteLength > engine.options.maxBodyBytes) return lease.commitUnbuffered(status, 'too-large');
-    return lease.commit({ status, headers: toStoredHeaders(headers, state.before), body });
+    // A 204's or 304's Content-Length is stored as it went out (see settle): no body gives it.
+    return lease.commit({ status, headers: toStoredHeaders(headers, state.before, status === 204 || status === 304), body });
   }
 
   async function settle(state: LeaseState, reply: FastifyReply, payload: unknown): Promise<unknown> {
@@ -351,7 +352,11 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const headers = detachedHeaders(reply.getHeaders());
     // A 204 goes out without the payload it was sent with (Fastify drops it, its content-type and
     // length too): stored as it went out, as on Express and Koa, so a large one is no 410
-    // `too-large`. (A 304 keeps it: Fastify sends its Content-Length, which a replay of it repeats.)
+    // `too-large`. A 304 goes out without its payload too (Node writes none), but under the
+    // Content-Length Fastify works out from it: stored with it, the replay works the same length
+    // out again, through the same route hooks (@fastify/compress gzips it and sends that length).
+    // One over maxBodyBytes, which made its retries a 410 `too-large`, is stored as it went out
+    // from here instead: no body, and that Content-Length (a route hook's rewrite is not seen).
     const bytes = payloadBytes(payload);
     // Any payload but none at all (send(''), an empty Buffer, a stream it never reads): Fastify
     // drops its content-type then as well; only a 204 sent with no payload keeps a content-type
@@ -359,8 +364,13 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     const dropped = status === 204 && payload !== undefined && payload !== null && (bytes !== undefined || isStream(payload));
     // A 304's stream Fastify pipes, but Node writes no body for a 304: it went out empty (as on
     // Express and Koa), not streamed, so the retry gets it and not a 410.
-    const body = dropped || (status === 304 && isStream(payload)) ? new Uint8Array(0) : bytes;
-    const stored = dropped ? { ...headers, 'content-type': undefined } : headers;
+    const sized = status === 304 && bytes !== undefined && bytes.byteLength > engine.options.maxBodyBytes;
+    const body = dropped || sized || (status === 304 && isStream(payload)) ? new Uint8Array(0) : bytes;
+    const stored = dropped
+      ? { ...headers, 'content-type': undefined, 'content-length': undefined }
+      : sized
+        ? { ...headers, 'content-length': sentLength(headers['content-length'], bytes.byteLength, reply.request.method) }
+        : headers;
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
     // a Response whose body was read): Fastify fails it with a 500, so the key is given back.
     const refused = body === undefined && !isSendable(payload);
@@ -605,6 +615,14 @@ function headersChanged(before: ReturnType<FastifyReply['getHeaders']>, now: Ret
     if (!Array.isArray(a) || !Array.isArray(b) || a.length !== b.length || a.some((v, i) => v !== b[i])) return true;
   }
   return false;
+}
+
+/**
+ * The Content-Length Fastify sends with a string or Buffer payload of `length` bytes (its
+ * onSendEnd): the one set, if it counts those bytes (on a HEAD: any set), else their count.
+ */
+function sentLength<T>(given: T, length: number, method: string): T | string {
+  return given && (method === 'HEAD' || Number(given) === length) ? given : String(length);
 }
 
 /** A Node stream or a web ReadableStream (not a Response). */
