@@ -60,6 +60,7 @@ export function buildApp(input: StartAppInput, expressModule: ExpressModule = ex
       res.set('X-Custom', 'yes');
       res.append('Set-Cookie', 'a=1');
       res.append('Set-Cookie', 'b=2');
+      if (req.query['hop'] === '1') res.set({ Connection: 'close, X-Hop', 'X-Hop': '1' });
       res.status(req.query['status'] ? Number(req.query['status']) : 201).json({ id, n, body: req.body as unknown });
     }),
   );

@@ -54,6 +54,7 @@ export async function buildApp(
       .header('location', `/orders/${id}`)
       .header('x-custom', 'yes')
       .header('set-cookie', ['a=1', 'b=2']);
+    if (q.hop === '1') reply.header('connection', 'close, X-Hop').header('x-hop', '1');
     return { id, n, body: request.body };
   });
   app.patch('/orders/:id', async (request) => {

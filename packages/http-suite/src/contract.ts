@@ -54,7 +54,9 @@ export type StartApp = (input: StartAppInput) => Promise<TestAppHandle>;
  *   first; if it has `hold=<name>`, waits for `hold(name)` (see StartAppInput). Answers 201, JSON
  *   `{ "id": "<uuid>", "n": <execution number>, "body": <request body> }`, headers
  *   `Location: /orders/<id>`, `X-Custom: yes`, and two `Set-Cookie` headers `a=1` and `b=2`.
- *   If the query has `status=<code>`, answers that status instead of 201 (same body).
+ *   If the query has `status=<code>`, answers that status instead of 201 (same body). If it has
+ *   `hop=1`, also sets `Connection: close, X-Hop` and `X-Hop: 1` (a header its Connection names:
+ *   hop-by-hop, RFC 9110 §7.6.1).
  * - `PATCH /orders/:id` (JSON body). Counts `patch`. Answers 200 JSON `{ "id": ":id", "n": n, "body": body }`.
  * - `GET /orders`. Counts `list`. Answers 200 JSON `{ "n": n }` (not covered by idempotency).
  * - `POST /binary`. Counts `binary`. Answers 200 `application/octet-stream`, the 256 bytes 0x00..0xFF.

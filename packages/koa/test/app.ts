@@ -60,6 +60,7 @@ export function createStartApp(KoaClass: typeof Koa = Koa): StartApp {
       ctx.set('Location', `/orders/${id}`);
       ctx.set('X-Custom', 'yes');
       ctx.append('Set-Cookie', ['a=1', 'b=2']);
+      if (ctx.query.hop === '1') ctx.set({ Connection: 'close, X-Hop', 'X-Hop': '1' });
       ctx.body = { id, n, body: ctx.request.body };
     });
     router.patch('/orders/:id', (ctx) => {
