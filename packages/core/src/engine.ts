@@ -13,6 +13,7 @@ import { resolveOptions, swallow, type IdempotencyOptions, type ResolvedOptions 
 import { ReplayCache } from './replay-cache.js';
 import type { BeginResult, LeaseToken, StoredResponse, StoreTransaction, TransactionalStore } from './store.js';
 import type { Decision, IdempotencyEvent, IncomingRequest } from './types.js';
+import { watchClose, type StoreCloseWatch } from './store-close.js';
 import { sleep, storeCaller, StoreTimeoutError, type StoreCall } from './deadline.js';
 
 export interface IdempotencyEngine<Req = IncomingRequest> {
@@ -45,6 +46,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
   readonly #missingKey: string;
   readonly renewals: RenewalClock;
   readonly call: StoreCall;
+  readonly storeClosed: StoreCloseWatch;
   /** When a failed begin was last logged, and how many were not logged since. */
   #storeErrorLoggedAt = -Infinity;
   #storeErrorsUnlogged = 0;
@@ -60,6 +62,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
         : `This request needs an ${options.header} header (or an \`${options.bodyField}\` field in its JSON body).`;
     this.renewals = new RenewalClock(options.leaseMs);
     this.call = storeCaller(options.store, options.storeTimeoutMs);
+    this.storeClosed = watchClose(options.store);
     this.#cache = options.localCache && new ReplayCache(options.localCache);
     // `=== false`: a store written in JavaScript without the field is not taken for the memory store.
     if (options.store.shared === false && process.env.NODE_ENV === 'production') {

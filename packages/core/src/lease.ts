@@ -6,6 +6,7 @@ import type { ResolvedOptions } from './options.js';
 import type { LeaseToken, StoreTransaction, StoredResponse } from './store.js';
 import type { AbandonReason, IdempotencyContext, IdempotencyEvent, Lease, UnbufferedReason } from './types.js';
 import { StoreTimeoutError, type StoreCall } from './deadline.js';
+import type { StoreCloseWatch } from './store-close.js';
 
 /** The marker's `reason`: the binding's, or the engine's own for a handler that ended its transaction. */
 type MarkerReason = UnbufferedReason | 'transaction-ended' | 'store-refused';
@@ -22,6 +23,8 @@ export interface LeaseHost {
   readonly renewals: RenewalClock;
   /** Calls the store under its deadline. */
   readonly call: StoreCall;
+  /** Says when the store's close() is called: a completion retried in the background ends then. */
+  readonly storeClosed: StoreCloseWatch;
   emit(event: IdempotencyEvent): void;
   /** The answer was stored (completion sent at `sentAt`): the engine may keep it for local replays (`localCache`). */
   remember(id: string, fingerprint: string | null, response: StoredResponse, sentAt: number): void;
@@ -105,6 +108,8 @@ export class RunningLease implements Lease {
   /** Settles when the background completion ends (see #endRetry); null when none ran. */
   #retryEnded: Promise<void> | null = null;
   #retryEnd: (() => void) | null = null;
+  /** Ends the background completion when the store is closed (see #completeLater); null when none waits. */
+  #onStoreClosed: (() => void) | null = null;
   /** The handler ended its own transaction (see #afterTransactionEnded). */
   #transactionEnded = false;
   /** A transactional completion or rollback outlasted the store deadline: the key is held (and renewed) until it settles. */
@@ -409,14 +414,28 @@ export class RunningLease implements Lease {
     // Past the renewal budget: the answer once more at once (an attempt sent before the store
     // came back may have failed for that alone), then the marker.
     let lastChance = false;
+    // A closed store (a worker shutting down) can store nothing more: the retry ends at once, or,
+    // with an attempt in flight, as soon as that attempt settles (it may still land). Not left to
+    // run until the lease ends: a job call waits for this, and with it the process's exit.
+    const closed = this.host.storeClosed;
+    let inFlight = false;
+    if (closed.closed) return void this.#endRetry('closed');
+    this.#onStoreClosed = () => void (inFlight || this.#endRetry('closed'));
+    closed.add(this.#onStoreClosed);
     const attempt = (): void => {
-      if (this.#retrying === null) return; // ended meanwhile (a refused renewal)
+      if (this.#retrying === null) return; // ended meanwhile (a refused renewal, the store closed)
       // Once the marker has been tried, it is what is retried (until the lease runs out).
       const marker = this.#retryMarker;
+      inFlight = true;
       this.host.call('complete', () => store.complete(this.id, this.token, marker ?? response, ttlMs)).then(
-        (ok) => void this.#endRetry(ok ? (marker ? 'marked' : 'stored') : 'refused'),
+        (ok) => {
+          inFlight = false;
+          void this.#endRetry(ok ? (marker ? 'marked' : 'stored') : 'refused');
+        },
         () => {
+          inFlight = false;
           if (this.#retrying === null) return;
+          if (closed.closed) return void this.#endRetry('closed');
           // Renewals got through for two leases while the answer did not: the store refuses this
           // one write (a payload limit). While the lease still holds, the small 410 marker is
           // retried instead, so retries get 410, never a second run of the handler.
@@ -452,11 +471,15 @@ export class RunningLease implements Lease {
    * means the lease is over unless an attempt that timed out here did land (the record holds
    * this lease's own answer); or the store stayed away until the lease ran out.
    */
-  async #endRetry(outcome: 'stored' | 'marked' | 'refused' | 'gave-up'): Promise<void> {
+  async #endRetry(outcome: RetryOutcome): Promise<void> {
     const response = this.#retrying;
     if (response === null) return;
     this.#retrying = null;
     this.#stopRenewing(true);
+    if (this.#onStoreClosed !== null) {
+      this.host.storeClosed.delete(this.#onStoreClosed);
+      this.#onStoreClosed = null;
+    }
     try {
       await this.#retryOutcome(response, outcome);
     } finally {
@@ -465,7 +488,17 @@ export class RunningLease implements Lease {
   }
 
   /** Report how the background completion ended. */
-  async #retryOutcome(response: StoredResponse, outcome: 'stored' | 'marked' | 'refused' | 'gave-up'): Promise<void> {
+  async #retryOutcome(response: StoredResponse, outcome: RetryOutcome): Promise<void> {
+    if (outcome === 'closed') {
+      // Nothing to read back: the store is closed. The key stays in progress until its lease runs out.
+      if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: false });
+      this.host.emit({ type: 'lease-lost', key: this.key, operation: 'complete' });
+      this.host.options.logger?.error(
+        `[idemkit] The store was closed while the answer for key "${this.key}" was still being retried (the store had failed to store it): it was not stored. ` +
+          'The key stays in progress until its lease runs out, and a retry after that may run the handler again. Let running calls finish before closing the store.',
+      );
+      return;
+    }
     // A marker sent meanwhile may be what the record holds (its reply lost, or a renewal refused
     // because it had landed): then that is the outcome.
     if (outcome !== 'stored' && outcome !== 'marked' && this.#retryMarker !== null && (await this.#holdsOwnAnswer(this.#retryMarker))) outcome = 'marked';
@@ -633,6 +666,9 @@ export class RunningLease implements Lease {
     this.host.options.logger?.error(`[idemkit] Store ${operation} failed for key "${this.key}".`, error);
   }
 }
+
+/** How a background completion ended; 'closed': the store's close() was called first. */
+type RetryOutcome = 'stored' | 'marked' | 'refused' | 'gave-up' | 'closed';
 
 /** The answer while a rolled-back-or-not outcome is still being settled (see #rollbackThenFree). */
 function outcomeUnknown(): StoredResponse {

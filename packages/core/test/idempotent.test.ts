@@ -145,6 +145,120 @@ describe('idempotent(fn)', () => {
     expect(events).toContain('lease-lost');
   });
 
+  describe('a call waiting on a completion the store failed, when the store is closed (a worker shutting down)', () => {
+    /** A job on `store` whose completions always fail, and its events as text. */
+    const failingJob = (store: IdempotencyStore, onStoreError?: 'pass') => {
+      const events: string[] = [];
+      let completionFailed!: () => void;
+      const failed = new Promise<void>((resolve) => (completionFailed = resolve));
+      const logged: string[] = [];
+      const job = idempotent(async (id: string) => ({ id }), {
+        store,
+        name: 'job',
+        key: (id) => id,
+        onStoreError,
+        logger: { warn: () => undefined, error: (message: string) => void logged.push(message) },
+        onEvent: (e) => {
+          events.push(e.type === 'completed' ? `completed stored=${e.stored}` : e.type === 'store-error' ? `store-error ${e.operation}` : e.type);
+          if (e.type === 'store-error' && e.operation === 'complete') completionFailed();
+        },
+      });
+      return { job, events, failed, logged };
+    };
+
+    it('settles as soon as close() is called, not when its lease (60 s) runs out, with its result and an event and log that it was not stored', async () => {
+      const store = createMemoryStore();
+      store.complete = () => Promise.reject(new Error('down'));
+      const { job, events, failed, logged } = failingJob(store);
+      const call = job('shutdown');
+      await failed;
+      const closedAt = performance.now();
+      await store.close();
+      // fn ran: its result is the truth. Before, the call (and the process) waited for about a
+      // third of the lease, until a renewal found the record gone.
+      expect(await call).toEqual({ id: 'shutdown' });
+      expect(performance.now() - closedAt).toBeLessThan(1_000);
+      expect(events).toEqual(['executed', 'store-error complete', 'completed stored=false', 'lease-lost']);
+      expect(logged.join('\n')).toMatch(/store was closed .* "shutdown" .* not stored/);
+    });
+
+    it('settles at once when the store was already closed before its completion failed', async () => {
+      const store = createMemoryStore();
+      const events: string[] = [];
+      const job = idempotent(
+        async (id: string) => {
+          await store.close();
+          // A store that rejects once closed (as Redis's does).
+          store.complete = () => Promise.reject(new Error('closed'));
+          return { id };
+        },
+        { store, name: 'closing', key: (id) => id, logger: false, onEvent: (e) => void events.push(e.type) },
+      );
+      const started = performance.now();
+      expect(await job('closed-first')).toEqual({ id: 'closed-first' });
+      expect(performance.now() - started).toBeLessThan(1_000);
+      expect(events).toEqual(['executed', 'store-error', 'completed', 'lease-lost']);
+    });
+
+    it('an attempt in flight when the store is closed is waited for: if it lands, the result is stored', async () => {
+      const store = createMemoryStore();
+      // A store whose close() leaves its records (a Postgres store on your own pool).
+      store.close = () => Promise.resolve();
+      const complete = store.complete.bind(store);
+      let attempts = 0;
+      let release!: () => void;
+      const held = new Promise<void>((resolve) => (release = resolve));
+      let secondSent!: () => void;
+      const sent = new Promise<void>((resolve) => (secondSent = resolve));
+      // The first attempt fails; the second hangs until released, then lands.
+      store.complete = (...args) => {
+        if (++attempts === 1) return Promise.reject(new Error('blip'));
+        secondSent();
+        return held.then(() => complete(...args));
+      };
+      const events: string[] = [];
+      const job = idempotent(async (id: string) => ({ id }), {
+        store,
+        name: 'job',
+        key: (id) => id,
+        logger: false,
+        onEvent: (e) => void events.push(e.type === 'completed' ? `completed stored=${e.stored}` : e.type),
+      });
+      const call = job('in-flight');
+      await sent;
+      await store.close();
+      release();
+      expect(await call).toEqual({ id: 'in-flight' });
+      expect(events).toEqual(['executed', 'store-error', 'completed stored=true']);
+      expect((await store.get(scopedKey(undefined, 'in-flight')))?.state).toBe('completed');
+    });
+  });
+
+  it("with onStoreError 'pass', a call does not wait on a store that failed its completion; the retry lands in the background once the store is back", async () => {
+    const store = createMemoryStore();
+    const complete = store.complete.bind(store);
+    let down = true;
+    store.complete = (...args) => (down ? Promise.reject(new Error('down')) : complete(...args));
+    const events: string[] = [];
+    const job = idempotent(async (id: string) => ({ id }), {
+      store,
+      name: 'job',
+      key: (id) => id,
+      onStoreError: 'pass',
+      logger: false,
+      onEvent: (e) => void events.push(e.type === 'completed' ? `completed stored=${e.stored}` : e.type),
+    });
+    const started = performance.now();
+    // Before, the call waited for the store: with a store that renews but refuses this write,
+    // about three leases (3 min with the default).
+    expect(await job('available')).toEqual({ id: 'available' });
+    expect(performance.now() - started).toBeLessThan(1_000);
+    expect(events).toEqual(['executed', 'store-error']);
+    down = false;
+    await vi.waitFor(async () => expect((await store.get(scopedKey(undefined, 'available')))?.state).toBe('completed'), { timeout: 5_000, interval: 20 });
+    expect(events).toEqual(['executed', 'store-error', 'completed stored=true']);
+  });
+
   it('validates its arguments', () => {
     expect(() => idempotent('nope' as unknown as () => void, { store: createMemoryStore(), key: () => 'k' })).toThrow(/fn/);
     expect(() => idempotent(async () => 1, { store: createMemoryStore() } as never)).toThrow(/key/);
