@@ -6,7 +6,11 @@
  *
  * The job's body prints `RUN`, then waits for a line on stdin before it returns, so the test can
  * break the store while the job runs without guessing at timings. Other stdout lines:
- * `STORE-ERROR {operation}`, `COMPLETED {stored}`, `RESOLVED {value}`, `REJECTED {name, message}`.
+ * `STORE-ERROR {operation}`, `COMPLETED {stored}`, `LEASE-LOST {operation}`, `RESOLVED {value}`,
+ * `REJECTED {name, message}`, `SIGTERM {}`.
+ *
+ * On SIGTERM it shuts down as a worker does (a Kubernetes pod being stopped): it closes the store
+ * at once, with the call still running, and ends by itself once nothing is left to wait for.
  *
  * Env: STORE, STORE_URL, PREFIX, ORDER_ID, LEASE_MS, STORE_TIMEOUT_MS.
  */
@@ -18,6 +22,13 @@ const env = process.env;
 const line = (kind: string, data: unknown) => process.stdout.write(`${kind} ${JSON.stringify(data)}\n`);
 
 const opened = await openStore(env.STORE ?? 'memory', env.STORE_URL ?? '', env.PREFIX ?? 'once');
+let closing: Promise<void> | undefined;
+/** Once: the SIGTERM handler and the end of the script may both get here. */
+const close = (): Promise<void> => (closing ??= opened.close());
+process.once('SIGTERM', () => {
+  line('SIGTERM', {});
+  void close();
+});
 
 const charge = idempotent(
   async (orderId: string) => {
@@ -36,6 +47,7 @@ const charge = idempotent(
     onEvent: (e: IdempotencyEvent) => {
       if (e.type === 'store-error') line('STORE-ERROR', { operation: e.operation });
       if (e.type === 'completed') line('COMPLETED', { stored: e.stored });
+      if (e.type === 'lease-lost') line('LEASE-LOST', { operation: e.operation });
     },
     logger: false,
   },
@@ -46,4 +58,4 @@ try {
 } catch (error) {
   line('REJECTED', { name: (error as Error).name, message: (error as Error).message });
 }
-await opened.close();
+await close();

@@ -16,6 +16,8 @@ interface Run {
   lines(): string[];
   /** Answers the job's wait for stdin (it returns then). */
   go(): void;
+  /** Sends SIGTERM, as Kubernetes does to a pod it stops. */
+  terminate(): void;
   /** Resolves with the exit code, once the process ended by itself. */
   readonly exited: Promise<number | null>;
 }
@@ -30,7 +32,7 @@ function runOnce(env: Record<string, string>): Run {
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   // Never left behind: a run that hangs is killed when its test times out.
   afterAll(() => void child.kill('SIGKILL'));
-  return { lines: () => out.split('\n').filter(Boolean), go: () => child.stdin.write('go\n'), exited };
+  return { lines: () => out.split('\n').filter(Boolean), go: () => child.stdin.write('go\n'), terminate: () => void child.kill('SIGTERM'), exited };
 }
 
 const waitForLine = (run: Run, line: string) =>
@@ -77,5 +79,34 @@ describe('a one-shot job on Redis whose completion Redis refused', () => {
     expect(await second.exited).toBe(0);
     expect(second.lines().filter((l) => l.startsWith('RUN '))).toEqual([]);
     expect(second.lines().find((l) => l.startsWith('RESOLVED '))).toBe(lines[resolved]);
+  });
+
+  it('stopped (SIGTERM) while its call waits on a failed completion, a worker that closes the store exits at once with the result, not when the lease runs out', async () => {
+    // A 30 s lease, as long as Kubernetes waits between SIGTERM and SIGKILL.
+    const env = { STORE: 'redis', STORE_URL: redis.url, PREFIX: ns, ORDER_ID: 'order-8', LEASE_MS: '30000', STORE_TIMEOUT_MS: '1000' };
+    const run = runOnce(env);
+    await waitForLine(run, 'RUN {"orderId":"order-8"}');
+    await admin.config('SET', 'maxmemory', '1');
+    let stoppedFor: number;
+    try {
+      run.go();
+      await waitForLine(run, 'STORE-ERROR {"operation":"complete"}');
+      const stoppedAt = performance.now();
+      run.terminate();
+      expect(await run.exited).toBe(0);
+      stoppedFor = performance.now() - stoppedAt;
+    } finally {
+      await admin.config('SET', 'maxmemory', '0');
+    }
+    const lines = run.lines();
+    // Before, the call went on retrying the closed store until the lease ran out (about 30 s),
+    // and the process with it: a pod would have been killed before it answered.
+    expect(stoppedFor, lines.join('\n')).toBeLessThan(5_000);
+    const resolved = lines.find((l) => l.startsWith('RESOLVED '));
+    expect(resolved, lines.join('\n')).toMatch(/^RESOLVED \{"chargeId":"ch_order-8_\d+"\}$/);
+    // It says the result was not stored.
+    expect(lines).toContain('COMPLETED {"stored":false}');
+    expect(lines).toContain('LEASE-LOST {"operation":"complete"}');
+    expect(lines.indexOf('SIGTERM {}')).toBeLessThan(lines.indexOf(resolved!));
   });
 });
