@@ -494,8 +494,9 @@ export class RunningLease implements Lease {
       if (this.host.options.onEvent) this.host.emit({ type: 'completed', key: this.key, status: response.status, stored: false });
       this.host.emit({ type: 'lease-lost', key: this.key, operation: 'complete' });
       this.host.options.logger?.error(
-        `[idemkit] The store was closed while the answer for key "${this.key}" was still being retried (the store had failed to store it): it was not stored. ` +
-          'The key stays in progress until its lease runs out, and a retry after that may run the handler again. Let running calls finish before closing the store.',
+        `[idemkit] The store was closed while the answer for key "${this.key}" was still being retried (the store had failed to store it): it was not stored ` +
+          '(unless an attempt that timed out still lands). The key stays in progress until its lease runs out, and a retry after that may run the handler again. ' +
+          'Let running calls finish before closing the store.',
       );
       return;
     }
