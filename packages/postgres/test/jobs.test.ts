@@ -5,7 +5,7 @@
  * goes out, and a second wrapper on its own pool takes the key over meanwhile.
  */
 import { randomUUID } from 'node:crypto';
-import { createIdempotencyEngine, FingerprintMismatchError, idempotentTransaction, RequestInProgressError, ResponseNotReplayableError, scopedKey, TransactionAbortedError } from '@idemkit/core';
+import { createIdempotencyEngine, FingerprintMismatchError, idempotent, idempotentTransaction, RequestInProgressError, ResponseNotReplayableError, scopedKey, TransactionAbortedError } from '@idemkit/core';
 import pg from 'pg';
 import { afterAll, beforeAll, expect, it, vi } from 'vitest';
 import { createPostgresStore, pgTransaction, type PostgresStore } from '../src/index.js';
@@ -220,5 +220,50 @@ it('a job that committed its transaction itself and then threw rejects only once
     expect(await chargesOf(id)).toEqual([100]);
   } finally {
     locker.release();
+  }
+});
+
+it('a job call whose completion is being retried settles within the store deadline when the store is closed (a worker shutting down), not when its 30 s lease runs out', async () => {
+  const id = `o-${randomUUID()}`;
+  // The store owns its pool, as one made from a connection string: close() ends it.
+  const closing = createPostgresStore({ connectionString: db.url, schema: db.schema });
+  const seen: string[] = [];
+  const locker = await db.pool.connect();
+  let closed: Promise<void> | undefined;
+  try {
+    const charge = idempotent(
+      async (order: Order) => {
+        // Another session holds the record's row: the completion (and the renewals) wait on it past storeTimeoutMs.
+        await locker.query('BEGIN');
+        await locker.query(`SELECT 1 FROM ${closing.table} WHERE key = $1 FOR UPDATE`, [scopedKey(undefined, order.id)]);
+        return { charged: order.cents };
+      },
+      {
+        store: closing,
+        name: 'close-charge',
+        key: (order) => order.id,
+        leaseMs: 30_000,
+        storeTimeoutMs: 300,
+        logger: false,
+        onEvent: (e) => {
+          if (e.type === 'store-error' && e.operation === 'complete') seen.push('store-error complete');
+          if (e.type === 'completed') seen.push(`completed ${e.stored}`);
+          if (e.type === 'lease-lost') seen.push(`lease-lost ${e.operation}`);
+        },
+      },
+    );
+    const call = charge({ id, cents: 100 });
+    await vi.waitFor(() => expect(seen).toContain('store-error complete'), { timeout: 10_000, interval: 10 });
+    const closedAt = performance.now();
+    closed = closing.close();
+    // fn ran: the caller gets its result, and hears it was not stored. Before, it waited until
+    // the lease ran out (30 s), and a worker's process with it.
+    expect(await call).toEqual({ charged: 100 });
+    expect(performance.now() - closedAt).toBeLessThan(3_000);
+    expect(seen.filter((s) => !s.startsWith('store-error'))).toEqual(['completed false', 'lease-lost complete']);
+  } finally {
+    await locker.query('ROLLBACK');
+    locker.release();
+    await closed;
   }
 });
