@@ -42,7 +42,7 @@ const watches = new WeakMap<object, StoreCloseWatch>();
 
 /**
  * The close watch of `store`, installed on first use (at engine setup, never per request): its
- * `close` is replaced by one that marks the watch, then calls the store's own. A store whose
+ * `close` is replaced by a Proxy of it whose call marks the watch, then calls the store's own. A store whose
  * `close` cannot be replaced (a frozen object) gets a watch that never fires: its retries end
  * as before, when the lease runs out.
  */
@@ -52,15 +52,17 @@ export function watchClose(store: IdempotencyStore): StoreCloseWatch {
   watch = new StoreCloseWatch();
   watches.set(store, watch);
   const own = Object.getOwnPropertyDescriptor(store, 'close');
-  const original = store.close;
   const marked = watch;
-  // Method syntax, so the replacement is still named `close`.
-  const { close } = {
-    close(this: IdempotencyStore, ...args: unknown[]): Promise<void> {
+  // A Proxy of the store's own `close`, not a new function: everything but the call reaches the
+  // original, so a test double stays one (`expect(store.close).toHaveBeenCalled()`,
+  // `vi.mocked(store.close).mockResolvedValue()` on a `vi.fn()` or `vi.spyOn` made before setup),
+  // and its name and length are the store's.
+  const close = new Proxy(store.close, {
+    apply(target, thisArg, args) {
       marked.markClosed();
-      return (original as (...a: unknown[]) => Promise<void>).apply(this, args);
+      return Reflect.apply(target, thisArg, args) as unknown;
     },
-  };
+  });
   try {
     // An own `close` keeps its visibility; one from the prototype stays out of Object.keys.
     Object.defineProperty(store, 'close', { value: close, writable: true, enumerable: own?.enumerable ?? false, configurable: true });

@@ -200,6 +200,44 @@ describe('idempotent(fn)', () => {
       expect(events).toEqual(['executed', 'store-error', 'completed', 'lease-lost']);
     });
 
+    it('a store whose close() is a test double (vi.spyOn or vi.fn() made before setup) keeps it one, and closing it still ends the wait', async () => {
+      // vi.spyOn before the job is set up (the app under test builds its jobs after the spy).
+      const spied = createMemoryStore();
+      spied.complete = () => Promise.reject(new Error('down'));
+      const spy = vi.spyOn(spied, 'close');
+      const first = failingJob(spied);
+      const waiting = first.job('spied');
+      await first.failed;
+      await spied.close();
+      expect(await waiting).toEqual({ id: 'spied' });
+      expect(first.events).toContain('lease-lost');
+      // Before, the store's close was a new function: "is not a spy".
+      expect(spied.close).toHaveBeenCalledOnce();
+      expect(spy).toHaveBeenCalledOnce();
+
+      // A hand-made store double whose close is a vi.fn(): still mockable after setup.
+      const inner = createMemoryStore();
+      const double = {
+        shared: false,
+        begin: inner.begin.bind(inner),
+        complete: () => Promise.reject(new Error('down')),
+        release: inner.release.bind(inner),
+        renew: inner.renew.bind(inner),
+        get: inner.get.bind(inner),
+        purgeExpired: inner.purgeExpired.bind(inner),
+        close: vi.fn(() => Promise.resolve()),
+      } satisfies IdempotencyStore;
+      const second = failingJob(double);
+      // Before: "mockRejectedValueOnce is not a function".
+      double.close.mockRejectedValueOnce(new Error('close failed'));
+      const pending = second.job('double');
+      await second.failed;
+      await expect(double.close()).rejects.toThrow('close failed');
+      expect(await pending).toEqual({ id: 'double' });
+      expect(double.close).toHaveBeenCalledOnce();
+      expect(Object.keys(double)).toContain('close');
+    });
+
     it('an attempt in flight when the store is closed is waited for: if it lands, the result is stored', async () => {
       const store = createMemoryStore();
       // A store whose close() leaves its records (a Postgres store on your own pool).
