@@ -86,8 +86,7 @@ function defaultDeserialize<R>(bytes: Uint8Array): R {
  * getting through, and another call took the key over and ran `fn` too): it gets its own result,
  * which is not stored, and a `lease-lost` event says so. A call resolves once its result is stored:
  * a completion the store failed is retried first (see the README), with the process kept alive,
- * until it lands, the lease runs out, or the store is closed. Not with `onStoreError: 'pass'`: the
- * call resolves at once then, and the retry goes on in the background while the process lives.
+ * until it lands, the lease runs out, or the store is closed.
  */
 // `This` last, so code that names <Args, R> explicitly, as before it was added, still compiles.
 export function idempotent<Args extends unknown[], R, This = unknown>(
@@ -186,9 +185,6 @@ function jobCaller<Args extends unknown[], R>(
     // A job's result is always stored: there is no HTTP status to judge it by.
     storable: () => true,
   });
-  // 'pass' chose availability over exactly-once: a call does not wait on a store that failed its
-  // completion (see storedOrGivenUp), as one does not wait on a store that failed its begin.
-  const waits = rest.onStoreError !== 'pass';
   /** A stored (or replacement) answer as the call's result, or the error it stands for. */
   const resultOf = (response: StoredResponse): Awaited<R> => {
     if (response.status !== 200) throw answerError(response);
@@ -213,7 +209,7 @@ function jobCaller<Args extends unknown[], R>(
         } catch (error) {
           await lease.abandon('handler-threw');
           // fn that ended its transaction itself leaves a 410 marker, not a free key: stored first.
-          if (waits) await storedOrGivenUp(lease);
+          await storedOrGivenUp(lease);
           throw error;
         }
         let body: Uint8Array;
@@ -225,7 +221,7 @@ function jobCaller<Args extends unknown[], R>(
           if (transactional) {
             // Nothing of fn's may commit without its result: roll back and free the key, as if fn threw.
             await lease.abandon('handler-threw');
-            if (waits) await storedOrGivenUp(lease);
+            await storedOrGivenUp(lease);
             throw new TypeError(
               `[idemkit] ${wrapper}(): ${why}, so its transaction was rolled back and nothing was stored; a retry runs fn again ` +
                 '(unless fn had ended the transaction itself: then what it committed stays, and later calls reject with ResponseNotReplayableError). ' +
@@ -236,14 +232,14 @@ function jobCaller<Args extends unknown[], R>(
           // fn ran and must not run again for this key: settle the lease with a marker, so later
           // calls reject with ResponseNotReplayableError instead of waiting or running fn twice.
           await lease.commitUnbuffered(200, 'not-serializable');
-          if (waits) await storedOrGivenUp(lease);
+          await storedOrGivenUp(lease);
           throw new TypeError(
             `[idemkit] ${wrapper}(): ${why}. It was not stored; later calls with this key reject with ResponseNotReplayableError instead of running fn again. ${fix}`,
             { cause: error },
           );
         }
         await lease.commit({ status: 200, headers: [], body });
-        if (waits) await storedOrGivenUp(lease);
+        await storedOrGivenUp(lease);
         // Transactional only: the commit did not land (the lease was taken over, COMMIT failed),
         // so fn's writes are gone and its result describes nothing; the engine says what stands.
         if (lease.replacement) return resultOf(lease.replacement);
@@ -260,10 +256,9 @@ function jobCaller<Args extends unknown[], R>(
  * once the lease ran out. So the call waits for that retry to end (it lands, the 410 marker does,
  * it gives up when the lease runs out, or the store is closed: nothing can land then), and keeps
  * the process alive meanwhile: the retry's own timers do not, so that a server shutting down is
- * not held by them. Not with `onStoreError: 'pass'`: it already gives exactly-once up while the
- * store is down (a redelivery meanwhile fails its `begin` and runs `fn` again), so the wait, up to
- * a lease, would cost the availability 'pass' chose. The retry goes on in the background; a
- * process that exits first leaves the key in progress until its lease runs out.
+ * not held by them. With `onStoreError: 'pass'` too: only a call whose `begin` got through waits
+ * (one that failed ran `fn` without a lease), and for a blip at its completion the wait is what
+ * keeps the result, so a redelivery after the store is back replays instead of running `fn` again.
  */
 async function storedOrGivenUp(lease: Lease): Promise<void> {
   const pending = lease instanceof RunningLease ? lease.backgroundCompletion : null;
