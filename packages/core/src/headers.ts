@@ -108,8 +108,14 @@ function sameHeaderValue(a: OutgoingHeaderValue | undefined, b: OutgoingHeaderVa
  * A stored response's headers grouped for `res.setHeader(name, value | values)`, with the
  * `content-length` of the stored body (none for 1xx, 204 and 304). Bindings use it to write
  * problems and replays alike.
+ *
+ * `head`: the answer goes out to a HEAD, which sends no body, so a stored `content-length` (one
+ * a HEAD went out with, see toStoredHeaders' `lengthAsSent`) is replayed as it is. To any other
+ * method the stored body is sent, so its own length is said: a HEAD's record answers another
+ * method's retry where the fingerprint lets it (`fingerprint: false`, or one without the
+ * method), and its length, with none of the bytes it counts, left the client waiting for them.
  */
-export function responseHeaders(response: StoredResponse): Map<string, string | string[]> {
+export function responseHeaders(response: StoredResponse, head = false): Map<string, string | string[]> {
   const grouped = new Map<string, string | string[]>();
   for (const [name, value] of response.headers) {
     const prev = grouped.get(name);
@@ -119,16 +125,16 @@ export function responseHeaders(response: StoredResponse): Map<string, string | 
   }
   // RFC 9110 §8.6: no Content-Length on a 1xx or 204, and on a 304 it would have to be the
   // length of a 200 that is not stored. Node, Express and Fastify would send the '0' as given.
-  // A stored `content-length` is one that went out with no body (see toStoredHeaders'
-  // `lengthAsSent`: a 304's, a HEAD's): replayed as it is, never recomputed from the empty body.
+  // A stored one went out with no body (a 204's or 304's, replayed as it is: Node sends neither
+  // a body; a HEAD's: replayed as it is only to a HEAD).
   const { status } = response;
-  if (status >= 200 && status !== 204 && status !== 304 && !grouped.has('content-length')) grouped.set('content-length', String(response.body.byteLength));
+  if (status >= 200 && status !== 204 && status !== 304 && !(head && grouped.has('content-length'))) grouped.set('content-length', String(response.body.byteLength));
   return grouped;
 }
 
 /** Headers to send with a replay: `responseHeaders` plus `Idempotent-Replayed: true`. */
-export function replayHeaders(response: StoredResponse): Map<string, string | string[]> {
-  return responseHeaders(response).set(REPLAYED_HEADER, 'true');
+export function replayHeaders(response: StoredResponse, head = false): Map<string, string | string[]> {
+  return responseHeaders(response, head).set(REPLAYED_HEADER, 'true');
 }
 
 /**

@@ -4,7 +4,8 @@ import { runHeadListeners, skipHeadListeners } from './capture.js';
 
 /** A stored response, exactly: status, its headers (plus content-length and Idempotent-Replayed), the bytes. */
 export function writeReplay(res: Response, response: StoredResponse): void {
-  writeRaw(res, response.status, replayHeaders(response), response.body, true);
+  // A HEAD's stored Content-Length only to a HEAD: any other method is sent the stored body.
+  writeRaw(res, response.status, replayHeaders(response, res.req.method === 'HEAD'), response.body, true);
 }
 
 /** The core's problem bytes, so every binding answers byte-identical problems. */

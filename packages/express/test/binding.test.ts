@@ -199,6 +199,31 @@ describe('express binding: every response path is captured and replayed exactly'
     expect(runs()).toBe(2);
   });
 
+  it("a HEAD's record replayed to another method (fingerprint: false) says the length of the body it sends, never the HEAD's", async () => {
+    const { app, runs } = appWith({ methods: ['POST', 'HEAD'], fingerprint: false });
+    const file = fileURLToPath(import.meta.url);
+    app.get('/redirect', (_req, res) => res.redirect(303, '/elsewhere'));
+    app.get('/file', (_req, res) => res.sendFile(file));
+    app.get('/set', (_req, res) => {
+      res.setHeader('Content-Length', '999');
+      res.end();
+    });
+    const url = await serve(app);
+    for (const path of ['redirect', 'file', 'set']) {
+      const key = randomUUID();
+      const first = await post(`${url}/${path}`, key, { method: 'HEAD' });
+      expect(Number(first.headers.get('content-length'))).toBeGreaterThan(0);
+      // The same key on a POST: the HEAD's record answers it, with the empty body stored for it.
+      const raw = await rawExchange(url, `POST /${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
+      const [head = '', body = ''] = raw.split('\r\n\r\n');
+      expect(head).toMatch(/^idempotent-replayed: true$/im);
+      // Before: the HEAD's Content-Length with no bytes after it, so a client waited for them
+      // until its timeout (or read the next answer on the connection as this one's body).
+      expect([path, /^content-length: (\d+)$/im.exec(head)?.[1]]).toEqual([path, String(body.length)]);
+    }
+    expect(runs()).toBe(3);
+  });
+
   it('res.write() or a pipe on a 204 or 304 (Node drops the bytes) is stored as the empty answer that went out, not marked 410', async () => {
     const { app, runs } = appWith();
     app.post('/w/:status', (req, res) => {
