@@ -94,6 +94,8 @@ export class RetryExhaustedError extends Error {
  * request was sent (no connection: a DNS failure, a refused connection, a connect timeout), or the
  * server's TLS certificate was refused (self-signed, expired, another host's), which is not
  * retried since every attempt would meet it again. Sending it again, with any key, runs it once.
+ * Only for a request that cannot follow a redirect (`redirect: 'error'` or `'manual'`): a followed
+ * redirect's failure (a 303 after the server ran the operation) looks the same.
  * A `RetryExhaustedError` too, so code that catches that one keeps working.
  */
 export class RequestNotSentError extends RetryExhaustedError {
@@ -243,7 +245,11 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
       let counted = 0;
       let polls = 0;
       // Whether any attempt may have reached the server (an answer, or a failure after connecting).
-      let sent = false;
+      // A fetch that follows redirects says nothing of the hops before the one that failed: a
+      // refused connection may be that of a followed 303 (POST/redirect/GET, after the server
+      // charged) or 307, to another host or to the same one gone away since (a deploy). So only
+      // a request that cannot be redirected ('error', 'manual') can be known never sent.
+      let sent = template.redirect === 'follow';
       for (let attempt = 1; ; attempt++) {
         const report = (info: Omit<AttemptInfo, 'attempt' | 'key' | 'method' | 'url'>): void => {
           try {

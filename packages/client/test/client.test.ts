@@ -977,6 +977,8 @@ describe('an abort while the caller reads the body, after garbage collection', (
 describe('failures before the request was sent, and after', () => {
   let certificates: TestCertificates | undefined;
   const certs = (): TestCertificates => (certificates ??= makeCertificates());
+  // Only a request that cannot follow a redirect can be known never sent (see the 303 tests below).
+  const unredirected = (): RequestInit => ({ ...json({}), redirect: 'error' });
 
   async function tlsServer(key: string, cert: string) {
     const s = await startTlsServer(key, cert);
@@ -997,7 +999,7 @@ describe('failures before the request was sent, and after', () => {
     const s = await tlsServer(key, cert);
     const { attempts, onAttempt } = recorder();
     const started = Date.now();
-    const failed = await createIdempotentFetch({ baseDelayMs: 200, maxDelayMs: 200, maxAttempts: 50, deadlineMs: 10_000, onAttempt, random: () => 1 })(`${s.url}/orders`, json({})).catch((e: unknown) => e);
+    const failed = await createIdempotentFetch({ baseDelayMs: 200, maxDelayMs: 200, maxAttempts: 50, deadlineMs: 10_000, onAttempt, random: () => 1 })(`${s.url}/orders`, unredirected()).catch((e: unknown) => e);
     // One attempt, no wait: the old code took at least 49 waits of 200 ms.
     expect(Date.now() - started).toBeLessThan(2_000);
     expect(s.connections()).toBe(1);
@@ -1016,7 +1018,7 @@ describe('failures before the request was sent, and after', () => {
     const s = await tlsServer(otherHost.key, otherHost.cert);
     const agent = new HttpsAgent({ ca });
     const trusting = ((url: string, init: object) => nodeFetch(url, { ...init, agent })) as unknown as typeof fetch;
-    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 5, fetch: trusting })(`${s.url}/orders`, json({})).catch((e: unknown) => e);
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 5, fetch: trusting })(`${s.url}/orders`, unredirected()).catch((e: unknown) => e);
     agent.destroy();
     expect(s.connections()).toBe(1);
     expect(s.requests()).toBe(0);
@@ -1041,7 +1043,7 @@ describe('failures before the request was sent, and after', () => {
   it('a DNS failure is retried, then reported as never sent', async () => {
     const { attempts, onAttempt } = recorder();
     // .invalid never resolves (RFC 6761); a machine without DNS says EAI_AGAIN instead of ENOTFOUND.
-    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 3, onAttempt })('http://idemkit-client-test.invalid/orders', json({})).catch((e: unknown) => e);
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 3, onAttempt })('http://idemkit-client-test.invalid/orders', unredirected()).catch((e: unknown) => e);
     expect(attempts.map((a) => a.willRetry)).toEqual([true, true, false]);
     expect(failed).toBeInstanceOf(RequestNotSentError);
     expect((failed as RequestNotSentError).attempts).toBe(3);
@@ -1054,10 +1056,15 @@ describe('failures before the request was sent, and after', () => {
     const url = s.url;
     await s.close();
     for (const fetchImpl of [undefined, nodeFetch as unknown as typeof fetch]) {
-      const failed = await createIdempotentFetch({ ...fast, maxAttempts: 2, fetch: fetchImpl })(`${url}/orders`, json({})).catch((e: unknown) => e);
+      const failed = await createIdempotentFetch({ ...fast, maxAttempts: 2, fetch: fetchImpl })(`${url}/orders`, unredirected()).catch((e: unknown) => e);
       expect(failed).toBeInstanceOf(RequestNotSentError);
       expect(failed).toMatchObject({ attempts: 2 });
       expect((failed as Error).message).toMatch(/never sent .*ECONNREFUSED/);
+      // Following redirects (the default), the refused connection may be a later hop's: may have run.
+      const followed = await createIdempotentFetch({ ...fast, maxAttempts: 2, fetch: fetchImpl })(`${url}/orders`, json({})).catch((e: unknown) => e);
+      expect(followed).toBeInstanceOf(RetryExhaustedError);
+      expect(followed).not.toBeInstanceOf(RequestNotSentError);
+      expect((followed as Error).message).toContain('may have run');
     }
   });
 
@@ -1142,5 +1149,56 @@ describe('the request body held for retries is bounded', () => {
     const big = await createIdempotentFetch({ ...fast, maxBodyBytes: Infinity })(`${s.url}/orders`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: unlimited.body, duplex: 'half' } as RequestInit);
     // Sent whole: the server's own 1 MiB body limit answers.
     expect(big.status).toBe(413);
+  });
+});
+
+describe('"never sent" is never said of a request that reached the server (a redirect followed after it ran)', () => {
+  /** A payment endpoint that charges, then answers 303 See Other (POST/redirect/GET) to `location(port)`. */
+  async function chargingServer(location: (ownPort: number) => string, closeAfter: boolean) {
+    const { createServer } = await import('node:http');
+    let charges = 0;
+    const s = createServer((req, res) => {
+      if (req.method !== 'POST') return void res.writeHead(404).end();
+      req.resume();
+      req.on('end', () => {
+        charges++;
+        // A server shutting down (a rolling deploy): it answers the request in flight, closes the
+        // connection and stops listening, so the followed GET finds nobody.
+        if (closeAfter) s.close();
+        res.writeHead(303, { location: location(port), connection: closeAfter ? 'close' : 'keep-alive' }).end();
+      });
+    });
+    await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
+    const { port } = s.address() as { port: number };
+    open.push({ close: () => new Promise<void>((resolve) => { s.closeAllConnections(); if (s.listening) s.close(() => resolve()); else resolve(); }) });
+    return { url: `http://127.0.0.1:${port}`, charges: () => charges };
+  }
+
+  async function deadPort(): Promise<number> {
+    const { createServer } = await import('node:net');
+    const probe = createServer();
+    await new Promise<void>((resolve) => probe.listen(0, '127.0.0.1', resolve));
+    const { port } = probe.address() as { port: number };
+    await new Promise<void>((resolve) => probe.close(() => resolve()));
+    return port;
+  }
+
+  // Was: RequestNotSentError ("never sent … sending it again, with any key, runs it once"), though
+  // the card was charged: a caller that believed it and sent again with a new key charged twice.
+  it.each([
+    ['to another host that refuses the connection', false],
+    ['to the same server, which stopped listening after answering (a deploy)', true],
+  ] as const)('a 303 after the charge, followed %s: RetryExhaustedError (may have run), never RequestNotSentError', async (_, sameHost) => {
+    const dead = sameHost ? 0 : await deadPort();
+    const s = await chargingServer((own) => `http://127.0.0.1:${sameHost ? own : dead}/receipts/1`, sameHost);
+    const { attempts, onAttempt } = recorder();
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 1, onAttempt })(`${s.url}/charges`, json({ cents: 500 })).catch((e: unknown) => e);
+    expect(s.charges()).toBe(1);
+    expect(attempts).toHaveLength(1);
+    expect(((attempts[0]!.error as Error).cause as { code?: string }).code).toBe('ECONNREFUSED');
+    expect(failed).toBeInstanceOf(RetryExhaustedError);
+    expect(failed).not.toBeInstanceOf(RequestNotSentError);
+    expect((failed as Error).message).toContain('may have run');
+    expect((failed as Error).message).not.toContain('never sent');
   });
 });
