@@ -40,20 +40,34 @@ function asText(value: string): string {
   return value;
 }
 
-/** `bytea` in either output format: hex (`\x…`, the default) or escape (`bytea_output = 'escape'`). */
+/**
+ * `bytea` in either output format: hex (`\x…`, the default) or escape (`bytea_output = 'escape'`:
+ * a printable byte as itself, `\\` for a backslash, `\ooo` in octal for any other). Escape is
+ * decoded into one buffer of its size: a number[] grown a byte at a time froze the process for
+ * seconds per MiB, and past about 100 MiB (within maxResponseBytes) V8 ended the process
+ * ("invalid size error") on the first read of the key.
+ */
 export function parseBytea(value: string): Buffer {
   if (value.startsWith('\\x')) return Buffer.from(value.slice(2), 'hex');
-  const out: number[] = [];
+  // Sized first (a random body is mostly `\ooo`, four characters a byte): no buffer of 4x its size.
+  let size = value.length;
+  for (let i = value.indexOf('\\'); i !== -1; i = value.indexOf('\\', i)) {
+    const pair = value.charCodeAt(i + 1) === 0x5c;
+    size -= pair ? 1 : 3;
+    i += pair ? 2 : 4;
+  }
+  const out = Buffer.allocUnsafe(size);
+  let n = 0;
   for (let i = 0; i < value.length; i++) {
     const c = value.charCodeAt(i);
-    if (c !== 0x5c) out.push(c);
+    if (c !== 0x5c) out[n++] = c;
     else if (value.charCodeAt(i + 1) === 0x5c) {
-      out.push(0x5c);
+      out[n++] = 0x5c;
       i++;
     } else {
-      out.push(parseInt(value.slice(i + 1, i + 4), 8));
+      out[n++] = ((value.charCodeAt(i + 1) - 48) << 6) | ((value.charCodeAt(i + 2) - 48) << 3) | (value.charCodeAt(i + 3) - 48);
       i += 3;
     }
   }
-  return Buffer.from(out);
+  return out;
 }
