@@ -2,7 +2,7 @@ import { defineConfig } from 'tsup';
 
 // Executables, not a library: ESM only, no declarations.
 export default defineConfig({
-  entry: ['src/run.ts', 'src/server.ts', 'src/profile.ts'],
+  entry: ['src/run.ts', 'src/server.ts', 'src/profile.ts', 'src/instructions.ts'],
   format: ['esm'],
   dts: false,
   clean: true,
