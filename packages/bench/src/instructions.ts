@@ -28,9 +28,6 @@ const argv = process.argv.slice(2);
 const flag = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
 const list = <T extends string>(name: string, fallback: readonly T[]): T[] => (flag(name)?.split(',') as T[] | undefined) ?? [...fallback];
 
-if (argv[0] === '--client') await client(Number(argv[1]), argv[2] as LoadPath, Number(argv[3]), Number(argv[4]), Number(argv[5]));
-else if (argv[0] === '--serve') await serve(argv[1] as Framework, argv[2] as Measured, argv[3] as LoadPath, Number(argv[4]), Number(argv[5]));
-else main();
 
 /**
  * Tells callgrind in the server process `serverPid` what to do (a vgdb monitor command). vgdb wakes
@@ -180,3 +177,7 @@ function main(): void {
   process.stdout.write(`${rows.join('\n')}\n`);
   if (!keep) rmSync(dir, { recursive: true, force: true });
 }
+
+if (argv[0] === '--client') await client(Number(argv[1]), argv[2] as LoadPath, Number(argv[3]), Number(argv[4]), Number(argv[5]));
+else if (argv[0] === '--serve') await serve(argv[1] as Framework, argv[2] as Measured, argv[3] as LoadPath, Number(argv[4]), Number(argv[5]));
+else main();
