@@ -87,10 +87,19 @@ export function sendReplay(reply: FastifyReply, replayed: Replayed): void {
  */
 export function restoreReplay(reply: FastifyReply, { response }: Replayed, first = false): void {
   reply.code(response.status);
-  for (const [name, value] of replayHeaders(response)) {
-    if (first || name !== 'set-cookie') reply.header(name, value);
+  // To a HEAD, the Content-Length its answer went out with (stored: see settle's `head`); one
+  // that went out with none (`reply.send()` with no length, on a HEAD route of its own) has none
+  // stored, and gets none: not the `0` of the empty stored body. Fastify gives a HEAD the length
+  // of a payload when none is set, as on the first answer (and so did records stored before the
+  // length was). To any other method, the stored body and its length.
+  const head = reply.request.method === 'HEAD';
+  const unsized = head && !response.headers.some(isLength);
+  for (const [name, value] of replayHeaders(response, head)) {
+    if ((first || name !== 'set-cookie') && !(unsized && name === 'content-length')) reply.header(name, value);
   }
 }
+
+const isLength = ([name]: readonly [string, string]): boolean => name === 'content-length';
 
 /** Write core's problem response (status, headers, RFC 9457 bytes) unchanged. */
 export function sendStored(reply: FastifyReply, stored: Replayed): FastifyReply {

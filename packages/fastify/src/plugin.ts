@@ -285,7 +285,9 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
 
   // Runs after the payload is serialised and before a byte is written, so the record is stored
   // before the client can see the answer (and retry): a retry always finds a replay, never a 409.
-  function onSend(request: FastifyRequest, reply: FastifyReply, payload: unknown, done: SendDone): void {
+  // `madeHead`: the HEAD route Fastify made from a GET (`exposeHeadRoutes`), whose own onSend hook
+  // after ours sets the Content-Length it goes out with (see headLength); only `onSendMadeHead` says so.
+  function onSend(request: FastifyRequest, reply: FastifyReply, payload: unknown, done: SendDone, madeHead = false): void {
     const state = stateOf(request);
     if (state === null) {
       const replayed = (request as StatefulRequest)[kReplayed];
@@ -324,7 +326,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       return;
     }
     if (state.lease.settled) return done(null, payload);
-    const settling = settle(state, reply, payload);
+    const settling = settle(state, reply, payload, madeHead);
     state.settling = settling;
     settling.then(
       (replaced) => void (state.delivered = deliver(reply, done, replaced)),
@@ -333,16 +335,23 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
   }
 
   /** Settle the lease by one answer: freed if it failed, else stored (or marked) as it allows. */
-  function storeAnswer(state: LeaseState, failed: boolean, status: number, headers: ReturnType<FastifyReply['getHeaders']>, body: Uint8Array | undefined): Promise<unknown> {
+  function storeAnswer(
+    state: LeaseState,
+    failed: boolean,
+    status: number,
+    headers: ReturnType<FastifyReply['getHeaders']>,
+    body: Uint8Array | undefined,
+    lengthAsSent: boolean,
+  ): Promise<unknown> {
     const { lease } = state;
     if (failed) return lease.abandon('handler-threw');
     if (body === undefined) return lease.commitUnbuffered(status, 'not-bufferable');
     if (body.byteLength > engine.options.maxBodyBytes) return lease.commitUnbuffered(status, 'too-large');
-    // A 204's or 304's Content-Length is stored as it went out (see settle): no body gives it.
-    return lease.commit({ status, headers: toStoredHeaders(headers, state.before, status === 204 || status === 304), body });
+    // A 204's, 304's or HEAD's Content-Length is stored as it went out (see settle): no body gives it.
+    return lease.commit({ status, headers: toStoredHeaders(headers, state.before, lengthAsSent), body });
   }
 
-  async function settle(state: LeaseState, reply: FastifyReply, payload: unknown): Promise<unknown> {
+  async function settle(state: LeaseState, reply: FastifyReply, payload: unknown, madeHead: boolean): Promise<unknown> {
     const { lease, handler } = state;
     // As it stood when this answer came: a throw after it (send without return) must not turn it into an error.
     const errored = state.errored;
@@ -366,11 +375,19 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     // Express and Koa), not streamed, so the retry gets it and not a 410.
     const sized = status === 304 && bytes !== undefined && bytes.byteLength > engine.options.maxBodyBytes;
     const body = dropped || sized || (status === 304 && isStream(payload)) ? new Uint8Array(0) : bytes;
+    // A HEAD goes out with no body, under the Content-Length Fastify gives it after this hook
+    // (see headLength): stored as it went out, and replayed as it is to a HEAD (see restoreReplay).
+    // Its payload's bytes are stored as well: a replay sends them through the same route hooks,
+    // and a retry of another method its record answers (`fingerprint: false`) gets them.
+    const head = reply.request.method === 'HEAD' && status >= 200 && status !== 204 && status !== 304 && bytes !== undefined;
     const stored = dropped
       ? { ...headers, 'content-type': undefined, 'content-length': undefined }
       : sized
         ? { ...headers, 'content-length': sentLength(headers['content-length'], bytes.byteLength, reply.request.method) }
-        : headers;
+        : head
+          ? { ...headers, 'content-length': headLength(headers['content-length'], bytes, payload, madeHead) }
+          : headers;
+    const lengthAsSent = head || status === 204 || status === 304;
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
     // a Response whose body was read): Fastify fails it with a 500, so the key is given back.
     const refused = body === undefined && !isSendable(payload);
@@ -381,7 +398,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       const sends = watchSends(reply, engine.options.storable, status);
       const sender = await whoSent(handler, reply, sends);
       if (sender !== 'running') sends.stop();
-      if (sender === 'running') holdWhileRunning(state, handler, sends, () => storeAnswer(state, failed, status, stored, body));
+      if (sender === 'running') holdWhileRunning(state, handler, sends, () => storeAnswer(state, failed, status, stored, body, lengthAsSent));
       else if (sender === 'finished') await settleLate(lease, sends);
       if (sender !== 'own') {
         // The handler's own late answer (`reply.code(201).send(order)`) may have set its status
@@ -390,7 +407,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         return payload;
       }
     }
-    await storeAnswer(state, failed, status, stored, body);
+    await storeAnswer(state, failed, status, stored, body, lengthAsSent);
     if (failed) return payload;
     // Transactional mode, rolled back: the handler's answer describes writes that never happened.
     const replacement = lease.replacement;
@@ -548,7 +565,9 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     );
   }
 
-  return { preHandler, onSend, onError, onRawClose };
+  // Built once per engine, like the rest: the HEAD routes Fastify made from GET routes get it instead of onSend.
+  const onSendMadeHead = (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: SendDone): void => onSend(request, reply, payload, done, true);
+  return { preHandler, onSend, onError, onRawClose, onSendMadeHead };
 }
 
 /**
@@ -561,7 +580,7 @@ function settleLate(lease: Lease, sends: LateSends): Promise<void> {
 }
 
 type RouteHooks = ReturnType<typeof routeHooks>;
-type HookName = Exclude<keyof RouteHooks, 'onRawClose'>;
+type HookName = Exclude<keyof RouteHooks, 'onRawClose' | 'onSendMadeHead'>;
 
 /** Keep what the route handler returned on the lease's state (see afterClientLeft); nothing more per request. */
 function keepHandlerResult(route: RouteOptions, onRawClose: RouteHooks['onRawClose']): void {
@@ -623,6 +642,29 @@ function headersChanged(before: ReturnType<FastifyReply['getHeaders']>, now: Ret
  */
 function sentLength<T>(given: T, length: number, method: string): T | string {
   return given && (method === 'HEAD' || Number(given) === length) ? given : String(length);
+}
+
+/**
+ * The Content-Length a HEAD's bufferable answer goes out with. On a HEAD route of its own, the one
+ * the handler set, whatever the payload (Fastify's onSendEnd keeps a HEAD's), else the payload's
+ * length, or none with no payload. On the HEAD route Fastify made from a GET route, its own onSend
+ * hook (head-route.js), which runs after ours, sets the payload's length over any the handler set
+ * (`0` with none). A route hook's rewrite of the payload after ours is not seen.
+ */
+function headLength<T>(given: T, bytes: Uint8Array, payload: unknown, madeHead: boolean): T | string {
+  if (madeHead) return String(bytes.byteLength);
+  return payload === undefined || payload === null ? given : sentLength(given, bytes.byteLength, 'HEAD');
+}
+
+/**
+ * Whether `route` is a HEAD route Fastify made from a GET route (`exposeHeadRoutes`): its onSend
+ * hooks end with Fastify's own head-route hook (named so in Fastify 5.0 through 5.12, at least).
+ */
+function madeHeadRoute(route: RouteOptions, methods: readonly string[]): boolean {
+  if (methods.length !== 1 || methods[0] !== 'HEAD') return false;
+  const { onSend } = route as { onSend?: unknown };
+  const last: unknown = Array.isArray(onSend) ? onSend[onSend.length - 1] : onSend;
+  return typeof last === 'function' && last.name === 'headRouteOnSendHandler';
 }
 
 /** A Node stream or a web ReadableStream (not a Response). */
@@ -719,7 +761,9 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify: Fa
     }
     const covered = attached.engine.options.methods;
     if (!methods.some((m) => covered.has(m))) return;
-    const { onRawClose, ...hooks } = attached.hooks;
+    const { onRawClose, onSendMadeHead, ...hooks } = attached.hooks;
+    // Before ours is added: its own onSend hooks, as Fastify made them, tell the route apart.
+    if (madeHeadRoute(route, methods)) hooks.onSend = onSendMadeHead;
     for (const name of Object.keys(hooks) as HookName[]) addHook(route, name, hooks[name]);
     keepHandlerResult(route, onRawClose);
   });
