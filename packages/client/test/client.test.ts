@@ -1080,7 +1080,9 @@ describe('failures before the request was sent, and after', () => {
     await new Promise<void>((resolve) => resetting.listen(0, '127.0.0.1', resolve));
     const url = `http://127.0.0.1:${(resetting.address() as { port: number }).port}/orders`;
     const { attempts, onAttempt } = recorder();
-    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 3, onAttempt })(url, json({})).catch((e: unknown) => e);
+    // redirect: 'error', as a request must be to be called never sent at all: under 'follow' every
+    // failure is "may have run" whatever the attempts met, and this test would check nothing.
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 3, onAttempt })(url, unredirected()).catch((e: unknown) => e);
     expect(requests).toBe(1);
     expect(attempts.map((a) => ((a.error as Error).cause as { code?: string }).code)).toEqual(['ECONNRESET', 'ECONNREFUSED', 'ECONNREFUSED']);
     expect(failed).toBeInstanceOf(RetryExhaustedError);
@@ -1093,11 +1095,32 @@ describe('failures before the request was sent, and after', () => {
     const s = await server();
     const proxy = await startLossyProxy(s.url, 100);
     open.push(proxy);
-    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 2 })(`${proxy.url}/orders`, json({ item: 'book' })).catch((error: unknown) => error);
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 2 })(`${proxy.url}/orders`, { ...json({ item: 'book' }), redirect: 'error' }).catch((error: unknown) => error);
     expect(failed).toBeInstanceOf(RetryExhaustedError);
     expect(failed).not.toBeInstanceOf(RequestNotSentError);
     expect((failed as Error).message).toContain('may have run');
     expect(s.runs.get('orders')).toBe(1);
+  });
+
+  it('an answer (a 503, which a gateway gives after the upstream ran) then refused connections: may have run, not "never sent"', async () => {
+    const { createServer } = await import('node:http');
+    let requests = 0;
+    const closing = createServer((req, res) => {
+      requests++;
+      req.resume();
+      // Answers 503 and goes away: every later attempt is refused.
+      closing.close();
+      res.writeHead(503, { connection: 'close' }).end();
+    });
+    await new Promise<void>((resolve) => closing.listen(0, '127.0.0.1', resolve));
+    const url = `http://127.0.0.1:${(closing.address() as { port: number }).port}/orders`;
+    const { attempts, onAttempt } = recorder();
+    const failed = await createIdempotentFetch({ ...fast, maxAttempts: 3, onAttempt })(url, unredirected()).catch((e: unknown) => e);
+    expect(requests).toBe(1);
+    expect(attempts.map((a) => a.status ?? ((a.error as Error).cause as { code?: string }).code)).toEqual([503, 'ECONNREFUSED', 'ECONNREFUSED']);
+    expect(failed).toBeInstanceOf(RetryExhaustedError);
+    expect(failed).not.toBeInstanceOf(RequestNotSentError);
+    expect((failed as Error).message).toContain('may have run');
   });
 });
 
