@@ -5,8 +5,16 @@ import { runHeadListeners, skipHeadListeners } from './capture.js';
 /** A stored response, exactly: status, its headers (plus content-length and Idempotent-Replayed), the bytes. */
 export function writeReplay(res: Response, response: StoredResponse): void {
   // A HEAD's stored Content-Length only to a HEAD: any other method is sent the stored body.
-  writeRaw(res, response.status, replayHeaders(response, res.req.method === 'HEAD'), response.body, true);
+  const head = res.req.method === 'HEAD';
+  const headers = replayHeaders(response, head);
+  // A HEAD that went out with none (`res.end()`: Node sends neither it nor Transfer-Encoding) has
+  // none stored and an empty body: it gets none, not the `0` of that body. One with a body and
+  // none stored (res.send() before its length was stored) still gets the body's length.
+  if (head && response.body.byteLength === 0 && !response.headers.some(isLength)) headers.delete('content-length');
+  writeRaw(res, response.status, headers, response.body, true);
 }
+
+const isLength = ([name]: readonly [string, string]): boolean => name === 'content-length';
 
 /** The core's problem bytes, so every binding answers byte-identical problems. */
 export function writeProblem(res: Response, error: IdempotencyError): void {

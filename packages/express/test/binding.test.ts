@@ -224,6 +224,31 @@ describe('express binding: every response path is captured and replayed exactly'
     expect(runs()).toBe(3);
   });
 
+  it('a covered HEAD answered with no Content-Length (res.end()) replays with none, as it went out', async () => {
+    const { app, runs } = appWith({ methods: ['POST', 'HEAD'] });
+    app.head('/bare', (_req, res) => res.status(200).end());
+    app.head('/sent', (_req, res) => res.send('abc'));
+    const url = await serve(app);
+    const exchange = async (path: string, key: string): Promise<string> =>
+      (await rawExchange(url, `HEAD /${path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nConnection: close\r\n\r\n`)).split('\r\n\r\n')[0]!;
+    const length = (head: string): string | undefined => /^content-length: (\d+)$/im.exec(head)?.[1];
+    const key = randomUUID();
+    const first = await exchange('bare', key);
+    const replay = await exchange('bare', key);
+    // Node sends a HEAD ended with no length none (nor Transfer-Encoding).
+    expect(length(first)).toBeUndefined();
+    expect(first).not.toMatch(/^transfer-encoding:/im);
+    expect(replay).toMatch(/^idempotent-replayed: true$/im);
+    // Before: `Content-Length: 0`, the length of the empty stored body, not the answer's.
+    expect(length(replay)).toBeUndefined();
+    expect(replay).not.toMatch(/^transfer-encoding:/im);
+    // One res.send() sized keeps its length.
+    const sentKey = randomUUID();
+    expect(length(await exchange('sent', sentKey))).toBe('3');
+    expect(length(await exchange('sent', sentKey))).toBe('3');
+    expect(runs()).toBe(2);
+  });
+
   it('res.write() or a pipe on a 204 or 304 (Node drops the bytes) is stored as the empty answer that went out, not marked 410', async () => {
     const { app, runs } = appWith();
     app.post('/w/:status', (req, res) => {
