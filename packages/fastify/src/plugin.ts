@@ -385,7 +385,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       : sized
         ? { ...headers, 'content-length': sentLength(headers['content-length'], bytes.byteLength, reply.request.method) }
         : head
-          ? { ...headers, 'content-length': headLength(headers['content-length'], bytes, payload, madeHead) }
+          ? { ...headers, 'content-length': headLength(headers['content-length'], bytes, madeHead) }
           : headers;
     const lengthAsSent = head || status === 204 || status === 304;
     // Neither bytes nor a stream (an object sent with a content-type Fastify does not serialise,
@@ -645,15 +645,19 @@ function sentLength<T>(given: T, length: number, method: string): T | string {
 }
 
 /**
- * The Content-Length a HEAD's bufferable answer goes out with. On a HEAD route of its own, the one
- * the handler set, whatever the payload (Fastify's onSendEnd keeps a HEAD's), else the payload's
- * length, or none with no payload. On the HEAD route Fastify made from a GET route, its own onSend
- * hook (head-route.js), which runs after ours, sets the payload's length over any the handler set
- * (`0` with none). A route hook's rewrite of the payload after ours is not seen.
+ * The Content-Length a HEAD's bufferable answer is stored with. On a HEAD route of its own, the one
+ * the handler set, whatever the payload (Fastify's onSendEnd keeps a HEAD's); with none, none:
+ * Fastify gives the answer the length of the payload it ends with, after the route's own onSend
+ * hooks (which run after ours and may rewrite it), and so does a replay that sets none (see
+ * restoreReplay), through the same hooks. Storing this payload's length replayed `3` for an
+ * answer a route hook made `5`. On the HEAD route Fastify made from a GET route, its own onSend
+ * hook (head-route.js), which runs last, sets the payload's length over any the handler set
+ * (`0` with none), on a replay as on the first answer.
  */
-function headLength<T>(given: T, bytes: Uint8Array, payload: unknown, madeHead: boolean): T | string {
+function headLength<T>(given: T, bytes: Uint8Array, madeHead: boolean): T | string | undefined {
   if (madeHead) return String(bytes.byteLength);
-  return payload === undefined || payload === null ? given : sentLength(given, bytes.byteLength, 'HEAD');
+  // Fastify recomputes a falsy one (`0` as a number) as it does none.
+  return given || undefined;
 }
 
 /**

@@ -85,7 +85,23 @@ describe('a HEAD answer replays the Content-Length it went out with', () => {
       const again = await ask('HEAD', path, `k${path}`);
       // Before: 0, 3, 3 and 0 (the stored body's length).
       expect([path, again.status, again.length, again.replayed, again.body]).toEqual([path, 200, length, true, '']);
-      expect([path, await storedLength(store, `k${path}`)]).toEqual([path, length]);
+      // None stored unless the handler set one: Fastify works it out from the payload it ends with.
+      expect([path, await storedLength(store, `k${path}`)]).toEqual([path, path === '/text' ? undefined : length]);
+    }
+  });
+
+  it("on a HEAD route of its own whose route-level onSend hook (after ours) rewrites the payload: the rewritten payload's length", async () => {
+    const { ask } = await listen((app) => {
+      const suffix = (_request: unknown, _reply: unknown, payload: unknown, done: (err: null, value: string) => void): void => done(null, `${String(payload)}xx`);
+      app.head('/own', { onSend: suffix }, () => 'abc');
+      app.route({ method: ['GET', 'HEAD'], url: '/both', onSend: suffix, handler: () => 'abc' });
+    });
+    for (const path of ['/own', '/both']) {
+      const first = await ask('HEAD', path, `k${path}`);
+      expect([path, first.length, first.replayed]).toEqual([path, '5', false]);
+      const again = await ask('HEAD', path, `k${path}`);
+      // Before: 3, the length of the payload the handler returned, stored before the hook added to it.
+      expect([path, again.length, again.replayed, again.body]).toEqual([path, '5', true, '']);
     }
   });
 
