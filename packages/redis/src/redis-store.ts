@@ -95,7 +95,10 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
   const owned = options.client === undefined;
   // A socket timeout: on a connection that went silent (a network black hole) ioredis otherwise
   // waits for its answers for good, and every command queued behind them with it.
-  const client: RedisClient = options.client ?? reportingErrors(new Redis(options.url as string, { socketTimeout: URL_CLIENT_SOCKET_TIMEOUT_MS }));
+  // And a new connection on READONLY: see `reconnectOnReadonly`.
+  const client: RedisClient =
+    options.client ??
+    reportingErrors(new Redis(options.url as string, { socketTimeout: URL_CLIENT_SOCKET_TIMEOUT_MS, reconnectOnError: reconnectOnReadonly }));
   const calls = defineCommands(client);
   const batch = writeBatcher(client);
   let closed = false;
@@ -258,6 +261,20 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
       client.disconnect();
     },
   };
+}
+
+/**
+ * A failover behind one address (a cloud primary endpoint whose DNS name moves to the promoted
+ * replica, a manual `REPLICAOF`) turns the old master into a replica that keeps its client
+ * connections open and answers every write on them with READONLY: without a new connection every
+ * `begin` and `complete` would fail until the process restarted. So the client created from `url`
+ * reconnects on READONLY (ioredis's documented recipe), resolving the address again. The command
+ * that met it still fails (a 503, which the client retries), rather than being re-sent: re-sent,
+ * it would wait for good, with every later one, while the URL keeps leading to a replica (a
+ * replica's URL given by mistake). Read only on error replies: nothing on the hot path.
+ */
+function reconnectOnReadonly(error: Error): 1 | false {
+  return error.message.startsWith('READONLY') ? 1 : false;
 }
 
 /**

@@ -7,7 +7,7 @@ import { answerHoldingProxy, type ResolvedService } from '@idemkit/test-services
 import { Redis } from 'ioredis';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createRedisStore, type RedisStore, type RedisStoreSettings } from '../src/index.js';
-import { clientAddr, countSocketWrites, deleteByPrefix, ownRedisServer, redisClient, redisNow, redisService, uniquePrefix } from './services.js';
+import { clientAddr, countSocketWrites, deleteByPrefix, ownRedisServer, redisClient, redisNow, redisService, retargetableHop, uniquePrefix } from './services.js';
 
 let service: ResolvedService<string>;
 let url: string;
@@ -552,6 +552,39 @@ describe('client ownership and failures', () => {
       s.client.disconnect();
       await proxy.close();
       warn.mockRestore();
+    }
+  }, 15_000);
+
+  it('a store built from `url` leaves a master demoted to replica by a failover (READONLY) instead of failing every call on it for good', async () => {
+    // A failover behind one address (a cloud "primary endpoint" whose DNS moves to the promoted
+    // replica): the old master becomes a replica and keeps its client connections open, answering
+    // every write with READONLY. Only a new connection reaches the new master.
+    const oldMaster = await ownRedisServer();
+    const newMaster = await ownRedisServer();
+    const hop = await retargetableHop(Number(new URL(oldMaster.url).port));
+    const s = createRedisStore({ url: hop.url, prefix });
+    try {
+      expect((await s.begin(key('before-failover'), 'fp', 60_000)).kind).toBe('acquired');
+      await newMaster.client.replicaof('NO', 'ONE');
+      await oldMaster.client.replicaof('127.0.0.1', Number(new URL(newMaster.url).port));
+      hop.retarget(Number(new URL(newMaster.url).port));
+      // The call that meets READONLY fails (503, the client retries); the calls after it must
+      // reach the new master. Before, every call failed with READONLY until the process restarted.
+      const k = key('after-failover');
+      const outcomes: string[] = [];
+      for (let i = 0; i < 20 && outcomes.at(-1) !== 'acquired'; i++) {
+        outcomes.push(await s.begin(k, 'fp', 60_000).then((r) => r.kind, (error: Error) => error.message.split(' ')[0] ?? ''));
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      expect(outcomes.at(-1)).toBe('acquired');
+      expect(outcomes.filter((o) => o === 'READONLY').length).toBeLessThanOrEqual(1);
+      expect(await newMaster.client.exists(prefix + k)).toBe(1);
+    } finally {
+      await s.close().catch(() => undefined);
+      s.client.disconnect();
+      await hop.close();
+      await oldMaster.stop();
+      await newMaster.stop();
     }
   }, 15_000);
 

@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { createServer, type AddressInfo } from 'node:net';
+import { connect as connectTcp, createServer, type AddressInfo, type Socket } from 'node:net';
 import { resolveRedis, resolveRedisCluster, type ResolvedService } from '@idemkit/test-services';
 import type { Writable } from 'node:stream';
 import { Cluster, Redis } from 'ioredis';
@@ -119,6 +119,37 @@ export async function ownRedisServer(args: readonly string[] = []): Promise<{ ur
       client.disconnect();
       child.kill('SIGKILL');
       if (child.exitCode === null) await once(child, 'exit');
+    },
+  };
+}
+
+/**
+ * A TCP hop to 127.0.0.1 whose target port can change: what a DNS name (a cloud primary endpoint)
+ * does in a failover. Connections already open keep their old target, as real ones do; only new
+ * connections go to the new one.
+ */
+export async function retargetableHop(targetPort: number): Promise<{ url: string; retarget: (port: number) => void; close: () => Promise<void> }> {
+  let target = targetPort;
+  const sockets = new Set<Socket>();
+  const server = createServer((downstream) => {
+    const upstream = connectTcp(target, '127.0.0.1');
+    for (const s of [downstream, upstream]) {
+      sockets.add(s);
+      s.on('error', () => undefined);
+      s.on('close', () => sockets.delete(s));
+    }
+    downstream.pipe(upstream).pipe(downstream);
+    downstream.on('close', () => upstream.destroy());
+    upstream.on('close', () => downstream.destroy());
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    retarget: (next) => void (target = next),
+    close: async () => {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
     },
   };
 }
