@@ -157,6 +157,55 @@ describe('one round trip per operation', () => {
     expect(await s.complete(k, token, response(new Uint8Array([9])), 60_000)).toBe(true);
     expect((await s.get(k))?.state).toBe('completed');
   });
+
+  it.each(['set', 'script'] as const)(
+    "every script keeps working after SCRIPT FLUSH and after a Redis restart, 20 calls in one socket write each (claim: '%s')",
+    async (claim) => {
+      // A restart (or a failover to a replica: scripts are replicated as their effects, so a
+      // replica never caches them) leaves Redis without the scripts. ioredis sends EVAL on a new
+      // connection and falls back from EVALSHA on NOSCRIPT; every operation must get there,
+      // also when a whole batch meets NOSCRIPT at once.
+      const own = await ownRedisServer();
+      const client = new Redis(own.url, { retryStrategy: () => 50 });
+      client.on('error', () => undefined);
+      const s = createRedisStore({ client, prefix, claim });
+      const flush = (): Promise<unknown> => own.client.script('FLUSH');
+      try {
+        const keys = Array.from({ length: 20 }, (_, i) => key(`noscript-${i}`));
+        const claimAll = async (): Promise<LeaseToken[]> =>
+          Promise.all(
+            keys.map(async (k) => {
+              const r = await s.begin(k, 'fp', 60_000);
+              if (r.kind !== 'acquired') throw new Error(`expected acquired, got ${r.kind}`);
+              return r.token;
+            }),
+          );
+        const tokens = await claimAll();
+        const all = <T>(f: (k: string, token: LeaseToken) => Promise<T>): Promise<T[]> => Promise.all(keys.map((k, i) => f(k, tokens[i] as LeaseToken)));
+        await flush();
+        expect(await all((k, t) => s.renew(k, t, 60_000))).toEqual(keys.map(() => true));
+        await flush();
+        expect((await all((k) => s.get(k))).map((r) => r?.state)).toEqual(keys.map(() => 'in_progress'));
+        await flush();
+        expect((await all((k) => s.begin(k, 'fp', 60_000))).map((r) => r.kind)).toEqual(keys.map(() => 'existing'));
+        await flush();
+        expect(await all((k, t) => s.release(k, t))).toEqual(keys.map(() => true));
+
+        await own.restart();
+        const again = await claimAll();
+        await own.restart();
+        // The claims died with the restart: refused (not thrown), then claimed afresh.
+        expect(await Promise.all(keys.map((k, i) => s.complete(k, again[i] as LeaseToken, response(new Uint8Array([1])), 60_000)))).toEqual(keys.map(() => false));
+        tokens.splice(0, tokens.length, ...(await claimAll()));
+        expect(await all((k, t) => s.complete(k, t, response(new Uint8Array([2])), 60_000))).toEqual(keys.map(() => true));
+        expect((await all((k) => s.get(k))).map((r) => r?.response?.body)).toEqual(keys.map(() => new Uint8Array([2])));
+      } finally {
+        client.disconnect();
+        await own.stop();
+      }
+    },
+    20_000,
+  );
 });
 
 describe('one socket write per event-loop turn', () => {

@@ -1,4 +1,4 @@
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { connect as connectTcp, createServer, type AddressInfo, type Socket } from 'node:net';
 import { resolveRedis, resolveRedisCluster, type ResolvedService } from '@idemkit/test-services';
@@ -94,7 +94,7 @@ export function countSocketWrites(stream: Writable): { writes: () => number; res
  * shared one (CONFIG SET maxmemory). Needs `redis-server` on PATH, as `scripts/services.sh` does.
  * `args`: more command-line options (e.g. `--dir`).
  */
-export async function ownRedisServer(args: readonly string[] = []): Promise<{ url: string; client: Redis; stop: () => Promise<void> }> {
+export async function ownRedisServer(args: readonly string[] = []): Promise<{ url: string; client: Redis; restart: () => Promise<void>; stop: () => Promise<void> }> {
   const port = await new Promise<number>((resolve, reject) => {
     const probe = createServer();
     probe.once('error', reject);
@@ -103,22 +103,35 @@ export async function ownRedisServer(args: readonly string[] = []): Promise<{ ur
       probe.close(() => resolve(free));
     });
   });
-  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...args], { stdio: 'ignore' });
-  const exited = new Promise<never>((_, reject) => {
-    child.once('error', (error) => reject(new Error(`redis-server could not start (is it on PATH?): ${error.message}`)));
-    child.once('exit', (code) => reject(new Error(`redis-server exited (${code}) before it answered`)));
-  });
   const url = `redis://127.0.0.1:${port}`;
   const client = new Redis(url, { retryStrategy: (times) => (times > 50 ? null : 100) });
   client.on('error', () => undefined);
-  await Promise.race([client.ping(), exited]);
+  const start = async (): Promise<ChildProcess> => {
+    const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...args], { stdio: 'ignore' });
+    const exited = new Promise<never>((_, reject) => {
+      child.once('error', (error) => reject(new Error(`redis-server could not start (is it on PATH?): ${error.message}`)));
+      child.once('exit', (code) => reject(new Error(`redis-server exited (${code}) before it answered`)));
+    });
+    exited.catch(() => undefined);
+    await Promise.race([client.ping(), exited]);
+    return child;
+  };
+  const kill = async (child: ChildProcess): Promise<void> => {
+    child.kill('SIGKILL');
+    if (child.exitCode === null && child.signalCode === null) await once(child, 'exit');
+  };
+  let child = await start();
   return {
     url,
     client,
+    // A crash and a restart on the same port (no persistence: an empty Redis, no scripts cached).
+    restart: async () => {
+      await kill(child);
+      child = await start();
+    },
     stop: async () => {
       client.disconnect();
-      child.kill('SIGKILL');
-      if (child.exitCode === null) await once(child, 'exit');
+      await kill(child);
     },
   };
 }
