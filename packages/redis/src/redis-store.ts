@@ -52,9 +52,10 @@ const REFUSED = Symbol('refused');
 /**
  * The errors of a Redis that refuses every write command before it looks at the key: at
  * `maxmemory` with `noeviction` (OOM), short of `min-replicas-to-write` (NOREPLICAS), unable to
- * persist (MISCONF: a failed RDB save, an AOF write error).
+ * persist (MISCONF: a failed RDB save, an AOF write error), a replica (READONLY: a master demoted
+ * by a failover keeps the connections it had open, and serves reads on them).
  */
-const WRITES_REFUSED = /^(OOM|NOREPLICAS|MISCONF) /;
+const WRITES_REFUSED = /^(OOM|NOREPLICAS|MISCONF|READONLY) /;
 
 /** The Redis store: a {@link IdempotencyStore} whose records live in Redis or Redis Cluster. */
 export interface RedisStore extends IdempotencyStore {
@@ -135,8 +136,8 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
   /**
    * The claim as one `SET … NX GET`: null when it claimed the key, else the record there. A Redis
    * that refuses writes (at `maxmemory` with `noeviction`, short of `min-replicas-to-write`,
-   * unable to persist) refuses every SET before it looks at the key, one that would only have read
-   * included; scripts are refused only when they write, so the begin script still answers a
+   * unable to persist, a replica) refuses every SET before it looks at the key, one that would
+   * only have read included; scripts are refused only when they write, so the begin script still answers a
    * replay or a key in flight then (and refuses a new key, as it must).
    */
   async function setClaim(key: string, token: string, lease: number, fingerprint: string | null): Promise<Buffer | null | typeof REFUSED> {
