@@ -24,7 +24,29 @@ const CLASH_CODES = new Set([85, 86]);
 
 function describe(index: IndexDescriptionInfo): string {
   const ttl = index.expireAfterSeconds === undefined ? 'no TTL' : `TTL expireAfterSeconds: ${index.expireAfterSeconds}`;
-  return `"${index.name}" on ${JSON.stringify(index.key)} (${ttl})`;
+  const extra = [
+    index.unique === true ? 'unique' : undefined,
+    index.sparse === true ? 'sparse' : undefined,
+    index.partialFilterExpression === undefined ? undefined : `partialFilterExpression: ${JSON.stringify(index.partialFilterExpression)}`,
+  ].filter((option) => option !== undefined);
+  return `"${index.name}" on ${JSON.stringify(index.key)} (${[ttl, ...extra].join(', ')})`;
+}
+
+/**
+ * Why the index the server now has under the store's name is not the one asked for, or
+ * undefined when it is. FerretDB v1 answers ok to a createIndex whose name and key match an
+ * existing index's and keeps that index with its own options (MongoDB refuses it, code 85); a
+ * unique one made every completion that met another record's expiry instant fail, and a TTL or
+ * partial one deletes records early or not at all.
+ */
+function mismatch(index: IndexDescriptionInfo | undefined, ttl: boolean): string | undefined {
+  if (index === undefined) return 'it is not listed';
+  if (JSON.stringify(index.key) !== JSON.stringify({ expiresAt: 1 })) return 'its key differs';
+  if (index.unique === true) return 'it is unique (two records may expire at the same instant)';
+  if (index.partialFilterExpression !== undefined) return 'it is partial';
+  const seconds = index.expireAfterSeconds === undefined ? undefined : Number(index.expireAfterSeconds);
+  if (ttl ? seconds !== 0 : seconds !== undefined) return 'its TTL differs';
+  return undefined;
 }
 
 /** Name the index in the way and say what to do about it (as the Postgres store's migrate() does). */
@@ -68,6 +90,18 @@ async function createExpiryIndex(collection: Collection<IdempotencyDocument>, na
     if (CLASH_CODES.has(errorCode(error) as number)) throw await indexClash(collection, name, ttl, error);
     throw error;
   }
+  // The server said ok: check that the index under this name is the one asked for (one more
+  // round trip, at boot only).
+  const index = (await collection.indexes()).find((i) => i.name === name);
+  const wrong = mismatch(index, ttl);
+  if (wrong === undefined) return;
+  const wanted = `"${name}" on {"expiresAt":1}${ttl ? ' (TTL expireAfterSeconds: 0)' : ' (no TTL)'}`;
+  const drop = `db.collection(${JSON.stringify(collection.collectionName)}).dropIndex(${JSON.stringify(name)})`;
+  throw new ConfigurationError(
+    'ERR_IDEMKIT_STORE_INDEX',
+    `[mongodb] ensureIndexes(): ${collection.namespace} has an index ${index === undefined ? `"${name}"` : describe(index)}, not ${wanted} ` +
+      `as the store creates it, and the server kept it (${wrong}). Drop it (${drop}) and call ensureIndexes() again.`,
+  );
 }
 
 /**

@@ -786,6 +786,32 @@ describe('indexes and expiry', () => {
     );
   });
 
+  // Was: FerretDB v1 answers ok to createIndex when an index of that name and key exists with
+  // other options, and keeps the old one: ensureIndexes() resolved, and with a unique index on
+  // expiresAt (someone's earlier attempt) every completion that met another record's expiry
+  // instant failed (SQLite: UNIQUE constraint failed), each answered 409 until the engine gave
+  // up on it. (MongoDB refuses such a createIndex itself, code 85.)
+  it('ensureIndexes: an index of the store\'s name and key but other options (unique) is a ConfigurationError, not a silent boot', async () => {
+    const ours = (await t.isFerretDB()) ? PLAIN_INDEX_NAME : TTL_INDEX_NAME;
+    const collection = t.db.collection('clash-options');
+    await collection.createIndex({ expiresAt: 1 }, { name: ours, unique: true });
+    for (let boot = 0; boot < 2; boot++) {
+      const error = await createMongoStore({ db: t.db, collectionName: 'clash-options', logger: silent })
+        .ensureIndexes()
+        .then(
+          () => undefined,
+          (e: unknown) => e,
+        );
+      expect(error).toBeInstanceOf(ConfigurationError);
+      expect(error).toMatchObject({ code: 'ERR_IDEMKIT_STORE_INDEX' });
+      expect((error as Error).message).toMatch(new RegExp(`"${ours}" on \\{"expiresAt":1\\} \\(.*unique.*\\).*dropIndex\\("${ours}"\\)`, 's'));
+    }
+    await collection.dropIndex(ours);
+    const store = createMongoStore({ db: t.db, collectionName: 'clash-options', logger: silent });
+    await store.ensureIndexes();
+    expect((await collection.indexes()).find((i) => i.name === ours)?.unique).toBeUndefined();
+  });
+
   it('purgeExpired deletes in batches of `limit` and spares live records', async () => {
     const store = createMongoStore({ db: t.db, collectionName: 'purge' });
     const past = new Date(Date.now() - 60_000);
