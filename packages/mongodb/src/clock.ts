@@ -12,6 +12,11 @@ export const ASK_AGAIN_AFTER_MS = 5_000;
 /** Current time in epoch ms by the store's clock. */
 export interface StoreClock {
   now(): Promise<number>;
+  /**
+   * What the last `hello` said: true for a standalone (no `setName`, not a mongos, not behind a
+   * load balancer), where the driver retries no writes; undefined when not known.
+   */
+  readonly standalone?: boolean | undefined;
 }
 
 export const localClock: StoreClock = { now: async () => Date.now() };
@@ -65,6 +70,8 @@ export class ServerClock implements StoreClock {
   /** Resolves when any sync has set the clock: every operation waiting for the first one goes on. */
   #ready!: Promise<void>;
   #markReady: () => void = () => undefined;
+  /** See StoreClock.standalone: from every `hello` answered, kept or not. */
+  standalone: boolean | undefined;
 
   constructor(
     private readonly db: Db,
@@ -156,6 +163,7 @@ export class ServerClock implements StoreClock {
     const sent = monotonicNow();
     const reply = await this.db.admin().command({ hello: 1 });
     const received = monotonicNow();
+    this.standalone = !('setName' in reply) && reply['msg'] !== 'isdbgrid' && !('serviceId' in reply);
     const localTime: unknown = reply['localTime'];
     if (!(localTime instanceof Date) || Number.isNaN(localTime.getTime())) {
       throw new Error('[idemkit] [mongodb] The server answered `hello` without `localTime`; use clock: "local".');

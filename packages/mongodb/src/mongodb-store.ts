@@ -34,6 +34,8 @@ const MAX_RESPONSE_BYTES = 15 * 1024 * 1024;
 /** When a lost claim's release is sent again after the first (see `#giveBack`), in ms; then every GIVE_BACK_EVERY_MS while it fails. */
 const GIVE_BACK_MS: readonly number[] = [250, 1_000, 3_000];
 const GIVE_BACK_EVERY_MS = 5_000;
+/** Socket errors of a connection that never opened: nothing can have been sent on it. */
+const NOT_CONNECTED = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN']);
 /** A short, growing pause between lost races (the winner needs a round trip or two to finish). */
 function backoff(attempt: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, Math.min(50, 2 ** attempt)));
@@ -201,10 +203,28 @@ class MongoIdempotencyStore implements MongoStore {
       // for a whole lease. Fenced by the token: harmless if nothing landed.
       // Also after a server-selection error: with retryable writes, that may be the retry's
       // error, and the first send may have landed. A few spare releases cost less than a key
-      // held for a lease.
-      if (token !== undefined) this.#giveBack(key, token, leaseMs);
+      // held for a lease. But not when, on a standalone, no server could be selected or no
+      // connection opened (see #neverSent): nothing was sent, and after an outage those releases
+      // (three commands each with claims fencing, four times over) kept the server from the
+      // requests that came once it was back.
+      if (token !== undefined && !this.#neverSent(error)) this.#giveBack(key, token, leaseMs);
       throw error;
     }
+  }
+
+  /**
+   * True when `error` proves the failed command never left: no server could be selected, no
+   * connection could be had from the pool (cleared while the command waited for one), or the
+   * connection to carry it could not even be opened (refused, no route, no such host), on a
+   * standalone (as the clock's last `hello` said), where the driver does not retry writes. (On a
+   * replica set either may be a retry's error, after a first send that landed.) By name and
+   * system error code, not `instanceof`: the `Db` may come from another copy of the driver.
+   */
+  #neverSent(error: unknown): boolean {
+    if (this.#clock.standalone !== true || typeof error !== 'object' || error === null) return false;
+    const { name, cause } = error as { name?: unknown; cause?: { code?: unknown } };
+    if (name === 'MongoServerSelectionError' || name === 'MongoPoolClearedError') return true;
+    return name === 'MongoNetworkError' && typeof cause?.code === 'string' && NOT_CONNECTED.has(cause.code);
   }
 
   /**

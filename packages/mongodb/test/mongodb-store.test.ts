@@ -3,7 +3,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it, onTestFinished, vi } from 'vitest';
 import { MongoClient, MongoError } from 'mongodb';
 import { MongoClient as OtherCopyMongoClient } from 'mongodb-7.8';
-import type { CommandStartedEvent, Db, MongoClientOptions } from 'mongodb';
+import type { CommandStartedEvent, Db, MongoClientOptions, ServerDescriptionChangedEvent } from 'mongodb';
 import { ConfigurationError, createIdempotencyEngine, scopedKey } from '@idemkit/core';
 import { answerHoldingProxy, type AnswerHoldingProxy } from '@idemkit/test-services';
 import type { LeaseToken, StoredResponse } from '@idemkit/core';
@@ -916,6 +916,66 @@ describe('failures', () => {
     await vi.waitFor(async () => expect(await direct.get(k)).toBeUndefined(), { timeout: 15_000, interval: 50 });
     expect(await direct.begin(k, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
     await store.close(); // no release is sent after this
+  }, 30_000);
+
+  // Was: every begin that failed during an outage sent token-fenced releases, at once and 250 ms,
+  // 1 s and 3 s later (three commands each with claims fencing), also when no server could be
+  // selected, so its upsert never left. On a standalone (FerretDB, a single mongod) the driver
+  // retries no writes, so such a begin cannot have landed. At 200 calls a second through a 10 s
+  // outage, those releases (8,000 commands) kept FerretDB busy for 15 s after it was back, and
+  // the new requests meanwhile got 503 (the engine's storeTimeoutMs ran out in the queue).
+  it('a begin that found no server on a standalone sends no releases: nothing left, so nothing to give back', async () => {
+    const { proxy, client } = await throughProxy({ serverSelectionTimeoutMS: 1_000, heartbeatFrequencyMS: 500, monitorCommands: true });
+    const store = createMongoStore({ db: client.db(t.dbName), logger: silent }); // clock 'server': its `hello` says standalone
+    const warm = key('warm-3');
+    const claimed = await store.begin(warm, null, 30_000);
+    if (claimed.kind === 'acquired') await store.release(warm, claimed.token);
+    const releases = vi.spyOn(store, 'release');
+    const sent: string[] = [];
+    client.on('commandStarted', (event: CommandStartedEvent) => sent.push(event.commandName));
+    const gone = new Promise<void>((resolve) =>
+      client.on('serverDescriptionChanged', (event: ServerDescriptionChangedEvent) => {
+        if (event.newDescription.type === 'Unknown') resolve();
+      }),
+    );
+    proxy.refuse(true); // the server goes away
+    proxy.cut();
+    await gone; // the driver knows: commands now wait for a server, and none is sent
+    const keys = Array.from({ length: 20 }, () => key('no-server'));
+    const failures = await Promise.all(keys.map((k) => store.begin(k, 'fp', 60_000).then(() => undefined, (error: unknown) => error)));
+    for (const failure of failures) expect((failure as Error).name).toBe('MongoServerSelectionError');
+    proxy.refuse(false); // back
+    // Past the last of the give-back schedule (250 ms, 1 s, 3 s after the first send).
+    await new Promise((resolve) => setTimeout(resolve, 4_500));
+    expect(releases).not.toHaveBeenCalled();
+    expect(sent.filter((name) => name !== 'hello')).toEqual([]);
+    // The store serves again, and the keys are free.
+    expect(await store.begin(keys[0]!, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
+  }, 30_000);
+
+  it('a begin refused a connection (the server process gone) on a standalone sends no releases either; one that may have gone out does', async () => {
+    const { proxy, client } = await throughProxy({ serverSelectionTimeoutMS: 2_000 });
+    const store = createMongoStore({ db: client.db(t.dbName), logger: silent });
+    const warm = key('warm-4');
+    const claimed = await store.begin(warm, null, 30_000);
+    if (claimed.kind === 'acquired') await store.release(warm, claimed.token);
+    const releases = vi.spyOn(store, 'release');
+    await proxy.stopListening(); // open connections dropped, new ones refused (ECONNREFUSED)
+    const keys = Array.from({ length: 20 }, () => key('refused'));
+    const failures = await Promise.all(keys.map((k) => store.begin(k, 'fp', 60_000).then(() => undefined, (error: unknown) => error as Error)));
+    // A command on a pooled connection that was dropped under it may have gone out: given back.
+    // Refused connections, a cleared pool, no server: nothing left.
+    const mayHaveLeft = (f: Error | undefined) =>
+      f?.name === 'MongoNetworkError' && (f.cause as { code?: unknown } | undefined)?.code !== 'ECONNREFUSED';
+    const neverLeft = keys.filter((_, i) => !mayHaveLeft(failures[i]));
+    expect(failures.every((f) => f instanceof Error)).toBe(true);
+    expect(neverLeft.length).toBeGreaterThan(0);
+    await proxy.listen(); // back
+    await new Promise((resolve) => setTimeout(resolve, 4_500)); // past the give-back schedule
+    const released = new Set(releases.mock.calls.map(([k]) => k));
+    expect(neverLeft.filter((k) => released.has(k))).toEqual([]);
+    expect(keys.filter((k, i) => mayHaveLeft(failures[i]) && !released.has(k))).toEqual([]);
+    expect(await store.begin(neverLeft[0]!, 'fp', 60_000)).toMatchObject({ kind: 'acquired', tookOver: false });
   }, 30_000);
 
   // Was: the first operations share one `buildInfo` (fencing: 'auto') and one `hello` (clock:

@@ -20,6 +20,13 @@ export interface AnswerHoldingProxy {
   cut(): void;
   /** While on, new connections are closed as they come: the server looks unreachable. */
   refuse(on: boolean): void;
+  /**
+   * Drop every open connection and stop listening, so new ones are refused at the TCP level
+   * (ECONNREFUSED, as when the server process died and its host is up); `listen()` takes the
+   * same port again.
+   */
+  stopListening(): Promise<void>;
+  listen(): Promise<void>;
   /** Connections passed through to the server so far (refused ones not counted). */
   accepted(): number;
   close(): Promise<void>;
@@ -64,6 +71,7 @@ export async function answerHoldingProxy(host: string, port: number): Promise<An
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const address = server.address();
   if (address === null || typeof address === 'string') throw new Error('proxy: no TCP address');
+  const listeningPort = address.port;
   return {
     port: address.port,
     holdAnswers() {
@@ -85,10 +93,24 @@ export async function answerHoldingProxy(host: string, port: number): Promise<An
     refuse(on) {
       refusing = on;
     },
+    async stopListening() {
+      const closed = new Promise((resolve) => server.close(resolve));
+      for (const socket of sockets) socket.destroy();
+      await closed;
+    },
+    async listen() {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(listeningPort, '127.0.0.1', () => {
+          server.off('error', reject);
+          resolve();
+        });
+      });
+    },
     accepted: () => accepted,
     async close() {
       for (const socket of sockets) socket.destroy();
-      await new Promise((resolve) => server.close(resolve));
+      if (server.listening) await new Promise((resolve) => server.close(resolve));
     },
   };
 }
