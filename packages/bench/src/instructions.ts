@@ -2,7 +2,7 @@
 // machine do not move, for changes too small to show through timing noise (see README).
 //
 //   node dist/instructions.js [--frameworks=fastify,express] [--libraries=bare,probe-store,idemkit]
-//        [--paths=new-key,replay] [--warmup=12000] [--requests=4000] [--repeat=1] [--keep]
+//        [--paths=new-key,replay] [--warmup=12000] [--requests=4000] [--repeat=1] [--keep] [--js]
 //
 // For each server it runs two processes under callgrind, one that answers `warmup` requests and
 // one that answers `warmup + requests`, and divides the difference of their instruction totals by
@@ -17,6 +17,7 @@ import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { jsSelfCost, readPerfMap } from './jit-map.js';
 import { createOrder, type AppContext, type Counters, type LibrarySetup } from './apps/context.js';
 import { BENCH_TTL_MS, ORDER_BODY, REPLAY_KEY, type Framework, type LoadPath } from './config.js';
 
@@ -27,6 +28,9 @@ const NODE_FLAGS = ['--single-threaded', '--predictable-gc-schedule', '--no-memo
 const argv = process.argv.slice(2);
 const flag = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
 const list = <T extends string>(name: string, fallback: readonly T[]): T[] => (flag(name)?.split(',') as T[] | undefined) ?? [...fallback];
+/** `--js`: V8 writes a perf map, so the JIT-compiled JavaScript's instructions get function names. */
+const JS = argv.includes('--js');
+const KEEP = argv.includes('--keep');
 
 
 /**
@@ -117,12 +121,14 @@ interface Count {
   readonly total: number;
   readonly gc: number;
   readonly compiler: number;
+  /** `--js`: self instructions per request of each JIT-compiled JS function. */
+  readonly js: Map<string, number> | null;
 }
 
 /** Runs one server process under callgrind, counting only the measured requests; its instructions. */
 function count(dir: string, framework: Framework, measured: Measured, path: LoadPath, warmup: number, requests: number, tag: string): Count {
   const out = join(dir, `callgrind.${framework}-${measured}-${path}-${tag}.out`);
-  const args = ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${out}`, process.execPath, ...NODE_FLAGS, SELF, '--serve', framework, measured, path, String(warmup), String(requests)];
+  const args = ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${out}`, process.execPath, ...NODE_FLAGS, ...(JS ? ['--perf-basic-prof'] : []), SELF, '--serve', framework, measured, path, String(warmup), String(requests)];
   const run = spawnSync('valgrind', args, { encoding: 'utf8', env: { ...process.env, NODE_ENV: 'production' }, maxBuffer: 64 * 1024 * 1024 });
   if (run.status !== 0) throw new Error(`callgrind run failed (${framework} ${measured} ${path}):\n${run.stderr.slice(-2000)}`);
   const annotated = spawnSync('callgrind_annotate', ['--inclusive=no', '--threshold=100', out], { encoding: 'utf8', maxBuffer: 256 * 1024 * 1024 });
@@ -138,10 +144,20 @@ function count(dir: string, framework: Framework, measured: Measured, path: Load
     else if (COMPILER.test(line)) compiler += n;
   }
   if (total === 0) throw new Error(`no totals in ${out}`);
-  return { total: total / requests, gc: gc / requests, compiler: compiler / requests };
+  // Under valgrind the traced program keeps valgrind's process id, which names V8's perf map.
+  const js = JS ? jsSelfCost(annotated.stdout, readPerfMap(run.pid, KEEP ? `${out}.perf-map` : undefined), requests) : null;
+  return { total: total / requests, gc: gc / requests, compiler: compiler / requests, js };
 }
 
 const fmt = (n: number): string => Math.round(n).toLocaleString('en-US');
+
+/** The JIT-compiled JS functions with the most self instructions per request (`--js`). */
+function printJs(js: Map<string, number>): void {
+  const sorted = [...js].sort((a, b) => b[1] - a[1]);
+  const all = sorted.reduce((sum, [, n]) => sum + n, 0);
+  process.stderr.write(`  JIT-compiled JS: ${fmt(all)} per request; the top 40 functions:\n`);
+  for (const [name, n] of sorted.slice(0, 40)) process.stderr.write(`  ${fmt(n).padStart(7)}  ${name}\n`);
+}
 
 function main(): void {
   const frameworks = list<Framework>('frameworks', ['fastify', 'express']);
@@ -150,7 +166,6 @@ function main(): void {
   const warmup = Number(flag('warmup') ?? 3_000);
   const requests = Number(flag('requests') ?? 1_000);
   const repeat = Number(flag('repeat') ?? 1);
-  const keep = argv.includes('--keep');
   const dir = mkdtempSync(join(tmpdir(), 'idemkit-instructions-'));
   process.stderr.write(`callgrind outputs in ${dir}; ${warmup} warm-up requests, then ${requests} counted\n`);
   const rows: string[] = [
@@ -167,6 +182,7 @@ function main(): void {
           const c = count(dir, framework, measured, path, warmup, requests, String(r));
           each.push(c);
           process.stderr.write(`${framework} ${measured} ${path}: ${fmt(c.total - c.gc - c.compiler)} (total ${fmt(c.total)}, GC ${fmt(c.gc)}, JIT ${fmt(c.compiler)})\n`);
+          if (c.js) printJs(c.js);
         }
         const rest = each.map((c) => c.total - c.gc - c.compiler);
         const mean = rest.reduce((a, b) => a + b, 0) / rest.length;
@@ -175,7 +191,7 @@ function main(): void {
     }
   }
   process.stdout.write(`${rows.join('\n')}\n`);
-  if (!keep) rmSync(dir, { recursive: true, force: true });
+  if (!KEEP) rmSync(dir, { recursive: true, force: true });
 }
 
 if (argv[0] === '--client') await client(Number(argv[1]), argv[2] as LoadPath, Number(argv[3]), Number(argv[4]), Number(argv[5]));
