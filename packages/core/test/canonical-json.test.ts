@@ -1,7 +1,7 @@
 import fc from 'fast-check';
 import { configure } from 'safe-stable-stringify';
 import { describe, expect, it } from 'vitest';
-import { canonicalJson } from '../src/canonical-json.js';
+import { canonicalJson, quote } from '../src/canonical-json.js';
 import { defaultFingerprint } from '../src/index.js';
 
 /** The reference: safe-stable-stringify (recursive, fine for small values), which core used before. */
@@ -34,6 +34,21 @@ describe('canonical JSON', () => {
       fc.property(fc.dictionary(key, fc.integer(), { minKeys: 0, maxKeys: 40 }), (value) => {
         expect(canonicalJson(value)).toBe(sortedStringify(value));
         expect(canonicalJson({ nested: [value] })).toBe(sortedStringify({ nested: [value] }));
+      }),
+    );
+  });
+
+  it('quotes every string as JSON.stringify does: each of the 65 536 code units alone and inside text, and any string of code units (lone surrogates too)', () => {
+    for (let c = 0; c <= 0xffff; c++) {
+      const unit = String.fromCharCode(c);
+      expect(quote(unit)).toBe(JSON.stringify(unit));
+      expect(quote(`order ${unit} #1`)).toBe(JSON.stringify(`order ${unit} #1`));
+    }
+    fc.assert(
+      fc.property(fc.string({ unit: 'binary' }), fc.string({ unit: fc.integer({ min: 0, max: 0xffff }).map((c) => String.fromCharCode(c)) }), (text, units) => {
+        expect(quote(text)).toBe(JSON.stringify(text));
+        expect(quote(units)).toBe(JSON.stringify(units));
+        expect(canonicalJson({ [units]: text })).toBe(sortedStringify({ [units]: text }));
       }),
     );
   });
