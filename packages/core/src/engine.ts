@@ -9,6 +9,7 @@ import {
 import { defaultFingerprint, fingerprintsDiffer } from './fingerprint.js';
 import { hasBodyField, parseKeyHeader, scopedKey, validateKey, type KeyParseResult } from './key.js';
 import { RenewalClock, RunningLease } from './lease.js';
+import { upperMethod } from './method.js';
 import { resolveOptions, swallow, type IdempotencyOptions, type ResolvedOptions } from './options.js';
 import { ReplayCache } from './replay-cache.js';
 import type { BeginResult, LeaseToken, StoredResponse, StoreTransaction, TransactionalStore } from './store.js';
@@ -94,7 +95,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
 
   async decide(input: IncomingRequest, req: Req = input as unknown as Req): Promise<Decision> {
     const o = this.options;
-    if (!o.methods.has(input.method.toUpperCase())) return PASS;
+    if (!o.methods.has(upperMethod(input.method))) return PASS;
 
     // Only a custom getKey can be async; the header path stays synchronous (one promise less per request).
     const found = o.getKey ? await this.#customKey(input, req) : this.#headerKey(input);

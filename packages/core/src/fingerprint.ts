@@ -1,4 +1,5 @@
 import { createHash, hash } from 'node:crypto';
+import { upperMethod } from './method.js';
 import { canonicalJson } from './canonical-json.js';
 import { ConfigurationError } from './errors.js';
 import type { IncomingRequest } from './types.js';
@@ -22,7 +23,7 @@ export function canonicalBody(body: unknown): Uint8Array | string {
 /** SHA-256 over method, path with query, the canonical body and any uploaded files' digests (SPEC §2). */
 export function defaultFingerprint(input: Pick<IncomingRequest, 'method' | 'path' | 'body' | 'files'>): string {
   // NUL separators: neither a method nor a path can contain one, so the fields cannot run together.
-  let head = `${input.method.toUpperCase()}\0${originForm(input.path)}\0`;
+  let head = `${upperMethod(input.method)}\0${originForm(input.path)}\0`;
   // Only when there are files, so every other request's fingerprint is as it always was.
   if (input.files !== undefined && Object.keys(input.files).length > 0) head += `files\0${canonicalJson(input.files)}\0`;
   const body = canonicalBody(input.body);

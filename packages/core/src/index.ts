@@ -51,6 +51,7 @@ export { whenSocketCloses, type ClosableSocket } from './socket-close.js';
 export { hasBodyField, MAX_KEY_LENGTH, mayHaveKey, mayHoldBodyKey, parseKeyHeader, readsBody, scopedKey, unreadBodyKeyWarning, unreadBodyMayHoldKey, validateKey, type KeyParseResult, type KeySources } from './key.js';
 export { canonicalBody, defaultFingerprint } from './fingerprint.js';
 export { isMultipart, uploadedFileDigests } from './files.js';
+export { upperMethod } from './method.js';
 // The in-memory store: tests and single-process apps.
 export { createMemoryStore, MemoryStore, MemoryStoreFullError, type MemoryStoreOptions } from './memory-store.js';
 // Idempotency for plain functions (jobs, webhooks) and housekeeping for stores without native expiry.

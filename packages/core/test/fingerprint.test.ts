@@ -5,7 +5,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
-import { canonicalBody, ConfigurationError, defaultFingerprint, isMultipart, uploadedFileDigests } from '../src/index.js';
+import { canonicalBody, ConfigurationError, defaultFingerprint, isMultipart, upperMethod, uploadedFileDigests } from '../src/index.js';
 
 const fp = (body: unknown, method = 'POST', path = '/orders') => defaultFingerprint({ method, path, body });
 
@@ -88,6 +88,24 @@ describe('fingerprint', () => {
         expect(fp(changed)).not.toBe(fp(bytes));
       }),
     );
+  });
+});
+
+describe('upperMethod', () => {
+  it('is toUpperCase() for any method name: upper case as it is, lower, mixed and non-ASCII ones upper-cased', () => {
+    for (const name of ['POST', 'PATCH', 'M-SEARCH', 'post', 'Patch', 'pOsT', 'ß', 'straße', 'ı', 'é', '\u0000', '']) {
+      expect(upperMethod(name)).toBe(name.toUpperCase());
+    }
+    fc.assert(
+      fc.property(fc.string({ unit: 'binary' }), (name) => {
+        expect(upperMethod(name)).toBe(name.toUpperCase());
+      }),
+    );
+  });
+
+  it('gives a lower-case method the fingerprint of its upper-case form, as before', () => {
+    const body = { amount: 10 };
+    expect(defaultFingerprint({ method: 'post', path: '/orders', body })).toBe(defaultFingerprint({ method: 'POST', path: '/orders', body }));
   });
 });
 

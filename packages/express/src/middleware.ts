@@ -1,4 +1,4 @@
-import { ConfigurationError, createIdempotencyEngine, isMultipart, requestCarriesBody, mayHaveKey, readsBody, unreadBodyKeyWarning, unreadBodyMayHoldKey, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
+import { ConfigurationError, createIdempotencyEngine, isMultipart, requestCarriesBody, mayHaveKey, readsBody, unreadBodyKeyWarning, unreadBodyMayHoldKey, upperMethod, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import type { ServerResponse } from 'node:http';
 import { captureResponse, cutIfAnsweredLater, isTimeoutError, markTimeoutAnswer, onlyHeadWritten } from './capture.js';
@@ -133,7 +133,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
 
   async function handle(req: Request, res: Response, next: NextFunction): Promise<void> {
     if (claimed.has(req)) return next();
-    const method = req.method.toUpperCase();
+    const method = upperMethod(req.method);
     if (!engine.options.methods.has(method)) {
       expose(req, res, null);
       return next();

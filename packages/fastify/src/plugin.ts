@@ -8,6 +8,7 @@ import {
   responseHeaders,
   snapshotHeaders,
   toStoredHeaders,
+  upperMethod,
   whenSocketCloses,
   type Decision,
   type IdempotencyContext,
@@ -74,7 +75,7 @@ function stateOf(request: FastifyRequest): LeaseState | null {
 
 function toIncoming(request: FastifyRequest, body: unknown = request.body): IncomingRequest {
   return {
-    method: request.method.toUpperCase(),
+    method: upperMethod(request.method),
     path: request.url,
     // Node joins repeated header lines with ", ", and core refuses a bare key with a comma, so
     // two Idempotency-Key lines still get a 400. Not `headersDistinct`: building it copies every

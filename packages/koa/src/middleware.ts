@@ -13,6 +13,7 @@ import {
   readsBody,
   unreadBodyKeyWarning,
   unreadBodyMayHoldKey,
+  upperMethod,
   uploadedFileDigests,
   whenSocketCloses,
   type IdempotencyContext,
@@ -93,7 +94,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
     const running = (ctx as unknown as Record<symbol, unknown>)[RUNNING] === true;
     if (running) return next();
     ctx.state.idempotency = null;
-    const method = ctx.method.toUpperCase();
+    const method = upperMethod(ctx.method);
     if (!resolved.methods.has(method)) return next();
 
     const body = (ctx.request as { body?: unknown }).body;
