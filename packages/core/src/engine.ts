@@ -38,7 +38,16 @@ type KeyLookup = KeyParseResult | { readonly ok: 'none' };
 
 /** Build the framework-free engine every binding (and `idempotent()`) runs on. */
 export function createIdempotencyEngine<Req = IncomingRequest>(options: IdempotencyOptions<Req>): IdempotencyEngine<Req> {
-  return new Engine(resolveOptions(options));
+  return new Engine(resolveOptions(options), false);
+}
+
+/**
+ * The engine of `idempotent()` (not exported from the package): its calls always have a
+ * fingerprint, and a record stored without one (an HTTP route with `fingerprint: false` on the
+ * same store and key) is another writer's, so a mismatch, never a result to replay as the job's.
+ */
+export function createJobEngine<Req>(options: IdempotencyOptions<Req>): IdempotencyEngine<Req> {
+  return new Engine(resolveOptions(options), true);
 }
 
 class Engine<Req> implements IdempotencyEngine<Req> {
@@ -54,7 +63,11 @@ class Engine<Req> implements IdempotencyEngine<Req> {
   /** Completed answers kept in process (`localCache`), else null. */
   readonly #cache: ReplayCache | null;
 
-  constructor(readonly options: ResolvedOptions<Req>) {
+  constructor(
+    readonly options: ResolvedOptions<Req>,
+    /** A stored record without a fingerprint differs from this engine's calls (see createJobEngine). */
+    readonly strictFingerprint: boolean,
+  ) {
     this.#headerLower = options.header.toLowerCase();
     this.#missingKey = options.getKey
       ? 'This request needs an idempotency key.'
@@ -83,6 +96,11 @@ class Engine<Req> implements IdempotencyEngine<Req> {
    */
   remember(id: string, fingerprint: string | null, response: StoredResponse, sentAt: number): void {
     this.#cache?.set(id, fingerprint, response, this.options.ttlMs - (performance.now() - sentAt));
+  }
+
+  /** Whether a stored record belongs to another operation than one with `ours`. */
+  differs(ours: string | null, stored: string | null): boolean {
+    return this.strictFingerprint ? ours !== stored : fingerprintsDiffer(ours, stored);
   }
 
   emit(event: IdempotencyEvent): void {
@@ -193,7 +211,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
       }
 
       const { record } = result;
-      if (fingerprintsDiffer(fingerprint, record.fingerprint)) {
+      if (this.differs(fingerprint, record.fingerprint)) {
         this.emit({ type: 'mismatch', key });
         return problem(fingerprintMismatch());
       }
@@ -220,7 +238,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
    */
   #completed(key: string, id: string, fingerprint: string | null, stored: string | null, response: StoredResponse, expiresAt: number | null): Decision {
     if (expiresAt === null) {
-      if (fingerprintsDiffer(fingerprint, stored)) {
+      if (this.differs(fingerprint, stored)) {
         this.emit({ type: 'mismatch', key });
         return problem(fingerprintMismatch());
       }

@@ -1,4 +1,4 @@
-import { createIdempotencyEngine } from './engine.js';
+import { createJobEngine } from './engine.js';
 import { RunningLease } from './lease.js';
 import { ConfigurationError, fingerprintMismatch, requestInProgress, ResponseNotReplayableError, StoreUnavailableError, TransactionAbortedError } from './errors.js';
 import { optionalFunction, type IdempotencyOptions } from './options.js';
@@ -168,7 +168,7 @@ function jobCaller<Args extends unknown[], R>(
   // job meeting this key gets FingerprintMismatchError, never this job's result, whatever
   // `fingerprint` says. (Length-prefixed, so no name and fingerprint can run together.)
   const named = (fp: unknown): unknown => (typeof fp === 'string' ? `${name.length}:${name}:${fp}` : fp);
-  const engine = createIdempotencyEngine<Args>({
+  const engine = createJobEngine<Args>({
     ...rest,
     transactional,
     // After the spread: `concurrency: undefined` (an unset setting) means this default, not core's.

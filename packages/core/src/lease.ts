@@ -1,5 +1,4 @@
 import { fingerprintMismatch, isTransactionAborted, isTransactionEnded, requestInProgress, ResponseNotReplayableError, retryAfterSeconds, StoreUnavailableError } from './errors.js';
-import { fingerprintsDiffer } from './fingerprint.js';
 import { REPLAYED_HEADER } from './headers.js';
 import { problemResponse } from './problem.js';
 import type { ResolvedOptions } from './options.js';
@@ -26,6 +25,8 @@ export interface LeaseHost {
   /** Says when the store's close() is called: a completion retried in the background ends then. */
   readonly storeClosed: StoreCloseWatch;
   emit(event: IdempotencyEvent): void;
+  /** Whether a stored record belongs to another operation (its fingerprint differs from `ours`). */
+  differs(ours: string | null, stored: string | null): boolean;
   /** The answer was stored (completion sent at `sentAt`): the engine may keep it for local replays (`localCache`). */
   remember(id: string, fingerprint: string | null, response: StoredResponse, sentAt: number): void;
 }
@@ -541,7 +542,7 @@ export class RunningLease implements Lease {
     const { store } = this.host.options;
     try {
       const record = await this.host.call('get', () => store.get(this.id));
-      if (record && fingerprintsDiffer(this.fingerprint, record.fingerprint)) {
+      if (record && this.host.differs(this.fingerprint, record.fingerprint)) {
         this.host.emit({ type: 'mismatch', key: this.key });
         return problemResponse(fingerprintMismatch());
       }
