@@ -51,14 +51,29 @@ export interface IdempotentTransactionOptions<Client, Args extends unknown[], R>
 }
 
 function defaultSerialize(result: unknown): string {
-  return result === undefined ? '' : JSON.stringify(result, refuseCollections);
+  return result === undefined ? '' : JSON.stringify(result, refuseLossy);
 }
 
-/** JSON writes a Map or Set as `{}`: every caller would get an empty object, so it is refused as a BigInt is. */
-function refuseCollections(_key: string, value: unknown): unknown {
-  if (value instanceof Map || value instanceof Set) {
-    throw new TypeError(`JSON would store a ${value instanceof Map ? 'Map' : 'Set'} as {}; return a plain object or array, or pass serialize/deserialize`);
-  }
+/**
+ * JSON writes these as `{}` (an Error's message and stack are not enumerable; a Promise is a
+ * missing `await`): every caller would get an empty object, so they are refused as a BigInt is.
+ * A replacer sees a value after its `toJSON`, so an error class with one is stored by it.
+ */
+function refuseLossy(_key: string, value: unknown): unknown {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) return value;
+  const lost =
+    value instanceof Map
+      ? 'a Map'
+      : value instanceof Set
+        ? 'a Set'
+        : value instanceof Error
+          ? 'an Error'
+          : typeof (value as { then?: unknown }).then === 'function'
+            ? 'a Promise (a missing `await`?)'
+            : value instanceof WeakMap || value instanceof WeakSet || value instanceof RegExp
+              ? `a ${value.constructor.name}`
+              : null;
+  if (lost !== null) throw new TypeError(`JSON would store ${lost} as {}; return a plain object or array, or pass serialize/deserialize`);
   return value;
 }
 
@@ -195,8 +210,23 @@ function jobCaller<Args extends unknown[], R>(
     const input: IncomingRequest = { method: 'CALL', path: name, headers: {}, body: args };
     const decision = await engine.decide(input, args);
     switch (decision.kind) {
-      case 'pass':
-        return (await invoke(undefined)) as Awaited<R>;
+      case 'pass': {
+        // Nothing is stored (the store failed, onStoreError: 'pass'), but the caller still gets
+        // the result as every other call does: a Date as its JSON text here and as a Date when the
+        // store is up would break code written against the usual shape only in an outage.
+        const result = (await invoke(undefined)) as Awaited<R>;
+        let body: Uint8Array;
+        try {
+          body = toBytes(serialize(result));
+        } catch (error) {
+          throw new TypeError(
+            `[idemkit] ${wrapper}(): fn ran without idempotency (the store failed, onStoreError: 'pass'), but its result could not be serialised ` +
+              `(${error instanceof Error ? error.message : String(error)}), as it would have to be to be stored. Return JSON-safe values, or pass \`serialize\` and \`deserialize\`.`,
+            { cause: error },
+          );
+        }
+        return deserialize(body) as Awaited<R>;
+      }
       case 'problem':
         throw decision.error;
       case 'replay':

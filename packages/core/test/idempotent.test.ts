@@ -403,6 +403,32 @@ describe('idempotent(fn)', () => {
       expect(runs).toBe(1);
     });
 
+    it.each([
+      ['an Error', () => ({ ok: false, error: new Error('card declined') }), /an Error as \{\}/],
+      ['a Promise (a missing await)', () => ({ receipt: Promise.resolve('r_1') }), /a Promise \(a missing `await`\?\) as \{\}/],
+      ['a WeakMap', () => [new WeakMap()], /a WeakMap as \{\}/],
+      ['a RegExp', () => ({ pattern: /sku-\d+/ }), /a RegExp as \{\}/],
+    ])('holding %s, which JSON writes as {}: refused, not stored as an empty object', async (_what, result, message) => {
+      const store = createMemoryStore();
+      let runs = 0;
+      const job = idempotent(async (_id: string) => { runs++; return result(); }, { store, name: 'job', key: (id) => id });
+      // Before, every caller got { ok: false, error: {} }: the error's message and stack gone.
+      await expect(job('evt_lossy')).rejects.toThrow(message);
+      await expect(job('evt_lossy')).rejects.toMatchObject({ status: 410, extensions: { reason: 'not-serializable' } });
+      expect(runs).toBe(1);
+    });
+
+    it('an error class with its own toJSON is stored by it', async () => {
+      class HttpError extends Error {
+        constructor(readonly status: number) { super(`HTTP ${status}`); }
+        toJSON() { return { status: this.status, message: this.message }; }
+      }
+      const job = idempotent(async (_id: string) => ({ ok: false, error: new HttpError(402) }), { store: createMemoryStore(), name: 'job', key: (id) => id });
+      const expected = { ok: false, error: { status: 402, message: 'HTTP 402' } };
+      expect(await job('evt_tojson')).toEqual(expected);
+      expect(await job('evt_tojson')).toEqual(expected);
+    });
+
     it('serialised to nothing (toJSON gives undefined): 3 concurrent calls run fn once', async () => {
       const store = createMemoryStore();
       let runs = 0;

@@ -1,9 +1,9 @@
 /**
  * What an `idempotent()` job hands back, on real stores: never another writer's record as its
- * result.
+ * result, and the same shape whether or not the store was there to keep it.
  */
 import type { AddressInfo } from 'node:net';
-import { FingerprintMismatchError, idempotent } from '@idemkit/core';
+import { FingerprintMismatchError, idempotent, type IdempotencyStore } from '@idemkit/core';
 import { idempotency } from '@idemkit/express';
 import { uniqueSuffix } from '@idemkit/test-services';
 import express from 'express';
@@ -12,6 +12,7 @@ import { openStore, type OpenedStore } from '../src/open-store.js';
 import { dropNamespace } from '../src/records.js';
 import { serviceUrl } from '../src/services.js';
 import { post } from './support/http.js';
+import { ThrowawayRedis } from './support/redis-server.js';
 
 describe.each(['postgres', 'redis'] as const)('a job and a webhook route on one %s store, keyed by the same event id', (kind) => {
   const ns = `job_shared_${uniqueSuffix()}`;
@@ -56,5 +57,42 @@ describe.each(['postgres', 'redis'] as const)('a job and a webhook route on one 
     // never processed: the route's record has no fingerprint, which matched anything.
     for (let i = 0; i < 2; i++) await expect(processEvent({ id: eventId })).rejects.toBeInstanceOf(FingerprintMismatchError);
     expect(runs).toBe(0);
+  });
+});
+
+describe("a job with onStoreError: 'pass' on a Redis that goes away", () => {
+  let redis: ThrowawayRedis;
+  let opened: OpenedStore;
+  const ns = `job_pass_${uniqueSuffix()}`;
+
+  beforeAll(async () => {
+    redis = await ThrowawayRedis.start();
+    opened = await openStore('redis', redis.url, ns);
+  });
+
+  afterAll(async () => {
+    await opened?.close();
+    await redis?.stop();
+  });
+
+  it('gives the same value shape with the store gone as with it there (a Date is its JSON text both times)', async () => {
+    let runs = 0;
+    const job = idempotent(
+      async (orderId: string) => {
+        runs++;
+        return { orderId, chargedAt: new Date(Date.UTC(2026, 0, 2)) };
+      },
+      { store: opened.store as IdempotencyStore, name: 'charge', key: (orderId) => orderId, onStoreError: 'pass', storeTimeoutMs: 500, logger: false },
+    );
+    const stored = await job('order-1');
+    expect(stored).toEqual({ orderId: 'order-1', chargedAt: '2026-01-02T00:00:00.000Z' });
+
+    await redis.down();
+    // Before, a Date object here: code that handled the string (`chargedAt.slice(0, 10)`)
+    // worked until the store went away, and then threw after the charge was made.
+    const passed = await job('order-2');
+    expect(passed).toEqual({ orderId: 'order-2', chargedAt: '2026-01-02T00:00:00.000Z' });
+    expect(typeof passed.chargedAt).toBe('string');
+    expect(runs).toBe(2);
   });
 });
