@@ -1,6 +1,6 @@
 import { createJobEngine } from './engine.js';
 import { RunningLease } from './lease.js';
-import { ConfigurationError, fingerprintMismatch, requestInProgress, ResponseNotReplayableError, StoreUnavailableError, TransactionAbortedError } from './errors.js';
+import { ConfigurationError, FingerprintMismatchError, requestInProgress, ResponseNotReplayableError, StoreUnavailableError, TransactionAbortedError } from './errors.js';
 import { optionalFunction, type IdempotencyOptions } from './options.js';
 import type { StoredResponse, TransactionalStore } from './store.js';
 import type { IncomingRequest, Lease } from './types.js';
@@ -200,9 +200,27 @@ function jobCaller<Args extends unknown[], R>(
     // A job's result is always stored: there is no HTTP status to judge it by.
     storable: () => true,
   });
+  const waits = (rest.concurrency ?? 'wait') === 'wait';
+  /**
+   * The engine's problems speak of requests, methods and Retry-After, which a job's caller never
+   * sees: the same errors (class, code, `extensions.retryAfter`), said for a function call.
+   */
+  const forJob = (error: Error): Error => {
+    const code = (error as { code?: unknown }).code;
+    if (code === 'ERR_IDEMKIT_FINGERPRINT_MISMATCH') return jobMismatch(name);
+    if (code !== 'ERR_IDEMKIT_REQUEST_IN_PROGRESS') return error;
+    const retryAfter = (error as { extensions?: { retryAfter?: unknown } }).extensions?.retryAfter;
+    const seconds = typeof retryAfter === 'number' ? retryAfter : 1;
+    return requestInProgress(
+      seconds,
+      `Another call of "${name}" with this key is still running, in this process or another` +
+        `${waits ? `, and did not finish within waitTimeoutMs (${engine.options.waitTimeoutMs} ms)` : ''}. ` +
+        `Retry in ${seconds} s (err.extensions.retryAfter) to get its result.`,
+    );
+  };
   /** A stored (or replacement) answer as the call's result, or the error it stands for. */
   const resultOf = (response: StoredResponse): Awaited<R> => {
-    if (response.status !== 200) throw answerError(response);
+    if (response.status !== 200) throw answerError(response, name);
     return deserialize(response.body) as Awaited<R>;
   };
 
@@ -228,7 +246,7 @@ function jobCaller<Args extends unknown[], R>(
         return deserialize(body) as Awaited<R>;
       }
       case 'problem':
-        throw decision.error;
+        throw forJob(decision.error);
       case 'replay':
         return resultOf(decision.response);
       case 'run': {
@@ -301,6 +319,16 @@ async function storedOrGivenUp(lease: Lease): Promise<void> {
   }
 }
 
+/** The key's record is not this call's: the engine's 422, said for a job. */
+function jobMismatch(name: string): FingerprintMismatchError {
+  return new FingerprintMismatchError(
+    'ERR_IDEMKIT_FINGERPRINT_MISMATCH',
+    422,
+    `This key was already used by a call of "${name}" with other arguments, or by another job or an HTTP route on the same store; fn was not run. ` +
+      'Give each job and each piece of work its own key (e.g. `charge:${event.id}`), or fingerprint only what identifies the work (`fingerprint`).',
+  );
+}
+
 /**
  * Results are stored with 200; any other stored answer is a problem: the marker of a result that
  * could not be stored (fn ran once: never hand the marker out as a result), or, replacing a
@@ -308,7 +336,7 @@ async function storedOrGivenUp(lease: Lease): Promise<void> {
  * over, a 409 while the call that took over still runs, a 503 saying fn's own failed statement
  * aborted its transaction, or a 503 when the outcome is not known.
  */
-function answerError(response: StoredResponse): Error {
+function answerError(response: StoredResponse, name: string): Error {
   let problem: { detail?: unknown; retryAfter?: unknown; reason?: unknown } = {};
   try {
     problem = JSON.parse(decoder.decode(response.body)) as typeof problem;
@@ -316,7 +344,7 @@ function answerError(response: StoredResponse): Error {
     // Always JSON; if not, the messages below still say what happened.
   }
   const detail = typeof problem.detail === 'string' ? problem.detail : undefined;
-  if (response.status === 422) return fingerprintMismatch();
+  if (response.status === 422) return jobMismatch(name);
   if (response.status === 409) {
     const retryAfter = typeof problem.retryAfter === 'number' ? problem.retryAfter : 1;
     // The engine's detail speaks of requests and Retry-After; a job's caller knows neither.

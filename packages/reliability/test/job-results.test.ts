@@ -7,10 +7,13 @@ import { FingerprintMismatchError, idempotent, type IdempotencyStore } from '@id
 import { idempotency } from '@idemkit/express';
 import { uniqueSuffix } from '@idemkit/test-services';
 import express from 'express';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import type { Outcome } from '../src/job-worker.js';
 import { openStore, type OpenedStore } from '../src/open-store.js';
 import { dropNamespace } from '../src/records.js';
 import { serviceUrl } from '../src/services.js';
+import { JOB_WORKER, ProcessPool } from '../src/spawn.js';
 import { post } from './support/http.js';
 import { ThrowawayRedis } from './support/redis-server.js';
 
@@ -94,5 +97,47 @@ describe("a job with onStoreError: 'pass' on a Redis that goes away", () => {
     expect(passed).toEqual({ orderId: 'order-2', chargedAt: '2026-01-02T00:00:00.000Z' });
     expect(typeof passed.chargedAt).toBe('string');
     expect(runs).toBe(2);
+  });
+});
+
+describe.each(['postgres', 'redis'] as const)('two worker processes on one %s store: what a duplicate that cannot get the result is told', (kind) => {
+  const pool = new ProcessPool();
+  const ns = `job_errors_${uniqueSuffix()}`;
+  let url = '';
+  let effects: pg.Pool;
+
+  beforeAll(async () => {
+    url = await serviceUrl(kind);
+    effects = new pg.Pool({ connectionString: await serviceUrl('postgres'), max: 2 });
+    await effects.query(`CREATE TABLE "${ns}_effects" (id serial PRIMARY KEY, order_id text NOT NULL, charge_id text NOT NULL, pid int NOT NULL)`);
+  });
+
+  afterAll(async () => {
+    await pool.stopAll();
+    await dropNamespace(kind, url, [`${ns}_keys`], `${ns}:`);
+    await effects?.query(`DROP TABLE IF EXISTS "${ns}_effects"`);
+    await effects?.end();
+  });
+
+  it('in progress past waitTimeoutMs: the job, the wait and when to retry, in words a job caller knows; another amount: a mismatch that says so', async () => {
+    const env = { STORE: kind, STORE_URL: url, PREFIX: ns, EFFECTS_URL: await serviceUrl('postgres'), LEASE_MS: '10000', WAIT_TIMEOUT_MS: '300' };
+    const [a, b] = await Promise.all([pool.spawn(JOB_WORKER, env), pool.spawn(JOB_WORKER, env)]);
+    const deliver = async (worker: typeof a, cents: number, workMs: number): Promise<Outcome> => {
+      const res = await fetch(`${worker.url}/deliver`, { method: 'POST', body: JSON.stringify({ order: { orderId: `${ns}-o1`, cents }, delivery: { workMs } }) });
+      return (await res.json()) as Outcome;
+    };
+    const first = deliver(a, 100, 3_000);
+    await vi.waitFor(() => expect(a.events('RUN')).toHaveLength(1), { timeout: 10_000, interval: 10 });
+
+    const busy = await deliver(b, 100, 10);
+    expect(busy).toMatchObject({ ok: false, name: 'RequestInProgressError' });
+    // Before: 'A request with this key is still being processed. Retry after the time in Retry-After …'
+    expect(busy.ok ? '' : busy.message).toMatch(/^Another call of "charge" with this key is still running, in this process or another, and did not finish within waitTimeoutMs \(300 ms\)\. Retry in (\d+) s \(err\.extensions\.retryAfter\)/);
+    const other = await deliver(b, 999, 10);
+    expect(other).toMatchObject({ ok: false, name: 'FingerprintMismatchError' });
+    // Before: '… with a different request (method, path or body). Use a new key for a new request.'
+    expect(other.ok ? '' : other.message).toMatch(/^This key was already used by a call of "charge" with other arguments, or by another job or an HTTP route on the same store; fn was not run\./);
+    expect(await first).toMatchObject({ ok: true });
+    expect(b.events('RUN')).toEqual([]);
   });
 });
