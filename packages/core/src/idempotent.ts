@@ -1,6 +1,6 @@
 import { createJobEngine } from './engine.js';
 import { RunningLease } from './lease.js';
-import { ConfigurationError, FingerprintMismatchError, requestInProgress, ResponseNotReplayableError, StoreUnavailableError, TransactionAbortedError } from './errors.js';
+import { ConfigurationError, FingerprintMismatchError, KeyError, requestInProgress, ResponseNotReplayableError, StoreUnavailableError, TransactionAbortedError } from './errors.js';
 import { optionalFunction, type IdempotencyOptions } from './options.js';
 import type { StoredResponse, TransactionalStore } from './store.js';
 import type { IncomingRequest, Lease } from './types.js';
@@ -208,6 +208,9 @@ function jobCaller<Args extends unknown[], R>(
   const forJob = (error: Error): Error => {
     const code = (error as { code?: unknown }).code;
     if (code === 'ERR_IDEMKIT_FINGERPRINT_MISMATCH') return jobMismatch(name);
+    if (code === 'ERR_IDEMKIT_KEY_MISSING') {
+      return new KeyError('ERR_IDEMKIT_KEY_MISSING', 400, `\`key\` returned no key (undefined or null) for this call of "${name}", so fn was not run.`);
+    }
     if (code !== 'ERR_IDEMKIT_REQUEST_IN_PROGRESS') return error;
     const retryAfter = (error as { extensions?: { retryAfter?: unknown } }).extensions?.retryAfter;
     const seconds = typeof retryAfter === 'number' ? retryAfter : 1;

@@ -292,6 +292,15 @@ describe('idempotent(fn)', () => {
     expect((await store.get(scopedKey(undefined, 'blip')))?.state).toBe('completed');
   });
 
+  it('a call whose `key` gives no key is refused before fn runs, in words about the call', async () => {
+    let runs = 0;
+    const job = idempotent(async (_msg: { id?: string }) => ++runs, { store: createMemoryStore(), name: 'job', key: (msg) => msg.id as string });
+    // Before: 'This request needs an idempotency key.'
+    await expect(job({})).rejects.toMatchObject({ code: 'ERR_IDEMKIT_KEY_MISSING', message: '`key` returned no key (undefined or null) for this call of "job", so fn was not run.' });
+    await expect(job({ id: '' })).rejects.toMatchObject({ code: 'ERR_IDEMKIT_KEY_INVALID', message: 'The key is empty.' });
+    expect(runs).toBe(0);
+  });
+
   it('validates its arguments', () => {
     expect(() => idempotent('nope' as unknown as () => void, { store: createMemoryStore(), key: () => 'k' })).toThrow(/fn/);
     expect(() => idempotent(async () => 1, { store: createMemoryStore() } as never)).toThrow(/key/);
