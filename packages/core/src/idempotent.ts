@@ -365,10 +365,22 @@ function answerError(response: StoredResponse, name: string): Error {
   if (response.status === 503) {
     return new StoreUnavailableError('ERR_IDEMKIT_STORE_UNAVAILABLE', 503, detail ?? 'The outcome of this call is not known; retry it.');
   }
+  // The marker's detail speaks of a request that answered 200 with a body; said for a job here.
+  const why = JOB_MARKER_REASONS.get(problem.reason);
   return new ResponseNotReplayableError(
     'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE',
     410,
-    detail ?? 'The call with this key already ran, but its result was not stored. It is not run again.',
+    why === undefined
+      ? (detail ?? `A call of "${name}" with this key already ran, but its result was not stored. fn is not run again for this key.`)
+      : `A call of "${name}" with this key already ran, but ${why}, so it was not stored. fn is not run again for this key.`,
     { extensions: { reason: problem.reason } },
   );
 }
+
+/** Why a job's result was not stored, by the 410 marker's `reason`. */
+const JOB_MARKER_REASONS: ReadonlyMap<unknown, string> = new Map([
+  ['too-large', 'its serialised result was larger than maxBodyBytes'],
+  ['not-serializable', 'its result could not be serialised'],
+  ['store-refused', 'the store kept refusing to store its result'],
+  ['transaction-ended', 'fn ended the database transaction it was given (COMMIT or ROLLBACK)'],
+]);

@@ -397,6 +397,7 @@ describe('idempotent(fn)', () => {
       const retry = charge('evt_big');
       await expect(retry).rejects.toBeInstanceOf(ResponseNotReplayableError);
       await expect(retry).rejects.toMatchObject({ status: 410, extensions: { reason: 'not-serializable' } });
+      await expect(charge('evt_big')).rejects.toThrow('A call of "charge" with this key already ran, but its result could not be serialised, so it was not stored. fn is not run again for this key.');
       expect(runs).toBe(1);
     });
 
@@ -466,6 +467,8 @@ describe('idempotent(fn)', () => {
       const job = idempotent(async () => ({ run: ++runs, blob: 'x'.repeat(2_000) }), { store, name: 'job', key: () => 'evt_big_result', maxBodyBytes: 1_000 });
       expect((await job()).run).toBe(1);
       await expect(job()).rejects.toMatchObject({ status: 410, extensions: { reason: 'too-large' } });
+      // Said for a job, not as the marker's 'The request with this key already ran and answered 200, but its body …'.
+      await expect(job()).rejects.toThrow('A call of "job" with this key already ran, but its serialised result was larger than maxBodyBytes, so it was not stored. fn is not run again for this key.');
       expect(runs).toBe(1);
     });
   });
