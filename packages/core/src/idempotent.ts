@@ -217,7 +217,8 @@ function jobCaller<Args extends unknown[], R>(
     return requestInProgress(
       seconds,
       `Another call of "${name}" with this key is still running, in this process or another` +
-        `${waits ? `, and did not finish within waitTimeoutMs (${engine.options.waitTimeoutMs} ms)` : ''}. ` +
+        // Not 'did not finish within waitTimeoutMs': a store failing while it waits also ends the wait here.
+        `${waits ? `, and this call did not get its result (it waits at most waitTimeoutMs, ${engine.options.waitTimeoutMs} ms)` : ''}. ` +
         `Retry in ${seconds} s (err.extensions.retryAfter) to get its result.`,
     );
   };

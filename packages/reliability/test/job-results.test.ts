@@ -132,7 +132,7 @@ describe.each(['postgres', 'redis'] as const)('two worker processes on one %s st
     const busy = await deliver(b, 100, 10);
     expect(busy).toMatchObject({ ok: false, name: 'RequestInProgressError' });
     // Before: 'A request with this key is still being processed. Retry after the time in Retry-After …'
-    expect(busy.ok ? '' : busy.message).toMatch(/^Another call of "charge" with this key is still running, in this process or another, and did not finish within waitTimeoutMs \(300 ms\)\. Retry in (\d+) s \(err\.extensions\.retryAfter\)/);
+    expect(busy.ok ? '' : busy.message).toMatch(/^Another call of "charge" with this key is still running, in this process or another, and this call did not get its result \(it waits at most waitTimeoutMs, 300 ms\)\. Retry in (\d+) s \(err\.extensions\.retryAfter\)/);
     const other = await deliver(b, 999, 10);
     expect(other).toMatchObject({ ok: false, name: 'FingerprintMismatchError' });
     // Before: '… with a different request (method, path or body). Use a new key for a new request.'
