@@ -70,8 +70,8 @@ function refuseLossy(_key: string, value: unknown): unknown {
           ? 'an Error'
           : typeof (value as { then?: unknown }).then === 'function'
             ? 'a Promise (a missing `await`?)'
-            : value instanceof WeakMap || value instanceof WeakSet || value instanceof RegExp
-              ? `a ${value.constructor.name}`
+            : value instanceof WeakMap || value instanceof WeakSet || value instanceof WeakRef || value instanceof RegExp || value instanceof ArrayBuffer || value instanceof DataView
+              ? `${/^[AEIOU]/.test(value.constructor.name) ? 'an' : 'a'} ${value.constructor.name}`
               : null;
   if (lost !== null) throw new TypeError(`JSON would store ${lost} as {}; return a plain object or array, or pass serialize/deserialize`);
   return value;

@@ -418,6 +418,7 @@ describe('idempotent(fn)', () => {
       ['a Promise (a missing await)', () => ({ receipt: Promise.resolve('r_1') }), /a Promise \(a missing `await`\?\) as \{\}/],
       ['a WeakMap', () => [new WeakMap()], /a WeakMap as \{\}/],
       ['a RegExp', () => ({ pattern: /sku-\d+/ }), /a RegExp as \{\}/],
+      ['an ArrayBuffer', () => ({ pdf: new ArrayBuffer(8) }), /an ArrayBuffer as \{\}/],
     ])('holding %s, which JSON writes as {}: refused, not stored as an empty object', async (_what, result, message) => {
       const store = createMemoryStore();
       let runs = 0;
