@@ -133,6 +133,10 @@ describe.each(['postgres', 'redis'] as const)('two worker processes on one %s st
     expect(busy).toMatchObject({ ok: false, name: 'RequestInProgressError' });
     // Before: 'A request with this key is still being processed. Retry after the time in Retry-After …'
     expect(busy.ok ? '' : busy.message).toMatch(/^Another call of "charge" with this key is still running, in this process or another, and this call did not get its result \(it waits at most waitTimeoutMs, 300 ms\)\. Retry in (\d+) s \(err\.extensions\.retryAfter\)/);
+    // The seconds left on the holder's 10 s lease: at least 1, at most 10.
+    const seconds = Number(/Retry in (\d+) s/.exec(busy.ok ? '' : busy.message)?.[1]);
+    expect(seconds).toBeGreaterThanOrEqual(1);
+    expect(seconds).toBeLessThanOrEqual(10);
     const other = await deliver(b, 999, 10);
     expect(other).toMatchObject({ ok: false, name: 'FingerprintMismatchError' });
     // Before: '… with a different request (method, path or body). Use a new key for a new request.'
