@@ -290,6 +290,15 @@ function jobCaller<Args extends unknown[], R>(
             { cause: error },
           );
         }
+        const { maxBodyBytes, logger } = engine.options;
+        if (body.byteLength > maxBodyBytes) {
+          // This caller gets its result; nothing else says it was not stored until a redelivery
+          // meets the 410, maybe days later.
+          logger?.warn(
+            `[idemkit] ${wrapper}(): the result of "${name}" for key "${lease.key}" is ${body.byteLength} bytes serialised, over maxBodyBytes (${maxBodyBytes}): ` +
+              "it was not stored, and later calls with this key reject with ResponseNotReplayableError (reason 'too-large') instead of running fn again. Raise maxBodyBytes, or return less (an id to fetch the rest by).",
+          );
+        }
         await lease.commit({ status: 200, headers: [], body });
         await storedOrGivenUp(lease);
         // Transactional only: the commit did not land (the lease was taken over, COMMIT failed),

@@ -465,8 +465,11 @@ describe('idempotent(fn)', () => {
     it('larger than maxBodyBytes: the first call gets its result, the others an error, never the marker as a value', async () => {
       const store = createMemoryStore();
       let runs = 0;
-      const job = idempotent(async () => ({ run: ++runs, blob: 'x'.repeat(2_000) }), { store, name: 'job', key: () => 'evt_big_result', maxBodyBytes: 1_000 });
+      const logger = { warn: vi.fn(), error: vi.fn() };
+      const job = idempotent(async () => ({ run: ++runs, blob: 'x'.repeat(2_000) }), { store, name: 'job', key: () => 'evt_big_result', maxBodyBytes: 1_000, logger });
       expect((await job()).run).toBe(1);
+      // Said at once, not first seen as a 410 on a redelivery.
+      expect(logger.warn.mock.calls).toEqual([[expect.stringMatching(/^\[idemkit\] idempotent\(\): the result of "job" for key "evt_big_result" is 2019 bytes serialised, over maxBodyBytes \(1000\): it was not stored/)]]);
       await expect(job()).rejects.toMatchObject({ status: 410, extensions: { reason: 'too-large' } });
       // Said for a job, not as the marker's 'The request with this key already ran and answered 200, but its body …'.
       await expect(job()).rejects.toThrow('A call of "job" with this key already ran, but its serialised result was larger than maxBodyBytes, so it was not stored. fn is not run again for this key.');
