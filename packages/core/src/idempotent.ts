@@ -3,7 +3,7 @@ import { RunningLease } from './lease.js';
 import { ConfigurationError, FingerprintMismatchError, KeyError, requestInProgress, ResponseNotReplayableError, StoreUnavailableError, TransactionAbortedError } from './errors.js';
 import { optionalFunction, type IdempotencyOptions } from './options.js';
 import type { StoredResponse, TransactionalStore } from './store.js';
-import type { IncomingRequest, Lease } from './types.js';
+import type { Decision, IncomingRequest, Lease } from './types.js';
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -230,7 +230,20 @@ function jobCaller<Args extends unknown[], R>(
 
   return async (args, invoke): Promise<Awaited<R>> => {
     const input: IncomingRequest = { method: 'CALL', path: name, headers: {}, body: args };
-    const decision = await engine.decide(input, args);
+    let decision: Decision;
+    try {
+      decision = await engine.decide(input, args);
+    } catch (error) {
+      // The default fingerprint's error speaks of a request body; a job's caller passed arguments.
+      if (fingerprint === undefined && error instanceof TypeError && error.message.includes('contains itself')) {
+        throw new TypeError(
+          `[idemkit] ${wrapper}(): the arguments of "${name}" cannot be fingerprinted: they contain themselves (a request, a driver client or a logger, say), so fn was not run. ` +
+            'Pass `fingerprint` with what identifies the work, e.g. `(msg) => msg.id`.',
+          { cause: error },
+        );
+      }
+      throw error;
+    }
     switch (decision.kind) {
       case 'pass': {
         // Nothing is stored (the store failed, onStoreError: 'pass'), but the caller still gets

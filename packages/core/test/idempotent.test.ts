@@ -365,7 +365,18 @@ describe('idempotent(fn)', () => {
     }
     let runs = 0;
     const job = idempotent(async (_e: Entity) => ++runs, { store: createMemoryStore(), name: 'job', key: (e) => e.id, logger: false });
-    await expect(job(new Entity('e1'))).rejects.toThrow(/contains itself/);
+    await expect(job(new Entity('e1'))).rejects.toThrow(/cannot be fingerprinted: they contain themselves/);
+    expect(runs).toBe(0);
+  });
+
+  it('names the job and the way out when its arguments contain themselves (a request, a client), not a request body', async () => {
+    const socket: Record<string, unknown> = {};
+    const request = { socket, url: '/hook' };
+    socket.request = request;
+    let runs = 0;
+    const job = idempotent(async (_req: typeof request) => ++runs, { store: createMemoryStore(), name: 'hook', key: (r) => r.url, logger: false });
+    // Before: '[idemkit] Cannot fingerprint a body that contains itself.'
+    await expect(job(request)).rejects.toThrow('[idemkit] idempotent(): the arguments of "hook" cannot be fingerprinted: they contain themselves (a request, a driver client or a logger, say), so fn was not run. Pass `fingerprint` with what identifies the work, e.g. `(msg) => msg.id`.');
     expect(runs).toBe(0);
   });
 
