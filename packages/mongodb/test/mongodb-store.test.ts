@@ -1,7 +1,7 @@
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it, onTestFinished, vi } from 'vitest';
-import { MongoClient, MongoError } from 'mongodb';
+import { MongoClient, MongoError, MongoServerError, ServerApiVersion } from 'mongodb';
 import { MongoClient as OtherCopyMongoClient } from 'mongodb-7.8';
 import type { CommandStartedEvent, Db, MongoClientOptions, ServerDescriptionChangedEvent } from 'mongodb';
 import { ConfigurationError, createIdempotencyEngine, scopedKey } from '@idemkit/core';
@@ -836,6 +836,152 @@ describe('indexes and expiry', () => {
     expect(await store.purgeExpired(10)).toBe(0);
     expect(await store.collection.countDocuments({})).toBe(5);
     await expect(store.purgeExpired(0)).rejects.toThrow(RangeError);
+  });
+});
+
+describe("the Stable API in strict mode (Atlas's connection snippet)", () => {
+  /** The commands of Stable API V1 (MongoDB's Stable API changelog); `buildInfo` is not one of them. */
+  const STABLE_API_V1 = new Set([
+    'abortTransaction', 'aggregate', 'authenticate', 'collMod', 'commitTransaction', 'count', 'create', 'createIndexes',
+    'delete', 'drop', 'dropDatabase', 'dropIndexes', 'endSessions', 'explain', 'find', 'findAndModify', 'getMore',
+    'hello', 'insert', 'killCursors', 'listCollections', 'listDatabases', 'listIndexes', 'ping', 'refreshSessions', 'update',
+  ]);
+  /**
+   * What MongoDB (5.0 on) answers `buildInfo` from a client with `serverApi: { version: '1', strict:
+   * true }`. FerretDB v1 ignores `apiStrict` and answers it, so this one refusal is made here.
+   */
+  const strictRefusal = () =>
+    new MongoServerError({
+      ok: 0,
+      code: 323,
+      codeName: 'APIStrictError',
+      errmsg:
+        'Provided apiStrict:true, but the command buildInfo is not in API Version 1. Information on supported ' +
+        'commands and migrations in API Version 1 can be found at https://dochub.mongodb.org/core/manual-versioned-api',
+    });
+
+  /** A Db of the real server whose `buildInfo` fails with `refuse()` (while it returns an error); every other command goes to the server. */
+  function refusingBuildInfo(refuse: () => Error | undefined): { db: Db; asked: () => number } {
+    const db = t.db.client.db(t.dbName);
+    let asked = 0;
+    const guard = <C extends (cmd: Record<string, unknown>, ...rest: never[]) => Promise<unknown>>(command: C): C =>
+      ((cmd: Record<string, unknown>, ...rest: never[]) => {
+        if (Object.keys(cmd)[0]?.toLowerCase() !== 'buildinfo') return command(cmd, ...rest);
+        asked++;
+        const refusal = refuse();
+        return refusal === undefined ? command(cmd, ...rest) : Promise.reject(refusal);
+      }) as C;
+    const admin = db.admin.bind(db);
+    db.admin = () => {
+      const a = admin();
+      a.command = guard(a.command.bind(a) as never) as typeof a.command;
+      return a;
+    };
+    db.command = guard(db.command.bind(db) as never) as typeof db.command;
+    return { db, asked: () => asked };
+  }
+
+  /** One request through the engine: runs and stores on the first call, replays on the second. */
+  async function request(store: ReturnType<typeof createMongoStore>, header: string) {
+    const engine = createIdempotencyEngine({ store, logger: false });
+    return engine.decide({ method: 'POST', path: '/charge', headers: { 'idempotency-key': header }, body: undefined });
+  }
+
+  /** Every operation of the store once, each checked. */
+  async function exercise(store: ReturnType<typeof createMongoStore>, label: string): Promise<void> {
+    const header = key(label);
+    const first = await request(store, header);
+    if (first.kind !== 'run') throw new Error(`expected run, got ${JSON.stringify(first)}`);
+    expect(await first.lease.commit(response(new Uint8Array([1, 2, 3])))).toBe(true);
+    const again = await request(store, header);
+    expect(again).toMatchObject({ kind: 'replay', response: { status: 201 } });
+
+    const k = key(`${label}-store`);
+    const begun = await store.begin(k, 'fp', 30_000);
+    if (begun.kind !== 'acquired') throw new Error('expected acquired');
+    expect(await store.renew(k, begun.token, 30_000)).toBe(true);
+    expect(await store.complete(k, begun.token, response(new Uint8Array([9])), 60_000)).toBe(true);
+    expect((await store.get(k))?.state).toBe('completed');
+    const released = key(`${label}-released`);
+    const held = await store.begin(released, null, 30_000);
+    if (held.kind !== 'acquired') throw new Error('expected acquired');
+    expect(await store.release(released, held.token)).toBe(true);
+    const lapsed = key(`${label}-lapsed`);
+    expect((await store.begin(lapsed, null, 50)).kind).toBe('acquired');
+    await vi.waitFor(async () => expect(await store.get(lapsed)).toBeUndefined(), { timeout: 5_000, interval: 20 });
+    expect(await store.begin(lapsed, null, 30_000)).toMatchObject({ kind: 'acquired', tookOver: true });
+    const expiring = key(`${label}-expiring`);
+    expect((await store.begin(expiring, null, 50)).kind).toBe('acquired');
+    await vi.waitFor(async () => expect(await store.get(expiring)).toBeUndefined(), { timeout: 5_000, interval: 20 });
+    expect(await store.purgeExpired()).toBeGreaterThanOrEqual(1);
+  }
+
+  // Was: `fencing: 'auto'` asked `buildInfo`, which Stable API V1 does not have: MongoDB refuses
+  // it (APIStrictError, 323) on a client made as Atlas's connection snippet makes it, and every
+  // operation that waited for the answer failed with it, ensureIndexes() at boot and each request
+  // after (a 503 on every request, or none of them idempotent with onStoreError: 'pass').
+  it("a real MongoDB's refusal of `buildInfo` under apiStrict (323) means native fencing: the store boots and serves", async () => {
+    const { db, asked } = refusingBuildInfo(strictRefusal);
+    const store = createMongoStore({ db, collectionName: 'strict-refused', logger: silent });
+    expect(await store.ensureIndexes()).toBe((await t.isFerretDB()) ? 'no-ttl' : 'ttl');
+    expect(await store.fencing()).toBe('native');
+    await exercise(store, 'strict-refused');
+    // Asked once: the refusal is an answer, kept like any other.
+    expect(asked()).toBe(1);
+  });
+
+  it('any other failure of `buildInfo` still fails the operations waiting for it, and the next one asks again', async () => {
+    // Only a server that enforces the Stable API answers 323; any other failure may be FerretDB's
+    // (a blip), and FerretDB v1 must not get native fencing.
+    let failures = 0;
+    const { db, asked } = refusingBuildInfo(() =>
+      failures++ === 0
+        ? new MongoServerError({ ok: 0, code: 13, codeName: 'Unauthorized', errmsg: 'not authorized on admin to execute command { buildInfo: 1 }' })
+        : undefined,
+    );
+    const store = createMongoStore({ db, collectionName: 'strict-other-failure', logger: silent });
+    await expect(store.begin(key('other-failure'), null, 30_000)).rejects.toMatchObject({ code: 13 });
+    expect(await store.begin(key('other-failure'), null, 30_000)).toMatchObject({ kind: 'acquired' });
+    expect(await store.fencing()).toBe((await t.isFerretDB()) ? 'claims' : 'native');
+    expect(asked()).toBe(2);
+  });
+
+  it("a client made as Atlas's snippet makes it (strict, deprecationErrors) works with the default options, and gets only Stable API V1 commands", async () => {
+    const client = await t.client({
+      serverApi: { version: ServerApiVersion.v1, strict: true, deprecationErrors: true },
+      monitorCommands: true,
+    });
+    const sent: CommandStartedEvent[] = [];
+    client.on('commandStarted', (e: CommandStartedEvent) => sent.push(e));
+    const ferret = await t.isFerretDB();
+    const store = createMongoStore({ db: client.db(t.dbName), collectionName: 'strict-client', logger: silent });
+    expect(await store.ensureIndexes()).toBe(ferret ? 'no-ttl' : 'ttl');
+    // FerretDB v1 answers `buildInfo` whatever the options, so it keeps claims fencing; MongoDB
+    // refuses it (323), which the store takes as MongoDB.
+    expect(await store.fencing()).toBe(ferret ? 'claims' : 'native');
+    await exercise(store, 'strict-client');
+    // The other fencing's writes too (one at a time, so any server can run them).
+    const other = createMongoStore({
+      db: client.db(t.dbName),
+      collectionName: 'strict-client-other',
+      fencing: ferret ? 'native' : 'claims',
+      logger: silent,
+    });
+    await other.ensureIndexes();
+    await exercise(other, 'strict-client-other');
+
+    expect(sent.length).toBeGreaterThan(20);
+    for (const e of sent) expect(e.command).toMatchObject({ apiVersion: '1', apiStrict: true, apiDeprecationErrors: true });
+    const names = new Set(sent.map((e) => e.commandName));
+    expect([...names].filter((name) => name !== 'buildInfo' && !STABLE_API_V1.has(name))).toEqual([]);
+    expect([...sent.filter((e) => e.commandName === 'buildInfo')]).toHaveLength(1);
+    // createIndexes under Stable API V1 refuses the index fields background, bucketSize, sparse
+    // and storageEngine (and text indexes): the store sends none.
+    for (const e of sent.filter((c) => c.commandName === 'createIndexes')) {
+      for (const index of e.command['indexes'] as Array<Record<string, unknown>>) {
+        expect(Object.keys(index).filter((field) => !['key', 'name', 'expireAfterSeconds'].includes(field))).toEqual([]);
+      }
+    }
   });
 });
 
