@@ -21,7 +21,10 @@ export interface MongoStore extends IdempotencyStore {
    * one warning through `logger`) on servers without TTL indexes, e.g. FerretDB v1.
    */
   ensureIndexes(): Promise<IndexOutcome>;
-  /** The fencing in use ('auto' resolves on the first operation by asking `buildInfo`). */
+  /**
+   * The fencing in use ('auto' resolves on the first operation by asking `buildInfo`: 'claims' when
+   * it names FerretDB, else 'native', also when the server refuses it under the Stable API's strict mode).
+   */
   fencing(): Promise<Fencing>;
 }
 
@@ -39,6 +42,22 @@ const NOT_CONNECTED = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'E
 /** A short, growing pause between lost races (the winner needs a round trip or two to finish). */
 function backoff(attempt: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, Math.min(50, 2 ** attempt)));
+}
+
+/** MongoDB's APIStrictError: a command outside the Stable API version the client declared with `strict: true`. */
+const API_STRICT_ERROR = 323;
+
+/**
+ * True when the server refused a command because it is not in the Stable API (a client created
+ * with `serverApi: { version: '1', strict: true }`, as in Atlas's connection snippet). `buildInfo`
+ * is not in Stable API V1, so MongoDB (5.0 on) refuses it there; FerretDB v1 ignores `apiStrict`
+ * and answers it with `ferretdbVersion`. So this refusal comes only from a server that enforces
+ * the Stable API, which is not FerretDB v1 (the one server that needs claims): MongoDB, whose
+ * single-document updates are atomic, so native fencing. By code, not `instanceof`: the `Db` may
+ * come from another copy of the driver.
+ */
+function isApiStrictRefusal(error: unknown): boolean {
+  return typeof error === 'object' && error !== null && (error as { code?: unknown }).code === API_STRICT_ERROR;
 }
 
 /**
@@ -105,7 +124,8 @@ class MongoIdempotencyStore implements MongoStore {
   fencing(): Promise<Fencing> {
     if (this.#options.fencing !== 'auto') return Promise.resolve(this.#options.fencing);
     if (this.#fencingKnown !== undefined) return Promise.resolve(this.#fencingKnown);
-    // Asked once; a failure rejects the operations waiting for it and the next one asks again.
+    // Asked once; a failure rejects the operations waiting for it and the next one asks again
+    // (a refusal under the Stable API's strict mode is an answer: see isApiStrictRefusal).
     // One still unanswered after ASK_AGAIN_AFTER_MS is asked again by the next operation, and
     // the first answer to any of them lets every waiting operation go on.
     const startedAt = monotonicNow();
@@ -115,8 +135,14 @@ class MongoIdempotencyStore implements MongoStore {
         answer: this.collection.db
           .admin()
           .command({ buildInfo: 1 })
-          .then((info): Fencing => {
-            const fencing: Fencing = 'ferretdbVersion' in info ? 'claims' : 'native';
+          .then(
+            (info): Fencing => ('ferretdbVersion' in info ? 'claims' : 'native'),
+            (error: unknown): Fencing => {
+              if (isApiStrictRefusal(error)) return 'native';
+              throw error;
+            },
+          )
+          .then((fencing) => {
             this.#fencingKnown = fencing;
             this.#answerFencing(fencing);
             return fencing;

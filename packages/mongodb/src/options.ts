@@ -29,7 +29,8 @@ export type MongoStoreOptions = MongoStoreTarget & {
    * How conditional writes are made atomic. 'native': one atomic document update per operation
    * (MongoDB). 'claims': each lease-ending write first inserts a unique claim, for servers whose
    * updates are not atomic compare-and-set (FerretDB v1); costs an extra round trip or two.
-   * 'auto' asks `buildInfo` once and picks 'claims' on FerretDB. @default 'auto'
+   * 'auto' asks `buildInfo` once and picks 'claims' on FerretDB, else 'native' (also when the
+   * server refuses `buildInfo` under the Stable API's strict mode, as MongoDB does). @default 'auto'
    */
   readonly fencing?: 'auto' | 'native' | 'claims' | undefined;
   /** Where the one-time "TTL indexes unsupported" warning goes. false silences it. @default console */
