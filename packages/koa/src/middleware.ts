@@ -20,6 +20,7 @@ import {
   type IdempotencyError,
   type IdempotencyOptions,
   type Lease,
+  type ResolvedOptions,
 } from '@idemkit/core';
 import type { Socket } from 'node:net';
 import type { Context, Middleware, Next } from 'koa';
@@ -171,19 +172,34 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
           await decision.lease.abandon('client-gone');
           return;
         }
-        return run(ctx, next, decision.lease, resolved.maxBodyBytes);
+        return run(ctx, next, decision.lease, resolved);
     }
   };
 }
 
-async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number): Promise<void> {
+async function run(ctx: Context, next: Next, lease: Lease, options: Pick<ResolvedOptions, 'maxBodyBytes' | 'leaseMs' | 'transactional'>): Promise<void> {
   (ctx as unknown as Record<symbol, unknown>)[RUNNING] = true;
   ctx.state.idempotency = lease.context;
-  // Only names the abandon reason: a handler that finishes after its client left still has its
-  // answer stored, so the client's retry gets a replay instead of running the side effect twice.
+  // A handler that finishes after its client left still has its answer stored, so the client's
+  // retry gets a replay instead of running the side effect twice. One that has not finished a
+  // lease after its client left (hung on a call that never returns) would otherwise have its
+  // lease renewed for the life of the process, and every retry answered 409: the key is then
+  // marked `cut-short` (410, never run again), as on Express and Fastify. In transactional mode
+  // the lease runs out instead: its transaction is rolled back (a marker would commit the writes
+  // of a handler still running) and the key freed. Only a request whose client left pays for
+  // the timer.
   let clientGone = false;
+  let cutShort: NodeJS.Timeout | undefined;
   const onClose = (): void => {
-    if (!ctx.res.writableFinished) clientGone = true;
+    if (ctx.res.writableFinished || clientGone) return;
+    clientGone = true;
+    if (options.transactional) return lease.letLapse();
+    cutShort = setTimeout(() => {
+      if (lease.settled) return;
+      // A head the handler wrote itself (`ctx.respond = false`) went out: judged by it, as once it returns.
+      const { res } = ctx;
+      void (res.headersSent ? lease.commitUnbuffered(res.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
+    }, options.leaseMs).unref();
   };
   // An answer Koa sent while the handler ran (not one the handler wrote itself through ctx.res):
   // a timeout middleware mounted before this one answered for it.
@@ -191,7 +207,9 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
   const onFinish = (): void => {
     answeredForIt = ctx.respond !== false;
   };
-  ctx.res.once('close', onClose);
+  // Closed already (the client left while the key was being claimed): 'close' will not come again.
+  if (ctx.res.closed) onClose();
+  else ctx.res.once('close', onClose);
   ctx.res.once('finish', onFinish);
   // Set by middleware before this one (CORS, a request id): not stored unless the handler changes them.
   const before = snapshotHeaders(ctx.response.headers);
@@ -207,6 +225,7 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
   } finally {
     ctx.res.off('close', onClose);
     ctx.res.off('finish', onFinish);
+    clearTimeout(cutShort);
   }
 
   // A whole answer went out while the handler ran (a timeout middleware mounted before this
@@ -240,7 +259,7 @@ async function run(ctx: Context, next: Next, lease: Lease, maxBodyBytes: number)
     if (captured.kind === 'unsendable') return;
     if (captured.kind === 'unbuffered') await lease.commitUnbuffered(ctx.status, 'not-bufferable');
     // Stored before respond() writes a byte, so a client retrying at once gets the replay.
-    else if (captured.body.byteLength > maxBodyBytes) await lease.commitUnbuffered(ctx.status, 'too-large');
+    else if (captured.body.byteLength > options.maxBodyBytes) await lease.commitUnbuffered(ctx.status, 'too-large');
     else await lease.commit({ status: ctx.status, headers: toStoredHeaders(ctx.response.headers, before), body: captured.body });
     // Transactional mode, rolled back: the handler's answer (a stream's too) describes writes that
     // never happened. A replaced stream is destroyed by Koa once the response finishes.

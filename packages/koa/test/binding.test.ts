@@ -1011,6 +1011,58 @@ describe('koa binding: concurrency and disconnects', () => {
     expect(runs).toBe(1);
   });
 
+  // Was: the lease was renewed for as long as the handler hung, so every retry got 409 with
+  // Retry-After for the life of the process (Express and Fastify mark the key a lease later).
+  it('a handler that never finishes once its client left: 410 cut-short a lease later, not 409 for good, never a second run', async () => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), leaseMs: 300 }));
+      app.use(async () => {
+        runs++;
+        await new Promise<never>(() => undefined); // an upstream call that never comes back
+      });
+    });
+    const abort = new AbortController();
+    const aborted = post(url, 'hung', {}, {}, abort.signal).catch(() => 'aborted');
+    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
+    abort.abort();
+    expect(await aborted).toBe('aborted');
+    const retry = await vi.waitFor(
+      async () => {
+        const reply = await post(url, 'hung', {});
+        expect(reply.status).toBe(410);
+        return reply;
+      },
+      { timeout: 5_000, interval: 100 },
+    );
+    expect(await retry.json()).toMatchObject({ reason: 'cut-short' });
+    expect(runs).toBe(1);
+  });
+
+  it('a handler slower than a lease whose client left: its late answer is not replayed, but it never runs twice', async () => {
+    let runs = 0;
+    let answer!: () => void;
+    const late = new Promise<void>((resolve) => (answer = resolve));
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), leaseMs: 300 }));
+      app.use(async (ctx) => {
+        runs++;
+        await late;
+        ctx.status = 201;
+        ctx.body = `charge ${runs}`;
+      });
+    });
+    const abort = new AbortController();
+    const aborted = post(url, 'late', {}, {}, abort.signal).catch(() => 'aborted');
+    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
+    abort.abort();
+    expect(await aborted).toBe('aborted');
+    await vi.waitFor(async () => expect((await post(url, 'late', {})).status).toBe(410), { timeout: 5_000, interval: 100 });
+    answer();
+    expect((await post(url, 'late', {})).status).toBe(410);
+    expect(runs).toBe(1);
+  });
+
   it('a handler that throws after its client left releases the key as client-gone', async () => {
     const events: IdempotencyEvent[] = [];
     let entered = false;
