@@ -365,6 +365,31 @@ describe('koa binding: thrown errors release the key', () => {
     expect(runs).toBe(1);
   });
 
+  it('documented: middleware before idempotency() that throws after its await next() fails an answer already stored; the retry gets it, the handler runs once', async () => {
+    let runs = 0;
+    let audits = 0;
+    const { url } = await start((app) => {
+      app.use(async (_ctx, next) => {
+        await next();
+        audits++;
+        if (audits === 1) throw new Error('audit log down');
+      });
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use((ctx) => {
+        runs++;
+        ctx.status = 201;
+        ctx.body = { id: runs };
+      });
+    });
+    const first = await post(url, 'after-next');
+    expect(first.status).toBe(500);
+    const retry = await post(url, 'after-next');
+    expect(retry.status).toBe(201);
+    expect(retry.headers.get('idempotent-replayed')).toBe('true');
+    expect(await retry.json()).toEqual({ id: 1 });
+    expect(runs).toBe(1);
+  });
+
   it('an error middleware mounted inside turns the throw into a 500 response: not stored either', async () => {
     let runs = 0;
     const { url } = await start((app) => {
