@@ -73,6 +73,23 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
   const bodyMatters = readsBody(resolved);
   let warnedUnparsed = false;
   let warnedBodyKey = false;
+  let warnedEncoded = false;
+  const runOptions: RunOptions = {
+    maxBodyBytes: resolved.maxBodyBytes,
+    leaseMs: resolved.leaseMs,
+    transactional: resolved.transactional,
+    // A compressed stream body: most likely koa-compress mounted after idempotency(), which makes
+    // every answer it compresses a stream, not stored, and its retries 410, with nothing in the
+    // log to say why (as on Express). Looked at only for a body that is not stored anyway.
+    warnEncoded(encoding) {
+      if (warnedEncoded) return;
+      warnedEncoded = true;
+      resolved.logger?.warn(
+        `[idemkit] [koa] An answer with Content-Encoding: ${encoding} went out as a stream body, so it is not stored and a retry with its key gets 410. ` +
+          'If koa-compress (or other compression) is mounted after idempotency() (in a router, say), mount it before idempotency(): the stored and replayed bytes are then the uncompressed ones. (Warned once.)',
+      );
+    },
+  };
 
   const answerProblem = async (ctx: Context, error: IdempotencyError): Promise<void> => {
     if (onProblem) {
@@ -172,12 +189,17 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
           await decision.lease.abandon('client-gone');
           return;
         }
-        return run(ctx, next, decision.lease, resolved);
+        return run(ctx, next, decision.lease, runOptions);
     }
   };
 }
 
-async function run(ctx: Context, next: Next, lease: Lease, options: Pick<ResolvedOptions, 'maxBodyBytes' | 'leaseMs' | 'transactional'>): Promise<void> {
+/** What run() needs of its middleware: made once per `idempotency()`, not per request. */
+interface RunOptions extends Pick<ResolvedOptions, 'maxBodyBytes' | 'leaseMs' | 'transactional'> {
+  warnEncoded(encoding: string): void;
+}
+
+async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions): Promise<void> {
   (ctx as unknown as Record<symbol, unknown>)[RUNNING] = true;
   ctx.state.idempotency = lease.context;
   // A handler that finishes after its client left still has its answer stored, so the client's
@@ -257,7 +279,11 @@ async function run(ctx: Context, next: Next, lease: Lease, options: Pick<Resolve
     const captured = captureResponse(ctx);
     // Koa answers 500 for it (see captureResponse): the finally below frees the key.
     if (captured.kind === 'unsendable') return;
-    if (captured.kind === 'unbuffered') await lease.commitUnbuffered(ctx.status, 'not-bufferable');
+    if (captured.kind === 'unbuffered') {
+      const encoding = ctx.respond === false || ctx.res.headersSent ? '' : ctx.response.get('Content-Encoding');
+      if (encoding !== '') options.warnEncoded(encoding);
+      await lease.commitUnbuffered(ctx.status, 'not-bufferable');
+    }
     // Stored before respond() writes a byte, so a client retrying at once gets the replay.
     else if (captured.body.byteLength > options.maxBodyBytes) await lease.commitUnbuffered(ctx.status, 'too-large');
     else await lease.commit({ status: ctx.status, headers: toStoredHeaders(ctx.response.headers, before), body: captured.body });

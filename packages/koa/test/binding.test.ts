@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import http2 from 'node:http2';
 import { connect, type AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
+import { createGzip } from 'node:zlib';
 import { bodyParser } from '@koa/bodyparser';
 import Router from '@koa/router';
 import { createMemoryStore, defaultFingerprint, problemResponse, KeyError, scopedKey, TransactionAbortedError, type IdempotencyEvent, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
@@ -188,6 +189,51 @@ describe('koa binding: what is not replayed', () => {
     expect(retry.status).toBe(410);
     expect(await retry.json()).toMatchObject({ originalStatus: 202 });
     expect(runs).toBe(1);
+  });
+
+  // Was: nothing in the log said why every compressed answer's retry got 410 (Express says it).
+  it('compression mounted after idempotency() (as koa-compress does it) makes answers 410: said once in the log; mounted before it, replayed and silent', async () => {
+    /** What koa-compress does after its next(): the body piped through gzip, Content-Encoding set. */
+    const gzip: Middleware = async (ctx, next) => {
+      await next();
+      const stream = createGzip();
+      const body: unknown = ctx.body;
+      stream.end(Buffer.isBuffer(body) || typeof body === 'string' ? body : JSON.stringify(body));
+      ctx.body = stream;
+      ctx.set('Content-Encoding', 'gzip');
+      ctx.remove('Content-Length');
+    };
+    const handler: Middleware = (ctx) => {
+      ctx.status = 201;
+      ctx.body = { id: 'order_1' };
+    };
+    const after = vi.fn();
+    const inner = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), logger: { warn: after, error: vi.fn() } }));
+      app.use(gzip);
+      app.use(handler);
+    });
+    for (const key of ['gz-1', 'gz-2']) {
+      const first = await post(inner.url, key);
+      expect(first.status).toBe(201);
+      expect(await first.json()).toEqual({ id: 'order_1' });
+      expect((await post(inner.url, key)).status).toBe(410);
+    }
+    expect(after).toHaveBeenCalledTimes(1);
+    expect(after.mock.calls[0]?.[0]).toMatch(/Content-Encoding: gzip.*mount it before idempotency\(\)/);
+
+    const before = vi.fn();
+    const outer = await start((app) => {
+      app.use(gzip);
+      app.use(idempotency({ store: createMemoryStore(), logger: { warn: before, error: vi.fn() } }));
+      app.use(handler);
+    });
+    expect((await post(outer.url, 'gz')).status).toBe(201);
+    const replay = await post(outer.url, 'gz');
+    expect(replay.status).toBe(201);
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    expect(await replay.json()).toEqual({ id: 'order_1' });
+    expect(before).not.toHaveBeenCalled();
   });
 
   it('a body over maxBodyBytes goes out whole; retries get 410 with reason too-large', async () => {
