@@ -1110,6 +1110,34 @@ describe('koa binding: concurrency and disconnects', () => {
     expect(runs).toBe(1);
   });
 
+  it('transactional: a handler that never finishes once its client left has its transaction rolled back a lease later, and the retry runs on a clean slate', async () => {
+    let runs = 0;
+    let rolledBack = 0;
+    const store: TransactionalStore<null> = Object.assign(createMemoryStore(), {
+      async beginTransaction(): Promise<StoreTransaction<null>> {
+        return { client: null, complete: async () => true, rollback: async () => void rolledBack++ };
+      },
+    });
+    const { url } = await start((app) => {
+      app.use(idempotency({ store, transactional: true, leaseMs: 300, logger: false }));
+      app.use(async (ctx) => {
+        runs++;
+        if (runs === 1) await new Promise<never>(() => undefined);
+        ctx.status = 201;
+        ctx.body = { runs };
+      });
+    });
+    const abort = new AbortController();
+    const aborted = post(url, 'hung-tx', {}, {}, abort.signal).catch(() => 'aborted');
+    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
+    abort.abort();
+    expect(await aborted).toBe('aborted');
+    // Not a marker: it would commit the writes of a handler still running.
+    await vi.waitFor(async () => expect((await post(url, 'hung-tx', {})).status).toBe(201), { timeout: 5_000, interval: 100 });
+    expect(rolledBack).toBe(1);
+    expect(runs).toBe(2);
+  });
+
   it('a handler slower than a lease whose client left: its late answer is not replayed, but it never runs twice', async () => {
     let runs = 0;
     let answer!: () => void;
