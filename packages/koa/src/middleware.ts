@@ -202,32 +202,40 @@ interface RunOptions extends Pick<ResolvedOptions, 'maxBodyBytes' | 'leaseMs' | 
 async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions): Promise<void> {
   (ctx as unknown as Record<symbol, unknown>)[RUNNING] = true;
   ctx.state.idempotency = lease.context;
-  // A handler that finishes after its client left still has its answer stored, so the client's
-  // retry gets a replay instead of running the side effect twice. One that has not finished a
-  // lease after its client left (hung on a call that never returns) would otherwise have its
-  // lease renewed for the life of the process, and every retry answered 409: the key is then
-  // marked `cut-short` (410, never run again), as on Express and Fastify. In transactional mode
-  // the lease runs out instead: its transaction is rolled back (a marker would commit the writes
-  // of a handler still running) and the key freed. Only a request whose client left pays for
-  // the timer.
+  // A handler that finishes after its client left (or after a timeout middleware answered for
+  // it) is judged as usual once it does. One that has not finished a lease later (hung on a call
+  // that never returns: what timeouts are for) would otherwise have its lease renewed for the
+  // life of the process, and every retry answered 409: the key is then marked `cut-short` (410,
+  // never run again), as on Express and Fastify. In transactional mode the lease runs out
+  // instead: its transaction is rolled back (a marker would commit the writes of a handler still
+  // running) and the key freed. Only a request whose client left, or that was answered for,
+  // pays for the timer.
   let clientGone = false;
-  let cutShort: NodeJS.Timeout | undefined;
-  const onClose = (): void => {
-    if (ctx.res.writableFinished || clientGone) return;
-    clientGone = true;
-    if (options.transactional) return lease.letLapse();
-    cutShort = setTimeout(() => {
-      if (lease.settled) return;
-      // A head the handler wrote itself (`ctx.respond = false`) went out: judged by it, as once it returns.
-      const { res } = ctx;
-      void (res.headersSent ? lease.commitUnbuffered(res.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
-    }, options.leaseMs).unref();
-  };
   // An answer Koa sent while the handler ran (not one the handler wrote itself through ctx.res):
   // a timeout middleware mounted before this one answered for it.
   let answeredForIt = false;
+  let markLaterStarted = false;
+  let cutShort: NodeJS.Timeout | undefined;
+  const markLater = (): void => {
+    if (markLaterStarted) return;
+    markLaterStarted = true;
+    if (options.transactional) return lease.letLapse();
+    cutShort = setTimeout(() => {
+      if (lease.settled) return;
+      // A head the handler wrote itself (`ctx.respond = false`) went out: judged by it, as once it
+      // returns. Never by the status of an answer sent for it (a timeout's 503 would free the key).
+      const { res } = ctx;
+      void (!answeredForIt && res.headersSent ? lease.commitUnbuffered(res.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
+    }, options.leaseMs).unref();
+  };
+  const onClose = (): void => {
+    if (ctx.res.writableFinished || clientGone) return;
+    clientGone = true;
+    markLater();
+  };
   const onFinish = (): void => {
     answeredForIt = ctx.respond !== false;
+    if (answeredForIt) markLater();
   };
   // Closed already (the client left while the key was being claimed): 'close' will not come again.
   if (ctx.res.closed) onClose();

@@ -813,7 +813,7 @@ describe('koa binding: concurrency and disconnects', () => {
   describe('a timeout middleware mounted before idempotency() answers 503 while the handler runs', () => {
     async function withTimeout(
       outcome: () => Promise<'ok' | 'fail'>,
-      { standIn = 503, rawAnswer = false, store = createMemoryStore() }: { standIn?: number; rawAnswer?: boolean; store?: IdempotencyStore } = {},
+      { standIn = 503, rawAnswer = false, store = createMemoryStore(), leaseMs }: { standIn?: number; rawAnswer?: boolean; store?: IdempotencyStore; leaseMs?: number } = {},
     ): Promise<{ url: string; runs: () => number }> {
       let runs = 0;
       let requests = 0;
@@ -833,7 +833,7 @@ describe('koa binding: concurrency and disconnects', () => {
           await Promise.race([next(), timedOut]);
           clearTimeout(timer);
         });
-        app.use(idempotency({ store }));
+        app.use(idempotency({ store, leaseMs }));
         app.use(async (ctx) => {
           runs++;
           if ((await outcome()) === 'fail') throw new Error('card declined');
@@ -860,6 +860,23 @@ describe('koa binding: concurrency and disconnects', () => {
         expect(after.status).toBe(410);
         expect(await after.json()).toMatchObject({ reason: 'cut-short' });
       }, { timeout: 10_000 });
+      expect(runs()).toBe(1);
+    });
+
+    // Was: the lease was renewed for as long as the handler hung, so every retry got 409 for the
+    // life of the process: the very case a timeout middleware is there for.
+    it.each([503, 202])('a handler that never finishes (stand-in %i): 410 cut-short a lease later, not 409 for good, never a second run', async (standIn) => {
+      const { url, runs } = await withTimeout(() => new Promise<never>(() => undefined), { standIn, leaseMs: 300 });
+      expect((await post(url, 'k')).status).toBe(standIn);
+      const retry = await vi.waitFor(
+        async () => {
+          const reply = await post(url, 'k');
+          expect(reply.status).toBe(410);
+          return reply;
+        },
+        { timeout: 5_000, interval: 100 },
+      );
+      expect(await retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
       expect(runs()).toBe(1);
     });
 
