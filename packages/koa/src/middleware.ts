@@ -214,28 +214,16 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
   // An answer Koa sent while the handler ran (not one the handler wrote itself through ctx.res):
   // a timeout middleware mounted before this one answered for it.
   let answeredForIt = false;
-  let markLaterStarted = false;
-  let cutShort: NodeJS.Timeout | undefined;
-  const markLater = (): void => {
-    if (markLaterStarted) return;
-    markLaterStarted = true;
-    if (options.transactional) return lease.letLapse();
-    cutShort = setTimeout(() => {
-      if (lease.settled) return;
-      // A head the handler wrote itself (`ctx.respond = false`) went out: judged by it, as once it
-      // returns. Never by the status of an answer sent for it (a timeout's 503 would free the key).
-      const { res } = ctx;
-      void (!answeredForIt && res.headersSent ? lease.commitUnbuffered(res.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
-    }, options.leaseMs).unref();
-  };
+  // Started at most once; `null`: in transactional mode, where the lease is left to run out.
+  let cutShort: NodeJS.Timeout | null | undefined;
   const onClose = (): void => {
     if (ctx.res.writableFinished || clientGone) return;
     clientGone = true;
-    markLater();
+    if (cutShort === undefined) cutShort = markLater(ctx, lease, options, false);
   };
   const onFinish = (): void => {
     answeredForIt = ctx.respond !== false;
-    if (answeredForIt) markLater();
+    if (answeredForIt && cutShort === undefined) cutShort = markLater(ctx, lease, options, true);
   };
   // Closed already (the client left while the key was being claimed): 'close' will not come again.
   if (ctx.res.closed) onClose();
@@ -255,7 +243,7 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
   } finally {
     ctx.res.off('close', onClose);
     ctx.res.off('finish', onFinish);
-    clearTimeout(cutShort);
+    if (cutShort) clearTimeout(cutShort);
   }
 
   // A whole answer went out while the handler ran (a timeout middleware mounted before this
@@ -311,6 +299,24 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
     // key must be free again.
     if (!lease.settled) await lease.abandon('handler-threw');
   }
+}
+
+/**
+ * A lease from now, settle a lease whose handler is still running although its client left or
+ * an answer went out for it (see run()): marked `cut-short`, or by the head the handler wrote
+ * itself, never by the status of an answer sent for it (a timeout's 503 would free the key for a
+ * second run). In transactional mode the lease is left to run out (rolled back, key freed): `null`.
+ */
+function markLater(ctx: Context, lease: Lease, options: RunOptions, answeredForIt: boolean): NodeJS.Timeout | null {
+  if (options.transactional) {
+    lease.letLapse();
+    return null;
+  }
+  return setTimeout(() => {
+    if (lease.settled) return;
+    const { res } = ctx;
+    void (!answeredForIt && res.headersSent ? lease.commitUnbuffered(res.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
+  }, options.leaseMs).unref();
 }
 
 /**
