@@ -216,8 +216,10 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
   let answeredForIt = false;
   // Started at most once; `null`: in transactional mode, where the lease is left to run out.
   let cutShort: NodeJS.Timeout | null | undefined;
+  // Closed before the answer ended: the client left. (`writableEnded`, not `writableFinished`:
+  // Node's HTTP/2 compat response calls a cancelled stream finished.)
   const onClose = (): void => {
-    if (ctx.res.writableFinished || clientGone) return;
+    if (ctx.res.writableEnded || clientGone) return;
     clientGone = true;
     if (cutShort === undefined) cutShort = markLater(ctx, lease, options, false);
   };
@@ -226,7 +228,7 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
     if (answeredForIt && cutShort === undefined) cutShort = markLater(ctx, lease, options, true);
   };
   // Closed already (the client left while the key was being claimed): 'close' will not come again.
-  if (ctx.res.closed) onClose();
+  if (responseClosed(ctx.res)) onClose();
   else ctx.res.once('close', onClose);
   ctx.res.once('finish', onFinish);
   // Set by middleware before this one (CORS, a request id): not stored unless the handler changes them.
@@ -336,7 +338,7 @@ function settleWhenClosed(ctx: Context, lease: Lease): void {
     void (res.headersSent ? lease.commitUnbuffered(res.statusCode, 'not-bufferable') : lease.commitUnbuffered(null, 'cut-short'));
   };
   // Closed already (the client left while the handler ran): 'close' will not come again.
-  if (res.closed) return settle();
+  if (responseClosed(res)) return settle();
   res.once('close', settle);
   // Pipelined behind another answer on its connection (it has no socket yet): should the socket
   // die first, Node never closes this response, and the lease would be renewed (in transactional
@@ -344,6 +346,12 @@ function settleWhenClosed(ctx: Context, lease: Lease): void {
   // stands in, as on Express and Fastify.
   const socket = ctx.req.socket as Socket | null;
   if (res.socket === null && socket) res.once('finish', whenSocketCloses(socket, settle));
+}
+
+/** Whether the response has closed: Node's HTTP/2 compat response has no `closed`, its stream has. */
+function responseClosed(res: Context['res']): boolean {
+  const r = res as { closed?: boolean; stream?: { closed?: boolean } };
+  return r.closed ?? r.stream?.closed === true;
 }
 
 /** Core options without the binding's own `onProblem` (the engine warns on unknown options). */

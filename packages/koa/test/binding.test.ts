@@ -1,12 +1,13 @@
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
+import { createServer } from 'node:http';
 import http2 from 'node:http2';
 import { connect, type AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
 import { createGzip } from 'node:zlib';
 import { bodyParser } from '@koa/bodyparser';
 import Router from '@koa/router';
-import { createMemoryStore, defaultFingerprint, problemResponse, KeyError, scopedKey, TransactionAbortedError, type IdempotencyEvent, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
+import { createMemoryStore, MemoryStore, defaultFingerprint, problemResponse, KeyError, scopedKey, TransactionAbortedError, type IdempotencyEvent, type IdempotencyStore, type StoreTransaction, type TransactionalStore } from '@idemkit/core';
 import Koa, { type Context, type Middleware } from 'koa';
 import { koaBody } from 'koa-body';
 import { afterEach, describe, expect, it, vi } from 'vitest';
@@ -1153,6 +1154,85 @@ describe('koa binding: concurrency and disconnects', () => {
     await vi.waitFor(async () => expect((await post(url, 'hung-tx', {})).status).toBe(201), { timeout: 5_000, interval: 100 });
     expect(rolledBack).toBe(1);
     expect(runs).toBe(2);
+  });
+
+  it.each(['HTTP/1.1', 'HTTP/2'])('%s: a client that left while the key was being claimed, and a handler that never finishes: 410 cut-short a lease later', async (protocol) => {
+    let claimed!: () => void;
+    const gate = new Promise<void>((resolve) => (claimed = resolve));
+    /** begin() answers only once the server has seen the client leave. */
+    class GatedBeginStore extends MemoryStore {
+      override async begin(...args: Parameters<MemoryStore['begin']>): ReturnType<MemoryStore['begin']> {
+        const result = await super.begin(...args);
+        if (args[0].endsWith('first')) await gate;
+        return result;
+      }
+    }
+    let runs = 0;
+    let entered = false;
+    let closed = false;
+    const app = new Koa();
+    app.silent = true;
+    app.use(async (ctx, next) => {
+      entered = true;
+      ctx.res.once('close', () => (closed = true));
+      await next();
+    });
+    app.use(idempotency({ store: new GatedBeginStore(), leaseMs: 300, logger: false }));
+    app.use(async () => {
+      runs++;
+      await new Promise<never>(() => undefined);
+    });
+    const server = protocol === 'HTTP/2' ? http2.createServer(app.callback()) : createServer(app.callback());
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const origin = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const client = protocol === 'HTTP/2' ? http2.connect(origin) : undefined;
+    /** Status and body of a POST with the key; `leave` cancels it instead and resolves at once. */
+    const send = async (key: string, leave = false): Promise<{ status: number; text: string }> => {
+      if (client) {
+        const req = client.request({ ':method': 'POST', ':path': '/orders', 'idempotency-key': key }, { endStream: true });
+        req.on('error', () => undefined);
+        if (leave) {
+          await vi.waitFor(() => expect(entered).toBe(true), { timeout: 10_000 });
+          req.close(http2.constants.NGHTTP2_CANCEL);
+          return { status: 0, text: '' };
+        }
+        const [headers] = (await once(req, 'response')) as [http2.IncomingHttpHeaders];
+        let text = '';
+        req.setEncoding('utf8');
+        for await (const chunk of req) text += chunk as string;
+        return { status: Number(headers[':status']), text };
+      }
+      const abort = new AbortController();
+      const reply = fetch(`${origin}/orders`, { method: 'POST', headers: { 'idempotency-key': key }, signal: abort.signal });
+      if (leave) {
+        reply.catch(() => undefined);
+        await vi.waitFor(() => expect(entered).toBe(true), { timeout: 10_000 });
+        abort.abort();
+        return { status: 0, text: '' };
+      }
+      const res = await reply;
+      return { status: res.status, text: await res.text() };
+    };
+    try {
+      await send('first', true);
+      await vi.waitFor(() => expect(closed).toBe(true), { timeout: 10_000 });
+      claimed();
+      await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
+      const retry = await vi.waitFor(
+        async () => {
+          const reply = await send('first');
+          expect(reply.status).toBe(410);
+          return reply;
+        },
+        { timeout: 5_000, interval: 100 },
+      );
+      expect(JSON.parse(retry.text)).toMatchObject({ reason: 'cut-short' });
+      expect(runs).toBe(1);
+    } finally {
+      client?.close();
+      server.close();
+    }
   });
 
   it('a handler slower than a lease whose client left: its late answer is not replayed, but it never runs twice', async () => {
