@@ -465,30 +465,35 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
 
   /**
    * The client left before the answer. The handler's answer is still stored when it comes
-   * (onSend), so the retry replays it. But Fastify sends nothing for an async handler that
-   * resolves with nothing once its client is gone, so onSend may never come: once the handler has
-   * settled, its answer gets a lease's time to arrive (one that returned `reply` may answer from a
-   * timer), and then the key is marked `cut-short` rather than held (and renewed) for good.
-   * Looked at only here, so requests whose client stays pay nothing for it.
+   * (onSend), so the retry replays it. But onSend may never come: Fastify sends nothing for an
+   * async handler that resolves with nothing once its client is gone, and a handler hung on a call
+   * that never returns never answers at all. Either way the lease would be renewed for the life of
+   * the process, and every retry answered 409. So the handler gets a lease's time from the
+   * client's leave to answer (one that returned `reply` may answer from a timer), and then the key
+   * is marked `cut-short` (410, never run again), as on Express and Koa. In transactional mode the
+   * lease runs out instead: its transaction is rolled back (a marker would commit the writes of a
+   * handler still running) and the key freed. A handler that resolves with a value or throws is
+   * settled by Fastify's send (onSend, onError) as usual. Looked at only here, so requests whose
+   * client stays pay nothing for it.
    */
   function afterClientLeft(state: LeaseState): void {
     const { lease, handler } = state;
     if (!isThenable(handler)) return;
-    const markLater = (): void => {
-      setTimeout(() => {
-        if (lease.settled || state.settling !== undefined) return;
-        if (state.errored) void lease.abandon('handler-threw');
-        else void lease.commitUnbuffered(null, 'cut-short');
-      }, engine.options.leaseMs).unref();
-    };
-    // Only a promise that fulfils with nothing: Fastify sends a value or an error itself (through
-    // onSend, however slow its hooks). Promise.resolve: never a thenable's own `then` (a
-    // returned `reply` calls back at once once sent, whatever it is given).
+    if (engine.options.transactional) return lease.letLapse();
+    const cutShort = setTimeout(() => {
+      if (lease.settled || state.settling !== undefined) return;
+      if (state.errored) void lease.abandon('handler-threw');
+      else void lease.commitUnbuffered(null, 'cut-short');
+    }, engine.options.leaseMs).unref();
+    // Fastify sends a value or an error itself (through onSend, however slow its hooks): the timer
+    // would only keep the request alive for a lease. Promise.resolve: never a thenable's own
+    // `then` (a returned `reply` calls back at once once sent, whatever it is given).
     Promise.resolve(handler).then(
-      (value) => void (value === undefined && markLater()),
-      () => undefined,
+      (value) => void (value !== undefined && clearTimeout(cutShort)),
+      () => clearTimeout(cutShort),
     );
   }
+
 
   /**
    * A hijacked reply closed before its status went out: the handler threw before writing

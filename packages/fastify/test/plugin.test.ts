@@ -592,6 +592,25 @@ describe('an async handler whose client left', () => {
     expect(runs).toBe(1);
   });
 
+  it('never finishing (hung on a call that never returns): 410 cut-short a lease after the client left, not 409 for good, never a second run', async () => {
+    let runs = 0;
+    const { app } = await build(
+      (a) => {
+        a.post('/hangs', async () => {
+          runs++;
+          await new Promise(() => undefined);
+        });
+      },
+      { leaseMs: 400 },
+    );
+    const send = await overSocket(app);
+    await leaveEarly((signal) => send('/hangs', 'hung', signal), () => runs === 1);
+    // Before, the lease was renewed while the handler hung: every retry got 409, for good.
+    const retry = await answeredWith(app, '/hangs', 'hung', 410);
+    expect(retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
+    expect(runs).toBe(1);
+  });
+
   it('returning reply and answering later (a timer) after the client left: that answer is stored and replayed', async () => {
     let runs = 0;
     const { app } = await build((a) => {

@@ -138,6 +138,35 @@ describe('transactional mode: a hijacked reply whose client left while the handl
   });
 });
 
+describe('transactional mode: a handler that never finishes once its client left', () => {
+  it('has its transaction rolled back a lease later and the key freed: the retry runs on a clean slate, not 409 for good', async () => {
+    let runs = 0;
+    const { app, ledger } = await build(
+      (a) =>
+        a.post('/orders', async (request) => {
+          runs++;
+          tx(request).write(`step-${runs}`);
+          if (runs === 1) await new Promise(() => undefined);
+          return { run: runs };
+        }),
+      300,
+    );
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = app.server.address() as { port: number };
+    const controller = new AbortController();
+    const first = fetch(`http://127.0.0.1:${port}/orders`, { method: 'POST', headers: { 'idempotency-key': 'hung', 'content-type': 'application/json' }, body: '{"sku":"A1"}', signal: controller.signal });
+    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000, interval: 5 });
+    controller.abort();
+    await expect(first).rejects.toThrow();
+    // Before, the lease was renewed while the handler hung: 409 for good, its transaction open.
+    await vi.waitFor(() => expect(ledger.rolledBack).toBe(1), { timeout: 5_000, interval: 20 });
+    const retry = await post(app, 'hung');
+    expect(retry.statusCode).toBe(200);
+    expect(retry.json()).toEqual({ run: 2 });
+    expect(ledger.committed).toEqual(['step-2']);
+  });
+});
+
 describe("transactional mode: the handler's own answer", () => {
   it.each([
     ['directly', false],
