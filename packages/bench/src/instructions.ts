@@ -2,14 +2,14 @@
 // machine do not move, for changes too small to show through timing noise (see README).
 //
 //   node dist/instructions.js [--frameworks=fastify,express] [--libraries=bare,probe-store,idemkit]
-//        [--paths=new-key,replay] [--warmup=12000] [--requests=4000] [--repeat=1] [--keep] [--js]
+//        [--paths=new-key,replay] [--warmup=3000] [--requests=1000] [--repeat=1] [--keep] [--js]
 //
-// For each server it runs two processes under callgrind, one that answers `warmup` requests and
-// one that answers `warmup + requests`, and divides the difference of their instruction totals by
-// `requests`: startup, module loading, the warm-up's JIT tiering and exit cancel out. Each server
-// process (`--serve`) spawns its own client (`--client`) outside valgrind (children are not traced),
-// which sends the requests one at a time over one keep-alive loopback connection, so the server's
-// work is the same on every run. V8 runs single-threaded with fixed seeds.
+// Each server runs in one Node process under callgrind with counting off (`--instr-atstart=no`).
+// It spawns its own client outside valgrind (children are not traced), which sends `warmup`
+// requests one at a time over one keep-alive loopback connection, turns counting on in the server
+// (`vgdb instrumentation on`), sends `requests` more and turns it off: startup, module loading and
+// the warm-up's JIT tiering are not counted. V8 runs single-threaded with fixed seeds. `--js` adds
+// V8's perf map, so the instructions of JIT-compiled JavaScript are named by function.
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { request, Agent } from 'node:http';
