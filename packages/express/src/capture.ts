@@ -86,16 +86,19 @@ function writeAfterEnd(): Error {
 const kDictionary = Symbol('idemkit.dictionary');
 
 /**
- * Express sets the prototype of every `res` per request (`Object.setPrototypeOf`), after which V8
- * gives each one a hidden class of its own, so each property added to it copies the object's
- * property descriptors: about 2.7 KB of garbage per add (`--trace-gc-nvp`), and the four
- * patches below are four adds. Adding and deleting a private symbol first switches the object to dictionary
- * properties, where an add is a hash insert. Nothing observable changes: the symbol never stays.
+ * Express sets the prototype of every `req` and `res` per request (`Object.setPrototypeOf`), after
+ * which V8 gives each one a hidden class of its own, so each property added to it copies the
+ * object's property descriptors: about 2.7 KB of garbage per add (`--trace-gc-nvp`), and the
+ * patches of captureResponse are four adds; and every property read of it misses V8's inline
+ * caches (a runtime call each). Adding and deleting a private symbol first switches the object to
+ * dictionary properties, where an add is a hash insert and a read a hash lookup. Nothing
+ * observable changes: the symbol never stays. The middleware does it to `req` and `res` as soon
+ * as a request may be claimed or replayed, so captureResponse finds `res` switched already.
  */
-function toDictionaryProperties(res: ServerResponse): void {
-  const target = res as ServerResponse & { [kDictionary]?: true };
-  target[kDictionary] = true;
-  delete target[kDictionary];
+export function toDictionaryProperties(target: object): void {
+  const object = target as { [kDictionary]?: true };
+  object[kDictionary] = true;
+  delete object[kDictionary];
 }
 
 /**
@@ -121,8 +124,8 @@ export function captureResponse(
   onStreaming?: (res: ServerResponse, wrapped: boolean) => void,
 ): void {
   // Set by middleware before this one (CORS, a request id): not stored unless the handler changes them.
+  // (`res` has dictionary properties already: the middleware switched it, see toDictionaryProperties.)
   const before = snapshotHeaders(res.getHeaders());
-  toDictionaryProperties(res);
   // Express's send() works a HEAD answer's body out (its Content-Length and ETag come from it),
   // then ends without it: stored as ended, the replay said `Content-Length: 0`. Kept here and
   // stored instead, as Koa and Fastify store it (no replay of a HEAD sends it). Only on HEAD.
