@@ -127,6 +127,46 @@ describe('express binding: every response path is captured and replayed exactly'
     });
   }
 
+  it('req and res keep their own properties as they were (names, order, attributes), on a run, a replay and a problem', async () => {
+    // idempotency() switches both objects to dictionary properties for speed (see
+    // toDictionaryProperties): nothing of that may show, on a run, a replay or a problem.
+    type Own = string[];
+    const own = (o: object): Own =>
+      Reflect.ownKeys(o).map((k) => {
+        const d = Reflect.getOwnPropertyDescriptor(o, k)!;
+        return `${String(k)} ${'value' in d ? `data ${String(d.writable)}` : 'accessor'} ${String(d.enumerable)} ${String(d.configurable)}`;
+      });
+    const seen: Array<{ req: [Own, Own]; res: [Own, Own] }> = [];
+    const store = createMemoryStore();
+    const app = express();
+    app.use(express.json());
+    app.use((req, res, next) => {
+      const before = { req: own(req), res: own(res) };
+      res.on('finish', () => seen.push({ req: [before.req, own(req)], res: [before.res, own(res)] }));
+      next();
+    });
+    app.use(idempotency({ store, logger: false }));
+    app.post('/orders', (_req, res) => void res.status(201).json({ ok: true }));
+    const url = await serve(app);
+    const key = randomUUID();
+    const send = (body: string): Promise<Fetched> => post(`${url}/orders`, key, { headers: { 'content-type': 'application/json' }, body });
+    expect((await send('{"a":1}')).status).toBe(201);
+    expect((await send('{"a":1}')).headers.get('idempotent-replayed')).toBe('true');
+    expect((await send('{"a":2}')).status).toBe(422);
+    await vi.waitFor(() => expect(seen).toHaveLength(3));
+    const [run] = seen;
+    expect(run!.req[1]).toContain('idempotency data true true true');
+    for (const { req, res } of seen) {
+      for (const [before, after] of [req, res]) {
+        // What was there stays, in its order, with its attributes (what is added, the statusCode
+        // an answer sets or the patches of a run, comes after it) ...
+        expect(after.filter((k) => before.includes(k))).toEqual(before);
+        // ... and nothing of idemkit's stays behind.
+        expect(after.filter((k) => k.includes('idemkit'))).toEqual([]);
+      }
+    }
+  });
+
   it('res.end(bytes) on a 204 or 304 is stored without the bytes Node drops, so maxBodyBytes does not make it a 410', async () => {
     const { app, runs, store } = appWith({ maxBodyBytes: 4 });
     app.post('/r/:status', (req, res) => {
