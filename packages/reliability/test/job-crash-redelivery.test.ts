@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { Outcome } from '../src/job-worker.js';
 import { dropNamespace } from '../src/records.js';
 import { serviceUrl } from '../src/services.js';
+import { createEffects, dropEffects } from './support/effects.js';
 import { JOB_WORKER, ProcessPool, type ServerProcess } from '../src/spawn.js';
 
 describe.each(['postgres', 'redis'] as const)('a job worker killed mid-job on %s, its message redelivered to three workers at once', (kind) => {
@@ -20,15 +21,13 @@ describe.each(['postgres', 'redis'] as const)('a job worker killed mid-job on %s
 
   beforeAll(async () => {
     url = await serviceUrl(kind);
-    effects = new pg.Pool({ connectionString: await serviceUrl('postgres'), max: 2 });
-    await effects.query(`CREATE TABLE "${ns}_effects" (id serial PRIMARY KEY, order_id text NOT NULL, charge_id text NOT NULL, pid int NOT NULL)`);
+    effects = await createEffects(ns);
   });
 
   afterAll(async () => {
     await pool.stopAll();
     await dropNamespace(kind, url, [`${ns}_keys`], `${ns}:`);
-    await effects?.query(`DROP TABLE IF EXISTS "${ns}_effects"`);
-    await effects?.end();
+    await dropEffects(effects, ns);
   });
 
   it('one of them runs it once, after the lease; all get that charge', async () => {

@@ -13,6 +13,7 @@ import type { Outcome } from '../src/job-worker.js';
 import { openStore, type OpenedStore } from '../src/open-store.js';
 import { dropNamespace } from '../src/records.js';
 import { serviceUrl } from '../src/services.js';
+import { createEffects, dropEffects } from './support/effects.js';
 import { JOB_WORKER, ProcessPool } from '../src/spawn.js';
 import { post } from './support/http.js';
 import { ThrowawayRedis } from './support/redis-server.js';
@@ -108,15 +109,13 @@ describe.each(['postgres', 'redis'] as const)('two worker processes on one %s st
 
   beforeAll(async () => {
     url = await serviceUrl(kind);
-    effects = new pg.Pool({ connectionString: await serviceUrl('postgres'), max: 2 });
-    await effects.query(`CREATE TABLE "${ns}_effects" (id serial PRIMARY KEY, order_id text NOT NULL, charge_id text NOT NULL, pid int NOT NULL)`);
+    effects = await createEffects(ns);
   });
 
   afterAll(async () => {
     await pool.stopAll();
     await dropNamespace(kind, url, [`${ns}_keys`], `${ns}:`);
-    await effects?.query(`DROP TABLE IF EXISTS "${ns}_effects"`);
-    await effects?.end();
+    await dropEffects(effects, ns);
   });
 
   it('in progress past waitTimeoutMs: the job, the wait and when to retry, in words a job caller knows; another amount: a mismatch that says so', async () => {

@@ -9,6 +9,7 @@ import pg from 'pg';
 import type { Charge, Delivery, Order, Outcome } from '../src/job-worker.js';
 import { countRecords, dropNamespace, location, type StoreKind } from '../src/records.js';
 import { namespace, serviceUrl } from '../src/services.js';
+import { createEffects, dropEffects } from './support/effects.js';
 import { JOB_WORKER, ProcessPool, type ServerProcess } from '../src/spawn.js';
 
 /**
@@ -75,8 +76,7 @@ describe.each(setups)('jobs in three worker processes: $name', ({ kind, transact
   beforeAll(async () => {
     url = await serviceUrl(kind);
     const effectsUrl = await serviceUrl('postgres');
-    effects = new pg.Pool({ connectionString: effectsUrl, max: 3 });
-    await effects.query(`CREATE TABLE "${ns}_effects" (id serial PRIMARY KEY, order_id text NOT NULL, charge_id text NOT NULL, pid int NOT NULL)`);
+    effects = await createEffects(ns, 3);
     env = { STORE: kind, STORE_URL: url, PREFIX: ns, EFFECTS_URL: effectsUrl, LEASE_MS: String(LEASE_MS), STORE_TIMEOUT_MS: '8000', WAIT_TIMEOUT_MS: '20000', TRANSACTIONAL: transactional ? '1' : '0' };
     workers = await Promise.all([0, 1, 2].map(() => pool.spawn(JOB_WORKER, env)));
   });
@@ -84,8 +84,7 @@ describe.each(setups)('jobs in three worker processes: $name', ({ kind, transact
   afterAll(async () => {
     await pool.stopAll();
     await dropNamespace(kind, url, [`${ns}_keys`], `${ns}:`);
-    await effects?.query(`DROP TABLE IF EXISTS "${ns}_effects"`);
-    await effects?.end();
+    await dropEffects(effects, ns);
   });
 
   it(`${ORDERS} orders, each delivered twice to all three workers at once: one charge per order, returned to all six deliveries`, async () => {
