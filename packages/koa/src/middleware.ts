@@ -223,7 +223,12 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
     clientGone = true;
     if (cutShort === undefined) cutShort = markLater(ctx, lease, options, false);
   };
+  // Only an answer that was ended: Node's HTTP/2 compat response also emits 'finish' (before
+  // 'close') for a stream its client cancelled, with nothing written. Taken for a timeout's
+  // answer, the handler's own answer, finished a moment later, was thrown away (410 cut-short)
+  // where HTTP/1.1 stores it for the retry; 'close' then tells the client left.
   const onFinish = (): void => {
+    if (!ctx.res.writableEnded) return;
     answeredForIt = ctx.respond !== false;
     if (answeredForIt && cutShort === undefined) cutShort = markLater(ctx, lease, options, true);
   };

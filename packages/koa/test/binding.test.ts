@@ -1235,6 +1235,76 @@ describe('koa binding: concurrency and disconnects', () => {
     }
   });
 
+  // Was: Node's HTTP/2 compat response emits 'finish' (before 'close') for a stream the client
+  // cancelled, with nothing written: it was taken for an answer a timeout middleware sent, so a
+  // handler that finished right after its client left had its answer thrown away (410 cut-short)
+  // where HTTP/1.1 stores it and the retry gets the replay.
+  it.each(['HTTP/1.1', 'HTTP/2'])('%s: a handler that finishes soon after its client left has its answer replayed to the retry, not 410', async (protocol) => {
+    let runs = 0;
+    let finish!: () => void;
+    const gate = new Promise<void>((resolve) => (finish = resolve));
+    let closed = false;
+    const app = new Koa();
+    app.silent = true;
+    app.use(idempotency({ store: createMemoryStore(), leaseMs: 5_000, logger: false }));
+    app.use(async (ctx) => {
+      runs++;
+      ctx.res.once('close', () => (closed = true));
+      if (runs === 1) await gate;
+      ctx.status = 201;
+      ctx.body = { charged: runs };
+    });
+    const server = protocol === 'HTTP/2' ? http2.createServer(app.callback()) : createServer(app.callback());
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const origin = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const client = protocol === 'HTTP/2' ? http2.connect(origin) : undefined;
+    const send = async (key: string, leave = false): Promise<{ status: number; text: string }> => {
+      if (client) {
+        const req = client.request({ ':method': 'POST', ':path': '/orders', 'idempotency-key': key }, { endStream: true });
+        req.on('error', () => undefined);
+        if (leave) {
+          await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
+          req.close(http2.constants.NGHTTP2_CANCEL);
+          return { status: 0, text: '' };
+        }
+        const [headers] = (await once(req, 'response')) as [http2.IncomingHttpHeaders];
+        let text = '';
+        req.setEncoding('utf8');
+        for await (const chunk of req) text += chunk as string;
+        return { status: Number(headers[':status']), text };
+      }
+      const abort = new AbortController();
+      const reply = fetch(`${origin}/orders`, { method: 'POST', headers: { 'idempotency-key': key }, signal: abort.signal });
+      if (leave) {
+        reply.catch(() => undefined);
+        await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
+        abort.abort();
+        return { status: 0, text: '' };
+      }
+      const res = await reply;
+      return { status: res.status, text: await res.text() };
+    };
+    try {
+      await send('soon', true);
+      await vi.waitFor(() => expect(closed).toBe(true), { timeout: 10_000 }); // the server saw it leave
+      finish();
+      const retry = await vi.waitFor(
+        async () => {
+          const reply = await send('soon');
+          expect(reply.status).not.toBe(409);
+          return reply;
+        },
+        { timeout: 10_000, interval: 50 },
+      );
+      expect(retry).toEqual({ status: 201, text: JSON.stringify({ charged: 1 }) });
+      expect(runs).toBe(1);
+    } finally {
+      client?.close();
+      server.close();
+    }
+  });
+
   it('a handler slower than a lease whose client left: its late answer is not replayed, but it never runs twice', async () => {
     let runs = 0;
     let answer!: () => void;
