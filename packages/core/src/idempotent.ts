@@ -254,11 +254,16 @@ function jobCaller<Args extends unknown[], R>(
         try {
           body = toBytes(serialize(result));
         } catch (error) {
-          throw new TypeError(
-            `[idemkit] ${wrapper}(): fn ran without idempotency (the store failed, onStoreError: 'pass'), but its result could not be serialised ` +
-              `(${error instanceof Error ? error.message : String(error)}), as it would have to be to be stored. Return JSON-safe values, or pass \`serialize\` and \`deserialize\`.`,
-            { cause: error },
+          // fn ran and nothing can stop it running again: a rejection here would have a queue
+          // redeliver the message, and with the store still gone every redelivery runs fn (with
+          // the store there, the 410 marker stops them). So the result is handed back as it is, and
+          // the shape it could not be given is said in the log.
+          engine.options.logger?.warn(
+            `[idemkit] ${wrapper}(): "${name}" ran without idempotency (the store failed, onStoreError: 'pass'), and its result could not be serialised ` +
+              `(${error instanceof Error ? error.message : String(error)}): it is returned as fn gave it, not as a stored result would be. With the store up, such a result is refused after fn ran ` +
+              '(later calls reject with ResponseNotReplayableError). Return JSON-safe values, or pass `serialize` and `deserialize`.',
           );
+          return result;
         }
         return deserialize(body) as Awaited<R>;
       }

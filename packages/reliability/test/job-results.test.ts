@@ -99,6 +99,39 @@ describe("a job with onStoreError: 'pass' on a Redis that goes away", () => {
     expect(typeof passed.chargedAt).toBe('string');
     expect(runs).toBe(2);
   });
+
+  // Was (since results were round-tripped in 'pass'): fn ran, nothing could be stored, and then
+  // the call rejected because its result would not serialise (an Error kept for a declined
+  // charge, say). A queue consumer retries a rejected message, and with the store still gone
+  // nothing stops fn: every redelivery charged again. With the store there, fn runs once and the
+  // 410 marker stops the redeliveries; here the call has to resolve for it to run once.
+  it('a result JSON cannot hold, with the store gone: fn ran, so the call resolves with it (warned) instead of inviting a redelivery that runs fn again', async () => {
+    await redis.down();
+    let runs = 0;
+    const warnings: string[] = [];
+    const job = idempotent(
+      async (orderId: string) => {
+        runs++;
+        return { orderId, declined: new Error('card declined') };
+      },
+      { store: opened.store as IdempotencyStore, name: 'charge-or-decline', key: (orderId) => orderId, onStoreError: 'pass', storeTimeoutMs: 500, logger: { warn: (m: string) => warnings.push(m), error: () => undefined } },
+    );
+    /** A consumer that redelivers a message whose handling rejected, up to three times. */
+    const consume = async (orderId: string): Promise<unknown> => {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return await job(orderId);
+        } catch (error) {
+          if (attempt === 3) throw error;
+        }
+      }
+    };
+    const result = (await consume('order-3')) as { orderId: string; declined: unknown };
+    expect(runs).toBe(1);
+    expect(result.orderId).toBe('order-3');
+    expect(result.declined).toBeInstanceOf(Error);
+    expect(warnings.some((w) => w.includes('charge-or-decline') && w.includes('serialis'))).toBe(true);
+  });
 });
 
 describe.each(['postgres', 'redis'] as const)('two worker processes on one %s store: what a duplicate that cannot get the result is told', (kind) => {
