@@ -235,6 +235,11 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
   // Closed already (the client left while the key was being claimed): 'close' will not come again.
   if (responseClosed(ctx.res)) onClose();
   else ctx.res.once('close', onClose);
+  // Pipelined behind another answer on its connection (no socket yet): should the socket die
+  // first, Node never closes this response, and a hung handler would hold its key for good. The
+  // socket's close stands in (as in settleWhenClosed); only such requests pay for it.
+  const socket = ctx.req.socket as Socket | null;
+  const stopWatchingSocket = ctx.res.socket === null && socket ? whenSocketCloses(socket, onClose) : undefined;
   ctx.res.once('finish', onFinish);
   // Set by middleware before this one (CORS, a request id): not stored unless the handler changes them.
   const before = snapshotHeaders(ctx.response.headers);
@@ -250,6 +255,7 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
   } finally {
     ctx.res.off('close', onClose);
     ctx.res.off('finish', onFinish);
+    stopWatchingSocket?.();
     if (cutShort) clearTimeout(cutShort);
   }
 

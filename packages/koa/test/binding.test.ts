@@ -1305,6 +1305,47 @@ describe('koa binding: concurrency and disconnects', () => {
     }
   });
 
+  // Was: a request pipelined behind a slow answer has a response with no socket yet, and Node
+  // never closes it when the connection dies, so 'close' never told that its client left: a
+  // handler hung on it held its key for good (409 to every retry, its lease renewed).
+  it('pipelined behind a slow answer, the connection dies, the handler never finishes: 410 cut-short a lease later, not 409 for good', async () => {
+    let runs = 0;
+    let slowClosed = false;
+    const { url } = await start((app) => {
+      app.use(async (ctx, next) => {
+        if (ctx.path !== '/slow') return next();
+        ctx.res.once('close', () => (slowClosed = true));
+        await new Promise<never>(() => undefined);
+      });
+      app.use(idempotency({ store: createMemoryStore(), leaseMs: 300, logger: false }));
+      app.use(async () => {
+        runs++;
+        await new Promise<never>(() => undefined); // an upstream call that never comes back
+      });
+    });
+    const socket = connect(Number(new URL(url).port), '127.0.0.1');
+    socket.on('error', () => undefined);
+    await once(socket, 'connect');
+    const body = '{"a":1}';
+    socket.write(
+      'GET /slow HTTP/1.1\r\nHost: x\r\n\r\n' +
+        `POST /hang HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nIdempotency-Key: piped-hung\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+    );
+    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
+    socket.destroy();
+    await vi.waitFor(() => expect(slowClosed).toBe(true), { timeout: 10_000 }); // the server saw it
+    const retry = await vi.waitFor(
+      async () => {
+        const reply = await post(`${url}/hang`, 'piped-hung');
+        expect(reply.status).toBe(410);
+        return reply;
+      },
+      { timeout: 5_000, interval: 100 },
+    );
+    expect(await retry.json()).toMatchObject({ reason: 'cut-short' });
+    expect(runs).toBe(1);
+  });
+
   it('a handler slower than a lease whose client left: its late answer is not replayed, but it never runs twice', async () => {
     let runs = 0;
     let answer!: () => void;
