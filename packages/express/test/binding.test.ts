@@ -1742,6 +1742,35 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     expect(runs).toBe(1);
   });
 
+  // Node never closes a response queued behind another when the connection dies: the socket's
+  // close stands in (the case Koa's binding missed for a handler still running).
+  it('pipelined behind a slow answer, the connection dies, the handler never answers: 410 cut-short a lease later, not 409 for good', async () => {
+    const { app } = appWith({ leaseMs: 300 });
+    let runs = 0;
+    let slowClosed = false;
+    app.get('/slow', (_req, res) => void res.once('close', () => (slowClosed = true)));
+    app.post('/hang', () => void runs++); // an upstream call that never comes back
+    const url = await serve(app);
+    const key = randomUUID();
+    const socket = connect(Number(new URL(url).port), '127.0.0.1');
+    socket.on('error', () => undefined);
+    await once(socket, 'connect');
+    socket.write(`GET /slow HTTP/1.1\r\nHost: x\r\n\r\nPOST /hang HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ${key}\r\nContent-Length: 0\r\n\r\n`);
+    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
+    socket.destroy();
+    await vi.waitFor(() => expect(slowClosed).toBe(true), { timeout: 10_000 }); // the server saw it
+    const retry = await vi.waitFor(
+      async () => {
+        const reply = await post(`${url}/hang`, key);
+        expect(reply.status).toBe(410);
+        return reply;
+      },
+      { timeout: 5_000, interval: 100 },
+    );
+    expect(JSON.parse(new TextDecoder().decode(retry.body))).toMatchObject({ reason: 'cut-short' });
+    expect(runs).toBe(1);
+  });
+
   it('many pipelined requests on one connection wait for its close behind one listener: no MaxListenersExceededWarning', async () => {
     const warnings: Error[] = [];
     const onWarning = (warning: Error): void => void warnings.push(warning);

@@ -746,6 +746,35 @@ describe('a pipelined request whose connection dies while it waits its turn', ()
   });
 });
 
+describe('a pipelined request whose connection dies while its handler hangs', () => {
+  // Node never closes a response queued behind another when the connection dies: the socket's
+  // close stands in, and a handler hung on it (an upstream call that never returns) has its key
+  // marked a lease later (the case Koa's binding missed).
+  it('is marked cut-short a lease later, not held for good', async () => {
+    let runs = 0;
+    const { app } = await build(
+      (a) => {
+        a.post('/first', async () => new Promise<never>(() => undefined));
+        a.post('/queued', async () => {
+          runs++;
+          return new Promise<never>(() => undefined);
+        });
+      },
+      { leaseMs: 300 },
+    );
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = app.server.address() as AddressInfo;
+    const socket = connect(port, '127.0.0.1');
+    socket.on('error', () => undefined);
+    socket.write(rawPost('/first', 'hung-piped-1') + rawPost('/queued', 'hung-piped-2'));
+    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
+    socket.destroy();
+    const retry = await answeredWith(app, '/queued', 'hung-piped-2', 410, 5_000, {});
+    expect(retry.json()).toMatchObject({ reason: 'cut-short' });
+    expect(runs).toBe(1);
+  });
+});
+
 describe('a pipelined request whose connection died before its key was even claimed', () => {
   for (const answer of ['send', 'hijack'] as const) {
     it(`is settled all the same (${answer}): the socket's close came before anyone could wait for it`, async () => {
