@@ -1,0 +1,200 @@
+/**
+ * Transactional mode on Postgres, through the bindings over real sockets: a client that leaves
+ * while its handler works. The bindings then let the lease run out a lease later (a handler hung
+ * for good must not hold its transaction and key for ever), but a handler that finishes before
+ * that must still have its writes committed with its answer, and the retry gets the replay: one
+ * row, one run. Koa and Fastify started doing this today (Express already did).
+ */
+import { randomUUID } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
+import type { Server } from 'node:http';
+import { idempotency as expressIdempotency, idempotencyErrorHandler } from '@idemkit/express';
+import fastifyIdempotency from '@idemkit/fastify';
+import { idempotency as koaIdempotency } from '@idemkit/koa';
+import { createPostgresStore, pgTransaction, type PostgresStore } from '@idemkit/postgres';
+import { bodyParser } from '@koa/bodyparser';
+import express from 'express';
+import Fastify from 'fastify';
+import Koa from 'koa';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { namespace, serviceUrl } from '../src/services.js';
+
+let pool: pg.Pool;
+let store: PostgresStore;
+let rows: string;
+const schema = namespace('rev_client_left');
+const LEASE_MS = 1_500;
+
+beforeAll(async () => {
+  pool = new pg.Pool({ connectionString: await serviceUrl('postgres'), max: 10 });
+  pool.on('error', () => undefined);
+  await pool.query(`CREATE SCHEMA "${schema}"`);
+  rows = `"${schema}"."orders"`;
+  await pool.query(`CREATE TABLE ${rows} (ref text NOT NULL)`);
+  store = createPostgresStore({ pool, schema });
+  await store.migrate();
+});
+
+afterAll(async () => {
+  await pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+  await pool.end();
+});
+
+interface Harness {
+  url: string;
+  runs(key: string): number;
+  /** Resolves when the server has seen the client of `key`'s first request leave. */
+  left(key: string): Promise<void>;
+  /** Lets the first run of `key` finish (insert done already). */
+  finish(key: string): void;
+  close(): Promise<void>;
+}
+
+async function start(framework: 'express' | 'koa' | 'fastify'): Promise<Harness> {
+  const runs = new Map<string, number>();
+  const gates = new Map<string, { open: () => void; opened: Promise<void>; left: Promise<void>; sawLeave: () => void }>();
+  const gate = (key: string) => {
+    let entry = gates.get(key);
+    if (!entry) {
+      let open!: () => void;
+      let sawLeave!: () => void;
+      const opened = new Promise<void>((resolve) => (open = resolve));
+      const left = new Promise<void>((resolve) => (sawLeave = resolve));
+      entry = { open, opened, left, sawLeave };
+      gates.set(key, entry);
+    }
+    return entry;
+  };
+  const options = { store, transactional: true, leaseMs: LEASE_MS, logger: false as const };
+  const work = async (context: { key: string; transaction: unknown } | null | undefined, raw: { once(e: 'close', f: () => void): unknown }): Promise<number> => {
+    const key = context?.key ?? '';
+    const n = (runs.get(key) ?? 0) + 1;
+    runs.set(key, n);
+    await pgTransaction(context).query(`INSERT INTO ${rows} (ref) VALUES ($1)`, [key]);
+    if (n === 1) {
+      const g = gate(key);
+      raw.once('close', g.sawLeave);
+      await g.opened;
+    }
+    return 201;
+  };
+  let server: Server;
+  if (framework === 'fastify') {
+    const app = Fastify({ forceCloseConnections: true });
+    await app.register(fastifyIdempotency, options);
+    app.post('/orders', async (request, reply) => {
+      const code = await work(request.idempotency, reply.raw);
+      return reply.code(code).send({ status: code });
+    });
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    server = app.server;
+    return {
+      url: `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`,
+      runs: (key) => runs.get(key) ?? 0,
+      left: (key) => gate(key).left,
+      finish: (key) => gate(key).open(),
+      close: () => app.close(),
+    };
+  }
+  if (framework === 'express') {
+    const app = express();
+    app.use(express.json(), expressIdempotency(options));
+    app.post('/orders', async (req, res, next) => {
+      try {
+        const code = await work(req.idempotency, res);
+        res.status(code).json({ status: code });
+      } catch (error) {
+        next(error);
+      }
+    });
+    app.use(idempotencyErrorHandler());
+    server = app.listen(0, '127.0.0.1');
+  } else {
+    const app = new Koa();
+    app.silent = true;
+    app.use(bodyParser()).use(koaIdempotency(options)).use(async (ctx) => {
+      const code = await work(ctx.state.idempotency, ctx.res);
+      ctx.status = code;
+      ctx.body = { status: code };
+    });
+    server = app.listen(0, '127.0.0.1');
+  }
+  await new Promise((resolve) => server.once('listening', resolve));
+  return {
+    url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    runs: (key) => runs.get(key) ?? 0,
+    left: (key) => gate(key).left,
+    finish: (key) => gate(key).open(),
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.closeAllConnections();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+const count = async (key: string): Promise<number> =>
+  Number((await pool.query<{ n: string }>(`SELECT count(*) AS n FROM ${rows} WHERE ref = $1`, [key])).rows[0]?.n);
+
+describe.each(['express', 'koa', 'fastify'] as const)('%s, transactional, on Postgres: a client that left', (framework) => {
+  it('a handler that finishes soon after: its writes commit with its answer, and the retry gets the replay (one row, one run)', async () => {
+    const app = await start(framework);
+    try {
+      const key = randomUUID();
+      const post = (signal?: AbortSignal) =>
+        fetch(`${app.url}/orders`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': key }, body: '{}', signal });
+      const abort = new AbortController();
+      const first = post(abort.signal).catch(() => 'aborted');
+      await vi.waitFor(() => expect(app.runs(key)).toBe(1), { timeout: 10_000 });
+      abort.abort();
+      expect(await first).toBe('aborted');
+      await app.left(key);
+      app.finish(key);
+      const retry = await vi.waitFor(
+        async () => {
+          const reply = await post();
+          expect(reply.status).not.toBe(409);
+          return reply;
+        },
+        { timeout: 10_000, interval: 50 },
+      );
+      expect([retry.status, retry.headers.get('idempotent-replayed'), await retry.json()]).toEqual([201, 'true', { status: 201 }]);
+      expect(app.runs(key)).toBe(1);
+      expect(await count(key)).toBe(1);
+    } finally {
+      await app.close();
+    }
+  });
+
+  it('a handler that never finishes: rolled back and freed about a lease later; the retry runs on a clean slate (one row)', async () => {
+    const app = await start(framework);
+    try {
+      const key = randomUUID();
+      const post = (signal?: AbortSignal) =>
+        fetch(`${app.url}/orders`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': key }, body: '{}', signal });
+      const abort = new AbortController();
+      const first = post(abort.signal).catch(() => 'aborted');
+      await vi.waitFor(() => expect(app.runs(key)).toBe(1), { timeout: 10_000 });
+      abort.abort();
+      expect(await first).toBe('aborted');
+      await app.left(key);
+      const retry = await vi.waitFor(
+        async () => {
+          const reply = await post();
+          expect(reply.status).toBe(201);
+          return reply;
+        },
+        { timeout: 4 * LEASE_MS, interval: 100 },
+      );
+      expect(retry.headers.get('idempotent-replayed')).toBeNull();
+      expect(app.runs(key)).toBe(2);
+      expect(await count(key)).toBe(1);
+      app.finish(key); // the hung first run, let go at last: nothing of it may land
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      expect(await count(key)).toBe(1);
+    } finally {
+      await app.close();
+    }
+  });
+});
