@@ -208,7 +208,8 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
   // life of the process, and every retry answered 409: the key is then marked `cut-short` (410,
   // never run again), as on Express and Fastify. In transactional mode the lease runs out
   // instead: its transaction is rolled back (a marker would commit the writes of a handler still
-  // running) and the key freed. Only a request whose client left, or that was answered for,
+  // running) and the key freed. Only a request whose client left, or that was answered (for it,
+  // or raw by the handler itself) while the handler still ran,
   // pays for the timer.
   let clientGone = false;
   // An answer Koa sent while the handler ran (not one the handler wrote itself through ctx.res):
@@ -230,7 +231,10 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
   const onFinish = (): void => {
     if (!ctx.res.writableEnded) return;
     answeredForIt = ctx.respond !== false;
-    if (answeredForIt && cutShort === undefined) cutShort = markLater(ctx, lease, options, true);
+    // Either way the handler still runs: a timeout's answer, or its own raw answer
+    // (`ctx.respond = false`) with work after it. Should it never return, a lease later the key is
+    // settled by what went out (raw) or marked cut short (a timeout's), not held for good.
+    if (cutShort === undefined) cutShort = markLater(ctx, lease, options, answeredForIt);
   };
   // Closed already (the client left while the key was being claimed): 'close' will not come again.
   if (responseClosed(ctx.res)) onClose();

@@ -1346,6 +1346,35 @@ describe('koa binding: concurrency and disconnects', () => {
     expect(runs).toBe(1);
   });
 
+  // Was: the key was settled only once the handler returned, and nothing watched a handler that
+  // had sent its whole raw answer and then hung (an analytics call without a timeout, after the
+  // answer): 409 to every retry for the life of the process, its lease renewed.
+  it('ctx.respond = false, a whole raw answer sent, then a hang: settled by that answer a lease later, not held for good', async () => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), leaseMs: 300, logger: false }));
+      app.use(async (ctx) => {
+        runs++;
+        ctx.respond = false;
+        ctx.res.writeHead(201, { 'content-type': 'text/plain' });
+        ctx.res.end('raw');
+        await new Promise<never>(() => undefined); // follow-up work that never comes back
+      });
+    });
+    const first = await post(url, 'raw-then-hung', {});
+    expect([first.status, await first.text()]).toEqual([201, 'raw']);
+    const retry = await vi.waitFor(
+      async () => {
+        const reply = await post(url, 'raw-then-hung', {});
+        expect(reply.status).toBe(410);
+        return reply;
+      },
+      { timeout: 5_000, interval: 100 },
+    );
+    expect(await retry.json()).toMatchObject({ reason: 'not-bufferable', originalStatus: 201 });
+    expect(runs).toBe(1);
+  });
+
   it('a handler slower than a lease whose client left: its late answer is not replayed, but it never runs twice', async () => {
     let runs = 0;
     let answer!: () => void;
