@@ -233,8 +233,10 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
     answeredForIt = ctx.respond !== false;
     // Either way the handler still runs: a timeout's answer, or its own raw answer
     // (`ctx.respond = false`) with work after it. Should it never return, a lease later the key is
-    // settled by what went out (raw) or marked cut short (a timeout's), not held for good.
-    if (cutShort === undefined) cutShort = markLater(ctx, lease, options, answeredForIt);
+    // settled by what went out (raw) or marked cut short (a timeout's), not held for good. Not a
+    // raw answer in transactional mode: its client has the handler's own success in hand, and a
+    // lapse would roll back the writes it reports (the transaction commits when the handler returns).
+    if (cutShort === undefined && (answeredForIt || !options.transactional)) cutShort = markLater(ctx, lease, options, answeredForIt);
   };
   // Closed already (the client left while the key was being claimed): 'close' will not come again.
   if (responseClosed(ctx.res)) onClose();
