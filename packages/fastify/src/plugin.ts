@@ -478,13 +478,17 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
    */
   function afterClientLeft(state: LeaseState): void {
     const { lease, handler } = state;
-    if (!isThenable(handler)) return;
+    // A handler that returned a value that is no promise: Fastify sent it already (onSend).
+    if (handler !== undefined && !isThenable(handler)) return;
     if (engine.options.transactional) return lease.letLapse();
     const cutShort = setTimeout(() => {
       if (lease.settled || state.settling !== undefined) return;
       if (state.errored) void lease.abandon('handler-threw');
       else void lease.commitUnbuffered(null, 'cut-short');
     }, engine.options.leaseMs).unref();
+    // A callback-style handler (it returned nothing, and calls reply.send() from a callback) is
+    // watched by the timer alone: its callback may never come either.
+    if (handler === undefined) return;
     // Fastify sends a value or an error itself (through onSend, however slow its hooks): the timer
     // would only keep the request alive for a lease. Promise.resolve: never a thenable's own
     // `then` (a returned `reply` calls back at once once sent, whatever it is given).

@@ -611,6 +611,46 @@ describe('an async handler whose client left', () => {
     expect(runs).toBe(1);
   });
 
+  // Was: only a handler that returned a promise was watched; a callback-style one (no async, no
+  // return: it calls reply.send() from its callback, as Fastify's docs show) whose callback never
+  // came held its key for good once its client left: 409 to every retry, its lease renewed.
+  it('a callback-style handler (not async) whose callback never comes: 410 cut-short a lease after the client left, not 409 for good', async () => {
+    let runs = 0;
+    const { app } = await build(
+      (a) => {
+        a.post('/callback-hangs', (_request, reply) => {
+          runs++;
+          new Promise<never>(() => undefined).then(() => reply.send({ never: true })); // a driver callback that never comes
+        });
+      },
+      { leaseMs: 400 },
+    );
+    const send = await overSocket(app);
+    await leaveEarly((signal) => send('/callback-hangs', 'callback-hung', signal), () => runs === 1);
+    const retry = await answeredWith(app, '/callback-hangs', 'callback-hung', 410);
+    expect(retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
+    expect(runs).toBe(1);
+  });
+
+  it('a callback-style handler (not async) that answers soon after its client left: that answer is stored and replayed', async () => {
+    let runs = 0;
+    const { app } = await build(
+      (a) => {
+        a.post('/callback-late', (_request, reply) => {
+          runs++;
+          setTimeout(() => void reply.code(201).send({ done: runs }), 150);
+        });
+      },
+      { leaseMs: 2_000 },
+    );
+    const send = await overSocket(app);
+    await leaveEarly((signal) => send('/callback-late', 'callback-late', signal), () => runs === 1);
+    const retry = await answeredWith(app, '/callback-late', 'callback-late', 201, 3_000);
+    expect(replayed(retry)).toBe(true);
+    expect(retry.json()).toEqual({ done: 1 });
+    expect(runs).toBe(1);
+  });
+
   it('returning reply and answering later (a timer) after the client left: that answer is stored and replayed', async () => {
     let runs = 0;
     const { app } = await build((a) => {
