@@ -56,6 +56,22 @@ function isReadTimeout(error: unknown): boolean {
   return error instanceof Error && error.message === 'Query read timeout';
 }
 
+/** SQLSTATE 25006: read_only_sql_transaction (a standby, `default_transaction_read_only = on`). */
+const READ_ONLY = '25006';
+
+/**
+ * The server answered the statement with an ERROR: its (autocommit) transaction rolled back, so
+ * nothing it wrote landed. Not a FATAL (a terminated backend, a shutdown: the statement may have
+ * committed just before), nor a cancel (57014, which can arrive after the commit). `severity` is
+ * in the server's `lc_messages` language: read-only is known by its code whatever the language.
+ */
+function refusedByServer(error: unknown): boolean {
+  if (typeof error !== 'object' || error === null) return false;
+  const { code, severity } = error as { code?: unknown; severity?: unknown };
+  if (typeof code !== 'string') return false;
+  return code === READ_ONLY || (severity === 'ERROR' && code !== '57014');
+}
+
 const CANCEL_IF_STILL_RUNNING = `SELECT pg_cancel_backend(pid) FROM pg_stat_activity
   WHERE pid = $1 AND state = 'active' AND query <> '' AND starts_with($2::text, query)`;
 
@@ -217,6 +233,11 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
         const message = `[idemkit] [postgres] Table ${this.table} does not exist: call \`await store.migrate()\` once at startup, or apply sql/schema.sql with your migration tool.`;
         throw Object.assign(new Error(message, { cause: error }), { code: UNDEFINED_TABLE });
       }
+      // The server refused the claim itself (read-only, a constraint, a deadlock): its
+      // transaction rolled back, so there is nothing to give back. Before, a server that stayed
+      // read-only (a standby behind the primary's address, `default_transaction_read_only`) got
+      // a release per failed request, resent for the whole lease, each one a new connection.
+      if (refusedByServer(error)) throw error;
       const timedOut = isReadTimeout(error);
       this.#releaseLostClaim(id, token, lease, timedOut, timedOut ? this.#timedOut.get(error as Error) : undefined);
       throw error;

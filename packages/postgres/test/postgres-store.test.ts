@@ -794,6 +794,29 @@ describe('store failures reject with the driver error', () => {
     }
   }, 20_000);
 
+  it('a claim the server refused (a read-only server: a standby, default_transaction_read_only) sends no release: no connection churn while it stays read-only', async () => {
+    // Per session on this pool only: what a demoted primary behind the same address, a standby,
+    // or `ALTER DATABASE … SET default_transaction_read_only = on` (a full disk, maintenance) gives.
+    const pool = new pg.Pool({ connectionString: db.url, max: 4, options: '-c default_transaction_read_only=on' });
+    pool.on('error', () => undefined);
+    let connections = 0;
+    pool.on('connect', () => void connections++);
+    try {
+      const s = createPostgresStore({ pool, schema: db.schema });
+      const k = key();
+      await expect(s.begin(k, 'fp', 60_000)).rejects.toMatchObject({ code: '25006' });
+      // An ERROR for the statement: its transaction rolled back, so no claim landed. Before, a
+      // release was sent at once and again 250 ms and 1 s later (then every 5 s for the whole
+      // lease), each one failing with 25006 and costing a new connection: 15 for every request
+      // refused while the server stayed read-only.
+      await new Promise((r) => setTimeout(r, 1_500));
+      expect(connections).toBe(1);
+      await s.close();
+    } finally {
+      await pool.end();
+    }
+  }, 20_000);
+
   it('stores sharing one pool share one listener on it (no MaxListeners warning with many stores)', async () => {
     const pool = new pg.Pool({ connectionString: db.url, max: 1 });
     try {
