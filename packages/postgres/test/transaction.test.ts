@@ -806,6 +806,27 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     await ended;
   }
 
+  it('idle_in_transaction_session_timeout ends the session while the handler waits: nothing commits, the key is free, the pool keeps serving', async () => {
+    await withOwnPool({ options: '-c idle_in_transaction_session_timeout=300' }, async (engine) => {
+      const { k, ref, decision, tx } = await inserted(engine);
+      // The handler awaits something slow (a payment API) with the transaction open: the server
+      // ends the session (FATAL 25P03) and rolls the INSERT back.
+      await new Promise((resolve) => tx.once('end', resolve));
+      expect(await decision.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(false);
+      expect(decision.lease.replacement?.status).toBe(503);
+      expect(await rowsFor(ref)).toBe(0);
+      // The retry runs on a fresh connection and commits (quickly enough for the timeout).
+      const retry = await engine.decide(request(k, ref));
+      expect(retry.kind).toBe('run');
+      if (retry.kind === 'run') {
+        await pgTransaction(retry.lease.context).query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+        expect(await retry.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(true);
+      }
+      expect(await rowsFor(ref)).toBe(1);
+      expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
+    });
+  });
+
   it('works with a pool whose int4 and float8 values come back as text (a custom types parser)', async () => {
     const types = { getTypeParser: (oid: number, format?: 'text' | 'binary') => (oid === 23 || oid === 701 ? (v: string) => v : pg.types.getTypeParser(oid, format)) };
     await withOwnPool({ types }, async (engine) => {
