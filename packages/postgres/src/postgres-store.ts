@@ -56,6 +56,8 @@ function isReadTimeout(error: unknown): boolean {
   return error instanceof Error && error.message === 'Query read timeout';
 }
 
+/** SQLSTATE 42501: insufficient_privilege. */
+const INSUFFICIENT_PRIVILEGE = '42501';
 /** SQLSTATE 25006: read_only_sql_transaction (a standby, `default_transaction_read_only = on`). */
 const READ_ONLY = '25006';
 
@@ -202,6 +204,12 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     } catch (error) {
       await client.query('ROLLBACK').catch(() => undefined);
       giveBack(client, true);
+      if ((error as { code?: unknown }).code === INSUFFICIENT_PRIVILEGE) {
+        // The bare driver error ("permission denied for schema public") names neither the table
+        // nor the way out; a boot that fails on it should say both.
+        const message = `[idemkit] [postgres] migrate(): this role may not create ${this.table} (${(error as Error).message}). Create the table once as a role that may (apply sql/schema.sql with your migration tool, or call migrate() as its owner), then the app role needs only USAGE on the schema and SELECT, INSERT, UPDATE, DELETE on the table; or GRANT CREATE on the schema${this.#schema === 'public' ? '' : ' (on the database, while the schema is missing)'} to this role.`;
+        throw Object.assign(new Error(message, { cause: error }), { code: INSUFFICIENT_PRIVILEGE });
+      }
       throw error;
     }
     giveBack(client);

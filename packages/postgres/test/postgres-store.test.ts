@@ -289,6 +289,31 @@ describe('migrate() and sql/schema.sql', () => {
     }
   });
 
+  it('a role without CREATE and no table yet: migrate() says which table and what to do, not just "permission denied"', async () => {
+    const role = `${TEST_PREFIX}nocreate_${randomUUID().slice(0, 8)}`;
+    await db.pool.query(`CREATE ROLE "${role}" LOGIN`);
+    const asRole = new URL(db.url);
+    asRole.username = role;
+    asRole.password = '';
+    const app = new pg.Pool({ connectionString: asRole.href, max: 2 });
+    try {
+      await db.pool.query(`GRANT USAGE ON SCHEMA "${db.schema}" TO "${role}"`);
+      // A schema it may use but not create in, and a schema that is missing (CREATE on the database needed).
+      for (const schema of [db.schema, `${db.schema}_missing`]) {
+        const s = createPostgresStore({ pool: app, schema, table: 'not_there_yet' });
+        const error = await s.migrate().then(() => undefined, (e: unknown) => e);
+        expect(error).toMatchObject({ code: '42501', message: expect.stringContaining(s.table) });
+        expect((error as Error).message).toMatch(/sql\/schema\.sql/);
+        expect((error as Error).cause).toMatchObject({ code: '42501' });
+      }
+      expect(app.totalCount - app.idleCount).toBe(0);
+    } finally {
+      await app.end();
+      await db.pool.query(`REVOKE ALL ON SCHEMA "${db.schema}" FROM "${role}"`);
+      await db.pool.query(`DROP ROLE "${role}"`);
+    }
+  });
+
   it('ships sql/schema.sql with exactly the DDL migrate() runs', async () => {
     const file = await readFile(new URL('../sql/schema.sql', import.meta.url), 'utf8');
     expect(file).toBe(schemaFileText());
@@ -816,6 +841,38 @@ describe('store failures reject with the driver error', () => {
       await pool.end();
     }
   }, 20_000);
+
+  it('read-only connections kept idle in the pool (a failover behind one address) are dropped after one failure each: the store recovers without a restart', async () => {
+    // Every connection opened while `readOnly` is set behaves as one to a demoted primary or a
+    // standby would; the pool keeps them idle, as it would across a DNS move.
+    let readOnly = true;
+    const pool = new pg.Pool({ connectionString: db.url, max: 3 });
+    pool.on('error', () => undefined);
+    pool.on('connect', (client) => {
+      if (readOnly) void client.query('SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY').catch(() => undefined);
+    });
+    try {
+      const s = createPostgresStore({ pool, schema: db.schema });
+      const held = await Promise.all([pool.connect(), pool.connect(), pool.connect()]);
+      for (const client of held) client.release();
+      expect(pool.idleCount).toBe(3);
+      readOnly = false; // the address now leads to a writable primary
+      const codes: unknown[] = [];
+      for (let i = 0; i < 6; i++) {
+        const outcome = await s.begin(key(), 'fp', 10_000).then(
+          (result) => result.kind,
+          (error: { code?: unknown }) => error.code,
+        );
+        codes.push(outcome);
+      }
+      // Each read-only connection fails one statement and is destroyed, not handed out again.
+      expect(codes.filter((code) => code === '25006').length).toBeLessThanOrEqual(3);
+      expect(codes.slice(3)).toEqual(['acquired', 'acquired', 'acquired']);
+      await s.close();
+    } finally {
+      await pool.end();
+    }
+  });
 
   it('stores sharing one pool share one listener on it (no MaxListeners warning with many stores)', async () => {
     const pool = new pg.Pool({ connectionString: db.url, max: 1 });
