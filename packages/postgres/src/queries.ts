@@ -40,8 +40,13 @@ const OURS = (xid: string): string => `coalesce(txid_current_if_assigned() = ${x
 /** Whether the session is still in our transaction, then ROLLBACK, in one round trip. */
 export const askThenRollback = (xid: string): string => `SELECT ${OURS(xid)} AS ours; ROLLBACK`;
 
-/** ROLLBACK (of whatever the session is in, even an aborted transaction), then what became of ours. */
-export const rollbackThenFate = (xid: string): string => `ROLLBACK; SELECT txid_status(${xid}) AS fate`;
+/**
+ * ROLLBACK (of whatever the session is in, even an aborted transaction), then what became of
+ * ours, and whether the session is read-only (`transaction_read_only` of the new transaction: a
+ * standby, `default_transaction_read_only`), so such a connection is not given back for reuse.
+ */
+export const rollbackThenFate = (xid: string): string =>
+  `ROLLBACK; SELECT txid_status(${xid}) AS fate, current_setting('transaction_read_only') = 'on' AS read_only`;
 
 /** What became of transaction `$1`, asked on another connection when ours died. */
 export const FATE = 'SELECT txid_status($1::bigint) AS fate';

@@ -164,16 +164,21 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
    */
   async #rollbackThenFate(rethrow = false): Promise<Fate | undefined> {
     let fate: Fate | undefined;
+    let readOnly: boolean | undefined;
     try {
-      const results = (await this.raw.query(storeStatement(rollbackThenFate(this.xid), this.queryTimeoutMs))) as unknown as Array<QueryResult<{ fate: Fate }>>;
-      fate = results[1]?.rows[0]?.fate;
+      const results = (await this.raw.query(storeStatement(rollbackThenFate(this.xid), this.queryTimeoutMs))) as unknown as Array<QueryResult<{ fate: Fate; read_only: boolean }>>;
+      ({ fate, read_only: readOnly } = results[1]?.rows[0] ?? {});
     } catch (error) {
       this.#release(error);
       fate = await this.#fateElsewhere();
       if (rethrow && fate !== 'committed') throw error;
       return fate;
     }
-    this.#release();
+    // A read-only session (a connection to a demoted primary or a standby, opened while the
+    // address still led there) failed the handler's writes with 25006. Given back, it was the
+    // next connection out (the pool hands out the last one in), so the engine's release of the
+    // key failed on it too and the key stayed claimed for the whole lease. Destroyed instead.
+    this.#release(readOnly === true ? true : undefined);
     return fate;
   }
 

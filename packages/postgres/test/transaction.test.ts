@@ -827,6 +827,52 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     });
   });
 
+  it('a handler whose transaction ran on a read-only connection (a failover behind one address) and failed: its key is freed, not held for the lease by a release sent on that same connection', async () => {
+    // Connections opened while `readOnly` is set behave as ones to the demoted primary would.
+    let readOnly = false;
+    await withOwnPool({ max: 2 }, async (engine, _own, pool) => {
+      pool.on('connect', (client) => {
+        if (readOnly) void client.query('SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY').catch(() => undefined);
+      });
+      const k = key();
+      const ref = randomUUID();
+      // The claim reaches a writable server; the transaction's connection, opened afterwards,
+      // does not (mixed connections, as while the name moves). Arranged without timing: the
+      // claim waits on an uncommitted row of its key, a waiter takes its connection when it is
+      // given back, and the transaction gets a connection opened once the flag is set.
+      const other = await pool.connect();
+      const blocker = await db.pool.connect();
+      await blocker.query('BEGIN');
+      await blocker.query(`INSERT INTO ${db.table()} (key, state, expires_at) VALUES ($1, 'in_progress', now() - interval '1 second')`, [recordOf(k)]);
+      const deciding = engine.decide(request(k, ref));
+      await vi.waitFor(() => expect(pool.totalCount - pool.idleCount).toBe(2), { timeout: 5_000, interval: 5 });
+      const waiter = pool.connect();
+      await blocker.query('ROLLBACK');
+      blocker.release();
+      const taken = await waiter; // the claim's connection, given back
+      readOnly = true;
+      other.release(true); // its slot goes to the transaction: a new, read-only connection
+      const decision = await deciding;
+      if (decision.kind !== 'run') throw new Error(`expected run, got ${decision.kind}`);
+      taken.release();
+      const tx = pgTransaction(decision.lease.context);
+      await expect(tx.query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref])).rejects.toMatchObject({ code: '25006' });
+      readOnly = false; // the name now leads to the writable primary only
+      await decision.lease.abandon('handler-threw');
+      // Before: the rollback gave the read-only connection back, the release that frees the key
+      // took it at once and failed with 25006, and the key stayed claimed for the whole lease
+      // (every retry a 409).
+      expect(await store.get(recordOf(k))).toBeUndefined();
+      const retry = await engine.decide(request(k, ref));
+      expect(retry.kind).toBe('run');
+      if (retry.kind === 'run') {
+        await pgTransaction(retry.lease.context).query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+        expect(await retry.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(true);
+      }
+      expect(await rowsFor(ref)).toBe(1);
+    });
+  });
+
   it('works with a pool whose int4 and float8 values come back as text (a custom types parser)', async () => {
     const types = { getTypeParser: (oid: number, format?: 'text' | 'binary') => (oid === 23 || oid === 701 ? (v: string) => v : pg.types.getTypeParser(oid, format)) };
     await withOwnPool({ types }, async (engine) => {
