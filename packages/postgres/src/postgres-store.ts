@@ -263,7 +263,18 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
   }
 
   async release(key: string, token: LeaseToken): Promise<boolean> {
-    const result = await this.#query(this.#sql.release, [storedKey(key), token]);
+    const values = [storedKey(key), token];
+    let result: QueryResult;
+    try {
+      result = await this.#query(this.#sql.release, values);
+    } catch (error) {
+      // A read-only connection (opened while a failover's address still led to the old primary,
+      // and left on top of the pool by a read that worked there): the pool destroyed it, so once
+      // more on another. Nobody retries a failed release: the key stayed claimed for the whole
+      // lease, every retry a 409. Once only: a server that is read-only itself costs one more.
+      if ((error as { code?: unknown }).code !== READ_ONLY) throw error;
+      result = await this.#query(this.#sql.release, values);
+    }
     return result.rowCount === 1;
   }
 

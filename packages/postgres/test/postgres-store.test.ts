@@ -874,6 +874,40 @@ describe('store failures reject with the driver error', () => {
     }
   });
 
+  it('a read-only connection the app\'s own reads left on top of the pool does not keep a failed handler\'s key claimed for the lease', async () => {
+    let readOnly = false;
+    const pool = new pg.Pool({ connectionString: db.url, max: 3 });
+    pool.on('error', () => undefined);
+    pool.on('connect', (client) => {
+      if (readOnly) void client.query('SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY').catch(() => undefined);
+    });
+    try {
+      const s = createPostgresStore({ pool, schema: db.schema });
+      const engine = createIdempotencyEngine({ store: s, logger: false });
+      const request: IncomingRequest = { method: 'POST', path: '/orders', headers: { 'idempotency-key': key() }, body: { sku: 'A1' } };
+      const decision = await engine.decide(request);
+      if (decision.kind !== 'run') throw new Error(`expected run, got ${decision.kind}`);
+      // The handler reads through the pool on a connection opened while the address led to the
+      // old primary: a read succeeds there, and that connection goes back on top of the pool.
+      readOnly = true;
+      const writable = await pool.connect();
+      const stale = await pool.connect();
+      readOnly = false;
+      writable.release();
+      await stale.query('SELECT 1');
+      stale.release();
+      // Then the handler throws: the engine releases the key. Before, that release got the
+      // read-only connection, failed with 25006, and the key stayed claimed: 409 for a lease.
+      await decision.lease.abandon('handler-threw');
+      const retry = await engine.decide(request);
+      expect(retry.kind).toBe('run');
+      if (retry.kind === 'run') await retry.lease.abandon('client-gone');
+      await s.close();
+    } finally {
+      await pool.end();
+    }
+  });
+
   it('stores sharing one pool share one listener on it (no MaxListeners warning with many stores)', async () => {
     const pool = new pg.Pool({ connectionString: db.url, max: 1 });
     try {
