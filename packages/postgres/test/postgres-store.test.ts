@@ -102,6 +102,24 @@ describe('construction and options', () => {
     await db.pool.query(`DROP SCHEMA ${s.table.split('.')[0]} CASCADE`);
   });
 
+  it('schema and table names with dots and capitals are one quoted name each, not a path or a folded name', async () => {
+    const schema = `${db.schema}.Billing`;
+    const s = createPostgresStore({ pool: db.pool, schema, table: 'Keys.V2' });
+    try {
+      await Promise.all([s.migrate(), s.migrate(), s.migrate()]);
+      const { rows } = await db.pool.query<{ relname: string }>('SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 ORDER BY 1', [schema]);
+      expect(rows.map((r) => r.relname)).toEqual(['Keys.V2', 'Keys.V2_expires_at_idx', 'Keys.V2_pkey']);
+      const k = key();
+      const first = await s.begin(k, 'fp', 10_000);
+      if (first.kind !== 'acquired') throw new Error('expected acquired');
+      expect(await s.complete(k, first.token, response, 60_000)).toBe(true);
+      expect(await s.purgeExpired()).toBe(0);
+      expect((await s.begin(k, 'fp', 10_000)).kind).toBe('existing');
+    } finally {
+      await db.pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+    }
+  });
+
   it('never ends a pool it was given; ends the one it created, once', async () => {
     const mine = new pg.Pool({ connectionString: db.url, max: 2 });
     const given = createPostgresStore({ pool: mine, schema: db.schema });
