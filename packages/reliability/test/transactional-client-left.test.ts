@@ -11,35 +11,16 @@ import type { Server } from 'node:http';
 import { idempotency as expressIdempotency, idempotencyErrorHandler } from '@idemkit/express';
 import fastifyIdempotency from '@idemkit/fastify';
 import { idempotency as koaIdempotency } from '@idemkit/koa';
-import { createPostgresStore, pgTransaction, type PostgresStore } from '@idemkit/postgres';
+import { pgTransaction } from '@idemkit/postgres';
 import { bodyParser } from '@koa/bodyparser';
 import express from 'express';
 import Fastify from 'fastify';
 import Koa from 'koa';
-import pg from 'pg';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { namespace, serviceUrl } from '../src/services.js';
+import { describe, expect, it, vi } from 'vitest';
+import { ordersSchema } from './support/orders-schema.js';
 
-let pool: pg.Pool;
-let store: PostgresStore;
-let rows: string;
-const schema = namespace('rev_client_left');
+const db = ordersSchema('rev_client_left');
 const LEASE_MS = 1_500;
-
-beforeAll(async () => {
-  pool = new pg.Pool({ connectionString: await serviceUrl('postgres'), max: 10 });
-  pool.on('error', () => undefined);
-  await pool.query(`CREATE SCHEMA "${schema}"`);
-  rows = `"${schema}"."orders"`;
-  await pool.query(`CREATE TABLE ${rows} (ref text NOT NULL)`);
-  store = createPostgresStore({ pool, schema });
-  await store.migrate();
-});
-
-afterAll(async () => {
-  await pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
-  await pool.end();
-});
 
 interface Harness {
   url: string;
@@ -66,12 +47,12 @@ async function start(framework: 'express' | 'koa' | 'fastify'): Promise<Harness>
     }
     return entry;
   };
-  const options = { store, transactional: true, leaseMs: LEASE_MS, logger: false as const };
+  const options = { store: db.store, transactional: true, leaseMs: LEASE_MS, logger: false as const };
   const work = async (context: { key: string; transaction: unknown } | null | undefined, raw: { once(e: 'close', f: () => void): unknown }): Promise<number> => {
     const key = context?.key ?? '';
     const n = (runs.get(key) ?? 0) + 1;
     runs.set(key, n);
-    await pgTransaction(context).query(`INSERT INTO ${rows} (ref) VALUES ($1)`, [key]);
+    await pgTransaction(context).query(`INSERT INTO ${db.rows} (ref) VALUES ($1)`, [key]);
     if (n === 1) {
       const g = gate(key);
       raw.once('close', g.sawLeave);
@@ -134,8 +115,7 @@ async function start(framework: 'express' | 'koa' | 'fastify'): Promise<Harness>
   };
 }
 
-const count = async (key: string): Promise<number> =>
-  Number((await pool.query<{ n: string }>(`SELECT count(*) AS n FROM ${rows} WHERE ref = $1`, [key])).rows[0]?.n);
+const count = (key: string): Promise<number> => db.count(key);
 
 describe.each(['express', 'koa', 'fastify'] as const)('%s, transactional, on Postgres: a client that left', (framework) => {
   it('a handler that finishes soon after: its writes commit with its answer, and the retry gets the replay (one row, one run)', async () => {

@@ -13,35 +13,16 @@ import type { IdempotencyEvent } from '@idemkit/core';
 import { idempotency as expressIdempotency, idempotencyErrorHandler } from '@idemkit/express';
 import fastifyIdempotency from '@idemkit/fastify';
 import { idempotency as koaIdempotency } from '@idemkit/koa';
-import { createPostgresStore, pgTransaction, type PostgresStore } from '@idemkit/postgres';
+import { pgTransaction } from '@idemkit/postgres';
 import { bodyParser } from '@koa/bodyparser';
 import Router from '@koa/router';
 import express from 'express';
 import Fastify from 'fastify';
 import Koa from 'koa';
-import pg from 'pg';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { namespace, serviceUrl } from '../src/services.js';
+import { describe, expect, it, vi } from 'vitest';
+import { ordersSchema } from './support/orders-schema.js';
 
-let pool: pg.Pool;
-let store: PostgresStore;
-let rows: string;
-const schema = namespace('own_answer_hp');
-
-beforeAll(async () => {
-  pool = new pg.Pool({ connectionString: await serviceUrl('postgres'), max: 10 });
-  pool.on('error', () => undefined);
-  await pool.query(`CREATE SCHEMA "${schema}"`);
-  rows = `"${schema}"."orders"`;
-  await pool.query(`CREATE TABLE ${rows} (ref text NOT NULL)`);
-  store = createPostgresStore({ pool, schema });
-  await store.migrate();
-});
-
-afterAll(async () => {
-  await pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
-  await pool.end();
-});
+const db = ordersSchema('own_answer_hp');
 
 interface Harness {
   url: string;
@@ -56,7 +37,7 @@ async function start(framework: 'express' | 'koa' | 'fastify', status: number): 
   const sentWhenFreed = new Map<string, boolean>();
   const runs = new Map<string, number>();
   const options = {
-    store,
+    store: db.store,
     transactional: true,
     logger: false as const,
     onEvent: (event: IdempotencyEvent) => {
@@ -68,7 +49,7 @@ async function start(framework: 'express' | 'koa' | 'fastify', status: number): 
     responses.set(key, res);
     const n = (runs.get(key) ?? 0) + 1;
     runs.set(key, n);
-    await pgTransaction(context).query(`INSERT INTO ${rows} (ref) VALUES ($1)`, [key]);
+    await pgTransaction(context).query(`INSERT INTO ${db.rows} (ref) VALUES ($1)`, [key]);
     return n === 1 ? status : 201;
   };
   let server: Server;
@@ -118,8 +99,7 @@ async function start(framework: 'express' | 'koa' | 'fastify', status: number): 
   };
 }
 
-const count = async (key: string): Promise<number> =>
-  Number((await pool.query<{ n: string }>(`SELECT count(*) AS n FROM ${rows} WHERE ref = $1`, [key])).rows[0]?.n);
+const count = (key: string): Promise<number> => db.count(key);
 
 describe.each(['express', 'koa', 'fastify'] as const)('%s, transactional, on Postgres', (framework) => {
   it.each([500, 429, 409, 503])('a handler that awaited its transaction and answers %i: rolled back and freed before the answer goes out', async (status) => {
