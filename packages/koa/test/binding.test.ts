@@ -30,6 +30,59 @@ async function start(...args: Parameters<typeof startKoa>): ReturnType<typeof st
 
 twinSuite('koa 3', Koa);
 
+
+/** A POST answered over HTTP/1.1 or HTTP/2: its status and body. */
+interface Answer {
+  status: number;
+  text: string;
+}
+
+/**
+ * Serve `app` over `protocol` and send POST /orders with a key. With `leaveOnce`, the request is
+ * cancelled (an HTTP/2 stream reset, or an aborted fetch) once that says the server has it, and
+ * `send` resolves at once.
+ */
+async function serveOver(app: Koa, protocol: string): Promise<{ send(key: string, leaveOnce?: () => boolean): Promise<Answer>; close(): void }> {
+  const server = protocol === 'HTTP/2' ? http2.createServer(app.callback()) : createServer(app.callback());
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const origin = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  const client = protocol === 'HTTP/2' ? http2.connect(origin) : undefined;
+  const send = async (key: string, leaveOnce?: () => boolean): Promise<Answer> => {
+    if (client) {
+      const req = client.request({ ':method': 'POST', ':path': '/orders', 'idempotency-key': key }, { endStream: true });
+      req.on('error', () => undefined);
+      if (leaveOnce) {
+        await vi.waitFor(() => expect(leaveOnce()).toBe(true), { timeout: 10_000 });
+        req.close(http2.constants.NGHTTP2_CANCEL);
+        return { status: 0, text: '' };
+      }
+      const [headers] = (await once(req, 'response')) as [http2.IncomingHttpHeaders];
+      let text = '';
+      req.setEncoding('utf8');
+      for await (const chunk of req) text += chunk as string;
+      return { status: Number(headers[':status']), text };
+    }
+    const abort = new AbortController();
+    const reply = fetch(`${origin}/orders`, { method: 'POST', headers: { 'idempotency-key': key }, signal: abort.signal });
+    if (leaveOnce) {
+      reply.catch(() => undefined);
+      await vi.waitFor(() => expect(leaveOnce()).toBe(true), { timeout: 10_000 });
+      abort.abort();
+      return { status: 0, text: '' };
+    }
+    const res = await reply;
+    return { status: res.status, text: await res.text() };
+  };
+  return {
+    send,
+    close: () => {
+      client?.close();
+      server.close();
+    },
+  };
+}
+
 describe('koa binding: headers set by middleware before idempotency()', () => {
   it('a Content-Type set before it and left by the handler is on the replay too (it used to be removed)', async () => {
     let runs = 0;
@@ -1182,40 +1235,9 @@ describe('koa binding: concurrency and disconnects', () => {
       runs++;
       await new Promise<never>(() => undefined);
     });
-    const server = protocol === 'HTTP/2' ? http2.createServer(app.callback()) : createServer(app.callback());
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    const origin = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    const client = protocol === 'HTTP/2' ? http2.connect(origin) : undefined;
-    /** Status and body of a POST with the key; `leave` cancels it instead and resolves at once. */
-    const send = async (key: string, leave = false): Promise<{ status: number; text: string }> => {
-      if (client) {
-        const req = client.request({ ':method': 'POST', ':path': '/orders', 'idempotency-key': key }, { endStream: true });
-        req.on('error', () => undefined);
-        if (leave) {
-          await vi.waitFor(() => expect(entered).toBe(true), { timeout: 10_000 });
-          req.close(http2.constants.NGHTTP2_CANCEL);
-          return { status: 0, text: '' };
-        }
-        const [headers] = (await once(req, 'response')) as [http2.IncomingHttpHeaders];
-        let text = '';
-        req.setEncoding('utf8');
-        for await (const chunk of req) text += chunk as string;
-        return { status: Number(headers[':status']), text };
-      }
-      const abort = new AbortController();
-      const reply = fetch(`${origin}/orders`, { method: 'POST', headers: { 'idempotency-key': key }, signal: abort.signal });
-      if (leave) {
-        reply.catch(() => undefined);
-        await vi.waitFor(() => expect(entered).toBe(true), { timeout: 10_000 });
-        abort.abort();
-        return { status: 0, text: '' };
-      }
-      const res = await reply;
-      return { status: res.status, text: await res.text() };
-    };
+    const { send, close } = await serveOver(app, protocol);
     try {
-      await send('first', true);
+      await send('first', () => entered);
       await vi.waitFor(() => expect(closed).toBe(true), { timeout: 10_000 });
       claimed();
       await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
@@ -1230,8 +1252,7 @@ describe('koa binding: concurrency and disconnects', () => {
       expect(JSON.parse(retry.text)).toMatchObject({ reason: 'cut-short' });
       expect(runs).toBe(1);
     } finally {
-      client?.close();
-      server.close();
+      close();
     }
   });
 
@@ -1254,39 +1275,9 @@ describe('koa binding: concurrency and disconnects', () => {
       ctx.status = 201;
       ctx.body = { charged: runs };
     });
-    const server = protocol === 'HTTP/2' ? http2.createServer(app.callback()) : createServer(app.callback());
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    const origin = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    const client = protocol === 'HTTP/2' ? http2.connect(origin) : undefined;
-    const send = async (key: string, leave = false): Promise<{ status: number; text: string }> => {
-      if (client) {
-        const req = client.request({ ':method': 'POST', ':path': '/orders', 'idempotency-key': key }, { endStream: true });
-        req.on('error', () => undefined);
-        if (leave) {
-          await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
-          req.close(http2.constants.NGHTTP2_CANCEL);
-          return { status: 0, text: '' };
-        }
-        const [headers] = (await once(req, 'response')) as [http2.IncomingHttpHeaders];
-        let text = '';
-        req.setEncoding('utf8');
-        for await (const chunk of req) text += chunk as string;
-        return { status: Number(headers[':status']), text };
-      }
-      const abort = new AbortController();
-      const reply = fetch(`${origin}/orders`, { method: 'POST', headers: { 'idempotency-key': key }, signal: abort.signal });
-      if (leave) {
-        reply.catch(() => undefined);
-        await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
-        abort.abort();
-        return { status: 0, text: '' };
-      }
-      const res = await reply;
-      return { status: res.status, text: await res.text() };
-    };
+    const { send, close } = await serveOver(app, protocol);
     try {
-      await send('soon', true);
+      await send('soon', () => runs === 1);
       await vi.waitFor(() => expect(closed).toBe(true), { timeout: 10_000 }); // the server saw it leave
       finish();
       const retry = await vi.waitFor(
@@ -1300,8 +1291,7 @@ describe('koa binding: concurrency and disconnects', () => {
       expect(retry).toEqual({ status: 201, text: JSON.stringify({ charged: 1 }) });
       expect(runs).toBe(1);
     } finally {
-      client?.close();
-      server.close();
+      close();
     }
   });
 
