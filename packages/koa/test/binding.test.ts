@@ -14,7 +14,7 @@ import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ConfigurationError, idempotency, type IdempotencyState } from '../src/index.js';
 import { SlowBeginStore } from '@idemkit/http-suite';
 import { rawBody } from './app.js';
-import { post, startKoa } from './helpers.js';
+import { post, postUntil, startKoa } from './helpers.js';
 import { twinSuite } from './twin-cases.js';
 
 const closers: Array<() => Promise<void>> = [];
@@ -1169,14 +1169,7 @@ describe('koa binding: concurrency and disconnects', () => {
     await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
     abort.abort();
     expect(await aborted).toBe('aborted');
-    const retry = await vi.waitFor(
-      async () => {
-        const reply = await post(url, 'hung', {});
-        expect(reply.status).toBe(410);
-        return reply;
-      },
-      { timeout: 5_000, interval: 100 },
-    );
+    const retry = await postUntil(410, url, 'hung', {});
     expect(await retry.json()).toMatchObject({ reason: 'cut-short' });
     expect(runs).toBe(1);
   });
@@ -1324,14 +1317,7 @@ describe('koa binding: concurrency and disconnects', () => {
     await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
     socket.destroy();
     await vi.waitFor(() => expect(slowClosed).toBe(true), { timeout: 10_000 }); // the server saw it
-    const retry = await vi.waitFor(
-      async () => {
-        const reply = await post(`${url}/hang`, 'piped-hung');
-        expect(reply.status).toBe(410);
-        return reply;
-      },
-      { timeout: 5_000, interval: 100 },
-    );
+    const retry = await postUntil(410, `${url}/hang`, 'piped-hung');
     expect(await retry.json()).toMatchObject({ reason: 'cut-short' });
     expect(runs).toBe(1);
   });
@@ -1353,14 +1339,7 @@ describe('koa binding: concurrency and disconnects', () => {
     });
     const first = await post(url, 'raw-then-hung', {});
     expect([first.status, await first.text()]).toEqual([201, 'raw']);
-    const retry = await vi.waitFor(
-      async () => {
-        const reply = await post(url, 'raw-then-hung', {});
-        expect(reply.status).toBe(410);
-        return reply;
-      },
-      { timeout: 5_000, interval: 100 },
-    );
+    const retry = await postUntil(410, url, 'raw-then-hung', {});
     expect(await retry.json()).toMatchObject({ reason: 'not-bufferable', originalStatus: 201 });
     expect(runs).toBe(1);
   });

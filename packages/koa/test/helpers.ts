@@ -1,3 +1,4 @@
+import { expect, vi } from 'vitest';
 import { bodyParser } from '@koa/bodyparser';
 import Koa from 'koa';
 import { listen } from './app.js';
@@ -42,4 +43,16 @@ export function post(url: string, key: string | undefined, body: unknown = { a: 
     body: JSON.stringify(body),
     signal,
   });
+}
+
+/** POST with `key` again until the answer has `status` (the key settled a lease later), within `timeout`: that answer. */
+export function postUntil(status: number, url: string, key: string, body?: unknown, timeout = 5_000): Promise<Response> {
+  return vi.waitFor(
+    async () => {
+      const reply = await post(url, key, body);
+      expect(reply.status).toBe(status);
+      return reply;
+    },
+    { timeout, interval: 100 },
+  );
 }
