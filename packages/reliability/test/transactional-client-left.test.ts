@@ -117,19 +117,28 @@ async function start(framework: 'express' | 'koa' | 'fastify'): Promise<Harness>
 
 const count = (key: string): Promise<number> => db.count(key);
 
+/**
+ * POST /orders with `key`, cancelled once its handler runs; resolves when the server has seen the
+ * client leave, with the way to send the same request again.
+ */
+async function leaveWhileRunning(app: Harness, key: string): Promise<() => Promise<Response>> {
+  const post = (signal?: AbortSignal) =>
+    fetch(`${app.url}/orders`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': key }, body: '{}', signal });
+  const abort = new AbortController();
+  const first = post(abort.signal).catch(() => 'aborted');
+  await vi.waitFor(() => expect(app.runs(key)).toBe(1), { timeout: 10_000 });
+  abort.abort();
+  expect(await first).toBe('aborted');
+  await app.left(key);
+  return () => post();
+}
+
 describe.each(['express', 'koa', 'fastify'] as const)('%s, transactional, on Postgres: a client that left', (framework) => {
   it('a handler that finishes soon after: its writes commit with its answer, and the retry gets the replay (one row, one run)', async () => {
     const app = await start(framework);
     try {
       const key = randomUUID();
-      const post = (signal?: AbortSignal) =>
-        fetch(`${app.url}/orders`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': key }, body: '{}', signal });
-      const abort = new AbortController();
-      const first = post(abort.signal).catch(() => 'aborted');
-      await vi.waitFor(() => expect(app.runs(key)).toBe(1), { timeout: 10_000 });
-      abort.abort();
-      expect(await first).toBe('aborted');
-      await app.left(key);
+      const post = await leaveWhileRunning(app, key);
       app.finish(key);
       const retry = await vi.waitFor(
         async () => {
@@ -151,14 +160,7 @@ describe.each(['express', 'koa', 'fastify'] as const)('%s, transactional, on Pos
     const app = await start(framework);
     try {
       const key = randomUUID();
-      const post = (signal?: AbortSignal) =>
-        fetch(`${app.url}/orders`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': key }, body: '{}', signal });
-      const abort = new AbortController();
-      const first = post(abort.signal).catch(() => 'aborted');
-      await vi.waitFor(() => expect(app.runs(key)).toBe(1), { timeout: 10_000 });
-      abort.abort();
-      expect(await first).toBe('aborted');
-      await app.left(key);
+      const post = await leaveWhileRunning(app, key);
       const retry = await vi.waitFor(
         async () => {
           const reply = await post();
