@@ -46,3 +46,13 @@ export async function openSchema(max = 20): Promise<TestSchema> {
 }
 
 export const bytes = (text: string): Uint8Array => new TextEncoder().encode(text);
+
+/**
+ * Every connection `pool` opens while `readOnly()` says so is read-only, as one to a demoted
+ * primary or a standby is (a failover behind one address, the pool keeping what it opened).
+ */
+export function opensReadOnlyWhile(pool: pg.Pool, readOnly: () => boolean): void {
+  pool.on('connect', (client) => {
+    if (readOnly()) void client.query('SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY').catch(() => undefined);
+  });
+}

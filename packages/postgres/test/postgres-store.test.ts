@@ -10,7 +10,7 @@ import { createPostgresStore, type PostgresStore } from '../src/index.js';
 import { buildQueries } from '../src/queries.js';
 import { parseBytea } from '../src/pg-types.js';
 import { schemaFileText } from '../src/schema.js';
-import { bytes, openSchema, TEST_PREFIX, type TestSchema } from './helpers.js';
+import { bytes, openSchema, opensReadOnlyWhile, TEST_PREFIX, type TestSchema } from './helpers.js';
 
 let db: TestSchema;
 let store: PostgresStore;
@@ -866,9 +866,7 @@ describe('store failures reject with the driver error', () => {
     let readOnly = true;
     const pool = new pg.Pool({ connectionString: db.url, max: 3 });
     pool.on('error', () => undefined);
-    pool.on('connect', (client) => {
-      if (readOnly) void client.query('SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY').catch(() => undefined);
-    });
+    opensReadOnlyWhile(pool, () => readOnly);
     try {
       const s = createPostgresStore({ pool, schema: db.schema });
       const held = await Promise.all([pool.connect(), pool.connect(), pool.connect()]);
@@ -895,9 +893,7 @@ describe('store failures reject with the driver error', () => {
     let readOnly = false;
     const pool = new pg.Pool({ connectionString: db.url, max: 3 });
     pool.on('error', () => undefined);
-    pool.on('connect', (client) => {
-      if (readOnly) void client.query('SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY').catch(() => undefined);
-    });
+    opensReadOnlyWhile(pool, () => readOnly);
     try {
       const s = createPostgresStore({ pool, schema: db.schema });
       const engine = createIdempotencyEngine({ store: s, logger: false });

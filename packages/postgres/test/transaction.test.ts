@@ -6,7 +6,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createPostgresStore, pgTransaction, type PostgresStore } from '../src/index.js';
 import { answerHoldingProxy } from '@idemkit/test-services';
-import { bytes, openSchema, type TestSchema } from './helpers.js';
+import { bytes, openSchema, opensReadOnlyWhile, type TestSchema } from './helpers.js';
 
 let db: TestSchema;
 let store: PostgresStore;
@@ -831,9 +831,7 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     // Connections opened while `readOnly` is set behave as ones to the demoted primary would.
     let readOnly = false;
     await withOwnPool({ max: 2 }, async (engine, _own, pool) => {
-      pool.on('connect', (client) => {
-        if (readOnly) void client.query('SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY').catch(() => undefined);
-      });
+      opensReadOnlyWhile(pool, () => readOnly);
       const k = key();
       const ref = randomUUID();
       // The claim reaches a writable server; the transaction's connection, opened afterwards,
