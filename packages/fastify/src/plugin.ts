@@ -59,6 +59,8 @@ interface LeaseState {
   ran: boolean;
   /** The response had closed before the handler ran (the client left during slower hooks). */
   closedEarly: boolean;
+  /** Set once the client left with the handler at work: settles the key a lease later (see afterClientLeft). */
+  cutShort: ReturnType<typeof setTimeout> | undefined;
   /** The reply's headers when the key was claimed (set by hooks before ours: CORS, a request id); see toStoredHeaders. */
   readonly before: ReturnType<typeof snapshotHeaders>;
 }
@@ -209,6 +211,7 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
           handler: undefined,
           ran: false,
           closedEarly: false,
+          cutShort: undefined,
           before: snapshotHeaders(reply.getHeaders()),
         };
         (request as StatefulRequest)[kState] = state;
@@ -327,6 +330,8 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       return;
     }
     if (state.lease.settled) return done(null, payload);
+    // An answer came: it settles the key, not the timer of a client that left.
+    if (state.cutShort !== undefined) clearTimeout(state.cutShort);
     const settling = settle(state, reply, payload, madeHead);
     state.settling = settling;
     settling.then(
@@ -472,12 +477,14 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
    * client's leave to answer (one that returned `reply` may answer from a timer), and then the key
    * is marked `cut-short` (410, never run again), as on Express and Koa. In transactional mode the
    * lease runs out instead: its transaction is rolled back (a marker would commit the writes of a
-   * handler still running) and the key freed. A handler that resolves with a value or throws is
-   * settled by Fastify's send (onSend, onError) as usual. Looked at only here, so requests whose
-   * client stays pay nothing for it.
+   * handler still running) and the key freed. Looked at only here, so requests whose client
+   * stays pay nothing for it. Any answer through onSend stops the timer. Fastify sends a value the
+   * handler resolves with through onSend (however slow its hooks), so a value stops it too, unless
+   * the reply was hijacked meanwhile (Fastify then sends nothing); a throw does not, as the error
+   * handler may never answer (the timer then frees the key, as the throw's answer would).
    */
   function afterClientLeft(state: LeaseState): void {
-    const { lease, handler } = state;
+    const { lease, handler, reply } = state;
     // A handler that returned a value that is no promise: Fastify sent it already (onSend).
     if (handler !== undefined && !isThenable(handler)) return;
     if (engine.options.transactional) return lease.letLapse();
@@ -486,18 +493,27 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       if (state.errored) void lease.abandon('handler-threw');
       else void lease.commitUnbuffered(null, 'cut-short');
     }, engine.options.leaseMs).unref();
+    state.cutShort = cutShort;
     // A callback-style handler (it returned nothing, and calls reply.send() from a callback) is
     // watched by the timer alone: its callback may never come either.
     if (handler === undefined) return;
-    // Fastify sends a value or an error itself (through onSend, however slow its hooks): the timer
-    // would only keep the request alive for a lease. Promise.resolve: never a thenable's own
-    // `then` (a returned `reply` calls back at once once sent, whatever it is given).
+    // `sent` with nothing through onSend: hijacked (before the handler ended, so whichever of
+    // Fastify's `then` and this one runs first).
+    const hijacked = (): boolean => reply.sent && state.settling === undefined;
+    // Promise.resolve: never a thenable's own `then` (a returned `reply` calls back at once once
+    // sent, whatever it is given).
     Promise.resolve(handler).then(
-      (value) => void (value !== undefined && clearTimeout(cutShort)),
-      () => clearTimeout(cutShort),
+      (value) => void (value !== undefined && !hijacked() && clearTimeout(cutShort)),
+      () => {
+        // A hijacked reply's throw reaches no onError (Fastify only logs it): it frees the key
+        // as any throw does, as for a reply hijacked before the client left.
+        if (!hijacked() || lease.settled) return;
+        clearTimeout(cutShort);
+        state.errored = true;
+        void lease.abandon('handler-threw');
+      },
     );
   }
-
 
   /**
    * A hijacked reply closed before its status went out: the handler threw before writing

@@ -611,6 +611,52 @@ describe('an async handler whose client left', () => {
     expect(runs).toBe(1);
   });
 
+  // Was: a value (or a throw) from the handler cleared the timer, on the word that Fastify sends
+  // it. Fastify sends nothing for a reply hijacked meanwhile, and an error goes to an error
+  // handler that may never answer: either held the key for good (409 to every retry).
+  it('hijacking the reply after its client left, then resolving with a value: 410 cut-short a lease later, not 409 for good', async () => {
+    let runs = 0;
+    const { app } = await build(
+      (a) => {
+        a.post('/hijacks', async (_request, reply) => {
+          runs++;
+          await new Promise((resolve) => reply.raw.once('close', resolve));
+          reply.hijack();
+          return { late: true };
+        });
+      },
+      { leaseMs: 400 },
+    );
+    const send = await overSocket(app);
+    await leaveEarly((signal) => send('/hijacks', 'hijacked-late', signal), () => runs === 1);
+    const retry = await answeredWith(app, '/hijacks', 'hijacked-late', 410);
+    expect(retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
+    expect(runs).toBe(1);
+  });
+
+  it('throwing after its client left into an error handler that never answers: the key is freed a lease later, and the retry runs', async () => {
+    let runs = 0;
+    const { app } = await build(
+      (a) => {
+        a.setErrorHandler(async () => {
+          await new Promise(() => undefined); // an error reporter that hangs
+        });
+        a.post('/throws-late', async (_request, reply) => {
+          runs++;
+          if (runs > 1) return reply.code(201).send({ run: runs });
+          await new Promise((resolve) => reply.raw.once('close', resolve));
+          throw new Error('card declined');
+        });
+      },
+      { leaseMs: 400 },
+    );
+    const send = await overSocket(app);
+    await leaveEarly((signal) => send('/throws-late', 'threw-late', signal), () => runs === 1);
+    const retry = await answeredWith(app, '/throws-late', 'threw-late', 201);
+    expect(retry.json()).toEqual({ run: 2 });
+    expect(runs).toBe(2);
+  });
+
   // Was: only a handler that returned a promise was watched; a callback-style one (no async, no
   // return: it calls reply.send() from its callback, as Fastify's docs show) whose callback never
   // came held its key for good once its client left: 409 to every retry, its lease renewed.
