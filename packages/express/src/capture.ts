@@ -86,6 +86,21 @@ function writeAfterEnd(): Error {
 const kDictionary = Symbol('idemkit.dictionary');
 
 /**
+ * One `name` per process, not per copy of this module: an app that `import`s this package in one
+ * file and `require`s it in another (an ESM app with a CommonJS router or error module) runs both
+ * builds, `dist/index.js` and `dist/index.cjs`, side by side. Each copy keeping its own maps, a
+ * per-route idempotency() of one copy did not see the key the app-wide one of the other had
+ * claimed (and answered 409 to its own request), and idempotencyErrorHandler() of one never freed
+ * a key the other claimed. Through the global symbol registry both copies find the same map
+ * (as the Koa binding's running mark does). Looked up once, at load: nothing per request.
+ */
+export function processWide<T extends object>(name: string, create: () => T): T {
+  const registry = globalThis as Record<symbol, unknown>;
+  const key = Symbol.for(`idemkit.express.${name}`);
+  return (registry[key] ??= create()) as T;
+}
+
+/**
  * Express sets the prototype of every `req` and `res` per request (`Object.setPrototypeOf`), after
  * which V8 gives each one a hidden class of its own, so each property added to it copies the
  * object's property descriptors: about 2.7 KB of garbage per add (`--trace-gc-nvp`), and the
@@ -588,7 +603,7 @@ export function skipHeadListeners(res: ServerResponse): void {
 }
 
 /** Answers whose head the handler wrote with writeHead() while buffered (see onlyHeadWritten). */
-const headOnly = new WeakMap<ServerResponse, () => boolean>();
+const headOnly = processWide('headOnly', () => new WeakMap<ServerResponse, () => boolean>());
 
 /**
  * Whether this answer's head was written with `res.writeHead()` and nothing else: not a byte
@@ -599,7 +614,7 @@ export function onlyHeadWritten(res: ServerResponse): boolean {
 }
 
 /** Answers whose key idempotencyErrorHandler() freed while only their head was written. */
-const freedAtHead = new WeakSet<ServerResponse>();
+const freedAtHead = processWide('freedAtHead', () => new WeakSet<ServerResponse>());
 
 /**
  * The key of this head-only answer is freed (its handler threw): nothing more of it may go out.
@@ -625,7 +640,7 @@ function cutAfterFreedHead(res: ServerResponse, args: readonly unknown[]): boole
 }
 
 /** Answers idempotencyErrorHandler() saw connect-timeout's own error for (see timedOutAnswer). */
-const timeoutAnswers = new WeakSet<ServerResponse>();
+const timeoutAnswers = processWide('timeoutAnswers', () => new WeakSet<ServerResponse>());
 
 export function markTimeoutAnswer(res: ServerResponse): void {
   timeoutAnswers.add(res);

@@ -1,7 +1,7 @@
 import { ConfigurationError, createIdempotencyEngine, isMultipart, requestCarriesBody, mayHaveKey, readsBody, unreadBodyKeyWarning, unreadBodyMayHoldKey, upperMethod, uploadedFileDigests, type IdempotencyContext, type IncomingRequest, type Lease } from '@idemkit/core';
 import type { ErrorRequestHandler, NextFunction, Request, RequestHandler, Response } from 'express';
 import type { ServerResponse } from 'node:http';
-import { captureResponse, cutIfAnsweredLater, isTimeoutError, markTimeoutAnswer, onlyHeadWritten, toDictionaryProperties } from './capture.js';
+import { captureResponse, cutIfAnsweredLater, isTimeoutError, markTimeoutAnswer, onlyHeadWritten, processWide, toDictionaryProperties } from './capture.js';
 import { splitOptions, type ExpressIdempotencyOptions } from './options.js';
 import { writeProblem, writeReplay } from './respond.js';
 
@@ -24,9 +24,10 @@ declare global {
  * The lease of the `idempotency()` that claimed this request's key, so an inner one on the same
  * request (app-wide and per route) steps aside instead of answering 409 to itself. Only a claim
  * counts: an outer instance that let the request through (method not covered, no key with
- * `required: false`) leaves the inner one to decide, as in the Koa binding.
+ * `required: false`) leaves the inner one to decide, as in the Koa binding. Shared with the other
+ * build of this package when both are loaded (see processWide).
  */
-const claimed = new WeakMap<Request, Lease>();
+const claimed = processWide('claimed', () => new WeakMap<Request, Lease>());
 
 /**
  * Whether `idempotencyErrorHandler()` was ever created in this process (shared through the
