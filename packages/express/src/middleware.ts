@@ -193,8 +193,14 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
         expose(req, res, null);
         return next();
       case 'replay':
+        // Answered while the store was asked (a timeout middleware mounted before this one, on a
+        // slow store): the client has its answer. Written over it, the replay threw
+        // ERR_HTTP_HEADERS_SENT into the app's error handlers, and Express then cut the
+        // connection. So does a problem (below); the 'run' case gives its key back.
+        if (res.headersSent || res.writableEnded) return;
         return writeReplay(res, decision.response);
       case 'problem': {
+        if (res.headersSent || res.writableEnded) return;
         if (!onProblem) return writeProblem(res, decision.error);
         // `next()` (or 'route'/'router') from onProblem means "carry on as usual": here that is the
         // problem answer. Passed on as it is, it ran the handler with no idempotency at all, a

@@ -2222,6 +2222,58 @@ describe('express binding: a timeout middleware mounted before idempotency() ans
   });
 });
 
+describe('express binding: a timeout middleware mounted before idempotency() answers while the store is asked for a replay or a problem', () => {
+  it('the client gets the timeout answer and the error handlers get nothing (was ERR_HTTP_HEADERS_SENT from the replay or problem written over it)', async () => {
+    // Counts the lookups that came back, so the test waits for them, not for a guessed time.
+    const store = new (class extends SlowBeginStore {
+      answered = 0;
+      override async begin(...args: Parameters<SlowBeginStore['begin']>): ReturnType<SlowBeginStore['begin']> {
+        try {
+          return await super.begin(...args);
+        } finally {
+          this.answered++;
+        }
+      }
+    })();
+    let timesOut = false;
+    const errors: unknown[] = [];
+    let runs = 0;
+    const app = express();
+    app.use((_req, res, next) => {
+      if (timesOut) {
+        const timer = setTimeout(() => void res.status(503).json({ error: 'timeout' }), 100);
+        res.once('close', () => clearTimeout(timer));
+      }
+      next();
+    });
+    app.use(express.json());
+    app.use(idempotency({ store, logger: false }));
+    app.post('/pay', (_req, res) => void res.status(201).json({ run: ++runs }));
+    app.use(((error, _req, res, next) => {
+      errors.push(error);
+      if (res.headersSent) return next(error);
+      res.status(500).json({ error: 'failed' });
+    }) as ErrorRequestHandler);
+    const url = await serve(app);
+    const key = randomUUID();
+    const pay = (body: string): Promise<Fetched> => post(`${url}/pay`, key, { headers: { 'content-type': 'application/json' }, body });
+    expect((await pay('{"a":1}')).status).toBe(201);
+    timesOut = true;
+    store.delayMs = 400; // the timeout answers at 100 ms
+    // The stored answer (a replay), then another body under the key (a 422 problem).
+    for (const body of ['{"a":1}', '{"a":2}']) {
+      const answer = await pay(body);
+      expect(answer.status).toBe(503);
+      expect(new TextDecoder().decode(answer.body)).toBe('{"error":"timeout"}');
+    }
+    // Until the slow lookups have come back and their answers were dealt with.
+    await vi.waitFor(() => expect(store.answered).toBe(3), { timeout: 5_000 });
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(errors).toEqual([]);
+    expect(runs).toBe(1);
+  });
+});
+
 // Was: connect-timeout's 503 (not storable) freed the key while the handler still ran, so the
 // client's retry ran the operation a second time beside the first.
 describe('express binding: connect-timeout answers while the handler still runs', () => {
