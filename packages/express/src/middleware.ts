@@ -69,6 +69,17 @@ function uploadedBy(req: Request): unknown {
   return uploads.files !== undefined ? uploads.files : uploads.file;
 }
 
+/**
+ * Express 4's `body-parser` sets `req.body = {}` for every type it skips, and reads nothing of
+ * it: a body still unread (its stream not ended) under an empty plain object is that `{}`, not
+ * a parsed one (a parser that read `{}` has ended the stream). Before, such bodies all
+ * fingerprinted alike, so a form posted to an express.json()-only app under a reused key got
+ * the first form's answer instead of a 415. Express 5's parsers leave `undefined` instead.
+ */
+function skippedByParser(req: Request, body: unknown): boolean {
+  return !req.readableEnded && typeof body === 'object' && body !== null && Object.getPrototypeOf(body) === Object.prototype && Object.keys(body).length === 0;
+}
+
 function expose(req: Request, res: Response, context: IdempotencyContext | null): void {
   req.idempotency = context;
   res.locals['idempotency'] = context;
@@ -159,6 +170,7 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
     // retry with `Content-Length: 0` got 422.
     const carriesBody = requestCarriesBody(req);
     let body: unknown = carriesBody ? req.body : undefined;
+    if (body !== undefined && skippedByParser(req, body)) body = undefined;
     // express-fileupload sets req.body only when a text field arrives: files alone are a body too,
     // and so is a form whose one file input was left empty (it sets req.files to null). Looked at
     // only then: on Express's req every property read is slow (see the bench README).

@@ -1058,6 +1058,37 @@ describe('express binding: empty bodies', () => {
     expect(runs).toBe(1);
   });
 
+  // Express 4's body-parser sets `req.body = {}` for a type it skips: a form posted to an
+  // express.json()-only app fingerprinted as `{}`, like every other such form, so another amount
+  // under a reused key got the first one's answer (a replay). Now the 415 Express 5 gives.
+  it.each([
+    ['Express 4', express4],
+    ['Express 5', express],
+  ])('%s: a body of a type no mounted parser reads is a 415, never a replay of another body; a JSON {} still replays', async (_version, framework) => {
+    let runs = 0;
+    const app = framework();
+    app.use(framework.json());
+    app.use(idempotency({ store: createMemoryStore(), logger: false }));
+    app.post('/orders', (_req: Request, res: Response) => void res.status(201).json({ run: ++runs }));
+    app.use((error: { status?: number; code?: string }, _req: Request, res: Response, _next: NextFunction) => void res.status(error.status ?? 500).json({ code: error.code }));
+    const url = await serve(app);
+    const form = (amount: number): RequestInit => ({ headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: `amount=${amount}` });
+    const key = randomUUID();
+    for (const amount of [100, 999]) {
+      const res = await post(`${url}/orders`, key, form(amount));
+      expect(res.status).toBe(415);
+      expect(JSON.parse(new TextDecoder().decode(res.body))).toEqual({ code: 'ERR_IDEMKIT_BODY_NOT_PARSED' });
+    }
+    expect(runs).toBe(0);
+    const json = { headers: { 'content-type': 'application/json' }, body: '{}' };
+    const other = randomUUID();
+    expect((await post(`${url}/orders`, other, json)).status).toBe(201);
+    const again = await post(`${url}/orders`, other, json);
+    expect(again.status).toBe(201);
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(runs).toBe(1);
+  });
+
   it('an empty request and one with a body are still two requests: 422 under the same key', async () => {
     const { app, runs } = appWith();
     app.post('/orders', (_req, res) => void res.status(201).json({ created: true }));
