@@ -222,7 +222,9 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
       // Buffer the body once so every attempt sends the same bytes (a stream can be read only once).
       let body: Blob | undefined;
       try {
-        body = template.body === null ? undefined : await readAll(template.body, signal, maxBodyBytes);
+        // Firefox has no Request.body (it reads undefined, not null; bugzil.la/1387483): read whole.
+        const stream = template.body as ReadableStream<Uint8Array> | null | undefined;
+        body = stream === null ? undefined : stream === undefined ? await readWhole(template, signal, maxBodyBytes) : await readAll(stream, signal, maxBodyBytes);
       } catch (error) {
         throw failure(error, 0);
       }
@@ -489,11 +491,7 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal, 
       // Bounded: an endless stream that yields at once would otherwise fill memory without the
       // deadline ever firing (its reads resolve without giving the timer a turn).
       bytes += chunkSize(value);
-      if (bytes > limit) {
-        throw new TypeError(
-          `[idemkit] [client] The request body is over maxBodyBytes (${limit} bytes): it is held in memory to be sent again on a retry. Raise maxBodyBytes, or send it with plain fetch; nothing was sent.`,
-        );
-      }
+      if (bytes > limit) throw tooLarge(limit);
       chunks.push(value);
     }
   } catch (error) {
@@ -507,6 +505,23 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal, 
   }
   // The Blob copies the chunks: no merged copy of our own, so a large body is held twice at most.
   return new Blob(chunks.map(blobPart));
+}
+
+/**
+ * The body of a Request that has no `body` stream (Firefox, which sends no stream bodies either,
+ * so it is never endless), read whole under `signal`. Typeless, as readAll's Blob: the
+ * Content-Type header says what it is.
+ */
+async function readWhole(request: Request, signal: AbortSignal, limit: number): Promise<Blob> {
+  const blob = await untilAborted(request.blob(), signal);
+  if (blob.size > limit) throw tooLarge(limit);
+  return blob.slice();
+}
+
+function tooLarge(limit: number): TypeError {
+  return new TypeError(
+    `[idemkit] [client] The request body is over maxBodyBytes (${limit} bytes): it is held in memory to be sent again on a retry. Raise maxBodyBytes, or send it with plain fetch; nothing was sent.`,
+  );
 }
 
 const utf8 = new TextEncoder();

@@ -416,6 +416,33 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     expect(s.requests).toBe(sent);
   });
 
+  // Was: Firefox has no Request.body (it reads undefined, not null: bugzil.la/1387483), and every
+  // keyed call rejected with "stream is undefined" before sending anything. Firefox is emulated
+  // here by that one getter; the fetch and the server are real.
+  it("in Firefox, whose Request has no body stream, the body is still sent, the same on every attempt", async () => {
+    const s = await server();
+    const proxy = await startLossyProxy(s.url, 1);
+    open.push(proxy);
+    const firefox = vi.spyOn(Request.prototype, 'body', 'get').mockReturnValue(undefined as unknown as null);
+    try {
+      const { attempts, onAttempt } = recorder();
+      const res = await createIdempotentFetch({ ...fast, onAttempt })(`${proxy.url}/orders`, json({ item: 'fox' }));
+      expect(res.status).toBe(201);
+      expect(res.headers.get('idempotent-replayed')).toBe('true');
+      expect(await res.json()).toEqual({ order: 1, body: { item: 'fox' } });
+      expect(attempts.map((a) => a.status ?? 'network-error')).toEqual(['network-error', 201]);
+      // A Request as input, a request without a body, and maxBodyBytes.
+      const fromRequest = await createIdempotentFetch(fast)(new Request(`${s.url}/orders`, json({ item: 'req' })));
+      expect(await fromRequest.json()).toEqual({ order: 2, body: { item: 'req' } });
+      expect((await createIdempotentFetch(fast)(`${s.url}/statuses`, { method: 'POST' })).status).toBe(201);
+      const sent = s.requests;
+      await expect(createIdempotentFetch({ ...fast, maxBodyBytes: 10 })(`${s.url}/orders`, json({ item: 'too long' }))).rejects.toThrow(/over maxBodyBytes \(10 bytes\)/);
+      expect(s.requests).toBe(sent);
+    } finally {
+      firefox.mockRestore();
+    }
+  });
+
   it('takes a null init, as fetch does', async () => {
     const s = await server();
     const res = await createIdempotentFetch()(`${s.url}/orders`, null as unknown as undefined);
