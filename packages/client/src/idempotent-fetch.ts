@@ -18,7 +18,7 @@ export interface AttemptInfo {
 }
 
 export interface IdempotentFetchOptions {
-  /** The fetch to wrap. @default globalThis.fetch */
+  /** The fetch to wrap. @default globalThis.fetch (looked up on each call, so a later patch of it counts) */
   fetch?: typeof globalThis.fetch | undefined;
   /** Key header: an RFC 9110 token, else createIdempotentFetch throws a TypeError. @default 'Idempotency-Key' */
   header?: string | undefined;
@@ -138,8 +138,10 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
   // A misspelt option (`maxAttempt`) would silently keep its default.
   const unknown = Object.keys(options).filter((name) => !OPTION_NAMES.has(name));
   if (unknown.length > 0) console.warn(`[idemkit] [client] Unknown option(s) ignored: ${unknown.join(', ')}.`);
-  const baseFetch = options.fetch ?? globalThis.fetch;
-  if (typeof baseFetch !== 'function') throw new TypeError('[idemkit] [client] No fetch available: pass `fetch`.');
+  if (typeof (options.fetch ?? globalThis.fetch) !== 'function') throw new TypeError('[idemkit] [client] No fetch available: pass `fetch`.');
+  // The global one is looked up per call, not kept from here: a fetch patched after the client is
+  // made (msw's setupServer().listen() in a test's beforeAll, an APM agent) must see its requests.
+  const baseFetch: typeof globalThis.fetch = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
   for (const name of ['generateKey', 'retryOn', 'onAttempt', 'random'] as const) {
     // null is "not given", as `??` reads it for every option.
     if (options[name] != null && typeof options[name] !== 'function') throw new TypeError(`[idemkit] [client] \`${name}\` must be a function.`);

@@ -740,6 +740,27 @@ describe('what is not retried, and what cannot hold a call up', () => {
     });
   });
 
+  // Was: globalThis.fetch was kept when the client was made, so a client made at import time
+  // bypassed a fetch patched later (msw's setupServer().listen() in beforeAll), and its requests
+  // went to the network instead.
+  it('without a `fetch` option, uses the global fetch of the time of the call, not of the creation', async () => {
+    const s = await server();
+    const fetchSafe = createIdempotentFetch(fast);
+    const original = globalThis.fetch;
+    const seen: string[] = [];
+    globalThis.fetch = (input, init) => {
+      seen.push(`${init?.method ?? 'GET'} ${String(input)}`);
+      return original(input, init);
+    };
+    try {
+      expect((await fetchSafe(`${s.url}/orders`, json({ item: 'late' }))).status).toBe(201);
+      expect((await fetchSafe(`${s.url}/orders`)).status).toBe(200);
+      expect(seen).toEqual([`POST ${s.url}/orders`, `GET ${s.url}/orders`]);
+    } finally {
+      globalThis.fetch = original;
+    }
+  });
+
   it('a custom fetch that returns a Response itself (a mock) works, and URL-like inputs are URLs', async () => {
     const s = await server();
     let calls = 0;
