@@ -512,12 +512,13 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal, 
 /**
  * The body of a Request that has no `body` stream (Firefox, which sends no stream bodies either,
  * so it is never endless), read whole under `signal`. Typeless, as readAll's Blob: the
- * Content-Type header says what it is.
+ * Content-Type header says what it is. None when empty: it cannot tell an empty body from none,
+ * and a GET or HEAD (in `methods`) may have no body at all.
  */
-async function readWhole(request: Request, signal: AbortSignal, limit: number): Promise<Blob> {
+async function readWhole(request: Request, signal: AbortSignal, limit: number): Promise<Blob | undefined> {
   const blob = await untilAborted(request.blob(), signal);
   if (blob.size > limit) throw tooLarge(limit);
-  return blob.slice();
+  return blob.size === 0 ? undefined : blob.slice();
 }
 
 function tooLarge(limit: number): TypeError {
