@@ -264,18 +264,26 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
 
   async release(key: string, token: LeaseToken): Promise<boolean> {
     const values = [storedKey(key), token];
-    let result: QueryResult;
-    try {
-      result = await this.#query(this.#sql.release, values);
-    } catch (error) {
-      // A read-only connection (opened while a failover's address still led to the old primary,
-      // and left on top of the pool by a read that worked there): the pool destroyed it, so once
-      // more on another. Nobody retries a failed release: the key stayed claimed for the whole
-      // lease, every retry a 409. Once only: a server that is read-only itself costs one more.
-      if ((error as { code?: unknown }).code !== READ_ONLY) throw error;
-      result = await this.#query(this.#sql.release, values);
+    // A read-only connection (opened while a failover's address still led to the old primary,
+    // and left on top of the pool by a read that worked there): the pool destroyed it, so sent
+    // again on another. Nobody retries a failed release: the key stayed claimed for the whole
+    // lease, every retry a 409. A failover can leave several such connections idle, so again while
+    // the failed one was one of those (each is destroyed, so this ends), and at least once: a
+    // server that is read-only itself costs one more. Never more sends than the pool has connections.
+    for (let sends = 1; ; sends++) {
+      const hadIdle = this.pool.idleCount > 0;
+      try {
+        return (await this.#query(this.#sql.release, values)).rowCount === 1;
+      } catch (error) {
+        if ((error as { code?: unknown }).code !== READ_ONLY || (sends > 1 && !hadIdle) || sends > this.#maxConnections()) throw error;
+      }
     }
-    return result.rowCount === 1;
+  }
+
+  /** The pool's `max` (pg's default 10). */
+  #maxConnections(): number {
+    const max = (this.pool as { options?: { max?: unknown } }).options?.max;
+    return typeof max === 'number' && max > 0 ? max : 10;
   }
 
   async renew(key: string, token: LeaseToken, leaseMs: number): Promise<boolean> {

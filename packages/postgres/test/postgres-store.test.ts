@@ -921,6 +921,60 @@ describe('store failures reject with the driver error', () => {
     }
   });
 
+  it('several read-only connections on top of the pool (a failover) do not keep a failed handler\'s key claimed for the lease', async () => {
+    let readOnly = false;
+    const pool = new pg.Pool({ connectionString: db.url, max: 4 });
+    pool.on('error', () => undefined);
+    opensReadOnlyWhile(pool, () => readOnly);
+    try {
+      const s = createPostgresStore({ pool, schema: db.schema });
+      const engine = createIdempotencyEngine({ store: s, logger: false });
+      const request: IncomingRequest = { method: 'POST', path: '/orders', headers: { 'idempotency-key': key() }, body: { sku: 'A1' } };
+      const decision = await engine.decide(request);
+      if (decision.kind !== 'run') throw new Error(`expected run, got ${decision.kind}`);
+      // While the address led to the old primary the handler's own reads (two at once) opened two
+      // connections there; both worked and went back on top of the pool.
+      readOnly = true;
+      const writable = await pool.connect();
+      const stale = [await pool.connect(), await pool.connect()];
+      readOnly = false;
+      writable.release();
+      for (const client of stale) {
+        await client.query('SELECT 1');
+        client.release();
+      }
+      expect(pool.idleCount).toBe(3);
+      // Then the handler throws: the engine releases the key, through both read-only connections.
+      await decision.lease.abandon('handler-threw');
+      const retry = await engine.decide(request);
+      expect(retry.kind).toBe('run');
+      if (retry.kind === 'run') await retry.lease.abandon('client-gone');
+      await s.close();
+    } finally {
+      await pool.end();
+    }
+  });
+
+  it('a release on a server that is read-only itself is sent twice, then fails with 25006', async () => {
+    const pool = new pg.Pool({ connectionString: db.url, max: 4 });
+    pool.on('error', () => undefined);
+    opensReadOnlyWhile(pool, () => true);
+    let opened = 0;
+    pool.on('connect', () => void opened++);
+    try {
+      const s = createPostgresStore({ pool, schema: db.schema });
+      const failed = await s.release(key(), 'token' as LeaseToken).then(
+        () => undefined,
+        (error: { code?: unknown }) => error.code,
+      );
+      expect(failed).toBe('25006');
+      expect(opened).toBe(2);
+      await s.close();
+    } finally {
+      await pool.end();
+    }
+  });
+
   it('stores sharing one pool share one listener on it (no MaxListeners warning with many stores)', async () => {
     const pool = new pg.Pool({ connectionString: db.url, max: 1 });
     try {
