@@ -206,7 +206,18 @@ export class RunningLease implements Lease {
     // nobody left to end it. So when the lease would have run out it is rolled back and the key
     // freed, unless settled first. Renewals go on until then, so that rollback (or, for a handler
     // that committed by itself, its 410 marker) still lands while the key is this lease's.
-    setTimeout(() => void this.#lapse(), Math.max(0, this.#leaseEndsAt - performance.now())).unref();
+    // Not before a whole lease from now, though, while renewals get through: the lease's end as it
+    // stands now can be as little as two thirds of a lease away (the next renewal was due), and a
+    // handler still at work that would have finished by then was rolled back, and its retry ran it
+    // a second time, where without transactions it gets a lease's time and is stored.
+    const lapseAt = performance.now() + this.host.options.leaseMs;
+    const lapseWhenDue = (): void => {
+      const now = performance.now();
+      const due = Math.min(lapseAt, this.#leaseEndsAt);
+      if (now < due) setTimeout(lapseWhenDue, due - now).unref();
+      else void this.#lapse();
+    };
+    setTimeout(lapseWhenDue, Math.max(0, this.#leaseEndsAt - performance.now())).unref();
   }
 
   async #lapse(): Promise<void> {

@@ -73,8 +73,8 @@ export interface Lease {
    * a crashed holder's would, and the next request with the key takes over. For a binding that
    * can no longer tell whether the handler will still answer (its response closed after the head
    * went out, with no end). A `commit` or `abandon` before then still works. In transactional
-   * mode the lease is renewed until it would have run out, then the transaction is rolled back
-   * and the key freed.
+   * mode the lease is renewed for a whole `leaseMs` from this call (less only if renewals stop
+   * getting through), then the transaction is rolled back and the key freed.
    */
   letLapse(): void;
   /**

@@ -1174,6 +1174,58 @@ describe('koa binding: concurrency and disconnects', () => {
     expect(runs).toBe(1);
   });
 
+  it('transactional: a handler that finishes within a lease of its client leaving (just before a renewal) commits, and the retry replays it', async () => {
+    let runs = 0;
+    let renewals = 0;
+    let rolledBack = 0;
+    let committed = 0;
+    const memory = createMemoryStore();
+    const store: TransactionalStore<null> = Object.assign(memory, {
+      renew: (...args: Parameters<MemoryStore['renew']>) => {
+        renewals++;
+        return MemoryStore.prototype.renew.apply(memory, args);
+      },
+      async beginTransaction(): Promise<StoreTransaction<null>> {
+        return {
+          client: null,
+          complete: (...args: Parameters<MemoryStore['complete']>) => {
+            committed++;
+            return memory.complete(...args);
+          },
+          rollback: async () => void rolledBack++,
+        };
+      },
+    });
+    const leaseMs = 3_000;
+    const abort = new AbortController();
+    let done!: () => void;
+    const finished = new Promise<void>((resolve) => (done = resolve));
+    let renewalsAtLeave = -1;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store, transactional: true, leaseMs, logger: false }));
+      app.use(async (ctx) => {
+        runs++;
+        // The client leaves just before the lease's first renewal (due a third of a lease after
+        // the claim), then the handler needs most of a lease more, but less than one.
+        await new Promise((resolve) => setTimeout(resolve, 850));
+        renewalsAtLeave = renewals;
+        abort.abort();
+        await new Promise((resolve) => setTimeout(resolve, 0.8 * leaseMs));
+        ctx.status = 201;
+        ctx.body = { runs };
+        done();
+      });
+    });
+    const aborted = post(url, 'late-tx', {}, {}, abort.signal).catch(() => 'aborted');
+    expect(await aborted).toBe('aborted');
+    await finished;
+    expect(renewalsAtLeave).toBe(0);
+    // As without transactions (the key is marked cut short only a whole lease after the leave):
+    // its answer is stored and replayed, the operation ran once.
+    const retry = await post(url, 'late-tx', {});
+    expect({ status: retry.status, replayed: retry.headers.get('idempotent-replayed'), runs, rolledBack, committed }).toEqual({ status: 201, replayed: 'true', runs: 1, rolledBack: 0, committed: 1 });
+  });
+
   it('transactional: a handler that never finishes once its client left has its transaction rolled back a lease later, and the retry runs on a clean slate', async () => {
     let runs = 0;
     let rolledBack = 0;
