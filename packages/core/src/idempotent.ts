@@ -55,6 +55,15 @@ function defaultSerialize(result: unknown): string {
 }
 
 /**
+ * The web classes a job that calls fetch() has at hand, whose data JSON cannot see either (it
+ * writes each as `{}`): those this runtime has.
+ */
+const WEB_OPAQUE: ReadonlyArray<abstract new (...args: never[]) => object> = ['Headers', 'URLSearchParams', 'FormData', 'Blob', 'Response', 'Request'].flatMap((name) => {
+  const type = (globalThis as Record<string, unknown>)[name];
+  return typeof type === 'function' ? [type as abstract new (...args: never[]) => object] : [];
+});
+
+/**
  * JSON writes these as `{}` (an Error's message and stack are not enumerable; a Promise is a
  * missing `await`): every caller would get an empty object, so they are refused as a BigInt is.
  * A replacer sees a value after its `toJSON`, so an error class with one is stored by it.
@@ -70,7 +79,7 @@ function refuseLossy(_key: string, value: unknown): unknown {
           ? 'an Error'
           : typeof (value as { then?: unknown }).then === 'function'
             ? 'a Promise (a missing `await`?)'
-            : value instanceof WeakMap || value instanceof WeakSet || value instanceof WeakRef || value instanceof RegExp || value instanceof ArrayBuffer || value instanceof DataView
+            : value instanceof WeakMap || value instanceof WeakSet || value instanceof WeakRef || value instanceof RegExp || value instanceof ArrayBuffer || value instanceof DataView || WEB_OPAQUE.some((type) => value instanceof type)
               ? `${/^[AEIOU]/.test(value.constructor.name) ? 'an' : 'a'} ${value.constructor.name}`
               : null;
   if (lost !== null) throw new TypeError(`JSON would store ${lost} as {}; return a plain object or array, or pass serialize/deserialize`);

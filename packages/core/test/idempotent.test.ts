@@ -430,6 +430,12 @@ describe('idempotent(fn)', () => {
       ['a WeakMap', () => [new WeakMap()], /a WeakMap as \{\}/],
       ['a RegExp', () => ({ pattern: /sku-\d+/ }), /a RegExp as \{\}/],
       ['an ArrayBuffer', () => ({ pdf: new ArrayBuffer(8) }), /an ArrayBuffer as \{\}/],
+      // What a job that calls fetch() has at hand: each keeps its data out of JSON's sight.
+      ['fetch() Headers', () => ({ headers: new Headers({ etag: '"v1"' }) }), /a Headers as \{\}/],
+      ['URLSearchParams', () => ({ next: new URLSearchParams('page=2') }), /URLSearchParams as \{\}/],
+      ['a Blob', () => ({ file: new Blob(['%PDF']) }), /a Blob as \{\}/],
+      ['a FormData', () => ({ form: new FormData() }), /a FormData as \{\}/],
+      ['a fetch() Response', () => ({ upstream: new Response('ok') }), /a Response as \{\}/],
     ])('holding %s, which JSON writes as {}: refused, not stored as an empty object', async (_what, result, message) => {
       const store = createMemoryStore();
       let runs = 0;
