@@ -212,6 +212,7 @@ export class RunningLease implements Lease {
     // a second time, where without transactions it gets a lease's time and is stored.
     const lapseAt = performance.now() + this.host.options.leaseMs;
     const lapseWhenDue = (): void => {
+      if (this.#settled) return;
       const now = performance.now();
       const due = Math.min(lapseAt, this.#leaseEndsAt);
       if (now < due) setTimeout(lapseWhenDue, due - now).unref();
