@@ -167,6 +167,40 @@ describe('transactional mode: a handler that never finishes once its client left
   });
 });
 
+describe('transactional mode: a handler that finishes within a lease of its client leaving', () => {
+  it('commits its writes with its answer, and the retry replays it: the lapse waits a whole lease from the leave, not only to the lease end as it stood', async () => {
+    const leaseMs = 3_000;
+    let runs = 0;
+    let done!: () => void;
+    const finished = new Promise<void>((resolve) => (done = resolve));
+    const controller = new AbortController();
+    const { app, ledger } = await build(
+      (a) =>
+        a.post('/orders', async (request) => {
+          runs++;
+          tx(request).write(`step-${runs}`);
+          // The client leaves just before the lease's first renewal (a third of a lease after the
+          // claim); the handler then needs most of a lease more, but less than one.
+          await new Promise((resolve) => setTimeout(resolve, 850));
+          controller.abort();
+          await new Promise((resolve) => setTimeout(resolve, 0.8 * leaseMs));
+          done();
+          return { run: runs };
+        }),
+      leaseMs,
+    );
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = app.server.address() as { port: number };
+    const first = fetch(`http://127.0.0.1:${port}/orders`, { method: 'POST', headers: { 'idempotency-key': 'late', 'content-type': 'application/json' }, body: '{"sku":"A1"}', signal: controller.signal });
+    await expect(first).rejects.toThrow();
+    await finished;
+    await vi.waitFor(() => expect(ledger.committed.length + ledger.rolledBack).toBe(1), { timeout: 5_000, interval: 20 });
+    const retry = await post(app, 'late');
+    expect([retry.statusCode, retry.headers['idempotent-replayed'], retry.json()]).toEqual([200, 'true', { run: 1 }]);
+    expect({ runs, committed: ledger.committed, rolledBack: ledger.rolledBack }).toEqual({ runs: 1, committed: ['step-1'], rolledBack: 0 });
+  });
+});
+
 describe("transactional mode: the handler's own answer", () => {
   it.each([
     ['directly', false],
