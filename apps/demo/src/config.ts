@@ -22,7 +22,8 @@ export class DemoConfigError extends Error {
   override readonly name = 'DemoConfigError';
 }
 
-const URL_VARIABLE: Record<Exclude<StoreKind, 'memory'>, string> = {
+/** The variable that holds each store's connection string. */
+export const URL_VARIABLE: Record<Exclude<StoreKind, 'memory'>, string> = {
   postgres: 'DATABASE_URL',
   redis: 'REDIS_URL',
   mongodb: 'MONGODB_URL',
@@ -36,10 +37,12 @@ function pick<T extends string>(name: string, value: string | undefined, allowed
   return v as T;
 }
 
-function integer(name: string, value: string | undefined, fallback: number, min: number): number {
+function integer(name: string, value: string | undefined, fallback: number, min: number, max = Number.MAX_SAFE_INTEGER): number {
   if (value === undefined || value === '') return fallback;
   const n = Number(value);
-  if (!Number.isInteger(n) || n < min) throw new DemoConfigError(`${name}=${value} must be an integer >= ${min}.`);
+  if (!Number.isInteger(n) || n < min || n > max) {
+    throw new DemoConfigError(`${name}=${value} must be an integer >= ${min}${max < Number.MAX_SAFE_INTEGER ? ` and <= ${max}` : ''}.`);
+  }
   return n;
 }
 
@@ -55,7 +58,7 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): DemoConfig {
   const namespace = env.DEMO_NAMESPACE ?? 'demo';
   if (!/^[a-z][a-z0-9_]{0,30}$/.test(namespace)) throw new DemoConfigError('DEMO_NAMESPACE must be lower-case letters, digits and _ (max 31).');
   return {
-    port: integer('PORT', env.PORT, 3000, 0),
+    port: integer('PORT', env.PORT, 3000, 0, 65_535),
     host: env.HOST ?? '127.0.0.1',
     framework,
     store,

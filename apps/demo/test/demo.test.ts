@@ -114,6 +114,9 @@ describe('configuration', () => {
     expect(() => readConfig({ FRAMEWORK: 'hapi' })).toThrow('FRAMEWORK=hapi is not supported. Use one of: fastify, express, koa.');
     expect(() => readConfig({ STORE: 'redis' })).toThrow(/REDIS_URL/);
     expect(() => readConfig({ PORT: 'eighty' })).toThrow(/PORT/);
+    // Was let through, and Fastify's listen() crashed the built app with a RangeError stack trace.
+    expect(() => readConfig({ PORT: '70000' })).toThrow('PORT=70000 must be an integer >= 0 and <= 65535.');
+    expect(readConfig({ PORT: '65535' }).port).toBe(65_535);
   });
 
   it('defaults: port 3000, Fastify, memory store, 50 ms of work', () => {
@@ -125,6 +128,26 @@ describe('configuration', () => {
     const run = spawnSync(process.execPath, [main], { env: { ...process.env, FRAMEWORK: 'rails' }, encoding: 'utf8', timeout: 20_000 });
     expect(run.status).toBe(2);
     expect(run.stderr).toContain('FRAMEWORK=rails is not supported');
+  });
+
+  // Was a driver's stack trace (Postgres, MongoDB) or, on Redis, a demo that said it was up and
+  // then printed "[ioredis] Unhandled error event" on every reconnect while answering 503s.
+  it.each([
+    ['postgres', 'DATABASE_URL', 'postgres://postgres@127.0.0.1:PORT/test'],
+    ['redis', 'REDIS_URL', 'redis://127.0.0.1:PORT'],
+    ['mongodb', 'MONGODB_URL', 'mongodb://127.0.0.1:PORT/demo'],
+  ])('the built app (STORE=%s) exits with one line naming %s when the server refuses', async (store, variable, url) => {
+    // A port that was free a moment ago: connections to it are refused.
+    const probe = createServer();
+    await new Promise<void>((resolve) => probe.listen(0, '127.0.0.1', resolve));
+    const { port } = probe.address() as AddressInfo;
+    await new Promise((resolve) => probe.close(resolve));
+    const main = fileURLToPath(new URL('../dist/main.js', import.meta.url));
+    const env = { ...process.env, PORT: '0', STORE: store, [variable]: url.replace('PORT', String(port)) };
+    const run = spawnSync(process.execPath, [main], { env, encoding: 'utf8', timeout: 20_000 });
+    expect(run.stdout).not.toContain('idemkit demo (');
+    expect(run.status).toBe(2);
+    expect(run.stderr.trim()).toBe(`[idemkit demo] STORE=${store} could not start with ${variable}: connect ECONNREFUSED 127.0.0.1:${port}. Is the server running, and is ${variable} right?`);
   });
 
   it.each(['fastify', 'express'])('the built app (%s) says so when its port is taken, and how to pick another', async (framework) => {
