@@ -21,7 +21,7 @@ export async function startFastify(config: DemoConfig, backend: Backend, assets:
     if (err.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return send(reply, tooLarge());
     // Fastify's own 4xx (415 for a content type it has no parser for, …) as problem+json too.
     if (err.statusCode !== undefined && err.statusCode < 500) return send(reply, clientError(err.statusCode, err.message));
-    app.log.error(err);
+    console.error(err); // not app.log: the demo's Fastify runs without a logger, so that is a no-op
     return send(reply, problem(500, 'internal', 'Internal error', 'Something went wrong; retry with the same key.'));
   });
   await app.register(fastifyIdempotency, { store: backend.store, transactional: backend.transactional });

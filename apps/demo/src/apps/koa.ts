@@ -4,7 +4,7 @@ import { idempotency } from '@idemkit/koa';
 import Koa from 'koa';
 import type { Assets } from '../assets.js';
 import type { Backend } from '../backend.js';
-import { clientError, createThing, invalidJson, listOrders, placeOrder, tooLarge, type DemoResponse } from '../checkout.js';
+import { clientError, createThing, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
 import type { DemoConfig } from '../config.js';
 import type { RunningDemo } from '../server.js';
 import { listen } from './listen.js';
@@ -19,8 +19,8 @@ function send(ctx: Koa.Context, r: DemoResponse): void {
 export async function startKoa(config: DemoConfig, backend: Backend, assets: Assets): Promise<RunningDemo> {
   const app = new Koa();
   const router = new Router();
-  // Body-parser errors (bad JSON, too large) and other exposed 4xx errors (idemkit's 415 for a
-  // body no parser read) become problem responses like the other frameworks'.
+  // Body-parser errors (bad JSON, too large), other exposed 4xx errors (idemkit's 415 for a body
+  // no parser read) and a handler's error become problem responses like the other frameworks'.
   app.use(async (ctx, next) => {
     try {
       await next();
@@ -29,7 +29,10 @@ export async function startKoa(config: DemoConfig, backend: Backend, assets: Ass
       if (e.status === 413 || e.type === 'entity.too.large') return send(ctx, tooLarge());
       if (err instanceof SyntaxError || e.type === 'entity.parse.failed') return send(ctx, invalidJson(e.message ?? 'Malformed JSON.'));
       if (e.status !== undefined && e.status >= 400 && e.status < 500 && e.expose === true) return send(ctx, clientError(e.status, e.message ?? ''));
-      throw err;
+      // Anything else (idemkit has already freed the key) is logged by the 'error' listener below
+      // and answers the same 500 problem as the other frameworks, not Koa's text/plain one.
+      ctx.app.emit('error', err, ctx);
+      return send(ctx, problem(500, 'internal', 'Internal error', 'Something went wrong; retry with the same key.'));
     }
   });
   app.use(bodyParser({ enableTypes: ['json'], jsonLimit: '100kb' }));
