@@ -31,14 +31,26 @@ export const tooLarge = () => problem(413, 'body-too-large', 'Request body too l
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/**
+ * What every backend can store as it is: Postgres's `integer` column holds 2^31 - 1 at most, and
+ * its `text` no NUL; no UTF-8 store keeps a lone surrogate (it becomes U+FFFD, so the order listed
+ * would differ from the one answered). Refused up front, on every store alike, instead of a 500
+ * from Postgres only.
+ */
+export const MAX_AMOUNT = 2_147_483_647;
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+
 /** POST /orders: validate, "charge" (DEMO_WORK_MS), then create the order. */
 export async function placeOrder(backend: Backend, workMs: number, body: unknown, ctx: IdempotencyContext | null | undefined): Promise<DemoResponse> {
   const input = body as { item?: unknown; amount?: unknown } | undefined;
   if (typeof input !== 'object' || input === null || typeof input.item !== 'string' || input.item.trim() === '') {
     return problem(400, 'invalid-order', 'Invalid order', '`item` must be a non-empty string.');
   }
-  if (typeof input.amount !== 'number' || !Number.isSafeInteger(input.amount) || input.amount <= 0) {
-    return problem(400, 'invalid-order', 'Invalid order', '`amount` must be a positive integer (cents).');
+  if (input.item.includes('\u0000') || LONE_SURROGATE.test(input.item)) {
+    return problem(400, 'invalid-order', 'Invalid order', '`item` may not hold NUL characters or unpaired surrogates.');
+  }
+  if (typeof input.amount !== 'number' || !Number.isInteger(input.amount) || input.amount <= 0 || input.amount > MAX_AMOUNT) {
+    return problem(400, 'invalid-order', 'Invalid order', `\`amount\` must be a positive integer (cents), at most ${MAX_AMOUNT}.`);
   }
   await sleep(workMs); // the payment provider call: the side effect that must not happen twice
   const order = await backend.orders.insert({ item: input.item, amount: input.amount, key: ctx?.key ?? null }, ctx?.transaction);
