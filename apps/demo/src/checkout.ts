@@ -68,3 +68,9 @@ export async function createThing(backend: Backend, body: unknown, ctx: Idempote
 export async function listOrders(backend: Backend): Promise<DemoResponse> {
   return { status: 200, headers: {}, body: { orders: await backend.orders.list() } };
 }
+
+/** GET /orders/:id: the order a 201's `Location` names. */
+export async function getOrder(backend: Backend, id: string): Promise<DemoResponse> {
+  const order = await backend.orders.get(id);
+  return order ? { status: 200, headers: {}, body: order } : problem(404, 'order-not-found', 'Order not found', `No order has the id ${JSON.stringify(id)}.`);
+}

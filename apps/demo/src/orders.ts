@@ -20,6 +20,8 @@ export interface OrderRepo {
   /** `tx`: the Postgres transaction of transactional mode, so the order commits with its stored response. */
   insert(order: Omit<Order, 'id' | 'createdAt'>, tx?: unknown): Promise<Order>;
   list(): Promise<Order[]>;
+  /** The order a 201's `Location` names, or undefined. */
+  get(id: string): Promise<Order | undefined>;
 }
 
 function newOrder(input: Omit<Order, 'id' | 'createdAt'>): Order {
@@ -37,8 +39,14 @@ export function memoryOrders(): OrderRepo {
     async list() {
       return [...orders];
     },
+    async get(id) {
+      return orders.find((o) => o.id === id);
+    },
   };
 }
+
+interface OrderRow { id: string; item: string; amount: number; idem_key: string | null; created_at: Date }
+const fromRow = (r: OrderRow): Order => ({ id: r.id, item: r.item, amount: r.amount, key: r.idem_key, createdAt: r.created_at.toISOString() });
 
 export async function postgresOrders(pool: Pool, namespace: string): Promise<OrderRepo> {
   const table = `${namespace}_orders`;
@@ -59,10 +67,14 @@ export async function postgresOrders(pool: Pool, namespace: string): Promise<Ord
       return order;
     },
     async list() {
-      const { rows } = await pool.query<{ id: string; item: string; amount: number; idem_key: string | null; created_at: Date }>(
+      const { rows } = await pool.query<OrderRow>(
         `SELECT id, item, amount, idem_key, created_at FROM ${table} ORDER BY created_at, id`,
       );
-      return rows.map((r) => ({ id: r.id, item: r.item, amount: r.amount, key: r.idem_key, createdAt: r.created_at.toISOString() }));
+      return rows.map(fromRow);
+    },
+    async get(id) {
+      const { rows } = await pool.query<OrderRow>(`SELECT id, item, amount, idem_key, created_at FROM ${table} WHERE id = $1`, [id]);
+      return rows[0] && fromRow(rows[0]);
     },
   };
 }
@@ -78,6 +90,10 @@ export function redisOrders(redis: Redis, namespace: string): OrderRepo {
     async list() {
       return (await redis.lrange(key, 0, -1)).map((s) => JSON.parse(s) as Order);
     },
+    async get(id) {
+      // A list, scanned: fine for a demo.
+      return (await redis.lrange(key, 0, -1)).map((s) => JSON.parse(s) as Order).find((o) => o.id === id);
+    },
   };
 }
 
@@ -91,6 +107,10 @@ export function mongoOrders(collection: Collection<Order & { _id?: unknown }>): 
     async list() {
       const docs = await collection.find({}, { projection: { _id: 0 } }).sort({ createdAt: 1 }).toArray();
       return docs.map(({ id, item, amount, key, createdAt }) => ({ id, item, amount, key, createdAt }));
+    },
+    async get(id) {
+      const doc = await collection.findOne({ id }, { projection: { _id: 0 } });
+      return doc ? { id: doc.id, item: doc.item, amount: doc.amount, key: doc.key, createdAt: doc.createdAt } : undefined;
     },
   };
 }

@@ -34,6 +34,20 @@ describe.each(FRAMEWORKS)('demo on %s with the in-memory store', (framework) => 
     expect(orders.filter((o) => o.key === key)).toHaveLength(1);
   });
 
+  // Was a 404 from the framework: the Location of every 201 named a route that did not exist.
+  it('the Location of a 201 names the order; an unknown id is a 404 problem', async () => {
+    const res = await post(`${demo.url}/orders`, JSON.stringify({ item: 'mug', amount: 900 }), crypto.randomUUID());
+    expect(res.status).toBe(201);
+    const order: unknown = await res.json();
+    const located = await fetch(new URL(res.headers.get('location')!, demo.url));
+    expect(located.status).toBe(200);
+    expect(await located.json()).toEqual(order);
+    const missing = await fetch(`${demo.url}/orders/ord_nope`);
+    expect(missing.status).toBe(404);
+    expect(missing.headers.get('content-type')).toContain('application/problem+json');
+    expect(await missing.json()).toMatchObject({ type: 'https://idemkit.dev/demo/problems/order-not-found', status: 404 });
+  });
+
   it('30 parallel requests with one key create exactly one order', async () => {
     const key = crypto.randomUUID();
     const responses = await Promise.all(Array.from({ length: 30 }, () => post(`${demo.url}/orders`, '{"item":"cup","amount":300}', key)));

@@ -47,6 +47,13 @@ describe.each(backends)('three demo processes on one %s behave as one service', 
       expect(new Set(perKey.map((a) => a.body)).size).toBe(1);
       expect(new Set(perKey.map((a) => a.location)).size).toBe(1);
     }
+    // Each process finds every order at its Location, whichever process created it.
+    for (const [i, demo] of demos.entries()) {
+      const { body, location } = answers[i]![0]!;
+      const located = await fetch(new URL(location!, demo.url));
+      expect(located.status).toBe(200);
+      expect(await located.json()).toEqual(JSON.parse(body));
+    }
     const { orders } = (await (await fetch(`${demos[0]!.url}/orders`)).json()) as { orders: Array<{ key: string }> };
     const mine = orders.filter((o) => o.key?.startsWith(namespace));
     expect(mine).toHaveLength(20);

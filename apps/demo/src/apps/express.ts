@@ -2,7 +2,7 @@ import { idempotency, idempotencyErrorHandler } from '@idemkit/express';
 import express, { type ErrorRequestHandler, type Response } from 'express';
 import type { Assets } from '../assets.js';
 import type { Backend } from '../backend.js';
-import { clientError, createThing, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
+import { clientError, createThing, getOrder, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
 import type { DemoConfig } from '../config.js';
 import type { RunningDemo } from '../server.js';
 import { listen } from './listen.js';
@@ -21,6 +21,7 @@ export async function startExpress(config: DemoConfig, backend: Backend, assets:
   app.get('/', (_req, res) => void res.type('html').send(assets.page));
   app.get('/vendor/idemkit-client.js', (_req, res) => void res.type('text/javascript').send(assets.client));
   app.get('/orders', async (_req, res) => send(res, await listOrders(backend)));
+  app.get('/orders/:id', async (req, res) => send(res, await getOrder(backend, req.params.id)));
   app.post('/orders', guard, async (req, res) => send(res, await placeOrder(backend, config.workMs, req.body, req.idempotency)));
   app.post('/create', guard, async (req, res) => send(res, await createThing(backend, req.body, req.idempotency)));
 

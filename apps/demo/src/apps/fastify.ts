@@ -2,7 +2,7 @@ import fastifyIdempotency from '@idemkit/fastify';
 import Fastify, { type FastifyError, type FastifyReply } from 'fastify';
 import type { Assets } from '../assets.js';
 import type { Backend } from '../backend.js';
-import { clientError, createThing, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
+import { clientError, createThing, getOrder, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
 import type { DemoConfig } from '../config.js';
 import type { RunningDemo } from '../server.js';
 import { closeGracefully } from './listen.js';
@@ -29,6 +29,7 @@ export async function startFastify(config: DemoConfig, backend: Backend, assets:
   app.get('/', { config: { idempotency: false } }, (_req, reply) => reply.type('text/html').send(assets.page));
   app.get('/vendor/idemkit-client.js', (_req, reply) => reply.type('text/javascript').send(assets.client));
   app.get('/orders', async (_req, reply) => send(reply, await listOrders(backend)));
+  app.get<{ Params: { id: string } }>('/orders/:id', async (req, reply) => send(reply, await getOrder(backend, req.params.id)));
   app.post('/orders', async (req, reply) => send(reply, await placeOrder(backend, config.workMs, req.body, req.idempotency)));
   app.post('/create', async (req, reply) => send(reply, await createThing(backend, req.body, req.idempotency)));
 

@@ -4,7 +4,7 @@ import { idempotency } from '@idemkit/koa';
 import Koa from 'koa';
 import type { Assets } from '../assets.js';
 import type { Backend } from '../backend.js';
-import { clientError, createThing, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
+import { clientError, createThing, getOrder, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
 import type { DemoConfig } from '../config.js';
 import type { RunningDemo } from '../server.js';
 import { listen } from './listen.js';
@@ -41,6 +41,7 @@ export async function startKoa(config: DemoConfig, backend: Backend, assets: Ass
   router.get('/', (ctx) => { ctx.type = 'html'; ctx.body = assets.page; });
   router.get('/vendor/idemkit-client.js', (ctx) => { ctx.type = 'text/javascript'; ctx.body = assets.client; });
   router.get('/orders', async (ctx) => send(ctx, await listOrders(backend)));
+  router.get('/orders/:id', async (ctx) => send(ctx, await getOrder(backend, ctx.params.id!)));
   router.post('/orders', guard, async (ctx) => send(ctx, await placeOrder(backend, config.workMs, ctx.request.body, ctx.state.idempotency)));
   router.post('/create', guard, async (ctx) => send(ctx, await createThing(backend, ctx.request.body, ctx.state.idempotency)));
   app.use(router.routes()).use(router.allowedMethods());
