@@ -1,4 +1,5 @@
 import { existsSync, mkdirSync } from 'node:fs';
+import { networkInterfaces } from 'node:os';
 import { chromium, type Browser } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FRAMEWORKS, readConfig } from '../src/config.js';
@@ -89,6 +90,41 @@ describe.each(FRAMEWORKS)('checkout page in Chromium (%s)', (framework) => {
       // Before, the key lived in a variable: the second Pay sent a new one and charged twice.
       const orders = await serverOrders(demo.url);
       expect(orders).toHaveLength(before + 1);
+    } finally {
+      await page.close();
+    }
+  });
+});
+
+/** This machine's first non-loopback IPv4 address: a page served there is not a secure context. */
+function lanAddress(): string {
+  const address = Object.values(networkInterfaces()).flat().find((i) => i?.family === 'IPv4' && !i.internal)?.address;
+  if (!address) throw new Error('This test needs a non-loopback IPv4 interface (a page on http://localhost is a secure context).');
+  return address;
+}
+
+// HOST=0.0.0.0, as the README suggests to reach the demo from elsewhere: the page is then on plain
+// http:// at a LAN address, where crypto.randomUUID does not exist. Before, the page called it to
+// make the checkout key, so Pay sent nothing and no order was made.
+describe('checkout page on a LAN address (not a secure context)', () => {
+  let demo: RunningDemo;
+  const host = lanAddress();
+  beforeAll(async () => {
+    demo = await startDemo(readConfig({ PORT: '0', HOST: host, DEMO_WORK_MS: '50' }));
+  });
+  afterAll(() => demo?.close());
+
+  it('Pay makes one order with a UUID key', async () => {
+    const page = await browser.newPage();
+    try {
+      await page.goto(demo.url);
+      expect(await page.evaluate(() => window.isSecureContext)).toBe(false);
+      await page.waitForFunction(() => document.getElementById('count')?.textContent === '0 orders');
+      await page.click('#pay');
+      await page.waitForFunction(() => document.getElementById('status')?.textContent?.startsWith('Paid'), undefined, { timeout: 20_000 });
+      const orders = await serverOrders(demo.url);
+      expect(orders).toHaveLength(1);
+      expect(orders[0]!.key).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
     } finally {
       await page.close();
     }
