@@ -59,7 +59,8 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): DemoConfig {
   if (!/^[a-z][a-z0-9_]{0,30}$/.test(namespace)) throw new DemoConfigError('DEMO_NAMESPACE must be lower-case letters, digits and _ (max 31).');
   return {
     port: integer('PORT', env.PORT, 3000, 0, 65_535),
-    host: env.HOST ?? '127.0.0.1',
+    // Empty means unset, as for PORT: an empty HOST would listen on every interface.
+    host: env.HOST || '127.0.0.1',
     framework,
     store,
     url,

@@ -135,6 +135,19 @@ describe('configuration', () => {
 
   it('defaults: port 3000, Fastify, memory store, 50 ms of work', () => {
     expect(readConfig({})).toMatchObject({ port: 3000, host: '127.0.0.1', framework: 'fastify', store: 'memory', workMs: 50 });
+    // Was '': the demo listened on every interface and printed http://:3000.
+    expect(readConfig({ HOST: '' }).host).toBe('127.0.0.1');
+  });
+
+  // Was http://::1:<port>, which no client parses.
+  it.each(FRAMEWORKS)('on an IPv6 HOST (%s) the printed URL has the address in brackets and works', async (framework) => {
+    const demo = await startDemo(readConfig({ FRAMEWORK: framework, HOST: '::1', PORT: '0' }));
+    try {
+      expect(demo.url).toMatch(/^http:\/\/\[::1\]:\d+$/);
+      expect((await fetch(`${demo.url}/orders`)).status).toBe(200);
+    } finally {
+      await demo.close();
+    }
   });
 
   it('the built app exits with the message when started with a bad value', () => {

@@ -5,7 +5,7 @@ import type { Backend } from '../backend.js';
 import { clientError, createThing, getOrder, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
 import type { DemoConfig } from '../config.js';
 import type { RunningDemo } from '../server.js';
-import { closeGracefully } from './listen.js';
+import { closeGracefully, urlOf } from './listen.js';
 
 function send(reply: FastifyReply, r: DemoResponse): FastifyReply {
   reply.code(r.status).headers(r.headers);
@@ -36,5 +36,5 @@ export async function startFastify(config: DemoConfig, backend: Backend, assets:
   await app.listen({ port: config.port, host: config.host });
   const address = app.server.address();
   const port = typeof address === 'object' && address ? address.port : config.port;
-  return { url: `http://${config.host}:${port}`, close: () => closeGracefully(app.server, () => app.close()) };
+  return { url: urlOf(config.host, port), close: () => closeGracefully(app.server, () => app.close()) };
 }

@@ -26,6 +26,9 @@ export async function closeGracefully(server: Server, close: () => Promise<void>
   }
 }
 
+/** The demo's URL; an IPv6 host goes in brackets (http://[::1]:3000). */
+export const urlOf = (host: string, port: number): string => `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
+
 /** Serve an Express app or a Koa callback on the configured address. */
 export async function listen(handler: RequestListener, config: DemoConfig): Promise<RunningDemo> {
   const server = createServer(handler);
@@ -33,7 +36,7 @@ export async function listen(handler: RequestListener, config: DemoConfig): Prom
   await new Promise<void>((resolve, reject) => server.once('listening', resolve).once('error', reject));
   const { port } = server.address() as AddressInfo;
   return {
-    url: `http://${config.host}:${port}`,
+    url: urlOf(config.host, port),
     close: () => closeGracefully(server, () => new Promise<void>((resolve) => server.close(() => resolve()))),
   };
 }
