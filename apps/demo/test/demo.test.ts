@@ -177,6 +177,21 @@ describe('configuration', () => {
     expect(run.stderr.trim()).toBe(`[idemkit demo] STORE=${store} could not start with ${variable}: connect ECONNREFUSED 127.0.0.1:${port}. Is the server running, and is ${variable} right?`);
   });
 
+  // Was a stack trace (listen EADDRNOTAVAIL, getaddrinfo ENOTFOUND) and exit code 1.
+  it.each([
+    ['fastify', '192.0.2.254', /EADDRNOTAVAIL/],
+    ['express', '192.0.2.254', /EADDRNOTAVAIL/],
+    ['fastify', 'no-such-host.invalid', /ENOTFOUND|EAI_AGAIN/],
+    ['koa', 'no-such-host.invalid', /ENOTFOUND|EAI_AGAIN/],
+  ])('the built app (%s) names HOST when it cannot listen on %s', (framework, host, code) => {
+    const main = fileURLToPath(new URL('../dist/main.js', import.meta.url));
+    const run = spawnSync(process.execPath, [main], { env: { ...process.env, PORT: '0', HOST: host, FRAMEWORK: framework }, encoding: 'utf8', timeout: 20_000 });
+    expect(run.status).toBe(2);
+    expect(run.stderr.trim().split('\n')).toHaveLength(1);
+    expect(run.stderr).toContain(`[idemkit demo] Cannot listen on HOST=${host} PORT=0:`);
+    expect(run.stderr).toMatch(code);
+  });
+
   it.each(['fastify', 'express'])('the built app (%s) says so when its port is taken, and how to pick another', async (framework) => {
     const busy = createServer();
     await new Promise<void>((resolve) => busy.listen(0, '127.0.0.1', resolve));
