@@ -72,6 +72,19 @@ async function open(config: DemoConfig): Promise<Backend> {
       } finally {
         redis.off('error', onError);
       }
+      // From now on an outage is one line, and one more when Redis is back: without a listener,
+      // ioredis prints "Unhandled error event" and a stack on every reconnect attempt.
+      let down = false;
+      redis.on('error', (error: Error) => {
+        if (down) return;
+        down = true;
+        console.error(`[idemkit demo] Redis is unreachable (${error.message}); requests get 503 until it is back.`);
+      });
+      redis.on('ready', () => {
+        if (!down) return;
+        down = false;
+        console.error('[idemkit demo] Redis is back.');
+      });
       const store = createRedisStore({ client: redis, prefix: `${ns}:idem:` });
       return { store, orders: redisOrders(redis, ns), transactional: false, close: async () => { await store.close(); redis.disconnect(); } };
     }
