@@ -123,7 +123,8 @@ export async function createIndexes(
     warn?.warn(
       `[idemkit] [mongodb] The server refused a TTL index on ${collection.namespace}.expiresAt ` +
         `(${(error as Error).message}). Expired records are still treated as absent on read, ` +
-        'but nothing deletes them: call store.purgeExpired() periodically (e.g. every minute).',
+        'but only store.purgeExpired() deletes them: run it periodically, e.g. startPurger(store) from @idemkit/core (once a minute). ' +
+        'An app that already does can ignore this.',
     );
     return 'no-ttl';
   }
