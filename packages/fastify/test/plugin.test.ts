@@ -51,6 +51,28 @@ async function leaveEarly(send: (signal: AbortSignal) => Promise<Response>, star
 }
 
 /** Asks again with `key` until the answer has `status` (a lease running out, a late answer stored); returns it. */
+/**
+ * `handler` on POST `path` (a 400 ms lease), its client leaving once it runs: the retries get
+ * 410 `cut-short` a lease later (not 409 for good), and it ran once.
+ */
+async function cutShortOnceLeft(path: string, handler: (request: FastifyRequest, reply: FastifyReply) => unknown): Promise<void> {
+  let runs = 0;
+  const { app } = await build(
+    (a) => {
+      a.post(path, (request, reply) => {
+        runs++;
+        return handler(request, reply);
+      });
+    },
+    { leaseMs: 400 },
+  );
+  const send = await overSocket(app);
+  await leaveEarly((signal) => send(path, `${path}-key`, signal), () => runs === 1);
+  const retry = await answeredWith(app, path, `${path}-key`, 410);
+  expect(retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
+  expect(runs).toBe(1);
+}
+
 function answeredWith(app: FastifyInstance, path: string, key: string, status: number, timeout = 5_000, payload: unknown = { a: 1 }): Promise<LightMyRequestResponse> {
   return vi.waitFor(
     async () => {
@@ -593,45 +615,21 @@ describe('an async handler whose client left', () => {
   });
 
   it('never finishing (hung on a call that never returns): 410 cut-short a lease after the client left, not 409 for good, never a second run', async () => {
-    let runs = 0;
-    const { app } = await build(
-      (a) => {
-        a.post('/hangs', async () => {
-          runs++;
-          await new Promise(() => undefined);
-        });
-      },
-      { leaseMs: 400 },
-    );
-    const send = await overSocket(app);
-    await leaveEarly((signal) => send('/hangs', 'hung', signal), () => runs === 1);
     // Before, the lease was renewed while the handler hung: every retry got 409, for good.
-    const retry = await answeredWith(app, '/hangs', 'hung', 410);
-    expect(retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
-    expect(runs).toBe(1);
+    await cutShortOnceLeft('/hangs', async () => {
+      await new Promise(() => undefined);
+    });
   });
 
   // Was: a value (or a throw) from the handler cleared the timer, on the word that Fastify sends
   // it. Fastify sends nothing for a reply hijacked meanwhile, and an error goes to an error
   // handler that may never answer: either held the key for good (409 to every retry).
   it('hijacking the reply after its client left, then resolving with a value: 410 cut-short a lease later, not 409 for good', async () => {
-    let runs = 0;
-    const { app } = await build(
-      (a) => {
-        a.post('/hijacks', async (_request, reply) => {
-          runs++;
-          await new Promise((resolve) => reply.raw.once('close', resolve));
-          reply.hijack();
-          return { late: true };
-        });
-      },
-      { leaseMs: 400 },
-    );
-    const send = await overSocket(app);
-    await leaveEarly((signal) => send('/hijacks', 'hijacked-late', signal), () => runs === 1);
-    const retry = await answeredWith(app, '/hijacks', 'hijacked-late', 410);
-    expect(retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
-    expect(runs).toBe(1);
+    await cutShortOnceLeft('/hijacks', async (_request, reply) => {
+      await new Promise((resolve) => reply.raw.once('close', resolve));
+      reply.hijack();
+      return { late: true };
+    });
   });
 
   it('throwing after its client left into an error handler that never answers: the key is freed a lease later, and the retry runs', async () => {
@@ -661,21 +659,9 @@ describe('an async handler whose client left', () => {
   // return: it calls reply.send() from its callback, as Fastify's docs show) whose callback never
   // came held its key for good once its client left: 409 to every retry, its lease renewed.
   it('a callback-style handler (not async) whose callback never comes: 410 cut-short a lease after the client left, not 409 for good', async () => {
-    let runs = 0;
-    const { app } = await build(
-      (a) => {
-        a.post('/callback-hangs', (_request, reply) => {
-          runs++;
-          new Promise<never>(() => undefined).then(() => reply.send({ never: true })); // a driver callback that never comes
-        });
-      },
-      { leaseMs: 400 },
-    );
-    const send = await overSocket(app);
-    await leaveEarly((signal) => send('/callback-hangs', 'callback-hung', signal), () => runs === 1);
-    const retry = await answeredWith(app, '/callback-hangs', 'callback-hung', 410);
-    expect(retry.json()).toMatchObject({ reason: 'cut-short', originalStatus: null });
-    expect(runs).toBe(1);
+    await cutShortOnceLeft('/callback-hangs', (_request, reply) => {
+      new Promise<never>(() => undefined).then(() => reply.send({ never: true })); // a driver callback that never comes
+    });
   });
 
   it('a callback-style handler (not async) that answers soon after its client left: that answer is stored and replayed', async () => {
