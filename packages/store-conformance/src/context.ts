@@ -12,6 +12,13 @@ export const SHORT_MS = 400;
  * when the suite compares store timestamps with `Date.now()`. Only used with LONG_MS spans.
  */
 export const SKEW_MS = 2_000;
+/**
+ * How soon after a short lease or TTL has ended the record must be gone, as this process measures
+ * it (monotonic clock, from before the write): the store's clock runs at the same rate, so only
+ * round trips and polling add to SHORT_MS. A store that honours a lease or TTL some grace period
+ * late (its own safety margin read as part of it) keeps a crashed holder's key locked that long.
+ */
+export const PROMPT_MS = 1_500;
 /** Polling for conditions that become true once a short lease/TTL has run out. */
 export const WAIT = { timeout: 15_000, interval: 20 } as const;
 /** Per-test timeout, so a user's default 5 s config does not cut off remote backends. */
@@ -95,6 +102,21 @@ export async function waitUntilGone(store: IdempotencyStore, ...keys: string[]):
   await vi.waitFor(async () => {
     for (const key of keys) expect(await store.get(key)).toBeUndefined();
   }, WAIT);
+}
+
+/**
+ * Wait until everything written so far has expired by the store's clock, without reading those
+ * records: a store may delete an expired record when it is read (the in-memory store does), which
+ * would change purge counts, and would hide a `begin` that still answers with an expired record.
+ * A canary lease begun now runs out last. The canary is then taken over and released, so it is
+ * not left behind as one more expired record.
+ */
+export async function waitForExpiry(store: IdempotencyStore, ctx: SuiteContext): Promise<void> {
+  const canary = ctx.key('expiry-canary');
+  await acquire(store, canary, SHORT_MS);
+  await waitUntilGone(store, canary);
+  const token = await acquire(store, canary, LONG_MS);
+  expect(await store.release(canary, token)).toBe(true);
 }
 
 /** Get and insist the record is there. */

@@ -1,7 +1,9 @@
-import { expect } from 'vitest';
+import { expect, vi } from 'vitest';
 import {
   LONG_MS,
+  PROMPT_MS,
   SHORT_MS,
+  WAIT,
   acquire,
   asToken,
   clause,
@@ -19,10 +21,15 @@ import {
 export function leaseSuite(ctx: SuiteContext): void {
   const store = useStore(ctx);
 
-  clause('an in-progress record whose lease ran out is not live: get() → undefined', async () => {
+  clause('an in-progress record whose lease ran out is not live: get() → undefined, as soon as the lease ends', async () => {
     const key = ctx.key('lease-expired-get');
+    const sentAt = performance.now();
     await acquire(store(), key, SHORT_MS);
     await waitUntilGone(store(), key);
+    // Not a grace period later: a crashed holder's key would stay locked (409s) that much longer.
+    expect(performance.now() - sentAt, 'gone ms after begin').toBeLessThan(SHORT_MS + PROMPT_MS);
+    const next = await store().begin(key, 'fp', LONG_MS);
+    expect(next.kind === 'acquired' && next.tookOver).toBe(true);
   });
 
   clause('a lease that ran out is over even before anyone takes over: its holder can neither renew nor complete it', async () => {
@@ -128,6 +135,12 @@ export function leaseSuite(ctx: SuiteContext): void {
     const key = ctx.key('lease-renew-end');
     const token = await acquire(store(), key, LONG_MS);
     const { createdAt } = await mustGet(store(), key);
+    // Let the store's clock move on, so a renew that restamps createdAt shows.
+    await vi.waitFor(async () => {
+      const again = await store().begin(key, 'fp', LONG_MS);
+      expect(again.kind).toBe('existing');
+      if (again.kind === 'existing') expect(again.leaseRemainingMs).toBeLessThanOrEqual(LONG_MS - 10);
+    }, WAIT);
     const renewedMs = 3 * LONG_MS;
     const before = Date.now();
     expect(await store().renew(key, token, renewedMs)).toBe(true);

@@ -9,6 +9,7 @@ import {
   mustGet,
   textResponse,
   useStore,
+  waitForExpiry,
   waitUntilGone,
   type SuiteContext,
 } from './context.js';
@@ -19,20 +20,6 @@ async function drain(store: IdempotencyStore): Promise<void> {
     if ((await store.purgeExpired(1_000)) === 0) return;
   }
   throw new Error('purgeExpired(1000) never reached 0');
-}
-
-/**
- * Wait until everything written so far has expired by the store's clock, without reading those
- * records (a store may delete expired records when read, which would change purge counts): a
- * canary lease begun now runs out last. The canary is then taken over and released, so it is
- * not left behind as one more expired record.
- */
-async function waitForExpiry(store: IdempotencyStore, ctx: SuiteContext): Promise<void> {
-  const canary = ctx.key('purge-canary');
-  await acquire(store, canary, SHORT_MS);
-  await waitUntilGone(store, canary);
-  const token = await acquire(store, canary, LONG_MS);
-  expect(await store.release(canary, token)).toBe(true);
 }
 
 /** `expiredCompleted` completed records with a short TTL plus `expiredLeases` abandoned short leases. */

@@ -1,6 +1,7 @@
 import { expect } from 'vitest';
 import {
   LONG_MS,
+  PROMPT_MS,
   SHORT_MS,
   acquire,
   clause,
@@ -8,6 +9,7 @@ import {
   mustGet,
   textResponse,
   useStore,
+  waitForExpiry,
   waitUntilGone,
   type SuiteContext,
 } from './context.js';
@@ -16,11 +18,13 @@ import {
 export function ttlSuite(ctx: SuiteContext): void {
   const store = useStore(ctx);
 
-  clause('a completed record expires after its TTL; then get → undefined and begin acquires (tookOver false)', async () => {
+  clause('a completed record expires after its TTL; then begin acquires (tookOver false) and get → undefined', async () => {
     const key = ctx.key('ttl-expire');
     const token = await acquire(store(), key, LONG_MS);
     expect(await store().complete(key, token, textResponse('short-lived'), SHORT_MS)).toBe(true);
-    await waitUntilGone(store(), key);
+    // Not by reading the key: a get() that deletes the expired record would hide a begin that
+    // still answers with it (a replay of an expired response, or a takeover of a completed record).
+    await waitForExpiry(store(), ctx);
 
     const next = await store().begin(key, 'fp', LONG_MS);
     expect(next.kind).toBe('acquired');
@@ -41,7 +45,10 @@ export function ttlSuite(ctx: SuiteContext): void {
       if (next.kind !== 'acquired') return;
       expect(await store().complete(key, next.token, textResponse(`round ${round}`), SHORT_MS)).toBe(true);
       expectSameResponse((await mustGet(store(), key)).response, textResponse(`round ${round}`));
+      const completedAt = performance.now();
       await waitUntilGone(store(), key);
+      // Gone when the TTL ends, not a grace period later.
+      expect(performance.now() - completedAt, `round ${round}: gone ms after completion`).toBeLessThan(SHORT_MS + PROMPT_MS);
     }
   });
 
