@@ -23,13 +23,13 @@ type Clause = ConformanceClause & { readonly register: (ctx: SuiteContext) => vo
 const clauses: readonly Clause[] = [
   // Purge runs first: its exact counts must not include records that other clauses let expire.
   { name: 'purgeExpired', covers: 'deletes only expired records (completed and abandoned leases), in batches of `limit`, and returns the count', register: purgeSuite },
-  { name: 'begin', covers: 'claims a new key with a fresh token, or returns the live record and the lease time left', register: beginSuite },
+  { name: 'begin', covers: 'claims a new key with a fresh token, or returns the live record and the lease time left; fingerprints kept exactly', register: beginSuite },
   { name: 'complete', covers: 'only the holder stores a response; get and begin replay it exactly; afterwards the old token is dead', register: completeSuite },
-  { name: 'lease', covers: 'takeover only after lease expiry, fencing of the stale holder (also across fresh store instances), renew, release', register: leaseSuite },
-  { name: 'ttl', covers: 'completed records expire after their TTL, counted from completion', register: ttlSuite },
+  { name: 'lease', covers: 'takeover only after lease expiry (and promptly then), fencing of the stale holder (also across fresh store instances), renew, release', register: leaseSuite },
+  { name: 'ttl', covers: 'completed records expire after their TTL (promptly, and by begin itself), counted from completion', register: ttlSuite },
   { name: 'concurrency', covers: 'exactly one of 200 concurrent callers wins (new key, expired lease, expired record, two clients)', register: concurrencySuite },
   { name: 'clock', covers: "leases, TTLs, time left, renew and purge go by the store's clock, with this process's clock an hour fast or slow (skipped with `processClock`)", register: clockSuite },
-  { name: 'response bytes', covers: 'empty, every-byte-value and 1 MiB bodies, repeated headers in order and 8 KiB values round-trip exactly', register: bytesSuite },
+  { name: 'response bytes', covers: 'empty, every-byte-value and 1 MiB bodies, repeated headers in order, 8 KiB and obs-text values round-trip exactly', register: bytesSuite },
   { name: 'keys', covers: 'SQL, Lua, pattern, operator, control and non-ASCII characters are data; distinct keys never collide', register: keysSuite },
   { name: 'close', covers: 'close() twice is safe and leaves other stores on the same client working', register: closeSuite },
 ];

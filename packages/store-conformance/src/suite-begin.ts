@@ -1,5 +1,5 @@
 import { expect } from 'vitest';
-import { LONG_MS, clause, expectNear, mustGet, useStore, type SuiteContext } from './context.js';
+import { LONG_MS, acquire, clause, expectNear, mustGet, textResponse, useStore, type SuiteContext } from './context.js';
 
 /** SPEC §3 begin: claim a new key, or report the live record. */
 export function beginSuite(ctx: SuiteContext): void {
@@ -42,6 +42,26 @@ export function beginSuite(ctx: SuiteContext): void {
     const again = await store().begin(key, null, LONG_MS);
     expect(again.kind).toBe('existing');
     if (again.kind === 'existing') expect(again.record.fingerprint).toBeNull();
+  });
+
+  clause('fingerprints are kept exactly, in progress and completed: empty (not null), spaces, colons, non-ASCII', async () => {
+    // A custom `fingerprint(request)` may return any string; the engine compares it as given, and
+    // treats null as "fingerprinting off", so '' must not come back as null (nor the other way).
+    const fingerprints = ['', ' ', ' padded ', 'a:b:c', '::', 'é-e\u0301-ключ-🔑', '"quoted"', 'null'];
+    await Promise.all(
+      fingerprints.map(async (fingerprint) => {
+        const key = ctx.key('begin-fp-exact');
+        const token = await acquire(store(), key, LONG_MS, fingerprint);
+        const label = JSON.stringify(fingerprint);
+        expect((await mustGet(store(), key)).fingerprint, `in progress: ${label}`).toBe(fingerprint);
+        const running = await store().begin(key, 'other', LONG_MS);
+        expect(running.kind === 'existing' && running.record.fingerprint, `begin, in progress: ${label}`).toBe(fingerprint);
+        expect(await store().complete(key, token, textResponse('done'), LONG_MS)).toBe(true);
+        expect((await mustGet(store(), key)).fingerprint, `completed: ${label}`).toBe(fingerprint);
+        const replay = await store().begin(key, 'other', LONG_MS);
+        expect(replay.kind === 'existing' && replay.record.fingerprint, `begin, completed: ${label}`).toBe(fingerprint);
+      }),
+    );
   });
 
   clause('begin again returns the live record and the lease time left (0 < left <= lease)', async () => {
