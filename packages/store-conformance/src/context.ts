@@ -18,7 +18,7 @@ export const SKEW_MS = 2_000;
  * round trips and polling add to SHORT_MS. A store that honours a lease or TTL some grace period
  * late (its own safety margin read as part of it) keeps a crashed holder's key locked that long.
  */
-export const PROMPT_MS = 1_500;
+export const PROMPT_MS = 2_000;
 /** Polling for conditions that become true once a short lease/TTL has run out. */
 export const WAIT = { timeout: 15_000, interval: 20 } as const;
 /** Per-test timeout, so a user's default 5 s config does not cut off remote backends. */
