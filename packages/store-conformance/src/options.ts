@@ -23,3 +23,24 @@ export interface StoreConformanceOptions {
    */
   processClock?: boolean;
 }
+
+const KNOWN = ['name', 'createStore', 'createSecondStore', 'cleanup', 'nativeExpiry', 'processClock'];
+
+/**
+ * Options a typo would turn into a silently weaker run (`createSecondstore` skips the two-client
+ * races, `nativeexpiry` makes the purge clause demand counts Redis cannot give) are refused, as
+ * are options of the wrong kind: the test file fails at once, naming the option.
+ */
+export function checkOptions(options: StoreConformanceOptions): void {
+  if (typeof options !== 'object' || options === null) throw new TypeError('[idemkit] runStoreConformance: pass an options object: { name, createStore }.');
+  const unknown = Object.keys(options).filter((name) => !KNOWN.includes(name));
+  if (unknown.length > 0) throw new TypeError(`[idemkit] runStoreConformance: unknown option(s) ${unknown.map((name) => `\`${name}\``).join(', ')}; the options are ${KNOWN.join(', ')}.`);
+  if (typeof options.name !== 'string' || options.name === '') throw new TypeError('[idemkit] runStoreConformance: `name` must be a non-empty string.');
+  if (typeof options.createStore !== 'function') throw new TypeError('[idemkit] runStoreConformance: `createStore` must be a function that returns a store.');
+  for (const name of ['createSecondStore', 'cleanup'] as const) {
+    if (options[name] !== undefined && typeof options[name] !== 'function') throw new TypeError(`[idemkit] runStoreConformance: \`${name}\` must be a function.`);
+  }
+  for (const name of ['nativeExpiry', 'processClock'] as const) {
+    if (options[name] !== undefined && typeof options[name] !== 'boolean') throw new TypeError(`[idemkit] runStoreConformance: \`${name}\` must be true or false.`);
+  }
+}

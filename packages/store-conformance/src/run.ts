@@ -1,6 +1,6 @@
 import { afterAll, describe } from 'vitest';
 import { createContext, type SuiteContext } from './context.js';
-import type { StoreConformanceOptions } from './options.js';
+import { checkOptions, type StoreConformanceOptions } from './options.js';
 import { beginSuite } from './suite-begin.js';
 import { bytesSuite } from './suite-bytes.js';
 import { clockSuite } from './suite-clock.js';
@@ -42,6 +42,7 @@ export const conformanceClauses: readonly ConformanceClause[] = clauses.map(({ n
  * level of a test file; every clause gets its own store from `createStore`.
  */
 export function runStoreConformance(options: StoreConformanceOptions): void {
+  checkOptions(options);
   describe(`store conformance: ${options.name}`, () => {
     const ctx = createContext(options);
     for (const clause of clauses) describe(clause.name, () => clause.register(ctx));
