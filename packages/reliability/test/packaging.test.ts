@@ -161,11 +161,13 @@ describe('published packages, as packed for npm', () => {
       expect(root.require!.default).toMatch(/\.cjs$/);
     });
 
-    it('ships README.md, LICENSE and engines.node, and no tests or sources', () => {
+    it('ships README.md, LICENSE, CHANGELOG.md (once written) and engines.node, and no tests or sources', () => {
       const { manifest, files } = get();
       expect(files).toContain('README.md');
       expect(files).toContain('LICENSE');
       expect(manifest.engines?.node).toMatch(/^>=\d+/);
+      // The CHANGELOG.md `changeset version` writes: pnpm and npm leave it out unless `files` names it.
+      expect(manifest.files).toContain('CHANGELOG.md');
       expect(files.filter((f) => /(^|\/)(test|tests|__tests__|src)\/|\.(test|spec)\.[cm]?[jt]s$/.test(f))).toEqual([]);
     });
 
