@@ -65,6 +65,46 @@ export function concurrencyCases(t: CaseContext): void {
     for (const reply of replies) expect(reply.body).toEqual(bytes);
   }, 30_000);
 
+  t.test("concurrency: 'wait' past waitTimeoutMs → 409 + Retry-After, the handler still runs once", async () => {
+    const app = await t.app({ concurrency: 'wait', waitTimeoutMs: 300 });
+    const key = newKey();
+    const first = app.post('/orders?hold=first', { key, json: { sku: 'A-1' } });
+    await vi.waitFor(() => expect(app.count('orders')).toBe(1), { timeout: ARRIVAL_TIMEOUT_MS, interval: 5 });
+    // The first holds its lease until the gate opens, which is only after this answer: the wait must give up.
+    const waited = await app.post('/orders?hold=first', { key, json: { sku: 'A-1' } });
+    app.open('first');
+    expect((await first).status).toBe(201);
+    const problem = expectProblem(waited, 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    const retryAfter = Number(waited.headers.get('retry-after'));
+    expect(Number.isInteger(retryAfter)).toBe(true);
+    expect(retryAfter).toBeGreaterThanOrEqual(1);
+    expect(problem['retryAfter']).toBe(retryAfter);
+    expect(app.count('orders')).toBe(1);
+  });
+
+  t.test('a different request under a key that is still running → 422 (not 409); the same request → 409, Retry-After from the default 60 s lease', async () => {
+    const app = await t.app();
+    const key = newKey();
+    const first = app.post('/orders?hold=first', { key, json: { sku: 'A-1' } });
+    await vi.waitFor(() => expect(app.count('orders')).toBe(1), { timeout: ARRIVAL_TIMEOUT_MS, interval: 5 });
+    const other = await app.post('/orders?hold=first', { key, json: { sku: 'B-2' } });
+    const same = await app.post('/orders?hold=first', { key, json: { sku: 'A-1' } });
+    app.open('first');
+    const original = await first;
+    expect(original.status).toBe(201);
+    expectProblem(other, 422, 'ERR_IDEMKIT_FINGERPRINT_MISMATCH');
+    expectProblem(same, 409, 'ERR_IDEMKIT_REQUEST_IN_PROGRESS');
+    // SPEC §2: the seconds left on the lease; the lease is 60 s by default and just began.
+    const retryAfter = Number(same.headers.get('retry-after'));
+    expect(retryAfter).toBeLessThanOrEqual(60);
+    expect(retryAfter).toBeGreaterThanOrEqual(50);
+    expect(app.count('orders')).toBe(1);
+    // The refused request changed nothing: the original replays.
+    const replay = await app.post('/orders?hold=first', { key, json: { sku: 'A-1' } });
+    expect(replay.replayed).toBe(true);
+    expect(replay.body).toEqual(original.body);
+  });
+
   t.test('a client that hangs up mid-handler: the handler finishes once, the retry gets its stored answer', async () => {
     const app = await t.app();
     const key = newKey();

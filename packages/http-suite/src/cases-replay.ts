@@ -202,6 +202,18 @@ export function replayCases(t: CaseContext): void {
     expect(replay.body).toEqual(first.body);
   });
 
+  t.test('same key, different text/plain body → 422 (a raw body is fingerprinted by its bytes)', async () => {
+    const app = await t.app();
+    const key = newKey();
+    const first = await app.post('/text', { key, text: 'first body' });
+    expect(first.status).toBe(200);
+    expectProblem(await app.post('/text', { key, text: 'other body' }), 422, 'ERR_IDEMKIT_FINGERPRINT_MISMATCH');
+    const replay = await app.post('/text', { key, text: 'first body' });
+    expect(replay.replayed).toBe(true);
+    expect(replay.body).toEqual(first.body);
+    expect(app.count('text')).toBe(1);
+  });
+
   t.test('JSON key order does not change the fingerprint', async () => {
     const app = await t.app();
     const key = newKey();
