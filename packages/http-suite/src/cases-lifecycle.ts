@@ -22,6 +22,22 @@ export function lifecycleCases(t: CaseContext): void {
     expect(app.count('orders')).toBe(2);
   });
 
+  t.test('defaults reach the store: a 60 s lease while the handler runs, a 24 h TTL once completed', async () => {
+    const app = await t.app();
+    const key = newKey();
+    const first = app.post('/orders?hold=first', { key, json: { sku: 'A-1' } });
+    await vi.waitFor(() => expect(app.count('orders')).toBe(1), { timeout: 10_000, interval: 5 });
+    // Store times are by the store's clock; the services run beside this process, so a few seconds cover it.
+    const running = await t.harness().store.get(storeId(key));
+    expect(running?.state).toBe('in_progress');
+    expect(Math.abs((running?.leaseExpiresAt ?? 0) - Date.now() - 60_000)).toBeLessThan(5_000);
+    app.open('first');
+    expect((await first).status).toBe(201);
+    const done = await t.harness().store.get(storeId(key));
+    expect(done?.state).toBe('completed');
+    expect(Math.abs((done?.expiresAt ?? 0) - Date.now() - 86_400_000)).toBeLessThan(5_000);
+  });
+
   t.test('expired TTL → the key is treated as new', async () => {
     const app = await t.app({ ttlMs: 300 });
     const key = newKey();

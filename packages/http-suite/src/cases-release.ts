@@ -81,4 +81,22 @@ export function releaseCases(t: CaseContext): void {
     expect(replay.body).toEqual(fits.body);
     expect(app.count('large')).toBe(2);
   });
+
+  t.test('default maxBodyBytes is 1 MiB: a 1 MiB body replays, one byte more gets 410 too-large', async () => {
+    const app = await t.app();
+    const fits = newKey();
+    const first = await app.post('/large?size=1048576', { key: fits });
+    expect(first.status).toBe(200);
+    const replay = await app.post('/large?size=1048576', { key: fits });
+    expect(replay.replayed).toBe(true);
+    // Buffer.equals, not toEqual: a deep compare of 1 MiB element by element takes seconds, long
+    // enough for the server to close the idle keep-alive socket under the next request.
+    expect(Buffer.from(replay.body).equals(first.body)).toBe(true);
+    const over = newKey();
+    const big = await app.post('/large?size=1048577', { key: over });
+    expect(big.body.byteLength).toBe(1_048_577);
+    const problem = expectProblem(await app.post('/large?size=1048577', { key: over }), 410, 'ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE');
+    expect(problem).toMatchObject({ originalStatus: 200, reason: 'too-large' });
+    expect(app.count('large')).toBe(2);
+  });
 }
