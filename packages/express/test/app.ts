@@ -44,6 +44,7 @@ export function buildApp(input: StartAppInput, expressModule: ExpressModule = ex
       ...input.options,
       store: input.store,
       scope: (req) => req.get('x-user'),
+      ...(input.keyFrom === undefined ? {} : { getKey: (req: Request) => req.get(input.keyFrom!) }),
       ...extra,
     }),
   );

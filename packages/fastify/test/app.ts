@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { StartApp, StartAppInput } from '@idemkit/http-suite';
-import Fastify, { type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify';
 import { fastifyIdempotency } from '../src/index.js';
 
 type Query = Record<string, string | undefined>;
@@ -12,7 +12,7 @@ type Query = Record<string, string | undefined>;
  * same app run on the lowest Fastify of the peer range (test/fastify-5.0.test.ts).
  */
 export async function buildApp(
-  { store, options, counter, txWork, hold }: StartAppInput,
+  { store, options, counter, txWork, hold, keyFrom }: StartAppInput,
   create: typeof Fastify = Fastify,
 ): Promise<FastifyInstance> {
   const app = create();
@@ -41,6 +41,14 @@ export async function buildApp(
       const user = request.headers['x-user'];
       return typeof user === 'string' ? user : undefined;
     },
+    ...(keyFrom === undefined
+      ? {}
+      : {
+          getKey: (request: FastifyRequest) => {
+            const value = request.headers[keyFrom.toLowerCase()];
+            return typeof value === 'string' ? value : undefined;
+          },
+        }),
   });
 
   app.post('/orders', async (request, reply) => {

@@ -61,6 +61,21 @@ export function keyCases(t: CaseContext): void {
     expect(app.count('orders')).toBe(1);
   });
 
+  t.test('a custom getKey gets the framework request: its key replays and passes the built-in rules; the key header is not read', async () => {
+    const app = await t.app({}, { keyFrom: 'x-alt-key' });
+    const key = newKey();
+    const first = await app.post('/orders', { headers: { 'x-alt-key': key }, json: { a: 1 } });
+    const replay = await app.post('/orders', { headers: { 'x-alt-key': key }, json: { a: 1 } });
+    expect(first.status).toBe(201);
+    expect(replay.replayed).toBe(true);
+    expect(replay.body).toEqual(first.body);
+    // getKey replaces the header (and body field) lookup: with it answering undefined, there is no key.
+    expectProblem(await app.post('/orders', { key, json: { a: 1 } }), 400, 'ERR_IDEMKIT_KEY_MISSING');
+    // What it returns is held to the same rules as a header key.
+    expectProblem(await app.post('/orders', { headers: { 'x-alt-key': 'x'.repeat(256) }, json: { a: 1 } }), 400, 'ERR_IDEMKIT_KEY_INVALID');
+    expect(app.count('orders')).toBe(1);
+  });
+
   t.test('non-ASCII key bytes and several Idempotency-Key headers → 400 problem+json', async () => {
     const app = await t.app();
     // Raw UTF-8 bytes on the wire (Node reads header bytes as latin1, so they arrive as non-ASCII characters).

@@ -46,6 +46,8 @@ export interface AppSetup {
   /** Defaults to the harness's store. */
   readonly store?: IdempotencyStore;
   readonly txWork?: StartAppInput['txWork'];
+  /** The header the app's custom `getKey` reads (see StartAppInput). */
+  readonly keyFrom?: string;
 }
 
 /** What every case file gets: naming, the store of this run, and app startup. */
@@ -110,6 +112,7 @@ export function createCaseContext(
         counter,
         hold: gates.hold,
         ...(setup.txWork ? { txWork: setup.txWork } : {}),
+        ...(setup.keyFrom === undefined ? {} : { keyFrom: setup.keyFrom }),
       });
       track(() => {
         gates.openAll();

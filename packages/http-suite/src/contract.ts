@@ -32,6 +32,12 @@ export interface StartAppInput {
    */
   readonly txWork?: (transaction: unknown, body: unknown) => Promise<unknown>;
   /**
+   * When set, the app also passes a `getKey` that reads this request header through its
+   * framework's own request (Express `req.get`, Koa `ctx.get`, Fastify `request.headers`),
+   * undefined when absent: SPEC §2's custom `getKey(request)`.
+   */
+  readonly keyFrom?: string;
+  /**
    * The gate `POST /orders?hold=<name>` waits at: the handler (after counting) awaits
    * `hold(name)`, which settles when the case opens that gate. It keeps a lease busy for exactly
    * as long as a case needs (every duplicate has arrived), where a fixed delay would only guess.

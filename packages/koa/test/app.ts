@@ -42,7 +42,7 @@ export async function listen(app: Koa): Promise<TestAppHandle> {
  * @koa/bodyparser. `KoaClass` lets the same app run on the lowest Koa of the peer range.
  */
 export function createStartApp(KoaClass: typeof Koa = Koa): StartApp {
-  return async ({ store, options, counter, txWork, hold }: StartAppInput) => {
+  return async ({ store, options, counter, txWork, hold, keyFrom }: StartAppInput) => {
     const count = (name: string): number => {
       const n = (counter.get(name) ?? 0) + 1;
       counter.set(name, n);
@@ -112,6 +112,7 @@ export function createStartApp(KoaClass: typeof Koa = Koa): StartApp {
       ...options,
       store,
       scope: (ctx) => ctx.get('x-user') || undefined,
+      ...(keyFrom === undefined ? {} : { getKey: (ctx: Koa.Context) => ctx.get(keyFrom) || undefined }),
     };
     const app = new KoaClass();
     app.use(async (ctx, next) => {
