@@ -612,7 +612,13 @@ type HookName = Exclude<keyof RouteHooks, 'onRawClose' | 'onSendMadeHead'>;
 function keepHandlerResult(route: RouteOptions, onRawClose: RouteHooks['onRawClose']): void {
   const handler = route.handler;
   route.handler = function idempotentHandler(this: FastifyInstance, request, reply) {
-    let result: unknown = handler.call(this, request, reply);
+    let result: unknown;
+    try {
+      result = handler.call(this, request, reply);
+    } catch (error) {
+      thrownAfterHijack(request, reply, onRawClose);
+      throw error;
+    }
     const state = stateOf(request);
     if (state !== null) {
       // A thenable that is not a native promise (a query builder that runs again on every
@@ -625,6 +631,21 @@ function keepHandlerResult(route: RouteOptions, onRawClose: RouteHooks['onRawClo
     }
     return result;
   };
+}
+
+/**
+ * The handler threw at once, its reply hijacked (`sent`, nothing through onSend): Fastify only
+ * logs that (no onError), so the throw is recorded here, and frees the key when the response
+ * closes, or now if it closed already (the client left during slower hooks). Before, `ran` was
+ * never set, so the close only marked the request closed early: the key was renewed for the life
+ * of the process, 409 to every retry. A throw Fastify sends on is left to onError, as before.
+ */
+function thrownAfterHijack(request: FastifyRequest, reply: FastifyReply, onRawClose: RouteHooks['onRawClose']): void {
+  const state = stateOf(request);
+  if (state === null || !reply.sent || state.settling !== undefined) return;
+  state.ran = true;
+  state.errored = true;
+  if (state.closedEarly) onRawClose(state);
 }
 
 /** Put an answer's status and headers back on the reply, after a later answer changed them. */

@@ -722,6 +722,38 @@ describe('a client that leaves early, at other moments', () => {
     expect(runs).toBe(1);
   });
 
+  // Was: a handler that hijacked its reply and then threw at once reached no onError (Fastify
+  // only logs that) and never counted as run, so the close only marked the request closed early:
+  // the key was renewed for the life of the process, 409 to every retry.
+  it.each([
+    ['with the client still there', false],
+    ['after the client left during a slow hook after ours', true],
+  ])('a sync handler that hijacks and then throws frees its key, %s', async (_when, hookFirst) => {
+    let entered = false;
+    let runs = 0;
+    const { app } = await build(
+      (a) => {
+        if (hookFirst) {
+          a.addHook('onRoute', (route) => {
+            route.preHandler = [...([route.preHandler ?? []].flat() as never[]), async () => void (entered = true, await new Promise((resolve) => setTimeout(resolve, 200)))];
+          });
+        }
+        a.post('/hijack-throws', (_request, reply) => {
+          runs++;
+          if (runs > 1) return reply.code(201).send({ run: runs });
+          reply.hijack();
+          throw new Error('upgrade failed');
+        });
+      },
+      { leaseMs: 300 },
+    );
+    const overTcp = await overSocket(app);
+    await leaveEarly((signal) => overTcp('/hijack-throws', 'hijack-throws', signal), () => (hookFirst ? entered : runs === 1));
+    const retry = await answeredWith(app, '/hijack-throws', 'hijack-throws', 201, 2_000);
+    expect(retry.json()).toEqual({ run: 2 });
+    expect(runs).toBe(2);
+  });
+
   it('during a slow hook after ours, before the handler ran: settled once it has', async () => {
     let entered = false;
     let runs = 0;
