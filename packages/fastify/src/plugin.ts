@@ -505,9 +505,13 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
     Promise.resolve(handler).then(
       (value) => void (value !== undefined && !hijacked() && clearTimeout(cutShort)),
       () => {
+        if (lease.settled || state.settling !== undefined) return;
+        // Fastify sends the throw on to the onError hooks, but app-wide ones run before ours and
+        // may outlast the lease (an error reporter): the timer must then free the key, as the
+        // throw's answer would, not mark it cut-short (410, the retry never runs). Known here.
+        if (!reply.sent) return void (state.errored = true);
         // A hijacked reply's throw reaches no onError (Fastify only logs it): it frees the key
         // as any throw does, as for a reply hijacked before the client left.
-        if (!hijacked() || lease.settled) return;
         clearTimeout(cutShort);
         state.errored = true;
         void lease.abandon('handler-threw');

@@ -621,6 +621,32 @@ describe('an async handler whose client left', () => {
     });
   });
 
+  // An error reporter's onError hook (app-wide, so it runs before ours) that takes longer than a
+  // lease: the throw is not yet known to ours when the timer fires. It must still free the key,
+  // as the throw's answer does, not mark it cut-short (410 to every retry, which can never run).
+  it('throwing after its client left, into an app-wide onError hook slower than a lease: the key is freed, the retry runs', async () => {
+    let runs = 0;
+    const { app } = await build(
+      (a) => {
+        a.addHook('onError', async () => {
+          await new Promise((resolve) => setTimeout(resolve, 900)); // reporting the error, slowly
+        });
+        a.post('/reported', async (_request, reply) => {
+          runs++;
+          if (runs > 1) return reply.code(201).send({ run: runs });
+          await new Promise((resolve) => reply.raw.once('close', resolve));
+          throw new Error('card declined');
+        });
+      },
+      { leaseMs: 300 },
+    );
+    const send = await overSocket(app);
+    await leaveEarly((signal) => send('/reported', 'reported', signal), () => runs === 1);
+    const retry = await answeredWith(app, '/reported', 'reported', 201, 3_000);
+    expect(retry.json()).toEqual({ run: 2 });
+    expect(runs).toBe(2);
+  });
+
   // Was: a value (or a throw) from the handler cleared the timer, on the word that Fastify sends
   // it. Fastify sends nothing for a reply hijacked meanwhile, and an error goes to an error
   // handler that may never answer: either held the key for good (409 to every retry).
