@@ -638,7 +638,7 @@ function keepHandlerResult(route: RouteOptions, onRawClose: RouteHooks['onRawClo
 }
 
 /**
- * The handler threw at once, its reply hijacked (`sent`, nothing through onSend): Fastify only
+ * The handler threw at once, its reply hijacked (`sent`, nothing through onSend or out): Fastify only
  * logs that (no onError), so the throw is recorded here, and frees the key when the response
  * closes, or now if it closed already (the client left during slower hooks). Before, `ran` was
  * never set, so the close only marked the request closed early: the key was renewed for the life
@@ -646,7 +646,8 @@ function keepHandlerResult(route: RouteOptions, onRawClose: RouteHooks['onRawClo
  */
 function thrownAfterHijack(request: FastifyRequest, reply: FastifyReply, onRawClose: RouteHooks['onRawClose']): void {
   const state = stateOf(request);
-  if (state === null || !reply.sent || state.settling !== undefined) return;
+  // One whose raw answer went out first is settled by that answer when it closes, as an async one's.
+  if (state === null || !reply.sent || state.settling !== undefined || reply.raw.headersSent) return;
   state.ran = true;
   state.errored = true;
   if (state.closedEarly) onRawClose(state);

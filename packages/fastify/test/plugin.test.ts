@@ -780,6 +780,24 @@ describe('a client that leaves early, at other moments', () => {
     expect(runs).toBe(2);
   });
 
+  it('a sync handler that answers on its hijacked reply and then throws keeps that answer: never run again, as an async one', async () => {
+    let runs = 0;
+    const { app } = await build((a) => {
+      a.post('/answered-then-threw', (_request, reply) => {
+        runs++;
+        reply.hijack();
+        reply.raw.writeHead(202, { 'content-type': 'text/plain' });
+        reply.raw.end('accepted');
+        throw new Error('bookkeeping failed after the answer');
+      });
+    });
+    const overTcp = await overSocket(app);
+    expect((await overTcp('/answered-then-threw', 'answered-then-threw')).status).toBe(202);
+    const retry = await answeredWith(app, '/answered-then-threw', 'answered-then-threw', 410);
+    expect(retry.json()).toMatchObject({ reason: 'not-bufferable', originalStatus: 202 });
+    expect(runs).toBe(1);
+  });
+
   it('during a slow hook after ours, before the handler ran: settled once it has', async () => {
     let entered = false;
     let runs = 0;
