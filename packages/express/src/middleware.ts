@@ -72,12 +72,29 @@ function uploadedBy(req: Request): unknown {
 /**
  * Express 4's `body-parser` sets `req.body = {}` for every type it skips, and reads nothing of
  * it: a body still unread (its stream not ended) under an empty plain object is that `{}`, not
- * a parsed one (a parser that read `{}` has ended the stream). Before, such bodies all
- * fingerprinted alike, so a form posted to an express.json()-only app under a reused key got
+ * a parsed one (a parser that read `{}` has ended the stream, or flagged it: see parsedBefore).
+ * Before, such bodies all fingerprinted alike, so a form posted to an express.json()-only app under a reused key got
  * the first form's answer instead of a 415. Express 5's parsers leave `undefined` instead.
  */
 function skippedByParser(req: Request, body: unknown): boolean {
-  return !req.readableEnded && typeof body === 'object' && body !== null && Object.getPrototypeOf(body) === Object.prototype && Object.keys(body).length === 0;
+  return (
+    !req.readableEnded &&
+    !parsedBefore(req) &&
+    typeof body === 'object' &&
+    body !== null &&
+    Object.getPrototypeOf(body) === Object.prototype &&
+    Object.keys(body).length === 0
+  );
+}
+
+/**
+ * Flagged parsed as body-parser 1.x flags what it parsed (`req._body`), which it never does for
+ * a type it skips: a platform that parsed the body before the app and built the request from its
+ * event (serverless adapters, Vercel's and Cloud Functions' bridges) sets it so the app's parsers
+ * skip it, and no one reads that request's stream. Its JSON `{}` is a parsed body, not a 415.
+ */
+function parsedBefore(req: Request): boolean {
+  return (req as { _body?: unknown })._body === true;
 }
 
 function expose(req: Request, res: Response, context: IdempotencyContext | null): void {
