@@ -269,7 +269,8 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     // again on another. Nobody retries a failed release: the key stayed claimed for the whole
     // lease, every retry a 409. A failover can leave several such connections idle, so again while
     // the failed one was one of those (each is destroyed, so this ends), and at least once: a
-    // server that is read-only itself costs one more. Never more sends than the pool has connections.
+    // server that is read-only itself costs one more. At most the pool's size plus one sends
+    // (after `max` stale idle ones, the last goes out on a fresh connection).
     for (let sends = 1; ; sends++) {
       const hadIdle = this.pool.idleCount > 0;
       try {
