@@ -259,22 +259,21 @@ function jobCaller<Args extends unknown[], R>(
         // the result as every other call does: a Date as its JSON text here and as a Date when the
         // store is up would break code written against the usual shape only in an outage.
         const result = (await invoke(undefined)) as Awaited<R>;
-        let body: Uint8Array;
         try {
-          body = toBytes(serialize(result));
+          return deserialize(toBytes(serialize(result))) as Awaited<R>;
         } catch (error) {
           // fn ran and nothing can stop it running again: a rejection here would have a queue
           // redeliver the message, and with the store still gone every redelivery runs fn (with
           // the store there, the 410 marker stops them). So the result is handed back as it is, and
-          // the shape it could not be given is said in the log.
+          // the shape it could not be given is said in the log. A `deserialize` that cannot read
+          // what `serialize` wrote likewise.
           engine.options.logger?.warn(
-            `[idemkit] ${wrapper}(): "${name}" ran without idempotency (the store failed, onStoreError: 'pass'), and its result could not be serialised ` +
-              `(${error instanceof Error ? error.message : String(error)}): it is returned as fn gave it, not as a stored result would be. With the store up, such a result is refused after fn ran ` +
-              '(later calls reject with ResponseNotReplayableError). Return JSON-safe values, or pass `serialize` and `deserialize`.',
+            `[idemkit] ${wrapper}(): "${name}" ran without idempotency (the store failed, onStoreError: 'pass'), and its result could not be serialised and read back ` +
+              `(${error instanceof Error ? error.message : String(error)}): it is returned as fn gave it, not as a stored result would be. With the store up, a result serialize refuses is refused after fn ran ` +
+              '(later calls reject with ResponseNotReplayableError). Return JSON-safe values, or pass `serialize` and `deserialize` that read back what they write.',
           );
           return result;
         }
-        return deserialize(body) as Awaited<R>;
       }
       case 'problem':
         throw forJob(decision.error);

@@ -64,6 +64,17 @@ describe.each(['postgres', 'redis'] as const)('a job and a webhook route on one 
   });
 });
 
+/** A queue consumer's handling of one message: redelivered while it rejects, three times at most. */
+async function consumed<T>(job: (orderId: string) => Promise<T>, orderId: string): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await job(orderId);
+    } catch (error) {
+      if (attempt === 3) throw error;
+    }
+  }
+}
+
 describe("a job with onStoreError: 'pass' on a Redis that goes away", () => {
   let redis: ThrowawayRedis;
   let opened: OpenedStore;
@@ -116,21 +127,40 @@ describe("a job with onStoreError: 'pass' on a Redis that goes away", () => {
       },
       { store: opened.store as IdempotencyStore, name: 'charge-or-decline', key: (orderId) => orderId, onStoreError: 'pass', storeTimeoutMs: 500, logger: { warn: (m: string) => warnings.push(m), error: () => undefined } },
     );
-    /** A consumer that redelivers a message whose handling rejected, up to three times. */
-    const consume = async (orderId: string): Promise<unknown> => {
-      for (let attempt = 1; ; attempt++) {
-        try {
-          return await job(orderId);
-        } catch (error) {
-          if (attempt === 3) throw error;
-        }
-      }
-    };
-    const result = (await consume('order-3')) as { orderId: string; declined: unknown };
+    const result = (await consumed(job, 'order-3')) as { orderId: string; declined: unknown };
     expect(runs).toBe(1);
     expect(result.orderId).toBe('order-3');
     expect(result.declined).toBeInstanceOf(Error);
     expect(warnings.some((w) => w.includes('charge-or-decline') && w.includes('serialis'))).toBe(true);
+  });
+
+  // The same for a `deserialize` that cannot read what `serialize` wrote (a schema check that
+  // refuses an old shape, say): the call rejected after fn ran, and each redelivery ran fn again.
+  it('a deserialize that throws, with the store gone: fn ran, so the call resolves with its value (warned), and runs once', async () => {
+    await redis.down();
+    let runs = 0;
+    const warnings: string[] = [];
+    const job = idempotent(
+      async (orderId: string) => {
+        runs++;
+        return { orderId, charged: 4200 };
+      },
+      {
+        store: opened.store as IdempotencyStore,
+        name: 'charge-versioned',
+        key: (orderId) => orderId,
+        onStoreError: 'pass',
+        storeTimeoutMs: 500,
+        serialize: (result) => JSON.stringify(result),
+        deserialize: () => {
+          throw new Error('unsupported result version');
+        },
+        logger: { warn: (m: string) => warnings.push(m), error: () => undefined },
+      },
+    );
+    expect(await consumed(job, 'order-4')).toEqual({ orderId: 'order-4', charged: 4200 });
+    expect(runs).toBe(1);
+    expect(warnings.some((w) => w.includes('charge-versioned') && w.includes('unsupported result version'))).toBe(true);
   });
 });
 
