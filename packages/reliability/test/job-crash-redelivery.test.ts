@@ -4,40 +4,19 @@
  * gets that one charge. And a worker frozen past its lease: its late completion never
  * overwrites the result of the worker that took its key over.
  */
-import { uniqueSuffix } from '@idemkit/test-services';
-import pg from 'pg';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import type { Outcome } from '../src/job-worker.js';
-import { dropNamespace } from '../src/records.js';
-import { serviceUrl } from '../src/services.js';
-import { createEffects, dropEffects } from './support/effects.js';
-import { JOB_WORKER, ProcessPool, type ServerProcess } from '../src/spawn.js';
+import type { ServerProcess } from '../src/spawn.js';
+import { deliverTo, jobWorkersOn } from './support/job-workers.js';
 
 describe.each(['postgres', 'redis'] as const)('a job worker killed mid-job on %s, its message redelivered to three workers at once', (kind) => {
-  const pool = new ProcessPool();
-  const ns = `job_crash_${uniqueSuffix()}`;
-  let url = '';
-  let effects: pg.Pool;
-
-  beforeAll(async () => {
-    url = await serviceUrl(kind);
-    effects = await createEffects(ns);
-  });
-
-  afterAll(async () => {
-    await pool.stopAll();
-    await dropNamespace(kind, url, [`${ns}_keys`], `${ns}:`);
-    await dropEffects(effects, ns);
-  });
+  const workers = jobWorkersOn(kind, 'job_crash');
+  const { ns } = workers;
 
   it('one of them runs it once, after the lease; all get that charge', async () => {
-    const env = { STORE: kind, STORE_URL: url, PREFIX: ns, EFFECTS_URL: await serviceUrl('postgres'), LEASE_MS: '1000', WAIT_TIMEOUT_MS: '10000' };
-    const [doomed, ...survivors] = await Promise.all([0, 1, 2, 3].map(() => pool.spawn(JOB_WORKER, env)));
+    const [doomed, ...survivors] = await workers.spawn(4, { LEASE_MS: '1000', WAIT_TIMEOUT_MS: '10000' });
     const order = { orderId: `${ns}-o1`, cents: 100 };
-    const deliver = async (worker: ServerProcess, workMs: number): Promise<Outcome> => {
-      const res = await fetch(`${worker.url}/deliver`, { method: 'POST', body: JSON.stringify({ order, delivery: { workMs } }) });
-      return (await res.json()) as Outcome;
-    };
+    const deliver = (worker: ServerProcess, workMs: number): Promise<Outcome> => deliverTo(worker, order, workMs);
     const lost = deliver(doomed!, 60_000).catch((error: unknown) => error);
     await vi.waitFor(() => expect(doomed!.events('RUN')).toHaveLength(1), { timeout: 10_000, interval: 10 });
     doomed!.child.kill('SIGKILL');
@@ -45,7 +24,7 @@ describe.each(['postgres', 'redis'] as const)('a job worker killed mid-job on %s
 
     const outcomes = await Promise.all(survivors.flatMap((w) => [deliver(w, 50), deliver(w, 50)]));
     const values = outcomes.map((o) => (o.ok ? o.value : o));
-    const { rows } = await effects.query<{ charge_id: string; pid: number }>(`SELECT charge_id, pid FROM "${ns}_effects"`);
+    const { rows } = await workers.effects().query<{ charge_id: string; pid: number }>(`SELECT charge_id, pid FROM "${ns}_effects"`);
     expect(rows).toHaveLength(1);
     for (const v of values) expect(v).toMatchObject({ chargeId: rows[0]!.charge_id, pid: rows[0]!.pid });
     expect(survivors.flatMap((w) => w.events('RUN'))).toHaveLength(1);
@@ -54,13 +33,9 @@ describe.each(['postgres', 'redis'] as const)('a job worker killed mid-job on %s
   });
 
   it('a worker frozen (SIGSTOP) past its lease and thawed after the takeover finished: its late result is refused, never stored over the taker\'s', async () => {
-    const env = { STORE: kind, STORE_URL: url, PREFIX: ns, EFFECTS_URL: await serviceUrl('postgres'), LEASE_MS: '1000', WAIT_TIMEOUT_MS: '10000' };
-    const [frozen, taker] = await Promise.all([0, 1].map(() => pool.spawn(JOB_WORKER, env)));
+    const [frozen, taker] = await workers.spawn(2, { LEASE_MS: '1000', WAIT_TIMEOUT_MS: '10000' });
     const order = { orderId: `${ns}-o2`, cents: 200 };
-    const deliver = async (worker: ServerProcess, workMs: number): Promise<Outcome> => {
-      const res = await fetch(`${worker.url}/deliver`, { method: 'POST', body: JSON.stringify({ order, delivery: { workMs } }) });
-      return (await res.json()) as Outcome;
-    };
+    const deliver = (worker: ServerProcess, workMs: number): Promise<Outcome> => deliverTo(worker, order, workMs);
     const late = deliver(frozen!, 300);
     await vi.waitFor(() => expect(frozen!.events('RUN')).toHaveLength(1), { timeout: 10_000, interval: 10 });
     frozen!.child.kill('SIGSTOP');

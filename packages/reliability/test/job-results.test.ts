@@ -3,18 +3,17 @@
  * result, and the same shape whether or not the store was there to keep it.
  */
 import type { AddressInfo } from 'node:net';
-import { FingerprintMismatchError, idempotent, type IdempotencyStore } from '@idemkit/core';
+import { FingerprintMismatchError, idempotent, type IdempotencyStore, type IdempotentOptions } from '@idemkit/core';
 import { idempotency } from '@idemkit/express';
 import { uniqueSuffix } from '@idemkit/test-services';
 import express from 'express';
-import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { Outcome } from '../src/job-worker.js';
 import { openStore, type OpenedStore } from '../src/open-store.js';
 import { dropNamespace } from '../src/records.js';
 import { serviceUrl } from '../src/services.js';
-import { createEffects, dropEffects } from './support/effects.js';
-import { JOB_WORKER, ProcessPool } from '../src/spawn.js';
+import type { ServerProcess } from '../src/spawn.js';
+import { deliverTo, jobWorkersOn } from './support/job-workers.js';
 import { post } from './support/http.js';
 import { ThrowawayRedis } from './support/redis-server.js';
 
@@ -90,15 +89,21 @@ describe("a job with onStoreError: 'pass' on a Redis that goes away", () => {
     await redis?.stop();
   });
 
-  it('gives the same value shape with the store gone as with it there (a Date is its JSON text both times)', async () => {
-    let runs = 0;
+  /** `result` as a job on this store with onStoreError 'pass', counting its runs and keeping its warnings. */
+  function passJob<R>(name: string, result: (orderId: string) => R, codec: Pick<IdempotentOptions<[string], R>, 'serialize' | 'deserialize'> = {}) {
+    const seen = { runs: 0, warnings: [] as string[] };
     const job = idempotent(
       async (orderId: string) => {
-        runs++;
-        return { orderId, chargedAt: new Date(Date.UTC(2026, 0, 2)) };
+        seen.runs++;
+        return result(orderId);
       },
-      { store: opened.store as IdempotencyStore, name: 'charge', key: (orderId) => orderId, onStoreError: 'pass', storeTimeoutMs: 500, logger: false },
+      { store: opened.store as IdempotencyStore, name, key: (orderId) => orderId, onStoreError: 'pass', storeTimeoutMs: 500, logger: { warn: (m: string) => seen.warnings.push(m), error: () => undefined }, ...codec },
     );
+    return { job, seen };
+  }
+
+  it('gives the same value shape with the store gone as with it there (a Date is its JSON text both times)', async () => {
+    const { job, seen } = passJob('charge', (orderId) => ({ orderId, chargedAt: new Date(Date.UTC(2026, 0, 2)) }));
     const stored = await job('order-1');
     expect(stored).toEqual({ orderId: 'order-1', chargedAt: '2026-01-02T00:00:00.000Z' });
 
@@ -108,7 +113,7 @@ describe("a job with onStoreError: 'pass' on a Redis that goes away", () => {
     const passed = await job('order-2');
     expect(passed).toEqual({ orderId: 'order-2', chargedAt: '2026-01-02T00:00:00.000Z' });
     expect(typeof passed.chargedAt).toBe('string');
-    expect(runs).toBe(2);
+    expect(seen.runs).toBe(2);
   });
 
   // Was (since results were round-tripped in 'pass'): fn ran, nothing could be stored, and then
@@ -118,76 +123,37 @@ describe("a job with onStoreError: 'pass' on a Redis that goes away", () => {
   // 410 marker stops the redeliveries; here the call has to resolve for it to run once.
   it('a result JSON cannot hold, with the store gone: fn ran, so the call resolves with it (warned) instead of inviting a redelivery that runs fn again', async () => {
     await redis.down();
-    let runs = 0;
-    const warnings: string[] = [];
-    const job = idempotent(
-      async (orderId: string) => {
-        runs++;
-        return { orderId, declined: new Error('card declined') };
-      },
-      { store: opened.store as IdempotencyStore, name: 'charge-or-decline', key: (orderId) => orderId, onStoreError: 'pass', storeTimeoutMs: 500, logger: { warn: (m: string) => warnings.push(m), error: () => undefined } },
-    );
+    const { job, seen } = passJob('charge-or-decline', (orderId) => ({ orderId, declined: new Error('card declined') }));
     const result = (await consumed(job, 'order-3')) as { orderId: string; declined: unknown };
-    expect(runs).toBe(1);
+    expect(seen.runs).toBe(1);
     expect(result.orderId).toBe('order-3');
     expect(result.declined).toBeInstanceOf(Error);
-    expect(warnings.some((w) => w.includes('charge-or-decline') && w.includes('serialis'))).toBe(true);
+    expect(seen.warnings.some((w) => w.includes('charge-or-decline') && w.includes('serialis'))).toBe(true);
   });
 
   // The same for a `deserialize` that cannot read what `serialize` wrote (a schema check that
   // refuses an old shape, say): the call rejected after fn ran, and each redelivery ran fn again.
   it('a deserialize that throws, with the store gone: fn ran, so the call resolves with its value (warned), and runs once', async () => {
     await redis.down();
-    let runs = 0;
-    const warnings: string[] = [];
-    const job = idempotent(
-      async (orderId: string) => {
-        runs++;
-        return { orderId, charged: 4200 };
+    const { job, seen } = passJob('charge-versioned', (orderId) => ({ orderId, charged: 4200 }), {
+      serialize: (result) => JSON.stringify(result),
+      deserialize: () => {
+        throw new Error('unsupported result version');
       },
-      {
-        store: opened.store as IdempotencyStore,
-        name: 'charge-versioned',
-        key: (orderId) => orderId,
-        onStoreError: 'pass',
-        storeTimeoutMs: 500,
-        serialize: (result) => JSON.stringify(result),
-        deserialize: () => {
-          throw new Error('unsupported result version');
-        },
-        logger: { warn: (m: string) => warnings.push(m), error: () => undefined },
-      },
-    );
+    });
     expect(await consumed(job, 'order-4')).toEqual({ orderId: 'order-4', charged: 4200 });
-    expect(runs).toBe(1);
-    expect(warnings.some((w) => w.includes('charge-versioned') && w.includes('unsupported result version'))).toBe(true);
+    expect(seen.runs).toBe(1);
+    expect(seen.warnings.some((w) => w.includes('charge-versioned') && w.includes('unsupported result version'))).toBe(true);
   });
 });
 
 describe.each(['postgres', 'redis'] as const)('two worker processes on one %s store: what a duplicate that cannot get the result is told', (kind) => {
-  const pool = new ProcessPool();
-  const ns = `job_errors_${uniqueSuffix()}`;
-  let url = '';
-  let effects: pg.Pool;
-
-  beforeAll(async () => {
-    url = await serviceUrl(kind);
-    effects = await createEffects(ns);
-  });
-
-  afterAll(async () => {
-    await pool.stopAll();
-    await dropNamespace(kind, url, [`${ns}_keys`], `${ns}:`);
-    await dropEffects(effects, ns);
-  });
+  const workers = jobWorkersOn(kind, 'job_errors');
+  const { ns } = workers;
 
   it('in progress past waitTimeoutMs: the job, the wait and when to retry, in words a job caller knows; another amount: a mismatch that says so', async () => {
-    const env = { STORE: kind, STORE_URL: url, PREFIX: ns, EFFECTS_URL: await serviceUrl('postgres'), LEASE_MS: '10000', WAIT_TIMEOUT_MS: '300' };
-    const [a, b] = await Promise.all([pool.spawn(JOB_WORKER, env), pool.spawn(JOB_WORKER, env)]);
-    const deliver = async (worker: typeof a, cents: number, workMs: number): Promise<Outcome> => {
-      const res = await fetch(`${worker.url}/deliver`, { method: 'POST', body: JSON.stringify({ order: { orderId: `${ns}-o1`, cents }, delivery: { workMs } }) });
-      return (await res.json()) as Outcome;
-    };
+    const [a, b] = (await workers.spawn(2, { LEASE_MS: '10000', WAIT_TIMEOUT_MS: '300' })) as [ServerProcess, ServerProcess];
+    const deliver = (worker: ServerProcess, cents: number, workMs: number): Promise<Outcome> => deliverTo(worker, { orderId: `${ns}-o1`, cents }, workMs);
     const first = deliver(a, 100, 3_000);
     await vi.waitFor(() => expect(a.events('RUN')).toHaveLength(1), { timeout: 10_000, interval: 10 });
 

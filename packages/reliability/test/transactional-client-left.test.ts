@@ -6,17 +6,9 @@
  * row, one run. Koa and Fastify started doing this today (Express already did).
  */
 import { randomUUID } from 'node:crypto';
-import type { AddressInfo } from 'node:net';
-import type { Server } from 'node:http';
-import { idempotency as expressIdempotency, idempotencyErrorHandler } from '@idemkit/express';
-import fastifyIdempotency from '@idemkit/fastify';
-import { idempotency as koaIdempotency } from '@idemkit/koa';
 import { pgTransaction } from '@idemkit/postgres';
-import { bodyParser } from '@koa/bodyparser';
-import express from 'express';
-import Fastify from 'fastify';
-import Koa from 'koa';
 import { describe, expect, it, vi } from 'vitest';
+import { serveOrders, type Framework, type OrderWork } from './support/orders-apps.js';
 import { ordersSchema } from './support/orders-schema.js';
 
 const db = ordersSchema('rev_client_left');
@@ -32,7 +24,7 @@ interface Harness {
   close(): Promise<void>;
 }
 
-async function start(framework: 'express' | 'koa' | 'fastify'): Promise<Harness> {
+async function start(framework: Framework): Promise<Harness> {
   const runs = new Map<string, number>();
   const gates = new Map<string, { open: () => void; opened: Promise<void>; left: Promise<void>; sawLeave: () => void }>();
   const gate = (key: string) => {
@@ -48,7 +40,7 @@ async function start(framework: 'express' | 'koa' | 'fastify'): Promise<Harness>
     return entry;
   };
   const options = { store: db.store, transactional: true, leaseMs: LEASE_MS, logger: false as const };
-  const work = async (context: { key: string; transaction: unknown } | null | undefined, raw: { once(e: 'close', f: () => void): unknown }): Promise<number> => {
+  const work: OrderWork = async (context, raw) => {
     const key = context?.key ?? '';
     const n = (runs.get(key) ?? 0) + 1;
     runs.set(key, n);
@@ -60,58 +52,13 @@ async function start(framework: 'express' | 'koa' | 'fastify'): Promise<Harness>
     }
     return 201;
   };
-  let server: Server;
-  if (framework === 'fastify') {
-    const app = Fastify({ forceCloseConnections: true });
-    await app.register(fastifyIdempotency, options);
-    app.post('/orders', async (request, reply) => {
-      const code = await work(request.idempotency, reply.raw);
-      return reply.code(code).send({ status: code });
-    });
-    await app.listen({ port: 0, host: '127.0.0.1' });
-    server = app.server;
-    return {
-      url: `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`,
-      runs: (key) => runs.get(key) ?? 0,
-      left: (key) => gate(key).left,
-      finish: (key) => gate(key).open(),
-      close: () => app.close(),
-    };
-  }
-  if (framework === 'express') {
-    const app = express();
-    app.use(express.json(), expressIdempotency(options));
-    app.post('/orders', async (req, res, next) => {
-      try {
-        const code = await work(req.idempotency, res);
-        res.status(code).json({ status: code });
-      } catch (error) {
-        next(error);
-      }
-    });
-    app.use(idempotencyErrorHandler());
-    server = app.listen(0, '127.0.0.1');
-  } else {
-    const app = new Koa();
-    app.silent = true;
-    app.use(bodyParser()).use(koaIdempotency(options)).use(async (ctx) => {
-      const code = await work(ctx.state.idempotency, ctx.res);
-      ctx.status = code;
-      ctx.body = { status: code };
-    });
-    server = app.listen(0, '127.0.0.1');
-  }
-  await new Promise((resolve) => server.once('listening', resolve));
+  const app = await serveOrders(framework, options, work);
   return {
-    url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    url: app.url,
     runs: (key) => runs.get(key) ?? 0,
     left: (key) => gate(key).left,
     finish: (key) => gate(key).open(),
-    close: () =>
-      new Promise<void>((resolve) => {
-        server.closeAllConnections();
-        server.close(() => resolve());
-      }),
+    close: app.close,
   };
 }
 

@@ -7,19 +7,11 @@
  * handler's own answer after an await from a timeout's until the handler settles (its README).
  */
 import { randomUUID } from 'node:crypto';
-import type { AddressInfo } from 'node:net';
-import type { Server, ServerResponse } from 'node:http';
+import type { ServerResponse } from 'node:http';
 import type { IdempotencyEvent } from '@idemkit/core';
-import { idempotency as expressIdempotency, idempotencyErrorHandler } from '@idemkit/express';
-import fastifyIdempotency from '@idemkit/fastify';
-import { idempotency as koaIdempotency } from '@idemkit/koa';
 import { pgTransaction } from '@idemkit/postgres';
-import { bodyParser } from '@koa/bodyparser';
-import Router from '@koa/router';
-import express from 'express';
-import Fastify from 'fastify';
-import Koa from 'koa';
 import { describe, expect, it, vi } from 'vitest';
+import { serveOrders, type Framework, type OrderWork } from './support/orders-apps.js';
 import { ordersSchema } from './support/orders-schema.js';
 
 const db = ordersSchema('own_answer_hp');
@@ -32,7 +24,7 @@ interface Harness {
 }
 
 /** The handler: insert in the transaction, then answer `status` the first time, 201 after. */
-async function start(framework: 'express' | 'koa' | 'fastify', status: number): Promise<Harness> {
+async function start(framework: Framework, status: number): Promise<Harness> {
   const responses = new Map<string, ServerResponse>();
   const sentWhenFreed = new Map<string, boolean>();
   const runs = new Map<string, number>();
@@ -44,7 +36,7 @@ async function start(framework: 'express' | 'koa' | 'fastify', status: number): 
       if (event.type === 'released') sentWhenFreed.set(event.key, responses.get(event.key)?.headersSent ?? false);
     },
   };
-  const work = async (context: { key: string; transaction: unknown } | null | undefined, res: ServerResponse): Promise<number> => {
+  const work: OrderWork = async (context, res) => {
     const key = context?.key ?? '';
     responses.set(key, res);
     const n = (runs.get(key) ?? 0) + 1;
@@ -52,51 +44,8 @@ async function start(framework: 'express' | 'koa' | 'fastify', status: number): 
     await pgTransaction(context).query(`INSERT INTO ${db.rows} (ref) VALUES ($1)`, [key]);
     return n === 1 ? status : 201;
   };
-  let server: Server;
-  if (framework === 'fastify') {
-    const app = Fastify({ forceCloseConnections: true });
-    await app.register(fastifyIdempotency, options);
-    app.post('/orders', async (request, reply) => {
-      const code = await work(request.idempotency, reply.raw);
-      return reply.code(code).send({ status: code });
-    });
-    await app.listen({ port: 0, host: '127.0.0.1' });
-    return { url: `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`, sentWhenFreed, close: () => app.close() };
-  }
-  if (framework === 'express') {
-    const app = express();
-    app.use(express.json(), expressIdempotency(options));
-    app.post('/orders', async (req, res, next) => {
-      try {
-        const code = await work(req.idempotency, res);
-        res.status(code).json({ status: code });
-      } catch (error) {
-        next(error);
-      }
-    });
-    app.use(idempotencyErrorHandler());
-    server = app.listen(0, '127.0.0.1');
-  } else {
-    const app = new Koa();
-    const router = new Router();
-    router.post('/orders', async (ctx) => {
-      const code = await work(ctx.state.idempotency, ctx.res);
-      ctx.status = code;
-      ctx.body = { status: code };
-    });
-    app.use(bodyParser()).use(koaIdempotency(options)).use(router.routes());
-    server = app.listen(0, '127.0.0.1');
-  }
-  await new Promise((resolve) => server.once('listening', resolve));
-  return {
-    url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
-    sentWhenFreed,
-    close: () =>
-      new Promise<void>((resolve) => {
-        server.closeAllConnections();
-        server.close(() => resolve());
-      }),
-  };
+  const app = await serveOrders(framework, options, work);
+  return { url: app.url, sentWhenFreed, close: app.close };
 }
 
 const count = (key: string): Promise<number> => db.count(key);
