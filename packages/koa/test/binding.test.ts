@@ -14,7 +14,7 @@ import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ConfigurationError, idempotency, type IdempotencyState } from '../src/index.js';
 import { SlowBeginStore } from '@idemkit/http-suite';
 import { rawBody } from './app.js';
-import { post, postUntil, startKoa } from './helpers.js';
+import { leaveWhileRunning, post, postUntil, startKoa } from './helpers.js';
 import { twinSuite } from './twin-cases.js';
 
 const closers: Array<() => Promise<void>> = [];
@@ -1093,11 +1093,7 @@ describe('koa binding: concurrency and disconnects', () => {
         ctx.body = { done: true };
       });
     });
-    const abort = new AbortController();
-    const aborted = post(url, 'left', {}, {}, abort.signal).catch(() => 'aborted');
-    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
-    abort.abort();
-    expect(await aborted).toBe('aborted');
+    await leaveWhileRunning(url, 'left', () => runs === 1);
     await vi.waitFor(() => expect(clientGone).toBe(true), { timeout: 10_000 });
     // While the handler still runs, the retry waits its turn (409), it does not run again.
     const early = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'left' }, body: '{}' });
@@ -1164,11 +1160,7 @@ describe('koa binding: concurrency and disconnects', () => {
         await new Promise<never>(() => undefined); // an upstream call that never comes back
       });
     });
-    const abort = new AbortController();
-    const aborted = post(url, 'hung', {}, {}, abort.signal).catch(() => 'aborted');
-    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
-    abort.abort();
-    expect(await aborted).toBe('aborted');
+    await leaveWhileRunning(url, 'hung', () => runs === 1);
     const retry = await postUntil(410, url, 'hung', {});
     expect(await retry.json()).toMatchObject({ reason: 'cut-short' });
     expect(runs).toBe(1);
@@ -1243,11 +1235,7 @@ describe('koa binding: concurrency and disconnects', () => {
         ctx.body = { runs };
       });
     });
-    const abort = new AbortController();
-    const aborted = post(url, 'hung-tx', {}, {}, abort.signal).catch(() => 'aborted');
-    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
-    abort.abort();
-    expect(await aborted).toBe('aborted');
+    await leaveWhileRunning(url, 'hung-tx', () => runs === 1);
     // Not a marker: it would commit the writes of a handler still running.
     await vi.waitFor(async () => expect((await post(url, 'hung-tx', {})).status).toBe(201), { timeout: 5_000, interval: 100 });
     expect(rolledBack).toBe(1);
@@ -1409,11 +1397,7 @@ describe('koa binding: concurrency and disconnects', () => {
         ctx.body = `charge ${runs}`;
       });
     });
-    const abort = new AbortController();
-    const aborted = post(url, 'late', {}, {}, abort.signal).catch(() => 'aborted');
-    await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
-    abort.abort();
-    expect(await aborted).toBe('aborted');
+    await leaveWhileRunning(url, 'late', () => runs === 1);
     await vi.waitFor(async () => expect((await post(url, 'late', {})).status).toBe(410), { timeout: 5_000, interval: 100 });
     answer();
     expect((await post(url, 'late', {})).status).toBe(410);

@@ -56,3 +56,12 @@ export function postUntil(status: number, url: string, key: string, body?: unkno
     { timeout, interval: 100 },
   );
 }
+
+/** POST with `key` and leave once `running()` holds (the handler is at work): the request fails on the client. */
+export async function leaveWhileRunning(url: string, key: string, running: () => boolean, body: unknown = {}): Promise<void> {
+  const abort = new AbortController();
+  const aborted = post(url, key, body, {}, abort.signal).catch(() => 'aborted');
+  await vi.waitFor(() => expect(running()).toBe(true), { timeout: 10_000 });
+  abort.abort();
+  expect(await aborted).toBe('aborted');
+}

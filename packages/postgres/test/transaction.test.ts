@@ -526,6 +526,16 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
     return { kind: retry.kind, status, reason: problem.reason, originalStatus: problem.originalStatus };
   }
 
+  /** The retry of `k` runs the handler again, and its INSERT commits with its answer. */
+  async function retryRunsAndCommits(engine: IdempotencyEngine, k: string, ref: string): Promise<void> {
+    const retry = await engine.decide(request(k, ref));
+    expect(retry.kind).toBe('run');
+    if (retry.kind === 'run') {
+      await pgTransaction(retry.lease.context).query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
+      expect(await retry.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(true);
+    }
+  }
+
   // A helper with its own BEGIN/COMMIT, called on the transaction client: its COMMIT commits
   // idemkit's transaction too (Postgres only warns about the nested BEGIN).
   async function withOwnTransaction(client: pg.PoolClient, work: () => Promise<unknown>): Promise<void> {
@@ -816,12 +826,7 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
       expect(decision.lease.replacement?.status).toBe(503);
       expect(await rowsFor(ref)).toBe(0);
       // The retry runs on a fresh connection and commits (quickly enough for the timeout).
-      const retry = await engine.decide(request(k, ref));
-      expect(retry.kind).toBe('run');
-      if (retry.kind === 'run') {
-        await pgTransaction(retry.lease.context).query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
-        expect(await retry.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(true);
-      }
+      await retryRunsAndCommits(engine, k, ref);
       expect(await rowsFor(ref)).toBe(1);
       expect(await retryOf(engine, k, ref)).toEqual({ kind: 'replay', status: 201 });
     });
@@ -861,12 +866,7 @@ describe('through createIdempotencyEngine({ store, transactional: true })', () =
       // took it at once and failed with 25006, and the key stayed claimed for the whole lease
       // (every retry a 409).
       expect(await store.get(recordOf(k))).toBeUndefined();
-      const retry = await engine.decide(request(k, ref));
-      expect(retry.kind).toBe('run');
-      if (retry.kind === 'run') {
-        await pgTransaction(retry.lease.context).query(`INSERT INTO ${orders} (ref) VALUES ($1)`, [ref]);
-        expect(await retry.lease.commit({ status: 201, headers: [], body: bytes('created') })).toBe(true);
-      }
+      await retryRunsAndCommits(engine, k, ref);
       expect(await rowsFor(ref)).toBe(1);
     });
   });
