@@ -73,6 +73,31 @@ async function cutShortOnceLeft(path: string, handler: (request: FastifyRequest,
   expect(runs).toBe(1);
 }
 
+/**
+ * A handler on POST `path` that throws once its client left, behind the error handling `setup`
+ * adds (slower than the lease, or never answering): the key is freed, so the retry runs it again.
+ */
+async function freedAfterThrowOnceLeft(path: string, leaseMs: number, setup: (app: FastifyInstance) => void): Promise<void> {
+  let runs = 0;
+  const { app } = await build(
+    (a) => {
+      setup(a);
+      a.post(path, async (_request, reply) => {
+        runs++;
+        if (runs > 1) return reply.code(201).send({ run: runs });
+        await new Promise((resolve) => reply.raw.once('close', resolve));
+        throw new Error('card declined');
+      });
+    },
+    { leaseMs },
+  );
+  const send = await overSocket(app);
+  await leaveEarly((signal) => send(path, `${path}-key`, signal), () => runs === 1);
+  const retry = await answeredWith(app, path, `${path}-key`, 201, 3_000);
+  expect(retry.json()).toEqual({ run: 2 });
+  expect(runs).toBe(2);
+}
+
 function answeredWith(app: FastifyInstance, path: string, key: string, status: number, timeout = 5_000, payload: unknown = { a: 1 }): Promise<LightMyRequestResponse> {
   return vi.waitFor(
     async () => {
@@ -625,26 +650,11 @@ describe('an async handler whose client left', () => {
   // lease: the throw is not yet known to ours when the timer fires. It must still free the key,
   // as the throw's answer does, not mark it cut-short (410 to every retry, which can never run).
   it('throwing after its client left, into an app-wide onError hook slower than a lease: the key is freed, the retry runs', async () => {
-    let runs = 0;
-    const { app } = await build(
-      (a) => {
-        a.addHook('onError', async () => {
-          await new Promise((resolve) => setTimeout(resolve, 900)); // reporting the error, slowly
-        });
-        a.post('/reported', async (_request, reply) => {
-          runs++;
-          if (runs > 1) return reply.code(201).send({ run: runs });
-          await new Promise((resolve) => reply.raw.once('close', resolve));
-          throw new Error('card declined');
-        });
-      },
-      { leaseMs: 300 },
-    );
-    const send = await overSocket(app);
-    await leaveEarly((signal) => send('/reported', 'reported', signal), () => runs === 1);
-    const retry = await answeredWith(app, '/reported', 'reported', 201, 3_000);
-    expect(retry.json()).toEqual({ run: 2 });
-    expect(runs).toBe(2);
+    await freedAfterThrowOnceLeft('/reported', 300, (a) => {
+      a.addHook('onError', async () => {
+        await new Promise((resolve) => setTimeout(resolve, 900)); // reporting the error, slowly
+      });
+    });
   });
 
   // Was: a value (or a throw) from the handler cleared the timer, on the word that Fastify sends
@@ -659,26 +669,11 @@ describe('an async handler whose client left', () => {
   });
 
   it('throwing after its client left into an error handler that never answers: the key is freed a lease later, and the retry runs', async () => {
-    let runs = 0;
-    const { app } = await build(
-      (a) => {
-        a.setErrorHandler(async () => {
-          await new Promise(() => undefined); // an error reporter that hangs
-        });
-        a.post('/throws-late', async (_request, reply) => {
-          runs++;
-          if (runs > 1) return reply.code(201).send({ run: runs });
-          await new Promise((resolve) => reply.raw.once('close', resolve));
-          throw new Error('card declined');
-        });
-      },
-      { leaseMs: 400 },
-    );
-    const send = await overSocket(app);
-    await leaveEarly((signal) => send('/throws-late', 'threw-late', signal), () => runs === 1);
-    const retry = await answeredWith(app, '/throws-late', 'threw-late', 201);
-    expect(retry.json()).toEqual({ run: 2 });
-    expect(runs).toBe(2);
+    await freedAfterThrowOnceLeft('/throws-late', 400, (a) => {
+      a.setErrorHandler(async () => {
+        await new Promise(() => undefined); // an error reporter that hangs
+      });
+    });
   });
 
   // Was: only a handler that returned a promise was watched; a callback-style one (no async, no
