@@ -34,6 +34,18 @@ async function post(url: string, key: string | undefined, init: RequestInit = {}
   return { status: res.status, headers: res.headers, body: new Uint8Array(await res.arrayBuffer()) };
 }
 
+/** POST with `key` again until the answer has `status` (a lease running out, a late answer stored), within 5 s: that answer. */
+function postUntil(status: number, url: string, key: string): Promise<Fetched> {
+  return vi.waitFor(
+    async () => {
+      const reply = await post(url, key);
+      expect(reply.status).toBe(status);
+      return reply;
+    },
+    { timeout: 5_000, interval: 100 },
+  );
+}
+
 /** Everything the server sent on one connection for `requests` (raw HTTP), until it closed. */
 function rawExchange(url: string, requests: string): Promise<string> {
   const { port } = new URL(url);
@@ -1684,14 +1696,7 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     const key = randomUUID();
     await expect(post(`${url}/x`, key)).rejects.toThrow();
     // First 409 (the lease still runs out), then a takeover that runs the handler again.
-    const retry = await vi.waitFor(
-      async () => {
-        const reply = await post(`${url}/x`, key);
-        expect(reply.status).toBe(201);
-        return reply;
-      },
-      { timeout: 5_000, interval: 100 },
-    );
+    const retry = await postUntil(201, `${url}/x`, key);
     expect(new TextDecoder().decode(retry.body)).toBe('created');
     expect(calls).toBe(2);
     expect(runs()).toBeGreaterThanOrEqual(2);
@@ -1777,14 +1782,7 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     const key = randomUUID();
     await leaveEarly(url, key, started);
     // Before, the lease was renewed for as long as the process lived: 409 with Retry-After forever.
-    const retry = await vi.waitFor(
-      async () => {
-        const reply = await post(`${url}/work`, key);
-        expect(reply.status).toBe(410);
-        return reply;
-      },
-      { timeout: 5_000, interval: 100 },
-    );
+    const retry = await postUntil(410, `${url}/work`, key);
     expect(JSON.parse(new TextDecoder().decode(retry.body))).toMatchObject({ reason: 'cut-short' });
     expect(started.count).toBe(1);
   });
@@ -1829,14 +1827,7 @@ describe('express binding: a handler that throws after res.writeHead', () => {
     await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
     socket.destroy();
     await vi.waitFor(() => expect(slowClosed).toBe(true), { timeout: 10_000 }); // the server saw it
-    const retry = await vi.waitFor(
-      async () => {
-        const reply = await post(`${url}/hang`, key);
-        expect(reply.status).toBe(410);
-        return reply;
-      },
-      { timeout: 5_000, interval: 100 },
-    );
+    const retry = await postUntil(410, `${url}/hang`, key);
     expect(JSON.parse(new TextDecoder().decode(retry.body))).toMatchObject({ reason: 'cut-short' });
     expect(runs).toBe(1);
   });
