@@ -14,7 +14,7 @@ import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ConfigurationError, idempotency, type IdempotencyState } from '../src/index.js';
 import { SlowBeginStore } from '@idemkit/http-suite';
 import { rawBody } from './app.js';
-import { leaveWhileRunning, post, postUntil, startKoa } from './helpers.js';
+import { leaveWhileRunning, pipelinedBehindSlow, post, postUntil, startKoa } from './helpers.js';
 import { twinSuite } from './twin-cases.js';
 
 const closers: Array<() => Promise<void>> = [];
@@ -1130,14 +1130,7 @@ describe('koa binding: concurrency and disconnects', () => {
         ctx.res.end('raw');
       });
     });
-    const socket = connect(Number(new URL(url).port), '127.0.0.1');
-    socket.on('error', () => undefined);
-    await once(socket, 'connect');
-    const body = '{"a":1}';
-    socket.write(
-      'GET /slow HTTP/1.1\r\nHost: x\r\n\r\n' +
-        `POST /raw HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nIdempotency-Key: piped\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
-    );
+    const socket = await pipelinedBehindSlow(url, '/raw', 'piped');
     await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
     socket.destroy(); // before the raw 201, queued behind /slow, could go out
     await vi.waitFor(() => expect(slowClosed).toBe(true), { timeout: 10_000 }); // the server saw it
@@ -1346,14 +1339,7 @@ describe('koa binding: concurrency and disconnects', () => {
         await new Promise<never>(() => undefined); // an upstream call that never comes back
       });
     });
-    const socket = connect(Number(new URL(url).port), '127.0.0.1');
-    socket.on('error', () => undefined);
-    await once(socket, 'connect');
-    const body = '{"a":1}';
-    socket.write(
-      'GET /slow HTTP/1.1\r\nHost: x\r\n\r\n' +
-        `POST /hang HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nIdempotency-Key: piped-hung\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
-    );
+    const socket = await pipelinedBehindSlow(url, '/hang', 'piped-hung');
     await vi.waitFor(() => expect(runs).toBe(1), { timeout: 10_000 });
     socket.destroy();
     await vi.waitFor(() => expect(slowClosed).toBe(true), { timeout: 10_000 }); // the server saw it

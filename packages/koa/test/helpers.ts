@@ -1,4 +1,6 @@
 import { expect, vi } from 'vitest';
+import { once } from 'node:events';
+import { connect, type Socket } from 'node:net';
 import { bodyParser } from '@koa/bodyparser';
 import Koa from 'koa';
 import { listen } from './app.js';
@@ -64,4 +66,17 @@ export async function leaveWhileRunning(url: string, key: string, running: () =>
   await vi.waitFor(() => expect(running()).toBe(true), { timeout: 10_000 });
   abort.abort();
   expect(await aborted).toBe('aborted');
+}
+
+/** A socket on which a JSON POST to `path` with `key` is pipelined behind `GET /slow` (it has no response socket of its own yet). */
+export async function pipelinedBehindSlow(url: string, path: string, key: string): Promise<Socket> {
+  const socket = connect(Number(new URL(url).port), '127.0.0.1');
+  socket.on('error', () => undefined);
+  await once(socket, 'connect');
+  const body = '{"a":1}';
+  socket.write(
+    'GET /slow HTTP/1.1\r\nHost: x\r\n\r\n' +
+      `POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nIdempotency-Key: ${key}\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+  );
+  return socket;
 }
