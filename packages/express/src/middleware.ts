@@ -71,14 +71,16 @@ function uploadedBy(req: Request): unknown {
 
 /**
  * Express 4's `body-parser` sets `req.body = {}` for every type it skips, and reads nothing of
- * it: a body still unread (its stream not ended) under an empty plain object is that `{}`, not
- * a parsed one (a parser that read `{}` has ended the stream, or flagged it: see parsedBefore).
+ * it: a body still unread (its stream still readable) under an empty plain object is that `{}`,
+ * not a parsed one (a parser that read `{}` has ended the stream, or flagged it: see parsedBefore).
  * Before, such bodies all fingerprinted alike, so a form posted to an express.json()-only app under a reused key got
  * the first form's answer instead of a 415. Express 5's parsers leave `undefined` instead.
+ * `readable`, not `!readableEnded`: a request object that is no stream (azure-function-express,
+ * node-mocks-http) reads `readableEnded` false through Express's prototype, `readable` false too.
  */
 function skippedByParser(req: Request, body: unknown): boolean {
   return (
-    !req.readableEnded &&
+    req.readable &&
     !parsedBefore(req) &&
     typeof body === 'object' &&
     body !== null &&
