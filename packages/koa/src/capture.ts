@@ -36,6 +36,9 @@ export function captureResponse(ctx: Context): Captured {
   }
 
   const body: unknown = ctx.body;
+  // respond() ends a HEAD before it looks at the body, so nothing may be changed on ctx here
+  // (the status text and its type, a Buffer's length would replace the handler's headers).
+  if (ctx.method === 'HEAD') return captureHead(ctx, body);
   if (body === null || body === undefined) {
     if ((ctx.response as { _explicitNullBody?: boolean })._explicitNullBody === true) {
       // `ctx.body = null` with a status that allows a body: respond() sends an empty body and
@@ -53,24 +56,45 @@ export function captureResponse(ctx: Context): Captured {
   if (typeof body === 'string') return assign(ctx, status, Buffer.from(body));
   if (isUnbufferable(body)) return UNBUFFERED;
 
-  // A HEAD with a Content-Length set: respond() ends it without serialising the body, so one
-  // JSON.stringify fails on (or makes nothing of) still goes out as the handler answered it.
-  const unserialised = ctx.method === 'HEAD' && ctx.res.hasHeader('content-length');
-  let json: string | undefined;
-  try {
-    json = JSON.stringify(body);
-  } catch (error) {
-    // E.g. a BigInt: marked as below, not a 500 Koa would not give (and a key freed for a handler that answered).
-    if (unserialised) return UNBUFFERED;
-    throw error;
-  }
+  // JSON.stringify throws on e.g. a BigInt: thrown here, a 500 as Koa's respond() would give.
+  const json = JSON.stringify(body) as string | undefined;
   // JSON.stringify gives undefined for e.g. a function: Koa's respond() then throws
   // (Buffer.byteLength(undefined)) and answers 500. Left to Koa untouched, so it fails as it would
   // without the middleware; the key is freed as for any failed handler, not marked streamed (410).
-  // Except on a HEAD with a Content-Length set: respond() ends it before serialising, and no 500
-  // comes (the handler ran and answered), so it is marked as before, never run again.
-  if (json === undefined) return unserialised ? UNBUFFERED : UNSENDABLE;
+  if (json === undefined) return UNSENDABLE;
   return assign(ctx, status, Buffer.from(json));
+}
+
+/**
+ * A HEAD: respond() sends no body and only adds the Content-Length of a truthy body when none is
+ * set (Koa's `response.length`), so that is all done here; the headers stay the handler's (its
+ * Content-Length for a body it never sends, its type). Stored: the body a GET would get, so the
+ * record can answer another method too; the middleware stores the HEAD's Content-Length as sent.
+ */
+function captureHead(ctx: Context, body: unknown): Captured {
+  const lengthSet = ctx.res.hasHeader('content-length');
+  let bytes: Buffer;
+  if (body === null || body === undefined) bytes = EMPTY;
+  else if (Buffer.isBuffer(body)) bytes = body;
+  else if (typeof body === 'string') bytes = Buffer.from(body);
+  else if (isUnbufferable(body)) return UNBUFFERED;
+  else {
+    let json: string | undefined;
+    try {
+      json = JSON.stringify(body);
+    } catch (error) {
+      // E.g. a BigInt with a Content-Length set: respond() never serialises it and answers, so
+      // the handler answered: marked, never run again. Without one, Koa's length getter throws
+      // the same error: a 500, and the key freed.
+      if (lengthSet) return UNBUFFERED;
+      throw error;
+    }
+    // A function: the same, with Buffer.byteLength(undefined) throwing in Koa's length getter.
+    if (json === undefined) return lengthSet ? UNBUFFERED : UNSENDABLE;
+    bytes = Buffer.from(json);
+  }
+  if (!lengthSet && body) ctx.length = bytes.byteLength;
+  return { kind: 'bytes', body: bytes };
 }
 
 /** Replace the body by its bytes without letting Koa's setter change content-type or status. */

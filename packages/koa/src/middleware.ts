@@ -3,7 +3,6 @@ import {
   createIdempotencyEngine,
   requestCarriesBody,
   problemResponse,
-  replayHeaders,
   responseHeaders,
   snapshotHeaders,
   toStoredHeaders,
@@ -26,7 +25,7 @@ import type { Socket } from 'node:net';
 import type { Context, Middleware, Next } from 'koa';
 import { captureResponse } from './capture.js';
 import type { KoaIdempotencyOptions } from './options.js';
-import { sendStored } from './send.js';
+import { sendReplay, sendStored } from './send.js';
 
 /**
  * What `idempotency()` puts on `ctx.state`. Koa's default state type has it already; an app with
@@ -177,7 +176,7 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
       case 'pass':
         return next();
       case 'replay':
-        return sendStored(ctx, decision.response, replayHeaders(decision.response));
+        return sendReplay(ctx, decision.response);
       case 'problem':
         return answerProblem(ctx, decision.error);
       case 'run':
@@ -301,7 +300,9 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
     }
     // Stored before respond() writes a byte, so a client retrying at once gets the replay.
     else if (captured.body.byteLength > options.maxBodyBytes) await lease.commitUnbuffered(ctx.status, 'too-large');
-    else await lease.commit({ status: ctx.status, headers: toStoredHeaders(ctx.response.headers, before), body: captured.body });
+    // A HEAD's Content-Length is stored as it went out: it counts a body that was never sent
+    // (see captureHead), and is replayed as it is to a HEAD.
+    else await lease.commit({ status: ctx.status, headers: toStoredHeaders(ctx.response.headers, before, ctx.method === 'HEAD'), body: captured.body });
     // Transactional mode, rolled back: the handler's answer (a stream's too) describes writes that
     // never happened. A replaced stream is destroyed by Koa once the response finishes.
     const replacement = lease.replacement;

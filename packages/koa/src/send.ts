@@ -1,4 +1,4 @@
-import type { StoredResponse } from '@idemkit/core';
+import { replayHeaders, type StoredResponse } from '@idemkit/core';
 import type { Context } from 'koa';
 
 /** A view on the stored bytes without copying them. */
@@ -25,4 +25,25 @@ export function sendStored(ctx: Context, response: StoredResponse, headers: Read
     if (name === 'set-cookie') ctx.append('Set-Cookie', value);
     else ctx.set(name, value);
   }
+}
+
+/**
+ * Put a replay on `ctx`. To a HEAD, the stored Content-Length as it went out (see captureHead);
+ * one that went out with none (no body) gets none, not the `0` Koa's respond() would make of the
+ * empty stored body: an empty string is a body it adds no length for.
+ */
+export function sendReplay(ctx: Context, response: StoredResponse): void {
+  const head = ctx.method === 'HEAD';
+  const headers = replayHeaders(response, head);
+  if (head && response.body.byteLength === 0 && !response.headers.some(([name]) => name === 'content-length')) {
+    headers.delete('content-length');
+    sendStored(ctx, response, headers);
+    const typeSet = ctx.res.hasHeader('Content-Type');
+    ctx.body = '';
+    // The string setter adds a type and a length: neither went out with the original.
+    if (!typeSet) ctx.remove('Content-Type');
+    ctx.remove('Content-Length');
+    return;
+  }
+  sendStored(ctx, response, headers);
 }

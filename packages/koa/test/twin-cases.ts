@@ -48,6 +48,20 @@ const CASES: Record<string, Koa.Middleware> = {
 };
 
 /**
+ * HEAD answers (with HEAD among `methods`): Koa sends no body and adds only the Content-Length of
+ * a body when none is set. Before, the middleware turned a HEAD's unset body into the status text
+ * and a body into a Buffer, so its Content-Length (and, with no body, its Content-Type) became
+ * those of bytes never sent: `ctx.length = 1234` went out as `Content-Length: 2`, text/plain.
+ */
+const HEAD_CASES: Record<string, Koa.Middleware> = {
+  'HEAD, length and type set, no body': (ctx) => { ctx.status = 200; ctx.type = 'application/pdf'; ctx.length = 1234; },
+  'HEAD, status only': (ctx) => { ctx.status = 200; },
+  'HEAD, string body with a length of its own': (ctx) => { ctx.body = 'abc'; ctx.set('Content-Length', '10'); },
+  'HEAD, object body': (ctx) => { ctx.status = 201; ctx.body = { a: 1 }; },
+  'HEAD, empty string body': (ctx) => { ctx.body = ''; },
+};
+
+/**
  * Runs every case on two apps of the same Koa, one plain and one with the middleware, and demands
  * identical status, headers and bytes for the first answer and for the replay.
  */
@@ -79,6 +93,25 @@ describe(`${label}: replays are byte-for-byte what Koa sends`, () => {
       return;
     }
     expect(replay).toEqual({ ...withLength(expected), replayed: true });
+    expect(runs).toBe(1);
+  });
+
+  it.each(Object.keys(HEAD_CASES))('%s', async (name) => {
+    const handler = HEAD_CASES[name]!;
+    let runs = 0;
+    const plain = await start((app) => app.use(handler), { KoaClass });
+    const guarded = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore(), methods: ['POST', 'HEAD'] }));
+      app.use(async (ctx, next) => {
+        runs++;
+        await handler(ctx, next);
+      });
+    }, { KoaClass });
+    const head = (url: string, key?: string): Promise<Response> => fetch(url, { method: 'HEAD', headers: key === undefined ? {} : { 'idempotency-key': key } });
+
+    const expected = await snapshot(await head(plain.url));
+    expect(await snapshot(await head(guarded.url, 'k-head'))).toEqual({ ...expected, replayed: false });
+    expect(await snapshot(await head(guarded.url, 'k-head'))).toEqual({ ...expected, replayed: true });
     expect(runs).toBe(1);
   });
 });
