@@ -283,8 +283,10 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
   // No route answered: Koa's own 404 (nothing set a body), or @koa/router's allowedMethods() 405.
   // No handler ran, so nothing is stored and the key is freed: stored, that answer would meet the
   // key's retry for the whole TTL, even on an instance that has the route (a rolling deploy) or
-  // for the corrected path (then 422). A route's own 404 ("no such order") is stored as any answer.
-  if ((ctx.status === 404 || ctx.status === 405) && (ctx as { _matchedRoute?: unknown })._matchedRoute === undefined) {
+  // for the corrected path (then 422). A route's own 404 ("no such order") is stored as any answer,
+  // and so is a raw one (`ctx.respond = false`, a proxy's upstream 404): a handler ran and sent it,
+  // as one whose raw answer ends after it returned (settleWhenClosed), which is never run again.
+  if ((ctx.status === 404 || ctx.status === 405) && ctx.respond !== false && (ctx as { _matchedRoute?: unknown })._matchedRoute === undefined) {
     await lease.abandon('not-storable');
     return;
   }

@@ -1457,6 +1457,39 @@ describe('koa binding: an answer no route gave', () => {
   });
 });
 
+describe('koa binding: an answer no route gave, or a raw one', () => {
+  // A handler that answers through ctx.res (a proxy: `ctx.respond = false`) ran, whatever it sent:
+  // its 404 or 405 (the upstream's) is no answer "no route gave". Before, one that ended before
+  // the handler returned freed the key (the retry ran the handler a second time), while the same
+  // answer ending a moment after it returned was marked and never run again.
+  it.each([
+    ['ends before the handler returns', false],
+    ['ends after the handler returned', true],
+  ] as const)('ctx.respond = false answering 404 that %s: the retry does not run it again', async (_name, late) => {
+    let runs = 0;
+    const { url } = await start((app) => {
+      app.use(idempotency({ store: createMemoryStore() }));
+      app.use(async (ctx) => {
+        runs++;
+        ctx.respond = false;
+        const answer = (): void => {
+          ctx.res.statusCode = 404;
+          ctx.res.setHeader('content-type', 'text/plain');
+          ctx.res.end('upstream: no such order');
+        };
+        if (late) setImmediate(answer);
+        else answer();
+      });
+    });
+    const first = await post(`${url}/orders`, 'raw-404');
+    expect(first.status).toBe(404);
+    expect(await first.text()).toBe('upstream: no such order');
+    const retry = await postUntil(410, `${url}/orders`, 'raw-404');
+    expect(((await retry.json()) as { originalStatus: number }).originalStatus).toBe(404);
+    expect(runs).toBe(1);
+  });
+});
+
 // Was: @koa/bodyparser's `{}` for a request with no body was fingerprinted as `{}`, where Express
 // and Fastify fingerprint no body: the same empty POST through another binding on the store got 422.
 describe('koa binding: a request with no body', () => {
