@@ -66,6 +66,14 @@ const RUNNING = Symbol.for('@idemkit/koa.running');
  * ```
  */
 export function idempotency(options: KoaIdempotencyOptions): Middleware {
+  // `app.use(idempotency)` (or a router's), the factory uncalled: Koa calls it with each request's
+  // ctx, so every request failed with "Missing required option `store`", which says nothing of why.
+  if (looksLikeContext(options)) {
+    throw new ConfigurationError(
+      'ERR_IDEMKIT_OPTION_INVALID',
+      '`idempotency` was passed to app.use() (or a router) without being called, so Koa called it with the request context. It is a factory: app.use(idempotency({ store })).',
+    );
+  }
   const onProblem = optionalFunction('onProblem', (options as Partial<KoaIdempotencyOptions> | undefined)?.onProblem);
   const engine = createIdempotencyEngine<Context>(engineOptions(options));
   const resolved = engine.options;
@@ -372,6 +380,13 @@ function settleWhenClosed(ctx: Context, lease: Lease): void {
 function responseClosed(res: Context['res']): boolean {
   const r = res as { closed?: boolean; stream?: { closed?: boolean } };
   return r.closed ?? r.stream?.closed === true;
+}
+
+/** A Koa context (what Koa passes to a middleware), not an options object. */
+function looksLikeContext(options: unknown): boolean {
+  if (typeof options !== 'object' || options === null) return false;
+  const o = options as Partial<Record<'req' | 'res' | 'app' | 'request', unknown>>;
+  return o.req !== undefined && o.res !== undefined && o.app !== undefined && o.request !== undefined;
 }
 
 /** Core options without the binding's own `onProblem` (the engine warns on unknown options). */

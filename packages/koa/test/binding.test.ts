@@ -604,6 +604,20 @@ describe('koa binding: problems', () => {
     expect(problems).toEqual([]);
   });
 
+  it('app.use(idempotency), the factory uncalled: each request fails with an error that says so, not "missing store"', async () => {
+    const errors: Error[] = [];
+    const { url } = await start((app) => {
+      app.use(idempotency as unknown as Middleware);
+      app.use((ctx) => void (ctx.body = 'ran'));
+      app.on('error', (error: Error) => errors.push(error));
+    });
+    const res = await post(url, 'k');
+    expect(res.status).toBe(500);
+    expect(errors).toHaveLength(1);
+    expect(errors[0]).toBeInstanceOf(ConfigurationError);
+    expect(errors[0]!.message).toContain('app.use(idempotency({ store }))');
+  });
+
   it('rejects a non-function onProblem at setup', () => {
     expect(() => idempotency({ store: createMemoryStore(), onProblem: 'x' as never })).toThrow(ConfigurationError);
   });
