@@ -99,6 +99,20 @@ function parsedBefore(req: Request): boolean {
   return (req as { _body?: unknown })._body === true;
 }
 
+/** A request Express passed to a factory mounted uncalled, not an options object. */
+function isRequest(options: unknown): boolean {
+  if (typeof options !== 'object' || options === null) return false;
+  const o = options as Partial<Record<'method' | 'headers' | 'socket', unknown>>;
+  return typeof o.method === 'string' && typeof o.headers === 'object' && o.socket !== undefined;
+}
+
+function uncalled(name: string, args: string): ConfigurationError {
+  return new ConfigurationError(
+    'ERR_IDEMKIT_OPTION_INVALID',
+    `\`${name}\` was passed to app.use() (or a router) without being called, so Express called it with the request. It is a factory: app.use(${name}(${args})).`,
+  );
+}
+
 function expose(req: Request, res: Response, context: IdempotencyContext | null): void {
   req.idempotency = context;
   res.locals['idempotency'] = context;
@@ -114,6 +128,9 @@ function expose(req: Request, res: Response, context: IdempotencyContext | null)
  * app.use(idempotency({ store: createPostgresStore({ pool }) }));
  */
 export function idempotency(options: ExpressIdempotencyOptions): RequestHandler {
+  // `app.use(idempotency)`, the factory uncalled: Express calls it with each request, which failed
+  // with "Missing required option `store`", saying nothing of why.
+  if (isRequest(options)) throw uncalled('idempotency', '{ store }');
   const { engine: engineOptions, onProblem } = splitOptions(options);
   const engine = createIdempotencyEngine<Request>(engineOptions);
 
@@ -286,7 +303,11 @@ export function idempotency(options: ExpressIdempotencyOptions): RequestHandler 
  * app.use(idempotencyErrorHandler());
  * app.use(myErrorHandler);
  */
-export function idempotencyErrorHandler(): ErrorRequestHandler {
+export function idempotencyErrorHandler(): ErrorRequestHandler;
+export function idempotencyErrorHandler(...misuse: unknown[]): ErrorRequestHandler {
+  // `app.use(idempotencyErrorHandler)`, uncalled: it takes no arguments, so Express runs it as a
+  // plain middleware with (req, res, next), and next() was never called: every request hung.
+  if (misuse.length > 0) throw uncalled('idempotencyErrorHandler', '');
   (globalThis as Record<symbol, unknown>)[ERROR_HANDLER_CREATED] = true;
   return function idempotencyErrors(err: unknown, req, res, next) {
     const lease = claimed.get(req);

@@ -12,7 +12,7 @@ import cookieSession from 'cookie-session';
 import session from 'express-session';
 import fileUpload from 'express-fileupload';
 import multer from 'multer';
-import express, { type ErrorRequestHandler, type Express, type NextFunction, type Request, type Response } from 'express';
+import express, { type ErrorRequestHandler, type Express, type NextFunction, type Request, type RequestHandler, type Response } from 'express';
 import express4 from 'express4';
 import { describe, expect, it, onTestFinished, vi } from 'vitest';
 import { idempotency, idempotencyErrorHandler, type ExpressIdempotencyOptions } from '../src/index.js';
@@ -2028,6 +2028,31 @@ describe('express binding: request context and mounting', () => {
     expect(() => idempotency({} as ExpressIdempotencyOptions)).toThrow(expect.objectContaining({ code: 'ERR_IDEMKIT_STORE_MISSING' }));
     expect(() => idempotency({ store: createMemoryStore(), ttlMs: -1 })).toThrow(/ttlMs/);
     expect(typeof idempotency({ store: createMemoryStore(), onProblem: () => undefined })).toBe('function');
+  });
+
+  // Both are factories. Passed uncalled, Express calls them as middleware: idempotency with the
+  // request (every request failed with "Missing required option `store`", which says nothing of
+  // why), idempotencyErrorHandler (no arguments, so a plain middleware) never called next(): every
+  // request hung.
+  it.each([
+    ['idempotency', (app: Express) => app.use(idempotency as unknown as RequestHandler)],
+    ['idempotencyErrorHandler', (app: Express) => app.use(idempotencyErrorHandler as unknown as RequestHandler)],
+  ])('app.use(%s), the factory uncalled: each request fails at once with an error that says so', async (name, mount) => {
+    const errors: unknown[] = [];
+    const app = express();
+    app.use(express.json());
+    mount(app);
+    app.post('/x', (_req, res) => void res.status(201).json({ ran: true }));
+    app.use(((error, _req, res, _next) => {
+      errors.push(error);
+      res.status(500).end();
+    }) as ErrorRequestHandler);
+    const url = await serve(app);
+    const res = await fetch(`${url}/x`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': randomUUID() }, body: '{}', signal: AbortSignal.timeout(5_000) });
+    expect(res.status).toBe(500);
+    expect(errors).toHaveLength(1);
+    expect(errors[0]).toBeInstanceOf(ConfigurationError);
+    expect((errors[0] as Error).message).toContain(`app.use(${name}(`);
   });
 
   it('req.idempotency and res.locals.idempotency hold the running key; null when not covered', async () => {
