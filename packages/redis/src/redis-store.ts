@@ -9,7 +9,7 @@ import type {
 } from '@idemkit/core';
 import { resolveRedisStoreOptions, type RedisClient, type RedisStoreOptions } from './options.js';
 import { claimValue, decodeRecord, isCompleted, unexpected } from './record.js';
-import { BEGIN, COMPLETE, GET, RELEASE, RENEW } from './scripts.js';
+import { BEGIN, COMPLETE, COMPLETE_STAGED, GET, RELEASE, RENEW, STAGE } from './scripts.js';
 import { writeBatcher } from './write-batch.js';
 
 /**
@@ -17,21 +17,36 @@ import { writeBatcher } from './write-batch.js';
  * as strings on a client created with ioredis's `stringNumbers: true`.
  */
 type Reply = Buffer | number | string | null | Reply[];
-type ScriptCall = (key: string, ...args: Array<string | number | Buffer>) => Promise<Reply>;
+type ScriptCall = (...keysThenArgs: Array<string | number | Buffer>) => Promise<Reply>;
 
 /**
  * Command names defined on the client. The version suffix keeps a future script change from
  * colliding with an older idemkit defining the same name on a shared client.
  */
 const COMMANDS = {
-  begin: { name: 'idemkitBeginV3', lua: BEGIN },
-  complete: { name: 'idemkitCompleteV2', lua: COMPLETE },
-  release: { name: 'idemkitReleaseV2', lua: RELEASE },
-  renew: { name: 'idemkitRenewV2', lua: RENEW },
-  get: { name: 'idemkitGetV2', lua: GET },
+  begin: { name: 'idemkitBeginV3', lua: BEGIN, keys: 1 },
+  complete: { name: 'idemkitCompleteV2', lua: COMPLETE, keys: 1 },
+  release: { name: 'idemkitReleaseV2', lua: RELEASE, keys: 1 },
+  renew: { name: 'idemkitRenewV2', lua: RENEW, keys: 1 },
+  get: { name: 'idemkitGetV2', lua: GET, keys: 1 },
+  stage: { name: 'idemkitStageV1', lua: STAGE, keys: 1 },
+  completeStaged: { name: 'idemkitCompleteStagedV1', lua: COMPLETE_STAGED, keys: 2 },
 } as const;
 
 type Op = keyof typeof COMMANDS;
+type KeyOp = Exclude<Op, 'stage' | 'completeStaged'>;
+
+/**
+ * A body larger than this is uploaded in chunks of this size (see `completeInChunks`), in bytes.
+ * ioredis's `socketTimeout` runs from a command's write to the first byte of any answer, and Redis
+ * answers nothing while it reads one command: sent whole, a body that takes longer than the
+ * timeout to upload had its connection dropped and was re-sent on the next, for good, failing
+ * every other command with it. Each chunk is answered on its own, so only a chunk must make it in
+ * time (256 KiB in 5 s: 52 kB/s).
+ */
+const CHUNK_BYTES = 256 * 1024;
+/** How long an upload key outlives its latest chunk, in ms (an abandoned upload expires). */
+const UPLOAD_TTL_MS = 60_000;
 
 /** The client created from `url` drops a connection that has not answered for this long, in ms. */
 const URL_CLIENT_SOCKET_TIMEOUT_MS = 5_000;
@@ -101,6 +116,8 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
     options.client ??
     reportingErrors(new Redis(options.url as string, { socketTimeout: URL_CLIENT_SOCKET_TIMEOUT_MS, reconnectOnError: reconnectOnReadonly }));
   const calls = defineCommands(client);
+  // ioredis's own prefix, which it puts in front of both keys of the chunked completion.
+  const keyPrefix = clientKeyPrefix(client);
   const batch = writeBatcher(client);
   let closed = false;
 
@@ -161,10 +178,27 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
     );
   }
 
-  function run(op: Op, key: string, ...args: Array<string | number | Buffer>): Promise<Reply> {
+  function run(op: KeyOp, key: string, ...args: Array<string | number | Buffer>): Promise<Reply> {
     if (closed) return Promise.reject(closedError());
     batch();
     return calls[op](prefix + key, ...args);
+  }
+
+  /**
+   * complete for a body over `CHUNK_BYTES`, when an upload key in the record's slot exists (see
+   * `uploadKey`): the chunks, then the completion that takes them, all sent at once (one round
+   * trip's latency, several answers). Costs nothing for smaller bodies.
+   */
+  async function completeInChunks(record: string, upload: string, fields: Array<string | number>, body: Buffer): Promise<Reply> {
+    if (closed) throw closedError();
+    batch();
+    const sent: Array<Promise<Reply>> = [];
+    for (let at = 0; at < body.byteLength; at += CHUNK_BYTES) {
+      sent.push(calls.stage(upload, at, body.subarray(at, at + CHUNK_BYTES), UPLOAD_TTL_MS));
+    }
+    sent.push(calls.completeStaged(record, upload, ...fields, body.byteLength));
+    const replies = await Promise.all(sent);
+    return replies[replies.length - 1] ?? null;
   }
 
   return {
@@ -213,17 +247,13 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
     },
 
     async complete(key, token, response: StoredResponse, ttlMs): Promise<boolean> {
-      const reply = await run(
-        'complete',
-        key,
-        token,
-        positiveMs(ttlMs, 'ttlMs'),
-        response.status,
-        JSON.stringify(response.headers),
-        // A view, not a copy: ioredis writes Buffers to the socket as raw bytes.
-        Buffer.from(response.body.buffer, response.body.byteOffset, response.body.byteLength),
-      );
-      return isOne(reply);
+      const ttl = positiveMs(ttlMs, 'ttlMs');
+      const headers = JSON.stringify(response.headers);
+      // A view, not a copy: ioredis writes Buffers to the socket as raw bytes.
+      const body = Buffer.from(response.body.buffer, response.body.byteOffset, response.body.byteLength);
+      const upload = body.byteLength > CHUNK_BYTES ? uploadKey(keyPrefix, prefix, key) : null;
+      if (upload !== null) return isOne(await completeInChunks(prefix + key, upload, [token, ttl, response.status, headers], body));
+      return isOne(await run('complete', key, token, ttl, response.status, headers, body));
     },
 
     async release(key, token): Promise<boolean> {
@@ -299,15 +329,38 @@ function defineCommands(client: RedisClient): Record<Op, ScriptCall> {
   const target = client as unknown as Record<string, ScriptCall | undefined>;
   const out = {} as Record<Op, ScriptCall>;
   for (const op of Object.keys(COMMANDS) as Op[]) {
-    const { name, lua } = COMMANDS[op];
+    const { name, lua, keys } = COMMANDS[op];
     // Several stores may share one client; the scripts are identical, so define once.
     if (typeof target[`${name}Buffer`] !== 'function') {
-      client.defineCommand(name, { numberOfKeys: 1, lua });
+      client.defineCommand(name, { numberOfKeys: keys, lua });
     }
     const fn = target[`${name}Buffer`] as ScriptCall;
-    out[op] = (key, ...args) => fn.call(client, key, ...args);
+    out[op] = (...keysThenArgs) => fn.call(client, ...keysThenArgs);
   }
   return out;
+}
+
+/** The `keyPrefix` option of an ioredis client ('' when none). */
+function clientKeyPrefix(client: RedisClient): string {
+  const keyPrefix = (client.options as { keyPrefix?: unknown }).keyPrefix;
+  return typeof keyPrefix === 'string' ? keyPrefix : '';
+}
+
+/**
+ * A fresh upload key, under `prefix`, that hashes to the same Cluster slot as the record
+ * `prefix + key`, so the chunked completion may name both. ioredis puts `keyPrefix` in front of
+ * each; Redis hashes the first `{tag}` with something inside, else the whole key. A record whose
+ * name has such a tag keeps it when suffixed; one without gets its whole name as the upload key's
+ * tag, possible only when no `}` would cut that tag short and no `{` comes before it. Otherwise
+ * null: the body goes in one command, as before.
+ */
+export function uploadKey(keyPrefix: string, prefix: string, key: string): string | null {
+  const whole = keyPrefix + prefix + key;
+  const suffix = `:upload:${randomUUID()}`;
+  const open = whole.indexOf('{');
+  if (open !== -1 && whole.indexOf('}', open + 1) > open + 1) return prefix + key + suffix;
+  if (whole.includes('}') || (keyPrefix + prefix).includes('{')) return null;
+  return `${prefix}{${whole}}${suffix}`;
 }
 
 /** A Cluster node's redirection (`MOVED`/`ASK`), which a single-node client cannot follow. */

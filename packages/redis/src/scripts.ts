@@ -1,6 +1,7 @@
 /**
  * The Lua scripts behind the store's fenced operations. Each one touches exactly one key
- * (`KEYS[1]`), so Redis Cluster routes it to the key's master and the operation is atomic there.
+ * (`KEYS[1]`), so Redis Cluster routes it to the key's master and the operation is atomic there;
+ * `COMPLETE_STAGED` also names a large body's upload key, built to hash to the same slot.
  * Time is always Redis time (`TIME`, `PEXPIRETIME`), never the app server's clock. The hot path
  * of `begin` is no script at all (see `record.ts` and `begin` in `redis-store.ts`).
  *
@@ -106,6 +107,39 @@ if fp ~= '' then
 end
 redis.call('SET', KEYS[1], 'c:' .. ${INT('created')} .. ':' .. ${INT('now + ttl')} .. ':' .. ARGV[3] .. ':' ..
   fp_bytes .. ':' .. #ARGV[4] .. ':' .. fp .. ARGV[4] .. ARGV[5], 'PX', ttl)
+return 1
+`;
+
+/**
+ * stage: KEYS[1] an upload key; ARGV offset, bytes, ttlMs. Writes one chunk of a large body at its
+ * offset (so a chunk ioredis re-sends after a reconnect writes the same bytes again, never twice
+ * over) and keeps the key expiring, so an upload abandoned halfway leaves nothing behind.
+ */
+export const STAGE = `
+redis.call('SETRANGE', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+`;
+
+/**
+ * complete of a large body uploaded in chunks: KEYS[1] record, KEYS[2] its upload key (same slot);
+ * ARGV token, ttlMs, status, headersJson, bodyBytes. Takes the body from the upload key (and
+ * deletes it), then does what `COMPLETE` does. An upload that is not whole (a chunk lost or still
+ * on its way after a redirection) is an error, so the caller retries, never a refusal.
+ */
+export const COMPLETE_STAGED = `
+local body = redis.call('GET', KEYS[2])
+redis.call('DEL', KEYS[2])
+if not body or #body ~= tonumber(ARGV[5]) then return redis.error_reply('ERR idemkit: the uploaded body is incomplete') end
+${HELD}
+local ttl = tonumber(ARGV[2])
+local fp_bytes = ''
+if fp ~= '' then
+  fp = string.sub(fp, 2)
+  fp_bytes = #fp
+end
+redis.call('SET', KEYS[1], 'c:' .. ${INT('created')} .. ':' .. ${INT('now + ttl')} .. ':' .. ARGV[3] .. ':' ..
+  fp_bytes .. ':' .. #ARGV[4] .. ':' .. fp .. ARGV[4] .. body, 'PX', ttl)
 return 1
 `;
 

@@ -1,0 +1,147 @@
+import { createServer, connect as connectTcp, type AddressInfo, type Socket } from 'node:net';
+import { Cluster, Redis } from 'ioredis';
+import { afterAll, describe, expect, it } from 'vitest';
+import { createRedisStore } from '../src/index.js';
+import { uploadKey } from '../src/redis-store.js';
+import { clusterService, deleteByPrefix, redisService, uniquePrefix } from './services.js';
+
+const service = await redisService();
+const cluster = await clusterService();
+const open: Array<Redis | Cluster> = [];
+afterAll(async () => {
+  for (const client of open) client.disconnect();
+  await service.stop();
+  await cluster.service.stop();
+});
+
+/** Every byte value, `bytes` long. */
+function bodyOf(bytes: number): Buffer {
+  const body = Buffer.alloc(bytes);
+  for (let i = 0; i < body.length; i++) body[i] = (i * 131 + (i >> 8)) & 0xff;
+  return body;
+}
+
+/**
+ * A TCP hop to the shared Redis that carries what the client sends at ~`rate` bytes/s (a slow
+ * uplink); answers come back at full speed.
+ */
+async function slowUplink(target: URL, rate: number): Promise<{ port: number; close: () => Promise<void> }> {
+  const sockets = new Set<Socket>();
+  const server = createServer((down) => {
+    const up = connectTcp(Number(target.port || 6379), target.hostname);
+    for (const s of [down, up]) {
+      sockets.add(s);
+      s.on('error', () => undefined);
+      s.on('close', () => sockets.delete(s));
+    }
+    up.pipe(down);
+    const queue: Buffer[] = [];
+    let busy = false;
+    const pump = (): void => {
+      const chunk = busy ? undefined : queue.shift();
+      if (chunk === undefined) return;
+      busy = true;
+      up.write(chunk);
+      setTimeout(() => {
+        busy = false;
+        pump();
+      }, (chunk.length / rate) * 1000);
+    };
+    down.on('data', (data: Buffer) => {
+      for (let at = 0; at < data.length; at += 16_384) queue.push(data.subarray(at, at + 16_384));
+      pump();
+    });
+    down.on('close', () => up.destroy());
+    up.on('close', () => down.destroy());
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    port: (server.address() as AddressInfo).port,
+    close: async () => {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+describe('a body that takes longer than socketTimeout to upload', () => {
+  it('is stored and replayed, and the connection is never dropped (the body goes in chunks, each answered)', async () => {
+    const hop = await slowUplink(new URL(service.value), 1_000_000);
+    const client = new Redis({ host: '127.0.0.1', port: hop.port, socketTimeout: 1_000 });
+    open.push(client);
+    const dropped: string[] = [];
+    client.on('error', (error: Error) => dropped.push(error.message));
+    const prefix = uniquePrefix('redis_big_upload');
+    const store = createRedisStore({ client, prefix });
+    try {
+      const begun = await store.begin('k', 'fp', 60_000);
+      if (begun.kind !== 'acquired') throw new Error('not acquired');
+      // ~3 s of upload at 1 MB/s, three times the socket timeout. Sent as one command, it was
+      // dropped at every timeout and re-sent for good: this call never settled.
+      const body = bodyOf(3 * 1024 * 1024);
+      const outcome = await Promise.race([
+        store.complete('k', begun.token, { status: 201, headers: [['content-type', 'application/octet-stream']], body }, 60_000),
+        new Promise<string>((resolve) => setTimeout(() => resolve(`still not stored; connection dropped ${dropped.length} times`), 25_000).unref()),
+      ]);
+      expect(outcome).toBe(true);
+      expect(dropped).toEqual([]);
+      const replay = await store.begin('k', 'fp', 60_000);
+      expect(replay.kind).toBe('existing');
+      if (replay.kind !== 'existing') return;
+      expect(replay.record.response?.status).toBe(201);
+      expect(Buffer.from(replay.record.response?.body ?? new Uint8Array()).equals(body)).toBe(true);
+      // The upload key went with the completion: only the record is left under the prefix.
+      const direct = new Redis(service.value);
+      open.push(direct);
+      expect(await direct.keys(`${prefix}*`)).toEqual([`${prefix}k`]);
+      await deleteByPrefix(direct, prefix);
+    } finally {
+      client.disconnect();
+      await hop.close();
+    }
+  }, 60_000);
+});
+
+describe('chunked completion on a Cluster', () => {
+  it('stores large bodies whatever hash tags the key, the prefix or ioredis keyPrefix hold, and leaves no upload key', async () => {
+    const base = uniquePrefix('redis_big_cluster');
+    const plain = await cluster.connect();
+    open.push(plain);
+    const body = bodyOf(700 * 1024); // three chunks
+    const cases: Array<{ keyPrefix?: string; prefix: string; key: string }> = [
+      { prefix: `${base}:`, key: 'plain' },
+      { prefix: `${base}:`, key: 'tagged{order-1}' },
+      { prefix: `${base}:`, key: 'open{only' },
+      { prefix: `${base}:`, key: 'close}only' }, // no upload key in its slot: one command, as before
+      { prefix: `${base}:`, key: 'empty{}tag' },
+      { prefix: `${base}:{t}:`, key: 'tag-in-prefix' },
+      { keyPrefix: `${base}:kp:`, prefix: 'p:', key: 'with-keyPrefix' },
+      { keyPrefix: `${base}:{kp}:`, prefix: 'p:', key: 'tagged-keyPrefix' },
+    ];
+    for (const { keyPrefix, prefix, key } of cases) {
+      const nodes = (cluster.service.value as Array<{ host: string; port: number }>).map(({ host, port }) => ({ host, port }));
+      const client = keyPrefix === undefined ? plain : new Cluster(nodes, { keyPrefix });
+      if (client !== plain) open.push(client);
+      const store = createRedisStore({ client, prefix });
+      const begun = await store.begin(key, 'fp', 60_000);
+      if (begun.kind !== 'acquired') throw new Error(`${key}: not acquired`);
+      expect(await store.complete(key, begun.token, { status: 200, headers: [], body }, 60_000), key).toBe(true);
+      const replay = await store.begin(key, 'fp', 60_000);
+      expect(replay.kind, key).toBe('existing');
+      if (replay.kind === 'existing') expect(Buffer.from(replay.record.response?.body ?? new Uint8Array()).equals(body), key).toBe(true);
+      // Wherever the upload key went, it is gone: the record alone is left.
+      const left: string[] = [];
+      for (const node of plain.nodes('master')) left.push(...(await node.keys(`${base}*`)));
+      expect(left, key).toEqual([`${keyPrefix ?? ''}${prefix}${key}`]);
+      await deleteByPrefix(plain, base);
+    }
+  }, 60_000);
+
+  it('puts an upload key in the record\'s slot, or none', () => {
+    expect(uploadKey('', 'p:', 'a')).toMatch(/^p:\{p:a\}:upload:/);
+    expect(uploadKey('', 'p:', 'x{t}y')).toMatch(/^p:x\{t\}y:upload:/);
+    expect(uploadKey('', 'p:', 'x}y')).toBeNull();
+    expect(uploadKey('', 'p{', 'a')).toBeNull();
+    expect(uploadKey('k{', 'p:', 'a')).toBeNull();
+  });
+});
