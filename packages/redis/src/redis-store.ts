@@ -251,7 +251,7 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
       const headers = JSON.stringify(response.headers);
       // A view, not a copy: ioredis writes Buffers to the socket as raw bytes.
       const body = Buffer.from(response.body.buffer, response.body.byteOffset, response.body.byteLength);
-      const upload = body.byteLength > CHUNK_BYTES ? uploadKey(keyPrefix, prefix, key) : null;
+      const upload = body.byteLength > CHUNK_BYTES ? uploadKey(client.isCluster, keyPrefix, prefix, key) : null;
       if (upload !== null) return isOne(await completeInChunks(prefix + key, upload, [token, ttl, response.status, headers], body));
       return isOne(await run('complete', key, token, ttl, response.status, headers, body));
     },
@@ -352,11 +352,12 @@ function clientKeyPrefix(client: RedisClient): string {
  * each; Redis hashes the first `{tag}` with something inside, else the whole key. A record whose
  * name has such a tag keeps it when suffixed; one without gets its whole name as the upload key's
  * tag, possible only when no `}` would cut that tag short and no `{` comes before it. Otherwise
- * null: the body goes in one command, as before.
+ * null: the body goes in one command, as before. A single node has no slots: any key does.
  */
-export function uploadKey(keyPrefix: string, prefix: string, key: string): string | null {
+export function uploadKey(cluster: boolean, keyPrefix: string, prefix: string, key: string): string | null {
   const whole = keyPrefix + prefix + key;
   const suffix = `:upload:${randomUUID()}`;
+  if (!cluster) return prefix + key + suffix;
   const open = whole.indexOf('{');
   if (open !== -1 && whole.indexOf('}', open + 1) > open + 1) return prefix + key + suffix;
   if (whole.includes('}') || (keyPrefix + prefix).includes('{')) return null;

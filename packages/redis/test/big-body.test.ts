@@ -73,28 +73,31 @@ describe('a body that takes longer than socketTimeout to upload', () => {
     client.on('error', (error: Error) => dropped.push(error.message));
     const prefix = uniquePrefix('redis_big_upload');
     const store = createRedisStore({ client, prefix });
+    const direct = new Redis(service.value);
+    open.push(direct);
     try {
-      const begun = await store.begin('k', 'fp', 60_000);
-      if (begun.kind !== 'acquired') throw new Error('not acquired');
-      // ~3 s of upload at 1 MB/s, three times the socket timeout. Sent as one command, it was
-      // dropped at every timeout and re-sent for good: this call never settled.
-      const body = bodyOf(3 * 1024 * 1024);
-      const outcome = await Promise.race([
-        store.complete('k', begun.token, { status: 201, headers: [['content-type', 'application/octet-stream']], body }, 60_000),
-        new Promise<string>((resolve) => setTimeout(() => resolve(`still not stored; connection dropped ${dropped.length} times`), 25_000).unref()),
-      ]);
-      expect(outcome).toBe(true);
-      expect(dropped).toEqual([]);
-      const replay = await store.begin('k', 'fp', 60_000);
-      expect(replay.kind).toBe('existing');
-      if (replay.kind !== 'existing') return;
-      expect(replay.record.response?.status).toBe(201);
-      expect(Buffer.from(replay.record.response?.body ?? new Uint8Array()).equals(body)).toBe(true);
-      // The upload key went with the completion: only the record is left under the prefix.
-      const direct = new Redis(service.value);
-      open.push(direct);
-      expect(await direct.keys(`${prefix}*`)).toEqual([`${prefix}k`]);
-      await deleteByPrefix(direct, prefix);
+      // 'k}': no hash tag and a `}`, so no upload key could share its Cluster slot; a single node has none.
+      for (const key of ['k', 'k}']) {
+        const begun = await store.begin(key, 'fp', 60_000);
+        if (begun.kind !== 'acquired') throw new Error('not acquired');
+        // ~3 s of upload at 1 MB/s, three times the socket timeout. Sent as one command, it was
+        // dropped at every timeout and re-sent for good: this call never settled.
+        const body = bodyOf(3 * 1024 * 1024);
+        const outcome = await Promise.race([
+          store.complete(key, begun.token, { status: 201, headers: [['content-type', 'application/octet-stream']], body }, 60_000),
+          new Promise<string>((resolve) => setTimeout(() => resolve(`still not stored; connection dropped ${dropped.length} times`), 25_000).unref()),
+        ]);
+        expect(outcome, key).toBe(true);
+        expect(dropped, key).toEqual([]);
+        const replay = await store.begin(key, 'fp', 60_000);
+        expect(replay.kind, key).toBe('existing');
+        if (replay.kind !== 'existing') return;
+        expect(replay.record.response?.status).toBe(201);
+        expect(Buffer.from(replay.record.response?.body ?? new Uint8Array()).equals(body), key).toBe(true);
+        // The upload key went with the completion: only the record is left under the prefix.
+        expect(await direct.keys(`${prefix}*`), key).toEqual([`${prefix}${key}`]);
+        await deleteByPrefix(direct, prefix);
+      }
     } finally {
       client.disconnect();
       await hop.close();
@@ -138,10 +141,12 @@ describe('chunked completion on a Cluster', () => {
   }, 60_000);
 
   it('puts an upload key in the record\'s slot, or none', () => {
-    expect(uploadKey('', 'p:', 'a')).toMatch(/^p:\{p:a\}:upload:/);
-    expect(uploadKey('', 'p:', 'x{t}y')).toMatch(/^p:x\{t\}y:upload:/);
-    expect(uploadKey('', 'p:', 'x}y')).toBeNull();
-    expect(uploadKey('', 'p{', 'a')).toBeNull();
-    expect(uploadKey('k{', 'p:', 'a')).toBeNull();
+    expect(uploadKey(true, '', 'p:', 'a')).toMatch(/^p:\{p:a\}:upload:/);
+    expect(uploadKey(true, '', 'p:', 'x{t}y')).toMatch(/^p:x\{t\}y:upload:/);
+    expect(uploadKey(true, '', 'p:', 'x}y')).toBeNull();
+    expect(uploadKey(true, '', 'p{', 'a')).toBeNull();
+    expect(uploadKey(true, 'k{', 'p:', 'a')).toBeNull();
+    // A single node has no slots: every key gets an upload key.
+    expect(uploadKey(false, '', 'p:', 'x}y')).toMatch(/^p:x\}y:upload:/);
   });
 });
