@@ -118,6 +118,35 @@ export function concurrencySuite(ctx: SuiteContext): void {
     );
   });
 
+  clause('release racing complete with the same token: exactly one succeeds, and the record says which, per key', async () => {
+    // The holder's own two calls (an engine that gives the key up on a client leaving while the
+    // handler's answer is stored) are the only way to change a live record under a check-then-
+    // delete release, so they catch one without waiting for a lease to run out: a release that
+    // checked the token, then deleted whatever was there, deletes the completed record (both
+    // true, the stored answer lost, and the key runs a second time).
+    const keys = Array.from({ length: 20 }, () => ctx.key('race-release-complete'));
+    const tokens = await Promise.all(keys.map((key) => acquire(store(), key, LONG_MS)));
+    const response = textResponse('completed');
+    const outcomes = await Promise.all(
+      keys.map(async (key, i) => {
+        const release = (): Promise<boolean> => store().release(key, tokens[i]!);
+        const complete = (): Promise<boolean> => store().complete(key, tokens[i]!, response, LONG_MS);
+        // Both orders of sending, so neither call is always the first to reach the store.
+        if (i % 2 === 0) return Promise.all([release(), complete()]);
+        const [completed, released] = await Promise.all([complete(), release()]);
+        return [released, completed] as const;
+      }),
+    );
+    await Promise.all(
+      outcomes.map(async ([released, completed], i) => {
+        expect(released !== completed).toBe(true);
+        const record = await store().get(keys[i]!);
+        if (completed) expectSameResponse(record?.response, response);
+        else expect(record).toBeUndefined();
+      }),
+    );
+  });
+
   clause('purgeExpired racing takeovers of expired leases: every record taken over survives', async () => {
     const keys = Array.from({ length: 20 }, () => ctx.key('race-purge'));
     await Promise.all(keys.map((key) => acquire(store(), key, SHORT_MS)));
