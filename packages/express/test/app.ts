@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import type { StartApp, StartAppInput, TestAppHandle } from '@idemkit/http-suite';
 import express, { type Express, type NextFunction, type Request, type Response } from 'express';
 import { afterEach } from 'vitest';
-import { idempotency, type ExpressIdempotencyOptions } from '../src/index.js';
+import { idempotency, idempotencyErrorHandler, type ExpressIdempotencyOptions } from '../src/index.js';
 
 /** The express module (5, or 4 through the `express4` alias): the app is the same for both. */
 export type ExpressModule = typeof express;
@@ -93,9 +93,9 @@ export function buildApp(input: StartAppInput, expressModule: ExpressModule = ex
   );
   app.post(
     '/throw',
-    route(() => {
+    route((req) => {
       count(input, 'throw');
-      throw new Error('boom');
+      throw thrownError(req.query['status']);
     }),
   );
   app.post(
@@ -128,7 +128,16 @@ export function buildApp(input: StartAppInput, expressModule: ExpressModule = ex
       res.status(201).json({ id: randomUUID(), data: (req.body as { data?: unknown }).data });
     }),
   );
+  // As the README asks: without it Express tells idempotency() nothing of a thrown error, and the
+  // 4xx Express renders for one (the suite's `/throw?status=400`) would be stored.
+  app.use(idempotencyErrorHandler());
   return app;
+}
+
+/** `new Error('boom')`, or with `?status=<code>` an http-errors style error the framework answers with that code. */
+function thrownError(status: unknown): Error {
+  const error = new Error('boom');
+  return typeof status === 'string' ? Object.assign(error, { status: Number(status), statusCode: Number(status), expose: true }) : error;
 }
 
 /** Listen on 127.0.0.1, port 0; close() also drops keep-alive sockets so tests end promptly. */

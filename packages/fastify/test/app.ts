@@ -78,9 +78,13 @@ export async function buildApp(
     count('text');
     return reply.type('text/plain').send(request.body as string);
   });
-  app.post('/throw', async () => {
+  app.post('/throw', async (request) => {
     count('throw');
-    throw new Error('boom');
+    const error = new Error('boom');
+    // With ?status=<code>, an error with a statusCode (as @fastify/sensible's) Fastify answers with that code.
+    const { status } = request.query as { status?: string };
+    if (status !== undefined) throw Object.assign(error, { statusCode: Number(status) });
+    throw error;
   });
   app.post('/stream', async (_request, reply) => {
     count('stream');

@@ -1,5 +1,5 @@
 import { expect } from 'vitest';
-import { expectProblem, newKey, type CaseContext } from './context.js';
+import { expectProblem, newKey, storeId, type CaseContext } from './context.js';
 import { keyHeaderBytes, rawRequest } from './http.js';
 
 /** SPEC §2 rows: methods not covered, missing and invalid keys, key forms. */
@@ -14,6 +14,49 @@ export function keyCases(t: CaseContext): void {
     expect(second.json()).toEqual({ n: 2 });
     expect(second.replayed).toBe(false);
     expect(app.count('list')).toBe(2);
+  });
+
+  t.test('methods not covered by default (HEAD, PUT, DELETE) → no key needed, nothing stored, never replayed', async () => {
+    const app = await t.app();
+    const key = newKey();
+    // HEAD /orders runs the GET /orders handler: without a key it is not a 400, with one it runs every time.
+    const keyless = await app.send('/orders', { method: 'HEAD' });
+    expect(keyless.status).toBe(200);
+    for (let i = 0; i < 2; i++) {
+      const head = await app.send('/orders', { method: 'HEAD', key });
+      expect(head.status).toBe(200);
+      expect(head.replayed).toBe(false);
+    }
+    expect(app.count('list')).toBe(3);
+    // No route answers these: the framework's own 404/405, not the 400 of a covered method.
+    for (const method of ['PUT', 'DELETE']) {
+      const reply = await app.send('/orders', { method, json: { a: 1 } });
+      expect(reply.status, `${method}: ${reply.text()}`).not.toBe(400);
+      expect(reply.headers.get('content-type') ?? '').not.toMatch(/problem\+json/);
+    }
+    expect(await t.harness().store.get(storeId(key))).toBeUndefined();
+  });
+
+  t.test('configured methods replace the defaults: GET covered (a GET and a POST under one key are two requests: 422), PATCH no longer', async () => {
+    const app = await t.app({ methods: ['POST', 'GET'] });
+    const key = newKey();
+    const first = await app.send('/orders', { method: 'GET', key });
+    expect(first.json()).toEqual({ n: 1 });
+    const replay = await app.send('/orders', { method: 'GET', key });
+    expect(replay.replayed).toBe(true);
+    expect(replay.body).toEqual(first.body);
+    // Same path, no body either: only the method tells them apart, and it is part of the fingerprint.
+    expectProblem(await app.send('/orders', { method: 'POST', key }), 422, 'ERR_IDEMKIT_FINGERPRINT_MISMATCH');
+    expect(app.count('list')).toBe(1);
+    expect(app.count('orders')).toBe(0);
+    // PATCH is not in the list: it passes through, key or not.
+    const patchKey = newKey();
+    for (let i = 1; i <= 2; i++) {
+      const patch = await app.send('/orders/o-1', { method: 'PATCH', key: patchKey, json: { qty: 3 } });
+      expect(patch.json()).toEqual({ id: 'o-1', n: i, body: { qty: 3 } });
+      expect(patch.replayed).toBe(false);
+    }
+    expect(await t.harness().store.get(storeId(patchKey))).toBeUndefined();
   });
 
   t.test('no key → 400 problem+json, handler not run', async () => {

@@ -8,9 +8,14 @@ export function releaseCases(t: CaseContext): void {
     const key = newKey();
     const first = await app.post('/orders?status=500', { key });
     expect(first.status).toBe(500);
+    // Not stored, but delivered unchanged: the handler's body and headers, both cookies.
+    expect(first.json()).toMatchObject({ n: 1, body: {} });
+    expect(first.headers.get('x-custom')).toBe('yes');
+    expect(first.headers.getSetCookie()).toEqual(['a=1', 'b=2']);
     const retry = await app.post('/orders?status=500', { key });
     expect(retry.status).toBe(500);
     expect(retry.replayed).toBe(false);
+    expect(retry.json()).toMatchObject({ n: 2 });
     expect(app.count('orders')).toBe(2);
   });
 
@@ -21,6 +26,18 @@ export function releaseCases(t: CaseContext): void {
     expect(first.status).toBe(500);
     const retry = await app.post('/throw', { key });
     expect(retry.status).toBe(500);
+    expect(retry.replayed).toBe(false);
+    expect(app.count('throw')).toBe(2);
+  });
+
+  t.test('a thrown error the framework answers with a storable status (400) releases the key too: the retry runs again', async () => {
+    // A 500 is released for its status alone: only a thrown 4xx tells a throw from an answer.
+    const app = await t.app();
+    const key = newKey();
+    const first = await app.post('/throw?status=400', { key });
+    expect(first.status).toBe(400);
+    const retry = await app.post('/throw?status=400', { key });
+    expect(retry.status).toBe(400);
     expect(retry.replayed).toBe(false);
     expect(app.count('throw')).toBe(2);
   });

@@ -68,7 +68,9 @@ export type StartApp = (input: StartAppInput) => Promise<TestAppHandle>;
  * - `POST /binary`. Counts `binary`. Answers 200 `application/octet-stream`, the 256 bytes 0x00..0xFF.
  * - `POST /text` (text/plain body). Counts `text`. Answers 200 `text/plain` echoing the body.
  * - `POST /throw`. Counts `throw`. The handler throws `new Error('boom')` (the framework's own
- *   error handling answers 500).
+ *   error handling answers 500). With `?status=<code>`, the error carries that code as the
+ *   framework's own errors do (`status`/`statusCode`, `expose: true`), and the framework answers
+ *   it (a 400, say). Express mounts `idempotencyErrorHandler()` after its routes, as its README asks.
  * - `POST /stream`. Counts `stream`. Answers 200 `text/plain` as a stream of 3 chunks
  *   (`a`, `b`, `c`, through a Node Readable / res.write calls).
  * - `POST /large`. Counts `large`. Answers 200 `application/octet-stream` with a Buffer of

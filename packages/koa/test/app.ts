@@ -80,9 +80,12 @@ export function createStartApp(KoaClass: typeof Koa = Koa): StartApp {
       ctx.type = 'text/plain';
       ctx.body = String(ctx.request.body ?? '');
     });
-    router.post('/throw', () => {
+    router.post('/throw', (ctx) => {
       count('throw');
-      throw new Error('boom');
+      const error = new Error('boom');
+      // With ?status=<code>, an http-errors style error (ctx.throw's) Koa answers with that code.
+      if (typeof ctx.query.status === 'string') throw Object.assign(error, { status: Number(ctx.query.status), expose: true });
+      throw error;
     });
     router.post('/stream', (ctx) => {
       count('stream');
