@@ -29,6 +29,9 @@ export const URL_VARIABLE: Record<Exclude<StoreKind, 'memory'>, string> = {
   mongodb: 'MONGODB_URL',
 };
 
+/** The longest delay setTimeout keeps; a longer one fires after 1 ms. */
+const MAX_TIMER_MS = 2_147_483_647;
+
 function pick<T extends string>(name: string, value: string | undefined, allowed: readonly T[]): T {
   const v = (value ?? allowed[0]!).trim().toLowerCase();
   if (!(allowed as readonly string[]).includes(v)) {
@@ -64,7 +67,8 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): DemoConfig {
     framework,
     store,
     url,
-    workMs: integer('DEMO_WORK_MS', env.DEMO_WORK_MS, 50, 0),
+    // setTimeout holds at most 2^31 - 1 ms: a longer wait would fire after 1 ms instead.
+    workMs: integer('DEMO_WORK_MS', env.DEMO_WORK_MS, 50, 0, MAX_TIMER_MS),
     namespace,
   };
 }

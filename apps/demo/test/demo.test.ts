@@ -131,6 +131,9 @@ describe('configuration', () => {
     // Was let through, and Fastify's listen() crashed the built app with a RangeError stack trace.
     expect(() => readConfig({ PORT: '70000' })).toThrow('PORT=70000 must be an integer >= 0 and <= 65535.');
     expect(readConfig({ PORT: '65535' }).port).toBe(65_535);
+    // Was let through: setTimeout clamps a delay over 2^31 - 1 ms, so the "payment" took 1 ms.
+    expect(() => readConfig({ DEMO_WORK_MS: '2147483648' })).toThrow('DEMO_WORK_MS=2147483648 must be an integer >= 0 and <= 2147483647.');
+    expect(readConfig({ DEMO_WORK_MS: '2147483647' }).workMs).toBe(2_147_483_647);
   });
 
   it('defaults: port 3000, Fastify, memory store, 50 ms of work', () => {
