@@ -56,7 +56,11 @@ export interface IdempotentFetchOptions {
   retryOn?: ((status: number) => boolean) | undefined;
   /** Called after every attempt. */
   onAttempt?: ((info: AttemptInfo) => void) | undefined;
-  /** Source of jitter in [0, 1). @default Math.random */
+  /**
+   * Source of jitter: a number from 0 to 1 (as Math.random gives; 1 makes every wait its
+   * ceiling). Any other value (NaN, a negative one) rejects the call with a TypeError when a
+   * wait is worked out, as does its own error. @default Math.random
+   */
   random?: (() => number) | undefined;
 }
 
@@ -159,6 +163,16 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
   const deadlineMs = options.deadlineMs ?? 30_000;
   const retryOn = options.retryOn ?? defaultRetryOn;
   const random = options.random ?? Math.random;
+  // Checked where it is used (a wait before a retry), not by calling it here: a seeded source
+  // would lose a value. NaN ended the retries silently (no wait passes `now + NaN < deadline`),
+  // and a negative or larger value skewed every wait.
+  const jitter = (): number => {
+    const value: unknown = random();
+    if (typeof value !== 'number' || !(value >= 0 && value <= 1)) {
+      throw new TypeError(`[idemkit] [client] \`random\` must return a number from 0 to 1, as Math.random does; it returned ${describeKey(value)}.`);
+    }
+    return value;
+  };
   if (!Number.isInteger(maxAttempts) || maxAttempts < 1) throw new TypeError('[idemkit] [client] `maxAttempts` must be a whole number, at least 1.');
   for (const [name, value] of Object.entries({ baseDelayMs, maxDelayMs, deadlineMs })) {
     if (!Number.isFinite(value) || value < 0) throw new TypeError(`[idemkit] [client] \`${name}\` must be a non-negative number.`);
@@ -320,15 +334,22 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
             clearTimeout(readTimer);
           }
         }
-        let delayMs: number;
-        if (polling) {
-          // idemkit's 409 carries the lease's worst case (up to a minute) as Retry-After, while
-          // the first request usually ends far sooner: ask again soon, then less and less often.
-          // Retry-After counts in whole seconds: a 0 caps nothing (idemkit never sends it).
-          delayMs = Math.min(Math.max(retryAfter ?? 0, 1_000), pollDelay(++polls, baseDelayMs, maxDelayMs, random));
-        } else {
-          counted++;
-          delayMs = Math.max(backoffDelay(counted, baseDelayMs, maxDelayMs, random), Math.min(retryAfter ?? 0, maxDelayMs));
+        if (!polling) counted++;
+        // The wait is worked out only when there may be a retry: no jitter for an answer returned.
+        let delayMs = 0;
+        try {
+          if (polling) {
+            // idemkit's 409 carries the lease's worst case (up to a minute) as Retry-After, while
+            // the first request usually ends far sooner: ask again soon, then less and less often.
+            // Retry-After counts in whole seconds: a 0 caps nothing (idemkit never sends it).
+            delayMs = Math.min(Math.max(retryAfter ?? 0, 1_000), pollDelay(++polls, baseDelayMs, maxDelayMs, jitter));
+          } else if (retryable && counted < maxAttempts) {
+            delayMs = Math.max(backoffDelay(counted, baseDelayMs, maxDelayMs, jitter), Math.min(retryAfter ?? 0, maxDelayMs));
+          }
+        } catch (error) {
+          // The caller's random threw or returned no number from 0 to 1: its error is the call's.
+          void discard(response);
+          throw error;
         }
         const willRetry = retryable && (polling || counted < maxAttempts) && Date.now() + delayMs < deadlineAt;
         report(response ? { status: response.status, willRetry, ...(willRetry ? { delayMs } : {}) } : { error: lastError, willRetry, ...(willRetry ? { delayMs } : {}) });

@@ -835,6 +835,30 @@ describe('retry rules', () => {
     expect(() => createIdempotentFetch({ onAttempt: null, generateKey: null, retryOn: null, random: null } as never)).not.toThrow();
   });
 
+  // Was: NaN made every wait NaN, and `now + NaN < deadline` is false, so a 503 came back with
+  // no retry and no word; a value out of range skewed the waits (negative: back to back).
+  it('a `random` giving no number from 0 to 1 rejects the call with a TypeError naming it, instead of silently not retrying', async () => {
+    // One server per call: /statuses answers its list once per server, not per call.
+    for (const [value, shown] of [[Number.NaN, 'NaN'], [-0.5, '-0.5'], [2, '2'], [undefined, 'undefined']] as const) {
+      const s = await server();
+      const call = createIdempotentFetch({ ...fast, random: () => value as number })(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '503' } });
+      await expect(call).rejects.toThrow(new TypeError(`[idemkit] [client] \`random\` must return a number from 0 to 1, as Math.random does; it returned ${shown}.`));
+    }
+    // Its own error is the call's too, as retryOn's is.
+    const s = await server();
+    const broken = createIdempotentFetch({ ...fast, random: () => { throw new Error('entropy pool empty'); } });
+    await expect(broken(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '503' } })).rejects.toThrow('entropy pool empty');
+    // Never asked when there is nothing to wait for: an answer that is not retried comes back.
+    const unused = await createIdempotentFetch({ random: () => Number.NaN })(`${(await server()).url}/statuses`, { method: 'POST' });
+    expect(unused.status).toBe(201);
+    // 0 and 1 are its bounds, both taken.
+    for (const value of [0, 1]) {
+      const s = await server();
+      const res = await createIdempotentFetch({ ...fast, random: () => value })(`${s.url}/statuses`, { method: 'POST', headers: { 'x-statuses': '503' } });
+      expect(res.status).toBe(201);
+    }
+  });
+
   // Was: accepted, and then every call rejected with Headers' own TypeError.
   it('refuses a header name fetch could not send, at creation', () => {
     for (const header of ['Bad Name', '', 'Idempotency-Key:', 'Schlüssel', 42 as never]) {
