@@ -203,6 +203,14 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
     if (requestLike && !(input instanceof Request)) {
       throw new TypeError('[idemkit] [client] This Request comes from another fetch implementation and cannot be copied for retries: pass its url and an init instead.');
     }
+    // A browser drops every header that is not CORS-safelisted from a no-cors request, the key
+    // too: each retry would be a new request to the server, a second order. Refused before the
+    // body is read, as the key is.
+    if ((requestInit.mode ?? (requestLike ? input.mode : undefined)) === 'no-cors') {
+      throw new TypeError(
+        `[idemkit] [client] A ${method} with mode 'no-cors' cannot carry the ${header} header (browsers send only CORS-safelisted headers in that mode), so its retries could run it again: use mode 'cors' or 'same-origin', or send it with plain fetch, without retries.`,
+      );
+    }
     // The key is settled before the Request is built: building one takes a Request's body, and a
     // refused key must leave it unread. The header is read where the Request will take it from
     // (init's headers replace a Request's own).

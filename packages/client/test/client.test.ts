@@ -859,6 +859,24 @@ describe('retry rules', () => {
     }
   });
 
+  // Was: sent. A browser drops the key from a no-cors request (only CORS-safelisted headers
+  // go out), so every retry reached the server as a new request: a second order.
+  it("refuses a keyed request with mode 'no-cors' before anything is sent or read", async () => {
+    const s = await server();
+    const fetchSafe = createIdempotentFetch(fast);
+    const refusal = "[idemkit] [client] A POST with mode 'no-cors' cannot carry the Idempotency-Key header";
+    await expect(fetchSafe(`${s.url}/orders`, { ...json({ item: 'a' }), mode: 'no-cors' })).rejects.toThrow(refusal);
+    // On a Request too; its body stays unread, so it can be sent another way.
+    const request = new Request(`${s.url}/orders`, { ...json({ item: 'b' }), mode: 'no-cors' });
+    await expect(fetchSafe(request)).rejects.toThrow(TypeError);
+    expect(request.bodyUsed).toBe(false);
+    // init overrides the Request's mode, as with fetch.
+    expect((await fetchSafe(request, { mode: 'cors' })).status).toBe(201);
+    expect(s.requests).toBe(1);
+    // A method sent once, untouched, keeps whatever mode it has.
+    expect((await fetchSafe(`${s.url}/orders`, { mode: 'no-cors' })).status).toBe(200);
+  });
+
   // Was: accepted, and then every call rejected with Headers' own TypeError.
   it('refuses a header name fetch could not send, at creation', () => {
     for (const header of ['Bad Name', '', 'Idempotency-Key:', 'Schlüssel', 42 as never]) {
