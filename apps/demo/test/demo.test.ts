@@ -68,6 +68,29 @@ describe.each(FRAMEWORKS)('demo on %s with the in-memory store', (framework) => 
     expect(await count()).toBe(before);
   });
 
+  // Was a 201 on Express (JSON.parse keeps `__proto__` as a plain key), 400 on Fastify and Koa;
+  // `constructor.prototype`: 400 on Fastify only. Now Fastify's answer on every framework.
+  it.each([
+    ['a `__proto__` key', '{"__proto__": {"admin": true}, "item": "book", "amount": 1}', '/orders'],
+    ['an escaped `__proto__` key, nested', '{"item": "book", "amount": 1, "meta": [{"\\u005f_proto__": {}}]}', '/orders'],
+    ['`constructor.prototype`', '{"item": "book", "amount": 1, "constructor": {"prototype": {"admin": true}}}', '/orders'],
+    ['a `__proto__` key in /create data', '{"idempotencyKey": "k-proto-create", "data": {"__proto__": {}}}', '/create'],
+  ])('%s gets 400 invalid-json on every framework, twice, and creates nothing', async (_case, body, path) => {
+    const count = async (): Promise<number> => ((await (await fetch(`${demo.url}/orders`)).json()) as { orders: unknown[] }).orders.length;
+    const before = await count();
+    const key = crypto.randomUUID();
+    // Twice with one key: refused before idemkit on every framework, so never a stored replay.
+    for (let attempt = 0; attempt < 2; attempt++) {
+      const res = await post(`${demo.url}${path}`, body, key);
+      expect(res.status).toBe(400);
+      expect(res.headers.get('idempotent-replayed')).toBeNull();
+      expect(await res.json()).toMatchObject({ type: 'https://idemkit.dev/demo/problems/invalid-json', status: 400 });
+    }
+    expect(await count()).toBe(before);
+    // A key merely named like one, as a value, is an order like any other.
+    expect((await post(`${demo.url}/orders`, '{"item": "__proto__", "amount": 1, "constructor": 5}', crypto.randomUUID())).status).toBe(201);
+  });
+
   // Was a 500 on Express (its error handler ignored the 415's status) and text/plain on Koa.
   it('a body the app does not parse (text/plain) gets a 4xx problem+json, twice, and creates nothing', async () => {
     const count = async (): Promise<number> => ((await (await fetch(`${demo.url}/orders`)).json()) as { orders: unknown[] }).orders.length;

@@ -2,7 +2,7 @@ import { idempotency, idempotencyErrorHandler } from '@idemkit/express';
 import express, { type ErrorRequestHandler, type Response } from 'express';
 import type { Assets } from '../assets.js';
 import type { Backend } from '../backend.js';
-import { clientError, createThing, getOrder, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
+import { clientError, createThing, forbiddenProperty, getOrder, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
 import type { DemoConfig } from '../config.js';
 import type { RunningDemo } from '../server.js';
 import { listen } from './listen.js';
@@ -16,6 +16,12 @@ function send(res: Response, r: DemoResponse): void {
 export async function startExpress(config: DemoConfig, backend: Backend, assets: Assets): Promise<RunningDemo> {
   const app = express();
   app.use(express.json({ limit: '100kb' }));
+  // A `__proto__` key refused as Fastify's and Koa's parsers refuse it (see forbiddenProperty).
+  app.use((req, res, next) => {
+    const why = forbiddenProperty(req.body);
+    if (why === undefined) next();
+    else send(res, invalidJson(why));
+  });
   const guard = idempotency({ store: backend.store, transactional: backend.transactional });
 
   app.get('/', (_req, res) => void res.type('html').send(assets.page));

@@ -4,7 +4,7 @@ import { idempotency } from '@idemkit/koa';
 import Koa from 'koa';
 import type { Assets } from '../assets.js';
 import type { Backend } from '../backend.js';
-import { clientError, createThing, getOrder, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
+import { clientError, createThing, forbiddenProperty, getOrder, invalidJson, listOrders, placeOrder, problem, tooLarge, type DemoResponse } from '../checkout.js';
 import type { DemoConfig } from '../config.js';
 import type { RunningDemo } from '../server.js';
 import { listen } from './listen.js';
@@ -36,6 +36,12 @@ export async function startKoa(config: DemoConfig, backend: Backend, assets: Ass
     }
   });
   app.use(bodyParser({ enableTypes: ['json'], jsonLimit: '100kb' }));
+  // Its parser refuses `__proto__` but not `constructor.prototype`, which Fastify's refuses too.
+  app.use(async (ctx, next) => {
+    const why = forbiddenProperty(ctx.request.body);
+    if (why === undefined) await next();
+    else send(ctx, invalidJson(why));
+  });
   const guard = idempotency({ store: backend.store, transactional: backend.transactional });
 
   router.get('/', (ctx) => { ctx.type = 'html'; ctx.body = assets.page; });
