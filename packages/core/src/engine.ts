@@ -46,6 +46,13 @@ export function createIdempotencyEngine<Req = IncomingRequest>(options: Idempote
  * fingerprint, and a record stored without one (an HTTP route with `fingerprint: false` on the
  * same store and key) is another writer's, so a mismatch, never a result to replay as the job's.
  */
+/**
+ * The header `idempotent()` stores with a job's result (its only one; never sent: a job's caller
+ * gets the body). It tells a job's record from a route's where fingerprints cannot: a route with
+ * `fingerprint: false` matches any fingerprint, a job's too.
+ */
+export const JOB_RESULT_HEADER = 'idemkit-job-result';
+
 export function createJobEngine<Req>(options: IdempotencyOptions<Req>): IdempotencyEngine<Req> {
   return new Engine(resolveOptions(options), true);
 }
@@ -237,6 +244,13 @@ class Engine<Req> implements IdempotencyEngine<Req> {
    * the local cache (null; its fingerprint not yet checked against this request's).
    */
   #completed(key: string, id: string, fingerprint: string | null, stored: string | null, response: StoredResponse, expiresAt: number | null): Decision {
+    // A route with `fingerprint: false` (null) takes any record for its own, but never a job's
+    // result under the same key (a webhook route and the job it enqueues, keyed by one event id):
+    // that would go out as this route's answer. Records jobs stored before 0.2 have no marker.
+    if (fingerprint === null && response.headers.length === 1 && response.headers[0]![0] === JOB_RESULT_HEADER) {
+      this.emit({ type: 'mismatch', key });
+      return problem(fingerprintMismatch());
+    }
     if (expiresAt === null) {
       if (this.differs(fingerprint, stored)) {
         this.emit({ type: 'mismatch', key });

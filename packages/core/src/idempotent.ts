@@ -1,4 +1,4 @@
-import { createJobEngine } from './engine.js';
+import { createJobEngine, JOB_RESULT_HEADER } from './engine.js';
 import { RunningLease } from './lease.js';
 import { ConfigurationError, FingerprintMismatchError, KeyError, requestInProgress, ResponseNotReplayableError, StoreUnavailableError, TransactionAbortedError } from './errors.js';
 import { optionalFunction, type IdempotencyOptions } from './options.js';
@@ -325,7 +325,8 @@ function jobCaller<Args extends unknown[], R>(
               "it was not stored, and later calls with this key reject with ResponseNotReplayableError (reason 'too-large') instead of running fn again. Raise maxBodyBytes, or return less (an id to fetch the rest by).",
           );
         }
-        await lease.commit({ status: 200, headers: [], body });
+        // The marker tells this record from a route's to a route with `fingerprint: false`.
+        await lease.commit({ status: 200, headers: [[JOB_RESULT_HEADER, '1']], body });
         await storedOrGivenUp(lease);
         // Transactional only: the commit did not land (the lease was taken over, COMMIT failed),
         // so fn's writes are gone and its result describes nothing; the engine says what stands.

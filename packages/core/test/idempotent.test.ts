@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { ConfigurationError, createMemoryStore, FingerprintMismatchError, idempotent, idempotentTransaction, RequestInProgressError, ResponseNotReplayableError, scopedKey, type IdempotencyStore } from '../src/index.js';
+import { ConfigurationError, createIdempotencyEngine, createMemoryStore, FingerprintMismatchError, idempotent, idempotentTransaction, RequestInProgressError, ResponseNotReplayableError, scopedKey, type IdempotencyStore } from '../src/index.js';
 
 describe('idempotent(fn)', () => {
   it('runs fn once for 100 concurrent calls with one key and gives all of them the same result', async () => {
@@ -354,6 +354,26 @@ describe('idempotent(fn)', () => {
       expect(await charge({ id: 'evt_1' })).toEqual({ charged: 'evt_1' });
     }
     expect(ran).toEqual(['charge', 'charge']);
+  });
+
+  // Was: the route replayed the job's result ({"processed":…}, 200, Idempotent-Replayed) as its
+  // own answer and its handler never ran: `fingerprint: false` matched the job's fingerprint too.
+  it.each([false, true])('a route with fingerprint: false meeting a job result under its key gets a mismatch, not the job result (localCache: %s)', async (localCache) => {
+    const store = createMemoryStore();
+    const processEvent = idempotent(async (e: { id: string }) => ({ processed: e.id }), { store, name: 'process-event', key: (e) => e.id, localCache });
+    expect(await processEvent({ id: 'evt_1' })).toEqual({ processed: 'evt_1' });
+    const route = createIdempotencyEngine({ store, fingerprint: false, logger: false, localCache });
+    for (let i = 0; i < 2; i++) {
+      const decision = await route.decide({ method: 'POST', path: '/webhooks', headers: { 'idempotency-key': 'evt_1' }, body: { id: 'evt_1' } });
+      expect(decision.kind).toBe('problem');
+      if (decision.kind === 'problem') expect(decision.error).toBeInstanceOf(FingerprintMismatchError);
+    }
+    // The job still replays its own result; the route's own records still replay to it.
+    expect(await processEvent({ id: 'evt_1' })).toEqual({ processed: 'evt_1' });
+    const first = await route.decide({ method: 'POST', path: '/webhooks', headers: { 'idempotency-key': 'evt_2' }, body: {} });
+    if (first.kind !== 'run') throw new Error(`expected run, got ${first.kind}`);
+    await first.lease.commit({ status: 200, headers: [], body: new TextEncoder().encode('{"received":true}') });
+    expect((await route.decide({ method: 'POST', path: '/webhooks', headers: { 'idempotency-key': 'evt_2' }, body: { other: 1 } })).kind).toBe('replay');
   });
 
   it('rejects, without running fn, a call whose argument cannot be fingerprinted (a toJSON that returns `this` inside a new object): it used to hang the call', async () => {

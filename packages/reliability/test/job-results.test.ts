@@ -61,6 +61,22 @@ describe.each(['postgres', 'redis'] as const)('a job and a webhook route on one 
     for (let i = 0; i < 2; i++) await expect(processEvent({ id: eventId })).rejects.toBeInstanceOf(FingerprintMismatchError);
     expect(runs).toBe(0);
   });
+
+  // Was: the route answered the job's result ({"processed":…}, 200, Idempotent-Replayed: true) as
+  // its own and never ran: a route with `fingerprint: false` took the job's record for its own.
+  it('the route never sends the job result stored under its key as its answer: a 422 mismatch, twice', async () => {
+    const eventId = 'evt_job_first';
+    const processEvent = idempotent(async (event: { id: string }) => ({ processed: event.id }), { store: opened.store, name: 'process-event', key: (event) => event.id });
+    expect(await processEvent({ id: eventId })).toEqual({ processed: eventId });
+    for (let i = 0; i < 2; i++) {
+      const answer = await post(`${base}/webhooks`, { id: eventId }, { 'idempotency-key': eventId });
+      expect(answer.status).toBe(422);
+      expect(answer.headers.get('idempotent-replayed')).toBeNull();
+      expect(JSON.parse(answer.text)).toMatchObject({ code: 'ERR_IDEMKIT_FINGERPRINT_MISMATCH' });
+    }
+    // The job's record is untouched: it still replays to the job.
+    expect(await processEvent({ id: eventId })).toEqual({ processed: eventId });
+  });
 });
 
 /** A queue consumer's handling of one message: redelivered while it rejects, three times at most. */
