@@ -535,7 +535,24 @@ async function readAll(stream: ReadableStream<Uint8Array>, signal: AbortSignal, 
     reader.releaseLock();
   }
   // The Blob copies the chunks: no merged copy of our own, so a large body is held twice at most.
-  return new Blob(chunks.map(blobPart));
+  return new (await fetchBlob())(chunks.map(blobPart));
+}
+
+let blobOfFetch: Promise<typeof Blob> | undefined;
+
+/**
+ * The Blob class of the fetch realm (Response's), found once. Not always the global one: vitest's
+ * jsdom environment puts jsdom's Blob on the global beside Node's fetch, which sent that Blob
+ * as the text "[object Blob]" instead of the body.
+ */
+function fetchBlob(): Promise<typeof Blob> {
+  return (blobOfFetch ??=
+    typeof Response === 'function'
+      ? new Response('').blob().then(
+          (blob) => blob.constructor as typeof Blob,
+          () => Blob,
+        )
+      : Promise.resolve(Blob));
 }
 
 /**

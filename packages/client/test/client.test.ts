@@ -835,6 +835,26 @@ describe('retry rules', () => {
     expect(() => createIdempotentFetch({ onAttempt: null, generateKey: null, retryOn: null, random: null } as never)).not.toThrow();
   });
 
+  // Was: the body went out as the text "[object Blob]" (seen with jsdom's Blob): vitest's jsdom
+  // environment puts jsdom's Blob on the global beside Node's fetch, and the body was held in one.
+  it("sends the body itself when the global Blob is not fetch's (a DOM emulation's, as under vitest's jsdom environment)", async () => {
+    const s = await server();
+    // Built before the swap: what a test file's imports would have made of the real one.
+    const fetchSafe = createIdempotentFetch(fast);
+    class ForeignBlob {
+      readonly [Symbol.toStringTag] = 'Blob';
+      constructor(readonly parts: unknown[]) {}
+    }
+    vi.stubGlobal('Blob', ForeignBlob);
+    try {
+      const res = await fetchSafe(`${s.url}/orders`, json({ item: 'book' }));
+      expect(res.status).toBe(201);
+      expect(await res.json()).toEqual({ order: 1, body: { item: 'book' } });
+    } finally {
+      vi.unstubAllGlobals();
+    }
+  });
+
   // Was: NaN made every wait NaN, and `now + NaN < deadline` is false, so a 503 came back with
   // no retry and no word; a value out of range skewed the waits (negative: back to back).
   it('a `random` giving no number from 0 to 1 rejects the call with a TypeError naming it, instead of silently not retrying', async () => {
