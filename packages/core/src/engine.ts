@@ -42,17 +42,17 @@ export function createIdempotencyEngine<Req = IncomingRequest>(options: Idempote
 }
 
 /**
- * The engine of `idempotent()` (not exported from the package): its calls always have a
- * fingerprint, and a record stored without one (an HTTP route with `fingerprint: false` on the
- * same store and key) is another writer's, so a mismatch, never a result to replay as the job's.
- */
-/**
  * The header `idempotent()` stores with a job's result (its only one; never sent: a job's caller
  * gets the body). It tells a job's record from a route's where fingerprints cannot: a route with
  * `fingerprint: false` matches any fingerprint, a job's too.
  */
 export const JOB_RESULT_HEADER = 'idemkit-job-result';
 
+/**
+ * The engine of `idempotent()` (not exported from the package): its calls always have a
+ * fingerprint, and a record stored without one (an HTTP route with `fingerprint: false` on the
+ * same store and key) is another writer's, so a mismatch, never a result to replay as the job's.
+ */
 export function createJobEngine<Req>(options: IdempotencyOptions<Req>): IdempotencyEngine<Req> {
   return new Engine(resolveOptions(options), true);
 }
