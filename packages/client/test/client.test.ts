@@ -163,7 +163,8 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     // Under attemptTimeoutMs the read of each copy ends with the attempt's limit: such a 409 is
     // no idemkit answer to wait on, so it counts, and the last one is returned before the deadline.
     const { attempts, onAttempt } = recorder();
-    const res = await createIdempotentFetch({ ...fast, attemptTimeoutMs: 200, maxAttempts: 2, deadlineMs: 20_000, onAttempt })(`http://127.0.0.1:${port}/orders`, json({}));
+    // 750 ms: the 409's head must arrive within it (on two busy cores 200 ms was once too short).
+    const res = await createIdempotentFetch({ ...fast, attemptTimeoutMs: 750, maxAttempts: 2, deadlineMs: 20_000, onAttempt })(`http://127.0.0.1:${port}/orders`, json({}));
     expect(res.status).toBe(409);
     expect(attempts.map((x) => [x.status, x.willRetry])).toEqual([[409, true], [409, false]]);
     await res.body?.cancel();
