@@ -140,14 +140,22 @@ const KNOWN = new Set([
 /** Node's timers hold at most this (about 24.8 days); a longer delay fires after 1 ms instead. */
 export const MAX_TIMER_MS = 2_147_483_647;
 
-function positiveInt(name: string, value: number | undefined, fallback: number, max = Number.MAX_SAFE_INTEGER): number {
+/**
+ * The longest `ttlMs`: 100 years. Stores write the expiry as a date, and a JavaScript Date ends in
+ * the year 275760: `ttlMs: Number.MAX_SAFE_INTEGER` (meant as "forever") made MongoDB's
+ * `new Date(now + ttlMs)` an Invalid Date, stored as 1970, so every answer was expired at once and
+ * every retry ran the handler again.
+ */
+export const MAX_TTL_MS = 3_155_760_000_000;
+
+function positiveInt(name: string, value: number | undefined, fallback: number, max = Number.MAX_SAFE_INTEGER, limit = "ms (a Node timer's limit)"): number {
   if (value === undefined) return fallback;
   if (!Number.isSafeInteger(value) || value <= 0) {
     // JSON: a string from process.env shows its quotes ("1000"), so the mistake is visible.
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be a positive integer, got ${describe(value)}.`);
   }
   if (value > max) {
-    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be at most ${max} ms (a Node timer's limit), got ${value}.`);
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`${name}\` must be at most ${max} ${limit}, got ${value}.`);
   }
   return value;
 }
@@ -280,7 +288,7 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
     scope: optionalFunction('scope', input.scope),
     fingerprint,
     storable: optionalFunction('storable', input.storable) ?? defaultStorable,
-    ttlMs: positiveInt('ttlMs', input.ttlMs, DEFAULTS.ttlMs),
+    ttlMs: positiveInt('ttlMs', input.ttlMs, DEFAULTS.ttlMs, MAX_TTL_MS, 'ms (100 years; stores keep the expiry as a date, which must stay within what a Date can hold)'),
     leaseMs,
     maxBodyBytes,
     concurrency: oneOf('concurrency', input.concurrency, ['conflict', 'wait'], DEFAULTS.concurrency),

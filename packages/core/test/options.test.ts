@@ -64,6 +64,10 @@ describe('options', () => {
     ['storeTimeoutMs', { storeTimeoutMs: 2 ** 31 }, /storeTimeoutMs` must be at most 2147483647/],
     ['leaseMs', { leaseMs: 2 ** 31 }, /leaseMs` must be at most/],
     ['waitTimeoutMs', { waitTimeoutMs: 2 ** 31 }, /waitTimeoutMs` must be at most/],
+    // "Forever": MongoDB stored the expiry (an Invalid Date past the year 275760) as 1970, so every
+    // answer was expired when written and every retry ran the handler again.
+    ['ttlMs', { ttlMs: Number.MAX_SAFE_INTEGER }, /`ttlMs` must be at most 3155760000000 ms \(100 years/],
+    ['ttlMs', { ttlMs: 3_155_760_000_001 }, /`ttlMs` must be at most/],
     // A number from process.env, left a string: the message shows it is one.
     ['ttlMs', { ttlMs: '1000' as unknown as number }, /`ttlMs` must be a positive integer, got "1000"\./],
     ['required', { required: 'false' as unknown as boolean }, /`required` must be true or false, got "false"/],
@@ -81,6 +85,7 @@ describe('options', () => {
     const o = resolveOptions({ store, logger: false, storeTimeoutMs: 2 ** 31 - 1, leaseMs: 2 ** 31 - 1, ttlMs: 365 * 86_400_000 });
     expect(o.storeTimeoutMs).toBe(2_147_483_647);
     expect(o.ttlMs).toBe(31_536_000_000);
+    expect(resolveOptions({ store, logger: false, ttlMs: 3_155_760_000_000 }).ttlMs).toBe(3_155_760_000_000);
   });
 
   it('requires a store that implements the contract', () => {
