@@ -28,6 +28,9 @@ function prepare(value: unknown): unknown {
   if (value !== null && typeof value === 'object' && typeof (value as { toJSON?: unknown }).toJSON === 'function') {
     return (value as { toJSON(): unknown }).toJSON();
   }
+  // A boxed primitive, unwrapped as JSON.stringify unwraps it: written as an object, every
+  // `new Number(n)` was `{}`, so a job called with 100 and then 200 (boxed) replayed the first result.
+  if (value instanceof Number || value instanceof String || value instanceof Boolean || value instanceof BigInt) return value.valueOf();
   return value;
 }
 

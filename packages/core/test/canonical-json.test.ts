@@ -61,6 +61,18 @@ describe('canonical JSON', () => {
     expect(canonicalJson('x')).toBe('"x"');
   });
 
+  it('writes a boxed number, string, boolean or bigint as its value, as JSON.stringify does (every boxed number was {})', () => {
+    const boxed = { n: new Number(100), s: new String('ab'), t: [new Boolean(false)], b: Object(7n) as object };
+    expect(canonicalJson(boxed)).toBe('{"b":7,"n":100,"s":"ab","t":[false]}');
+    expect(canonicalJson(new Number(-0))).toBe(JSON.stringify(new Number(-0)));
+    // So a different boxed value is a different request, at any depth (both writers).
+    const deep = (v: unknown): unknown => Array.from({ length: 100 }).reduce<unknown>((inner) => [inner], v);
+    expect(canonicalJson(deep(new Number(1)))).not.toBe(canonicalJson(deep(new Number(2))));
+    expect(defaultFingerprint({ method: 'CALL', path: '/j', body: [{ cents: new Number(100) }] })).not.toBe(
+      defaultFingerprint({ method: 'CALL', path: '/j', body: [{ cents: new Number(200) }] }),
+    );
+  });
+
   it('writes a Map or Set by its contents (JSON.stringify gives {} for every one), as no JSON value can be written', () => {
     // Before: both were '{}', so idempotent() replayed one Map argument's result for another.
     expect(canonicalJson({ m: new Map([['a', 1]]) })).toBe('{"m":Map[["a",1]]}');

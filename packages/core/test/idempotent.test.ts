@@ -68,6 +68,22 @@ describe('idempotent(fn)', () => {
     await expect(job('k', 2)).rejects.toBeInstanceOf(FingerprintMismatchError);
   });
 
+  it('tells apart arguments that differ only in a boxed number (each was fingerprinted as {})', async () => {
+    let runs = 0;
+    const charge = idempotent(
+      async (order: { id: string; cents: unknown }) => {
+        runs++;
+        return { charged: Number(order.cents) };
+      },
+      { store: createMemoryStore(), name: 'boxed-charge', key: (order) => order.id },
+    );
+    expect(await charge({ id: 'o1', cents: new Number(100) })).toEqual({ charged: 100 });
+    await expect(charge({ id: 'o1', cents: new Number(200) })).rejects.toBeInstanceOf(FingerprintMismatchError);
+    // The same value, boxed or not, is the same call (as JSON writes both alike).
+    expect(await charge({ id: 'o1', cents: 100 })).toEqual({ charged: 100 });
+    expect(runs).toBe(1);
+  });
+
   it('supports undefined results, custom serialisation, scope, custom and disabled fingerprints', async () => {
     const store = createMemoryStore();
     let n = 0;
