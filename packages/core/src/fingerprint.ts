@@ -27,10 +27,20 @@ export function defaultFingerprint(input: Pick<IncomingRequest, 'method' | 'path
   // Only when there are files, so every other request's fingerprint is as it always was.
   if (input.files !== undefined && Object.keys(input.files).length > 0) head += `files\0${canonicalJson(input.files)}\0`;
   const body = canonicalBody(input.body);
+  // A raw text body with a lone surrogate (text a parser decoded as UTF-16, which iconv keeps as
+  // it is): UTF-8 makes every lone surrogate U+FFFD, so two different bodies hashed alike and the
+  // second was replayed the first's answer. Hashed by its UTF-16 code units, under a prefix no other
+  // fingerprint has. Only raw strings are scanned: canonical JSON escapes lone surrogates itself.
+  if (typeof input.body === 'string' && !(input.body as WellFormedCheck).isWellFormed()) {
+    return `sha256-utf16:${createHash('sha256').update(head).update(Buffer.from(input.body, 'utf16le')).digest('base64url')}`;
+  }
   // One-shot hash for the common text case (no Hash object per request); bytes need the stream form.
   if (typeof body === 'string') return `sha256:${hash('sha256', head + body, 'base64url')}`;
   return `sha256:${createHash('sha256').update(head).update(body).digest('base64url')}`;
 }
+
+/** `String.prototype.isWellFormed` (Node 20; not in the ES2022 lib this package compiles against). */
+type WellFormedCheck = string & { isWellFormed(): boolean };
 
 /** `scheme://authority` at the start of a request target in absolute form (RFC 9112 §3.2.2). */
 const ABSOLUTE_FORM = /^[a-z][a-z0-9+.-]*:\/\/[^/?#]*/i;

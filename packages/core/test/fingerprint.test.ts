@@ -35,6 +35,20 @@ describe('fingerprint', () => {
     expect(fp(Buffer.from('{"a":1,"b":[2]}'), 'POST', '/orders?x=1')).toBe(`sha256:${expected}`);
   });
 
+  // Was: both hashed as UTF-8, where every lone surrogate is U+FFFD, so the second body was
+  // replayed the first one's answer instead of a 422.
+  it('tells apart text bodies that differ only in a lone surrogate (UTF-16 text as iconv decodes it)', () => {
+    const utf16 = (...bytes: number[]) => Buffer.from(bytes).toString('utf16le');
+    const a = utf16(0x00, 0xd8, 0x41, 0x00); // '\ud800A'
+    const b = utf16(0x01, 0xd8, 0x41, 0x00); // '\ud801A'
+    expect((a as string & { isWellFormed(): boolean }).isWellFormed()).toBe(false);
+    expect(fp(a)).not.toBe(fp(b));
+    expect(fp(a)).toBe(fp(utf16(0x00, 0xd8, 0x41, 0x00)));
+    expect(fp(a)).not.toBe(fp('\ufffdA'));
+    // Well-formed text keeps the fingerprint it always had.
+    expect(fp('h\u00e9llo \ud83d\ude00')).toBe(fp(Buffer.from('h\u00e9llo \ud83d\ude00')));
+  });
+
   // Was: a request sent through a proxy in absolute form, then retried directly, got 422.
   it('takes a request target in absolute form as its path and query', () => {
     expect(fp({ a: 1 }, 'POST', 'http://shop.example/orders?x=1')).toBe(fp({ a: 1 }, 'POST', '/orders?x=1'));
