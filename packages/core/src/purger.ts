@@ -22,6 +22,12 @@ export interface Purger {
  * without a TTL index, memory). The timer is `unref`'d so it never keeps a process alive.
  */
 export function startPurger(store: IdempotencyStore, options: PurgerOptions = {}): Purger {
+  // Checked here: a missing store (or `startPurger({ store, intervalMs })`) failed every sweep,
+  // a log line a minute, while expired records piled up.
+  if (typeof (store as Partial<IdempotencyStore> | null | undefined)?.purgeExpired !== 'function') {
+    throw new TypeError('[idemkit] startPurger(store, options): `store` must be an idempotency store (with `purgeExpired`), e.g. `startPurger(store, { intervalMs: 60_000 })`.');
+  }
+  if (typeof options !== 'object' || options === null) throw new TypeError('[idemkit] startPurger: `options` must be an object (or left out).');
   const intervalMs = options.intervalMs ?? 60_000;
   const batchSize = options.batchSize ?? 1_000;
   const onError = options.onError ?? ((error: unknown) => console.error('[idemkit] purgeExpired failed', error));

@@ -139,6 +139,16 @@ describe('startPurger', () => {
   it('validates its options', () => {
     expect(() => startPurger(createMemoryStore(), { intervalMs: 0 })).toThrow(/intervalMs/);
     expect(() => startPurger(createMemoryStore(), { batchSize: -1 })).toThrow(/batchSize/);
+    expect(() => startPurger(createMemoryStore(), null as unknown as undefined)).toThrow(/`options` must be an object/);
+  });
+
+  // Was: accepted, and every sweep failed (a log line a minute) while expired records piled up.
+  it('refuses a missing store, or the options passed in its place, at once', () => {
+    const store = createMemoryStore();
+    const errors: unknown[] = [];
+    expect(() => startPurger(undefined as unknown as typeof store, { onError: (e) => errors.push(e) })).toThrow(/`store` must be an idempotency store/);
+    expect(() => startPurger({ store, intervalMs: 10 } as unknown as typeof store)).toThrow(/`store` must be an idempotency store/);
+    expect(errors).toEqual([]);
   });
 
   it('refuses an interval longer than a Node timer holds: it would fire every millisecond and sweep the store a thousand times a second', async () => {
