@@ -72,7 +72,10 @@ class Engine<Req> implements IdempotencyEngine<Req> {
 
   constructor(
     readonly options: ResolvedOptions<Req>,
-    /** A stored record without a fingerprint differs from this engine's calls (see createJobEngine). */
+    /**
+     * A job engine (see createJobEngine): a stored record without a fingerprint differs from its
+     * calls, and its `path` (the job's name) is fingerprinted as it is, not as a request target.
+     */
     readonly strictFingerprint: boolean,
   ) {
     this.#headerLower = options.header.toLowerCase();
@@ -132,7 +135,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
 
     const scope = o.scope ? scopeText(await o.scope(req, input)) : undefined;
     const fingerprint =
-      o.fingerprint === false ? null : o.fingerprint === 'default' ? defaultFingerprint(input) : checkedText(await o.fingerprint(req, input), 'fingerprint', 'a string');
+      o.fingerprint === false ? null : o.fingerprint === 'default' ? defaultFingerprint(input, this.strictFingerprint) : checkedText(await o.fingerprint(req, input), 'fingerprint', 'a string');
 
     return this.#claim(key, scopedKey(scope, key), fingerprint);
   }

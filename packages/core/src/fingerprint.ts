@@ -21,9 +21,11 @@ export function canonicalBody(body: unknown): Uint8Array | string {
 }
 
 /** SHA-256 over method, path with query, the canonical body and any uploaded files' digests (SPEC §2). */
-export function defaultFingerprint(input: Pick<IncomingRequest, 'method' | 'path' | 'body' | 'files'>): string {
+export function defaultFingerprint(input: Pick<IncomingRequest, 'method' | 'path' | 'body' | 'files'>, verbatimPath = false): string {
   // NUL separators: neither a method nor a path can contain one, so the fields cannot run together.
-  let head = `${upperMethod(input.method)}\0${originForm(input.path)}\0`;
+  // `verbatimPath`: a job's name (`idempotent()`), which is no request target: cut to its "path",
+  // jobs named `https://a.example/hook` and `https://b.example/hook` replayed each other's results.
+  let head = `${upperMethod(input.method)}\0${verbatimPath ? input.path : originForm(input.path)}\0`;
   // Only when there are files, so every other request's fingerprint is as it always was.
   if (input.files !== undefined && Object.keys(input.files).length > 0) head += `files\0${canonicalJson(input.files)}\0`;
   const body = canonicalBody(input.body);

@@ -68,6 +68,17 @@ describe('idempotent(fn)', () => {
     await expect(job('k', 2)).rejects.toBeInstanceOf(FingerprintMismatchError);
   });
 
+  // Was: the name was cut to its path as a request target is, so both were `/hook` and the second
+  // job got the first one's result.
+  it('tells apart two jobs whose names differ only before their path (URL-like names)', async () => {
+    const store = createMemoryStore();
+    const a = idempotent(async (id: string) => `a:${id}`, { store, name: 'https://a.example/hook', key: (id) => id });
+    const b = idempotent(async (id: string) => `b:${id}`, { store, name: 'https://b.example/hook', key: (id) => id });
+    expect(await a('evt_1')).toBe('a:evt_1');
+    await expect(b('evt_1')).rejects.toBeInstanceOf(FingerprintMismatchError);
+    expect(await a('evt_1')).toBe('a:evt_1');
+  });
+
   it('tells apart arguments that differ only in a boxed number (each was fingerprinted as {})', async () => {
     let runs = 0;
     const charge = idempotent(
