@@ -59,11 +59,18 @@ function tagged(value: Map<unknown, unknown> | Set<unknown>): Tagged {
   writing.add(value);
   try {
     const items = value instanceof Map ? [...value].map((entry) => [canonicalJson(entry[0]), entry] as const) : [...value].map((item) => [canonicalJson(item), item] as const);
-    items.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+    // Two Map keys can write alike (two `{}` objects): their values break the tie, or insertion
+    // order decided and the same Map built in another order fingerprinted otherwise. Equal Set
+    // items write alike whatever their order. Values are written here only on such a tie.
+    items.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : value instanceof Map ? compareText(canonicalJson((a[1] as readonly unknown[])[1]), canonicalJson((b[1] as readonly unknown[])[1])) : 0));
     return new Tagged(value instanceof Map ? 'Map' : 'Set', value, items.map((item) => item[1]));
   } finally {
     writing.delete(value);
   }
+}
+
+function compareText(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
 }
 
 /** The bytes of any binary value (a typed array of any width, a DataView, an ArrayBuffer). */

@@ -79,6 +79,10 @@ describe('canonical JSON', () => {
     expect(canonicalJson(new Map([['a', 2]]))).not.toBe(canonicalJson(new Map([['a', 1]])));
     expect(canonicalJson([new Set([1, { b: 2, a: 1 }])])).toBe('[Set[1,{"a":1,"b":2}]]');
     expect(canonicalJson(new Map())).not.toBe(canonicalJson({}));
+    // Keys that write alike (two empty objects) in either order: the same Map contents. Was:
+    // insertion order decided, so a redelivery that built it the other way was a mismatch.
+    expect(canonicalJson(new Map<object, number>([[{}, 2], [{}, 1]]))).toBe(canonicalJson(new Map<object, number>([[{}, 1], [{}, 2]])));
+    expect(canonicalJson(new Map<object, number>([[{}, 2], [{}, 1]]))).toBe('Map[[{},1],[{},2]]');
     // The iterative writer (past the fast path's depth) writes the same text.
     let deep: unknown = new Map([['k', new Set(['v'])]]);
     for (let i = 0; i < 70; i++) deep = [deep];
