@@ -39,7 +39,7 @@ export interface IdempotencyOptions<Req = IncomingRequest> {
   fingerprint?: (false | ((req: Req, input: IncomingRequest) => MaybePromise<string>)) | undefined;
   /** Which statuses are stored for replay. @default status < 500, except 408, 409, 425, 429 */
   storable?: ((status: number) => boolean) | undefined;
-  /** How long a completed response is replayed, in ms. @default 86_400_000 (24 h) */
+  /** How long a completed response is replayed, in ms; at most 100 years. @default 86_400_000 (24 h) */
   ttlMs?: number | undefined;
   /** Lease of a running handler in ms; renewed every third of it while the handler runs. @default 60_000 */
   leaseMs?: number | undefined;
