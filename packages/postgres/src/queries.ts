@@ -37,8 +37,13 @@ export const BEGIN_TRANSACTION = 'BEGIN; SELECT txid_current()::text AS xid';
 
 const OURS = (xid: string): string => `coalesce(txid_current_if_assigned() = ${xid}, false)`;
 
-/** Whether the session is still in our transaction, then ROLLBACK, in one round trip. */
-export const askThenRollback = (xid: string): string => `SELECT ${OURS(xid)} AS ours; ROLLBACK`;
+/**
+ * Whether the session is still in our transaction, then ROLLBACK, then whether the session is
+ * read-only (as in `rollbackThenFate`), in one round trip. A handler that only read succeeds on
+ * a read-only connection, so its ROLLBACK succeeds too: that connection must not go back.
+ */
+export const askThenRollback = (xid: string): string =>
+  `SELECT ${OURS(xid)} AS ours; ROLLBACK; SELECT current_setting('transaction_read_only') = 'on' AS read_only`;
 
 /**
  * ROLLBACK (of whatever the session is in, even an aborted transaction), then what became of

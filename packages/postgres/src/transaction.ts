@@ -143,16 +143,20 @@ export class PgTransaction implements StoreTransaction<PoolClient> {
     // The engine frees the key after this (a thrown handler, a status that is not stored):
     // only right if the session was still in our transaction, whose writes this ROLLBACK undoes.
     let ours: boolean | undefined;
+    let readOnly: boolean | undefined;
     try {
-      const results = (await this.raw.query(storeStatement(askThenRollback(this.xid), this.queryTimeoutMs))) as unknown as Array<QueryResult<{ ours: boolean }>>;
+      const results = (await this.raw.query(storeStatement(askThenRollback(this.xid), this.queryTimeoutMs))) as unknown as Array<QueryResult<{ ours?: boolean; read_only?: boolean }>>;
       ours = results[0]?.rows[0]?.ours;
+      readOnly = results[2]?.rows[0]?.read_only;
     } catch {
       // An aborted session refuses the question (and skips that ROLLBACK): ours, after a failed
       // statement, or the handler's own after it committed ours; the fate tells which.
       if ((await this.#rollbackThenFate(true)) === 'committed') throw new TransactionEndedError();
       return;
     }
-    this.#release();
+    // A read-only session (see #rollbackThenFate) whose handler only read: destroyed, not given
+    // back, or the next pool user's write (the engine's release of this key, say) fails on it.
+    this.#release(readOnly === true ? true : undefined);
     if (ours !== true) throw new TransactionEndedError();
   }
 

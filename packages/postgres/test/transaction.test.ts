@@ -205,6 +205,29 @@ describe('store transactions (the flow the engine drives)', () => {
   });
 });
 
+describe('a transaction on a read-only connection (a failover behind one address) whose handler only read, then threw', () => {
+  it('is not given back to the pool: the next claim, on a pool of 1, gets a writable connection', async () => {
+    const pool = new pg.Pool({ connectionString: db.url, max: 1 });
+    pool.on('error', () => undefined);
+    const own = createPostgresStore({ pool, schema: db.schema });
+    let readOnly = true;
+    opensReadOnlyWhile(pool, () => readOnly);
+    try {
+      const tx = await own.beginTransaction();
+      await tx.client.query(`SELECT count(*) FROM ${orders}`); // a read works on a read-only session
+      await tx.rollback(); // the handler threw: the ROLLBACK itself succeeds
+      readOnly = false; // the address now leads to the writable primary only
+      // Before: the ROLLBACK gave the read-only connection back, the only one in the pool, and
+      // the next request's claim failed on it with 25006 (a 503), as did every write after it.
+      const next = await own.begin(key(), 'fp', 30_000);
+      expect(next.kind).toBe('acquired');
+      expect(checkedOut(pool)).toBe(0);
+    } finally {
+      await pool.end();
+    }
+  });
+});
+
 describe('pgTransaction()', () => {
   it('returns the client of a transactional context', async () => {
     const tx = await store.beginTransaction();
