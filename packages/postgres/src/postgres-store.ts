@@ -11,7 +11,7 @@ import pg, { type Pool, type PoolClient, type QueryResult } from 'pg';
 import { checkOptions, DEFAULT_QUERY_TIMEOUT_MS, DEFAULT_SCHEMA, DEFAULT_TABLE, type PostgresStoreOptions } from './options.js';
 import { checkMs, completeParams, storedKey } from './params.js';
 import { BEGIN_TRANSACTION, buildQueries, type Queries } from './queries.js';
-import { escapeIdentifier, expiresIndexName, MIGRATE_LOCK_ID, TABLE_SHAPE, tableDdl, tableMismatch } from './schema.js';
+import { escapeIdentifier, expiresIndexName, MIGRATE_LOCK_ID, missingGrants, TABLE_GRANTS, TABLE_SHAPE, tableDdl, tableMismatch } from './schema.js';
 import { checkOut, giveBack } from './checkout.js';
 import { STORE_TYPES } from './pg-types.js';
 import { PgTransaction, storeStatement } from './transaction.js';
@@ -126,6 +126,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
   readonly pool: Pool;
   readonly #ownsPool: boolean;
   readonly #schema: string;
+  readonly #tableName: string;
   readonly #indexName: string;
   readonly #sql: Queries;
   /** The per-statement read timeout, or undefined when the pool's own `query_timeout` applies. */
@@ -141,6 +142,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     const schema = options.schema ?? DEFAULT_SCHEMA;
     const table = options.table ?? DEFAULT_TABLE;
     this.#schema = schema;
+    this.#tableName = table;
     this.table = `${escapeIdentifier(schema, 'schema')}.${escapeIdentifier(table, 'table')}`;
     this.#indexName = expiresIndexName(table);
     this.#sql = buildQueries(this.table);
@@ -167,9 +169,23 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
    */
   async migrate(): Promise<void> {
     const client = await checkOut(this.pool);
+    /** A refusal already worded here: not to be taken for a failed CREATE below. */
+    let refusal: Error | undefined;
     try {
       await client.query('BEGIN');
       await client.query(`SELECT pg_advisory_xact_lock(${MIGRATE_LOCK_ID})`);
+      // The table is there but this role may not use it (no USAGE on the schema, or missing table
+      // rights): before, the first refused statement surfaced as "may not create" (without USAGE)
+      // or not at all (migrate() passed, then every begin failed with "permission denied").
+      const { rows: [grantsRow] } = await client.query<{ role: string; found: boolean; usage: boolean; missing: string }>({ text: TABLE_GRANTS, values: [this.#schema, this.#tableName], types: STORE_TYPES });
+      const grants = grantsRow === undefined ? undefined : missingGrants(grantsRow, this.#schema, this.table);
+      if (grants !== undefined) {
+        refusal = Object.assign(
+          new Error(`[idemkit] [postgres] migrate(): ${this.table} exists, but this role (${grantsRow?.role ?? '?'}) may not use it. As its owner or a superuser, run: ${grants}`),
+          { code: INSUFFICIENT_PRIVILEGE },
+        );
+        throw refusal;
+      }
       // Table and index there already (sql/schema.sql applied by a migration tool): no DDL, so an
       // app role without the CREATE privilege can still call migrate() on every boot.
       const index = `${escapeIdentifier(this.#schema, 'schema')}.${escapeIdentifier(this.#indexName, 'table')}`;
@@ -204,6 +220,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     } catch (error) {
       await client.query('ROLLBACK').catch(() => undefined);
       giveBack(client, true);
+      if (error === refusal) throw error;
       if ((error as { code?: unknown }).code === INSUFFICIENT_PRIVILEGE) {
         // The bare driver error ("permission denied for schema public") names neither the table
         // nor the way out; a boot that fails on it should say both.

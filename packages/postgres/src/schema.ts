@@ -106,6 +106,31 @@ ${tableDdl('"idempotency_keys"', expiresIndexName('idempotency_keys'))}`;
 }
 
 /**
+ * What this role lacks to use an existing table $2 in schema $1 (by name, from the catalogs, which
+ * every role may read: `to_regclass` itself fails without USAGE on the schema). `missing` lists
+ * the table privileges the store's statements need (purge's `FOR UPDATE` needs UPDATE); empty
+ * when the table is not there.
+ */
+export const TABLE_GRANTS = `SELECT current_user::text AS role, c.oid IS NOT NULL AS found,
+  coalesce(has_schema_privilege(n.oid, 'USAGE'), false) AS usage,
+  coalesce((SELECT string_agg(p, ', ' ORDER BY o) FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) WITH ORDINALITY AS u(p, o)
+    WHERE NOT has_table_privilege(c.oid, p)), '') AS missing
+  FROM (SELECT 1) AS one
+  LEFT JOIN pg_namespace n ON n.nspname = $1
+  LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = $2 AND c.relkind IN ('r', 'p')`;
+
+/** The GRANT statements that would let `role` use the existing table, or undefined when none is missing. */
+export function missingGrants(row: { role: string; found: boolean; usage: boolean; missing: string }, schema: string, table: string): string | undefined {
+  if (!row.found) return undefined;
+  const role = escapeIdentifier(row.role, 'role');
+  const grants = [
+    row.usage ? '' : `GRANT USAGE ON SCHEMA ${escapeIdentifier(schema, 'schema')} TO ${role};`,
+    row.missing === '' ? '' : `GRANT ${row.missing} ON ${table} TO ${role};`,
+  ].filter((text) => text !== '');
+  return grants.length === 0 ? undefined : grants.join(' ');
+}
+
+/**
  * A fixed advisory-lock id ("idemkit" in ASCII, as a bigint). It serialises concurrent migrate()
  * calls from several app servers: CREATE TABLE IF NOT EXISTS run at the same moment by two
  * sessions can still fail on the catalog's unique index.

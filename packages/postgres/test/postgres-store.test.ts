@@ -332,6 +332,42 @@ describe('migrate() and sql/schema.sql', () => {
     }
   });
 
+  it('a role without USAGE or rights on an existing table: migrate() names the grants missing, and running them is enough', async () => {
+    const schema = `${db.schema}_granted`;
+    const role = `${TEST_PREFIX}nogrant_${randomUUID().slice(0, 8)}`;
+    await createPostgresStore({ pool: db.pool, schema }).migrate();
+    await db.pool.query(`CREATE ROLE "${role}" LOGIN`);
+    const asRole = new URL(db.url);
+    asRole.username = role;
+    asRole.password = '';
+    const app = new pg.Pool({ connectionString: asRole.href, max: 2 });
+    try {
+      const store = createPostgresStore({ pool: app, schema });
+      // Before: "this role may not create …" (it exists; CREATE was never the point).
+      const noUsage = await store.migrate().then(() => undefined, (e: unknown) => e);
+      expect(noUsage).toMatchObject({ code: '42501', message: expect.stringContaining(`GRANT USAGE ON SCHEMA "${schema}" TO "${role}";`) });
+      expect((noUsage as Error).message).toContain(`GRANT SELECT, INSERT, UPDATE, DELETE ON ${store.table} TO "${role}";`);
+      expect((noUsage as Error).message).not.toMatch(/may not create/);
+      await db.pool.query(`GRANT USAGE ON SCHEMA "${schema}" TO "${role}"`);
+      await db.pool.query(`GRANT SELECT ON ${store.table} TO "${role}"`);
+      // Before: migrate() passed here, and then every begin failed with "permission denied for table".
+      const noRights = await store.migrate().then(() => undefined, (e: unknown) => e);
+      expect(noRights).toMatchObject({ code: '42501' });
+      const grants = /run: (.*)$/.exec((noRights as Error).message)?.[1] ?? '';
+      expect(grants).toBe(`GRANT INSERT, UPDATE, DELETE ON ${store.table} TO "${role}";`);
+      await db.pool.query(grants);
+      await store.migrate();
+      expect((await store.begin(key(), 'fp', 10_000)).kind).toBe('acquired');
+      expect(await store.purgeExpired()).toBe(0);
+      expect(app.totalCount - app.idleCount).toBe(0);
+    } finally {
+      await app.end();
+      await db.pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+      await db.pool.query(`DROP OWNED BY "${role}"`);
+      await db.pool.query(`DROP ROLE "${role}"`);
+    }
+  });
+
   it('ships sql/schema.sql with exactly the DDL migrate() runs', async () => {
     const file = await readFile(new URL('../sql/schema.sql', import.meta.url), 'utf8');
     expect(file).toBe(schemaFileText());
