@@ -89,9 +89,29 @@ export class RenewalClock {
  * The right to run one handler for one key. Renews itself while the handler runs and settles
  * exactly once: the first of commit / commitUnbuffered / abandon wins, later calls do nothing.
  */
+/**
+ * True when body and headers together exceed the store's `maxResponseBytes` (MongoDB's one
+ * document of 16 MiB): `maxBodyBytes` counts the body alone, so a body just under it with large
+ * headers could not be stored, and the engine retried that completion for two leases (every retry
+ * of the key a 409) before storing its 410 marker. Costs a sum over the header strings per
+ * commit; UTF-8 bytes are counted exactly only when the cheap upper bound (3 per char) is over.
+ */
+function overStoreLimit(response: StoredResponse, limit: number | undefined): boolean {
+  if (limit === undefined) return false;
+  let chars = 0;
+  for (const [name, value] of response.headers) chars += name.length + value.length;
+  if (response.body.byteLength + 3 * chars <= limit) return false;
+  const encoder = new TextEncoder();
+  let bytes = response.body.byteLength;
+  for (const [name, value] of response.headers) bytes += encoder.encode(name).byteLength + encoder.encode(value).byteLength;
+  return bytes > limit;
+}
+
 export class RunningLease implements Lease {
   readonly context: IdempotencyContext;
   #settled = false;
+  /** The answer's body fit maxBodyBytes, but body and headers together not the store's record (its marker says so). */
+  #overStoreLimit = false;
   #renewDueAt: number;
   /** Links of the engine's renewal clock (owned by RenewalClock). */
   clockPrev: RunningLease | null = null;
@@ -169,7 +189,9 @@ export class RunningLease implements Lease {
         await this.#release('not-storable', response.status);
         return false;
       }
-      if (response.body.byteLength > maxBodyBytes) {
+      const overStore = response.body.byteLength <= maxBodyBytes && overStoreLimit(response, this.host.options.store.maxResponseBytes);
+      if (overStore || response.body.byteLength > maxBodyBytes) {
+        this.#overStoreLimit = overStore;
         await this.#replaceIfRolledBack(await this.#storeMarker(response.status, 'too-large'), response.status);
         return false;
       }
@@ -341,7 +363,9 @@ export class RunningLease implements Lease {
           : status === null || reason === 'cut-short'
           ? 'its answer was cut short before it went out'
           : reason === 'too-large'
-            ? `its body was larger than maxBodyBytes (${this.host.options.maxBodyBytes} bytes)`
+            ? this.#overStoreLimit
+              ? `its body and headers were more than the store can keep in one record (${String(this.host.options.store.maxResponseBytes)} bytes)`
+              : `its body was larger than maxBodyBytes (${this.host.options.maxBodyBytes} bytes)`
             : reason === 'not-serializable'
               ? 'its result could not be serialised'
               : 'it was streamed';

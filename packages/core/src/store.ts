@@ -53,9 +53,11 @@ export interface IdempotencyStore {
    */
   readonly shared: boolean;
   /**
-   * The largest response body this store can keep in one record, when it has such a limit
-   * (MongoDB's 16 MiB documents). The engine refuses a larger `maxBodyBytes` at setup: an answer
-   * the store could not keep would never be stored, and retries would run the handler again.
+   * The largest response this store can keep in one record, when it has such a limit (MongoDB's
+   * 16 MiB documents): body bytes plus the UTF-8 bytes of the header names and values. The engine
+   * refuses a larger `maxBodyBytes` at setup (an answer the store could not keep would never be
+   * stored, and retries would run the handler again), and stores its 410 too-large marker for an
+   * answer whose body fits `maxBodyBytes` but whose body and headers together exceed this.
    */
   readonly maxResponseBytes?: number;
   /**

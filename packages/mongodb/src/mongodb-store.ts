@@ -34,6 +34,20 @@ const DEFAULT_PURGE_LIMIT = 1000;
 /** 15 MiB of body in a document of at most 16 MiB. */
 const MAX_RESPONSE_BYTES = 15 * 1024 * 1024;
 
+/** MongoDB's largest document (`maxBsonObjectSize`). */
+const MAX_DOCUMENT_BYTES = 16 * 1024 * 1024;
+/** Room in a completed record for everything but the key, body and headers: field names, dates, status, fingerprint. */
+const RECORD_OVERHEAD_BYTES = 1024;
+/** Per header: the array index, the `{ name, value }` subdocument's framing and field names. */
+const HEADER_OVERHEAD_BYTES = 32;
+
+/** About the BSON size of the completed record for `key` (a fingerprint within the overhead; only a custom one of over ~900 bytes is not counted). */
+function recordBytes(key: string, response: StoredResponse): number {
+  let bytes = RECORD_OVERHEAD_BYTES + Buffer.byteLength(key) + response.body.byteLength;
+  for (const [name, value] of response.headers) bytes += HEADER_OVERHEAD_BYTES + Buffer.byteLength(name) + Buffer.byteLength(value);
+  return bytes;
+}
+
 /** When a lost claim's release is sent again after the first (see `#giveBack`), in ms; then every GIVE_BACK_EVERY_MS while it fails. */
 const GIVE_BACK_MS: readonly number[] = [250, 1_000, 3_000];
 const GIVE_BACK_EVERY_MS = 5_000;
@@ -350,6 +364,17 @@ class MongoIdempotencyStore implements MongoStore {
   }
 
   complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
+    // Refused before anything is sent (no claim taken, the record left as it was, so the holder
+    // can still release it): MongoDB refuses the write with a bare BSONObjectTooLarge, and
+    // FerretDB v1 kept the oversized document, which no MongoDB restore would take.
+    const size = recordBytes(key, response);
+    if (size > MAX_DOCUMENT_BYTES) {
+      return Promise.reject(
+        new RangeError(
+          `[idemkit] [mongodb] The response for key "${key.slice(0, 100)}" would make a record of about ${size} bytes, over MongoDB's 16 MiB document limit (body ${response.body.byteLength} bytes, ${response.headers.length} headers): not stored. Keep answers within maxResponseBytes (${MAX_RESPONSE_BYTES}), headers included.`,
+        ),
+      );
+    }
     return this.#asHolder(key, token, true, async (filter, now) => {
       const result = await this.collection.updateOne(filter, {
         $set: {

@@ -520,6 +520,43 @@ describe('the 16 MiB document limit', () => {
   });
 });
 
+describe('an answer whose body fits maxResponseBytes but whose record would not fit 16 MiB (large headers)', () => {
+  const bigHeaders: Array<[string, string]> = [['content-type', 'application/octet-stream'], ['x-trace', 'h'.repeat(1_200_000)]];
+
+  it('complete rejects with a clear error before writing anything: the record stays in progress, no claim is left, the holder can release it', async () => {
+    const store = createMongoStore({ db: t.db, collectionName: 'idempotency_limit_headers' });
+    onTestFinished(() => Promise.all([store.collection.drop(), store.claimsCollection.drop().catch(() => undefined)]).then(() => undefined));
+    const k = key('limit-headers');
+    const begun = await store.begin(k, 'fp', 30_000);
+    if (begun.kind !== 'acquired') throw new Error('expected acquired');
+    const body = new Uint8Array(store.maxResponseBytes as number).fill(0x61);
+    // Before: FerretDB kept a ~16.9 MiB document (MongoDB refuses it with a bare BSONObjectTooLarge).
+    await expect(store.complete(k, begun.token, { status: 201, headers: bigHeaders, body }, 60_000)).rejects.toThrow(/over MongoDB's 16 MiB document limit/);
+    expect((await store.get(k))?.state).toBe('in_progress');
+    expect(await store.claimsCollection.countDocuments({ _id: { $regex: `^\\["${k}"` } })).toBe(0);
+    expect(await store.release(k, begun.token)).toBe(true);
+    expect(await store.get(k)).toBeUndefined();
+  }, 60_000);
+
+  it('through the engine: the answer goes out, the key is not held (no 409), and retries get the 410 too-large marker, never a second run', async () => {
+    const store = createMongoStore({ db: t.db, collectionName: 'idempotency_limit_engine' });
+    onTestFinished(() => Promise.all([store.collection.drop(), store.claimsCollection.drop().catch(() => undefined)]).then(() => undefined));
+    const engine = createIdempotencyEngine({ store, logger: false, maxBodyBytes: store.maxResponseBytes as number });
+    const request = { method: 'POST', path: '/exports', headers: { 'idempotency-key': key('limit-engine') }, body: { month: 11 } };
+    const first = await engine.decide(request);
+    if (first.kind !== 'run') throw new Error(`expected run, got ${first.kind}`);
+    const body = new Uint8Array((store.maxResponseBytes as number) - 1024).fill(0x62);
+    // Before: the completion failed (or, on FerretDB, outlasted storeTimeoutMs) and was retried
+    // for two leases, every retry of the key answered 409 meanwhile.
+    expect(await first.lease.commit({ status: 201, headers: bigHeaders, body })).toBe(false);
+    const retry = await engine.decide(request);
+    expect(retry.kind).toBe('replay');
+    if (retry.kind !== 'replay') return;
+    expect(retry.response.status).toBe(410);
+    expect(new TextDecoder().decode(retry.response.body)).toMatch(/too-large[\s\S]*body and headers were more than the store can keep in one record/);
+  }, 60_000);
+});
+
 describe('a Db from another copy of the driver (as Mongoose hands out)', () => {
   async function otherCopyDb(options: ConstructorParameters<typeof OtherCopyMongoClient>[1] = {}) {
     const client = new OtherCopyMongoClient(t.url, { serverSelectionTimeoutMS: 5_000, ...options });
