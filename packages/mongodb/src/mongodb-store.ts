@@ -48,6 +48,21 @@ function recordBytes(key: string, response: StoredResponse): number {
   return bytes;
 }
 
+/**
+ * The index a duplicate-key error names: `keyPattern` (MongoDB 4.4+), else the `index: <name>`
+ * of its message; `'_id'` for the `_id` index; undefined when it names none (FerretDB v1).
+ */
+function duplicateIndex(error: unknown): string | undefined {
+  const { keyPattern, errmsg, message } = error as { keyPattern?: unknown; errmsg?: unknown; message?: unknown };
+  if (typeof keyPattern === 'object' && keyPattern !== null) {
+    const fields = Object.keys(keyPattern);
+    return fields.length === 1 && fields[0] === '_id' ? '_id' : JSON.stringify(keyPattern);
+  }
+  const text = typeof errmsg === 'string' ? errmsg : typeof message === 'string' ? message : '';
+  const name = / index: (\S+) dup key/.exec(text)?.[1];
+  return name === undefined ? undefined : name === '_id_' ? '_id' : name;
+}
+
 /** When a lost claim's release is sent again after the first (see `#giveBack`), in ms; then every GIVE_BACK_EVERY_MS while it fails. */
 const GIVE_BACK_MS: readonly number[] = [250, 1_000, 3_000];
 const GIVE_BACK_EVERY_MS = 5_000;
@@ -181,6 +196,8 @@ class MongoIdempotencyStore implements MongoStore {
     let token: LeaseToken | undefined;
     /** Set while the last takeover was held up by another writer's claim (claims fencing). */
     let heldUp: { now: number; heldForMs: number } | undefined;
+    /** Duplicate-key refusals in a row whose index the server did not name (see below). */
+    let unexplainedDuplicates = 0;
     try {
       for (let attempt = 0; attempt < MAX_BEGIN_ATTEMPTS; attempt++) {
         const [now, fencing] = await this.#prepare();
@@ -206,8 +223,19 @@ class MongoIdempotencyStore implements MongoStore {
           );
         } catch (error) {
           // Two upserts raced to insert the same _id; the loser retries and now sees the winner.
-          if (isDuplicateKey(error)) continue;
-          throw error;
+          // Not so a unique index of the user's on another field (say `fingerprint`): that
+          // refusal came back on every attempt, and begin threw "lost 24 races" after 24 round
+          // trips, a store error that named neither the index nor the cure.
+          if (!isDuplicateKey(error)) throw error;
+          const index = duplicateIndex(error);
+          if (index === '_id' || (index === undefined && ++unexplainedDuplicates < 2)) continue;
+          // No index named (FerretDB v1 says none): a second refusal in a row with no record of
+          // this _id to be seen is not a race on the key.
+          if (index === undefined && (await this.collection.findOne({ _id: key }, { projection: { _id: 1 } })) !== null) continue;
+          throw new Error(
+            `[idemkit] [mongodb] Claiming key "${key.slice(0, 100)}" was refused by a unique index other than _id's on ${this.collection.collectionName}${index === undefined ? '' : ` (${index})`}: the store's records must have no unique index but _id's. Drop that index.`,
+            { cause: error },
+          );
         }
         if (before === null) return { kind: 'acquired', token, tookOver: false };
         if (before.expiresAt.getTime() > now) {

@@ -557,6 +557,29 @@ describe('an answer whose body fits maxResponseBytes but whose record would not 
   }, 60_000);
 });
 
+describe('a unique index of the user\'s on another field of the collection', () => {
+  it('a duplicate on it is not taken for a race on the key: begin says which index is in the way, and races on one key still have one winner', async () => {
+    const store = createMongoStore({ db: t.db, collectionName: 'idempotency_user_unique' });
+    onTestFinished(() => store.collection.drop().then(() => undefined));
+    await store.collection.createIndex({ fingerprint: 1 }, { unique: true, name: 'fingerprint_unique' });
+    expect((await store.begin(key('user-unique'), 'fp-shared', 30_000)).kind).toBe('acquired');
+    const started: string[] = [];
+    const client = await t.client({ monitorCommands: true });
+    client.on('commandStarted', (event: CommandStartedEvent) => started.push(event.commandName));
+    const watched = createMongoStore({ db: client.db(t.dbName), collectionName: 'idempotency_user_unique', fencing: await store.fencing() });
+    // Before: "begin lost 24 races in a row for one key", after 24 findAndModify round trips.
+    const error = await watched.begin(key('user-unique'), 'fp-shared', 30_000).then(() => undefined, (e: unknown) => e);
+    expect(error).toBeInstanceOf(Error);
+    expect((error as Error).message).toMatch(/refused by a unique index other than _id's on idempotency_user_unique/);
+    expect((error as Error).cause).toMatchObject({ code: 11000 });
+    expect(started.filter((name) => name === 'findAndModify').length).toBeLessThanOrEqual(2);
+    const k = key('user-unique-race');
+    const results = await Promise.all(Array.from({ length: 20 }, () => store.begin(k, `fp-${k}`, 30_000)));
+    expect(results.filter((r) => r.kind === 'acquired')).toHaveLength(1);
+    expect(results.filter((r) => r.kind === 'existing')).toHaveLength(19);
+  });
+});
+
 describe('a Db from another copy of the driver (as Mongoose hands out)', () => {
   async function otherCopyDb(options: ConstructorParameters<typeof OtherCopyMongoClient>[1] = {}) {
     const client = new OtherCopyMongoClient(t.url, { serverSelectionTimeoutMS: 5_000, ...options });
