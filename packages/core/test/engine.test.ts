@@ -277,6 +277,26 @@ describe('SPEC §2 through the engine', () => {
     expectRun(await engine.decide(request({ key: 'failed-stream' })));
   });
 
+  it("an answer whose body fits maxBodyBytes but whose body and headers exceed the store's maxResponseBytes gets the too-large marker, not a completion the store cannot keep", async () => {
+    // As MongoDB's store: one record of 16 MiB at most, headers included.
+    const store = Object.assign(createMemoryStore(), { maxResponseBytes: 100 });
+    const complete = vi.spyOn(store, 'complete');
+    const engine = createIdempotencyEngine({ store, logger: false, maxBodyBytes: 100 });
+    const run = expectRun(await engine.decide(request({ key: 'big-headers' })));
+    const answer = { status: 201, headers: [['x-trace', 'é'.repeat(20)]] as Array<[string, string]>, body: enc.encode('x'.repeat(60)) };
+    expect(await run.commit(answer)).toBe(false);
+    // Only the marker was written: the answer itself never reached the store.
+    expect(complete).toHaveBeenCalledTimes(1);
+    expect(complete.mock.calls[0]?.[2].status).toBe(410);
+    const retry = await engine.decide(request({ key: 'big-headers' }));
+    expect(retry.kind).toBe('replay');
+    if (retry.kind !== 'replay') return;
+    expect(JSON.parse(Buffer.from(retry.response.body).toString())).toMatchObject({ reason: 'too-large', detail: expect.stringMatching(/body and headers were more than the store can keep in one record \(100 bytes\)/) });
+    // Headers within the limit (60 + 7 + 20 chars of ASCII) are stored as usual.
+    const fits = expectRun(await engine.decide(request({ key: 'fits' })));
+    expect(await fits.commit({ ...answer, headers: [['x-trace', 'e'.repeat(20)]] })).toBe(true);
+  });
+
   it('scopes keys: two tenants with the same key never see each other', async () => {
     const { engine } = setup({ scope: (req) => String(req.headers['x-user'] ?? '') || undefined });
     const a = { ...request({ key: 'same' }), headers: { 'idempotency-key': 'same', 'x-user': 'alice' } };
