@@ -437,7 +437,7 @@ function toRecord(key: string, row: RecordRow): IdempotencyRecord {
   const response: StoredResponse | null =
     row.state === 'completed' && row.response_status !== null
       ? {
-          // Number(): a pool may parse int4/float8 as text (its own `types`); the record must not care.
+          // Number(): int4 and the bigint times arrive as text (and a pool may parse them its own way); the record must not care.
           status: Number(row.response_status),
           headers: (row.response_headers ?? []).map(([name, value]) => [name, value] as const),
           // A plain Uint8Array copy: callers compare and reuse it like the bytes they stored.

@@ -7,7 +7,12 @@
 
 const NOW = 'statement_timestamp()';
 const ms = (param: string): string => `(${param}::float8 * interval '1 millisecond')`;
-const epochMs = (column: string): string => `floor(extract(epoch FROM ${column}) * 1000)::float8`;
+/**
+ * As bigint, not float8: a float8 reaches the driver as text, and with `extra_float_digits` below
+ * 0 (a server or role may set it, down to -15) the server prints only 15 + that many significant
+ * digits, so the 13-digit epoch ms came back rounded (to 10 s at -6): leases and expiry moved.
+ */
+const epochMs = (column: string): string => `floor(extract(epoch FROM ${column}) * 1000)::bigint`;
 
 /**
  * The record as the store reads it, times as epoch ms by the database clock. The time left on a
@@ -21,8 +26,8 @@ const RECORD_COLUMNS = `fingerprint, state, response_status, response_headers, r
   ${epochMs('created_at')} AS created_ms,
   ${epochMs('expires_at')} AS expires_ms,
   CASE WHEN state = 'in_progress'
-    THEN greatest(1, ceil(extract(epoch FROM (lease_expires_at - clock_timestamp())) * 1000))::float8
-    ELSE 0::float8 END AS lease_remaining_ms`;
+    THEN greatest(1, ceil(extract(epoch FROM (lease_expires_at - clock_timestamp())) * 1000))::bigint
+    ELSE 0::bigint END AS lease_remaining_ms`;
 
 /** The holder's condition shared by complete, release and renew: right token, live lease. */
 const HELD = `key = $1 AND lease_token = $2 AND state = 'in_progress' AND lease_expires_at > ${NOW}`;

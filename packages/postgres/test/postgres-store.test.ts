@@ -1106,3 +1106,30 @@ describe("bytea_output = 'escape' (a server or role set so)", () => {
     }
   }, 60_000);
 });
+
+describe('extra_float_digits below 0 (a server or role set so; it goes down to -15)', () => {
+  it('times come back exact: a lease and a TTL are what was asked, not rounded to a few significant digits', async () => {
+    // Set on the connection as a role or database setting would be. Before, epoch ms travelled as
+    // float8 text with 15 + extra_float_digits significant digits: at -15 a record created now
+    // read as created years from now, with a TTL of 0 and a lease of 1000 ms instead of 1234.
+    const pool = new pg.Pool({ connectionString: db.url, max: 2, options: '-c extra_float_digits=-15' });
+    try {
+      const own = createPostgresStore({ pool, schema: db.schema });
+      const k = key();
+      const begun = await own.begin(k, 'fp', 1_234_000);
+      if (begun.kind !== 'acquired') throw new Error('expected acquired');
+      const running = await own.begin(k, 'fp', 1_234_000);
+      if (running.kind !== 'existing') throw new Error('expected existing');
+      expect(running.leaseRemainingMs).toBeGreaterThan(1_200_000);
+      expect(running.leaseRemainingMs).toBeLessThanOrEqual(1_234_000);
+      expect(running.record.leaseExpiresAt! - running.record.createdAt).toBe(1_234_000);
+      expect(await own.complete(k, begun.token, { status: 201, headers: [], body: new Uint8Array([1]) }, 3_600_000)).toBe(true);
+      const done = await own.get(k);
+      expect(Math.abs(done!.createdAt - Date.now())).toBeLessThan(600_000);
+      expect(done!.expiresAt - done!.createdAt).toBeGreaterThanOrEqual(3_600_000);
+      expect(done!.expiresAt - done!.createdAt).toBeLessThan(3_600_000 + 600_000);
+    } finally {
+      await pool.end();
+    }
+  });
+});
