@@ -198,6 +198,8 @@ class MongoIdempotencyStore implements MongoStore {
     let heldUp: { now: number; heldForMs: number } | undefined;
     /** Duplicate-key refusals in a row whose index the server did not name (see below). */
     let unexplainedDuplicates = 0;
+    /** That refusal: the server wrote nothing, so there is no claim to give back. */
+    let refused: Error | undefined;
     try {
       for (let attempt = 0; attempt < MAX_BEGIN_ATTEMPTS; attempt++) {
         const [now, fencing] = await this.#prepare();
@@ -232,10 +234,10 @@ class MongoIdempotencyStore implements MongoStore {
           // No index named (FerretDB v1 says none): a second refusal in a row with no record of
           // this _id to be seen is not a race on the key.
           if (index === undefined && (await this.collection.findOne({ _id: key }, { projection: { _id: 1 } })) !== null) continue;
-          throw new Error(
+          throw (refused = new Error(
             `[idemkit] [mongodb] Claiming key "${key.slice(0, 100)}" was refused by a unique index other than _id's on ${this.collection.collectionName}${index === undefined ? '' : ` (${index})`}: the store's records must have no unique index but _id's. Drop that index.`,
             { cause: error },
-          );
+          ));
         }
         if (before === null) return { kind: 'acquired', token, tookOver: false };
         if (before.expiresAt.getTime() > now) {
@@ -275,7 +277,10 @@ class MongoIdempotencyStore implements MongoStore {
       // connection opened (see #neverSent): nothing was sent, and after an outage those releases
       // (three commands each with claims fencing, four times over) kept the server from the
       // requests that came once it was back.
-      if (token !== undefined && !this.#neverSent(error)) this.#giveBack(key, token, leaseMs);
+      // Nor after a refusal by another unique index (see above): every attempt was refused, so
+      // nothing landed, and its releases (three commands each with claims fencing, four times
+      // over) would only add load for each such request.
+      if (token !== undefined && error !== refused && !this.#neverSent(error)) this.#giveBack(key, token, leaseMs);
       throw error;
     }
   }
