@@ -23,6 +23,12 @@ function isSkipped(value: unknown): boolean {
 function prepare(value: unknown): unknown {
   // Most members of a parsed body are strings and numbers: four class checks spared on each.
   if (typeof value !== 'object' || value === null) return value;
+  // Nearly every object of a parsed body is a plain object or array: only toJSON can apply to
+  // those, so the nine class checks below are spared on each.
+  const proto: unknown = Object.getPrototypeOf(value);
+  if (proto === Object.prototype || proto === Array.prototype) {
+    return typeof (value as { toJSON?: unknown }).toJSON === 'function' ? (value as { toJSON(): unknown }).toJSON() : value;
+  }
   if (ArrayBuffer.isView(value) || value instanceof ArrayBuffer) return `bytes:sha256:${createHash('sha256').update(bytesOf(value)).digest('base64url')}`;
   if (value instanceof Map || value instanceof Set) return tagged(value);
   if (value !== null && typeof value === 'object' && typeof (value as { toJSON?: unknown }).toJSON === 'function') {

@@ -86,10 +86,6 @@ export class RenewalClock {
 }
 
 /**
- * The right to run one handler for one key. Renews itself while the handler runs and settles
- * exactly once: the first of commit / commitUnbuffered / abandon wins, later calls do nothing.
- */
-/**
  * True when body and headers together exceed the store's `maxResponseBytes` (MongoDB's one
  * document of 16 MiB): `maxBodyBytes` counts the body alone, so a body just under it with large
  * headers could not be stored, and the engine retried that completion for two leases (every retry
@@ -107,6 +103,10 @@ function overStoreLimit(response: StoredResponse, limit: number | undefined): bo
   return bytes > limit;
 }
 
+/**
+ * The right to run one handler for one key. Renews itself while the handler runs and settles
+ * exactly once: the first of commit / commitUnbuffered / abandon wins, later calls do nothing.
+ */
 export class RunningLease implements Lease {
   readonly context: IdempotencyContext;
   #settled = false;
