@@ -39,7 +39,10 @@ export interface IdempotencyOptions<Req = IncomingRequest> {
   fingerprint?: (false | ((req: Req, input: IncomingRequest) => MaybePromise<string>)) | undefined;
   /** Which statuses are stored for replay. @default status < 500, except 408, 409, 425, 429 */
   storable?: ((status: number) => boolean) | undefined;
-  /** How long a completed response is replayed, in ms; at most 100 years. @default 86_400_000 (24 h) */
+  /**
+   * How long a completed response is replayed, in ms. Longer values and `Infinity` are capped at 100
+   * years (`MAX_TTL_MS`), the longest expiry every store can hold as a date. @default 86_400_000 (24 h)
+   */
   ttlMs?: number | undefined;
   /** Lease of a running handler in ms; renewed every third of it while the handler runs. @default 60_000 */
   leaseMs?: number | undefined;
@@ -147,6 +150,15 @@ export const MAX_TIMER_MS = 2_147_483_647;
  * every retry ran the handler again.
  */
 export const MAX_TTL_MS = 3_155_760_000_000;
+
+/**
+ * A longer `ttlMs`, or `Infinity`, means "keep it as long as you can": capped at 100 years rather
+ * than refused, so a config written for "forever" keeps working (and keeps replaying).
+ */
+function ttl(value: number | undefined): number {
+  if (value === Number.POSITIVE_INFINITY) return MAX_TTL_MS;
+  return Math.min(positiveInt('ttlMs', value, DEFAULTS.ttlMs), MAX_TTL_MS);
+}
 
 function positiveInt(name: string, value: number | undefined, fallback: number, max = Number.MAX_SAFE_INTEGER, limit = "ms (a Node timer's limit)"): number {
   if (value === undefined) return fallback;
@@ -288,7 +300,7 @@ export function resolveOptions<Req>(input: IdempotencyOptions<Req>): ResolvedOpt
     scope: optionalFunction('scope', input.scope),
     fingerprint,
     storable: optionalFunction('storable', input.storable) ?? defaultStorable,
-    ttlMs: positiveInt('ttlMs', input.ttlMs, DEFAULTS.ttlMs, MAX_TTL_MS, 'ms (100 years; stores keep the expiry as a date, which must stay within what a Date can hold)'),
+    ttlMs: ttl(input.ttlMs),
     leaseMs,
     maxBodyBytes,
     concurrency: oneOf('concurrency', input.concurrency, ['conflict', 'wait'], DEFAULTS.concurrency),

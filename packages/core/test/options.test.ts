@@ -64,10 +64,8 @@ describe('options', () => {
     ['storeTimeoutMs', { storeTimeoutMs: 2 ** 31 }, /storeTimeoutMs` must be at most 2147483647/],
     ['leaseMs', { leaseMs: 2 ** 31 }, /leaseMs` must be at most/],
     ['waitTimeoutMs', { waitTimeoutMs: 2 ** 31 }, /waitTimeoutMs` must be at most/],
-    // "Forever": MongoDB stored the expiry (an Invalid Date past the year 275760) as 1970, so every
-    // answer was expired when written and every retry ran the handler again.
-    ['ttlMs', { ttlMs: Number.MAX_SAFE_INTEGER }, /`ttlMs` must be at most 3155760000000 ms \(100 years/],
-    ['ttlMs', { ttlMs: 3_155_760_000_001 }, /`ttlMs` must be at most/],
+    ['ttlMs', { ttlMs: 0 }, /`ttlMs` must be a positive integer, got 0\./],
+    ['ttlMs', { ttlMs: Number.NaN }, /`ttlMs` must be a positive integer, got NaN\./],
     // A number from process.env, left a string: the message shows it is one.
     ['ttlMs', { ttlMs: '1000' as unknown as number }, /`ttlMs` must be a positive integer, got "1000"\./],
     ['required', { required: 'false' as unknown as boolean }, /`required` must be true or false, got "false"/],
@@ -86,6 +84,12 @@ describe('options', () => {
     expect(o.storeTimeoutMs).toBe(2_147_483_647);
     expect(o.ttlMs).toBe(31_536_000_000);
     expect(resolveOptions({ store, logger: false, ttlMs: 3_155_760_000_000 }).ttlMs).toBe(3_155_760_000_000);
+  });
+
+  it('caps a longer ttlMs, and Infinity ("forever"), at 100 years: the longest expiry a store can keep as a date', () => {
+    for (const ttlMs of [3_155_760_000_001, Number.MAX_SAFE_INTEGER, Number.POSITIVE_INFINITY]) {
+      expect(resolveOptions({ store, logger: false, ttlMs }).ttlMs).toBe(3_155_760_000_000);
+    }
   });
 
   it('requires a store that implements the contract', () => {

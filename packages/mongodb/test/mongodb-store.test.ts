@@ -400,6 +400,24 @@ describe('atomic begin', () => {
 });
 
 describe("native fencing's conditional writes (run one at a time, so any server can check them)", () => {
+  it('through the engine, `ttlMs: Infinity` and `Number.MAX_SAFE_INTEGER` ("forever") keep the answer: the retry replays it, no second run', async () => {
+    const store = createMongoStore({ db: t.db });
+    for (const ttlMs of [Number.POSITIVE_INFINITY, Number.MAX_SAFE_INTEGER]) {
+      const engine = createIdempotencyEngine({ store, logger: false, ttlMs });
+      const k = key('forever');
+      const request = { method: 'POST', path: '/charges', headers: { 'idempotency-key': k }, body: { amount: 300 } };
+      const first = await engine.decide(request);
+      if (first.kind !== 'run') throw new Error(`expected run, got ${first.kind}`);
+      expect(await first.lease.commit(response(new Uint8Array([7])))).toBe(true);
+      // Before the cap, `now + ttlMs` was past a Date's end: stored as 1970, expired when written,
+      // so this retry ran the handler again.
+      const retry = await engine.decide(request);
+      expect(retry.kind).toBe('replay');
+      const doc = await store.collection.findOne({ _id: { $regex: `${k}$` } });
+      expect(doc?.expiresAt.getUTCFullYear()).toBeGreaterThan(new Date().getUTCFullYear() + 98);
+    }
+  });
+
   it('complete, renew, release and takeover obey token, state and lease end', async () => {
     const store = createMongoStore({ db: t.db, collectionName: 'native', fencing: 'native' });
     expect(await store.fencing()).toBe('native');
