@@ -340,10 +340,17 @@ function defineCommands(client: RedisClient): Record<Op, ScriptCall> {
   return out;
 }
 
-/** The `keyPrefix` option of an ioredis client ('' when none). */
-function clientKeyPrefix(client: RedisClient): string {
+/**
+ * The `keyPrefix` option of an ioredis client ('' when none), as the string whose UTF-8 bytes
+ * ioredis puts in front of every key. ioredis also takes a Buffer, sent byte for byte: null when
+ * those bytes are not UTF-8, since no string we send could repeat them inside a hash tag.
+ */
+export function clientKeyPrefix(client: Pick<RedisClient, 'options'>): string | null {
   const keyPrefix = (client.options as { keyPrefix?: unknown }).keyPrefix;
-  return typeof keyPrefix === 'string' ? keyPrefix : '';
+  if (typeof keyPrefix === 'string') return keyPrefix;
+  if (!Buffer.isBuffer(keyPrefix)) return '';
+  const text = keyPrefix.toString('utf8');
+  return Buffer.from(text, 'utf8').equals(keyPrefix) ? text : null;
 }
 
 /**
@@ -352,12 +359,14 @@ function clientKeyPrefix(client: RedisClient): string {
  * each; Redis hashes the first `{tag}` with something inside, else the whole key. A record whose
  * name has such a tag keeps it when suffixed; one without gets its whole name as the upload key's
  * tag, possible only when no `}` would cut that tag short and no `{` comes before it. Otherwise
- * null: the body goes in one command, as before. A single node has no slots: any key does.
+ * null: the body goes in one command, as before; also for a Buffer `keyPrefix` that is not UTF-8.
+ * A single node has no slots: any key does.
  */
-export function uploadKey(cluster: boolean, keyPrefix: string, prefix: string, key: string): string | null {
-  const whole = keyPrefix + prefix + key;
+export function uploadKey(cluster: boolean, keyPrefix: string | null, prefix: string, key: string): string | null {
   const suffix = `:upload:${randomUUID()}`;
   if (!cluster) return prefix + key + suffix;
+  if (keyPrefix === null) return null;
+  const whole = keyPrefix + prefix + key;
   const open = whole.indexOf('{');
   if (open !== -1 && whole.indexOf('}', open + 1) > open + 1) return prefix + key + suffix;
   if (whole.includes('}') || (keyPrefix + prefix).includes('{')) return null;

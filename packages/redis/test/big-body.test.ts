@@ -2,7 +2,7 @@ import { createServer, connect as connectTcp, type AddressInfo, type Socket } fr
 import { Cluster, Redis } from 'ioredis';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createRedisStore } from '../src/index.js';
-import { uploadKey } from '../src/redis-store.js';
+import { clientKeyPrefix, uploadKey } from '../src/redis-store.js';
 import { clusterService, deleteByPrefix, redisService, uniquePrefix } from './services.js';
 
 const service = await redisService();
@@ -111,7 +111,7 @@ describe('chunked completion on a Cluster', () => {
     const plain = await cluster.connect();
     open.push(plain);
     const body = bodyOf(700 * 1024); // three chunks
-    const cases: Array<{ keyPrefix?: string; prefix: string; key: string }> = [
+    const cases: Array<{ keyPrefix?: string | Buffer; prefix: string; key: string }> = [
       { prefix: `${base}:`, key: 'plain' },
       { prefix: `${base}:`, key: 'tagged{order-1}' },
       { prefix: `${base}:`, key: 'open{only' },
@@ -120,10 +120,14 @@ describe('chunked completion on a Cluster', () => {
       { prefix: `${base}:{t}:`, key: 'tag-in-prefix' },
       { keyPrefix: `${base}:kp:`, prefix: 'p:', key: 'with-keyPrefix' },
       { keyPrefix: `${base}:{kp}:`, prefix: 'p:', key: 'tagged-keyPrefix' },
+      // ioredis sends a Buffer keyPrefix byte for byte. Before, it was read as no prefix: the upload
+      // key's tag left it out, and the completion failed with CROSSSLOT.
+      { keyPrefix: Buffer.from(`${base}:bkp:`), prefix: 'p:', key: 'buffer-keyPrefix' },
     ];
     for (const { keyPrefix, prefix, key } of cases) {
       const nodes = (cluster.service.value as Array<{ host: string; port: number }>).map(({ host, port }) => ({ host, port }));
-      const client = keyPrefix === undefined ? plain : new Cluster(nodes, { keyPrefix });
+      // ioredis types keyPrefix as a string but takes a Buffer too (its Command.js), as JS users do.
+      const client = keyPrefix === undefined ? plain : new Cluster(nodes, { keyPrefix: keyPrefix as string });
       if (client !== plain) open.push(client);
       const store = createRedisStore({ client, prefix });
       const begun = await store.begin(key, 'fp', 60_000);
@@ -133,9 +137,9 @@ describe('chunked completion on a Cluster', () => {
       expect(replay.kind, key).toBe('existing');
       if (replay.kind === 'existing') expect(Buffer.from(replay.record.response?.body ?? new Uint8Array()).equals(body), key).toBe(true);
       // Wherever the upload key went, it is gone: the record alone is left.
-      const left: string[] = [];
-      for (const node of plain.nodes('master')) left.push(...(await node.keys(`${base}*`)));
-      expect(left, key).toEqual([`${keyPrefix ?? ''}${prefix}${key}`]);
+      const left: Buffer[] = [];
+      for (const node of plain.nodes('master')) left.push(...(await node.keysBuffer(`${base}*`)));
+      expect(left, key).toEqual([Buffer.concat([Buffer.from(keyPrefix ?? ''), Buffer.from(`${prefix}${key}`)])]);
       await deleteByPrefix(plain, base);
     }
   }, 60_000);
@@ -146,6 +150,13 @@ describe('chunked completion on a Cluster', () => {
     expect(uploadKey(true, '', 'p:', 'x}y')).toBeNull();
     expect(uploadKey(true, '', 'p{', 'a')).toBeNull();
     expect(uploadKey(true, 'k{', 'p:', 'a')).toBeNull();
+    expect(uploadKey(true, null, 'p:', 'a')).toBeNull();
+    expect(uploadKey(false, null, 'p:', 'a')).toMatch(/^p:a:upload:/);
+    expect(clientKeyPrefix({ options: { keyPrefix: Buffer.from('é:') } } as never)).toBe('é:');
+    // Bytes that are not UTF-8 (ioredis 5.11 itself sends SET with them malformed): no string can
+    // repeat them in a tag, so no upload key.
+    expect(clientKeyPrefix({ options: { keyPrefix: Buffer.from([0xff]) } } as never)).toBeNull();
+    expect(clientKeyPrefix({ options: {} } as never)).toBe('');
     // A single node has no slots: every key gets an upload key.
     expect(uploadKey(false, '', 'p:', 'x}y')).toMatch(/^p:x\}y:upload:/);
   });
