@@ -163,9 +163,14 @@ class Engine<Req> implements IdempotencyEngine<Req> {
   #checked(result: KeyParseResult): KeyParseResult {
     const { validateKey: custom } = this.options;
     if (!result.ok || !custom) return result;
-    const verdict = custom(result.key);
+    const verdict: unknown = custom(result.key);
     if (verdict === true) return result;
-    return { ok: false, reason: typeof verdict === 'string' ? verdict : 'The key was rejected by the server’s key rules.' };
+    // An async validator's Promise is never `true`: every key was refused with a 400 that named no
+    // cause. A server bug, so a 500 with this message in the log, as for `scope` and `fingerprint`.
+    if (typeof (verdict as { then?: unknown } | null)?.then === 'function') {
+      throw new TypeError('[idemkit] `validateKey` returned a Promise; it must return true, false or a reason synchronously. Check keys asynchronously in `getKey` instead.');
+    }
+    return { ok: false, reason: typeof verdict === 'string' && verdict !== '' ? verdict : 'The key was rejected by the server’s key rules.' };
   }
 
   #bodyKey(body: unknown): KeyParseResult | undefined {

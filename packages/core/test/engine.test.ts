@@ -91,6 +91,15 @@ describe('SPEC §2 through the engine', () => {
     expectProblem(await engine.decide(request({ key: 'x' })), 400, 'ERR_IDEMKIT_KEY_INVALID');
   });
 
+  it('an async validateKey is a server error that says so, not a 400 for every key', async () => {
+    const asyncRule = (async (k: string) => k.startsWith('ord_')) as unknown as (k: string) => boolean;
+    const { engine } = setup({ validateKey: asyncRule });
+    await expect(engine.decide(request({ key: 'ord_1' }))).rejects.toThrow('`validateKey` returned a Promise; it must return true, false or a reason synchronously. Check keys asynchronously in `getKey` instead.');
+    // An empty reason would make an empty 400: the default text instead.
+    const { engine: blank } = setup({ validateKey: () => '' });
+    expect(expectProblem(await blank.decide(request({ key: 'k' })), 400, 'ERR_IDEMKIT_KEY_INVALID').message).toBe('The key was rejected by the server’s key rules.');
+  });
+
   it('runs the first request, then replays the stored response byte for byte', async () => {
     const { engine, events } = setup();
     const lease = expectRun(await engine.decide(request({ key: 'k1' })));
