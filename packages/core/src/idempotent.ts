@@ -19,8 +19,11 @@ export interface IdempotentOptions<Args extends unknown[], R>
    * @default 'wait'
    */
   concurrency?: 'conflict' | 'wait' | undefined;
-  /** The idempotency key of one call, from its arguments (e.g. the message id). Required. */
-  key: (...args: Args) => string;
+  /**
+   * The idempotency key of one call, from its arguments (e.g. the message id). Required. A finite
+   * number or a bigint is taken as its decimal text (as `scope` takes it): `42` and `'42'` are one key.
+   */
+  key: (...args: Args) => string | number | bigint;
   /** Tenant of the call; part of the stored identity. */
   scope?: ((...args: Args) => string | number | bigint | undefined) | undefined;
   /** Job name, part of every stored fingerprint so two jobs sharing a key are told apart. Required when `fn` has no name. @default fn.name */
@@ -68,6 +71,12 @@ const WEB_OPAQUE: ReadonlyArray<abstract new (...args: never[]) => object> = ['H
  * missing `await`): every caller would get an empty object, so they are refused as a BigInt is.
  * A replacer sees a value after its `toJSON`, so an error class with one is stored by it.
  */
+/** A job key as text: a database id is often a number (`key: (msg) => msg.orderId`). */
+function keyText(key: string | number | bigint): string {
+  // Anything else (an untyped caller's object, NaN) goes on as it is, for the engine to refuse.
+  return typeof key === 'bigint' || (typeof key === 'number' && Number.isFinite(key)) ? String(key) : (key as string);
+}
+
 function refuseLossy(_key: string, value: unknown): unknown {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) return value;
   const lost =
@@ -199,7 +208,7 @@ function jobCaller<Args extends unknown[], R>(
     concurrency: rest.concurrency ?? 'wait',
     methods: ['CALL'],
     required: true,
-    getKey: (args) => key(...args),
+    getKey: (args) => keyText(key(...args)),
     ...(scope ? { scope: (args: Args) => scope(...args) } : {}),
     ...(fingerprint === false
       ? { fingerprint: () => named('') as string }
@@ -219,6 +228,9 @@ function jobCaller<Args extends unknown[], R>(
     if (code === 'ERR_IDEMKIT_FINGERPRINT_MISMATCH') return jobMismatch(name);
     if (code === 'ERR_IDEMKIT_KEY_MISSING') {
       return new KeyError('ERR_IDEMKIT_KEY_MISSING', 400, `\`key\` returned no key (undefined or null) for this call of "${name}", so fn was not run.`);
+    }
+    if (code === 'ERR_IDEMKIT_KEY_INVALID') {
+      return new KeyError('ERR_IDEMKIT_KEY_INVALID', 400, `\`key\` returned an unusable key for this call of "${name}", so fn was not run: ${error.message}`);
     }
     if (code !== 'ERR_IDEMKIT_REQUEST_IN_PROGRESS') return error;
     const retryAfter = (error as { extensions?: { retryAfter?: unknown } }).extensions?.retryAfter;

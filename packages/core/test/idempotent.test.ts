@@ -324,8 +324,28 @@ describe('idempotent(fn)', () => {
     const job = idempotent(async (_msg: { id?: string }) => ++runs, { store: createMemoryStore(), name: 'job', key: (msg) => msg.id as string });
     // Before: 'This request needs an idempotency key.'
     await expect(job({})).rejects.toMatchObject({ code: 'ERR_IDEMKIT_KEY_MISSING', message: '`key` returned no key (undefined or null) for this call of "job", so fn was not run.' });
-    await expect(job({ id: '' })).rejects.toMatchObject({ code: 'ERR_IDEMKIT_KEY_INVALID', message: 'The key is empty.' });
+    await expect(job({ id: '' })).rejects.toMatchObject({
+      code: 'ERR_IDEMKIT_KEY_INVALID',
+      message: '`key` returned an unusable key for this call of "job", so fn was not run: The key is empty.',
+    });
+    // Before: 'The key must be a string.', with no word of which job or what it got.
+    await expect(job({ id: { nested: 1 } as unknown as string })).rejects.toMatchObject({
+      code: 'ERR_IDEMKIT_KEY_INVALID',
+      message: '`key` returned an unusable key for this call of "job", so fn was not run: The key must be a string.',
+    });
+    await expect(job({ id: Number.NaN as unknown as string })).rejects.toMatchObject({ code: 'ERR_IDEMKIT_KEY_INVALID' });
     expect(runs).toBe(0);
+  });
+
+  it('a numeric key (a database id) is its decimal text: 42 and "42" are one call, run once', async () => {
+    let runs = 0;
+    const store = createMemoryStore();
+    const job = idempotent(async (order: { id: number | bigint | string }) => ({ run: ++runs, id: String(order.id) }), { store, name: 'ship', key: (order) => order.id, fingerprint: false });
+    expect(await job({ id: 42 })).toEqual({ run: 1, id: '42' });
+    expect(await job({ id: '42' })).toEqual({ run: 1, id: '42' });
+    expect(await job({ id: 42n })).toEqual({ run: 1, id: '42' });
+    expect((await store.get(scopedKey(undefined, '42')))?.state).toBe('completed');
+    expect(runs).toBe(1);
   });
 
   it('validates its arguments', () => {
