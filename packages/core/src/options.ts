@@ -82,7 +82,7 @@ export interface LocalCacheOptions {
   maxEntries?: number | undefined;
   /** How long an answer is replayed from this process at most, in ms. @default 60_000 */
   maxAgeMs?: number | undefined;
-  /** Answers with a larger body are not kept (they are replayed from the store). @default 65_536 */
+  /** Answers larger than this, body and headers, are not kept (they are replayed from the store). @default 65_536 */
   maxEntryBytes?: number | undefined;
 }
 

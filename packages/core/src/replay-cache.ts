@@ -42,14 +42,25 @@ export class ReplayCache {
     return { fingerprint: entry.fingerprint, response: handedOut(entry.response), until: entry.until };
   }
 
-  /** Keep a copy for `lifeMs` at most (capped at `maxAgeMs`); bodies over `maxEntryBytes` are not kept. */
+  /** Keep a copy for `lifeMs` at most (capped at `maxAgeMs`); answers over `maxEntryBytes` are not kept. */
   set(id: string, fingerprint: string | null, response: StoredResponse, lifeMs: number): void {
     const life = Math.min(this.limits.maxAgeMs, lifeMs);
-    if (!(life > 0) || response.body.byteLength > this.limits.maxEntryBytes) return;
+    if (!(life > 0) || entrySize(response) > this.limits.maxEntryBytes) return;
     if (!this.#entries.delete(id) && this.#entries.size >= this.limits.maxEntries) {
       const oldest = this.#entries.keys().next();
       if (!oldest.done) this.#entries.delete(oldest.value);
     }
     this.#entries.set(id, { fingerprint, response: keptCopy(response), until: performance.now() + life });
   }
+}
+
+/**
+ * The body's bytes and the headers' characters: headers are kept too (a handler's large cookie
+ * or a long `Link` list), so counting the body alone let `maxEntries` answers hold far more
+ * memory than `maxEntries × maxEntryBytes`.
+ */
+function entrySize(response: StoredResponse): number {
+  let size = response.body.byteLength;
+  for (const [name, value] of response.headers) size += name.length + value.length;
+  return size;
 }

@@ -147,10 +147,11 @@ describe('localCache', () => {
   it('keeps no body over maxEntryBytes, and keeps the answer replayed most recently when full', async () => {
     const store = createMemoryStore();
     const calls = counting(store);
-    const engine = engineOn(store, { localCache: { maxEntryBytes: 16, maxEntries: 2 } });
+    // The helper's headers count 54: an 8-byte body makes 62, kept; the 21-byte one 75, not.
+    const engine = engineOn(store, { localCache: { maxEntryBytes: 64, maxEntries: 2 } });
     await runOnce(await engine.decide(request({ key: 'big' })), 201, '{"long":"0123456789"}');
     replayed(await engine.decide(request({ key: 'big' })));
-    expect(calls.begins()).toBe(2); // 21 bytes: asked the store again
+    expect(calls.begins()).toBe(2); // 75 bytes: asked the store again
     await runOnce(await engine.decide(request({ key: 'hot' })));
     await runOnce(await engine.decide(request({ key: 'b' })));
     replayed(await engine.decide(request({ key: 'hot' }))); // now the most recent
@@ -158,6 +159,19 @@ describe('localCache', () => {
     const before = calls.begins();
     replayed(await engine.decide(request({ key: 'hot' })));
     expect(calls.begins()).toBe(before);
+  });
+
+  it('counts headers in maxEntryBytes: a small body with a large cookie is replayed from the store', async () => {
+    const store = createMemoryStore();
+    const calls = counting(store);
+    const engine = engineOn(store, { localCache: { maxEntryBytes: 1_024 } });
+    const first = await engine.decide(request({ key: 'cookie' }));
+    if (first.kind !== 'run') throw new Error(`expected run, got ${first.kind}`);
+    expect(await first.lease.commit({ ...response(201, '{"id":1}'), headers: [['set-cookie', `s=${'x'.repeat(2_000)}`]] })).toBe(true);
+    replayed(await engine.decide(request({ key: 'cookie' })));
+    replayed(await engine.decide(request({ key: 'cookie' })));
+    // Before: the 8-byte body was kept with its 2 KB header, past the limit; the store saw one begin.
+    expect(calls.begins()).toBe(3);
   });
 
   it('refuses a bad setting at setup', () => {
