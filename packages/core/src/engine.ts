@@ -377,4 +377,4 @@ function checkedText(value: unknown, option: 'scope' | 'fingerprint', expected: 
 
 /** A lone surrogate (UTF-8 turns it into U+FFFD) or U+0000 (Postgres text refuses it). */
 // eslint-disable-next-line no-control-regex -- NUL is exactly what this looks for.
-const NOT_STORABLE_TEXT = /\p{Surrogate}|\u0000/u;
+export const NOT_STORABLE_TEXT = /\p{Surrogate}|\u0000/u;

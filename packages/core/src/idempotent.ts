@@ -1,4 +1,4 @@
-import { createJobEngine, JOB_RESULT_HEADER } from './engine.js';
+import { createJobEngine, JOB_RESULT_HEADER, NOT_STORABLE_TEXT } from './engine.js';
 import { RunningLease } from './lease.js';
 import { ConfigurationError, FingerprintMismatchError, KeyError, requestInProgress, ResponseNotReplayableError, StoreUnavailableError, TransactionAbortedError } from './errors.js';
 import { optionalFunction, type IdempotencyOptions } from './options.js';
@@ -196,6 +196,10 @@ function jobCaller<Args extends unknown[], R>(
     throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `${wrapper}(fn, options): \`fn\` has no name (an inline arrow or anonymous function), so set \`name\`: it tells this job's records from other jobs' on the same store, and should stay the same across deploys.`);
   }
   if (typeof name !== 'string' || name === '') throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', '`name` must be a non-empty string.');
+  // It goes into every stored fingerprint: caught at the first call instead, it was blamed on `fingerprint`.
+  if (NOT_STORABLE_TEXT.test(name)) {
+    throw new ConfigurationError('ERR_IDEMKIT_OPTION_INVALID', `\`name\` ${JSON.stringify(name)} holds a NUL character or a lone surrogate, which stores cannot keep (Postgres refuses NUL; UTF-8 turns a lone surrogate into U+FFFD): use well-formed text.`);
+  }
   const { key, fingerprint, scope: _scope, name: _name, serialize: _serialize, deserialize: _deserialize, ...rest } = options;
   // Jobs share the keys of one store, so the stored fingerprint always names the job: another
   // job meeting this key gets FingerprintMismatchError, never this job's result, whatever

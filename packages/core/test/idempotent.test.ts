@@ -348,6 +348,12 @@ describe('idempotent(fn)', () => {
     expect(runs).toBe(1);
   });
 
+  it('refuses a name stores cannot keep at setup, naming `name`', () => {
+    for (const name of ['pay\u0000out', 'pay\ud800']) {
+      expect(() => idempotent(async () => 1, { store: createMemoryStore(), name, key: () => 'k', fingerprint: false })).toThrow(/`name` ".*" holds a NUL character or a lone surrogate/);
+    }
+  });
+
   it('validates its arguments', () => {
     expect(() => idempotent('nope' as unknown as () => void, { store: createMemoryStore(), key: () => 'k' })).toThrow(/fn/);
     expect(() => idempotent(async () => 1, { store: createMemoryStore() } as never)).toThrow(/key/);
