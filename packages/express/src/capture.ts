@@ -1,4 +1,4 @@
-import { responseHeaders, snapshotHeaders, toStoredHeaders, whenSocketCloses, type Lease, type StoredResponse } from '@idemkit/core';
+import { responseHeaders, snapshotHeaders, toStoredHeaders, whenSocketCloses, type Lease, type OutgoingHeaderValue, type StoredResponse } from '@idemkit/core';
 import { ServerResponse, STATUS_CODES, type OutgoingHttpHeader, type OutgoingHttpHeaders } from 'node:http';
 import type { Socket } from 'node:net';
 
@@ -249,7 +249,7 @@ export function captureResponse(
         // Their bytes never go out: each write's and end's callback learns so.
         for (const { callback } of ops) if (callback) process.nextTick(callback, rolledBack());
         if (res.headersSent) res.destroy();
-        else sendReplacement(res, replacement, originalEnd);
+        else sendReplacement(res, replacement, before, originalEnd);
         // A handler awaiting 'drain' goes on (its later writes are dropped), instead of hanging.
         if (owesDrain) res.emit('drain');
         return;
@@ -510,7 +510,7 @@ export function captureResponse(
         return;
       }
       if (replacement) {
-        sendReplacement(this, replacement, originalEnd, callback);
+        sendReplacement(this, replacement, before, originalEnd, callback);
         return;
       }
       const endArgs: unknown[] = body.byteLength > 0 ? [body] : [];
@@ -691,9 +691,14 @@ function unrouted(res: ServerResponse, body?: Buffer): boolean {
   );
 }
 
-/** A rolled-back transactional answer's stand-in (the 503), instead of the handler's own answer. */
-function sendReplacement(res: ServerResponse, replacement: StoredResponse, end: ServerResponse['end'], callback?: Callback): void {
+/**
+ * A rolled-back transactional answer's stand-in (the 503), instead of the handler's own answer.
+ * The headers of middleware mounted before idempotency (`before`) stay, as on a replay: without
+ * CORS's, a browser's fetch could not read the 503 and its Retry-After.
+ */
+function sendReplacement(res: ServerResponse, replacement: StoredResponse, before: Readonly<Record<string, OutgoingHeaderValue>>, end: ServerResponse['end'], callback?: Callback): void {
   for (const name of res.getHeaderNames()) res.removeHeader(name);
+  for (const [name, value] of Object.entries(before)) if (value !== undefined) res.setHeader(name, value);
   res.statusCode = replacement.status;
   // Not the handler's reason phrase (e.g. "Created") on the replacement's status.
   res.statusMessage = STATUS_CODES[replacement.status] ?? 'unknown';

@@ -29,6 +29,8 @@ export function buildApp(input: StartAppInput, expressModule: ExpressModule = ex
   const app = expressModule();
   app.use((req, res, next) => {
     // Set per request before idempotency, as a request-id middleware does.
+    // And a CORS header on the transactional route: kept on a rolled-back answer's 503.
+    if (req.method === 'POST' && req.path === '/tx') res.setHeader('access-control-allow-origin', 'https://shop.example');
     if (req.method === 'POST' && req.path === '/orders') {
       const n = String(count(input, 'orders:arrived'));
       res.setHeader('x-arrival', n);

@@ -422,6 +422,9 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
       // descriptor, a cursor, stayed open, and 'close' never came).
       discardStream(payload);
       for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name);
+      // Those of hooks that ran before the plugin stay, as on a replay: without CORS's
+      // (@fastify/cors, an onRequest hook), a browser's fetch could not read the 503.
+      for (const [name, value] of Object.entries(state.before)) if (value !== undefined) reply.header(name, value);
       reply.code(replacement.status);
       for (const [name, value] of responseHeaders(replacement)) reply.header(name, value);
       return Buffer.from(replacement.body.buffer, replacement.body.byteOffset, replacement.body.byteLength);

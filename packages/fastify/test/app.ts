@@ -25,6 +25,8 @@ export async function buildApp(
   // Before parsing and idempotency (a preHandler): the suite knows when every duplicate is in.
   app.addHook('onRequest', (request, reply, done) => {
     // Set per request before idempotency, as a request-id middleware does.
+    // And a CORS header on the transactional route: kept on a rolled-back answer's 503.
+    if (request.method === 'POST' && request.url.split('?')[0] === '/tx') reply.header('access-control-allow-origin', 'https://shop.example');
     if (request.method === 'POST' && request.url.split('?')[0] === '/orders') {
       const n = String(count('orders:arrived'));
       reply.header('x-arrival', n);

@@ -72,6 +72,41 @@ export function transactionalCases(t: CaseContext): void {
     expect(app.count('tx')).toBe(2);
   });
 
+  t.test('transactional: a COMMIT that fails answers 503 with the CORS header of middleware before idempotency; nothing committed, the retry runs', async () => {
+    const { pg } = t.harness();
+    if (!pg) throw new Error('transactional cases need the postgres harness');
+    const table = `${pg.schema}.tx_deferred_${uniqueSuffix()}`;
+    // Checked at COMMIT: the handler's inserts succeed, its transaction's COMMIT fails.
+    await pg.pool.query(`CREATE TABLE ${table} (ref text NOT NULL, CONSTRAINT one_ref UNIQUE (ref) DEFERRABLE INITIALLY DEFERRED)`);
+    let twice = true;
+    const app = await t.app(
+      { transactional: true, logger: false },
+      {
+        txWork: async (transaction, body) => {
+          const ref = (body as { ref: string }).ref;
+          const client = transaction as PoolClient;
+          await client.query(`INSERT INTO ${table} (ref) VALUES ($1)`, [ref]);
+          if (twice) await client.query(`INSERT INTO ${table} (ref) VALUES ($1)`, [ref]);
+          twice = false;
+          return { inserted: ref };
+        },
+      },
+    );
+    const key = newKey();
+    const failed = await app.post('/tx', { key, json: { ref: key } });
+    expect(failed.status).toBe(503);
+    expect(failed.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+    // Before: every header was removed with the handler's, so a browser could not read this 503.
+    expect(failed.headers.get('access-control-allow-origin')).toBe('https://shop.example');
+    const rows = async (): Promise<number> => Number((await pg.pool.query<{ n: string }>(`SELECT count(*) AS n FROM ${table} WHERE ref = $1`, [key])).rows[0]?.n);
+    expect(await rows()).toBe(0);
+    const retry = await app.post('/tx', { key, json: { ref: key } });
+    expect(retry.status).toBe(201);
+    expect(retry.json()).toEqual({ inserted: key });
+    expect(await rows()).toBe(1);
+    expect(app.count('tx')).toBe(2);
+  });
+
   t.test('transactional: a handler whose helper COMMITs on the client answers once; retries get 410 and never run it again', async () => {
     const { pg } = t.harness();
     if (!pg) throw new Error('transactional cases need the postgres harness');

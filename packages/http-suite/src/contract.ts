@@ -76,6 +76,8 @@ export type StartApp = (input: StartAppInput) => Promise<TestAppHandle>;
  * - `POST /large`. Counts `large`. Answers 200 `application/octet-stream` with a Buffer of
  *   `Number(query.size)` bytes (0x61 each).
  * - `POST /tx` (JSON body). Counts `tx`. Calls `txWork` (see StartAppInput) and answers 201 JSON.
+ *   The middleware before idempotency sets `Access-Control-Allow-Origin: https://shop.example` on
+ *   it (a CORS middleware's header, which a rolled-back answer's 503 keeps).
  * - `POST /create` (JSON `{ idempotencyKey, data }`, the original design's sample). Counts
  *   `create`. Answers 201 JSON `{ "id": "<uuid>", "data": <data> }`.
  */

@@ -321,6 +321,9 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
       if (ctx.res.headersSent) ctx.res.destroy();
       else {
         for (const name of Object.keys(ctx.response.headers)) ctx.remove(name);
+        // Those of middleware mounted before this one stay, as on a replay: without CORS's
+        // (@koa/cors), a browser's fetch could not read the 503.
+        for (const [name, value] of Object.entries(before)) if (value !== undefined) ctx.set(name, typeof value === 'number' ? String(value) : (value as string | string[]));
         sendStored(ctx, replacement, responseHeaders(replacement));
       }
     }

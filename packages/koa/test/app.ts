@@ -120,6 +120,8 @@ export function createStartApp(KoaClass: typeof Koa = Koa): StartApp {
     const app = new KoaClass();
     app.use(async (ctx, next) => {
       // Set per request before idempotency, as a request-id middleware does.
+      // And a CORS header on the transactional route: kept on a rolled-back answer's 503.
+      if (ctx.method === 'POST' && ctx.path === '/tx') ctx.set('access-control-allow-origin', 'https://shop.example');
       if (ctx.method === 'POST' && ctx.path === '/orders') {
         const n = String(count('orders:arrived'));
         ctx.set('x-arrival', n);
