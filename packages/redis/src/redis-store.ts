@@ -241,7 +241,7 @@ export function createRedisStore(options: RedisStoreOptions): RedisStore {
         // Explained here only: every request begins, so the first call on a key says it, and the
         // other operations on the hot path pay nothing for it.
         if (isRedirect(error)) throw explained(error);
-        giveBack(key, token, lease);
+        if (!neverSent(error)) giveBack(key, token, lease);
         throw error;
       }
     },
@@ -371,6 +371,15 @@ export function uploadKey(cluster: boolean, keyPrefix: string | null, prefix: st
   if (open !== -1 && whole.indexOf('}', open + 1) > open + 1) return prefix + key + suffix;
   if (whole.includes('}') || (keyPrefix + prefix).includes('{')) return null;
   return `${prefix}{${whole}}${suffix}`;
+}
+
+/**
+ * ioredis refused the command before writing it: not connected, with `enableOfflineQueue: false`.
+ * Nothing can have landed, so there is no claim to give back; sending releases anyway made each
+ * failed request of an outage schedule a dozen more commands that fail the same way.
+ */
+function neverSent(error: unknown): boolean {
+  return error instanceof Error && /^(Stream|Cluster) isn't (writeable|ready) and enableOfflineQueue options is false$/.test(error.message);
 }
 
 /** A Cluster node's redirection (`MOVED`/`ASK`), which a single-node client cannot follow. */

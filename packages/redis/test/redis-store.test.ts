@@ -721,6 +721,35 @@ describe('client ownership and failures', () => {
     }
   });
 
+  it('a begin ioredis refused unsent (enableOfflineQueue: false, Redis out of reach) sends no releases: nothing landed', async () => {
+    const target = new URL(url);
+    const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 6379));
+    const client = new Redis({ host: '127.0.0.1', port: proxy.port, enableOfflineQueue: false });
+    client.on('error', () => undefined);
+    try {
+      const s = createRedisStore({ client, prefix });
+      const k = key('offline');
+      // Without the offline queue, nothing may be sent before the connection is up.
+      await vi.waitFor(() => expect(client.status).toBe('ready'), { timeout: 3_000, interval: 10 });
+      await s.get(k); // scripts loaded
+      proxy.refuse(true);
+      proxy.cut();
+      await vi.waitFor(() => expect(client.status).not.toBe('ready'), { timeout: 3_000, interval: 10 });
+      const sent: string[] = [];
+      const original = client.sendCommand.bind(client);
+      client.sendCommand = ((command: Parameters<typeof original>[0]) => {
+        sent.push(command.name);
+        return original(command);
+      }) as typeof client.sendCommand;
+      await expect(s.begin(k, 'fp', 60_000)).rejects.toThrow(/enableOfflineQueue options is false/);
+      // Before: a release went out at once (refused the same way), then more for the whole lease.
+      expect(sent).toEqual(['set']);
+    } finally {
+      client.disconnect();
+      await proxy.close();
+    }
+  });
+
   it('rejects every operation on a client you disconnected', async () => {
     const client = await redisClient(url);
     const s = createRedisStore({ client, prefix });
