@@ -375,6 +375,34 @@ describe('express binding: every response path is captured and replayed exactly'
   });
 });
 
+describe('express binding: mounted under a path', () => {
+  it('the fingerprint has the whole path: one key sent to /v1/orders, then /v2/orders (the same path inside each router), is a 422, not the other route\'s answer', async () => {
+    const store = createMemoryStore();
+    const app = express();
+    app.use(express.json());
+    let runs = 0;
+    for (const version of ['v1', 'v2']) {
+      const router = express.Router();
+      // Inside each router, req.url is '/orders' for both: only req.originalUrl tells them apart.
+      router.use(idempotency({ store, logger: false }));
+      router.post('/orders', (_req, res) => void res.status(201).json({ version, run: ++runs }));
+      app.use(`/${version}`, router);
+    }
+    const url = await serve(app);
+    const key = randomUUID();
+    const init = { headers: { 'content-type': 'application/json' }, body: '{"sku":"A1"}' };
+    const first = await post(`${url}/v1/orders`, key, init);
+    expect(first.status).toBe(201);
+    const other = await post(`${url}/v2/orders`, key, init);
+    expect(other.status).toBe(422);
+    expect(JSON.parse(new TextDecoder().decode(other.body))).toMatchObject({ code: 'ERR_IDEMKIT_FINGERPRINT_MISMATCH' });
+    const again = await post(`${url}/v1/orders`, key, init);
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect(new TextDecoder().decode(again.body)).toBe(new TextDecoder().decode(first.body));
+    expect(runs).toBe(1);
+  });
+});
+
 describe('express binding: headers middleware set before the key was claimed', () => {
   it('a list the handler appended to (Link) replays with every value, the middleware\'s too', async () => {
     const app = express();
