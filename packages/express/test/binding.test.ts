@@ -58,6 +58,22 @@ function rawExchange(url: string, requests: string): Promise<string> {
   });
 }
 
+/**
+ * A server that reads each request's JSON body itself and hands the app the request object
+ * `make` builds from it, as a serverless platform's bridge does. Its URL.
+ */
+async function servePlatform(app: Express, make: (req: IncomingMessage, body: unknown) => object): Promise<string> {
+  const server = createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (chunk: Buffer) => chunks.push(chunk));
+    req.on('end', () => app(make(req, JSON.parse(Buffer.concat(chunks).toString()) as unknown) as Request, res as Response));
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  onTestFinished(() => void server.close());
+  return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+}
+
 /** A keyed POST with no body, then (pipelined behind it) `then`. */
 /** Errors no one handled while the test runs (unhandled rejections, and the other events asked for). */
 function unhandledErrors(events: ReadonlyArray<'unhandledRejection' | 'uncaughtException'> = ['unhandledRejection']): unknown[] {
@@ -1145,18 +1161,7 @@ describe('express binding: empty bodies', () => {
     app.use(idempotency({ store: createMemoryStore(), logger: false }));
     app.post('/orders', (_req: Request, res: Response) => void res.status(201).json({ run: ++runs }));
     app.use((error: { status?: number; code?: string }, _req: Request, res: Response, _next: NextFunction) => void res.status(error.status ?? 500).json({ code: error.code }));
-    const server = createServer((req, res) => {
-      const chunks: Buffer[] = [];
-      req.on('data', (chunk: Buffer) => chunks.push(chunk));
-      req.on('end', () => {
-        const parsed = Object.assign(new IncomingMessage(req.socket), { method: req.method, url: req.url, headers: req.headers, body: JSON.parse(Buffer.concat(chunks).toString()) as unknown, _body: true });
-        app(parsed as unknown as Request, res as Response);
-      });
-    });
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    onTestFinished(() => void server.close());
-    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const url = await servePlatform(app as Express, (req, body) => Object.assign(new IncomingMessage(req.socket), { method: req.method, url: req.url, headers: req.headers, body, _body: true }));
     const json = { headers: { 'content-type': 'application/json' }, body: '{}' };
     const key = randomUUID();
     const first = await post(`${url}/orders`, key, json);
@@ -1182,18 +1187,7 @@ describe('express binding: empty bodies', () => {
     app.use(idempotency({ store: createMemoryStore(), logger: false }));
     app.post('/orders', (_req: Request, res: Response) => void res.status(201).json({ run: ++runs }));
     app.use((error: { status?: number; code?: string }, _req: Request, res: Response, _next: NextFunction) => void res.status(error.status ?? 500).json({ code: error.code }));
-    const server = createServer((req, res) => {
-      const chunks: Buffer[] = [];
-      req.on('data', (chunk: Buffer) => chunks.push(chunk));
-      req.on('end', () => {
-        const fake = Object.assign(new EventEmitter(), { method: req.method, url: req.url, headers: req.headers, socket: req.socket, connection: req.socket, body: JSON.parse(Buffer.concat(chunks).toString()) as unknown });
-        app(fake as unknown as Request, res as Response);
-      });
-    });
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    onTestFinished(() => void server.close());
-    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const url = await servePlatform(app as Express, (req, body) => Object.assign(new EventEmitter(), { method: req.method, url: req.url, headers: req.headers, socket: req.socket, connection: req.socket, body }));
     const json = { headers: { 'content-type': 'application/json' }, body: '{}' };
     const key = randomUUID();
     expect((await post(`${url}/orders`, key, json)).status).toBe(201);

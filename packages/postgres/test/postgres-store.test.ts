@@ -54,6 +54,15 @@ function countingPool(url: string, max = 10): { pool: pg.Pool; count: () => numb
   return { pool, count: () => n, reset: () => void (n = 0) };
 }
 
+
+/** A pool that logs in as `role`, created here with LOGIN and no other rights (trust auth). */
+async function poolAsNewRole(role: string): Promise<pg.Pool> {
+  await db.pool.query(`CREATE ROLE "${role}" LOGIN`);
+  const url = new URL(db.url);
+  url.username = role;
+  url.password = '';
+  return new pg.Pool({ connectionString: url.href, max: 2 });
+}
 describe('construction and options', () => {
   it('runs no SQL in the constructor', async () => {
     const counted = countingPool(db.url);
@@ -286,11 +295,7 @@ describe('migrate() and sql/schema.sql', () => {
     const schema = `${db.schema}_app`;
     const role = `idemkit_app_${randomUUID().slice(0, 8)}`;
     await createPostgresStore({ pool: db.pool, schema }).migrate();
-    await db.pool.query(`CREATE ROLE ${role} LOGIN`);
-    const asRole = new URL(db.url);
-    asRole.username = role;
-    asRole.password = '';
-    const app = new pg.Pool({ connectionString: asRole.href, max: 2 });
+    const app = await poolAsNewRole(role);
     try {
       await db.pool.query(`GRANT USAGE ON SCHEMA "${schema}" TO ${role}`);
       await db.pool.query(`GRANT SELECT, INSERT, UPDATE, DELETE ON "${schema}".idempotency_keys TO ${role}`);
@@ -309,11 +314,7 @@ describe('migrate() and sql/schema.sql', () => {
 
   it('a role without CREATE and no table yet: migrate() says which table and what to do, not just "permission denied"', async () => {
     const role = `${TEST_PREFIX}nocreate_${randomUUID().slice(0, 8)}`;
-    await db.pool.query(`CREATE ROLE "${role}" LOGIN`);
-    const asRole = new URL(db.url);
-    asRole.username = role;
-    asRole.password = '';
-    const app = new pg.Pool({ connectionString: asRole.href, max: 2 });
+    const app = await poolAsNewRole(role);
     try {
       await db.pool.query(`GRANT USAGE ON SCHEMA "${db.schema}" TO "${role}"`);
       // A schema it may use but not create in, and a schema that is missing (CREATE on the database needed).
@@ -336,11 +337,7 @@ describe('migrate() and sql/schema.sql', () => {
     const schema = `${db.schema}_granted`;
     const role = `${TEST_PREFIX}nogrant_${randomUUID().slice(0, 8)}`;
     await createPostgresStore({ pool: db.pool, schema }).migrate();
-    await db.pool.query(`CREATE ROLE "${role}" LOGIN`);
-    const asRole = new URL(db.url);
-    asRole.username = role;
-    asRole.password = '';
-    const app = new pg.Pool({ connectionString: asRole.href, max: 2 });
+    const app = await poolAsNewRole(role);
     try {
       const store = createPostgresStore({ pool: app, schema });
       // Before: "this role may not create …" (it exists; CREATE was never the point).

@@ -97,8 +97,11 @@ redis.call('SET', KEYS[1], claim, 'PX', lease + tonumber(ARGV[3]))
 return {'acquired', took_over}
 `;
 
-/** complete: KEYS[1] record; ARGV token, ttlMs, status, headersJson, body. Returns 1 or 0. */
-export const COMPLETE = `${HELD}
+/**
+ * After HELD: replace the held claim by the completed record of `body` (a Lua expression); ARGV
+ * token, ttlMs, status, headersJson. Shared by both completions, so they write one format.
+ */
+const WRITE_COMPLETED = (body: string): string => `
 local ttl = tonumber(ARGV[2])
 local fp_bytes = ''
 if fp ~= '' then
@@ -106,9 +109,12 @@ if fp ~= '' then
   fp_bytes = #fp
 end
 redis.call('SET', KEYS[1], 'c:' .. ${INT('created')} .. ':' .. ${INT('now + ttl')} .. ':' .. ARGV[3] .. ':' ..
-  fp_bytes .. ':' .. #ARGV[4] .. ':' .. fp .. ARGV[4] .. ARGV[5], 'PX', ttl)
+  fp_bytes .. ':' .. #ARGV[4] .. ':' .. fp .. ARGV[4] .. ${body}, 'PX', ttl)
 return 1
 `;
+
+/** complete: KEYS[1] record; ARGV token, ttlMs, status, headersJson, body. Returns 1 or 0. */
+export const COMPLETE = `${HELD}${WRITE_COMPLETED('ARGV[5]')}`;
 
 /**
  * stage: KEYS[1] an upload key; ARGV offset, bytes, ttlMs. Writes one chunk of a large body at its
@@ -131,17 +137,7 @@ export const COMPLETE_STAGED = `
 local body = redis.call('GET', KEYS[2])
 redis.call('DEL', KEYS[2])
 if not body or #body ~= tonumber(ARGV[5]) then return redis.error_reply('ERR idemkit: the uploaded body is incomplete') end
-${HELD}
-local ttl = tonumber(ARGV[2])
-local fp_bytes = ''
-if fp ~= '' then
-  fp = string.sub(fp, 2)
-  fp_bytes = #fp
-end
-redis.call('SET', KEYS[1], 'c:' .. ${INT('created')} .. ':' .. ${INT('now + ttl')} .. ':' .. ARGV[3] .. ':' ..
-  fp_bytes .. ':' .. #ARGV[4] .. ':' .. fp .. ARGV[4] .. body, 'PX', ttl)
-return 1
-`;
+${HELD}${WRITE_COMPLETED('body')}`;
 
 /** release: KEYS[1] record; ARGV token. Deletes the record if the token holds a live lease; returns 1 or 0. */
 export const RELEASE = `${HELD}
