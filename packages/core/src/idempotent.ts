@@ -66,17 +66,17 @@ const WEB_OPAQUE: ReadonlyArray<abstract new (...args: never[]) => object> = ['H
   return typeof type === 'function' ? [type as abstract new (...args: never[]) => object] : [];
 });
 
-/**
- * JSON writes these as `{}` (an Error's message and stack are not enumerable; a Promise is a
- * missing `await`): every caller would get an empty object, so they are refused as a BigInt is.
- * A replacer sees a value after its `toJSON`, so an error class with one is stored by it.
- */
 /** A job key as text: a database id is often a number (`key: (msg) => msg.orderId`). */
 function keyText(key: string | number | bigint): string {
   // Anything else (an untyped caller's object, NaN) goes on as it is, for the engine to refuse.
   return typeof key === 'bigint' || (typeof key === 'number' && Number.isFinite(key)) ? String(key) : (key as string);
 }
 
+/**
+ * JSON writes these as `{}` (an Error's message and stack are not enumerable; a Promise is a
+ * missing `await`): every caller would get an empty object, so they are refused as a BigInt is.
+ * A replacer sees a value after its `toJSON`, so an error class with one is stored by it.
+ */
 function refuseLossy(_key: string, value: unknown): unknown {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) return value;
   const lost =

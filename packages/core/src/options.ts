@@ -41,7 +41,7 @@ export interface IdempotencyOptions<Req = IncomingRequest> {
   storable?: ((status: number) => boolean) | undefined;
   /**
    * How long a completed response is replayed, in ms. Longer values and `Infinity` are capped at 100
-   * years (`MAX_TTL_MS`), the longest expiry every store can hold as a date. @default 86_400_000 (24 h)
+   * years, the longest expiry every store can hold as a date. @default 86_400_000 (24 h)
    */
   ttlMs?: number | undefined;
   /** Lease of a running handler in ms; renewed every third of it while the handler runs. @default 60_000 */
