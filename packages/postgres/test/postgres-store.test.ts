@@ -54,7 +54,6 @@ function countingPool(url: string, max = 10): { pool: pg.Pool; count: () => numb
   return { pool, count: () => n, reset: () => void (n = 0) };
 }
 
-
 /** A pool that logs in as `role`, created here with LOGIN and no other rights (trust auth). */
 async function poolAsNewRole(role: string): Promise<pg.Pool> {
   await db.pool.query(`CREATE ROLE "${role}" LOGIN`);
@@ -63,6 +62,7 @@ async function poolAsNewRole(role: string): Promise<pg.Pool> {
   url.password = '';
   return new pg.Pool({ connectionString: url.href, max: 2 });
 }
+
 describe('construction and options', () => {
   it('runs no SQL in the constructor', async () => {
     const counted = countingPool(db.url);
