@@ -770,7 +770,9 @@ describe('store failures', () => {
 
   it('a 410 marker that landed although its reply was lost is reported as the marker, not as a lost lease', async () => {
     const logger = { warn: vi.fn(), error: vi.fn() };
-    const { store, engine, events } = setup({ logger, leaseMs: 200 });
+    // A lease long enough that a loaded CI machine still sends the marker within the retry budget
+    // (two leases): at 200 ms it once gave up first, and the key was left in progress.
+    const { store, engine, events } = setup({ logger, leaseMs: 1_000 });
     const lease = expectRun(await engine.decide(request({ key: 'marker-reply-lost' })));
     const complete = store.complete.bind(store);
     store.complete = async (key, token, answer, ttlMs) => {
