@@ -7,6 +7,7 @@ import {
   type IdempotencyError,
 } from './errors.js';
 import { defaultFingerprint, fingerprintsDiffer } from './fingerprint.js';
+import { isJobRecord } from './headers.js';
 import { hasBodyField, parseKeyHeader, scopedKey, validateKey, type KeyParseResult } from './key.js';
 import { RenewalClock, RunningLease } from './lease.js';
 import { upperMethod } from './method.js';
@@ -40,13 +41,6 @@ type KeyLookup = KeyParseResult | { readonly ok: 'none' };
 export function createIdempotencyEngine<Req = IncomingRequest>(options: IdempotencyOptions<Req>): IdempotencyEngine<Req> {
   return new Engine(resolveOptions(options), false);
 }
-
-/**
- * The header `idempotent()` stores with a job's result (its only one; never sent: a job's caller
- * gets the body). It tells a job's record from a route's where fingerprints cannot: a route with
- * `fingerprint: false` matches any fingerprint, a job's too.
- */
-export const JOB_RESULT_HEADER = 'idemkit-job-result';
 
 /**
  * The engine of `idempotent()` (not exported from the package): its calls always have a
@@ -253,9 +247,9 @@ class Engine<Req> implements IdempotencyEngine<Req> {
    */
   #completed(key: string, id: string, fingerprint: string | null, stored: string | null, response: StoredResponse, expiresAt: number | null): Decision {
     // A route with `fingerprint: false` (null) takes any record for its own, but never a job's
-    // result under the same key (a webhook route and the job it enqueues, keyed by one event id):
-    // that would go out as this route's answer. Records jobs stored before 0.2 have no marker.
-    if (fingerprint === null && response.headers.length === 1 && response.headers[0]![0] === JOB_RESULT_HEADER) {
+    // (a webhook route and the job it enqueues, keyed by one event id): its result or its 410
+    // "already ran" marker would go out as this route's answer.
+    if (fingerprint === null && isJobRecord(response)) {
       this.emit({ type: 'mismatch', key });
       return problem(fingerprintMismatch());
     }

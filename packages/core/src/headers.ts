@@ -4,6 +4,19 @@ import type { StoredResponse } from './store.js';
 export const REPLAYED_HEADER = 'idempotent-replayed';
 
 /**
+ * The header a job (`idempotent()`) stores last on each of its records: its result and its 410
+ * marker (never sent: a job's caller gets the body or an error). It tells a job's record from a
+ * route's where fingerprints cannot: a route with `fingerprint: false` matches any fingerprint, a
+ * job's too.
+ */
+export const JOB_RESULT_HEADER = 'idemkit-job-result';
+
+/** Whether a stored answer is a job's (see {@link JOB_RESULT_HEADER}). Records jobs stored before 0.2 have no marker. */
+export function isJobRecord(response: StoredResponse): boolean {
+  return response.headers.at(-1)?.[0] === JOB_RESULT_HEADER;
+}
+
+/**
  * Never stored nor replayed: hop-by-hop headers (RFC 9110 §7.6.1), `date` (the replay gets its
  * own), and `content-length` (recomputed from the stored body).
  */

@@ -1,4 +1,5 @@
-import { createJobEngine, JOB_RESULT_HEADER, NOT_STORABLE_TEXT } from './engine.js';
+import { createJobEngine, NOT_STORABLE_TEXT } from './engine.js';
+import { JOB_RESULT_HEADER } from './headers.js';
 import { RunningLease } from './lease.js';
 import { ConfigurationError, FingerprintMismatchError, KeyError, requestInProgress, ResponseNotReplayableError, StoreUnavailableError, TransactionAbortedError } from './errors.js';
 import { optionalFunction, type IdempotencyOptions } from './options.js';

@@ -1,5 +1,5 @@
 import { fingerprintMismatch, isTransactionAborted, isTransactionEnded, requestInProgress, ResponseNotReplayableError, retryAfterSeconds, StoreUnavailableError } from './errors.js';
-import { REPLAYED_HEADER } from './headers.js';
+import { isJobRecord, JOB_RESULT_HEADER, REPLAYED_HEADER } from './headers.js';
 import { problemResponse } from './problem.js';
 import type { ResolvedOptions } from './options.js';
 import type { LeaseToken, StoreTransaction, StoredResponse } from './store.js';
@@ -25,6 +25,8 @@ export interface LeaseHost {
   /** Says when the store's close() is called: a completion retried in the background ends then. */
   readonly storeClosed: StoreCloseWatch;
   emit(event: IdempotencyEvent): void;
+  /** A job's engine (`idempotent()`): its 410 markers carry `JOB_RESULT_HEADER`, as its results do. */
+  readonly strictFingerprint: boolean;
   /** Whether a stored record belongs to another operation (its fingerprint differs from `ours`). */
   differs(ours: string | null, stored: string | null): boolean;
   /** The answer was stored (completion sent at `sentAt`): the engine may keep it for local replays (`localCache`). */
@@ -373,7 +375,9 @@ export class RunningLease implements Lease {
     const error = new ResponseNotReplayableError('ERR_IDEMKIT_RESPONSE_NOT_REPLAYABLE', 410, detail, {
       extensions: { originalStatus: status, reason },
     });
-    return problemResponse(error);
+    const marker = problemResponse(error);
+    // So that a route with `fingerprint: false` on the key never replays it as its own answer.
+    return this.host.strictFingerprint ? { ...marker, headers: [...marker.headers, [JOB_RESULT_HEADER, '1']] } : marker;
   }
 
   /**
@@ -578,7 +582,9 @@ export class RunningLease implements Lease {
     const { store } = this.host.options;
     try {
       const record = await this.host.call('get', () => store.get(this.id));
-      if (record && this.host.differs(this.fingerprint, record.fingerprint)) {
+      // A job's record is never a `fingerprint: false` route's answer (see Engine#completed).
+      const jobs = this.fingerprint === null && (record?.response ? isJobRecord(record.response) : false);
+      if (record && (jobs || this.host.differs(this.fingerprint, record.fingerprint))) {
         this.host.emit({ type: 'mismatch', key: this.key });
         return problemResponse(fingerprintMismatch());
       }

@@ -429,6 +429,24 @@ describe('idempotent(fn)', () => {
     expect((await route.decide({ method: 'POST', path: '/webhooks', headers: { 'idempotency-key': 'evt_2' }, body: { other: 1 } })).kind).toBe('replay');
   });
 
+  // Was: the route replayed the job's 410 "already ran" marker as its own answer (its result was
+  // too large to store, so the marker stood in for it): only a stored result was told apart.
+  it.each([false, true])("a route with fingerprint: false meeting a job's 410 marker under its key gets a mismatch, not the 410 (localCache: %s)", async (localCache) => {
+    const store = createMemoryStore();
+    let runs = 0;
+    const ingest = idempotent(async (e: { id: string }) => ({ id: e.id, rows: 'x'.repeat(200), run: ++runs }), { store, name: 'ingest', key: (e) => e.id, maxBodyBytes: 100, logger: false, localCache });
+    expect((await ingest({ id: 'evt_1' })).run).toBe(1);
+    await expect(ingest({ id: 'evt_1' })).rejects.toBeInstanceOf(ResponseNotReplayableError);
+    const route = createIdempotencyEngine({ store, fingerprint: false, logger: false, localCache });
+    for (let i = 0; i < 2; i++) {
+      const decision = await route.decide({ method: 'POST', path: '/webhooks', headers: { 'idempotency-key': 'evt_1' }, body: { id: 'evt_1' } });
+      expect(decision.kind === 'problem' ? decision.error : decision.kind).toBeInstanceOf(FingerprintMismatchError);
+    }
+    // The job still meets its own marker and is not run again.
+    await expect(ingest({ id: 'evt_1' })).rejects.toThrow(/A call of "ingest" with this key already ran, but its serialised result was larger than maxBodyBytes/);
+    expect(runs).toBe(1);
+  });
+
   it('rejects, without running fn, a call whose argument cannot be fingerprinted (a toJSON that returns `this` inside a new object): it used to hang the call', async () => {
     class Entity {
       constructor(readonly id: string) {}

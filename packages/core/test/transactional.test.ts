@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { createIdempotencyEngine, createMemoryStore, MemoryStore, TransactionEndedError, type IdempotencyEngine, type IdempotencyEvent, type LeaseToken, type StoredResponse, type StoreTransaction, type TransactionalStore } from '../src/index.js';
+import { createIdempotencyEngine, createMemoryStore, idempotent, MemoryStore, TransactionEndedError, type IdempotencyEngine, type IdempotencyEvent, type LeaseToken, type StoredResponse, type StoreTransaction, type TransactionalStore } from '../src/index.js';
 import { request, response } from './helpers.js';
 
 /**
@@ -99,6 +99,23 @@ describe('transactional mode (engine side)', () => {
       }
     },
   );
+
+  // Was: a `fingerprint: false` route whose work was rolled back got the job's result as its
+  // own answer, when the job took over the key (both keyed by one event id).
+  it("a rolled-back answer of a fingerprint: false route is a mismatch when a job took the key over, not the job's result", async () => {
+    let now = 0;
+    const { store } = transactionalMemoryStore([], false, () => now);
+    const route = createIdempotencyEngine({ store, transactional: true, fingerprint: false, logger: false, leaseMs: 1_000 });
+    const stalled = await route.decide(request({ key: 'evt_1' }));
+    if (stalled.kind !== 'run') throw new Error('expected run');
+    now = 2_000; // the stalled route's lease ran out; the job takes the key over
+    const job = idempotent(async (e: { id: string }) => ({ processed: e.id }), { store, name: 'process-event', key: (e) => e.id, logger: false });
+    expect(await job({ id: 'evt_1' })).toEqual({ processed: 'evt_1' });
+
+    expect(await stalled.lease.commit(response(201, 'mine'))).toBe(false);
+    expect(stalled.lease.replacement?.status).toBe(422);
+    expect(Buffer.from(stalled.lease.replacement!.body).toString()).not.toContain('processed');
+  });
 
   it('outside transactional mode the handler\'s answer is never replaced', async () => {
     let now = 0;
