@@ -1,3 +1,4 @@
+import { withDeadline } from './deadline.js';
 import { MAX_TIMER_MS } from './options.js';
 import type { IdempotencyStore } from './store.js';
 
@@ -6,6 +7,12 @@ export interface PurgerOptions {
   intervalMs?: number | undefined;
   /** Records deleted per store call; a sweep repeats calls until a batch comes back short. @default 1_000 */
   batchSize?: number | undefined;
+  /**
+   * How long one `purgeExpired` call may take, in ms: past it the sweep fails (`onError`), the
+   * next sweep may start and `stop()` returns, so a store that never answers (a connection
+   * hanging on a dead host) stops neither. @default 30_000
+   */
+  timeoutMs?: number | undefined;
   /** A failed sweep; the purger keeps going. @default logs with console.error */
   onError?: ((error: unknown) => void) | undefined;
 }
@@ -13,7 +20,7 @@ export interface PurgerOptions {
 export interface Purger {
   /** Sweep now (all batches); resolves to the number of records removed. */
   runOnce(): Promise<number>;
-  /** Stop sweeping; waits for a sweep in progress. */
+  /** Stop sweeping; waits for a sweep in progress (its current call at most `timeoutMs`). */
   stop(): Promise<void>;
 }
 
@@ -30,11 +37,15 @@ export function startPurger(store: IdempotencyStore, options: PurgerOptions = {}
   if (typeof options !== 'object' || options === null) throw new TypeError('[idemkit] startPurger: `options` must be an object (or left out).');
   const intervalMs = options.intervalMs ?? 60_000;
   const batchSize = options.batchSize ?? 1_000;
+  const timeoutMs = options.timeoutMs ?? 30_000;
   const onError = options.onError ?? ((error: unknown) => console.error('[idemkit] purgeExpired failed', error));
   if (!Number.isSafeInteger(intervalMs) || intervalMs <= 0) throw new TypeError('[idemkit] startPurger: `intervalMs` must be a positive integer.');
   // setInterval fires after 1 ms instead of a longer delay: the store would be swept a thousand times a second.
   if (intervalMs > MAX_TIMER_MS) throw new TypeError(`[idemkit] startPurger: \`intervalMs\` must be at most ${MAX_TIMER_MS} ms (a Node timer's limit), got ${intervalMs}.`);
   if (!Number.isSafeInteger(batchSize) || batchSize <= 0) throw new TypeError('[idemkit] startPurger: `batchSize` must be a positive integer.');
+  if (!Number.isSafeInteger(timeoutMs) || timeoutMs <= 0 || timeoutMs > MAX_TIMER_MS) {
+    throw new TypeError(`[idemkit] startPurger: \`timeoutMs\` must be a positive integer, at most ${MAX_TIMER_MS} ms (a Node timer's limit).`);
+  }
   // `.catch()` of a non-function passes the failure on: an unhandled rejection that ends the process.
   if (typeof onError !== 'function') throw new TypeError('[idemkit] startPurger: `onError` must be a function.');
 
@@ -44,7 +55,8 @@ export function startPurger(store: IdempotencyStore, options: PurgerOptions = {}
   const sweep = async (): Promise<number> => {
     let total = 0;
     for (;;) {
-      const n: unknown = await store.purgeExpired(batchSize);
+      // Without a deadline a hung call held `running` for good: no later sweep, and stop() never returned.
+      const n: unknown = await withDeadline('purgeExpired', timeoutMs, () => store.purgeExpired(batchSize));
       // Anything but a count (a custom store that resolves to nothing) would never come back
       // "short", and the sweep would call the store in a loop for good.
       if (typeof n !== 'number' || !(n >= 0)) throw new TypeError(`[idemkit] startPurger: the store's purgeExpired() must resolve to the number of records removed, not ${String(n)}.`);

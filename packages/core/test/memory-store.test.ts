@@ -124,6 +124,26 @@ describe('startPurger', () => {
     expect(calls).toBeGreaterThanOrEqual(2);
   });
 
+  // Was: a sweep waited on the hung call for good: no later sweep ran, onError never heard of it,
+  // and stop() (in a shutdown hook) never returned.
+  it('gives up on a purgeExpired that never answers: the sweep fails with a timeout, the next one runs, and stop() returns', async () => {
+    const store = createMemoryStore();
+    let calls = 0;
+    store.purgeExpired = () => {
+      calls++;
+      return new Promise<number>(() => undefined);
+    };
+    const errors: unknown[] = [];
+    const purger = startPurger(store, { intervalMs: 20, timeoutMs: 50, onError: (e) => errors.push(e) });
+    await expect.poll(() => errors.length).toBeGreaterThanOrEqual(2);
+    expect(String(errors[0])).toMatch(/`purgeExpired` did not answer within 50 ms/);
+    expect(calls).toBeGreaterThanOrEqual(2);
+    await expect(purger.runOnce()).rejects.toThrow(/did not answer within 50 ms/);
+    const stopping = purger.runOnce().catch(() => undefined);
+    await purger.stop();
+    await stopping;
+  });
+
   it('refuses a store whose purgeExpired resolves to no count, instead of calling it in a loop for good', async () => {
     const store = createMemoryStore();
     let calls = 0;
@@ -139,6 +159,8 @@ describe('startPurger', () => {
   it('validates its options', () => {
     expect(() => startPurger(createMemoryStore(), { intervalMs: 0 })).toThrow(/intervalMs/);
     expect(() => startPurger(createMemoryStore(), { batchSize: -1 })).toThrow(/batchSize/);
+    expect(() => startPurger(createMemoryStore(), { timeoutMs: 0 })).toThrow(/timeoutMs/);
+    expect(() => startPurger(createMemoryStore(), { timeoutMs: 2 ** 31 })).toThrow(/timeoutMs.*at most 2147483647/);
     expect(() => startPurger(createMemoryStore(), null as unknown as undefined)).toThrow(/`options` must be an object/);
   });
 
