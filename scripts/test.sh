@@ -59,7 +59,7 @@ has_tests() {
 JOBS="${IDEMKIT_TEST_JOBS:-2}" # checked at the top
 ALONE=" packages/reliability apps/demo "
 # Longest first, so the last one to start is short (the order only moves the finishing time).
-ORDER="packages/mongodb packages/fastify packages/koa packages/express packages/redis packages/postgres"
+ORDER="packages/fastify packages/mongodb packages/koa packages/express packages/redis packages/postgres"
 
 # One package's vitest run; its output is held back and printed whole when it ends.
 run_package() {

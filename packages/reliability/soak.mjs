@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // The soak (issue 10.7): `pnpm --filter @idemkit/reliability soak` or `node soak.mjs`.
-// Knobs: --seconds N / SOAK_SECONDS (per store, default 120; CI uses 30), --stores a,b / SOAK_STORES
+// Knobs: --seconds N / SOAK_SECONDS (per store, default 120; CI uses 20), --stores a,b / SOAK_STORES
 // (default redis,postgres,mongodb; also redis-cluster), SOAK_CONCURRENCY (default 12).
 // Services come from TEST_* (scripts/services.sh up ENVFILE); the package must be built.
 import { existsSync } from 'node:fs';
