@@ -29,7 +29,7 @@ const COMMANDS = {
   release: { name: 'idemkitReleaseV2', lua: RELEASE, keys: 1 },
   renew: { name: 'idemkitRenewV2', lua: RENEW, keys: 1 },
   get: { name: 'idemkitGetV2', lua: GET, keys: 1 },
-  stage: { name: 'idemkitStageV1', lua: STAGE, keys: 1 },
+  stage: { name: 'idemkitStageV2', lua: STAGE, keys: 1 },
   completeStaged: { name: 'idemkitCompleteStagedV1', lua: COMPLETE_STAGED, keys: 2 },
 } as const;
 

@@ -119,9 +119,15 @@ export const COMPLETE = `${HELD}${WRITE_COMPLETED('ARGV[5]')}`;
 /**
  * stage: KEYS[1] an upload key; ARGV offset, bytes, ttlMs. Writes one chunk of a large body at its
  * offset (so a chunk ioredis re-sends after a reconnect writes the same bytes again, never twice
- * over) and keeps the key expiring, so an upload abandoned halfway leaves nothing behind.
+ * over) and keeps the key expiring, so an upload abandoned halfway leaves nothing behind. A chunk
+ * past the end is refused: the one before it never landed (refused for memory, or the key was
+ * evicted or expired), and writing past it would leave zeros in its place that the length check
+ * of `COMPLETE_STAGED` cannot see.
  */
 export const STAGE = `
+if tonumber(ARGV[1]) > redis.call('STRLEN', KEYS[1]) then
+  return redis.error_reply('ERR idemkit: a chunk of the uploaded body before this one is missing')
+end
 redis.call('SETRANGE', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -131,7 +137,8 @@ return 1
  * complete of a large body uploaded in chunks: KEYS[1] record, KEYS[2] its upload key (same slot);
  * ARGV token, ttlMs, status, headersJson, bodyBytes. Takes the body from the upload key (and
  * deletes it), then does what `COMPLETE` does. An upload that is not whole (a chunk lost or still
- * on its way after a redirection) is an error, so the caller retries, never a refusal.
+ * on its way after a redirection) is an error, so the caller retries, never a refusal. `STAGE`
+ * writes no chunk past a gap, so the upload has its full length only when every chunk landed.
  */
 export const COMPLETE_STAGED = `
 local body = redis.call('GET', KEYS[2])

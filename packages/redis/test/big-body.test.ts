@@ -3,6 +3,7 @@ import { Cluster, Redis } from 'ioredis';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createRedisStore } from '../src/index.js';
 import { clientKeyPrefix, uploadKey } from '../src/redis-store.js';
+import { COMPLETE_STAGED, STAGE } from '../src/scripts.js';
 import { clusterService, deleteByPrefix, redisService, uniquePrefix } from './services.js';
 
 const service = await redisService();
@@ -103,6 +104,55 @@ describe('a body that takes longer than socketTimeout to upload', () => {
       await hop.close();
     }
   }, 60_000);
+});
+
+describe('an upload with a chunk missing', () => {
+  // The store's own scripts, sent one by one, so that a chunk can be left out as a refused write
+  // (no memory), an eviction or a lost redirection would: before, the chunk after the gap was
+  // written past it, the length check passed, and the record was stored with zeros in place of
+  // the lost chunk and replayed so for its whole TTL.
+  const CHUNK = 256 * 1024;
+  const body = bodyOf(3 * CHUNK);
+  const chunk = (n: number): Buffer => body.subarray(n * CHUNK, (n + 1) * CHUNK);
+
+  it('is never completed: the chunk after the gap and the completion are refused, and the claim stays', async () => {
+    const client = new Redis(service.value);
+    open.push(client);
+    const prefix = uniquePrefix('redis_upload_gap');
+    const store = createRedisStore({ client, prefix });
+    const begun = await store.begin('k', 'fp', 60_000);
+    if (begun.kind !== 'acquired') throw new Error('not acquired');
+    const upload = uploadKey(false, '', prefix, 'k');
+    if (upload === null) throw new Error('no upload key');
+
+    expect(await client.eval(STAGE, 1, upload, 0, chunk(0), 60_000)).toBe(1);
+    await expect(client.eval(STAGE, 1, upload, 2 * CHUNK, chunk(2), 60_000)).rejects.toThrow(/chunk of the uploaded body before this one is missing/);
+    await expect(client.eval(COMPLETE_STAGED, 2, prefix + 'k', upload, begun.token, 60_000, 200, '[]', body.byteLength)).rejects.toThrow(/uploaded body is incomplete/);
+    expect((await store.get('k'))?.state).toBe('in_progress');
+
+    // The claim still holds, so the next attempt stores the whole body.
+    expect(await store.complete('k', begun.token, { status: 200, headers: [], body }, 60_000)).toBe(true);
+    const stored = await store.get('k');
+    expect(Buffer.from(stored?.response?.body ?? new Uint8Array()).equals(body)).toBe(true);
+    await deleteByPrefix(client, prefix);
+  });
+
+  it('takes a chunk sent twice (re-sent after a reconnect) once, and completes', async () => {
+    const client = new Redis(service.value);
+    open.push(client);
+    const prefix = uniquePrefix('redis_upload_resent');
+    const store = createRedisStore({ client, prefix });
+    const begun = await store.begin('k', 'fp', 60_000);
+    if (begun.kind !== 'acquired') throw new Error('not acquired');
+    const upload = uploadKey(false, '', prefix, 'k');
+    if (upload === null) throw new Error('no upload key');
+    for (const n of [0, 1, 1, 2, 2]) expect(await client.eval(STAGE, 1, upload, n * CHUNK, chunk(n), 60_000)).toBe(1);
+    expect(await client.eval(COMPLETE_STAGED, 2, prefix + 'k', upload, begun.token, 60_000, 200, '[]', body.byteLength)).toBe(1);
+    const stored = await store.get('k');
+    expect(stored?.state).toBe('completed');
+    expect(Buffer.from(stored?.response?.body ?? new Uint8Array()).equals(body)).toBe(true);
+    await deleteByPrefix(client, prefix);
+  });
 });
 
 describe('chunked completion on a Cluster', () => {
