@@ -2,6 +2,7 @@ import Router from '@koa/router';
 import { createMemoryStore } from '@idemkit/core';
 import Koa from 'koa';
 import Koa215 from 'koa-2.15';
+import Koa216 from 'koa-2.16';
 import session from 'koa-session';
 import { afterEach, describe, expect, it } from 'vitest';
 import { idempotency, type KoaIdempotencyOptions } from '../src/index.js';
@@ -117,10 +118,11 @@ async function me(url: string, cookie: string): Promise<unknown> {
   return res.json();
 }
 
-// Koa 3 and the lowest Koa of the peer range.
+// Koa 3, the lowest Koa of the peer range and the last Koa 2 line.
 const VERSIONS: ReadonlyArray<readonly [string, typeof Koa]> = [
   ['koa 3', Koa],
   ['koa 2.15', Koa215 as unknown as typeof Koa],
+  ['koa 2.16', Koa216 as unknown as typeof Koa],
 ];
 
 for (const [label, KoaClass] of VERSIONS) {
