@@ -5,9 +5,13 @@ import {
   mayHaveKey,
   optionalFunction,
   problemResponse,
+  readsBody,
+  requestCarriesBody,
   responseHeaders,
   snapshotHeaders,
   toStoredHeaders,
+  unreadBodyKeyWarning,
+  unreadBodyMayHoldKey,
   upperMethod,
   whenSocketCloses,
   type Decision,
@@ -130,6 +134,21 @@ function multipartNotParsed(): ConfigurationError {
   );
 }
 
+/**
+ * 415, not 500: a route whose content-type parser leaves the payload unread (`done(null)`, to
+ * stream it in the handler) has bytes no fingerprint can see, so any two bodies under one key
+ * would look alike, and the second would get the first one's answer. As the Express and Koa
+ * bindings answer a body no parser read.
+ */
+function bodyNotParsed(contentType: string | undefined): ConfigurationError {
+  const error = new ConfigurationError(
+    'ERR_IDEMKIT_BODY_NOT_PARSED',
+    `The request has a body (content-type ${JSON.stringify(contentType ?? '')}) that its content-type parser left unread (request.body is undefined), so idempotency cannot fingerprint it. ` +
+      "Read it in the parser (addContentTypeParser(type, { parseAs: 'buffer' }, (request, body, done) => done(null, body))), or give this route a `fingerprint` function that does not need the body.",
+  );
+  return Object.assign(error, { statusCode: 415 });
+}
+
 /** A rejection as Fastify's `done` wants it (an Error). */
 function asError(error: unknown): Error {
   return error instanceof Error ? error : new Error(String(error));
@@ -160,6 +179,10 @@ function deliver(reply: FastifyReply, done: SendDone, payload: unknown, error?: 
 function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyIdempotencyOptions) {
   const { onProblem } = options;
   const fingerprintsBody = engine.options.fingerprint === 'default';
+  const bodyMatters = readsBody(engine.options);
+  /** Said once per engine each: a body left unread by its parser (answered 415), and a keyless one passed through. */
+  let warnedUnparsed = false;
+  let warnedBodyKey = false;
 
   function decided(request: FastifyRequest, reply: FastifyReply, decision: Decision, done: Done): void {
     switch (decision.kind) {
@@ -253,6 +276,25 @@ function routeHooks(engine: IdempotencyEngine<FastifyRequest>, options: FastifyI
         } catch (error) {
           return done(asError(error));
         }
+      }
+    }
+    // Any other body a content-type parser left unread (`done(null)`: the handler streams
+    // `request.raw`): refused for a request that may have a key, never fingerprinted as empty.
+    if (body === undefined && bodyMatters && !isMultipart(request.headers['content-type'])) {
+      const carriesBody = requestCarriesBody(request.raw);
+      if (carriesBody && mayHaveKey(engine.options, request.headers, undefined, carriesBody)) {
+        const error = bodyNotParsed(request.headers['content-type']);
+        if (!warnedUnparsed) {
+          warnedUnparsed = true;
+          engine.options.logger?.warn(`${error.message} (Answered 415; warned once.)`);
+        }
+        return done(error);
+      }
+      // Keyless and passed through (required: false; a webhook reading its raw body): a key the
+      // client put in this unread body is not seen, so say so once.
+      if (!warnedBodyKey && unreadBodyMayHoldKey(engine.options, request.headers, body, carriesBody)) {
+        warnedBodyKey = true;
+        engine.options.logger?.warn(unreadBodyKeyWarning('fastify', request.headers['content-type'], engine.options.bodyField));
       }
     }
     // A timeout (Fastify's `handlerTimeout`, a timer in an onRequest hook) may answer while the

@@ -426,6 +426,66 @@ describe('payloads', () => {
   });
 });
 
+describe('a body its content-type parser left unread', () => {
+  // A parser that leaves the payload for the handler to stream (`done(null)`: uploads, proxying).
+  // Was: fingerprinted as an empty body, so another upload under the same key got the first
+  // one's 201 with Idempotent-Replayed; Express and Koa answer such a body 415.
+  async function uploads(options: Partial<FastifyIdempotencyOptions> = {}) {
+    const stored: string[] = [];
+    const warn = vi.fn();
+    const { app } = await build(
+      (a) => {
+        a.addContentTypeParser(['application/x-upload', 'application/x-upload+json'], (_request, _payload, done) => done(null));
+        a.post('/upload', async (request, reply) => {
+          let bytes = '';
+          for await (const chunk of request.raw) bytes += String(chunk);
+          stored.push(bytes);
+          return reply.code(201).send({ stored: bytes });
+        });
+      },
+      { logger: { warn, error: vi.fn() }, ...options },
+    );
+    const send = (payload: string, key?: string, type = 'application/x-upload') =>
+      app.inject({ method: 'POST', url: '/upload', payload, headers: { 'content-type': type, ...(key === undefined ? {} : { 'idempotency-key': key }) } });
+    return { send, stored, warn };
+  }
+
+  it('is refused with 415 naming the fix when the request has a key, and the handler never runs', async () => {
+    const { send, stored, warn } = await uploads();
+    for (const payload of ['file A', 'file B, another one']) {
+      const res = await send(payload, 'up-1');
+      expect(res.statusCode).toBe(415);
+      expect(res.json()).toMatchObject({ code: 'ERR_IDEMKIT_BODY_NOT_PARSED' });
+      expect(res.json().message).toContain("parseAs: 'buffer'");
+      expect(res.headers['idempotent-replayed']).toBeUndefined();
+    }
+    expect(stored).toEqual([]);
+    expect(warn).toHaveBeenCalledTimes(1);
+  });
+
+  it('goes through unfingerprinted without a key when keys are optional; a JSON body left unread is warned about once', async () => {
+    const { send, stored, warn } = await uploads({ required: false });
+    expect((await send('file A')).statusCode).toBe(201);
+    expect((await send('file A')).statusCode).toBe(201);
+    expect(stored).toEqual(['file A', 'file A']);
+    expect(warn).not.toHaveBeenCalled();
+    // JSON may hold the key field (`idempotencyKey`), which nobody read: said once.
+    for (let i = 0; i < 2; i++) expect((await send('{"idempotencyKey":"k-in-body"}', undefined, 'application/x-upload+json')).statusCode).toBe(201);
+    expect(stored).toHaveLength(4);
+    expect(warn).toHaveBeenCalledTimes(1);
+    expect(String(warn.mock.calls[0]?.[0])).toMatch(/\[fastify\].*went through with its body unread/);
+  });
+
+  it('runs and replays with a fingerprint that does not read the body and no body key', async () => {
+    const { send, stored } = await uploads({ fingerprint: (request: FastifyRequest) => String(request.headers['content-length']), bodyField: false });
+    expect((await send('file A', 'up-2')).statusCode).toBe(201);
+    const again = await send('file A', 'up-2');
+    expect(again.statusCode).toBe(201);
+    expect(again.headers['idempotent-replayed']).toBe('true');
+    expect(stored).toEqual(['file A']);
+  });
+});
+
 describe('with @fastify/compress', () => {
   it.each(['before', 'after'] as const)(
     'registered %s the plugin: the uncompressed answer is stored, and every replay is compressed as its request asks',
