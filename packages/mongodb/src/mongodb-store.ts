@@ -191,12 +191,19 @@ class MongoIdempotencyStore implements MongoStore {
     return [now, fencing];
   }
 
+  /** The name of a unique index of the collection other than _id's, if it has one. */
+  async #uniqueIndexBesidesId(): Promise<string | undefined> {
+    const indexes = (await this.collection.indexes()) as Array<{ name?: string; unique?: boolean; key?: Record<string, unknown> }>;
+    const other = indexes.find((index) => index.unique === true && !(Object.keys(index.key ?? {}).length === 1 && index.key?.['_id'] !== undefined));
+    return other === undefined ? undefined : (other.name ?? JSON.stringify(other.key));
+  }
+
   async begin(key: string, fingerprint: string | null, leaseMs: number): Promise<BeginResult> {
     assertKey(key);
     let token: LeaseToken | undefined;
     /** Set while the last takeover was held up by another writer's claim (claims fencing). */
     let heldUp: { now: number; heldForMs: number } | undefined;
-    /** Duplicate-key refusals in a row whose index the server did not name (see below). */
+    /** Duplicate-key refusals whose index the server did not name (see below). */
     let unexplainedDuplicates = 0;
     /** That refusal: the server wrote nothing, so there is no claim to give back. */
     let refused: Error | undefined;
@@ -229,11 +236,17 @@ class MongoIdempotencyStore implements MongoStore {
           // refusal came back on every attempt, and begin threw "lost 24 races" after 24 round
           // trips, a store error that named neither the index nor the cure.
           if (!isDuplicateKey(error)) throw error;
-          const index = duplicateIndex(error);
+          let index = duplicateIndex(error);
           if (index === '_id' || (index === undefined && ++unexplainedDuplicates < 2)) continue;
-          // No index named (FerretDB v1 says none): a second refusal in a row with no record of
-          // this _id to be seen is not a race on the key.
-          if (index === undefined && (await this.collection.findOne({ _id: key }, { projection: { _id: 1 } })) !== null) continue;
+          if (index === undefined) {
+            // No index named (FerretDB v1 says none). A record of this _id: a race on the key.
+            if ((await this.collection.findOne({ _id: key }, { projection: { _id: 1 } })) !== null) continue;
+            // None either: only a unique index the collection really has is blamed. A key whose
+            // record others keep deleting (a cleanup script) loses such races too, and was told
+            // to drop an index that does not exist.
+            index = await this.#uniqueIndexBesidesId();
+            if (index === undefined) continue;
+          }
           throw (refused = new Error(
             `[idemkit] [mongodb] Claiming key "${key.slice(0, 100)}" was refused by a unique index other than _id's on ${this.collection.collectionName}${index === undefined ? '' : ` (${index})`}: the store's records must have no unique index but _id's. Drop that index.`,
             { cause: error },
