@@ -69,6 +69,12 @@ export function checkOptions(options: PostgresStoreOptions): void {
   if (hasPool && typeof (options.pool as { totalCount?: unknown }).totalCount !== 'number') {
     throw new TypeError('[idemkit] [postgres] `pool` must be a pg.Pool, not a pg.Client: `new pg.Pool({ connectionString })`.');
   }
+  // pg then asks for every column in binary, and a claim that landed would read as another's
+  // record (its flags and texts arrive as Buffers): every first request a 422, its key held.
+  const binary = hasPool ? (options.pool as { options?: { binary?: unknown } }).options?.binary : (options.poolOptions as { binary?: unknown } | undefined)?.binary;
+  if (binary === true) {
+    throw new TypeError("[idemkit] [postgres] The store's pool must not have pg's `binary: true` (the store reads text columns): give the store a pool of its own without it, e.g. `new pg.Pool({ connectionString })`.");
+  }
   if (hasPool && options.poolOptions !== undefined) {
     throw new TypeError('[idemkit] [postgres] `poolOptions` applies only with `connectionString`: set them on your own pool.');
   }

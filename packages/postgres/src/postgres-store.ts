@@ -56,6 +56,19 @@ function isReadTimeout(error: unknown): boolean {
   return error instanceof Error && error.message === 'Query read timeout';
 }
 
+/**
+ * SQLSTATE 40001 (serialization_failure) and 40P01 (deadlock_detected). Under a
+ * `default_transaction_isolation` of REPEATABLE READ or SERIALIZABLE, a `begin` whose conflicting
+ * row committed after its snapshot fails so, as does a `complete` racing its own lease's renewal.
+ * Each store statement is its own transaction, rolled back by that error: sent again at once, it
+ * runs in a new snapshot that sees the row, and answers as under READ COMMITTED. Before, duplicates
+ * of one request got 503s instead of a 409 or the replay.
+ */
+const RETRIED_CODES: ReadonlySet<unknown> = new Set(['40001', '40P01']);
+/** Sends after the first, for those codes. */
+const RETRIES = 3;
+const mayRetry = (error: unknown, retries: number): boolean => retries < RETRIES && RETRIED_CODES.has((error as { code?: unknown } | null)?.code);
+
 /** SQLSTATE 42501: insufficient_privilege. */
 const INSUFFICIENT_PRIVILEGE = '42501';
 /** SQLSTATE 25006: read_only_sql_transaction (a standby, `default_transaction_read_only = on`). */
@@ -205,11 +218,10 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
         giveBack(client);
         return;
       }
-      if (this.#schema !== 'public') {
-        // Only when missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even when it exists.
-        const found = await client.query('SELECT 1 FROM pg_namespace WHERE nspname = $1', [this.#schema]);
-        if (found.rowCount === 0) await client.query(`CREATE SCHEMA ${escapeIdentifier(this.#schema, 'schema')}`);
-      }
+      // Only when missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even when it
+      // exists. `public` too: hardened databases drop it.
+      const found = await client.query('SELECT 1 FROM pg_namespace WHERE nspname = $1', [this.#schema]);
+      if (found.rowCount === 0) await client.query(`CREATE SCHEMA ${escapeIdentifier(this.#schema, 'schema')}`);
       await client.query(tableDdl(this.table, this.#indexName));
       // CREATE INDEX IF NOT EXISTS only notices a relation of that name that is something else
       // (a table someone named so): purges would then scan the whole table, unnoticed.
@@ -243,7 +255,7 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     const client = await checkOut(this.pool);
     let rows: BeginRow[];
     try {
-      ({ rows } = await client.query<BeginRow>(storeStatement(this.#sql.begin, this.#queryTimeoutMs, [id, fingerprint, token, lease])));
+      rows = await this.#beginRows(client, [id, fingerprint, token, lease]);
     } catch (error) {
       // As pool.query does: the connection is discarded after a failed statement (its 'release'
       // event records a read timeout's server process, see #timedOut).
@@ -272,6 +284,17 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
     if (row === undefined) throw new Error('[idemkit] [postgres] begin returned no row (this is a bug; please report it).');
     if (row.acquired) return { kind: 'acquired', token, tookOver: row.took_over };
     return { kind: 'existing', record: toRecord(key, row), leaseRemainingMs: Number(row.lease_remaining_ms) };
+  }
+
+  /** The begin statement on `client`, sent again on a serialization failure (see RETRIED_CODES). */
+  async #beginRows(client: PoolClient, values: unknown[]): Promise<BeginRow[]> {
+    for (let retries = 0; ; retries++) {
+      try {
+        return (await client.query<BeginRow>(storeStatement(this.#sql.begin, this.#queryTimeoutMs, values))).rows;
+      } catch (error) {
+        if (!mayRetry(error, retries)) throw error;
+      }
+    }
   }
 
   async complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
@@ -412,12 +435,15 @@ export class PostgresStore implements TransactionalStore<PoolClient> {
 
   /** One of the store's statements, with its read timeout (see `queryTimeoutMs`). */
   async #query<Row extends object = object>(text: string, values: unknown[]): Promise<QueryResult<Row>> {
-    try {
-      // pool.query releases the client with a read-timeout error, which discards that connection.
-      return await this.pool.query<Row>(storeStatement(text, this.#queryTimeoutMs, values));
-    } catch (error) {
-      this.#cancelTimedOut(error, text);
-      throw error;
+    for (let retries = 0; ; retries++) {
+      try {
+        // pool.query releases the client with a read-timeout error, which discards that connection.
+        return await this.pool.query<Row>(storeStatement(text, this.#queryTimeoutMs, values));
+      } catch (error) {
+        if (mayRetry(error, retries)) continue;
+        this.#cancelTimedOut(error, text);
+        throw error;
+      }
     }
   }
 

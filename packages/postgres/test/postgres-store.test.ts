@@ -89,6 +89,20 @@ describe('construction and options', () => {
     expect(() => createPostgresStore({ pool: db.pool, poolOptions: { max: 5 } } as never)).toThrow(/`poolOptions` applies only with `connectionString`/);
   });
 
+  // Was: taken, and every first request got 422 with its key left claimed for the whole lease
+  // (pg asks for binary columns, so the claim's flags and texts came back as Buffers).
+  it("refuses a pool with pg's `binary: true`, given or through poolOptions", async () => {
+    // pg takes `binary` (its defaults.js); @types/pg does not list it, JS users pass it all the same.
+    const binaryOption = { binary: true } as object;
+    const binary = new pg.Pool({ connectionString: db.url, ...binaryOption });
+    try {
+      expect(() => createPostgresStore({ pool: binary, schema: db.schema })).toThrow(/must not have pg's `binary: true`/);
+      expect(() => createPostgresStore({ connectionString: db.url, poolOptions: { ...binaryOption } })).toThrow(/must not have pg's `binary: true`/);
+    } finally {
+      await binary.end();
+    }
+  });
+
   it('warns about options it does not know (a misspelt table name would silently use the default)', () => {
     const warn = vi.spyOn(console, 'warn').mockImplementation(() => undefined);
     try {
@@ -365,6 +379,30 @@ describe('migrate() and sql/schema.sql', () => {
     }
   });
 
+  // Was: the schema was created when missing unless it was `public`, which hardened databases
+  // drop: migrate() failed with the bare 'schema "public" does not exist'.
+  it('creates a missing public schema, as it does any other', async () => {
+    const admin = new pg.Pool({ connectionString: db.url, max: 1 });
+    const database = `${TEST_PREFIX}nopublic_${randomUUID().replaceAll('-', '').slice(0, 12)}`;
+    await admin.query(`CREATE DATABASE "${database}"`);
+    const url = new URL(db.url);
+    url.pathname = `/${database}`;
+    const s = createPostgresStore({ connectionString: url.toString() });
+    try {
+      await s.pool.query('DROP SCHEMA public');
+      await s.migrate();
+      const k = key();
+      const first = await s.begin(k, 'fp', 10_000);
+      if (first.kind !== 'acquired') throw new Error('expected acquired');
+      expect(await s.complete(k, first.token, response, 60_000)).toBe(true);
+      expect((await s.get(k))?.response?.status).toBe(201);
+    } finally {
+      await s.close();
+      await admin.query(`DROP DATABASE IF EXISTS "${database}" WITH (FORCE)`);
+      await admin.end();
+    }
+  });
+
   it('ships sql/schema.sql with exactly the DDL migrate() runs', async () => {
     const file = await readFile(new URL('../sql/schema.sql', import.meta.url), 'utf8');
     expect(file).toBe(schemaFileText());
@@ -440,6 +478,37 @@ describe('begin', () => {
       }
     } finally {
       await Promise.all([a.end(), b.end()]);
+    }
+  });
+
+  // Was: under REPEATABLE READ or SERIALIZABLE (a server's or role's default isolation), a begin
+  // whose conflicting row committed after its snapshot failed with 40001, and its duplicate
+  // request got a 503 instead of a 409 or the replay (82 of 500 begins); so did a complete
+  // racing its own lease's renewal.
+  it.each(['repeatable read', 'serializable'])('under %s by default: racing begins on one key have one winner and no errors, and complete beside renew holds', async (isolation) => {
+    const pools = [0, 1].map(() => new pg.Pool({ connectionString: db.url, max: 20, options: `-c default_transaction_isolation=${isolation.replace(' ', '\\ ')}` }));
+    const [sa, sb] = pools.map((pool) => createPostgresStore({ pool, schema: db.schema }));
+    try {
+      const { rows } = await pools[0]!.query<{ level: string }>("SELECT current_setting('transaction_isolation') AS level");
+      expect(rows[0]?.level).toBe(isolation);
+      for (let round = 0; round < 5; round++) {
+        const k = key();
+        const results = await Promise.allSettled(Array.from({ length: 100 }, (_, i) => (i % 2 === 0 ? sa! : sb!).begin(k, 'fp', 30_000)));
+        expect(results.filter((r) => r.status === 'rejected').map((r) => String((r as PromiseRejectedResult).reason))).toEqual([]);
+        const kinds = results.map((r) => (r as PromiseFulfilledResult<{ kind: string }>).value.kind);
+        expect(kinds.filter((kind) => kind === 'acquired')).toHaveLength(1);
+      }
+      for (let round = 0; round < 20; round++) {
+        const k = key();
+        const first = await sa!.begin(k, 'fp', 30_000);
+        if (first.kind !== 'acquired') throw new Error('expected acquired');
+        const [renewed, completed] = await Promise.all([sb!.renew(k, first.token, 30_000), sa!.complete(k, first.token, response, 60_000)]);
+        expect(completed).toBe(true);
+        expect(typeof renewed).toBe('boolean');
+        expect((await sa!.get(k))?.state).toBe('completed');
+      }
+    } finally {
+      await Promise.all(pools.map((pool) => pool.end()));
     }
   });
 
