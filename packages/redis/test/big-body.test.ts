@@ -115,39 +115,38 @@ describe('an upload with a chunk missing', () => {
   const body = bodyOf(3 * CHUNK);
   const chunk = (n: number): Buffer => body.subarray(n * CHUNK, (n + 1) * CHUNK);
 
-  it('is never completed: the chunk after the gap and the completion are refused, and the claim stays', async () => {
+  /** A store with key 'k' claimed, and an upload key for it. */
+  async function claimed(name: string) {
     const client = new Redis(service.value);
     open.push(client);
-    const prefix = uniquePrefix('redis_upload_gap');
+    const prefix = uniquePrefix(name);
     const store = createRedisStore({ client, prefix });
     const begun = await store.begin('k', 'fp', 60_000);
     if (begun.kind !== 'acquired') throw new Error('not acquired');
     const upload = uploadKey(false, '', prefix, 'k');
     if (upload === null) throw new Error('no upload key');
+    return { client, prefix, store, token: begun.token, upload };
+  }
+
+  it('is never completed: the chunk after the gap and the completion are refused, and the claim stays', async () => {
+    const { client, prefix, store, token, upload } = await claimed('redis_upload_gap');
 
     expect(await client.eval(STAGE, 1, upload, 0, chunk(0), 60_000)).toBe(1);
     await expect(client.eval(STAGE, 1, upload, 2 * CHUNK, chunk(2), 60_000)).rejects.toThrow(/chunk of the uploaded body before this one is missing/);
-    await expect(client.eval(COMPLETE_STAGED, 2, prefix + 'k', upload, begun.token, 60_000, 200, '[]', body.byteLength)).rejects.toThrow(/uploaded body is incomplete/);
+    await expect(client.eval(COMPLETE_STAGED, 2, prefix + 'k', upload, token, 60_000, 200, '[]', body.byteLength)).rejects.toThrow(/uploaded body is incomplete/);
     expect((await store.get('k'))?.state).toBe('in_progress');
 
     // The claim still holds, so the next attempt stores the whole body.
-    expect(await store.complete('k', begun.token, { status: 200, headers: [], body }, 60_000)).toBe(true);
+    expect(await store.complete('k', token, { status: 200, headers: [], body }, 60_000)).toBe(true);
     const stored = await store.get('k');
     expect(Buffer.from(stored?.response?.body ?? new Uint8Array()).equals(body)).toBe(true);
     await deleteByPrefix(client, prefix);
   });
 
   it('takes a chunk sent twice (re-sent after a reconnect) once, and completes', async () => {
-    const client = new Redis(service.value);
-    open.push(client);
-    const prefix = uniquePrefix('redis_upload_resent');
-    const store = createRedisStore({ client, prefix });
-    const begun = await store.begin('k', 'fp', 60_000);
-    if (begun.kind !== 'acquired') throw new Error('not acquired');
-    const upload = uploadKey(false, '', prefix, 'k');
-    if (upload === null) throw new Error('no upload key');
+    const { client, prefix, store, token, upload } = await claimed('redis_upload_resent');
     for (const n of [0, 1, 1, 2, 2]) expect(await client.eval(STAGE, 1, upload, n * CHUNK, chunk(n), 60_000)).toBe(1);
-    expect(await client.eval(COMPLETE_STAGED, 2, prefix + 'k', upload, begun.token, 60_000, 200, '[]', body.byteLength)).toBe(1);
+    expect(await client.eval(COMPLETE_STAGED, 2, prefix + 'k', upload, token, 60_000, 200, '[]', body.byteLength)).toBe(1);
     const stored = await store.get('k');
     expect(stored?.state).toBe('completed');
     expect(Buffer.from(stored?.response?.body ?? new Uint8Array()).equals(body)).toBe(true);
