@@ -38,8 +38,12 @@ const MAX_RESPONSE_BYTES = 15 * 1024 * 1024;
 const MAX_DOCUMENT_BYTES = 16 * 1024 * 1024;
 /** Room in a completed record for everything but the key, body and headers: field names, dates, status, fingerprint. */
 const RECORD_OVERHEAD_BYTES = 1024;
-/** Per header: the array index, the `{ name, value }` subdocument's framing and field names. */
-const HEADER_OVERHEAD_BYTES = 32;
+/**
+ * Per header: the array element's type and index (up to 6 bytes), the `{ name, value }`
+ * subdocument's length and end (5), and each field's type, name, length and NUL (11 and 12): 34
+ * at most, rounded up. 32 let 2 000 short headers write a record over 16 MiB.
+ */
+const HEADER_OVERHEAD_BYTES = 40;
 
 /** About the BSON size of the completed record for `key` (a fingerprint within the overhead; only a custom one of over ~900 bytes is not counted). */
 function recordBytes(key: string, response: StoredResponse): number {
@@ -98,6 +102,18 @@ function isApiStrictRefusal(error: unknown): boolean {
  */
 function assertKey(key: string): void {
   if (typeof key !== 'string') throw new TypeError('[idemkit] [mongodb] key must be a string');
+}
+
+/**
+ * A TTL or lease in ms, as the other stores take it: a positive finite number whose end a `Date`
+ * can hold. `Infinity` made an Invalid Date, stored as 1970: the answer was gone at once, and its
+ * retry ran the handler again.
+ */
+function checkMs(name: string, ms: number, now: number): number {
+  if (typeof ms !== 'number' || !Number.isFinite(ms) || ms <= 0 || !Number.isFinite(new Date(now + ms).getTime())) {
+    throw new RangeError(`[idemkit] [mongodb] \`${name}\` must be a positive number of milliseconds (within a Date's range), got ${String(ms)}.`);
+  }
+  return ms;
 }
 
 function assertToken(token: LeaseToken): void {
@@ -200,6 +216,7 @@ class MongoIdempotencyStore implements MongoStore {
 
   async begin(key: string, fingerprint: string | null, leaseMs: number): Promise<BeginResult> {
     assertKey(key);
+    checkMs('leaseMs', leaseMs, Date.now());
     let token: LeaseToken | undefined;
     /** Set while the last takeover was held up by another writer's claim (claims fencing). */
     let heldUp: { now: number; heldForMs: number } | undefined;
@@ -409,16 +426,17 @@ class MongoIdempotencyStore implements MongoStore {
     });
   }
 
-  complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
+  // async: a bad argument rejects, as in the other operations, never throws at the call.
+  async complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
+    assertKey(key);
+    checkMs('ttlMs', ttlMs, Date.now());
     // Refused before anything is sent (no claim taken, the record left as it was, so the holder
     // can still release it): MongoDB refuses the write with a bare BSONObjectTooLarge, and
     // FerretDB v1 kept the oversized document, which no MongoDB restore would take.
     const size = recordBytes(key, response);
     if (size > MAX_DOCUMENT_BYTES) {
-      return Promise.reject(
-        new RangeError(
-          `[idemkit] [mongodb] The response for key "${key.slice(0, 100)}" would make a record of about ${size} bytes, over MongoDB's 16 MiB document limit (body ${response.body.byteLength} bytes, ${response.headers.length} headers): not stored. Keep answers within maxResponseBytes (${MAX_RESPONSE_BYTES}), headers included.`,
-        ),
+      throw new RangeError(
+        `[idemkit] [mongodb] The response for key "${key.slice(0, 100)}" would make a record of about ${size} bytes, over MongoDB's 16 MiB document limit (body ${response.body.byteLength} bytes, ${response.headers.length} headers): not stored. Keep answers within maxResponseBytes (${MAX_RESPONSE_BYTES}), headers included.`,
       );
     }
     return this.#asHolder(key, token, true, async (filter, now) => {
@@ -442,7 +460,8 @@ class MongoIdempotencyStore implements MongoStore {
     });
   }
 
-  renew(key: string, token: LeaseToken, leaseMs: number): Promise<boolean> {
+  async renew(key: string, token: LeaseToken, leaseMs: number): Promise<boolean> {
+    checkMs('leaseMs', leaseMs, Date.now());
     return this.#asHolder(key, token, false, async (filter, now) => {
       const until = new Date(now + leaseMs);
       const result = await this.collection.updateOne(filter, { $set: { leaseExpiresAt: until, expiresAt: until } });

@@ -603,6 +603,48 @@ describe('a unique index of the user\'s on another field of the collection', () 
   });
 });
 
+describe('arguments the engine never sends, from a caller of the store itself', () => {
+  let store: ReturnType<typeof createMongoStore>;
+  beforeAll(() => {
+    store = createMongoStore({ db: t.db, collectionName: 'idempotency_direct_calls' });
+  });
+  afterAll(() => Promise.all([store.collection.drop(), store.claimsCollection.drop()].map((p) => p.catch(() => undefined))).then(() => undefined));
+  // Was: new Date(now + Infinity) is an Invalid Date, stored as 1970: complete() said true, the
+  // answer was gone at once, and the next begin ran the handler again. Redis and Postgres refuse
+  // such a TTL with a RangeError; so does this store now, before writing anything.
+  it('refuses a ttlMs or leaseMs that is not a positive number of ms a Date can hold, and the record stays as it was', async () => {
+    const k = key('bad-ms');
+    const begun = await store.begin(k, 'fp', 30_000);
+    if (begun.kind !== 'acquired') throw new Error('expected acquired');
+    for (const ms of [Infinity, Number.MAX_SAFE_INTEGER, Number.NaN, 0, -1]) {
+      await expect(store.complete(k, begun.token, response(new Uint8Array([1])), ms)).rejects.toThrow(/`ttlMs` must be a positive number of milliseconds/);
+      await expect(store.renew(k, begun.token, ms)).rejects.toThrow(/`leaseMs` must be a positive number of milliseconds/);
+      await expect(store.begin(key('bad-lease'), 'fp', ms)).rejects.toThrow(/`leaseMs` must be a positive number of milliseconds/);
+    }
+    expect((await store.get(k))?.state).toBe('in_progress');
+    expect(await store.complete(k, begun.token, response(new Uint8Array([1])), 60_000)).toBe(true);
+  });
+
+  // Was: complete() threw at the call (Node's own message) where the other operations reject.
+  it('rejects, never throws at the call, for a key that is not a string', async () => {
+    let call: Promise<boolean> | undefined;
+    expect(() => (call = store.complete(42 as unknown as string, 'token' as LeaseToken, response(new Uint8Array([1])), 60_000))).not.toThrow();
+    await expect(call).rejects.toThrow(/key must be a string/);
+  });
+
+  // Was: 32 bytes counted per header, where BSON takes up to 34 besides name and value: 2 000
+  // short headers and a body the count put at exactly 16 MiB wrote a record 2 KiB over it.
+  it('counts each header fully against the 16 MiB limit', async () => {
+    const k = key('many-headers');
+    const begun = await store.begin(k, 'fp', 30_000);
+    if (begun.kind !== 'acquired') throw new Error('expected acquired');
+    const headers = Array.from({ length: 2_000 }, (): [string, string] => ['a', '']);
+    const body = new Uint8Array(16 * 1024 * 1024 - (1024 + Buffer.byteLength(k) + 2_000 * 33));
+    await expect(store.complete(k, begun.token, { status: 200, headers, body }, 60_000)).rejects.toThrow(/over MongoDB's 16 MiB document limit/);
+    expect((await store.get(k))?.state).toBe('in_progress');
+  }, 60_000);
+});
+
 describe('a key whose record others keep deleting (a cleanup script) while begins race on it', () => {
   // Was: FerretDB names no index in its duplicate-key errors, and a second such refusal with the
   // record already deleted again was taken for a unique index of the user's: begin failed (a
