@@ -304,8 +304,10 @@ async function run(ctx: Context, next: Next, lease: Lease, options: RunOptions):
     // Koa answers 500 for it (see captureResponse): the finally below frees the key.
     if (captured.kind === 'unsendable') return;
     if (captured.kind === 'unbuffered') {
-      const encoding = ctx.respond === false || ctx.res.headersSent ? '' : ctx.response.get('Content-Encoding');
-      if (encoding !== '') options.warnEncoded(encoding);
+      // Koa 3's get() of an unset header is undefined, Koa 2's is '': a plain stream (a download)
+      // must not be warned about, nor use up the one warning meant for a compressor mounted after us.
+      const encoding = ctx.respond === false || ctx.res.headersSent ? undefined : ctx.response.get('Content-Encoding');
+      if (typeof encoding === 'string' && encoding !== '') options.warnEncoded(encoding);
       await lease.commitUnbuffered(ctx.status, 'not-bufferable');
     }
     // Stored before respond() writes a byte, so a client retrying at once gets the replay.
