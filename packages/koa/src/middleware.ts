@@ -27,6 +27,9 @@ import { captureResponse } from './capture.js';
 import type { KoaIdempotencyOptions } from './options.js';
 import { sendReplay, sendStored } from './send.js';
 
+/** The methods whose bodies @koa/bodyparser and koa-body read unless told otherwise (`parsedMethods`). */
+const PARSED_BY_DEFAULT: ReadonlySet<string> = new Set(['POST', 'PUT', 'PATCH']);
+
 /**
  * What `idempotency()` puts on `ctx.state`. Koa's default state type has it already; an app with
  * a state type of its own adds it: `new Koa<AppState & IdempotencyState>()`.
@@ -142,6 +145,9 @@ export function idempotency(options: KoaIdempotencyOptions): Middleware {
           'ERR_IDEMKIT_BODY_NOT_PARSED',
           `ctx.request.body is ${body === undefined ? 'undefined' : '{}'} but the request has a body (content-type ${JSON.stringify(ctx.get('Content-Type'))}) that no body parser read, so idempotency() cannot fingerprint it. ` +
             (isMultipart(ctx.get('Content-Type')) ? 'For uploads, mount the multipart parser (koa-body with `multipart: true`, @koa/multer) before idempotency(). ' : '') +
+            // @koa/bodyparser and koa-body read POST, PUT and PATCH bodies only, by default: a
+            // DELETE covered through `methods` was told to enable a type that was enabled.
+            (PARSED_BY_DEFAULT.has(ctx.method) ? '' : `Body parsers read only POST, PUT and PATCH bodies by default: add ${ctx.method} to @koa/bodyparser's \`parsedMethods\` (koa-body: \`parsedMethods\` too). `) +
             'To accept this type, mount a body parser that reads it (e.g. @koa/bodyparser with the type in `enableTypes`, koa-body with the type enabled, or the raw-body middleware of the @idemkit/koa README) before idempotency().',
         ),
         { status: 415, expose: true },

@@ -667,6 +667,39 @@ describe('koa binding: body parsing', () => {
     expect(warn.mock.calls[0]?.[0]).toContain('Answered 415');
   });
 
+  // Was: a DELETE covered through `methods` was told to put its (enabled) type in `enableTypes`;
+  // the parsers read only POST, PUT and PATCH bodies unless `parsedMethods` says otherwise.
+  it('a covered DELETE whose body the parser skipped is told about parsedMethods; with it, it runs once and replays', async () => {
+    const del = (url: string, body: string) =>
+      fetch(url, { method: 'DELETE', headers: { 'content-type': 'application/json', 'idempotency-key': 'del-1' }, body });
+    for (const parsedMethods of [undefined, ['POST', 'PUT', 'PATCH', 'DELETE']]) {
+      let runs = 0;
+      const { url } = await start(
+        (a) => {
+          a.use(bodyParser(parsedMethods === undefined ? {} : { parsedMethods }));
+          a.use(idempotency({ store: createMemoryStore(), methods: ['DELETE'], logger: false }));
+          a.use((ctx) => {
+            runs++;
+            ctx.status = 201;
+            ctx.body = { deleted: true };
+          });
+        },
+        { parser: false },
+      );
+      const first = await del(url, '{"a":1}');
+      if (parsedMethods === undefined) {
+        expect(first.status).toBe(415);
+        expect(await first.text()).toContain("add DELETE to @koa/bodyparser's `parsedMethods`");
+        expect(runs).toBe(0);
+      } else {
+        expect(first.status).toBe(201);
+        expect((await del(url, '{"a":1}')).headers.get('idempotent-replayed')).toBe('true');
+        expect((await del(url, '{"a":2}')).status).toBe(422);
+        expect(runs).toBe(1);
+      }
+    }
+  });
+
   it("an upload's file bytes are part of the fingerprint (koa-body multipart): another file under the same key is a 422", async () => {
     let runs = 0;
     const warn = vi.fn();
