@@ -104,13 +104,17 @@ function assertKey(key: string): void {
   if (typeof key !== 'string') throw new TypeError('[idemkit] [mongodb] key must be a string');
 }
 
+/** The latest time a `Date` holds, in epoch ms (ECMAScript's time value range). */
+const MAX_DATE_MS = 8.64e15;
+
 /**
  * A TTL or lease in ms, as the other stores take it: a positive finite number whose end a `Date`
  * can hold. `Infinity` made an Invalid Date, stored as 1970: the answer was gone at once, and its
  * retry ran the handler again.
  */
 function checkMs(name: string, ms: number, now: number): number {
-  if (typeof ms !== 'number' || !Number.isFinite(ms) || ms <= 0 || !Number.isFinite(new Date(now + ms).getTime())) {
+  // `!(ms > 0)` also refuses NaN; no Date is built for the check (it runs on every begin).
+  if (typeof ms !== 'number' || !(ms > 0) || !(now + ms <= MAX_DATE_MS)) {
     throw new RangeError(`[idemkit] [mongodb] \`${name}\` must be a positive number of milliseconds (within a Date's range), got ${String(ms)}.`);
   }
   return ms;
@@ -265,7 +269,7 @@ class MongoIdempotencyStore implements MongoStore {
             if (index === undefined) continue;
           }
           throw (refused = new Error(
-            `[idemkit] [mongodb] Claiming key "${key.slice(0, 100)}" was refused by a unique index other than _id's on ${this.collection.collectionName}${index === undefined ? '' : ` (${index})`}: the store's records must have no unique index but _id's. Drop that index.`,
+            `[idemkit] [mongodb] Claiming key "${key.slice(0, 100)}" was refused by a unique index other than _id's on ${this.collection.collectionName} (${index}): the store's records must have no unique index but _id's. Drop that index.`,
             { cause: error },
           ));
         }
