@@ -7,7 +7,8 @@ import type { IdempotencyRecord, StoredResponse } from '@idemkit/core';
 
 const COLON = 0x3a;
 const TAG_CLAIMED = 0x69; // 'i'
-const TAG_COMPLETED = 0x63; // 'c'
+const TAG_COMPLETED = 0x64; // 'd': completed, with the token that completed it
+const TAG_COMPLETED_NO_TOKEN = 0x63; // 'c': completed before the token was kept (still read)
 
 /** The value `begin` claims a new key with: `i:<graceMs>:<leaseMs>:<token>[:<fingerprint>]`. */
 export function claimValue(graceMs: number, leaseMs: number, token: string, fingerprint: string | null): string {
@@ -17,7 +18,7 @@ export function claimValue(graceMs: number, leaseMs: number, token: string, fing
 
 /** Whether a record is completed, from its first byte. */
 export function isCompleted(value: Buffer): boolean {
-  return value[0] === TAG_COMPLETED;
+  return value[0] === TAG_COMPLETED || value[0] === TAG_COMPLETED_NO_TOKEN;
 }
 
 /**
@@ -28,13 +29,14 @@ export function decodeRecord(key: string, value: Buffer, leaseEnd: number): Idem
   const f = new Fields(value);
   const tag = value[0];
   f.next(); // the tag
-  if (tag === TAG_COMPLETED) {
+  if (tag === TAG_COMPLETED || tag === TAG_COMPLETED_NO_TOKEN) {
     const createdAt = f.int();
     const expiresAt = f.int();
     const status = f.int();
     // Empty when the record has no fingerprint, else the fingerprint's length in bytes.
     const fpBytes = f.intOrNull();
     const headersBytes = f.int();
+    if (tag === TAG_COMPLETED && f.next() === '') throw unexpected(); // the token
     let at = f.at;
     let fingerprint: string | null = null;
     if (fpBytes !== null) {

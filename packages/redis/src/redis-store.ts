@@ -25,12 +25,12 @@ type ScriptCall = (...keysThenArgs: Array<string | number | Buffer>) => Promise<
  */
 const COMMANDS = {
   begin: { name: 'idemkitBeginV3', lua: BEGIN, keys: 1 },
-  complete: { name: 'idemkitCompleteV2', lua: COMPLETE, keys: 1 },
+  complete: { name: 'idemkitCompleteV3', lua: COMPLETE, keys: 1 },
   release: { name: 'idemkitReleaseV2', lua: RELEASE, keys: 1 },
   renew: { name: 'idemkitRenewV2', lua: RENEW, keys: 1 },
   get: { name: 'idemkitGetV2', lua: GET, keys: 1 },
   stage: { name: 'idemkitStageV2', lua: STAGE, keys: 1 },
-  completeStaged: { name: 'idemkitCompleteStagedV1', lua: COMPLETE_STAGED, keys: 2 },
+  completeStaged: { name: 'idemkitCompleteStagedV2', lua: COMPLETE_STAGED, keys: 2 },
 } as const;
 
 type Op = keyof typeof COMMANDS;

@@ -10,9 +10,11 @@
  *     lease end = PEXPIRETIME - grace, created = lease end - lease (both by the Redis clock,
  *     because `SET … PX` sets the expiry from it)
  *   in progress, as rewritten by a script:  p:<created>:<leaseEnd>:<token>[:<fp>]
- *   completed:  c:<created>:<expires>:<status>:<fpBytes>:<headersBytes>:<fp><headers><body>
+ *   completed:  d:<created>:<expires>:<status>:<fpBytes>:<headersBytes>:<token>:<fp><headers><body>
  *     (`fpBytes` empty when there is no fingerprint; headers are JSON [name, value] pairs; the
- *     body is raw bytes, so the record is binary-safe)
+ *     body is raw bytes, so the record is binary-safe; `token` is the lease that completed it, so
+ *     a completion re-sent after its reply was lost is told it landed). Records written before
+ *     the token was kept have tag `c` and no token field; they are still read.
  * Lease tokens are UUIDs, so the token field never holds a ':'; a fingerprint is the rest of an
  * in-progress value and is length-prefixed in a completed one, so it may hold anything.
  *
@@ -51,16 +53,37 @@ end
 /**
  * True when token ARGV[1] holds a live lease on KEYS[1]: the guard of complete, renew, release.
  * Only a live lease counts: once it has run out the key is up for takeover, so a late holder is
- * refused even before anyone has taken over (the in-memory store does the same).
+ * refused even before anyone has taken over (the in-memory store does the same). `completed`:
+ * Lua run when the record is completed (then the guard returns 0).
  */
-const HELD = `
+const held = (completed = ''): string => `
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 ${LEASE}
-if not (tag and tok == ARGV[1]) then return 0 end
+if not tag then${completed} return 0 end
+if tok ~= ARGV[1] then return 0 end
 ${NOW}
 if lease_end <= now then return 0 end
 `;
+const HELD = held();
+
+/**
+ * The guard of both completions (ARGV token, ttlMs, status, headersJson; `body` and `bytes` are
+ * Lua expressions for the body, false when unknown, and its length). A completed record that
+ * this token wrote with these very status, headers and body is this completion: ioredis re-sent
+ * it after a reconnect and the first send had landed. It answers 1 as the first send did, or the
+ * holder would report a lost lease for an answer that is stored. A re-sent large completion may
+ * find its upload gone (the first send took it): then the body's length stands in for it.
+ */
+const heldToComplete = (body: string, bytes: string): string =>
+  held(`
+  local d_status, d_fp, d_headers, d_tok, d_at = string.match(v, '^d:%d+:%d+:(%d+):(%d*):(%d+):([^:]+):()')
+  if d_tok == ARGV[1] and d_status == ARGV[3] and tonumber(d_headers) == #ARGV[4] then
+    local h = d_at + (tonumber(d_fp) or 0)
+    local b = h + #ARGV[4]
+    if string.sub(v, h, b - 1) == ARGV[4] and #v - b + 1 == ${bytes} and (not ${body} or string.sub(v, b) == ${body}) then return 1 end
+  end
+`);
 
 /**
  * begin, the contended path: runs when `SET … NX GET` found an in-progress record, so it knows
@@ -108,13 +131,13 @@ if fp ~= '' then
   fp = string.sub(fp, 2)
   fp_bytes = #fp
 end
-redis.call('SET', KEYS[1], 'c:' .. ${INT('created')} .. ':' .. ${INT('now + ttl')} .. ':' .. ARGV[3] .. ':' ..
-  fp_bytes .. ':' .. #ARGV[4] .. ':' .. fp .. ARGV[4] .. ${body}, 'PX', ttl)
+redis.call('SET', KEYS[1], 'd:' .. ${INT('created')} .. ':' .. ${INT('now + ttl')} .. ':' .. ARGV[3] .. ':' ..
+  fp_bytes .. ':' .. #ARGV[4] .. ':' .. ARGV[1] .. ':' .. fp .. ARGV[4] .. ${body}, 'PX', ttl)
 return 1
 `;
 
 /** complete: KEYS[1] record; ARGV token, ttlMs, status, headersJson, body. Returns 1 or 0. */
-export const COMPLETE = `${HELD}${WRITE_COMPLETED('ARGV[5]')}`;
+export const COMPLETE = `${heldToComplete('ARGV[5]', '#ARGV[5]')}${WRITE_COMPLETED('ARGV[5]')}`;
 
 /**
  * stage: KEYS[1] an upload key; ARGV offset, bytes, ttlMs. Writes one chunk of a large body at its
@@ -139,12 +162,15 @@ return 1
  * deletes it), then does what `COMPLETE` does. An upload that is not whole (a chunk lost or still
  * on its way after a redirection) is an error, so the caller retries, never a refusal. `STAGE`
  * writes no chunk past a gap, so the upload has its full length only when every chunk landed.
+ * The guard comes before that check: a re-send of a completion that landed finds the upload
+ * gone (the first send took it) and is still told it landed.
  */
 export const COMPLETE_STAGED = `
 local body = redis.call('GET', KEYS[2])
 redis.call('DEL', KEYS[2])
+${heldToComplete('body', 'tonumber(ARGV[5])')}
 if not body or #body ~= tonumber(ARGV[5]) then return redis.error_reply('ERR idemkit: the uploaded body is incomplete') end
-${HELD}${WRITE_COMPLETED('body')}`;
+${WRITE_COMPLETED('body')}`;
 
 /** release: KEYS[1] record; ARGV token. Deletes the record if the token holds a live lease; returns 1 or 0. */
 export const RELEASE = `${HELD}

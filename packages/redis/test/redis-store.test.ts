@@ -703,6 +703,67 @@ describe('client ownership and failures', () => {
     }
   });
 
+  // ioredis re-sends a command whose reply a dropped connection lost (autoResendUnfulfilledCommands).
+  // Before, a re-sent completion that had landed found a completed record without a token and
+  // answered 0: the holder logged a lost lease and emitted `stored: false` for a stored answer.
+  for (const [label, bytes] of [
+    ['one command', 3],
+    ['in chunks', 600 * 1024],
+  ] as const) {
+    it(`a completion re-sent after its reply was lost (${label}) answers true, as its first send did`, async () => {
+      const target = new URL(url);
+      const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 6379));
+      const client = new Redis({ host: '127.0.0.1', port: proxy.port });
+      try {
+        const s = createRedisStore({ client, prefix });
+        const k = key('resent-complete');
+        const token = await acquire(s, k);
+        const body = new Uint8Array(bytes).map((_, i) => i & 0xff);
+        proxy.holdAnswers(); // the completion lands, its reply never comes back
+        const completing = s.complete(k, token, response(body), 60_000);
+        // Landed: the record is completed (tag c or d) though the store has no answer yet.
+        await vi.waitFor(async () => expect((await redis.getBuffer(prefix + k))?.subarray(0, 2).toString()).toMatch(/^[cd]:$/), { timeout: 3_000, interval: 10 });
+        proxy.cut(); // ioredis reconnects and sends the completion again
+        expect(await completing).toBe(true);
+        const stored = await store().get(k);
+        expect(stored?.state).toBe('completed');
+        expect(Buffer.from(stored?.response?.body ?? new Uint8Array()).equals(body)).toBe(true);
+      } finally {
+        client.disconnect();
+        await proxy.close();
+      }
+    });
+  }
+
+  it('a completed key still refuses another lease, and the same lease sending another answer (its 410 marker, a racing call)', async () => {
+    const s = store();
+    const k = key('completed-refuses');
+    const token = await acquire(s, k);
+    expect(await s.complete(k, token, response(new Uint8Array([1])), 60_000)).toBe(true);
+    expect(await s.complete(k, token, response(new Uint8Array([1])), 60_000)).toBe(true); // a re-send
+    expect(await s.complete(k, token, response(new Uint8Array([1]), 410), 60_000)).toBe(false);
+    expect(await s.complete(k, token, { ...response(new Uint8Array([1])), headers: [] }, 60_000)).toBe(false);
+    expect(await s.complete(k, token, response(new Uint8Array([2])), 60_000)).toBe(false);
+    expect(await s.complete(k, token, response(new Uint8Array([1, 1])), 60_000)).toBe(false);
+    expect(await s.complete(k, 'another' as LeaseToken, response(new Uint8Array([1])), 60_000)).toBe(false);
+    expect(await s.release(k, token)).toBe(false);
+    expect(await s.renew(k, token, 60_000)).toBe(false);
+    expect((await s.get(k))?.response?.status).toBe(201);
+  });
+
+  it('reads a completed record written before the token was kept (tag c)', async () => {
+    const s = store();
+    const k = key('old-format');
+    const headers = JSON.stringify([['content-type', 'text/plain']]);
+    await redis.set(prefix + k, `c:1000:2000:201:2:${Buffer.byteLength(headers)}:fp${headers}hello`, 'PX', 60_000);
+    const replay = await s.begin(k, 'fp', 60_000);
+    expect(replay).toMatchObject({ kind: 'existing', record: { state: 'completed', fingerprint: 'fp', createdAt: 1000, expiresAt: 2000 } });
+    const record = await s.get(k);
+    expect(record?.response?.status).toBe(201);
+    expect(record?.response?.headers).toEqual([['content-type', 'text/plain']]);
+    expect(Buffer.from(record?.response?.body ?? new Uint8Array()).toString()).toBe('hello');
+  });
+
   it('a lost claim is given back even when Redis then stays unreachable for a while (maxRetriesPerRequest: 0)', async () => {
     const target = new URL(url);
     const proxy = await answerHoldingProxy(target.hostname, Number(target.port || 6379));
