@@ -62,12 +62,13 @@ export async function countRecords(kind: StoreKind, url: string, where: string):
     const now = Number(time[0]) * 1000 + Math.floor(Number(time[1]) / 1000);
     const rows = [];
     for (const key of keys) {
-      // Layout in @idemkit/redis src/scripts.ts: 'c:…' completed; in progress either
+      // Layout in @idemkit/redis src/scripts.ts: 'd:…' (or, written before it kept the token,
+      // 'c:…') completed; in progress either
       // 'i:<grace>:<lease>:…' (lease end = PEXPIRETIME - grace) or 'p:<created>:<leaseEnd>:…'.
       const value = (await client.get(key)) ?? '';
       const [tag, a, b] = value.split(':');
       const leaseEnd = tag === 'i' ? (await client.pexpiretime(key)) - Number(a) : Number(b);
-      const state = tag === 'c' ? 'completed' : tag === 'i' || tag === 'p' ? 'in_progress' : '?';
+      const state = tag === 'd' || tag === 'c' ? 'completed' : tag === 'i' || tag === 'p' ? 'in_progress' : '?';
       rows.push({ key: key.slice(where.length), state, live: state === 'in_progress' && leaseEnd > now });
     }
     return tally(rows);

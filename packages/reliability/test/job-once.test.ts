@@ -72,7 +72,7 @@ describe('a one-shot job on Redis whose completion Redis refused', () => {
     expect(stored, lines.join('\n')).toBeGreaterThan(-1);
     expect(resolved, lines.join('\n')).toBeGreaterThan(stored);
     // The record is the completed one, well before its 3 s lease could have run out.
-    expect((await admin.get(`${ns}:-:order-7`))?.slice(0, 2)).toBe('c:');
+    expect((await admin.get(`${ns}:-:order-7`))?.slice(0, 2)).toBe('d:');
 
     // The message redelivered to a fresh process: the stored result, the job not run again.
     const second = runOnce(env);
