@@ -770,10 +770,29 @@ const SF_BARE_ITEM = [
   '-?\\d{1,15}', // integer
   '"(?:[\\x20\\x21\\x23-\\x5b\\x5d-\\x7e]|\\\\["\\\\])*"', // string
   "[A-Za-z*][!#$%&'*+\\-.^_`|~0-9A-Za-z:/]*", // token
-  ':[A-Za-z0-9+/]*={0,2}:', // byte sequence
+  // Base64 in groups of four, the last one short or padded: `:a:` or `:abcde:` is no byte sequence.
+  ':(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}(?:==)?|[A-Za-z0-9+/]{3}=?)?:', // byte sequence
   '\\?[01]', // boolean
+  '%"(?:[\\x20\\x21\\x23\\x24\\x26-\\x7e]|%[0-9a-f]{2})*"', // display string (its UTF-8 checked below)
 ].join('|');
-const SF_PARAMETERS = new RegExp(`^(?:; *[a-z*][a-z0-9_\\-.*]*(?:=(?:${SF_BARE_ITEM}))?)+$`);
+const SF_NAME = '; *[a-z*][a-z0-9_\\-.*]*';
+// A date (`@` and an integer) only as the last parameter: the server's parser (structured-headers
+// 2) refuses anything after one.
+const SF_PARAMETERS = new RegExp(`^(?:${SF_NAME}(?:=(?:${SF_BARE_ITEM}))?)*(?:${SF_NAME}=@-?\\d{1,15})?$`);
+/** A display string's percent-encoded bytes must be UTF-8, or the server's parser refuses it. */
+const SF_DISPLAY_STRING = /%"((?:[\x20\x21\x23\x24\x26-\x7e]|%[0-9a-f]{2})*)"/g;
+
+function parametersProblem(rest: string): boolean {
+  if (!SF_PARAMETERS.test(rest)) return true;
+  for (const [, encoded] of rest.matchAll(SF_DISPLAY_STRING)) {
+    try {
+      decodeURIComponent(encoded ?? '');
+    } catch {
+      return true;
+    }
+  }
+  return false;
+}
 
 /**
  * Why a server would refuse a key in the structured-field form (RFC 9651 sf-string), or undefined.
@@ -800,8 +819,8 @@ function quotedKeyProblem(value: string): string | undefined {
   let stop = value.length;
   while (stop > end && (value[stop - 1] === ' ' || value[stop - 1] === '\t')) stop--;
   const rest = value.slice(end, stop);
-  if (rest !== '' && !SF_PARAMETERS.test(rest)) {
-    return 'starts with `"` but is no structured-field string: only parameters (`;name=value`, RFC 9651: a lower-case name, a number, token, string, byte sequence or boolean) may follow the closing `"`';
+  if (rest !== '' && parametersProblem(rest)) {
+    return 'starts with `"` but is no structured-field string: only parameters (`;name=value`, RFC 9651: a lower-case name, a number, token, string, byte sequence, boolean, date or display string) may follow the closing `"`';
   }
   const problem = keyProblem(content);
   return problem === undefined ? undefined : `${problem} between its quotes`;

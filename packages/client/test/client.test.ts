@@ -1019,6 +1019,12 @@ describe('retry rules', () => {
       ...['"abc";', '"abc";A=1', '"abc";a=', '"abc";a=1;', '"abc";a=b c', '"abc";a="x', '"abc";1a', '"abc";a=1,b', '"abc";a=?2'].map(
         (key): [string, RegExp] => [key, /only parameters/],
       ),
+      // Byte sequences that are no base64, a date that is no integer (or has a parameter after
+      // it, which the server's parser refuses), display strings that are no lower-case
+      // percent-encoded UTF-8: each was sent, for a 400.
+      ...['"abc";a=:a:', '"abc";a=:abcde:', '"abc";a=:YQ=:', '"abc";a=@1.5', '"abc";a=%"%ff"', '"abc";a=%"%C3%A9"', '"abc";a=%"%c3"', '"abc";a=@1;b=2'].map(
+        (key): [string, RegExp] => [key, /only parameters/],
+      ),
     ];
     for (const [idempotencyKey, message] of refused) {
       // The server's own parser refuses each of them too (a 400, which is not retried).
@@ -1033,7 +1039,7 @@ describe('retry rules', () => {
     }
     expect(s.requests).toBe(0);
     // What the server takes goes through: spaces, an escaped quote, a comma, 255 characters, parameters.
-    const accepted = ['" "', '"a\\"b"', '"a,b"', `"${'k'.repeat(255)}"`, '"order-2";v=1', '"order-3";a; b=-1.5;c=?1', '"order-4";a="x y";b=tok/en;c=:AQ==:'];
+    const accepted = ['" "', '"a\\"b"', '"a,b"', `"${'k'.repeat(255)}"`, '"order-2";v=1', '"order-3";a; b=-1.5;c=?1', '"order-4";a="x y";b=tok/en;c=:AQ==:', '"order-5";a=:YQ:;c=%"%c3%a9 x";d=::;b=@-1'];
     for (const idempotencyKey of accepted) {
       expect(parseKeyHeader(idempotencyKey).ok).toBe(true);
       expect((await plain(`${s.url}/orders`, { ...json({}), idempotencyKey })).status).toBe(201);
