@@ -191,6 +191,7 @@ export function createIdempotentFetch(options: IdempotentFetchOptions = {}): Ide
   return async function idempotentFetch(input, init) {
     // `?? {}`: plain fetch takes a null init too.
     const { idempotencyKey, ...requestInit } = init ?? {};
+    if (init) readInheritedMembers(init, requestInit);
     // Decided before a Request is built from `input`: building one reads a Request's body, and
     // a method sent once, untouched, must get `input` as it came. Upper-cased: fetch leaves
     // 'patch' as it is written.
@@ -759,6 +760,25 @@ function bareKeyProblem(key: string): string | undefined {
         ? 'holds a comma, which servers take for two joined headers (send it quoted, as a structured-field string: `"a,b"`)'
         : undefined)
   );
+}
+
+/** The members of RequestInit fetch reads, undici's `dispatcher` included. */
+const REQUEST_INIT_MEMBERS = [
+  'method', 'headers', 'body', 'redirect', 'referrer', 'referrerPolicy', 'mode', 'credentials',
+  'cache', 'integrity', 'keepalive', 'signal', 'window', 'duplex', 'priority', 'dispatcher',
+] as const;
+
+/**
+ * fetch reads each init member by property access (WebIDL), so a member a getter holds counts:
+ * a Request passed as the init (`fetch(url, request)`), a class instance. A spread sees own
+ * properties only: such a POST was taken for a GET and went out once, with no key.
+ */
+function readInheritedMembers(init: RequestInit, into: Record<string, unknown>): void {
+  for (const name of REQUEST_INIT_MEMBERS) {
+    if (Object.hasOwn(into, name)) continue;
+    const value: unknown = Reflect.get(init, name);
+    if (value !== undefined) into[name] = value;
+  }
 }
 
 /**

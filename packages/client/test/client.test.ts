@@ -68,6 +68,39 @@ describe('createIdempotentFetch against a real @idemkit/fastify server', () => {
     expect(new Set(attempts.map((a) => a.key)).size).toBe(1);
   });
 
+  // Was: the init was read with a spread, which sees own properties only. A Request passed as the
+  // init (`fetch(url, request)`, common in proxies) or a class with getters was taken for a GET:
+  // its POST went out once, without a key, and a lost answer was never retried.
+  it('a POST whose init is a Request or holds its members in getters gets a key and is retried with it', async () => {
+    class CheckoutInit {
+      get method(): string {
+        return 'POST';
+      }
+      get headers(): Record<string, string> {
+        return { 'content-type': 'application/json' };
+      }
+      get body(): string {
+        return JSON.stringify({ item: 'pen' });
+      }
+    }
+    const s = await server();
+    const proxy = await startLossyProxy(s.url, (n) => n % 2 === 1); // every first attempt's answer is lost
+    open.push(proxy);
+    const inits: Array<[string, () => RequestInit]> = [
+      ['a Request', () => new Request('http://unused.invalid/', json({ item: 'pen' }))],
+      ['a class instance', () => new CheckoutInit()],
+    ];
+    for (const [label, init] of inits) {
+      const { attempts, onAttempt } = recorder();
+      const res = await createIdempotentFetch({ ...fast, onAttempt })(`${proxy.url}/orders`, init());
+      expect(res.status, label).toBe(201);
+      expect(res.headers.get('idempotent-replayed'), label).toBe('true');
+      expect(attempts.map((a) => a.status ?? 'network-error'), label).toEqual(['network-error', 201]);
+      expect(new Set(attempts.map((a) => a.key)).size, label).toBe(1);
+    }
+    expect(s.runs.get('orders')).toBe(2);
+  });
+
   it('409 while the first still runs: retries until the replay arrives (a double click makes one order)', async () => {
     const s = await server();
     const key = 'double-click-1';
