@@ -14,6 +14,9 @@ it('README quick start runs as written: one charge, byte-identical replay, 422 o
     const pay = (amount: unknown): Promise<Response> =>
       fetch(`${server.url}/payments`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': '51c0a2d9' }, body: JSON.stringify({ amount }) });
     expect((await pay('42')).status).toBe(400);
+    // A POST without a body (Express 5 leaves req.body undefined) is the same 400, not a 500.
+    const empty = await fetch(`${server.url}/payments`, { method: 'POST', headers: { 'idempotency-key': 'no-body' } });
+    expect(empty.status).toBe(400);
     const fixed = await pay(42);
     expect(fixed.status).toBe(201);
     expect(await fixed.text()).toBe('{"id":"pay_2","amount":42}');
