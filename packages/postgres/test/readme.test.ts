@@ -96,6 +96,7 @@ it('quick start runs: first request runs, the retry replays', async () => {
   }
   const retry = await engine.decide(request);
   console.log(retry.kind); // 'replay': the stored 201 and its body, byte for byte
+  // At shutdown: await pool.end(). The store never ends your pool (until then the process stays up).
   // #endregion quick-start
   expect(log).toHaveBeenCalledWith('replay');
   log.mockRestore();
