@@ -31,9 +31,15 @@ function prepare(value: unknown): unknown {
   }
   if (ArrayBuffer.isView(value) || value instanceof ArrayBuffer) return `bytes:sha256:${createHash('sha256').update(bytesOf(value)).digest('base64url')}`;
   if (value instanceof Map || value instanceof Set) return tagged(value);
+  // Function arguments (`idempotent()`) only, like Maps: JSON writes each of these as `{}`, so a
+  // form-encoded webhook passed on as URLSearchParams replayed the first one's result to every other.
+  if (value instanceof URLSearchParams || value instanceof Headers) return new Tagged(value.constructor.name, value, [...value]);
   if (value !== null && typeof value === 'object' && typeof (value as { toJSON?: unknown }).toJSON === 'function') {
     return (value as { toJSON(): unknown }).toJSON();
   }
+  if (value instanceof Error) return new Tagged('Error', value, [value.name, value.message, { ...value }]);
+  if (value instanceof RegExp) return new Tagged('RegExp', value, [value.source, value.flags]);
+  refuseOpaque(value);
   // A boxed primitive, unwrapped as JSON.stringify unwraps it: written as an object, every
   // `new Number(n)` was `{}`, so a job called with 100 and then 200 (boxed) replayed the first result.
   if (value instanceof Number || value instanceof String || value instanceof Boolean || value instanceof BigInt) return value.valueOf();
@@ -47,11 +53,32 @@ function prepare(value: unknown): unknown {
  */
 class Tagged {
   constructor(
-    readonly tag: 'Map' | 'Set',
+    readonly tag: string,
     readonly source: object,
     readonly items: unknown[],
   ) {}
 }
+
+/**
+ * Values whose data JSON cannot see and no synchronous code can read (a Blob's bytes), or that
+ * are a mistake (a Promise: a missing `await`): written as `{}`, two different ones fingerprinted
+ * alike and the second was replayed the first's answer.
+ */
+function refuseOpaque(value: object): void {
+  const opaque =
+    typeof (value as { then?: unknown }).then === 'function'
+      ? 'a Promise (a missing `await`?)'
+      : value instanceof WeakMap || value instanceof WeakSet || value instanceof WeakRef || value instanceof Blob || OPAQUE_WEB.some((type) => value instanceof type)
+        ? `${/^[AEIOU]/.test(value.constructor.name) ? 'an' : 'a'} ${value.constructor.name}`
+        : null;
+  if (opaque !== null) throw new TypeError(`[idemkit] Cannot fingerprint ${opaque}: JSON sees none of its data, so any two would look alike.`);
+}
+
+/** The web classes holding data JSON cannot see, those this runtime has (Node 20 has all three). */
+const OPAQUE_WEB: ReadonlyArray<abstract new (...args: never[]) => object> = ['FormData', 'Request', 'Response'].flatMap((name) => {
+  const type = (globalThis as Record<string, unknown>)[name];
+  return typeof type === 'function' ? [type as abstract new (...args: never[]) => object] : [];
+});
 
 /** Maps and Sets being written (for their sort), to refuse one that contains itself. */
 const writing = new WeakSet<object>();

@@ -261,9 +261,12 @@ function jobCaller<Args extends unknown[], R>(
       decision = await engine.decide(input, args);
     } catch (error) {
       // The default fingerprint's error speaks of a request body; a job's caller passed arguments.
-      if (fingerprint === undefined && error instanceof TypeError && error.message.includes('contains itself')) {
+      if (fingerprint === undefined && error instanceof TypeError && error.message.startsWith('[idemkit] Cannot fingerprint')) {
+        const why = error.message.includes('contains itself')
+          ? 'they contain themselves (a request, a driver client or a logger, say)'
+          : `they hold ${/^\[idemkit\] Cannot fingerprint (.*?):/.exec(error.message)?.[1] ?? 'a value'}, whose data JSON cannot see`;
         throw new TypeError(
-          `[idemkit] ${wrapper}(): the arguments of "${name}" cannot be fingerprinted: they contain themselves (a request, a driver client or a logger, say), so fn was not run. ` +
+          `[idemkit] ${wrapper}(): the arguments of "${name}" cannot be fingerprinted: ${why}, so fn was not run. ` +
             'Pass `fingerprint` with what identifies the work, e.g. `(msg) => msg.id`.',
           { cause: error },
         );

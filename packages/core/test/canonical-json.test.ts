@@ -73,6 +73,41 @@ describe('canonical JSON', () => {
     );
   });
 
+  it('writes URLSearchParams, Headers, an Error and a RegExp by their contents (each was {}), at any depth', () => {
+    const deep = (v: unknown): unknown => Array.from({ length: 100 }).reduce<unknown>((inner) => [inner], v);
+    const pairs: Array<[unknown, unknown]> = [
+      [new URLSearchParams('a=1&b=2'), new URLSearchParams('a=1&b=3')],
+      [new Headers({ 'x-event': 'paid' }), new Headers({ 'x-event': 'refunded' })],
+      [new Error('card declined'), new Error('card expired')],
+      [Object.assign(new Error('declined'), { code: 'E1' }), Object.assign(new Error('declined'), { code: 'E2' })],
+      [/a/, /a/i],
+    ];
+    for (const [a, b] of pairs) {
+      expect(canonicalJson({ v: a })).not.toBe(canonicalJson({ v: b }));
+      expect(canonicalJson(deep(a))).not.toBe(canonicalJson(deep(b)));
+      expect(canonicalJson({ v: a })).toBe(canonicalJson({ v: a }));
+    }
+    expect(canonicalJson(new URLSearchParams('b=2&a=1'))).toBe('URLSearchParams[["b","2"],["a","1"]]');
+    expect(canonicalJson(new Error('x'))).toBe('Error["Error","x",{}]');
+    // Never the text of a JSON value: a string argument cannot pass for one.
+    expect(canonicalJson('a=1')).not.toBe(canonicalJson(new URLSearchParams('a=1')));
+  });
+
+  it('refuses a Blob, FormData, Request, Response, WeakMap or a Promise, whose data JSON cannot see (each was {})', () => {
+    const opaque: Array<[unknown, RegExp]> = [
+      [new Blob(['a']), /Cannot fingerprint a Blob/],
+      [new FormData(), /Cannot fingerprint a FormData/],
+      [new Request('http://x.example/'), /Cannot fingerprint a Request/],
+      [new Response('a'), /Cannot fingerprint a Response/],
+      [new WeakMap(), /Cannot fingerprint a WeakMap/],
+      [Promise.resolve(1), /Cannot fingerprint a Promise \(a missing `await`\?\)/],
+    ];
+    for (const [value, message] of opaque) {
+      expect(() => canonicalJson({ v: value })).toThrow(message);
+      expect(() => canonicalJson(Array.from({ length: 100 }).reduce<unknown>((inner) => [inner], value))).toThrow(message);
+    }
+  });
+
   it('writes a Map or Set by its contents (JSON.stringify gives {} for every one), as no JSON value can be written', () => {
     // Before: both were '{}', so idempotent() replayed one Map argument's result for another.
     expect(canonicalJson({ m: new Map([['a', 1]]) })).toBe('{"m":Map[["a",1]]}');

@@ -95,6 +95,24 @@ describe('idempotent(fn)', () => {
     expect(runs).toBe(1);
   });
 
+  it('tells apart form-encoded webhooks passed as URLSearchParams, and refuses arguments it cannot see into', async () => {
+    let runs = 0;
+    const handle = idempotent(async (_id: string, form: URLSearchParams) => `${++runs}:${form.get('Body')}`, {
+      store: createMemoryStore(),
+      name: 'sms',
+      key: (id) => id,
+    });
+    expect(await handle('SM1', new URLSearchParams('Body=yes'))).toBe('1:yes');
+    // Before: every URLSearchParams fingerprinted as {}, so this replayed '1:yes'.
+    await expect(handle('SM1', new URLSearchParams('Body=no'))).rejects.toBeInstanceOf(FingerprintMismatchError);
+    expect(await handle('SM1', new URLSearchParams('Body=yes'))).toBe('1:yes');
+    const upload = idempotent(async (_id: string, _file: Blob) => ++runs, { store: createMemoryStore(), name: 'upload', key: (id) => id, logger: false });
+    await expect(upload('f1', new Blob(['a']))).rejects.toThrow(
+      '[idemkit] idempotent(): the arguments of "upload" cannot be fingerprinted: they hold a Blob, whose data JSON cannot see, so fn was not run. Pass `fingerprint` with what identifies the work, e.g. `(msg) => msg.id`.',
+    );
+    expect(runs).toBe(1);
+  });
+
   it('supports undefined results, custom serialisation, scope, custom and disabled fingerprints', async () => {
     const store = createMemoryStore();
     let n = 0;
