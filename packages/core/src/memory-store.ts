@@ -42,6 +42,12 @@ export class MemoryStore implements IdempotencyStore {
   // this process can read the store anyway). A counter is cheaper than a random UUID per begin.
   readonly #tokenPrefix = `${randomUUID()}:`;
   #tokenSeq = 0;
+  /**
+   * Set by close(): every later call rejects, as a closed Redis store's does. Before, close() only
+   * emptied the map and the store went on: a duplicate waiting on a running call claimed the
+   * emptied key at its next look and ran fn beside it.
+   */
+  #closed = false;
 
   constructor(options: MemoryStoreOptions = {}) {
     const unknown = Object.keys(options).filter((name) => name !== 'maxEntries' && name !== 'now');
@@ -61,6 +67,7 @@ export class MemoryStore implements IdempotencyStore {
   }
 
   async begin(key: string, fingerprint: string | null, leaseMs: number): Promise<BeginResult> {
+    this.#open();
     const now = this.#now();
     const existing = this.#entries.get(key);
     if (existing && existing.expiresAt > now) {
@@ -88,6 +95,7 @@ export class MemoryStore implements IdempotencyStore {
   }
 
   async complete(key: string, token: LeaseToken, response: StoredResponse, ttlMs: number): Promise<boolean> {
+    this.#open();
     const now = this.#now();
     const entry = this.#held(key, token, now);
     if (!entry) return false;
@@ -99,11 +107,13 @@ export class MemoryStore implements IdempotencyStore {
   }
 
   async release(key: string, token: LeaseToken): Promise<boolean> {
+    this.#open();
     if (!this.#held(key, token, this.#now())) return false;
     return this.#entries.delete(key);
   }
 
   async renew(key: string, token: LeaseToken, leaseMs: number): Promise<boolean> {
+    this.#open();
     const now = this.#now();
     const entry = this.#held(key, token, now);
     if (!entry) return false;
@@ -113,6 +123,7 @@ export class MemoryStore implements IdempotencyStore {
   }
 
   async get(key: string): Promise<IdempotencyRecord | undefined> {
+    this.#open();
     const entry = this.#entries.get(key);
     if (!entry) return undefined;
     if (entry.expiresAt <= this.#now()) {
@@ -124,6 +135,7 @@ export class MemoryStore implements IdempotencyStore {
   }
 
   async purgeExpired(limit = 1000): Promise<number> {
+    this.#open();
     const now = this.#now();
     let removed = 0;
     for (const [key, entry] of this.#entries) {
@@ -137,7 +149,12 @@ export class MemoryStore implements IdempotencyStore {
   }
 
   async close(): Promise<void> {
+    this.#closed = true;
     this.#entries.clear();
+  }
+
+  #open(): void {
+    if (this.#closed) throw new Error('[idemkit] [memory] The store is closed.');
   }
 
   /** The entry if `token` holds a live lease on it. */

@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { createMemoryStore, MemoryStoreFullError, startPurger, type LeaseToken } from '../src/index.js';
+import { createMemoryStore, idempotent, MemoryStoreFullError, startPurger, type LeaseToken } from '../src/index.js';
 
 const resp = { status: 200, headers: [] as Array<[string, string]>, body: new Uint8Array([1]) };
 
@@ -78,6 +78,34 @@ describe('MemoryStore specifics', () => {
     body[0] = 9;
     expect([...((await store.get('k'))?.response?.body ?? [])]).toEqual([1, 2, 3]);
     expect(await store.release('k', 'bogus' as LeaseToken)).toBe(false);
+  });
+
+  it('once closed, rejects every call; a duplicate waiting on a running job never runs it beside the first', async () => {
+    const store = createMemoryStore();
+    let runs = 0;
+    let finish!: () => void;
+    const job = idempotent(
+      async (_id: string) => {
+        runs++;
+        await new Promise<void>((resolve) => (finish = resolve));
+        return { run: runs };
+      },
+      { store, name: 'c', key: (id) => id, logger: false },
+    );
+    const first = job('e1');
+    await vi.waitFor(() => expect(runs).toBe(1));
+    const duplicate = job('e1'); // waits on the running call (concurrency 'wait')
+    await store.close(); // a SIGTERM handler that did not wait for running calls
+    // Before: close() emptied the map and the store went on, so the duplicate's next look claimed
+    // the key and ran fn a second time while the first was still at work.
+    await expect(duplicate).rejects.toMatchObject({ code: 'ERR_IDEMKIT_STORE_UNAVAILABLE' });
+    finish();
+    expect(await first).toEqual({ run: 1 }); // fn's result is the truth, though it was not stored
+    expect(runs).toBe(1);
+    for (const call of [store.begin('k', null, 1_000), store.get('k'), store.complete('k', 't' as LeaseToken, { status: 200, headers: [], body: new Uint8Array() }, 1_000), store.renew('k', 't' as LeaseToken, 1_000), store.release('k', 't' as LeaseToken), store.purgeExpired()]) {
+      await expect(call).rejects.toThrow('[idemkit] [memory] The store is closed.');
+    }
+    await expect(store.close()).resolves.toBeUndefined();
   });
 
   it('rejects a bad maxEntries or clock, and warns about an option it does not know', () => {
