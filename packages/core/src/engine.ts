@@ -137,7 +137,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
   async #customKey(input: IncomingRequest, req: Req): Promise<KeyLookup> {
     const key = await this.options.getKey!(req, input);
     if (key === undefined || key === null) return { ok: 'none' };
-    if (typeof key !== 'string') return { ok: false, reason: 'The key must be a string.' };
+    if (typeof key !== 'string') return { ok: false, reason: NOT_A_STRING };
     return this.#checked(validateKey(key));
   }
 
@@ -336,7 +336,7 @@ class Engine<Req> implements IdempotencyEngine<Req> {
       new StoreUnavailableError(
         'ERR_IDEMKIT_STORE_UNAVAILABLE',
         503,
-        'The idempotency store is unavailable, so the request was not run. Retry with the same key.',
+        STORE_DOWN_TEXT,
         { cause: error },
       ),
     );
@@ -372,3 +372,9 @@ function checkedText(value: unknown, option: 'scope' | 'fingerprint', expected: 
 /** A lone surrogate (UTF-8 turns it into U+FFFD) or U+0000 (Postgres text refuses it). */
 // eslint-disable-next-line no-control-regex -- NUL is exactly what this looks for.
 export const NOT_STORABLE_TEXT = /\p{Surrogate}|\u0000/u;
+
+/** The 503 a store failure before the handler gives; `idempotent()` says it for a call instead. */
+export const STORE_DOWN_TEXT = 'The idempotency store is unavailable, so the request was not run. Retry with the same key.';
+
+/** A custom `getKey` that returned something other than a string. */
+export const NOT_A_STRING = 'The key must be a string.';

@@ -1,4 +1,4 @@
-import { createJobEngine, NOT_STORABLE_TEXT } from './engine.js';
+import { createJobEngine, NOT_A_STRING, NOT_STORABLE_TEXT, STORE_DOWN_TEXT } from './engine.js';
 import { JOB_RESULT_HEADER } from './headers.js';
 import { RunningLease } from './lease.js';
 import { ConfigurationError, FingerprintMismatchError, KeyError, requestInProgress, ResponseNotReplayableError, StoreUnavailableError, TransactionAbortedError } from './errors.js';
@@ -235,7 +235,15 @@ function jobCaller<Args extends unknown[], R>(
       return new KeyError('ERR_IDEMKIT_KEY_MISSING', 400, `\`key\` returned no key (undefined or null) for this call of "${name}", so fn was not run.`);
     }
     if (code === 'ERR_IDEMKIT_KEY_INVALID') {
-      return new KeyError('ERR_IDEMKIT_KEY_INVALID', 400, `\`key\` returned an unusable key for this call of "${name}", so fn was not run: ${error.message}`);
+      // `keyText` has already turned a finite number or a bigint into text: say so, not "a string".
+      const reason = error.message === NOT_A_STRING ? 'The key must be a string, a finite number or a bigint.' : error.message;
+      return new KeyError('ERR_IDEMKIT_KEY_INVALID', 400, `\`key\` returned an unusable key for this call of "${name}", so fn was not run: ${reason}`);
+    }
+    // The store failed before fn ran (a begin or a wait that could not reach it): said for a call.
+    if (code === 'ERR_IDEMKIT_STORE_UNAVAILABLE' && error.message === STORE_DOWN_TEXT) {
+      return new StoreUnavailableError('ERR_IDEMKIT_STORE_UNAVAILABLE', 503, `The idempotency store is unavailable, so fn was not run for this call of "${name}". Retry the call (redeliver the message) with the same key.`, {
+        cause: error.cause,
+      });
     }
     if (code !== 'ERR_IDEMKIT_REQUEST_IN_PROGRESS') return error;
     const retryAfter = (error as { extensions?: { retryAfter?: unknown } }).extensions?.retryAfter;

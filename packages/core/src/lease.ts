@@ -696,6 +696,14 @@ export class RunningLease implements Lease {
 
   #lost(operation: 'complete' | 'renew' | 'release'): void {
     this.host.emit({ type: 'lease-lost', key: this.key, operation });
+    if (operation === 'renew') {
+      // Nothing is late yet: the handler is still at work, and another may now run beside it.
+      this.host.options.logger?.warn(
+        `[idemkit] Lease for key "${this.key}" was lost while its handler was still running (a renewal was refused): it had run out, and another process may take the key over ` +
+          'and run it again meanwhile (or the store lost the record). Its answer will be refused when it ends, and nothing will be overwritten.',
+      );
+      return;
+    }
     this.host.options.logger?.warn(
       // The store only says "not yours": the lease ran out (a stall, a slow handler whose renewals
       // failed), then maybe another process took the key over, or the record vanished (a store

@@ -361,6 +361,20 @@ describe('SPEC §2 through the engine', () => {
     expect(await lease.commit(response())).toBe(true);
   });
 
+  it('a refused renewal warns that the handler is still running and may be run again beside it', async () => {
+    const store = createMemoryStore();
+    store.renew = () => Promise.resolve(false); // the record is gone (a store restarted without persistence)
+    const warn = vi.fn();
+    const events: string[] = [];
+    const engine = createIdempotencyEngine({ store, leaseMs: 300, logger: { warn, error: vi.fn() }, onEvent: (e) => void events.push(e.type) });
+    const lease = expectRun(await engine.decide(request({ key: 'renew-refused' })));
+    await vi.waitFor(() => expect(events).toContain('lease-lost'), { timeout: 2_000 });
+    // Before: "was lost before renew ... the late result was refused", though no result existed yet.
+    expect(warn).toHaveBeenCalledWith(expect.stringContaining('Lease for key "renew-refused" was lost while its handler was still running (a renewal was refused)'));
+    expect(warn).not.toHaveBeenCalledWith(expect.stringContaining('late result was refused'));
+    await lease.abandon('handler-threw');
+  });
+
   it('renews every lease still running while others of the same engine settle in any order', async () => {
     const { engine } = setup({ leaseMs: 300 });
     const keys = ['a', 'b', 'c', 'd', 'e', 'f'];

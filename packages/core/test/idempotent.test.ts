@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { ConfigurationError, createIdempotencyEngine, createMemoryStore, FingerprintMismatchError, idempotent, idempotentTransaction, RequestInProgressError, ResponseNotReplayableError, scopedKey, type IdempotencyStore } from '../src/index.js';
+import { ConfigurationError, createIdempotencyEngine, createMemoryStore, FingerprintMismatchError, idempotent, idempotentTransaction, RequestInProgressError, ResponseNotReplayableError, scopedKey, StoreUnavailableError, type IdempotencyStore } from '../src/index.js';
 
 describe('idempotent(fn)', () => {
   it('runs fn once for 100 concurrent calls with one key and gives all of them the same result', async () => {
@@ -346,12 +346,29 @@ describe('idempotent(fn)', () => {
       code: 'ERR_IDEMKIT_KEY_INVALID',
       message: '`key` returned an unusable key for this call of "job", so fn was not run: The key is empty.',
     });
-    // Before: 'The key must be a string.', with no word of which job or what it got.
-    await expect(job({ id: { nested: 1 } as unknown as string })).rejects.toMatchObject({
-      code: 'ERR_IDEMKIT_KEY_INVALID',
-      message: '`key` returned an unusable key for this call of "job", so fn was not run: The key must be a string.',
+    // Before: 'The key must be a string.', with no word of which job or what it got (and numbers are taken).
+    for (const id of [{ nested: 1 }, Number.NaN, true]) {
+      await expect(job({ id: id as unknown as string })).rejects.toMatchObject({
+        code: 'ERR_IDEMKIT_KEY_INVALID',
+        message: '`key` returned an unusable key for this call of "job", so fn was not run: The key must be a string, a finite number or a bigint.',
+      });
+    }
+    expect(runs).toBe(0);
+  });
+
+  it('a store that fails before fn runs is said for the call, not for a request', async () => {
+    const store = createMemoryStore();
+    store.begin = () => Promise.reject(new Error('connection refused'));
+    let runs = 0;
+    const job = idempotent(async (_id: string) => ++runs, { store, name: 'charge', key: (id) => id, logger: false });
+    const error = await job('o1').catch((e: unknown) => e);
+    // Before: 'The idempotency store is unavailable, so the request was not run. Retry with the same key.'
+    expect(error).toBeInstanceOf(StoreUnavailableError);
+    expect(error).toMatchObject({
+      code: 'ERR_IDEMKIT_STORE_UNAVAILABLE',
+      message: 'The idempotency store is unavailable, so fn was not run for this call of "charge". Retry the call (redeliver the message) with the same key.',
     });
-    await expect(job({ id: Number.NaN as unknown as string })).rejects.toMatchObject({ code: 'ERR_IDEMKIT_KEY_INVALID' });
+    expect((error as Error).cause).toMatchObject({ message: 'connection refused' });
     expect(runs).toBe(0);
   });
 
