@@ -33,7 +33,7 @@ function prepare(value: unknown): unknown {
   if (value instanceof Map || value instanceof Set) return tagged(value);
   // Function arguments (`idempotent()`) only, like Maps: JSON writes each of these as `{}`, so a
   // form-encoded webhook passed on as URLSearchParams replayed the first one's result to every other.
-  if (value instanceof URLSearchParams || value instanceof Headers) return new Tagged(value.constructor.name, value, [...value]);
+  if (value instanceof URLSearchParams || (HEADERS !== undefined && value instanceof HEADERS)) return new Tagged(value.constructor.name, value, [...(value as Iterable<unknown>)]);
   if (value !== null && typeof value === 'object' && typeof (value as { toJSON?: unknown }).toJSON === 'function') {
     return (value as { toJSON(): unknown }).toJSON();
   }
@@ -74,11 +74,14 @@ function refuseOpaque(value: object): void {
   if (opaque !== null) throw new TypeError(`[idemkit] Cannot fingerprint ${opaque}: JSON sees none of its data, so any two would look alike.`);
 }
 
-/** The web classes holding data JSON cannot see, those this runtime has (Node 20 has all three). */
-const OPAQUE_WEB: ReadonlyArray<abstract new (...args: never[]) => object> = ['FormData', 'Request', 'Response'].flatMap((name) => {
+/** fetch()'s classes, those this runtime has: `node --no-experimental-fetch` leaves them out. */
+function webClass(name: string): Array<abstract new (...args: never[]) => object> {
   const type = (globalThis as Record<string, unknown>)[name];
   return typeof type === 'function' ? [type as abstract new (...args: never[]) => object] : [];
-});
+}
+const HEADERS = webClass('Headers')[0];
+/** The web classes holding data JSON cannot see. */
+const OPAQUE_WEB = ['FormData', 'Request', 'Response'].flatMap(webClass);
 
 /** Maps and Sets being written (for their sort), to refuse one that contains itself. */
 const writing = new WeakSet<object>();
