@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { configure } from 'safe-stable-stringify';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { canonicalJson, quote } from '../src/canonical-json.js';
 import { defaultFingerprint } from '../src/index.js';
 
@@ -91,6 +91,20 @@ describe('canonical JSON', () => {
     expect(canonicalJson(new Error('x'))).toBe('Error["Error","x",{}]');
     // Never the text of a JSON value: a string argument cannot pass for one.
     expect(canonicalJson('a=1')).not.toBe(canonicalJson(new URLSearchParams('a=1')));
+  });
+
+  it("fingerprints where fetch()'s classes are missing (node --no-experimental-fetch)", async () => {
+    const saved = globalThis.Headers;
+    Reflect.deleteProperty(globalThis, 'Headers');
+    try {
+      vi.resetModules();
+      const fresh = await import('../src/canonical-json.js');
+      // Before: a bare `Headers` reference threw a ReferenceError on every object that is not plain.
+      expect(fresh.canonicalJson({ a: new URLSearchParams('a=1'), b: new (class { x = 1 })() })).toBe('{"a":URLSearchParams[["a","1"]],"b":{"x":1}}');
+    } finally {
+      globalThis.Headers = saved;
+      vi.resetModules();
+    }
   });
 
   it('refuses a Blob, FormData, Request, Response, WeakMap or a Promise, whose data JSON cannot see (each was {})', () => {
