@@ -1,5 +1,5 @@
 import { expect } from 'vitest';
-import { LONG_MS, acquire, clause, expectNear, mustGet, textResponse, useStore, type SuiteContext } from './context.js';
+import { LONG_MS, acquire, clause, expectNear, mustGet, snapshot, textResponse, useStore, type SuiteContext } from './context.js';
 
 /** SPEC §3 begin: claim a new key, or report the live record. */
 export function beginSuite(ctx: SuiteContext): void {
@@ -87,6 +87,23 @@ export function beginSuite(ctx: SuiteContext): void {
     const longer = await store().begin(key, 'fp-third', 3 * LONG_MS);
     expect(longer.kind === 'existing' && longer.leaseRemainingMs).toBeLessThanOrEqual(LONG_MS);
     expect((await mustGet(store(), key)).leaseExpiresAt).toBe(stored.leaseExpiresAt);
+  });
+
+  // A replaying begin that wrote the caller's fingerprint over the first one (found by mutation
+  // testing the suite): the next retry with the first body would get 422 for its own request.
+  clause('a begin that finds the record changes nothing, in progress or completed: not its fingerprint, not its lease or TTL', async () => {
+    const key = ctx.key('begin-read-only');
+    const token = await acquire(store(), key, LONG_MS, 'fp-first');
+    const running = snapshot(await store().get(key));
+    expect((await store().begin(key, 'fp-other', 3 * LONG_MS)).kind).toBe('existing');
+    expect(snapshot(await store().get(key))).toEqual(running);
+    expect(await store().complete(key, token, textResponse('done'), LONG_MS)).toBe(true);
+    const done = snapshot(await store().get(key));
+    for (let i = 0; i < 2; i++) {
+      const replay = await store().begin(key, 'fp-other', 3 * LONG_MS);
+      expect(replay.kind === 'existing' && replay.record.fingerprint).toBe('fp-first');
+      expect(snapshot(await store().get(key))).toEqual(done);
+    }
   });
 
   clause('get() on an unknown key is undefined', async () => {

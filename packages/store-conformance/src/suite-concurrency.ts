@@ -5,6 +5,7 @@ import {
   SHORT_MS,
   acquire,
   clause,
+  expectNear,
   expectSameResponse,
   mustGet,
   textResponse,
@@ -143,6 +144,35 @@ export function concurrencySuite(ctx: SuiteContext): void {
         const record = await store().get(keys[i]!);
         if (completed) expectSameResponse(record?.response, response);
         else expect(record).toBeUndefined();
+      }),
+    );
+  });
+
+  // The engine's renewal clock can have a renewal in flight while the answer is stored. A renew
+  // that checked the token, then wrote the lease end over whatever was there, cut the completed
+  // record's TTL to a lease (found by mutation testing the suite).
+  clause('renew racing complete with the same token: the completed record keeps its TTL, per key', async () => {
+    const keys = Array.from({ length: 20 }, () => ctx.key('race-renew-complete'));
+    const tokens = await Promise.all(keys.map((key) => acquire(store(), key, LONG_MS)));
+    const ttlMs = 3 * LONG_MS; // far from the renewed lease end (LONG_MS from now)
+    const before = Date.now();
+    const outcomes = await Promise.all(
+      keys.map(async (key, i) => {
+        const renew = (): Promise<boolean> => store().renew(key, tokens[i]!, LONG_MS);
+        const complete = (): Promise<boolean> => store().complete(key, tokens[i]!, textResponse('done'), ttlMs);
+        // Both orders of sending, so neither call is always the first to reach the store.
+        if (i % 2 === 0) return (await Promise.all([renew(), complete()]))[1];
+        return (await Promise.all([complete(), renew()]))[0];
+      }),
+    );
+    await Promise.all(
+      outcomes.map(async (completedOk, i) => {
+        expect(completedOk).toBe(true);
+        const record = await mustGet(store(), keys[i]!);
+        expect(record.state).toBe('completed');
+        expect(record.leaseExpiresAt).toBeNull();
+        expectNear(record.expiresAt, before + ttlMs);
+        expect(await store().renew(keys[i]!, tokens[i]!, LONG_MS)).toBe(false);
       }),
     );
   });

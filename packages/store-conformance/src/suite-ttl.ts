@@ -5,6 +5,7 @@ import {
   SHORT_MS,
   acquire,
   clause,
+  expectNear,
   expectSameResponse,
   mustGet,
   textResponse,
@@ -33,6 +34,20 @@ export function ttlSuite(ctx: SuiteContext): void {
     const record = await mustGet(store(), key);
     expect(record.state).toBe('in_progress');
     expect(record.response).toBeNull();
+  });
+
+  clause('a key acquired after its completed record expired is a new record: created now, with the new fingerprint', async () => {
+    const key = ctx.key('ttl-new-record');
+    const token = await acquire(store(), key, LONG_MS, 'fp-old');
+    expect(await store().complete(key, token, textResponse('old'), SHORT_MS)).toBe(true);
+    const old = await mustGet(store(), key);
+    await waitForExpiry(store(), ctx);
+    const before = Date.now();
+    expect((await store().begin(key, 'fp-new', LONG_MS)).kind).toBe('acquired');
+    const record = await mustGet(store(), key);
+    expect(record.createdAt).toBeGreaterThan(old.createdAt);
+    expectNear(record.createdAt, before);
+    expect(record.fingerprint).toBe('fp-new');
   });
 
   // A job key reused on a short TTL (a dedupe window): every round after an expiry is a fresh
