@@ -37,7 +37,7 @@ function prepare(value: unknown): unknown {
   if (value !== null && typeof value === 'object' && typeof (value as { toJSON?: unknown }).toJSON === 'function') {
     return (value as { toJSON(): unknown }).toJSON();
   }
-  if (value instanceof Error) return new Tagged('Error', value, [value.name, value.message, { ...value }]);
+  if (value instanceof Error) return new Tagged('Error', value, errorParts(value));
   if (value instanceof RegExp) return new Tagged('RegExp', value, [value.source, value.flags]);
   refuseOpaque(value);
   // A boxed primitive, unwrapped as JSON.stringify unwraps it: written as an object, every
@@ -57,6 +57,14 @@ class Tagged {
     readonly source: object,
     readonly items: unknown[],
   ) {}
+}
+
+/** An Error's name, message and enumerable fields, then its `cause` and an AggregateError's `errors` (own, not enumerable). */
+function errorParts(error: Error): unknown[] {
+  const parts: unknown[] = [error.name, error.message, { ...error }];
+  if (Object.hasOwn(error, 'cause')) parts.push('cause', error.cause);
+  if (error instanceof AggregateError) parts.push('errors', error.errors);
+  return parts;
 }
 
 /**

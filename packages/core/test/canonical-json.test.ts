@@ -80,6 +80,9 @@ describe('canonical JSON', () => {
       [new Headers({ 'x-event': 'paid' }), new Headers({ 'x-event': 'refunded' })],
       [new Error('card declined'), new Error('card expired')],
       [Object.assign(new Error('declined'), { code: 'E1' }), Object.assign(new Error('declined'), { code: 'E2' })],
+      [new Error('declined', { cause: 'limit' }), new Error('declined', { cause: 'fraud' })],
+      [new Error('declined', { cause: undefined }), new Error('declined')],
+      [new AggregateError([1], 'several'), new AggregateError([2], 'several')],
       [/a/, /a/i],
     ];
     for (const [a, b] of pairs) {
