@@ -147,6 +147,12 @@ describe('an upload with a chunk missing', () => {
     const { client, prefix, store, token, upload } = await claimed('redis_upload_resent');
     for (const n of [0, 1, 1, 2, 2]) expect(await client.eval(STAGE, 1, upload, n * CHUNK, chunk(n), 60_000)).toBe(1);
     expect(await client.eval(COMPLETE_STAGED, 2, prefix + 'k', upload, token, 60_000, 200, '[]', body.byteLength)).toBe(1);
+    // The completion itself re-sent (its reply lost), its chunks answered before: the first send
+    // took the upload, so the body's length stands in for it. Another length or status is refused.
+    expect(await client.exists(upload)).toBe(0);
+    expect(await client.eval(COMPLETE_STAGED, 2, prefix + 'k', upload, token, 60_000, 200, '[]', body.byteLength)).toBe(1);
+    expect(await client.eval(COMPLETE_STAGED, 2, prefix + 'k', upload, token, 60_000, 200, '[]', body.byteLength - 1)).toBe(0);
+    expect(await client.eval(COMPLETE_STAGED, 2, prefix + 'k', upload, token, 60_000, 410, '[]', body.byteLength)).toBe(0);
     const stored = await store.get('k');
     expect(stored?.state).toBe('completed');
     expect(Buffer.from(stored?.response?.body ?? new Uint8Array()).equals(body)).toBe(true);
