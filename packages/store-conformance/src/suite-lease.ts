@@ -32,6 +32,35 @@ export function leaseSuite(ctx: SuiteContext): void {
     expect(next.kind === 'acquired' && next.tookOver).toBe(true);
   });
 
+  // The clause above measures by this process's clock, with PROMPT_MS of slack for the store's: a
+  // store that kept records a second past their end (a "grace" in its checks) passed it (found by
+  // mutation testing the suite). Here the store's own clock is read, through a probe record's
+  // createdAt taken just before each read, so no slack is needed.
+  clause("a lease and a TTL end at the record's own expiresAt by the store's clock: no grace period", async () => {
+    const lease = ctx.key('no-grace-lease');
+    await acquire(store(), lease, SHORT_MS);
+    const done = ctx.key('no-grace-done');
+    const token = await acquire(store(), done, LONG_MS);
+    expect(await store().complete(done, token, textResponse('short'), SHORT_MS)).toBe(true);
+    const ends = new Map([
+      [lease, (await mustGet(store(), lease)).expiresAt],
+      [done, (await mustGet(store(), done)).expiresAt],
+    ]);
+    const late: string[] = [];
+    // Collected, not expected inside waitFor: it would retry a violation away until the grace ran out.
+    await vi.waitFor(async () => {
+      const probe = ctx.key('no-grace-probe');
+      await acquire(store(), probe, SHORT_MS);
+      const storeNow = (await mustGet(store(), probe)).createdAt;
+      for (const [key, end] of [...ends]) {
+        if ((await store().get(key)) === undefined) ends.delete(key);
+        else if (storeNow > end) late.push(`${key} still live ${storeNow - end} ms after its expiresAt`);
+      }
+      expect(ends.size).toBe(0);
+    }, WAIT);
+    expect(late).toEqual([]);
+  });
+
   clause('a lease that ran out is over even before anyone takes over: its holder can neither renew nor complete it', async () => {
     const key = ctx.key('lease-lapsed');
     const lapsed = await acquire(store(), key, SHORT_MS);
