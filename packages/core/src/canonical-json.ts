@@ -77,13 +77,18 @@ function refuseOpaque(value: object): void {
     typeof (value as { then?: unknown }).then === 'function'
       ? 'a Promise (a missing `await`?)'
       : value instanceof WeakMap || value instanceof WeakSet || value instanceof WeakRef || value instanceof Blob || OPAQUE_WEB.some((type) => value instanceof type)
-        ? `${/^[AEIOU]/.test(value.constructor.name) ? 'an' : 'a'} ${value.constructor.name}`
+        ? withArticle(value.constructor.name)
         : null;
   if (opaque !== null) throw new TypeError(`[idemkit] Cannot fingerprint ${opaque}: JSON sees none of its data, so any two would look alike.`);
 }
 
+/** "a Blob", "an Error": a class name as a message says it. */
+export function withArticle(name: string): string {
+  return `${/^[AEIOU]/.test(name) ? 'an' : 'a'} ${name}`;
+}
+
 /** fetch()'s classes, those this runtime has: `node --no-experimental-fetch` leaves them out. */
-function webClass(name: string): Array<abstract new (...args: never[]) => object> {
+export function webClass(name: string): Array<abstract new (...args: never[]) => object> {
   const type = (globalThis as Record<string, unknown>)[name];
   return typeof type === 'function' ? [type as abstract new (...args: never[]) => object] : [];
 }

@@ -1,3 +1,4 @@
+import { webClass, withArticle } from './canonical-json.js';
 import { createJobEngine, NOT_A_STRING, NOT_STORABLE_TEXT, STORE_DOWN_TEXT } from './engine.js';
 import { JOB_RESULT_HEADER } from './headers.js';
 import { RunningLease } from './lease.js';
@@ -62,10 +63,7 @@ function defaultSerialize(result: unknown): string {
  * The web classes a job that calls fetch() has at hand, whose data JSON cannot see either (it
  * writes each as `{}`): those this runtime has.
  */
-const WEB_OPAQUE: ReadonlyArray<abstract new (...args: never[]) => object> = ['Headers', 'URLSearchParams', 'FormData', 'Blob', 'Response', 'Request'].flatMap((name) => {
-  const type = (globalThis as Record<string, unknown>)[name];
-  return typeof type === 'function' ? [type as abstract new (...args: never[]) => object] : [];
-});
+const WEB_OPAQUE = ['Headers', 'URLSearchParams', 'FormData', 'Blob', 'Response', 'Request'].flatMap(webClass);
 
 /** A job key as text: a database id is often a number (`key: (msg) => msg.orderId`). */
 function keyText(key: string | number | bigint): string {
@@ -90,7 +88,7 @@ function refuseLossy(_key: string, value: unknown): unknown {
           : typeof (value as { then?: unknown }).then === 'function'
             ? 'a Promise (a missing `await`?)'
             : value instanceof WeakMap || value instanceof WeakSet || value instanceof WeakRef || value instanceof RegExp || value instanceof ArrayBuffer || value instanceof DataView || WEB_OPAQUE.some((type) => value instanceof type)
-              ? `${/^[AEIOU]/.test(value.constructor.name) ? 'an' : 'a'} ${value.constructor.name}`
+              ? withArticle(value.constructor.name)
               : null;
   if (lost !== null) throw new TypeError(`JSON would store ${lost} as {}; return a plain object or array, or pass serialize/deserialize`);
   return value;
