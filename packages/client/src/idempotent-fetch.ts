@@ -785,6 +785,8 @@ function readInheritedMembers(init: RequestInit, into: Record<string, unknown>):
  * RFC 9651 parameters (`;key=bare-item`, each `;` may be followed by spaces): what a server's
  * structured-field parser takes after the closing quote. Anything else there is its 400.
  */
+/** A display string's characters: printable ASCII but `"` and `%`, or a lower-case %xx escape. */
+const SF_DISPLAY_CHARS = '(?:[\\x20\\x21\\x23\\x24\\x26-\\x7e]|%[0-9a-f]{2})*';
 const SF_BARE_ITEM = [
   '-?\\d{1,12}\\.\\d{1,3}', // decimal
   '-?\\d{1,15}', // integer
@@ -793,14 +795,14 @@ const SF_BARE_ITEM = [
   // Base64 in groups of four, the last one short or padded: `:a:` or `:abcde:` is no byte sequence.
   ':(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}(?:==)?|[A-Za-z0-9+/]{3}=?)?:', // byte sequence
   '\\?[01]', // boolean
-  '%"(?:[\\x20\\x21\\x23\\x24\\x26-\\x7e]|%[0-9a-f]{2})*"', // display string (its UTF-8 checked below)
+  `%"${SF_DISPLAY_CHARS}"`, // display string (its UTF-8 checked below)
 ].join('|');
 const SF_NAME = '; *[a-z*][a-z0-9_\\-.*]*';
 // A date (`@` and an integer) only as the last parameter: the server's parser (structured-headers
 // 2) refuses anything after one.
 const SF_PARAMETERS = new RegExp(`^(?:${SF_NAME}(?:=(?:${SF_BARE_ITEM}))?)*(?:${SF_NAME}=@-?\\d{1,15})?$`);
 /** A display string's percent-encoded bytes must be UTF-8, or the server's parser refuses it. */
-const SF_DISPLAY_STRING = /%"((?:[\x20\x21\x23\x24\x26-\x7e]|%[0-9a-f]{2})*)"/g;
+const SF_DISPLAY_STRING = new RegExp(`%"(${SF_DISPLAY_CHARS})"`, 'g');
 
 function parametersProblem(rest: string): boolean {
   if (!SF_PARAMETERS.test(rest)) return true;
