@@ -23,10 +23,11 @@ function isSkipped(value: unknown): boolean {
 function prepare(value: unknown): unknown {
   // Most members of a parsed body are strings and numbers: four class checks spared on each.
   if (typeof value !== 'object' || value === null) return value;
-  // Nearly every object of a parsed body is a plain object or array: only toJSON can apply to
-  // those, so the nine class checks below are spared on each.
+  // Nearly every object of a parsed body is a plain object or array (null-prototype ones from
+  // urlencoded and query parsers): only toJSON can apply to those, so the class checks below are
+  // spared on each.
   const proto: unknown = Object.getPrototypeOf(value);
-  if (proto === Object.prototype || proto === Array.prototype) {
+  if (proto === Object.prototype || proto === Array.prototype || proto === null) {
     return typeof (value as { toJSON?: unknown }).toJSON === 'function' ? (value as { toJSON(): unknown }).toJSON() : value;
   }
   if (ArrayBuffer.isView(value) || value instanceof ArrayBuffer) return `bytes:sha256:${createHash('sha256').update(bytesOf(value)).digest('base64url')}`;

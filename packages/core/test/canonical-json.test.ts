@@ -61,6 +61,12 @@ describe('canonical JSON', () => {
     expect(canonicalJson('x')).toBe('"x"');
   });
 
+  it('writes a null-prototype object (urlencoded and query parsers make them) as the plain one, its own toJSON applied', () => {
+    const bare = Object.assign(Object.create(null) as Record<string, unknown>, { b: 1, a: [Object.assign(Object.create(null) as object, { c: 'x' })] });
+    expect(canonicalJson(bare)).toBe('{"a":[{"c":"x"}],"b":1}');
+    expect(canonicalJson(Object.assign(Object.create(null) as object, { toJSON: () => 'as text' }))).toBe('"as text"');
+  });
+
   it('writes a boxed number, string, boolean or bigint as its value, as JSON.stringify does (every boxed number was {})', () => {
     const boxed = { n: new Number(100), s: new String('ab'), t: [new Boolean(false)], b: Object(7n) as object };
     expect(canonicalJson(boxed)).toBe('{"b":7,"n":100,"s":"ab","t":[false]}');
